@@ -1,0 +1,8 @@
+//! The fabedge node agent. Data flows through the modules in this order:
+//! sources → model → plan → apply, with `inspect` reading what was applied.
+//! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
+
+pub mod datapath;
+pub mod inspect;
+pub mod maps;
+pub mod sys;

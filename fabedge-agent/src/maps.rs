@@ -1,0 +1,96 @@
+//! Typed access to the pinned maps: what `apply` writes and `inspect` reads.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use fabedge_common::{
+    Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
+};
+use ipnet::Ipv4Net;
+
+use crate::datapath::{PinLayout, open_pinned};
+
+pub struct Maps {
+    pub routes: LpmTrie<MapData, RouteAddr, RouteEntry>,
+    pub peers: Array<MapData, PeerEntry>,
+    pub config: Array<MapData, DatapathConfig>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub peer_stats: PerCpuArray<MapData, PeerStats>,
+}
+
+impl Maps {
+    /// Open the pinned maps (agent running or not).
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let typed = |name: &str| -> Result<aya::maps::Map> { open_pinned(layout, name) };
+        Ok(Maps {
+            routes: typed(map_names::ROUTES)?.try_into().context(map_names::ROUTES)?,
+            peers: typed(map_names::PEERS)?.try_into().context(map_names::PEERS)?,
+            config: typed(map_names::CONFIG)?.try_into().context(map_names::CONFIG)?,
+            counters: typed(map_names::COUNTERS)?.try_into().context(map_names::COUNTERS)?,
+            peer_stats: typed(map_names::PEER_STATS)?.try_into().context(map_names::PEER_STATS)?,
+        })
+    }
+
+    pub fn route_entries(&self) -> Result<Vec<(Ipv4Net, RouteEntry)>> {
+        let mut out = Vec::new();
+        for item in self.routes.iter() {
+            let (key, value) = item.context("reading FE_ROUTES")?;
+            out.push((key_to_net(&key), value));
+        }
+        out.sort_by_key(|(net, _)| (*net, 0));
+        Ok(out)
+    }
+
+    pub fn set_route(&mut self, net: Ipv4Net, entry: RouteEntry) -> Result<()> {
+        self.routes
+            .insert(&net_to_key(net), entry, 0)
+            .with_context(|| format!("writing route {net} to FE_ROUTES (is the map full?)"))
+    }
+
+    pub fn remove_route(&mut self, net: Ipv4Net) -> Result<()> {
+        self.routes.remove(&net_to_key(net)).with_context(|| format!("removing route {net} from FE_ROUTES"))
+    }
+
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config.get(&0, 0).context("reading FE_CONFIG")
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
+        self.config.set(0, config, 0).context("writing FE_CONFIG")
+    }
+
+    pub fn peer(&self, id: u16) -> Result<PeerEntry> {
+        self.peers.get(&(id as u32), 0).with_context(|| format!("reading FE_PEERS[{id}]"))
+    }
+
+    pub fn set_peer(&mut self, id: u16, peer: PeerEntry) -> Result<()> {
+        self.peers.set(id as u32, peer, 0).with_context(|| format!("writing FE_PEERS[{id}]"))
+    }
+
+    /// Summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64> {
+        let values = self.counters.get(&(counter as u32), 0).with_context(|| format!("reading counter {}", counter.name()))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Summed over CPUs.
+    pub fn peer_stats(&self, id: u16) -> Result<PeerStats> {
+        let values = self.peer_stats.get(&(id as u32), 0).with_context(|| format!("reading FE_PEER_STATS[{id}]"))?;
+        Ok(values.iter().fold(PeerStats::default(), |acc, s| PeerStats {
+            tx_packets: acc.tx_packets + s.tx_packets,
+            tx_bytes: acc.tx_bytes + s.tx_bytes,
+            rx_packets: acc.rx_packets + s.rx_packets,
+            rx_bytes: acc.rx_bytes + s.rx_bytes,
+        }))
+    }
+}
+
+pub fn net_to_key(net: Ipv4Net) -> Key<RouteAddr> {
+    Key::new(net.prefix_len() as u32, RouteAddr { addr: net.network().octets() })
+}
+
+pub fn key_to_net(key: &Key<RouteAddr>) -> Ipv4Net {
+    let prefix = key.prefix_len().min(32) as u8;
+    Ipv4Net::new(Ipv4Addr::from(key.data().addr), prefix).expect("prefix clamped to 32").trunc()
+}

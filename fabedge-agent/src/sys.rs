@@ -1,0 +1,44 @@
+//! Small facts about the host: bpffs, interfaces.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context, Result, bail};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Make sure `path` (or its parent mount) is a bpffs; mount one at
+/// `/sys/fs/bpf` when nothing is mounted there (a fresh container).
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    let probe = if path.exists() { path } else { mount_point };
+    if is_bpffs(probe)? {
+        return Ok(());
+    }
+    if !path.starts_with(mount_point) {
+        bail!("{} is not on a bpf filesystem: mount one (`mount -t bpf bpf <dir>`) or pick a path under /sys/fs/bpf", path.display());
+    }
+    fs::create_dir_all(mount_point).context("creating /sys/fs/bpf")?;
+    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .context("mounting bpffs at /sys/fs/bpf (the agent needs CAP_SYS_ADMIN)")?;
+    log::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Names of the network interfaces in this network namespace (netlink view,
+/// not `/sys/class/net`, which shows the namespace sysfs was mounted in).
+pub fn interfaces() -> Result<Vec<String>> {
+    let list = nix::net::if_::if_nameindex().context("listing network interfaces")?;
+    let mut names: Vec<String> = list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// ifindex of an interface, with an error naming it.
+pub fn ifindex(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} does not exist in this network namespace"))
+}

@@ -1,0 +1,84 @@
+//! Per-CPU counters (`FE_COUNTERS`): every verdict the datapath takes that a
+//! user may ask about, drop reasons first. The agent's `inspect counters`,
+//! the metrics endpoint and the tests read them by these names.
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $value:literal, $name:literal, $drop:literal; )*) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant = $value, )*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[ $( Counter::$variant, )* ];
+
+            /// Stable snake_case name used by the CLI, metrics and tests.
+            pub const fn name(self) -> &'static str {
+                match self { $( Counter::$variant => $name, )* }
+            }
+
+            /// Whether this counter counts dropped packets.
+            pub const fn is_drop(self) -> bool {
+                match self { $( Counter::$variant => $drop, )* }
+            }
+
+            pub const fn from_index(index: u32) -> Option<Counter> {
+                match index { $( $value => Some(Counter::$variant), )* _ => None }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Configuration not written yet: packet passed untouched.
+    NotConfigured = 0, "not_configured", false;
+    /// Not IPv4 (ARP, IPv6, ...): passed to the kernel untouched.
+    PassNonIpv4 = 1, "pass_non_ipv4", false;
+    /// Destination on this node (pod or host): passed to the kernel.
+    PassLocal = 2, "pass_local", false;
+    /// Destination reached by the kernel's own routing.
+    PassKernel = 3, "pass_kernel", false;
+    /// Sent into the tunnel toward a peer (set in VXLAN metadata or mark for xfrm).
+    ToTunnel = 4, "to_tunnel", false;
+    /// Received from a tunnel peer and accepted.
+    FromTunnel = 5, "from_tunnel", false;
+    /// Connector: Flannel VXLAN for an edge destination decapsulated.
+    FlannelDecap = 6, "flannel_decap", false;
+    /// Connector: tunnel traffic for a cloud pod encapsulated to its Flannel VTEP.
+    FlannelEncap = 7, "flannel_encap", false;
+    /// TTL would expire here: handed to the kernel, which answers ICMP time-exceeded.
+    PuntTtl = 8, "punt_ttl_expired", false;
+    /// Too big for the tunnel: handed to the kernel, which answers ICMP
+    /// fragmentation-needed (DF) or fragments.
+    PuntMtu = 9, "punt_too_big", false;
+    /// Flannel VXLAN not for an edge destination: left to the kernel's flannel.1.
+    PassFlannel = 10, "pass_flannel", false;
+
+    /// No route for the destination.
+    DropNoRoute = 32, "drop_no_route", true;
+    /// Truncated or malformed header.
+    DropMalformed = 33, "drop_malformed", true;
+    /// A route names a peer the peer table does not have.
+    DropUnknownPeer = 34, "drop_unknown_peer", true;
+    /// Tunnel packet whose outer source is not a known peer, or whose inner
+    /// source the sending peer does not own.
+    DropSpoofed = 35, "drop_spoofed", true;
+    /// A helper (tunnel key, room adjust, redirect) failed.
+    DropHelperFailed = 36, "drop_helper_failed", true;
+    /// IPv4 fragment (other than the first) or options where we cannot handle them.
+    DropUnsupported = 37, "drop_unsupported", true;
+    /// Marked for the tunnel but this node runs no tunnel.
+    DropNoTunnel = 38, "drop_no_tunnel", true;
+}
+
+/// Size of the counters array: room for growth without a layout change.
+pub const COUNTER_SLOTS: u32 = 64;
+
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!((Counter::ALL[i] as u32) < COUNTER_SLOTS);
+        i += 1;
+    }
+};

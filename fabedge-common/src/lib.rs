@@ -1,0 +1,197 @@
+//! Everything the fabedge kernel programs and the agent must agree on: map
+//! names, keys and values, the skb mark contract, ports, roles and the
+//! counter (drop reason) list. One source of truth: both sides compile this.
+//!
+//! Layout rules: `#[repr(C)]`, padding spelled out as `_pad` fields, and a
+//! `const` size assertion per type. IPv4 addresses are `[u8; 4]` in network
+//! order (what the packet holds, and what `bpftool map dump` prints readably);
+//! ports are host-order `u16` for the same reason.
+#![no_std]
+
+pub mod counters;
+pub mod mark;
+
+pub use counters::Counter;
+
+/// Bumped whenever any map's type, key, value or size changes. The agent pins
+/// under `/sys/fs/bpf/fabedge/v<LAYOUT_VERSION>/` and refuses to adopt a pinned
+/// map whose shape differs from what it was built with.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the object file, in bpffs and in `bpftool`.
+pub mod map_names {
+    pub const ROUTES: &str = "FE_ROUTES";
+    pub const PEERS: &str = "FE_PEERS";
+    pub const CONFIG: &str = "FE_CONFIG";
+    pub const COUNTERS: &str = "FE_COUNTERS";
+    pub const PEER_STATS: &str = "FE_PEER_STATS";
+}
+
+/// Capacity of the route LPM trie (prefixes).
+pub const MAX_ROUTES: u32 = 16_384;
+/// Peer ids are `1..MAX_PEERS`; 0 means "no peer". Also the size of the
+/// per-peer statistics array. Fits the 16 mark bits reserved for it.
+pub const MAX_PEERS: u32 = 4_096;
+
+/// Default UDP port of fabedge's own VXLAN tunnel (plaintext mode). Not
+/// Flannel's 8472, so the two never share a socket.
+pub const DEFAULT_TUNNEL_PORT: u16 = 8475;
+/// Default VNI of fabedge's own VXLAN tunnel.
+pub const DEFAULT_TUNNEL_VNI: u32 = 0x00FE_DE;
+/// Flannel's VXLAN backend defaults (Linux kernel VXLAN port, VNI 1).
+pub const DEFAULT_FLANNEL_PORT: u16 = 8472;
+pub const DEFAULT_FLANNEL_VNI: u32 = 1;
+
+/// Bytes a VXLAN-in-IPv4 encapsulation adds: outer IPv4 + UDP + VXLAN + inner Ethernet.
+pub const VXLAN_OVERHEAD: u16 = 20 + 8 + 8 + 14;
+
+/// Name of the collect-metadata VXLAN device of the plaintext tunnel mode.
+pub const TUNNEL_DEV: &str = "fe-tunnel";
+/// MAC address of `fe-tunnel` on every node. The device is NOARP, so the
+/// kernel addresses frames it routes into the tunnel to the device's own MAC;
+/// the same MAC everywhere makes those frames `PACKET_HOST` at the receiver,
+/// and the eBPF fast path writes the same address.
+pub const TUNNEL_DEV_MAC: [u8; 6] = [0x02, 0xfe, 0xde, 0x00, 0x00, 0x01];
+/// The pod bridge on edge nodes.
+pub const POD_BRIDGE: &str = "br-fabedge";
+
+/// The node's role, decided by the agent from node labels.
+pub mod role {
+    pub const EDGE: u8 = 1;
+    pub const CONNECTOR: u8 = 2;
+    pub const CLOUD: u8 = 3;
+}
+
+/// How traffic between fabedge nodes is carried.
+pub mod tunnel_mode {
+    /// Plaintext VXLAN through a collect-metadata device; the program sets the remote end.
+    pub const VXLAN: u8 = 1;
+    /// ESP in tunnel mode through xfrm; the program only marks, xfrm matches the mark.
+    pub const ESP: u8 = 2;
+}
+
+/// An IPv4 prefix's address part, the data of an LPM trie key (the trie key
+/// is `{ prefix_len: u32, data: RouteAddr }`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouteAddr {
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<RouteAddr>() == 4);
+
+/// What the datapath does with a destination.
+pub mod route_kind {
+    /// A pod on this node: hand to the kernel, which delivers over the pod bridge.
+    pub const LOCAL_POD: u8 = 1;
+    /// This node's own address (hostNetwork endpoints): hand to the kernel.
+    pub const LOCAL_HOST: u8 = 2;
+    /// Behind a fabedge tunnel peer (`peer_id`): an edge node or the connector.
+    pub const TUNNEL: u8 = 3;
+    /// A cloud pod CIDR behind a Flannel VTEP (`peer_id` names the VTEP): on the
+    /// connector, traffic from tunnels is VXLAN-encapsulated to it.
+    pub const CLOUD_VTEP: u8 = 4;
+    /// Reached by the kernel's own routing (cloud node IPs seen from the connector).
+    pub const KERNEL: u8 = 5;
+}
+
+/// Value of the `FE_ROUTES` LPM trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouteEntry {
+    /// One of [`route_kind`].
+    pub kind: u8,
+    /// Bits of [`route_flags`].
+    pub flags: u8,
+    /// Index into `FE_PEERS` for `TUNNEL` and `CLOUD_VTEP` routes, else 0.
+    pub peer_id: u16,
+}
+const _: () = assert!(core::mem::size_of::<RouteEntry>() == 4);
+
+pub mod route_flags {
+    /// The destination is a node address (hostNetwork), not a pod CIDR.
+    pub const NODE_ADDR: u8 = 1 << 0;
+}
+
+/// What kind of neighbour a peer is.
+pub mod peer_kind {
+    /// Another fabedge node reached through our tunnel.
+    pub const TUNNEL: u8 = 1;
+    /// A cloud node's Flannel VTEP (connector only).
+    pub const FLANNEL_VTEP: u8 = 2;
+}
+
+/// Value of the `FE_PEERS` array, indexed by peer id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerEntry {
+    /// One of [`peer_kind`]; 0 marks an unused slot.
+    pub kind: u8,
+    pub flags: u8,
+    /// UDP port of the remote end (host order): tunnel port, or 4500 / the
+    /// NAT-observed port in ESP-in-UDP mode.
+    pub port: u16,
+    /// Underlay address of the remote end: tunnel endpoint or VTEP node IP.
+    pub underlay_ip: [u8; 4],
+    /// Flannel `VtepMAC` for `FLANNEL_VTEP` peers; zero otherwise.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PeerEntry>() == 16);
+
+/// The single entry (key 0) of `FE_CONFIG`: node-wide datapath settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DatapathConfig {
+    /// Non-zero once the agent has written a complete configuration; until
+    /// then programs pass traffic untouched (counted as `NotConfigured`).
+    pub ready: u8,
+    /// One of [`role`].
+    pub role: u8,
+    /// One of [`tunnel_mode`].
+    pub tunnel_mode: u8,
+    pub _pad0: u8,
+    /// This node's InternalIP.
+    pub node_ip: [u8; 4],
+    /// Source address for encapsulations this node originates in eBPF (the
+    /// connector's address on the cloud network, Flannel's `public-ip`).
+    pub underlay_ip: [u8; 4],
+    /// ifindex of the `fe-tunnel` collect-metadata VXLAN device.
+    pub tunnel_ifindex: u32,
+    /// ifindex of the underlay NIC (the connector's Flannel-facing uplink).
+    pub uplink_ifindex: u32,
+    /// VNI of fabedge's tunnel.
+    pub tunnel_vni: u32,
+    /// Flannel's VNI (connector).
+    pub flannel_vni: u32,
+    /// Flannel's UDP port (connector), host order.
+    pub flannel_port: u16,
+    /// Largest inner IPv4 packet that fits fabedge's tunnel unfragmented.
+    pub tunnel_mtu: u16,
+    /// The connector's `flannel.1` MAC: inner source MAC of frames we encapsulate to cloud VTEPs.
+    pub flannel_mac: [u8; 6],
+    /// Largest inner IPv4 packet that fits Flannel's VXLAN unfragmented (connector).
+    pub flannel_mtu: u16,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
+
+/// Per-peer traffic statistics (`FE_PEER_STATS`, per-CPU, indexed by peer id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `repr(C)` with explicit padding and no pointers.
+    unsafe impl aya::Pod for RouteAddr {}
+    unsafe impl aya::Pod for RouteEntry {}
+    unsafe impl aya::Pod for PeerEntry {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for PeerStats {}
+}

@@ -1,0 +1,133 @@
+//! The forwarding decision shared by every entry point, and the plaintext
+//! tunnel fast path.
+//!
+//! The kernel stays the slow path: routes the agent installs send every
+//! tunnel prefix into `fe-tunnel` (or xfrm, in ESP mode), so whatever the fast
+//! path declines — TTL about to expire, too big for the tunnel, ESP mode — is
+//! handed to the kernel with `TC_ACT_OK` and the kernel behaves as a router
+//! (ICMP time-exceeded, fragmentation-needed). The tunnel key itself is set in
+//! one place only, `fe_tunnel_egress`, whichever path a packet took.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use fabedge_common::{
+    mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry, TUNNEL_DEV_MAC,
+};
+
+use crate::{
+    csum, flannel,
+    maps::peer,
+    parse::{EthHdr, Ipv4Hdr},
+    stats::{count, peer_tx},
+};
+
+/// Largest TCP/IP header overhead on top of `gso_size` (IPv4 options aside).
+const MAX_L4_HLEN: u32 = 60;
+
+#[inline(always)]
+pub fn drop(counter: Counter) -> i32 {
+    count(counter);
+    TC_ACT_SHOT as i32
+}
+
+#[inline(always)]
+pub fn pass(counter: Counter) -> i32 {
+    count(counter);
+    TC_ACT_OK as i32
+}
+
+/// Act on a routed IPv4 packet (Ethernet header at offset 0).
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    route: &RouteEntry,
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+) -> i32 {
+    match route.kind {
+        route_kind::LOCAL_POD | route_kind::LOCAL_HOST => pass(Counter::PassLocal),
+        route_kind::KERNEL => pass(Counter::PassKernel),
+        route_kind::TUNNEL => to_tunnel(ctx, cfg, route.peer_id, eth, ip),
+        route_kind::CLOUD_VTEP => flannel::encap(ctx, cfg, route.peer_id, ip),
+        _ => drop(Counter::DropNoRoute),
+    }
+}
+
+/// Why the fast path declined a packet.
+pub enum Punt {
+    Ttl,
+    TooBig,
+}
+
+/// Whether a packet may bypass the kernel's forwarding into a link of `mtu`.
+#[inline(always)]
+pub fn fast_path_check(ctx: &TcContext, ip: &Ipv4Hdr, mtu: u16) -> Result<(), Punt> {
+    if ip.ttl <= 1 {
+        return Err(Punt::Ttl);
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    let fits = if gso_segs > 1 {
+        gso_size + ip.header_len() as u32 + MAX_L4_HLEN <= mtu as u32
+    } else {
+        ip.total_len() <= mtu
+    };
+    if fits { Ok(()) } else { Err(Punt::TooBig) }
+}
+
+#[inline(always)]
+pub fn punt(reason: Punt) -> i32 {
+    match reason {
+        Punt::Ttl => pass(Counter::PuntTtl),
+        Punt::TooBig => pass(Counter::PuntMtu),
+    }
+}
+
+/// Decrement TTL, updating the header checksum incrementally (RFC 1624).
+#[inline(always)]
+pub fn decrement_ttl(ip: &mut Ipv4Hdr) {
+    let old = u16::from_be_bytes([ip.ttl, ip.protocol]);
+    ip.ttl -= 1;
+    let new = u16::from_be_bytes([ip.ttl, ip.protocol]);
+    let check = u16::from_be_bytes(ip.check);
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    ip.check = csum::fold(sum).to_be_bytes();
+}
+
+/// Send a packet toward tunnel peer `peer_id`.
+#[inline(always)]
+pub fn to_tunnel(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    peer_id: u16,
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+) -> i32 {
+    if peer(peer_id).is_none() {
+        return drop(Counter::DropUnknownPeer);
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let existing = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark::to_tunnel(existing, peer_id));
+    if cfg.tunnel_mode != tunnel_mode::VXLAN {
+        // ESP: the kernel routes, the outbound xfrm policy matches the mark.
+        peer_tx(peer_id, ctx.len());
+        return pass(Counter::ToTunnel);
+    }
+    if cfg.tunnel_ifindex == 0 {
+        return drop(Counter::DropNoTunnel);
+    }
+    if let Err(reason) = fast_path_check(ctx, ip, cfg.tunnel_mtu) {
+        return punt(reason);
+    }
+    decrement_ttl(ip);
+    // The same MAC on every node's fe-tunnel: the receiver sees PACKET_HOST.
+    eth.dst = TUNNEL_DEV_MAC;
+    eth.src = TUNNEL_DEV_MAC;
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) as i32 }
+}

@@ -1,0 +1,26 @@
+//! `fe_from_pod`: TC ingress of `br-fabedge`, where traffic from an edge
+//! node's pods enters the host.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use fabedge_common::Counter;
+
+use crate::{
+    forward::{drop, forward, pass},
+    maps::{config, route},
+    parse::{self, L3},
+};
+
+#[classifier]
+pub fn fe_from_pod(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return pass(Counter::NotConfigured);
+    };
+    match parse::ipv4(&ctx) {
+        L3::Other => pass(Counter::PassNonIpv4),
+        L3::Malformed => drop(Counter::DropMalformed),
+        L3::Ipv4(eth, ip) => match route(ip.daddr) {
+            Some(r) => forward(&ctx, cfg, r, eth, ip),
+            None => drop(Counter::DropNoRoute),
+        },
+    }
+}

@@ -1,0 +1,29 @@
+//! fabedge kernel programs. One file per attach point holds only entry
+//! functions; the concerns they share live in their own modules.
+//!
+//! | program             | attach point                      | file          |
+//! |---------------------|-----------------------------------|---------------|
+//! | `fe_from_pod`       | TC ingress of `br-fabedge` (edge) | `from_pod.rs` |
+//! | `fe_tunnel_ingress` | TC ingress of `fe-tunnel`         | `tunnel_dev.rs` |
+//! | `fe_tunnel_egress`  | TC egress of `fe-tunnel`          | `tunnel_dev.rs` |
+//! | `fe_uplink_ingress` | TC ingress of the connector uplink| `uplink.rs`   |
+#![no_std]
+#![no_main]
+
+mod csum;
+mod flannel;
+mod forward;
+mod maps;
+mod parse;
+mod stats;
+
+mod from_pod;
+mod tunnel_dev;
+mod uplink;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects programs that could get here.
+    loop {}
+}

@@ -1,0 +1,51 @@
+//! Every map the programs use. Layouts come from `fabedge-common`; the agent
+//! pins them under `/sys/fs/bpf/fabedge/v<LAYOUT_VERSION>/maps/`.
+
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use fabedge_common::{
+    counters::COUNTER_SLOTS, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry,
+    MAX_PEERS, MAX_ROUTES,
+};
+
+#[btf_map]
+pub static FE_ROUTES: LpmTrie<RouteAddr, RouteEntry, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static FE_PEERS: Array<PeerEntry, { MAX_PEERS as usize }> = Array::new();
+
+#[btf_map]
+pub static FE_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[btf_map]
+pub static FE_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static FE_PEER_STATS: PerCpuArray<PeerStats, { MAX_PEERS as usize }> = PerCpuArray::new();
+
+/// The node's configuration, if the agent has completed it.
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    match FE_CONFIG.get(0) {
+        Some(cfg) if cfg.ready != 0 => Some(cfg),
+        _ => None,
+    }
+}
+
+/// Longest-prefix match of an IPv4 address (network order bytes).
+#[inline(always)]
+pub fn route(addr: [u8; 4]) -> Option<&'static RouteEntry> {
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(32, RouteAddr { addr });
+    FE_ROUTES.get(&key)
+}
+
+/// The peer behind `peer_id`, if that slot is in use.
+#[inline(always)]
+pub fn peer(peer_id: u16) -> Option<&'static PeerEntry> {
+    match FE_PEERS.get(peer_id as u32) {
+        Some(p) if p.kind != 0 => Some(p),
+        _ => None,
+    }
+}

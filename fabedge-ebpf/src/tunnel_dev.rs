@@ -1,0 +1,104 @@
+//! `fe-tunnel` (collect-metadata VXLAN) programs: ingress accepts what peers
+//! send, egress chooses the remote end of everything we send.
+
+use aya_ebpf::{
+    bindings::{bpf_tunnel_key, TC_ACT_OK},
+    helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    macros::classifier,
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use fabedge_common::{mark, peer_kind, route_kind, Counter};
+
+use crate::{
+    forward::{drop, forward, pass},
+    maps::{config, peer, route},
+    parse::{self, L3},
+    stats::{count, peer_rx, peer_tx},
+};
+
+/// The `bpf_tunnel_key` prefix every kernel we support understands (up to
+/// and including `tunnel_label`; `local_ipv4` is left to the device).
+const TUNNEL_KEY_SIZE: u32 = core::mem::offset_of!(bpf_tunnel_key, __bindgen_anon_3) as u32;
+
+#[classifier]
+pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return pass(Counter::NotConfigured);
+    };
+    // SAFETY: zeroed plain-old-data struct filled by the helper.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: helper writes at most TUNNEL_KEY_SIZE bytes into `key`.
+    if unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, TUNNEL_KEY_SIZE, 0) } < 0 {
+        return drop(Counter::DropSpoofed);
+    }
+    // SAFETY: IPv4 tunnel: the union holds remote_ipv4 (host order).
+    let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+
+    let (eth, ip) = match parse::ipv4(&ctx) {
+        L3::Ipv4(eth, ip) => (eth, ip),
+        L3::Other => return drop(Counter::DropUnsupported),
+        L3::Malformed => return drop(Counter::DropMalformed),
+    };
+    // The sending peer must own the source address: a peer cannot inject
+    // traffic in the name of another site.
+    let sender = match route(ip.saddr) {
+        Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+        _ => return drop(Counter::DropSpoofed),
+    };
+    match peer(sender) {
+        Some(p) if p.underlay_ip == remote => {}
+        _ => return drop(Counter::DropSpoofed),
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let existing = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark::from_tunnel(existing, sender));
+    peer_rx(sender, ctx.len());
+    count(Counter::FromTunnel);
+
+    match route(ip.daddr) {
+        Some(r) => forward(&ctx, cfg, r, eth, ip),
+        None => drop(Counter::DropNoRoute),
+    }
+}
+
+#[classifier]
+pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return pass(Counter::NotConfigured);
+    };
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let existing = unsafe { (*ctx.skb.skb).mark };
+    let peer_id = match mark::tunnel_peer(existing) {
+        Some(id) => id,
+        // Not marked by our ingress programs: the node's own traffic
+        // (hostNetwork pods), routed here by the kernel.
+        None => match parse::ipv4(&ctx) {
+            L3::Ipv4(_, ip) => match route(ip.daddr) {
+                Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+                _ => return drop(Counter::DropNoRoute),
+            },
+            L3::Other => return drop(Counter::DropUnsupported),
+            L3::Malformed => return drop(Counter::DropMalformed),
+        },
+    };
+    let remote = match peer(peer_id) {
+        Some(p) if p.kind == peer_kind::TUNNEL => p.underlay_ip,
+        _ => return drop(Counter::DropUnknownPeer),
+    };
+    // SAFETY: zeroed plain-old-data struct.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = cfg.tunnel_vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(remote);
+    key.tunnel_ttl = 64;
+    // SAFETY: helper reads TUNNEL_KEY_SIZE bytes of `key`.
+    if unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, TUNNEL_KEY_SIZE, 0) } < 0 {
+        debug!(&ctx, "tunnel egress: set_tunnel_key failed");
+        return drop(Counter::DropHelperFailed);
+    }
+    // The mark has done its job; keep it from steering the outer packet.
+    ctx.set_mark(existing & !mark::OWNED_MASK);
+    peer_tx(peer_id, ctx.len());
+    count(Counter::ToTunnel);
+    TC_ACT_OK as i32
+}

@@ -1,0 +1,90 @@
+//! `fe_uplink_ingress`: TC ingress of the connector's uplink (the NIC Flannel
+//! uses). Flannel VXLAN for edge destinations is decapsulated and sent into
+//! the edge tunnel; plain packets for edge destinations (cloud nodes reaching
+//! edge node IPs) go straight into the tunnel. Everything else is the node's
+//! own business and passes untouched and uncounted.
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use fabedge_common::{role, route_kind, Counter, DatapathConfig};
+
+use crate::{
+    flannel,
+    forward::{drop, pass, to_tunnel},
+    maps::{config, route},
+    parse::{self, ptr_at, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, L3,
+        UDP_HLEN, VXLAN_HLEN},
+};
+
+const INNER_ETH_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
+
+#[classifier]
+pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_OK as i32;
+    };
+    if cfg.role != role::CONNECTOR {
+        return TC_ACT_OK as i32;
+    }
+    let L3::Ipv4(eth, ip) = parse::ipv4(&ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    if is_flannel_vxlan(&ctx, cfg, ip) {
+        return from_flannel(&ctx, cfg);
+    }
+    match route(ip.daddr) {
+        Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, eth, ip),
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// Flannel VXLAN addressed to this connector (outer IHL 5, our port and VNI).
+#[inline(always)]
+fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
+    if ip.protocol != IPPROTO_UDP || ip.header_len() != IPV4_HLEN || ip.daddr != cfg.underlay_ip {
+        return false;
+    }
+    let Some(udp) = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be_bytes(unsafe { (*udp).dest }) != cfg.flannel_port {
+        return false;
+    }
+    let Some(vxlan) = ptr_at::<VxlanHdr>(ctx, ETH_HLEN + IPV4_HLEN + UDP_HLEN) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let vxlan = unsafe { &*vxlan };
+    vxlan.flags & 0x08 != 0 && vxlan.vni() == cfg.flannel_vni
+}
+
+/// A Flannel frame: decapsulate it if its inner destination is behind a
+/// tunnel, else leave it to `flannel.1`.
+#[inline(always)]
+fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, INNER_ETH_OFF + ETH_HLEN) else {
+        return drop(Counter::DropMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    if !inner.is_valid() {
+        return drop(Counter::DropMalformed);
+    }
+    let peer_id = match route(inner.daddr) {
+        Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+        _ => return pass(Counter::PassFlannel),
+    };
+    if !flannel::decap(ctx) {
+        return pass(Counter::PassFlannel);
+    }
+    count_decap();
+    match parse::ipv4(ctx) {
+        L3::Ipv4(eth, ip) => to_tunnel(ctx, cfg, peer_id, eth, ip),
+        _ => drop(Counter::DropMalformed),
+    }
+}
+
+#[inline(always)]
+fn count_decap() {
+    crate::stats::count(Counter::FlannelDecap);
+}

@@ -1,0 +1,106 @@
+//! `cargo xtask setup`: install what building and testing need, idempotently,
+//! saying what it installs. Costs well under a second when all is present.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages and the command (or file) whose presence proves each is installed.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("iptables", "/usr/sbin/iptables"),
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+    ("kmod", "/usr/bin/kmod"),
+    ("iperf3", "/usr/bin/iperf3"),
+    ("tcpdump", "/usr/bin/tcpdump"),
+    ("iputils-ping", "/usr/bin/ping"),
+    ("ethtool", "/usr/sbin/ethtool"),
+];
+
+pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+pub fn run() -> Result<()> {
+    install_apt_packages()?;
+    install_rust_src()?;
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn install_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, proof)| !Path::new(proof).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    let update = Command::new("apt-get").args(["update", "-q"]).status().context("running apt-get update")?;
+    if !update.success() {
+        bail!("apt-get update failed; run it by hand to see why");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn install_rust_src() -> Result<()> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("running `rustc +nightly --print sysroot`: is the nightly toolchain installed?")?;
+    if !out.status.success() {
+        bail!("no nightly toolchain: install it with `rustup toolchain install nightly`");
+    }
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src for the nightly toolchain");
+    let status = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .status()
+        .context("running rustup")?;
+    if !status.success() {
+        bail!("rustup component add rust-src --toolchain nightly failed");
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let present = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0.13"))
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing bpf-linker 0.13 (LLVM 22) with cargo install; this takes a few minutes once");
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--no-default-features", "--features", "llvm-22"])
+        .env("PATH", path)
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("cargo install bpf-linker failed (needs llvm-22-dev, libpolly-22-dev, libzstd-dev, zlib1g-dev)");
+    }
+    Ok(())
+}
