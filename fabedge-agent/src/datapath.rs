@@ -250,6 +250,64 @@ impl Datapath {
         .with_context(|| format!("attaching {attachment} ({:?})", self.mode))
     }
 
+    /// Attachments with a pinned TCX link. (Netlink filters are not listed:
+    /// in netlink mode only attachments made by this process are known.)
+    pub fn attached(&self) -> Result<Vec<Attachment>> {
+        let mut out = Vec::new();
+        for pin in read_dir_sorted(&self.layout.links_dir())? {
+            let name = pin.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let parsed = name.split_once('@').and_then(|(symbol, iface)| {
+                Program::ALL.into_iter().find(|p| p.symbol() == symbol).map(|p| Attachment::new(p, iface))
+            });
+            match parsed {
+                Some(attachment) => out.push(attachment),
+                None => warn!("ignoring unknown link pin {}", pin.display()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Detach one program from one interface.
+    pub fn detach(&mut self, attachment: &Attachment) -> Result<()> {
+        let pin = self.layout.link(attachment);
+        if pin.exists() {
+            // Unpinned and unreferenced, the link is released and detaches.
+            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            drop(pinned.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+        } else {
+            match tc::qdisc_detach_program(&attachment.iface, attachment.program.tc_attach_type(), attachment.program.symbol()) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("detaching {attachment}")),
+            }
+        }
+        info!("{attachment}: detached");
+        Ok(())
+    }
+
+    /// A loaded program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self, program: Program) -> &SchedClassifier {
+        self.ebpf
+            .program(program.symbol())
+            .expect("every program was loaded in Datapath::load")
+            .try_into()
+            .expect("every program is a classifier")
+    }
+
+    /// Kernel ids of our loaded programs and of every map they use.
+    pub fn kernel_ids(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let mut progs = Vec::new();
+        let mut maps = Vec::new();
+        for program in Program::ALL {
+            let info = self.program(program).info().with_context(|| format!("reading info of {}", program.symbol()))?;
+            progs.push(info.id());
+            maps.extend(info.map_ids().with_context(|| format!("reading map ids of {}", program.symbol()))?.unwrap_or_default());
+        }
+        maps.sort();
+        maps.dedup();
+        Ok((progs, maps))
+    }
+
     /// Forwarding state is in pinned maps: this gives writers and readers.
     pub fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the eBPF object has no map {name}"))

@@ -5,4 +5,9 @@
 pub mod datapath;
 pub mod inspect;
 pub mod maps;
+pub mod model;
+pub mod plan;
+pub mod source;
 pub mod sys;
+pub mod apply;
+pub mod run;

@@ -1,11 +1,17 @@
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
 use fabedge_agent::{
+    apply,
     datapath::{self, AttachMode, Attachment, Datapath, PinLayout},
     inspect,
+    model::Role,
+    plan::{self, Settings, TunnelMode},
+    run::{self, RunOptions},
 };
+use fabedge_common::{DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, POD_BRIDGE};
+use ipnet::Ipv4Net;
 use log::info;
 
 #[derive(Parser)]
@@ -20,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the agent: keep this node's datapath equal to the cluster's plan.
+    Run(RunArgs),
     /// Load the datapath, adopt its pinned maps and attach programs, then exit
     /// (the programs stay attached through pinned links / tc filters).
     Attach {
@@ -29,8 +37,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         attach_mode: AttachMode,
     },
-    /// Remove every program, link, filter and map pin fabedge created.
-    Uninstall,
+    /// Remove every program, link, filter, map pin, route, device and CNI file fabedge created.
+    Uninstall {
+        #[arg(long, default_value = plan::DEFAULT_CNI_CONF_DIR)]
+        cni_conf_dir: PathBuf,
+    },
     /// Show what the datapath holds (reads pinned maps; the agent need not run).
     Inspect {
         #[arg(value_enum)]
@@ -41,6 +52,61 @@ enum Cmd {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (the Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Standalone mode: a file of Kubernetes manifests (Nodes, Communities,
+    /// Services, EndpointSlices). Changes are picked up live.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Plan as this role whatever the node's labels say.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+    #[arg(long, value_enum, default_value = "vxlan")]
+    tunnel: TunnelMode,
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT)]
+    tunnel_port: u16,
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_VNI)]
+    tunnel_vni: u32,
+    #[arg(long, default_value_t = DEFAULT_FLANNEL_VNI)]
+    flannel_vni: u32,
+    #[arg(long, default_value_t = DEFAULT_FLANNEL_PORT)]
+    flannel_port: u16,
+    /// Flannel's VXLAN device (its MAC is what the connector advertises).
+    #[arg(long, default_value = "flannel.1")]
+    flannel_iface: String,
+    /// The underlay NIC (the connector: the one Flannel uses); its MTU sizes the tunnel.
+    #[arg(long)]
+    uplink: Option<String>,
+    #[arg(long, default_value_t = plan::DEFAULT_SERVICE_CIDR)]
+    service_cidr: Ipv4Net,
+    #[arg(long, default_value = plan::DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// Edge: hand pod traffic for destinations outside the cluster to the node's
+    /// routing (default: drop and count it).
+    #[arg(long)]
+    pod_egress_via_node: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    attach_mode: AttachMode,
+    #[arg(long, default_value = "/var/lib/fabedge")]
+    state_dir: PathBuf,
+    /// How often the manifest file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms or 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{text:?}: unit must be ms or s")),
+    }
+}
+
 fn main() -> Result<()> {
     // Printing into a closed pipe (`inspect | head`) should end quietly.
     // SAFETY: restoring the default disposition before any thread starts.
@@ -49,6 +115,39 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let layout = PinLayout::new(&cli.bpffs_root);
     match cli.command {
+        Cmd::Run(args) => {
+            let Some(manifests) = args.manifests else {
+                bail!("--manifests FILE is required: the Kubernetes source is not built yet");
+            };
+            let settings = Settings {
+                role_override: args.role,
+                tunnel_mode: args.tunnel,
+                tunnel_port: args.tunnel_port,
+                tunnel_vni: args.tunnel_vni,
+                flannel_vni: args.flannel_vni,
+                flannel_port: args.flannel_port,
+                uplink: args.uplink,
+                service_cidr: args.service_cidr,
+                cni_conf_dir: args.cni_conf_dir,
+                pod_bridge: POD_BRIDGE.to_owned(),
+                pod_egress_via_node: args.pod_egress_via_node,
+                ..Settings::default()
+            };
+            if settings.tunnel_mode == TunnelMode::Esp {
+                bail!("--tunnel esp is not available yet in this build; use --tunnel vxlan");
+            }
+            let options = RunOptions {
+                node: args.node,
+                manifests,
+                settings,
+                flannel_iface: args.flannel_iface,
+                layout,
+                attach_mode: args.attach_mode,
+                state_dir: args.state_dir,
+                poll_interval: args.poll_interval,
+            };
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
+        }
         Cmd::Attach { attachments, attach_mode } => {
             let mut dp = Datapath::load(layout, attach_mode)?;
             for attachment in &attachments {
@@ -57,7 +156,10 @@ fn main() -> Result<()> {
             info!("attached {} program(s) in {:?} mode", attachments.len(), dp.attach_mode());
             Ok(())
         }
-        Cmd::Uninstall => {
+        Cmd::Uninstall { cni_conf_dir } => {
+            for removed in apply::teardown(&cni_conf_dir)? {
+                info!("removed {removed}");
+            }
             let report = datapath::uninstall(&cli.bpffs_root)?;
             info!(
                 "removed {} link(s), {} netlink filter(s), {} map pin(s)",

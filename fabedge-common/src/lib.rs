@@ -37,7 +37,7 @@ pub const MAX_PEERS: u32 = 4_096;
 /// Flannel's 8472, so the two never share a socket.
 pub const DEFAULT_TUNNEL_PORT: u16 = 8475;
 /// Default VNI of fabedge's own VXLAN tunnel.
-pub const DEFAULT_TUNNEL_VNI: u32 = 0x00FE_DE;
+pub const DEFAULT_TUNNEL_VNI: u32 = 0xFEDE;
 /// Flannel's VXLAN backend defaults (Linux kernel VXLAN port, VNI 1).
 pub const DEFAULT_FLANNEL_PORT: u16 = 8472;
 pub const DEFAULT_FLANNEL_VNI: u32 = 1;

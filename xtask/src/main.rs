@@ -1,11 +1,17 @@
-//! fabedge's developer entry points. `cargo xtask <command>`.
+//! fabedge's developer entry points: `cargo xtask <command>`. Every command
+//! first runs `setup`, which installs what is missing and says so.
 
 mod build;
 mod setup;
+mod test;
+mod vm;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -21,6 +27,23 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (with BTF) and print its path.
     BuildEbpf,
+    /// Run every test: unit, datapath (BPF_PROG_TEST_RUN), network namespaces, kernel VMs.
+    Test {
+        /// Leave out the Debian-kernel VM suite (says so in the output).
+        #[arg(long)]
+        skip_vm: bool,
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Bring up the mini cluster in network namespaces, show every path working, tear down.
+    Demo,
+    /// Boot a Debian kernel VM and run one command in it (the host root is shared read-only).
+    Vm {
+        #[arg(long, default_value = "6.12")]
+        kernel: vm::Kernel,
+        program: PathBuf,
+        args: Vec<String>,
+    },
 }
 
 fn workspace() -> PathBuf {
@@ -30,13 +53,40 @@ fn workspace() -> PathBuf {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = workspace();
+    setup::run()?;
     match cli.command {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup => Ok(()),
         Cmd::BuildEbpf => {
-            setup::run()?;
             let object = build::build_ebpf(&ws)?;
             println!("{}", object.display());
             Ok(())
+        }
+        Cmd::Test { skip_vm, filter } => {
+            build::build_ebpf(&ws)?;
+            test::run(&ws, &test::Options { skip_vm, filter })
+        }
+        Cmd::Demo => {
+            build::build_ebpf(&ws)?;
+            let status = Command::new("cargo")
+                .current_dir(&ws)
+                .args(["run", "--quiet", "-p", "fabedge-tests", "--bin", "fabedge-demo"])
+                .status()
+                .context("running the demo")?;
+            if !status.success() {
+                bail!("the demo failed");
+            }
+            Ok(())
+        }
+        Cmd::Vm { kernel, program, args } => {
+            let run = vm::VmRun {
+                kernel,
+                program: &program,
+                args: &args,
+                env: &[],
+                timeout: std::time::Duration::from_secs(600),
+            };
+            let code = vm::run(&run)?;
+            std::process::exit(code);
         }
     }
 }

@@ -1,0 +1,216 @@
+//! Make the node match a [`Plan`]: idempotent writers that diff desired
+//! against actual, so a re-apply (or an agent restart) changes only what
+//! differs and never flushes state that traffic depends on.
+//!
+//! Order matters for traffic in flight: devices before the maps that name
+//! their ifindexes; peers before the routes that name them; routes before
+//! the configuration that arms the programs; programs before the kernel
+//! routes that steer traffic into them. Removal runs the other way round.
+
+pub mod net;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+use fabedge_common::{MAX_PEERS, MAX_ROUTES, PeerEntry, TUNNEL_DEV, POD_BRIDGE};
+use log::{debug, info};
+
+use crate::{
+    datapath::{Attachment, Datapath},
+    maps::Maps,
+    model::format_mac,
+    plan::{CNI_FILE_NAME, Device, Plan, Settings},
+    sys,
+};
+
+/// What one apply changed, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub routes_written: usize,
+    pub routes_removed: usize,
+    pub peers_written: usize,
+    pub peers_removed: usize,
+    pub kernel_routes_written: usize,
+    pub kernel_routes_removed: usize,
+    pub attached: usize,
+    pub detached: usize,
+}
+
+impl ApplyReport {
+    pub fn is_noop(&self) -> bool {
+        *self == ApplyReport::default()
+    }
+}
+
+/// Remembers what this process attached, so re-applies skip it.
+#[derive(Default)]
+pub struct Applier {
+    attached: BTreeSet<Attachment>,
+}
+
+impl Applier {
+    pub fn apply(&mut self, datapath: &mut Datapath, maps: &mut Maps, plan: &Plan, settings: &Settings) -> Result<ApplyReport> {
+        check_capacity(plan)?;
+        let mut report = ApplyReport::default();
+
+        for device in &plan.devices {
+            ensure_device(device).with_context(|| format!("configuring device {}", device.name()))?;
+        }
+        for sysctl in &plan.sysctls {
+            net::set_sysctl(&sysctl.key, &sysctl.value)?;
+        }
+
+        // Maps: add and change first, remove after, arm last.
+        let current_peers = read_peers(maps)?;
+        for (&id, peer) in &plan.peers {
+            if current_peers.get(&id) != Some(peer) {
+                maps.set_peer(id, *peer)?;
+                report.peers_written += 1;
+            }
+        }
+        let current_routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
+        for (&net, &entry) in &plan.routes {
+            if current_routes.get(&net) != Some(&entry) {
+                maps.set_route(net, entry)?;
+                report.routes_written += 1;
+            }
+        }
+        for net in current_routes.keys().filter(|n| !plan.routes.contains_key(n)) {
+            maps.remove_route(*net)?;
+            report.routes_removed += 1;
+        }
+        for id in current_peers.keys().filter(|id| !plan.peers.contains_key(id)) {
+            maps.set_peer(*id, PeerEntry::default())?;
+            report.peers_removed += 1;
+        }
+        let mut config = plan.config;
+        if plan.devices.iter().any(|d| matches!(d, Device::VxlanTunnel { .. })) {
+            config.tunnel_ifindex = sys::ifindex(TUNNEL_DEV)?;
+        }
+        if let Some(uplink) = &settings.uplink {
+            config.uplink_ifindex = sys::ifindex(uplink)?;
+        }
+        if maps.config()? != config {
+            maps.set_config(config)?;
+        }
+
+        // Programs.
+        let wanted: BTreeSet<Attachment> = plan.attachments.iter().cloned().collect();
+        for attachment in wanted.difference(&self.attached.clone()) {
+            datapath.attach(attachment)?;
+            self.attached.insert(attachment.clone());
+            report.attached += 1;
+        }
+        for stale in datapath.attached()?.into_iter().filter(|a| !wanted.contains(a)) {
+            datapath.detach(&stale)?;
+            self.attached.remove(&stale);
+            report.detached += 1;
+        }
+
+        // The kernel's slow path.
+        let installed = net::our_routes()?;
+        for route in &plan.kernel_routes {
+            if !installed.iter().any(|r| net::route_matches(route, r)) {
+                net::replace_route(route)?;
+                report.kernel_routes_written += 1;
+            }
+        }
+        for route in installed.iter().filter(|r| !plan.kernel_routes.iter().any(|p| p.dst == r.dst)) {
+            net::delete_route(route)?;
+            report.kernel_routes_removed += 1;
+        }
+
+        if let Some(cni) = &plan.cni {
+            write_if_changed(&cni.path, cni.json.as_bytes(), 0o644)?;
+        }
+        if !report.is_noop() {
+            info!("applied plan for {}: {report:?}", plan.node);
+        } else {
+            debug!("plan for {} already applied", plan.node);
+        }
+        Ok(report)
+    }
+}
+
+/// Refuse a plan the maps cannot hold before touching anything: a full map
+/// must never leave half a configuration behind.
+fn check_capacity(plan: &Plan) -> Result<()> {
+    if plan.routes.len() > MAX_ROUTES as usize {
+        bail!(
+            "the plan has {} routes but FE_ROUTES holds {MAX_ROUTES}: nothing was applied; \
+             reduce the number of nodes/prefixes or rebuild with a larger MAX_ROUTES",
+            plan.routes.len()
+        );
+    }
+    if let Some((&id, _)) = plan.peers.iter().find(|(id, _)| **id == 0 || **id as u32 >= MAX_PEERS) {
+        bail!("peer id {id} is outside FE_PEERS (1..{MAX_PEERS}): nothing was applied");
+    }
+    Ok(())
+}
+
+fn read_peers(maps: &Maps) -> Result<BTreeMap<u16, PeerEntry>> {
+    let mut peers = BTreeMap::new();
+    for id in 1..MAX_PEERS as u16 {
+        let peer = maps.peer(id)?;
+        if peer.kind != 0 {
+            peers.insert(id, peer);
+        }
+    }
+    Ok(peers)
+}
+
+fn ensure_device(device: &Device) -> Result<()> {
+    match device {
+        Device::Bridge { name, address, mtu } => net::ensure_bridge(name, *address, Some(*mtu as u32)),
+        Device::VxlanTunnel { name, port, mac, mtu, local: _ } => {
+            net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32)
+        }
+    }
+}
+
+/// Replace `path` atomically (temp file + rename) when its content differs.
+pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    if fs::read(path).ok().as_deref() == Some(content) {
+        return Ok(());
+    }
+    let dir = path.parent().with_context(|| format!("{} has no parent directory", path.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("fabedge-tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(content).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// Everything outside bpffs that apply creates: our routes, `fe-tunnel`,
+/// the pod bridge, the CNI config. Returns what was removed.
+pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for route in net::our_routes()? {
+        net::delete_route(&route)?;
+        removed.push(format!("route {}", route.dst));
+    }
+    for dev in [TUNNEL_DEV, POD_BRIDGE] {
+        if net::delete_link_if_present(dev)? {
+            removed.push(format!("device {dev}"));
+        }
+    }
+    let cni = cni_conf_dir.join(CNI_FILE_NAME);
+    if cni.exists() {
+        fs::remove_file(&cni).with_context(|| format!("removing {}", cni.display()))?;
+        removed.push(format!("file {}", cni.display()));
+    }
+    Ok(removed)
+}

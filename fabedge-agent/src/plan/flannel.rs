@@ -1,0 +1,68 @@
+//! The annotation trick (DESIGN.md §1): every edge Node carries the
+//! connector's Flannel lease, so Flannel on each cloud node sends VXLAN for
+//! edge pod CIDRs to the connector's VTEP. Written by the active connector.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::Serialize;
+
+use super::AnnotationPatch;
+use crate::model::{FLANNEL_VXLAN_BACKEND, Node, Role, Snapshot, annotation, format_mac};
+
+/// Flannel's `backend-data` JSON, written exactly as the article shows it.
+#[derive(Serialize)]
+struct VxlanBackendData {
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: String,
+}
+
+/// The four annotations, with the connector's VTEP in them.
+pub fn masquerade_lease(vtep_mac: [u8; 6], public_ip: Ipv4Addr) -> BTreeMap<String, String> {
+    let backend_data = serde_json::to_string(&VxlanBackendData { vtep_mac: format_mac(vtep_mac) })
+        .expect("a struct of one string always serialises");
+    BTreeMap::from([
+        (annotation::FLANNEL_BACKEND_DATA.to_owned(), backend_data),
+        (annotation::FLANNEL_BACKEND_TYPE.to_owned(), FLANNEL_VXLAN_BACKEND.to_owned()),
+        (annotation::FLANNEL_KUBE_SUBNET_MANAGER.to_owned(), "true".to_owned()),
+        (annotation::FLANNEL_PUBLIC_IP.to_owned(), public_ip.to_string()),
+    ])
+}
+
+/// Changes that make every edge Node carry the connector's lease and take
+/// it off Nodes that are no longer edge nodes (but never off the connector
+/// itself, whose lease is its own). Nodes already right get no patch.
+pub fn annotation_patches(
+    snapshot: &Snapshot,
+    connector: &Node,
+    vtep_mac: [u8; 6],
+    public_ip: Ipv4Addr,
+) -> Vec<AnnotationPatch> {
+    let wanted = masquerade_lease(vtep_mac, public_ip);
+    let mut patches = Vec::new();
+    for node in snapshot.nodes.values().filter(|n| n.name != connector.name) {
+        let patch = if node.role == Role::Edge {
+            let set: BTreeMap<String, String> = wanted
+                .iter()
+                .filter(|(key, value)| node.annotations.get(*key) != Some(value))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            AnnotationPatch { node: node.name.clone(), set, remove: Vec::new() }
+        } else {
+            let ours = node.flannel.as_ref().is_some_and(|l| l.vtep_mac == vtep_mac && l.public_ip == public_ip);
+            let remove = if ours {
+                annotation::FLANNEL_LEASE
+                    .iter()
+                    .filter(|key| node.annotations.contains_key(**key))
+                    .map(|key| (*key).to_owned())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            AnnotationPatch { node: node.name.clone(), set: BTreeMap::new(), remove }
+        };
+        if !patch.set.is_empty() || !patch.remove.is_empty() {
+            patches.push(patch);
+        }
+    }
+    patches
+}

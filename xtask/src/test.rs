@@ -1,0 +1,109 @@
+//! `cargo xtask test`: every test of the project. Host tests (unit, datapath
+//! with BPF_PROG_TEST_RUN, network namespaces) run with cargo; then the VM
+//! suite runs the same test binary inside stock Debian kernels.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::vm;
+
+/// Tests that must also pass on the stock Debian kernels (6.1: netlink tc,
+/// no TCX; 6.12: TCX). Each runs in its own VM boot.
+const VM_TESTS: &[(&str, &str)] = &[("platform", "agent_restarts_without_losing_packets")];
+
+pub struct Options {
+    pub skip_vm: bool,
+    pub filter: Option<String>,
+}
+
+pub fn run(workspace: &Path, options: &Options) -> Result<()> {
+    let started = Instant::now();
+    let mut suites = Vec::new();
+
+    let status = cargo(workspace)
+        .args(["build", "--workspace", "--bins"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+
+    let mut host = cargo(workspace);
+    host.args(["test", "--workspace", "--no-fail-fast"]);
+    if let Some(filter) = &options.filter {
+        host.args(["--", filter]);
+    }
+    let ok = host.status().context("running cargo test")?.success();
+    suites.push(("host (unit, datapath, netns)".to_string(), ok));
+
+    if options.skip_vm {
+        println!("xtask: VM tests SKIPPED because --skip-vm was given (they prove the 6.1 and 6.12 kernels)");
+    } else {
+        for (binary, test) in VM_TESTS {
+            if options.filter.as_deref().is_some_and(|f| !test.contains(f)) {
+                continue;
+            }
+            let path = test_binary(workspace, binary)?;
+            for kernel in vm::Kernel::ALL {
+                let args = vec![test.to_string(), "--exact".into(), "--nocapture".into(), "--test-threads=1".into()];
+                let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
+                let run = vm::VmRun { kernel, program: &path, args: &args, env: &env, timeout: Duration::from_secs(300) };
+                println!("xtask: VM {kernel}: {binary}::{test}");
+                let ok = match vm::run(&run) {
+                    Ok(code) => code == 0,
+                    Err(e) => {
+                        eprintln!("xtask: VM {kernel}: {e:#}");
+                        false
+                    }
+                };
+                suites.push((format!("vm {kernel}: {test}"), ok));
+            }
+        }
+    }
+
+    let passed = suites.iter().filter(|(_, ok)| *ok).count();
+    let failed = suites.len() - passed;
+    println!();
+    for (name, ok) in &suites {
+        println!("xtask: {} {name}", if *ok { "ok    " } else { "FAILED" });
+    }
+    println!("xtask: finished in {:.0?}", started.elapsed());
+    println!("suites: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} test suite(s) failed");
+    }
+    Ok(())
+}
+
+fn cargo(workspace: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace);
+    cmd
+}
+
+/// Path of an integration-test binary of the `fabedge-tests` crate.
+fn test_binary(workspace: &Path, name: &str) -> Result<PathBuf> {
+    let out = cargo(workspace)
+        .args(["test", "-p", "fabedge-tests", "--test", name, "--no-run", "--message-format=json"])
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building test binary {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
+            && msg["profile"]["test"] == true
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("cargo did not report an executable for test binary {name}")
+}
