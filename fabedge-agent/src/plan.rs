@@ -784,6 +784,8 @@ impl<'a> Planner<'a> {
                 // kernel ORs `all` with the device's value, so both must be 0.
                 sysctls.push(Sysctl::new("net/ipv4/conf/all/send_redirects", "0"));
                 sysctls.push(Sysctl::new(format!("net/ipv4/conf/{TUNNEL_DEV}/send_redirects"), "0"));
+                // The tunnel carries IPv4 only; no router solicitations into it.
+                sysctls.push(Sysctl::new(format!("net/ipv6/conf/{TUNNEL_DEV}/disable_ipv6"), "1"));
             }
         }
         if connector {

@@ -52,6 +52,10 @@ pub const TUNNEL_DEV: &str = "fe-tunnel";
 /// the same MAC everywhere makes those frames `PACKET_HOST` at the receiver,
 /// and the eBPF fast path writes the same address.
 pub const TUNNEL_DEV_MAC: [u8; 6] = [0x02, 0xfe, 0xde, 0x00, 0x00, 0x01];
+/// Inner source MAC of every frame sent into the tunnel. It must differ from
+/// `TUNNEL_DEV_MAC`: the kernel's VXLAN receive path drops frames whose
+/// source is its own device address (loop protection).
+pub const TUNNEL_SRC_MAC: [u8; 6] = [0x02, 0xfe, 0xde, 0x00, 0x00, 0x02];
 /// The pod bridge on edge nodes.
 pub const POD_BRIDGE: &str = "br-fabedge";
 

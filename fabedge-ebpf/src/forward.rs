@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use fabedge_common::{
-    mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry, TUNNEL_DEV_MAC,
+    mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry,
 };
 
 use crate::{
     csum, flannel,
     maps::peer,
-    parse::{EthHdr, Ipv4Hdr},
+    parse::Ipv4Hdr,
     stats::{count, peer_tx},
 };
 
@@ -45,13 +45,12 @@ pub fn forward(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     route: &RouteEntry,
-    eth: &mut EthHdr,
     ip: &mut Ipv4Hdr,
 ) -> i32 {
     match route.kind {
         route_kind::LOCAL_POD | route_kind::LOCAL_HOST => pass(Counter::PassLocal),
         route_kind::KERNEL => pass(Counter::PassKernel),
-        route_kind::TUNNEL => to_tunnel(ctx, cfg, route.peer_id, eth, ip),
+        route_kind::TUNNEL => to_tunnel(ctx, cfg, route.peer_id, ip),
         route_kind::CLOUD_VTEP => flannel::encap(ctx, cfg, route.peer_id, ip),
         _ => drop(Counter::DropNoRoute),
     }
@@ -104,7 +103,6 @@ pub fn to_tunnel(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     peer_id: u16,
-    eth: &mut EthHdr,
     ip: &mut Ipv4Hdr,
 ) -> i32 {
     if peer(peer_id).is_none() {
@@ -125,9 +123,7 @@ pub fn to_tunnel(
         return punt(reason);
     }
     decrement_ttl(ip);
-    // The same MAC on every node's fe-tunnel: the receiver sees PACKET_HOST.
-    eth.dst = TUNNEL_DEV_MAC;
-    eth.src = TUNNEL_DEV_MAC;
+    // fe_tunnel_egress sets the tunnel key and the inner MAC addresses.
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) as i32 }
 }

@@ -18,8 +18,8 @@ pub fn fe_from_pod(ctx: TcContext) -> i32 {
     match parse::ipv4(&ctx) {
         L3::Other => pass(Counter::PassNonIpv4),
         L3::Malformed => drop(Counter::DropMalformed),
-        L3::Ipv4(eth, ip) => match route(ip.daddr) {
-            Some(r) => forward(&ctx, cfg, r, eth, ip),
+        L3::Ipv4(ip) => match route(ip.daddr) {
+            Some(r) => forward(&ctx, cfg, r, ip),
             None => drop(Counter::DropNoRoute),
         },
     }

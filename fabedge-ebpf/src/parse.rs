@@ -92,7 +92,7 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
 
 /// The Ethernet and IPv4 headers of a frame, if it carries IPv4.
 pub enum L3<'a> {
-    Ipv4(&'a mut EthHdr, &'a mut Ipv4Hdr),
+    Ipv4(&'a mut Ipv4Hdr),
     /// Not IPv4: ARP, IPv6, ...
     Other,
     /// Claims IPv4 but the header is truncated or invalid.
@@ -105,7 +105,7 @@ pub fn ipv4<'a>(ctx: &TcContext) -> L3<'a> {
         return L3::Malformed;
     };
     // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { &mut *eth };
+    let eth = unsafe { &*eth };
     if u16::from_be_bytes(eth.ether_type) != ETH_P_IP {
         return L3::Other;
     }
@@ -117,5 +117,5 @@ pub fn ipv4<'a>(ctx: &TcContext) -> L3<'a> {
     if !ip.is_valid() {
         return L3::Malformed;
     }
-    L3::Ipv4(eth, ip)
+    L3::Ipv4(ip)
 }

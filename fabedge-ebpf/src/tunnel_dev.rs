@@ -8,12 +8,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use fabedge_common::{mark, peer_kind, route_kind, Counter};
+use fabedge_common::{mark, peer_kind, route_kind, Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
 
 use crate::{
     forward::{drop, forward, pass},
     maps::{config, peer, route},
-    parse::{self, L3},
+    parse::{self, ptr_at, EthHdr, L3},
     stats::{count, peer_rx, peer_tx},
 };
 
@@ -35,8 +35,8 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
     // SAFETY: IPv4 tunnel: the union holds remote_ipv4 (host order).
     let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
 
-    let (eth, ip) = match parse::ipv4(&ctx) {
-        L3::Ipv4(eth, ip) => (eth, ip),
+    let ip = match parse::ipv4(&ctx) {
+        L3::Ipv4(ip) => ip,
         L3::Other => return drop(Counter::DropUnsupported),
         L3::Malformed => return drop(Counter::DropMalformed),
     };
@@ -57,7 +57,7 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
     count(Counter::FromTunnel);
 
     match route(ip.daddr) {
-        Some(r) => forward(&ctx, cfg, r, eth, ip),
+        Some(r) => forward(&ctx, cfg, r, ip),
         None => drop(Counter::DropNoRoute),
     }
 }
@@ -74,7 +74,7 @@ pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
         // Not marked by our ingress programs: the node's own traffic
         // (hostNetwork pods), routed here by the kernel.
         None => match parse::ipv4(&ctx) {
-            L3::Ipv4(_, ip) => match route(ip.daddr) {
+            L3::Ipv4(ip) => match route(ip.daddr) {
                 Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
                 _ => return drop(Counter::DropNoRoute),
             },
@@ -95,6 +95,17 @@ pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
     if unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, TUNNEL_KEY_SIZE, 0) } < 0 {
         debug!(&ctx, "tunnel egress: set_tunnel_key failed");
         return drop(Counter::DropHelperFailed);
+    }
+    // Fast path or kernel route, every frame leaves with the same inner
+    // addresses: the receiver's device MAC (PACKET_HOST there) from a source
+    // that is not (VXLAN drops frames "from itself").
+    match ptr_at::<EthHdr>(&ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => unsafe {
+            (*eth).dst = TUNNEL_DEV_MAC;
+            (*eth).src = TUNNEL_SRC_MAC;
+        },
+        None => return drop(Counter::DropMalformed),
     }
     // The mark has done its job; keep it from steering the outer packet.
     ctx.set_mark(existing & !mark::OWNED_MASK);

@@ -25,14 +25,14 @@ pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
     if cfg.role != role::CONNECTOR {
         return TC_ACT_OK as i32;
     }
-    let L3::Ipv4(eth, ip) = parse::ipv4(&ctx) else {
+    let L3::Ipv4(ip) = parse::ipv4(&ctx) else {
         return TC_ACT_OK as i32;
     };
     if is_flannel_vxlan(&ctx, cfg, ip) {
         return from_flannel(&ctx, cfg);
     }
     match route(ip.daddr) {
-        Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, eth, ip),
+        Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, ip),
         _ => TC_ACT_OK as i32,
     }
 }
@@ -77,14 +77,9 @@ fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
     if !flannel::decap(ctx) {
         return pass(Counter::PassFlannel);
     }
-    count_decap();
+    crate::stats::count(Counter::FlannelDecap);
     match parse::ipv4(ctx) {
-        L3::Ipv4(eth, ip) => to_tunnel(ctx, cfg, peer_id, eth, ip),
+        L3::Ipv4(ip) => to_tunnel(ctx, cfg, peer_id, ip),
         _ => drop(Counter::DropMalformed),
     }
-}
-
-#[inline(always)]
-fn count_decap() {
-    crate::stats::count(Counter::FlannelDecap);
 }

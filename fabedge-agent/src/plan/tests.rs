@@ -160,6 +160,7 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
             ("net/ipv4/ip_forward", "1"),
             ("net/ipv4/conf/all/send_redirects", "0"),
             ("net/ipv4/conf/fe-tunnel/send_redirects", "0"),
+            ("net/ipv6/conf/fe-tunnel/disable_ipv6", "1"),
         ]
     );
     assert_eq!(plan.config.role, role::EDGE);
