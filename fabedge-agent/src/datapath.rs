@@ -37,10 +37,10 @@ pub static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fab
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/fabedge";
 
-/// Netlink (pre-TCX) filters sit at this priority and handle, so a restart
-/// replaces exactly our filter and uninstall finds it.
+/// Netlink (pre-TCX) filters sit at this priority, each program at its own
+/// handle (`Program::nl_handle`), so a restart replaces exactly that filter
+/// and two programs on one hook never clobber each other.
 const NL_PRIORITY: u16 = 0xfe;
-const NL_HANDLE: TcHandle = TcHandle::new(0, 0xfe);
 
 /// Every program in the object, by the hook it is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
@@ -77,6 +77,12 @@ impl Program {
             Program::TunnelEgress => "tunnel-egress",
             Program::UplinkIngress => "uplink-ingress",
         }
+    }
+
+    /// Handle of this program's netlink filter: 0xfe01, 0xfe02, ...
+    fn nl_handle(self) -> TcHandle {
+        let index = Program::ALL.iter().position(|p| *p == self).expect("listed in ALL") as u16;
+        TcHandle::new(0, 0xfe01 + index)
     }
 
     fn tc_attach_type(self) -> TcAttachType {
@@ -402,7 +408,8 @@ fn attach_netlink(prog: &mut SchedClassifier, attachment: &Attachment) -> Result
         Err(e) => return Err(e).with_context(|| format!("adding clsact qdisc to {}", attachment.iface)),
     }
     let attach_type = attachment.program.tc_attach_type();
-    let existing = SchedClassifierLink::attached(&attachment.iface, attach_type, NL_PRIORITY, NL_HANDLE, None)
+    let handle = attachment.program.nl_handle();
+    let existing = SchedClassifierLink::attached(&attachment.iface, attach_type, NL_PRIORITY, handle, None)
         .with_context(|| format!("interface {} not found", attachment.iface))?;
     let id = match prog.attach_to_link(existing) {
         Ok(id) => {
@@ -410,7 +417,7 @@ fn attach_netlink(prog: &mut SchedClassifier, attachment: &Attachment) -> Result
             id
         }
         Err(_) => {
-            let options = NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None };
+            let options = NlOptions { priority: NL_PRIORITY, handle, classid: None };
             let id = prog.attach_with_options(&attachment.iface, attach_type, TcAttachOptions::Netlink(options))?;
             info!("{attachment}: attached (netlink cls_bpf prio {NL_PRIORITY:#x})");
             id

@@ -1,9 +1,13 @@
 //! Test harnesses shared by fabedge's datapath, network-namespace and VM tests.
 //!
+//! - [`agent`]: the real agent binary run inside a test namespace.
+//! - [`cluster`]: the mini cluster of the seed's test matrix (cloud, connector, edges, pods).
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
 //! - [`netns`]: network namespaces, veths and bridges that always clean up.
 
+pub mod agent;
+pub mod cluster;
 pub mod datapath;
 pub mod netns;
 pub mod packet;

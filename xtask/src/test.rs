@@ -26,7 +26,7 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     let mut suites = Vec::new();
 
     let status = cargo(workspace)
-        .args(["build", "--workspace", "--bins"])
+        .args(["build", "--bins"])
         .status()
         .context("running cargo build")?;
     if !status.success() {
@@ -34,7 +34,7 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     }
 
     let mut host = cargo(workspace);
-    host.args(["test", "--workspace", "--no-fail-fast"]);
+    host.args(["test", "--no-fail-fast"]);
     if let Some(filter) = &options.filter {
         host.args(["--", filter]);
     }

@@ -1,0 +1,54 @@
+//! Running the real `fabedge-agent` binary inside a test's network namespace.
+//!
+//! The agent is entered into the namespace with `nsenter --net` only: `ip
+//! netns exec` would also give it a fresh mount namespace without bpffs, and
+//! its pins would be invisible to everyone else.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// The agent binary built next to this test (`cargo build -p fabedge-agent`;
+/// `cargo xtask test` builds it first).
+pub fn agent_bin() -> Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/fabedge-agent");
+    if !path.exists() {
+        bail!("{} is missing: build it with `cargo build -p fabedge-agent` (cargo xtask test does)", path.display());
+    }
+    Ok(path)
+}
+
+/// A private bpffs root for one test, unique per process and name.
+pub fn bpffs_root(name: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-{name}", std::process::id()))
+}
+
+/// `fabedge-agent --bpffs-root ROOT ARGS...` inside `netns` (or the current
+/// namespace when `None`); returns its output whatever the exit status.
+pub fn agent_output(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result<Output> {
+    let bin = agent_bin()?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net={}", ns.path().display())).arg(&bin);
+            cmd
+        }
+        None => Command::new(&bin),
+    };
+    cmd.arg("--bpffs-root").arg(root).args(args).env("RUST_BACKTRACE", "0");
+    cmd.output().with_context(|| format!("running fabedge-agent {}", args.join(" ")))
+}
+
+/// Like [`agent_output`], but a non-zero exit is an error carrying stderr.
+pub fn agent_ok(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result<String> {
+    let out = agent_output(netns, root, args)?;
+    if !out.status.success() {
+        bail!("fabedge-agent {} failed ({}):\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
