@@ -54,6 +54,8 @@ counters! {
     PuntMtu = 9, "punt_too_big", false;
     /// Flannel VXLAN not for an edge destination: left to the kernel's flannel.1.
     PassFlannel = 10, "pass_flannel", false;
+    /// Fast path: TTL decremented and redirected straight into `fe-tunnel`.
+    RedirectToTunnel = 11, "redirect_to_tunnel", false;
 
     /// No route for the destination.
     DropNoRoute = 32, "drop_no_route", true;

@@ -123,6 +123,7 @@ pub fn to_tunnel(
         return punt(reason);
     }
     decrement_ttl(ip);
+    count(Counter::RedirectToTunnel);
     // fe_tunnel_egress sets the tunnel key and the inner MAC addresses.
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) as i32 }
