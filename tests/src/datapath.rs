@@ -93,6 +93,18 @@ impl TestDatapath {
         Ok(Outcome { action: result.return_value as i32, data: data_out, mark })
     }
 
+    /// Average kernel time per run of `program` on `frame`, over `repeat` runs
+    /// (BPF_PROG_TEST_RUN's own measurement, no syscall overhead per packet).
+    pub fn time_per_packet(&self, program: Program, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+        let mut data_out = vec![0u8; frame.len() + 256];
+        let result = self
+            .datapath
+            .program(program)
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut data_out), repeat, ..TestRunOptions::new() })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {} x{repeat}", program.symbol()))?;
+        Ok(result.duration)
+    }
+
     /// A counter's value summed over CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.maps.counter(counter).unwrap_or_else(|e| panic!("reading counter {}: {e:#}", counter.name()))
@@ -109,5 +121,109 @@ impl Drop for TestDatapath {
         if let Err(e) = datapath::uninstall(&self.root) {
             eprintln!("cleaning up {}: {e:#}", self.root.display());
         }
+    }
+}
+
+/// The datapath of an edge node and of the connector, programmed the way
+/// the agent would, for tests and benchmarks.
+pub mod fixtures {
+    use std::net::Ipv4Addr;
+
+    use anyhow::Result;
+    use fabedge_common::{DatapathConfig, PeerEntry, RouteEntry, peer_kind, role, route_flags, route_kind, tunnel_mode};
+    use ipnet::Ipv4Net;
+
+    use super::TestDatapath;
+    use crate::packet::Mac;
+
+    pub const POD_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x02];
+    pub const BRIDGE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x01];
+    pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 2);
+    pub const LOCAL_POD_2: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 3);
+    pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
+    pub const PEER_POD: Ipv4Addr = Ipv4Addr::new(10, 234, 2, 5);
+    pub const CLOUD_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
+    pub const UNKNOWN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+    pub const ORPHAN: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+    pub const CONNECTOR_PEER: u16 = 1;
+    pub const EDGE2_PEER: u16 = 2;
+    pub const ORPHAN_PEER: u16 = 3;
+    pub const EDGE1_PEER: u16 = 4;
+    pub const VTEP_PEER: u16 = 5;
+
+    pub const CONNECTOR_LAN: [u8; 4] = [10, 1, 0, 1];
+    pub const CLOUD2_LAN: [u8; 4] = [10, 1, 0, 2];
+    pub const FLANNEL_MAC: Mac = [0x66, 0x66, 0, 0, 0, 0x01];
+    pub const CLOUD2_VTEP_MAC: Mac = [0x66, 0x66, 0, 0, 0, 0x02];
+    pub const UPLINK_MAC: Mac = [0x52, 0x54, 0, 0, 0, 0x01];
+    pub const CLOUD2_NIC_MAC: Mac = [0x52, 0x54, 0, 0, 0, 0x02];
+
+    pub fn net(text: &str) -> Ipv4Net {
+        text.parse().expect("valid CIDR")
+    }
+
+    pub fn route(kind: u8, peer_id: u16) -> RouteEntry {
+        RouteEntry { kind, flags: 0, peer_id }
+    }
+
+    pub fn tunnel_peer(ip: [u8; 4]) -> PeerEntry {
+        PeerEntry { kind: peer_kind::TUNNEL, port: fabedge_common::DEFAULT_TUNNEL_PORT, underlay_ip: ip, ..PeerEntry::default() }
+    }
+
+    /// An edge node (edge-1): its pods, a community peer (edge-2) and the connector.
+    pub fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
+        let mut dp = TestDatapath::new(name)?;
+        let maps = &mut dp.maps;
+        maps.set_peer(CONNECTOR_PEER, tunnel_peer([198, 18, 0, 1]))?;
+        maps.set_peer(EDGE2_PEER, tunnel_peer([198, 18, 0, 12]))?;
+        maps.set_route(net("10.234.1.0/24"), route(route_kind::LOCAL_POD, 0))?;
+        maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::LOCAL_HOST, flags: route_flags::NODE_ADDR, peer_id: 0 })?;
+        maps.set_route(net("10.234.2.0/24"), route(route_kind::TUNNEL, EDGE2_PEER))?;
+        maps.set_route(net("10.244.0.0/16"), route(route_kind::TUNNEL, CONNECTOR_PEER))?;
+        maps.set_route(net("10.99.0.0/16"), route(route_kind::TUNNEL, ORPHAN_PEER))?;
+        maps.set_config(DatapathConfig {
+            ready: 1,
+            role: role::EDGE,
+            tunnel_mode: mode,
+            node_ip: NODE_IP.octets(),
+            tunnel_ifindex: 1,
+            tunnel_vni: fabedge_common::DEFAULT_TUNNEL_VNI,
+            tunnel_mtu: 1450,
+            ..DatapathConfig::default()
+        })?;
+        Ok(dp)
+    }
+
+    /// The connector (cloud-1): edge-1 behind a tunnel, cloud-2's pods behind its Flannel VTEP.
+    pub fn connector(name: &str) -> Result<TestDatapath> {
+        let mut dp = TestDatapath::new(name)?;
+        let maps = &mut dp.maps;
+        maps.set_peer(EDGE1_PEER, tunnel_peer([198, 18, 0, 11]))?;
+        maps.set_peer(
+            VTEP_PEER,
+            PeerEntry { kind: peer_kind::FLANNEL_VTEP, underlay_ip: CLOUD2_LAN, vtep_mac: CLOUD2_VTEP_MAC, ..PeerEntry::default() },
+        )?;
+        maps.set_route(net("10.234.1.0/24"), route(route_kind::TUNNEL, EDGE1_PEER))?;
+        maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::TUNNEL, flags: route_flags::NODE_ADDR, peer_id: EDGE1_PEER })?;
+        maps.set_route(net("10.244.1.0/24"), route(route_kind::CLOUD_VTEP, VTEP_PEER))?;
+        maps.set_route(net("10.1.0.2/32"), route(route_kind::KERNEL, 0))?;
+        maps.set_config(DatapathConfig {
+            ready: 1,
+            role: role::CONNECTOR,
+            tunnel_mode: tunnel_mode::VXLAN,
+            node_ip: CONNECTOR_LAN,
+            underlay_ip: CONNECTOR_LAN,
+            tunnel_ifindex: 1,
+            uplink_ifindex: 1,
+            tunnel_vni: fabedge_common::DEFAULT_TUNNEL_VNI,
+            tunnel_mtu: 1450,
+            flannel_vni: 1,
+            flannel_port: 8472,
+            flannel_mac: FLANNEL_MAC,
+            flannel_mtu: 1450,
+            ..DatapathConfig::default()
+        })?;
+        Ok(dp)
     }
 }

@@ -6,106 +6,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
-use fabedge_common::{
-    Counter, DatapathConfig, PeerEntry, RouteEntry, mark, peer_kind, role, route_flags, route_kind,
-    tunnel_mode, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
-};
+use fabedge_common::{Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, tunnel_mode};
 use fabedge_tests::{
-    datapath::{Outcome, SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath},
-    packet::{self, Frame, Mac, TcpFlags, UdpChecksum, parse_eth, vxlan_encap},
+    datapath::{Outcome, SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, fixtures::*},
+    packet::{self, Frame, TcpFlags, UdpChecksum, parse_eth, vxlan_encap},
 };
-use ipnet::Ipv4Net;
-
-const POD_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x02];
-const BRIDGE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x01];
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 2);
-const LOCAL_POD_2: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 3);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
-const PEER_POD: Ipv4Addr = Ipv4Addr::new(10, 234, 2, 5);
-const CLOUD_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
-const UNKNOWN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
-const ORPHAN: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
-
-const CONNECTOR_PEER: u16 = 1;
-const EDGE2_PEER: u16 = 2;
-const ORPHAN_PEER: u16 = 3;
-const EDGE1_PEER: u16 = 4;
-const VTEP_PEER: u16 = 5;
-
-const CONNECTOR_LAN: [u8; 4] = [10, 1, 0, 1];
-const CLOUD2_LAN: [u8; 4] = [10, 1, 0, 2];
-const FLANNEL_MAC: Mac = [0x66, 0x66, 0, 0, 0, 0x01];
-const CLOUD2_VTEP_MAC: Mac = [0x66, 0x66, 0, 0, 0, 0x02];
-const UPLINK_MAC: Mac = [0x52, 0x54, 0, 0, 0, 0x01];
-const CLOUD2_NIC_MAC: Mac = [0x52, 0x54, 0, 0, 0, 0x02];
-
-fn net(text: &str) -> Ipv4Net {
-    text.parse().expect("valid CIDR")
-}
-
-fn route(kind: u8, peer_id: u16) -> RouteEntry {
-    RouteEntry { kind, flags: 0, peer_id }
-}
-
-fn tunnel_peer(ip: [u8; 4]) -> PeerEntry {
-    PeerEntry { kind: peer_kind::TUNNEL, port: fabedge_common::DEFAULT_TUNNEL_PORT, underlay_ip: ip, ..PeerEntry::default() }
-}
-
-/// An edge node (edge-1): its pods, a community peer (edge-2) and the connector.
-fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
-    let mut dp = TestDatapath::new(name)?;
-    let maps = &mut dp.maps;
-    maps.set_peer(CONNECTOR_PEER, tunnel_peer([198, 18, 0, 1]))?;
-    maps.set_peer(EDGE2_PEER, tunnel_peer([198, 18, 0, 12]))?;
-    maps.set_route(net("10.234.1.0/24"), route(route_kind::LOCAL_POD, 0))?;
-    maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::LOCAL_HOST, flags: route_flags::NODE_ADDR, peer_id: 0 })?;
-    maps.set_route(net("10.234.2.0/24"), route(route_kind::TUNNEL, EDGE2_PEER))?;
-    maps.set_route(net("10.244.0.0/16"), route(route_kind::TUNNEL, CONNECTOR_PEER))?;
-    maps.set_route(net("10.99.0.0/16"), route(route_kind::TUNNEL, ORPHAN_PEER))?;
-    maps.set_config(DatapathConfig {
-        ready: 1,
-        role: role::EDGE,
-        tunnel_mode: mode,
-        node_ip: NODE_IP.octets(),
-        tunnel_ifindex: 1,
-        tunnel_vni: fabedge_common::DEFAULT_TUNNEL_VNI,
-        tunnel_mtu: 1450,
-        ..DatapathConfig::default()
-    })?;
-    Ok(dp)
-}
-
-/// The connector (cloud-1): edge-1 behind a tunnel, cloud-2's pods behind its Flannel VTEP.
-fn connector(name: &str) -> Result<TestDatapath> {
-    let mut dp = TestDatapath::new(name)?;
-    let maps = &mut dp.maps;
-    maps.set_peer(EDGE1_PEER, tunnel_peer([198, 18, 0, 11]))?;
-    maps.set_peer(
-        VTEP_PEER,
-        PeerEntry { kind: peer_kind::FLANNEL_VTEP, underlay_ip: CLOUD2_LAN, vtep_mac: CLOUD2_VTEP_MAC, ..PeerEntry::default() },
-    )?;
-    maps.set_route(net("10.234.1.0/24"), route(route_kind::TUNNEL, EDGE1_PEER))?;
-    maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::TUNNEL, flags: route_flags::NODE_ADDR, peer_id: EDGE1_PEER })?;
-    maps.set_route(net("10.244.1.0/24"), route(route_kind::CLOUD_VTEP, VTEP_PEER))?;
-    maps.set_route(net("10.1.0.2/32"), route(route_kind::KERNEL, 0))?;
-    maps.set_config(DatapathConfig {
-        ready: 1,
-        role: role::CONNECTOR,
-        tunnel_mode: tunnel_mode::VXLAN,
-        node_ip: CONNECTOR_LAN,
-        underlay_ip: CONNECTOR_LAN,
-        tunnel_ifindex: 1,
-        uplink_ifindex: 1,
-        tunnel_vni: fabedge_common::DEFAULT_TUNNEL_VNI,
-        tunnel_mtu: 1450,
-        flannel_vni: 1,
-        flannel_port: 8472,
-        flannel_mac: FLANNEL_MAC,
-        flannel_mtu: 1450,
-        ..DatapathConfig::default()
-    })?;
-    Ok(dp)
-}
 
 fn pod_udp(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
     Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, dst).ttl(ttl).id(7).udp(40000, 53).payload(b"fabedge?").build()

@@ -35,8 +35,12 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same process.
+    Bench,
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
+    /// Prove the VM harness on every kernel (exit codes, netns + VXLAN, ESP with AES-GCM).
+    VmSelfTest,
     /// Boot a Debian kernel VM and run one command in it (the host root is shared read-only).
     Vm {
         #[arg(long, default_value = "6.12")]
@@ -48,6 +52,24 @@ enum Cmd {
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Build the agent, then run one of the `fabedge-tests` binaries.
+fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> {
+    let status = Command::new("cargo").current_dir(ws).args(["build", "--quiet", "-p", "fabedge-agent"]).status()?;
+    if !status.success() {
+        bail!("building fabedge-agent failed");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(ws).args(["run", "--quiet", "-p", "fabedge-tests", "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -67,16 +89,13 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             build::build_ebpf(&ws)?;
-            let status = Command::new("cargo")
-                .current_dir(&ws)
-                .args(["run", "--quiet", "-p", "fabedge-tests", "--bin", "fabedge-demo"])
-                .status()
-                .context("running the demo")?;
-            if !status.success() {
-                bail!("the demo failed");
-            }
-            Ok(())
+            run_tests_bin(&ws, "fabedge-demo", "the demo", false)
         }
+        Cmd::Bench => {
+            build::build_ebpf(&ws)?;
+            run_tests_bin(&ws, "fabedge-bench", "the benchmark", true)
+        }
+        Cmd::VmSelfTest => vm::self_test(),
         Cmd::Vm { kernel, program, args } => {
             let run = vm::VmRun {
                 kernel,
