@@ -834,7 +834,6 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
 /// Proves the harness on every kernel: exit codes 0 and 3, veth and vxlan in
 /// a netns (with env and working directory passed), and ESP with
 /// rfc4106(gcm(aes)) carrying a ping between two namespaces.
-#[allow(dead_code)] // for a `cargo xtask vm --self-test`, once main.rs offers one
 pub fn self_test() -> Result<()> {
     let workspace = crate::workspace();
     let ws = workspace.to_string_lossy().to_string();
