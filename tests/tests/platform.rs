@@ -300,3 +300,38 @@ fn bpftool_has(kind: &str, id: u64) -> bool {
         .unwrap_or(false)
 }
 
+
+#[test]
+fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
+    let root = bpffs_root("btf");
+    let layout = PinLayout::new(&root);
+    let result = (|| -> Result<()> {
+        let datapath = Datapath::load(layout.clone(), AttachMode::Auto)?;
+        let mut maps = program_maps(&layout)?;
+        maps.set_peer(7, fabedge_common::PeerEntry { kind: fabedge_common::peer_kind::TUNNEL, underlay_ip: [198, 18, 0, 7], ..Default::default() })?;
+        // Field names each map's dump must show (BTF, not hex bytes).
+        let expected: [(&str, &[&str]); 5] = [
+            ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
+            ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
+            ("FE_CONFIG", &["ready", "tunnel_mtu", "flannel_mac"]),
+            ("FE_COUNTERS", &["values", "cpu", "value"]),
+            ("FE_PEER_STATS", &["tx_packets", "rx_bytes"]),
+        ];
+        let pinned: Vec<String> = std::fs::read_dir(layout.maps_dir())?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        ensure!(pinned.len() == expected.len(), "pinned maps {pinned:?}; this test must name every one");
+        for (map, fields) in expected {
+            let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(layout.map(map)).output()?;
+            ensure!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8_lossy(&out.stdout);
+            for field in fields {
+                ensure!(text.contains(&format!("\"{field}\"")), "{map} dump lacks field {field:?}: {}", &text[..text.len().min(400)]);
+            }
+        }
+        drop(datapath);
+        Ok(())
+    })();
+    datapath::uninstall(&root)?;
+    result
+}
