@@ -52,7 +52,8 @@ counters! {
     /// Too big for the tunnel: handed to the kernel, which answers ICMP
     /// fragmentation-needed (DF) or fragments.
     PuntMtu = 9, "punt_too_big", false;
-    /// Flannel VXLAN not for an edge destination: left to the kernel's flannel.1.
+    /// Flannel VXLAN left to the kernel's flannel.1: not for an edge
+    /// destination, or a GSO frame only the kernel decapsulates correctly.
     PassFlannel = 10, "pass_flannel", false;
     /// Fast path: TTL decremented and redirected straight into `fe-tunnel`.
     RedirectToTunnel = 11, "redirect_to_tunnel", false;

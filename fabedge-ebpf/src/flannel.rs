@@ -25,7 +25,7 @@ use crate::{
     forward::{decrement_ttl, drop, fast_path_check, punt},
     maps::peer,
     parse::{Ipv4Hdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP},
-    stats::count,
+    stats::{count, peer_tx},
 };
 
 /// Everything VXLAN puts between the outer Ethernet header and the inner IP
@@ -113,15 +113,27 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig, vtep_id: u16, ip: &mut Ipv4H
         return drop(Counter::DropHelperFailed);
     }
     count(Counter::FlannelEncap);
+    peer_tx(vtep_id, inner_len + ETH_HLEN as u32);
     // The neighbour subsystem fills in the outer Ethernet addresses.
     // SAFETY: plain helper call; NULL params asks for a FIB lookup.
     unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// Remove Flannel's outer IPv4/UDP/VXLAN headers and the inner Ethernet
-/// header, leaving `[outer Ethernet][inner IPv4 ...]`. `false` when the kernel
-/// refused (e.g. an aggregated GSO frame): the frame is then unchanged.
+/// header, leaving `[outer Ethernet][inner IPv4 ...]`. `false` when the frame
+/// must be left to `flannel.1` (it is then unchanged): when the kernel refuses,
+/// and for every GSO frame (merged by GRO, or passed whole by a veth). The
+/// kernel would accept a TCP one, but `bpf_skb_adjust_room` keeps its tunnel
+/// GSO state (`SKB_GSO_UDP_TUNNEL`, `skb->encapsulation`) and grows its
+/// `gso_size` by the removed headers, so forwarding segments it wrong and bulk
+/// TCP from the cloud to edge pods stalls. `BPF_F_ADJ_ROOM_DECAP_L4_UDP`,
+/// which resets that state, is newer than the kernels we support; `flannel.1`
+/// decapsulates correctly and the kernel routes the result into the tunnel.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return false;
+    }
     ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0).is_ok()
 }

@@ -20,12 +20,13 @@ use fabedge_common::{
 use crate::{
     csum, flannel,
     maps::peer,
-    parse::Ipv4Hdr,
+    parse::{Ipv4Hdr, ETH_HLEN, IPPROTO_UDP, UDP_HLEN},
     stats::{count, peer_tx},
 };
 
-/// Largest TCP/IP header overhead on top of `gso_size` (IPv4 options aside).
+/// Largest L4 header on top of `gso_size` when we cannot read the real one.
 const MAX_L4_HLEN: u32 = 60;
+const IPPROTO_TCP: u8 = 6;
 
 #[inline(always)]
 pub fn drop(counter: Counter) -> i32 {
@@ -71,11 +72,32 @@ pub fn fast_path_check(ctx: &TcContext, ip: &Ipv4Hdr, mtu: u16) -> Result<(), Pu
     // SAFETY: the context pointer is valid for the program's lifetime.
     let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
     let fits = if gso_segs > 1 {
-        gso_size + ip.header_len() as u32 + MAX_L4_HLEN <= mtu as u32
+        // Each segment carries gso_size payload bytes behind the IP and L4 headers.
+        gso_size + ip.header_len() as u32 + l4_header_len(ctx, ip) <= mtu as u32
     } else {
         ip.total_len() <= mtu
     };
     if fits { Ok(()) } else { Err(Punt::TooBig) }
+}
+
+/// Length of the L4 header a GSO packet repeats in every segment.
+#[inline(always)]
+fn l4_header_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
+    match ip.protocol {
+        IPPROTO_UDP => UDP_HLEN as u32,
+        IPPROTO_TCP => {
+            // The TCP data offset: high nibble of byte 12, in 32-bit words.
+            let offset = ETH_HLEN + (ip.header_len() & 0x3c) + 12;
+            // A helper load, not direct access: the variable offset is beyond
+            // what the verifier tracks for packet pointers, and only GSO
+            // packets get here.
+            match ctx.load::<u8>(offset) {
+                Ok(doff) => ((doff >> 4) as u32) * 4,
+                Err(_) => MAX_L4_HLEN,
+            }
+        }
+        _ => MAX_L4_HLEN,
+    }
 }
 
 #[inline(always)]

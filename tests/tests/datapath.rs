@@ -127,7 +127,10 @@ fn packets_too_big_for_the_tunnel_are_handed_to_the_kernel() -> Result<()> {
     let gso = Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, PEER_POD).tcp(1, 2).flags(TcpFlags::ACK).payload(&[0u8; 2720]).build();
     let fits = SkbIn { gso_segs: 2, gso_size: 1360, ..SkbIn::default() };
     assert_eq!(dp.run_with(Program::FromPod, &gso, fits)?.action, TC_ACT_REDIRECT);
-    let too_big = SkbIn { gso_segs: 2, gso_size: 1400, ..SkbIn::default() };
+    // Full-size segments: 1410 payload + 20 IP + 20 TCP = 1450, exactly the tunnel MTU.
+    let full = SkbIn { gso_segs: 2, gso_size: 1410, ..SkbIn::default() };
+    assert_eq!(dp.run_with(Program::FromPod, &gso, full)?.action, TC_ACT_REDIRECT);
+    let too_big = SkbIn { gso_segs: 2, gso_size: 1411, ..SkbIn::default() };
     assert_eq!(dp.run_with(Program::FromPod, &gso, too_big)?.action, TC_ACT_OK);
     Ok(())
 }
@@ -268,6 +271,12 @@ fn connector_leaves_other_flannel_traffic_to_flannel() -> Result<()> {
     let (frame, _) = flannel_frame(Ipv4Addr::new(10, 244, 0, 5), 1, 8472);
     let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &frame))?;
     assert_eq!((out.action, &out.data, delta), (TC_ACT_OK, &frame, only(Counter::PassFlannel)));
+    // A GRO-merged (GSO) frame for an edge pod is left to flannel.1: eBPF
+    // decapsulation would keep its tunnel GSO state and mis-segment it.
+    let (frame, _) = flannel_frame(LOCAL_POD, 1, 8472);
+    let gso = SkbIn { gso_segs: 2, gso_size: 1400, ..SkbIn::default() };
+    let (out, delta) = counted(&dp, || dp.run_with(Program::UplinkIngress, &frame, gso))?;
+    assert_eq!((out.action, &out.data, delta), (TC_ACT_OK, &frame, only(Counter::PassFlannel)));
     // Another VNI or port is not Flannel's: untouched and uncounted.
     for (vni, port) in [(2, 8472), (1, 4789)] {
         let (frame, _) = flannel_frame(LOCAL_POD, vni, port);
@@ -311,6 +320,7 @@ fn flannel_encap_toward_a_cloud_vtep_has_exact_outer_headers() -> Result<()> {
     let (out, delta) = counted(&dp, || dp.run(Program::FromPod, &frame))?;
     assert_eq!(out.action, TC_ACT_REDIRECT, "redirect_neigh to the uplink");
     assert_eq!(delta, only(Counter::FlannelEncap));
+    assert_eq!(dp.maps.peer_stats(VTEP_PEER)?.tx_packets, 1, "per-peer stats of the VTEP");
 
     let eth = parse_eth(&out.data)?;
     assert_eq!(eth.ethertype, 0x0800, "outer MACs come from the neighbour table at redirect");

@@ -1,0 +1,216 @@
+//! The seed's test matrix in network namespaces (DESIGN.md §1, §4 layer 3):
+//! real ping, TCP and UDP along every path of the mini cluster, each path
+//! proven to have taken fabedge's tunnel (or, for c4, Flannel alone) by the
+//! datapath's own statistics. Needs root.
+//!
+//! One cluster serves every test of this binary: bringing one up takes
+//! seconds. Tests take turns on it (a lock), so the statistics a test
+//! measures are its own, and it is torn down when the process exits.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Mutex, Once, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fabedge_common::Counter;
+use fabedge_tests::{
+    cluster::{Cluster, ClusterOptions, PING_COUNT, seed_matrix},
+    netns::{PacketSocket, ping},
+};
+
+static CLUSTER: Mutex<Option<Result<Cluster, String>>> = Mutex::new(None);
+static TEAR_DOWN_AT_EXIT: Once = Once::new();
+
+/// Runs `test` on the shared cluster, bringing it up first if needed.
+fn with_cluster<R>(test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
+    let mut slot = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
+    if slot.is_none() {
+        TEAR_DOWN_AT_EXIT.call_once(|| {
+            // SAFETY: registers a plain function; libtest leaves through exit(),
+            // which runs it after the last test.
+            if unsafe { libc::atexit(tear_down_cluster) } != 0 {
+                eprintln!("warning: cannot register the cluster teardown; the next run removes the leftovers");
+            }
+        });
+        *slot = Some(Cluster::start(ClusterOptions::default()).map_err(|e| format!("{e:#}")));
+    }
+    match slot.as_ref() {
+        Some(Ok(cluster)) => test(cluster),
+        Some(Err(e)) => bail!("the mini cluster did not come up: {e}"),
+        None => unreachable!("filled above"),
+    }
+}
+
+extern "C" fn tear_down_cluster() {
+    let cluster = CLUSTER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(cluster);
+}
+
+/// Sends traffic along the seed path named `name` and checks its proofs.
+fn prove_seed_path(name: &str) -> Result<()> {
+    let path = seed_matrix()
+        .into_iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("seed_matrix() has no path named {name}"))?;
+    with_cluster(|cluster| {
+        let outcome = cluster.check_path(&path)?;
+        if outcome.passed() {
+            return Ok(());
+        }
+        bail!(
+            "{}\n  {}\nwhat the statistics did show:\n  {}\n\n{}",
+            outcome.title,
+            outcome.failures().join("\n  "),
+            outcome.evidence.join("\n  "),
+            cluster.diagnostics(&cluster.nodes_of(&path))
+        )
+    })
+}
+
+/// One test per path of `seed_matrix()`, named after it.
+macro_rules! seed_path_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> Result<()> {
+                prove_seed_path(stringify!($name))
+            }
+        )*
+        const SEED_PATH_TESTS: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+seed_path_tests! {
+    edge_pod_reaches_cloud_pod_on_connector,
+    edge_pod_reaches_community_peer_pod_directly,
+    edge_pod_reaches_cloud_pod_through_connector_and_flannel,
+    cloud_pods_reach_each_other_through_flannel_alone,
+    cloud_pod_on_connector_reaches_edge_pod,
+    cloud_pod_reaches_edge_pod_through_flannel_and_connector,
+    edge_pods_outside_a_community_talk_through_connector,
+    edge_node_and_cloud_node_reach_each_other,
+    community_edge_nodes_reach_each_other_directly,
+    cloud_node_reaches_edge_node_outside_community,
+    edge_pod_reaches_cloud_node,
+    cloud_pod_reaches_edge_node,
+}
+
+#[test]
+fn every_seed_path_has_a_test() {
+    let mut listed: Vec<&str> = seed_matrix().iter().map(|p| p.name).collect();
+    let mut tested = SEED_PATH_TESTS.to_vec();
+    listed.sort();
+    tested.sort();
+    assert_eq!(
+        listed, tested,
+        "seed_matrix() and the seed_path_tests! list must name the same paths"
+    );
+}
+
+/// TEST-NET-3: no route in any plan can cover it.
+const UNKNOWN_DESTINATION: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+
+#[test]
+fn edge_pod_traffic_to_unknown_destination_is_dropped_and_counted() -> Result<()> {
+    with_cluster(|cluster| {
+        let pod = cluster.pod("edge-1")?;
+        // Everything edge-1 sends to the internet arrives at its switch port.
+        let wan = PacketSocket::open(cluster.switch()?, &cluster.wan_port("edge-1")?)?;
+        let dropped_before = cli_counter(cluster, "edge-1", Counter::DropNoRoute)?;
+
+        let result = pod.ping(UNKNOWN_DESTINATION, PING_COUNT)?;
+
+        let dropped_after = cli_counter(cluster, "edge-1", Counter::DropNoRoute)?;
+        let dropped = dropped_after.checked_sub(dropped_before).with_context(|| {
+            format!("edge-1 drop_no_route went down: {dropped_before} → {dropped_after}")
+        })?;
+        let leaked = wan.recv_matching(Duration::from_millis(200), |frame| {
+            frame.windows(4).any(|w| w == UNKNOWN_DESTINATION.octets())
+        })?;
+        let diagnose = || cluster.diagnostics(&["edge-1".to_owned()]);
+        ensure!(
+            result.received == 0,
+            "{UNKNOWN_DESTINATION} answered {result:?}\n{}",
+            diagnose()
+        );
+        ensure!(
+            dropped == u64::from(result.sent),
+            "edge-1 drop_no_route grew by {dropped}, but {} requests were sent\n{}",
+            result.sent,
+            diagnose()
+        );
+        ensure!(
+            leaked.is_none(),
+            "a frame for {UNKNOWN_DESTINATION} left edge-1's WAN NIC: {leaked:02x?}\n{}",
+            diagnose()
+        );
+        Ok(())
+    })
+}
+
+/// A counter as `fabedge-agent inspect counters --json` prints it.
+fn cli_counter(cluster: &Cluster, node: &str, counter: Counter) -> Result<u64> {
+    let rows = cluster.agent_inspect(node, "counters")?;
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["name"] == counter.name())
+        .and_then(|row| row["packets"].as_u64())
+        .with_context(|| {
+            format!(
+                "{node}: inspect counters --json has no {}: {rows}",
+                counter.name()
+            )
+        })
+}
+
+#[test]
+fn traffic_keeps_flowing_while_agents_restart() -> Result<()> {
+    with_cluster(|cluster| {
+        // c3 crosses both restarted datapaths: edge-1's and the connector's.
+        let from = cluster.pod("edge-1")?;
+        let to = cluster.pod("cloud-2")?.ip();
+        let restarting = AtomicBool::new(true);
+        let (sent, received, restarts) = thread::scope(|scope| {
+            let pinger = scope.spawn(|| -> Result<(u32, u32)> {
+                let (mut sent, mut received) = (0, 0);
+                // Short batches, so the pings cover the whole restart window.
+                loop {
+                    let batch = ping(from.netns(), to, 10, Duration::from_millis(20))?;
+                    sent += batch.sent;
+                    received += batch.received;
+                    if !restarting.load(Ordering::Relaxed) {
+                        return Ok((sent, received));
+                    }
+                }
+            });
+            let restarts = ["edge-1", "cloud-1"]
+                .into_iter()
+                .try_for_each(|node| cluster.restart_agent(node));
+            restarting.store(false, Ordering::Relaxed);
+            let pinged = pinger
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            pinged.map(|(sent, received)| (sent, received, restarts))
+        })?;
+        restarts?;
+        ensure!(
+            received == sent,
+            "edge-1 pod → cloud-2 pod lost {} of {sent} pings while the agents of edge-1 and cloud-1 restarted\n{}",
+            sent - received,
+            cluster.diagnostics(&["edge-1".to_owned(), "cloud-1".to_owned()])
+        );
+        Ok(())
+    })?;
+    // And the path still proves itself afterwards.
+    prove_seed_path("edge_pod_reaches_cloud_pod_through_connector_and_flannel")
+}
