@@ -102,9 +102,10 @@ impl Applier {
 
         // Programs.
         let wanted: BTreeSet<Attachment> = plan.attachments.iter().cloned().collect();
-        for attachment in wanted.difference(&self.attached.clone()) {
-            datapath.attach(attachment)?;
-            self.attached.insert(attachment.clone());
+        let missing: Vec<Attachment> = wanted.difference(&self.attached).cloned().collect();
+        for attachment in missing {
+            datapath.attach(&attachment)?;
+            self.attached.insert(attachment);
             report.attached += 1;
         }
         for stale in datapath.attached()?.into_iter().filter(|a| !wanted.contains(a)) {
