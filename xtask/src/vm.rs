@@ -22,9 +22,10 @@
 //! lower layer of an overlay whose upper layer is a tmpfs, so the guest sees
 //! the host's files and may write anywhere (writes are discarded at exit; the
 //! host is never modified). On top come fresh proc, sysfs, devtmpfs, devpts,
-//! bpffs (/sys/fs/bpf), cgroup2, and tmpfs on /tmp, /run (with /run/netns) and
-//! /dev/shm. Note that a fresh /tmp and /run hide the host's, so the program
-//! must not live there. The guest kernel's modules are bind-mounted on
+//! bpffs (/sys/fs/bpf), cgroup2, and tmpfs on /run (with /run/netns) and
+//! /dev/shm. /tmp is the host's, seen through the overlay (a workspace cloned
+//! there must work); a fresh /run hides the host's, so the program must not
+//! live there. The guest kernel's modules are bind-mounted on
 //! `/lib/modules/<release>`, so `modprobe` and the kernel's own module
 //! autoloading work; [`PRELOAD_MODULES`] are loaded before the program starts
 //! (failures are printed, not fatal).
@@ -372,7 +373,8 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts || echo "fabedge-
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm || echo "fabedge-vm: no /dev/shm"
 mount -t bpf -o mode=0700 bpf $R/sys/fs/bpf || fail "mounting bpffs on /sys/fs/bpf"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "fabedge-vm: no cgroup2 on /sys/fs/cgroup"
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "mounting /tmp"
+# /tmp stays the host's (through the writable overlay): a workspace cloned
+# under /tmp must stay visible to the guest.
 mount -t tmpfs -o mode=0755 tmpfs $R/run || fail "mounting /run"
 if [ -d $R/var/run ] && [ ! -L $R/var/run ]; then
     mount -t tmpfs -o mode=0755 tmpfs $R/var/run || fail "mounting /var/run"
@@ -631,7 +633,7 @@ fn resolve_program(program: &Path) -> Result<PathBuf> {
     }
     let path = fs::canonicalize(program)
         .with_context(|| format!("program {} does not exist on the host", program.display()))?;
-    for hidden in ["/tmp", "/run", "/dev", "/proc", "/sys"] {
+    for hidden in ["/run", "/dev", "/proc", "/sys"] {
         if path.starts_with(hidden) {
             bail!(
                 "program {} lives under {hidden}, which the VM replaces with a fresh mount; \
