@@ -1177,7 +1177,8 @@ impl Cluster {
             .map(|n| n.spec.name.clone())
     }
 
-    fn maps(&self, node: &str) -> Result<Maps> {
+    /// The node's pinned maps (the agent need not run).
+    pub fn maps(&self, node: &str) -> Result<Maps> {
         let root = &self.cluster_node(node)?.files.bpffs_root;
         Maps::open(&PinLayout::new(root)).with_context(|| {
             format!(

@@ -2,7 +2,8 @@
 //! the kernel with BPF_PROG_TEST_RUN (repeat N) and reported as a ratio to a
 //! baseline measured in the same process: the same program returning at its
 //! first check (datapath not configured). Ratios, not absolute numbers, are
-//! what compare across machines.
+//! what compare across machines. Then a throughput comparison in the mini
+//! cluster: the eBPF fast path against the kernel's forwarding path.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -61,5 +62,70 @@ fn main() -> Result<()> {
         let t = median(dp, case.program, &case.frame)?;
         println!("{:<40} {:>10} {:>8.2}", case.name, t.as_nanos(), t.as_secs_f64() / base.as_secs_f64().max(1e-12));
     }
+    fast_path_vs_kernel()
+}
+
+/// Throughput and latency between two edge pods in the mini cluster (the
+/// direct community tunnel), with the eBPF fast path and with the same
+/// packets handed to the kernel's forwarding path instead (the programs
+/// still classify and mark, as in ESP mode, and the kernel routes them into
+/// `fe-tunnel`). Rounds alternate so both see the same machine load.
+fn fast_path_vs_kernel() -> Result<()> {
+    use fabedge_tests::{
+        cluster::{Cluster, ClusterOptions},
+        netns::ping,
+    };
+
+    const ROUNDS: usize = 3;
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    let client = cluster.pod("edge-1")?;
+    let server = cluster.pod("edge-2")?;
+    let server_ip = server.ip().to_string();
+    let _iperf_server = server.netns().spawn("iperf3", &["-s", "-B", &server_ip])?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let set_mode = |mode: u8| -> Result<()> {
+        for node in ["edge-1", "edge-2"] {
+            let mut maps = cluster.maps(node)?;
+            let mut config = maps.config()?;
+            config.tunnel_mode = mode;
+            maps.set_config(config)?;
+        }
+        Ok(())
+    };
+    let mut results: [(Vec<f64>, Vec<Duration>); 2] = Default::default();
+    for _ in 0..ROUNDS {
+        for (slot, mode) in [(0, tunnel_mode::VXLAN), (1, tunnel_mode::ESP)] {
+            set_mode(mode)?;
+            let out = client.netns().run_ok("iperf3", &["-c", &server_ip, "-t", "2", "-J"])?;
+            let json: serde_json::Value = serde_json::from_str(&out)?;
+            let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            results[slot].0.push(bps / 1e9);
+            let pings = ping(client.netns(), server.ip(), 50, Duration::from_millis(10))?;
+            let mut rtts = pings.rtts.clone();
+            rtts.sort();
+            if let Some(median) = rtts.get(rtts.len() / 2) {
+                results[slot].1.push(*median);
+            }
+        }
+    }
+    set_mode(tunnel_mode::VXLAN)?;
+    let median_f = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let median_d = |v: &mut Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let (fast, kernel) = results.split_at_mut(1);
+    let (fast_gbps, kernel_gbps) = (median_f(&mut fast[0].0), median_f(&mut kernel[0].0));
+    let (fast_rtt, kernel_rtt) = (median_d(&mut fast[0].1), median_d(&mut kernel[0].1));
+    println!();
+    println!("edge-1 pod → edge-2 pod over the tunnel (iperf3 TCP 2 s, ping ×50; median of {ROUNDS} alternating rounds)");
+    println!("{:<28} {:>12} {:>14}", "path", "Gbit/s", "ping median");
+    println!("{:<28} {:>12.2} {:>11} µs", "eBPF fast path (redirect)", fast_gbps, fast_rtt.as_micros());
+    println!("{:<28} {:>12.2} {:>11} µs", "kernel forwarding", kernel_gbps, kernel_rtt.as_micros());
+    println!("{:<28} {:>12.2} {:>14.2}", "fast / kernel", fast_gbps / kernel_gbps.max(1e-9), fast_rtt.as_secs_f64() / kernel_rtt.as_secs_f64().max(1e-12));
     Ok(())
 }
