@@ -157,6 +157,27 @@ fn edge_pod_traffic_to_unknown_destination_is_dropped_and_counted() -> Result<()
     })
 }
 
+#[test]
+fn expiring_ttl_is_answered_with_icmp_time_exceeded_by_the_edge_node() -> Result<()> {
+    with_cluster(|cluster| {
+        let pod = cluster.pod("edge-1")?;
+        let peer = cluster.pod("edge-2")?;
+        let gateway = cluster.spec("edge-1")?.pod_cidr.hosts().next().context("pod CIDR has no gateway")?;
+        let punted_before = cluster.counters("edge-1")?.get(Counter::PuntTtl.name()).copied().unwrap_or(0);
+        // TTL 1 leaves the pod and would expire at its first router, edge-1.
+        let out = pod.netns().exec("ping", &["-c", "1", "-t", "1", "-W", "1", &peer.ip().to_string()])?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let punted = cluster.counters("edge-1")?.get(Counter::PuntTtl.name()).copied().unwrap_or(0) - punted_before;
+        ensure!(
+            stdout.contains(&format!("From {gateway}")) && stdout.to_lowercase().contains("time to live exceeded"),
+            "expected ICMP time-exceeded from edge-1's gateway {gateway}, ping said:\n{stdout}\n{}",
+            cluster.diagnostics(&["edge-1".to_owned()])
+        );
+        ensure!(punted == 1, "edge-1 punt_ttl_expired grew by {punted}, expected 1");
+        Ok(())
+    })
+}
+
 /// A counter as `fabedge-agent inspect counters --json` prints it.
 fn cli_counter(cluster: &Cluster, node: &str, counter: Counter) -> Result<u64> {
     let rows = cluster.agent_inspect(node, "counters")?;
