@@ -202,6 +202,12 @@ impl Datapath {
     /// any whose shape does not. Nothing is attached yet.
     pub fn load(layout: PinLayout, mode: AttachMode) -> Result<Self> {
         crate::sys::ensure_bpffs(layout.bpffs_root())?;
+        // Directories this call creates, removed again (if still empty) when
+        // loading fails: a failed start leaves nothing behind.
+        let created: Vec<PathBuf> = [layout.bpffs_root().to_path_buf(), layout.version_dir(), layout.maps_dir(), layout.links_dir()]
+            .into_iter()
+            .filter(|dir| !dir.exists())
+            .collect();
         for dir in [layout.maps_dir(), layout.links_dir()] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -209,6 +215,24 @@ impl Datapath {
                 .create(&dir)
                 .with_context(|| format!("creating pin directory {}", dir.display()))?;
         }
+        let adopted: BTreeSet<PathBuf> = read_dir_sorted(&layout.maps_dir())?.into_iter().collect();
+        let maps_dir = layout.maps_dir();
+        let result = Self::load_into(layout, mode.resolve());
+        if result.is_err() {
+            // Pins aya created before a later step (e.g. the verifier) failed.
+            for pin in read_dir_sorted(&maps_dir).unwrap_or_default() {
+                if !adopted.contains(&pin) {
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+            for dir in created.iter().rev() {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+        result
+    }
+
+    fn load_into(layout: PinLayout, mode: AttachMode) -> Result<Self> {
         let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
         let names = pinned_map_names(&object);
         for name in &names {
@@ -228,7 +252,7 @@ impl Datapath {
                 .with_context(|| format!("{} is not a TC program", program.symbol()))?;
             prog.load().with_context(|| format!("verifying and loading {}", program.symbol()))?;
         }
-        Ok(Datapath { ebpf, layout, mode: mode.resolve() })
+        Ok(Datapath { ebpf, layout, mode })
     }
 
     pub fn layout(&self) -> &PinLayout {
