@@ -377,7 +377,8 @@ fn check_pinned_shape(name: &str, expected: &aya_obj::Map, path: &Path) -> Resul
     )
 }
 
-fn map_type_name(t: u32) -> String {
+/// A kernel map type as bpftool names it.
+pub fn map_type_name(t: u32) -> String {
     match t {
         1 => "hash".into(),
         2 => "array".into(),

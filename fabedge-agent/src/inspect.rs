@@ -8,7 +8,11 @@ use aya::maps::MapInfo;
 use fabedge_common::{Counter, peer_kind, role, route_flags, route_kind, tunnel_mode};
 use serde::Serialize;
 
-use crate::{datapath::PinLayout, maps::Maps};
+use crate::{
+    datapath::{PinLayout, map_type_name},
+    maps::Maps,
+    model::format_mac,
+};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum What {
@@ -115,7 +119,7 @@ pub fn maps(layout: &PinLayout) -> Result<Vec<MapRow>> {
         rows.push(MapRow {
             name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
             id: info.id(),
-            map_type: info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "unknown".into()),
+            map_type: map_type_name(info.map_type().map(|t| t as u32).unwrap_or(u32::MAX)),
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
@@ -206,10 +210,6 @@ impl Row for PeerRow {
             self.rx_bytes.to_string(),
         ]
     }
-}
-
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 pub fn peers(maps: &Maps) -> Result<Vec<PeerRow>> {

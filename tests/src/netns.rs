@@ -26,6 +26,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Read, Write};
+use std::marker::PhantomData;
 use std::mem;
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -762,16 +763,52 @@ struct ServerState {
     served: AtomicU64,
 }
 
-/// A UDP echo server in a namespace, sending every datagram back to its sender.
-/// Stops (within 50 ms) when dropped.
+/// An echo server in a namespace, bound to one address, served by a worker
+/// thread. Stops (within 50 ms) when dropped. `P` is [`Udp`] or [`Tcp`].
 #[derive(Debug)]
-pub struct UdpEchoServer {
+pub struct EchoServer<P> {
     local_addr: SocketAddrV4,
     state: Arc<ServerState>,
     worker: Option<JoinHandle<()>>,
+    protocol: PhantomData<P>,
 }
 
-impl UdpEchoServer {
+/// UDP echo: every datagram goes back to its sender.
+#[derive(Debug)]
+pub enum Udp {}
+/// TCP echo: each connection gets back what it sends until it closes its side.
+#[derive(Debug)]
+pub enum Tcp {}
+
+pub type UdpEchoServer = EchoServer<Udp>;
+pub type TcpEchoServer = EchoServer<Tcp>;
+
+impl<P> EchoServer<P> {
+    fn running(local_addr: SocketAddrV4, state: Arc<ServerState>, worker: JoinHandle<()>) -> Self {
+        EchoServer { local_addr, state, worker: Some(worker), protocol: PhantomData }
+    }
+
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local_addr
+    }
+
+    /// UDP: datagrams echoed so far (a client may resend, so this can exceed
+    /// the number of `udp_echo` calls). TCP: connections echoed to the end.
+    pub fn requests_served(&self) -> u64 {
+        self.state.served.load(Ordering::Relaxed)
+    }
+}
+
+impl<P> Drop for EchoServer<P> {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl EchoServer<Udp> {
     /// Binds `address` inside `netns` (port 0 picks a free port, see `local_addr`).
     pub fn start(netns: &Netns, address: SocketAddrV4) -> Result<Self> {
         let socket = netns.enter(|| {
@@ -801,30 +838,7 @@ impl UdpEchoServer {
                 }
             }
         });
-        Ok(Self {
-            local_addr,
-            state,
-            worker: Some(worker),
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local_addr
-    }
-
-    /// Datagrams received and echoed so far (a client may resend, so this can exceed
-    /// the number of `udp_echo` calls).
-    pub fn requests_served(&self) -> u64 {
-        self.state.served.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for UdpEchoServer {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        Ok(Self::running(local_addr, state, worker))
     }
 }
 
@@ -872,16 +886,7 @@ pub fn udp_echo(
     })
 }
 
-/// A TCP echo server in a namespace: each connection gets back what it sends until it
-/// closes its side. Stops (within 50 ms) when dropped.
-#[derive(Debug)]
-pub struct TcpEchoServer {
-    local_addr: SocketAddrV4,
-    state: Arc<ServerState>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-impl TcpEchoServer {
+impl EchoServer<Tcp> {
     /// Listens on `address` inside `netns` (port 0 picks a free port, see `local_addr`).
     pub fn start(netns: &Netns, address: SocketAddrV4) -> Result<Self> {
         let listener = netns.enter(|| {
@@ -916,29 +921,7 @@ impl TcpEchoServer {
                 let _ = connection.join();
             }
         });
-        Ok(Self {
-            local_addr,
-            state,
-            acceptor: Some(acceptor),
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local_addr
-    }
-
-    /// Connections echoed to the end so far.
-    pub fn requests_served(&self) -> u64 {
-        self.state.served.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for TcpEchoServer {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
+        Ok(Self::running(local_addr, state, acceptor))
     }
 }
 

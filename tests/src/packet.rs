@@ -1237,34 +1237,15 @@ fn rewrite_ipv4_header(
 // Formatting, for assertion messages
 // ---------------------------------------------------------------------------
 
-/// `02:00:00:00:00:01`
+/// `02:00:00:00:00:01`, as the agent writes MACs.
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    fabedge_agent::model::format_mac(*mac)
 }
 
-/// Parses `02:00:00:00:00:01` (as `ip link` prints it).
+/// Parses `02:00:00:00:00:01` (as `ip link` prints it), with the agent's parser.
 pub fn parse_mac(text: &str) -> Result<Mac> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.trim().split(':');
-    for byte in &mut mac {
-        let part = parts
-            .next()
-            .with_context(|| format!("MAC address {text:?} has fewer than 6 bytes"))?;
-        ensure!(
-            part.len() == 2,
-            "MAC address {text:?}: byte {part:?} is not two hex digits"
-        );
-        *byte = u8::from_str_radix(part, 16)
-            .with_context(|| format!("MAC address {text:?}: byte {part:?} is not hex"))?;
-    }
-    ensure!(
-        parts.next().is_none(),
-        "MAC address {text:?} has more than 6 bytes"
-    );
-    Ok(mac)
+    fabedge_agent::model::parse_mac(text)
+        .with_context(|| format!("{text:?} is not a MAC address (six two-digit hex bytes separated by colons)"))
 }
 
 /// Bytes as offset-prefixed rows of 16 hex bytes, e.g. for `assert_eq!` messages.

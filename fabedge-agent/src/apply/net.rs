@@ -113,13 +113,28 @@ pub fn ensure_vxlan_external(name: &str, port: u16, mac: &str, mtu: u32) -> Resu
     Ok(())
 }
 
+#[derive(Debug, Deserialize)]
+struct AddrLinkJson {
+    #[serde(default)]
+    addr_info: Vec<AddrInfoJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrInfoJson {
+    local: Option<Ipv4Addr>,
+    prefixlen: Option<u8>,
+}
+
 pub fn ensure_address(dev: &str, address: Ipv4Net) -> Result<()> {
     let out = ip(&["-j", "-4", "addr", "show", "dev", dev])?;
-    let wanted = address.to_string();
-    if out.contains(&format!("\"local\":\"{}\"", address.addr())) && out.contains(&format!("\"prefixlen\":{}", address.prefix_len())) {
-        return Ok(());
+    let links: Vec<AddrLinkJson> = serde_json::from_str(&out).with_context(|| format!("parsing `ip -j addr show dev {dev}`"))?;
+    let present = links
+        .iter()
+        .flat_map(|l| &l.addr_info)
+        .any(|a| a.local == Some(address.addr()) && a.prefixlen == Some(address.prefix_len()));
+    if !present {
+        ip(&["addr", "replace", &address.to_string(), "dev", dev])?;
     }
-    ip(&["addr", "replace", &wanted, "dev", dev])?;
     Ok(())
 }
 
