@@ -11,3 +11,7 @@ pub mod source;
 pub mod sys;
 pub mod apply;
 pub mod run;
+pub mod snapshot;
+pub mod leader;
+pub mod ipam;
+pub mod annotate;

@@ -95,6 +95,26 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Kube mode: this kubeconfig instead of the pod's service account.
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Kube mode: the agent's namespace (its connector Lease and Events).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Kube mode: the Lease connectors elect their leader with.
+    #[arg(long, default_value = fabedge_agent::leader::DEFAULT_LEASE_NAME)]
+    lease_name: String,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    lease_renew_interval: Duration,
+    /// Kube mode, leading connector: allocate edge pod CIDRs (annotation
+    /// fabedge.io/pod-cidr) from this pool for edge Nodes without spec.podCIDR.
+    #[arg(long)]
+    edge_pod_cidr_pool: Option<Ipv4Net>,
+    /// Prefix length of each edge node's block of the pool.
+    #[arg(long, default_value_t = 24)]
+    edge_pod_cidr_size: u8,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -116,9 +136,27 @@ fn main() -> Result<()> {
     let layout = PinLayout::new(&cli.bpffs_root);
     match cli.command {
         Cmd::Run(args) => {
-            let Some(manifests) = args.manifests else {
-                bail!("--manifests FILE is required: the Kubernetes source is not built yet");
+            let kube = match args.manifests {
+                Some(_) => None,
+                None => Some(run::KubeOptions {
+                    connection: match args.kubeconfig {
+                        Some(path) => fabedge_agent::source::kube::Connection::Kubeconfig(path),
+                        None => fabedge_agent::source::kube::Connection::Infer,
+                    },
+                    namespace: args.namespace.unwrap_or_else(run::default_namespace),
+                    lease_name: args.lease_name,
+                    lease_duration: args.lease_duration,
+                    renew_interval: args.lease_renew_interval,
+                    pod_cidr_pool: args
+                        .edge_pod_cidr_pool
+                        .map(|pool| fabedge_agent::ipam::Pool::new(pool, args.edge_pod_cidr_size))
+                        .transpose()?,
+                }),
             };
+            if args.lease_renew_interval >= args.lease_duration {
+                bail!("--lease-renew-interval must be shorter than --lease-duration");
+            }
+            let manifests = args.manifests.unwrap_or_default();
             let settings = Settings {
                 role_override: args.role,
                 tunnel_mode: args.tunnel,
@@ -139,6 +177,7 @@ fn main() -> Result<()> {
             let options = RunOptions {
                 node: args.node,
                 manifests,
+                kube,
                 settings,
                 flannel_iface: args.flannel_iface,
                 layout,

@@ -35,6 +35,9 @@ pub mod annotation {
     /// Where our tunnel reaches a node, when neither its ExternalIP nor its
     /// InternalIP is that address (e.g. a NAT gateway's public address).
     pub const TUNNEL_ENDPOINT: &str = "fabedge.io/tunnel-endpoint";
+    /// An edge node's pod CIDR allocated by the leading connector (see
+    /// `ipam`), used when the node has no `spec.podCIDR`.
+    pub const POD_CIDR: &str = "fabedge.io/pod-cidr";
     /// Flannel's lease, as its kube subnet manager stores it on the Node.
     pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
     pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
@@ -499,6 +502,11 @@ fn node_pod_cidr(object: &ObjectRef, node: &core::Node) -> Result<Option<Ipv4Net
             Ok(None) => {}
             Err(problem) => return Err(invalid(object, field, problem)),
         }
+    }
+    // spec.podCIDR wins; without it, the CIDR fabedge's IPAM allocated.
+    if let Some(value) = node.metadata.annotations.as_ref().and_then(|a| a.get(annotation::POD_CIDR)) {
+        return parse_ipv4_cidr(value)
+            .map_err(|problem| invalid(object, format!("annotation {}", annotation::POD_CIDR), problem));
     }
     Ok(None)
 }

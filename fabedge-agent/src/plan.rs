@@ -36,6 +36,9 @@ pub use self::{
     cni::{CNI_FILE_NAME, CNI_VERSION},
     peer_ids::PeerIds,
 };
+/// For the leading connector's cluster work (`annotate`), which writes the
+/// active connector's lease in kube mode.
+pub use self::flannel::annotation_patches as flannel_annotation_patches;
 use crate::{
     datapath::{Attachment, Program},
     model::{Node, Role, Snapshot, annotation},

@@ -23,9 +23,15 @@ use crate::{
     source::manifest,
 };
 
+mod kube_mode;
+
+pub use kube_mode::{KubeOptions, default_namespace};
+
 pub struct RunOptions {
     pub node: String,
     pub manifests: PathBuf,
+    /// Kube mode (watch the API server) instead of the manifest file.
+    pub kube: Option<KubeOptions>,
     pub settings: Settings,
     /// Flannel's VXLAN device, whose MAC the connector advertises.
     pub flannel_iface: String,
@@ -57,6 +63,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
             None
         }
     };
+    if options.kube.is_some() {
+        let result = kube_mode::run(&options, &mut reconciler, &mut datapath, &mut maps, &mut logs).await;
+        info!("stopping; the datapath keeps forwarding (pinned maps and links)");
+        return result;
+    }
     let mut tick = tokio::time::interval(options.poll_interval);
     loop {
         tokio::select! {
@@ -130,7 +141,21 @@ impl Reconciler {
     fn reconcile(&mut self, text: &str, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) -> Result<()> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let snapshot = manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
-        let plan = plan(&snapshot, &options.node, &settings, &self.peer_ids)?;
+        let plan = self.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+        write_annotations(&options.manifests, text, &plan)
+    }
+
+    /// Plan `snapshot` for this node and apply it: the same for every source.
+    fn plan_and_apply(
+        &mut self,
+        snapshot: &crate::model::Snapshot,
+        settings: &Settings,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        options: &RunOptions,
+    ) -> Result<Plan> {
+        let settings = settings.clone();
+        let plan = plan(snapshot, &options.node, &settings, &self.peer_ids)?;
         for warning in &plan.warnings {
             warn!("{warning}");
         }
@@ -140,7 +165,7 @@ impl Reconciler {
             write_if_changed(&self.peer_ids_path, &json, 0o600)?;
             self.peer_ids = plan.peer_ids.clone();
         }
-        write_annotations(&options.manifests, text, &plan)
+        Ok(plan)
     }
 }
 

@@ -3,6 +3,7 @@
 //! custom resource — and [`Objects::snapshot`] turns them into the model, so
 //! a manifest file and the API server give identical snapshots.
 
+pub mod kube;
 pub mod manifest;
 
 use k8s_openapi::{

@@ -1,0 +1,212 @@
+//! `run` in kube mode: the same plan-and-apply as the manifest mode, fed by
+//! the API server's watches, with edge autonomy and, on connectors, the
+//! leader-elected cluster work.
+//!
+//! Edge autonomy: the last snapshot applied successfully is saved in the
+//! state dir. A start applies it at once (the datapath comes back even if
+//! the API server is unreachable; with the pins still in place this is a
+//! no-op diff), and the watches replace it when they have listed
+//! everything. A broken watch keeps the cache as it was, so nothing is
+//! flushed; only a complete, different view of the cluster changes maps.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use log::{error, info, warn};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use super::{Reconciler, RunOptions, observe_host};
+use crate::{
+    annotate::ClusterWork,
+    datapath::Datapath,
+    ipam::Pool,
+    leader::{self, ElectionConfig},
+    maps::Maps,
+    model::{Role, Snapshot},
+    snapshot,
+    source::{
+        Objects,
+        kube::{Connection, KubeSource, client},
+    },
+};
+
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    pub connection: Connection,
+    /// The agent's namespace: where the Lease and Events go.
+    pub namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub renew_interval: Duration,
+    /// `None`: no edge pod CIDR allocation.
+    pub pod_cidr_pool: Option<Pool>,
+}
+
+type Logs = Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>;
+
+pub(super) async fn run(
+    options: &RunOptions,
+    reconciler: &mut Reconciler,
+    datapath: &mut Datapath,
+    maps: &mut Maps,
+    logs: &mut Logs,
+) -> Result<()> {
+    let kube = options.kube.as_ref().expect("kube mode");
+    let client = client(&kube.connection).await?;
+    let mut source = KubeSource::start(client.clone());
+    let mut state = KubeState {
+        applied: None,
+        last_error: None,
+    };
+
+    match snapshot::load(&options.state_dir) {
+        Ok(Some(saved)) => {
+            info!(
+                "applying the last good cluster state from {} until the API server answers",
+                snapshot::path(&options.state_dir).display()
+            );
+            state.reconcile(reconciler, &saved, datapath, maps, options, false);
+        }
+        Ok(None) => info!("no saved cluster state yet; waiting for the API server"),
+        Err(e) => warn!("{e:#}"),
+    }
+
+    // Leader election runs on connectors only; it starts once our Node says we are one.
+    let (leading_tx, mut leading) = watch::channel(false);
+    let mut leading_tx = Some(leading_tx);
+    let mut election: Option<tokio::task::JoinHandle<()>> = None;
+    let mut work = ClusterWork::new(
+        client.clone(),
+        &kube.namespace,
+        &options.node,
+        kube.pod_cidr_pool,
+    );
+
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(options.poll_interval);
+    loop {
+        tokio::select! {
+            _ = source.changed() => {}
+            _ = tick.tick() => {}
+            _ = leading.changed() => {}
+            readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
+                if let Ok(mut guard) = readable {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                continue;
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        let Some(objects) = source.objects() else {
+            continue;
+        };
+        state.reconcile(reconciler, &objects, datapath, maps, options, true);
+
+        if election.is_none() && is_connector(&objects, options) {
+            let config = ElectionConfig {
+                namespace: kube.namespace.clone(),
+                lease_name: kube.lease_name.clone(),
+                identity: options.node.clone(),
+                lease_duration: kube.lease_duration,
+                renew_interval: kube.renew_interval,
+            };
+            let api: Api<Lease> = Api::namespaced(client.clone(), &kube.namespace);
+            let tx = leading_tx.take().expect("started once");
+            election = Some(tokio::spawn(leader::run(api, config, tx)));
+        }
+        if *leading.borrow() {
+            let mac = observe_host(&options.settings, &options.flannel_iface)
+                .ok()
+                .and_then(|s| s.flannel_mac);
+            if let Err(e) = work.run_once(&objects, mac).await {
+                error!("{e:#} (retrying)");
+            }
+        }
+    }
+    if let Some(election) = election {
+        election.abort();
+    }
+    Ok(())
+}
+
+fn is_connector(objects: &Objects, options: &RunOptions) -> bool {
+    if let Some(role) = options.settings.role_override {
+        return role == Role::Connector;
+    }
+    objects.nodes.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(options.node.as_str())
+            && n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::model::label::CONNECTOR))
+    })
+}
+
+struct KubeState {
+    /// The snapshot last applied successfully.
+    applied: Option<Snapshot>,
+    last_error: Option<String>,
+}
+
+impl KubeState {
+    /// Plan and apply `objects` unless they model the same cluster as what
+    /// is applied (a relist, a kubelet heartbeat); save them on success.
+    fn reconcile(
+        &mut self,
+        reconciler: &mut Reconciler,
+        objects: &Objects,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        options: &RunOptions,
+        save: bool,
+    ) {
+        let result = (|| -> Result<Option<Snapshot>> {
+            let snapshot = objects.snapshot().context("the cluster's objects")?;
+            if self.applied.as_ref() == Some(&snapshot) {
+                return Ok(None);
+            }
+            let settings = observe_host(&options.settings, &options.flannel_iface)?;
+            reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+            if save {
+                snapshot::save(&options.state_dir, objects)?;
+            }
+            Ok(Some(snapshot))
+        })();
+        match result {
+            Ok(Some(snapshot)) => {
+                self.applied = Some(snapshot);
+                self.last_error = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let message = format!("{e:#}");
+                if self.last_error.as_deref() != Some(message.as_str()) {
+                    error!("{message} (keeping the last applied state; retrying)");
+                    self.last_error = Some(message);
+                }
+            }
+        }
+    }
+}
+
+/// Default location of the in-cluster namespace file.
+pub const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The agent's namespace: `--namespace`/`POD_NAMESPACE`, else the service
+/// account's, else `fabedge`.
+pub fn default_namespace() -> String {
+    std::fs::read_to_string(PathBuf::from(NAMESPACE_FILE))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fabedge".to_owned())
+}
