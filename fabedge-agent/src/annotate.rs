@@ -11,15 +11,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1 as core};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
 use log::{error, info, warn};
+use tokio::sync::watch;
 
 use crate::{
     ipam::{self, Allocation, Pool},
+    leader::{self, ElectionConfig},
     model::{Role, annotation},
     plan::{AnnotationPatch, flannel_annotation_patches},
     source::Objects,
@@ -250,6 +252,97 @@ impl ClusterWork {
         self.events.create(&PostParams::default(), &event).await?;
         Ok(())
     }
+}
+
+/// A connector's share of the cluster work: it runs for the Lease from the
+/// moment its Node is seen to be a connector, and does [`ClusterWork`] while
+/// it leads. The agent's kube mode drives it after every reconcile; the
+/// tests drive it the same way without a datapath. Dropping it stops the election.
+pub struct ConnectorDuty {
+    client: Client,
+    election_config: ElectionConfig,
+    election: Option<tokio::task::JoinHandle<()>>,
+    leading_tx: Option<watch::Sender<bool>>,
+    leading: watch::Receiver<bool>,
+    work: ClusterWork,
+}
+
+impl Drop for ConnectorDuty {
+    fn drop(&mut self) {
+        if let Some(election) = &self.election {
+            election.abort();
+        }
+    }
+}
+
+impl ConnectorDuty {
+    pub fn new(
+        client: Client,
+        election_config: ElectionConfig,
+        pool: Option<Pool>,
+    ) -> ConnectorDuty {
+        let (leading_tx, leading) = watch::channel(false);
+        let work = ClusterWork::new(
+            client.clone(),
+            &election_config.namespace,
+            &election_config.identity,
+            pool,
+        );
+        ConnectorDuty {
+            client,
+            election_config,
+            election: None,
+            leading_tx: Some(leading_tx),
+            leading,
+            work,
+        }
+    }
+
+    /// Resolves when leadership was gained or lost.
+    pub async fn leading_changed(&mut self) {
+        if self.leading.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Called with every new view of the cluster (and periodically).
+    pub async fn step(
+        &mut self,
+        objects: &Objects,
+        is_connector: bool,
+        own_flannel_mac: Option<[u8; 6]>,
+    ) {
+        if is_connector && self.election.is_none() {
+            let api: Api<Lease> =
+                Api::namespaced(self.client.clone(), &self.election_config.namespace);
+            let tx = self.leading_tx.take().expect("started once");
+            self.election = Some(tokio::spawn(leader::run(
+                api,
+                self.election_config.clone(),
+                tx,
+            )));
+        }
+        if self.is_leading()
+            && let Err(e) = self.work.run_once(objects, own_flannel_mac).await
+        {
+            error!("{e:#} (retrying)");
+        }
+    }
+}
+
+/// Whether `node` is labelled a connector in `objects`.
+pub fn is_connector(objects: &Objects, node: &str) -> bool {
+    objects.nodes.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(node)
+            && n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::model::label::CONNECTOR))
+    })
 }
 
 #[cfg(test)]

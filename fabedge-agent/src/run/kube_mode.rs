@@ -12,21 +12,18 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::Api;
 use log::{error, info, warn};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    sync::watch,
 };
 
 use super::{Reconciler, RunOptions, observe_host};
 use crate::{
-    annotate::ClusterWork,
+    annotate::{ConnectorDuty, is_connector},
     datapath::Datapath,
     ipam::Pool,
-    leader::{self, ElectionConfig},
+    leader::ElectionConfig,
     maps::Maps,
     model::{Role, Snapshot},
     snapshot,
@@ -78,15 +75,14 @@ pub(super) async fn run(
     }
 
     // Leader election runs on connectors only; it starts once our Node says we are one.
-    let (leading_tx, mut leading) = watch::channel(false);
-    let mut leading_tx = Some(leading_tx);
-    let mut election: Option<tokio::task::JoinHandle<()>> = None;
-    let mut work = ClusterWork::new(
-        client.clone(),
-        &kube.namespace,
-        &options.node,
-        kube.pod_cidr_pool,
-    );
+    let election = ElectionConfig {
+        namespace: kube.namespace.clone(),
+        lease_name: kube.lease_name.clone(),
+        identity: options.node.clone(),
+        lease_duration: kube.lease_duration,
+        renew_interval: kube.renew_interval,
+    };
+    let mut duty = ConnectorDuty::new(client, election, kube.pod_cidr_pool);
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -95,7 +91,7 @@ pub(super) async fn run(
         tokio::select! {
             _ = source.changed() => {}
             _ = tick.tick() => {}
-            _ = leading.changed() => {}
+            _ = duty.leading_changed() => {}
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();
@@ -111,44 +107,20 @@ pub(super) async fn run(
         };
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
 
-        if election.is_none() && is_connector(&objects, options) {
-            let config = ElectionConfig {
-                namespace: kube.namespace.clone(),
-                lease_name: kube.lease_name.clone(),
-                identity: options.node.clone(),
-                lease_duration: kube.lease_duration,
-                renew_interval: kube.renew_interval,
-            };
-            let api: Api<Lease> = Api::namespaced(client.clone(), &kube.namespace);
-            let tx = leading_tx.take().expect("started once");
-            election = Some(tokio::spawn(leader::run(api, config, tx)));
-        }
-        if *leading.borrow() {
-            let mac = observe_host(&options.settings, &options.flannel_iface)
+        let connector = match options.settings.role_override {
+            Some(role) => role == Role::Connector,
+            None => is_connector(&objects, &options.node),
+        };
+        let mac = if duty.is_leading() {
+            observe_host(&options.settings, &options.flannel_iface)
                 .ok()
-                .and_then(|s| s.flannel_mac);
-            if let Err(e) = work.run_once(&objects, mac).await {
-                error!("{e:#} (retrying)");
-            }
-        }
-    }
-    if let Some(election) = election {
-        election.abort();
+                .and_then(|s| s.flannel_mac)
+        } else {
+            None
+        };
+        duty.step(&objects, connector, mac).await;
     }
     Ok(())
-}
-
-fn is_connector(objects: &Objects, options: &RunOptions) -> bool {
-    if let Some(role) = options.settings.role_override {
-        return role == Role::Connector;
-    }
-    objects.nodes.iter().any(|n| {
-        n.metadata.name.as_deref() == Some(options.node.as_str())
-            && n.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(crate::model::label::CONNECTOR))
-    })
 }
 
 struct KubeState {
