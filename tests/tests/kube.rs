@@ -618,9 +618,298 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
 }
 
 // ---------------------------------------------------------------------------
-// The real agent binary against the fake API server.
+// The real agent binary against the fake API server, in a throwaway network
+// namespace (the server listens on that namespace's loopback) with its own
+// bpffs root; the maps are read with `fabedge-agent inspect routes --json`.
 
-#[allow(dead_code)]
-fn _paths() -> PathBuf {
-    PathBuf::new()
+/// One edge agent (`edge-1`) in kube mode, with everything it leaves behind.
+struct EdgeAgent {
+    netns: fabedge_tests::netns::Netns,
+    root: PathBuf,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl EdgeAgent {
+    fn new(name: &str) -> Result<EdgeAgent> {
+        let netns = fabedge_tests::netns::Netns::new(name)?;
+        // edge-1's InternalIP on a NIC, as on the real node (kernel routes use it as source).
+        netns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-peer",
+        ])?;
+        netns.set_up("eth0-peer")?;
+        netns.add_addr("eth0", "10.2.0.11/24")?;
+        netns.set_up("eth0")?;
+        let root = fabedge_tests::agent::bpffs_root(name);
+        let dir = std::env::temp_dir().join(format!("fabedge-kube-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(dir.join("state"))?;
+        std::fs::create_dir_all(dir.join("cni"))?;
+        Ok(EdgeAgent {
+            netns,
+            root,
+            dir,
+            child: None,
+        })
+    }
+
+    fn start(&mut self, fake: &FakeApi) -> Result<()> {
+        let kubeconfig = self.dir.join("kubeconfig");
+        fake.write_kubeconfig(&kubeconfig)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.path().display()))
+            .arg(fabedge_tests::agent::agent_bin()?)
+            .arg("--bpffs-root")
+            .arg(&self.root)
+            .args([
+                "run",
+                "--node",
+                "edge-1",
+                "--poll-interval",
+                "200ms",
+                "--kubeconfig",
+            ])
+            .arg(&kubeconfig)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--cni-conf-dir")
+            .arg(self.dir.join("cni"))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent (is nsenter installed?)")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: the agent's own shutdown path (the datapath stays pinned).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `prefix → next hop` of every route in the maps (empty before the first apply).
+    fn routes(&self) -> Result<BTreeMap<String, String>> {
+        let out = fabedge_tests::agent::agent_output(
+            Some(&self.netns),
+            &self.root,
+            &["inspect", "routes", "--json"],
+        )?;
+        if !out.status.success() {
+            return Ok(BTreeMap::new());
+        }
+        let rows: Vec<Value> =
+            serde_json::from_slice(&out.stdout).context("inspect routes --json")?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r["prefix"].as_str().unwrap_or("").to_owned(),
+                    format!("{} {}", r["kind"], r["next_hop"]),
+                )
+            })
+            .collect())
+    }
+
+    fn wait_routes(
+        &self,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Result<BTreeMap<String, String>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let routes = self.routes()?;
+            if check(&routes) {
+                return Ok(routes);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the maps never showed {what}: {routes:#?}\nagent log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Lines of the log that report map writes (`applied plan for …` is
+    /// logged only when an apply changed something).
+    fn applies(&self) -> usize {
+        self.log().matches("applied plan for edge-1").count()
+    }
+}
+
+impl Drop for EdgeAgent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fabedge_tests::agent::agent_output(
+            Some(&self.netns),
+            &self.root,
+            &[
+                "uninstall",
+                "--cni-conf-dir",
+                &self.dir.join("cni").display().to_string(),
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn community(members: &[&str]) -> Value {
+    json!({"apiVersion": "fabedge.io/v1alpha1", "kind": "Community", "metadata": {"name": "beijing"},
+           "spec": {"members": members}})
+}
+
+#[test]
+fn agent_maps_follow_the_api_and_a_relist_writes_nothing() -> Result<()> {
+    let mut agent = EdgeAgent::new("kube-maps")?;
+    let fake = FakeApi::start_in(&agent.netns)?;
+    publish(&fake, &fixture())?;
+    agent.start(&fake)?;
+    // edge-2 is a community peer: its pod CIDR goes straight to its endpoint.
+    agent.wait_routes("edge-2's pod CIDR", |r| r.contains_key("10.234.2.0/24"))?;
+
+    // Added: a new community member gets a direct tunnel route.
+    fake.apply(&edge_node("edge-9", "10.2.0.19", Some("10.234.9.0/24")))?;
+    fake.apply(&community(&["edge-1", "edge-2", "edge-9"]))?;
+    agent.wait_routes("edge-9's pod CIDR via its endpoint", |r| {
+        r.get("10.234.9.0/24")
+            .is_some_and(|hop| hop.contains("198.18.0.19"))
+    })?;
+    // Changed: edge-9 moves to another public address.
+    fake.apply(&edge_node("edge-9", "10.2.0.29", Some("10.234.9.0/24")))?;
+    agent.wait_routes("edge-9's new endpoint", |r| {
+        r.get("10.234.9.0/24")
+            .is_some_and(|hop| hop.contains("198.18.0.29"))
+    })?;
+    // Removed.
+    fake.apply(&community(&["edge-1", "edge-2"]))?;
+    fake.delete("v1", "Node", None, "edge-9")?;
+    let settled = agent.wait_routes("edge-9 gone", |r| !r.contains_key("10.234.9.0/24"))?;
+
+    // 410 Gone: every watcher relists; nothing is written to the maps.
+    std::thread::sleep(Duration::from_millis(600));
+    let applies = agent.applies();
+    let lists = |requests: &[Request]| requests.iter().filter(|r| r.verb() == "list").count();
+    let lists_before = lists(&fake.requests());
+    fake.expire_watches();
+    fake.wait_for_requests("relists after 410", Duration::from_secs(20), |r| {
+        lists(r) >= lists_before + 4
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        agent.routes()?,
+        settled,
+        "the maps are unchanged by the relist"
+    );
+    assert_eq!(
+        agent.applies(),
+        applies,
+        "no map write after the relist:\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains(" ERROR "),
+        "every apply succeeded:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn api_down_keeps_the_datapath_and_a_restart_while_down_restores_it() -> Result<()> {
+    let mut agent = EdgeAgent::new("kube-down")?;
+    let fake = FakeApi::start_in(&agent.netns)?;
+    publish(&fake, &fixture())?;
+    agent.start(&fake)?;
+    let online = agent.wait_routes("the first plan", |r| r.contains_key("10.234.2.0/24"))?;
+    let saved = agent
+        .dir
+        .join("state")
+        .join(fabedge_agent::snapshot::FILE_NAME);
+    // Saved right after the apply that filled the maps.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !saved.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(&saved).with_context(|| {
+        format!(
+            "{} was not written; agent log:\n{}",
+            saved.display(),
+            agent.log()
+        )
+    })?;
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // The API server goes away: the watches fail, the datapath stays.
+    fake.set_down(true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        agent.log().contains("failed"),
+        "the agent noticed:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.routes()?,
+        online,
+        "unchanged while the API server is unreachable"
+    );
+
+    // Restart while down, from an empty datapath: the saved state comes back.
+    agent.stop();
+    fabedge_tests::agent::agent_ok(
+        Some(&agent.netns),
+        &agent.root,
+        &[
+            "uninstall",
+            "--cni-conf-dir",
+            &agent.dir.join("cni").display().to_string(),
+        ],
+    )?;
+    assert!(agent.routes()?.is_empty(), "uninstall emptied the datapath");
+    agent.start(&fake)?;
+    agent.wait_routes("the saved state restored while offline", |r| *r == online)?;
+    assert!(
+        agent.log().contains("last good cluster state"),
+        "{}",
+        agent.log()
+    );
+
+    // The API server returns with a change: the agent reconciles.
+    fake.set_down(false);
+    fake.apply(&edge_node("edge-9", "10.2.0.19", Some("10.234.9.0/24")))?;
+    fake.apply(&community(&["edge-1", "edge-2", "edge-9"]))?;
+    agent.wait_routes("edge-9 after the API server returned", |r| {
+        r.contains_key("10.234.9.0/24")
+    })?;
+    assert!(
+        !agent.log().contains(" ERROR "),
+        "every apply succeeded:\n{}",
+        agent.log()
+    );
+    Ok(())
 }
