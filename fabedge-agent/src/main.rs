@@ -127,11 +127,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// kube-client logs every failed request at error level; while an edge node
+/// is offline that is one line per retry. The source says it once instead.
+const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
+
 fn main() -> Result<()> {
     // Printing into a closed pipe (`inspect | head`) should end quietly.
     // SAFETY: restoring the default disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER)).init();
     let cli = Cli::parse();
     let layout = PinLayout::new(&cli.bpffs_root);
     match cli.command {
