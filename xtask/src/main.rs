@@ -2,6 +2,7 @@
 //! first runs `setup`, which installs what is missing and says so.
 
 mod build;
+mod crd;
 mod setup;
 mod test;
 mod vm;
@@ -39,6 +40,8 @@ enum Cmd {
     Bench,
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
+    /// Write deploy/crd.yaml (the Community CRD) from the agent's Rust types.
+    GenCrd,
     /// Prove the VM harness on every kernel (exit codes, netns + VXLAN, ESP with AES-GCM).
     VmSelfTest,
     /// Boot a Debian kernel VM and run one command in it (the host root is shared read-only).
@@ -95,6 +98,7 @@ fn main() -> Result<()> {
             build::build_ebpf(&ws)?;
             run_tests_bin(&ws, "fabedge-bench", "the benchmark", true)
         }
+        Cmd::GenCrd => crd::write(&ws),
         Cmd::VmSelfTest => vm::self_test(),
         Cmd::Vm { kernel, program, args } => {
             let run = vm::VmRun {

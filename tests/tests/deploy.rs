@@ -1,0 +1,420 @@
+//! `deploy/`: every document parses into its k8s-openapi type (strictly: a
+//! misspelt field fails), the CRD is what `cargo xtask gen-crd` generates
+//! from the Rust types, the RBAC grants exactly the calls the agent makes
+//! (`annotate::API_CALLS`), and the DaemonSets give the agent what it relies on.
+
+#[path = "../../xtask/src/crd.rs"]
+#[allow(dead_code)]
+mod crd;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use fabedge_agent::{
+    annotate::API_CALLS,
+    datapath::DEFAULT_BPFFS_ROOT,
+    model::label,
+    plan::DEFAULT_CNI_CONF_DIR,
+    source::{CommunityObject, CommunitySpec},
+};
+use k8s_openapi::{
+    Resource,
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Namespace, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::Value;
+
+const NAMESPACE: &str = "fabedge";
+const SERVICE_ACCOUNT: &str = "fabedge-agent";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every document of every file the kustomization lists, as JSON.
+fn documents() -> Result<Vec<(String, Value)>> {
+    let dir = deploy_dir();
+    let kustomization: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml"))?)?;
+    let listed: Vec<String> = kustomization["resources"]
+        .as_array()
+        .context("kustomization.yaml lists no resources")?
+        .iter()
+        .map(|r| r.as_str().unwrap_or_default().to_owned())
+        .collect();
+    // Nothing in deploy/ is left out of the kustomization.
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        on_disk,
+        listed.iter().cloned().collect(),
+        "deploy/*.yaml and kustomization resources differ"
+    );
+    let mut docs = Vec::new();
+    for file in listed {
+        let text = std::fs::read_to_string(dir.join(&file))
+            .with_context(|| format!("reading deploy/{file}"))?;
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(doc)
+                .with_context(|| format!("deploy/{file} document {}", i + 1))?;
+            if !value.is_null() {
+                docs.push((format!("deploy/{file} document {}", i + 1), value));
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// Parses `value` as `T` and back: a field k8s-openapi does not know (a typo)
+/// would vanish on the way, so the round trip must give the same JSON.
+fn strict<T: DeserializeOwned + serde::Serialize>(origin: &str, value: &Value) -> Result<T> {
+    let typed: T = serde_json::from_value(value.clone())
+        .with_context(|| format!("{origin}: not a valid object"))?;
+    let back = serde_json::to_value(&typed)?;
+    if back != *value {
+        bail!(
+            "{origin}: fields were lost parsing it (misspelt or misplaced?):\nwritten: {value:#}\nparsed:  {back:#}"
+        );
+    }
+    Ok(typed)
+}
+
+fn all_of<T: DeserializeOwned + serde::Serialize + Resource>(
+    docs: &[(String, Value)],
+) -> Result<Vec<T>> {
+    docs.iter()
+        .filter(|(_, v)| v["kind"] == T::KIND && v["apiVersion"] == T::API_VERSION)
+        .map(|(o, v)| strict(o, v))
+        .collect()
+}
+
+#[test]
+fn every_document_parses_into_its_kubernetes_type() -> Result<()> {
+    let docs = documents()?;
+    let known = [
+        (Namespace::API_VERSION, Namespace::KIND),
+        (ServiceAccount::API_VERSION, ServiceAccount::KIND),
+        (ClusterRole::API_VERSION, ClusterRole::KIND),
+        (ClusterRoleBinding::API_VERSION, ClusterRoleBinding::KIND),
+        (Role::API_VERSION, Role::KIND),
+        (RoleBinding::API_VERSION, RoleBinding::KIND),
+        (DaemonSet::API_VERSION, DaemonSet::KIND),
+        (
+            CustomResourceDefinition::API_VERSION,
+            CustomResourceDefinition::KIND,
+        ),
+    ];
+    for (origin, doc) in &docs {
+        let key = (
+            doc["apiVersion"].as_str().unwrap_or(""),
+            doc["kind"].as_str().unwrap_or(""),
+        );
+        assert!(known.contains(&key), "{origin}: unexpected {key:?}");
+    }
+    assert_eq!(all_of::<Namespace>(&docs)?.len(), 1);
+    assert_eq!(all_of::<ServiceAccount>(&docs)?.len(), 1);
+    assert_eq!(all_of::<CustomResourceDefinition>(&docs)?.len(), 1);
+    assert_eq!(all_of::<DaemonSet>(&docs)?.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn checked_in_crd_is_what_gen_crd_generates_from_the_rust_types() -> Result<()> {
+    let checked_in = std::fs::read_to_string(deploy_dir().join("crd.yaml"))?;
+    assert!(
+        checked_in == crd::render()?,
+        "deploy/crd.yaml is stale: run `cargo xtask gen-crd`"
+    );
+
+    // The generator's names are the Rust type's.
+    assert_eq!(
+        (crd::GROUP, crd::VERSION, crd::KIND),
+        (
+            CommunityObject::GROUP,
+            CommunityObject::VERSION,
+            CommunityObject::KIND
+        )
+    );
+    assert_eq!(crd::PLURAL, CommunityObject::URL_PATH_SEGMENT);
+    assert_eq!(
+        crd::LIST_KIND,
+        <CommunityObject as k8s_openapi::ListableResource>::LIST_KIND
+    );
+    let docs = documents()?;
+    let crd_object = all_of::<CustomResourceDefinition>(&docs)?.remove(0);
+    assert_eq!(
+        crd_object.spec.scope, "Cluster",
+        "CommunityObject is cluster-scoped"
+    );
+
+    // The schema's spec fields are exactly the fields CommunitySpec (de)serialises.
+    let spec = serde_json::to_value(CommunitySpec {
+        members: vec!["edge-1".into()],
+    })?;
+    let fields: BTreeSet<&String> = spec.as_object().unwrap().keys().collect();
+    let schema = crd::spec_schema();
+    let properties: BTreeSet<&String> = schema["properties"].as_object().unwrap().keys().collect();
+    assert_eq!(fields, properties);
+    // An object the schema describes deserialises into the Rust type.
+    let sample = serde_json::json!({"apiVersion": "fabedge.io/v1alpha1", "kind": "Community",
+        "metadata": {"name": "beijing"}, "spec": {"members": ["edge-1", "edge-2"]}});
+    let parsed: CommunityObject = serde_json::from_value(sample.clone())?;
+    assert_eq!(parsed.spec.members, ["edge-1", "edge-2"]);
+    assert_eq!(serde_json::to_value(&parsed)?, sample);
+    Ok(())
+}
+
+/// (group, resource, verb) triples a set of rules grants.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in rules {
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert_ne!(verb, "*", "no wildcard verbs");
+                    assert_ne!(resource, "*", "no wildcard resources");
+                    out.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn needed(namespaced: bool) -> BTreeSet<(String, String, String)> {
+    API_CALLS
+        .iter()
+        .filter(|c| c.namespaced == namespaced)
+        .flat_map(|c| {
+            c.verbs
+                .iter()
+                .map(|v| (c.group.to_owned(), c.resource.to_owned(), (*v).to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn rbac_grants_exactly_the_calls_the_agent_makes() -> Result<()> {
+    let docs = documents()?;
+    let cluster_roles = all_of::<ClusterRole>(&docs)?;
+    let roles = all_of::<Role>(&docs)?;
+    assert_eq!((cluster_roles.len(), roles.len()), (1, 1));
+    assert_eq!(
+        grants(cluster_roles[0].rules.as_deref().unwrap_or_default()),
+        needed(false),
+        "ClusterRole"
+    );
+    assert_eq!(roles[0].metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(
+        grants(roles[0].rules.as_deref().unwrap_or_default()),
+        needed(true),
+        "Role (the agent's namespace)"
+    );
+
+    // Both are bound to the service account the DaemonSets run as.
+    let subject_ok = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == SERVICE_ACCOUNT
+                && s.namespace.as_deref() == Some(NAMESPACE)
+        })
+    };
+    let crb = all_of::<ClusterRoleBinding>(&docs)?;
+    assert!(crb.iter().any(|b| b.role_ref.kind == "ClusterRole"
+        && Some(&b.role_ref.name) == cluster_roles[0].metadata.name.as_ref()
+        && subject_ok(&b.subjects)));
+    let rb = all_of::<RoleBinding>(&docs)?;
+    assert!(rb.iter().any(|b| b.role_ref.kind == "Role"
+        && Some(&b.role_ref.name) == roles[0].metadata.name.as_ref()
+        && b.metadata.namespace.as_deref() == Some(NAMESPACE)
+        && subject_ok(&b.subjects)));
+    Ok(())
+}
+
+/// The flags `fabedge-agent run` accepts, from its own help.
+fn run_flags() -> Result<BTreeSet<String>> {
+    let out = std::process::Command::new(fabedge_tests::agent::agent_bin()?)
+        .args(["run", "--help"])
+        .output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    Ok(help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| {
+            w.trim_end_matches([',', '.'])
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect())
+}
+
+#[test]
+fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
+    let docs = documents()?;
+    let flags = run_flags()?;
+    let daemonsets = all_of::<DaemonSet>(&docs)?;
+    let mut selects = BTreeSet::new();
+    for ds in &daemonsets {
+        let name = ds.metadata.name.clone().unwrap_or_default();
+        assert_eq!(ds.metadata.namespace.as_deref(), Some(NAMESPACE), "{name}");
+        let pod = ds.spec.template.spec.as_ref().context("a pod spec")?;
+        assert_eq!(
+            pod.host_network,
+            Some(true),
+            "{name}: hostNetwork (the datapath is the node's)"
+        );
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some(SERVICE_ACCOUNT),
+            "{name}"
+        );
+        assert!(
+            pod.tolerations
+                .iter()
+                .flatten()
+                .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+            "{name}: tolerates every taint (edge nodes are tainted)"
+        );
+        // Selection by role labels.
+        let terms = &pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .context("required node affinity")?
+            .node_selector_terms;
+        for term in terms {
+            for expr in term.match_expressions.iter().flatten() {
+                assert!(
+                    [label::EDGE, label::CONNECTOR].contains(&expr.key.as_str()),
+                    "{name}: selects on {}",
+                    expr.key
+                );
+                selects.insert((expr.key.clone(), expr.operator.clone()));
+            }
+        }
+
+        assert_eq!(pod.containers.len(), 1);
+        let agent = &pod.containers[0];
+        assert_eq!(
+            agent.security_context.as_ref().and_then(|s| s.privileged),
+            Some(true),
+            "{name}: privileged"
+        );
+        let args = agent.args.clone().unwrap_or_default();
+        assert_eq!(args.first().map(String::as_str), Some("run"), "{name}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--manifests")),
+            "{name}: kube mode, not standalone"
+        );
+        for arg in args.iter().skip(1) {
+            let flag = arg.split('=').next().unwrap();
+            assert!(
+                flags.contains(flag),
+                "{name}: `fabedge-agent run` has no flag {flag}"
+            );
+        }
+        let arg = |flag: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+                .map(str::to_owned)
+        };
+
+        // Env: the node name and namespace from the downward API, and any $(VAR) the args use.
+        let env = agent.env.clone().unwrap_or_default();
+        let field = |var: &str| {
+            env.iter()
+                .find(|e| e.name == var)
+                .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+                .map(|f| f.field_path.clone())
+        };
+        assert_eq!(
+            field("NODE_NAME").as_deref(),
+            Some("spec.nodeName"),
+            "{name}: --node comes from NODE_NAME"
+        );
+        assert_eq!(
+            field("POD_NAMESPACE").as_deref(),
+            Some("metadata.namespace"),
+            "{name}: the Lease's namespace"
+        );
+        for a in &args {
+            if let Some(var) = a.split("$(").nth(1).and_then(|r| r.split(')').next()) {
+                assert!(
+                    env.iter().any(|e| e.name == var),
+                    "{name}: {a} needs env {var}"
+                );
+            }
+        }
+
+        // Mounts: bpffs (Bidirectional, so pins reach the host), CNI config, state dir.
+        let mounts = agent.volume_mounts.clone().unwrap_or_default();
+        let volumes = pod.volumes.clone().unwrap_or_default();
+        let host_path_of = |mount_path: &str| -> Option<(String, Option<String>)> {
+            let m = mounts.iter().find(|m| m.mount_path == mount_path)?;
+            let v = volumes.iter().find(|v| v.name == m.name)?;
+            Some((
+                v.host_path.as_ref()?.path.clone(),
+                m.mount_propagation.clone(),
+            ))
+        };
+        let bpffs = Path::new(DEFAULT_BPFFS_ROOT)
+            .parent()
+            .unwrap()
+            .display()
+            .to_string();
+        assert_eq!(
+            host_path_of(&bpffs),
+            Some((bpffs.clone(), Some("Bidirectional".into()))),
+            "{name}: {bpffs}"
+        );
+        let cni = arg("--cni-conf-dir").unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into());
+        assert_eq!(
+            host_path_of(&cni).map(|h| h.0),
+            Some(cni.clone()),
+            "{name}: CNI config dir"
+        );
+        let state = arg("--state-dir").context("--state-dir")?;
+        assert_eq!(
+            host_path_of(&state).map(|h| h.0),
+            Some(state.clone()),
+            "{name}: state dir on the host"
+        );
+        if selects.contains(&(label::CONNECTOR.to_owned(), "Exists".to_owned()))
+            && name.contains("connector")
+        {
+            assert!(
+                arg("--uplink").is_some(),
+                "{name}: connectors need --uplink"
+            );
+        }
+    }
+    // One DaemonSet on connectors, one on every other node.
+    assert_eq!(
+        selects,
+        BTreeSet::from([
+            (label::CONNECTOR.to_owned(), "Exists".to_owned()),
+            (label::CONNECTOR.to_owned(), "DoesNotExist".to_owned()),
+        ])
+    );
+    Ok(())
+}
