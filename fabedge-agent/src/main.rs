@@ -95,8 +95,9 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
-    /// Kube mode: this kubeconfig instead of the pod's service account.
-    #[arg(long, env = "KUBECONFIG", conflicts_with = "manifests")]
+    /// Kube mode: this kubeconfig instead of the pod's service account
+    /// (without either, $KUBECONFIG or ~/.kube/config outside a pod).
+    #[arg(long, conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
     /// Kube mode: the agent's namespace (its connector Lease and Events).
     #[arg(long, env = "POD_NAMESPACE")]

@@ -90,7 +90,8 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             _ = source.changed() => {}
-            _ = tick.tick() => {}
+            // The tick only retries: a failed apply, or the leader's patches.
+            _ = tick.tick() => if state.last_error.is_none() && !duty.is_leading() { continue },
             _ = duty.leading_changed() => {}
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
