@@ -808,6 +808,27 @@ mod tests {
         assert!(parse_ipv4_cidr("10.0.0.0/33").unwrap_err().contains("is not an IPv4 CIDR"));
     }
 
+    #[test]
+    fn allocated_pod_cidr_annotation_is_used_only_without_spec_pod_cidr() {
+        let node = |spec: Option<&str>, annotated: &str| core::Node {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("edge-1".into()),
+                annotations: Some(BTreeMap::from([(annotation::POD_CIDR.to_owned(), annotated.to_owned())])),
+                ..Default::default()
+            },
+            spec: Some(core::NodeSpec { pod_cidr: spec.map(Into::into), ..Default::default() }),
+            status: Some(core::NodeStatus {
+                addresses: Some(vec![core::NodeAddress { type_: "InternalIP".into(), address: "10.2.0.11".into() }]),
+                ..Default::default()
+            }),
+        };
+        let cidr = |n: core::Node| Node::from_k8s(&n).map(|n| n.pod_cidr);
+        assert_eq!(cidr(node(None, "10.234.7.0/24")), Ok(Some("10.234.7.0/24".parse().unwrap())));
+        assert_eq!(cidr(node(Some("10.234.1.0/24"), "10.234.7.0/24")), Ok(Some("10.234.1.0/24".parse().unwrap())));
+        let err = cidr(node(None, "10.234.7.9/24")).unwrap_err().to_string();
+        assert!(err.contains("annotation fabedge.io/pod-cidr") && err.contains("10.234.7.0/24"), "{err}");
+    }
+
     fn lease(pairs: &[(&str, &str)]) -> Result<Option<FlannelLease>, (String, String)> {
         FlannelLease::from_annotations(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
