@@ -8,7 +8,10 @@
 //! test checks that the RBAC in `deploy/` grants exactly these, and the kube
 //! test checks that everything the fake API server saw is among them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1 as core};
@@ -307,6 +310,30 @@ impl ConnectorDuty {
 
     pub fn is_leading(&self) -> bool {
         *self.leading.borrow()
+    }
+
+    /// Stops campaigning and, if we lead, releases the Lease (bounded by a
+    /// few seconds: shutdown must not hang on an unreachable API server).
+    pub async fn release(&mut self) {
+        let Some(election) = self.election.take() else {
+            return;
+        };
+        election.abort();
+        let _ = election.await;
+        if !self.is_leading() {
+            return;
+        }
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.election_config.namespace);
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            leader::release(&api, &self.election_config),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("releasing the connector lease: {e}"),
+            Err(_) => warn!("releasing the connector lease: the API server did not answer"),
+        }
     }
 
     /// Called with every new view of the cluster (and periodically).

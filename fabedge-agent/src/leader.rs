@@ -147,6 +147,28 @@ pub async fn run(api: Api<Lease>, config: ElectionConfig, leading: watch::Sender
     }
 }
 
+/// Gives the Lease up if we hold it (on shutdown, after the election task
+/// stopped), so a follower takes over at its next look instead of after a
+/// whole lease duration. `Ok(true)` when it was ours.
+pub async fn release(api: &Api<Lease>, config: &ElectionConfig) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(&config.lease_name).await? else {
+        return Ok(false);
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+        return Ok(false);
+    }
+    // No holder: `decide` makes every candidate take it over.
+    spec.holder_identity = None;
+    api.replace(&config.lease_name, &PostParams::default(), &lease)
+        .await?;
+    info!(
+        "{} released lease {}/{}",
+        config.identity, config.namespace, config.lease_name
+    );
+    Ok(true)
+}
+
 /// One read-decide-write; `Ok(true)` when we hold the lease afterwards.
 async fn round(
     api: &Api<Lease>,

@@ -253,16 +253,37 @@ async fn expired_resource_version_relists_without_reporting_a_change() -> Result
 
 /// A connector agent's cluster work without its datapath: the same
 /// `KubeSource` → `ConnectorDuty` steps the agent's kube mode runs.
+struct Candidate {
+    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Candidate {
+    /// As if killed: no release.
+    fn kill(&self) {
+        self.task.abort();
+    }
+
+    /// As on SIGTERM: the agent releases the lease on its way out.
+    async fn stop_gracefully(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
 fn candidate(
     fake: &FakeApi,
     name: &str,
     lease: Duration,
     renew: Duration,
     pool: Option<Pool>,
-) -> tokio::task::JoinHandle<()> {
+) -> Candidate {
     let client = client(fake);
     let name = name.to_owned();
-    tokio::spawn(async move {
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let mut source = KubeSource::start(client.clone());
         let config = ElectionConfig {
             namespace: NAMESPACE.into(),
@@ -278,13 +299,19 @@ fn candidate(
                 _ = source.changed() => {}
                 _ = tick.tick() => {}
                 _ = duty.leading_changed() => {}
+                _ = &mut stop => break,
             }
             if let Some(objects) = source.objects() {
                 let connector = is_connector(&objects, &name);
                 duty.step(&objects, connector, None).await;
             }
         }
-    })
+        duty.release().await;
+    });
+    Candidate {
+        task,
+        stop: Some(stop_tx),
+    }
 }
 
 fn lease_holder(fake: &FakeApi) -> Option<(String, i64)> {
@@ -406,7 +433,7 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     assert_eq!(lease_holder(&fake), Some(("cloud-1".into(), 0)));
 
     // The leader stops (no release: as if killed).
-    first.abort();
+    first.kill();
     let stopped = Instant::now();
     eventually(
         "cloud-9 taking the lease over",
@@ -464,7 +491,7 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
         .map(|k| (k.to_string(), Value::Null))
         .collect();
     assert_eq!(removed, Value::Object(expected));
-    second.abort();
+    second.kill();
     assert_calls_are_declared(&fake.requests());
     Ok(())
 }
@@ -542,7 +569,7 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
     }
 
     // Restart: the state comes back from the annotations alone.
-    leader.abort();
+    leader.kill();
     let patches_before = fake
         .requests()
         .iter()
@@ -612,7 +639,7 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
     )
     .await?;
     assert!(!finally.contains_key("edge-x10"));
-    leader.abort();
+    leader.kill();
     assert_calls_are_declared(&fake.requests());
     Ok(())
 }
@@ -911,5 +938,43 @@ fn api_down_keeps_the_datapath_and_a_restart_while_down_restores_it() -> Result<
         "every apply succeeded:\n{}",
         agent.log()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopping_gracefully_hands_the_lease_over_at_once() -> Result<()> {
+    let fake = FakeApi::start()?;
+    let objects = fixture();
+    publish(&fake, &objects)?;
+    let mut standby = serde_json::to_value(
+        objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some("cloud-1"))
+            .unwrap(),
+    )?;
+    standby["metadata"]["name"] = json!("cloud-9");
+    fake.apply(&standby)?;
+    // A lease far longer than the test waits: only a release explains a quick takeover.
+    let (lease, renew) = (Duration::from_secs(60), Duration::from_millis(300));
+    let first = candidate(&fake, "cloud-1", lease, renew, None);
+    eventually("cloud-1 holding the lease", Duration::from_secs(10), || {
+        lease_holder(&fake).filter(|(h, _)| h == "cloud-1")
+    })
+    .await?;
+    let second = candidate(&fake, "cloud-9", lease, renew, None);
+    tokio::time::sleep(renew * 3).await;
+    assert_eq!(lease_holder(&fake).map(|h| h.0).as_deref(), Some("cloud-1"));
+
+    first.stop_gracefully().await;
+    eventually(
+        "cloud-9 holding the released lease",
+        Duration::from_secs(10),
+        || lease_holder(&fake).filter(|(h, _)| h == "cloud-9"),
+    )
+    .await?;
+    assert_eq!(lease_holder(&fake), Some(("cloud-9".into(), 1)));
+    second.kill();
+    assert_calls_are_declared(&fake.requests());
     Ok(())
 }

@@ -121,6 +121,7 @@ pub(super) async fn run(
         };
         duty.step(&objects, connector, mac).await;
     }
+    duty.release().await;
     Ok(())
 }
 

@@ -78,12 +78,15 @@ impl<K> Default for Cache<K> {
     }
 }
 
-impl<K: Resource + Clone> Cache<K> {
+impl<K: Resource + Clone + PartialEq> Cache<K> {
     /// Applies one watcher event; true when the visible objects changed.
     fn handle(&mut self, event: watcher::Event<K>) -> bool {
         match event {
             watcher::Event::Apply(object) => {
                 let key = key_of(&object);
+                if self.objects.get(&key) == Some(&object) {
+                    return false;
+                }
                 self.objects.insert(key, object);
                 true
             }
@@ -105,7 +108,7 @@ impl<K: Resource + Clone> Cache<K> {
                 self.ready = true;
                 // Objects compare by content (resourceVersion included), so an
                 // unchanged relist reports no change.
-                let changed = first || !same_objects(&self.objects, &listed);
+                let changed = first || self.objects != listed;
                 self.objects = listed;
                 changed
             }
@@ -119,15 +122,6 @@ fn key_of<K: Resource>(object: &K) -> String {
         object.namespace().unwrap_or_default(),
         object.name_any()
     )
-}
-
-/// Two caches hold the same objects: same keys and the same resourceVersions
-/// (the API server bumps it on every change).
-fn same_objects<K: Resource>(a: &BTreeMap<String, K>, b: &BTreeMap<String, K>) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((ka, va), (kb, vb))| ka == kb && va.resource_version() == vb.resource_version())
 }
 
 #[derive(Default)]
@@ -225,7 +219,7 @@ fn spawn_watch<K>(
     cache: fn(&mut Caches) -> &mut Cache<K>,
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
@@ -310,8 +304,12 @@ mod tests {
     }
 
     #[test]
-    fn deleting_an_unknown_object_is_no_change() {
+    fn deleting_an_unknown_object_or_reapplying_the_same_is_no_change() {
         let mut cache = Cache::default();
+        assert!(cache.handle(watcher::Event::Apply(node("a", "1"))));
+        assert!(!cache.handle(watcher::Event::Apply(node("a", "1"))));
+        assert!(cache.handle(watcher::Event::Apply(node("a", "2"))));
+        assert!(cache.handle(watcher::Event::Delete(node("a", "2"))));
         assert!(!cache.handle(watcher::Event::Delete(node("ghost", "1"))));
         assert!(cache.handle(watcher::Event::Apply(node("a", "1"))));
         assert!(cache.handle(watcher::Event::Delete(node("a", "1"))));
