@@ -649,8 +649,11 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
 // namespace (the server listens on that namespace's loopback) with its own
 // bpffs root; the maps are read with `fabedge-agent inspect routes --json`.
 
-/// One edge agent (`edge-1`) in kube mode, with everything it leaves behind.
+/// One agent in kube mode (`edge-1` unless `node` is changed), with
+/// everything it leaves behind.
 struct EdgeAgent {
+    node: String,
+    extra_args: Vec<String>,
     netns: fabedge_tests::netns::Netns,
     root: PathBuf,
     dir: PathBuf,
@@ -679,6 +682,8 @@ impl EdgeAgent {
         std::fs::create_dir_all(dir.join("state"))?;
         std::fs::create_dir_all(dir.join("cni"))?;
         Ok(EdgeAgent {
+            node: "edge-1".into(),
+            extra_args: Vec::new(),
             netns,
             root,
             dir,
@@ -701,7 +706,7 @@ impl EdgeAgent {
             .args([
                 "run",
                 "--node",
-                "edge-1",
+                &self.node,
                 "--poll-interval",
                 "200ms",
                 "--kubeconfig",
@@ -711,6 +716,7 @@ impl EdgeAgent {
             .arg(self.dir.join("state"))
             .arg("--cni-conf-dir")
             .arg(self.dir.join("cni"))
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -783,7 +789,9 @@ impl EdgeAgent {
     /// Lines of the log that report map writes (`applied plan for …` is
     /// logged only when an apply changed something).
     fn applies(&self) -> usize {
-        self.log().matches("applied plan for edge-1").count()
+        self.log()
+            .matches(&format!("applied plan for {}", self.node))
+            .count()
     }
 }
 
@@ -975,6 +983,106 @@ async fn a_leader_stopping_gracefully_hands_the_lease_over_at_once() -> Result<(
     .await?;
     assert_eq!(lease_holder(&fake), Some(("cloud-9".into(), 1)));
     second.kill();
+    assert_calls_are_declared(&fake.requests());
+    Ok(())
+}
+
+#[test]
+fn connector_agent_leads_writes_edge_annotations_and_releases_on_sigterm() -> Result<()> {
+    let mut agent = EdgeAgent::new("kube-conn")?;
+    // cloud-1's uplink (its InternalIP) and Flannel's VXLAN device with the
+    // MAC cloud-1's lease announces.
+    let ns = &agent.netns;
+    ns.ip(&["link", "set", "eth0", "down"])?;
+    ns.ip(&["addr", "flush", "dev", "eth0"])?;
+    ns.add_addr("eth0", "10.1.0.1/24")?;
+    ns.set_up("eth0")?;
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        "ce:0c:01:00:00:01",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+    ])?;
+    ns.set_up("flannel.1")?;
+    agent.node = "cloud-1".into();
+    agent.extra_args = [
+        "--uplink",
+        "eth0",
+        "--lease-duration",
+        "3s",
+        "--lease-renew-interval",
+        "500ms",
+        "--namespace",
+        NAMESPACE,
+    ]
+    .map(String::from)
+    .to_vec();
+    let fake = FakeApi::start_in(&agent.netns)?;
+    publish(&fake, &fixture())?;
+    agent.start(&fake)?;
+
+    // Its datapath: edge-1's pod CIDR behind edge-1's tunnel endpoint.
+    agent.wait_routes("edge-1's pod CIDR", |r| {
+        r.get("10.234.1.0/24")
+            .is_some_and(|hop| hop.contains("198.18.0.11"))
+    })?;
+    // Its cluster work: it took the Lease and annotated every edge Node.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let holder = lease_holder(&fake).map(|h| h.0);
+        let annotated = ["edge-1", "edge-2", "edge-3"].iter().all(|n| {
+            annotations(&fake, n)
+                .get(annotation::FLANNEL_PUBLIC_IP)
+                .map(String::as_str)
+                == Some("10.1.0.1")
+        });
+        if holder.as_deref() == Some("cloud-1") && annotated {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "holder {holder:?}, edges annotated: {annotated}\nagent log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let patched: BTreeSet<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.verb() == "patch")
+        .filter_map(|r| r.name.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        ["edge-1", "edge-2", "edge-3"].map(String::from).into(),
+        "only edge Nodes are patched"
+    );
+
+    // SIGTERM: the lease is released for the next connector.
+    agent.stop();
+    let lease = fake
+        .get("coordination.k8s.io/v1", "Lease", Some(NAMESPACE), LEASE)
+        .context("the Lease")?;
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released on SIGTERM: {lease:#}\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("ERROR fabedge_agent"),
+        "{}",
+        agent.log()
+    );
     assert_calls_are_declared(&fake.requests());
     Ok(())
 }
