@@ -442,6 +442,9 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     )
     .await?;
     let took = stopped.elapsed();
+    eprintln!(
+        "takeover {took:?} after the leader stopped (lease {lease:?}, renew interval {renew:?})"
+    );
     assert_eq!(
         lease_holder(&fake),
         Some(("cloud-9".into(), 1)),
@@ -450,7 +453,7 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     // Within the lease duration of the last renewal the follower saw, plus
     // the follower's own renew interval (when it next looks) and scheduling slack.
     assert!(
-        took <= lease + renew * 2 + Duration::from_millis(500),
+        took <= lease + renew * 2 + Duration::from_secs(1),
         "takeover took {took:?}"
     );
 
