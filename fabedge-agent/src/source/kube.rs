@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn relist_keeps_old_objects_until_the_list_is_complete() {
         let mut cache = Cache::default();
-        assert!(cache.handle(watcher::Event::Init) == false);
+        assert!(!cache.handle(watcher::Event::Init));
         cache.handle(watcher::Event::InitApply(node("a", "1")));
         assert!(
             cache.handle(watcher::Event::InitDone),
