@@ -80,7 +80,13 @@ impl<K> Default for Cache<K> {
 
 impl<K: Resource + Clone + PartialEq> Cache<K> {
     /// Applies one watcher event; true when the visible objects changed.
-    fn handle(&mut self, event: watcher::Event<K>) -> bool {
+    fn handle(&mut self, mut event: watcher::Event<K>) -> bool {
+        // managedFields is server-side-apply bookkeeping: often the larger
+        // part of an object, never read by the model; not kept in memory
+        // nor in the persisted snapshot.
+        if let watcher::Event::Apply(object) | watcher::Event::InitApply(object) = &mut event {
+            object.meta_mut().managed_fields = None;
+        }
         match event {
             watcher::Event::Apply(object) => {
                 let key = key_of(&object);
@@ -314,5 +320,18 @@ mod tests {
         assert!(cache.handle(watcher::Event::Apply(node("a", "1"))));
         assert!(cache.handle(watcher::Event::Delete(node("a", "1"))));
         assert!(cache.objects.is_empty());
+    }
+
+    #[test]
+    fn managed_fields_are_not_kept() {
+        let mut cache = Cache::default();
+        let mut object = node("a", "1");
+        object.metadata.managed_fields = Some(vec![Default::default()]);
+        cache.handle(watcher::Event::Apply(object.clone()));
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(object));
+        cache.handle(watcher::Event::InitDone);
+        assert_eq!(cache.objects["/a"].metadata.managed_fields, None);
+        assert_eq!(cache.objects["/a"].metadata.resource_version.as_deref(), Some("1"));
     }
 }
