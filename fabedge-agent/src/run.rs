@@ -154,12 +154,11 @@ impl Reconciler {
         maps: &mut Maps,
         options: &RunOptions,
     ) -> Result<Plan> {
-        let settings = settings.clone();
-        let plan = plan(snapshot, &options.node, &settings, &self.peer_ids)?;
+        let plan = plan(snapshot, &options.node, settings, &self.peer_ids)?;
         for warning in &plan.warnings {
             warn!("{warning}");
         }
-        self.applier.apply(datapath, maps, &plan, &settings)?;
+        self.applier.apply(datapath, maps, &plan, settings)?;
         if plan.peer_ids != self.peer_ids {
             let json = serde_json::to_vec_pretty(&plan.peer_ids)?;
             write_if_changed(&self.peer_ids_path, &json, 0o600)?;
