@@ -170,6 +170,70 @@ pub struct ClusterWork {
     me: String,
     pool: Option<Pool>,
     reported: BTreeSet<String>,
+    /// Patches sent, by node, with the node's resourceVersion when sent.
+    /// While the watch cache still shows that version it has not seen our
+    /// write yet: the patch is treated as applied, so it is not sent twice
+    /// and — above all — IPAM counts its CIDR as taken (a lagging cache
+    /// must never make the allocator give the node a different block).
+    in_flight: BTreeMap<String, (Option<String>, AnnotationPatch)>,
+}
+
+/// Adds `patch` (sent when the node had `version`) to what is in flight.
+fn remember(
+    in_flight: &mut BTreeMap<String, (Option<String>, AnnotationPatch)>,
+    version: Option<String>,
+    patch: &AnnotationPatch,
+) {
+    let entry = in_flight.entry(patch.node.clone()).or_insert_with(|| {
+        (
+            version,
+            AnnotationPatch {
+                node: patch.node.clone(),
+                set: BTreeMap::new(),
+                remove: Vec::new(),
+            },
+        )
+    });
+    for (key, value) in &patch.set {
+        entry.1.remove.retain(|k| k != key);
+        entry.1.set.insert(key.clone(), value.clone());
+    }
+    for key in &patch.remove {
+        entry.1.set.remove(key);
+        if !entry.1.remove.contains(key) {
+            entry.1.remove.push(key.clone());
+        }
+    }
+}
+
+/// `objects` as the API server holds them once the in-flight patches land.
+/// Entries whose node changed since (the cache caught up, or someone else
+/// wrote) are dropped: the next pass decides from what is really there.
+fn with_in_flight(
+    objects: &Objects,
+    in_flight: &mut BTreeMap<String, (Option<String>, AnnotationPatch)>,
+) -> Objects {
+    let mut overlaid = objects.clone();
+    let mut still = BTreeMap::new();
+    for node in &mut overlaid.nodes {
+        let Some(name) = node.metadata.name.clone() else {
+            continue;
+        };
+        let Some((version, patch)) = in_flight.remove(&name) else {
+            continue;
+        };
+        if node.metadata.resource_version != version {
+            continue;
+        }
+        let annotations = node.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.extend(patch.set.clone());
+        for key in &patch.remove {
+            annotations.remove(key);
+        }
+        still.insert(name, (version, patch));
+    }
+    *in_flight = still;
+    overlaid
 }
 
 impl ClusterWork {
@@ -180,6 +244,7 @@ impl ClusterWork {
             me: me.to_owned(),
             pool,
             reported: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
         }
     }
 
@@ -189,7 +254,8 @@ impl ClusterWork {
         objects: &Objects,
         own_flannel_mac: Option<[u8; 6]>,
     ) -> Result<Desired> {
-        let desired = desired(objects, &self.me, own_flannel_mac, self.pool.as_ref());
+        let objects = with_in_flight(objects, &mut self.in_flight);
+        let desired = desired(&objects, &self.me, own_flannel_mac, self.pool.as_ref());
         for problem in &desired.allocation.problems {
             if self.reported.insert(problem.clone()) {
                 warn!("{problem}; allocating it a new pod CIDR");
@@ -217,6 +283,12 @@ impl ClusterWork {
                 )
                 .await
                 .with_context(|| format!("patching the annotations of node {}", patch.node))?;
+            let version = objects
+                .nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(patch.node.as_str()))
+                .and_then(|n| n.metadata.resource_version.clone());
+            remember(&mut self.in_flight, version, patch);
             info!(
                 "node {}: set {:?}, removed {:?}",
                 patch.node, patch.set, patch.remove
@@ -426,5 +498,71 @@ mod tests {
                 Some(r#"{"VtepMAC":"ce:0c:01:00:00:01"}"#)
             );
         }
+    }
+
+    #[test]
+    fn a_lagging_cache_never_moves_an_allocated_cidr() {
+        let pool = Pool::new("10.234.0.0/16".parse().unwrap(), 24).unwrap();
+        let edge = |name: &str, rv: &str, cidr: Option<&str>| core::Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                labels: Some(BTreeMap::from([(
+                    crate::model::label::EDGE.to_owned(),
+                    String::new(),
+                )])),
+                annotations: cidr
+                    .map(|c| BTreeMap::from([(annotation::POD_CIDR.to_owned(), c.to_owned())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut in_flight = BTreeMap::new();
+        // z holds the first block; x is new and gets the second.
+        let first = Objects {
+            nodes: vec![edge("x", "5", None), edge("z", "3", Some("10.234.0.0/24"))],
+            ..Default::default()
+        };
+        let patches = desired(
+            &with_in_flight(&first, &mut in_flight),
+            "c",
+            None,
+            Some(&pool),
+        )
+        .patches;
+        assert_eq!(patches.len(), 1);
+        assert_eq!(patches[0].set[annotation::POD_CIDR], "10.234.1.0/24");
+        remember(&mut in_flight, Some("5".into()), &patches[0]);
+
+        // z is deleted and the cache saw that, but not yet x's annotation:
+        // without the in-flight patch x would now get z's freed block.
+        let lagging = Objects {
+            nodes: vec![edge("x", "5", None)],
+            ..Default::default()
+        };
+        let again = desired(
+            &with_in_flight(&lagging, &mut in_flight),
+            "c",
+            None,
+            Some(&pool),
+        );
+        assert_eq!(again.patches, [], "nothing re-sent, nothing moved");
+
+        // Once the cache shows x's new version the entry is gone.
+        let caught_up = Objects {
+            nodes: vec![edge("x", "6", Some("10.234.1.0/24"))],
+            ..Default::default()
+        };
+        assert!(
+            desired(
+                &with_in_flight(&caught_up, &mut in_flight),
+                "c",
+                None,
+                Some(&pool)
+            )
+            .patches
+            .is_empty()
+        );
+        assert!(in_flight.is_empty());
     }
 }

@@ -573,6 +573,8 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
 
     // Restart: the state comes back from the annotations alone.
     leader.kill();
+    // A request the old leader had on the wire is counted before the restart.
+    tokio::time::sleep(renew).await;
     let patches_before = fake
         .requests()
         .iter()
