@@ -54,11 +54,13 @@ pub enum Program {
     TunnelEgress,
     /// TC ingress of the connector's uplink.
     UplinkIngress,
+    /// TC egress of the pod bridge (reverse NAT of Service replies).
+    ToPod,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] =
-        [Program::FromPod, Program::TunnelIngress, Program::TunnelEgress, Program::UplinkIngress];
+    pub const ALL: [Program; 5] =
+        [Program::FromPod, Program::TunnelIngress, Program::TunnelEgress, Program::UplinkIngress, Program::ToPod];
 
     /// The function name in the object (and the netlink filter's name).
     pub const fn symbol(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Program {
             Program::TunnelIngress => "fe_tunnel_ingress",
             Program::TunnelEgress => "fe_tunnel_egress",
             Program::UplinkIngress => "fe_uplink_ingress",
+            Program::ToPod => "fe_to_pod",
         }
     }
 
@@ -76,6 +79,7 @@ impl Program {
             Program::TunnelIngress => "tunnel-ingress",
             Program::TunnelEgress => "tunnel-egress",
             Program::UplinkIngress => "uplink-ingress",
+            Program::ToPod => "to-pod",
         }
     }
 
@@ -87,7 +91,7 @@ impl Program {
 
     fn tc_attach_type(self) -> TcAttachType {
         match self {
-            Program::TunnelEgress => TcAttachType::Egress,
+            Program::TunnelEgress | Program::ToPod => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         }
     }

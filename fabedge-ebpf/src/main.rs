@@ -7,17 +7,23 @@
 //! | `fe_tunnel_ingress` | TC ingress of `fe-tunnel`         | `tunnel_dev.rs` |
 //! | `fe_tunnel_egress`  | TC egress of `fe-tunnel`          | `tunnel_dev.rs` |
 //! | `fe_uplink_ingress` | TC ingress of the connector uplink| `uplink.rs`   |
+//! | `fe_to_pod`         | TC egress of `br-fabedge` (edge)  | `to_pod.rs`   |
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod csum;
 mod flannel;
 mod forward;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
+mod reject;
 mod stats;
 
 mod from_pod;
+mod to_pod;
 mod tunnel_dev;
 mod uplink;
 
