@@ -1,0 +1,271 @@
+//! ClusterIP translation in the kernel programs, proven with
+//! BPF_PROG_TEST_RUN: frames in; verdict, exact addresses, ports and valid
+//! checksums, conntrack entries and counters out. Needs root.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::Result;
+use fabedge_agent::datapath::Program;
+use fabedge_common::{
+    Counter,
+    services::{
+        Backend, BackendKey, CtKey, LbConfig, ServiceEntry, ServiceKey, backend_flags, ct_flags, service_flags,
+    },
+    tunnel_mode,
+};
+use fabedge_tests::{
+    datapath::{Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TestDatapath, fixtures::*},
+    packet::{Frame, TcpFlags, UdpChecksum, icmp_type, parse_eth},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 1);
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+fn remote(addr: Ipv4Addr, port: u16) -> Backend {
+    Backend { addr: addr.octets(), port, flags: 0, _pad: 0 }
+}
+
+fn local(addr: Ipv4Addr, port: u16) -> Backend {
+    Backend { addr: addr.octets(), port, flags: backend_flags::LOCAL, _pad: 0 }
+}
+
+/// Program frontend `VIP:port/proto` (id `id`) with `backends`, as apply would.
+fn frontend(dp: &mut TestDatapath, id: u32, port: u16, proto: u8, flags: u8, backends: &[Backend]) -> Result<()> {
+    let maps = &mut dp.maps;
+    maps.set_lb_config(LbConfig { gateway: GATEWAY.octets(), _pad: 0 })?;
+    for (slot, backend) in backends.iter().enumerate() {
+        maps.backends.insert(BackendKey { service_id: id, slot: slot as u32 }, *backend, 0)?;
+    }
+    let entry = ServiceEntry { id, count: backends.len() as u16, flags, _pad: 0, affinity_timeout: 60 };
+    maps.services.insert(ServiceKey { addr: VIP.octets(), port, proto, _pad: 0 }, entry, 0)?;
+    Ok(())
+}
+
+fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: TcpFlags) -> Vec<u8> {
+    Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(src.0, dst.0)
+        .ttl(64)
+        .tcp(src.1, dst.1)
+        .seq(1000)
+        .flags(flags)
+        .payload(b"hello")
+        .build()
+}
+
+fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(src.0, dst.0).ttl(64).udp(src.1, dst.1).payload(b"query?").build()
+}
+
+/// (source, destination) of a frame's TCP or UDP packet, with every checksum checked.
+fn endpoints(out: &Outcome) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let ip = parse_eth(&out.data).and_then(|e| e.ipv4()).expect("an IPv4 frame");
+    assert!(ip.checksum_valid, "IPv4 header checksum");
+    let (sport, dport) = match ip.protocol {
+        TCP => {
+            let tcp = ip.tcp().expect("TCP");
+            assert!(tcp.checksum_valid, "TCP checksum");
+            (tcp.src_port, tcp.dst_port)
+        }
+        UDP => {
+            let udp = ip.udp().expect("UDP");
+            assert_eq!(udp.checksum_status, UdpChecksum::Valid, "UDP checksum");
+            (udp.src_port, udp.dst_port)
+        }
+        other => panic!("protocol {other}"),
+    };
+    ((ip.src, sport), (ip.dst, dport))
+}
+
+fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> CtKey {
+    CtKey { saddr: src.0.octets(), daddr: dst.0.octets(), sport: src.1, dport: dst.1, proto, _pad: [0; 3] }
+}
+
+#[test]
+fn tcp_to_cluster_ip_is_dnat_to_a_remote_backend_and_the_reply_gets_the_service_address_back() -> Result<()> {
+    let mut dp = edge("lb-tcp", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
+    let client = (LOCAL_POD, 40000);
+
+    let syn = tcp_frame(client, (VIP, 80), TcpFlags::SYN);
+    let out = dp.run(Program::FromPod, &syn)?;
+    assert_eq!(out.action, TC_ACT_REDIRECT, "into the tunnel toward the backend's node");
+    assert_eq!(endpoints(&out), (client, (PEER_POD, 8080)));
+    assert_eq!(out.data.len(), syn.len());
+    assert_eq!(dp.counter(Counter::ServiceNewFlow), 1);
+
+    let forward = dp.maps.ct.get(&ct_key(client, (VIP, 80), TCP), 0)?;
+    assert_eq!((forward.addr, forward.port, forward.flags), (PEER_POD.octets(), 8080, ct_flags::FORWARD));
+    let reply = dp.maps.ct.get(&ct_key((PEER_POD, 8080), client, TCP), 0)?;
+    assert_eq!((reply.addr, reply.port, reply.flags & ct_flags::REPLY), (VIP.octets(), 80, ct_flags::REPLY));
+
+    // The backend's SYN-ACK, routed toward the bridge.
+    let synack = tcp_frame((PEER_POD, 8080), client, TcpFlags::SYN | TcpFlags::ACK);
+    let out = dp.run(Program::ToPod, &synack)?;
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(endpoints(&out), ((VIP, 80), client));
+
+    // The rest of the flow follows the same entry, without a new choice.
+    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::ACK))?;
+    assert_eq!(endpoints(&out), (client, (PEER_POD, 8080)));
+    assert_eq!(dp.counter(Counter::ServiceNewFlow), 1);
+    assert_eq!(dp.counter(Counter::ServiceTranslated), 3);
+    Ok(())
+}
+
+#[test]
+fn udp_to_cluster_ip_is_translated_both_ways_with_valid_checksums() -> Result<()> {
+    let mut dp = edge("lb-udp", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 7, 53, UDP, 0, &[remote(CLOUD_POD, 5353)])?;
+    let client = (LOCAL_POD, 33333);
+    let out = dp.run(Program::FromPod, &udp_frame(client, (VIP, 53)))?;
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(endpoints(&out), (client, (CLOUD_POD, 5353)));
+    let out = dp.run(Program::ToPod, &udp_frame((CLOUD_POD, 5353), client))?;
+    assert_eq!(endpoints(&out), ((VIP, 53), client));
+    Ok(())
+}
+
+#[test]
+fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
+    let mut dp = edge("lb-udp0", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 7, 53, UDP, 0, &[remote(CLOUD_POD, 5353)])?;
+    let frame = Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, VIP).udp(1234, 53).zero_checksum().payload(b"x").build();
+    let out = dp.run(Program::FromPod, &frame)?;
+    let ip = parse_eth(&out.data)?.ipv4()?;
+    assert_eq!(ip.dst, CLOUD_POD);
+    assert!(ip.checksum_valid);
+    assert_eq!(ip.udp()?.checksum_status, UdpChecksum::Absent, "0 means no checksum and must stay 0");
+    Ok(())
+}
+
+#[test]
+fn a_local_backend_sees_the_gateway_as_client_and_its_reply_is_translated_at_the_bridge_ingress() -> Result<()> {
+    let mut dp = edge("lb-local", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 2, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
+    let client = (LOCAL_POD, 40001);
+    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
+    assert_eq!(out.action, TC_ACT_OK, "left to the kernel, which delivers over the bridge");
+    // The client's own port is kept at the gateway when it is free.
+    assert_eq!(endpoints(&out), ((GATEWAY, 40001), (LOCAL_POD_2, 8080)));
+
+    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), (GATEWAY, 40001), TcpFlags::SYN | TcpFlags::ACK))?;
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(endpoints(&out), ((VIP, 80), client));
+    Ok(())
+}
+
+#[test]
+fn hairpin_a_pod_reaching_its_own_service_gets_its_own_reply() -> Result<()> {
+    let mut dp = edge("lb-hairpin", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 3, 80, TCP, 0, &[local(LOCAL_POD, 8080)])?;
+    let client = (LOCAL_POD, 40002);
+    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
+    // Source rewritten: the pod would drop a packet from its own address.
+    assert_eq!(endpoints(&out), ((GATEWAY, 40002), (LOCAL_POD, 8080)));
+    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 8080), (GATEWAY, 40002), TcpFlags::SYN | TcpFlags::ACK))?;
+    assert_eq!(endpoints(&out), ((VIP, 80), client));
+    Ok(())
+}
+
+#[test]
+fn two_clients_with_the_same_port_to_one_local_backend_get_distinct_gateway_ports() -> Result<()> {
+    let mut dp = edge("lb-snatport", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 4, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
+    let first = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 5000), (VIP, 80), TcpFlags::SYN))?;
+    let other_client = Ipv4Addr::new(10, 234, 1, 9);
+    let second = dp.run(Program::FromPod, &tcp_frame((other_client, 5000), (VIP, 80), TcpFlags::SYN))?;
+    let (first_src, _) = endpoints(&first);
+    let (second_src, _) = endpoints(&second);
+    assert_eq!(first_src, (GATEWAY, 5000));
+    assert_eq!(second_src.0, GATEWAY);
+    assert_ne!(second_src.1, 5000, "the reply tuple at the gateway must stay unique");
+    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), second_src, TcpFlags::ACK))?;
+    assert_eq!(endpoints(&out), ((VIP, 80), (other_client, 5000)));
+    Ok(())
+}
+
+#[test]
+fn a_service_without_endpoints_answers_tcp_with_rst_from_the_service_address() -> Result<()> {
+    let mut dp = edge("lb-rst", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 5, 80, TCP, 0, &[])?;
+    let client = (LOCAL_POD, 40003);
+    let syn = Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, VIP).tcp(40003, 80).seq(1000).flags(TcpFlags::SYN).build();
+    let out = dp.run(Program::FromPod, &syn)?;
+    assert_eq!(out.action, TC_ACT_REDIRECT, "sent back out of the bridge");
+    let eth = parse_eth(&out.data)?;
+    assert_eq!((eth.src, eth.dst), (BRIDGE_MAC, POD_MAC));
+    assert_eq!(endpoints(&out), ((VIP, 80), client));
+    let tcp = eth.ipv4()?.tcp()?;
+    assert_eq!(tcp.flags, TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!((tcp.seq, tcp.ack), (0, 1001), "acknowledges the SYN");
+    assert_eq!(dp.counter(Counter::ServiceRejected), 1);
+    Ok(())
+}
+
+#[test]
+fn a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_datagram() -> Result<()> {
+    let mut dp = edge("lb-unreach", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 6, 53, UDP, 0, &[])?;
+    let frame = udp_frame((LOCAL_POD, 40004), (VIP, 53));
+    let out = dp.run(Program::FromPod, &frame)?;
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let ip = parse_eth(&out.data)?.ipv4()?;
+    assert!(ip.checksum_valid);
+    assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD));
+    let icmp = ip.icmp()?;
+    assert!(icmp.checksum_valid, "ICMP checksum");
+    assert_eq!((icmp.icmp_type, icmp.code), (icmp_type::DEST_UNREACHABLE, 3));
+    assert_eq!(icmp.body, &frame[14..14 + 28], "quotes the IPv4 header and 8 bytes");
+    assert_eq!(dp.counter(Counter::ServiceRejected), 1);
+    Ok(())
+}
+
+#[test]
+fn new_flows_spread_over_backends_and_each_flow_sticks_to_its_choice() -> Result<()> {
+    let mut dp = edge("lb-spread", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 8, 80, TCP, 0, &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)])?;
+    let mut chosen = BTreeSet::new();
+    for port in 0..32u16 {
+        let client = (LOCAL_POD, 20000 + port);
+        let (_, first) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?);
+        let (_, again) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::ACK))?);
+        assert_eq!(first, again, "a flow never changes backend");
+        chosen.insert(first.0);
+    }
+    // Random choice: all 32 flows on one backend has probability 2^-31.
+    assert_eq!(chosen, BTreeSet::from([PEER_POD, CLOUD_POD]));
+    Ok(())
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_across_flows() -> Result<()> {
+    let mut dp = edge("lb-affinity", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 9, 80, TCP, service_flags::AFFINITY, &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)])?;
+    let mut chosen = BTreeSet::new();
+    for port in 0..16u16 {
+        let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 30000 + port), (VIP, 80), TcpFlags::SYN))?;
+        chosen.insert(endpoints(&out).1);
+    }
+    assert_eq!(chosen.len(), 1, "every flow of the client went to {chosen:?}");
+    Ok(())
+}
+
+#[test]
+fn packets_to_other_destinations_and_other_ports_are_untouched() -> Result<()> {
+    let mut dp = edge("lb-other", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 10, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
+    let frame = udp_frame((LOCAL_POD, 1234), (LOCAL_POD_2, 80));
+    let out = dp.run(Program::FromPod, &frame)?;
+    assert_eq!((out.action, &out.data), (TC_ACT_OK, &frame));
+    // The ClusterIP on a port it does not serve: not translated (routed as is).
+    let frame = tcp_frame((LOCAL_POD, 1234), (VIP, 81), TcpFlags::SYN);
+    dp.run(Program::FromPod, &frame)?;
+    assert_eq!(dp.counter(Counter::ServiceTranslated), 0);
+    // Egress toward pods: only replies of known flows change.
+    let frame = tcp_frame((PEER_POD, 8080), (LOCAL_POD, 1), TcpFlags::ACK);
+    let out = dp.run(Program::ToPod, &frame)?;
+    assert_eq!((out.action, &out.data), (TC_ACT_OK, &frame));
+    Ok(())
+}
