@@ -58,9 +58,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     };
     let mut tick = tokio::time::interval(options.poll_interval);
+    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options),
+            _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();

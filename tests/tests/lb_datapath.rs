@@ -269,3 +269,71 @@ fn packets_to_other_destinations_and_other_ports_are_untouched() -> Result<()> {
     assert_eq!((out.action, &out.data), (TC_ACT_OK, &frame));
     Ok(())
 }
+
+fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan {
+    use fabedge_agent::plan::services::{Frontend, ServicePlan};
+    let mut plan = ServicePlan { lb_config: LbConfig { gateway: GATEWAY.octets(), _pad: 0 }, ..Default::default() };
+    plan.frontends.insert(
+        ServiceKey { addr: VIP.octets(), port: 80, proto: TCP, _pad: 0 },
+        Frontend {
+            name: "default/web:http".into(),
+            entry: ServiceEntry { id: 1, count: backends.len() as u16, flags: 0, _pad: 0, affinity_timeout: 0 },
+            backends: backends.to_vec(),
+        },
+    );
+    plan
+}
+
+#[test]
+fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
+    use fabedge_agent::apply::services::apply_services;
+    let mut dp = edge("lb-remove", tunnel_mode::VXLAN)?;
+    let report = apply_services(&mut dp.maps, &plan_with(&[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)]))?;
+    assert_eq!((report.frontends_written, report.backends_written), (1, 2));
+    // Open flows until both backends carry one.
+    let mut flows = std::collections::BTreeMap::new();
+    for port in 0..32u16 {
+        let client = (LOCAL_POD, 21000 + port);
+        let (_, backend) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?);
+        flows.entry(backend.0).or_insert(client);
+    }
+    assert_eq!(flows.len(), 2);
+    let report = apply_services(&mut dp.maps, &plan_with(&[remote(CLOUD_POD, 8080)]))?;
+    assert_eq!(report.backends_removed, 1);
+    assert!(report.flows_purged >= 2, "both directions of the flows to the removed backend: {report:?}");
+    let doomed = flows[&PEER_POD];
+    let kept = flows[&CLOUD_POD];
+    assert!(dp.maps.ct.get(&ct_key(doomed, (VIP, 80), TCP), 0).is_err());
+    assert!(dp.maps.ct.get(&ct_key((PEER_POD, 8080), doomed, TCP), 0).is_err());
+    let kept_entry = dp.maps.ct.get(&ct_key(kept, (VIP, 80), TCP), 0)?;
+    assert_eq!(kept_entry.addr, CLOUD_POD.octets());
+    // The next packet of the doomed flow is balanced again, to a live backend.
+    let (_, backend) = endpoints(&dp.run(Program::FromPod, &tcp_frame(doomed, (VIP, 80), TcpFlags::ACK))?);
+    assert_eq!(backend, (CLOUD_POD, 8080));
+    // Re-applying the same plan changes nothing.
+    let again = apply_services(&mut dp.maps, &plan_with(&[remote(CLOUD_POD, 8080)]))?;
+    assert_eq!(again.changes(), 0, "{again:?}");
+    Ok(())
+}
+
+#[test]
+fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result<()> {
+    use fabedge_agent::ctgc;
+    let mut dp = edge("lb-gc", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
+    let (open, closed) = ((LOCAL_POD, 22001), (LOCAL_POD, 22002));
+    for client in [open, closed] {
+        dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
+        dp.run(Program::ToPod, &tcp_frame((PEER_POD, 8080), client, TcpFlags::SYN | TcpFlags::ACK))?;
+    }
+    dp.run(Program::FromPod, &tcp_frame(closed, (VIP, 80), TcpFlags::FIN | TcpFlags::ACK))?;
+    assert_eq!(dp.maps.ct_entries()?.len(), 4);
+    // A minute later: the closed flow is gone (both entries), the open one stays.
+    let later = ctgc::monotonic_ns() + 60_000_000_000;
+    let report = ctgc::collect(&mut dp.maps, later, |_| 0)?;
+    assert_eq!(report.ct_expired, 2);
+    assert!(dp.maps.ct.get(&ct_key(open, (VIP, 80), TCP), 0).is_ok());
+    assert!(dp.maps.ct.get(&ct_key(closed, (VIP, 80), TCP), 0).is_err());
+    assert!(dp.maps.ct.get(&ct_key((PEER_POD, 8080), closed, TCP), 0).is_err());
+    Ok(())
+}
