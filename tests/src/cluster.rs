@@ -348,6 +348,12 @@ impl Endpoint {
         &self.netns
     }
 
+    /// TCP connections and UDP datagrams its echo servers have answered
+    /// (which backend of a Service served a client).
+    pub fn requests_served(&self) -> u64 {
+        self.tcp.requests_served() + self.udp.requests_served()
+    }
+
     pub fn ping(&self, to: Ipv4Addr, count: u32) -> Result<PingResult> {
         ping(&self.netns, to, count, PING_INTERVAL)
             .with_context(|| format!("{} pinging {to}", self.label))
@@ -1071,6 +1077,26 @@ impl Cluster {
     }
 
     /// The node's namespace.
+    /// What kube-proxy (iptables mode) writes on a cloud node for a
+    /// ClusterIP: a DNAT in PREROUTING (pods) and OUTPUT (the node itself)
+    /// to one of `backends`, each picked with equal probability.
+    pub fn kube_proxy_dnat(&self, node: &str, vip: Ipv4Addr, port: u16, protocol: &str, backends: &[SocketAddrV4]) -> Result<()> {
+        let netns = self.node_netns(node)?;
+        for chain in ["PREROUTING", "OUTPUT"] {
+            for (i, backend) in backends.iter().enumerate() {
+                let probability = format!("{:.5}", 1.0 / (backends.len() - i) as f64);
+                let (vip, port, backend) = (vip.to_string(), port.to_string(), backend.to_string());
+                let mut args = vec!["-w", "-t", "nat", "-A", chain, "-d", &vip, "-p", protocol, "--dport", &port];
+                if i + 1 < backends.len() {
+                    args.extend(["-m", "statistic", "--mode", "random", "--probability", &probability]);
+                }
+                args.extend(["-j", "DNAT", "--to-destination", &backend]);
+                netns.run_ok("iptables", &args).with_context(|| format!("{node}: kube-proxy-like DNAT for {vip}:{port}"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn node_netns(&self, node: &str) -> Result<&Netns> {
         Ok(&self.cluster_node(node)?.netns)
     }
