@@ -1,7 +1,7 @@
 //! Conntrack garbage collection for `FE_CT` and `FE_AFFINITY`. The LRU
 //! bounds the tables; this expires what is idle, so a closed TCP connection
 //! or a finished DNS query frees its slot (and its source port at the
-//! gateway) quickly instead of when memory pressure evicts it.
+//! ClusterIP) quickly instead of when memory pressure evicts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -8,7 +8,7 @@ use fabedge_common::{
     Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
 };
 use fabedge_common::services::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, LbConfig, ServiceEntry, ServiceKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use ipnet::Ipv4Net;
 
@@ -24,7 +24,6 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub ct: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
-    pub lb_config: Array<MapData, LbConfig>,
 }
 
 impl Maps {
@@ -41,7 +40,6 @@ impl Maps {
             backends: typed(map_names::BACKENDS)?.try_into().context(map_names::BACKENDS)?,
             ct: typed(map_names::CT)?.try_into().context(map_names::CT)?,
             affinity: typed(map_names::AFFINITY)?.try_into().context(map_names::AFFINITY)?,
-            lb_config: typed(map_names::LB_CONFIG)?.try_into().context(map_names::LB_CONFIG)?,
         })
     }
 
@@ -144,13 +142,5 @@ impl Maps {
             }
         }
         Ok(out)
-    }
-
-    pub fn lb_config(&self) -> Result<LbConfig> {
-        self.lb_config.get(&0, 0).context("reading FE_LB_CONFIG")
-    }
-
-    pub fn set_lb_config(&mut self, config: LbConfig) -> Result<()> {
-        self.lb_config.set(0, config, 0).context("writing FE_LB_CONFIG")
     }
 }

@@ -30,7 +30,6 @@ pub mod map_names {
     pub const BACKENDS: &str = "FE_BACKENDS";
     pub const CT: &str = "FE_CT";
     pub const AFFINITY: &str = "FE_AFFINITY";
-    pub const LB_CONFIG: &str = "FE_LB_CONFIG";
 }
 
 /// Capacity of the route LPM trie (prefixes).

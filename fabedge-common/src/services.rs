@@ -4,7 +4,7 @@
 //!
 //! Conntrack keeps two entries per flow, one per direction, each keyed by the
 //! tuple as the packet carries it where it is looked up (client → VIP at
-//! `fe_from_pod`; backend → client at `fe_to_pod`, or backend → gateway at
+//! `fe_from_pod`; backend → client at `fe_to_pod`, or backend → ClusterIP at
 //! `fe_from_pod` for local backends). Calico folds both directions into one
 //! ordered key, which works because its NAT entry is separate; here the
 //! translation *is* the conntrack, and one lookup per packet with no tuple
@@ -19,18 +19,6 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_CT_ENTRIES: u32 = 131_072;
 /// Capacity of `FE_AFFINITY` (client IP × service id).
 pub const MAX_AFFINITY: u32 = 65_536;
-
-/// The single entry (key 0) of `FE_LB_CONFIG`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct LbConfig {
-    /// The pod bridge's address: the source clients of local backends are
-    /// rewritten to, so replies come back through `fe_from_pod`. Zero: no
-    /// local backends can be translated (dropped and counted).
-    pub gateway: [u8; 4],
-    pub _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 8);
 
 /// Key of `FE_SERVICES`.
 #[repr(C)]
@@ -77,8 +65,8 @@ pub struct BackendKey {
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 
 pub mod backend_flags {
-    /// The backend is a pod on this node: the client is also source-NATed to
-    /// the bridge address so the reply comes back through `fe_from_pod`.
+    /// The backend is a pod on this node: the client is also source-NATed (to
+    /// the ClusterIP) so the reply comes back through `fe_from_pod`.
     pub const LOCAL: u8 = 1 << 0;
 }
 
@@ -170,7 +158,6 @@ const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 mod pod {
     use super::*;
     // SAFETY: `repr(C)`, explicit padding, no pointers.
-    unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for BackendKey {}

@@ -7,9 +7,15 @@
 //!   into the pod bridge, where `fe_to_pod` (TC egress) rewrites its source;
 //! - local backend (and hairpin, client == backend): pods on one bridge talk
 //!   port to port, past every hook of ours, so the client is also
-//!   source-NATed to the bridge address (kube-proxy's hairpin masquerade,
-//!   for every local backend). The reply is then addressed to the gateway,
-//!   enters `fe_from_pod` and is reverse-translated before the route lookup.
+//!   source-NATed (kube-proxy's hairpin masquerade, for every local
+//!   backend). The source it gets is the ClusterIP itself, not the bridge
+//!   address kube-proxy uses: the kernel drops a packet arriving with one
+//!   of its own addresses as source (martian), while the ClusterIP is
+//!   routable (the Service CIDR route) and off the pod subnet, so the
+//!   backend's reply goes to the gateway, enters `fe_from_pod` and is
+//!   reverse-translated before the route lookup. (Cilium's answer is a
+//!   dedicated loopback address, 169.254.42.1; the ClusterIP needs no
+//!   address plan and tells the backend which Service it serves.)
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use fabedge_common::{
@@ -22,7 +28,7 @@ use fabedge_common::{
 
 use crate::{
     conntrack::{self, Tuple},
-    maps::{lb_config, FE_AFFINITY, FE_BACKENDS, FE_SERVICES},
+    maps::{FE_AFFINITY, FE_BACKENDS, FE_SERVICES},
     nat::{self, End, IPPROTO_TCP, L4_OFF},
     parse::{ptr_at, Ipv4Hdr, IPPROTO_UDP, IPV4_HLEN},
     reject,
@@ -40,7 +46,7 @@ pub enum Verdict {
 }
 
 /// Random source ports tried for a local backend when the client's own
-/// port is taken at the gateway.
+/// port is taken at the ClusterIP.
 const SNAT_PORT_TRIES: u32 = 3;
 const SNAT_PORT_MIN: u32 = 32_768;
 const SNAT_PORT_SPAN: u32 = 28_232;
@@ -83,7 +89,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<(Tuple, u8), ()>> {
 }
 
 /// `fe_from_pod`: translate a packet of a Service flow (new or known), or a
-/// reply of a local backend addressed to the gateway.
+/// reply of a local backend addressed to the ClusterIP.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
     let (t, tcp_flags) = match tuple(ctx, ip) {
@@ -205,17 +211,14 @@ fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
         ..CtEntry::default()
     };
     if backend.flags & backend_flags::LOCAL != 0 {
-        let Some(cfg) = lb_config() else {
-            return Verdict::Done(crate::forward::drop(Counter::DropServiceUnsupported));
-        };
         fwd.flags |= ct_flags::SNAT;
         reply.flags |= ct_flags::SNAT;
-        fwd.snat_addr = cfg.gateway;
+        fwd.snat_addr = t.daddr;
         reply.snat_addr = t.saddr;
         reply.snat_port = t.sport;
-        reply_key.daddr = cfg.gateway;
+        reply_key.daddr = t.daddr;
         // The client's own port first (what most flows keep), then a few
-        // random ones: the reply key must be unique at the gateway.
+        // random ones: the reply key must be unique at the ClusterIP.
         let mut port = t.sport;
         let mut claimed = false;
         let mut i = 0;

@@ -10,7 +10,7 @@ use fabedge_common::{
     MAX_PEERS, MAX_ROUTES,
 };
 use fabedge_common::services::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, LbConfig, ServiceEntry, ServiceKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
     DEFAULT_CT_ENTRIES, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
 
@@ -40,18 +40,6 @@ pub static FE_CT: LruHashMap<CtKey, CtEntry, { DEFAULT_CT_ENTRIES as usize }> = 
 
 #[btf_map]
 pub static FE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> = LruHashMap::new();
-
-#[btf_map]
-pub static FE_LB_CONFIG: Array<LbConfig, 1> = Array::new();
-
-/// Service translation settings, if the agent has written them.
-#[inline(always)]
-pub fn lb_config() -> Option<&'static LbConfig> {
-    match FE_LB_CONFIG.get(0) {
-        Some(cfg) if cfg.gateway != [0; 4] => Some(cfg),
-        _ => None,
-    }
-}
 
 /// The node's configuration, if the agent has completed it.
 #[inline(always)]

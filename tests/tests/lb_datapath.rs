@@ -9,7 +9,7 @@ use fabedge_agent::datapath::Program;
 use fabedge_common::{
     Counter,
     services::{
-        Backend, BackendKey, CtKey, LbConfig, ServiceEntry, ServiceKey, backend_flags, ct_flags, service_flags,
+        Backend, BackendKey, CtKey, ServiceEntry, ServiceKey, backend_flags, ct_flags, service_flags,
     },
     tunnel_mode,
 };
@@ -19,7 +19,6 @@ use fabedge_tests::{
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 234, 1, 1);
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
@@ -34,7 +33,6 @@ fn local(addr: Ipv4Addr, port: u16) -> Backend {
 /// Program frontend `VIP:port/proto` (id `id`) with `backends`, as apply would.
 fn frontend(dp: &mut TestDatapath, id: u32, port: u16, proto: u8, flags: u8, backends: &[Backend]) -> Result<()> {
     let maps = &mut dp.maps;
-    maps.set_lb_config(LbConfig { gateway: GATEWAY.octets(), _pad: 0 })?;
     for (slot, backend) in backends.iter().enumerate() {
         maps.backends.insert(BackendKey { service_id: id, slot: slot as u32 }, *backend, 0)?;
     }
@@ -141,16 +139,16 @@ fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
 }
 
 #[test]
-fn a_local_backend_sees_the_gateway_as_client_and_its_reply_is_translated_at_the_bridge_ingress() -> Result<()> {
+fn a_local_backend_sees_the_cluster_ip_as_client_and_its_reply_is_translated_at_the_bridge_ingress() -> Result<()> {
     let mut dp = edge("lb-local", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 2, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
     let client = (LOCAL_POD, 40001);
     let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
     assert_eq!(out.action, TC_ACT_OK, "left to the kernel, which delivers over the bridge");
-    // The client's own port is kept at the gateway when it is free.
-    assert_eq!(endpoints(&out), ((GATEWAY, 40001), (LOCAL_POD_2, 8080)));
+    // The client's own port is kept when it is free.
+    assert_eq!(endpoints(&out), ((VIP, 40001), (LOCAL_POD_2, 8080)));
 
-    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), (GATEWAY, 40001), TcpFlags::SYN | TcpFlags::ACK))?;
+    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), (VIP, 40001), TcpFlags::SYN | TcpFlags::ACK))?;
     assert_eq!(out.action, TC_ACT_OK);
     assert_eq!(endpoints(&out), ((VIP, 80), client));
     Ok(())
@@ -162,15 +160,16 @@ fn hairpin_a_pod_reaching_its_own_service_gets_its_own_reply() -> Result<()> {
     frontend(&mut dp, 3, 80, TCP, 0, &[local(LOCAL_POD, 8080)])?;
     let client = (LOCAL_POD, 40002);
     let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
-    // Source rewritten: the pod would drop a packet from its own address.
-    assert_eq!(endpoints(&out), ((GATEWAY, 40002), (LOCAL_POD, 8080)));
-    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 8080), (GATEWAY, 40002), TcpFlags::SYN | TcpFlags::ACK))?;
+    // Source rewritten: the pod would drop a packet from its own address,
+    // and the node one from its own (the gateway's).
+    assert_eq!(endpoints(&out), ((VIP, 40002), (LOCAL_POD, 8080)));
+    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 8080), (VIP, 40002), TcpFlags::SYN | TcpFlags::ACK))?;
     assert_eq!(endpoints(&out), ((VIP, 80), client));
     Ok(())
 }
 
 #[test]
-fn two_clients_with_the_same_port_to_one_local_backend_get_distinct_gateway_ports() -> Result<()> {
+fn two_clients_with_the_same_port_to_one_local_backend_get_distinct_source_ports() -> Result<()> {
     let mut dp = edge("lb-snatport", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 4, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
     let first = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 5000), (VIP, 80), TcpFlags::SYN))?;
@@ -178,9 +177,9 @@ fn two_clients_with_the_same_port_to_one_local_backend_get_distinct_gateway_port
     let second = dp.run(Program::FromPod, &tcp_frame((other_client, 5000), (VIP, 80), TcpFlags::SYN))?;
     let (first_src, _) = endpoints(&first);
     let (second_src, _) = endpoints(&second);
-    assert_eq!(first_src, (GATEWAY, 5000));
-    assert_eq!(second_src.0, GATEWAY);
-    assert_ne!(second_src.1, 5000, "the reply tuple at the gateway must stay unique");
+    assert_eq!(first_src, (VIP, 5000));
+    assert_eq!(second_src.0, VIP);
+    assert_ne!(second_src.1, 5000, "the reply tuple at the ClusterIP must stay unique");
     let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), second_src, TcpFlags::ACK))?;
     assert_eq!(endpoints(&out), ((VIP, 80), (other_client, 5000)));
     Ok(())
@@ -272,7 +271,7 @@ fn packets_to_other_destinations_and_other_ports_are_untouched() -> Result<()> {
 
 fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan {
     use fabedge_agent::plan::services::{Frontend, ServicePlan};
-    let mut plan = ServicePlan { lb_config: LbConfig { gateway: GATEWAY.octets(), _pad: 0 }, ..Default::default() };
+    let mut plan = ServicePlan::default();
     plan.frontends.insert(
         ServiceKey { addr: VIP.octets(), port: 80, proto: TCP, _pad: 0 },
         Frontend {

@@ -288,3 +288,4 @@ fn a_removed_backend_gets_no_new_flows_its_flows_fail_fast_and_the_others_contin
         Ok(())
     })
 }
+

@@ -42,9 +42,6 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     let mut plan = planned.clone();
     reuse_ids(&mut plan, &current);
 
-    if maps.lb_config()? != plan.lb_config {
-        maps.set_lb_config(plan.lb_config)?;
-    }
     let wanted_backends = plan.backend_map();
     let current_backends: BTreeMap<_, _> = maps.backend_entries()?.into_iter().collect();
     for (key, backend) in &wanted_backends {

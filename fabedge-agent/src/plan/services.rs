@@ -17,20 +17,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use fabedge_common::services::{
-    Backend, BackendKey, LbConfig, ServiceEntry, ServiceKey, backend_flags, service_flags, MAX_BACKENDS,
+    Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags, MAX_BACKENDS,
     MAX_SERVICES,
 };
 use ipnet::Ipv4Net;
 
 use crate::model::{EndpointSlice, NamespacedName, Protocol, Service, SessionAffinity, Snapshot, TargetPort, TrafficPolicy};
 
-/// What `FE_SERVICES`, `FE_BACKENDS` and `FE_LB_CONFIG` must hold.
+/// What `FE_SERVICES` and `FE_BACKENDS` must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServicePlan {
     /// Frontends with ids `1..`, in key order; apply keeps the ids of
     /// frontends already in the map (see [`reuse_ids`]).
     pub frontends: BTreeMap<ServiceKey, Frontend>,
-    pub lb_config: LbConfig,
     /// Services left out (capacity, unsupported protocol), with why.
     pub skipped: Vec<String>,
 }
@@ -99,8 +98,7 @@ fn port_backends(
 
 /// Plan Service translation for node `me` whose pod CIDR is `pod_cidr`.
 pub fn plan_services(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net) -> ServicePlan {
-    let gateway = super::cni::gateway(pod_cidr);
-    let mut plan = ServicePlan { lb_config: LbConfig { gateway: gateway.octets(), _pad: 0 }, ..Default::default() };
+    let mut plan = ServicePlan::default();
     let mut slices: BTreeMap<NamespacedName, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in snapshot.endpoint_slices.values() {
         if let Some(owner) = slice.service() {
@@ -237,7 +235,6 @@ mod tests {
             vec![endpoint([10, 234, 1, 10], true, false, "edge-1"), endpoint([10, 234, 2, 10], true, false, "edge-2")],
         );
         let plan = plan_services(&snap, "edge-1", cidr());
-        assert_eq!(plan.lb_config.gateway, [10, 234, 1, 1]);
         let http = &plan.frontends[&ServiceKey { addr: [10, 96, 0, 20], port: 80, proto: 6, _pad: 0 }];
         assert_eq!(http.name, "default/web:http");
         assert_eq!(http.entry.count, 2);
