@@ -29,7 +29,7 @@ use fabedge_common::{
 use crate::{
     conntrack::{self, Tuple},
     maps::{FE_AFFINITY, FE_BACKENDS, FE_SERVICES},
-    nat::{self, End, IPPROTO_TCP, L4_OFF},
+    nat::{self, End, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
     parse::{ptr_at, Ipv4Hdr, IPPROTO_UDP, IPV4_HLEN},
     reject,
     stats::count,
@@ -92,6 +92,9 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<(Tuple, u8), ()>> {
 /// reply of a local backend addressed to the ClusterIP.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
+    if ip.protocol == IPPROTO_ICMP {
+        return icmp_error(ctx, ip);
+    }
     let (t, tcp_flags) = match tuple(ctx, ip) {
         None => return Verdict::Untouched,
         Some(Ok(found)) => found,
@@ -118,12 +121,27 @@ pub fn from_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
 /// `fe_to_pod`: the reply of a remote backend on its way to a local client.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
+    if ip.protocol == IPPROTO_ICMP {
+        return icmp_error(ctx, ip);
+    }
     let Some(Ok((t, tcp_flags))) = tuple(ctx, ip) else {
         return Verdict::Untouched;
     };
     match conntrack::lookup(&t, tcp_flags) {
         Some(entry) if entry.flags & ct_flags::REPLY != 0 => apply(ctx, &t, &entry),
         _ => Verdict::Untouched,
+    }
+}
+
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
+    match crate::icmp::translate_error(ctx, ip) {
+        Ok(true) => {
+            count(Counter::ServiceTranslated);
+            Verdict::Translated
+        }
+        Ok(false) => Verdict::Untouched,
+        Err(()) => Verdict::Done(crate::forward::drop(Counter::DropHelperFailed)),
     }
 }
 

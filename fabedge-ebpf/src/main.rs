@@ -15,6 +15,7 @@ mod conntrack;
 mod csum;
 mod flannel;
 mod forward;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

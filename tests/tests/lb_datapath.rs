@@ -336,3 +336,72 @@ fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result
     assert!(dp.maps.ct.get(&ct_key((PEER_POD, 8080), closed, TCP), 0).is_err());
     Ok(())
 }
+
+/// The IPv4 packet inside a frame (bytes after the Ethernet header).
+fn ip_bytes(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+#[test]
+fn port_unreachable_from_a_remote_backend_reaches_the_client_as_if_from_the_service() -> Result<()> {
+    use fabedge_tests::packet::{IcmpError, parse_quoted_ipv4};
+    let mut dp = edge("lb-icmp", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 11, 53, UDP, 0, &[remote(PEER_POD, 5353)])?;
+    let client = (LOCAL_POD, 34567);
+    let out = dp.run(Program::FromPod, &udp_frame(client, (VIP, 53)))?;
+    let seen_by_backend = out.data.clone();
+    // The backend's node answers: nothing listens on 5353.
+    let error = Frame::eth(BRIDGE_MAC, POD_MAC)
+        .ipv4(PEER_POD, LOCAL_POD)
+        .icmp_error(IcmpError::PortUnreachable, ip_bytes(&seen_by_backend))
+        .build();
+    let out = dp.run(Program::ToPod, &error)?;
+    assert_eq!(out.action, TC_ACT_OK);
+    let ip = parse_eth(&out.data)?.ipv4()?;
+    assert!(ip.checksum_valid, "outer IPv4 checksum");
+    assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD), "from the Service address");
+    let icmp = ip.icmp()?;
+    assert!(icmp.checksum_valid, "ICMP checksum");
+    let quoted = parse_quoted_ipv4(icmp.body)?;
+    assert!(quoted.checksum_valid, "quoted IPv4 checksum");
+    assert_eq!((quoted.src, quoted.dst), (LOCAL_POD, VIP), "quotes what the client sent");
+    assert_eq!(&quoted.payload[..4], &[0x87, 0x07, 0, 53], "ports 34567 → 53");
+    Ok(())
+}
+
+#[test]
+fn icmp_error_from_a_local_backend_is_translated_back_for_the_snated_client() -> Result<()> {
+    use fabedge_tests::packet::{IcmpError, parse_quoted_ipv4};
+    let mut dp = edge("lb-icmp-local", tunnel_mode::VXLAN)?;
+    frontend(&mut dp, 12, 53, UDP, 0, &[local(LOCAL_POD_2, 5353)])?;
+    let client = (LOCAL_POD, 34568);
+    let out = dp.run(Program::FromPod, &udp_frame(client, (VIP, 53)))?;
+    assert_eq!(endpoints(&out), ((VIP, 34568), (LOCAL_POD_2, 5353)));
+    let error = Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(LOCAL_POD_2, VIP)
+        .icmp_error(IcmpError::PortUnreachable, ip_bytes(&out.data))
+        .build();
+    let out = dp.run(Program::FromPod, &error)?;
+    assert_eq!(out.action, TC_ACT_OK, "routed to the client like any local delivery");
+    let ip = parse_eth(&out.data)?.ipv4()?;
+    assert!(ip.checksum_valid);
+    assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD));
+    let icmp = ip.icmp()?;
+    assert!(icmp.checksum_valid, "ICMP checksum");
+    let quoted = parse_quoted_ipv4(icmp.body)?;
+    assert!(quoted.checksum_valid);
+    assert_eq!((quoted.src, quoted.dst), (LOCAL_POD, VIP));
+    assert_eq!(&quoted.payload[..4], &[0x87, 0x08, 0, 53]);
+    Ok(())
+}
+
+#[test]
+fn icmp_errors_about_other_flows_are_untouched() -> Result<()> {
+    use fabedge_tests::packet::IcmpError;
+    let dp = edge("lb-icmp-other", tunnel_mode::VXLAN)?;
+    let original = Frame::ipv4(LOCAL_POD, PEER_POD).udp(1000, 2000).payload(b"x").build();
+    let error = Frame::eth(BRIDGE_MAC, POD_MAC).ipv4(PEER_POD, LOCAL_POD).icmp_error(IcmpError::PortUnreachable, &original).build();
+    let out = dp.run(Program::ToPod, &error)?;
+    assert_eq!((out.action, out.data), (TC_ACT_OK, error));
+    Ok(())
+}
