@@ -289,3 +289,34 @@ fn a_removed_backend_gets_no_new_flows_its_flows_fail_fast_and_the_others_contin
     })
 }
 
+
+#[test]
+fn udp_port_unreachable_from_backends_reaches_the_client_from_the_service() -> Result<()> {
+    with_cluster(|cluster| {
+        // Backends with nothing listening on the target port: their kernels
+        // answer ICMP port unreachable about the translated datagram.
+        for (i, node) in ["edge-1", "edge-2"].iter().enumerate() {
+            let vip = Ipv4Addr::new(10, 96, 0, 80 + i as u8);
+            let name = format!("closed{i}");
+            let ip = cluster.pod(node)?.ip();
+            let yaml = format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {vip}\n  \
+                 ports:\n    - {{name: q, port: 80, protocol: UDP, targetPort: 7778}}\n    - {{name: t, port: 80, protocol: TCP, targetPort: 7778}}\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: default\n  \
+                 labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - {{name: q, port: 7778, protocol: UDP}}\n  \
+                 - {{name: t, port: 7778, protocol: TCP}}\nendpoints:\n  - addresses: [{ip}]\n    nodeName: {node}\n"
+            );
+            set_manifest_section(cluster, &name, &yaml)?;
+            wait_for_frontend(cluster, "edge-1", vip, 1)?;
+            let from = cluster.pod("edge-1")?;
+            let started = Instant::now();
+            let result = udp_echo(from.netns(), SocketAddrV4::new(vip, 80), b"hello?", TIMEOUT);
+            let message = format!("{:#}", result.err().context("a datagram to a closed port got an answer")?);
+            ensure!(
+                message.contains("port unreachable") && started.elapsed() < Duration::from_secs(2),
+                "backend on {node}: the client's connected socket must see the error from {vip}: {message}"
+            );
+        }
+        Ok(())
+    })
+}
