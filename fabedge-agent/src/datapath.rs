@@ -205,6 +205,16 @@ impl Datapath {
     /// Load the object, adopting pinned maps whose shape matches and refusing
     /// any whose shape does not. Nothing is attached yet.
     pub fn load(layout: PinLayout, mode: AttachMode) -> Result<Self> {
+        Self::load_with_ct_entries(layout, mode, fabedge_common::services::DEFAULT_CT_ENTRIES)
+    }
+
+    /// [`Datapath::load`] with `FE_CT` sized to `ct_entries` (the agent's
+    /// `--ct-entries`). A pinned `FE_CT` of another size is refused like any
+    /// other layout change.
+    pub fn load_with_ct_entries(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
+        if ct_entries == 0 {
+            bail!("--ct-entries must be at least 1 (it sizes the Service conntrack table FE_CT)");
+        }
         crate::sys::ensure_bpffs(layout.bpffs_root())?;
         // Directories this call creates, removed again (if still empty) when
         // loading fails: a failed start leaves nothing behind.
@@ -221,7 +231,7 @@ impl Datapath {
         }
         let adopted: BTreeSet<PathBuf> = read_dir_sorted(&layout.maps_dir())?.into_iter().collect();
         let maps_dir = layout.maps_dir();
-        let result = Self::load_into(layout, mode.resolve());
+        let result = Self::load_into(layout, mode.resolve(), ct_entries);
         if result.is_err() {
             // Pins aya created before a later step (e.g. the verifier) failed.
             for pin in read_dir_sorted(&maps_dir).unwrap_or_default() {
@@ -236,14 +246,16 @@ impl Datapath {
         result
     }
 
-    fn load_into(layout: PinLayout, mode: AttachMode) -> Result<Self> {
+    fn load_into(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
         let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
         let names = pinned_map_names(&object);
         for name in &names {
-            check_pinned_shape(name, &object.maps[name], &layout.map(name))?;
+            let max_entries = (name == fabedge_common::map_names::CT).then_some(ct_entries);
+            check_pinned_shape(name, &object.maps[name], max_entries, &layout.map(name))?;
         }
         let pin_paths: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), layout.map(n))).collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(fabedge_common::map_names::CT, ct_entries);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -356,13 +368,19 @@ impl Datapath {
 /// Refuse a pinned map whose shape differs from the one this binary was
 /// built with: aya would otherwise adopt it silently and the programs would
 /// read garbage.
-fn check_pinned_shape(name: &str, expected: &aya_obj::Map, path: &Path) -> Result<()> {
+fn check_pinned_shape(name: &str, expected: &aya_obj::Map, max_entries: Option<u32>, path: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let found = MapInfo::from_pin(path).with_context(|| format!("reading pinned map {}", path.display()))?;
     let found_type = found.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
-    let want = (expected.map_type(), expected.key_size(), expected.value_size(), expected.max_entries(), expected.map_flags());
+    let want = (
+        expected.map_type(),
+        expected.key_size(),
+        expected.value_size(),
+        max_entries.unwrap_or(expected.max_entries()),
+        expected.map_flags(),
+    );
     let got = (found_type, found.key_size(), found.value_size(), found.max_entries(), found.map_flags());
     if want == got {
         return Ok(());

@@ -95,6 +95,10 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Capacity of the Service conntrack table (LRU; two entries per flow).
+    /// Changing it on a node with a pinned table needs `uninstall` first.
+    #[arg(long, default_value_t = fabedge_common::services::DEFAULT_CT_ENTRIES)]
+    ct_entries: u32,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -145,6 +149,7 @@ fn main() -> Result<()> {
                 attach_mode: args.attach_mode,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
+                ct_entries: args.ct_entries,
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
         }

@@ -34,10 +34,12 @@ pub struct RunOptions {
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
+    /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
+    pub ct_entries: u32,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    let mut datapath = Datapath::load(options.layout.clone(), options.attach_mode)?;
+    let mut datapath = Datapath::load_with_ct_entries(options.layout.clone(), options.attach_mode, options.ct_entries)?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
     let mut reconciler = Reconciler::new(&options)?;

@@ -405,3 +405,24 @@ fn icmp_errors_about_other_flows_are_untouched() -> Result<()> {
     assert_eq!((out.action, out.data), (TC_ACT_OK, error));
     Ok(())
 }
+
+#[test]
+fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_refused_with_the_fix() -> Result<()> {
+    use fabedge_agent::datapath::{self, AttachMode, Datapath, PinLayout};
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-ct-size", std::process::id()));
+    let layout = PinLayout::new(&root);
+    let result = (|| -> Result<()> {
+        let dp = Datapath::load_with_ct_entries(layout.clone(), AttachMode::Auto, 1024)?;
+        let info = aya::maps::MapInfo::from_pin(layout.map("FE_CT"))?;
+        assert_eq!(info.max_entries(), 1024);
+        drop(dp);
+        let err = match Datapath::load_with_ct_entries(layout.clone(), AttachMode::Auto, 2048) {
+            Ok(_) => anyhow::bail!("a pinned FE_CT of 1024 entries was adopted as 2048"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("FE_CT") && err.contains("uninstall"), "{err}");
+        Ok(())
+    })();
+    datapath::uninstall(&root)?;
+    result
+}
