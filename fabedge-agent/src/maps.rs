@@ -143,4 +143,16 @@ impl Maps {
         }
         Ok(out)
     }
+
+    /// Set a counter the agent owns (a gauge): the value on CPU 0, zero elsewhere.
+    pub fn set_gauge(&mut self, counter: Counter, value: u64) -> Result<()> {
+        if self.counter(counter)? == value {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut values = vec![0u64; cpus];
+        values[0] = value;
+        let values = aya::maps::PerCpuValues::try_from(values).context("per-CPU values")?;
+        self.counters.set(counter as u32, values, 0).with_context(|| format!("writing counter {}", counter.name()))
+    }
 }

@@ -63,6 +63,9 @@ counters! {
     ServiceTranslated = 21, "service_translated", false;
     /// A Service with no endpoints answered a client with TCP RST / ICMP port unreachable.
     ServiceRejected = 22, "service_rejected", false;
+    /// Gauge written by the agent, not the datapath: Services left out of
+    /// the maps because they would not fit (see the agent's log).
+    ServicesNotProgrammed = 23, "services_not_programmed", false;
 
     /// No route for the destination.
     DropNoRoute = 32, "drop_no_route", true;

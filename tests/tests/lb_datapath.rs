@@ -426,3 +426,18 @@ fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_ref
     datapath::uninstall(&root)?;
     result
 }
+
+#[test]
+fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
+    use fabedge_agent::apply::services::apply_services;
+    let mut dp = edge("lb-full", tunnel_mode::VXLAN)?;
+    let mut plan = plan_with(&[remote(PEER_POD, 8080)]);
+    plan.skipped.push("service default/big is not programmed: ...".into());
+    apply_services(&mut dp.maps, &plan)?;
+    assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 1);
+    assert_eq!(dp.maps.service_entries()?.len(), 1, "the Service that fits is programmed");
+    plan.skipped.clear();
+    apply_services(&mut dp.maps, &plan)?;
+    assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 0);
+    Ok(())
+}

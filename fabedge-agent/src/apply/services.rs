@@ -38,6 +38,7 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     for skipped in &planned.skipped {
         warn!("{skipped}");
     }
+    maps.set_gauge(fabedge_common::Counter::ServicesNotProgrammed, planned.skipped.len() as u64)?;
     let current: BTreeMap<ServiceKey, ServiceEntry> = maps.service_entries()?.into_iter().collect();
     let mut plan = planned.clone();
     reuse_ids(&mut plan, &current);

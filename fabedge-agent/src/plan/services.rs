@@ -98,6 +98,11 @@ fn port_backends(
 
 /// Plan Service translation for node `me` whose pod CIDR is `pod_cidr`.
 pub fn plan_services(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net) -> ServicePlan {
+    plan_within(snapshot, me, pod_cidr, MAX_SERVICES as usize, MAX_BACKENDS as usize)
+}
+
+/// [`plan_services`] for maps of `max_frontends` and `max_backends` entries.
+fn plan_within(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net, max_frontends: usize, max_backends: usize) -> ServicePlan {
     let mut plan = ServicePlan::default();
     let mut slices: BTreeMap<NamespacedName, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in snapshot.endpoint_slices.values() {
@@ -141,10 +146,10 @@ pub fn plan_services(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net) -> Servic
             }
         }
         let backends: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
-        if plan.frontends.len() + frontends.len() > MAX_SERVICES as usize || backend_total + backends > MAX_BACKENDS as usize {
+        if plan.frontends.len() + frontends.len() > max_frontends || backend_total + backends > max_backends {
             plan.skipped.push(format!(
-                "service {name} is not programmed: FE_SERVICES holds {MAX_SERVICES} frontends and FE_BACKENDS \
-                 {MAX_BACKENDS} backends, and {} + {} frontends / {backend_total} + {backends} backends do not fit; \
+                "service {name} is not programmed: FE_SERVICES holds {max_frontends} frontends and FE_BACKENDS \
+                 {max_backends} backends, and {} + {} frontends / {backend_total} + {backends} backends do not fit; \
                  its clients' packets go to the connector untranslated. Fix: fewer Services or a build with larger maps",
                 plan.frontends.len(),
                 frontends.len()
@@ -286,6 +291,31 @@ mod tests {
         assert_eq!(f.backends.len(), 1);
         assert_eq!(f.backends[0].addr, [10, 234, 1, 5]);
         assert_eq!((f.entry.flags, f.entry.affinity_timeout), (service_flags::AFFINITY, 30));
+    }
+
+    #[test]
+    fn a_service_that_does_not_fit_is_left_out_whole_with_a_message_and_the_others_stay() {
+        let ports = vec![EndpointPort { name: String::new(), port: Some(80), protocol: Protocol::Tcp }];
+        let mut snap = snapshot(
+            service(vec![port("", 80, Protocol::Tcp, TargetPort::Number(80))]),
+            ports.clone(),
+            vec![endpoint([10, 234, 2, 1], true, false, "edge-2"), endpoint([10, 234, 2, 2], true, false, "edge-2")],
+        );
+        let mut big = service(vec![port("a", 80, Protocol::Tcp, TargetPort::Number(80)), port("b", 81, Protocol::Tcp, TargetPort::Number(80))]);
+        big.name = "big".into();
+        big.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 30)];
+        snap.services.insert(NamespacedName::new("default", "big"), big);
+        // Services are planned in name order: default/big (2 frontends)
+        // takes the room for 2, default/web does not fit and is left out.
+        let plan = plan_within(&snap, "edge-1", cidr(), 2, 100);
+        let names: Vec<_> = plan.frontends.values().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["default/big:a", "default/big:b"]);
+        assert_eq!(plan.skipped.len(), 1);
+        assert!(plan.skipped[0].contains("service default/web is not programmed"), "{}", plan.skipped[0]);
+        // The backend limit the same way: web's 2 backends do not fit 1.
+        let plan = plan_within(&snap, "edge-1", cidr(), 100, 1);
+        assert!(plan.frontends.values().all(|f| f.name.starts_with("default/big")));
+        assert!(plan.skipped[0].contains("default/web"));
     }
 
     #[test]
