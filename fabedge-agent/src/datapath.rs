@@ -23,7 +23,7 @@ use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Map, MapData, MapInfo},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
@@ -96,6 +96,9 @@ impl Program {
         }
     }
 }
+
+/// The cgroup sock_addr programs (hostNetwork clients of Services).
+pub const SOCK_PROGRAMS: [&str; 4] = ["fe_sock_connect4", "fe_sock_sendmsg4", "fe_sock_recvmsg4", "fe_sock_getpeername4"];
 
 /// A program on an interface: `from-pod=br-fabedge`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -268,6 +271,14 @@ impl Datapath {
                 .with_context(|| format!("{} is not a TC program", program.symbol()))?;
             prog.load().with_context(|| format!("verifying and loading {}", program.symbol()))?;
         }
+        for symbol in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(symbol)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {symbol}"))?
+                .try_into()
+                .with_context(|| format!("{symbol} is not a cgroup sock_addr program"))?;
+            prog.load().with_context(|| format!("verifying and loading {symbol}"))?;
+        }
         Ok(Datapath { ebpf, layout, mode })
     }
 
@@ -296,12 +307,56 @@ impl Datapath {
         .with_context(|| format!("attaching {attachment} ({:?})", self.mode))
     }
 
+    /// Attach the hostNetwork Service programs to `cgroup` (a cgroup v2
+    /// directory): every socket of its processes, in any network namespace,
+    /// is translated. Links are pinned as `links/<program>@cgroup`; on
+    /// restart the new link is made before the old one is released (two
+    /// programs for a moment: the second finds a backend address, not a
+    /// Service, and leaves it).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let fs = nix::sys::statfs::statfs(cgroup).with_context(|| format!("cgroup {} (--cgroup)", cgroup.display()))?;
+        if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+            bail!(
+                "--cgroup {} is not a cgroup v2 directory; point it at the cgroup2 mount \
+                 (`grep cgroup2 /proc/self/mountinfo`, e.g. /sys/fs/cgroup/unified on hybrid hosts) \
+                 or pass --no-cgroup to leave hostNetwork clients untranslated",
+                cgroup.display()
+            );
+        }
+        let dir = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {} (is it a cgroup v2 directory? see --cgroup)", cgroup.display()))?;
+        for symbol in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(symbol)
+                .expect("loaded in Datapath::load")
+                .try_into()
+                .expect("a cgroup sock_addr program");
+            let id = prog
+                // Single: bpf_link_create takes no flags (cgroup links always coexist).
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {symbol} to cgroup {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into().with_context(|| format!("{symbol}: not an fd link"))?;
+            let pin = self.layout.links_dir().join(format!("{symbol}@cgroup"));
+            if pin.exists() {
+                let old = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+                drop(old.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+            }
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        info!("hostNetwork Service translation attached to cgroup {}", cgroup.display());
+        Ok(())
+    }
+
     /// Attachments with a pinned TCX link. (Netlink filters are not listed:
     /// in netlink mode only attachments made by this process are known.)
     pub fn attached(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for pin in read_dir_sorted(&self.layout.links_dir())? {
             let name = pin.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if SOCK_PROGRAMS.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
             let parsed = name.split_once('@').and_then(|(symbol, iface)| {
                 Program::ALL.into_iter().find(|p| p.symbol() == symbol).map(|p| Attachment::new(p, iface))
             });

@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
     pub ct_entries: u32,
+    /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
+    /// node's own processes) get Service translation; `None`: none.
+    pub cgroup: Option<PathBuf>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -87,6 +90,8 @@ struct Reconciler {
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
     last_error: Option<String>,
+    /// Whether the socket-level Service programs are attached to the cgroup.
+    cgroup_attached: bool,
 }
 
 impl Reconciler {
@@ -99,7 +104,14 @@ impl Reconciler {
             }),
             Err(_) => PeerIds::new(),
         };
-        Ok(Reconciler { applier: Applier::default(), peer_ids, peer_ids_path, applied_text: None, last_error: None })
+        Ok(Reconciler {
+            applier: Applier::default(),
+            peer_ids,
+            peer_ids_path,
+            applied_text: None,
+            last_error: None,
+            cgroup_attached: false,
+        })
     }
 
     fn reconcile_if_changed(&mut self, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) {
@@ -139,6 +151,10 @@ impl Reconciler {
             warn!("{warning}");
         }
         self.applier.apply(datapath, maps, &plan, &settings)?;
+        if let Some(cgroup) = options.cgroup.as_deref().filter(|_| plan.role == crate::model::Role::Edge && !self.cgroup_attached) {
+            datapath.attach_cgroup(cgroup)?;
+            self.cgroup_attached = true;
+        }
         if plan.peer_ids != self.peer_ids {
             let json = serde_json::to_vec_pretty(&plan.peer_ids)?;
             write_if_changed(&self.peer_ids_path, &json, 0o600)?;

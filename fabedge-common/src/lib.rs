@@ -30,6 +30,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "FE_BACKENDS";
     pub const CT: &str = "FE_CT";
     pub const AFFINITY: &str = "FE_AFFINITY";
+    pub const SOCK_REVNAT: &str = "FE_SOCK_REVNAT";
 }
 
 /// Capacity of the route LPM trie (prefixes).

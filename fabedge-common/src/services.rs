@@ -154,6 +154,34 @@ pub struct AffinityEntry {
 }
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 
+/// Capacity of `FE_SOCK_REVNAT` (connected hostNetwork sockets to Services).
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
+
+/// Key of `FE_SOCK_REVNAT`: a socket of a hostNetwork client and the backend
+/// its connect/sendmsg was translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub backend: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
+/// Value of `FE_SOCK_REVNAT`: the Service address the socket believes it talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevEntry {
+    pub addr: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevEntry>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -166,4 +194,6 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevEntry {}
 }

@@ -11,7 +11,7 @@ use fabedge_common::{
 };
 use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
-    DEFAULT_CT_ENTRIES, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
+    SockRevEntry, SockRevKey, DEFAULT_CT_ENTRIES, MAX_AFFINITY, MAX_SOCK_REVNAT, MAX_BACKENDS, MAX_SERVICES,
 };
 
 #[btf_map]
@@ -40,6 +40,9 @@ pub static FE_CT: LruHashMap<CtKey, CtEntry, { DEFAULT_CT_ENTRIES as usize }> = 
 
 #[btf_map]
 pub static FE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static FE_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
 
 /// The node's configuration, if the agent has completed it.
 #[inline(always)]

@@ -320,3 +320,37 @@ fn udp_port_unreachable_from_backends_reaches_the_client_from_the_service() -> R
         Ok(())
     })
 }
+
+#[test]
+fn host_network_client_on_an_edge_node_reaches_a_cluster_ip_through_socket_translation() -> Result<()> {
+    with_cluster(|cluster| {
+        let vip = Ipv4Addr::new(10, 96, 0, 90);
+        let backends = [(cluster.pod("edge-2")?.ip(), "edge-2", true), (cluster.pod("cloud-2")?.ip(), "cloud-2", true)];
+        set_manifest_section(cluster, "hostnet", &service_yaml("hostnet", vip, &backends))?;
+        wait_for_frontend(cluster, "edge-1", vip, 2)?;
+        // TCP: connect to the ClusterIP; getpeername must still say so.
+        // UDP: unconnected sendto / recvfrom; the reply must come from it.
+        let script = format!(
+            r#"
+import socket
+t = socket.create_connection(("{vip}", 80), timeout=5)
+t.sendall(b"hello")
+print("tcp", t.recv(5).decode(), t.getpeername()[0], t.getpeername()[1])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"query", ("{vip}", 80))
+data, peer = u.recvfrom(100)
+print("udp", data.decode(), peer[0], peer[1])
+"#
+        );
+        for _ in 0..3 {
+            let out = cluster.run_host_python("edge-1", &script)?;
+            ensure!(
+                out.contains(&format!("tcp hello {vip} 80")) && out.contains(&format!("udp query {vip} 80")),
+                "hostNetwork client output: {out}"
+            );
+        }
+        Ok(())
+    })
+}
+
