@@ -25,7 +25,10 @@ pub mod timeout {
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -35,7 +38,9 @@ pub fn monotonic_ns() -> u64 {
 pub fn idle_limit_ns(entry: &CtEntry) -> u64 {
     let seconds = match entry.proto {
         6 if entry.flags & ct_flags::CLOSING != 0 => timeout::TCP_CLOSING_S,
-        6 if entry.flags & ct_flags::SEEN_REPLY == 0 && entry.flags & ct_flags::REPLY != 0 => timeout::TCP_UNANSWERED_S,
+        6 if entry.flags & ct_flags::SEEN_REPLY == 0 && entry.flags & ct_flags::REPLY != 0 => {
+            timeout::TCP_UNANSWERED_S
+        }
         6 => timeout::TCP_ESTABLISHED_S,
         _ => timeout::UDP_S,
     };
@@ -49,10 +54,15 @@ pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// (the next tick retries), never fatal.
 pub fn collect_and_log(maps: &mut Maps) {
     let timeouts: std::collections::BTreeMap<u32, u64> = match maps.service_entries() {
-        Ok(entries) => entries.into_iter().map(|(_, e)| (e.id, e.affinity_timeout as u64)).collect(),
+        Ok(entries) => entries
+            .into_iter()
+            .map(|(_, e)| (e.id, e.affinity_timeout as u64))
+            .collect(),
         Err(e) => return log::warn!("conntrack GC: {e:#}"),
     };
-    match collect(maps, monotonic_ns(), |id| timeouts.get(&id).copied().unwrap_or(0)) {
+    match collect(maps, monotonic_ns(), |id| {
+        timeouts.get(&id).copied().unwrap_or(0)
+    }) {
         Ok(report) if report != GcReport::default() => log::debug!("conntrack GC: {report:?}"),
         Ok(_) => {}
         Err(e) => log::warn!("conntrack GC: {e:#}"),
@@ -67,20 +77,37 @@ pub struct GcReport {
 
 /// The reply-direction key of a forward entry.
 pub fn reply_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    let (daddr, dport) =
-        if entry.flags & ct_flags::SNAT != 0 { (entry.snat_addr, entry.snat_port) } else { (key.saddr, key.sport) };
-    CtKey { saddr: entry.addr, daddr, sport: entry.port, dport, proto: key.proto, _pad: [0; 3] }
+    let (daddr, dport) = if entry.flags & ct_flags::SNAT != 0 {
+        (entry.snat_addr, entry.snat_port)
+    } else {
+        (key.saddr, key.sport)
+    };
+    CtKey {
+        saddr: entry.addr,
+        daddr,
+        sport: entry.port,
+        dport,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// Delete expired entries. A flow's two entries expire together, judged on
 /// the pair: the later timestamp, and the reply entry's state (it alone
 /// learns whether the backend answered).
-pub fn collect(maps: &mut Maps, now_ns: u64, affinity_timeout_s: impl Fn(u32) -> u64) -> Result<GcReport> {
+pub fn collect(
+    maps: &mut Maps,
+    now_ns: u64,
+    affinity_timeout_s: impl Fn(u32) -> u64,
+) -> Result<GcReport> {
     let mut report = GcReport::default();
     let entries: BTreeMap<CtKey, CtEntry> = maps.ct_entries()?.into_iter().collect();
     let mut paired = BTreeSet::new();
     let mut expired = Vec::new();
-    for (key, entry) in entries.iter().filter(|(_, e)| e.flags & ct_flags::FORWARD != 0) {
+    for (key, entry) in entries
+        .iter()
+        .filter(|(_, e)| e.flags & ct_flags::FORWARD != 0)
+    {
         let rkey = reply_key(key, entry);
         let mut judged = *entry;
         if let Some(reply) = entries.get(&rkey) {
@@ -95,7 +122,10 @@ pub fn collect(maps: &mut Maps, now_ns: u64, affinity_timeout_s: impl Fn(u32) ->
             }
         }
     }
-    for (key, entry) in entries.iter().filter(|(k, e)| e.flags & ct_flags::FORWARD == 0 && !paired.contains(k)) {
+    for (key, entry) in entries
+        .iter()
+        .filter(|(k, e)| e.flags & ct_flags::FORWARD == 0 && !paired.contains(k))
+    {
         if now_ns.saturating_sub(entry.last_seen_ns) > idle_limit_ns(entry) {
             expired.push(*key);
         }
@@ -106,7 +136,9 @@ pub fn collect(maps: &mut Maps, now_ns: u64, affinity_timeout_s: impl Fn(u32) ->
     }
     report.ct_expired = expired.len();
     for (key, entry) in maps.affinity_entries()? {
-        if now_ns.saturating_sub(entry.last_seen_ns) > affinity_timeout_s(key.service_id) * 1_000_000_000 {
+        if now_ns.saturating_sub(entry.last_seen_ns)
+            > affinity_timeout_s(key.service_id) * 1_000_000_000
+        {
             let _ = maps.affinity.remove(&key);
             report.affinity_expired += 1;
         }
@@ -119,7 +151,11 @@ mod tests {
     use super::*;
 
     fn entry(proto: u8, flags: u8) -> CtEntry {
-        CtEntry { proto, flags, ..CtEntry::default() }
+        CtEntry {
+            proto,
+            flags,
+            ..CtEntry::default()
+        }
     }
 
     #[test]
@@ -128,7 +164,14 @@ mod tests {
         let established = idle_limit_ns(&entry(6, ct_flags::REPLY | ct_flags::SEEN_REPLY));
         assert_eq!(closing, 10_000_000_000);
         assert!(established >= 3600 * 1_000_000_000);
-        assert_eq!(idle_limit_ns(&entry(6, ct_flags::REPLY)), 60_000_000_000, "SYN never answered");
-        assert_eq!(idle_limit_ns(&entry(17, ct_flags::FORWARD)), 120_000_000_000);
+        assert_eq!(
+            idle_limit_ns(&entry(6, ct_flags::REPLY)),
+            60_000_000_000,
+            "SYN never answered"
+        );
+        assert_eq!(
+            idle_limit_ns(&entry(17, ct_flags::FORWARD)),
+            120_000_000_000
+        );
     }
 }

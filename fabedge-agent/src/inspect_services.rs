@@ -35,8 +35,13 @@ impl Row for ServiceRow {
         vec![
             self.frontend.clone(),
             self.id.to_string(),
-            self.session_affinity_seconds.map_or("-".into(), |s| format!("ClientIP {s}s")),
-            if self.backends.is_empty() { "(none: rejected)".into() } else { self.backends.join(" ") },
+            self.session_affinity_seconds
+                .map_or("-".into(), |s| format!("ClientIP {s}s")),
+            if self.backends.is_empty() {
+                "(none: rejected)".into()
+            } else {
+                self.backends.join(" ")
+            },
         ]
     }
 }
@@ -50,12 +55,18 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
             frontend: describe(&key),
             id: entry.id,
             backends: (0..entry.count as u32)
-                .map(|slot| match backends.get(&fabedge_common::services::BackendKey { service_id: entry.id, slot }) {
-                    Some(b) => endpoint(b.addr, b.port),
-                    None => format!("(slot {slot} missing)"),
+                .map(|slot| {
+                    match backends.get(&fabedge_common::services::BackendKey {
+                        service_id: entry.id,
+                        slot,
+                    }) {
+                        Some(b) => endpoint(b.addr, b.port),
+                        None => format!("(slot {slot} missing)"),
+                    }
                 })
                 .collect(),
-            session_affinity_seconds: (entry.flags & service_flags::AFFINITY != 0).then_some(entry.affinity_timeout),
+            session_affinity_seconds: (entry.flags & service_flags::AFFINITY != 0)
+                .then_some(entry.affinity_timeout),
         })
         .collect())
 }
@@ -71,7 +82,12 @@ pub struct BackendRow {
 impl Row for BackendRow {
     const HEADERS: &'static [&'static str] = &["SERVICE-ID", "SLOT", "BACKEND", "LOCAL"];
     fn cells(&self) -> Vec<String> {
-        vec![self.service_id.to_string(), self.slot.to_string(), self.backend.clone(), self.local.to_string()]
+        vec![
+            self.service_id.to_string(),
+            self.slot.to_string(),
+            self.backend.clone(),
+            self.local.to_string(),
+        ]
     }
 }
 
@@ -103,7 +119,9 @@ pub struct CtRow {
 }
 
 impl Row for CtRow {
-    const HEADERS: &'static [&'static str] = &["PROTO", "TUPLE", "DIR", "REWRITE", "SVC", "IDLE", "EXPIRES", "FLAGS"];
+    const HEADERS: &'static [&'static str] = &[
+        "PROTO", "TUPLE", "DIR", "REWRITE", "SVC", "IDLE", "EXPIRES", "FLAGS",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.proto.into(),
@@ -128,9 +146,17 @@ pub fn ct(maps: &Maps) -> Result<Vec<CtRow>> {
             let snat = e.flags & ct_flags::SNAT != 0;
             let translation = match (forward, snat) {
                 (true, false) => format!("dst {}", endpoint(e.addr, e.port)),
-                (true, true) => format!("dst {} src {}", endpoint(e.addr, e.port), endpoint(e.snat_addr, e.snat_port)),
+                (true, true) => format!(
+                    "dst {} src {}",
+                    endpoint(e.addr, e.port),
+                    endpoint(e.snat_addr, e.snat_port)
+                ),
                 (false, false) => format!("src {}", endpoint(e.addr, e.port)),
-                (false, true) => format!("src {} dst {}", endpoint(e.addr, e.port), endpoint(e.snat_addr, e.snat_port)),
+                (false, true) => format!(
+                    "src {} dst {}",
+                    endpoint(e.addr, e.port),
+                    endpoint(e.snat_addr, e.snat_port)
+                ),
             };
             let idle = now.saturating_sub(e.last_seen_ns);
             let flags = [
@@ -144,7 +170,11 @@ pub fn ct(maps: &Maps) -> Result<Vec<CtRow>> {
             .collect();
             CtRow {
                 proto: proto_name(key.proto),
-                tuple: format!("{} -> {}", endpoint(key.saddr, key.sport), endpoint(key.daddr, key.dport)),
+                tuple: format!(
+                    "{} -> {}",
+                    endpoint(key.saddr, key.sport),
+                    endpoint(key.daddr, key.dport)
+                ),
                 direction: if forward { "forward" } else { "reply" },
                 translation,
                 service_id: e.service_id,

@@ -5,7 +5,7 @@
 //! LRU bounds the table whatever happens.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use fabedge_common::services::{ct_flags, CtEntry, CtKey};
+use fabedge_common::services::{CtEntry, CtKey, ct_flags};
 
 use crate::maps::FE_CT;
 
@@ -28,7 +28,14 @@ pub struct Tuple {
 impl Tuple {
     #[inline(always)]
     pub fn key(&self) -> CtKey {
-        CtKey { saddr: self.saddr, daddr: self.daddr, sport: self.sport, dport: self.dport, proto: self.proto, _pad: [0; 3] }
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
     }
 }
 

@@ -10,12 +10,12 @@
 //! does not check it, and it is often not quoted whole).
 
 use aya_ebpf::programs::TcContext;
-use fabedge_common::services::{ct_flags, CtKey};
+use fabedge_common::services::{CtKey, ct_flags};
 
 use crate::{
     maps::FE_CT,
     nat::L4_OFF,
-    parse::{ptr_at, Ipv4Hdr, ETH_HLEN, IPV4_HLEN},
+    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, ptr_at},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -33,19 +33,25 @@ pub fn translate_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Result<bool, ()> {
     if outer.header_len() != IPV4_HLEN {
         return Ok(false);
     }
-    let Some(icmp_type) = ptr_at::<u8>(ctx, L4_OFF) else { return Ok(false) };
+    let Some(icmp_type) = ptr_at::<u8>(ctx, L4_OFF) else {
+        return Ok(false);
+    };
     // SAFETY: bounds checked by ptr_at.
     let icmp_type = unsafe { *icmp_type };
     if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
         return Ok(false);
     }
-    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, INNER_OFF) else { return Ok(false) };
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, INNER_OFF) else {
+        return Ok(false);
+    };
     // SAFETY: bounds checked by ptr_at.
     let inner = unsafe { *inner };
     if inner.header_len() != IPV4_HLEN || (inner.protocol != 6 && inner.protocol != 17) {
         return Ok(false);
     }
-    let Some(ports) = ptr_at::<[u8; 4]>(ctx, INNER_L4_OFF) else { return Ok(false) };
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, INNER_L4_OFF) else {
+        return Ok(false);
+    };
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { *ports };
     let (isport, idport) = ([ports[0], ports[1]], [ports[2], ports[3]]);
@@ -59,7 +65,9 @@ pub fn translate_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Result<bool, ()> {
         _pad: [0; 3],
     };
     // SAFETY: read-only copy.
-    let Some(entry) = (unsafe { FE_CT.get(&key) }).copied() else { return Ok(false) };
+    let Some(entry) = (unsafe { FE_CT.get(&key) }).copied() else {
+        return Ok(false);
+    };
     if entry.flags & ct_flags::REPLY == 0 {
         return Ok(false);
     }
@@ -88,14 +96,23 @@ fn inner_rewrite(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> 
     if old == new {
         return Ok(());
     }
-    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    let (from, to) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
     let old_check = ctx.load::<[u8; 2]>(INNER_CSUM_OFF).map_err(|_| ())?;
-    ctx.l3_csum_replace(INNER_CSUM_OFF, from, to, 4).map_err(|_| ())?;
+    ctx.l3_csum_replace(INNER_CSUM_OFF, from, to, 4)
+        .map_err(|_| ())?;
     let new_check = ctx.load::<[u8; 2]>(INNER_CSUM_OFF).map_err(|_| ())?;
     ctx.store(offset, &new, 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, from, to, 4).map_err(|_| ())?;
-    let (old_check, new_check) = (u16::from_ne_bytes(old_check) as u64, u16::from_ne_bytes(new_check) as u64);
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, old_check, new_check, 2).map_err(|_| ())
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, from, to, 4)
+        .map_err(|_| ())?;
+    let (old_check, new_check) = (
+        u16::from_ne_bytes(old_check) as u64,
+        u16::from_ne_bytes(new_check) as u64,
+    );
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, old_check, new_check, 2)
+        .map_err(|_| ())
 }
 
 #[inline(always)]
@@ -104,8 +121,13 @@ fn inner_port(ctx: &TcContext, offset: usize, old: [u8; 2], new: [u8; 2]) -> Res
         return Ok(());
     }
     ctx.store(offset, &new, 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64, 2)
-        .map_err(|_| ())
+    ctx.l4_csum_replace(
+        ICMP_CSUM_OFF,
+        u16::from_ne_bytes(old) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .map_err(|_| ())
 }
 
 /// An outer address: ICMP has no pseudo-header, so only the IPv4 checksum.
@@ -114,7 +136,12 @@ fn outer_rewrite(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> 
     if old == new {
         return Ok(());
     }
-    ctx.l3_csum_replace(OUTER_CSUM_OFF, u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64, 4)
-        .map_err(|_| ())?;
+    ctx.l3_csum_replace(
+        OUTER_CSUM_OFF,
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+        4,
+    )
+    .map_err(|_| ())?;
     ctx.store(offset, &new, 0).map_err(|_| ())
 }

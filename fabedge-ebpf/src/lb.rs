@@ -19,18 +19,18 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use fabedge_common::{
-    services::{
-        backend_flags, ct_flags, service_flags, AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey,
-        ServiceEntry, ServiceKey,
-    },
     Counter,
+    services::{
+        AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
+        backend_flags, ct_flags, service_flags,
+    },
 };
 
 use crate::{
     conntrack::{self, Tuple},
     maps::{FE_AFFINITY, FE_BACKENDS, FE_SERVICES},
     nat::{self, End, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
-    parse::{ptr_at, Ipv4Hdr, IPPROTO_UDP, IPV4_HLEN},
+    parse::{IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, ptr_at},
     reject,
     stats::count,
 };
@@ -107,7 +107,12 @@ pub fn from_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
     if let Some(entry) = conntrack::lookup(&t, tcp_flags) {
         return apply(ctx, &t, &entry);
     }
-    let svc_key = ServiceKey { addr: t.daddr, port: t.dport, proto: t.proto, _pad: 0 };
+    let svc_key = ServiceKey {
+        addr: t.daddr,
+        port: t.dport,
+        proto: t.proto,
+        _pad: 0,
+    };
     // SAFETY: read-only copy of a map value the agent replaces atomically.
     let Some(service) = (unsafe { FE_SERVICES.get(&svc_key) }).copied() else {
         return Verdict::Untouched;
@@ -150,17 +155,51 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
 fn apply(ctx: &TcContext, t: &Tuple, entry: &CtEntry) -> Verdict {
     let snat = entry.flags & ct_flags::SNAT != 0;
     let result = if entry.flags & ct_flags::FORWARD != 0 {
-        nat::rewrite(ctx, t.proto, End::Destination, t.daddr, entry.addr, t.dport, entry.port).and_then(|()| {
+        nat::rewrite(
+            ctx,
+            t.proto,
+            End::Destination,
+            t.daddr,
+            entry.addr,
+            t.dport,
+            entry.port,
+        )
+        .and_then(|()| {
             if snat {
-                nat::rewrite(ctx, t.proto, End::Source, t.saddr, entry.snat_addr, t.sport, entry.snat_port)
+                nat::rewrite(
+                    ctx,
+                    t.proto,
+                    End::Source,
+                    t.saddr,
+                    entry.snat_addr,
+                    t.sport,
+                    entry.snat_port,
+                )
             } else {
                 Ok(())
             }
         })
     } else {
-        nat::rewrite(ctx, t.proto, End::Source, t.saddr, entry.addr, t.sport, entry.port).and_then(|()| {
+        nat::rewrite(
+            ctx,
+            t.proto,
+            End::Source,
+            t.saddr,
+            entry.addr,
+            t.sport,
+            entry.port,
+        )
+        .and_then(|()| {
             if snat {
-                nat::rewrite(ctx, t.proto, End::Destination, t.daddr, entry.snat_addr, t.dport, entry.snat_port)
+                nat::rewrite(
+                    ctx,
+                    t.proto,
+                    End::Destination,
+                    t.daddr,
+                    entry.snat_addr,
+                    t.dport,
+                    entry.snat_port,
+                )
             } else {
                 Ok(())
             }
@@ -181,12 +220,24 @@ fn apply(ctx: &TcContext, t: &Tuple, entry: &CtEntry) -> Verdict {
 fn choose_backend(t: &Tuple, service: &ServiceEntry) -> Option<Backend> {
     let now = conntrack::now_ns();
     let affinity = service.flags & service_flags::AFFINITY != 0;
-    let aff_key = AffinityKey { client: t.saddr, service_id: service.id };
+    let aff_key = AffinityKey {
+        client: t.saddr,
+        service_id: service.id,
+    };
     if affinity {
         // SAFETY: read-only copy.
         if let Some(sticky) = unsafe { FE_AFFINITY.get(&aff_key) }.copied() {
-            if now.saturating_sub(sticky.last_seen_ns) < service.affinity_timeout as u64 * 1_000_000_000 {
-                let _ = FE_AFFINITY.insert(&aff_key, &AffinityEntry { last_seen_ns: now, backend: sticky.backend }, 0);
+            if now.saturating_sub(sticky.last_seen_ns)
+                < service.affinity_timeout as u64 * 1_000_000_000
+            {
+                let _ = FE_AFFINITY.insert(
+                    &aff_key,
+                    &AffinityEntry {
+                        last_seen_ns: now,
+                        backend: sticky.backend,
+                    },
+                    0,
+                );
                 return Some(sticky.backend);
             }
         }
@@ -194,9 +245,22 @@ fn choose_backend(t: &Tuple, service: &ServiceEntry) -> Option<Backend> {
     // SAFETY: plain helper call.
     let slot = unsafe { bpf_get_prandom_u32() } % service.count as u32;
     // SAFETY: read-only copy.
-    let backend = unsafe { FE_BACKENDS.get(&BackendKey { service_id: service.id, slot }) }.copied()?;
+    let backend = unsafe {
+        FE_BACKENDS.get(&BackendKey {
+            service_id: service.id,
+            slot,
+        })
+    }
+    .copied()?;
     if affinity {
-        let _ = FE_AFFINITY.insert(&aff_key, &AffinityEntry { last_seen_ns: now, backend }, 0);
+        let _ = FE_AFFINITY.insert(
+            &aff_key,
+            &AffinityEntry {
+                last_seen_ns: now,
+                backend,
+            },
+            0,
+        );
     }
     Some(backend)
 }
@@ -218,7 +282,14 @@ fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
         service_id: service.id,
         ..CtEntry::default()
     };
-    let mut reply_key = CtKey { saddr: backend.addr, daddr: t.saddr, sport: backend.port, dport: t.sport, proto: t.proto, _pad: [0; 3] };
+    let mut reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: t.saddr,
+        sport: backend.port,
+        dport: t.sport,
+        proto: t.proto,
+        _pad: [0; 3],
+    };
     let mut reply = CtEntry {
         last_seen_ns: now,
         addr: t.daddr,
@@ -264,7 +335,9 @@ fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
             return Verdict::Done(crate::forward::drop(Counter::DropCtFull));
         }
     }
-    if conntrack::create(&fwd_key, &fwd).is_err() && crate::maps::FE_CT.insert(&fwd_key, &fwd, 0).is_err() {
+    if conntrack::create(&fwd_key, &fwd).is_err()
+        && crate::maps::FE_CT.insert(&fwd_key, &fwd, 0).is_err()
+    {
         conntrack::remove(&reply_key);
         return Verdict::Done(crate::forward::drop(Counter::DropCtFull));
     }

@@ -54,15 +54,19 @@ pub fn rewrite(
     if old_addr != new_addr {
         let from = u32::from_ne_bytes(old_addr) as u64;
         let to = u32::from_ne_bytes(new_addr) as u64;
-        ctx.l4_csum_replace(csum_off, from, to, BPF_F_PSEUDO_HDR as u64 | mangled | 4).map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).map_err(|_| ())?;
+        ctx.l4_csum_replace(csum_off, from, to, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
+            .map_err(|_| ())?;
         ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
     }
     if old_port != new_port {
         let from = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
         let to = u16::from_ne_bytes(new_port.to_be_bytes()) as u64;
-        ctx.l4_csum_replace(csum_off, from, to, mangled | 2).map_err(|_| ())?;
-        ctx.store(port_off, &new_port.to_be_bytes(), 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(csum_off, from, to, mangled | 2)
+            .map_err(|_| ())?;
+        ctx.store(port_off, &new_port.to_be_bytes(), 0)
+            .map_err(|_| ())?;
     }
     Ok(())
 }

@@ -11,11 +11,11 @@ use aya_ebpf::{
 use fabedge_common::Counter;
 
 use crate::{
-    conntrack::{Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
     csum,
     forward::drop,
     nat::{IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
-    parse::{ptr_at, EthHdr, ETH_HLEN, IPV4_HLEN},
+    parse::{ETH_HLEN, EthHdr, IPV4_HLEN, ptr_at},
     stats::count,
 };
 
@@ -117,7 +117,8 @@ fn tcp_reset(ctx: &TcContext, t: &Tuple, tcp_flags: u8) -> Result<(), ()> {
 fn port_unreachable(ctx: &TcContext, t: &Tuple) -> Result<(), ()> {
     let quote = ctx.load::<[u8; QUOTE_LEN]>(ETH_HLEN).map_err(|_| ())?;
     // SAFETY: plain helper call; pointers are re-derived afterwards.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (L4_OFF + ICMP_HLEN + QUOTE_LEN) as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (L4_OFF + ICMP_HLEN + QUOTE_LEN) as u32, 0) } != 0
+    {
         return Err(());
     }
     reply_headers(ctx, t, IPPROTO_ICMP, ICMP_HLEN + QUOTE_LEN)?;

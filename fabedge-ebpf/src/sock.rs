@@ -49,9 +49,18 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let (addr, port, proto) = unsafe {
         let sa = &*ctx.sock_addr;
-        (sa.user_ip4.to_ne_bytes(), u16::from_be(sa.user_port as u16), sa.protocol as u8)
+        (
+            sa.user_ip4.to_ne_bytes(),
+            u16::from_be(sa.user_port as u16),
+            sa.protocol as u8,
+        )
     };
-    let key = ServiceKey { addr, port, proto, _pad: 0 };
+    let key = ServiceKey {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
     // SAFETY: read-only copy.
     let Some(service) = (unsafe { FE_SERVICES.get(&key) }).copied() else {
         return ALLOW;
@@ -62,13 +71,32 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: plain helper call.
     let slot = unsafe { bpf_get_prandom_u32() } % service.count as u32;
     // SAFETY: read-only copy.
-    let Some(backend) = (unsafe { FE_BACKENDS.get(&BackendKey { service_id: service.id, slot }) }).copied() else {
+    let Some(backend) = (unsafe {
+        FE_BACKENDS.get(&BackendKey {
+            service_id: service.id,
+            slot,
+        })
+    })
+    .copied() else {
         return ALLOW;
     };
     // SAFETY: plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    let rev_key = SockRevKey { cookie, backend: backend.addr, port: backend.port, _pad: 0 };
-    let _ = FE_SOCK_REVNAT.insert(&rev_key, &SockRevEntry { addr, port, _pad: 0 }, 0);
+    let rev_key = SockRevKey {
+        cookie,
+        backend: backend.addr,
+        port: backend.port,
+        _pad: 0,
+    };
+    let _ = FE_SOCK_REVNAT.insert(
+        &rev_key,
+        &SockRevEntry {
+            addr,
+            port,
+            _pad: 0,
+        },
+        0,
+    );
     // SAFETY: the context fields are writable in these hooks.
     unsafe {
         (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(backend.addr);
@@ -89,7 +117,16 @@ fn to_service(ctx: &SockAddrContext) -> i32 {
     // SAFETY: plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
     // SAFETY: read-only copy.
-    if let Some(service) = (unsafe { FE_SOCK_REVNAT.get(&SockRevKey { cookie, backend: addr, port, _pad: 0 }) }).copied() {
+    if let Some(service) = (unsafe {
+        FE_SOCK_REVNAT.get(&SockRevKey {
+            cookie,
+            backend: addr,
+            port,
+            _pad: 0,
+        })
+    })
+    .copied()
+    {
         // SAFETY: the context fields are writable in these hooks.
         unsafe {
             (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(service.addr);

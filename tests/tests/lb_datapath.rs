@@ -9,7 +9,8 @@ use fabedge_agent::datapath::Program;
 use fabedge_common::{
     Counter,
     services::{
-        Backend, BackendKey, CtKey, ServiceEntry, ServiceKey, backend_flags, ct_flags, service_flags,
+        Backend, BackendKey, CtKey, ServiceEntry, ServiceKey, backend_flags, ct_flags,
+        service_flags,
     },
     tunnel_mode,
 };
@@ -23,21 +24,60 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 
 fn remote(addr: Ipv4Addr, port: u16) -> Backend {
-    Backend { addr: addr.octets(), port, flags: 0, _pad: 0 }
+    Backend {
+        addr: addr.octets(),
+        port,
+        flags: 0,
+        _pad: 0,
+    }
 }
 
 fn local(addr: Ipv4Addr, port: u16) -> Backend {
-    Backend { addr: addr.octets(), port, flags: backend_flags::LOCAL, _pad: 0 }
+    Backend {
+        addr: addr.octets(),
+        port,
+        flags: backend_flags::LOCAL,
+        _pad: 0,
+    }
 }
 
 /// Program frontend `VIP:port/proto` (id `id`) with `backends`, as apply would.
-fn frontend(dp: &mut TestDatapath, id: u32, port: u16, proto: u8, flags: u8, backends: &[Backend]) -> Result<()> {
+fn frontend(
+    dp: &mut TestDatapath,
+    id: u32,
+    port: u16,
+    proto: u8,
+    flags: u8,
+    backends: &[Backend],
+) -> Result<()> {
     let maps = &mut dp.maps;
     for (slot, backend) in backends.iter().enumerate() {
-        maps.backends.insert(BackendKey { service_id: id, slot: slot as u32 }, *backend, 0)?;
+        maps.backends.insert(
+            BackendKey {
+                service_id: id,
+                slot: slot as u32,
+            },
+            *backend,
+            0,
+        )?;
     }
-    let entry = ServiceEntry { id, count: backends.len() as u16, flags, _pad: 0, affinity_timeout: 60 };
-    maps.services.insert(ServiceKey { addr: VIP.octets(), port, proto, _pad: 0 }, entry, 0)?;
+    let entry = ServiceEntry {
+        id,
+        count: backends.len() as u16,
+        flags,
+        _pad: 0,
+        affinity_timeout: 60,
+    };
+    maps.services.insert(
+        ServiceKey {
+            addr: VIP.octets(),
+            port,
+            proto,
+            _pad: 0,
+        },
+        entry,
+        0,
+    )?;
     Ok(())
 }
 
@@ -53,12 +93,19 @@ fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: TcpFlags) -> Vec
 }
 
 fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(src.0, dst.0).ttl(64).udp(src.1, dst.1).payload(b"query?").build()
+    Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(src.0, dst.0)
+        .ttl(64)
+        .udp(src.1, dst.1)
+        .payload(b"query?")
+        .build()
 }
 
 /// (source, destination) of a frame's TCP or UDP packet, with every checksum checked.
 fn endpoints(out: &Outcome) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
-    let ip = parse_eth(&out.data).and_then(|e| e.ipv4()).expect("an IPv4 frame");
+    let ip = parse_eth(&out.data)
+        .and_then(|e| e.ipv4())
+        .expect("an IPv4 frame");
     assert!(ip.checksum_valid, "IPv4 header checksum");
     let (sport, dport) = match ip.protocol {
         TCP => {
@@ -77,26 +124,43 @@ fn endpoints(out: &Outcome) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
 }
 
 fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> CtKey {
-    CtKey { saddr: src.0.octets(), daddr: dst.0.octets(), sport: src.1, dport: dst.1, proto, _pad: [0; 3] }
+    CtKey {
+        saddr: src.0.octets(),
+        daddr: dst.0.octets(),
+        sport: src.1,
+        dport: dst.1,
+        proto,
+        _pad: [0; 3],
+    }
 }
 
 #[test]
-fn tcp_to_cluster_ip_is_dnat_to_a_remote_backend_and_the_reply_gets_the_service_address_back() -> Result<()> {
+fn tcp_to_cluster_ip_is_dnat_to_a_remote_backend_and_the_reply_gets_the_service_address_back()
+-> Result<()> {
     let mut dp = edge("lb-tcp", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
     let client = (LOCAL_POD, 40000);
 
     let syn = tcp_frame(client, (VIP, 80), TcpFlags::SYN);
     let out = dp.run(Program::FromPod, &syn)?;
-    assert_eq!(out.action, TC_ACT_REDIRECT, "into the tunnel toward the backend's node");
+    assert_eq!(
+        out.action, TC_ACT_REDIRECT,
+        "into the tunnel toward the backend's node"
+    );
     assert_eq!(endpoints(&out), (client, (PEER_POD, 8080)));
     assert_eq!(out.data.len(), syn.len());
     assert_eq!(dp.counter(Counter::ServiceNewFlow), 1);
 
     let forward = dp.maps.ct.get(&ct_key(client, (VIP, 80), TCP), 0)?;
-    assert_eq!((forward.addr, forward.port, forward.flags), (PEER_POD.octets(), 8080, ct_flags::FORWARD));
+    assert_eq!(
+        (forward.addr, forward.port, forward.flags),
+        (PEER_POD.octets(), 8080, ct_flags::FORWARD)
+    );
     let reply = dp.maps.ct.get(&ct_key((PEER_POD, 8080), client, TCP), 0)?;
-    assert_eq!((reply.addr, reply.port, reply.flags & ct_flags::REPLY), (VIP.octets(), 80, ct_flags::REPLY));
+    assert_eq!(
+        (reply.addr, reply.port, reply.flags & ct_flags::REPLY),
+        (VIP.octets(), 80, ct_flags::REPLY)
+    );
 
     // The backend's SYN-ACK, routed toward the bridge.
     let synack = tcp_frame((PEER_POD, 8080), client, TcpFlags::SYN | TcpFlags::ACK);
@@ -105,7 +169,10 @@ fn tcp_to_cluster_ip_is_dnat_to_a_remote_backend_and_the_reply_gets_the_service_
     assert_eq!(endpoints(&out), ((VIP, 80), client));
 
     // The rest of the flow follows the same entry, without a new choice.
-    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::ACK))?;
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame(client, (VIP, 80), TcpFlags::ACK),
+    )?;
     assert_eq!(endpoints(&out), (client, (PEER_POD, 8080)));
     assert_eq!(dp.counter(Counter::ServiceNewFlow), 1);
     assert_eq!(dp.counter(Counter::ServiceTranslated), 3);
@@ -129,26 +196,49 @@ fn udp_to_cluster_ip_is_translated_both_ways_with_valid_checksums() -> Result<()
 fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
     let mut dp = edge("lb-udp0", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 7, 53, UDP, 0, &[remote(CLOUD_POD, 5353)])?;
-    let frame = Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, VIP).udp(1234, 53).zero_checksum().payload(b"x").build();
+    let frame = Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(LOCAL_POD, VIP)
+        .udp(1234, 53)
+        .zero_checksum()
+        .payload(b"x")
+        .build();
     let out = dp.run(Program::FromPod, &frame)?;
     let ip = parse_eth(&out.data)?.ipv4()?;
     assert_eq!(ip.dst, CLOUD_POD);
     assert!(ip.checksum_valid);
-    assert_eq!(ip.udp()?.checksum_status, UdpChecksum::Absent, "0 means no checksum and must stay 0");
+    assert_eq!(
+        ip.udp()?.checksum_status,
+        UdpChecksum::Absent,
+        "0 means no checksum and must stay 0"
+    );
     Ok(())
 }
 
 #[test]
-fn a_local_backend_sees_the_cluster_ip_as_client_and_its_reply_is_translated_at_the_bridge_ingress() -> Result<()> {
+fn a_local_backend_sees_the_cluster_ip_as_client_and_its_reply_is_translated_at_the_bridge_ingress()
+-> Result<()> {
     let mut dp = edge("lb-local", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 2, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
     let client = (LOCAL_POD, 40001);
-    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
-    assert_eq!(out.action, TC_ACT_OK, "left to the kernel, which delivers over the bridge");
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame(client, (VIP, 80), TcpFlags::SYN),
+    )?;
+    assert_eq!(
+        out.action, TC_ACT_OK,
+        "left to the kernel, which delivers over the bridge"
+    );
     // The client's own port is kept when it is free.
     assert_eq!(endpoints(&out), ((VIP, 40001), (LOCAL_POD_2, 8080)));
 
-    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), (VIP, 40001), TcpFlags::SYN | TcpFlags::ACK))?;
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame(
+            (LOCAL_POD_2, 8080),
+            (VIP, 40001),
+            TcpFlags::SYN | TcpFlags::ACK,
+        ),
+    )?;
     assert_eq!(out.action, TC_ACT_OK);
     assert_eq!(endpoints(&out), ((VIP, 80), client));
     Ok(())
@@ -159,11 +249,21 @@ fn hairpin_a_pod_reaching_its_own_service_gets_its_own_reply() -> Result<()> {
     let mut dp = edge("lb-hairpin", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 3, 80, TCP, 0, &[local(LOCAL_POD, 8080)])?;
     let client = (LOCAL_POD, 40002);
-    let out = dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame(client, (VIP, 80), TcpFlags::SYN),
+    )?;
     // Source rewritten: the pod would drop a packet from its own address,
     // and the node one from its own (the gateway's).
     assert_eq!(endpoints(&out), ((VIP, 40002), (LOCAL_POD, 8080)));
-    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 8080), (VIP, 40002), TcpFlags::SYN | TcpFlags::ACK))?;
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame(
+            (LOCAL_POD, 8080),
+            (VIP, 40002),
+            TcpFlags::SYN | TcpFlags::ACK,
+        ),
+    )?;
     assert_eq!(endpoints(&out), ((VIP, 80), client));
     Ok(())
 }
@@ -172,15 +272,27 @@ fn hairpin_a_pod_reaching_its_own_service_gets_its_own_reply() -> Result<()> {
 fn two_clients_with_the_same_port_to_one_local_backend_get_distinct_source_ports() -> Result<()> {
     let mut dp = edge("lb-snatport", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 4, 80, TCP, 0, &[local(LOCAL_POD_2, 8080)])?;
-    let first = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 5000), (VIP, 80), TcpFlags::SYN))?;
+    let first = dp.run(
+        Program::FromPod,
+        &tcp_frame((LOCAL_POD, 5000), (VIP, 80), TcpFlags::SYN),
+    )?;
     let other_client = Ipv4Addr::new(10, 234, 1, 9);
-    let second = dp.run(Program::FromPod, &tcp_frame((other_client, 5000), (VIP, 80), TcpFlags::SYN))?;
+    let second = dp.run(
+        Program::FromPod,
+        &tcp_frame((other_client, 5000), (VIP, 80), TcpFlags::SYN),
+    )?;
     let (first_src, _) = endpoints(&first);
     let (second_src, _) = endpoints(&second);
     assert_eq!(first_src, (VIP, 5000));
     assert_eq!(second_src.0, VIP);
-    assert_ne!(second_src.1, 5000, "the reply tuple at the ClusterIP must stay unique");
-    let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD_2, 8080), second_src, TcpFlags::ACK))?;
+    assert_ne!(
+        second_src.1, 5000,
+        "the reply tuple at the ClusterIP must stay unique"
+    );
+    let out = dp.run(
+        Program::FromPod,
+        &tcp_frame((LOCAL_POD_2, 8080), second_src, TcpFlags::ACK),
+    )?;
     assert_eq!(endpoints(&out), ((VIP, 80), (other_client, 5000)));
     Ok(())
 }
@@ -190,7 +302,12 @@ fn a_service_without_endpoints_answers_tcp_with_rst_from_the_service_address() -
     let mut dp = edge("lb-rst", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 5, 80, TCP, 0, &[])?;
     let client = (LOCAL_POD, 40003);
-    let syn = Frame::eth(POD_MAC, BRIDGE_MAC).ipv4(LOCAL_POD, VIP).tcp(40003, 80).seq(1000).flags(TcpFlags::SYN).build();
+    let syn = Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(LOCAL_POD, VIP)
+        .tcp(40003, 80)
+        .seq(1000)
+        .flags(TcpFlags::SYN)
+        .build();
     let out = dp.run(Program::FromPod, &syn)?;
     assert_eq!(out.action, TC_ACT_REDIRECT, "sent back out of the bridge");
     let eth = parse_eth(&out.data)?;
@@ -204,7 +321,8 @@ fn a_service_without_endpoints_answers_tcp_with_rst_from_the_service_address() -
 }
 
 #[test]
-fn a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_datagram() -> Result<()> {
+fn a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_datagram() -> Result<()>
+{
     let mut dp = edge("lb-unreach", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 6, 53, UDP, 0, &[])?;
     let frame = udp_frame((LOCAL_POD, 40004), (VIP, 53));
@@ -215,8 +333,15 @@ fn a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_dat
     assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD));
     let icmp = ip.icmp()?;
     assert!(icmp.checksum_valid, "ICMP checksum");
-    assert_eq!((icmp.icmp_type, icmp.code), (icmp_type::DEST_UNREACHABLE, 3));
-    assert_eq!(icmp.body, &frame[14..14 + 28], "quotes the IPv4 header and 8 bytes");
+    assert_eq!(
+        (icmp.icmp_type, icmp.code),
+        (icmp_type::DEST_UNREACHABLE, 3)
+    );
+    assert_eq!(
+        icmp.body,
+        &frame[14..14 + 28],
+        "quotes the IPv4 header and 8 bytes"
+    );
     assert_eq!(dp.counter(Counter::ServiceRejected), 1);
     Ok(())
 }
@@ -224,12 +349,25 @@ fn a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_dat
 #[test]
 fn new_flows_spread_over_backends_and_each_flow_sticks_to_its_choice() -> Result<()> {
     let mut dp = edge("lb-spread", tunnel_mode::VXLAN)?;
-    frontend(&mut dp, 8, 80, TCP, 0, &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)])?;
+    frontend(
+        &mut dp,
+        8,
+        80,
+        TCP,
+        0,
+        &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)],
+    )?;
     let mut chosen = BTreeSet::new();
     for port in 0..32u16 {
         let client = (LOCAL_POD, 20000 + port);
-        let (_, first) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?);
-        let (_, again) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::ACK))?);
+        let (_, first) = endpoints(&dp.run(
+            Program::FromPod,
+            &tcp_frame(client, (VIP, 80), TcpFlags::SYN),
+        )?);
+        let (_, again) = endpoints(&dp.run(
+            Program::FromPod,
+            &tcp_frame(client, (VIP, 80), TcpFlags::ACK),
+        )?);
         assert_eq!(first, again, "a flow never changes backend");
         chosen.insert(first.0);
     }
@@ -241,13 +379,27 @@ fn new_flows_spread_over_backends_and_each_flow_sticks_to_its_choice() -> Result
 #[test]
 fn session_affinity_keeps_a_client_on_one_backend_across_flows() -> Result<()> {
     let mut dp = edge("lb-affinity", tunnel_mode::VXLAN)?;
-    frontend(&mut dp, 9, 80, TCP, service_flags::AFFINITY, &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)])?;
+    frontend(
+        &mut dp,
+        9,
+        80,
+        TCP,
+        service_flags::AFFINITY,
+        &[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)],
+    )?;
     let mut chosen = BTreeSet::new();
     for port in 0..16u16 {
-        let out = dp.run(Program::FromPod, &tcp_frame((LOCAL_POD, 30000 + port), (VIP, 80), TcpFlags::SYN))?;
+        let out = dp.run(
+            Program::FromPod,
+            &tcp_frame((LOCAL_POD, 30000 + port), (VIP, 80), TcpFlags::SYN),
+        )?;
         chosen.insert(endpoints(&out).1);
     }
-    assert_eq!(chosen.len(), 1, "every flow of the client went to {chosen:?}");
+    assert_eq!(
+        chosen.len(),
+        1,
+        "every flow of the client went to {chosen:?}"
+    );
     Ok(())
 }
 
@@ -273,10 +425,21 @@ fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan
     use fabedge_agent::plan::services::{Frontend, ServicePlan};
     let mut plan = ServicePlan::default();
     plan.frontends.insert(
-        ServiceKey { addr: VIP.octets(), port: 80, proto: TCP, _pad: 0 },
+        ServiceKey {
+            addr: VIP.octets(),
+            port: 80,
+            proto: TCP,
+            _pad: 0,
+        },
         Frontend {
             name: "default/web:http".into(),
-            entry: ServiceEntry { id: 1, count: backends.len() as u16, flags: 0, _pad: 0, affinity_timeout: 0 },
+            entry: ServiceEntry {
+                id: 1,
+                count: backends.len() as u16,
+                flags: 0,
+                _pad: 0,
+                affinity_timeout: 0,
+            },
             backends: backends.to_vec(),
         },
     );
@@ -287,27 +450,44 @@ fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan
 fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
     use fabedge_agent::apply::services::apply_services;
     let mut dp = edge("lb-remove", tunnel_mode::VXLAN)?;
-    let report = apply_services(&mut dp.maps, &plan_with(&[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)]))?;
+    let report = apply_services(
+        &mut dp.maps,
+        &plan_with(&[remote(PEER_POD, 8080), remote(CLOUD_POD, 8080)]),
+    )?;
     assert_eq!((report.frontends_written, report.backends_written), (1, 2));
     // Open flows until both backends carry one.
     let mut flows = std::collections::BTreeMap::new();
     for port in 0..32u16 {
         let client = (LOCAL_POD, 21000 + port);
-        let (_, backend) = endpoints(&dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?);
+        let (_, backend) = endpoints(&dp.run(
+            Program::FromPod,
+            &tcp_frame(client, (VIP, 80), TcpFlags::SYN),
+        )?);
         flows.entry(backend.0).or_insert(client);
     }
     assert_eq!(flows.len(), 2);
     let report = apply_services(&mut dp.maps, &plan_with(&[remote(CLOUD_POD, 8080)]))?;
     assert_eq!(report.backends_removed, 1);
-    assert!(report.flows_purged >= 2, "both directions of the flows to the removed backend: {report:?}");
+    assert!(
+        report.flows_purged >= 2,
+        "both directions of the flows to the removed backend: {report:?}"
+    );
     let doomed = flows[&PEER_POD];
     let kept = flows[&CLOUD_POD];
     assert!(dp.maps.ct.get(&ct_key(doomed, (VIP, 80), TCP), 0).is_err());
-    assert!(dp.maps.ct.get(&ct_key((PEER_POD, 8080), doomed, TCP), 0).is_err());
+    assert!(
+        dp.maps
+            .ct
+            .get(&ct_key((PEER_POD, 8080), doomed, TCP), 0)
+            .is_err()
+    );
     let kept_entry = dp.maps.ct.get(&ct_key(kept, (VIP, 80), TCP), 0)?;
     assert_eq!(kept_entry.addr, CLOUD_POD.octets());
     // The next packet of the doomed flow is balanced again, to a live backend.
-    let (_, backend) = endpoints(&dp.run(Program::FromPod, &tcp_frame(doomed, (VIP, 80), TcpFlags::ACK))?);
+    let (_, backend) = endpoints(&dp.run(
+        Program::FromPod,
+        &tcp_frame(doomed, (VIP, 80), TcpFlags::ACK),
+    )?);
     assert_eq!(backend, (CLOUD_POD, 8080));
     // Re-applying the same plan changes nothing.
     let again = apply_services(&mut dp.maps, &plan_with(&[remote(CLOUD_POD, 8080)]))?;
@@ -322,10 +502,19 @@ fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result
     frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
     let (open, closed) = ((LOCAL_POD, 22001), (LOCAL_POD, 22002));
     for client in [open, closed] {
-        dp.run(Program::FromPod, &tcp_frame(client, (VIP, 80), TcpFlags::SYN))?;
-        dp.run(Program::ToPod, &tcp_frame((PEER_POD, 8080), client, TcpFlags::SYN | TcpFlags::ACK))?;
+        dp.run(
+            Program::FromPod,
+            &tcp_frame(client, (VIP, 80), TcpFlags::SYN),
+        )?;
+        dp.run(
+            Program::ToPod,
+            &tcp_frame((PEER_POD, 8080), client, TcpFlags::SYN | TcpFlags::ACK),
+        )?;
     }
-    dp.run(Program::FromPod, &tcp_frame(closed, (VIP, 80), TcpFlags::FIN | TcpFlags::ACK))?;
+    dp.run(
+        Program::FromPod,
+        &tcp_frame(closed, (VIP, 80), TcpFlags::FIN | TcpFlags::ACK),
+    )?;
     assert_eq!(dp.maps.ct_entries()?.len(), 4);
     // A minute later: the closed flow is gone (both entries), the open one stays.
     let later = ctgc::monotonic_ns() + 60_000_000_000;
@@ -333,7 +522,12 @@ fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result
     assert_eq!(report.ct_expired, 2);
     assert!(dp.maps.ct.get(&ct_key(open, (VIP, 80), TCP), 0).is_ok());
     assert!(dp.maps.ct.get(&ct_key(closed, (VIP, 80), TCP), 0).is_err());
-    assert!(dp.maps.ct.get(&ct_key((PEER_POD, 8080), closed, TCP), 0).is_err());
+    assert!(
+        dp.maps
+            .ct
+            .get(&ct_key((PEER_POD, 8080), closed, TCP), 0)
+            .is_err()
+    );
     Ok(())
 }
 
@@ -343,7 +537,8 @@ fn ip_bytes(frame: &[u8]) -> &[u8] {
 }
 
 #[test]
-fn port_unreachable_from_a_remote_backend_reaches_the_client_as_if_from_the_service() -> Result<()> {
+fn port_unreachable_from_a_remote_backend_reaches_the_client_as_if_from_the_service() -> Result<()>
+{
     use fabedge_tests::packet::{IcmpError, parse_quoted_ipv4};
     let mut dp = edge("lb-icmp", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 11, 53, UDP, 0, &[remote(PEER_POD, 5353)])?;
@@ -359,13 +554,25 @@ fn port_unreachable_from_a_remote_backend_reaches_the_client_as_if_from_the_serv
     assert_eq!(out.action, TC_ACT_OK);
     let ip = parse_eth(&out.data)?.ipv4()?;
     assert!(ip.checksum_valid, "outer IPv4 checksum");
-    assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD), "from the Service address");
+    assert_eq!(
+        (ip.src, ip.dst),
+        (VIP, LOCAL_POD),
+        "from the Service address"
+    );
     let icmp = ip.icmp()?;
     assert!(icmp.checksum_valid, "ICMP checksum");
     let quoted = parse_quoted_ipv4(icmp.body)?;
     assert!(quoted.checksum_valid, "quoted IPv4 checksum");
-    assert_eq!((quoted.src, quoted.dst), (LOCAL_POD, VIP), "quotes what the client sent");
-    assert_eq!(&quoted.payload[..4], &[0x87, 0x07, 0, 53], "ports 34567 → 53");
+    assert_eq!(
+        (quoted.src, quoted.dst),
+        (LOCAL_POD, VIP),
+        "quotes what the client sent"
+    );
+    assert_eq!(
+        &quoted.payload[..4],
+        &[0x87, 0x07, 0, 53],
+        "ports 34567 → 53"
+    );
     Ok(())
 }
 
@@ -382,7 +589,10 @@ fn icmp_error_from_a_local_backend_is_translated_back_for_the_snated_client() ->
         .icmp_error(IcmpError::PortUnreachable, ip_bytes(&out.data))
         .build();
     let out = dp.run(Program::FromPod, &error)?;
-    assert_eq!(out.action, TC_ACT_OK, "routed to the client like any local delivery");
+    assert_eq!(
+        out.action, TC_ACT_OK,
+        "routed to the client like any local delivery"
+    );
     let ip = parse_eth(&out.data)?.ipv4()?;
     assert!(ip.checksum_valid);
     assert_eq!((ip.src, ip.dst), (VIP, LOCAL_POD));
@@ -399,17 +609,27 @@ fn icmp_error_from_a_local_backend_is_translated_back_for_the_snated_client() ->
 fn icmp_errors_about_other_flows_are_untouched() -> Result<()> {
     use fabedge_tests::packet::IcmpError;
     let dp = edge("lb-icmp-other", tunnel_mode::VXLAN)?;
-    let original = Frame::ipv4(LOCAL_POD, PEER_POD).udp(1000, 2000).payload(b"x").build();
-    let error = Frame::eth(BRIDGE_MAC, POD_MAC).ipv4(PEER_POD, LOCAL_POD).icmp_error(IcmpError::PortUnreachable, &original).build();
+    let original = Frame::ipv4(LOCAL_POD, PEER_POD)
+        .udp(1000, 2000)
+        .payload(b"x")
+        .build();
+    let error = Frame::eth(BRIDGE_MAC, POD_MAC)
+        .ipv4(PEER_POD, LOCAL_POD)
+        .icmp_error(IcmpError::PortUnreachable, &original)
+        .build();
     let out = dp.run(Program::ToPod, &error)?;
     assert_eq!((out.action, out.data), (TC_ACT_OK, error));
     Ok(())
 }
 
 #[test]
-fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_refused_with_the_fix() -> Result<()> {
+fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_refused_with_the_fix()
+-> Result<()> {
     use fabedge_agent::datapath::{self, AttachMode, Datapath, PinLayout};
-    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-ct-size", std::process::id()));
+    let root = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/fabedge-test-{}-ct-size",
+        std::process::id()
+    ));
     let layout = PinLayout::new(&root);
     let result = (|| -> Result<()> {
         let dp = Datapath::load_with_ct_entries(layout.clone(), AttachMode::Auto, 1024)?;
@@ -432,10 +652,15 @@ fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
     use fabedge_agent::apply::services::apply_services;
     let mut dp = edge("lb-full", tunnel_mode::VXLAN)?;
     let mut plan = plan_with(&[remote(PEER_POD, 8080)]);
-    plan.skipped.push("service default/big is not programmed: ...".into());
+    plan.skipped
+        .push("service default/big is not programmed: ...".into());
     apply_services(&mut dp.maps, &plan)?;
     assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 1);
-    assert_eq!(dp.maps.service_entries()?.len(), 1, "the Service that fits is programmed");
+    assert_eq!(
+        dp.maps.service_entries()?.len(),
+        1,
+        "the Service that fits is programmed"
+    );
     plan.skipped.clear();
     apply_services(&mut dp.maps, &plan)?;
     assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 0);

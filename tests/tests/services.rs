@@ -45,7 +45,12 @@ fn with_cluster<R>(test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
 }
 
 extern "C" fn tear_down_cluster() {
-    drop(CLUSTER.lock().unwrap_or_else(PoisonError::into_inner).take());
+    drop(
+        CLUSTER
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(),
+    );
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,7 +69,9 @@ fn service_yaml(name: &str, vip: Ipv4Addr, endpoints: &[(Ipv4Addr, &str, bool)])
         yaml.push_str("  []\n");
     }
     for (ip, node, ready) in endpoints {
-        yaml.push_str(&format!("  - addresses: [{ip}]\n    conditions: {{ready: {ready}}}\n    nodeName: {node}\n"));
+        yaml.push_str(&format!(
+            "  - addresses: [{ip}]\n    conditions: {{ready: {ready}}}\n    nodeName: {node}\n"
+        ));
     }
     yaml
 }
@@ -85,16 +92,26 @@ fn set_manifest_section(cluster: &Cluster, name: &str, yaml: &str) -> Result<()>
 
 /// Wait until `node`'s agent has programmed `vip:80/TCP` with `backends` backends.
 fn wait_for_frontend(cluster: &Cluster, node: &str, vip: Ipv4Addr, backends: u16) -> Result<()> {
-    let key = ServiceKey { addr: vip.octets(), port: 80, proto: 6, _pad: 0 };
+    let key = ServiceKey {
+        addr: vip.octets(),
+        port: 80,
+        proto: 6,
+        _pad: 0,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let maps = cluster.maps(node)?;
         let entries = maps.service_entries()?;
-        if entries.iter().any(|(k, e)| *k == key && e.count == backends) {
+        if entries
+            .iter()
+            .any(|(k, e)| *k == key && e.count == backends)
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{node}: {vip}:80/TCP never got {backends} backends; FE_SERVICES holds {entries:?}");
+            bail!(
+                "{node}: {vip}:80/TCP never got {backends} backends; FE_SERVICES holds {entries:?}"
+            );
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -112,7 +129,8 @@ fn chosen_backends(cluster: &Cluster, node: &str, vip: Ipv4Addr) -> Result<BTree
 }
 
 #[test]
-fn edge_pod_reaches_a_cluster_ip_with_local_community_and_cloud_backends_over_tcp_and_udp() -> Result<()> {
+fn edge_pod_reaches_a_cluster_ip_with_local_community_and_cloud_backends_over_tcp_and_udp()
+-> Result<()> {
     with_cluster(|cluster| {
         let vip = Ipv4Addr::new(10, 96, 0, 50);
         let backends = [
@@ -125,8 +143,10 @@ fn edge_pod_reaches_a_cluster_ip_with_local_community_and_cloud_backends_over_tc
             wait_for_frontend(cluster, node, vip, 3)?;
         }
         let servers = ["edge-1", "edge-2", "cloud-2"];
-        let served_before: Vec<u64> =
-            servers.iter().map(|n| cluster.pod(n).map(|p| p.requests_served())).collect::<Result<_>>()?;
+        let served_before: Vec<u64> = servers
+            .iter()
+            .map(|n| cluster.pod(n).map(|p| p.requests_served()))
+            .collect::<Result<_>>()?;
         let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
         // Random balancing: 30 flows miss one of 3 backends with probability < 1e-5.
         for client in ["edge-1", "edge-3"] {
@@ -134,24 +154,48 @@ fn edge_pod_reaches_a_cluster_ip_with_local_community_and_cloud_backends_over_tc
             for _ in 0..30 {
                 let reply = tcp_echo(from.netns(), SocketAddrV4::new(vip, 80), &payload, TIMEOUT)
                     .with_context(|| format!("{client} pod: TCP to {vip}:80"))?;
-                ensure!(reply == payload, "{client} pod: TCP echo through {vip}:80 came back different");
+                ensure!(
+                    reply == payload,
+                    "{client} pod: TCP echo through {vip}:80 came back different"
+                );
             }
             for _ in 0..10 {
-                let reply = udp_echo(from.netns(), SocketAddrV4::new(vip, 80), b"dns-like?", TIMEOUT)
-                    .with_context(|| format!("{client} pod: UDP to {vip}:80"))?;
-                ensure!(reply == b"dns-like?", "{client} pod: UDP echo came back different");
+                let reply = udp_echo(
+                    from.netns(),
+                    SocketAddrV4::new(vip, 80),
+                    b"dns-like?",
+                    TIMEOUT,
+                )
+                .with_context(|| format!("{client} pod: UDP to {vip}:80"))?;
+                ensure!(
+                    reply == b"dns-like?",
+                    "{client} pod: UDP echo came back different"
+                );
             }
         }
         for (name, before) in servers.iter().zip(served_before) {
             let after = cluster.pod(name)?.requests_served();
-            ensure!(after > before, "the {name} pod backend never served a Service client");
+            ensure!(
+                after > before,
+                "the {name} pod backend never served a Service client"
+            );
         }
         let chosen = chosen_backends(cluster, "edge-1", vip)?;
-        ensure!(chosen.len() == 3, "edge-1's conntrack shows backends {chosen:?}");
+        ensure!(
+            chosen.len() == 3,
+            "edge-1's conntrack shows backends {chosen:?}"
+        );
         let table = cluster.agent_inspect_table("edge-1", "services")?;
-        ensure!(table.contains("10.96.0.50:80/TCP") && table.contains(&format!("{}:{ECHO_PORT}", backends[2].0)), "inspect services:\n{table}");
+        ensure!(
+            table.contains("10.96.0.50:80/TCP")
+                && table.contains(&format!("{}:{ECHO_PORT}", backends[2].0)),
+            "inspect services:\n{table}"
+        );
         let ct = cluster.agent_inspect_table("edge-1", "ct")?;
-        ensure!(ct.contains("snat"), "edge-1's own pod is a local backend (hairpin): its flows are source-NATed\n{ct}");
+        ensure!(
+            ct.contains("snat"),
+            "edge-1's own pod is a local backend (hairpin): its flows are source-NATed\n{ct}"
+        );
         Ok(())
     })
 }
@@ -161,7 +205,15 @@ fn dns_like_udp_service_answers_from_the_service_address() -> Result<()> {
     with_cluster(|cluster| {
         // The fixture's kube-system/dns, pointed at the edge-2 pod.
         let vip = Ipv4Addr::new(10, 96, 0, 53);
-        set_manifest_section(cluster, "dns2", &service_yaml("dns2", vip, &[(cluster.pod("edge-2")?.ip(), "edge-2", true)]))?;
+        set_manifest_section(
+            cluster,
+            "dns2",
+            &service_yaml(
+                "dns2",
+                vip,
+                &[(cluster.pod("edge-2")?.ip(), "edge-2", true)],
+            ),
+        )?;
         wait_for_frontend(cluster, "edge-1", vip, 1)?;
         let from = cluster.pod("edge-1")?;
         for i in 0..5u8 {
@@ -181,15 +233,35 @@ fn service_without_endpoints_refuses_at_once() -> Result<()> {
         wait_for_frontend(cluster, "edge-1", vip, 0)?;
         let from = cluster.pod("edge-1")?;
         let started = Instant::now();
-        let tcp = from.netns().enter(|| Ok(TcpStream::connect_timeout(&SocketAddrV4::new(vip, 80).into(), TIMEOUT)))?;
+        let tcp = from.netns().enter(|| {
+            Ok(TcpStream::connect_timeout(
+                &SocketAddrV4::new(vip, 80).into(),
+                TIMEOUT,
+            ))
+        })?;
         match tcp {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            other => bail!("TCP connect to a Service without endpoints: {other:?}, expected connection refused (RST)"),
+            other => bail!(
+                "TCP connect to a Service without endpoints: {other:?}, expected connection refused (RST)"
+            ),
         }
-        let udp = udp_echo(from.netns(), SocketAddrV4::new(vip, 80), b"anyone?", TIMEOUT);
-        let message = format!("{:#}", udp.err().context("UDP to a Service without endpoints got an answer")?);
+        let udp = udp_echo(
+            from.netns(),
+            SocketAddrV4::new(vip, 80),
+            b"anyone?",
+            TIMEOUT,
+        );
+        let message = format!(
+            "{:#}",
+            udp.err()
+                .context("UDP to a Service without endpoints got an answer")?
+        );
         ensure!(message.contains("port unreachable"), "UDP: {message}");
-        ensure!(started.elapsed() < Duration::from_secs(2), "refusals took {:?}", started.elapsed());
+        ensure!(
+            started.elapsed() < Duration::from_secs(2),
+            "refusals took {:?}",
+            started.elapsed()
+        );
         Ok(())
     })
 }
@@ -206,32 +278,47 @@ fn cloud_pod_reaches_a_service_with_edge_backends_through_kube_proxy_dnat() -> R
             cluster.kube_proxy_dnat(node, vip, 80, proto, &backends)?;
         }
         let from = cluster.pod("cloud-2")?;
-        let before: Vec<u64> = ["edge-1", "edge-2"].iter().map(|n| cluster.pod(n).map(|p| p.requests_served())).collect::<Result<_>>()?;
+        let before: Vec<u64> = ["edge-1", "edge-2"]
+            .iter()
+            .map(|n| cluster.pod(n).map(|p| p.requests_served()))
+            .collect::<Result<_>>()?;
         let payload = vec![7u8; 3000];
         for _ in 0..20 {
-            ensure!(tcp_echo(from.netns(), SocketAddrV4::new(vip, 80), &payload, TIMEOUT)? == payload);
+            ensure!(
+                tcp_echo(from.netns(), SocketAddrV4::new(vip, 80), &payload, TIMEOUT)? == payload
+            );
         }
         ensure!(udp_echo(from.netns(), SocketAddrV4::new(vip, 80), b"hi", TIMEOUT)? == b"hi");
         for (name, before) in ["edge-1", "edge-2"].iter().zip(before) {
-            ensure!(cluster.pod(name)?.requests_served() > before, "edge backend {name} never served the cloud client");
+            ensure!(
+                cluster.pod(name)?.requests_served() > before,
+                "edge backend {name} never served the cloud client"
+            );
         }
         Ok(())
     })
 }
 
 /// An open TCP connection from `client`'s pod to `vip:80` and the backend it got.
-fn open_connection(cluster: &Cluster, client: &str, vip: Ipv4Addr) -> Result<(TcpStream, Ipv4Addr)> {
+fn open_connection(
+    cluster: &Cluster,
+    client: &str,
+    vip: Ipv4Addr,
+) -> Result<(TcpStream, Ipv4Addr)> {
     let pod = cluster.pod(client)?;
-    let stream = pod
-        .netns()
-        .enter(|| TcpStream::connect_timeout(&SocketAddrV4::new(vip, 80).into(), TIMEOUT).context("connecting"))?;
+    let stream = pod.netns().enter(|| {
+        TcpStream::connect_timeout(&SocketAddrV4::new(vip, 80).into(), TIMEOUT)
+            .context("connecting")
+    })?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     let port = stream.local_addr()?.port();
     let entry = cluster
         .maps(client)?
         .ct_entries()?
         .into_iter()
-        .find(|(k, e)| k.sport == port && k.daddr == vip.octets() && e.flags & ct_flags::FORWARD != 0)
+        .find(|(k, e)| {
+            k.sport == port && k.daddr == vip.octets() && e.flags & ct_flags::FORWARD != 0
+        })
         .context("no conntrack entry for the open connection")?;
     Ok((stream, Ipv4Addr::from(entry.1.addr)))
 }
@@ -251,7 +338,15 @@ fn a_removed_backend_gets_no_new_flows_its_flows_fail_fast_and_the_others_contin
     with_cluster(|cluster| {
         let vip = Ipv4Addr::new(10, 96, 0, 70);
         let (edge2, cloud2) = (cluster.pod("edge-2")?.ip(), cluster.pod("cloud-2")?.ip());
-        set_manifest_section(cluster, "churn", &service_yaml("churn", vip, &[(edge2, "edge-2", true), (cloud2, "cloud-2", true)]))?;
+        set_manifest_section(
+            cluster,
+            "churn",
+            &service_yaml(
+                "churn",
+                vip,
+                &[(edge2, "edge-2", true), (cloud2, "cloud-2", true)],
+            ),
+        )?;
         wait_for_frontend(cluster, "edge-1", vip, 2)?;
         let mut to_removed = None;
         let mut to_kept = None;
@@ -266,29 +361,45 @@ fn a_removed_backend_gets_no_new_flows_its_flows_fail_fast_and_the_others_contin
                 break;
             }
         }
-        let (mut to_removed, mut to_kept) =
-            (to_removed.context("no flow went to edge-2")?, to_kept.context("no flow went to cloud-2")?);
+        let (mut to_removed, mut to_kept) = (
+            to_removed.context("no flow went to edge-2")?,
+            to_kept.context("no flow went to cloud-2")?,
+        );
         echo_once(&mut to_removed)?;
         echo_once(&mut to_kept)?;
 
         // edge-2's endpoint stops being ready.
-        set_manifest_section(cluster, "churn", &service_yaml("churn", vip, &[(edge2, "edge-2", false), (cloud2, "cloud-2", true)]))?;
+        set_manifest_section(
+            cluster,
+            "churn",
+            &service_yaml(
+                "churn",
+                vip,
+                &[(edge2, "edge-2", false), (cloud2, "cloud-2", true)],
+            ),
+        )?;
         wait_for_frontend(cluster, "edge-1", vip, 1)?;
 
         echo_once(&mut to_kept).context("a flow to a backend that stayed was disturbed")?;
         let started = Instant::now();
         let failed = echo_once(&mut to_removed);
         ensure!(failed.is_err(), "a flow to the removed backend still works");
-        ensure!(started.elapsed() < Duration::from_secs(3), "the flow to the removed backend took {:?} to fail", started.elapsed());
+        ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "the flow to the removed backend took {:?} to fail",
+            started.elapsed()
+        );
         for _ in 0..10 {
             let (mut stream, backend) = open_connection(cluster, "edge-1", vip)?;
-            ensure!(backend == cloud2, "a new flow went to the removed backend {backend}");
+            ensure!(
+                backend == cloud2,
+                "a new flow went to the removed backend {backend}"
+            );
             echo_once(&mut stream)?;
         }
         Ok(())
     })
 }
-
 
 #[test]
 fn udp_port_unreachable_from_backends_reaches_the_client_from_the_service() -> Result<()> {
@@ -311,7 +422,12 @@ fn udp_port_unreachable_from_backends_reaches_the_client_from_the_service() -> R
             let from = cluster.pod("edge-1")?;
             let started = Instant::now();
             let result = udp_echo(from.netns(), SocketAddrV4::new(vip, 80), b"hello?", TIMEOUT);
-            let message = format!("{:#}", result.err().context("a datagram to a closed port got an answer")?);
+            let message = format!(
+                "{:#}",
+                result
+                    .err()
+                    .context("a datagram to a closed port got an answer")?
+            );
             ensure!(
                 message.contains("port unreachable") && started.elapsed() < Duration::from_secs(2),
                 "backend on {node}: the client's connected socket must see the error from {vip}: {message}"
@@ -322,10 +438,14 @@ fn udp_port_unreachable_from_backends_reaches_the_client_from_the_service() -> R
 }
 
 #[test]
-fn host_network_client_on_an_edge_node_reaches_a_cluster_ip_through_socket_translation() -> Result<()> {
+fn host_network_client_on_an_edge_node_reaches_a_cluster_ip_through_socket_translation()
+-> Result<()> {
     with_cluster(|cluster| {
         let vip = Ipv4Addr::new(10, 96, 0, 90);
-        let backends = [(cluster.pod("edge-2")?.ip(), "edge-2", true), (cluster.pod("cloud-2")?.ip(), "cloud-2", true)];
+        let backends = [
+            (cluster.pod("edge-2")?.ip(), "edge-2", true),
+            (cluster.pod("cloud-2")?.ip(), "cloud-2", true),
+        ];
         set_manifest_section(cluster, "hostnet", &service_yaml("hostnet", vip, &backends))?;
         wait_for_frontend(cluster, "edge-1", vip, 2)?;
         // TCP: connect to the ClusterIP; getpeername must still say so.
@@ -346,11 +466,11 @@ print("udp", data.decode(), peer[0], peer[1])
         for _ in 0..3 {
             let out = cluster.run_host_python("edge-1", &script)?;
             ensure!(
-                out.contains(&format!("tcp hello {vip} 80")) && out.contains(&format!("udp query {vip} 80")),
+                out.contains(&format!("tcp hello {vip} 80"))
+                    && out.contains(&format!("udp query {vip} 80")),
                 "hostNetwork client output: {out}"
             );
         }
         Ok(())
     })
 }
-

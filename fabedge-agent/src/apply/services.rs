@@ -29,7 +29,11 @@ pub struct ServiceReport {
 
 impl ServiceReport {
     pub fn changes(&self) -> usize {
-        self.frontends_written + self.frontends_removed + self.backends_written + self.backends_removed + self.flows_purged
+        self.frontends_written
+            + self.frontends_removed
+            + self.backends_written
+            + self.backends_removed
+            + self.flows_purged
     }
 }
 
@@ -38,7 +42,10 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     for skipped in &planned.skipped {
         warn!("{skipped}");
     }
-    maps.set_gauge(fabedge_common::Counter::ServicesNotProgrammed, planned.skipped.len() as u64)?;
+    maps.set_gauge(
+        fabedge_common::Counter::ServicesNotProgrammed,
+        planned.skipped.len() as u64,
+    )?;
     let current: BTreeMap<ServiceKey, ServiceEntry> = maps.service_entries()?.into_iter().collect();
     let mut plan = planned.clone();
     reuse_ids(&mut plan, &current);
@@ -48,7 +55,10 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     for (key, backend) in &wanted_backends {
         if current_backends.get(key) != Some(backend) {
             maps.backends.insert(key, backend, 0).with_context(|| {
-                format!("writing backend {}/{} to FE_BACKENDS (is the map full?)", key.service_id, key.slot)
+                format!(
+                    "writing backend {}/{} to FE_BACKENDS (is the map full?)",
+                    key.service_id, key.slot
+                )
             })?;
             report.backends_written += 1;
         }
@@ -57,18 +67,31 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
         if current.get(key) != Some(&frontend.entry) {
             maps.services
                 .insert(key, frontend.entry, 0)
-                .with_context(|| format!("writing service {} to FE_SERVICES (is the map full?)", frontend.name))?;
+                .with_context(|| {
+                    format!(
+                        "writing service {} to FE_SERVICES (is the map full?)",
+                        frontend.name
+                    )
+                })?;
             report.frontends_written += 1;
         }
     }
     for key in current.keys().filter(|k| !plan.frontends.contains_key(k)) {
-        maps.services.remove(key).with_context(|| format!("removing {} from FE_SERVICES", describe(key)))?;
+        maps.services
+            .remove(key)
+            .with_context(|| format!("removing {} from FE_SERVICES", describe(key)))?;
         report.frontends_removed += 1;
     }
-    for key in current_backends.keys().filter(|k| !wanted_backends.contains_key(k)) {
-        maps.backends
-            .remove(key)
-            .with_context(|| format!("removing backend {}/{} from FE_BACKENDS", key.service_id, key.slot))?;
+    for key in current_backends
+        .keys()
+        .filter(|k| !wanted_backends.contains_key(k))
+    {
+        maps.backends.remove(key).with_context(|| {
+            format!(
+                "removing backend {}/{} from FE_BACKENDS",
+                key.service_id, key.slot
+            )
+        })?;
         report.backends_removed += 1;
     }
 
@@ -76,14 +99,26 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     let live: BTreeMap<u32, BTreeSet<([u8; 4], u16)>> = plan
         .frontends
         .values()
-        .map(|f| (f.entry.id, f.backends.iter().map(|b| (b.addr, b.port)).collect()))
+        .map(|f| {
+            (
+                f.entry.id,
+                f.backends.iter().map(|b| (b.addr, b.port)).collect(),
+            )
+        })
         .collect();
-    let alive = |service_id: u32, backend: ([u8; 4], u16)| live.get(&service_id).is_some_and(|set| set.contains(&backend));
+    let alive = |service_id: u32, backend: ([u8; 4], u16)| {
+        live.get(&service_id)
+            .is_some_and(|set| set.contains(&backend))
+    };
     let stale: Vec<CtKey> = maps
         .ct_entries()?
         .into_iter()
         .filter(|(key, entry)| {
-            let backend = if entry.flags & ct_flags::FORWARD != 0 { (entry.addr, entry.port) } else { (key.saddr, key.sport) };
+            let backend = if entry.flags & ct_flags::FORWARD != 0 {
+                (entry.addr, entry.port)
+            } else {
+                (key.saddr, key.sport)
+            };
             !alive(entry.service_id, backend)
         })
         .map(|(key, _)| key)
@@ -114,6 +149,9 @@ pub fn describe(key: &ServiceKey) -> String {
         17 => "UDP",
         _ => "?",
     };
-    format!("{}:{}/{proto}", std::net::Ipv4Addr::from(key.addr), key.port)
+    format!(
+        "{}:{}/{proto}",
+        std::net::Ipv4Addr::from(key.addr),
+        key.port
+    )
 }
-

@@ -17,12 +17,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use fabedge_common::services::{
-    Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags, MAX_BACKENDS,
-    MAX_SERVICES,
+    Backend, BackendKey, MAX_BACKENDS, MAX_SERVICES, ServiceEntry, ServiceKey, backend_flags,
+    service_flags,
 };
 use ipnet::Ipv4Net;
 
-use crate::model::{EndpointSlice, NamespacedName, Protocol, Service, SessionAffinity, Snapshot, TargetPort, TrafficPolicy};
+use crate::model::{
+    EndpointSlice, NamespacedName, Protocol, Service, SessionAffinity, Snapshot, TargetPort,
+    TrafficPolicy,
+};
 
 /// What `FE_SERVICES` and `FE_BACKENDS` must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,7 +52,15 @@ impl ServicePlan {
         self.frontends
             .values()
             .flat_map(|f| {
-                f.backends.iter().enumerate().map(|(slot, b)| (BackendKey { service_id: f.entry.id, slot: slot as u32 }, *b))
+                f.backends.iter().enumerate().map(|(slot, b)| {
+                    (
+                        BackendKey {
+                            service_id: f.entry.id,
+                            slot: slot as u32,
+                        },
+                        *b,
+                    )
+                })
             })
             .collect()
     }
@@ -67,7 +78,11 @@ fn port_backends(
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        let port = match slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol) {
+        let port = match slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+        {
             Some(p) => p.port.or(match target {
                 TargetPort::Number(n) => Some(*n),
                 TargetPort::Name(_) => None,
@@ -80,7 +95,9 @@ fn port_backends(
         };
         let Some(port) = port else { continue };
         for endpoint in &slice.endpoints {
-            if service.internal_traffic_policy == TrafficPolicy::Local && endpoint.node_name.as_deref() != Some(me) {
+            if service.internal_traffic_policy == TrafficPolicy::Local
+                && endpoint.node_name.as_deref() != Some(me)
+            {
                 continue;
             }
             let set = if endpoint.ready {
@@ -93,16 +110,32 @@ fn port_backends(
             set.extend(endpoint.addresses.iter().map(|a| (*a, port)));
         }
     }
-    if ready.is_empty() { terminating.into_iter().collect() } else { ready.into_iter().collect() }
+    if ready.is_empty() {
+        terminating.into_iter().collect()
+    } else {
+        ready.into_iter().collect()
+    }
 }
 
 /// Plan Service translation for node `me` whose pod CIDR is `pod_cidr`.
 pub fn plan_services(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net) -> ServicePlan {
-    plan_within(snapshot, me, pod_cidr, MAX_SERVICES as usize, MAX_BACKENDS as usize)
+    plan_within(
+        snapshot,
+        me,
+        pod_cidr,
+        MAX_SERVICES as usize,
+        MAX_BACKENDS as usize,
+    )
 }
 
 /// [`plan_services`] for maps of `max_frontends` and `max_backends` entries.
-fn plan_within(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net, max_frontends: usize, max_backends: usize) -> ServicePlan {
+fn plan_within(
+    snapshot: &Snapshot,
+    me: &str,
+    pod_cidr: Ipv4Net,
+    max_frontends: usize,
+    max_backends: usize,
+) -> ServicePlan {
     let mut plan = ServicePlan::default();
     let mut slices: BTreeMap<NamespacedName, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in snapshot.endpoint_slices.values() {
@@ -125,28 +158,65 @@ fn plan_within(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net, max_frontends: 
                 ));
                 continue;
             }
-            let backends: Vec<Backend> = port_backends(service, &port.name, &port.target_port, port.protocol, own_slices, me)
-                .into_iter()
-                .map(|(addr, p)| Backend {
-                    addr: addr.octets(),
-                    port: p,
-                    flags: if pod_cidr.contains(&addr) { backend_flags::LOCAL } else { 0 },
-                    _pad: 0,
-                })
-                .collect();
+            let backends: Vec<Backend> = port_backends(
+                service,
+                &port.name,
+                &port.target_port,
+                port.protocol,
+                own_slices,
+                me,
+            )
+            .into_iter()
+            .map(|(addr, p)| Backend {
+                addr: addr.octets(),
+                port: p,
+                flags: if pod_cidr.contains(&addr) {
+                    backend_flags::LOCAL
+                } else {
+                    0
+                },
+                _pad: 0,
+            })
+            .collect();
             let (flags, affinity_timeout) = match service.session_affinity {
                 SessionAffinity::None => (0, 0),
-                SessionAffinity::ClientIp { timeout_seconds } => (service_flags::AFFINITY, timeout_seconds),
+                SessionAffinity::ClientIp { timeout_seconds } => {
+                    (service_flags::AFFINITY, timeout_seconds)
+                }
             };
             for ip in &service.cluster_ips {
-                let key = ServiceKey { addr: ip.octets(), port: port.port, proto: port.protocol.ip_proto(), _pad: 0 };
-                let label = if port.name.is_empty() { format!("{name}:{}", port.port) } else { format!("{name}:{}", port.name) };
-                let entry = ServiceEntry { id: 0, count: backends.len().min(u16::MAX as usize) as u16, flags, _pad: 0, affinity_timeout };
-                frontends.push((key, Frontend { name: label, entry, backends: backends.clone() }));
+                let key = ServiceKey {
+                    addr: ip.octets(),
+                    port: port.port,
+                    proto: port.protocol.ip_proto(),
+                    _pad: 0,
+                };
+                let label = if port.name.is_empty() {
+                    format!("{name}:{}", port.port)
+                } else {
+                    format!("{name}:{}", port.name)
+                };
+                let entry = ServiceEntry {
+                    id: 0,
+                    count: backends.len().min(u16::MAX as usize) as u16,
+                    flags,
+                    _pad: 0,
+                    affinity_timeout,
+                };
+                frontends.push((
+                    key,
+                    Frontend {
+                        name: label,
+                        entry,
+                        backends: backends.clone(),
+                    },
+                ));
             }
         }
         let backends: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
-        if plan.frontends.len() + frontends.len() > max_frontends || backend_total + backends > max_backends {
+        if plan.frontends.len() + frontends.len() > max_frontends
+            || backend_total + backends > max_backends
+        {
             plan.skipped.push(format!(
                 "service {name} is not programmed: FE_SERVICES holds {max_frontends} frontends and FE_BACKENDS \
                  {max_backends} backends, and {} + {} frontends / {backend_total} + {backends} backends do not fit; \
@@ -183,7 +253,11 @@ pub fn reuse_ids(plan: &mut ServicePlan, current: &BTreeMap<ServiceKey, ServiceE
             next += 1;
         }
         used.insert(next);
-        plan.frontends.get_mut(&key).expect("key from the plan").entry.id = next;
+        plan.frontends
+            .get_mut(&key)
+            .expect("key from the plan")
+            .entry
+            .id = next;
     }
 }
 
@@ -205,19 +279,37 @@ mod tests {
     }
 
     fn port(name: &str, port: u16, protocol: Protocol, target: TargetPort) -> ServicePort {
-        ServicePort { name: name.into(), port, protocol, target_port: target }
+        ServicePort {
+            name: name.into(),
+            port,
+            protocol,
+            target_port: target,
+        }
     }
 
     fn endpoint(ip: [u8; 4], ready: bool, terminating: bool, node: &str) -> Endpoint {
-        Endpoint { addresses: vec![Ipv4Addr::from(ip)], ready, serving: true, terminating, node_name: Some(node.into()) }
+        Endpoint {
+            addresses: vec![Ipv4Addr::from(ip)],
+            ready,
+            serving: true,
+            terminating,
+            node_name: Some(node.into()),
+        }
     }
 
     fn snapshot(service: Service, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> Snapshot {
         let mut snap = Snapshot::default();
-        snap.services.insert(NamespacedName::new("default", "web"), service);
+        snap.services
+            .insert(NamespacedName::new("default", "web"), service);
         snap.endpoint_slices.insert(
             NamespacedName::new("default", "web-abc"),
-            EndpointSlice { namespace: "default".into(), name: "web-abc".into(), service_name: Some("web".into()), ports, endpoints },
+            EndpointSlice {
+                namespace: "default".into(),
+                name: "web-abc".into(),
+                service_name: Some("web".into()),
+                ports,
+                endpoints,
+            },
         );
         snap
     }
@@ -234,23 +326,54 @@ mod tests {
                 port("metrics", 9090, Protocol::Udp, TargetPort::Number(9100)),
             ]),
             vec![
-                EndpointPort { name: "http".into(), port: Some(8080), protocol: Protocol::Tcp },
-                EndpointPort { name: "metrics".into(), port: Some(9100), protocol: Protocol::Udp },
+                EndpointPort {
+                    name: "http".into(),
+                    port: Some(8080),
+                    protocol: Protocol::Tcp,
+                },
+                EndpointPort {
+                    name: "metrics".into(),
+                    port: Some(9100),
+                    protocol: Protocol::Udp,
+                },
             ],
-            vec![endpoint([10, 234, 1, 10], true, false, "edge-1"), endpoint([10, 234, 2, 10], true, false, "edge-2")],
+            vec![
+                endpoint([10, 234, 1, 10], true, false, "edge-1"),
+                endpoint([10, 234, 2, 10], true, false, "edge-2"),
+            ],
         );
         let plan = plan_services(&snap, "edge-1", cidr());
-        let http = &plan.frontends[&ServiceKey { addr: [10, 96, 0, 20], port: 80, proto: 6, _pad: 0 }];
+        let http = &plan.frontends[&ServiceKey {
+            addr: [10, 96, 0, 20],
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        }];
         assert_eq!(http.name, "default/web:http");
         assert_eq!(http.entry.count, 2);
         assert_eq!(
             http.backends,
             [
-                Backend { addr: [10, 234, 1, 10], port: 8080, flags: backend_flags::LOCAL, _pad: 0 },
-                Backend { addr: [10, 234, 2, 10], port: 8080, flags: 0, _pad: 0 },
+                Backend {
+                    addr: [10, 234, 1, 10],
+                    port: 8080,
+                    flags: backend_flags::LOCAL,
+                    _pad: 0
+                },
+                Backend {
+                    addr: [10, 234, 2, 10],
+                    port: 8080,
+                    flags: 0,
+                    _pad: 0
+                },
             ]
         );
-        let metrics = &plan.frontends[&ServiceKey { addr: [10, 96, 0, 20], port: 9090, proto: 17, _pad: 0 }];
+        let metrics = &plan.frontends[&ServiceKey {
+            addr: [10, 96, 0, 20],
+            port: 9090,
+            proto: 17,
+            _pad: 0,
+        }];
         assert_eq!(metrics.backends[0].port, 9100);
         assert_ne!(http.entry.id, metrics.entry.id);
         assert_eq!(plan.backend_map().len(), 4);
@@ -258,76 +381,164 @@ mod tests {
 
     #[test]
     fn terminating_endpoints_serve_only_while_no_endpoint_is_ready() {
-        let ports = vec![EndpointPort { name: String::new(), port: Some(80), protocol: Protocol::Tcp }];
+        let ports = vec![EndpointPort {
+            name: String::new(),
+            port: Some(80),
+            protocol: Protocol::Tcp,
+        }];
         let svc = service(vec![port("", 80, Protocol::Tcp, TargetPort::Number(80))]);
-        let key = ServiceKey { addr: [10, 96, 0, 20], port: 80, proto: 6, _pad: 0 };
+        let key = ServiceKey {
+            addr: [10, 96, 0, 20],
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        };
         let both = snapshot(
             svc.clone(),
             ports.clone(),
-            vec![endpoint([10, 234, 2, 1], true, false, "edge-2"), endpoint([10, 234, 2, 2], false, true, "edge-2")],
+            vec![
+                endpoint([10, 234, 2, 1], true, false, "edge-2"),
+                endpoint([10, 234, 2, 2], false, true, "edge-2"),
+            ],
         );
-        let addrs: Vec<_> = plan_services(&both, "edge-1", cidr()).frontends[&key].backends.iter().map(|b| b.addr).collect();
+        let addrs: Vec<_> = plan_services(&both, "edge-1", cidr()).frontends[&key]
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
         assert_eq!(addrs, [[10, 234, 2, 1]]);
-        let only_terminating = snapshot(svc.clone(), ports.clone(), vec![endpoint([10, 234, 2, 2], false, true, "edge-2")]);
-        let addrs: Vec<_> =
-            plan_services(&only_terminating, "edge-1", cidr()).frontends[&key].backends.iter().map(|b| b.addr).collect();
+        let only_terminating = snapshot(
+            svc.clone(),
+            ports.clone(),
+            vec![endpoint([10, 234, 2, 2], false, true, "edge-2")],
+        );
+        let addrs: Vec<_> = plan_services(&only_terminating, "edge-1", cidr()).frontends[&key]
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
         assert_eq!(addrs, [[10, 234, 2, 2]]);
         let none = snapshot(svc, ports, vec![]);
-        assert_eq!(plan_services(&none, "edge-1", cidr()).frontends[&key].entry.count, 0, "kept, to be rejected");
+        assert_eq!(
+            plan_services(&none, "edge-1", cidr()).frontends[&key]
+                .entry
+                .count,
+            0,
+            "kept, to be rejected"
+        );
     }
 
     #[test]
     fn internal_traffic_policy_local_keeps_this_nodes_endpoints_and_affinity_is_carried() {
         let mut svc = service(vec![port("", 53, Protocol::Udp, TargetPort::Number(53))]);
         svc.internal_traffic_policy = TrafficPolicy::Local;
-        svc.session_affinity = SessionAffinity::ClientIp { timeout_seconds: 30 };
+        svc.session_affinity = SessionAffinity::ClientIp {
+            timeout_seconds: 30,
+        };
         let snap = snapshot(
             svc,
-            vec![EndpointPort { name: String::new(), port: Some(53), protocol: Protocol::Udp }],
-            vec![endpoint([10, 234, 1, 5], true, false, "edge-1"), endpoint([10, 234, 2, 5], true, false, "edge-2")],
+            vec![EndpointPort {
+                name: String::new(),
+                port: Some(53),
+                protocol: Protocol::Udp,
+            }],
+            vec![
+                endpoint([10, 234, 1, 5], true, false, "edge-1"),
+                endpoint([10, 234, 2, 5], true, false, "edge-2"),
+            ],
         );
         let plan = plan_services(&snap, "edge-1", cidr());
         let f = plan.frontends.values().next().unwrap();
         assert_eq!(f.backends.len(), 1);
         assert_eq!(f.backends[0].addr, [10, 234, 1, 5]);
-        assert_eq!((f.entry.flags, f.entry.affinity_timeout), (service_flags::AFFINITY, 30));
+        assert_eq!(
+            (f.entry.flags, f.entry.affinity_timeout),
+            (service_flags::AFFINITY, 30)
+        );
     }
 
     #[test]
     fn a_service_that_does_not_fit_is_left_out_whole_with_a_message_and_the_others_stay() {
-        let ports = vec![EndpointPort { name: String::new(), port: Some(80), protocol: Protocol::Tcp }];
+        let ports = vec![EndpointPort {
+            name: String::new(),
+            port: Some(80),
+            protocol: Protocol::Tcp,
+        }];
         let mut snap = snapshot(
             service(vec![port("", 80, Protocol::Tcp, TargetPort::Number(80))]),
             ports.clone(),
-            vec![endpoint([10, 234, 2, 1], true, false, "edge-2"), endpoint([10, 234, 2, 2], true, false, "edge-2")],
+            vec![
+                endpoint([10, 234, 2, 1], true, false, "edge-2"),
+                endpoint([10, 234, 2, 2], true, false, "edge-2"),
+            ],
         );
-        let mut big = service(vec![port("a", 80, Protocol::Tcp, TargetPort::Number(80)), port("b", 81, Protocol::Tcp, TargetPort::Number(80))]);
+        let mut big = service(vec![
+            port("a", 80, Protocol::Tcp, TargetPort::Number(80)),
+            port("b", 81, Protocol::Tcp, TargetPort::Number(80)),
+        ]);
         big.name = "big".into();
         big.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 30)];
-        snap.services.insert(NamespacedName::new("default", "big"), big);
+        snap.services
+            .insert(NamespacedName::new("default", "big"), big);
         // Services are planned in name order: default/big (2 frontends)
         // takes the room for 2, default/web does not fit and is left out.
         let plan = plan_within(&snap, "edge-1", cidr(), 2, 100);
         let names: Vec<_> = plan.frontends.values().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["default/big:a", "default/big:b"]);
         assert_eq!(plan.skipped.len(), 1);
-        assert!(plan.skipped[0].contains("service default/web is not programmed"), "{}", plan.skipped[0]);
+        assert!(
+            plan.skipped[0].contains("service default/web is not programmed"),
+            "{}",
+            plan.skipped[0]
+        );
         // The backend limit the same way: web's 2 backends do not fit 1.
         let plan = plan_within(&snap, "edge-1", cidr(), 100, 1);
-        assert!(plan.frontends.values().all(|f| f.name.starts_with("default/big")));
+        assert!(
+            plan.frontends
+                .values()
+                .all(|f| f.name.starts_with("default/big"))
+        );
         assert!(plan.skipped[0].contains("default/web"));
     }
 
     #[test]
     fn ids_already_in_the_map_are_kept_and_new_frontends_take_free_ones() {
-        let k = |port| ServiceKey { addr: [10, 96, 0, 1], port, proto: 6, _pad: 0 };
-        let frontend = || Frontend { name: "x".into(), entry: ServiceEntry::default(), backends: vec![] };
+        let k = |port| ServiceKey {
+            addr: [10, 96, 0, 1],
+            port,
+            proto: 6,
+            _pad: 0,
+        };
+        let frontend = || Frontend {
+            name: "x".into(),
+            entry: ServiceEntry::default(),
+            backends: vec![],
+        };
         let mut plan = ServicePlan::default();
         plan.frontends.insert(k(1), frontend());
         plan.frontends.insert(k(2), frontend());
-        let current = BTreeMap::from([(k(2), ServiceEntry { id: 1, ..Default::default() }), (k(9), ServiceEntry { id: 2, ..Default::default() })]);
+        let current = BTreeMap::from([
+            (
+                k(2),
+                ServiceEntry {
+                    id: 1,
+                    ..Default::default()
+                },
+            ),
+            (
+                k(9),
+                ServiceEntry {
+                    id: 2,
+                    ..Default::default()
+                },
+            ),
+        ]);
         reuse_ids(&mut plan, &current);
         assert_eq!(plan.frontends[&k(2)].entry.id, 1);
-        assert_eq!(plan.frontends[&k(1)].entry.id, 2, "lowest id not kept by a planned frontend");
+        assert_eq!(
+            plan.frontends[&k(1)].entry.id,
+            2,
+            "lowest id not kept by a planned frontend"
+        );
     }
 }
