@@ -86,8 +86,6 @@ counters! {
     DropNoEndpoints = 48, "drop_no_endpoints", true;
     /// Conntrack (or source-port) space exhausted for a new Service flow.
     DropCtFull = 49, "drop_ct_full", true;
-    /// A Service flow the datapath cannot translate (IP fragment, truncated L4 header).
-    DropServiceUnsupported = 50, "drop_service_unsupported", true;
 }
 
 /// Size of the counters array: room for growth without a layout change.

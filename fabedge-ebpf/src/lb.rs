@@ -98,11 +98,8 @@ pub fn from_pod(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
     let (t, tcp_flags) = match tuple(ctx, ip) {
         None => return Verdict::Untouched,
         Some(Ok(found)) => found,
-        Some(Err(())) => {
-            // Only a Service's business if the destination is a frontend;
-            // the port is unknown, so ask the cheaper question of the CT.
-            return Verdict::Untouched;
-        }
+        // Options, fragments, truncated: not translated (see `nat`).
+        Some(Err(())) => return Verdict::Untouched,
     };
     if let Some(entry) = conntrack::lookup(&t, tcp_flags) {
         return apply(ctx, &t, &entry);

@@ -3,9 +3,10 @@
 //! incrementally by the kernel's helpers, which also keep `CHECKSUM_PARTIAL`
 //! packets (veth offload) right.
 //!
-//! Only IHL-5 headers are translated: the L4 header is then at a constant
-//! offset, which keeps every access verifier-friendly. Packets with IP
-//! options to a Service are rare and counted (`drop_service_unsupported`).
+//! Only IHL-5, unfragmented packets are translated: the L4 header is then
+//! at a constant offset, which keeps every access verifier-friendly. Others
+//! (IP options, fragments: rare from pods) are routed untranslated, which
+//! for a ClusterIP means toward the connector.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
