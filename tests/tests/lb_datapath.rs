@@ -666,3 +666,51 @@ fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
     assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 0);
     Ok(())
 }
+
+/// The cgroup v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2_root() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo").ok()?.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        after.starts_with("cgroup2 ").then(|| before.split(' ').nth(4).map(std::path::PathBuf::from)).flatten()
+    })
+}
+
+#[test]
+fn socket_programs_attach_to_the_given_cgroup_and_uninstall_removes_them() -> Result<()> {
+    use fabedge_agent::datapath::{self, AttachMode, Datapath, PinLayout, SOCK_PROGRAMS};
+    let Some(root) = cgroup2_root() else {
+        panic!("no cgroup2 mount on this host: the hostNetwork Service programs cannot be tested");
+    };
+    let cgroup = root.join(format!("fabedge-test-{}-sock", std::process::id()));
+    std::fs::create_dir_all(&cgroup)?;
+    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-sock", std::process::id()));
+    let layout = PinLayout::new(&bpffs);
+    let attached = |cg: &std::path::Path| -> Result<String> {
+        let out = std::process::Command::new("bpftool").args(["cgroup", "show"]).arg(cg).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let result = (|| -> Result<()> {
+        let mut dp = Datapath::load(layout.clone(), AttachMode::Auto)?;
+        dp.attach_cgroup(&cgroup)?;
+        // A restart attaches again: the pinned links are replaced, not doubled.
+        dp.attach_cgroup(&cgroup)?;
+        drop(dp);
+        let shown = attached(&cgroup)?;
+        for symbol in SOCK_PROGRAMS {
+            assert!(layout.links_dir().join(format!("{symbol}@cgroup")).exists(), "{symbol} link pinned");
+            // bpftool prints program names truncated to 15 bytes.
+            assert_eq!(shown.matches(&symbol[..15]).count(), 1, "{symbol} attached once (after the agent exited):\n{shown}");
+        }
+        datapath::uninstall(&bpffs)?;
+        let shown = attached(&cgroup)?;
+        assert!(!shown.contains("fe_sock"), "uninstall left programs on the cgroup:\n{shown}");
+        // And a directory that is not cgroup v2 is refused with the fix.
+        let mut dp = Datapath::load(layout.clone(), AttachMode::Auto)?;
+        let err = format!("{:#}", dp.attach_cgroup(std::path::Path::new("/tmp")).unwrap_err());
+        assert!(err.contains("not a cgroup v2 directory") && err.contains("--no-cgroup"), "{err}");
+        Ok(())
+    })();
+    let _ = datapath::uninstall(&bpffs);
+    let _ = std::fs::remove_dir(&cgroup);
+    result
+}
