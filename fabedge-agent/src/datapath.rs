@@ -23,7 +23,7 @@ use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Map, MapData, MapInfo},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
@@ -54,11 +54,13 @@ pub enum Program {
     TunnelEgress,
     /// TC ingress of the connector's uplink.
     UplinkIngress,
+    /// TC egress of the pod bridge (reverse NAT of Service replies).
+    ToPod,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] =
-        [Program::FromPod, Program::TunnelIngress, Program::TunnelEgress, Program::UplinkIngress];
+    pub const ALL: [Program; 5] =
+        [Program::FromPod, Program::TunnelIngress, Program::TunnelEgress, Program::UplinkIngress, Program::ToPod];
 
     /// The function name in the object (and the netlink filter's name).
     pub const fn symbol(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Program {
             Program::TunnelIngress => "fe_tunnel_ingress",
             Program::TunnelEgress => "fe_tunnel_egress",
             Program::UplinkIngress => "fe_uplink_ingress",
+            Program::ToPod => "fe_to_pod",
         }
     }
 
@@ -76,6 +79,7 @@ impl Program {
             Program::TunnelIngress => "tunnel-ingress",
             Program::TunnelEgress => "tunnel-egress",
             Program::UplinkIngress => "uplink-ingress",
+            Program::ToPod => "to-pod",
         }
     }
 
@@ -87,11 +91,14 @@ impl Program {
 
     fn tc_attach_type(self) -> TcAttachType {
         match self {
-            Program::TunnelEgress => TcAttachType::Egress,
+            Program::TunnelEgress | Program::ToPod => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         }
     }
 }
+
+/// The cgroup sock_addr programs (hostNetwork clients of Services).
+pub const SOCK_PROGRAMS: [&str; 4] = ["fe_sock_connect4", "fe_sock_sendmsg4", "fe_sock_recvmsg4", "fe_sock_getpeername4"];
 
 /// A program on an interface: `from-pod=br-fabedge`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -201,6 +208,16 @@ impl Datapath {
     /// Load the object, adopting pinned maps whose shape matches and refusing
     /// any whose shape does not. Nothing is attached yet.
     pub fn load(layout: PinLayout, mode: AttachMode) -> Result<Self> {
+        Self::load_with_ct_entries(layout, mode, fabedge_common::services::DEFAULT_CT_ENTRIES)
+    }
+
+    /// [`Datapath::load`] with `FE_CT` sized to `ct_entries` (the agent's
+    /// `--ct-entries`). A pinned `FE_CT` of another size is refused like any
+    /// other layout change.
+    pub fn load_with_ct_entries(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
+        if ct_entries == 0 {
+            bail!("--ct-entries must be at least 1 (it sizes the Service conntrack table FE_CT)");
+        }
         crate::sys::ensure_bpffs(layout.bpffs_root())?;
         // Directories this call creates, removed again (if still empty) when
         // loading fails: a failed start leaves nothing behind.
@@ -217,7 +234,7 @@ impl Datapath {
         }
         let adopted: BTreeSet<PathBuf> = read_dir_sorted(&layout.maps_dir())?.into_iter().collect();
         let maps_dir = layout.maps_dir();
-        let result = Self::load_into(layout, mode.resolve());
+        let result = Self::load_into(layout, mode.resolve(), ct_entries);
         if result.is_err() {
             // Pins aya created before a later step (e.g. the verifier) failed.
             for pin in read_dir_sorted(&maps_dir).unwrap_or_default() {
@@ -232,14 +249,16 @@ impl Datapath {
         result
     }
 
-    fn load_into(layout: PinLayout, mode: AttachMode) -> Result<Self> {
+    fn load_into(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
         let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
         let names = pinned_map_names(&object);
         for name in &names {
-            check_pinned_shape(name, &object.maps[name], &layout.map(name))?;
+            let max_entries = (name == fabedge_common::map_names::CT).then_some(ct_entries);
+            check_pinned_shape(name, &object.maps[name], max_entries, &layout.map(name))?;
         }
         let pin_paths: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), layout.map(n))).collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(fabedge_common::map_names::CT, ct_entries);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -251,6 +270,14 @@ impl Datapath {
                 .try_into()
                 .with_context(|| format!("{} is not a TC program", program.symbol()))?;
             prog.load().with_context(|| format!("verifying and loading {}", program.symbol()))?;
+        }
+        for symbol in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(symbol)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {symbol}"))?
+                .try_into()
+                .with_context(|| format!("{symbol} is not a cgroup sock_addr program"))?;
+            prog.load().with_context(|| format!("verifying and loading {symbol}"))?;
         }
         Ok(Datapath { ebpf, layout, mode })
     }
@@ -280,12 +307,56 @@ impl Datapath {
         .with_context(|| format!("attaching {attachment} ({:?})", self.mode))
     }
 
+    /// Attach the hostNetwork Service programs to `cgroup` (a cgroup v2
+    /// directory): every socket of its processes, in any network namespace,
+    /// is translated. Links are pinned as `links/<program>@cgroup`; on
+    /// restart the new link is made before the old one is released (two
+    /// programs for a moment: the second finds a backend address, not a
+    /// Service, and leaves it).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let fs = nix::sys::statfs::statfs(cgroup).with_context(|| format!("cgroup {} (--cgroup)", cgroup.display()))?;
+        if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+            bail!(
+                "--cgroup {} is not a cgroup v2 directory; point it at the cgroup2 mount \
+                 (`grep cgroup2 /proc/self/mountinfo`, e.g. /sys/fs/cgroup/unified on hybrid hosts) \
+                 or pass --no-cgroup to leave hostNetwork clients untranslated",
+                cgroup.display()
+            );
+        }
+        let dir = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {} (is it a cgroup v2 directory? see --cgroup)", cgroup.display()))?;
+        for symbol in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(symbol)
+                .expect("loaded in Datapath::load")
+                .try_into()
+                .expect("a cgroup sock_addr program");
+            let id = prog
+                // Single: bpf_link_create takes no flags (cgroup links always coexist).
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {symbol} to cgroup {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into().with_context(|| format!("{symbol}: not an fd link"))?;
+            let pin = self.layout.links_dir().join(format!("{symbol}@cgroup"));
+            if pin.exists() {
+                let old = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+                drop(old.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+            }
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        info!("hostNetwork Service translation attached to cgroup {}", cgroup.display());
+        Ok(())
+    }
+
     /// Attachments with a pinned TCX link. (Netlink filters are not listed:
     /// in netlink mode only attachments made by this process are known.)
     pub fn attached(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for pin in read_dir_sorted(&self.layout.links_dir())? {
             let name = pin.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if SOCK_PROGRAMS.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
             let parsed = name.split_once('@').and_then(|(symbol, iface)| {
                 Program::ALL.into_iter().find(|p| p.symbol() == symbol).map(|p| Attachment::new(p, iface))
             });
@@ -352,13 +423,19 @@ impl Datapath {
 /// Refuse a pinned map whose shape differs from the one this binary was
 /// built with: aya would otherwise adopt it silently and the programs would
 /// read garbage.
-fn check_pinned_shape(name: &str, expected: &aya_obj::Map, path: &Path) -> Result<()> {
+fn check_pinned_shape(name: &str, expected: &aya_obj::Map, max_entries: Option<u32>, path: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let found = MapInfo::from_pin(path).with_context(|| format!("reading pinned map {}", path.display()))?;
     let found_type = found.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
-    let want = (expected.map_type(), expected.key_size(), expected.value_size(), expected.max_entries(), expected.map_flags());
+    let want = (
+        expected.map_type(),
+        expected.key_size(),
+        expected.value_size(),
+        max_entries.unwrap_or(expected.max_entries()),
+        expected.map_flags(),
+    );
     let got = (found_type, found.key_size(), found.value_size(), found.max_entries(), found.map_flags());
     if want == got {
         return Ok(());

@@ -26,6 +26,12 @@ pub enum What {
     Counters,
     /// The node-wide datapath configuration.
     Config,
+    /// Service frontends (ClusterIP:port/proto) and their backends.
+    Services,
+    /// The backend table, slot by slot.
+    Backends,
+    /// Service conntrack: one line per direction of each translated flow.
+    Ct,
 }
 
 pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
@@ -34,6 +40,9 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Routes => table(routes(&Maps::open(layout)?)?),
         What::Peers => table(peers(&Maps::open(layout)?)?),
         What::Counters => table(counters(&Maps::open(layout)?, false)?),
+        What::Services => table(crate::inspect_services::services(&Maps::open(layout)?)?),
+        What::Backends => table(crate::inspect_services::backends(&Maps::open(layout)?)?),
+        What::Ct => table(crate::inspect_services::ct(&Maps::open(layout)?)?),
         What::Config => {
             let value = serde_json::to_value(config(&Maps::open(layout)?)?)?;
             let rows = value

@@ -2,8 +2,10 @@
 //! sources → model → plan → apply, with `inspect` reading what was applied.
 //! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
 
+pub mod ctgc;
 pub mod datapath;
 pub mod inspect;
+pub mod inspect_services;
 pub mod maps;
 pub mod model;
 pub mod plan;

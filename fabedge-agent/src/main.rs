@@ -118,6 +118,17 @@ struct RunArgs {
     /// Prefix length of each edge node's block of the pool.
     #[arg(long, default_value_t = 24)]
     edge_pod_cidr_size: u8,
+    /// Capacity of the Service conntrack table (LRU; two entries per flow).
+    /// Changing it on a node with a pinned table needs `uninstall` first.
+    #[arg(long, default_value_t = fabedge_common::services::DEFAULT_CT_ENTRIES)]
+    ct_entries: u32,
+    /// Edge: cgroup v2 directory whose sockets reach ClusterIPs through
+    /// socket-level translation (hostNetwork pods, the node's processes).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup: PathBuf,
+    /// Leave hostNetwork clients without Service translation (no cgroup programs).
+    #[arg(long)]
+    no_cgroup: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -191,6 +202,8 @@ fn main() -> Result<()> {
                 attach_mode: args.attach_mode,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
+                ct_entries: args.ct_entries,
+                cgroup: (!args.no_cgroup).then_some(args.cgroup),
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
         }

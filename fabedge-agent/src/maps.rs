@@ -3,9 +3,12 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use fabedge_common::{
     Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
+};
+use fabedge_common::services::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use ipnet::Ipv4Net;
 
@@ -17,6 +20,10 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     pub counters: PerCpuArray<MapData, u64>,
     pub peer_stats: PerCpuArray<MapData, PeerStats>,
+    pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    pub backends: HashMap<MapData, BackendKey, Backend>,
+    pub ct: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
 }
 
 impl Maps {
@@ -29,6 +36,10 @@ impl Maps {
             config: typed(map_names::CONFIG)?.try_into().context(map_names::CONFIG)?,
             counters: typed(map_names::COUNTERS)?.try_into().context(map_names::COUNTERS)?,
             peer_stats: typed(map_names::PEER_STATS)?.try_into().context(map_names::PEER_STATS)?,
+            services: typed(map_names::SERVICES)?.try_into().context(map_names::SERVICES)?,
+            backends: typed(map_names::BACKENDS)?.try_into().context(map_names::BACKENDS)?,
+            ct: typed(map_names::CT)?.try_into().context(map_names::CT)?,
+            affinity: typed(map_names::AFFINITY)?.try_into().context(map_names::AFFINITY)?,
         })
     }
 
@@ -93,4 +104,55 @@ pub fn net_to_key(net: Ipv4Net) -> Key<RouteAddr> {
 pub fn key_to_net(key: &Key<RouteAddr>) -> Ipv4Net {
     let prefix = key.prefix_len().min(32) as u8;
     Ipv4Net::new(Ipv4Addr::from(key.data().addr), prefix).expect("prefix clamped to 32").trunc()
+}
+
+/// Service translation maps.
+impl Maps {
+    pub fn service_entries(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
+        let mut out: Vec<_> = self.services.iter().collect::<Result<_, _>>().context("reading FE_SERVICES")?;
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    pub fn backend_entries(&self) -> Result<Vec<(BackendKey, Backend)>> {
+        let mut out: Vec<_> = self.backends.iter().collect::<Result<_, _>>().context("reading FE_BACKENDS")?;
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    /// Entries may come and go (LRU) while we read; a vanished one is skipped.
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let mut out = Vec::new();
+        for key in self.ct.keys() {
+            let key = key.context("reading FE_CT")?;
+            if let Ok(entry) = self.ct.get(&key, 0) {
+                out.push((key, entry));
+            }
+        }
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityEntry)>> {
+        let mut out = Vec::new();
+        for key in self.affinity.keys() {
+            let key = key.context("reading FE_AFFINITY")?;
+            if let Ok(entry) = self.affinity.get(&key, 0) {
+                out.push((key, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Set a counter the agent owns (a gauge): the value on CPU 0, zero elsewhere.
+    pub fn set_gauge(&mut self, counter: Counter, value: u64) -> Result<()> {
+        if self.counter(counter)? == value {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut values = vec![0u64; cpus];
+        values[0] = value;
+        let values = aya::maps::PerCpuValues::try_from(values).context("per-CPU values")?;
+        self.counters.set(counter as u32, values, 0).with_context(|| format!("writing counter {}", counter.name()))
+    }
 }

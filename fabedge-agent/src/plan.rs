@@ -20,6 +20,7 @@
 mod cni;
 mod flannel;
 mod peer_ids;
+pub mod services;
 #[cfg(test)]
 mod tests;
 
@@ -256,6 +257,8 @@ pub struct Plan {
     pub annotations: Vec<AnnotationPatch>,
     /// Things the operator should know that do not stop this node.
     pub warnings: Vec<String>,
+    /// ClusterIP translation (edge nodes; empty elsewhere).
+    pub services: services::ServicePlan,
 }
 
 impl Plan {
@@ -715,7 +718,7 @@ impl<'a> Planner<'a> {
     }
 
     fn finish(self, role: Role, tunnel_mtu: u16, previous_peer_ids: &PeerIds) -> Result<Plan, PlanError> {
-        let Planner { me, settings, routes: planned, peers: named_peers, mut kernel_routes, annotations, warnings, .. } = self;
+        let Planner { snapshot, me, settings, routes: planned, peers: named_peers, mut kernel_routes, annotations, warnings, .. } = self;
         let peer_ids = previous_peer_ids.assign(named_peers.keys().map(String::as_str))?;
         let id_of = |name: &str| peer_ids.get(name).expect("every planned peer was given an id");
         let peers = named_peers.iter().map(|(name, entry)| (id_of(name), *entry)).collect();
@@ -763,6 +766,11 @@ impl<'a> Planner<'a> {
             let address = Ipv4Net::new(gateway, pod_cidr.prefix_len()).expect("prefix taken from a valid CIDR");
             devices.push(Device::Bridge { name: settings.pod_bridge.clone(), address, mtu: tunnel_mtu });
             attachments.push(Attachment::new(Program::FromPod, &settings.pod_bridge));
+            attachments.push(Attachment::new(Program::ToPod, &settings.pod_bridge));
+            // Replies of local Service backends come back to the gateway and
+            // leave `fe_from_pod` with the ClusterIP as source, which the
+            // kernel routes elsewhere: strict reverse-path filtering would drop them.
+            sysctls.push(Sysctl::new(format!("net/ipv4/conf/{}/rp_filter", settings.pod_bridge), "2"));
             cni = Some(CniConfig {
                 path: settings.cni_conf_dir.join(CNI_FILE_NAME),
                 json: cni::conflist(&settings.pod_bridge, pod_cidr, gateway, tunnel_mtu),
@@ -817,6 +825,10 @@ impl<'a> Planner<'a> {
             cni,
             sysctls,
             annotations,
+            services: match (role, me.pod_cidr) {
+                (Role::Edge, Some(pod_cidr)) => services::plan_services(snapshot, &me.name, pod_cidr),
+                _ => services::ServicePlan::default(),
+            },
             warnings,
         })
     }

@@ -40,10 +40,15 @@ pub struct RunOptions {
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
+    /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
+    pub ct_entries: u32,
+    /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
+    /// node's own processes) get Service translation; `None`: none.
+    pub cgroup: Option<PathBuf>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    let mut datapath = Datapath::load(options.layout.clone(), options.attach_mode)?;
+    let mut datapath = Datapath::load_with_ct_entries(options.layout.clone(), options.attach_mode, options.ct_entries)?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
     let mut reconciler = Reconciler::new(&options)?;
@@ -69,9 +74,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         return result;
     }
     let mut tick = tokio::time::interval(options.poll_interval);
+    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options),
+            _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();
@@ -94,6 +101,8 @@ struct Reconciler {
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
     last_error: Option<String>,
+    /// Whether the socket-level Service programs are attached to the cgroup.
+    cgroup_attached: bool,
 }
 
 impl Reconciler {
@@ -106,7 +115,14 @@ impl Reconciler {
             }),
             Err(_) => PeerIds::new(),
         };
-        Ok(Reconciler { applier: Applier::default(), peer_ids, peer_ids_path, applied_text: None, last_error: None })
+        Ok(Reconciler {
+            applier: Applier::default(),
+            peer_ids,
+            peer_ids_path,
+            applied_text: None,
+            last_error: None,
+            cgroup_attached: false,
+        })
     }
 
     fn reconcile_if_changed(&mut self, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) {
@@ -159,6 +175,10 @@ impl Reconciler {
             warn!("{warning}");
         }
         self.applier.apply(datapath, maps, &plan, settings)?;
+        if let Some(cgroup) = options.cgroup.as_deref().filter(|_| plan.role == crate::model::Role::Edge && !self.cgroup_attached) {
+            datapath.attach_cgroup(cgroup)?;
+            self.cgroup_attached = true;
+        }
         if plan.peer_ids != self.peer_ids {
             let json = serde_json::to_vec_pretty(&plan.peer_ids)?;
             write_if_changed(&self.peer_ids_path, &json, 0o600)?;

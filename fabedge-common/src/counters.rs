@@ -57,6 +57,15 @@ counters! {
     PassFlannel = 10, "pass_flannel", false;
     /// Fast path: TTL decremented and redirected straight into `fe-tunnel`.
     RedirectToTunnel = 11, "redirect_to_tunnel", false;
+    /// A new flow to a ClusterIP was balanced to a backend (conntrack created).
+    ServiceNewFlow = 20, "service_new_flow", false;
+    /// A packet of a known Service flow was translated (either direction).
+    ServiceTranslated = 21, "service_translated", false;
+    /// A Service with no endpoints answered a client with TCP RST / ICMP port unreachable.
+    ServiceRejected = 22, "service_rejected", false;
+    /// Gauge written by the agent, not the datapath: Services left out of
+    /// the maps because they would not fit (see the agent's log).
+    ServicesNotProgrammed = 23, "services_not_programmed", false;
 
     /// No route for the destination.
     DropNoRoute = 32, "drop_no_route", true;
@@ -73,6 +82,10 @@ counters! {
     DropUnsupported = 37, "drop_unsupported", true;
     /// Marked for the tunnel but this node runs no tunnel.
     DropNoTunnel = 38, "drop_no_tunnel", true;
+    /// A Service with no endpoints, where no reject could be built (dropped instead).
+    DropNoEndpoints = 48, "drop_no_endpoints", true;
+    /// Conntrack (or source-port) space exhausted for a new Service flow.
+    DropCtFull = 49, "drop_ct_full", true;
 }
 
 /// Size of the counters array: room for growth without a layout change.

@@ -10,6 +10,7 @@
 
 pub mod counters;
 pub mod mark;
+pub mod services;
 
 pub use counters::Counter;
 
@@ -25,6 +26,11 @@ pub mod map_names {
     pub const CONFIG: &str = "FE_CONFIG";
     pub const COUNTERS: &str = "FE_COUNTERS";
     pub const PEER_STATS: &str = "FE_PEER_STATS";
+    pub const SERVICES: &str = "FE_SERVICES";
+    pub const BACKENDS: &str = "FE_BACKENDS";
+    pub const CT: &str = "FE_CT";
+    pub const AFFINITY: &str = "FE_AFFINITY";
+    pub const SOCK_REVNAT: &str = "FE_SOCK_REVNAT";
 }
 
 /// Capacity of the route LPM trie (prefixes).

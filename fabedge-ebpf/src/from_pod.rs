@@ -6,6 +6,7 @@ use fabedge_common::Counter;
 
 use crate::{
     forward::{drop, forward, pass},
+    lb::{self, Verdict},
     maps::{config, route},
     parse::{self, L3},
 };
@@ -18,9 +19,21 @@ pub fn fe_from_pod(ctx: TcContext) -> i32 {
     match parse::ipv4(&ctx) {
         L3::Other => pass(Counter::PassNonIpv4),
         L3::Malformed => drop(Counter::DropMalformed),
-        L3::Ipv4(ip) => match route(ip.daddr) {
-            Some(r) => forward(&ctx, cfg, r, ip),
-            None => drop(Counter::DropNoRoute),
-        },
+        L3::Ipv4(ip) => {
+            // Service translation first: the route is the backend's (or,
+            // for a local backend's reply, the client's), not the ClusterIP's.
+            let ip = match lb::from_pod(&ctx, ip) {
+                Verdict::Untouched => ip,
+                Verdict::Done(action) => return action,
+                Verdict::Translated => match parse::ipv4(&ctx) {
+                    L3::Ipv4(ip) => ip,
+                    _ => return drop(Counter::DropMalformed),
+                },
+            };
+            match route(ip.daddr) {
+                Some(r) => forward(&ctx, cfg, r, ip),
+                None => drop(Counter::DropNoRoute),
+            }
+        }
     }
 }

@@ -7,17 +7,26 @@
 //! | `fe_tunnel_ingress` | TC ingress of `fe-tunnel`         | `tunnel_dev.rs` |
 //! | `fe_tunnel_egress`  | TC egress of `fe-tunnel`          | `tunnel_dev.rs` |
 //! | `fe_uplink_ingress` | TC ingress of the connector uplink| `uplink.rs`   |
+//! | `fe_to_pod`         | TC egress of `br-fabedge` (edge)  | `to_pod.rs`   |
+//! | `fe_sock_*4`        | cgroup v2 sock_addr hooks (edge)  | `sock.rs`     |
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod csum;
 mod flannel;
 mod forward;
+mod icmp;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
+mod reject;
+mod sock;
 mod stats;
 
 mod from_pod;
+mod to_pod;
 mod tunnel_dev;
 mod uplink;
 

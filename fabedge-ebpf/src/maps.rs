@@ -2,12 +2,16 @@
 //! pins them under `/sys/fs/bpf/fabedge/v<LAYOUT_VERSION>/maps/`.
 
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use fabedge_common::{
     counters::COUNTER_SLOTS, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry,
     MAX_PEERS, MAX_ROUTES,
+};
+use fabedge_common::services::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
+    SockRevEntry, SockRevKey, DEFAULT_CT_ENTRIES, MAX_AFFINITY, MAX_SOCK_REVNAT, MAX_BACKENDS, MAX_SERVICES,
 };
 
 #[btf_map]
@@ -24,6 +28,21 @@ pub static FE_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArr
 
 #[btf_map]
 pub static FE_PEER_STATS: PerCpuArray<PeerStats, { MAX_PEERS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static FE_SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static FE_BACKENDS: HashMap<BackendKey, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static FE_CT: LruHashMap<CtKey, CtEntry, { DEFAULT_CT_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static FE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static FE_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
 
 /// The node's configuration, if the agent has completed it.
 #[inline(always)]

@@ -348,6 +348,12 @@ impl Endpoint {
         &self.netns
     }
 
+    /// TCP connections and UDP datagrams its echo servers have answered
+    /// (which backend of a Service served a client).
+    pub fn requests_served(&self) -> u64 {
+        self.tcp.requests_served() + self.udp.requests_served()
+    }
+
     pub fn ping(&self, to: Ipv4Addr, count: u32) -> Result<PingResult> {
         ping(&self.netns, to, count, PING_INTERVAL)
             .with_context(|| format!("{} pinging {to}", self.label))
@@ -830,6 +836,11 @@ impl Cluster {
         if let Some(uplink) = spec.uplink() {
             agent_args.extend(["--uplink".into(), uplink.into()]);
         }
+        // cgroup programs see sockets of every network namespace: each node
+        // gets its own cgroup, never the host's root.
+        let cgroup = node_cgroup(cluster_id, &spec.name);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        agent_args.extend(["--cgroup".into(), cgroup.display().to_string()]);
         Ok(ClusterNode {
             spec: spec.clone(),
             files,
@@ -1071,6 +1082,26 @@ impl Cluster {
     }
 
     /// The node's namespace.
+    /// What kube-proxy (iptables mode) writes on a cloud node for a
+    /// ClusterIP: a DNAT in PREROUTING (pods) and OUTPUT (the node itself)
+    /// to one of `backends`, each picked with equal probability.
+    pub fn kube_proxy_dnat(&self, node: &str, vip: Ipv4Addr, port: u16, protocol: &str, backends: &[SocketAddrV4]) -> Result<()> {
+        let netns = self.node_netns(node)?;
+        for chain in ["PREROUTING", "OUTPUT"] {
+            for (i, backend) in backends.iter().enumerate() {
+                let probability = format!("{:.5}", 1.0 / (backends.len() - i) as f64);
+                let (vip, port, backend) = (vip.to_string(), port.to_string(), backend.to_string());
+                let mut args = vec!["-w", "-t", "nat", "-A", chain, "-d", &vip, "-p", protocol, "--dport", &port];
+                if i + 1 < backends.len() {
+                    args.extend(["-m", "statistic", "--mode", "random", "--probability", &probability]);
+                }
+                args.extend(["-j", "DNAT", "--to-destination", &backend]);
+                netns.run_ok("iptables", &args).with_context(|| format!("{node}: kube-proxy-like DNAT for {vip}:{port}"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn node_netns(&self, node: &str) -> Result<&Netns> {
         Ok(&self.cluster_node(node)?.netns)
     }
@@ -1345,6 +1376,17 @@ impl Drop for Cluster {
             node.pod = None;
             node.host = None;
         }
+        let cluster_id = self.work_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        for name in self.nodes.keys() {
+            // Empty once the agents and clients have exited (uninstall
+            // released the programs): rmdir, cgroups hold no files.
+            let cgroup = node_cgroup(&cluster_id, name);
+            if cgroup.exists()
+                && let Err(e) = fs::remove_dir(&cgroup)
+            {
+                eprintln!("warning: removing {}: {e}", cgroup.display());
+            }
+        }
         self.nodes.clear();
         self.switch = None;
         for root in roots.iter().filter(|r| r.exists()) {
@@ -1361,7 +1403,61 @@ impl Drop for Cluster {
 /// Removes bpffs roots and work directories of clusters whose process is gone.
 /// Their namespaces, with the agents inside, were removed by
 /// `netns::cleanup_stale`, so nothing uses the pins any more.
+/// The cgroup v2 directory a node's agent attaches its socket programs to;
+/// hostNetwork clients of that node run inside it.
+fn node_cgroup(cluster_id: &str, node: &str) -> PathBuf {
+    cgroup2_root().join(format!("{cluster_id}-{node}"))
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+fn cgroup2_root() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let (before, after) = line.split_once(" - ")?;
+                after.starts_with("cgroup2 ").then(|| before.split(' ').nth(4).map(PathBuf::from)).flatten()
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+impl Cluster {
+    /// Run `script` (Python 3) as a hostNetwork process of `node`: in the
+    /// node's network namespace and its cgroup. Returns its stdout.
+    pub fn run_host_python(&self, node: &str, script: &str) -> Result<String> {
+        let netns = self.node_netns(node)?;
+        let cluster_id = self.work_dir.file_name().and_then(|n| n.to_str()).context("cluster work dir")?;
+        let procs = node_cgroup(cluster_id, node).join("cgroup.procs");
+        let shell = format!(
+            "echo $$ > {} && exec nsenter --net={} python3 -c \"$0\"",
+            procs.display(),
+            netns.path().display()
+        );
+        let out = std::process::Command::new("sh").args(["-c", &shell, script]).output().context("running python3")?;
+        ensure!(
+            out.status.success(),
+            "hostNetwork client on {node} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
 fn remove_stale_leftovers() {
+    if let Ok(entries) = fs::read_dir(cgroup2_root()) {
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let owner = name.strip_prefix(LEFTOVER_PREFIX).and_then(|rest| rest.split('-').next());
+            if let Some(Ok(pid)) = owner.map(str::parse::<u32>)
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = fs::remove_dir(&path);
+            }
+        }
+    }
     for dir in [Path::new(BPFFS).to_path_buf(), std::env::temp_dir()] {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;

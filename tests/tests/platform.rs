@@ -314,8 +314,24 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
         let datapath = Datapath::load(layout.clone(), AttachMode::Auto)?;
         let mut maps = program_maps(&layout)?;
         maps.set_peer(7, fabedge_common::PeerEntry { kind: fabedge_common::peer_kind::TUNNEL, underlay_ip: [198, 18, 0, 7], ..Default::default() })?;
+        // Hash maps dump only their entries: give each one.
+        {
+            use fabedge_common::services::*;
+            maps.services.insert(ServiceKey { addr: [10, 96, 0, 1], port: 80, proto: 6, _pad: 0 }, ServiceEntry { id: 1, count: 1, ..Default::default() }, 0)?;
+            maps.backends.insert(BackendKey { service_id: 1, slot: 0 }, Backend { addr: [10, 234, 1, 2], port: 8080, ..Default::default() }, 0)?;
+            maps.ct.insert(CtKey { saddr: [10, 234, 1, 3], ..Default::default() }, CtEntry { service_id: 1, ..Default::default() }, 0)?;
+            maps.affinity.insert(AffinityKey { client: [10, 234, 1, 3], service_id: 1 }, AffinityEntry::default(), 0)?;
+            let mut revnat: aya::maps::HashMap<_, SockRevKey, SockRevEntry> =
+                fabedge_agent::datapath::open_pinned(&layout, fabedge_common::map_names::SOCK_REVNAT)?.try_into()?;
+            revnat.insert(SockRevKey { cookie: 1, ..Default::default() }, SockRevEntry { addr: [10, 96, 0, 1], port: 80, _pad: 0 }, 0)?;
+        }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 5] = [
+        let expected: [(&str, &[&str]); 10] = [
+            ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
+            ("FE_SERVICES", &["addr", "proto", "count", "affinity_timeout"]),
+            ("FE_BACKENDS", &["service_id", "slot", "port"]),
+            ("FE_CT", &["saddr", "dport", "last_seen_ns", "snat_addr"]),
+            ("FE_AFFINITY", &["client", "backend"]),
             ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
             ("FE_CONFIG", &["ready", "tunnel_mtu", "flannel_mac"]),

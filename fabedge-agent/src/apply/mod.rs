@@ -8,6 +8,7 @@
 //! routes that steer traffic into them. Removal runs the other way round.
 
 pub mod net;
+pub mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -40,6 +41,8 @@ pub struct ApplyReport {
     pub kernel_routes_removed: usize,
     pub attached: usize,
     pub detached: usize,
+    /// Frontends, backends and purged flows changed (see `services::ServiceReport`).
+    pub service_changes: usize,
 }
 
 impl ApplyReport {
@@ -89,6 +92,7 @@ impl Applier {
             maps.set_peer(*id, PeerEntry::default())?;
             report.peers_removed += 1;
         }
+        report.service_changes = services::apply_services(maps, &plan.services)?.changes();
         let mut config = plan.config;
         if plan.devices.iter().any(|d| matches!(d, Device::VxlanTunnel { .. })) {
             config.tunnel_ifindex = sys::ifindex(TUNNEL_DEV)?;

@@ -152,11 +152,12 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
         ]
     );
     let attachments: Vec<String> = plan.attachments.iter().map(ToString::to_string).collect();
-    assert_eq!(attachments, ["from-pod=br-fabedge", "tunnel-ingress=fe-tunnel", "tunnel-egress=fe-tunnel"]);
+    assert_eq!(attachments, ["from-pod=br-fabedge", "to-pod=br-fabedge", "tunnel-ingress=fe-tunnel", "tunnel-egress=fe-tunnel"]);
     let sysctls: Vec<(&str, &str)> = plan.sysctls.iter().map(|s| (s.key.as_str(), s.value.as_str())).collect();
     assert_eq!(
         sysctls,
         [
+            ("net/ipv4/conf/br-fabedge/rp_filter", "2"),
             ("net/ipv4/ip_forward", "1"),
             ("net/ipv4/conf/all/send_redirects", "0"),
             ("net/ipv4/conf/fe-tunnel/send_redirects", "0"),
@@ -422,7 +423,13 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
     assert_eq!(edge_esp.config.tunnel_mtu, 1500 - ESP_OVERHEAD);
     assert_eq!(edge_esp.config.tunnel_mode, tunnel_mode::ESP);
     assert!(matches!(edge_esp.devices[..], [Device::Bridge { mtu: 1420, .. }]), "{:?}", edge_esp.devices);
-    assert_eq!(edge_esp.attachments, [crate::datapath::Attachment::new(Program::FromPod, "br-fabedge")]);
+    assert_eq!(
+        edge_esp.attachments,
+        [
+            crate::datapath::Attachment::new(Program::FromPod, "br-fabedge"),
+            crate::datapath::Attachment::new(Program::ToPod, "br-fabedge")
+        ]
+    );
     assert_eq!(peer(&edge_esp, "cloud-1").port, ESP_IN_UDP_PORT);
     assert!(edge_esp.kernel_routes.iter().all(|r| r.dev.as_deref() == Some("eth0")));
 

@@ -87,9 +87,14 @@ pub(super) async fn run(
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(options.poll_interval);
+    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
     loop {
         tokio::select! {
             _ = source.changed() => {}
+            _ = ct_gc.tick() => {
+                crate::ctgc::collect_and_log(maps);
+                continue;
+            }
             // The tick only retries: a failed apply, or the leader's patches.
             _ = tick.tick() => if state.last_error.is_none() && !duty.is_leading() { continue },
             _ = duty.leading_changed() => {}
