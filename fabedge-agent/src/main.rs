@@ -1,6 +1,6 @@
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fabedge_agent::{
     apply,
@@ -124,8 +124,9 @@ struct RunArgs {
     ct_entries: u32,
     /// Edge: cgroup v2 directory whose sockets reach ClusterIPs through
     /// socket-level translation (hostNetwork pods, the node's processes).
-    #[arg(long, default_value = "/sys/fs/cgroup")]
-    cgroup: PathBuf,
+    /// Default: the host's cgroup2 mount, found in /proc/self/mountinfo.
+    #[arg(long, conflicts_with = "no_cgroup")]
+    cgroup: Option<PathBuf>,
     /// Leave hostNetwork clients without Service translation (no cgroup programs).
     #[arg(long)]
     no_cgroup: bool,
@@ -203,7 +204,14 @@ fn main() -> Result<()> {
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
                 ct_entries: args.ct_entries,
-                cgroup: (!args.no_cgroup).then_some(args.cgroup),
+                cgroup: match (args.no_cgroup, args.cgroup) {
+                    (true, _) => None,
+                    (false, Some(cgroup)) => Some(cgroup),
+                    (false, None) => Some(fabedge_agent::sys::cgroup2_mount().context(
+                        "no cgroup2 mount in /proc/self/mountinfo: pass --cgroup DIR (a cgroup v2 directory) \
+                         or --no-cgroup to leave hostNetwork clients without Service translation",
+                    )?),
+                },
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
         }

@@ -42,3 +42,36 @@ pub fn interfaces() -> Result<Vec<String>> {
 pub fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} does not exist in this network namespace"))
 }
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on unified
+/// hosts, `/sys/fs/cgroup/unified` on hybrid ones), from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_mount_in(&mountinfo)
+}
+
+fn cgroup2_mount_in(mountinfo: &str) -> Option<std::path::PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "id parent major:minor root mount-point options [optional...] - fstype source super-options"
+        let (fields, rest) = line.split_once(" - ")?;
+        let fstype = rest.split_whitespace().next()?;
+        let mount_point = fields.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mount_point))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
+        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_mount_in(unified), Some("/sys/fs/cgroup".into()));
+        let hybrid = "25 23 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
+                      27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_mount_in(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(cgroup2_mount_in("27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"), None);
+    }
+}

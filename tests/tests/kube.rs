@@ -714,6 +714,8 @@ impl EdgeAgent {
                 &self.node,
                 "--poll-interval",
                 "200ms",
+                // The host's own cgroup would translate every process's sockets.
+                "--no-cgroup",
                 "--kubeconfig",
             ])
             .arg(&kubeconfig)
