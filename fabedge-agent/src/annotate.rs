@@ -150,7 +150,10 @@ pub fn desired(
     }
 }
 
-/// The merge patch for one Node: set keys, `null` removes.
+/// The merge patch for one Node: set keys, `null` removes. A CIDR from the
+/// pool (given only to Nodes without `spec.podCIDR`) also becomes the Node's
+/// `spec.podCIDR`: that is what Flannel on cloud nodes routes by, and the
+/// API server accepts it once, on a Node that has none.
 pub fn merge_patch(patch: &AnnotationPatch) -> serde_json::Value {
     let mut annotations = serde_json::Map::new();
     for (key, value) in &patch.set {
@@ -159,7 +162,13 @@ pub fn merge_patch(patch: &AnnotationPatch) -> serde_json::Value {
     for key in &patch.remove {
         annotations.insert(key.clone(), serde_json::Value::Null);
     }
-    serde_json::json!({ "metadata": { "annotations": annotations } })
+    match patch.set.get(annotation::POD_CIDR) {
+        Some(cidr) => serde_json::json!({
+            "metadata": { "annotations": annotations },
+            "spec": { "podCIDR": cidr, "podCIDRs": [cidr] },
+        }),
+        None => serde_json::json!({ "metadata": { "annotations": annotations } }),
+    }
 }
 
 /// Writes what the leader decided; remembers what it reported so that an
@@ -459,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn merge_patch_sets_and_removes_only_the_named_keys() {
+    fn merge_patch_sets_and_removes_only_the_named_keys_and_a_pool_cidr_becomes_spec_pod_cidr() {
         let patch = AnnotationPatch {
             node: "edge-1".into(),
             set: BTreeMap::from([(annotation::POD_CIDR.to_owned(), "10.234.9.0/24".to_owned())]),
@@ -467,10 +476,23 @@ mod tests {
         };
         assert_eq!(
             merge_patch(&patch),
-            serde_json::json!({"metadata": {"annotations": {
-                "fabedge.io/pod-cidr": "10.234.9.0/24",
-                "flannel.alpha.coreos.com/public-ip": null,
-            }}})
+            serde_json::json!({
+                "metadata": {"annotations": {
+                    "fabedge.io/pod-cidr": "10.234.9.0/24",
+                    "flannel.alpha.coreos.com/public-ip": null,
+                }},
+                // Flannel on cloud nodes routes by spec.podCIDR.
+                "spec": {"podCIDR": "10.234.9.0/24", "podCIDRs": ["10.234.9.0/24"]},
+            })
+        );
+        let flannel_only = AnnotationPatch {
+            node: "edge-1".into(),
+            set: BTreeMap::new(),
+            remove: vec![annotation::FLANNEL_PUBLIC_IP.to_owned()],
+        };
+        assert_eq!(
+            merge_patch(&flannel_only),
+            serde_json::json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": null}}})
         );
     }
 
