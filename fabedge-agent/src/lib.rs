@@ -4,6 +4,8 @@
 
 pub mod datapath;
 pub mod inspect;
+pub mod keys;
+pub mod xfrm;
 pub mod maps;
 pub mod model;
 pub mod plan;
