@@ -134,7 +134,8 @@ fn main() -> Result<()> {
                 ..Settings::default()
             };
             if settings.tunnel_mode == TunnelMode::Esp {
-                bail!("--tunnel esp is not available yet in this build; use --tunnel vxlan");
+                // Before anything is created: a kernel without ESP leaves no trace.
+                fabedge_agent::xfrm::probe::check()?;
             }
             let options = RunOptions {
                 node: args.node,

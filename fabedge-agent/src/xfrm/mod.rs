@@ -6,6 +6,7 @@
 //! `inspect` tell our objects from anyone else's.
 
 pub mod msg;
+pub mod probe;
 mod socket;
 
 pub use self::{
