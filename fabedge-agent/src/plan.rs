@@ -18,6 +18,7 @@
 //! plan as cloud nodes (standbys) until connector HA exists.
 
 mod cni;
+pub mod esp;
 mod flannel;
 mod peer_ids;
 #[cfg(test)]
