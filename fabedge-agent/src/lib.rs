@@ -8,6 +8,7 @@ pub mod keys;
 pub mod xfrm;
 pub mod maps;
 pub mod model;
+pub mod natt;
 pub mod plan;
 pub mod source;
 pub mod sys;

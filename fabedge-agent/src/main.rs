@@ -43,6 +43,12 @@ enum Cmd {
         cni_conf_dir: PathBuf,
     },
     /// Show what the datapath holds (reads pinned maps; the agent need not run).
+    /// ESP mode: start a new key generation now (make-before-break). The
+    /// running agent picks the request up within its poll interval.
+    RotateKey {
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
+    },
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,
@@ -95,6 +101,15 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// ESP mode: edge nodes send a NAT keepalive to each peer this often.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// ESP mode: rotate keys this often (0: only on `fabedge-agent rotate-key`).
+    #[arg(long, default_value = "86400s", value_parser = parse_duration)]
+    key_rotation_interval: Duration,
+    /// ESP mode: SAs of a former key generation are removed after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    rotation_grace: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -146,6 +161,11 @@ fn main() -> Result<()> {
                 attach_mode: args.attach_mode,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
+                esp: (args.tunnel == TunnelMode::Esp).then(|| run::esp::EspOptions {
+                    rotation_interval: (!args.key_rotation_interval.is_zero()).then_some(args.key_rotation_interval),
+                    grace: args.rotation_grace,
+                    keepalive: args.keepalive_interval,
+                }),
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
         }
@@ -168,6 +188,11 @@ fn main() -> Result<()> {
                 report.netlink_filters.len(),
                 report.maps.len()
             );
+            Ok(())
+        }
+        Cmd::RotateKey { state_dir } => {
+            let path = run::esp::request_rotation(&state_dir)?;
+            info!("rotation requested ({}); the running agent starts a new key generation", path.display());
             Ok(())
         }
         Cmd::Inspect { what, json } => inspect::run(&layout, what, json),

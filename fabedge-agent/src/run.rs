@@ -23,6 +23,8 @@ use crate::{
     source::manifest,
 };
 
+pub mod esp;
+
 pub struct RunOptions {
     pub node: String,
     pub manifests: PathBuf,
@@ -34,6 +36,8 @@ pub struct RunOptions {
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
+    /// ESP mode's timers (`None` in VXLAN mode).
+    pub esp: Option<esp::EspOptions>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -60,7 +64,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut tick = tokio::time::interval(options.poll_interval);
     loop {
         tokio::select! {
-            _ = tick.tick() => reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options),
+            _ = tick.tick() => {
+                reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
+                reconciler.esp_tick();
+            }
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();
@@ -83,6 +90,7 @@ struct Reconciler {
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
     last_error: Option<String>,
+    esp: Option<esp::EspRuntime>,
 }
 
 impl Reconciler {
@@ -95,7 +103,21 @@ impl Reconciler {
             }),
             Err(_) => PeerIds::new(),
         };
-        Ok(Reconciler { applier: Applier::default(), peer_ids, peer_ids_path, applied_text: None, last_error: None })
+        let esp = match &options.esp {
+            Some(esp_options) => Some(esp::EspRuntime::start(&options.state_dir, esp_options.clone())?),
+            None => None,
+        };
+        Ok(Reconciler { applier: Applier::default(), peer_ids, peer_ids_path, applied_text: None, last_error: None, esp })
+    }
+
+    /// ESP timers; a new generation re-plans everything on the next tick.
+    fn esp_tick(&mut self) {
+        let Some(esp) = &mut self.esp else { return };
+        match esp.tick() {
+            Ok(true) => self.applied_text = None,
+            Ok(false) => {}
+            Err(e) => self.report(Err(e.context("ESP"))),
+        }
     }
 
     fn reconcile_if_changed(&mut self, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) {
@@ -128,13 +150,22 @@ impl Reconciler {
     }
 
     fn reconcile(&mut self, text: &str, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) -> Result<()> {
-        let settings = observe_host(&options.settings, &options.flannel_iface)?;
+        let mut settings = observe_host(&options.settings, &options.flannel_iface)?;
+        if let Some(esp) = &self.esp {
+            esp.fill_settings(&mut settings);
+        }
         let snapshot = manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
         let plan = plan(&snapshot, &options.node, &settings, &self.peer_ids)?;
         for warning in &plan.warnings {
             warn!("{warning}");
         }
         self.applier.apply(datapath, maps, &plan, &settings)?;
+        if let Some(esp) = &mut self.esp
+            && esp.apply(&snapshot, &plan)?
+        {
+            // A new generation: plan again so it is published and used.
+            return self.reconcile(text, datapath, maps, options);
+        }
         if plan.peer_ids != self.peer_ids {
             let json = serde_json::to_vec_pretty(&plan.peer_ids)?;
             write_if_changed(&self.peer_ids_path, &json, 0o600)?;

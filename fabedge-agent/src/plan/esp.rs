@@ -26,7 +26,9 @@ use super::{ESP_IN_UDP_PORT, Plan};
 use crate::{
     keys::{KEY_GENERATION_ANNOTATION, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey, spi},
     model::Snapshot,
-    xfrm::{Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl, msg::REPLAY_WINDOW},
+    xfrm::{
+        Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl, msg::REPLAY_WINDOW,
+    },
 };
 
 /// Priority of per-peer policies (lower wins).
@@ -67,12 +69,17 @@ pub type ObservedEndpoints = BTreeMap<String, (Ipv4Addr, u16)>;
 
 /// The generation a peer publishes (1 when it has not yet).
 pub fn published_generation(annotations: &BTreeMap<String, String>) -> Option<u32> {
-    annotations.get(KEY_GENERATION_ANNOTATION).and_then(|g| g.trim().parse().ok())
+    annotations
+        .get(KEY_GENERATION_ANNOTATION)
+        .and_then(|g| g.trim().parse().ok())
 }
 
 /// The mark value and mask an outbound policy for `peer_id` matches.
 pub fn out_mark(peer_id: u16) -> (u32, u32) {
-    (mark::to_tunnel(0, peer_id), mark::PEER_MASK | mark::MAGIC_MASK)
+    (
+        mark::to_tunnel(0, peer_id),
+        mark::PEER_MASK | mark::MAGIC_MASK,
+    )
 }
 
 pub fn plan_esp(
@@ -83,17 +90,29 @@ pub fn plan_esp(
     observed: &ObservedEndpoints,
 ) -> EspPlan {
     let mut out = EspPlan::default();
-    let Some(me) = snapshot.nodes.get(&plan.node) else { return out };
+    let Some(me) = snapshot.nodes.get(&plan.node) else {
+        return out;
+    };
     let local = me.tunnel_endpoint;
     let names: Vec<&str> = snapshot.nodes.keys().map(String::as_str).collect();
-    for (&peer_id, entry) in plan.peers.iter().filter(|(_, p)| p.kind == peer_kind::TUNNEL) {
-        let Some(name) = plan.peer_name(peer_id) else { continue };
-        let Some(node) = snapshot.nodes.get(name) else { continue };
+    for (&peer_id, entry) in plan
+        .peers
+        .iter()
+        .filter(|(_, p)| p.kind == peer_kind::TUNNEL)
+    {
+        let Some(name) = plan.peer_name(peer_id) else {
+            continue;
+        };
+        let Some(node) = snapshot.nodes.get(name) else {
+            continue;
+        };
         let public = match node.annotations.get(PUBLIC_KEY_ANNOTATION) {
             Some(text) => match PublicKey::parse(name, text) {
                 Ok(public) => public,
                 Err(e) => {
-                    out.warnings.push(format!("{e}: no ESP tunnel to {name} (its traffic is dropped)"));
+                    out.warnings.push(format!(
+                        "{e}: no ESP tunnel to {name} (its traffic is dropped)"
+                    ));
                     continue;
                 }
             },
@@ -105,8 +124,10 @@ pub fn plan_esp(
                 continue;
             }
         };
-        let (remote, remote_port) =
-            observed.get(name).copied().unwrap_or((Ipv4Addr::from(entry.underlay_ip), ESP_IN_UDP_PORT));
+        let (remote, remote_port) = observed
+            .get(name)
+            .copied()
+            .unwrap_or((Ipv4Addr::from(entry.underlay_ip), ESP_IN_UDP_PORT));
         let secret = key.shared_with(&public);
         let sa = |direction, generation| {
             let (src, dst, src_name, dst_name) = match direction {
@@ -115,10 +136,19 @@ pub fn plan_esp(
             };
             let (set_mark, encap) = match direction {
                 // Our bits leave no trace on the outer packet.
-                Direction::Out => ((0, mark::OWNED_MASK), Encap { sport: ESP_IN_UDP_PORT, dport: remote_port }),
+                Direction::Out => (
+                    (0, mark::OWNED_MASK),
+                    Encap {
+                        sport: ESP_IN_UDP_PORT,
+                        dport: remote_port,
+                    },
+                ),
                 Direction::In => (
                     (mark::from_tunnel(0, peer_id), mark::OWNED_MASK),
-                    Encap { sport: remote_port, dport: ESP_IN_UDP_PORT },
+                    Encap {
+                        sport: remote_port,
+                        dport: ESP_IN_UDP_PORT,
+                    },
                 ),
             };
             PlannedSa {
@@ -135,7 +165,11 @@ pub fn plan_esp(
                     encap: Some(encap),
                     if_id: FE_IF_ID,
                     set_mark: Some(set_mark),
-                    replay_window: if direction == Direction::In { REPLAY_WINDOW } else { 0 },
+                    replay_window: if direction == Direction::In {
+                        REPLAY_WINDOW
+                    } else {
+                        0
+                    },
                 },
             }
         };
@@ -152,7 +186,11 @@ pub fn plan_esp(
             mark: out_mark(peer_id),
             if_id: FE_IF_ID,
             action: PolicyAction::Allow,
-            tmpl: Some(Tmpl { src: local, dst: remote, reqid: u32::from(peer_id) }),
+            tmpl: Some(Tmpl {
+                src: local,
+                dst: remote,
+                reqid: u32::from(peer_id),
+            }),
         });
     }
     out.policies.extend(base_policies());
@@ -162,7 +200,11 @@ pub fn plan_esp(
 /// The policies every ESP-mode node has, peers or not: default drop, and
 /// acceptance of what our SAs decrypted.
 pub fn base_policies() -> Vec<PolicySpec> {
-    let any = Tmpl { src: Ipv4Addr::UNSPECIFIED, dst: Ipv4Addr::UNSPECIFIED, reqid: 0 };
+    let any = Tmpl {
+        src: Ipv4Addr::UNSPECIFIED,
+        dst: Ipv4Addr::UNSPECIFIED,
+        reqid: 0,
+    };
     vec![
         PolicySpec {
             dir: PolicyDir::Out,

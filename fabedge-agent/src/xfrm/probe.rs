@@ -75,5 +75,14 @@ pub fn check() -> Result<(), Unsupported> {
             });
         }
     }
+    // The xfrm interface fe-tunnel will be (module xfrm_interface).
+    const PROBE_LINK: &str = "fe-probe-xfrm";
+    let _ = crate::apply::net::ip(&["link", "del", PROBE_LINK]);
+    crate::apply::net::ip(&["link", "add", PROBE_LINK, "type", "xfrm", "if_id", "0x4fff"])
+        .map_err(|e| Unsupported {
+            feature: "xfrm interfaces (CONFIG_XFRM_INTERFACE, module xfrm_interface)",
+            detail: format!("{e:#}"),
+        })?;
+    let _ = crate::apply::net::ip(&["link", "del", PROBE_LINK]);
     Ok(())
 }

@@ -1,0 +1,79 @@
+//! NAT traversal: the UDP 4500 socket ESP-in-UDP arrives on, and the
+//! keepalives that open and hold an edge node's NAT mapping.
+//!
+//! The kernel decapsulates ESP arriving on a UDP socket only while some
+//! socket bound to the port has `UDP_ENCAP_ESPINUDP` set; the agent holds it.
+//! Edge nodes send a one-byte 0xFF keepalive (RFC 3948) from it to each peer
+//! every keepalive interval: the edge initiates, so the cloud never needs to
+//! reach an edge first, and the NAT keeps the mapping open between packets.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+};
+
+use crate::plan::ESP_IN_UDP_PORT;
+
+const SOL_UDP: i32 = 17;
+const UDP_ENCAP: i32 = 100;
+const UDP_ENCAP_ESPINUDP: i32 = 2;
+/// RFC 3948 NAT-keepalive: one byte 0xFF (the kernel drops it on receipt).
+const KEEPALIVE: [u8; 1] = [0xFF];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NattError {
+    #[error(
+        "binding UDP port {port} for ESP in UDP: {source}; another IPsec daemon (strongSwan, \
+         libreswan) may hold it: stop it, or run with --tunnel vxlan"
+    )]
+    Bind { port: u16, source: io::Error },
+    #[error("setting UDP_ENCAP_ESPINUDP on UDP port {port}: {source} (kernel without ESP in UDP?)")]
+    Encap { port: u16, source: io::Error },
+}
+
+pub struct EncapSocket {
+    socket: UdpSocket,
+}
+
+impl EncapSocket {
+    pub fn bind() -> Result<Self, NattError> {
+        let port = ESP_IN_UDP_PORT;
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+            .map_err(|source| NattError::Bind { port, source })?;
+        let value: i32 = UDP_ENCAP_ESPINUDP;
+        // SAFETY: setsockopt with a pointer to a live i32 and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                SOL_UDP,
+                UDP_ENCAP,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(NattError::Encap {
+                port,
+                source: io::Error::last_os_error(),
+            });
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| NattError::Encap { port, source })?;
+        Ok(EncapSocket { socket })
+    }
+
+    /// One keepalive to each peer; failures are returned per peer, not fatal.
+    pub fn keepalive(&self, peers: &[SocketAddrV4]) -> Vec<(SocketAddrV4, io::Error)> {
+        peers
+            .iter()
+            .filter_map(|peer| {
+                self.socket
+                    .send_to(&KEEPALIVE, peer)
+                    .err()
+                    .map(|e| (*peer, e))
+            })
+            .collect()
+    }
+}
