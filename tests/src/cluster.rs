@@ -633,12 +633,15 @@ pub struct ClusterOptions {
     /// The manifest file. It is copied: agents read the copy and the connector
     /// writes its annotations into it.
     pub manifests: PathBuf,
+    /// More `fabedge-agent run` arguments for every node (e.g. `--tunnel esp`).
+    pub extra_agent_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             manifests: PathBuf::from(FIXTURE),
+            extra_agent_args: Vec::new(),
         }
     }
 }
@@ -676,6 +679,7 @@ pub struct Cluster {
     manifests: PathBuf,
     /// Flannel leases as last read from the manifest file (names VTEP peers).
     leases: BTreeMap<String, FlannelLease>,
+    extra_agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -705,6 +709,7 @@ impl Cluster {
             work_dir,
             manifests,
             leases: manifest.leases.clone(),
+            extra_agent_args: options.extra_agent_args.clone(),
         };
         let switch = Netns::new("switch")?;
         // The first namespace of this process has removed stale namespaces
@@ -830,6 +835,7 @@ impl Cluster {
         if let Some(uplink) = spec.uplink() {
             agent_args.extend(["--uplink".into(), uplink.into()]);
         }
+        agent_args.extend(self.extra_agent_args.iter().cloned());
         Ok(ClusterNode {
             spec: spec.clone(),
             files,
@@ -1092,6 +1098,11 @@ impl Cluster {
     }
 
     /// The cluster's manifest file (agents read it; the connector writes it).
+    /// Node `node`'s agent state directory (keys, generations).
+    pub fn state_dir(&self, node: &str) -> Result<&Path> {
+        Ok(&self.cluster_node(node)?.files.state_dir)
+    }
+
     pub fn manifests(&self) -> &Path {
         &self.manifests
     }

@@ -14,7 +14,10 @@ use crate::vm;
 
 /// Tests that must also pass on the stock Debian kernels (6.1: netlink tc,
 /// no TCX; 6.12: TCX). Each runs in its own VM boot.
-const VM_TESTS: &[(&str, &str)] = &[("platform", "agent_restarts_without_losing_packets")];
+const VM_TESTS: &[(&str, &str)] = &[
+    ("platform", "agent_restarts_without_losing_packets"),
+    ("esp", "esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss"),
+];
 
 pub struct Options {
     pub skip_vm: bool,
@@ -50,7 +53,14 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
             }
             let path = test_binary(workspace, binary)?;
             for kernel in vm::Kernel::ALL {
-                let args = vec![test.to_string(), "--exact".into(), "--nocapture".into(), "--test-threads=1".into()];
+                // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
+                let args = vec![
+                    test.to_string(),
+                    "--exact".into(),
+                    "--nocapture".into(),
+                    "--test-threads=1".into(),
+                    "--include-ignored".into(),
+                ];
                 let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
                 let run = vm::VmRun { kernel, program: &path, args: &args, env: &env, timeout: Duration::from_secs(300) };
                 println!("xtask: VM {kernel}: {binary}::{test}");
