@@ -26,7 +26,15 @@ pub enum What {
     Counters,
     /// The node-wide datapath configuration.
     Config,
+    /// ESP mode: our SAs per peer (SPI, key generation, xfrm counters, the
+    /// peer's observed address and port). Never keys.
+    Tunnels,
 }
+
+mod tunnels;
+
+/// Where `inspect tunnels` finds peer names (the agent's `--state-dir`).
+pub static STATE_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
     let (headers, rows, value) = match what {
@@ -34,6 +42,9 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Routes => table(routes(&Maps::open(layout)?)?),
         What::Peers => table(peers(&Maps::open(layout)?)?),
         What::Counters => table(counters(&Maps::open(layout)?, false)?),
+        What::Tunnels => table(tunnels::tunnels(
+            STATE_DIR.get().map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
+        )?),
         What::Config => {
             let value = serde_json::to_value(config(&Maps::open(layout)?)?)?;
             let rows = value

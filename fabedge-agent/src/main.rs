@@ -55,6 +55,9 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The agent's state dir (`inspect tunnels` names peers from it).
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
     },
 }
 
@@ -195,6 +198,9 @@ fn main() -> Result<()> {
             info!("rotation requested ({}); the running agent starts a new key generation", path.display());
             Ok(())
         }
-        Cmd::Inspect { what, json } => inspect::run(&layout, what, json),
+        Cmd::Inspect { what, json, state_dir } => {
+            let _ = inspect::STATE_DIR.set(state_dir);
+            inspect::run(&layout, what, json)
+        }
     }
 }

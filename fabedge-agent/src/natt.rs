@@ -65,6 +65,19 @@ impl EncapSocket {
     }
 
     /// One keepalive to each peer; failures are returned per peer, not fatal.
+    pub fn send(&self, bytes: &[u8], to: SocketAddrV4) -> io::Result<()> {
+        self.socket.send_to(bytes, to).map(|_| ())
+    }
+
+    /// The next non-ESP datagram waiting on the socket, if any.
+    pub fn try_recv(&self) -> Option<(Vec<u8>, SocketAddrV4)> {
+        let mut buf = [0u8; 512];
+        match self.socket.recv_from(&mut buf) {
+            Ok((n, std::net::SocketAddr::V4(from))) => Some((buf[..n].to_vec(), from)),
+            _ => None,
+        }
+    }
+
     pub fn keepalive(&self, peers: &[SocketAddrV4]) -> Vec<(SocketAddrV4, io::Error)> {
         peers
             .iter()
@@ -75,5 +88,102 @@ impl EncapSocket {
                     .map(|e| (*peer, e))
             })
             .collect()
+    }
+}
+
+/// The authenticated hello an edge sends to each peer's UDP 4500 with its
+/// keepalives. The first four bytes are zero, the RFC 3948 non-ESP marker,
+/// so the kernel hands it to our socket rather than to ESP; the receiver
+/// learns from it the address and port the edge's NAT shows.
+///
+/// Layout: `00000000 "FEH1" name_len:u8 name generation:u32 unix_secs:u64 hmac:32`.
+pub mod hello {
+    use crate::keys::HelloKey;
+
+    const MAGIC: &[u8; 8] = b"\0\0\0\0FEH1";
+    const TAG_LEN: usize = 32;
+    /// Hellos older or newer than this are ignored (replays).
+    pub const MAX_SKEW_SECS: u64 = 120;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Hello {
+        pub node: String,
+        pub generation: u32,
+        pub unix_secs: u64,
+    }
+
+    pub fn encode(hello: &Hello, key: &HelloKey) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        let name = hello.node.as_bytes();
+        out.push(name.len().min(255) as u8);
+        out.extend_from_slice(&name[..name.len().min(255)]);
+        out.extend_from_slice(&hello.generation.to_be_bytes());
+        out.extend_from_slice(&hello.unix_secs.to_be_bytes());
+        let tag = key.tag(&out);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// The sender a hello claims to be from, before its tag is checked
+    /// (the receiver needs the name to pick the key).
+    pub fn claimed_sender(bytes: &[u8]) -> Option<&str> {
+        let rest = bytes.strip_prefix(MAGIC)?;
+        let len = *rest.first()? as usize;
+        std::str::from_utf8(rest.get(1..1 + len)?).ok()
+    }
+
+    /// Parse and authenticate; `None` for anything malformed, forged or stale.
+    pub fn decode(bytes: &[u8], key: &HelloKey, now_secs: u64) -> Option<Hello> {
+        let node = claimed_sender(bytes)?.to_owned();
+        let body_len = MAGIC.len() + 1 + node.len() + 4 + 8;
+        if bytes.len() != body_len + TAG_LEN || !key.verify(&bytes[..body_len], &bytes[body_len..]) {
+            return None;
+        }
+        let at = MAGIC.len() + 1 + node.len();
+        let generation = u32::from_be_bytes(bytes[at..at + 4].try_into().ok()?);
+        let unix_secs = u64::from_be_bytes(bytes[at + 4..at + 12].try_into().ok()?);
+        if unix_secs.abs_diff(now_secs) > MAX_SKEW_SECS {
+            return None;
+        }
+        Some(Hello { node, generation, unix_secs })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::keys::NodeKey;
+
+        fn keys() -> (HelloKey, HelloKey) {
+            let (a, b) = (NodeKey::from_secret_bytes([1; 32]), NodeKey::from_secret_bytes([2; 32]));
+            (a.shared_with(&b.public()).hello_key("edge-1", "cloud-1"), b.shared_with(&a.public()).hello_key("cloud-1", "edge-1"))
+        }
+
+        #[test]
+        fn a_hello_from_the_edge_is_accepted_by_the_connector() {
+            let (edge, connector) = keys();
+            let hello = Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 };
+            let bytes = encode(&hello, &edge);
+            assert_eq!(&bytes[..4], &[0, 0, 0, 0], "non-ESP marker");
+            assert_eq!(claimed_sender(&bytes), Some("edge-1"));
+            assert_eq!(decode(&bytes, &connector, 1_000_030), Some(hello));
+        }
+
+        #[test]
+        fn forged_tampered_or_stale_hellos_are_ignored() {
+            let (edge, connector) = keys();
+            let bytes = encode(&Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 }, &edge);
+            let mut tampered = bytes.clone();
+            let gen_at = 8 + 1 + 6;
+            tampered[gen_at + 3] ^= 1;
+            assert_eq!(decode(&tampered, &connector, 1_000_000), None);
+            let other = NodeKey::from_secret_bytes([3; 32])
+                .shared_with(&NodeKey::from_secret_bytes([2; 32]).public())
+                .hello_key("edge-1", "cloud-1");
+            let forged = encode(&Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 }, &other);
+            assert_eq!(decode(&forged, &connector, 1_000_000), None);
+            assert_eq!(decode(&bytes, &connector, 1_000_000 + MAX_SKEW_SECS + 1), None, "replayed later");
+            assert_eq!(decode(&bytes[..20], &connector, 1_000_000), None);
+            assert_eq!(decode(&[0xFF], &connector, 1_000_000), None);
+        }
     }
 }

@@ -635,6 +635,8 @@ pub struct ClusterOptions {
     pub manifests: PathBuf,
     /// More `fabedge-agent run` arguments for every node (e.g. `--tunnel esp`).
     pub extra_agent_args: Vec<String>,
+    /// Multiplies the agent and Flannel readiness timeouts (qemu TCG is slow).
+    pub timeout_factor: u32,
 }
 
 impl Default for ClusterOptions {
@@ -642,6 +644,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             manifests: PathBuf::from(FIXTURE),
             extra_agent_args: Vec::new(),
+            timeout_factor: 1,
         }
     }
 }
@@ -680,6 +683,7 @@ pub struct Cluster {
     /// Flannel leases as last read from the manifest file (names VTEP peers).
     leases: BTreeMap<String, FlannelLease>,
     extra_agent_args: Vec<String>,
+    timeout_factor: u32,
 }
 
 impl Cluster {
@@ -710,6 +714,7 @@ impl Cluster {
             manifests,
             leases: manifest.leases.clone(),
             extra_agent_args: options.extra_agent_args.clone(),
+            timeout_factor: options.timeout_factor.max(1),
         };
         let switch = Netns::new("switch")?;
         // The first namespace of this process has removed stale namespaces
@@ -862,7 +867,7 @@ impl Cluster {
     fn wait_for_agent(&self, name: &str, log_offset: u64) -> Result<()> {
         let node = self.cluster_node(name)?;
         let applied = format!("applied plan for {name}");
-        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT * self.timeout_factor;
         loop {
             let log = read_from(&node.files.agent_log, log_offset);
             if log.contains(&applied) {
@@ -897,7 +902,7 @@ impl Cluster {
     /// Plays Flannel on every cloud node until the connector has written a
     /// lease onto every edge Node and those leases are programmed.
     fn wait_for_flannel(&mut self) -> Result<()> {
-        let deadline = Instant::now() + FLANNEL_TIMEOUT;
+        let deadline = Instant::now() + FLANNEL_TIMEOUT * self.timeout_factor;
         loop {
             let manifest = Manifest::read(&self.manifests)?;
             let missing: Vec<&str> = manifest

@@ -160,6 +160,8 @@ fn esp_cluster() -> Result<Cluster> {
         extra_agent_args: ["--tunnel", "esp", "--keepalive-interval", "1s", "--rotation-grace", "3s"]
             .map(String::from)
             .to_vec(),
+        // Five agents under qemu TCG take far longer to come up than on the host.
+        timeout_factor: 5,
         ..ClusterOptions::default()
     })
 }
@@ -227,7 +229,19 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         if exchange_failures.is_empty() && proofs.is_empty() {
             eprintln!("ESP ok: {} ({})", path.name, outcome.evidence.join("; "));
         } else {
+            eprintln!("ESP FAILED: {}: {exchange_failures:?} {proofs:?}", path.name);
             failures.push(format!("{}: {:?} {:?}", outcome.title, exchange_failures, proofs));
+            // The first failure explains the rest: show xfrm's view and stop.
+            for node in cluster.nodes_of(path) {
+                let ns = cluster.node_netns(&node)?;
+                for args in [&["-s", "xfrm", "state"][..], &["xfrm", "policy"], &["route"], &["-s", "link", "show", "fe-tunnel"]] {
+                    eprintln!("--- {node}: ip {}\n{}", args.join(" "), ns.ip(args).unwrap_or_else(|e| format!("{e:#}")));
+                }
+                if let Ok(stat) = ns.exec("cat", &["/proc/net/xfrm_stat"]) {
+                    eprintln!("--- {node}: xfrm_stat\n{}", String::from_utf8_lossy(&stat.stdout));
+                }
+            }
+            break;
         }
     }
     if !failures.is_empty() {
@@ -243,8 +257,6 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     let from = cluster.pod("edge-1")?;
     let to = cluster.pod("cloud-2")?.ip();
     let pinger = {
-        let netns = from.netns().path();
-        let _ = netns;
         let ns = from.netns();
         let options = PingOptions { count: 250, interval: Duration::from_millis(20), ..PingOptions::default() };
         thread::scope(|scope| -> Result<_> {

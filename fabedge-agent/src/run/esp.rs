@@ -14,7 +14,8 @@ use log::{info, warn};
 
 use crate::{
     apply::xfrm::{Generations, XfrmApplier},
-    keys::NodeKey,
+    keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
+    natt::hello,
     model::{Role, Snapshot},
     natt::EncapSocket,
     plan::{
@@ -45,7 +46,10 @@ pub struct EspRuntime {
     options: EspOptions,
     last_rotation: Instant,
     last_keepalive: Option<Instant>,
-    keepalive_peers: Vec<SocketAddrV4>,
+    /// Edge: where keepalives and hellos go, with the hello key of each peer.
+    keepalive_peers: Vec<(String, SocketAddrV4, HelloKey)>,
+    /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
+    observed: ObservedEndpoints,
     last: Option<(Snapshot, Plan)>,
 }
 
@@ -76,6 +80,7 @@ impl EspRuntime {
             last_rotation: Instant::now(),
             last_keepalive: None,
             keepalive_peers: Vec::new(),
+            observed: ObservedEndpoints::new(),
             last: None,
         })
     }
@@ -94,7 +99,7 @@ impl EspRuntime {
             plan,
             &self.key,
             self.generations.generation,
-            &ObservedEndpoints::new(),
+            &self.observed,
         );
         if XfrmApplier::reuses_a_key(&esp, &self.generations)? {
             let generation = self.generations.bump()?;
@@ -112,15 +117,55 @@ impl EspRuntime {
         }
         self.keepalive_peers = if plan.role == Role::Edge {
             plan.peers
-                .values()
-                .filter(|p| p.kind == peer_kind::TUNNEL)
-                .map(|p| SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT))
+                .iter()
+                .filter(|(_, p)| p.kind == peer_kind::TUNNEL)
+                .filter_map(|(&id, p)| {
+                    let name = plan.peer_name(id)?;
+                    let public = snapshot.nodes.get(name)?.annotations.get(PUBLIC_KEY_ANNOTATION)?;
+                    let public = PublicKey::parse(name, public).ok()?;
+                    let key = self.key.shared_with(&public).hello_key(&plan.node, name);
+                    Some((name.to_owned(), SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT), key))
+                })
                 .collect()
         } else {
             Vec::new()
         };
         self.last = Some((snapshot.clone(), plan.clone()));
         Ok(false)
+    }
+
+    /// Read the hellos waiting on the socket; `true` if a peer's observed
+    /// endpoint changed.
+    fn learn_from_hellos(&mut self) -> bool {
+        let mut changed = false;
+        let now = unix_now();
+        while let Some((bytes, from)) = self.socket.try_recv() {
+            let Some((snapshot, plan)) = &self.last else { continue };
+            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else { continue };
+            if plan.peer_ids.get(&sender).is_none() {
+                continue;
+            }
+            let Some(public) = snapshot
+                .nodes
+                .get(&sender)
+                .and_then(|n| n.annotations.get(PUBLIC_KEY_ANNOTATION))
+                .and_then(|text| PublicKey::parse(&sender, text).ok())
+            else {
+                continue;
+            };
+            let key = self.key.shared_with(&public).hello_key(&plan.node, &sender);
+            if hello::decode(&bytes, &key, now).is_none() {
+                log::debug!("ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)");
+                continue;
+            }
+            let endpoint = (*from.ip(), from.port());
+            if self.observed.get(&sender) != Some(&endpoint) {
+                info!("ESP: {sender} is reached at {from} (NAT-observed)");
+                self.observed.insert(sender, endpoint);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Timers. `Ok(true)`: a new generation started; re-plan fully.
@@ -130,10 +175,30 @@ impl EspRuntime {
             .last_keepalive
             .is_none_or(|t| now.duration_since(t) >= self.options.keepalive)
         {
-            for (peer, e) in self.socket.keepalive(&self.keepalive_peers) {
+            let me = self.last.as_ref().map(|(_, plan)| plan.node.clone()).unwrap_or_default();
+            let unix_secs = unix_now();
+            for (name, to, key) in &self.keepalive_peers {
+                let hello = hello::Hello { node: me.clone(), generation: self.generations.generation, unix_secs };
+                if let Err(e) = self.socket.send(&hello::encode(&hello, key), *to) {
+                    log::debug!("ESP hello to {name} at {to}: {e}");
+                }
+            }
+            let targets: Vec<SocketAddrV4> = self.keepalive_peers.iter().map(|(_, to, _)| *to).collect();
+            for (peer, e) in self.socket.keepalive(&targets) {
                 log::debug!("ESP keepalive to {peer}: {e}");
             }
             self.last_keepalive = Some(now);
+        }
+        if self.learn_from_hellos()
+            && let Some((snapshot, plan)) = self.last.take()
+        {
+            // A peer's NAT mapping is new or moved: SAs follow it, with new
+            // keys (the generation guard sees a re-created outbound SA).
+            let result = self.apply(&snapshot, &plan);
+            if self.last.is_none() {
+                self.last = Some((snapshot, plan));
+            }
+            return result;
         }
         let request = self.state_dir.join(ROTATE_REQUEST);
         let requested = request.exists();
@@ -166,4 +231,8 @@ impl EspRuntime {
         }
         Ok(false)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
