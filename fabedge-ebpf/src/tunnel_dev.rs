@@ -150,8 +150,16 @@ fn esp_ingress(ctx: &TcContext) -> i32 {
         return drop(Counter::DropSpoofed);
     }
     let sender = (existing >> mark::PEER_SHIFT) as u16;
-    let Some(ip) = l3_ipv4(ctx) else {
-        return drop(Counter::DropMalformed);
+    // xfrm's tunnel-mode decapsulation rebuilds the outer Ethernet header in
+    // front of the inner packet (with its type set to IPv4), so received
+    // packets usually carry one even on this layer-3 device; what the
+    // device itself sends does not.
+    let ip = match parse::ipv4(ctx) {
+        L3::Ipv4(ip) => ip,
+        _ => match l3_ipv4(ctx) {
+            Some(ip) => ip,
+            None => return drop(Counter::DropMalformed),
+        },
     };
     match route(ip.saddr) {
         Some(r) if r.kind == route_kind::TUNNEL && r.peer_id == sender => {}
