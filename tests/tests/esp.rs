@@ -194,6 +194,33 @@ impl Capture {
     }
 }
 
+/// Packets the kernel dropped on the ESP path, summed over the tunnel nodes:
+/// every xfrm error/no-state/policy-block counter and `fe-tunnel`'s
+/// transmit errors.
+fn esp_drops(cluster: &Cluster) -> Result<u64> {
+    let mut total = 0;
+    for node in ["cloud-1", "edge-1", "edge-2", "edge-3"] {
+        let ns = cluster.node_netns(node)?;
+        let stat = ns.exec("cat", &["/proc/net/xfrm_stat"])?;
+        for line in String::from_utf8_lossy(&stat.stdout).lines() {
+            let mut fields = line.split_whitespace();
+            if let (Some(_), Some(n)) = (fields.next(), fields.next()) {
+                total += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        let link = ns.ip(&["-j", "-s", "link", "show", "fe-tunnel"])?;
+        let json: serde_json::Value = serde_json::from_str(&link)?;
+        total += json[0]["stats64"]["tx"]["errors"].as_u64().unwrap_or(0);
+        total += json[0]["stats64"]["rx"]["errors"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Under qemu TCG, AES-GCM runs in emulated software: a 64 KiB echo can
+/// outlast TCP's minimum RTO and be retransmitted without any loss. Such
+/// a report counts as loss only if the kernel dropped something meanwhile.
+const SLOW_NOT_LOST: &str = "retransmitted segments";
+
 fn generation(cluster: &Cluster, node: &str) -> Result<Option<String>> {
     let text = std::fs::read_to_string(cluster.manifests())?;
     let snapshot = fabedge_agent::source::manifest::snapshot(&text)?;
@@ -214,18 +241,29 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         let tries = if i == 0 { 10 } else { 2 };
         let mut last = None;
         for _ in 0..tries {
+            let drops_before = esp_drops(&cluster)?;
             let outcome = cluster.check_path(path)?;
+            let dropped = esp_drops(&cluster)? - drops_before;
             let proofs: Vec<String> =
                 outcome.proof_failures.iter().filter(|f| !f.contains(KERNEL_FLANNEL_PROOF)).cloned().collect();
-            let ok = outcome.exchanges.iter().all(|e| e.succeeded()) && proofs.is_empty();
-            last = Some((outcome, proofs));
+            let mut proofs = proofs;
+            if dropped > 0 {
+                proofs.push(format!("the kernel dropped {dropped} packet(s) on the ESP path (xfrm_stat, fe-tunnel errors)"));
+            }
+            let exchange_failures: Vec<String> = outcome
+                .exchanges
+                .iter()
+                .flat_map(|e| e.failures())
+                .filter(|f| dropped > 0 || !f.contains(SLOW_NOT_LOST))
+                .collect();
+            let ok = exchange_failures.is_empty() && proofs.is_empty();
+            last = Some((outcome, proofs, exchange_failures));
             if ok {
                 break;
             }
             thread::sleep(Duration::from_secs(1));
         }
-        let (outcome, proofs) = last.expect("at least one try");
-        let exchange_failures: Vec<String> = outcome.exchanges.iter().flat_map(|e| e.failures()).collect();
+        let (outcome, proofs, exchange_failures) = last.expect("at least one try");
         if exchange_failures.is_empty() && proofs.is_empty() {
             eprintln!("ESP ok: {} ({})", path.name, outcome.evidence.join("; "));
         } else {
@@ -256,6 +294,7 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     // edge-1 -> cloud-1 -> flannel; both ESP ends rotate mid-flow.
     let from = cluster.pod("edge-1")?;
     let to = cluster.pod("cloud-2")?.ip();
+    let drops_before_rotation = esp_drops(&cluster)?;
     let pinger = {
         let ns = from.netns();
         let options = PingOptions { count: 250, interval: Duration::from_millis(20), ..PingOptions::default() };
@@ -274,6 +313,8 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     };
     eprintln!("during rotation: {} sent, {} received", pinger.sent, pinger.received);
     ensure!(pinger.sent == 250 && pinger.received == 250, "packets lost during the key rotation: {pinger:?}");
+    let rotation_drops = esp_drops(&cluster)? - drops_before_rotation;
+    ensure!(rotation_drops == 0, "the kernel dropped {rotation_drops} packet(s) on the ESP path during the rotation");
     for node in ["edge-1", "cloud-1"] {
         let generation = generation(&cluster, node)?;
         ensure!(generation.as_deref() == Some("2"), "{node} publishes generation {generation:?} after rotate-key, not 2");
