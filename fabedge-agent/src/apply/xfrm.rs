@@ -164,9 +164,7 @@ impl XfrmApplier {
 
     /// Would applying `esp` create an outbound SA whose key was used before?
     pub fn reuses_a_key(esp: &EspPlan, generations: &Generations) -> Result<bool> {
-        Ok(Self::missing_outbound(esp)?
-            .iter()
-            .any(|peer| generations.created.contains(peer)))
+        Ok(reuses_a_key(&Self::missing_outbound(esp)?, generations))
     }
 
     pub fn apply(&mut self, esp: &EspPlan, generations: &mut Generations) -> Result<XfrmReport> {
@@ -322,4 +320,57 @@ pub fn teardown() -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Creating outbound SAs for `missing` peers would restart a used key from
+/// sequence number 1 if one of them already had an SA of this generation.
+pub fn reuses_a_key(missing: &[String], generations: &Generations) -> bool {
+    missing.iter().any(|peer| generations.created.contains(peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fabedge-gen-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_recreated_outbound_sa_forces_a_new_generation_that_survives_restarts() {
+        let dir = temp_dir("reuse");
+        let mut generations = Generations::load(&dir).unwrap();
+        assert_eq!(generations.generation, 1, "first start");
+        // First SA to cloud-1: a fresh key, recorded before the kernel sees it.
+        let missing = vec!["cloud-1".to_owned()];
+        assert!(!reuses_a_key(&missing, &generations));
+        generations.record(missing.clone()).unwrap();
+        // Agent restart: the record is read back.
+        let reloaded = Generations::load(&dir).unwrap();
+        assert_eq!(reloaded.created, generations.created);
+        // The kernel lost the SA (reboot, uninstall): creating it again at
+        // generation 1 would reuse the key, so the generation must move.
+        assert!(reuses_a_key(&missing, &reloaded));
+        let mut bumped = reloaded;
+        assert_eq!(bumped.bump().unwrap(), 2);
+        assert!(!reuses_a_key(&missing, &bumped));
+        assert_eq!(Generations::load(&dir).unwrap().generation, 2, "the bump is persisted");
+        // A peer never seen at this generation gets its first SA without a bump.
+        assert!(!reuses_a_key(&["edge-2".to_owned()], &bumped));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join(GENERATION_FILE)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_generation_file_is_an_error_not_a_guess() {
+        let dir = temp_dir("garbage");
+        std::fs::write(dir.join(GENERATION_FILE), b"{not json").unwrap();
+        let err = format!("{:#}", Generations::load(&dir).unwrap_err());
+        assert!(err.contains(GENERATION_FILE) && err.contains("key reuse"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
