@@ -153,7 +153,7 @@ use fabedge_tests::{
 /// In ESP mode the connector hands what it decrypted for a cloud pod to the
 /// kernel, whose `flannel.1` encapsulates it: the datapath's own Flannel
 /// encapsulation counter does not move. Every other proof holds as in VXLAN mode.
-const KERNEL_FLANNEL_PROOF: &str = "FlannelEncap";
+const KERNEL_FLANNEL_PROOF: &str = "flannel_encap +0";
 
 fn esp_cluster() -> Result<Cluster> {
     Cluster::start(ClusterOptions {
