@@ -221,6 +221,9 @@ fn esp_drops(cluster: &Cluster) -> Result<u64> {
 /// a report counts as loss only if the kernel dropped something meanwhile.
 const SLOW_NOT_LOST: &str = "retransmitted segments";
 
+/// Pings across the rotation (one every 20 ms; TCG stretches the interval).
+const PINGS: u32 = 1000;
+
 fn generation(cluster: &Cluster, node: &str) -> Result<Option<String>> {
     let text = std::fs::read_to_string(cluster.manifests())?;
     let snapshot = fabedge_agent::source::manifest::snapshot(&text)?;
@@ -297,7 +300,7 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     let drops_before_rotation = esp_drops(&cluster)?;
     let pinger = {
         let ns = from.netns();
-        let options = PingOptions { count: 250, interval: Duration::from_millis(20), ..PingOptions::default() };
+        let options = PingOptions { count: PINGS, interval: Duration::from_millis(20), ..PingOptions::default() };
         thread::scope(|scope| -> Result<_> {
             let handle = scope.spawn(|| ping_with(ns, to, &options));
             thread::sleep(Duration::from_secs(1));
@@ -308,21 +311,39 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
                     &["rotate-key", "--state-dir", &cluster.state_dir(node)?.display().to_string()],
                 )?;
             }
+            // Both ends publish the new generation while the pinger still runs.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            for node in ["edge-1", "cloud-1"] {
+                while generation(&cluster, node)?.as_deref() != Some("2") {
+                    ensure!(std::time::Instant::now() < deadline, "{node} did not publish generation 2 after rotate-key");
+                    thread::sleep(Duration::from_millis(200));
+                }
+            }
+            ensure!(!handle.is_finished(), "the rotation finished after the traffic: raise PINGS");
             handle.join().map_err(|_| anyhow::anyhow!("the pinger panicked"))?
         })?
     };
     eprintln!("during rotation: {} sent, {} received", pinger.sent, pinger.received);
-    ensure!(pinger.sent == 250 && pinger.received == 250, "packets lost during the key rotation: {pinger:?}");
+    ensure!(pinger.sent == PINGS && pinger.received == PINGS, "packets lost during the key rotation: {pinger:?}");
     let rotation_drops = esp_drops(&cluster)? - drops_before_rotation;
     ensure!(rotation_drops == 0, "the kernel dropped {rotation_drops} packet(s) on the ESP path during the rotation");
-    for node in ["edge-1", "cloud-1"] {
-        let generation = generation(&cluster, node)?;
-        ensure!(generation.as_deref() == Some("2"), "{node} publishes generation {generation:?} after rotate-key, not 2");
-    }
     // Old SAs go after the grace period, and traffic still flows on the new ones.
     thread::sleep(Duration::from_secs(5));
     let after = from.ping(to, 5)?;
     ensure!(after.all_received(), "traffic after the old SAs were removed: {after:?}");
+
+    // `inspect tunnels` shows the SAs with the kernel's counters, never a key.
+    let tunnels = cluster.agent_inspect("edge-1", "tunnels")?;
+    let rows = tunnels.as_array().context("inspect tunnels --json is a list")?;
+    let used_out = rows.iter().filter(|r| r["direction"] == "out" && r["generation"] == 2 && r["packets"].as_u64() > Some(0));
+    ensure!(used_out.count() >= 1, "no outbound SA of generation 2 carried packets:\n{tunnels:#}");
+    let xfrm_dump = cluster.node_netns("edge-1")?.ip(&["xfrm", "state"])?;
+    let printed = tunnels.to_string();
+    for key in xfrm_dump.lines().filter_map(|l| l.trim().strip_prefix("aead rfc4106(gcm(aes)) 0x")) {
+        let hex = key.split_whitespace().next().unwrap_or_default();
+        ensure!(!printed.contains(&hex[..16]), "inspect tunnels printed key material");
+    }
+    eprintln!("inspect tunnels on edge-1: {} SAs", rows.len());
 
     // The underlay carried nothing but ESP in UDP 4500 (and ARP).
     let esp = capture.count("udp port 4500")?;
