@@ -136,7 +136,8 @@ pub mod hello {
     pub fn decode(bytes: &[u8], key: &HelloKey, now_secs: u64) -> Option<Hello> {
         let node = claimed_sender(bytes)?.to_owned();
         let body_len = MAGIC.len() + 1 + node.len() + 4 + 8;
-        if bytes.len() != body_len + TAG_LEN || !key.verify(&bytes[..body_len], &bytes[body_len..]) {
+        if bytes.len() != body_len + TAG_LEN || !key.verify(&bytes[..body_len], &bytes[body_len..])
+        {
             return None;
         }
         let at = MAGIC.len() + 1 + node.len();
@@ -145,7 +146,11 @@ pub mod hello {
         if unix_secs.abs_diff(now_secs) > MAX_SKEW_SECS {
             return None;
         }
-        Some(Hello { node, generation, unix_secs })
+        Some(Hello {
+            node,
+            generation,
+            unix_secs,
+        })
     }
 
     #[cfg(test)]
@@ -154,14 +159,24 @@ pub mod hello {
         use crate::keys::NodeKey;
 
         fn keys() -> (HelloKey, HelloKey) {
-            let (a, b) = (NodeKey::from_secret_bytes([1; 32]), NodeKey::from_secret_bytes([2; 32]));
-            (a.shared_with(&b.public()).hello_key("edge-1", "cloud-1"), b.shared_with(&a.public()).hello_key("cloud-1", "edge-1"))
+            let (a, b) = (
+                NodeKey::from_secret_bytes([1; 32]),
+                NodeKey::from_secret_bytes([2; 32]),
+            );
+            (
+                a.shared_with(&b.public()).hello_key("edge-1", "cloud-1"),
+                b.shared_with(&a.public()).hello_key("cloud-1", "edge-1"),
+            )
         }
 
         #[test]
         fn a_hello_from_the_edge_is_accepted_by_the_connector() {
             let (edge, connector) = keys();
-            let hello = Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 };
+            let hello = Hello {
+                node: "edge-1".into(),
+                generation: 3,
+                unix_secs: 1_000_000,
+            };
             let bytes = encode(&hello, &edge);
             assert_eq!(&bytes[..4], &[0, 0, 0, 0], "non-ESP marker");
             assert_eq!(claimed_sender(&bytes), Some("edge-1"));
@@ -171,7 +186,14 @@ pub mod hello {
         #[test]
         fn forged_tampered_or_stale_hellos_are_ignored() {
             let (edge, connector) = keys();
-            let bytes = encode(&Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 }, &edge);
+            let bytes = encode(
+                &Hello {
+                    node: "edge-1".into(),
+                    generation: 3,
+                    unix_secs: 1_000_000,
+                },
+                &edge,
+            );
             let mut tampered = bytes.clone();
             let gen_at = 8 + 1 + 6;
             tampered[gen_at + 3] ^= 1;
@@ -179,9 +201,20 @@ pub mod hello {
             let other = NodeKey::from_secret_bytes([3; 32])
                 .shared_with(&NodeKey::from_secret_bytes([2; 32]).public())
                 .hello_key("edge-1", "cloud-1");
-            let forged = encode(&Hello { node: "edge-1".into(), generation: 3, unix_secs: 1_000_000 }, &other);
+            let forged = encode(
+                &Hello {
+                    node: "edge-1".into(),
+                    generation: 3,
+                    unix_secs: 1_000_000,
+                },
+                &other,
+            );
             assert_eq!(decode(&forged, &connector, 1_000_000), None);
-            assert_eq!(decode(&bytes, &connector, 1_000_000 + MAX_SKEW_SECS + 1), None, "replayed later");
+            assert_eq!(
+                decode(&bytes, &connector, 1_000_000 + MAX_SKEW_SECS + 1),
+                None,
+                "replayed later"
+            );
             assert_eq!(decode(&bytes[..20], &connector, 1_000_000), None);
             assert_eq!(decode(&[0xFF], &connector, 1_000_000), None);
         }

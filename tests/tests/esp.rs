@@ -157,9 +157,16 @@ const KERNEL_FLANNEL_PROOF: &str = "flannel_encap +0";
 
 fn esp_cluster() -> Result<Cluster> {
     Cluster::start(ClusterOptions {
-        extra_agent_args: ["--tunnel", "esp", "--keepalive-interval", "1s", "--rotation-grace", "3s"]
-            .map(String::from)
-            .to_vec(),
+        extra_agent_args: [
+            "--tunnel",
+            "esp",
+            "--keepalive-interval",
+            "1s",
+            "--rotation-grace",
+            "3s",
+        ]
+        .map(String::from)
+        .to_vec(),
         // Five agents under qemu TCG take far longer to come up than on the host.
         timeout_factor: 5,
         ..ClusterOptions::default()
@@ -174,10 +181,20 @@ struct Capture {
 
 impl Capture {
     fn start(cluster: &Cluster) -> Result<Self> {
-        let file = std::env::temp_dir().join(format!("fabedge-esp-wan-{}.pcap", std::process::id()));
+        let file =
+            std::env::temp_dir().join(format!("fabedge-esp-wan-{}.pcap", std::process::id()));
         let process = cluster.switch()?.spawn(
             "tcpdump",
-            &["-i", "br-wan", "-n", "-U", "-s", "128", "-w", &file.display().to_string()],
+            &[
+                "-i",
+                "br-wan",
+                "-n",
+                "-U",
+                "-s",
+                "128",
+                "-w",
+                &file.display().to_string(),
+            ],
         )?;
         thread::sleep(Duration::from_secs(2));
         Ok(Capture { process, file })
@@ -189,8 +206,15 @@ impl Capture {
             .args(["-r", &self.file.display().to_string(), "-n", filter])
             .output()
             .context("running tcpdump -r")?;
-        ensure!(out.status.success(), "tcpdump -r failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+        ensure!(
+            out.status.success(),
+            "tcpdump -r failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
     }
 }
 
@@ -227,7 +251,10 @@ const PINGS: u32 = 1000;
 fn generation(cluster: &Cluster, node: &str) -> Result<Option<String>> {
     let text = std::fs::read_to_string(cluster.manifests())?;
     let snapshot = fabedge_agent::source::manifest::snapshot(&text)?;
-    Ok(snapshot.nodes.get(node).and_then(|n| n.annotations.get(KEY_GENERATION_ANNOTATION).cloned()))
+    Ok(snapshot
+        .nodes
+        .get(node)
+        .and_then(|n| n.annotations.get(KEY_GENERATION_ANNOTATION).cloned()))
 }
 
 #[test]
@@ -247,8 +274,12 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
             let drops_before = esp_drops(&cluster)?;
             let outcome = cluster.check_path(path)?;
             let dropped = esp_drops(&cluster)? - drops_before;
-            let proofs: Vec<String> =
-                outcome.proof_failures.iter().filter(|f| !f.contains(KERNEL_FLANNEL_PROOF)).cloned().collect();
+            let proofs: Vec<String> = outcome
+                .proof_failures
+                .iter()
+                .filter(|f| !f.contains(KERNEL_FLANNEL_PROOF))
+                .cloned()
+                .collect();
             let mut proofs = proofs;
             if dropped > 0 {
                 proofs.push(format!("the kernel dropped {dropped} packet(s) on the ESP path (xfrm_stat, fe-tunnel errors)"));
@@ -270,16 +301,34 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         if exchange_failures.is_empty() && proofs.is_empty() {
             eprintln!("ESP ok: {} ({})", path.name, outcome.evidence.join("; "));
         } else {
-            eprintln!("ESP FAILED: {}: {exchange_failures:?} {proofs:?}", path.name);
-            failures.push(format!("{}: {:?} {:?}", outcome.title, exchange_failures, proofs));
+            eprintln!(
+                "ESP FAILED: {}: {exchange_failures:?} {proofs:?}",
+                path.name
+            );
+            failures.push(format!(
+                "{}: {:?} {:?}",
+                outcome.title, exchange_failures, proofs
+            ));
             // The first failure explains the rest: show xfrm's view and stop.
             for node in cluster.nodes_of(path) {
                 let ns = cluster.node_netns(&node)?;
-                for args in [&["-s", "xfrm", "state"][..], &["xfrm", "policy"], &["route"], &["-s", "link", "show", "fe-tunnel"]] {
-                    eprintln!("--- {node}: ip {}\n{}", args.join(" "), ns.ip(args).unwrap_or_else(|e| format!("{e:#}")));
+                for args in [
+                    &["-s", "xfrm", "state"][..],
+                    &["xfrm", "policy"],
+                    &["route"],
+                    &["-s", "link", "show", "fe-tunnel"],
+                ] {
+                    eprintln!(
+                        "--- {node}: ip {}\n{}",
+                        args.join(" "),
+                        ns.ip(args).unwrap_or_else(|e| format!("{e:#}"))
+                    );
                 }
                 if let Ok(stat) = ns.exec("cat", &["/proc/net/xfrm_stat"]) {
-                    eprintln!("--- {node}: xfrm_stat\n{}", String::from_utf8_lossy(&stat.stdout));
+                    eprintln!(
+                        "--- {node}: xfrm_stat\n{}",
+                        String::from_utf8_lossy(&stat.stdout)
+                    );
                 }
             }
             break;
@@ -300,7 +349,11 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     let drops_before_rotation = esp_drops(&cluster)?;
     let pinger = {
         let ns = from.netns();
-        let options = PingOptions { count: PINGS, interval: Duration::from_millis(20), ..PingOptions::default() };
+        let options = PingOptions {
+            count: PINGS,
+            interval: Duration::from_millis(20),
+            ..PingOptions::default()
+        };
         thread::scope(|scope| -> Result<_> {
             let handle = scope.spawn(|| ping_with(ns, to, &options));
             thread::sleep(Duration::from_secs(1));
@@ -308,40 +361,77 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
                 agent_ok(
                     None,
                     std::path::Path::new("/nonexistent"),
-                    &["rotate-key", "--state-dir", &cluster.state_dir(node)?.display().to_string()],
+                    &[
+                        "rotate-key",
+                        "--state-dir",
+                        &cluster.state_dir(node)?.display().to_string(),
+                    ],
                 )?;
             }
             // Both ends publish the new generation while the pinger still runs.
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             for node in ["edge-1", "cloud-1"] {
                 while generation(&cluster, node)?.as_deref() != Some("2") {
-                    ensure!(std::time::Instant::now() < deadline, "{node} did not publish generation 2 after rotate-key");
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "{node} did not publish generation 2 after rotate-key"
+                    );
                     thread::sleep(Duration::from_millis(200));
                 }
             }
-            ensure!(!handle.is_finished(), "the rotation finished after the traffic: raise PINGS");
-            handle.join().map_err(|_| anyhow::anyhow!("the pinger panicked"))?
+            ensure!(
+                !handle.is_finished(),
+                "the rotation finished after the traffic: raise PINGS"
+            );
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the pinger panicked"))?
         })?
     };
-    eprintln!("during rotation: {} sent, {} received", pinger.sent, pinger.received);
-    ensure!(pinger.sent == PINGS && pinger.received == PINGS, "packets lost during the key rotation: {pinger:?}");
+    eprintln!(
+        "during rotation: {} sent, {} received",
+        pinger.sent, pinger.received
+    );
+    ensure!(
+        pinger.sent == PINGS && pinger.received == PINGS,
+        "packets lost during the key rotation: {pinger:?}"
+    );
     let rotation_drops = esp_drops(&cluster)? - drops_before_rotation;
-    ensure!(rotation_drops == 0, "the kernel dropped {rotation_drops} packet(s) on the ESP path during the rotation");
+    ensure!(
+        rotation_drops == 0,
+        "the kernel dropped {rotation_drops} packet(s) on the ESP path during the rotation"
+    );
     // Old SAs go after the grace period, and traffic still flows on the new ones.
     thread::sleep(Duration::from_secs(5));
     let after = from.ping(to, 5)?;
-    ensure!(after.all_received(), "traffic after the old SAs were removed: {after:?}");
+    ensure!(
+        after.all_received(),
+        "traffic after the old SAs were removed: {after:?}"
+    );
 
     // `inspect tunnels` shows the SAs with the kernel's counters, never a key.
     let tunnels = cluster.agent_inspect("edge-1", "tunnels")?;
-    let rows = tunnels.as_array().context("inspect tunnels --json is a list")?;
-    let used_out = rows.iter().filter(|r| r["direction"] == "out" && r["generation"] == 2 && r["packets"].as_u64() > Some(0));
-    ensure!(used_out.count() >= 1, "no outbound SA of generation 2 carried packets:\n{tunnels:#}");
+    let rows = tunnels
+        .as_array()
+        .context("inspect tunnels --json is a list")?;
+    let used_out = rows.iter().filter(|r| {
+        r["direction"] == "out" && r["generation"] == 2 && r["packets"].as_u64() > Some(0)
+    });
+    ensure!(
+        used_out.count() >= 1,
+        "no outbound SA of generation 2 carried packets:\n{tunnels:#}"
+    );
     let xfrm_dump = cluster.node_netns("edge-1")?.ip(&["xfrm", "state"])?;
     let printed = tunnels.to_string();
-    for key in xfrm_dump.lines().filter_map(|l| l.trim().strip_prefix("aead rfc4106(gcm(aes)) 0x")) {
+    for key in xfrm_dump
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("aead rfc4106(gcm(aes)) 0x"))
+    {
         let hex = key.split_whitespace().next().unwrap_or_default();
-        ensure!(!printed.contains(&hex[..16]), "inspect tunnels printed key material");
+        ensure!(
+            !printed.contains(&hex[..16]),
+            "inspect tunnels printed key material"
+        );
     }
     eprintln!("inspect tunnels on edge-1: {} SAs", rows.len());
 
@@ -349,9 +439,26 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     let esp = capture.count("udp port 4500")?;
     let clear = capture.count("ip and not udp port 4500")?;
     drop(capture.process);
-    eprintln!("WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets", esp.len(), clear.len());
-    ensure!(esp.len() > 100, "the WAN capture saw only {} packets on UDP 4500", esp.len());
-    ensure!(clear.is_empty(), "plaintext on the WAN:\n{}", clear.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets",
+        esp.len(),
+        clear.len()
+    );
+    ensure!(
+        esp.len() > 100,
+        "the WAN capture saw only {} packets on UDP 4500",
+        esp.len()
+    );
+    ensure!(
+        clear.is_empty(),
+        "plaintext on the WAN:\n{}",
+        clear
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let _ = std::fs::remove_file(&capture.file);
     Ok(())
 }

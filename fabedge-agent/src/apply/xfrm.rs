@@ -325,7 +325,9 @@ pub fn teardown() -> Result<Vec<String>> {
 /// Creating outbound SAs for `missing` peers would restart a used key from
 /// sequence number 1 if one of them already had an SA of this generation.
 pub fn reuses_a_key(missing: &[String], generations: &Generations) -> bool {
-    missing.iter().any(|peer| generations.created.contains(peer))
+    missing
+        .iter()
+        .any(|peer| generations.created.contains(peer))
 }
 
 #[cfg(test)]
@@ -357,10 +359,18 @@ mod tests {
         let mut bumped = reloaded;
         assert_eq!(bumped.bump().unwrap(), 2);
         assert!(!reuses_a_key(&missing, &bumped));
-        assert_eq!(Generations::load(&dir).unwrap().generation, 2, "the bump is persisted");
+        assert_eq!(
+            Generations::load(&dir).unwrap().generation,
+            2,
+            "the bump is persisted"
+        );
         // A peer never seen at this generation gets its first SA without a bump.
         assert!(!reuses_a_key(&["edge-2".to_owned()], &bumped));
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join(GENERATION_FILE)).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(GENERATION_FILE))
+                .unwrap()
+                .permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -370,7 +380,10 @@ mod tests {
         let dir = temp_dir("garbage");
         std::fs::write(dir.join(GENERATION_FILE), b"{not json").unwrap();
         let err = format!("{:#}", Generations::load(&dir).unwrap_err());
-        assert!(err.contains(GENERATION_FILE) && err.contains("key reuse"), "{err}");
+        assert!(
+            err.contains(GENERATION_FILE) && err.contains("key reuse"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,8 +29,18 @@ pub struct TunnelRow {
 }
 
 impl Row for TunnelRow {
-    const HEADERS: &'static [&'static str] =
-        &["DIR", "PEER-ID", "PEER", "SPI", "GEN", "REMOTE", "PACKETS", "BYTES", "REPLAY-ERR", "AUTH-ERR"];
+    const HEADERS: &'static [&'static str] = &[
+        "DIR",
+        "PEER-ID",
+        "PEER",
+        "SPI",
+        "GEN",
+        "REMOTE",
+        "PACKETS",
+        "BYTES",
+        "REPLAY-ERR",
+        "AUTH-ERR",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.direction.into(),
@@ -48,7 +58,9 @@ impl Row for TunnelRow {
 }
 
 fn row(sa: &SaInfo, peer_ids: &PeerIds) -> TunnelRow {
-    let inbound = sa.set_mark.is_some_and(|(v, _)| v & mark::MAGIC_MASK == mark::MAGIC_FROM_TUNNEL);
+    let inbound = sa
+        .set_mark
+        .is_some_and(|(v, _)| v & mark::MAGIC_MASK == mark::MAGIC_FROM_TUNNEL);
     let (address, port) = if inbound {
         (sa.src, sa.encap.map(|e| e.sport))
     } else {
@@ -58,7 +70,11 @@ fn row(sa: &SaInfo, peer_ids: &PeerIds) -> TunnelRow {
     TunnelRow {
         direction: if inbound { "in" } else { "out" },
         peer_id: sa.reqid,
-        peer: u16::try_from(sa.reqid).ok().and_then(|id| peer_ids.node(id)).unwrap_or("?").to_owned(),
+        peer: u16::try_from(sa.reqid)
+            .ok()
+            .and_then(|id| peer_ids.node(id))
+            .unwrap_or("?")
+            .to_owned(),
         spi: format!("{:#010x}", sa.spi),
         // Our SPIs carry the generation in their low byte.
         generation: sa.spi & 0xFF,
@@ -75,8 +91,14 @@ pub fn tunnels(state_dir: &Path) -> Result<Vec<TunnelRow>> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_else(PeerIds::new);
-    let mut rows: Vec<TunnelRow> =
-        Socket::open()?.sas()?.iter().filter(|sa| sa.if_id == FE_IF_ID).map(|sa| row(sa, &peer_ids)).collect();
-    rows.sort_by(|a, b| (a.peer_id, a.direction, a.generation).cmp(&(b.peer_id, b.direction, b.generation)));
+    let mut rows: Vec<TunnelRow> = Socket::open()?
+        .sas()?
+        .iter()
+        .filter(|sa| sa.if_id == FE_IF_ID)
+        .map(|sa| row(sa, &peer_ids))
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.peer_id, a.direction, a.generation).cmp(&(b.peer_id, b.direction, b.generation))
+    });
     Ok(rows)
 }

@@ -15,9 +15,9 @@ use log::{info, warn};
 use crate::{
     apply::xfrm::{Generations, XfrmApplier},
     keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
-    natt::hello,
     model::{Role, Snapshot},
     natt::EncapSocket,
+    natt::hello,
     plan::{
         ESP_IN_UDP_PORT, Plan, Settings,
         esp::{ObservedEndpoints, plan_esp},
@@ -121,10 +121,18 @@ impl EspRuntime {
                 .filter(|(_, p)| p.kind == peer_kind::TUNNEL)
                 .filter_map(|(&id, p)| {
                     let name = plan.peer_name(id)?;
-                    let public = snapshot.nodes.get(name)?.annotations.get(PUBLIC_KEY_ANNOTATION)?;
+                    let public = snapshot
+                        .nodes
+                        .get(name)?
+                        .annotations
+                        .get(PUBLIC_KEY_ANNOTATION)?;
                     let public = PublicKey::parse(name, public).ok()?;
                     let key = self.key.shared_with(&public).hello_key(&plan.node, name);
-                    Some((name.to_owned(), SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT), key))
+                    Some((
+                        name.to_owned(),
+                        SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT),
+                        key,
+                    ))
                 })
                 .collect()
         } else {
@@ -140,8 +148,12 @@ impl EspRuntime {
         let mut changed = false;
         let now = unix_now();
         while let Some((bytes, from)) = self.socket.try_recv() {
-            let Some((snapshot, plan)) = &self.last else { continue };
-            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else { continue };
+            let Some((snapshot, plan)) = &self.last else {
+                continue;
+            };
+            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else {
+                continue;
+            };
             if plan.peer_ids.get(&sender).is_none() {
                 continue;
             }
@@ -155,7 +167,9 @@ impl EspRuntime {
             };
             let key = self.key.shared_with(&public).hello_key(&plan.node, &sender);
             if hello::decode(&bytes, &key, now).is_none() {
-                log::debug!("ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)");
+                log::debug!(
+                    "ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)"
+                );
                 continue;
             }
             let endpoint = (*from.ip(), from.port());
@@ -175,15 +189,24 @@ impl EspRuntime {
             .last_keepalive
             .is_none_or(|t| now.duration_since(t) >= self.options.keepalive)
         {
-            let me = self.last.as_ref().map(|(_, plan)| plan.node.clone()).unwrap_or_default();
+            let me = self
+                .last
+                .as_ref()
+                .map(|(_, plan)| plan.node.clone())
+                .unwrap_or_default();
             let unix_secs = unix_now();
             for (name, to, key) in &self.keepalive_peers {
-                let hello = hello::Hello { node: me.clone(), generation: self.generations.generation, unix_secs };
+                let hello = hello::Hello {
+                    node: me.clone(),
+                    generation: self.generations.generation,
+                    unix_secs,
+                };
                 if let Err(e) = self.socket.send(&hello::encode(&hello, key), *to) {
                     log::debug!("ESP hello to {name} at {to}: {e}");
                 }
             }
-            let targets: Vec<SocketAddrV4> = self.keepalive_peers.iter().map(|(_, to, _)| *to).collect();
+            let targets: Vec<SocketAddrV4> =
+                self.keepalive_peers.iter().map(|(_, to, _)| *to).collect();
             for (peer, e) in self.socket.keepalive(&targets) {
                 log::debug!("ESP keepalive to {peer}: {e}");
             }
@@ -234,5 +257,7 @@ impl EspRuntime {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
