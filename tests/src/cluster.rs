@@ -59,7 +59,7 @@ use nix::{
 };
 
 use crate::{
-    agent::{agent_bin, agent_ok},
+    agent::{agent_bin, agent_ok, agent_output},
     netns::{Netns, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo, veth_pair},
 };
 
@@ -1236,6 +1236,19 @@ impl Cluster {
 
     /// Stops the node's agent (SIGTERM: the datapath keeps forwarding) and
     /// starts it again, then waits until it has applied its plan.
+    /// Stops `node`'s agent and runs `fabedge-agent uninstall` there; returns
+    /// what uninstall printed. (Teardown uninstalls again, harmlessly.)
+    pub fn uninstall(&self, node: &str) -> Result<String> {
+        let n = self.cluster_node(node)?;
+        if let Some(mut agent) = n.agent.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            agent.stop();
+        }
+        let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
+        let out = agent_output(Some(&n.netns), &n.files.bpffs_root, &["uninstall", "--cni-conf-dir", &cni_conf_dir])?;
+        ensure!(out.status.success(), "uninstall on {node} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     pub fn restart_agent(&self, node: &str) -> Result<()> {
         let n = self.cluster_node(node)?;
         let offset = {

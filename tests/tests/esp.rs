@@ -460,5 +460,15 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
             .join("\n")
     );
     let _ = std::fs::remove_file(&capture.file);
+
+    // Uninstall removes every xfrm object of ours, and fe-tunnel.
+    let removed = cluster.uninstall("edge-1")?;
+    ensure!(removed.contains("xfrm SA") && removed.contains("xfrm policy"), "uninstall said:\n{removed}");
+    let ns = cluster.node_netns("edge-1")?;
+    for what in ["state", "policy"] {
+        let left = ns.ip(&["xfrm", what])?;
+        ensure!(left.trim().is_empty(), "xfrm {what}s left after uninstall:\n{left}");
+    }
+    ensure!(ns.ip(&["link", "show", "fe-tunnel"]).is_err(), "fe-tunnel left after uninstall");
     Ok(())
 }
