@@ -32,7 +32,15 @@ pub enum What {
     Backends,
     /// Service conntrack: one line per direction of each translated flow.
     Ct,
+    /// ESP mode: our SAs per peer (SPI, key generation, xfrm counters, the
+    /// peer's observed address and port). Never keys.
+    Tunnels,
 }
+
+mod tunnels;
+
+/// Where `inspect tunnels` finds peer names (the agent's `--state-dir`).
+pub static STATE_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
     let (headers, rows, value) = match what {
@@ -43,6 +51,9 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Services => table(crate::inspect_services::services(&Maps::open(layout)?)?),
         What::Backends => table(crate::inspect_services::backends(&Maps::open(layout)?)?),
         What::Ct => table(crate::inspect_services::ct(&Maps::open(layout)?)?),
+        What::Tunnels => table(tunnels::tunnels(
+            STATE_DIR.get().map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
+        )?),
         What::Config => {
             let value = serde_json::to_value(config(&Maps::open(layout)?)?)?;
             let rows = value

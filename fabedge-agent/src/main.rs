@@ -45,12 +45,21 @@ enum Cmd {
         cni_conf_dir: PathBuf,
     },
     /// Show what the datapath holds (reads pinned maps; the agent need not run).
+    /// ESP mode: start a new key generation now (make-before-break). The
+    /// running agent picks the request up within its poll interval.
+    RotateKey {
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
+    },
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The agent's state dir (`inspect tunnels` names peers from it).
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
     },
 }
 
@@ -130,6 +139,15 @@ struct RunArgs {
     /// Leave hostNetwork clients without Service translation (no cgroup programs).
     #[arg(long)]
     no_cgroup: bool,
+    /// ESP mode: edge nodes send a NAT keepalive to each peer this often.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// ESP mode: rotate keys this often (0: only on `fabedge-agent rotate-key`).
+    #[arg(long, default_value = "86400s", value_parser = parse_duration)]
+    key_rotation_interval: Duration,
+    /// ESP mode: SAs of a former key generation are removed after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    rotation_grace: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -191,7 +209,8 @@ fn main() -> Result<()> {
                 ..Settings::default()
             };
             if settings.tunnel_mode == TunnelMode::Esp {
-                bail!("--tunnel esp is not available yet in this build; use --tunnel vxlan");
+                // Before anything is created: a kernel without ESP leaves no trace.
+                fabedge_agent::xfrm::probe::check()?;
             }
             let options = RunOptions {
                 node: args.node,
@@ -212,6 +231,11 @@ fn main() -> Result<()> {
                          or --no-cgroup to leave hostNetwork clients without Service translation",
                     )?),
                 },
+                esp: (args.tunnel == TunnelMode::Esp).then(|| run::esp::EspOptions {
+                    rotation_interval: (!args.key_rotation_interval.is_zero()).then_some(args.key_rotation_interval),
+                    grace: args.rotation_grace,
+                    keepalive: args.keepalive_interval,
+                }),
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
         }
@@ -236,6 +260,14 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Inspect { what, json } => inspect::run(&layout, what, json),
+        Cmd::RotateKey { state_dir } => {
+            let path = run::esp::request_rotation(&state_dir)?;
+            info!("rotation requested ({}); the running agent starts a new key generation", path.display());
+            Ok(())
+        }
+        Cmd::Inspect { what, json, state_dir } => {
+            let _ = inspect::STATE_DIR.set(state_dir);
+            inspect::run(&layout, what, json)
+        }
     }
 }

@@ -18,6 +18,7 @@
 //! plan as cloud nodes (standbys) until connector HA exists.
 
 mod cni;
+pub mod esp;
 mod flannel;
 mod peer_ids;
 pub mod services;
@@ -123,6 +124,11 @@ pub struct Settings {
     /// node's own routing (`0.0.0.0/0 → kernel`). Off: such packets are
     /// dropped and counted (`drop_no_route`), never sent out the uplink.
     pub pod_egress_via_node: bool,
+    /// ESP mode: this node's public key (base64), published as
+    /// `fabedge.io/public-key`, and the generation of its outbound SAs,
+    /// published as `fabedge.io/key-generation`.
+    pub esp_public_key: Option<String>,
+    pub esp_generation: u32,
 }
 
 impl Default for Settings {
@@ -141,6 +147,8 @@ impl Default for Settings {
             cni_conf_dir: PathBuf::from(DEFAULT_CNI_CONF_DIR),
             pod_bridge: POD_BRIDGE.to_owned(),
             pod_egress_via_node: false,
+            esp_public_key: None,
+            esp_generation: 0,
         }
     }
 }
@@ -184,12 +192,16 @@ pub enum Device {
         /// endpoint often is not an address on the node at all.
         local: Option<Ipv4Addr>,
     },
+    /// `ip link add NAME type xfrm if_id IF_ID` with `mtu`: the ESP mode's
+    /// tunnel device. Routes into it are encrypted by the xfrm policies
+    /// carrying `if_id`; what our SAs decrypt arrives on it.
+    XfrmTunnel { name: String, if_id: u32, mtu: u16 },
 }
 
 impl Device {
     pub fn name(&self) -> &str {
         match self {
-            Device::Bridge { name, .. } | Device::VxlanTunnel { name, .. } => name,
+            Device::Bridge { name, .. } | Device::VxlanTunnel { name, .. } | Device::XfrmTunnel { name, .. } => name,
         }
     }
 }
@@ -733,7 +745,8 @@ impl<'a> Planner<'a> {
         let vxlan = settings.tunnel_mode == TunnelMode::Vxlan;
         // The kernel's slow path sends every tunnel prefix where the fast path would.
         if matches!(role, Role::Edge | Role::Connector) {
-            let dev = if vxlan { Some(TUNNEL_DEV.to_owned()) } else { settings.uplink.clone() };
+            // Both modes: `fe-tunnel` (VXLAN device or xfrm interface).
+            let dev = Some(TUNNEL_DEV.to_owned());
             kernel_routes.extend(planned.iter().filter(|(_, r)| r.kind == route_kind::TUNNEL).map(|(prefix, _)| {
                 KernelRoute { dst: *prefix, dev: dev.clone(), via: None, src: Some(me.internal_ip) }
             }));
@@ -787,9 +800,17 @@ impl<'a> Planner<'a> {
                 });
                 attachments.push(Attachment::new(Program::TunnelIngress, TUNNEL_DEV));
                 attachments.push(Attachment::new(Program::TunnelEgress, TUNNEL_DEV));
+            } else {
+                devices.push(Device::XfrmTunnel {
+                    name: TUNNEL_DEV.to_owned(),
+                    if_id: crate::xfrm::FE_IF_ID,
+                    mtu: tunnel_mtu,
+                });
+                attachments.push(Attachment::new(Program::TunnelIngress, TUNNEL_DEV));
+                attachments.push(Attachment::new(Program::TunnelEgress, TUNNEL_DEV));
             }
             sysctls.push(Sysctl::new("net/ipv4/ip_forward", "1"));
-            if vxlan {
+            {
                 // Forwarding from one peer to another leaves by the device it
                 // came in on, which makes the kernel send ICMP redirects. The
                 // kernel ORs `all` with the device's value, so both must be 0.
@@ -806,10 +827,13 @@ impl<'a> Planner<'a> {
             // fast path punts arrives on the uplink from cloud pod addresses
             // the kernel routes via flannel.1; tunnel traffic arrives from
             // sources routed elsewhere. The kernel uses max(all, device).
-            if vxlan {
-                sysctls.push(Sysctl::new(format!("net/ipv4/conf/{TUNNEL_DEV}/rp_filter"), "2"));
-            }
+            sysctls.push(Sysctl::new(format!("net/ipv4/conf/{TUNNEL_DEV}/rp_filter"), "2"));
             sysctls.push(Sysctl::new(format!("net/ipv4/conf/{uplink}/rp_filter"), "2"));
+        }
+
+        let mut annotations = annotations;
+        if !vxlan && matches!(role, Role::Edge | Role::Connector) {
+            annotations.extend(esp_annotations(me, settings));
         }
 
         Ok(Plan {
@@ -839,4 +863,21 @@ impl<'a> Planner<'a> {
 /// than the InternalIP's), else its InternalIP.
 fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
     connector.flannel.as_ref().map_or(connector.internal_ip, |lease| lease.public_ip)
+}
+
+/// ESP mode: this node's public key and generation onto its own Node, when
+/// they differ from what it carries.
+fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
+    use crate::keys::{KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION};
+    let mut set = BTreeMap::new();
+    if let Some(key) = &settings.esp_public_key
+        && me.annotations.get(PUBLIC_KEY_ANNOTATION) != Some(key)
+    {
+        set.insert(PUBLIC_KEY_ANNOTATION.to_owned(), key.clone());
+    }
+    let generation = settings.esp_generation.to_string();
+    if settings.esp_generation != 0 && me.annotations.get(KEY_GENERATION_ANNOTATION) != Some(&generation) {
+        set.insert(KEY_GENERATION_ANNOTATION.to_owned(), generation);
+    }
+    (!set.is_empty()).then(|| AnnotationPatch { node: me.name.clone(), set, remove: Vec::new() })
 }

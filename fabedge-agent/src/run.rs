@@ -23,6 +23,7 @@ use crate::{
     source::manifest,
 };
 
+pub mod esp;
 mod kube_mode;
 
 pub use kube_mode::{KubeOptions, default_namespace};
@@ -45,6 +46,8 @@ pub struct RunOptions {
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
+    /// ESP mode's timers (`None` in VXLAN mode).
+    pub esp: Option<esp::EspOptions>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -77,7 +80,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options),
+            _ = tick.tick() => {
+                reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
+                if reconciler.esp_tick() {
+                    reconciler.applied_text = None;
+                }
+            }
             _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
@@ -103,6 +111,7 @@ struct Reconciler {
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
+    esp: Option<esp::EspRuntime>,
 }
 
 impl Reconciler {
@@ -115,6 +124,10 @@ impl Reconciler {
             }),
             Err(_) => PeerIds::new(),
         };
+        let esp = match &options.esp {
+            Some(esp_options) => Some(esp::EspRuntime::start(&options.state_dir, esp_options.clone())?),
+            None => None,
+        };
         Ok(Reconciler {
             applier: Applier::default(),
             peer_ids,
@@ -122,7 +135,21 @@ impl Reconciler {
             applied_text: None,
             last_error: None,
             cgroup_attached: false,
+            esp,
         })
+    }
+
+    /// ESP timers (keepalives, hellos, rotation). True when a new key
+    /// generation began: the caller re-plans so it is published and used.
+    pub(crate) fn esp_tick(&mut self) -> bool {
+        let Some(esp) = &mut self.esp else { return false };
+        match esp.tick() {
+            Ok(new_generation) => new_generation,
+            Err(e) => {
+                self.report(Err(e.context("ESP")));
+                false
+            }
+        }
     }
 
     fn reconcile_if_changed(&mut self, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) {
@@ -165,16 +192,27 @@ impl Reconciler {
     fn plan_and_apply(
         &mut self,
         snapshot: &crate::model::Snapshot,
-        settings: &Settings,
+        observed: &Settings,
         datapath: &mut Datapath,
         maps: &mut Maps,
         options: &RunOptions,
     ) -> Result<Plan> {
+        let mut settings = observed.clone();
+        if let Some(esp) = &self.esp {
+            esp.fill_settings(&mut settings);
+        }
+        let settings = &settings;
         let plan = plan(snapshot, &options.node, settings, &self.peer_ids)?;
         for warning in &plan.warnings {
             warn!("{warning}");
         }
         self.applier.apply(datapath, maps, &plan, settings)?;
+        if let Some(esp) = &mut self.esp
+            && esp.apply(snapshot, &plan)?
+        {
+            // A new generation: plan again so it is published and used.
+            return self.plan_and_apply(snapshot, observed, datapath, maps, options);
+        }
         if let Some(cgroup) = options.cgroup.as_deref().filter(|_| plan.role == crate::model::Role::Edge && !self.cgroup_attached) {
             datapath.attach_cgroup(cgroup)?;
             self.cgroup_attached = true;

@@ -21,7 +21,7 @@ use crate::{
     csum, flannel,
     maps::peer,
     parse::{Ipv4Hdr, ETH_HLEN, IPPROTO_UDP, UDP_HLEN},
-    stats::{count, peer_tx},
+    stats::count,
 };
 
 /// Largest L4 header on top of `gso_size` when we cannot read the real one.
@@ -134,9 +134,9 @@ pub fn to_tunnel(
     let existing = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark::to_tunnel(existing, peer_id));
     if cfg.tunnel_mode != tunnel_mode::VXLAN {
-        // ESP: the kernel routes, the outbound xfrm policy matches the mark.
-        peer_tx(peer_id, ctx.len());
-        return pass(Counter::ToTunnel);
+        // ESP: the kernel routes into `fe-tunnel`, whose egress program
+        // counts it (ToTunnel and per peer); xfrm matches the mark.
+        return pass(Counter::PassKernel);
     }
     if cfg.tunnel_ifindex == 0 {
         return drop(Counter::DropNoTunnel);

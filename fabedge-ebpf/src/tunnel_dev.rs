@@ -8,12 +8,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use fabedge_common::{mark, peer_kind, route_kind, Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
+use fabedge_common::{
+    mark, peer_kind, route_kind, tunnel_mode, Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
+};
 
 use crate::{
     forward::{drop, forward, pass},
     maps::{config, peer, route},
-    parse::{self, ptr_at, EthHdr, L3},
+    parse::{self, ptr_at, EthHdr, Ipv4Hdr, L3},
     stats::{count, peer_rx, peer_tx},
 };
 
@@ -26,6 +28,9 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return pass(Counter::NotConfigured);
     };
+    if cfg.tunnel_mode == tunnel_mode::ESP {
+        return esp_ingress(&ctx);
+    }
     // SAFETY: zeroed plain-old-data struct filled by the helper.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: helper writes at most TUNNEL_KEY_SIZE bytes into `key`.
@@ -67,6 +72,9 @@ pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return pass(Counter::NotConfigured);
     };
+    if cfg.tunnel_mode == tunnel_mode::ESP {
+        return esp_egress(&ctx);
+    }
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     let peer_id = match mark::tunnel_peer(existing) {
@@ -109,6 +117,80 @@ pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
     }
     // The mark has done its job; keep it from steering the outer packet.
     ctx.set_mark(existing & !mark::OWNED_MASK);
+    peer_tx(peer_id, ctx.len());
+    count(Counter::ToTunnel);
+    TC_ACT_OK as i32
+}
+
+// ESP mode: `fe-tunnel` is an xfrm interface, a layer-3 device (the IPv4
+// header is at offset 0). xfrm encrypts and decrypts; these programs only
+// tie packets to peers through the mark.
+
+/// The IPv4 header of a packet on a layer-3 device.
+#[inline(always)]
+fn l3_ipv4(ctx: &TcContext) -> Option<&mut Ipv4Hdr> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    if ip.is_valid() {
+        Some(ip)
+    } else {
+        None
+    }
+}
+
+/// Decrypted by one of our inbound SAs, which set the `from-tunnel` mark of
+/// its peer: the inner source must belong to that peer. The kernel routes
+/// the rest (local delivery, Flannel, or back into another tunnel).
+#[inline(always)]
+fn esp_ingress(ctx: &TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let existing = unsafe { (*ctx.skb.skb).mark };
+    if existing & mark::MAGIC_MASK != mark::MAGIC_FROM_TUNNEL {
+        return drop(Counter::DropSpoofed);
+    }
+    let sender = (existing >> mark::PEER_SHIFT) as u16;
+    // xfrm's tunnel-mode decapsulation rebuilds the outer Ethernet header in
+    // front of the inner packet (with its type set to IPv4), so received
+    // packets usually carry one even on this layer-3 device; what the
+    // device itself sends does not.
+    let ip = match parse::ipv4(ctx) {
+        L3::Ipv4(ip) => ip,
+        _ => match l3_ipv4(ctx) {
+            Some(ip) => ip,
+            None => return drop(Counter::DropMalformed),
+        },
+    };
+    match route(ip.saddr) {
+        Some(r) if r.kind == route_kind::TUNNEL && r.peer_id == sender => {}
+        _ => return drop(Counter::DropSpoofed),
+    }
+    peer_rx(sender, ctx.len());
+    pass(Counter::FromTunnel)
+}
+
+/// Everything routed into `fe-tunnel` leaves with the `to-tunnel` mark of
+/// its peer, which the peer's outbound xfrm policy matches. Marked already
+/// by our ingress programs, or the node's own traffic looked up here.
+#[inline(always)]
+fn esp_egress(ctx: &TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let existing = unsafe { (*ctx.skb.skb).mark };
+    let peer_id = match mark::tunnel_peer(existing) {
+        Some(id) => id,
+        None => match l3_ipv4(ctx) {
+            Some(ip) => match route(ip.daddr) {
+                Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+                _ => return drop(Counter::DropNoRoute),
+            },
+            None => return drop(Counter::DropMalformed),
+        },
+    };
+    match peer(peer_id) {
+        Some(p) if p.kind == peer_kind::TUNNEL => {}
+        _ => return drop(Counter::DropUnknownPeer),
+    }
+    ctx.set_mark(mark::to_tunnel(existing, peer_id));
     peer_tx(peer_id, ctx.len());
     count(Counter::ToTunnel);
     TC_ACT_OK as i32

@@ -59,7 +59,7 @@ use nix::{
 };
 
 use crate::{
-    agent::{agent_bin, agent_ok},
+    agent::{agent_bin, agent_ok, agent_output},
     netns::{Netns, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo, veth_pair},
 };
 
@@ -639,12 +639,18 @@ pub struct ClusterOptions {
     /// The manifest file. It is copied: agents read the copy and the connector
     /// writes its annotations into it.
     pub manifests: PathBuf,
+    /// More `fabedge-agent run` arguments for every node (e.g. `--tunnel esp`).
+    pub extra_agent_args: Vec<String>,
+    /// Multiplies the agent and Flannel readiness timeouts (qemu TCG is slow).
+    pub timeout_factor: u32,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             manifests: PathBuf::from(FIXTURE),
+            extra_agent_args: Vec::new(),
+            timeout_factor: 1,
         }
     }
 }
@@ -682,6 +688,8 @@ pub struct Cluster {
     manifests: PathBuf,
     /// Flannel leases as last read from the manifest file (names VTEP peers).
     leases: BTreeMap<String, FlannelLease>,
+    extra_agent_args: Vec<String>,
+    timeout_factor: u32,
 }
 
 impl Cluster {
@@ -711,6 +719,8 @@ impl Cluster {
             work_dir,
             manifests,
             leases: manifest.leases.clone(),
+            extra_agent_args: options.extra_agent_args.clone(),
+            timeout_factor: options.timeout_factor.max(1),
         };
         let switch = Netns::new("switch")?;
         // The first namespace of this process has removed stale namespaces
@@ -841,6 +851,7 @@ impl Cluster {
         let cgroup = node_cgroup(cluster_id, &spec.name);
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         agent_args.extend(["--cgroup".into(), cgroup.display().to_string()]);
+        agent_args.extend(self.extra_agent_args.iter().cloned());
         Ok(ClusterNode {
             spec: spec.clone(),
             files,
@@ -867,7 +878,7 @@ impl Cluster {
     fn wait_for_agent(&self, name: &str, log_offset: u64) -> Result<()> {
         let node = self.cluster_node(name)?;
         let applied = format!("applied plan for {name}");
-        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT * self.timeout_factor;
         loop {
             let log = read_from(&node.files.agent_log, log_offset);
             if log.contains(&applied) {
@@ -902,7 +913,7 @@ impl Cluster {
     /// Plays Flannel on every cloud node until the connector has written a
     /// lease onto every edge Node and those leases are programmed.
     fn wait_for_flannel(&mut self) -> Result<()> {
-        let deadline = Instant::now() + FLANNEL_TIMEOUT;
+        let deadline = Instant::now() + FLANNEL_TIMEOUT * self.timeout_factor;
         loop {
             let manifest = Manifest::read(&self.manifests)?;
             let missing: Vec<&str> = manifest
@@ -1123,6 +1134,11 @@ impl Cluster {
     }
 
     /// The cluster's manifest file (agents read it; the connector writes it).
+    /// Node `node`'s agent state directory (keys, generations).
+    pub fn state_dir(&self, node: &str) -> Result<&Path> {
+        Ok(&self.cluster_node(node)?.files.state_dir)
+    }
+
     pub fn manifests(&self) -> &Path {
         &self.manifests
     }
@@ -1251,6 +1267,19 @@ impl Cluster {
 
     /// Stops the node's agent (SIGTERM: the datapath keeps forwarding) and
     /// starts it again, then waits until it has applied its plan.
+    /// Stops `node`'s agent and runs `fabedge-agent uninstall` there; returns
+    /// what uninstall printed. (Teardown uninstalls again, harmlessly.)
+    pub fn uninstall(&self, node: &str) -> Result<String> {
+        let n = self.cluster_node(node)?;
+        if let Some(mut agent) = n.agent.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            agent.stop();
+        }
+        let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
+        let out = agent_output(Some(&n.netns), &n.files.bpffs_root, &["uninstall", "--cni-conf-dir", &cni_conf_dir])?;
+        ensure!(out.status.success(), "uninstall on {node} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     pub fn restart_agent(&self, node: &str) -> Result<()> {
         let n = self.cluster_node(node)?;
         let offset = {

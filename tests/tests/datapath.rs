@@ -190,8 +190,39 @@ fn esp_mode_marks_for_xfrm_and_leaves_forwarding_to_the_kernel() -> Result<()> {
     assert_eq!(out.action, TC_ACT_OK);
     assert_eq!(out.data, frame, "the kernel decrements TTL on its forward path");
     assert_eq!(out.mark, mark::to_tunnel(0, EDGE2_PEER));
-    assert_eq!(delta, only(Counter::ToTunnel));
+    // The kernel routes it into fe-tunnel, whose egress program counts it for the peer.
+    assert_eq!(delta, only(Counter::PassKernel));
+    assert_eq!(dp.maps.peer_stats(EDGE2_PEER)?.tx_packets, 0);
+    Ok(())
+}
+
+#[test]
+fn esp_tunnel_egress_keeps_the_peer_mark_for_xfrm_and_counts_the_peer() -> Result<()> {
+    let dp = edge("dp-esp-egress", tunnel_mode::ESP)?;
+    let frame = pod_udp(PEER_POD, 63);
+    let marked = SkbIn { mark: 0x4000 | mark::to_tunnel(0, EDGE2_PEER), ..SkbIn::default() };
+    let (out, delta) = counted(&dp, || dp.run_with(Program::TunnelEgress, &frame, marked))?;
+    assert_eq!((out.action, delta), (TC_ACT_OK, only(Counter::ToTunnel)));
+    assert_eq!(out.mark, 0x4000 | mark::to_tunnel(0, EDGE2_PEER), "xfrm's policy for the peer matches this mark");
+    assert_eq!(out.data, frame, "no tunnel key, no MAC rewrite: xfrm encapsulates");
     assert_eq!(dp.maps.peer_stats(EDGE2_PEER)?.tx_packets, 1);
+    Ok(())
+}
+
+#[test]
+fn esp_tunnel_ingress_accepts_only_sources_of_the_peer_whose_sa_decrypted() -> Result<()> {
+    let dp = edge("dp-esp-ingress", tunnel_mode::ESP)?;
+    // xfrm rebuilds an Ethernet header in front of what it decrypted.
+    let frame = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC).ipv4(PEER_POD, LOCAL_POD).udp(1, 2).build();
+    let from_edge2 = SkbIn { mark: mark::from_tunnel(0, EDGE2_PEER), ..SkbIn::default() };
+    let (out, delta) = counted(&dp, || dp.run_with(Program::TunnelIngress, &frame, from_edge2))?;
+    assert_eq!((out.action, delta), (TC_ACT_OK, only(Counter::FromTunnel)));
+    assert_eq!(dp.maps.peer_stats(EDGE2_PEER)?.rx_packets, 1);
+    // Another peer's SA cannot speak for edge-2's pods; nor can anything not decrypted by ours.
+    for skb in [SkbIn { mark: mark::from_tunnel(0, EDGE2_PEER + 1), ..SkbIn::default() }, SkbIn::default()] {
+        let (out, delta) = counted(&dp, || dp.run_with(Program::TunnelIngress, &frame, skb))?;
+        assert_eq!((out.action, delta), (TC_ACT_SHOT, only(Counter::DropSpoofed)));
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ const VM_TESTS: &[(&str, &str)] = &[
     // The Service programs pass older verifiers; the reject path resizes packets.
     ("lb_datapath", "tcp_to_cluster_ip_is_dnat_to_a_remote_backend_and_the_reply_gets_the_service_address_back"),
     ("lb_datapath", "a_service_without_endpoints_answers_udp_with_port_unreachable_quoting_the_datagram"),
+    ("esp", "esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss"),
 ];
 
 pub struct Options {
@@ -55,7 +56,14 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
             }
             let path = test_binary(workspace, binary)?;
             for kernel in vm::Kernel::ALL {
-                let args = vec![test.to_string(), "--exact".into(), "--nocapture".into(), "--test-threads=1".into()];
+                // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
+                let args = vec![
+                    test.to_string(),
+                    "--exact".into(),
+                    "--nocapture".into(),
+                    "--test-threads=1".into(),
+                    "--include-ignored".into(),
+                ];
                 let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
                 let run = vm::VmRun { kernel, program: &path, args: &args, env: &env, timeout: Duration::from_secs(300) };
                 println!("xtask: VM {kernel}: {binary}::{test}");

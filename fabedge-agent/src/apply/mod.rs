@@ -9,6 +9,7 @@
 
 pub mod net;
 pub mod services;
+pub mod xfrm;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -94,7 +95,7 @@ impl Applier {
         }
         report.service_changes = services::apply_services(maps, &plan.services)?.changes();
         let mut config = plan.config;
-        if plan.devices.iter().any(|d| matches!(d, Device::VxlanTunnel { .. })) {
+        if plan.devices.iter().any(|d| matches!(d, Device::VxlanTunnel { .. } | Device::XfrmTunnel { .. })) {
             config.tunnel_ifindex = sys::ifindex(TUNNEL_DEV)?;
         }
         if let Some(uplink) = &settings.uplink {
@@ -176,6 +177,7 @@ fn ensure_device(device: &Device) -> Result<()> {
         Device::VxlanTunnel { name, port, mac, mtu, local: _ } => {
             net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32)
         }
+        Device::XfrmTunnel { name, if_id, mtu } => xfrm::ensure_device(name, *if_id, *mtu as u32),
     }
 }
 
@@ -207,6 +209,7 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
         net::delete_route(&route)?;
         removed.push(format!("route {}", route.dst));
     }
+    removed.extend(xfrm::teardown()?);
     for dev in [TUNNEL_DEV, POD_BRIDGE] {
         if net::delete_link_if_present(dev)? {
             removed.push(format!("device {dev}"));

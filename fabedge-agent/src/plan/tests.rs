@@ -422,16 +422,27 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
     let edge_esp = plan(&snapshot, "edge-1", &esp, &PeerIds::new()).unwrap();
     assert_eq!(edge_esp.config.tunnel_mtu, 1500 - ESP_OVERHEAD);
     assert_eq!(edge_esp.config.tunnel_mode, tunnel_mode::ESP);
-    assert!(matches!(edge_esp.devices[..], [Device::Bridge { mtu: 1420, .. }]), "{:?}", edge_esp.devices);
+    // ESP: fe-tunnel is an xfrm interface carrying our if_id, sized for ESP in UDP.
+    assert!(
+        matches!(
+            edge_esp.devices[..],
+            [Device::Bridge { mtu: 1420, .. }, Device::XfrmTunnel { mtu: 1420, if_id: crate::xfrm::FE_IF_ID, .. }]
+        ),
+        "{:?}",
+        edge_esp.devices
+    );
+    assert!(edge_esp.cni.as_ref().unwrap().json.contains("\"mtu\": 1420"), "{:?}", edge_esp.cni);
     assert_eq!(
         edge_esp.attachments,
         [
             crate::datapath::Attachment::new(Program::FromPod, "br-fabedge"),
-            crate::datapath::Attachment::new(Program::ToPod, "br-fabedge")
+            crate::datapath::Attachment::new(Program::ToPod, "br-fabedge"),
+            crate::datapath::Attachment::new(Program::TunnelIngress, TUNNEL_DEV),
+            crate::datapath::Attachment::new(Program::TunnelEgress, TUNNEL_DEV),
         ]
     );
     assert_eq!(peer(&edge_esp, "cloud-1").port, ESP_IN_UDP_PORT);
-    assert!(edge_esp.kernel_routes.iter().all(|r| r.dev.as_deref() == Some("eth0")));
+    assert!(edge_esp.kernel_routes.iter().all(|r| r.dev.as_deref() == Some(TUNNEL_DEV)));
 
     let tiny = Settings { uplink_mtu: 100, ..settings() };
     let err = plan(&snapshot, "edge-1", &tiny, &PeerIds::new()).unwrap_err();

@@ -60,7 +60,10 @@ pub(super) async fn run(
     let mut state = KubeState {
         applied: None,
         last_error: None,
+        own_annotations: None,
     };
+    // Every agent publishes its own Node's annotations (ESP: public key, key generation).
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
 
     match snapshot::load(&options.state_dir) {
         Ok(Some(saved)) => {
@@ -96,7 +99,14 @@ pub(super) async fn run(
                 continue;
             }
             // The tick only retries: a failed apply, or the leader's patches.
-            _ = tick.tick() => if state.last_error.is_none() && !duty.is_leading() { continue },
+            _ = tick.tick() => {
+                if reconciler.esp_tick() {
+                    // A new key generation: re-plan so it is used and published.
+                    state.applied = None;
+                } else if state.last_error.is_none() && state.own_annotations.is_none() && !duty.is_leading() {
+                    continue;
+                }
+            }
             _ = duty.leading_changed() => {}
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
@@ -112,6 +122,13 @@ pub(super) async fn run(
             continue;
         };
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
+        if let Some(patch) = state.own_annotations.clone() {
+            let body = crate::annotate::merge_patch(&patch);
+            match nodes.patch(&options.node, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(body)).await {
+                Ok(_) => state.own_annotations = None,
+                Err(e) => warn!("publishing the annotations of node {} (retrying): {e}", options.node),
+            }
+        }
 
         let connector = match options.settings.role_override {
             Some(role) => role == Role::Connector,
@@ -134,6 +151,8 @@ struct KubeState {
     /// The snapshot last applied successfully.
     applied: Option<Snapshot>,
     last_error: Option<String>,
+    /// Annotations the last plan wants on this agent's own Node, not yet written.
+    own_annotations: Option<crate::plan::AnnotationPatch>,
 }
 
 impl KubeState {
@@ -154,7 +173,8 @@ impl KubeState {
                 return Ok(None);
             }
             let settings = observe_host(&options.settings, &options.flannel_iface)?;
-            reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+            let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+            self.own_annotations = plan.annotations.into_iter().find(|patch| patch.node == options.node);
             if save {
                 snapshot::save(&options.state_dir, objects)?;
             }

@@ -1,0 +1,263 @@
+//! The ESP mode's part of `run`: the node key, the generation, the xfrm
+//! applier, the UDP 4500 socket and the timers (keepalives, rotation,
+//! removal of SAs past their grace period).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use fabedge_common::peer_kind;
+use log::{info, warn};
+
+use crate::{
+    apply::xfrm::{Generations, XfrmApplier},
+    keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
+    model::{Role, Snapshot},
+    natt::EncapSocket,
+    natt::hello,
+    plan::{
+        ESP_IN_UDP_PORT, Plan, Settings,
+        esp::{ObservedEndpoints, plan_esp},
+    },
+};
+
+/// A `fabedge-agent rotate-key` request: a file in the state dir.
+pub const ROTATE_REQUEST: &str = "rotate-key.request";
+
+#[derive(Debug, Clone)]
+pub struct EspOptions {
+    /// Rotate keys this often (`None`: only on `rotate-key`).
+    pub rotation_interval: Option<Duration>,
+    /// How long SAs of a former generation keep decrypting.
+    pub grace: Duration,
+    /// Edge nodes: how often a keepalive goes to each peer's UDP 4500.
+    pub keepalive: Duration,
+}
+
+pub struct EspRuntime {
+    key: NodeKey,
+    generations: Generations,
+    applier: XfrmApplier,
+    socket: EncapSocket,
+    state_dir: PathBuf,
+    options: EspOptions,
+    last_rotation: Instant,
+    last_keepalive: Option<Instant>,
+    /// Edge: where keepalives and hellos go, with the hello key of each peer.
+    keepalive_peers: Vec<(String, SocketAddrV4, HelloKey)>,
+    /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
+    observed: ObservedEndpoints,
+    last: Option<(Snapshot, Plan)>,
+}
+
+/// Ask the agent using `state_dir` to rotate its keys.
+pub fn request_rotation(state_dir: &Path) -> Result<PathBuf> {
+    let path = state_dir.join(ROTATE_REQUEST);
+    std::fs::write(&path, b"").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+impl EspRuntime {
+    pub fn start(state_dir: &Path, options: EspOptions) -> Result<Self> {
+        let key = NodeKey::load_or_create(state_dir)?;
+        let generations = Generations::load(state_dir)?;
+        let socket = EncapSocket::bind()?;
+        info!(
+            "ESP mode: public key {}, generation {}, UDP {ESP_IN_UDP_PORT} held",
+            key.public().to_base64(),
+            generations.generation
+        );
+        Ok(EspRuntime {
+            key,
+            generations,
+            applier: XfrmApplier::new(options.grace),
+            socket,
+            state_dir: state_dir.to_owned(),
+            options,
+            last_rotation: Instant::now(),
+            last_keepalive: None,
+            keepalive_peers: Vec::new(),
+            observed: ObservedEndpoints::new(),
+            last: None,
+        })
+    }
+
+    /// What the plan publishes about this node.
+    pub fn fill_settings(&self, settings: &mut Settings) {
+        settings.esp_public_key = Some(self.key.public().to_base64());
+        settings.esp_generation = self.generations.generation;
+    }
+
+    /// Bring xfrm in line with `plan`. `Ok(true)`: the generation changed
+    /// (a key would have been reused): plan again before anything else.
+    pub fn apply(&mut self, snapshot: &Snapshot, plan: &Plan) -> Result<bool> {
+        let esp = plan_esp(
+            snapshot,
+            plan,
+            &self.key,
+            self.generations.generation,
+            &self.observed,
+        );
+        if XfrmApplier::reuses_a_key(&esp, &self.generations)? {
+            let generation = self.generations.bump()?;
+            info!(
+                "ESP: outbound SAs must be created anew; new generation {generation} (keys are never reused)"
+            );
+            return Ok(true);
+        }
+        for warning in &esp.warnings {
+            warn!("{warning}");
+        }
+        let report = self.applier.apply(&esp, &mut self.generations)?;
+        if report != Default::default() {
+            info!("ESP: {report:?}");
+        }
+        self.keepalive_peers = if plan.role == Role::Edge {
+            plan.peers
+                .iter()
+                .filter(|(_, p)| p.kind == peer_kind::TUNNEL)
+                .filter_map(|(&id, p)| {
+                    let name = plan.peer_name(id)?;
+                    let public = snapshot
+                        .nodes
+                        .get(name)?
+                        .annotations
+                        .get(PUBLIC_KEY_ANNOTATION)?;
+                    let public = PublicKey::parse(name, public).ok()?;
+                    let key = self.key.shared_with(&public).hello_key(&plan.node, name);
+                    Some((
+                        name.to_owned(),
+                        SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT),
+                        key,
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.last = Some((snapshot.clone(), plan.clone()));
+        Ok(false)
+    }
+
+    /// Read the hellos waiting on the socket; `true` if a peer's observed
+    /// endpoint changed.
+    fn learn_from_hellos(&mut self) -> bool {
+        let mut changed = false;
+        let now = unix_now();
+        while let Some((bytes, from)) = self.socket.try_recv() {
+            let Some((snapshot, plan)) = &self.last else {
+                continue;
+            };
+            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else {
+                continue;
+            };
+            if plan.peer_ids.get(&sender).is_none() {
+                continue;
+            }
+            let Some(public) = snapshot
+                .nodes
+                .get(&sender)
+                .and_then(|n| n.annotations.get(PUBLIC_KEY_ANNOTATION))
+                .and_then(|text| PublicKey::parse(&sender, text).ok())
+            else {
+                continue;
+            };
+            let key = self.key.shared_with(&public).hello_key(&plan.node, &sender);
+            if hello::decode(&bytes, &key, now).is_none() {
+                log::debug!(
+                    "ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)"
+                );
+                continue;
+            }
+            let endpoint = (*from.ip(), from.port());
+            if self.observed.get(&sender) != Some(&endpoint) {
+                info!("ESP: {sender} is reached at {from} (NAT-observed)");
+                self.observed.insert(sender, endpoint);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Timers. `Ok(true)`: a new generation started; re-plan fully.
+    pub fn tick(&mut self) -> Result<bool> {
+        let now = Instant::now();
+        if self
+            .last_keepalive
+            .is_none_or(|t| now.duration_since(t) >= self.options.keepalive)
+        {
+            let me = self
+                .last
+                .as_ref()
+                .map(|(_, plan)| plan.node.clone())
+                .unwrap_or_default();
+            let unix_secs = unix_now();
+            for (name, to, key) in &self.keepalive_peers {
+                let hello = hello::Hello {
+                    node: me.clone(),
+                    generation: self.generations.generation,
+                    unix_secs,
+                };
+                if let Err(e) = self.socket.send(&hello::encode(&hello, key), *to) {
+                    log::debug!("ESP hello to {name} at {to}: {e}");
+                }
+            }
+            let targets: Vec<SocketAddrV4> =
+                self.keepalive_peers.iter().map(|(_, to, _)| *to).collect();
+            for (peer, e) in self.socket.keepalive(&targets) {
+                log::debug!("ESP keepalive to {peer}: {e}");
+            }
+            self.last_keepalive = Some(now);
+        }
+        if self.learn_from_hellos()
+            && let Some((snapshot, plan)) = self.last.take()
+        {
+            // A peer's NAT mapping is new or moved: SAs follow it, with new
+            // keys (the generation guard sees a re-created outbound SA).
+            let result = self.apply(&snapshot, &plan);
+            if self.last.is_none() {
+                self.last = Some((snapshot, plan));
+            }
+            return result;
+        }
+        let request = self.state_dir.join(ROTATE_REQUEST);
+        let requested = request.exists();
+        let scheduled = self
+            .options
+            .rotation_interval
+            .is_some_and(|every| now.duration_since(self.last_rotation) >= every);
+        if requested || scheduled {
+            let _ = std::fs::remove_file(&request);
+            let generation = self.generations.bump()?;
+            self.last_rotation = now;
+            info!(
+                "ESP: rotating keys ({}): generation {generation}",
+                if requested {
+                    "fabedge-agent rotate-key"
+                } else {
+                    "scheduled"
+                }
+            );
+            return Ok(true);
+        }
+        if self.applier.has_pending_removals()
+            && let Some((snapshot, plan)) = self.last.take()
+        {
+            let result = self.apply(&snapshot, &plan);
+            if self.last.is_none() {
+                self.last = Some((snapshot, plan));
+            }
+            return result;
+        }
+        Ok(false)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
