@@ -9,10 +9,7 @@
 
 use std::{
     net::Ipv4Addr,
-    sync::{
-        Mutex, Once, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::Duration,
 };
@@ -20,39 +17,19 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::Counter;
 use fabedge_tests::{
-    cluster::{Cluster, ClusterOptions, PING_COUNT, seed_matrix},
+    cluster::{Cluster, PING_COUNT, SharedCluster, seed_matrix},
     netns::{PacketSocket, ping},
 };
 
-static CLUSTER: Mutex<Option<Result<Cluster, String>>> = Mutex::new(None);
-static TEAR_DOWN_AT_EXIT: Once = Once::new();
+static CLUSTER: SharedCluster = SharedCluster::new();
+
+extern "C" fn tear_down_cluster() {
+    CLUSTER.tear_down();
+}
 
 /// Runs `test` on the shared cluster, bringing it up first if needed.
 fn with_cluster<R>(test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
-    let mut slot = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
-    if slot.is_none() {
-        TEAR_DOWN_AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain function; libtest leaves through exit(),
-            // which runs it after the last test.
-            if unsafe { libc::atexit(tear_down_cluster) } != 0 {
-                eprintln!("warning: cannot register the cluster teardown; the next run removes the leftovers");
-            }
-        });
-        *slot = Some(Cluster::start(ClusterOptions::default()).map_err(|e| format!("{e:#}")));
-    }
-    match slot.as_ref() {
-        Some(Ok(cluster)) => test(cluster),
-        Some(Err(e)) => bail!("the mini cluster did not come up: {e}"),
-        None => unreachable!("filled above"),
-    }
-}
-
-extern "C" fn tear_down_cluster() {
-    let cluster = CLUSTER
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
-    drop(cluster);
+    CLUSTER.with(tear_down_cluster, test)
 }
 
 /// Sends traffic along the seed path named `name` and checks its proofs.

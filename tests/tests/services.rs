@@ -11,7 +11,6 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    sync::{Mutex, Once, PoisonError},
     thread,
     time::{Duration, Instant},
 };
@@ -19,38 +18,19 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::services::{ServiceKey, ct_flags};
 use fabedge_tests::{
-    cluster::{Cluster, ClusterOptions, ECHO_PORT},
+    cluster::{Cluster, ECHO_PORT, SharedCluster},
     netns::{tcp_echo, udp_echo},
 };
 
-static CLUSTER: Mutex<Option<Result<Cluster, String>>> = Mutex::new(None);
-static TEAR_DOWN_AT_EXIT: Once = Once::new();
-
-fn with_cluster<R>(test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
-    let mut slot = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
-    if slot.is_none() {
-        TEAR_DOWN_AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain function run at exit.
-            if unsafe { libc::atexit(tear_down_cluster) } != 0 {
-                eprintln!("warning: cannot register the cluster teardown; the next run removes the leftovers");
-            }
-        });
-        *slot = Some(Cluster::start(ClusterOptions::default()).map_err(|e| format!("{e:#}")));
-    }
-    match slot.as_ref() {
-        Some(Ok(cluster)) => test(cluster),
-        Some(Err(e)) => bail!("the mini cluster did not come up: {e}"),
-        None => unreachable!("filled above"),
-    }
-}
+static CLUSTER: SharedCluster = SharedCluster::new();
 
 extern "C" fn tear_down_cluster() {
-    drop(
-        CLUSTER
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(),
-    );
+    CLUSTER.tear_down();
+}
+
+/// Runs `test` on the shared cluster, bringing it up first if needed.
+fn with_cluster<R>(test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
+    CLUSTER.with(tear_down_cluster, test)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
