@@ -34,6 +34,10 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub const PUBLIC_KEY_ANNOTATION: &str = "fabedge.io/public-key";
 /// The Node annotation carrying the generation of a node's outbound SAs.
 pub const KEY_GENERATION_ANNOTATION: &str = "fabedge.io/key-generation";
+/// The Node annotation carrying where peers send a node's ESP in UDP
+/// (`address:port`), when it is not the tunnel endpoint's UDP 4500: a
+/// connector behind a port forward (`--esp-public-endpoint`).
+pub const ESP_ENDPOINT_ANNOTATION: &str = "fabedge.io/esp-endpoint";
 /// File name of the private key in the state dir.
 pub const KEY_FILE: &str = "node.key";
 /// HKDF salt: names the protocol and its version.

@@ -75,7 +75,10 @@ struct RunArgs {
     /// Plan as this role whatever the node's labels say.
     #[arg(long, value_enum)]
     role: Option<Role>,
-    #[arg(long, value_enum, default_value = "vxlan")]
+    /// How traffic between sites is carried. ESP (the default) encrypts it
+    /// and crosses NAT; `vxlan` is plaintext, for trusted underlays and for
+    /// kernels without ESP.
+    #[arg(long, value_enum, default_value = "esp")]
     tunnel: TunnelMode,
     #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT)]
     tunnel_port: u16,
@@ -148,6 +151,11 @@ struct RunArgs {
     /// ESP mode: SAs of a former key generation are removed after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     rotation_grace: Duration,
+    /// ESP mode, a connector behind a port forward: the public ADDRESS:PORT
+    /// that reaches this node's UDP 4500. Published as annotation
+    /// `fabedge.io/esp-endpoint`; peers send their ESP in UDP and keepalives there.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    esp_public_endpoint: Option<std::net::SocketAddrV4>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -206,8 +214,12 @@ fn main() -> Result<()> {
                 cni_conf_dir: args.cni_conf_dir,
                 pod_bridge: POD_BRIDGE.to_owned(),
                 pod_egress_via_node: args.pod_egress_via_node,
+                esp_public_endpoint: args.esp_public_endpoint,
                 ..Settings::default()
             };
+            if args.esp_public_endpoint.is_some() && settings.tunnel_mode != TunnelMode::Esp {
+                bail!("--esp-public-endpoint is for the ESP mode: add --tunnel esp, or drop it");
+            }
             if settings.tunnel_mode == TunnelMode::Esp {
                 // Before anything is created: a kernel without ESP leaves no trace.
                 fabedge_agent::xfrm::probe::check()?;

@@ -129,6 +129,9 @@ pub struct Settings {
     /// published as `fabedge.io/key-generation`.
     pub esp_public_key: Option<String>,
     pub esp_generation: u32,
+    /// ESP mode: where peers reach this node's UDP 4500 when that is not its
+    /// tunnel endpoint (a port forward), published as `fabedge.io/esp-endpoint`.
+    pub esp_public_endpoint: Option<std::net::SocketAddrV4>,
 }
 
 impl Default for Settings {
@@ -149,6 +152,7 @@ impl Default for Settings {
             pod_egress_via_node: false,
             esp_public_key: None,
             esp_generation: 0,
+            esp_public_endpoint: None,
         }
     }
 }
@@ -865,11 +869,19 @@ fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
     connector.flannel.as_ref().map_or(connector.internal_ip, |lease| lease.public_ip)
 }
 
-/// ESP mode: this node's public key and generation onto its own Node, when
-/// they differ from what it carries.
+/// ESP mode: this node's public key, generation and public endpoint onto its
+/// own Node, when they differ from what it carries.
 fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
-    use crate::keys::{KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION};
+    use crate::keys::{ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION};
     let mut set = BTreeMap::new();
+    let mut remove = Vec::new();
+    match (&settings.esp_public_endpoint, me.annotations.get(ESP_ENDPOINT_ANNOTATION)) {
+        (Some(endpoint), published) if published != Some(&endpoint.to_string()) => {
+            set.insert(ESP_ENDPOINT_ANNOTATION.to_owned(), endpoint.to_string());
+        }
+        (None, Some(_)) => remove.push(ESP_ENDPOINT_ANNOTATION.to_owned()),
+        _ => {}
+    }
     if let Some(key) = &settings.esp_public_key
         && me.annotations.get(PUBLIC_KEY_ANNOTATION) != Some(key)
     {
@@ -879,5 +891,5 @@ fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
     if settings.esp_generation != 0 && me.annotations.get(KEY_GENERATION_ANNOTATION) != Some(&generation) {
         set.insert(KEY_GENERATION_ANNOTATION.to_owned(), generation);
     }
-    (!set.is_empty()).then(|| AnnotationPatch { node: me.name.clone(), set, remove: Vec::new() })
+    (!set.is_empty() || !remove.is_empty()).then(|| AnnotationPatch { node: me.name.clone(), set, remove })
 }

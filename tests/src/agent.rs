@@ -16,7 +16,11 @@ use crate::netns::Netns;
 /// The agent binary built next to this test (`cargo build -p fabedge-agent`;
 /// `cargo xtask test` builds it first).
 pub fn agent_bin() -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/fabedge-agent");
+    // The target dir these tests were built into (CARGO_TARGET_DIR, else the workspace's).
+    let target = option_env!("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug/fabedge-agent");
     if !path.exists() {
         bail!("{} is missing: build it with `cargo build -p fabedge-agent` (cargo xtask test does)", path.display());
     }

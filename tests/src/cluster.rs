@@ -60,7 +60,7 @@ use nix::{
 
 use crate::{
     agent::{agent_bin, agent_ok, agent_output},
-    netns::{Netns, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo, veth_pair},
+    netns::{Netns, NextHop, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo, veth_pair},
 };
 
 /// The example cluster every layer of tests shares.
@@ -76,6 +76,16 @@ const LAN: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(10, 1, 0, 0), 24) {
     Ok(net) => net,
     Err(_) => panic!("a /24 is a valid prefix"),
 };
+/// Edge nodes' site LAN behind a NAT router ([`ClusterOptions::edges_behind_nat`]).
+const SITE: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(192, 168, 18, 0), 24) {
+    Ok(net) => net,
+    Err(_) => panic!("a /24 is a valid prefix"),
+};
+/// The NAT router's address on the site LAN (the edges' way to the WAN).
+const NAT_SITE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 18, 1);
+/// The NAT router's public address: every edge packet leaves with it.
+pub const NAT_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+const SITE_BRIDGE: &str = "br-site";
 const WAN_BRIDGE: &str = "br-wan";
 const LAN_BRIDGE: &str = "br-lan";
 const WAN_NIC: &str = "eth-wan";
@@ -639,18 +649,33 @@ pub struct ClusterOptions {
     /// The manifest file. It is copied: agents read the copy and the connector
     /// writes its annotations into it.
     pub manifests: PathBuf,
-    /// More `fabedge-agent run` arguments for every node (e.g. `--tunnel esp`).
+    /// More `fabedge-agent run` arguments for every node; `--tunnel vxlan`
+    /// by default (replace it with `--tunnel esp` where the kernel has ESP).
     pub extra_agent_args: Vec<String>,
     /// Multiplies the agent and Flannel readiness timeouts (qemu TCG is slow).
     pub timeout_factor: u32,
+    /// Edge nodes on one site LAN (192.168.18.0/24, their ExternalIPs
+    /// rewritten to it) behind a NAT router namespace that masquerades them
+    /// onto the WAN as [`NAT_PUBLIC_IP`] and forwards nothing the WAN opens.
+    pub edges_behind_nat: bool,
+    /// More `fabedge-agent run` arguments for the connector only.
+    pub connector_args: Vec<String>,
+    /// A port forward in front of the connector: UDP to this port of its WAN
+    /// address reaches its UDP 4500 (a DNAT in its namespace).
+    pub connector_port_forward: Option<u16>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             manifests: PathBuf::from(FIXTURE),
-            extra_agent_args: Vec::new(),
+            // The host kernel has no ESP (the default tunnel mode): the
+            // plaintext mode, unless a test asks for ESP (in the VMs).
+            extra_agent_args: vec!["--tunnel".into(), "vxlan".into()],
             timeout_factor: 1,
+            edges_behind_nat: false,
+            connector_args: Vec::new(),
+            connector_port_forward: None,
         }
     }
 }
@@ -684,6 +709,10 @@ struct ClusterNode {
 pub struct Cluster {
     nodes: BTreeMap<String, ClusterNode>,
     switch: Option<Netns>,
+    /// The edges' NAT router ([`ClusterOptions::edges_behind_nat`]).
+    nat: Option<Netns>,
+    edges_behind_nat: bool,
+    connector_args: Vec<String>,
     work_dir: PathBuf,
     manifests: PathBuf,
     /// Flannel leases as last read from the manifest file (names VTEP peers).
@@ -710,12 +739,18 @@ impl Cluster {
                 manifests.display()
             )
         })?;
+        if options.edges_behind_nat {
+            move_edges_to_the_site_lan(&manifests)?;
+        }
         let manifest = Manifest::read(&manifests)?;
 
         // From here on, a failure drops `cluster`, which tears down what exists.
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
             switch: None,
+            nat: None,
+            edges_behind_nat: options.edges_behind_nat,
+            connector_args: options.connector_args.clone(),
             work_dir,
             manifests,
             leases: manifest.leases.clone(),
@@ -728,11 +763,21 @@ impl Cluster {
         remove_stale_leftovers();
         switch.bridge(WAN_BRIDGE)?;
         switch.bridge(LAN_BRIDGE)?;
+        if options.edges_behind_nat {
+            switch.bridge(SITE_BRIDGE)?;
+            cluster.nat = Some(create_nat_router(&switch)?);
+        }
         cluster.switch = Some(switch);
 
         for spec in &manifest.nodes {
             let node = cluster.create_node(spec, &cluster_id)?;
             cluster.nodes.insert(spec.name.clone(), node);
+        }
+        if let Some(port) = options.connector_port_forward {
+            for name in cluster.connector_names() {
+                forward_port_to_esp(cluster.node_netns(&name)?, port)
+                    .with_context(|| format!("port forward in front of {name}"))?;
+            }
         }
         for node in cluster.nodes.values_mut() {
             let agent = AgentProcess::start(
@@ -793,7 +838,14 @@ impl Cluster {
                         spec.name
                     )
                 })?;
-                wire(WAN_NIC, "wan", WAN_BRIDGE, public, WAN).with_context(context)?;
+                if self.edges_behind_nat {
+                    wire(WAN_NIC, "wan", SITE_BRIDGE, public, SITE).with_context(context)?;
+                    netns
+                        .add_route(&WAN.to_string(), NextHop::Gateway(NAT_SITE_IP))
+                        .with_context(context)?;
+                } else {
+                    wire(WAN_NIC, "wan", WAN_BRIDGE, public, WAN).with_context(context)?;
+                }
                 // Behind "NAT": the InternalIP is nobody's route but the tunnel's.
                 netns
                     .add_addr("lo", &format!("{}/32", spec.internal_ip))
@@ -852,6 +904,9 @@ impl Cluster {
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         agent_args.extend(["--cgroup".into(), cgroup.display().to_string()]);
         agent_args.extend(self.extra_agent_args.iter().cloned());
+        if spec.role == NodeRole::Connector {
+            agent_args.extend(self.connector_args.iter().cloned());
+        }
         Ok(ClusterNode {
             spec: spec.clone(),
             files,
@@ -1117,6 +1172,35 @@ impl Cluster {
         Ok(&self.cluster_node(node)?.netns)
     }
 
+    /// The NAT router in front of the edges ([`ClusterOptions::edges_behind_nat`]).
+    pub fn nat_router(&self) -> Result<&Netns> {
+        self.nat.as_ref().context("this cluster has no NAT router (ClusterOptions::edges_behind_nat)")
+    }
+
+    /// The NAT router's mapping changes, as when a home router reboots or an
+    /// ISP reassigns addresses: from now on the edges leave as `public`
+    /// (added to its WAN NIC) from a source port in `ports`, and every
+    /// existing mapping is forgotten (conntrack flushed).
+    pub fn change_nat_mapping(&self, public: Ipv4Addr, ports: (u16, u16)) -> Result<()> {
+        let nat = self.nat_router()?;
+        let cidr = format!("{public}/{}", WAN.prefix_len());
+        if !nat.ip(&["-4", "-o", "addr", "show", "dev", WAN_NIC])?.contains(&format!(" {cidr} ")) {
+            nat.add_addr(WAN_NIC, &cidr)?;
+        }
+        nat.run_ok("iptables", &["-w", "-t", "nat", "-F", "POSTROUTING"])?;
+        let to = format!("{public}:{}-{}", ports.0, ports.1);
+        nat.run_ok(
+            "iptables",
+            &["-w", "-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-p", "udp", "-j", "SNAT", "--to-source", &to],
+        )?;
+        nat.run_ok(
+            "iptables",
+            &["-w", "-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-j", "SNAT", "--to-source", &public.to_string()],
+        )?;
+        nat.run_ok("conntrack", &["-F"]).context("flushing the NAT's mappings (apt-get install conntrack)")?;
+        Ok(())
+    }
+
     /// The switch namespace; its bridge port for `node`'s `nic` is `<node>-<wan|lan>`.
     pub fn switch(&self) -> Result<&Netns> {
         self.switch.as_ref().context("the switch namespace is gone")
@@ -1154,10 +1238,17 @@ impl Cluster {
     /// `fabedge-agent inspect <what> --json` on `node`, parsed.
     pub fn agent_inspect(&self, node: &str, what: &str) -> Result<serde_json::Value> {
         let n = self.cluster_node(node)?;
+        let state_dir = n.files.state_dir.display().to_string();
+        // Peer names come from the state dir's peer ids.
+        let args = if what == "tunnels" {
+            vec!["inspect", what, "--json", "--state-dir", &state_dir]
+        } else {
+            vec!["inspect", what, "--json"]
+        };
         let out = agent_ok(
             Some(&n.netns),
             &n.files.bpffs_root,
-            &["inspect", what, "--json"],
+            &args,
         )
         .with_context(|| format!("node {node}: inspect {what}"))?;
         serde_json::from_str(&out)
@@ -1417,6 +1508,7 @@ impl Drop for Cluster {
             }
         }
         self.nodes.clear();
+        self.nat = None;
         self.switch = None;
         for root in roots.iter().filter(|r| r.exists()) {
             if let Err(e) = fs::remove_dir_all(root) {
@@ -2255,4 +2347,62 @@ impl Default for SharedCluster {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Rewrites the manifest so that every edge's ExternalIP is on the site LAN
+/// (same last octet): behind a NAT, a node knows only its private address.
+fn move_edges_to_the_site_lan(path: &Path) -> Result<()> {
+    let mut text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for spec in Manifest::read(path)?.nodes.iter().filter(|n| n.role == NodeRole::Edge) {
+        let public = spec.external_ip.with_context(|| format!("edge node {} has no ExternalIP", spec.name))?;
+        let [.., last] = public.octets();
+        let [a, b, c, _] = SITE.network().octets();
+        let private = Ipv4Addr::new(a, b, c, last);
+        let (old, new) = (
+            format!("{{type: ExternalIP, address: {public}}}"),
+            format!("{{type: ExternalIP, address: {private}}}"),
+        );
+        ensure!(text.matches(&old).count() == 1, "edge node {}: expected one `{old}` in the manifest", spec.name);
+        text = text.replace(&old, &new);
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The edges' NAT router: `eth-site` on the site LAN, `eth-wan` on the WAN
+/// as [`NAT_PUBLIC_IP`]; masquerades what the site sends out and forwards
+/// from the WAN only what belongs to a mapping the site opened.
+fn create_nat_router(switch: &Netns) -> Result<Netns> {
+    let nat = Netns::new("nat")?;
+    let context = || "creating the NAT router".to_owned();
+    for (nic, port, bridge, address, net) in [
+        ("eth-site", "nat-site", SITE_BRIDGE, NAT_SITE_IP, SITE),
+        (WAN_NIC, "nat-wan", WAN_BRIDGE, NAT_PUBLIC_IP, WAN),
+    ] {
+        veth_pair(&nat, nic, switch, port).with_context(context)?;
+        switch.attach_to_bridge(port, bridge).with_context(context)?;
+        nat.add_addr(nic, &format!("{address}/{}", net.prefix_len())).with_context(context)?;
+    }
+    nat.set_sysctl("net.ipv4.ip_forward", "1").with_context(context)?;
+    for rule in [
+        &["-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-j", "MASQUERADE"][..],
+        &["-P", "FORWARD", "DROP"],
+        &["-A", "FORWARD", "-i", "eth-site", "-o", WAN_NIC, "-j", "ACCEPT"],
+        &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+    ] {
+        let mut args = vec!["-w"];
+        args.extend_from_slice(rule);
+        nat.run_ok("iptables", &args).with_context(context)?;
+    }
+    Ok(nat)
+}
+
+/// A port forward in front of a node: UDP to `port` of any of its addresses
+/// reaches its UDP 4500; replies leave from `port` (conntrack undoes the DNAT).
+fn forward_port_to_esp(netns: &Netns, port: u16) -> Result<()> {
+    let port = port.to_string();
+    netns.run_ok(
+        "iptables",
+        &["-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &port, "-j", "REDIRECT", "--to-ports", "4500"],
+    )?;
+    Ok(())
 }

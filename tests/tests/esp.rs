@@ -257,12 +257,9 @@ fn generation(cluster: &Cluster, node: &str) -> Result<Option<String>> {
         .and_then(|n| n.annotations.get(KEY_GENERATION_ANNOTATION).cloned()))
 }
 
-#[test]
-#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
-fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() -> Result<()> {
-    let cluster = esp_cluster()?;
-    let capture = Capture::start(&cluster)?;
-
+/// Every path of the seed matrix, with its datapath proofs and no packet
+/// dropped by the kernel on the ESP path.
+fn check_every_seed_path(cluster: &Cluster) -> Result<()> {
     // Every node publishes its key through its agent; until a pair has both,
     // its traffic is dropped (never clear). Give the first path a few tries.
     let paths = seed_matrix();
@@ -271,9 +268,9 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         let tries = if i == 0 { 10 } else { 2 };
         let mut last = None;
         for _ in 0..tries {
-            let drops_before = esp_drops(&cluster)?;
+            let drops_before = esp_drops(cluster)?;
             let outcome = cluster.check_path(path)?;
-            let dropped = esp_drops(&cluster)? - drops_before;
+            let dropped = esp_drops(cluster)? - drops_before;
             let proofs: Vec<String> = outcome
                 .proof_failures
                 .iter()
@@ -341,6 +338,16 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
             cluster.diagnostics(&cluster.node_names())
         );
     }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
+fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() -> Result<()> {
+    let cluster = esp_cluster()?;
+    let capture = Capture::start(&cluster)?;
+
+    check_every_seed_path(&cluster)?;
 
     // Rotation under continuous traffic: edge-1 pod -> cloud-2 pod crosses
     // edge-1 -> cloud-1 -> flannel; both ESP ends rotate mid-flow.
@@ -471,5 +478,177 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         ensure!(left.trim().is_empty(), "xfrm {what}s left after uninstall:\n{left}");
     }
     ensure!(ns.ip(&["link", "show", "fe-tunnel"]).is_err(), "fe-tunnel left after uninstall");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// In the Debian VMs: the edges behind a NAT router.
+// ---------------------------------------------------------------------------
+
+use std::net::SocketAddrV4;
+
+use fabedge_tests::cluster::NAT_PUBLIC_IP;
+
+/// How often edges send keepalives and hellos in the NAT test.
+const NAT_KEEPALIVE: Duration = Duration::from_secs(2);
+/// The connector sits behind a port forward: its UDP 14500 is its UDP 4500.
+const CONNECTOR_FORWARDED_PORT: u16 = 14500;
+/// Probe interval while the NAT mapping changes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// What the agents may add to one keepalive interval before traffic flows
+/// again: the connector's poll tick and one xfrm apply, both stretched by
+/// qemu TCG.
+const RECOVERY_SLACK: Duration = Duration::from_millis(1500);
+
+/// `ping -D` from `from` to `to`: the wall-clock times of the replies, and
+/// how many of `count` requests went unanswered.
+fn timed_pings(from: &fabedge_tests::netns::Netns, to: std::net::Ipv4Addr, count: u32) -> Result<(Vec<f64>, u32)> {
+    let count_text = count.to_string();
+    let interval = format!("{:.3}", PROBE_INTERVAL.as_secs_f64());
+    let out = from.exec("ping", &["-D", "-n", "-c", &count_text, "-i", &interval, "-W", "1", &to.to_string()])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    ensure!(!replies.is_empty(), "no reply at all from {to}:\n{stdout}");
+    Ok((replies.clone(), count.saturating_sub(replies.len() as u32)))
+}
+
+/// The longest silence between two replies, in seconds.
+fn longest_gap(replies: &[f64]) -> f64 {
+    replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
+/// Where the connector's outbound SAs to edge-1 send, per `inspect tunnels`
+/// (the current one and any still in their grace period).
+fn connector_sends_edge_1_to(cluster: &Cluster) -> Result<Vec<SocketAddrV4>> {
+    let tunnels = cluster.agent_inspect("cloud-1", "tunnels")?;
+    tunnels
+        .as_array()
+        .context("inspect tunnels --json is a list")?
+        .iter()
+        .filter(|r| r["peer"] == "edge-1" && r["direction"] == "out")
+        .map(|r| {
+            let remote = r["remote"].as_str().unwrap_or_default();
+            remote.parse().with_context(|| format!("inspect tunnels: remote {remote:?}"))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
+fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -> Result<()> {
+    let connector_wan = {
+        let text = std::fs::read_to_string(fabedge_tests::cluster::FIXTURE)?;
+        let snapshot = fabedge_agent::source::manifest::snapshot(&text)?;
+        snapshot.nodes["cloud-1"].tunnel_endpoint
+    };
+    let keepalive = format!("{}s", NAT_KEEPALIVE.as_secs());
+    let cluster = Cluster::start(ClusterOptions {
+        extra_agent_args: ["--tunnel", "esp", "--keepalive-interval", &keepalive, "--rotation-grace", "3s"]
+            .map(String::from)
+            .to_vec(),
+        timeout_factor: 5,
+        edges_behind_nat: true,
+        connector_args: vec![
+            "--esp-public-endpoint".into(),
+            format!("{connector_wan}:{CONNECTOR_FORWARDED_PORT}"),
+        ],
+        connector_port_forward: Some(CONNECTOR_FORWARDED_PORT),
+        ..ClusterOptions::default()
+    })?;
+    let capture = Capture::start(&cluster)?;
+
+    // The cloud cannot open anything toward an edge: its site address is
+    // nobody's route, and the NAT forwards only what the site opened.
+    let edge_1_site = cluster.spec("edge-1")?.tunnel_endpoint;
+    ensure!(edge_1_site.octets()[..2] == [192, 168], "edge-1 is not on the site LAN: {edge_1_site}");
+    let unsolicited = cluster
+        .node_netns("cloud-1")?
+        .exec("ping", &["-n", "-c", "2", "-W", "1", &edge_1_site.to_string()])?;
+    let said = String::from_utf8_lossy(&unsolicited.stdout).into_owned() + &String::from_utf8_lossy(&unsolicited.stderr);
+    ensure!(
+        !unsolicited.status.success() && !said.contains("bytes from"),
+        "the cloud reached edge-1's site address directly:\n{said}"
+    );
+
+    check_every_seed_path(&cluster)?;
+
+    // The connector learnt where the NAT shows edge-1 from its hellos.
+    let before = connector_sends_edge_1_to(&cluster)?;
+    ensure!(
+        before.iter().any(|r| *r.ip() == NAT_PUBLIC_IP),
+        "the connector does not send to edge-1 through the NAT ({NAT_PUBLIC_IP}):\n{before:#?}"
+    );
+    eprintln!("connector -> edge-1 before the change: {before:?}");
+
+    // The mapping changes mid-flow, twice: a new port, then a new address.
+    // Cloud -> edge traffic depends on the connector following it.
+    let from = cluster.pod("cloud-2")?;
+    let to = cluster.pod("edge-1")?.ip();
+    let probes = ((NAT_KEEPALIVE * 6).as_millis() / PROBE_INTERVAL.as_millis()) as u32;
+    for (what, public, ports) in [
+        ("port", NAT_PUBLIC_IP, (20000, 20099)),
+        ("address and port", std::net::Ipv4Addr::new(198, 18, 0, 251), (30000, 30099)),
+    ] {
+        let drops_before = esp_drops(&cluster)?;
+        let (replies, lost) = thread::scope(|scope| -> Result<_> {
+            let handle = scope.spawn(|| timed_pings(from.netns(), to, probes));
+            thread::sleep(NAT_KEEPALIVE);
+            cluster.change_nat_mapping(public, ports)?;
+            handle.join().map_err(|_| anyhow::anyhow!("the pinger panicked"))?
+        })?;
+        let gap = longest_gap(&replies);
+        eprintln!(
+            "NAT mapping changed ({what}): longest silence {gap:.2} s, {lost} of {probes} probes lost, \
+             keepalive interval {NAT_KEEPALIVE:?}; kernel ESP drops meanwhile: {}",
+            esp_drops(&cluster)? - drops_before
+        );
+        ensure!(
+            gap <= (NAT_KEEPALIVE + RECOVERY_SLACK).as_secs_f64(),
+            "after the NAT's {what} changed, cloud -> edge traffic stopped for {gap:.2} s \
+             (keepalive interval {NAT_KEEPALIVE:?})\n{}",
+            cluster.agent_logs(&["cloud-1".to_owned(), "edge-1".to_owned()])
+        );
+        let last = *replies.last().expect("checked non-empty");
+        let first = replies[0];
+        ensure!(
+            last - first >= (NAT_KEEPALIVE * 3).as_secs_f64(),
+            "traffic did not resume after the NAT's {what} changed: replies only from {first} to {last}"
+        );
+        let now = connector_sends_edge_1_to(&cluster)?;
+        ensure!(
+            now.iter().any(|r| *r.ip() == public && (ports.0..=ports.1).contains(&r.port())),
+            "the connector does not send to edge-1 at the NAT's new {what} ({public}):\n{now:#?}"
+        );
+    }
+
+    // Every edge still reaches the cloud and is reached from it.
+    for edge in ["edge-1", "edge-2", "edge-3"] {
+        let (edge_pod, cloud_pod) = (cluster.pod(edge)?, cluster.pod("cloud-2")?);
+        for (a, b) in [(edge_pod, cloud_pod), (cloud_pod, edge_pod)] {
+            let result = a.ping(b.ip(), 3)?;
+            ensure!(result.all_received(), "{} -> {} after the NAT changes: {result:?}", a.label(), b.label());
+        }
+    }
+
+    // The WAN carried ESP in UDP to and from the connector's forwarded port,
+    // and nothing else but the NAT's port-unreachables for the forgotten
+    // mappings (which quote only outer headers).
+    let esp = capture.count(&format!("udp port {CONNECTOR_FORWARDED_PORT}"))?;
+    let other = capture.count(&format!(
+        "ip and not udp port {CONNECTOR_FORWARDED_PORT} and not (icmp[icmptype] == icmp-unreach)"
+    ))?;
+    drop(capture.process);
+    eprintln!("WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets", esp.len(), other.len());
+    ensure!(esp.len() > 100, "the WAN capture saw only {} packets on UDP {CONNECTOR_FORWARDED_PORT}", esp.len());
+    ensure!(
+        other.is_empty(),
+        "other IPv4 on the WAN:\n{}",
+        other.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+    let _ = std::fs::remove_file(&capture.file);
     Ok(())
 }

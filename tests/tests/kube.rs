@@ -720,6 +720,9 @@ impl EdgeAgent {
                 &self.node,
                 "--poll-interval",
                 "200ms",
+                // The host kernel has no ESP, the default tunnel mode.
+                "--tunnel",
+                "vxlan",
                 // The host's own cgroup would translate every process's sockets.
                 "--no-cgroup",
                 "--kubeconfig",

@@ -21,6 +21,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "/usr/bin/kmod"),
     ("iperf3", "/usr/bin/iperf3"),
     ("tcpdump", "/usr/bin/tcpdump"),
+    ("conntrack", "/usr/sbin/conntrack"),
     ("iputils-ping", "/usr/bin/ping"),
     ("ethtool", "/usr/sbin/ethtool"),
 ];

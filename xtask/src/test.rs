@@ -35,8 +35,11 @@ const VM_TESTS: &[VmTests] = &[
     },
     VmTests {
         binary: "esp",
-        tests: &["esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss"],
-        timeout: Duration::from_secs(900),
+        tests: &[
+            "esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss",
+            "edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping",
+        ],
+        timeout: Duration::from_secs(1500),
     },
 ];
 

@@ -138,6 +138,7 @@ pub const PRELOAD_MODULES: &[&str] = &[
     "gcm", "ghash_generic", "ctr", "authenc", "drbg", "seqiv", "echainiv",
     // iptables (this host's iptables is the nft flavour; legacy tables too)
     "nf_conntrack", "nf_nat", "nf_tables", "nft_compat", "nft_chain_nat", "xt_MASQUERADE", "xt_mark",
+    "xt_nat", "xt_REDIRECT", "xt_conntrack", "nf_conntrack_netlink",
     "ip_tables", "iptable_filter", "iptable_nat", "iptable_mangle",
 ];
 

@@ -127,6 +127,9 @@ impl Generations {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct XfrmReport {
     pub sas_added: usize,
+    /// SAs whose UDP encapsulation ports moved (a peer's NAT mapping changed
+    /// port, not address): updated in place, sequence counters kept.
+    pub sas_updated: usize,
     pub sas_removed: usize,
     pub policies_written: usize,
     pub policies_removed: usize,
@@ -186,7 +189,19 @@ impl XfrmApplier {
         generations.record(new_outbound)?;
         for direction in [Direction::In, Direction::Out] {
             for sa in esp.sas.iter().filter(|s| s.direction == direction) {
-                if present.contains_key(&(sa.spec.dst, sa.spec.spi)) {
+                if let Some(installed) = present.get(&(sa.spec.dst, sa.spec.spi)) {
+                    if installed.encap != sa.spec.encap {
+                        // Same SA, same key, same counters: only the UDP
+                        // ports change (XFRM_MSG_UPDSA keeps the state).
+                        socket.update_sa(&sa.spec).with_context(|| {
+                            format!("moving the {direction:?} SA with {} to its new UDP port", sa.peer)
+                        })?;
+                        info!(
+                            "ESP: SA spi {:#010x} with {} now uses UDP {:?} (was {:?})",
+                            sa.spec.spi, sa.peer, sa.spec.encap, installed.encap
+                        );
+                        report.sas_updated += 1;
+                    }
                     continue;
                 }
                 socket.add_sa(&sa.spec).with_context(|| {

@@ -12,8 +12,10 @@
 //!   priority: a marked packet whose peer has no policy or no SA is dropped,
 //!   never sent in clear.
 //! - inbound: SAs for the peer's published generation and its neighbours
-//!   (g-1 for packets still in flight after its rotation, g+1 so the peer
-//!   can rotate before we have read its new annotation); each sets the
+//!   (g-1 for packets still in flight after its rotation; g+1 and g+2 so
+//!   the peer can start a new generation, twice, before we have read its
+//!   annotation: a connector whose edges behind one NAT all change address
+//!   starts one per hello-poll that saw a change); each sets the
 //!   `from-tunnel` mark of the peer, which `fe_tunnel_ingress` checks the
 //!   inner source against. `in`/`fwd` policies on the interface accept what
 //!   any of our SAs decrypted.
@@ -24,7 +26,10 @@ use fabedge_common::{mark, peer_kind};
 
 use super::{ESP_IN_UDP_PORT, Plan};
 use crate::{
-    keys::{KEY_GENERATION_ANNOTATION, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey, spi},
+    keys::{
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, NodeKey, PUBLIC_KEY_ANNOTATION,
+        PublicKey, spi,
+    },
     model::Snapshot,
     xfrm::{
         Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl, msg::REPLAY_WINDOW,
@@ -64,7 +69,8 @@ pub struct EspPlan {
 }
 
 /// Where a peer's ESP-in-UDP reaches it: the NAT-observed address and port
-/// when the connector has seen its hellos, else its published endpoint.
+/// when we have seen its hellos, else the endpoint it publishes
+/// (`fabedge.io/esp-endpoint`), else its tunnel endpoint's UDP 4500.
 pub type ObservedEndpoints = BTreeMap<String, (Ipv4Addr, u16)>;
 
 /// The generation a peer publishes (1 when it has not yet).
@@ -72,6 +78,22 @@ pub fn published_generation(annotations: &BTreeMap<String, String>) -> Option<u3
     annotations
         .get(KEY_GENERATION_ANNOTATION)
         .and_then(|g| g.trim().parse().ok())
+}
+
+/// Where a peer says its UDP 4500 is reached (`fabedge.io/esp-endpoint`):
+/// `Ok(None)` when it does not say, `Err(text)` when it says nonsense.
+pub fn published_endpoint(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<(Ipv4Addr, u16)>, String> {
+    match annotations.get(ESP_ENDPOINT_ANNOTATION) {
+        None => Ok(None),
+        Some(text) => match text.trim().parse::<std::net::SocketAddrV4>() {
+            Ok(endpoint) if endpoint.port() != 0 && !endpoint.ip().is_unspecified() => {
+                Ok(Some((*endpoint.ip(), endpoint.port())))
+            }
+            _ => Err(text.clone()),
+        },
+    }
 }
 
 /// The mark value and mask an outbound policy for `peer_id` matches.
@@ -124,10 +146,20 @@ pub fn plan_esp(
                 continue;
             }
         };
-        let (remote, remote_port) = observed
-            .get(name)
-            .copied()
-            .unwrap_or((Ipv4Addr::from(entry.underlay_ip), ESP_IN_UDP_PORT));
+        let published = match published_endpoint(&node.annotations) {
+            Ok(endpoint) => endpoint,
+            Err(bad) => {
+                out.warnings.push(format!(
+                    "node {name}: annotation {ESP_ENDPOINT_ANNOTATION} {bad:?} is not ADDRESS:PORT; \
+                     its tunnel endpoint's UDP {ESP_IN_UDP_PORT} is used"
+                ));
+                None
+            }
+        };
+        let (remote, remote_port) = observed.get(name).copied().or(published).unwrap_or((
+            Ipv4Addr::from(entry.underlay_ip),
+            ESP_IN_UDP_PORT,
+        ));
         let secret = key.shared_with(&public);
         let sa = |direction, generation| {
             let (src, dst, src_name, dst_name) = match direction {
@@ -175,7 +207,12 @@ pub fn plan_esp(
         };
         out.sas.push(sa(Direction::Out, generation));
         let theirs = published_generation(&node.annotations).unwrap_or(1);
-        for g in [theirs.wrapping_sub(1), theirs, theirs.wrapping_add(1)] {
+        for g in [
+            theirs.wrapping_sub(1),
+            theirs,
+            theirs.wrapping_add(1),
+            theirs.wrapping_add(2),
+        ] {
             if g != 0 {
                 out.sas.push(sa(Direction::In, g));
             }

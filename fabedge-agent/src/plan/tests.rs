@@ -713,3 +713,34 @@ fn objects_survive_the_json_the_api_server_sends() {
         assert_eq!(plan_for(&snapshot, node), plan_for(&cluster(), node));
     }
 }
+
+#[test]
+fn esp_public_endpoint_is_published_and_withdrawn_with_the_flag() {
+    use crate::keys::ESP_ENDPOINT_ANNOTATION;
+    let mut snapshot = manifest::snapshot(&annotated_cluster_text()).unwrap();
+    let forwarded: std::net::SocketAddrV4 = "192.0.2.44:14500".parse().unwrap();
+    let esp = Settings {
+        tunnel_mode: TunnelMode::Esp,
+        esp_public_endpoint: Some(forwarded),
+        ..settings()
+    };
+    let patch = plan(&snapshot, "cloud-1", &esp, &PeerIds::new())
+        .unwrap()
+        .annotations
+        .into_iter()
+        .find(|p| p.node == "cloud-1")
+        .expect("the connector annotates itself");
+    assert_eq!(patch.set.get(ESP_ENDPOINT_ANNOTATION).map(String::as_str), Some("192.0.2.44:14500"));
+    let me = snapshot.nodes.get_mut("cloud-1").unwrap();
+    me.annotations.extend(patch.set);
+    // Published: no patch for it. Flag dropped: the annotation goes.
+    let again = plan(&snapshot, "cloud-1", &esp, &PeerIds::new()).unwrap();
+    assert!(!again.annotations.iter().any(|p| p.set.contains_key(ESP_ENDPOINT_ANNOTATION)), "{:?}", again.annotations);
+    let without = Settings { esp_public_endpoint: None, ..esp };
+    let dropped = plan(&snapshot, "cloud-1", &without, &PeerIds::new()).unwrap();
+    assert!(
+        dropped.annotations.iter().any(|p| p.node == "cloud-1" && p.remove == [ESP_ENDPOINT_ANNOTATION.to_owned()]),
+        "{:?}",
+        dropped.annotations
+    );
+}

@@ -3,13 +3,12 @@
 //! removal of SAs past their grace period).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use fabedge_common::peer_kind;
 use log::{info, warn};
 
 use crate::{
@@ -20,7 +19,7 @@ use crate::{
     natt::hello,
     plan::{
         ESP_IN_UDP_PORT, Plan, Settings,
-        esp::{ObservedEndpoints, plan_esp},
+        esp::{Direction, ObservedEndpoints, plan_esp},
     },
 };
 
@@ -115,24 +114,22 @@ impl EspRuntime {
         if report != Default::default() {
             info!("ESP: {report:?}");
         }
+        // Keepalives and hellos go where our ESP goes: the outbound SA's
+        // destination and encapsulation port (published or NAT-observed).
         self.keepalive_peers = if plan.role == Role::Edge {
-            plan.peers
+            esp.sas
                 .iter()
-                .filter(|(_, p)| p.kind == peer_kind::TUNNEL)
-                .filter_map(|(&id, p)| {
-                    let name = plan.peer_name(id)?;
+                .filter(|sa| sa.direction == Direction::Out)
+                .filter_map(|sa| {
                     let public = snapshot
                         .nodes
-                        .get(name)?
+                        .get(&sa.peer)?
                         .annotations
                         .get(PUBLIC_KEY_ANNOTATION)?;
-                    let public = PublicKey::parse(name, public).ok()?;
-                    let key = self.key.shared_with(&public).hello_key(&plan.node, name);
-                    Some((
-                        name.to_owned(),
-                        SocketAddrV4::new(Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT),
-                        key,
-                    ))
+                    let public = PublicKey::parse(&sa.peer, public).ok()?;
+                    let key = self.key.shared_with(&public).hello_key(&plan.node, &sa.peer);
+                    let port = sa.spec.encap.map_or(ESP_IN_UDP_PORT, |e| e.dport);
+                    Some((sa.peer.clone(), SocketAddrV4::new(sa.spec.dst, port), key))
                 })
                 .collect()
         } else {

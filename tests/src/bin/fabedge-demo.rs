@@ -37,6 +37,10 @@ fn run() -> Result<bool> {
     build_agent()?;
 
     println!("Bringing up the mini cluster of {FIXTURE}");
+    println!(
+        "  tunnels: --tunnel vxlan (plaintext). ESP, the default mode, needs a kernel with ESP and \
+         AES-GCM, which this demo does not assume; `cargo xtask test` proves it in Debian-kernel VMs."
+    );
     let started = Instant::now();
     let cluster =
         Cluster::start(ClusterOptions::default()).context("bringing up the mini cluster")?;

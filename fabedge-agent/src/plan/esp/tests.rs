@@ -19,6 +19,10 @@ fn key_of(name: &str) -> NodeKey {
 
 /// The example cluster with every node's public key and generation published.
 fn cluster(generations: &[(&str, u32)]) -> Snapshot {
+    manifest::snapshot(&cluster_text(generations)).unwrap()
+}
+
+fn cluster_text(generations: &[(&str, u32)]) -> String {
     let bare = manifest::snapshot(EXAMPLE_CLUSTER).unwrap();
     let mut text = EXAMPLE_CLUSTER.to_owned();
     for name in bare.nodes.keys() {
@@ -32,7 +36,7 @@ fn cluster(generations: &[(&str, u32)]) -> Snapshot {
         }
         text = set_node_annotations(&text, name, &set, &[]).unwrap();
     }
-    manifest::snapshot(&text).unwrap()
+    text
 }
 
 fn settings() -> Settings {
@@ -98,7 +102,7 @@ fn inbound_sas_cover_the_peers_generation_and_its_neighbours() {
         .filter(|s| s.peer == "cloud-1" && s.direction == Direction::In)
         .map(|s| s.generation)
         .collect();
-    assert_eq!(gens, [8, 9, 10]);
+    assert_eq!(gens, [8, 9, 10, 11]);
     let spis: std::collections::BTreeSet<u32> = edge
         .sas
         .iter()
@@ -220,4 +224,51 @@ fn nat_observed_endpoints_replace_the_published_one() {
         .find(|p| p.mark == out_mark(id))
         .unwrap();
     assert_eq!(policy.tmpl.unwrap().dst, public);
+}
+
+/// `text` with `annotations` set on `node`.
+fn annotate(snapshot_text: &str, node: &str, key: &str, value: &str) -> String {
+    let set: BTreeMap<String, String> = [(key.to_owned(), value.to_owned())].into();
+    set_node_annotations(snapshot_text, node, &set, &[]).unwrap()
+}
+
+#[test]
+fn a_connector_behind_a_port_forward_is_reached_at_the_endpoint_it_publishes() {
+    let text = annotate(&cluster_text(&[]), "cloud-1", ESP_ENDPOINT_ANNOTATION, "192.0.2.44:14500");
+    let snapshot = manifest::snapshot(&text).unwrap();
+    let (plan, esp) = esp_for(&snapshot, "edge-1", 1);
+    let out = sa(&esp, "cloud-1", Direction::Out, 1);
+    let forwarded: Ipv4Addr = "192.0.2.44".parse().unwrap();
+    assert_eq!(
+        (out.spec.dst, out.spec.encap),
+        (forwarded, Some(Encap { sport: 4500, dport: 14500 }))
+    );
+    let inbound = sa(&esp, "cloud-1", Direction::In, 1);
+    assert_eq!(inbound.spec.encap, Some(Encap { sport: 14500, dport: 4500 }));
+    let id = plan.peer_ids.get("cloud-1").unwrap();
+    let policy = esp.policies.iter().find(|p| p.mark == out_mark(id)).unwrap();
+    assert_eq!(policy.tmpl.unwrap().dst, forwarded);
+    // What the edge observes from hellos wins over what is published.
+    let observed: ObservedEndpoints =
+        [("cloud-1".to_owned(), ("198.51.100.9".parse().unwrap(), 4501))].into();
+    let esp = plan_esp(&snapshot, &plan, &key_of("edge-1"), 1, &observed);
+    assert_eq!(sa(&esp, "cloud-1", Direction::Out, 1).spec.encap.unwrap().dport, 4501);
+}
+
+#[test]
+fn a_malformed_published_endpoint_is_a_warning_and_the_tunnel_endpoint_is_used() {
+    for bad in ["cloud-1:4500", "192.0.2.44", "192.0.2.44:0", "0.0.0.0:4500", "[::1]:4500"] {
+        let text = annotate(&cluster_text(&[]), "cloud-1", ESP_ENDPOINT_ANNOTATION, bad);
+        let snapshot = manifest::snapshot(&text).unwrap();
+        let (plan, esp) = esp_for(&snapshot, "edge-1", 1);
+        let out = sa(&esp, "cloud-1", Direction::Out, 1);
+        let id = plan.peer_ids.get("cloud-1").unwrap();
+        let underlay = Ipv4Addr::from(plan.peers[&id].underlay_ip);
+        assert_eq!((out.spec.dst, out.spec.encap.unwrap().dport), (underlay, ESP_IN_UDP_PORT), "{bad}");
+        assert!(
+            esp.warnings.iter().any(|w| w.contains(ESP_ENDPOINT_ANNOTATION) && w.contains(bad)),
+            "{bad}: {:?}",
+            esp.warnings
+        );
+    }
 }
