@@ -102,6 +102,10 @@ struct RunArgs {
     /// routing (default: drop and count it).
     #[arg(long)]
     pod_egress_via_node: bool,
+    /// VXLAN mode: no redirect fast path; tunnel traffic goes through the
+    /// kernel's forwarding into `fe-tunnel` (for debugging; slower).
+    #[arg(long)]
+    no_fast_path: bool,
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: AttachMode,
     #[arg(long, default_value = "/var/lib/fabedge")]
@@ -214,6 +218,7 @@ fn main() -> Result<()> {
                 cni_conf_dir: args.cni_conf_dir,
                 pod_bridge: POD_BRIDGE.to_owned(),
                 pod_egress_via_node: args.pod_egress_via_node,
+                no_fast_path: args.no_fast_path,
                 esp_public_endpoint: args.esp_public_endpoint,
                 ..Settings::default()
             };

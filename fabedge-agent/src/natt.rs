@@ -64,6 +64,16 @@ impl EncapSocket {
         Ok(EncapSocket { socket })
     }
 
+    /// A second handle on the socket for the event loop: readable when a
+    /// hello (or anything not ESP) waits, so hellos are handled as they come.
+    pub fn readiness(&self) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+        let fd = std::os::fd::OwnedFd::from(self.socket.try_clone()?);
+        // SAFETY: the AsyncFd owns the fd (an OwnedFd inside it), so the fd
+        // stays open for as long as it is registered.
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
     /// One keepalive to each peer; failures are returned per peer, not fatal.
     pub fn send(&self, bytes: &[u8], to: SocketAddrV4) -> io::Result<()> {
         self.socket.send_to(bytes, to).map(|_| ())

@@ -124,6 +124,9 @@ pub struct Settings {
     /// node's own routing (`0.0.0.0/0 → kernel`). Off: such packets are
     /// dropped and counted (`drop_no_route`), never sent out the uplink.
     pub pod_egress_via_node: bool,
+    /// VXLAN mode: hand tunnel traffic to the kernel's forwarding instead of
+    /// redirecting it (`--no-fast-path`).
+    pub no_fast_path: bool,
     /// ESP mode: this node's public key (base64), published as
     /// `fabedge.io/public-key`, and the generation of its outbound SAs,
     /// published as `fabedge.io/key-generation`.
@@ -150,6 +153,7 @@ impl Default for Settings {
             cni_conf_dir: PathBuf::from(DEFAULT_CNI_CONF_DIR),
             pod_bridge: POD_BRIDGE.to_owned(),
             pod_egress_via_node: false,
+            no_fast_path: false,
             esp_public_key: None,
             esp_generation: 0,
             esp_public_endpoint: None,
@@ -762,6 +766,7 @@ impl<'a> Planner<'a> {
             ready: 1,
             role: role.datapath_role(),
             tunnel_mode: settings.tunnel_mode.datapath_mode(),
+            flags: if settings.no_fast_path { fabedge_common::config_flags::NO_FAST_PATH } else { 0 },
             node_ip: me.internal_ip.octets(),
             underlay_ip: if connector { connector_underlay_ip(me) } else { me.internal_ip }.octets(),
             tunnel_vni: settings.tunnel_vni,

@@ -51,10 +51,16 @@ pub struct RunOptions {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
+    // First of all, in ESP mode: hold UDP 4500. While no socket holds it,
+    // ESP in UDP arriving during a restart is refused by the kernel.
+    let mut reconciler = Reconciler::new(&options)?;
+    let mut hellos = match &reconciler.esp {
+        Some(esp) => Some(esp.hello_readiness()?),
+        None => None,
+    };
     let mut datapath = Datapath::load_with_ct_entries(options.layout.clone(), options.attach_mode, options.ct_entries)?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
-    let mut reconciler = Reconciler::new(&options)?;
     info!("fabedge-agent running for node {} ({:?} attach)", options.node, datapath.attach_mode());
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -72,7 +78,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     };
     if options.kube.is_some() {
-        let result = kube_mode::run(&options, &mut reconciler, &mut datapath, &mut maps, &mut logs).await;
+        let result = kube_mode::run(&options, &mut reconciler, &mut datapath, &mut maps, &mut logs, &mut hellos).await;
         info!("stopping; the datapath keeps forwarding (pinned maps and links)");
         return result;
     }
@@ -87,6 +93,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
+            // A hello: a peer's NAT mapping may have moved; follow it now,
+            // not at the next tick.
+            readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
+                if let Ok(mut guard) = readable {
+                    if reconciler.esp_tick() {
+                        reconciler.applied_text = None;
+                        reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
+                    }
+                    guard.clear_ready();
+                }
+            }
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();

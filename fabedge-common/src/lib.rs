@@ -80,6 +80,15 @@ pub mod tunnel_mode {
     pub const ESP: u8 = 2;
 }
 
+/// Bits of `DatapathConfig::flags`.
+pub mod config_flags {
+    /// VXLAN mode without the redirect fast path: tunnel traffic is marked
+    /// and handed to the kernel's forwarding, which routes it into
+    /// `fe-tunnel`, whose egress program encapsulates as usual (`--no-fast-path`,
+    /// for debugging and as the baseline of `cargo xtask bench`).
+    pub const NO_FAST_PATH: u8 = 1;
+}
+
 /// An IPv4 prefix's address part, the data of an LPM trie key (the trie key
 /// is `{ prefix_len: u32, data: RouteAddr }`).
 #[repr(C)]
@@ -159,7 +168,8 @@ pub struct DatapathConfig {
     pub role: u8,
     /// One of [`tunnel_mode`].
     pub tunnel_mode: u8,
-    pub _pad0: u8,
+    /// Bits of [`config_flags`].
+    pub flags: u8,
     /// This node's InternalIP.
     pub node_ip: [u8; 4],
     /// Source address for encapsulations this node originates in eBPF (the

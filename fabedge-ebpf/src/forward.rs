@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use fabedge_common::{
-    mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry,
+    config_flags, mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry,
 };
 
 use crate::{
@@ -133,9 +133,10 @@ pub fn to_tunnel(
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark::to_tunnel(existing, peer_id));
-    if cfg.tunnel_mode != tunnel_mode::VXLAN {
+    if cfg.tunnel_mode != tunnel_mode::VXLAN || cfg.flags & config_flags::NO_FAST_PATH != 0 {
         // ESP: the kernel routes into `fe-tunnel`, whose egress program
-        // counts it (ToTunnel and per peer); xfrm matches the mark.
+        // counts it (ToTunnel and per peer); xfrm matches the mark. Without
+        // the fast path, the same in VXLAN mode: the egress program encapsulates.
         return pass(Counter::PassKernel);
     }
     if cfg.tunnel_ifindex == 0 {

@@ -703,7 +703,9 @@ pub fn ping_with(from: &Netns, destination: Ipv4Addr, options: &PingOptions) -> 
     }
     args.push(&destination_text);
     let expected_run_time = options.interval * options.count + Duration::from_secs(1);
-    let output = from.exec_bounded("ping", &args, expected_run_time + COMMAND_TIMEOUT)?;
+    // A hang guard, not a measurement: under qemu TCG on a loaded machine
+    // ping's timer-driven interval stretches well past the nominal one.
+    let output = from.exec_bounded("ping", &args, expected_run_time * 2 + COMMAND_TIMEOUT)?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     // ping exits 1 when replies are missing (a result, not a failure) and 2 on errors.
     if !matches!(output.status.code(), Some(0 | 1)) {

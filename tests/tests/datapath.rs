@@ -197,6 +197,25 @@ fn esp_mode_marks_for_xfrm_and_leaves_forwarding_to_the_kernel() -> Result<()> {
 }
 
 #[test]
+fn without_the_fast_path_vxlan_traffic_is_marked_for_the_kernel_and_still_encapsulated() -> Result<()> {
+    let mut dp = edge("dp-no-fast-path", tunnel_mode::VXLAN)?;
+    let mut config = dp.maps.config()?;
+    config.flags = fabedge_common::config_flags::NO_FAST_PATH;
+    dp.maps.set_config(config)?;
+    let frame = pod_udp(PEER_POD, 64);
+    let (out, delta) = counted(&dp, || dp.run(Program::FromPod, &frame))?;
+    assert_eq!((out.action, delta), (TC_ACT_OK, only(Counter::PassKernel)));
+    assert_eq!(out.data, frame, "the kernel forwards it (and decrements TTL)");
+    assert_eq!(out.mark, mark::to_tunnel(0, EDGE2_PEER));
+    // Routed into fe-tunnel, the egress program encapsulates toward the peer.
+    let routed = SkbIn { mark: out.mark, ..SkbIn::default() };
+    let (out, delta) = counted(&dp, || dp.run_with(Program::TunnelEgress, &frame, routed))?;
+    assert_eq!((out.action, delta), (TC_ACT_OK, only(Counter::ToTunnel)));
+    assert_eq!(dp.maps.peer_stats(EDGE2_PEER)?.tx_packets, 1);
+    Ok(())
+}
+
+#[test]
 fn esp_tunnel_egress_keeps_the_peer_mark_for_xfrm_and_counts_the_peer() -> Result<()> {
     let dp = edge("dp-esp-egress", tunnel_mode::ESP)?;
     let frame = pod_udp(PEER_POD, 63);

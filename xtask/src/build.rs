@@ -30,6 +30,8 @@ pub fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTUP_TOOLCHAIN")
+        // The agent's build script reads the object from the workspace's target dir.
+        .env_remove("CARGO_TARGET_DIR")
         .status()
         .context("running cargo +nightly build for fabedge-ebpf")?;
     if !status.success() {

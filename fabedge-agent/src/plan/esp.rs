@@ -73,6 +73,12 @@ pub struct EspPlan {
 /// (`fabedge.io/esp-endpoint`), else its tunnel endpoint's UDP 4500.
 pub type ObservedEndpoints = BTreeMap<String, (Ipv4Addr, u16)>;
 
+/// Peers whose outbound SA stays on an older generation than ours (one
+/// behind at most, which their inbound window covers): after a generation
+/// started only because some peers' endpoints moved, the others keep their
+/// SAs, so that their own moves later need no further generation.
+pub type PinnedGenerations = BTreeMap<String, u32>;
+
 /// The generation a peer publishes (1 when it has not yet).
 pub fn published_generation(annotations: &BTreeMap<String, String>) -> Option<u32> {
     annotations
@@ -110,6 +116,7 @@ pub fn plan_esp(
     key: &NodeKey,
     generation: u32,
     observed: &ObservedEndpoints,
+    pinned: &PinnedGenerations,
 ) -> EspPlan {
     let mut out = EspPlan::default();
     let Some(me) = snapshot.nodes.get(&plan.node) else {
@@ -205,7 +212,12 @@ pub fn plan_esp(
                 },
             }
         };
-        out.sas.push(sa(Direction::Out, generation));
+        let outbound = pinned
+            .get(name)
+            .copied()
+            .filter(|&g| g == generation.wrapping_sub(1))
+            .unwrap_or(generation);
+        out.sas.push(sa(Direction::Out, outbound));
         let theirs = published_generation(&node.annotations).unwrap_or(1);
         for g in [
             theirs.wrapping_sub(1),

@@ -12,19 +12,23 @@ use anyhow::{Context, Result};
 use log::{info, warn};
 
 use crate::{
-    apply::xfrm::{Generations, XfrmApplier},
+    apply::xfrm::{Generations, XfrmApplier, reuses_a_key},
     keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
     model::{Role, Snapshot},
     natt::EncapSocket,
     natt::hello,
     plan::{
         ESP_IN_UDP_PORT, Plan, Settings,
-        esp::{Direction, ObservedEndpoints, plan_esp},
+        esp::{Direction, ObservedEndpoints, PinnedGenerations, plan_esp},
     },
 };
 
 /// A `fabedge-agent rotate-key` request: a file in the state dir.
 pub const ROTATE_REQUEST: &str = "rotate-key.request";
+/// The NAT-observed endpoints of peers, kept across restarts: a restarted
+/// connector keeps sending to where the edges' NATs show them instead of
+/// their unreachable private addresses until their next hellos.
+pub const OBSERVED_FILE: &str = "esp-endpoints.json";
 
 #[derive(Debug, Clone)]
 pub struct EspOptions {
@@ -49,6 +53,10 @@ pub struct EspRuntime {
     keepalive_peers: Vec<(String, SocketAddrV4, HelloKey)>,
     /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
     observed: ObservedEndpoints,
+    /// Peers whose outbound SA stays one generation behind (see [`PinnedGenerations`]).
+    pinned: PinnedGenerations,
+    /// The plan's warnings last logged.
+    warned: std::collections::BTreeSet<String>,
     last: Option<(Snapshot, Plan)>,
 }
 
@@ -79,9 +87,18 @@ impl EspRuntime {
             last_rotation: Instant::now(),
             last_keepalive: None,
             keepalive_peers: Vec::new(),
-            observed: ObservedEndpoints::new(),
+            observed: load_observed(state_dir),
+            pinned: PinnedGenerations::new(),
+            warned: Default::default(),
             last: None,
         })
+    }
+
+    /// Readable when hellos wait on the UDP 4500 socket (see [`EncapSocket::readiness`]).
+    pub fn hello_readiness(&self) -> Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+        self.socket
+            .readiness()
+            .context("watching the UDP 4500 socket for hellos")
     }
 
     /// What the plan publishes about this node.
@@ -90,26 +107,60 @@ impl EspRuntime {
         settings.esp_generation = self.generations.generation;
     }
 
-    /// Bring xfrm in line with `plan`. `Ok(true)`: the generation changed
-    /// (a key would have been reused): plan again before anything else.
+    /// Bring xfrm in line with `plan`. `Ok(true)`: a new generation began
+    /// (a key would have been reused), its SAs are in place, and the caller
+    /// plans again so that it is published.
     pub fn apply(&mut self, snapshot: &Snapshot, plan: &Plan) -> Result<bool> {
-        let esp = plan_esp(
-            snapshot,
-            plan,
-            &self.key,
-            self.generations.generation,
-            &self.observed,
-        );
-        if XfrmApplier::reuses_a_key(&esp, &self.generations)? {
-            let generation = self.generations.bump()?;
-            info!(
-                "ESP: outbound SAs must be created anew; new generation {generation} (keys are never reused)"
-            );
-            return Ok(true);
-        }
-        for warning in &esp.warnings {
+        let mut new_generation = false;
+        let esp = loop {
+            let (esp, missing) = loop {
+                let esp = plan_esp(
+                    snapshot,
+                    plan,
+                    &self.key,
+                    self.generations.generation,
+                    &self.observed,
+                    &self.pinned,
+                );
+                let missing = XfrmApplier::missing_outbound(&esp)?;
+                // A pinned peer that needs a new SA (it moved, or the kernel lost
+                // its SA) cannot get one at its older generation, whose key was
+                // used: it moves to ours.
+                let before = self.pinned.len();
+                self.pinned.retain(|peer, _| !missing.contains(peer));
+                if self.pinned.len() == before {
+                    break (esp, missing);
+                }
+            };
+            if reuses_a_key(&missing, &self.generations) {
+                let generation = self.generations.bump()?;
+                // Only the peers that need a new SA move to the new generation;
+                // the others keep theirs (one generation behind is in every
+                // receiver's window), so a move of theirs soon after needs no
+                // further generation: endpoints behind one NAT move together.
+                self.pinned = esp
+                    .sas
+                    .iter()
+                    .filter(|sa| sa.direction == Direction::Out && !missing.contains(&sa.peer))
+                    .filter(|sa| sa.generation == generation.wrapping_sub(1))
+                    .map(|sa| (sa.peer.clone(), sa.generation))
+                    .collect();
+                info!(
+                    "ESP: outbound SAs for {} must be created anew; new generation {generation} \
+                     (keys are never reused); {} peer(s) keep their SAs",
+                    missing.join(", "),
+                    self.pinned.len()
+                );
+                new_generation = true;
+                continue;
+            }
+            break esp;
+        };
+        // Hellos re-apply often: say each warning once while it lasts.
+        for warning in esp.warnings.iter().filter(|w| !self.warned.contains(*w)) {
             warn!("{warning}");
         }
+        self.warned = esp.warnings.iter().cloned().collect();
         let report = self.applier.apply(&esp, &mut self.generations)?;
         if report != Default::default() {
             info!("ESP: {report:?}");
@@ -136,7 +187,7 @@ impl EspRuntime {
             Vec::new()
         };
         self.last = Some((snapshot.clone(), plan.clone()));
-        Ok(false)
+        Ok(new_generation)
     }
 
     /// Read the hellos waiting on the socket; `true` if a peer's observed
@@ -174,6 +225,15 @@ impl EspRuntime {
                 info!("ESP: {sender} is reached at {from} (NAT-observed)");
                 self.observed.insert(sender, endpoint);
                 changed = true;
+            }
+        }
+        if changed {
+            let path = self.state_dir.join(OBSERVED_FILE);
+            let saved = serde_json::to_vec_pretty(&self.observed)
+                .map_err(anyhow::Error::from)
+                .and_then(|json| crate::apply::write_if_changed(&path, &json, 0o600));
+            if let Err(e) = saved {
+                warn!("ESP: keeping NAT-observed endpoints in {}: {e:#}", path.display());
             }
         }
         changed
@@ -229,6 +289,7 @@ impl EspRuntime {
         if requested || scheduled {
             let _ = std::fs::remove_file(&request);
             let generation = self.generations.bump()?;
+            self.pinned.clear();
             self.last_rotation = now;
             info!(
                 "ESP: rotating keys ({}): generation {generation}",
@@ -250,6 +311,19 @@ impl EspRuntime {
             return result;
         }
         Ok(false)
+    }
+}
+
+/// What [`OBSERVED_FILE`] holds; nothing when it is missing or unreadable
+/// (the next hellos teach it again).
+fn load_observed(state_dir: &Path) -> ObservedEndpoints {
+    let path = state_dir.join(OBSERVED_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!("{} is unreadable ({e}); NAT-observed endpoints are learnt again", path.display());
+            ObservedEndpoints::new()
+        }),
+        Err(_) => ObservedEndpoints::new(),
     }
 }
 

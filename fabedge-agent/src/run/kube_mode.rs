@@ -53,6 +53,7 @@ pub(super) async fn run(
     datapath: &mut Datapath,
     maps: &mut Maps,
     logs: &mut Logs,
+    hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
     let client = client(&kube.connection).await?;
@@ -108,6 +109,16 @@ pub(super) async fn run(
                 }
             }
             _ = duty.leading_changed() => {}
+            // A hello: a peer's NAT mapping may have moved; follow it now.
+            readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
+                let Ok(mut guard) = readable else { continue };
+                let new_generation = reconciler.esp_tick();
+                guard.clear_ready();
+                if !new_generation {
+                    continue;
+                }
+                state.applied = None;
+            }
             readable = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
                 if let Ok(mut guard) = readable {
                     guard.get_inner_mut().flush();

@@ -56,6 +56,7 @@ fn esp_for(snapshot: &Snapshot, node: &str, generation: u32) -> (Plan, EspPlan) 
         &key_of(node),
         generation,
         &ObservedEndpoints::new(),
+        &PinnedGenerations::new(),
     );
     (plan, esp)
 }
@@ -205,7 +206,7 @@ fn nat_observed_endpoints_replace_the_published_one() {
     let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
     let public = "203.0.113.7".parse().unwrap();
     let observed: ObservedEndpoints = [("edge-1".to_owned(), (public, 61001))].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 1, &observed);
+    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 1, &observed, &PinnedGenerations::new());
     let out = sa(&esp, "edge-1", Direction::Out, 1);
     assert_eq!(
         (out.spec.dst, out.spec.encap),
@@ -251,7 +252,7 @@ fn a_connector_behind_a_port_forward_is_reached_at_the_endpoint_it_publishes() {
     // What the edge observes from hellos wins over what is published.
     let observed: ObservedEndpoints =
         [("cloud-1".to_owned(), ("198.51.100.9".parse().unwrap(), 4501))].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("edge-1"), 1, &observed);
+    let esp = plan_esp(&snapshot, &plan, &key_of("edge-1"), 1, &observed, &PinnedGenerations::new());
     assert_eq!(sa(&esp, "cloud-1", Direction::Out, 1).spec.encap.unwrap().dport, 4501);
 }
 
@@ -271,4 +272,26 @@ fn a_malformed_published_endpoint_is_a_warning_and_the_tunnel_endpoint_is_used()
             esp.warnings
         );
     }
+}
+
+#[test]
+fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
+    let snapshot = cluster(&[]);
+    let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
+    let none = ObservedEndpoints::new();
+    let pinned: PinnedGenerations = [("edge-1".to_owned(), 4), ("edge-2".to_owned(), 3)].into();
+    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 5, &none, &pinned);
+    let outbound = |peer: &str| {
+        esp.sas
+            .iter()
+            .filter(|s| s.peer == peer && s.direction == Direction::Out)
+            .map(|s| s.generation)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(outbound("edge-1"), [4], "one behind: kept");
+    assert_eq!(outbound("edge-2"), [5], "two behind would leave the receiver's window");
+    assert_eq!(outbound("edge-3"), [5]);
+    // The kept SA is the very one planned at generation 4: same SPI, same key.
+    let at_4 = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 4, &none, &PinnedGenerations::new());
+    assert_eq!(sa(&esp, "edge-1", Direction::Out, 4), sa(&at_4, "edge-1", Direction::Out, 4));
 }
