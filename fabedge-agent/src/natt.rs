@@ -64,6 +64,11 @@ impl EncapSocket {
         Ok(EncapSocket { socket })
     }
 
+    /// Another handle on the same socket (for the keepalive thread).
+    pub fn try_clone(&self) -> io::Result<EncapSocket> {
+        Ok(EncapSocket { socket: self.socket.try_clone()? })
+    }
+
     /// A second handle on the socket for the event loop: readable when a
     /// hello (or anything not ESP) waits, so hellos are handled as they come.
     pub fn readiness(&self) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {

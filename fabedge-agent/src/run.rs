@@ -178,10 +178,11 @@ impl Reconciler {
             return;
         }
         let result = self.reconcile(&text, datapath, maps, options);
-        if result.is_ok() {
-            self.applied_text = Some(text);
+        if let Ok(written) = &result {
+            // Our own write-back needs no second pass.
+            self.applied_text = Some(written.clone().unwrap_or(text));
         }
-        self.report(result);
+        self.report(result.map(drop));
     }
 
     /// Log an error once per distinct message; the datapath keeps its last good state.
@@ -198,7 +199,8 @@ impl Reconciler {
         }
     }
 
-    fn reconcile(&mut self, text: &str, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) -> Result<()> {
+    /// `Ok(Some(text))`: the annotations were written back; `text` is the file now.
+    fn reconcile(&mut self, text: &str, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) -> Result<Option<String>> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let snapshot = manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
         let plan = self.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
@@ -258,10 +260,11 @@ fn observe_host(configured: &Settings, flannel_iface: &str) -> Result<Settings> 
     Ok(settings)
 }
 
-/// Standalone mode: what the agent would patch onto Node objects goes into the file.
-fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<()> {
+/// Standalone mode: what the agent would patch onto Node objects goes into
+/// the file. `Some(text)`: what the file holds after our write.
+fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<Option<String>> {
     if plan.annotations.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let mut updated = text.to_owned();
     for patch in &plan.annotations {
@@ -270,7 +273,8 @@ fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<()> {
     }
     // The file may be edited concurrently: write only if it still holds what we planned from.
     if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
-        return Ok(());
+        return Ok(None);
     }
-    write_if_changed(path, updated.as_bytes(), 0o644)
+    write_if_changed(path, updated.as_bytes(), 0o644)?;
+    Ok(Some(updated))
 }

@@ -66,6 +66,9 @@ pub struct EspPlan {
     /// Peers left without SAs (no or bad public key): their traffic hits the
     /// default drop until they publish one.
     pub warnings: Vec<String>,
+    /// Connector: edges whose hello has not come yet; nothing is sent to
+    /// them (their inbound SAs exist, so they can open the tunnel).
+    pub waiting: Vec<String>,
 }
 
 /// Where a peer's ESP-in-UDP reaches it: the NAT-observed address and port
@@ -118,6 +121,11 @@ pub fn plan_esp(
     observed: &ObservedEndpoints,
     pinned: &PinnedGenerations,
 ) -> EspPlan {
+    // The connector sends to an edge only once the edge's hello has shown
+    // where it is reached: edges open the tunnels (their published endpoint
+    // is often a private address behind a NAT, and an SA created there would
+    // have to be replaced, with a new generation, as soon as the hello came).
+    let wait_for_hello = plan.role == crate::model::Role::Connector;
     let mut out = EspPlan::default();
     let Some(me) = snapshot.nodes.get(&plan.node) else {
         return out;
@@ -217,7 +225,11 @@ pub fn plan_esp(
             .copied()
             .filter(|&g| g == generation.wrapping_sub(1))
             .unwrap_or(generation);
-        out.sas.push(sa(Direction::Out, outbound));
+        if wait_for_hello && !observed.contains_key(name) {
+            out.waiting.push(name.to_owned());
+        } else {
+            out.sas.push(sa(Direction::Out, outbound));
+        }
         let theirs = published_generation(&node.annotations).unwrap_or(1);
         for g in [
             theirs.wrapping_sub(1),
@@ -228,6 +240,10 @@ pub fn plan_esp(
             if g != 0 {
                 out.sas.push(sa(Direction::In, g));
             }
+        }
+        if out.waiting.last().map(String::as_str) == Some(name) {
+            // No policy either: its traffic meets the default drop.
+            continue;
         }
         out.policies.push(PolicySpec {
             dir: PolicyDir::Out,

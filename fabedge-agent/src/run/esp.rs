@@ -48,9 +48,9 @@ pub struct EspRuntime {
     state_dir: PathBuf,
     options: EspOptions,
     last_rotation: Instant,
-    last_keepalive: Option<Instant>,
-    /// Edge: where keepalives and hellos go, with the hello key of each peer.
-    keepalive_peers: Vec<(String, SocketAddrV4, HelloKey)>,
+    /// Edge: sends keepalives and hellos on its own thread, so that a slow
+    /// apply never delays them (the connector learns NAT moves from them).
+    keepalives: Keepalives,
     /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
     observed: ObservedEndpoints,
     /// Peers whose outbound SA stays one generation behind (see [`PinnedGenerations`]).
@@ -72,6 +72,7 @@ impl EspRuntime {
         let key = NodeKey::load_or_create(state_dir)?;
         let generations = Generations::load(state_dir)?;
         let socket = EncapSocket::bind()?;
+        let keepalives = Keepalives::start(&socket, options.keepalive)?;
         info!(
             "ESP mode: public key {}, generation {}, UDP {ESP_IN_UDP_PORT} held",
             key.public().to_base64(),
@@ -85,8 +86,7 @@ impl EspRuntime {
             state_dir: state_dir.to_owned(),
             options,
             last_rotation: Instant::now(),
-            last_keepalive: None,
-            keepalive_peers: Vec::new(),
+            keepalives,
             observed: load_observed(state_dir),
             pinned: PinnedGenerations::new(),
             warned: Default::default(),
@@ -167,7 +167,7 @@ impl EspRuntime {
         }
         // Keepalives and hellos go where our ESP goes: the outbound SA's
         // destination and encapsulation port (published or NAT-observed).
-        self.keepalive_peers = if plan.role == Role::Edge {
+        let targets = if plan.role == Role::Edge {
             esp.sas
                 .iter()
                 .filter(|sa| sa.direction == Direction::Out)
@@ -186,6 +186,7 @@ impl EspRuntime {
         } else {
             Vec::new()
         };
+        self.keepalives.update(&plan.node, self.generations.generation, targets);
         self.last = Some((snapshot.clone(), plan.clone()));
         Ok(new_generation)
     }
@@ -242,33 +243,6 @@ impl EspRuntime {
     /// Timers. `Ok(true)`: a new generation started; re-plan fully.
     pub fn tick(&mut self) -> Result<bool> {
         let now = Instant::now();
-        if self
-            .last_keepalive
-            .is_none_or(|t| now.duration_since(t) >= self.options.keepalive)
-        {
-            let me = self
-                .last
-                .as_ref()
-                .map(|(_, plan)| plan.node.clone())
-                .unwrap_or_default();
-            let unix_secs = unix_now();
-            for (name, to, key) in &self.keepalive_peers {
-                let hello = hello::Hello {
-                    node: me.clone(),
-                    generation: self.generations.generation,
-                    unix_secs,
-                };
-                if let Err(e) = self.socket.send(&hello::encode(&hello, key), *to) {
-                    log::debug!("ESP hello to {name} at {to}: {e}");
-                }
-            }
-            let targets: Vec<SocketAddrV4> =
-                self.keepalive_peers.iter().map(|(_, to, _)| *to).collect();
-            for (peer, e) in self.socket.keepalive(&targets) {
-                log::debug!("ESP keepalive to {peer}: {e}");
-            }
-            self.last_keepalive = Some(now);
-        }
         if self.learn_from_hellos()
             && let Some((snapshot, plan)) = self.last.take()
         {
@@ -324,6 +298,66 @@ fn load_observed(state_dir: &Path) -> ObservedEndpoints {
             ObservedEndpoints::new()
         }),
         Err(_) => ObservedEndpoints::new(),
+    }
+}
+
+/// Where keepalives and hellos go, with each peer's hello key; this node's
+/// name and generation for the hellos.
+#[derive(Default)]
+struct KeepaliveTargets {
+    node: String,
+    generation: u32,
+    peers: Vec<(String, SocketAddrV4, HelloKey)>,
+}
+
+/// The keepalive thread: every interval, and at once when the targets
+/// change, one hello and one RFC 3948 keepalive to each target.
+struct Keepalives {
+    shared: std::sync::Arc<(std::sync::Mutex<KeepaliveTargets>, std::sync::Condvar)>,
+}
+
+impl Keepalives {
+    fn start(socket: &EncapSocket, interval: Duration) -> Result<Self> {
+        let socket = socket.try_clone().context("a second handle on UDP 4500 for keepalives")?;
+        let shared = std::sync::Arc::new((std::sync::Mutex::new(KeepaliveTargets::default()), std::sync::Condvar::new()));
+        let weak = std::sync::Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("fe-keepalive".into())
+            .spawn(move || {
+                // Ends when the runtime is dropped.
+                while let Some(shared) = weak.upgrade() {
+                    let (lock, wake) = &*shared;
+                    let targets = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let unix_secs = unix_now();
+                    for (name, to, key) in &targets.peers {
+                        let hello = hello::Hello { node: targets.node.clone(), generation: targets.generation, unix_secs };
+                        if let Err(e) = socket.send(&hello::encode(&hello, key), *to) {
+                            log::debug!("ESP hello to {name} at {to}: {e}");
+                        }
+                    }
+                    let addresses: Vec<SocketAddrV4> = targets.peers.iter().map(|(_, to, _)| *to).collect();
+                    for (peer, e) in socket.keepalive(&addresses) {
+                        log::debug!("ESP keepalive to {peer}: {e}");
+                    }
+                    let _ = wake.wait_timeout(targets, interval);
+                }
+            })
+            .context("starting the keepalive thread")?;
+        Ok(Keepalives { shared })
+    }
+
+    /// New targets; sent to at once if they changed.
+    fn update(&self, node: &str, generation: u32, peers: Vec<(String, SocketAddrV4, HelloKey)>) {
+        let (lock, wake) = &*self.shared;
+        let mut targets = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = KeepaliveTargets { node: node.to_owned(), generation, peers };
+        let changed = targets.node != new.node
+            || targets.generation != new.generation
+            || targets.peers.iter().map(|(n, a, _)| (n, a)).ne(new.peers.iter().map(|(n, a, _)| (n, a)));
+        *targets = new;
+        if changed {
+            wake.notify_one();
+        }
     }
 }
 
