@@ -222,6 +222,9 @@ fn main() -> Result<()> {
                 esp_public_endpoint: args.esp_public_endpoint,
                 ..Settings::default()
             };
+            if args.keepalive_interval.is_zero() {
+                bail!("--keepalive-interval must be above 0: edges behind NAT keep their mapping open with keepalives");
+            }
             if args.esp_public_endpoint.is_some() && settings.tunnel_mode != TunnelMode::Esp {
                 bail!("--esp-public-endpoint is for the ESP mode: add --tunnel esp, or drop it");
             }
