@@ -35,7 +35,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -661,7 +661,7 @@ pub struct ClusterOptions {
     /// More `fabedge-agent run` arguments for the connector only.
     pub connector_args: Vec<String>,
     /// A port forward in front of the connector: UDP to this port of its WAN
-    /// address reaches its UDP 4500 (a DNAT in its namespace).
+    /// address reaches its UDP 4500 (a REDIRECT in its namespace).
     pub connector_port_forward: Option<u16>,
 }
 
@@ -1391,6 +1391,32 @@ impl Cluster {
         };
         self.wait_for_agent(node, offset)
             .with_context(|| format!("restarting the agent of {node}"))
+    }
+
+    /// Restarts the agents of `nodes`, one after the other, while `from`
+    /// pings `to` in short batches (20 ms apart) covering the whole window.
+    /// Returns (sent, answered); a failed restart is an error.
+    pub fn restart_agents_under_ping(&self, nodes: &[&str], from: &Endpoint, to: Ipv4Addr) -> Result<(u32, u32)> {
+        let restarting = AtomicBool::new(true);
+        let (pinged, restarts) = thread::scope(|scope| {
+            let pinger = scope.spawn(|| -> Result<(u32, u32)> {
+                let (mut sent, mut received) = (0, 0);
+                loop {
+                    let batch = ping(from.netns(), to, 10, Duration::from_millis(20))?;
+                    sent += batch.sent;
+                    received += batch.received;
+                    if !restarting.load(Ordering::Relaxed) {
+                        return Ok((sent, received));
+                    }
+                }
+            });
+            let restarts = nodes.iter().try_for_each(|node| self.restart_agent(node));
+            restarting.store(false, Ordering::Relaxed);
+            let pinged = pinger.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (pinged, restarts)
+        });
+        restarts?;
+        pinged
     }
 
     /// The last lines of the agents' logs of `nodes`.
@@ -2399,10 +2425,10 @@ fn create_nat_router(switch: &Netns) -> Result<Netns> {
 /// A port forward in front of a node: UDP to `port` of any of its addresses
 /// reaches its UDP 4500; replies leave from `port` (conntrack undoes the DNAT).
 fn forward_port_to_esp(netns: &Netns, port: u16) -> Result<()> {
-    let port = port.to_string();
+    let (port, esp) = (port.to_string(), fabedge_agent::plan::ESP_IN_UDP_PORT.to_string());
     netns.run_ok(
         "iptables",
-        &["-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &port, "-j", "REDIRECT", "--to-ports", "4500"],
+        &["-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &port, "-j", "REDIRECT", "--to-ports", &esp],
     )?;
     Ok(())
 }

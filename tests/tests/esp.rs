@@ -514,7 +514,8 @@ fn timed_pings(from: &fabedge_tests::netns::Netns, to: std::net::Ipv4Addr, count
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
         .collect();
     ensure!(!replies.is_empty(), "no reply at all from {to}:\n{stdout}");
-    Ok((replies.clone(), count.saturating_sub(replies.len() as u32)))
+    let lost = count.saturating_sub(replies.len() as u32);
+    Ok((replies, lost))
 }
 
 /// The longest silence between two replies, in seconds.
@@ -597,14 +598,13 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     let from = cluster.pod("cloud-2")?;
     let to = cluster.pod("edge-1")?.ip();
     let probes = ((NAT_KEEPALIVE * 6).as_millis() / PROBE_INTERVAL.as_millis()) as u32;
+    let connector_generation =
+        || -> Result<u32> { Ok(generation(&cluster, "cloud-1")?.and_then(|g| g.parse().ok()).unwrap_or(0)) };
     for (what, public, ports) in [
         ("port", NAT_PUBLIC_IP, (20000, 20099)),
         ("address and port", std::net::Ipv4Addr::new(198, 18, 0, 251), (30000, 30099)),
     ] {
         let drops_before = esp_drops(&cluster)?;
-        let connector_generation = || -> Result<u32> {
-            Ok(generation(&cluster, "cloud-1")?.and_then(|g| g.parse().ok()).unwrap_or(0))
-        };
         let generation_before = connector_generation()?;
         let (replies, lost) = thread::scope(|scope| -> Result<_> {
             let handle = scope.spawn(|| timed_pings(from.netns(), to, probes));
@@ -645,25 +645,7 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     // arrives while no process holds UDP 4500 is refused by the kernel: the
     // loss is measured and reported, and traffic must flow right after.
     let generation_before_restart = generation(&cluster, "cloud-1")?;
-    let restarting = std::sync::atomic::AtomicBool::new(true);
-    let (sent, received, restarts) = thread::scope(|scope| {
-        let pinger = scope.spawn(|| -> Result<(u32, u32)> {
-            let (mut sent, mut received) = (0, 0);
-            loop {
-                let batch = from.ping(to, 10)?;
-                sent += batch.sent;
-                received += batch.received;
-                if !restarting.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok((sent, received));
-                }
-            }
-        });
-        let restarts = ["edge-1", "cloud-1"].into_iter().try_for_each(|node| cluster.restart_agent(node));
-        restarting.store(false, std::sync::atomic::Ordering::Relaxed);
-        let pinged = pinger.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        pinged.map(|(sent, received)| (sent, received, restarts))
-    })?;
-    restarts?;
+    let (sent, received) = cluster.restart_agents_under_ping(&["edge-1", "cloud-1"], from, to)?;
     eprintln!(
         "agent restarts of edge-1 and cloud-1 (ESP, behind NAT): {received} of {sent} pings answered \
          ({} lost while UDP 4500 had no socket)",

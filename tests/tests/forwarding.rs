@@ -9,8 +9,6 @@
 
 use std::{
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, Ordering},
-    thread,
     time::Duration,
 };
 
@@ -18,7 +16,7 @@ use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::Counter;
 use fabedge_tests::{
     cluster::{Cluster, PING_COUNT, SharedCluster, seed_matrix},
-    netns::{PacketSocket, ping},
+    netns::PacketSocket,
 };
 
 static CLUSTER: SharedCluster = SharedCluster::new();
@@ -177,30 +175,7 @@ fn traffic_keeps_flowing_while_agents_restart() -> Result<()> {
         // c3 crosses both restarted datapaths: edge-1's and the connector's.
         let from = cluster.pod("edge-1")?;
         let to = cluster.pod("cloud-2")?.ip();
-        let restarting = AtomicBool::new(true);
-        let (sent, received, restarts) = thread::scope(|scope| {
-            let pinger = scope.spawn(|| -> Result<(u32, u32)> {
-                let (mut sent, mut received) = (0, 0);
-                // Short batches, so the pings cover the whole restart window.
-                loop {
-                    let batch = ping(from.netns(), to, 10, Duration::from_millis(20))?;
-                    sent += batch.sent;
-                    received += batch.received;
-                    if !restarting.load(Ordering::Relaxed) {
-                        return Ok((sent, received));
-                    }
-                }
-            });
-            let restarts = ["edge-1", "cloud-1"]
-                .into_iter()
-                .try_for_each(|node| cluster.restart_agent(node));
-            restarting.store(false, Ordering::Relaxed);
-            let pinged = pinger
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            pinged.map(|(sent, received)| (sent, received, restarts))
-        })?;
-        restarts?;
+        let (sent, received) = cluster.restart_agents_under_ping(&["edge-1", "cloud-1"], from, to)?;
         ensure!(
             received == sent,
             "edge-1 pod → cloud-2 pod lost {} of {sent} pings while the agents of edge-1 and cloud-1 restarted\n{}",

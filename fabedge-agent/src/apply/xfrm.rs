@@ -165,11 +165,6 @@ impl XfrmApplier {
             .collect())
     }
 
-    /// Would applying `esp` create an outbound SA whose key was used before?
-    pub fn reuses_a_key(esp: &EspPlan, generations: &Generations) -> Result<bool> {
-        Ok(reuses_a_key(&Self::missing_outbound(esp)?, generations))
-    }
-
     pub fn apply(&mut self, esp: &EspPlan, generations: &mut Generations) -> Result<XfrmReport> {
         let mut socket = Socket::open()?;
         let mut report = XfrmReport::default();

@@ -12,10 +12,9 @@
 //!   priority: a marked packet whose peer has no policy or no SA is dropped,
 //!   never sent in clear.
 //! - inbound: SAs for the peer's published generation and its neighbours
-//!   (g-1 for packets still in flight after its rotation; g+1 and g+2 so
-//!   the peer can start a new generation, twice, before we have read its
-//!   annotation: a connector whose edges behind one NAT all change address
-//!   starts one per hello-poll that saw a change); each sets the
+//!   (g-1 for packets still in flight after its rotation, and the SAs a
+//!   peer keeps one generation behind; g+1 and g+2 so the peer can start a
+//!   new generation, twice, before we have read its annotation); each sets the
 //!   `from-tunnel` mark of the peer, which `fe_tunnel_ingress` checks the
 //!   inner source against. `in`/`fwd` policies on the interface accept what
 //!   any of our SAs decrypted.
@@ -225,7 +224,8 @@ pub fn plan_esp(
             .copied()
             .filter(|&g| g == generation.wrapping_sub(1))
             .unwrap_or(generation);
-        if wait_for_hello && !observed.contains_key(name) {
+        let waiting = wait_for_hello && !observed.contains_key(name);
+        if waiting {
             out.waiting.push(name.to_owned());
         } else {
             out.sas.push(sa(Direction::Out, outbound));
@@ -241,7 +241,7 @@ pub fn plan_esp(
                 out.sas.push(sa(Direction::In, g));
             }
         }
-        if out.waiting.last().map(String::as_str) == Some(name) {
+        if waiting {
             // No policy either: its traffic meets the default drop.
             continue;
         }
