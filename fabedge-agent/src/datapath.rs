@@ -11,8 +11,7 @@
 
 use std::{
     collections::BTreeSet,
-    fmt, fs,
-    io,
+    fmt, fs, io,
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     str::FromStr,
@@ -43,7 +42,9 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/fabedge";
 const NL_PRIORITY: u16 = 0xfe;
 
 /// Every program in the object, by the hook it is written for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Program {
     /// TC ingress of the pod bridge.
@@ -59,8 +60,13 @@ pub enum Program {
 }
 
 impl Program {
-    pub const ALL: [Program; 5] =
-        [Program::FromPod, Program::TunnelIngress, Program::TunnelEgress, Program::UplinkIngress, Program::ToPod];
+    pub const ALL: [Program; 5] = [
+        Program::FromPod,
+        Program::TunnelIngress,
+        Program::TunnelEgress,
+        Program::UplinkIngress,
+        Program::ToPod,
+    ];
 
     /// The function name in the object (and the netlink filter's name).
     pub const fn symbol(self) -> &'static str {
@@ -85,7 +91,10 @@ impl Program {
 
     /// Handle of this program's netlink filter: 0xfe01, 0xfe02, ...
     fn nl_handle(self) -> TcHandle {
-        let index = Program::ALL.iter().position(|p| *p == self).expect("listed in ALL") as u16;
+        let index = Program::ALL
+            .iter()
+            .position(|p| *p == self)
+            .expect("listed in ALL") as u16;
         TcHandle::new(0, 0xfe01 + index)
     }
 
@@ -98,7 +107,12 @@ impl Program {
 }
 
 /// The cgroup sock_addr programs (hostNetwork clients of Services).
-pub const SOCK_PROGRAMS: [&str; 4] = ["fe_sock_connect4", "fe_sock_sendmsg4", "fe_sock_recvmsg4", "fe_sock_getpeername4"];
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "fe_sock_connect4",
+    "fe_sock_sendmsg4",
+    "fe_sock_recvmsg4",
+    "fe_sock_getpeername4",
+];
 
 /// A program on an interface: `from-pod=br-fabedge`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,7 +123,10 @@ pub struct Attachment {
 
 impl Attachment {
     pub fn new(program: Program, iface: impl Into<String>) -> Self {
-        Attachment { program, iface: iface.into() }
+        Attachment {
+            program,
+            iface: iface.into(),
+        }
     }
     fn pin_name(&self) -> String {
         format!("{}@{}", self.program.symbol(), self.iface)
@@ -125,15 +142,18 @@ impl fmt::Display for Attachment {
 impl FromStr for Attachment {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (prog, iface) = s
-            .split_once('=')
-            .ok_or_else(|| anyhow!("attachment {s:?} is not PROGRAM=IFACE (e.g. from-pod=br-fabedge)"))?;
+        let (prog, iface) = s.split_once('=').ok_or_else(|| {
+            anyhow!("attachment {s:?} is not PROGRAM=IFACE (e.g. from-pod=br-fabedge)")
+        })?;
         let program = Program::ALL
             .into_iter()
             .find(|p| p.cli_name() == prog)
             .ok_or_else(|| {
                 let known: Vec<_> = Program::ALL.iter().map(|p| p.cli_name()).collect();
-                anyhow!("attachment {s:?}: unknown program {prog:?}; known: {}", known.join(", "))
+                anyhow!(
+                    "attachment {s:?}: unknown program {prog:?}; known: {}",
+                    known.join(", ")
+                )
             })?;
         if iface.is_empty() || iface.len() > 15 {
             bail!("attachment {s:?}: interface name must be 1..=15 characters");
@@ -154,7 +174,11 @@ pub enum AttachMode {
 impl AttachMode {
     fn resolve(self) -> AttachMode {
         match self {
-            AttachMode::Auto if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) => AttachMode::Tcx,
+            AttachMode::Auto
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
+            {
+                AttachMode::Tcx
+            }
             AttachMode::Auto => AttachMode::Netlink,
             other => other,
         }
@@ -169,7 +193,9 @@ pub struct PinLayout {
 
 impl PinLayout {
     pub fn new(bpffs_root: impl Into<PathBuf>) -> Self {
-        PinLayout { bpffs_root: bpffs_root.into() }
+        PinLayout {
+            bpffs_root: bpffs_root.into(),
+        }
     }
     pub fn bpffs_root(&self) -> &Path {
         &self.bpffs_root
@@ -201,7 +227,12 @@ pub struct Datapath {
 /// Names of the maps we pin: every `FE_*` map of the object. Others (aya-log's
 /// ring, `.rodata`) live and die with the loaded programs.
 fn pinned_map_names(object: &aya_obj::Object) -> BTreeSet<String> {
-    object.maps.keys().filter(|n| n.starts_with("FE_")).cloned().collect()
+    object
+        .maps
+        .keys()
+        .filter(|n| n.starts_with("FE_"))
+        .cloned()
+        .collect()
 }
 
 impl Datapath {
@@ -214,17 +245,26 @@ impl Datapath {
     /// [`Datapath::load`] with `FE_CT` sized to `ct_entries` (the agent's
     /// `--ct-entries`). A pinned `FE_CT` of another size is refused like any
     /// other layout change.
-    pub fn load_with_ct_entries(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
+    pub fn load_with_ct_entries(
+        layout: PinLayout,
+        mode: AttachMode,
+        ct_entries: u32,
+    ) -> Result<Self> {
         if ct_entries == 0 {
             bail!("--ct-entries must be at least 1 (it sizes the Service conntrack table FE_CT)");
         }
         crate::sys::ensure_bpffs(layout.bpffs_root())?;
         // Directories this call creates, removed again (if still empty) when
         // loading fails: a failed start leaves nothing behind.
-        let created: Vec<PathBuf> = [layout.bpffs_root().to_path_buf(), layout.version_dir(), layout.maps_dir(), layout.links_dir()]
-            .into_iter()
-            .filter(|dir| !dir.exists())
-            .collect();
+        let created: Vec<PathBuf> = [
+            layout.bpffs_root().to_path_buf(),
+            layout.version_dir(),
+            layout.maps_dir(),
+            layout.links_dir(),
+        ]
+        .into_iter()
+        .filter(|dir| !dir.exists())
+        .collect();
         for dir in [layout.maps_dir(), layout.links_dir()] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -256,20 +296,24 @@ impl Datapath {
             let max_entries = (name == fabedge_common::map_names::CT).then_some(ct_entries);
             check_pinned_shape(name, &object.maps[name], max_entries, &layout.map(name))?;
         }
-        let pin_paths: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), layout.map(n))).collect();
+        let pin_paths: Vec<(String, PathBuf)> =
+            names.iter().map(|n| (n.clone(), layout.map(n))).collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(fabedge_common::map_names::CT, ct_entries);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object into the kernel")?;
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
         for program in Program::ALL {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program.symbol())
                 .ok_or_else(|| anyhow!("the eBPF object has no program {}", program.symbol()))?
                 .try_into()
                 .with_context(|| format!("{} is not a TC program", program.symbol()))?;
-            prog.load().with_context(|| format!("verifying and loading {}", program.symbol()))?;
+            prog.load()
+                .with_context(|| format!("verifying and loading {}", program.symbol()))?;
         }
         for symbol in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -277,7 +321,8 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("the eBPF object has no program {symbol}"))?
                 .try_into()
                 .with_context(|| format!("{symbol} is not a cgroup sock_addr program"))?;
-            prog.load().with_context(|| format!("verifying and loading {symbol}"))?;
+            prog.load()
+                .with_context(|| format!("verifying and loading {symbol}"))?;
         }
         Ok(Datapath { ebpf, layout, mode })
     }
@@ -314,7 +359,8 @@ impl Datapath {
     /// programs for a moment: the second finds a backend address, not a
     /// Service, and leaves it).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
-        let fs = nix::sys::statfs::statfs(cgroup).with_context(|| format!("cgroup {} (--cgroup)", cgroup.display()))?;
+        let fs = nix::sys::statfs::statfs(cgroup)
+            .with_context(|| format!("cgroup {} (--cgroup)", cgroup.display()))?;
         if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
             bail!(
                 "--cgroup {} is not a cgroup v2 directory; point it at the cgroup2 mount \
@@ -323,8 +369,12 @@ impl Datapath {
                 cgroup.display()
             );
         }
-        let dir = fs::File::open(cgroup)
-            .with_context(|| format!("opening cgroup {} (is it a cgroup v2 directory? see --cgroup)", cgroup.display()))?;
+        let dir = fs::File::open(cgroup).with_context(|| {
+            format!(
+                "opening cgroup {} (is it a cgroup v2 directory? see --cgroup)",
+                cgroup.display()
+            )
+        })?;
         for symbol in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
@@ -336,15 +386,26 @@ impl Datapath {
                 // Single: bpf_link_create takes no flags (cgroup links always coexist).
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {symbol} to cgroup {}", cgroup.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into().with_context(|| format!("{symbol}: not an fd link"))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .with_context(|| format!("{symbol}: not an fd link"))?;
             let pin = self.layout.links_dir().join(format!("{symbol}@cgroup"));
             if pin.exists() {
-                let old = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-                drop(old.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+                let old = PinnedLink::from_pin(&pin)
+                    .with_context(|| format!("opening {}", pin.display()))?;
+                drop(
+                    old.unpin()
+                        .with_context(|| format!("unpinning {}", pin.display()))?,
+                );
             }
-            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
         }
-        info!("hostNetwork Service translation attached to cgroup {}", cgroup.display());
+        info!(
+            "hostNetwork Service translation attached to cgroup {}",
+            cgroup.display()
+        );
         Ok(())
     }
 
@@ -353,12 +414,19 @@ impl Datapath {
     pub fn attached(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for pin in read_dir_sorted(&self.layout.links_dir())? {
-            let name = pin.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = pin
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if SOCK_PROGRAMS.iter().any(|p| name.starts_with(p)) {
                 continue;
             }
             let parsed = name.split_once('@').and_then(|(symbol, iface)| {
-                Program::ALL.into_iter().find(|p| p.symbol() == symbol).map(|p| Attachment::new(p, iface))
+                Program::ALL
+                    .into_iter()
+                    .find(|p| p.symbol() == symbol)
+                    .map(|p| Attachment::new(p, iface))
             });
             match parsed {
                 Some(attachment) => out.push(attachment),
@@ -373,10 +441,19 @@ impl Datapath {
         let pin = self.layout.link(attachment);
         if pin.exists() {
             // Unpinned and unreferenced, the link is released and detaches.
-            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-            drop(pinned.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+            let pinned =
+                PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            drop(
+                pinned
+                    .unpin()
+                    .with_context(|| format!("unpinning {}", pin.display()))?,
+            );
         } else {
-            match tc::qdisc_detach_program(&attachment.iface, attachment.program.tc_attach_type(), attachment.program.symbol()) {
+            match tc::qdisc_detach_program(
+                &attachment.iface,
+                attachment.program.tc_attach_type(),
+                attachment.program.symbol(),
+            ) {
                 Ok(()) => {}
                 Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e).with_context(|| format!("detaching {attachment}")),
@@ -400,9 +477,16 @@ impl Datapath {
         let mut progs = Vec::new();
         let mut maps = Vec::new();
         for program in Program::ALL {
-            let info = self.program(program).info().with_context(|| format!("reading info of {}", program.symbol()))?;
+            let info = self
+                .program(program)
+                .info()
+                .with_context(|| format!("reading info of {}", program.symbol()))?;
             progs.push(info.id());
-            maps.extend(info.map_ids().with_context(|| format!("reading map ids of {}", program.symbol()))?.unwrap_or_default());
+            maps.extend(
+                info.map_ids()
+                    .with_context(|| format!("reading map ids of {}", program.symbol()))?
+                    .unwrap_or_default(),
+            );
         }
         maps.sort();
         maps.dedup();
@@ -411,23 +495,32 @@ impl Datapath {
 
     /// Forwarding state is in pinned maps: this gives writers and readers.
     pub fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
-        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
     }
 
     /// Start forwarding kernel-side log records to the `log` crate (debug level).
     pub fn init_kernel_logs(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf).context("initialising aya-log for kernel-side logs")
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .context("initialising aya-log for kernel-side logs")
     }
 }
 
 /// Refuse a pinned map whose shape differs from the one this binary was
 /// built with: aya would otherwise adopt it silently and the programs would
 /// read garbage.
-fn check_pinned_shape(name: &str, expected: &aya_obj::Map, max_entries: Option<u32>, path: &Path) -> Result<()> {
+fn check_pinned_shape(
+    name: &str,
+    expected: &aya_obj::Map,
+    max_entries: Option<u32>,
+    path: &Path,
+) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let found = MapInfo::from_pin(path).with_context(|| format!("reading pinned map {}", path.display()))?;
+    let found = MapInfo::from_pin(path)
+        .with_context(|| format!("reading pinned map {}", path.display()))?;
     let found_type = found.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
     let want = (
         expected.map_type(),
@@ -436,12 +529,21 @@ fn check_pinned_shape(name: &str, expected: &aya_obj::Map, max_entries: Option<u
         max_entries.unwrap_or(expected.max_entries()),
         expected.map_flags(),
     );
-    let got = (found_type, found.key_size(), found.value_size(), found.max_entries(), found.map_flags());
+    let got = (
+        found_type,
+        found.key_size(),
+        found.value_size(),
+        found.max_entries(),
+        found.map_flags(),
+    );
     if want == got {
         return Ok(());
     }
     let describe = |(t, k, v, m, f): (u32, u32, u32, u32, u32)| {
-        format!("type {} key {k} B value {v} B max_entries {m} flags {f:#x}", map_type_name(t))
+        format!(
+            "type {} key {k} B value {v} B max_entries {m} flags {f:#x}",
+            map_type_name(t)
+        )
     };
     bail!(
         "pinned map {name} at {} does not have the layout this agent was built with \
@@ -478,8 +580,12 @@ fn attach_tcx(prog: &mut SchedClassifier, attachment: &Attachment, link_pin: &Pa
             }
             Err(e) => {
                 // The interface was deleted and recreated: its old link is defunct.
-                warn!("{attachment}: pinned link {} unusable ({e:#}); attaching anew", link_pin.display());
-                fs::remove_file(link_pin).with_context(|| format!("removing stale link pin {}", link_pin.display()))?;
+                warn!(
+                    "{attachment}: pinned link {} unusable ({e:#}); attaching anew",
+                    link_pin.display()
+                );
+                fs::remove_file(link_pin)
+                    .with_context(|| format!("removing stale link pin {}", link_pin.display()))?;
             }
         }
     }
@@ -489,8 +595,12 @@ fn attach_tcx(prog: &mut SchedClassifier, attachment: &Attachment, link_pin: &Pa
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
-    link.pin(link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
-    info!("{attachment}: attached (TCX, pinned at {})", link_pin.display());
+    link.pin(link_pin)
+        .with_context(|| format!("pinning link at {}", link_pin.display()))?;
+    info!(
+        "{attachment}: attached (TCX, pinned at {})",
+        link_pin.display()
+    );
     Ok(())
 }
 
@@ -507,20 +617,31 @@ fn attach_netlink(prog: &mut SchedClassifier, attachment: &Attachment) -> Result
     match tc::qdisc_add_clsact(&attachment.iface) {
         Ok(()) => {}
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(e).with_context(|| format!("adding clsact qdisc to {}", attachment.iface)),
+        Err(e) => {
+            return Err(e).with_context(|| format!("adding clsact qdisc to {}", attachment.iface));
+        }
     }
     let attach_type = attachment.program.tc_attach_type();
     let handle = attachment.program.nl_handle();
-    let existing = SchedClassifierLink::attached(&attachment.iface, attach_type, NL_PRIORITY, handle, None)
-        .with_context(|| format!("interface {} not found", attachment.iface))?;
+    let existing =
+        SchedClassifierLink::attached(&attachment.iface, attach_type, NL_PRIORITY, handle, None)
+            .with_context(|| format!("interface {} not found", attachment.iface))?;
     let id = match prog.attach_to_link(existing) {
         Ok(id) => {
             debug!("{attachment}: netlink filter replaced in place");
             id
         }
         Err(_) => {
-            let options = NlOptions { priority: NL_PRIORITY, handle, classid: None };
-            let id = prog.attach_with_options(&attachment.iface, attach_type, TcAttachOptions::Netlink(options))?;
+            let options = NlOptions {
+                priority: NL_PRIORITY,
+                handle,
+                classid: None,
+            };
+            let id = prog.attach_with_options(
+                &attachment.iface,
+                attach_type,
+                TcAttachOptions::Netlink(options),
+            )?;
             info!("{attachment}: attached (netlink cls_bpf prio {NL_PRIORITY:#x})");
             id
         }
@@ -548,9 +669,14 @@ pub fn uninstall(bpffs_root: &Path) -> Result<UninstallReport> {
             let links = version.join("links");
             if links.exists() {
                 for pin in read_dir_sorted(&links)? {
-                    let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("opening link pin {}", pin.display()))?;
+                    let pinned = PinnedLink::from_pin(&pin)
+                        .with_context(|| format!("opening link pin {}", pin.display()))?;
                     // Unpinned and closed: the kernel detaches and frees it.
-                    drop(pinned.unpin().with_context(|| format!("unpinning {}", pin.display()))?);
+                    drop(
+                        pinned
+                            .unpin()
+                            .with_context(|| format!("unpinning {}", pin.display()))?,
+                    );
                     report.links.push(pin.display().to_string());
                 }
                 remove_dir(&links)?;
@@ -558,7 +684,8 @@ pub fn uninstall(bpffs_root: &Path) -> Result<UninstallReport> {
             let maps = version.join("maps");
             if maps.exists() {
                 for pin in read_dir_sorted(&maps)? {
-                    fs::remove_file(&pin).with_context(|| format!("removing map pin {}", pin.display()))?;
+                    fs::remove_file(&pin)
+                        .with_context(|| format!("removing map pin {}", pin.display()))?;
                     report.maps.push(pin.display().to_string());
                 }
                 remove_dir(&maps)?;
@@ -571,7 +698,9 @@ pub fn uninstall(bpffs_root: &Path) -> Result<UninstallReport> {
         for program in Program::ALL {
             for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
                 match tc::qdisc_detach_program(&iface, attach_type, program.symbol()) {
-                    Ok(()) => report.netlink_filters.push(format!("{}@{iface}", program.symbol())),
+                    Ok(()) => report
+                        .netlink_filters
+                        .push(format!("{}@{iface}", program.symbol())),
                     Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
                     // The interface vanished meanwhile, or has no clsact qdisc.
                     Err(e) => debug!("{iface}: no {} filter to remove ({e})", program.symbol()),
@@ -593,14 +722,18 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn remove_dir(dir: &Path) -> Result<()> {
-    fs::remove_dir(dir).with_context(|| format!("removing {} (is something else in it?)", dir.display()))
+    fs::remove_dir(dir)
+        .with_context(|| format!("removing {} (is something else in it?)", dir.display()))
 }
 
 /// Open one of our pinned maps, whether or not an agent is running.
 pub fn open_pinned(layout: &PinLayout, name: &str) -> Result<Map> {
     let path = layout.map(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("opening pinned map {} (is the datapath installed? start the agent first)", path.display())
+        format!(
+            "opening pinned map {} (is the datapath installed? start the agent first)",
+            path.display()
+        )
     })?;
     Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }

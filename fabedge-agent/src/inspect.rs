@@ -52,13 +52,20 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Backends => table(crate::inspect_services::backends(&Maps::open(layout)?)?),
         What::Ct => table(crate::inspect_services::ct(&Maps::open(layout)?)?),
         What::Tunnels => table(tunnels::tunnels(
-            STATE_DIR.get().map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
+            STATE_DIR
+                .get()
+                .map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
         )?),
         What::Config => {
             let value = serde_json::to_value(config(&Maps::open(layout)?)?)?;
             let rows = value
                 .as_object()
-                .map(|fields| fields.iter().map(|(k, v)| vec![k.clone(), v.to_string().trim_matches('"').to_string()]).collect())
+                .map(|fields| {
+                    fields
+                        .iter()
+                        .map(|(k, v)| vec![k.clone(), v.to_string().trim_matches('"').to_string()])
+                        .collect()
+                })
                 .unwrap_or_default();
             (vec!["FIELD".into(), "VALUE".into()], rows, value)
         }
@@ -92,7 +99,11 @@ fn print_table(headers: &[String], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: &[String]| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(headers);
@@ -133,11 +144,18 @@ impl Row for MapRow {
 pub fn maps(layout: &PinLayout) -> Result<Vec<MapRow>> {
     let dir = layout.maps_dir();
     let mut rows = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {} (is the datapath installed?)", dir.display()))? {
+    for entry in std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {} (is the datapath installed?)", dir.display()))?
+    {
         let path = entry?.path();
-        let info = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
         rows.push(MapRow {
-            name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            name: path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
             id: info.id(),
             map_type: map_type_name(info.map_type().map(|t| t as u32).unwrap_or(u32::MAX)),
             key_size: info.key_size(),
@@ -165,9 +183,17 @@ impl Row for RouteRow {
         vec![
             self.prefix.clone(),
             self.kind.into(),
-            if self.peer_id == 0 { "-".into() } else { self.peer_id.to_string() },
+            if self.peer_id == 0 {
+                "-".into()
+            } else {
+                self.peer_id.to_string()
+            },
             self.next_hop.clone(),
-            if self.node_address { "yes".into() } else { "".into() },
+            if self.node_address {
+                "yes".into()
+            } else {
+                "".into()
+            },
         ]
     }
 }
@@ -189,7 +215,11 @@ pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
         let next_hop = match entry.kind {
             route_kind::TUNNEL | route_kind::CLOUD_VTEP => {
                 let peer = maps.peer(entry.peer_id)?;
-                if peer.kind == 0 { "MISSING PEER".into() } else { Ipv4Addr::from(peer.underlay_ip).to_string() }
+                if peer.kind == 0 {
+                    "MISSING PEER".into()
+                } else {
+                    Ipv4Addr::from(peer.underlay_ip).to_string()
+                }
             }
             _ => "kernel".into(),
         };
@@ -217,7 +247,9 @@ pub struct PeerRow {
 }
 
 impl Row for PeerRow {
-    const HEADERS: &'static [&'static str] = &["ID", "KIND", "ENDPOINT", "VTEP MAC", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"];
+    const HEADERS: &'static [&'static str] = &[
+        "ID", "KIND", "ENDPOINT", "VTEP MAC", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.id.to_string(),
@@ -243,9 +275,17 @@ pub fn peers(maps: &Maps) -> Result<Vec<PeerRow>> {
         let stats = maps.peer_stats(id)?;
         rows.push(PeerRow {
             id,
-            kind: if peer.kind == peer_kind::FLANNEL_VTEP { "flannel-vtep" } else { "tunnel" },
+            kind: if peer.kind == peer_kind::FLANNEL_VTEP {
+                "flannel-vtep"
+            } else {
+                "tunnel"
+            },
             endpoint: Ipv4Addr::from(peer.underlay_ip).to_string(),
-            vtep_mac: if peer.kind == peer_kind::FLANNEL_VTEP { format_mac(peer.vtep_mac) } else { "-".into() },
+            vtep_mac: if peer.kind == peer_kind::FLANNEL_VTEP {
+                format_mac(peer.vtep_mac)
+            } else {
+                "-".into()
+            },
             tx_packets: stats.tx_packets,
             tx_bytes: stats.tx_bytes,
             rx_packets: stats.rx_packets,
@@ -265,7 +305,11 @@ pub struct CounterRow {
 impl Row for CounterRow {
     const HEADERS: &'static [&'static str] = &["COUNTER", "DROP", "PACKETS"];
     fn cells(&self) -> Vec<String> {
-        vec![self.name.into(), if self.drop { "drop".into() } else { "".into() }, self.packets.to_string()]
+        vec![
+            self.name.into(),
+            if self.drop { "drop".into() } else { "".into() },
+            self.packets.to_string(),
+        ]
     }
 }
 
@@ -277,7 +321,11 @@ pub fn counters(maps: &Maps, nonzero_only: bool) -> Result<Vec<CounterRow>> {
         if nonzero_only && packets == 0 {
             continue;
         }
-        rows.push(CounterRow { name: counter.name(), drop: counter.is_drop(), packets });
+        rows.push(CounterRow {
+            name: counter.name(),
+            drop: counter.is_drop(),
+            packets,
+        });
     }
     Ok(rows)
 }

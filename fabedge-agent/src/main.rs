@@ -10,12 +10,18 @@ use fabedge_agent::{
     plan::{self, Settings, TunnelMode},
     run::{self, RunOptions},
 };
-use fabedge_common::{DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, POD_BRIDGE};
+use fabedge_common::{
+    DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, POD_BRIDGE,
+};
 use ipnet::Ipv4Net;
 use log::info;
 
 #[derive(Parser)]
-#[command(name = "fabedge-agent", version, about = "fabedge node agent: eBPF forwarding plane for edge Kubernetes")]
+#[command(
+    name = "fabedge-agent",
+    version,
+    about = "fabedge node agent: eBPF forwarding plane for edge Kubernetes"
+)]
 struct Cli {
     /// Root of our bpffs state; pins go under <ROOT>/v<layout version>/.
     #[arg(long, global = true, default_value = datapath::DEFAULT_BPFFS_ROOT, env = "FABEDGE_BPFFS_ROOT")]
@@ -163,8 +169,13 @@ struct RunArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms or 2s"))?;
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms or 2s"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -180,7 +191,8 @@ fn main() -> Result<()> {
     // Printing into a closed pipe (`inspect | head`) should end quietly.
     // SAFETY: restoring the default disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER)).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER))
+        .init();
     let cli = Cli::parse();
     let layout = PinLayout::new(&cli.bpffs_root);
     match cli.command {
@@ -223,7 +235,9 @@ fn main() -> Result<()> {
                 ..Settings::default()
             };
             if args.keepalive_interval.is_zero() {
-                bail!("--keepalive-interval must be above 0: edges behind NAT keep their mapping open with keepalives");
+                bail!(
+                    "--keepalive-interval must be above 0: edges behind NAT keep their mapping open with keepalives"
+                );
             }
             if args.esp_public_endpoint.is_some() && settings.tunnel_mode != TunnelMode::Esp {
                 bail!("--esp-public-endpoint is for the ESP mode: add --tunnel esp, or drop it");
@@ -257,14 +271,24 @@ fn main() -> Result<()> {
                     keepalive: args.keepalive_interval,
                 }),
             };
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(options))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run::run(options))
         }
-        Cmd::Attach { attachments, attach_mode } => {
+        Cmd::Attach {
+            attachments,
+            attach_mode,
+        } => {
             let mut dp = Datapath::load(layout, attach_mode)?;
             for attachment in &attachments {
                 dp.attach(attachment)?;
             }
-            info!("attached {} program(s) in {:?} mode", attachments.len(), dp.attach_mode());
+            info!(
+                "attached {} program(s) in {:?} mode",
+                attachments.len(),
+                dp.attach_mode()
+            );
             Ok(())
         }
         Cmd::Uninstall { cni_conf_dir } => {
@@ -282,10 +306,17 @@ fn main() -> Result<()> {
         }
         Cmd::RotateKey { state_dir } => {
             let path = run::esp::request_rotation(&state_dir)?;
-            info!("rotation requested ({}); the running agent starts a new key generation", path.display());
+            info!(
+                "rotation requested ({}); the running agent starts a new key generation",
+                path.display()
+            );
             Ok(())
         }
-        Cmd::Inspect { what, json, state_dir } => {
+        Cmd::Inspect {
+            what,
+            json,
+            state_dir,
+        } => {
             let _ = inspect::STATE_DIR.set(state_dir);
             inspect::run(&layout, what, json)
         }

@@ -4,11 +4,11 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
-use fabedge_common::{
-    Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
-};
 use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
+};
+use fabedge_common::{
+    Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -31,15 +31,31 @@ impl Maps {
     pub fn open(layout: &PinLayout) -> Result<Self> {
         let typed = |name: &str| -> Result<aya::maps::Map> { open_pinned(layout, name) };
         Ok(Maps {
-            routes: typed(map_names::ROUTES)?.try_into().context(map_names::ROUTES)?,
-            peers: typed(map_names::PEERS)?.try_into().context(map_names::PEERS)?,
-            config: typed(map_names::CONFIG)?.try_into().context(map_names::CONFIG)?,
-            counters: typed(map_names::COUNTERS)?.try_into().context(map_names::COUNTERS)?,
-            peer_stats: typed(map_names::PEER_STATS)?.try_into().context(map_names::PEER_STATS)?,
-            services: typed(map_names::SERVICES)?.try_into().context(map_names::SERVICES)?,
-            backends: typed(map_names::BACKENDS)?.try_into().context(map_names::BACKENDS)?,
+            routes: typed(map_names::ROUTES)?
+                .try_into()
+                .context(map_names::ROUTES)?,
+            peers: typed(map_names::PEERS)?
+                .try_into()
+                .context(map_names::PEERS)?,
+            config: typed(map_names::CONFIG)?
+                .try_into()
+                .context(map_names::CONFIG)?,
+            counters: typed(map_names::COUNTERS)?
+                .try_into()
+                .context(map_names::COUNTERS)?,
+            peer_stats: typed(map_names::PEER_STATS)?
+                .try_into()
+                .context(map_names::PEER_STATS)?,
+            services: typed(map_names::SERVICES)?
+                .try_into()
+                .context(map_names::SERVICES)?,
+            backends: typed(map_names::BACKENDS)?
+                .try_into()
+                .context(map_names::BACKENDS)?,
             ct: typed(map_names::CT)?.try_into().context(map_names::CT)?,
-            affinity: typed(map_names::AFFINITY)?.try_into().context(map_names::AFFINITY)?,
+            affinity: typed(map_names::AFFINITY)?
+                .try_into()
+                .context(map_names::AFFINITY)?,
         })
     }
 
@@ -60,7 +76,9 @@ impl Maps {
     }
 
     pub fn remove_route(&mut self, net: Ipv4Net) -> Result<()> {
-        self.routes.remove(&net_to_key(net)).with_context(|| format!("removing route {net} from FE_ROUTES"))
+        self.routes
+            .remove(&net_to_key(net))
+            .with_context(|| format!("removing route {net} from FE_ROUTES"))
     }
 
     pub fn config(&self) -> Result<DatapathConfig> {
@@ -72,50 +90,77 @@ impl Maps {
     }
 
     pub fn peer(&self, id: u16) -> Result<PeerEntry> {
-        self.peers.get(&(id as u32), 0).with_context(|| format!("reading FE_PEERS[{id}]"))
+        self.peers
+            .get(&(id as u32), 0)
+            .with_context(|| format!("reading FE_PEERS[{id}]"))
     }
 
     pub fn set_peer(&mut self, id: u16, peer: PeerEntry) -> Result<()> {
-        self.peers.set(id as u32, peer, 0).with_context(|| format!("writing FE_PEERS[{id}]"))
+        self.peers
+            .set(id as u32, peer, 0)
+            .with_context(|| format!("writing FE_PEERS[{id}]"))
     }
 
     /// Summed over CPUs.
     pub fn counter(&self, counter: Counter) -> Result<u64> {
-        let values = self.counters.get(&(counter as u32), 0).with_context(|| format!("reading counter {}", counter.name()))?;
+        let values = self
+            .counters
+            .get(&(counter as u32), 0)
+            .with_context(|| format!("reading counter {}", counter.name()))?;
         Ok(values.iter().sum())
     }
 
     /// Summed over CPUs.
     pub fn peer_stats(&self, id: u16) -> Result<PeerStats> {
-        let values = self.peer_stats.get(&(id as u32), 0).with_context(|| format!("reading FE_PEER_STATS[{id}]"))?;
-        Ok(values.iter().fold(PeerStats::default(), |acc, s| PeerStats {
-            tx_packets: acc.tx_packets + s.tx_packets,
-            tx_bytes: acc.tx_bytes + s.tx_bytes,
-            rx_packets: acc.rx_packets + s.rx_packets,
-            rx_bytes: acc.rx_bytes + s.rx_bytes,
-        }))
+        let values = self
+            .peer_stats
+            .get(&(id as u32), 0)
+            .with_context(|| format!("reading FE_PEER_STATS[{id}]"))?;
+        Ok(values
+            .iter()
+            .fold(PeerStats::default(), |acc, s| PeerStats {
+                tx_packets: acc.tx_packets + s.tx_packets,
+                tx_bytes: acc.tx_bytes + s.tx_bytes,
+                rx_packets: acc.rx_packets + s.rx_packets,
+                rx_bytes: acc.rx_bytes + s.rx_bytes,
+            }))
     }
 }
 
 pub fn net_to_key(net: Ipv4Net) -> Key<RouteAddr> {
-    Key::new(net.prefix_len() as u32, RouteAddr { addr: net.network().octets() })
+    Key::new(
+        net.prefix_len() as u32,
+        RouteAddr {
+            addr: net.network().octets(),
+        },
+    )
 }
 
 pub fn key_to_net(key: &Key<RouteAddr>) -> Ipv4Net {
     let prefix = key.prefix_len().min(32) as u8;
-    Ipv4Net::new(Ipv4Addr::from(key.data().addr), prefix).expect("prefix clamped to 32").trunc()
+    Ipv4Net::new(Ipv4Addr::from(key.data().addr), prefix)
+        .expect("prefix clamped to 32")
+        .trunc()
 }
 
 /// Service translation maps.
 impl Maps {
     pub fn service_entries(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
-        let mut out: Vec<_> = self.services.iter().collect::<Result<_, _>>().context("reading FE_SERVICES")?;
+        let mut out: Vec<_> = self
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading FE_SERVICES")?;
         out.sort_by_key(|(k, _)| *k);
         Ok(out)
     }
 
     pub fn backend_entries(&self) -> Result<Vec<(BackendKey, Backend)>> {
-        let mut out: Vec<_> = self.backends.iter().collect::<Result<_, _>>().context("reading FE_BACKENDS")?;
+        let mut out: Vec<_> = self
+            .backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading FE_BACKENDS")?;
         out.sort_by_key(|(k, _)| *k);
         Ok(out)
     }
@@ -149,10 +194,14 @@ impl Maps {
         if self.counter(counter)? == value {
             return Ok(());
         }
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
         let mut values = vec![0u64; cpus];
         values[0] = value;
         let values = aya::maps::PerCpuValues::try_from(values).context("per-CPU values")?;
-        self.counters.set(counter as u32, values, 0).with_context(|| format!("writing counter {}", counter.name()))
+        self.counters
+            .set(counter as u32, values, 0)
+            .with_context(|| format!("writing counter {}", counter.name()))
     }
 }

@@ -44,8 +44,12 @@ pub mod annotation {
     pub const FLANNEL_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
     pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
     /// The four annotations that make up a Flannel lease, in the order above.
-    pub const FLANNEL_LEASE: [&str; 4] =
-        [FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_KUBE_SUBNET_MANAGER, FLANNEL_PUBLIC_IP];
+    pub const FLANNEL_LEASE: [&str; 4] = [
+        FLANNEL_BACKEND_DATA,
+        FLANNEL_BACKEND_TYPE,
+        FLANNEL_KUBE_SUBNET_MANAGER,
+        FLANNEL_PUBLIC_IP,
+    ];
 }
 
 /// The only Flannel backend whose VTEPs the connector can stand in for.
@@ -65,10 +69,22 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn cluster(kind: &'static str, name: impl Into<String>) -> Self {
-        ObjectRef { kind, namespace: None, name: name.into() }
+        ObjectRef {
+            kind,
+            namespace: None,
+            name: name.into(),
+        }
     }
-    pub fn namespaced(kind: &'static str, namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectRef { kind, namespace: Some(namespace.into()), name: name.into() }
+    pub fn namespaced(
+        kind: &'static str,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        ObjectRef {
+            kind,
+            namespace: Some(namespace.into()),
+            name: name.into(),
+        }
     }
 }
 
@@ -88,7 +104,11 @@ pub enum ModelError {
     /// `kubectl explain` would (`spec.podCIDR`, `annotation fabedge.io/...`);
     /// `problem` holds the bad value, what was expected and the fix.
     #[error("{object}: {field} {problem}")]
-    Invalid { object: ObjectRef, field: String, problem: String },
+    Invalid {
+        object: ObjectRef,
+        field: String,
+        problem: String,
+    },
     #[error("{object} is given more than once; object names must be unique")]
     Duplicate { object: ObjectRef },
 }
@@ -105,17 +125,35 @@ impl ModelError {
     pub fn detail(&self) -> String {
         match self {
             ModelError::Invalid { field, problem, .. } => format!("{field} {problem}"),
-            ModelError::Duplicate { .. } => "is given more than once; object names must be unique".into(),
+            ModelError::Duplicate { .. } => {
+                "is given more than once; object names must be unique".into()
+            }
         }
     }
 }
 
 fn invalid(object: &ObjectRef, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
-    ModelError::Invalid { object: object.clone(), field: field.into(), problem: problem.into() }
+    ModelError::Invalid {
+        object: object.clone(),
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// A node's part in fabedge, from its labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Behind NAT at an edge site: pod bridge, tunnels to the connector and community peers.
@@ -192,7 +230,10 @@ pub struct NamespacedName {
 
 impl NamespacedName {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        NamespacedName { namespace: namespace.into(), name: name.into() }
+        NamespacedName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -227,7 +268,9 @@ impl Protocol {
             None | Some("TCP") => Ok(Protocol::Tcp),
             Some("UDP") => Ok(Protocol::Udp),
             Some("SCTP") => Ok(Protocol::Sctp),
-            Some(other) => Err(format!("{other:?} is not a protocol Kubernetes knows; use TCP, UDP or SCTP")),
+            Some(other) => Err(format!(
+                "{other:?} is not a protocol Kubernetes knows; use TCP, UDP or SCTP"
+            )),
         }
     }
 }
@@ -324,7 +367,9 @@ pub struct EndpointSlice {
 impl EndpointSlice {
     /// The owning Service's name in this slice's namespace.
     pub fn service(&self) -> Option<NamespacedName> {
-        self.service_name.as_ref().map(|s| NamespacedName::new(&self.namespace, s))
+        self.service_name
+            .as_ref()
+            .map(|s| NamespacedName::new(&self.namespace, s))
     }
 }
 
@@ -359,7 +404,11 @@ impl Snapshot {
         for object in communities {
             let community = Community::from_k8s(object)?;
             let object = ObjectRef::cluster("Community", &community.name);
-            if snapshot.communities.insert(community.name.clone(), community).is_some() {
+            if snapshot
+                .communities
+                .insert(community.name.clone(), community)
+                .is_some()
+            {
                 return Err(ModelError::Duplicate { object });
             }
         }
@@ -372,7 +421,9 @@ impl Snapshot {
             }
         }
         for object in endpoint_slices {
-            let Some(slice) = EndpointSlice::from_k8s(object)? else { continue };
+            let Some(slice) = EndpointSlice::from_k8s(object)? else {
+                continue;
+            };
             let key = NamespacedName::new(&slice.namespace, &slice.name);
             let object = ObjectRef::namespaced("EndpointSlice", &key.namespace, &key.name);
             if snapshot.endpoint_slices.insert(key, slice).is_some() {
@@ -410,7 +461,10 @@ impl Node {
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let annotations = node.metadata.annotations.clone().unwrap_or_default();
 
-        let role = match (labels.contains_key(label::EDGE), labels.contains_key(label::CONNECTOR)) {
+        let role = match (
+            labels.contains_key(label::EDGE),
+            labels.contains_key(label::CONNECTOR),
+        ) {
             (true, true) => {
                 return Err(invalid(
                     &object,
@@ -455,16 +509,32 @@ impl Node {
         let flannel = FlannelLease::from_annotations(&annotations)
             .map_err(|(field, problem)| invalid(&object, format!("annotation {field}"), problem))?;
 
-        Ok(Node { name, role, internal_ip, external_ip, pod_cidr, tunnel_endpoint, flannel, annotations })
+        Ok(Node {
+            name,
+            role,
+            internal_ip,
+            external_ip,
+            pod_cidr,
+            tunnel_endpoint,
+            flannel,
+            annotations,
+        })
     }
 }
 
 /// The first IPv4 InternalIP and ExternalIP; IPv6 addresses are skipped,
 /// unparsable ones are errors (a typo should not silently pick another address).
-fn node_addresses(object: &ObjectRef, node: &core::Node) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>), ModelError> {
+fn node_addresses(
+    object: &ObjectRef,
+    node: &core::Node,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>), ModelError> {
     let mut internal = None;
     let mut external = None;
-    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
     for (index, address) in addresses.iter().enumerate() {
         let slot = match address.type_.as_str() {
             "InternalIP" => &mut internal,
@@ -475,7 +545,10 @@ fn node_addresses(object: &ObjectRef, node: &core::Node) -> Result<(Option<Ipv4A
             invalid(
                 object,
                 format!("status.addresses[{index}].address"),
-                format!("{:?} ({}) is not an IP address", address.address, address.type_),
+                format!(
+                    "{:?} ({}) is not an IP address",
+                    address.address, address.type_
+                ),
             )
         })?;
         if let (IpAddr::V4(v4), None) = (parsed, &slot) {
@@ -489,7 +562,9 @@ fn node_addresses(object: &ObjectRef, node: &core::Node) -> Result<(Option<Ipv4A
 /// CIDRs (dual-stack clusters) are skipped; malformed ones are errors.
 fn node_pod_cidr(object: &ObjectRef, node: &core::Node) -> Result<Option<Ipv4Net>, ModelError> {
     let spec = node.spec.as_ref();
-    let single = spec.and_then(|s| s.pod_cidr.as_ref()).map(|c| ("spec.podCIDR".to_owned(), c));
+    let single = spec
+        .and_then(|s| s.pod_cidr.as_ref())
+        .map(|c| ("spec.podCIDR".to_owned(), c));
     let listed = spec
         .and_then(|s| s.pod_cidrs.as_ref())
         .into_iter()
@@ -504,9 +579,19 @@ fn node_pod_cidr(object: &ObjectRef, node: &core::Node) -> Result<Option<Ipv4Net
         }
     }
     // spec.podCIDR wins; without it, the CIDR fabedge's IPAM allocated.
-    if let Some(value) = node.metadata.annotations.as_ref().and_then(|a| a.get(annotation::POD_CIDR)) {
-        return parse_ipv4_cidr(value)
-            .map_err(|problem| invalid(object, format!("annotation {}", annotation::POD_CIDR), problem));
+    if let Some(value) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::POD_CIDR))
+    {
+        return parse_ipv4_cidr(value).map_err(|problem| {
+            invalid(
+                object,
+                format!("annotation {}", annotation::POD_CIDR),
+                problem,
+            )
+        });
     }
     Ok(None)
 }
@@ -516,11 +601,14 @@ fn node_pod_cidr(object: &ObjectRef, node: &core::Node) -> Result<Option<Ipv4Net
 fn parse_ipv4_cidr(value: &str) -> Result<Option<Ipv4Net>, String> {
     match value.trim().parse::<IpNet>() {
         Ok(IpNet::V4(net)) if net == net.trunc() => Ok(Some(net)),
-        Ok(IpNet::V4(net)) => {
-            Err(format!("{value:?} has host bits set; a CIDR names a network: did you mean {}?", net.trunc()))
-        }
+        Ok(IpNet::V4(net)) => Err(format!(
+            "{value:?} has host bits set; a CIDR names a network: did you mean {}?",
+            net.trunc()
+        )),
         Ok(IpNet::V6(_)) => Ok(None),
-        Err(_) => Err(format!("{value:?} is not an IPv4 CIDR (expected e.g. 10.234.1.0/24)")),
+        Err(_) => Err(format!(
+            "{value:?} is not an IPv4 CIDR (expected e.g. 10.234.1.0/24)"
+        )),
     }
 }
 
@@ -535,15 +623,21 @@ struct VxlanBackendData {
 impl FlannelLease {
     /// `Ok(None)` when the node carries no Flannel annotations at all; an
     /// error (field, problem) when they are incomplete or malformed.
-    pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Option<FlannelLease>, (String, String)> {
+    pub fn from_annotations(
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Option<FlannelLease>, (String, String)> {
         let get = |key: &str| annotations.get(key).map(String::as_str);
         let (Some(backend_type), public_ip, backend_data) = (
             get(annotation::FLANNEL_BACKEND_TYPE),
             get(annotation::FLANNEL_PUBLIC_IP),
             get(annotation::FLANNEL_BACKEND_DATA),
         ) else {
-            if let Some(present) =
-                [annotation::FLANNEL_PUBLIC_IP, annotation::FLANNEL_BACKEND_DATA].into_iter().find(|k| get(k).is_some())
+            if let Some(present) = [
+                annotation::FLANNEL_PUBLIC_IP,
+                annotation::FLANNEL_BACKEND_DATA,
+            ]
+            .into_iter()
+            .find(|k| get(k).is_some())
             {
                 return Err((
                     annotation::FLANNEL_BACKEND_TYPE.into(),
@@ -564,25 +658,45 @@ impl FlannelLease {
                 ),
             ));
         }
-        let public_ip = public_ip
-            .ok_or_else(|| (annotation::FLANNEL_PUBLIC_IP.to_owned(), "is missing from a vxlan lease".to_owned()))?;
-        let public_ip = public_ip
-            .trim()
-            .parse::<Ipv4Addr>()
-            .map_err(|_| (annotation::FLANNEL_PUBLIC_IP.to_owned(), format!("{public_ip:?} is not an IPv4 address")))?;
-        let backend_data = backend_data
-            .ok_or_else(|| (annotation::FLANNEL_BACKEND_DATA.to_owned(), "is missing from a vxlan lease".to_owned()))?;
+        let public_ip = public_ip.ok_or_else(|| {
+            (
+                annotation::FLANNEL_PUBLIC_IP.to_owned(),
+                "is missing from a vxlan lease".to_owned(),
+            )
+        })?;
+        let public_ip = public_ip.trim().parse::<Ipv4Addr>().map_err(|_| {
+            (
+                annotation::FLANNEL_PUBLIC_IP.to_owned(),
+                format!("{public_ip:?} is not an IPv4 address"),
+            )
+        })?;
+        let backend_data = backend_data.ok_or_else(|| {
+            (
+                annotation::FLANNEL_BACKEND_DATA.to_owned(),
+                "is missing from a vxlan lease".to_owned(),
+            )
+        })?;
         let expected = r#"Flannel's vxlan backend data, e.g. {"VtepMAC":"ce:0c:01:00:00:01"}"#;
         let data: VxlanBackendData = serde_json::from_str(backend_data).map_err(|_| {
-            (annotation::FLANNEL_BACKEND_DATA.to_owned(), format!("{backend_data:?} is not {expected}"))
+            (
+                annotation::FLANNEL_BACKEND_DATA.to_owned(),
+                format!("{backend_data:?} is not {expected}"),
+            )
         })?;
         let vtep_mac = parse_mac(&data.vtep_mac).ok_or_else(|| {
             (
                 annotation::FLANNEL_BACKEND_DATA.to_owned(),
-                format!("VtepMAC {:?} is not a MAC address like ce:0c:01:00:00:01", data.vtep_mac),
+                format!(
+                    "VtepMAC {:?} is not a MAC address like ce:0c:01:00:00:01",
+                    data.vtep_mac
+                ),
             )
         })?;
-        Ok(Some(FlannelLease { vtep_mac, public_ip, backend_type: backend_type.to_owned() }))
+        Ok(Some(FlannelLease {
+            vtep_mac,
+            public_ip,
+            backend_type: backend_type.to_owned(),
+        }))
     }
 }
 
@@ -617,7 +731,11 @@ impl Community {
         let mut members = BTreeSet::new();
         for (index, member) in community.spec.members.iter().enumerate() {
             if member.trim().is_empty() {
-                return Err(invalid(&object, format!("spec.members[{index}]"), "is empty; list node names"));
+                return Err(invalid(
+                    &object,
+                    format!("spec.members[{index}]"),
+                    "is empty; list node names",
+                ));
             }
             members.insert(member.trim().to_owned());
         }
@@ -627,13 +745,20 @@ impl Community {
 
 /// A port number from Kubernetes' `int32`.
 fn port_number(value: i32) -> Result<u16, String> {
-    u16::try_from(value).ok().filter(|p| *p != 0).ok_or_else(|| format!("{value} is not a port number (1-65535)"))
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is not a port number (1-65535)"))
 }
 
 impl Service {
     pub fn from_k8s(service: &core::Service) -> Result<Service, ModelError> {
         let name = object_name("Service", &service.metadata)?;
-        let namespace = service.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let namespace = service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         let object = ObjectRef::namespaced("Service", &namespace, &name);
         let spec = service.spec.clone().unwrap_or_default();
 
@@ -646,7 +771,11 @@ impl Service {
         let mut cluster_ips = Vec::new();
         let mut headless = false;
         for (index, ip) in ips.iter().enumerate() {
-            let field = if field == "spec.clusterIPs" { format!("{field}[{index}]") } else { field.to_owned() };
+            let field = if field == "spec.clusterIPs" {
+                format!("{field}[{index}]")
+            } else {
+                field.to_owned()
+            };
             match ip.trim() {
                 "None" => headless = true,
                 // Not allocated yet: the API server fills it in.
@@ -658,7 +787,9 @@ impl Service {
                         return Err(invalid(
                             &object,
                             field,
-                            format!("{ip:?} is not an IP address (or \"None\" for a headless Service)"),
+                            format!(
+                                "{ip:?} is not an IP address (or \"None\" for a headless Service)"
+                            ),
                         ));
                     }
                 },
@@ -669,15 +800,17 @@ impl Service {
         for (index, port) in spec.ports.iter().flatten().enumerate() {
             let at = |what: &str| format!("spec.ports[{index}].{what}");
             let number = port_number(port.port).map_err(|p| invalid(&object, at("port"), p))?;
-            let protocol =
-                Protocol::parse(port.protocol.as_deref()).map_err(|p| invalid(&object, at("protocol"), p))?;
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|p| invalid(&object, at("protocol"), p))?;
             let target_port = match &port.target_port {
                 None => TargetPort::Number(number),
-                Some(IntOrString::Int(n)) => {
-                    TargetPort::Number(port_number(*n).map_err(|p| invalid(&object, at("targetPort"), p))?)
-                }
+                Some(IntOrString::Int(n)) => TargetPort::Number(
+                    port_number(*n).map_err(|p| invalid(&object, at("targetPort"), p))?,
+                ),
                 Some(IntOrString::String(s)) => match s.parse::<i32>() {
-                    Ok(n) => TargetPort::Number(port_number(n).map_err(|p| invalid(&object, at("targetPort"), p))?),
+                    Ok(n) => TargetPort::Number(
+                        port_number(n).map_err(|p| invalid(&object, at("targetPort"), p))?,
+                    ),
                     Err(_) if !s.is_empty() => TargetPort::Name(s.clone()),
                     Err(_) => TargetPort::Number(number),
                 },
@@ -707,14 +840,20 @@ impl Service {
                             invalid(
                                 &object,
                                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                                format!("{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECONDS} seconds"),
+                                format!(
+                                    "{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECONDS} seconds"
+                                ),
                             )
                         })?,
                 };
                 SessionAffinity::ClientIp { timeout_seconds }
             }
             Some(other) => {
-                return Err(invalid(&object, "spec.sessionAffinity", format!("{other:?} is not None or ClientIP")));
+                return Err(invalid(
+                    &object,
+                    "spec.sessionAffinity",
+                    format!("{other:?} is not None or ClientIP"),
+                ));
             }
         };
 
@@ -730,7 +869,15 @@ impl Service {
             }
         };
 
-        Ok(Service { namespace, name, cluster_ips, headless, ports, session_affinity, internal_traffic_policy })
+        Ok(Service {
+            namespace,
+            name,
+            cluster_ips,
+            headless,
+            ports,
+            session_affinity,
+            internal_traffic_policy,
+        })
     }
 }
 
@@ -738,27 +885,51 @@ impl EndpointSlice {
     /// `Ok(None)` for slices of another address type (IPv6, FQDN).
     pub fn from_k8s(slice: &discovery::EndpointSlice) -> Result<Option<EndpointSlice>, ModelError> {
         let name = object_name("EndpointSlice", &slice.metadata)?;
-        let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         let object = ObjectRef::namespaced("EndpointSlice", &namespace, &name);
         match slice.address_type.as_str() {
             "IPv4" => {}
             "IPv6" | "FQDN" => {
-                log::debug!("{object}: addressType {} is not translated by fabedge; skipped", slice.address_type);
+                log::debug!(
+                    "{object}: addressType {} is not translated by fabedge; skipped",
+                    slice.address_type
+                );
                 return Ok(None);
             }
             other => {
-                return Err(invalid(&object, "addressType", format!("{other:?} is not IPv4, IPv6 or FQDN")));
+                return Err(invalid(
+                    &object,
+                    "addressType",
+                    format!("{other:?} is not IPv4, IPv6 or FQDN"),
+                ));
             }
         }
-        let service_name = slice.metadata.labels.as_ref().and_then(|l| l.get(label::SERVICE_NAME)).cloned();
+        let service_name = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(label::SERVICE_NAME))
+            .cloned();
 
         let mut ports = Vec::new();
         for (index, port) in slice.ports.iter().flatten().enumerate() {
             let at = |what: &str| format!("ports[{index}].{what}");
-            let number = port.port.map(port_number).transpose().map_err(|p| invalid(&object, at("port"), p))?;
-            let protocol =
-                Protocol::parse(port.protocol.as_deref()).map_err(|p| invalid(&object, at("protocol"), p))?;
-            ports.push(EndpointPort { name: port.name.clone().unwrap_or_default(), port: number, protocol });
+            let number = port
+                .port
+                .map(port_number)
+                .transpose()
+                .map_err(|p| invalid(&object, at("port"), p))?;
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|p| invalid(&object, at("protocol"), p))?;
+            ports.push(EndpointPort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol,
+            });
         }
 
         let mut endpoints = Vec::new();
@@ -769,7 +940,9 @@ impl EndpointSlice {
                     invalid(
                         &object,
                         format!("endpoints[{index}].addresses[{a}]"),
-                        format!("{address:?} is not an IPv4 address (the slice's addressType is IPv4)"),
+                        format!(
+                            "{address:?} is not an IPv4 address (the slice's addressType is IPv4)"
+                        ),
                     )
                 })?;
                 addresses.push(parsed);
@@ -783,7 +956,13 @@ impl EndpointSlice {
                 node_name: endpoint.node_name.clone(),
             });
         }
-        Ok(Some(EndpointSlice { namespace, name, service_name, ports, endpoints }))
+        Ok(Some(EndpointSlice {
+            namespace,
+            name,
+            service_name,
+            ports,
+            endpoints,
+        }))
     }
 }
 
@@ -793,9 +972,18 @@ mod tests {
 
     #[test]
     fn mac_round_trips_and_rejects_garbage() {
-        assert_eq!(parse_mac("CE:0c:01:00:00:01"), Some([0xce, 0x0c, 1, 0, 0, 1]));
+        assert_eq!(
+            parse_mac("CE:0c:01:00:00:01"),
+            Some([0xce, 0x0c, 1, 0, 0, 1])
+        );
         assert_eq!(format_mac([0xce, 0x0c, 1, 0, 0, 1]), "ce:0c:01:00:00:01");
-        for bad in ["", "ce:0c:01:00:00", "ce:0c:01:00:00:01:02", "ce:0c:01:00:00:zz", "ce:0c:1:00:00:001"] {
+        for bad in [
+            "",
+            "ce:0c:01:00:00",
+            "ce:0c:01:00:00:01:02",
+            "ce:0c:01:00:00:zz",
+            "ce:0c:1:00:00:001",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad:?}");
         }
     }
@@ -805,7 +993,11 @@ mod tests {
         let err = parse_ipv4_cidr("10.234.1.5/24").unwrap_err();
         assert!(err.contains("did you mean 10.234.1.0/24"), "{err}");
         assert_eq!(parse_ipv4_cidr("fd00::/64"), Ok(None));
-        assert!(parse_ipv4_cidr("10.0.0.0/33").unwrap_err().contains("is not an IPv4 CIDR"));
+        assert!(
+            parse_ipv4_cidr("10.0.0.0/33")
+                .unwrap_err()
+                .contains("is not an IPv4 CIDR")
+        );
     }
 
     #[test]
@@ -813,30 +1005,56 @@ mod tests {
         let node = |spec: Option<&str>, annotated: &str| core::Node {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some("edge-1".into()),
-                annotations: Some(BTreeMap::from([(annotation::POD_CIDR.to_owned(), annotated.to_owned())])),
+                annotations: Some(BTreeMap::from([(
+                    annotation::POD_CIDR.to_owned(),
+                    annotated.to_owned(),
+                )])),
                 ..Default::default()
             },
-            spec: Some(core::NodeSpec { pod_cidr: spec.map(Into::into), ..Default::default() }),
+            spec: Some(core::NodeSpec {
+                pod_cidr: spec.map(Into::into),
+                ..Default::default()
+            }),
             status: Some(core::NodeStatus {
-                addresses: Some(vec![core::NodeAddress { type_: "InternalIP".into(), address: "10.2.0.11".into() }]),
+                addresses: Some(vec![core::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: "10.2.0.11".into(),
+                }]),
                 ..Default::default()
             }),
         };
         let cidr = |n: core::Node| Node::from_k8s(&n).map(|n| n.pod_cidr);
-        assert_eq!(cidr(node(None, "10.234.7.0/24")), Ok(Some("10.234.7.0/24".parse().unwrap())));
-        assert_eq!(cidr(node(Some("10.234.1.0/24"), "10.234.7.0/24")), Ok(Some("10.234.1.0/24".parse().unwrap())));
+        assert_eq!(
+            cidr(node(None, "10.234.7.0/24")),
+            Ok(Some("10.234.7.0/24".parse().unwrap()))
+        );
+        assert_eq!(
+            cidr(node(Some("10.234.1.0/24"), "10.234.7.0/24")),
+            Ok(Some("10.234.1.0/24".parse().unwrap()))
+        );
         let err = cidr(node(None, "10.234.7.9/24")).unwrap_err().to_string();
-        assert!(err.contains("annotation fabedge.io/pod-cidr") && err.contains("10.234.7.0/24"), "{err}");
+        assert!(
+            err.contains("annotation fabedge.io/pod-cidr") && err.contains("10.234.7.0/24"),
+            "{err}"
+        );
     }
 
     fn lease(pairs: &[(&str, &str)]) -> Result<Option<FlannelLease>, (String, String)> {
-        FlannelLease::from_annotations(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        FlannelLease::from_annotations(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
     fn flannel_lease_reads_what_flannel_writes() {
         let parsed = lease(&[
-            (annotation::FLANNEL_BACKEND_DATA, r#"{"VNI":1,"VtepMAC":"ce:0c:02:00:00:02"}"#),
+            (
+                annotation::FLANNEL_BACKEND_DATA,
+                r#"{"VNI":1,"VtepMAC":"ce:0c:02:00:00:02"}"#,
+            ),
             (annotation::FLANNEL_BACKEND_TYPE, "vxlan"),
             (annotation::FLANNEL_KUBE_SUBNET_MANAGER, "true"),
             (annotation::FLANNEL_PUBLIC_IP, "10.1.0.2"),

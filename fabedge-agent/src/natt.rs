@@ -66,7 +66,9 @@ impl EncapSocket {
 
     /// Another handle on the same socket (for the keepalive thread).
     pub fn try_clone(&self) -> io::Result<EncapSocket> {
-        Ok(EncapSocket { socket: self.socket.try_clone()? })
+        Ok(EncapSocket {
+            socket: self.socket.try_clone()?,
+        })
     }
 
     /// A second handle on the socket for the event loop: readable when a
@@ -75,8 +77,10 @@ impl EncapSocket {
         let fd = std::os::fd::OwnedFd::from(self.socket.try_clone()?);
         // SAFETY: the AsyncFd owns the fd (an OwnedFd inside it), so the fd
         // stays open for as long as it is registered.
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(|e| io::Error::other(e.to_string()))
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| io::Error::other(e.to_string()))
     }
 
     /// One keepalive to each peer; failures are returned per peer, not fatal.

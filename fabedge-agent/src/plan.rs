@@ -28,19 +28,20 @@ mod tests;
 use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use fabedge_common::{
-    DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, DatapathConfig, POD_BRIDGE,
-    PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD, peer_kind, route_flags, route_kind, tunnel_mode,
+    DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI,
+    DatapathConfig, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD,
+    peer_kind, route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+/// For the leading connector's cluster work (`annotate`), which writes the
+/// active connector's lease in kube mode.
+pub use self::flannel::annotation_patches as flannel_annotation_patches;
 pub use self::{
     cni::{CNI_FILE_NAME, CNI_VERSION},
     peer_ids::PeerIds,
 };
-/// For the leading connector's cluster work (`annotate`), which writes the
-/// active connector's lease in kube mode.
-pub use self::flannel::annotation_patches as flannel_annotation_patches;
 use crate::{
     datapath::{Attachment, Program},
     model::{Node, Role, Snapshot, annotation},
@@ -209,7 +210,9 @@ pub enum Device {
 impl Device {
     pub fn name(&self) -> &str {
         match self {
-            Device::Bridge { name, .. } | Device::VxlanTunnel { name, .. } | Device::XfrmTunnel { name, .. } => name,
+            Device::Bridge { name, .. }
+            | Device::VxlanTunnel { name, .. }
+            | Device::XfrmTunnel { name, .. } => name,
         }
     }
 }
@@ -237,7 +240,10 @@ pub struct Sysctl {
 
 impl Sysctl {
     fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
-        Sysctl { key: key.into(), value: value.into() }
+        Sysctl {
+            key: key.into(),
+            value: value.into(),
+        }
     }
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/proc/sys").join(&self.key)
@@ -291,41 +297,71 @@ impl Plan {
 /// Why no plan can be made. Every message names the objects involved and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("node {node} is not in the cluster snapshot; the agent's node name must be a Node's metadata.name")]
+    #[error(
+        "node {node} is not in the cluster snapshot; the agent's node name must be a Node's metadata.name"
+    )]
     UnknownNode { node: String },
     #[error(
         "edge node {node} has no pod CIDR; its pod bridge and CNI config need one: \
          set spec.podCIDR on the Node (or run kube-controller-manager with --allocate-node-cidrs)"
     )]
     MissingPodCidr { node: String },
-    #[error("edge node {node}: pod CIDR {cidr} is too small for a gateway and pods; give it a /30 or larger")]
+    #[error(
+        "edge node {node}: pod CIDR {cidr} is too small for a gateway and pods; give it a /30 or larger"
+    )]
     PodCidrTooSmall { node: String, cidr: Ipv4Net },
     #[error(
         "pod CIDRs overlap: node {first} has {first_cidr} and node {second} has {second_cidr}; every node needs its own"
     )]
-    PodCidrOverlap { first: String, first_cidr: Ipv4Net, second: String, second_cidr: Ipv4Net },
+    PodCidrOverlap {
+        first: String,
+        first_cidr: Ipv4Net,
+        second: String,
+        second_cidr: Ipv4Net,
+    },
     #[error(
         "node {node}'s pod CIDR {pod_cidr} overlaps the Service CIDR {service_cidr}; \
          set the agent's service CIDR to the API server's --service-cluster-ip-range"
     )]
-    ServiceCidrOverlap { node: String, pod_cidr: Ipv4Net, service_cidr: Ipv4Net },
-    #[error("route {prefix} is claimed twice: as {first} and as {second}; node addresses and pod CIDRs must be unique")]
-    RouteConflict { prefix: Ipv4Net, first: String, second: String },
+    ServiceCidrOverlap {
+        node: String,
+        pod_cidr: Ipv4Net,
+        service_cidr: Ipv4Net,
+    },
+    #[error(
+        "route {prefix} is claimed twice: as {first} and as {second}; node addresses and pod CIDRs must be unique"
+    )]
+    RouteConflict {
+        prefix: Ipv4Net,
+        first: String,
+        second: String,
+    },
     #[error(
         "route {prefix} ({owner}) would go into the tunnel, but it contains {endpoint}, the tunnel endpoint of \
          peer {peer}: the tunnel would carry its own packets. Fix: give {peer} a tunnel endpoint outside {prefix} \
          (an ExternalIP, or annotation {annotation} with the address its tunnel is reached at)",
         annotation = annotation::TUNNEL_ENDPOINT
     )]
-    TunnelLoop { prefix: Ipv4Net, owner: String, peer: String, endpoint: Ipv4Addr },
+    TunnelLoop {
+        prefix: Ipv4Net,
+        owner: String,
+        peer: String,
+        endpoint: Ipv4Addr,
+    },
     #[error("{wanted} peers needed but peer ids run 1..={max}; the datapath cannot address more")]
     TooManyPeers { wanted: usize, max: u32 },
     #[error("setting {setting}: {problem}")]
-    Setting { setting: &'static str, problem: String },
+    Setting {
+        setting: &'static str,
+        problem: String,
+    },
 }
 
 fn setting(setting: &'static str, problem: impl Into<String>) -> PlanError {
-    PlanError::Setting { setting, problem: problem.into() }
+    PlanError::Setting {
+        setting,
+        problem: problem.into(),
+    }
 }
 
 /// Plan node `me` of `snapshot`. `previous_peer_ids` is the previous plan's
@@ -348,7 +384,12 @@ pub fn plan(
         None => Cow::Borrowed(snapshot),
     };
     let snapshot = snapshot.as_ref();
-    let me = snapshot.nodes.get(me).ok_or_else(|| PlanError::UnknownNode { node: me.to_owned() })?;
+    let me = snapshot
+        .nodes
+        .get(me)
+        .ok_or_else(|| PlanError::UnknownNode {
+            node: me.to_owned(),
+        })?;
     let tunnel_mtu = check_settings(settings)?;
     check_pod_cidrs(snapshot, settings.service_cidr)?;
 
@@ -386,9 +427,15 @@ fn check_settings(settings: &Settings) -> Result<u16, PlanError> {
             ),
         )
     })?;
-    for (name, vni) in [("tunnel VNI", settings.tunnel_vni), ("Flannel VNI", settings.flannel_vni)] {
+    for (name, vni) in [
+        ("tunnel VNI", settings.tunnel_vni),
+        ("Flannel VNI", settings.flannel_vni),
+    ] {
         if vni > MAX_VNI {
-            return Err(setting(name, format!("{vni} does not fit VXLAN's 24 bits (max {MAX_VNI})")));
+            return Err(setting(
+                name,
+                format!("{vni} does not fit VXLAN's 24 bits (max {MAX_VNI})"),
+            ));
         }
     }
     if settings.tunnel_port == 0 || settings.flannel_port == 0 {
@@ -403,11 +450,17 @@ fn check_settings(settings: &Settings) -> Result<u16, PlanError> {
             ),
         ));
     }
-    for (name, iface) in [("pod bridge", Some(&settings.pod_bridge)), ("uplink", settings.uplink.as_ref())] {
+    for (name, iface) in [
+        ("pod bridge", Some(&settings.pod_bridge)),
+        ("uplink", settings.uplink.as_ref()),
+    ] {
         if let Some(iface) = iface
             && (iface.is_empty() || iface.len() > MAX_IFNAME_LEN)
         {
-            return Err(setting(name, format!("{iface:?} is not an interface name (1 to {MAX_IFNAME_LEN} bytes)")));
+            return Err(setting(
+                name,
+                format!("{iface:?} is not an interface name (1 to {MAX_IFNAME_LEN} bytes)"),
+            ));
         }
     }
     Ok(tunnel_mtu)
@@ -416,13 +469,18 @@ fn check_settings(settings: &Settings) -> Result<u16, PlanError> {
 /// Every node's pod CIDR must be its own and outside the Service CIDR. Run on
 /// the whole cluster so every agent reports the same problem.
 fn check_pod_cidrs(snapshot: &Snapshot, service_cidr: Ipv4Net) -> Result<(), PlanError> {
-    let mut cidrs: Vec<(Ipv4Net, &str)> =
-        snapshot.nodes.values().filter_map(|n| n.pod_cidr.map(|c| (c, n.name.as_str()))).collect();
+    let mut cidrs: Vec<(Ipv4Net, &str)> = snapshot
+        .nodes
+        .values()
+        .filter_map(|n| n.pod_cidr.map(|c| (c, n.name.as_str())))
+        .collect();
     // Two CIDRs either nest or are disjoint. Sorted by start, wider first,
     // a CIDR nested in an earlier one also starts inside its predecessor.
     cidrs.sort_by_key(|(cidr, name)| (cidr.network(), cidr.prefix_len(), *name));
     for pair in cidrs.windows(2) {
-        let [(wide, wide_name), (cidr, name)] = pair else { continue };
+        let [(wide, wide_name), (cidr, name)] = pair else {
+            continue;
+        };
         if wide.contains(&cidr.network()) {
             return Err(PlanError::PodCidrOverlap {
                 first: (*wide_name).to_owned(),
@@ -498,9 +556,21 @@ impl<'a> Planner<'a> {
         owner: String,
     ) -> Result<(), PlanError> {
         if let Some(existing) = self.routes.get(&prefix) {
-            return Err(PlanError::RouteConflict { prefix, first: existing.owner.clone(), second: owner });
+            return Err(PlanError::RouteConflict {
+                prefix,
+                first: existing.owner.clone(),
+                second: owner,
+            });
         }
-        self.routes.insert(prefix, PlannedRoute { kind, flags, peer: peer.map(str::to_owned), owner });
+        self.routes.insert(
+            prefix,
+            PlannedRoute {
+                kind,
+                flags,
+                peer: peer.map(str::to_owned),
+                owner,
+            },
+        );
         Ok(())
     }
 
@@ -508,7 +578,13 @@ impl<'a> Planner<'a> {
     fn local_routes(&mut self) -> Result<(), PlanError> {
         let me = self.me;
         if let Some(cidr) = me.pod_cidr {
-            self.route(cidr, route_kind::LOCAL_POD, 0, None, format!("{}'s pod CIDR", me.name))?;
+            self.route(
+                cidr,
+                route_kind::LOCAL_POD,
+                0,
+                None,
+                format!("{}'s pod CIDR", me.name),
+            )?;
         }
         self.route(
             host_route(me.internal_ip),
@@ -559,9 +635,14 @@ impl<'a> Planner<'a> {
 
     fn edge(&mut self, connector: Option<&'a Node>) -> Result<(), PlanError> {
         let me = self.me;
-        let cidr = me.pod_cidr.ok_or_else(|| PlanError::MissingPodCidr { node: me.name.clone() })?;
+        let cidr = me.pod_cidr.ok_or_else(|| PlanError::MissingPodCidr {
+            node: me.name.clone(),
+        })?;
         if cidr.prefix_len() > 30 {
-            return Err(PlanError::PodCidrTooSmall { node: me.name.clone(), cidr });
+            return Err(PlanError::PodCidrTooSmall {
+                node: me.name.clone(),
+                cidr,
+            });
         }
         self.local_routes()?;
         // Destinations outside the cluster (the edge site's own network, the
@@ -573,7 +654,8 @@ impl<'a> Planner<'a> {
                 route_kind::KERNEL,
                 0,
                 None,
-                "the default route (edge pods reach their site and the internet through the node)".into(),
+                "the default route (edge pods reach their site and the internet through the node)"
+                    .into(),
             )?;
         }
 
@@ -613,7 +695,12 @@ impl<'a> Planner<'a> {
         let me = self.me;
         let mut peers = std::collections::BTreeSet::new();
         let mut warnings = Vec::new();
-        for community in self.snapshot.communities.values().filter(|c| c.members.contains(&me.name)) {
+        for community in self
+            .snapshot
+            .communities
+            .values()
+            .filter(|c| c.members.contains(&me.name))
+        {
             for member in community.members.iter().filter(|m| **m != me.name) {
                 match self.snapshot.nodes.get(member) {
                     Some(node) if node.role == Role::Edge => {
@@ -638,20 +725,35 @@ impl<'a> Planner<'a> {
         let flannel_mac = self.settings.flannel_mac.ok_or_else(|| {
             setting(
                 "flannel.1 MAC",
-                format!("the connector {} needs its flannel.1 MAC (is Flannel running here?)", me.name),
+                format!(
+                    "the connector {} needs its flannel.1 MAC (is Flannel running here?)",
+                    me.name
+                ),
             )
         })?;
         if self.settings.uplink.is_none() {
             return Err(setting(
                 "uplink",
-                format!("the connector {} needs the name of its Flannel-facing NIC", me.name),
+                format!(
+                    "the connector {} needs the name of its Flannel-facing NIC",
+                    me.name
+                ),
             ));
         }
         if me.pod_cidr.is_none() {
-            self.warn(format!("connector {} has no pod CIDR: its own pods are not routed", me.name));
+            self.warn(format!(
+                "connector {} has no pod CIDR: its own pods are not routed",
+                me.name
+            ));
         }
         self.local_routes()?;
-        self.route(self.settings.service_cidr, route_kind::KERNEL, 0, None, "the Service CIDR".into())?;
+        self.route(
+            self.settings.service_cidr,
+            route_kind::KERNEL,
+            0,
+            None,
+            "the Service CIDR".into(),
+        )?;
         let underlay = connector_underlay_ip(me);
         for node in self.snapshot.nodes.values().filter(|n| n.name != me.name) {
             if node.role == Role::Edge {
@@ -719,13 +821,19 @@ impl<'a> Planner<'a> {
     /// No prefix that goes into the tunnel (or to a VTEP) may contain the
     /// underlay address of any peer.
     fn check_tunnel_loops(&self) -> Result<(), PlanError> {
-        let endpoints: BTreeMap<Ipv4Addr, &str> =
-            self.peers.iter().map(|(name, peer)| (Ipv4Addr::from(peer.underlay_ip), name.as_str())).collect();
+        let endpoints: BTreeMap<Ipv4Addr, &str> = self
+            .peers
+            .iter()
+            .map(|(name, peer)| (Ipv4Addr::from(peer.underlay_ip), name.as_str()))
+            .collect();
         for (prefix, route) in &self.routes {
             if route.kind != route_kind::TUNNEL && route.kind != route_kind::CLOUD_VTEP {
                 continue;
             }
-            if let Some((endpoint, peer)) = endpoints.range(prefix.network()..=prefix.broadcast()).next() {
+            if let Some((endpoint, peer)) = endpoints
+                .range(prefix.network()..=prefix.broadcast())
+                .next()
+            {
                 return Err(PlanError::TunnelLoop {
                     prefix: *prefix,
                     owner: route.owner.clone(),
@@ -737,16 +845,45 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 
-    fn finish(self, role: Role, tunnel_mtu: u16, previous_peer_ids: &PeerIds) -> Result<Plan, PlanError> {
-        let Planner { snapshot, me, settings, routes: planned, peers: named_peers, mut kernel_routes, annotations, warnings, .. } = self;
+    fn finish(
+        self,
+        role: Role,
+        tunnel_mtu: u16,
+        previous_peer_ids: &PeerIds,
+    ) -> Result<Plan, PlanError> {
+        let Planner {
+            snapshot,
+            me,
+            settings,
+            routes: planned,
+            peers: named_peers,
+            mut kernel_routes,
+            annotations,
+            warnings,
+            ..
+        } = self;
         let peer_ids = previous_peer_ids.assign(named_peers.keys().map(String::as_str))?;
-        let id_of = |name: &str| peer_ids.get(name).expect("every planned peer was given an id");
-        let peers = named_peers.iter().map(|(name, entry)| (id_of(name), *entry)).collect();
+        let id_of = |name: &str| {
+            peer_ids
+                .get(name)
+                .expect("every planned peer was given an id")
+        };
+        let peers = named_peers
+            .iter()
+            .map(|(name, entry)| (id_of(name), *entry))
+            .collect();
         let routes = planned
             .iter()
             .map(|(prefix, r)| {
                 let peer_id = r.peer.as_deref().map_or(0, id_of);
-                (*prefix, RouteEntry { kind: r.kind, flags: r.flags, peer_id })
+                (
+                    *prefix,
+                    RouteEntry {
+                        kind: r.kind,
+                        flags: r.flags,
+                        peer_id,
+                    },
+                )
             })
             .collect();
 
@@ -755,9 +892,17 @@ impl<'a> Planner<'a> {
         if matches!(role, Role::Edge | Role::Connector) {
             // Both modes: `fe-tunnel` (VXLAN device or xfrm interface).
             let dev = Some(TUNNEL_DEV.to_owned());
-            kernel_routes.extend(planned.iter().filter(|(_, r)| r.kind == route_kind::TUNNEL).map(|(prefix, _)| {
-                KernelRoute { dst: *prefix, dev: dev.clone(), via: None, src: Some(me.internal_ip) }
-            }));
+            kernel_routes.extend(
+                planned
+                    .iter()
+                    .filter(|(_, r)| r.kind == route_kind::TUNNEL)
+                    .map(|(prefix, _)| KernelRoute {
+                        dst: *prefix,
+                        dev: dev.clone(),
+                        via: None,
+                        src: Some(me.internal_ip),
+                    }),
+            );
         }
         kernel_routes.sort();
 
@@ -766,15 +911,32 @@ impl<'a> Planner<'a> {
             ready: 1,
             role: role.datapath_role(),
             tunnel_mode: settings.tunnel_mode.datapath_mode(),
-            flags: if settings.no_fast_path { fabedge_common::config_flags::NO_FAST_PATH } else { 0 },
+            flags: if settings.no_fast_path {
+                fabedge_common::config_flags::NO_FAST_PATH
+            } else {
+                0
+            },
             node_ip: me.internal_ip.octets(),
-            underlay_ip: if connector { connector_underlay_ip(me) } else { me.internal_ip }.octets(),
+            underlay_ip: if connector {
+                connector_underlay_ip(me)
+            } else {
+                me.internal_ip
+            }
+            .octets(),
             tunnel_vni: settings.tunnel_vni,
             tunnel_mtu,
             flannel_vni: if connector { settings.flannel_vni } else { 0 },
             flannel_port: if connector { settings.flannel_port } else { 0 },
-            flannel_mac: if connector { settings.flannel_mac.unwrap_or_default() } else { [0; 6] },
-            flannel_mtu: if connector { settings.uplink_mtu - VXLAN_OVERHEAD } else { 0 },
+            flannel_mac: if connector {
+                settings.flannel_mac.unwrap_or_default()
+            } else {
+                [0; 6]
+            },
+            flannel_mtu: if connector {
+                settings.uplink_mtu - VXLAN_OVERHEAD
+            } else {
+                0
+            },
             ..Default::default()
         };
 
@@ -785,14 +947,22 @@ impl<'a> Planner<'a> {
         if role == Role::Edge {
             let pod_cidr = me.pod_cidr.expect("edge planning requires a pod CIDR");
             let gateway = cni::gateway(pod_cidr);
-            let address = Ipv4Net::new(gateway, pod_cidr.prefix_len()).expect("prefix taken from a valid CIDR");
-            devices.push(Device::Bridge { name: settings.pod_bridge.clone(), address, mtu: tunnel_mtu });
+            let address = Ipv4Net::new(gateway, pod_cidr.prefix_len())
+                .expect("prefix taken from a valid CIDR");
+            devices.push(Device::Bridge {
+                name: settings.pod_bridge.clone(),
+                address,
+                mtu: tunnel_mtu,
+            });
             attachments.push(Attachment::new(Program::FromPod, &settings.pod_bridge));
             attachments.push(Attachment::new(Program::ToPod, &settings.pod_bridge));
             // Replies of local Service backends come back to the gateway and
             // leave `fe_from_pod` with the ClusterIP as source, which the
             // kernel routes elsewhere: strict reverse-path filtering would drop them.
-            sysctls.push(Sysctl::new(format!("net/ipv4/conf/{}/rp_filter", settings.pod_bridge), "2"));
+            sysctls.push(Sysctl::new(
+                format!("net/ipv4/conf/{}/rp_filter", settings.pod_bridge),
+                "2",
+            ));
             cni = Some(CniConfig {
                 path: settings.cni_conf_dir.join(CNI_FILE_NAME),
                 json: cni::conflist(&settings.pod_bridge, pod_cidr, gateway, tunnel_mtu),
@@ -824,20 +994,35 @@ impl<'a> Planner<'a> {
                 // came in on, which makes the kernel send ICMP redirects. The
                 // kernel ORs `all` with the device's value, so both must be 0.
                 sysctls.push(Sysctl::new("net/ipv4/conf/all/send_redirects", "0"));
-                sysctls.push(Sysctl::new(format!("net/ipv4/conf/{TUNNEL_DEV}/send_redirects"), "0"));
+                sysctls.push(Sysctl::new(
+                    format!("net/ipv4/conf/{TUNNEL_DEV}/send_redirects"),
+                    "0",
+                ));
                 // The tunnel carries IPv4 only; no router solicitations into it.
-                sysctls.push(Sysctl::new(format!("net/ipv6/conf/{TUNNEL_DEV}/disable_ipv6"), "1"));
+                sysctls.push(Sysctl::new(
+                    format!("net/ipv6/conf/{TUNNEL_DEV}/disable_ipv6"),
+                    "1",
+                ));
             }
         }
         if connector {
-            let uplink = settings.uplink.clone().expect("checked when planning the connector");
+            let uplink = settings
+                .uplink
+                .clone()
+                .expect("checked when planning the connector");
             attachments.push(Attachment::new(Program::UplinkIngress, &uplink));
             // Loose reverse-path filtering: decapsulated Flannel traffic the
             // fast path punts arrives on the uplink from cloud pod addresses
             // the kernel routes via flannel.1; tunnel traffic arrives from
             // sources routed elsewhere. The kernel uses max(all, device).
-            sysctls.push(Sysctl::new(format!("net/ipv4/conf/{TUNNEL_DEV}/rp_filter"), "2"));
-            sysctls.push(Sysctl::new(format!("net/ipv4/conf/{uplink}/rp_filter"), "2"));
+            sysctls.push(Sysctl::new(
+                format!("net/ipv4/conf/{TUNNEL_DEV}/rp_filter"),
+                "2",
+            ));
+            sysctls.push(Sysctl::new(
+                format!("net/ipv4/conf/{uplink}/rp_filter"),
+                "2",
+            ));
         }
 
         let mut annotations = annotations;
@@ -859,7 +1044,9 @@ impl<'a> Planner<'a> {
             sysctls,
             annotations,
             services: match (role, me.pod_cidr) {
-                (Role::Edge, Some(pod_cidr)) => services::plan_services(snapshot, &me.name, pod_cidr),
+                (Role::Edge, Some(pod_cidr)) => {
+                    services::plan_services(snapshot, &me.name, pod_cidr)
+                }
                 _ => services::ServicePlan::default(),
             },
             warnings,
@@ -871,7 +1058,10 @@ impl<'a> Planner<'a> {
 /// `public-ip` when Flannel has written its lease (it may use another NIC
 /// than the InternalIP's), else its InternalIP.
 fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
-    connector.flannel.as_ref().map_or(connector.internal_ip, |lease| lease.public_ip)
+    connector
+        .flannel
+        .as_ref()
+        .map_or(connector.internal_ip, |lease| lease.public_ip)
 }
 
 /// ESP mode: this node's public key, generation and public endpoint onto its
@@ -880,7 +1070,10 @@ fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
     use crate::keys::{ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION};
     let mut set = BTreeMap::new();
     let mut remove = Vec::new();
-    match (&settings.esp_public_endpoint, me.annotations.get(ESP_ENDPOINT_ANNOTATION)) {
+    match (
+        &settings.esp_public_endpoint,
+        me.annotations.get(ESP_ENDPOINT_ANNOTATION),
+    ) {
         (Some(endpoint), published) if published != Some(&endpoint.to_string()) => {
             set.insert(ESP_ENDPOINT_ANNOTATION.to_owned(), endpoint.to_string());
         }
@@ -893,8 +1086,14 @@ fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
         set.insert(PUBLIC_KEY_ANNOTATION.to_owned(), key.clone());
     }
     let generation = settings.esp_generation.to_string();
-    if settings.esp_generation != 0 && me.annotations.get(KEY_GENERATION_ANNOTATION) != Some(&generation) {
+    if settings.esp_generation != 0
+        && me.annotations.get(KEY_GENERATION_ANNOTATION) != Some(&generation)
+    {
         set.insert(KEY_GENERATION_ANNOTATION.to_owned(), generation);
     }
-    (!set.is_empty() || !remove.is_empty()).then(|| AnnotationPatch { node: me.name.clone(), set, remove })
+    (!set.is_empty() || !remove.is_empty()).then(|| AnnotationPatch {
+        node: me.name.clone(),
+        set,
+        remove,
+    })
 }

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{error, info, warn};
-use tokio::{io::{Interest, unix::AsyncFd}, signal::unix::{SignalKind, signal}};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     apply::{Applier, net, write_if_changed},
@@ -58,10 +61,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(esp) => Some(esp.hello_readiness()?),
         None => None,
     };
-    let mut datapath = Datapath::load_with_ct_entries(options.layout.clone(), options.attach_mode, options.ct_entries)?;
+    let mut datapath = Datapath::load_with_ct_entries(
+        options.layout.clone(),
+        options.attach_mode,
+        options.ct_entries,
+    )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
-    info!("fabedge-agent running for node {} ({:?} attach)", options.node, datapath.attach_mode());
+    info!(
+        "fabedge-agent running for node {} ({:?} attach)",
+        options.node,
+        datapath.attach_mode()
+    );
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -78,7 +89,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     };
     if options.kube.is_some() {
-        let result = kube_mode::run(&options, &mut reconciler, &mut datapath, &mut maps, &mut logs, &mut hellos).await;
+        let result = kube_mode::run(
+            &options,
+            &mut reconciler,
+            &mut datapath,
+            &mut maps,
+            &mut logs,
+            &mut hellos,
+        )
+        .await;
         info!("stopping; the datapath keeps forwarding (pinned maps and links)");
         return result;
     }
@@ -136,13 +155,19 @@ impl Reconciler {
         let peer_ids_path = options.state_dir.join("peer-ids.json");
         let peer_ids = match std::fs::read(&peer_ids_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!("{} is unreadable ({e}); peer ids will be reassigned", peer_ids_path.display());
+                warn!(
+                    "{} is unreadable ({e}); peer ids will be reassigned",
+                    peer_ids_path.display()
+                );
                 PeerIds::new()
             }),
             Err(_) => PeerIds::new(),
         };
         let esp = match &options.esp {
-            Some(esp_options) => Some(esp::EspRuntime::start(&options.state_dir, esp_options.clone())?),
+            Some(esp_options) => Some(esp::EspRuntime::start(
+                &options.state_dir,
+                esp_options.clone(),
+            )?),
             None => None,
         };
         Ok(Reconciler {
@@ -159,7 +184,9 @@ impl Reconciler {
     /// ESP timers (keepalives, hellos, rotation). True when a new key
     /// generation began: the caller re-plans so it is published and used.
     pub(crate) fn esp_tick(&mut self) -> bool {
-        let Some(esp) = &mut self.esp else { return false };
+        let Some(esp) = &mut self.esp else {
+            return false;
+        };
         match esp.tick() {
             Ok(new_generation) => new_generation,
             Err(e) => {
@@ -169,10 +196,19 @@ impl Reconciler {
         }
     }
 
-    fn reconcile_if_changed(&mut self, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) {
+    fn reconcile_if_changed(
+        &mut self,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        options: &RunOptions,
+    ) {
         let text = match std::fs::read_to_string(&options.manifests) {
             Ok(text) => text,
-            Err(e) => return self.report(Err(e).with_context(|| format!("reading {}", options.manifests.display()))),
+            Err(e) => {
+                return self.report(
+                    Err(e).with_context(|| format!("reading {}", options.manifests.display())),
+                );
+            }
         };
         if self.applied_text.as_deref() == Some(text.as_str()) {
             return;
@@ -200,9 +236,16 @@ impl Reconciler {
     }
 
     /// `Ok(Some(text))`: the annotations were written back; `text` is the file now.
-    fn reconcile(&mut self, text: &str, datapath: &mut Datapath, maps: &mut Maps, options: &RunOptions) -> Result<Option<String>> {
+    fn reconcile(
+        &mut self,
+        text: &str,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        options: &RunOptions,
+    ) -> Result<Option<String>> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
-        let snapshot = manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
+        let snapshot =
+            manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
         let plan = self.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
         write_annotations(&options.manifests, text, &plan)
     }
@@ -232,7 +275,11 @@ impl Reconciler {
             // A new generation: plan again so it is published and used.
             return self.plan_and_apply(snapshot, observed, datapath, maps, options);
         }
-        if let Some(cgroup) = options.cgroup.as_deref().filter(|_| plan.role == crate::model::Role::Edge && !self.cgroup_attached) {
+        if let Some(cgroup) = options
+            .cgroup
+            .as_deref()
+            .filter(|_| plan.role == crate::model::Role::Edge && !self.cgroup_attached)
+        {
             datapath.attach_cgroup(cgroup)?;
             self.cgroup_attached = true;
         }
@@ -249,7 +296,8 @@ impl Reconciler {
 fn observe_host(configured: &Settings, flannel_iface: &str) -> Result<Settings> {
     let mut settings = configured.clone();
     if let Some(uplink) = &settings.uplink {
-        let link = net::require_link(uplink).with_context(|| format!("uplink {uplink} (--uplink)"))?;
+        let link =
+            net::require_link(uplink).with_context(|| format!("uplink {uplink} (--uplink)"))?;
         settings.uplink_mtu = u16::try_from(link.mtu).unwrap_or(u16::MAX);
     }
     if settings.flannel_mac.is_none()
@@ -269,7 +317,12 @@ fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<Option<Stri
     let mut updated = text.to_owned();
     for patch in &plan.annotations {
         updated = manifest::set_node_annotations(&updated, &patch.node, &patch.set, &patch.remove)?;
-        info!("node {}: set {:?}, removed {:?}", patch.node, patch.set.keys().collect::<Vec<_>>(), patch.remove);
+        info!(
+            "node {}: set {:?}, removed {:?}",
+            patch.node,
+            patch.set.keys().collect::<Vec<_>>(),
+            patch.remove
+        );
     }
     // The file may be edited concurrently: write only if it still holds what we planned from.
     if std::fs::read_to_string(path).ok().as_deref() != Some(text) {

@@ -15,17 +15,27 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
         return Ok(());
     }
     if !path.starts_with(mount_point) {
-        bail!("{} is not on a bpf filesystem: mount one (`mount -t bpf bpf <dir>`) or pick a path under /sys/fs/bpf", path.display());
+        bail!(
+            "{} is not on a bpf filesystem: mount one (`mount -t bpf bpf <dir>`) or pick a path under /sys/fs/bpf",
+            path.display()
+        );
     }
     fs::create_dir_all(mount_point).context("creating /sys/fs/bpf")?;
-    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .context("mounting bpffs at /sys/fs/bpf (the agent needs CAP_SYS_ADMIN)")?;
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf (the agent needs CAP_SYS_ADMIN)")?;
     log::info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
@@ -33,14 +43,18 @@ fn is_bpffs(path: &Path) -> Result<bool> {
 /// not `/sys/class/net`, which shows the namespace sysfs was mounted in).
 pub fn interfaces() -> Result<Vec<String>> {
     let list = nix::net::if_::if_nameindex().context("listing network interfaces")?;
-    let mut names: Vec<String> = list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = list
+        .iter()
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     Ok(names)
 }
 
 /// ifindex of an interface, with an error naming it.
 pub fn ifindex(name: &str) -> Result<u32> {
-    nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} does not exist in this network namespace"))
+    nix::net::if_::if_nametoindex(name)
+        .with_context(|| format!("interface {name} does not exist in this network namespace"))
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on unified
@@ -66,12 +80,21 @@ mod tests {
 
     #[test]
     fn cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
-        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let unified =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(cgroup2_mount_in(unified), Some("/sys/fs/cgroup".into()));
         let hybrid = "25 23 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755\n\
                       26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
                       27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
-        assert_eq!(cgroup2_mount_in(hybrid), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(cgroup2_mount_in("27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"), None);
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            cgroup2_mount_in(
+                "27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"
+            ),
+            None
+        );
     }
 }

@@ -56,4 +56,7 @@ pub const fn tunnel_peer(mark: u32) -> Option<u16> {
     }
 }
 
-const _: () = assert!(OWNED_MASK & 0x0000_C000 == 0, "kube-proxy's mark bits must stay free");
+const _: () = assert!(
+    OWNED_MASK & 0x0000_C000 == 0,
+    "kube-proxy's mark bits must stay free"
+);

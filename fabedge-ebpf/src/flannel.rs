@@ -11,20 +11,20 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use fabedge_common::{peer_kind, Counter, DatapathConfig, VXLAN_OVERHEAD};
+use fabedge_common::{Counter, DatapathConfig, VXLAN_OVERHEAD, peer_kind};
 
 use crate::{
     csum,
     forward::{decrement_ttl, drop, fast_path_check, punt},
     maps::peer,
-    parse::{Ipv4Hdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP},
+    parse::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, Ipv4Hdr},
     stats::{count, peer_tx},
 };
 
@@ -72,7 +72,12 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig, vtep_id: u16, ip: &mut Ipv4H
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = SPORT_MIN + ((hash as u64 * SPORT_SPAN as u64) >> 32) as u32;
 
-    let mut hdr = VxlanEncap { ip: [0; 20], udp: [0; 8], vxlan: [0; 8], inner_eth: [0; 14] };
+    let mut hdr = VxlanEncap {
+        ip: [0; 20],
+        udp: [0; 8],
+        vxlan: [0; 8],
+        inner_eth: [0; 14],
+    };
     let total = (outer_len as u16).to_be_bytes();
     hdr.ip[0] = 0x45;
     hdr.ip[2] = total[0];
@@ -104,7 +109,10 @@ pub fn encap(ctx: &TcContext, cfg: &DatapathConfig, vtep_id: u16, ip: &mut Ipv4H
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
         | encap_l2(ETH_HLEN as u64);
-    if ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx
+        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
         debug!(ctx, "flannel encap: adjust_room failed");
         return drop(Counter::DropHelperFailed);
     }
@@ -135,5 +143,6 @@ pub fn decap(ctx: &TcContext) -> bool {
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         return false;
     }
-    ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0).is_ok()
+    ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
+        .is_ok()
 }

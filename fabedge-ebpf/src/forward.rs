@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use fabedge_common::{
-    config_flags, mark, route_kind, tunnel_mode, Counter, DatapathConfig, RouteEntry,
+    Counter, DatapathConfig, RouteEntry, config_flags, mark, route_kind, tunnel_mode,
 };
 
 use crate::{
     csum, flannel,
     maps::peer,
-    parse::{Ipv4Hdr, ETH_HLEN, IPPROTO_UDP, UDP_HLEN},
+    parse::{ETH_HLEN, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN},
     stats::count,
 };
 
@@ -42,12 +42,7 @@ pub fn pass(counter: Counter) -> i32 {
 
 /// Act on a routed IPv4 packet (Ethernet header at offset 0).
 #[inline(always)]
-pub fn forward(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
-    route: &RouteEntry,
-    ip: &mut Ipv4Hdr,
-) -> i32 {
+pub fn forward(ctx: &TcContext, cfg: &DatapathConfig, route: &RouteEntry, ip: &mut Ipv4Hdr) -> i32 {
     match route.kind {
         route_kind::LOCAL_POD | route_kind::LOCAL_HOST => pass(Counter::PassLocal),
         route_kind::KERNEL => pass(Counter::PassKernel),
@@ -121,12 +116,7 @@ pub fn decrement_ttl(ip: &mut Ipv4Hdr) {
 
 /// Send a packet toward tunnel peer `peer_id`.
 #[inline(always)]
-pub fn to_tunnel(
-    ctx: &TcContext,
-    cfg: &DatapathConfig,
-    peer_id: u16,
-    ip: &mut Ipv4Hdr,
-) -> i32 {
+pub fn to_tunnel(ctx: &TcContext, cfg: &DatapathConfig, peer_id: u16, ip: &mut Ipv4Hdr) -> i32 {
     if peer(peer_id).is_none() {
         return drop(Counter::DropUnknownPeer);
     }

@@ -5,13 +5,14 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use fabedge_common::{
-    counters::COUNTER_SLOTS, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry,
-    MAX_PEERS, MAX_ROUTES,
-};
 use fabedge_common::services::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
-    SockRevEntry, SockRevKey, DEFAULT_CT_ENTRIES, MAX_AFFINITY, MAX_SOCK_REVNAT, MAX_BACKENDS, MAX_SERVICES,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, DEFAULT_CT_ENTRIES,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOCK_REVNAT, ServiceEntry, ServiceKey,
+    SockRevEntry, SockRevKey,
+};
+use fabedge_common::{
+    DatapathConfig, MAX_PEERS, MAX_ROUTES, PeerEntry, PeerStats, RouteAddr, RouteEntry,
+    counters::COUNTER_SLOTS,
 };
 
 #[btf_map]
@@ -30,7 +31,8 @@ pub static FE_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArr
 pub static FE_PEER_STATS: PerCpuArray<PeerStats, { MAX_PEERS as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static FE_SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> = HashMap::new();
+pub static FE_SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICES as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static FE_BACKENDS: HashMap<BackendKey, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
@@ -39,10 +41,12 @@ pub static FE_BACKENDS: HashMap<BackendKey, Backend, { MAX_BACKENDS as usize }> 
 pub static FE_CT: LruHashMap<CtKey, CtEntry, { DEFAULT_CT_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map]
-pub static FE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> = LruHashMap::new();
+pub static FE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
-pub static FE_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+pub static FE_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { MAX_SOCK_REVNAT as usize }> =
+    LruHashMap::new();
 
 /// The node's configuration, if the agent has completed it.
 #[inline(always)]

@@ -2,20 +2,20 @@
 //! send, egress chooses the remote end of everything we send.
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, TC_ACT_OK},
+    bindings::{TC_ACT_OK, bpf_tunnel_key},
     helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use fabedge_common::{
-    mark, peer_kind, route_kind, tunnel_mode, Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
+    Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, peer_kind, route_kind, tunnel_mode,
 };
 
 use crate::{
     forward::{drop, forward, pass},
     maps::{config, peer, route},
-    parse::{self, ptr_at, EthHdr, Ipv4Hdr, L3},
+    parse::{self, EthHdr, Ipv4Hdr, L3, ptr_at},
     stats::{count, peer_rx, peer_tx},
 };
 
@@ -132,11 +132,7 @@ fn l3_ipv4(ctx: &TcContext) -> Option<&mut Ipv4Hdr> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &mut *ip };
-    if ip.is_valid() {
-        Some(ip)
-    } else {
-        None
-    }
+    if ip.is_valid() { Some(ip) } else { None }
 }
 
 /// Decrypted by one of our inbound SAs, which set the `from-tunnel` mark of

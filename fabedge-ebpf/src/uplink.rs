@@ -5,14 +5,16 @@
 //! own business and passes untouched and uncounted.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use fabedge_common::{role, route_kind, Counter, DatapathConfig};
+use fabedge_common::{Counter, DatapathConfig, role, route_kind};
 
 use crate::{
     flannel,
     forward::{drop, pass, to_tunnel},
     maps::{config, route},
-    parse::{self, ptr_at, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, L3,
-        UDP_HLEN, VXLAN_HLEN},
+    parse::{
+        self, ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr, VXLAN_HLEN,
+        VxlanHdr, ptr_at,
+    },
 };
 
 const INNER_ETH_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;

@@ -22,14 +22,20 @@ pub fn agent_bin() -> Result<PathBuf> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let path = target.join("debug/fabedge-agent");
     if !path.exists() {
-        bail!("{} is missing: build it with `cargo build -p fabedge-agent` (cargo xtask test does)", path.display());
+        bail!(
+            "{} is missing: build it with `cargo build -p fabedge-agent` (cargo xtask test does)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 /// A private bpffs root for one test, unique per process and name.
 pub fn bpffs_root(name: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-{name}", std::process::id()))
+    PathBuf::from(format!(
+        "/sys/fs/bpf/fabedge-test-{}-{name}",
+        std::process::id()
+    ))
 }
 
 /// `fabedge-agent --bpffs-root ROOT ARGS...` inside `netns` (or the current
@@ -44,15 +50,24 @@ pub fn agent_output(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result
         }
         None => Command::new(&bin),
     };
-    cmd.arg("--bpffs-root").arg(root).args(args).env("RUST_BACKTRACE", "0");
-    cmd.output().with_context(|| format!("running fabedge-agent {}", args.join(" ")))
+    cmd.arg("--bpffs-root")
+        .arg(root)
+        .args(args)
+        .env("RUST_BACKTRACE", "0");
+    cmd.output()
+        .with_context(|| format!("running fabedge-agent {}", args.join(" ")))
 }
 
 /// Like [`agent_output`], but a non-zero exit is an error carrying stderr.
 pub fn agent_ok(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result<String> {
     let out = agent_output(netns, root, args)?;
     if !out.status.success() {
-        bail!("fabedge-agent {} failed ({}):\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "fabedge-agent {} failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

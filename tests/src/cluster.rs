@@ -60,7 +60,10 @@ use nix::{
 
 use crate::{
     agent::{agent_bin, agent_ok, agent_output},
-    netns::{Netns, NextHop, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo, veth_pair},
+    netns::{
+        Netns, NextHop, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_echo, udp_echo,
+        veth_pair,
+    },
 };
 
 /// The example cluster every layer of tests shares.
@@ -901,7 +904,8 @@ impl Cluster {
         // cgroup programs see sockets of every network namespace: each node
         // gets its own cgroup, never the host's root.
         let cgroup = node_cgroup(cluster_id, &spec.name);
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         agent_args.extend(["--cgroup".into(), cgroup.display().to_string()]);
         agent_args.extend(self.extra_agent_args.iter().cloned());
         if spec.role == NodeRole::Connector {
@@ -1151,18 +1155,36 @@ impl Cluster {
     /// What kube-proxy (iptables mode) writes on a cloud node for a
     /// ClusterIP: a DNAT in PREROUTING (pods) and OUTPUT (the node itself)
     /// to one of `backends`, each picked with equal probability.
-    pub fn kube_proxy_dnat(&self, node: &str, vip: Ipv4Addr, port: u16, protocol: &str, backends: &[SocketAddrV4]) -> Result<()> {
+    pub fn kube_proxy_dnat(
+        &self,
+        node: &str,
+        vip: Ipv4Addr,
+        port: u16,
+        protocol: &str,
+        backends: &[SocketAddrV4],
+    ) -> Result<()> {
         let netns = self.node_netns(node)?;
         for chain in ["PREROUTING", "OUTPUT"] {
             for (i, backend) in backends.iter().enumerate() {
                 let probability = format!("{:.5}", 1.0 / (backends.len() - i) as f64);
                 let (vip, port, backend) = (vip.to_string(), port.to_string(), backend.to_string());
-                let mut args = vec!["-w", "-t", "nat", "-A", chain, "-d", &vip, "-p", protocol, "--dport", &port];
+                let mut args = vec![
+                    "-w", "-t", "nat", "-A", chain, "-d", &vip, "-p", protocol, "--dport", &port,
+                ];
                 if i + 1 < backends.len() {
-                    args.extend(["-m", "statistic", "--mode", "random", "--probability", &probability]);
+                    args.extend([
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &probability,
+                    ]);
                 }
                 args.extend(["-j", "DNAT", "--to-destination", &backend]);
-                netns.run_ok("iptables", &args).with_context(|| format!("{node}: kube-proxy-like DNAT for {vip}:{port}"))?;
+                netns
+                    .run_ok("iptables", &args)
+                    .with_context(|| format!("{node}: kube-proxy-like DNAT for {vip}:{port}"))?;
             }
         }
         Ok(())
@@ -1174,7 +1196,9 @@ impl Cluster {
 
     /// The NAT router in front of the edges ([`ClusterOptions::edges_behind_nat`]).
     pub fn nat_router(&self) -> Result<&Netns> {
-        self.nat.as_ref().context("this cluster has no NAT router (ClusterOptions::edges_behind_nat)")
+        self.nat
+            .as_ref()
+            .context("this cluster has no NAT router (ClusterOptions::edges_behind_nat)")
     }
 
     /// The NAT router's mapping changes, as when a home router reboots or an
@@ -1184,20 +1208,50 @@ impl Cluster {
     pub fn change_nat_mapping(&self, public: Ipv4Addr, ports: (u16, u16)) -> Result<()> {
         let nat = self.nat_router()?;
         let cidr = format!("{public}/{}", WAN.prefix_len());
-        if !nat.ip(&["-4", "-o", "addr", "show", "dev", WAN_NIC])?.contains(&format!(" {cidr} ")) {
+        if !nat
+            .ip(&["-4", "-o", "addr", "show", "dev", WAN_NIC])?
+            .contains(&format!(" {cidr} "))
+        {
             nat.add_addr(WAN_NIC, &cidr)?;
         }
         nat.run_ok("iptables", &["-w", "-t", "nat", "-F", "POSTROUTING"])?;
         let to = format!("{public}:{}-{}", ports.0, ports.1);
         nat.run_ok(
             "iptables",
-            &["-w", "-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-p", "udp", "-j", "SNAT", "--to-source", &to],
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                WAN_NIC,
+                "-p",
+                "udp",
+                "-j",
+                "SNAT",
+                "--to-source",
+                &to,
+            ],
         )?;
         nat.run_ok(
             "iptables",
-            &["-w", "-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-j", "SNAT", "--to-source", &public.to_string()],
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                WAN_NIC,
+                "-j",
+                "SNAT",
+                "--to-source",
+                &public.to_string(),
+            ],
         )?;
-        nat.run_ok("conntrack", &["-F"]).context("flushing the NAT's mappings (apt-get install conntrack)")?;
+        nat.run_ok("conntrack", &["-F"])
+            .context("flushing the NAT's mappings (apt-get install conntrack)")?;
         Ok(())
     }
 
@@ -1245,12 +1299,8 @@ impl Cluster {
         } else {
             vec!["inspect", what, "--json"]
         };
-        let out = agent_ok(
-            Some(&n.netns),
-            &n.files.bpffs_root,
-            &args,
-        )
-        .with_context(|| format!("node {node}: inspect {what}"))?;
+        let out = agent_ok(Some(&n.netns), &n.files.bpffs_root, &args)
+            .with_context(|| format!("node {node}: inspect {what}"))?;
         serde_json::from_str(&out)
             .with_context(|| format!("node {node}: inspect {what} --json printed {out:?}"))
     }
@@ -1362,12 +1412,25 @@ impl Cluster {
     /// what uninstall printed. (Teardown uninstalls again, harmlessly.)
     pub fn uninstall(&self, node: &str) -> Result<String> {
         let n = self.cluster_node(node)?;
-        if let Some(mut agent) = n.agent.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(mut agent) = n
+            .agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             agent.stop();
         }
         let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
-        let out = agent_output(Some(&n.netns), &n.files.bpffs_root, &["uninstall", "--cni-conf-dir", &cni_conf_dir])?;
-        ensure!(out.status.success(), "uninstall on {node} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = agent_output(
+            Some(&n.netns),
+            &n.files.bpffs_root,
+            &["uninstall", "--cni-conf-dir", &cni_conf_dir],
+        )?;
+        ensure!(
+            out.status.success(),
+            "uninstall on {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
@@ -1396,7 +1459,12 @@ impl Cluster {
     /// Restarts the agents of `nodes`, one after the other, while `from`
     /// pings `to` in short batches (20 ms apart) covering the whole window.
     /// Returns (sent, answered); a failed restart is an error.
-    pub fn restart_agents_under_ping(&self, nodes: &[&str], from: &Endpoint, to: Ipv4Addr) -> Result<(u32, u32)> {
+    pub fn restart_agents_under_ping(
+        &self,
+        nodes: &[&str],
+        from: &Endpoint,
+        to: Ipv4Addr,
+    ) -> Result<(u32, u32)> {
         let restarting = AtomicBool::new(true);
         let (pinged, restarts) = thread::scope(|scope| {
             let pinger = scope.spawn(|| -> Result<(u32, u32)> {
@@ -1412,7 +1480,9 @@ impl Cluster {
             });
             let restarts = nodes.iter().try_for_each(|node| self.restart_agent(node));
             restarting.store(false, Ordering::Relaxed);
-            let pinged = pinger.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let pinged = pinger
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (pinged, restarts)
         });
         restarts?;
@@ -1522,7 +1592,12 @@ impl Drop for Cluster {
             node.pod = None;
             node.host = None;
         }
-        let cluster_id = self.work_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let cluster_id = self
+            .work_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         for name in self.nodes.keys() {
             // Empty once the agents and clients have exited (uninstall
             // released the programs): rmdir, cgroups hold no files.
@@ -1564,7 +1639,10 @@ fn cgroup2_root() -> PathBuf {
         .and_then(|text| {
             text.lines().find_map(|line| {
                 let (before, after) = line.split_once(" - ")?;
-                after.starts_with("cgroup2 ").then(|| before.split(' ').nth(4).map(PathBuf::from)).flatten()
+                after
+                    .starts_with("cgroup2 ")
+                    .then(|| before.split(' ').nth(4).map(PathBuf::from))
+                    .flatten()
             })
         })
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
@@ -1575,14 +1653,21 @@ impl Cluster {
     /// node's network namespace and its cgroup. Returns its stdout.
     pub fn run_host_python(&self, node: &str, script: &str) -> Result<String> {
         let netns = self.node_netns(node)?;
-        let cluster_id = self.work_dir.file_name().and_then(|n| n.to_str()).context("cluster work dir")?;
+        let cluster_id = self
+            .work_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("cluster work dir")?;
         let procs = node_cgroup(cluster_id, node).join("cgroup.procs");
         let shell = format!(
             "echo $$ > {} && exec nsenter --net={} python3 -c \"$0\"",
             procs.display(),
             netns.path().display()
         );
-        let out = std::process::Command::new("sh").args(["-c", &shell, script]).output().context("running python3")?;
+        let out = std::process::Command::new("sh")
+            .args(["-c", &shell, script])
+            .output()
+            .context("running python3")?;
         ensure!(
             out.status.success(),
             "hostNetwork client on {node} failed: {}{}",
@@ -1596,8 +1681,13 @@ impl Cluster {
 fn remove_stale_leftovers() {
     if let Ok(entries) = fs::read_dir(cgroup2_root()) {
         for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let owner = name.strip_prefix(LEFTOVER_PREFIX).and_then(|rest| rest.split('-').next());
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let owner = name
+                .strip_prefix(LEFTOVER_PREFIX)
+                .and_then(|rest| rest.split('-').next());
             if let Some(Ok(pid)) = owner.map(str::parse::<u32>)
                 && !Path::new(&format!("/proc/{pid}")).exists()
             {
@@ -2341,13 +2431,23 @@ pub struct SharedCluster {
 
 impl SharedCluster {
     pub const fn new() -> Self {
-        SharedCluster { slot: std::sync::Mutex::new(None), registered: std::sync::Once::new() }
+        SharedCluster {
+            slot: std::sync::Mutex::new(None),
+            registered: std::sync::Once::new(),
+        }
     }
 
     /// Runs `test` on the cluster, bringing it up first if needed; `tear_down`
     /// (which calls [`SharedCluster::tear_down`] on this static) runs at exit.
-    pub fn with<R>(&'static self, tear_down: extern "C" fn(), test: impl FnOnce(&Cluster) -> Result<R>) -> Result<R> {
-        let mut slot = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn with<R>(
+        &'static self,
+        tear_down: extern "C" fn(),
+        test: impl FnOnce(&Cluster) -> Result<R>,
+    ) -> Result<R> {
+        let mut slot = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             self.registered.call_once(|| {
                 // SAFETY: registers a plain function run at exit.
@@ -2365,7 +2465,12 @@ impl SharedCluster {
     }
 
     pub fn tear_down(&self) {
-        drop(self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        drop(
+            self.slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
     }
 }
 
@@ -2378,9 +2483,16 @@ impl Default for SharedCluster {
 /// Rewrites the manifest so that every edge's ExternalIP is on the site LAN
 /// (same last octet): behind a NAT, a node knows only its private address.
 fn move_edges_to_the_site_lan(path: &Path) -> Result<()> {
-    let mut text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    for spec in Manifest::read(path)?.nodes.iter().filter(|n| n.role == NodeRole::Edge) {
-        let public = spec.external_ip.with_context(|| format!("edge node {} has no ExternalIP", spec.name))?;
+    let mut text =
+        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for spec in Manifest::read(path)?
+        .nodes
+        .iter()
+        .filter(|n| n.role == NodeRole::Edge)
+    {
+        let public = spec
+            .external_ip
+            .with_context(|| format!("edge node {} has no ExternalIP", spec.name))?;
         let [.., last] = public.octets();
         let [a, b, c, _] = SITE.network().octets();
         let private = Ipv4Addr::new(a, b, c, last);
@@ -2388,7 +2500,11 @@ fn move_edges_to_the_site_lan(path: &Path) -> Result<()> {
             format!("{{type: ExternalIP, address: {public}}}"),
             format!("{{type: ExternalIP, address: {private}}}"),
         );
-        ensure!(text.matches(&old).count() == 1, "edge node {}: expected one `{old}` in the manifest", spec.name);
+        ensure!(
+            text.matches(&old).count() == 1,
+            "edge node {}: expected one `{old}` in the manifest",
+            spec.name
+        );
         text = text.replace(&old, &new);
     }
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
@@ -2405,15 +2521,39 @@ fn create_nat_router(switch: &Netns) -> Result<Netns> {
         (WAN_NIC, "nat-wan", WAN_BRIDGE, NAT_PUBLIC_IP, WAN),
     ] {
         veth_pair(&nat, nic, switch, port).with_context(context)?;
-        switch.attach_to_bridge(port, bridge).with_context(context)?;
-        nat.add_addr(nic, &format!("{address}/{}", net.prefix_len())).with_context(context)?;
+        switch
+            .attach_to_bridge(port, bridge)
+            .with_context(context)?;
+        nat.add_addr(nic, &format!("{address}/{}", net.prefix_len()))
+            .with_context(context)?;
     }
-    nat.set_sysctl("net.ipv4.ip_forward", "1").with_context(context)?;
+    nat.set_sysctl("net.ipv4.ip_forward", "1")
+        .with_context(context)?;
     for rule in [
-        &["-t", "nat", "-A", "POSTROUTING", "-o", WAN_NIC, "-j", "MASQUERADE"][..],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            WAN_NIC,
+            "-j",
+            "MASQUERADE",
+        ][..],
         &["-P", "FORWARD", "DROP"],
-        &["-A", "FORWARD", "-i", "eth-site", "-o", WAN_NIC, "-j", "ACCEPT"],
-        &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+        &[
+            "-A", "FORWARD", "-i", "eth-site", "-o", WAN_NIC, "-j", "ACCEPT",
+        ],
+        &[
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ],
     ] {
         let mut args = vec!["-w"];
         args.extend_from_slice(rule);
@@ -2425,10 +2565,27 @@ fn create_nat_router(switch: &Netns) -> Result<Netns> {
 /// A port forward in front of a node: UDP to `port` of any of its addresses
 /// reaches its UDP 4500; replies leave from `port` (conntrack undoes the DNAT).
 fn forward_port_to_esp(netns: &Netns, port: u16) -> Result<()> {
-    let (port, esp) = (port.to_string(), fabedge_agent::plan::ESP_IN_UDP_PORT.to_string());
+    let (port, esp) = (
+        port.to_string(),
+        fabedge_agent::plan::ESP_IN_UDP_PORT.to_string(),
+    );
     netns.run_ok(
         "iptables",
-        &["-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &port, "-j", "REDIRECT", "--to-ports", &esp],
+        &[
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &esp,
+        ],
     )?;
     Ok(())
 }

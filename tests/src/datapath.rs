@@ -52,7 +52,10 @@ pub struct SkbIn {
 impl TestDatapath {
     /// `name` keeps concurrently running tests apart in bpffs.
     pub fn new(name: &str) -> Result<Self> {
-        let root = PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-{name}", std::process::id()));
+        let root = PathBuf::from(format!(
+            "/sys/fs/bpf/fabedge-test-{}-{name}",
+            std::process::id()
+        ));
         if root.exists() {
             datapath::uninstall(&root)?;
         }
@@ -60,7 +63,11 @@ impl TestDatapath {
         let datapath = Datapath::load(layout.clone(), AttachMode::Auto)
             .context("loading the datapath (run as root, after `cargo xtask build-ebpf`)")?;
         let maps = Maps::open(&layout)?;
-        Ok(TestDatapath { datapath, maps, root })
+        Ok(TestDatapath {
+            datapath,
+            maps,
+            root,
+        })
     }
 
     pub fn run(&self, program: Program, frame: &[u8]) -> Result<Outcome> {
@@ -86,28 +93,51 @@ impl TestDatapath {
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {}", program.symbol()))?;
         if result.data_size_out as usize > data_out.len() {
-            bail!("program output of {} bytes did not fit the buffer", result.data_size_out);
+            bail!(
+                "program output of {} bytes did not fit the buffer",
+                result.data_size_out
+            );
         }
         data_out.truncate(result.data_size_out as usize);
-        let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4].try_into().expect("4 bytes"));
-        Ok(Outcome { action: result.return_value as i32, data: data_out, mark })
+        let mark = u32::from_ne_bytes(
+            ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        Ok(Outcome {
+            action: result.return_value as i32,
+            data: data_out,
+            mark,
+        })
     }
 
     /// Average kernel time per run of `program` on `frame`, over `repeat` runs
     /// (BPF_PROG_TEST_RUN's own measurement, no syscall overhead per packet).
-    pub fn time_per_packet(&self, program: Program, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+    pub fn time_per_packet(
+        &self,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
         let mut data_out = vec![0u8; frame.len() + 256];
         let result = self
             .datapath
             .program(program)
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut data_out), repeat, ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data_out),
+                repeat,
+                ..TestRunOptions::new()
+            })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} x{repeat}", program.symbol()))?;
         Ok(result.duration)
     }
 
     /// A counter's value summed over CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.maps.counter(counter).unwrap_or_else(|e| panic!("reading counter {}: {e:#}", counter.name()))
+        self.maps
+            .counter(counter)
+            .unwrap_or_else(|e| panic!("reading counter {}: {e:#}", counter.name()))
     }
 
     /// Every counter, to diff before/after a run.
@@ -130,7 +160,10 @@ pub mod fixtures {
     use std::net::Ipv4Addr;
 
     use anyhow::Result;
-    use fabedge_common::{DatapathConfig, PeerEntry, RouteEntry, peer_kind, role, route_flags, route_kind, tunnel_mode};
+    use fabedge_common::{
+        DatapathConfig, PeerEntry, RouteEntry, peer_kind, role, route_flags, route_kind,
+        tunnel_mode,
+    };
     use ipnet::Ipv4Net;
 
     use super::TestDatapath;
@@ -164,11 +197,20 @@ pub mod fixtures {
     }
 
     pub fn route(kind: u8, peer_id: u16) -> RouteEntry {
-        RouteEntry { kind, flags: 0, peer_id }
+        RouteEntry {
+            kind,
+            flags: 0,
+            peer_id,
+        }
     }
 
     pub fn tunnel_peer(ip: [u8; 4]) -> PeerEntry {
-        PeerEntry { kind: peer_kind::TUNNEL, port: fabedge_common::DEFAULT_TUNNEL_PORT, underlay_ip: ip, ..PeerEntry::default() }
+        PeerEntry {
+            kind: peer_kind::TUNNEL,
+            port: fabedge_common::DEFAULT_TUNNEL_PORT,
+            underlay_ip: ip,
+            ..PeerEntry::default()
+        }
     }
 
     /// An edge node (edge-1): its pods, a community peer (edge-2) and the connector.
@@ -178,9 +220,19 @@ pub mod fixtures {
         maps.set_peer(CONNECTOR_PEER, tunnel_peer([198, 18, 0, 1]))?;
         maps.set_peer(EDGE2_PEER, tunnel_peer([198, 18, 0, 12]))?;
         maps.set_route(net("10.234.1.0/24"), route(route_kind::LOCAL_POD, 0))?;
-        maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::LOCAL_HOST, flags: route_flags::NODE_ADDR, peer_id: 0 })?;
+        maps.set_route(
+            net("10.2.0.11/32"),
+            RouteEntry {
+                kind: route_kind::LOCAL_HOST,
+                flags: route_flags::NODE_ADDR,
+                peer_id: 0,
+            },
+        )?;
         maps.set_route(net("10.234.2.0/24"), route(route_kind::TUNNEL, EDGE2_PEER))?;
-        maps.set_route(net("10.244.0.0/16"), route(route_kind::TUNNEL, CONNECTOR_PEER))?;
+        maps.set_route(
+            net("10.244.0.0/16"),
+            route(route_kind::TUNNEL, CONNECTOR_PEER),
+        )?;
         maps.set_route(net("10.99.0.0/16"), route(route_kind::TUNNEL, ORPHAN_PEER))?;
         maps.set_config(DatapathConfig {
             ready: 1,
@@ -202,11 +254,26 @@ pub mod fixtures {
         maps.set_peer(EDGE1_PEER, tunnel_peer([198, 18, 0, 11]))?;
         maps.set_peer(
             VTEP_PEER,
-            PeerEntry { kind: peer_kind::FLANNEL_VTEP, underlay_ip: CLOUD2_LAN, vtep_mac: CLOUD2_VTEP_MAC, ..PeerEntry::default() },
+            PeerEntry {
+                kind: peer_kind::FLANNEL_VTEP,
+                underlay_ip: CLOUD2_LAN,
+                vtep_mac: CLOUD2_VTEP_MAC,
+                ..PeerEntry::default()
+            },
         )?;
         maps.set_route(net("10.234.1.0/24"), route(route_kind::TUNNEL, EDGE1_PEER))?;
-        maps.set_route(net("10.2.0.11/32"), RouteEntry { kind: route_kind::TUNNEL, flags: route_flags::NODE_ADDR, peer_id: EDGE1_PEER })?;
-        maps.set_route(net("10.244.1.0/24"), route(route_kind::CLOUD_VTEP, VTEP_PEER))?;
+        maps.set_route(
+            net("10.2.0.11/32"),
+            RouteEntry {
+                kind: route_kind::TUNNEL,
+                flags: route_flags::NODE_ADDR,
+                peer_id: EDGE1_PEER,
+            },
+        )?;
+        maps.set_route(
+            net("10.244.1.0/24"),
+            route(route_kind::CLOUD_VTEP, VTEP_PEER),
+        )?;
         maps.set_route(net("10.1.0.2/32"), route(route_kind::KERNEL, 0))?;
         maps.set_config(DatapathConfig {
             ready: 1,

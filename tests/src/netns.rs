@@ -787,7 +787,12 @@ pub type TcpEchoServer = EchoServer<Tcp>;
 
 impl<P> EchoServer<P> {
     fn running(local_addr: SocketAddrV4, state: Arc<ServerState>, worker: JoinHandle<()>) -> Self {
-        EchoServer { local_addr, state, worker: Some(worker), protocol: PhantomData }
+        EchoServer {
+            local_addr,
+            state,
+            worker: Some(worker),
+            protocol: PhantomData,
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddrV4 {

@@ -1244,8 +1244,9 @@ pub fn format_mac(mac: &Mac) -> String {
 
 /// Parses `02:00:00:00:00:01` (as `ip link` prints it), with the agent's parser.
 pub fn parse_mac(text: &str) -> Result<Mac> {
-    fabedge_agent::model::parse_mac(text)
-        .with_context(|| format!("{text:?} is not a MAC address (six two-digit hex bytes separated by colons)"))
+    fabedge_agent::model::parse_mac(text).with_context(|| {
+        format!("{text:?} is not a MAC address (six two-digit hex bytes separated by colons)")
+    })
 }
 
 /// Bytes as offset-prefixed rows of 16 hex bytes, e.g. for `assert_eq!` messages.

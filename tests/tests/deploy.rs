@@ -401,11 +401,16 @@ fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
         );
         // Socket-level Service translation needs the host's cgroup hierarchy,
         // not the container's own cgroup namespace.
-        let cgroup = arg("--cgroup").context("--cgroup: the container's /sys/fs/cgroup is its own cgroup")?;
-        let host_cgroup = host_path_of(&cgroup)
-            .or_else(|| host_path_of(Path::new(&cgroup).parent()?.to_str()?).map(|(p, m)| (format!("{p}/unified"), m)));
+        let cgroup = arg("--cgroup")
+            .context("--cgroup: the container's /sys/fs/cgroup is its own cgroup")?;
+        let host_cgroup = host_path_of(&cgroup).or_else(|| {
+            host_path_of(Path::new(&cgroup).parent()?.to_str()?)
+                .map(|(p, m)| (format!("{p}/unified"), m))
+        });
         assert!(
-            host_cgroup.as_ref().is_some_and(|(path, _)| path.starts_with("/sys/fs/cgroup")),
+            host_cgroup
+                .as_ref()
+                .is_some_and(|(path, _)| path.starts_with("/sys/fs/cgroup")),
             "{name}: --cgroup {cgroup} must be the host's /sys/fs/cgroup mounted into the pod, found {host_cgroup:?}"
         );
         if selects.contains(&(label::CONNECTOR.to_owned(), "Exists".to_owned()))

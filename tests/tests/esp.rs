@@ -471,13 +471,22 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
 
     // Uninstall removes every xfrm object of ours, and fe-tunnel.
     let removed = cluster.uninstall("edge-1")?;
-    ensure!(removed.contains("xfrm SA") && removed.contains("xfrm policy"), "uninstall said:\n{removed}");
+    ensure!(
+        removed.contains("xfrm SA") && removed.contains("xfrm policy"),
+        "uninstall said:\n{removed}"
+    );
     let ns = cluster.node_netns("edge-1")?;
     for what in ["state", "policy"] {
         let left = ns.ip(&["xfrm", what])?;
-        ensure!(left.trim().is_empty(), "xfrm {what}s left after uninstall:\n{left}");
+        ensure!(
+            left.trim().is_empty(),
+            "xfrm {what}s left after uninstall:\n{left}"
+        );
     }
-    ensure!(ns.ip(&["link", "show", "fe-tunnel"]).is_err(), "fe-tunnel left after uninstall");
+    ensure!(
+        ns.ip(&["link", "show", "fe-tunnel"]).is_err(),
+        "fe-tunnel left after uninstall"
+    );
     Ok(())
 }
 
@@ -503,10 +512,27 @@ const RECOVERY_SLACK: Duration = Duration::from_millis(2000);
 
 /// `ping -D` from `from` to `to`: the wall-clock times of the replies, and
 /// how many of `count` requests went unanswered.
-fn timed_pings(from: &fabedge_tests::netns::Netns, to: std::net::Ipv4Addr, count: u32) -> Result<(Vec<f64>, u32)> {
+fn timed_pings(
+    from: &fabedge_tests::netns::Netns,
+    to: std::net::Ipv4Addr,
+    count: u32,
+) -> Result<(Vec<f64>, u32)> {
     let count_text = count.to_string();
     let interval = format!("{:.3}", PROBE_INTERVAL.as_secs_f64());
-    let out = from.exec("ping", &["-D", "-n", "-c", &count_text, "-i", &interval, "-W", "1", &to.to_string()])?;
+    let out = from.exec(
+        "ping",
+        &[
+            "-D",
+            "-n",
+            "-c",
+            &count_text,
+            "-i",
+            &interval,
+            "-W",
+            "1",
+            &to.to_string(),
+        ],
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let replies: Vec<f64> = stdout
         .lines()
@@ -534,7 +560,9 @@ fn connector_sends_edge_1_to(cluster: &Cluster) -> Result<Vec<SocketAddrV4>> {
         .filter(|r| r["peer"] == "edge-1" && r["direction"] == "out")
         .map(|r| {
             let remote = r["remote"].as_str().unwrap_or_default();
-            remote.parse().with_context(|| format!("inspect tunnels: remote {remote:?}"))
+            remote
+                .parse()
+                .with_context(|| format!("inspect tunnels: remote {remote:?}"))
         })
         .collect()
 }
@@ -573,11 +601,16 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     // The cloud cannot open anything toward an edge: its site address is
     // nobody's route, and the NAT forwards only what the site opened.
     let edge_1_site = cluster.spec("edge-1")?.tunnel_endpoint;
-    ensure!(edge_1_site.octets()[..2] == [192, 168], "edge-1 is not on the site LAN: {edge_1_site}");
-    let unsolicited = cluster
-        .node_netns("cloud-1")?
-        .exec("ping", &["-n", "-c", "2", "-W", "1", &edge_1_site.to_string()])?;
-    let said = String::from_utf8_lossy(&unsolicited.stdout).into_owned() + &String::from_utf8_lossy(&unsolicited.stderr);
+    ensure!(
+        edge_1_site.octets()[..2] == [192, 168],
+        "edge-1 is not on the site LAN: {edge_1_site}"
+    );
+    let unsolicited = cluster.node_netns("cloud-1")?.exec(
+        "ping",
+        &["-n", "-c", "2", "-W", "1", &edge_1_site.to_string()],
+    )?;
+    let said = String::from_utf8_lossy(&unsolicited.stdout).into_owned()
+        + &String::from_utf8_lossy(&unsolicited.stderr);
     ensure!(
         !unsolicited.status.success() && !said.contains("bytes from"),
         "the cloud reached edge-1's site address directly:\n{said}"
@@ -598,11 +631,18 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     let from = cluster.pod("cloud-2")?;
     let to = cluster.pod("edge-1")?.ip();
     let probes = ((NAT_KEEPALIVE * 6).as_millis() / PROBE_INTERVAL.as_millis()) as u32;
-    let connector_generation =
-        || -> Result<u32> { Ok(generation(&cluster, "cloud-1")?.and_then(|g| g.parse().ok()).unwrap_or(0)) };
+    let connector_generation = || -> Result<u32> {
+        Ok(generation(&cluster, "cloud-1")?
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0))
+    };
     for (what, public, ports) in [
         ("port", NAT_PUBLIC_IP, (20000, 20099)),
-        ("address and port", std::net::Ipv4Addr::new(198, 18, 0, 251), (30000, 30099)),
+        (
+            "address and port",
+            std::net::Ipv4Addr::new(198, 18, 0, 251),
+            (30000, 30099),
+        ),
     ] {
         let drops_before = esp_drops(&cluster)?;
         let generation_before = connector_generation()?;
@@ -610,7 +650,9 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
             let handle = scope.spawn(|| timed_pings(from.netns(), to, probes));
             thread::sleep(NAT_KEEPALIVE);
             cluster.change_nat_mapping(public, ports)?;
-            handle.join().map_err(|_| anyhow::anyhow!("the pinger panicked"))?
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the pinger panicked"))?
         })?;
         let gap = longest_gap(&replies);
         eprintln!(
@@ -634,7 +676,8 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
         );
         let now = connector_sends_edge_1_to(&cluster)?;
         ensure!(
-            now.iter().any(|r| *r.ip() == public && (ports.0..=ports.1).contains(&r.port())),
+            now.iter()
+                .any(|r| *r.ip() == public && (ports.0..=ports.1).contains(&r.port())),
             "the connector does not send to edge-1 at the NAT's new {what} ({public}):\n{now:#?}"
         );
     }
@@ -672,7 +715,12 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
         let (edge_pod, cloud_pod) = (cluster.pod(edge)?, cluster.pod("cloud-2")?);
         for (a, b) in [(edge_pod, cloud_pod), (cloud_pod, edge_pod)] {
             let result = a.ping(b.ip(), 3)?;
-            ensure!(result.all_received(), "{} -> {} after the NAT changes: {result:?}", a.label(), b.label());
+            ensure!(
+                result.all_received(),
+                "{} -> {} after the NAT changes: {result:?}",
+                a.label(),
+                b.label()
+            );
         }
     }
 
@@ -684,12 +732,25 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
         "ip and not udp port {CONNECTOR_FORWARDED_PORT} and not (icmp[icmptype] == icmp-unreach)"
     ))?;
     drop(capture.process);
-    eprintln!("WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets", esp.len(), other.len());
-    ensure!(esp.len() > 100, "the WAN capture saw only {} packets on UDP {CONNECTOR_FORWARDED_PORT}", esp.len());
+    eprintln!(
+        "WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets",
+        esp.len(),
+        other.len()
+    );
+    ensure!(
+        esp.len() > 100,
+        "the WAN capture saw only {} packets on UDP {CONNECTOR_FORWARDED_PORT}",
+        esp.len()
+    );
     ensure!(
         other.is_empty(),
         "other IPv4 on the WAN:\n{}",
-        other.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        other
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let _ = std::fs::remove_file(&capture.file);
     Ok(())

@@ -7,10 +7,7 @@
 //! seconds. Tests take turns on it (a lock), so the statistics a test
 //! measures are its own, and it is torn down when the process exits.
 
-use std::{
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::Counter;
@@ -137,18 +134,39 @@ fn expiring_ttl_is_answered_with_icmp_time_exceeded_by_the_edge_node() -> Result
     with_cluster(|cluster| {
         let pod = cluster.pod("edge-1")?;
         let peer = cluster.pod("edge-2")?;
-        let gateway = cluster.spec("edge-1")?.pod_cidr.hosts().next().context("pod CIDR has no gateway")?;
-        let punted_before = cluster.counters("edge-1")?.get(Counter::PuntTtl.name()).copied().unwrap_or(0);
+        let gateway = cluster
+            .spec("edge-1")?
+            .pod_cidr
+            .hosts()
+            .next()
+            .context("pod CIDR has no gateway")?;
+        let punted_before = cluster
+            .counters("edge-1")?
+            .get(Counter::PuntTtl.name())
+            .copied()
+            .unwrap_or(0);
         // TTL 1 leaves the pod and would expire at its first router, edge-1.
-        let out = pod.netns().exec("ping", &["-c", "1", "-t", "1", "-W", "1", &peer.ip().to_string()])?;
+        let out = pod.netns().exec(
+            "ping",
+            &["-c", "1", "-t", "1", "-W", "1", &peer.ip().to_string()],
+        )?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let punted = cluster.counters("edge-1")?.get(Counter::PuntTtl.name()).copied().unwrap_or(0) - punted_before;
+        let punted = cluster
+            .counters("edge-1")?
+            .get(Counter::PuntTtl.name())
+            .copied()
+            .unwrap_or(0)
+            - punted_before;
         ensure!(
-            stdout.contains(&format!("From {gateway}")) && stdout.to_lowercase().contains("time to live exceeded"),
+            stdout.contains(&format!("From {gateway}"))
+                && stdout.to_lowercase().contains("time to live exceeded"),
             "expected ICMP time-exceeded from edge-1's gateway {gateway}, ping said:\n{stdout}\n{}",
             cluster.diagnostics(&["edge-1".to_owned()])
         );
-        ensure!(punted == 1, "edge-1 punt_ttl_expired grew by {punted}, expected 1");
+        ensure!(
+            punted == 1,
+            "edge-1 punt_ttl_expired grew by {punted}, expected 1"
+        );
         Ok(())
     })
 }
@@ -175,7 +193,8 @@ fn traffic_keeps_flowing_while_agents_restart() -> Result<()> {
         // c3 crosses both restarted datapaths: edge-1's and the connector's.
         let from = cluster.pod("edge-1")?;
         let to = cluster.pod("cloud-2")?.ip();
-        let (sent, received) = cluster.restart_agents_under_ping(&["edge-1", "cloud-1"], from, to)?;
+        let (sent, received) =
+            cluster.restart_agents_under_ping(&["edge-1", "cloud-1"], from, to)?;
         ensure!(
             received == sent,
             "edge-1 pod → cloud-2 pod lost {} of {sent} pings while the agents of edge-1 and cloud-1 restarted\n{}",

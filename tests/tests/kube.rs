@@ -572,8 +572,15 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
     }
     // ... and the Node's spec.podCIDR, which Flannel on cloud nodes routes by.
     for n in fake.list("v1", "Node") {
-        let Some(cidr) = first.get(n["metadata"]["name"].as_str().unwrap_or_default()) else { continue };
-        assert_eq!(n["spec"]["podCIDR"].as_str(), Some(cidr.to_string().as_str()), "{}", n["metadata"]["name"]);
+        let Some(cidr) = first.get(n["metadata"]["name"].as_str().unwrap_or_default()) else {
+            continue;
+        };
+        assert_eq!(
+            n["spec"]["podCIDR"].as_str(),
+            Some(cidr.to_string().as_str()),
+            "{}",
+            n["metadata"]["name"]
+        );
         assert_eq!(n["spec"]["podCIDRs"], serde_json::json!([cidr.to_string()]));
     }
 

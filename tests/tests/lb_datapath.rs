@@ -669,10 +669,16 @@ fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
 
 /// The cgroup v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts).
 fn cgroup2_root() -> Option<std::path::PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo").ok()?.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        after.starts_with("cgroup2 ").then(|| before.split(' ').nth(4).map(std::path::PathBuf::from)).flatten()
-    })
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            after
+                .starts_with("cgroup2 ")
+                .then(|| before.split(' ').nth(4).map(std::path::PathBuf::from))
+                .flatten()
+        })
 }
 
 #[test]
@@ -683,10 +689,16 @@ fn socket_programs_attach_to_the_given_cgroup_and_uninstall_removes_them() -> Re
     };
     let cgroup = root.join(format!("fabedge-test-{}-sock", std::process::id()));
     std::fs::create_dir_all(&cgroup)?;
-    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-{}-sock", std::process::id()));
+    let bpffs = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/fabedge-test-{}-sock",
+        std::process::id()
+    ));
     let layout = PinLayout::new(&bpffs);
     let attached = |cg: &std::path::Path| -> Result<String> {
-        let out = std::process::Command::new("bpftool").args(["cgroup", "show"]).arg(cg).output()?;
+        let out = std::process::Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(cg)
+            .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let result = (|| -> Result<()> {
@@ -697,17 +709,33 @@ fn socket_programs_attach_to_the_given_cgroup_and_uninstall_removes_them() -> Re
         drop(dp);
         let shown = attached(&cgroup)?;
         for symbol in SOCK_PROGRAMS {
-            assert!(layout.links_dir().join(format!("{symbol}@cgroup")).exists(), "{symbol} link pinned");
+            assert!(
+                layout.links_dir().join(format!("{symbol}@cgroup")).exists(),
+                "{symbol} link pinned"
+            );
             // bpftool prints program names truncated to 15 bytes.
-            assert_eq!(shown.matches(&symbol[..15]).count(), 1, "{symbol} attached once (after the agent exited):\n{shown}");
+            assert_eq!(
+                shown.matches(&symbol[..15]).count(),
+                1,
+                "{symbol} attached once (after the agent exited):\n{shown}"
+            );
         }
         datapath::uninstall(&bpffs)?;
         let shown = attached(&cgroup)?;
-        assert!(!shown.contains("fe_sock"), "uninstall left programs on the cgroup:\n{shown}");
+        assert!(
+            !shown.contains("fe_sock"),
+            "uninstall left programs on the cgroup:\n{shown}"
+        );
         // And a directory that is not cgroup v2 is refused with the fix.
         let mut dp = Datapath::load(layout.clone(), AttachMode::Auto)?;
-        let err = format!("{:#}", dp.attach_cgroup(std::path::Path::new("/tmp")).unwrap_err());
-        assert!(err.contains("not a cgroup v2 directory") && err.contains("--no-cgroup"), "{err}");
+        let err = format!(
+            "{:#}",
+            dp.attach_cgroup(std::path::Path::new("/tmp")).unwrap_err()
+        );
+        assert!(
+            err.contains("not a cgroup v2 directory") && err.contains("--no-cgroup"),
+            "{err}"
+        );
         Ok(())
     })();
     let _ = datapath::uninstall(&bpffs);

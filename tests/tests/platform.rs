@@ -49,8 +49,22 @@ fn wire(name: &str) -> Result<Wire> {
 /// anything else is dropped as unroutable.
 fn program_maps(layout: &PinLayout) -> Result<Maps> {
     let mut maps = Maps::open(layout)?;
-    maps.set_route(Ipv4Net::new(NODE_IP, 32)?, RouteEntry { kind: route_kind::LOCAL_HOST, flags: 0, peer_id: 0 })?;
-    maps.set_route(Ipv4Net::new(CLIENT_IP, 32)?, RouteEntry { kind: route_kind::LOCAL_POD, flags: 0, peer_id: 0 })?;
+    maps.set_route(
+        Ipv4Net::new(NODE_IP, 32)?,
+        RouteEntry {
+            kind: route_kind::LOCAL_HOST,
+            flags: 0,
+            peer_id: 0,
+        },
+    )?;
+    maps.set_route(
+        Ipv4Net::new(CLIENT_IP, 32)?,
+        RouteEntry {
+            kind: route_kind::LOCAL_POD,
+            flags: 0,
+            peer_id: 0,
+        },
+    )?;
     maps.set_config(DatapathConfig {
         ready: 1,
         role: role::EDGE,
@@ -66,14 +80,19 @@ fn attach_modes() -> Vec<&'static str> {
     if kernel_at_least(6, 6) {
         vec!["tcx", "netlink"]
     } else {
-        eprintln!("TCX leg not run: this kernel is older than 6.6 and has no TCX; proving netlink tc only");
+        eprintln!(
+            "TCX leg not run: this kernel is older than 6.6 and has no TCX; proving netlink tc only"
+        );
         vec!["netlink"]
     }
 }
 
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let (maj, min) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (maj, min) >= (major, minor)
 }
@@ -102,7 +121,8 @@ fn restarts_keep_forwarding(mode: &str) -> Result<()> {
             let pings = scope.spawn(|| ping(client, NODE_IP, 400, Duration::from_millis(10)));
             thread::sleep(Duration::from_millis(300));
             for restart in 1..=5 {
-                agent_ok(Some(&wire.node), &root, &attach).with_context(|| format!("restart {restart}"))?;
+                agent_ok(Some(&wire.node), &root, &attach)
+                    .with_context(|| format!("restart {restart}"))?;
                 thread::sleep(Duration::from_millis(300));
             }
             pings.join().expect("ping thread")
@@ -119,7 +139,9 @@ fn restarts_keep_forwarding(mode: &str) -> Result<()> {
         let maps = Maps::open(&layout)?;
         let routes: Vec<_> = maps.route_entries()?;
         ensure!(
-            routes.iter().any(|(net, e)| net.addr() == NODE_IP && e.kind == route_kind::LOCAL_HOST),
+            routes
+                .iter()
+                .any(|(net, e)| net.addr() == NODE_IP && e.kind == route_kind::LOCAL_HOST),
             "route to {NODE_IP} lost across restarts: {routes:?}"
         );
         ensure!(maps.config()?.ready == 1, "FE_CONFIG lost across restarts");
@@ -133,11 +155,21 @@ fn restarts_keep_forwarding(mode: &str) -> Result<()> {
         // Still our program deciding: an unrouted destination is dropped and counted.
         let dropped_before = maps.counter(Counter::DropNoRoute)?;
         let lost = ping(&wire.client, UNROUTED_IP, 3, Duration::from_millis(50))?;
-        ensure!(lost.received == 0, "{UNROUTED_IP} answered although it has no route");
-        ensure!(maps.counter(Counter::DropNoRoute)? >= dropped_before + 3, "drop_no_route did not count the drops");
+        ensure!(
+            lost.received == 0,
+            "{UNROUTED_IP} answered although it has no route"
+        );
+        ensure!(
+            maps.counter(Counter::DropNoRoute)? >= dropped_before + 3,
+            "drop_no_route did not count the drops"
+        );
         Ok(())
     })();
-    let cleanup = agent_ok(Some(&wire.node), &root, &["uninstall", "--cni-conf-dir", "/nonexistent"]);
+    let cleanup = agent_ok(
+        Some(&wire.node),
+        &root,
+        &["uninstall", "--cni-conf-dir", "/nonexistent"],
+    );
     result.and(cleanup.map(|_| ()))
 }
 
@@ -150,7 +182,18 @@ fn stale_pinned_map_layout_is_refused_with_the_fix() -> Result<()> {
     let created = Command::new("bpftool")
         .args(["map", "create"])
         .arg(&stale)
-        .args(["type", "hash", "key", "8", "value", "8", "entries", "16", "name", "FE_ROUTES"])
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "FE_ROUTES",
+        ])
         .status()
         .context("running bpftool")?;
     ensure!(created.success(), "bpftool map create failed");
@@ -173,14 +216,23 @@ fn stale_pinned_map_layout_is_refused_with_the_fix() -> Result<()> {
         let out = agent_output(None, &root, &["attach", "--attach", "from-pod=lo"])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "the agent started on a stale layout");
-        ensure!(stderr.contains("FE_ROUTES") && stderr.contains("found type hash"), "CLI error: {stderr}");
+        ensure!(
+            stderr.contains("FE_ROUTES") && stderr.contains("found type hash"),
+            "CLI error: {stderr}"
+        );
 
         // Nothing half-done: no other map was pinned, the stale one is untouched.
-        let pins: Vec<_> = std::fs::read_dir(layout.maps_dir())?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        let pins: Vec<_> = std::fs::read_dir(layout.maps_dir())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
         ensure!(pins == ["FE_ROUTES"], "pins after refusal: {pins:?}");
         let info = aya::maps::MapInfo::from_pin(&stale)?;
         ensure!(info.value_size() == 8, "the stale map was modified");
-        ensure!(!layout.links_dir().exists(), "the refused start left {} behind", layout.links_dir().display());
+        ensure!(
+            !layout.links_dir().exists(),
+            "the refused start left {} behind",
+            layout.links_dir().display()
+        );
         Ok(())
     })();
     datapath::uninstall(&root)?;
@@ -201,7 +253,11 @@ fn uninstall_in_mode(mode: &str) -> Result<()> {
     let result = attach_then_uninstall(&wire, &root, mode);
     if root.exists() {
         // The test failed before uninstall did its job; do not leak into bpffs.
-        let _ = agent_ok(Some(&wire.node), &root, &["uninstall", "--cni-conf-dir", "/nonexistent"]);
+        let _ = agent_ok(
+            Some(&wire.node),
+            &root,
+            &["uninstall", "--cni-conf-dir", "/nonexistent"],
+        );
     }
     result
 }
@@ -211,13 +267,24 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
         Some(&wire.node),
         root,
         &[
-            "attach", "--attach-mode", mode,
-            "--attach", "from-pod=n0", "--attach", "uplink-ingress=n0",
-            "--attach", "tunnel-ingress=lo", "--attach", "tunnel-egress=lo",
+            "attach",
+            "--attach-mode",
+            mode,
+            "--attach",
+            "from-pod=n0",
+            "--attach",
+            "uplink-ingress=n0",
+            "--attach",
+            "tunnel-ingress=lo",
+            "--attach",
+            "tunnel-egress=lo",
         ],
     )?;
     let attached = attachments(&wire.node, root)?;
-    ensure!(attached.len() == 4, "expected 4 attachments, found {attached:?}");
+    ensure!(
+        attached.len() == 4,
+        "expected 4 attachments, found {attached:?}"
+    );
     let prog_ids: Vec<u64> = attached.iter().map(|a| a.1).collect();
     let mut map_ids = Vec::new();
     for id in &prog_ids {
@@ -225,9 +292,17 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
     }
     map_ids.sort();
     map_ids.dedup();
-    ensure!(map_ids.len() >= 5, "our programs use {} maps, expected every FE_* map", map_ids.len());
+    ensure!(
+        map_ids.len() >= 5,
+        "our programs use {} maps, expected every FE_* map",
+        map_ids.len()
+    );
 
-    agent_ok(Some(&wire.node), root, &["uninstall", "--cni-conf-dir", "/nonexistent"])?;
+    agent_ok(
+        Some(&wire.node),
+        root,
+        &["uninstall", "--cni-conf-dir", "/nonexistent"],
+    )?;
 
     ensure!(!root.exists(), "{} still exists", root.display());
     let left = attachments(&wire.node, root)?;
@@ -235,14 +310,22 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
     // The kernel frees programs, links and maps asynchronously once unreferenced.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let progs_left: Vec<_> = prog_ids.iter().filter(|id| bpftool_has("prog", **id)).collect();
-        let maps_left: Vec<_> = map_ids.iter().filter(|id| bpftool_has("map", **id)).collect();
+        let progs_left: Vec<_> = prog_ids
+            .iter()
+            .filter(|id| bpftool_has("prog", **id))
+            .collect();
+        let maps_left: Vec<_> = map_ids
+            .iter()
+            .filter(|id| bpftool_has("map", **id))
+            .collect();
         let links_left = links_of(&prog_ids)?;
         if progs_left.is_empty() && maps_left.is_empty() && links_left.is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("after uninstall, programs {progs_left:?}, maps {maps_left:?} and links {links_left:?} still exist");
+            bail!(
+                "after uninstall, programs {progs_left:?}, maps {maps_left:?} and links {links_left:?} still exist"
+            );
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -250,7 +333,10 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
 
 /// Links (any type, any namespace) that hold one of `prog_ids`.
 fn links_of(prog_ids: &[u64]) -> Result<Vec<u64>> {
-    let out = Command::new("bpftool").args(["-j", "link", "show"]).output().context("running bpftool link show")?;
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .context("running bpftool link show")?;
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     Ok(links
         .as_array()
@@ -266,7 +352,8 @@ fn links_of(prog_ids: &[u64]) -> Result<Vec<u64>> {
 /// (Debian's bpftool 7.1 does not list TCX).
 fn attachments(ns: &Netns, root: &Path) -> Result<Vec<(String, u64)>> {
     let out = ns.run_ok("bpftool", &["-j", "net", "show"])?;
-    let parsed: serde_json::Value = serde_json::from_str(&out).context("parsing bpftool net show")?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&out).context("parsing bpftool net show")?;
     let mut found = Vec::new();
     for section in parsed.as_array().into_iter().flatten() {
         for entry in section["tc"].as_array().into_iter().flatten() {
@@ -280,10 +367,21 @@ fn attachments(ns: &Netns, root: &Path) -> Result<Vec<(String, u64)>> {
     if links.exists() {
         for pin in std::fs::read_dir(&links)? {
             let pin = pin?.path();
-            let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&pin).output()?;
-            ensure!(out.status.success(), "bpftool link show pinned {} failed", pin.display());
+            let out = Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&pin)
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "bpftool link show pinned {} failed",
+                pin.display()
+            );
             let link: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let name = pin.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = pin
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             found.push((name, link["prog_id"].as_u64().unwrap_or(0)));
         }
     }
@@ -291,10 +389,17 @@ fn attachments(ns: &Netns, root: &Path) -> Result<Vec<(String, u64)>> {
 }
 
 fn prog_map_ids(id: u64) -> Result<Vec<u64>> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]).output()?;
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()?;
     ensure!(out.status.success(), "bpftool prog show id {id} failed");
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(parsed["map_ids"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect())
+    Ok(parsed["map_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect())
 }
 
 fn bpftool_has(kind: &str, id: u64) -> bool {
@@ -305,7 +410,6 @@ fn bpftool_has(kind: &str, id: u64) -> bool {
         .unwrap_or(false)
 }
 
-
 #[test]
 fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
     let root = bpffs_root("btf");
@@ -313,22 +417,88 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
     let result = (|| -> Result<()> {
         let datapath = Datapath::load(layout.clone(), AttachMode::Auto)?;
         let mut maps = program_maps(&layout)?;
-        maps.set_peer(7, fabedge_common::PeerEntry { kind: fabedge_common::peer_kind::TUNNEL, underlay_ip: [198, 18, 0, 7], ..Default::default() })?;
+        maps.set_peer(
+            7,
+            fabedge_common::PeerEntry {
+                kind: fabedge_common::peer_kind::TUNNEL,
+                underlay_ip: [198, 18, 0, 7],
+                ..Default::default()
+            },
+        )?;
         // Hash maps dump only their entries: give each one.
         {
             use fabedge_common::services::*;
-            maps.services.insert(ServiceKey { addr: [10, 96, 0, 1], port: 80, proto: 6, _pad: 0 }, ServiceEntry { id: 1, count: 1, ..Default::default() }, 0)?;
-            maps.backends.insert(BackendKey { service_id: 1, slot: 0 }, Backend { addr: [10, 234, 1, 2], port: 8080, ..Default::default() }, 0)?;
-            maps.ct.insert(CtKey { saddr: [10, 234, 1, 3], ..Default::default() }, CtEntry { service_id: 1, ..Default::default() }, 0)?;
-            maps.affinity.insert(AffinityKey { client: [10, 234, 1, 3], service_id: 1 }, AffinityEntry::default(), 0)?;
+            maps.services.insert(
+                ServiceKey {
+                    addr: [10, 96, 0, 1],
+                    port: 80,
+                    proto: 6,
+                    _pad: 0,
+                },
+                ServiceEntry {
+                    id: 1,
+                    count: 1,
+                    ..Default::default()
+                },
+                0,
+            )?;
+            maps.backends.insert(
+                BackendKey {
+                    service_id: 1,
+                    slot: 0,
+                },
+                Backend {
+                    addr: [10, 234, 1, 2],
+                    port: 8080,
+                    ..Default::default()
+                },
+                0,
+            )?;
+            maps.ct.insert(
+                CtKey {
+                    saddr: [10, 234, 1, 3],
+                    ..Default::default()
+                },
+                CtEntry {
+                    service_id: 1,
+                    ..Default::default()
+                },
+                0,
+            )?;
+            maps.affinity.insert(
+                AffinityKey {
+                    client: [10, 234, 1, 3],
+                    service_id: 1,
+                },
+                AffinityEntry::default(),
+                0,
+            )?;
             let mut revnat: aya::maps::HashMap<_, SockRevKey, SockRevEntry> =
-                fabedge_agent::datapath::open_pinned(&layout, fabedge_common::map_names::SOCK_REVNAT)?.try_into()?;
-            revnat.insert(SockRevKey { cookie: 1, ..Default::default() }, SockRevEntry { addr: [10, 96, 0, 1], port: 80, _pad: 0 }, 0)?;
+                fabedge_agent::datapath::open_pinned(
+                    &layout,
+                    fabedge_common::map_names::SOCK_REVNAT,
+                )?
+                .try_into()?;
+            revnat.insert(
+                SockRevKey {
+                    cookie: 1,
+                    ..Default::default()
+                },
+                SockRevEntry {
+                    addr: [10, 96, 0, 1],
+                    port: 80,
+                    _pad: 0,
+                },
+                0,
+            )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
         let expected: [(&str, &[&str]); 10] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
-            ("FE_SERVICES", &["addr", "proto", "count", "affinity_timeout"]),
+            (
+                "FE_SERVICES",
+                &["addr", "proto", "count", "affinity_timeout"],
+            ),
             ("FE_BACKENDS", &["service_id", "slot", "port"]),
             ("FE_CT", &["saddr", "dport", "last_seen_ns", "snat_addr"]),
             ("FE_AFFINITY", &["client", "backend"]),
@@ -341,13 +511,27 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
         let pinned: Vec<String> = std::fs::read_dir(layout.maps_dir())?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<_, _>>()?;
-        ensure!(pinned.len() == expected.len(), "pinned maps {pinned:?}; this test must name every one");
+        ensure!(
+            pinned.len() == expected.len(),
+            "pinned maps {pinned:?}; this test must name every one"
+        );
         for (map, fields) in expected {
-            let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(layout.map(map)).output()?;
-            ensure!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(layout.map(map))
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "bpftool map dump {map}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let text = String::from_utf8_lossy(&out.stdout);
             for field in fields {
-                ensure!(text.contains(&format!("\"{field}\"")), "{map} dump lacks field {field:?}: {}", &text[..text.len().min(400)]);
+                ensure!(
+                    text.contains(&format!("\"{field}\"")),
+                    "{map} dump lacks field {field:?}: {}",
+                    &text[..text.len().min(400)]
+                );
             }
         }
         drop(datapath);

@@ -173,7 +173,10 @@ fn edge_pod_reaches_a_cluster_ip_with_local_community_and_cloud_backends_over_tc
         );
         let slots = cluster.agent_inspect_table("edge-1", "backends")?;
         for (ip, _, _) in &backends {
-            ensure!(slots.contains(&format!("{ip}:{ECHO_PORT}")), "inspect backends lacks {ip}:\n{slots}");
+            ensure!(
+                slots.contains(&format!("{ip}:{ECHO_PORT}")),
+                "inspect backends lacks {ip}:\n{slots}"
+            );
         }
         let ct = cluster.agent_inspect_table("edge-1", "ct")?;
         ensure!(

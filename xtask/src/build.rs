@@ -18,12 +18,26 @@ pub fn object_path(workspace: &Path) -> PathBuf {
 pub fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     // \x1f separates CARGO_ENCODED_RUSTFLAGS entries.
-    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .join("\x1f");
     let status = Command::new("cargo")
         .current_dir(workspace)
         .args([
-            "+nightly", "build", "--package", "fabedge-ebpf", "--bin", "fabedge",
-            "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release",
+            "+nightly",
+            "build",
+            "--package",
+            "fabedge-ebpf",
+            "--bin",
+            "fabedge",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
         ])
         .env("PATH", path)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
@@ -47,8 +61,15 @@ pub fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
 fn check_btf(object: &Path) -> Result<()> {
     let bytes = std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
     for section in [".BTF\0", ".BTF.ext\0"] {
-        if !bytes.windows(section.len()).any(|w| w == section.as_bytes()) {
-            bail!("{} has no {} section: bpf-linker must run with --btf", object.display(), section.trim_end_matches('\0'));
+        if !bytes
+            .windows(section.len())
+            .any(|w| w == section.as_bytes())
+        {
+            bail!(
+                "{} has no {} section: bpf-linker must run with --btf",
+                object.display(),
+                section.trim_end_matches('\0')
+            );
         }
     }
     Ok(())

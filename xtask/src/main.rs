@@ -54,17 +54,24 @@ enum Cmd {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Build the agent, then run one of the `fabedge-tests` binaries.
 fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> {
-    let status = Command::new("cargo").current_dir(ws).args(["build", "--quiet", "-p", "fabedge-agent"]).status()?;
+    let status = Command::new("cargo")
+        .current_dir(ws)
+        .args(["build", "--quiet", "-p", "fabedge-agent"])
+        .status()?;
     if !status.success() {
         bail!("building fabedge-agent failed");
     }
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(ws).args(["run", "--quiet", "-p", "fabedge-tests", "--bin", bin]);
+    cmd.current_dir(ws)
+        .args(["run", "--quiet", "-p", "fabedge-tests", "--bin", bin]);
     if release {
         cmd.arg("--release");
     }
@@ -100,7 +107,11 @@ fn main() -> Result<()> {
         }
         Cmd::GenCrd => crd::write(&ws),
         Cmd::VmSelfTest => vm::self_test(),
-        Cmd::Vm { kernel, program, args } => {
+        Cmd::Vm {
+            kernel,
+            program,
+            args,
+        } => {
             let run = vm::VmRun {
                 kernel,
                 program: &program,

@@ -45,7 +45,10 @@ fn install_apt_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    let update = Command::new("apt-get").args(["update", "-q"]).status().context("running apt-get update")?;
+    let update = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("running apt-get update")?;
     if !update.success() {
         bail!("apt-get update failed; run it by hand to see why");
     }
@@ -70,7 +73,10 @@ fn install_rust_src() -> Result<()> {
         bail!("no nightly toolchain: install it with `rustup toolchain install nightly`");
     }
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+    if Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
         return Ok(());
     }
     eprintln!("setup: installing rust-src for the nightly toolchain");
@@ -93,15 +99,28 @@ fn install_bpf_linker() -> Result<()> {
     if present {
         return Ok(());
     }
-    eprintln!("setup: installing bpf-linker 0.13 (LLVM 22) with cargo install; this takes a few minutes once");
+    eprintln!(
+        "setup: installing bpf-linker 0.13 (LLVM 22) with cargo install; this takes a few minutes once"
+    );
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "^0.13",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("PATH", path)
         .status()
         .context("running cargo install bpf-linker")?;
     if !status.success() {
-        bail!("cargo install bpf-linker failed (needs llvm-22-dev, libpolly-22-dev, libzstd-dev, zlib1g-dev)");
+        bail!(
+            "cargo install bpf-linker failed (needs llvm-22-dev, libpolly-22-dev, libzstd-dev, zlib1g-dev)"
+        );
     }
     Ok(())
 }

@@ -23,7 +23,11 @@ struct VmTests {
 }
 
 const VM_TESTS: &[VmTests] = &[
-    VmTests { binary: "platform", tests: &["agent_restarts_without_losing_packets"], timeout: Duration::from_secs(300) },
+    VmTests {
+        binary: "platform",
+        tests: &["agent_restarts_without_losing_packets"],
+        timeout: Duration::from_secs(300),
+    },
     // The Service programs pass older verifiers; the reject path resizes packets.
     VmTests {
         binary: "lb_datapath",
@@ -69,11 +73,17 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     suites.push(("host (unit, datapath, netns)".to_string(), ok));
 
     if options.skip_vm {
-        println!("xtask: VM tests SKIPPED because --skip-vm was given (they prove the 6.1 and 6.12 kernels)");
+        println!(
+            "xtask: VM tests SKIPPED because --skip-vm was given (they prove the 6.1 and 6.12 kernels)"
+        );
     } else {
         for entry in VM_TESTS {
-            let tests: Vec<&str> =
-                entry.tests.iter().copied().filter(|t| options.filter.as_deref().is_none_or(|f| t.contains(f))).collect();
+            let tests: Vec<&str> = entry
+                .tests
+                .iter()
+                .copied()
+                .filter(|t| options.filter.as_deref().is_none_or(|f| t.contains(f)))
+                .collect();
             if tests.is_empty() {
                 continue;
             }
@@ -82,9 +92,23 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
             for kernel in vm::Kernel::ALL {
                 // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
                 let mut args: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
-                args.extend(["--exact", "--nocapture", "--test-threads=1", "--include-ignored"].map(String::from));
+                args.extend(
+                    [
+                        "--exact",
+                        "--nocapture",
+                        "--test-threads=1",
+                        "--include-ignored",
+                    ]
+                    .map(String::from),
+                );
                 let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
-                let run = vm::VmRun { kernel, program: &path, args: &args, env: &env, timeout: entry.timeout };
+                let run = vm::VmRun {
+                    kernel,
+                    program: &path,
+                    args: &args,
+                    env: &env,
+                    timeout: entry.timeout,
+                };
                 println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
                 let ok = match vm::run(&run) {
                     Ok(code) => code == 0,
@@ -93,7 +117,10 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
                         false
                     }
                 };
-                suites.push((format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")), ok));
+                suites.push((
+                    format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")),
+                    ok,
+                ));
             }
         }
     }
@@ -121,14 +148,27 @@ fn cargo(workspace: &Path) -> Command {
 /// Path of an integration-test binary of the `fabedge-tests` crate.
 fn test_binary(workspace: &Path, name: &str) -> Result<PathBuf> {
     let out = cargo(workspace)
-        .args(["test", "-p", "fabedge-tests", "--test", name, "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "-p",
+            "fabedge-tests",
+            "--test",
+            name,
+            "--no-run",
+            "--message-format=json",
+        ])
         .output()
         .context("running cargo test --no-run")?;
     if !out.status.success() {
-        bail!("building test binary {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "building test binary {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if msg["reason"] == "compiler-artifact"
             && msg["target"]["name"] == name
             && msg["profile"]["test"] == true

@@ -155,7 +155,8 @@ const CPUS: u32 = 2;
 /// `quiet loglevel=3` keeps boot noise out of the test output (panics and
 /// oopses still show); `cryptomgr.notests` skips the crypto self-tests, which
 /// cost seconds under TCG and test the kernel, not us.
-const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off cryptomgr.notests=1 rdinit=/init";
+const KERNEL_CMDLINE: &str =
+    "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off cryptomgr.notests=1 rdinit=/init";
 
 fn vm_dir() -> PathBuf {
     crate::workspace().join("target").join("vm")
@@ -175,7 +176,8 @@ pub fn prepare(kernel: Kernel) -> Result<PreparedKernel> {
         Some(release) => release,
         None => {
             let release = download_and_extract(kernel, &root)?;
-            fs::write(&pointer, format!("{release}\n")).with_context(|| format!("writing {}", pointer.display()))?;
+            fs::write(&pointer, format!("{release}\n"))
+                .with_context(|| format!("writing {}", pointer.display()))?;
             release
         }
     };
@@ -200,7 +202,13 @@ pub fn prepare(kernel: Kernel) -> Result<PreparedKernel> {
     };
     let initramfs = base_initramfs(&dir, &release, &modules)?;
     let (preload, unavailable) = preload_plan(&dir, &release)?;
-    Ok(PreparedKernel { release, image, initramfs, preload, unavailable })
+    Ok(PreparedKernel {
+        release,
+        image,
+        initramfs,
+        preload,
+        unavailable,
+    })
 }
 
 /// Extracts (once) the ELF `vmlinux` from a bzImage whose kernel has a PVH
@@ -210,14 +218,19 @@ fn uncompressed_image(dir: &Path, release: &str, vmlinuz: &Path) -> Result<PathB
     if vmlinux.is_file() {
         return Ok(vmlinux);
     }
-    let config = fs::read_to_string(dir.join("boot").join(format!("config-{release}"))).unwrap_or_default();
+    let config =
+        fs::read_to_string(dir.join("boot").join(format!("config-{release}"))).unwrap_or_default();
     if !config.lines().any(|l| l == "CONFIG_PVH=y") {
         bail!("the kernel has no PVH entry point (CONFIG_PVH)");
     }
     let image = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
     // bzImage boot protocol: setup_sects at 0x1f1; payload_offset and
     // payload_length at 0x248 and 0x24c, relative to the protected-mode code.
-    let u32_at = |at: usize| image.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let u32_at = |at: usize| {
+        image
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
     let setup_sects = match image.get(0x1f1).copied() {
         Some(0) => 4,
         Some(n) => usize::from(n),
@@ -256,12 +269,19 @@ fn uncompressed_image(dir: &Path, release: &str, vmlinuz: &Path) -> Result<PathB
     })
     .with_context(|| format!("running {tool}"))?;
     if !out.status.success() || !out.stdout.starts_with(b"\x7fELF") {
-        bail!("{tool} could not decompress the kernel: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{tool} could not decompress the kernel: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let tmp = dir.join(format!(".vmlinux.{}.tmp", std::process::id()));
     fs::write(&tmp, &out.stdout).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &vmlinux).with_context(|| format!("writing {}", vmlinux.display()))?;
-    println!("vm: extracted {} ({} MiB) to skip decompression at boot", vmlinux.display(), out.stdout.len() >> 20);
+    println!(
+        "vm: extracted {} ({} MiB) to skip decompression at boot",
+        vmlinux.display(),
+        out.stdout.len() >> 20
+    );
     Ok(vmlinux)
 }
 
@@ -286,7 +306,10 @@ fn download_and_extract(kernel: Kernel, root: &Path) -> Result<String> {
             kernel.package_pattern()
         );
     };
-    let release = package.strip_prefix("linux-image-").unwrap_or(&package).to_string();
+    let release = package
+        .strip_prefix("linux-image-")
+        .unwrap_or(&package)
+        .to_string();
 
     let download = TempDir::new(root, "download")?;
     println!("vm: downloading {package} (apt-get download) for the {kernel} VM");
@@ -302,22 +325,38 @@ fn download_and_extract(kernel: Kernel, root: &Path) -> Result<String> {
     let deb = fs::read_dir(download.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb in {}", download.path().display()))?;
-    println!("vm: downloaded {}", deb.file_name().unwrap_or_default().to_string_lossy());
+        .with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                download.path().display()
+            )
+        })?;
+    println!(
+        "vm: downloaded {}",
+        deb.file_name().unwrap_or_default().to_string_lossy()
+    );
 
     let dir = root.join(&release);
     if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing the incomplete {}", dir.display()))?;
+        fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the incomplete {}", dir.display()))?;
     }
     let extract = download.path().join("extract");
-    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extract), "dpkg-deb -x (is dpkg installed?)")?;
+    run_checked(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extract),
+        "dpkg-deb -x (is dpkg installed?)",
+    )?;
     run_checked(
         Command::new("depmod").arg("-b").arg(&extract).arg(&release),
         "depmod (install the kmod package: apt-get install kmod)",
     )?;
-    fs::rename(&extract, &dir).with_context(|| format!("moving the extracted kernel to {}", dir.display()))?;
+    fs::rename(&extract, &dir)
+        .with_context(|| format!("moving the extracted kernel to {}", dir.display()))?;
     fs::write(dir.join(".complete"), &package)?;
-    println!("vm: {kernel} kernel {release} extracted into {}", dir.display());
+    println!(
+        "vm: {kernel} kernel {release} extracted into {}",
+        dir.display()
+    );
     Ok(release)
 }
 
@@ -328,20 +367,30 @@ fn newest_package(kernel: Kernel) -> Result<Option<String>> {
         .output()
         .context("running apt-cache search (is apt installed?)")?;
     if !out.status.success() {
-        bail!("apt-cache search failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "apt-cache search failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     Ok(stdout
         .lines()
         .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| !["-cloud", "-rt", "-dbg", "-unsigned"].iter().any(|bad| name.contains(bad)))
+        .filter(|name| {
+            !["-cloud", "-rt", "-dbg", "-unsigned"]
+                .iter()
+                .any(|bad| name.contains(bad))
+        })
         .max_by_key(|name| version_key(name))
         .map(str::to_string))
 }
 
 /// The numbers in a package name, for ordering versions.
 fn version_key(name: &str) -> Vec<u64> {
-    name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect()
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 /// `/init` of the base initramfs. `@RELEASE@`, `@MODULES@`, `@LOAD@` are filled in.
@@ -393,14 +442,26 @@ exec chroot $R /run/fabedge/busybox sh /run/fabedge/run.sh
 
 /// Builds (or finds cached) the base initramfs of one kernel.
 fn base_initramfs(dir: &Path, release: &str, modules: &Path) -> Result<PathBuf> {
-    let busybox_meta = fs::metadata(BUSYBOX)
-        .with_context(|| format!("{BUSYBOX} is missing; install it: apt-get install busybox-static"))?;
-    let modules_str = modules.to_str().context("the workspace path is not UTF-8")?;
+    let busybox_meta = fs::metadata(BUSYBOX).with_context(|| {
+        format!("{BUSYBOX} is missing; install it: apt-get install busybox-static")
+    })?;
+    let modules_str = modules
+        .to_str()
+        .context("the workspace path is not UTF-8")?;
     if modules_str.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
-        bail!("the workspace path {modules_str:?} has spaces or quotes; the VM harness cannot use it");
+        bail!(
+            "the workspace path {modules_str:?} has spaces or quotes; the VM harness cannot use it"
+        );
     }
     let mut hasher = DefaultHasher::new();
-    (INIT, INITRAMFS_MODULES, release, modules_str, busybox_meta.len()).hash(&mut hasher);
+    (
+        INIT,
+        INITRAMFS_MODULES,
+        release,
+        modules_str,
+        busybox_meta.len(),
+    )
+        .hash(&mut hasher);
     busybox_meta.modified().ok().hash(&mut hasher);
     let path = dir.join(format!("initramfs-{:016x}.cpio", hasher.finish()));
     if path.is_file() {
@@ -434,18 +495,35 @@ fn base_initramfs(dir: &Path, release: &str, modules: &Path) -> Result<PathBuf> 
     }
 
     let mut cpio = Cpio::default();
-    for d in ["/bin", "/dev", "/proc", "/sys", "/lower", "/upper", "/newroot", "/fabedge", "/fabedge/modules"] {
+    for d in [
+        "/bin",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/lower",
+        "/upper",
+        "/newroot",
+        "/fabedge",
+        "/fabedge/modules",
+    ] {
         cpio.dir(d);
     }
     cpio.char_device("/dev/console", 5, 1);
-    cpio.file("/bin/busybox", 0o755, &fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?);
+    cpio.file(
+        "/bin/busybox",
+        0o755,
+        &fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?,
+    );
     let mut load = Vec::new();
     for file in &files {
         let (name, data) = read_module(file)?;
         cpio.file(&format!("/fabedge/modules/{name}"), 0o644, &data);
         load.push(name);
     }
-    let init = INIT.replace("@RELEASE@", release).replace("@MODULES@", modules_str).replace("@LOAD@", &load.join(" "));
+    let init = INIT
+        .replace("@RELEASE@", release)
+        .replace("@MODULES@", modules_str)
+        .replace("@LOAD@", &load.join(" "));
     cpio.file("/init", 0o755, init.as_bytes());
     let bytes = cpio.finish();
 
@@ -462,13 +540,22 @@ fn base_initramfs(dir: &Path, release: &str, modules: &Path) -> Result<PathBuf> 
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    println!("vm: built initramfs {} ({} KiB; modules: {})", path.display(), bytes.len() / 1024, load.join(" "));
+    println!(
+        "vm: built initramfs {} ({} KiB; modules: {})",
+        path.display(),
+        bytes.len() / 1024,
+        load.join(" ")
+    );
     Ok(path)
 }
 
 /// A module file, decompressed (busybox insmod takes plain `.ko`): (file name, bytes).
 fn read_module(file: &Path) -> Result<(String, Vec<u8>)> {
-    let name = file.file_name().context("module path without a file name")?.to_string_lossy().to_string();
+    let name = file
+        .file_name()
+        .context("module path without a file name")?
+        .to_string_lossy()
+        .to_string();
     let tool = if name.ends_with(".ko.xz") {
         Some(("xz", "xz-utils"))
     } else if name.ends_with(".ko.zst") {
@@ -479,7 +566,10 @@ fn read_module(file: &Path) -> Result<(String, Vec<u8>)> {
         None
     };
     let Some((tool, package)) = tool else {
-        return Ok((name, fs::read(file).with_context(|| format!("reading {}", file.display()))?));
+        return Ok((
+            name,
+            fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+        ));
     };
     let out = Command::new(tool)
         .arg("-dc")
@@ -487,7 +577,11 @@ fn read_module(file: &Path) -> Result<(String, Vec<u8>)> {
         .output()
         .with_context(|| format!("running {tool} -dc (install it: apt-get install {package})"))?;
     if !out.status.success() {
-        bail!("{tool} -dc {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{tool} -dc {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let plain = format!("{}.ko", name.split(".ko").next().unwrap_or(&name));
     Ok((plain, out.stdout))
@@ -495,12 +589,19 @@ fn read_module(file: &Path) -> Result<(String, Vec<u8>)> {
 
 /// Boots `run.kernel`, runs the program and returns its exit code.
 pub fn run(run: &VmRun) -> Result<i32> {
-    let prepared = prepare(run.kernel).with_context(|| format!("preparing the {} kernel", run.kernel))?;
+    let prepared =
+        prepare(run.kernel).with_context(|| format!("preparing the {} kernel", run.kernel))?;
     let workspace = crate::workspace();
     let program = resolve_program(run.program)?;
     let nonce = {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
-        format!("{:012x}", (nanos as u64 ^ (u64::from(std::process::id()) << 32)) & 0xffff_ffff_ffff)
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!(
+            "{:012x}",
+            (nanos as u64 ^ (u64::from(std::process::id()) << 32)) & 0xffff_ffff_ffff
+        )
     };
     let marker = format!("fabedge-vm-{nonce}: exit code ");
     let script = run_script(&prepared, &workspace, &program, run.args, run.env, &marker)?;
@@ -508,8 +609,8 @@ pub fn run(run: &VmRun) -> Result<i32> {
     // Per-run initramfs: the cached base plus a second archive holding run.sh.
     let tmp = TempDir::new(&std::env::temp_dir(), "fabedge-vm")?;
     let initrd = tmp.path().join("initrd.cpio");
-    let mut bytes =
-        fs::read(&prepared.initramfs).with_context(|| format!("reading {}", prepared.initramfs.display()))?;
+    let mut bytes = fs::read(&prepared.initramfs)
+        .with_context(|| format!("reading {}", prepared.initramfs.display()))?;
     let mut extra = Cpio::default();
     extra.file("/fabedge/run.sh", 0o755, script.as_bytes());
     bytes.extend_from_slice(&extra.finish());
@@ -519,24 +620,43 @@ pub fn run(run: &VmRun) -> Result<i32> {
     if Path::new(QBOOT).is_file() {
         cmd.args(["-bios", QBOOT]);
     }
-    cmd.args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        // qemu64, not max: TCG's AVX emulation and the AES-NI module's
-        // self-tests made every boot 1-3 s slower.
-        .args(["-cpu", "qemu64", "-m", &MEMORY_MIB.to_string(), "-smp", &CPUS.to_string()])
-        .args(["-serial", "stdio", "-monitor", "none"])
-        .arg("-kernel")
-        .arg(&prepared.image)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", KERNEL_CMDLINE])
-        .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    // qemu64, not max: TCG's AVX emulation and the AES-NI module's
+    // self-tests made every boot 1-3 s slower.
+    .args([
+        "-cpu",
+        "qemu64",
+        "-m",
+        &MEMORY_MIB.to_string(),
+        "-smp",
+        &CPUS.to_string(),
+    ])
+    .args(["-serial", "stdio", "-monitor", "none"])
+    .arg("-kernel")
+    .arg(&prepared.image)
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", KERNEL_CMDLINE])
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     let started = Instant::now();
-    let mut child =
-        cmd.spawn().with_context(|| format!("starting {QEMU} (install it: apt-get install qemu-system-x86)"))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!("starting {QEMU} (install it: apt-get install qemu-system-x86)")
+    })?;
     let stdout = child.stdout.take().context("qemu's stdout is not piped")?;
     let reader = thread::spawn(move || Console::follow(stdout, marker));
 
@@ -559,7 +679,10 @@ pub fn run(run: &VmRun) -> Result<i32> {
         bail!(
             "the {kernel} VM timed out after {:?} and was killed{}",
             run.timeout,
-            console.panic.map(|p| format!(" (kernel panic: {p})")).unwrap_or_default()
+            console
+                .panic
+                .map(|p| format!(" (kernel panic: {p})"))
+                .unwrap_or_default()
         );
     };
     if let Some(panic) = console.panic {
@@ -579,7 +702,11 @@ pub fn run(run: &VmRun) -> Result<i32> {
     if status.code() != Some(expected) {
         eprintln!("vm: note: qemu exited with {status}, expected {expected} for exit code {code}");
     }
-    println!("vm: {kernel} ({}): exit code {code} after {:.1}s", prepared.release, elapsed.as_secs_f64());
+    println!(
+        "vm: {kernel} ({}): exit code {code} after {:.1}s",
+        prepared.release,
+        elapsed.as_secs_f64()
+    );
     Ok(code)
 }
 
@@ -621,8 +748,14 @@ fn preload_plan(dir: &Path, release: &str) -> Result<(Vec<&'static str>, Vec<&'s
             fs::write(&plain, data).with_context(|| format!("writing {}", plain.display()))?;
             fs::remove_file(file).with_context(|| format!("removing {}", file.display()))?;
         }
-        run_checked(Command::new("depmod").arg("-b").arg(dir).arg(release), "depmod (apt-get install kmod)")?;
-        println!("vm: decompressed {} module files of {release} that the VM preloads", compressed.len());
+        run_checked(
+            Command::new("depmod").arg("-b").arg(dir).arg(release),
+            "depmod (apt-get install kmod)",
+        )?;
+        println!(
+            "vm: decompressed {} module files of {release} that the VM preloads",
+            compressed.len()
+        );
     }
     Ok((load, missing))
 }
@@ -658,7 +791,10 @@ fn run_script(
     let mut s = String::from("B=/run/fabedge/busybox\n");
     s += "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n";
     if !prepared.unavailable.is_empty() {
-        s += &format!("echo 'fabedge-vm: optional modules not in this kernel: {}'\n", prepared.unavailable.join(" "));
+        s += &format!(
+            "echo 'fabedge-vm: optional modules not in this kernel: {}'\n",
+            prepared.unavailable.join(" ")
+        );
     }
     if !prepared.preload.is_empty() {
         // One modprobe for all (each exec costs ~0.1 s under TCG); it goes on
@@ -668,9 +804,15 @@ fn run_script(
             prepared.preload.join(" ")
         );
     }
-    s += &format!("cd {} || echo \"fabedge-vm: staying in /\"\n", quote(&workspace.to_string_lossy())?);
+    s += &format!(
+        "cd {} || echo \"fabedge-vm: staying in /\"\n",
+        quote(&workspace.to_string_lossy())?
+    );
     for (key, value) in env {
-        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             bail!("environment variable name {key:?} is not a shell identifier");
@@ -744,12 +886,16 @@ impl Console {
     }
 
     fn scan(&mut self, line: &str, marker: &str) {
-        if let Some(code) = line.find(marker).and_then(|i| line[i + marker.len()..].trim().parse().ok()) {
+        if let Some(code) = line
+            .find(marker)
+            .and_then(|i| line[i + marker.len()..].trim().parse().ok())
+        {
             self.exit_code = Some(code);
         } else if let Some(i) = line.find("Kernel panic - not syncing") {
             self.panic.get_or_insert_with(|| line[i..].to_string());
         } else if let Some(i) = line.find("fabedge-vm: setup failed: ") {
-            self.setup_failed.get_or_insert_with(|| line[i + "fabedge-vm: setup failed: ".len()..].to_string());
+            self.setup_failed
+                .get_or_insert_with(|| line[i + "fabedge-vm: setup failed: ".len()..].to_string());
         }
     }
 }
@@ -777,12 +923,30 @@ impl Cpio {
     fn entry(&mut self, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
         let name = path.trim_start_matches('/');
         self.inode += 1;
-        let nlink = if mode & 0o170_000 == 0o040_000 { 2 } else { nlink };
-        let fields =
-            [self.inode, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let nlink = if mode & 0o170_000 == 0o040_000 {
+            2
+        } else {
+            nlink
+        };
+        let fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
-            self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(name.as_bytes());
         self.bytes.push(0);
@@ -809,7 +973,10 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(parent: &Path, prefix: &str) -> Result<TempDir> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
         let path = parent.join(format!("{prefix}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(TempDir(path))
@@ -891,7 +1058,13 @@ echo esp-ok"#;
         for (name, program, args, want) in &cases {
             println!("vm self-test: {kernel}: {name}");
             let started = Instant::now();
-            let run = VmRun { kernel, program: Path::new(program), args, env: &env, timeout: Duration::from_secs(120) };
+            let run = VmRun {
+                kernel,
+                program: Path::new(program),
+                args,
+                env: &env,
+                timeout: Duration::from_secs(120),
+            };
             let outcome = match self::run(&run) {
                 Ok(code) if code == *want => Ok(()),
                 Ok(code) => Err(format!("exit code {code}, want {want}")),
@@ -904,10 +1077,16 @@ echo esp-ok"#;
     let mut failed = 0;
     for (kernel, name, elapsed, outcome) in &results {
         match outcome {
-            Ok(()) => println!("vm self-test: ok     {kernel:>4}  {:>5.1}s  {name}", elapsed.as_secs_f64()),
+            Ok(()) => println!(
+                "vm self-test: ok     {kernel:>4}  {:>5.1}s  {name}",
+                elapsed.as_secs_f64()
+            ),
             Err(e) => {
                 failed += 1;
-                println!("vm self-test: FAILED {kernel:>4}  {:>5.1}s  {name}: {e}", elapsed.as_secs_f64());
+                println!(
+                    "vm self-test: FAILED {kernel:>4}  {:>5.1}s  {name}: {e}",
+                    elapsed.as_secs_f64()
+                );
             }
         }
     }

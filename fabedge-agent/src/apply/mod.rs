@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fabedge_common::{MAX_PEERS, MAX_ROUTES, PeerEntry, TUNNEL_DEV, POD_BRIDGE};
+use fabedge_common::{MAX_PEERS, MAX_ROUTES, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
 use log::{debug, info};
 
 use crate::{
@@ -59,12 +59,19 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn apply(&mut self, datapath: &mut Datapath, maps: &mut Maps, plan: &Plan, settings: &Settings) -> Result<ApplyReport> {
+    pub fn apply(
+        &mut self,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        plan: &Plan,
+        settings: &Settings,
+    ) -> Result<ApplyReport> {
         check_capacity(plan)?;
         let mut report = ApplyReport::default();
 
         for device in &plan.devices {
-            ensure_device(device).with_context(|| format!("configuring device {}", device.name()))?;
+            ensure_device(device)
+                .with_context(|| format!("configuring device {}", device.name()))?;
         }
         for sysctl in &plan.sysctls {
             net::set_sysctl(&sysctl.key, &sysctl.value)?;
@@ -85,17 +92,27 @@ impl Applier {
                 report.routes_written += 1;
             }
         }
-        for net in current_routes.keys().filter(|n| !plan.routes.contains_key(n)) {
+        for net in current_routes
+            .keys()
+            .filter(|n| !plan.routes.contains_key(n))
+        {
             maps.remove_route(*net)?;
             report.routes_removed += 1;
         }
-        for id in current_peers.keys().filter(|id| !plan.peers.contains_key(id)) {
+        for id in current_peers
+            .keys()
+            .filter(|id| !plan.peers.contains_key(id))
+        {
             maps.set_peer(*id, PeerEntry::default())?;
             report.peers_removed += 1;
         }
         report.service_changes = services::apply_services(maps, &plan.services)?.changes();
         let mut config = plan.config;
-        if plan.devices.iter().any(|d| matches!(d, Device::VxlanTunnel { .. } | Device::XfrmTunnel { .. })) {
+        if plan
+            .devices
+            .iter()
+            .any(|d| matches!(d, Device::VxlanTunnel { .. } | Device::XfrmTunnel { .. }))
+        {
             config.tunnel_ifindex = sys::ifindex(TUNNEL_DEV)?;
         }
         if let Some(uplink) = &settings.uplink {
@@ -113,7 +130,11 @@ impl Applier {
             self.attached.insert(attachment);
             report.attached += 1;
         }
-        for stale in datapath.attached()?.into_iter().filter(|a| !wanted.contains(a)) {
+        for stale in datapath
+            .attached()?
+            .into_iter()
+            .filter(|a| !wanted.contains(a))
+        {
             datapath.detach(&stale)?;
             self.attached.remove(&stale);
             report.detached += 1;
@@ -127,7 +148,10 @@ impl Applier {
                 report.kernel_routes_written += 1;
             }
         }
-        for route in installed.iter().filter(|r| !plan.kernel_routes.iter().any(|p| p.dst == r.dst)) {
+        for route in installed
+            .iter()
+            .filter(|r| !plan.kernel_routes.iter().any(|p| p.dst == r.dst))
+        {
             net::delete_route(route)?;
             report.kernel_routes_removed += 1;
         }
@@ -154,7 +178,11 @@ fn check_capacity(plan: &Plan) -> Result<()> {
             plan.routes.len()
         );
     }
-    if let Some((&id, _)) = plan.peers.iter().find(|(id, _)| **id == 0 || **id as u32 >= MAX_PEERS) {
+    if let Some((&id, _)) = plan
+        .peers
+        .iter()
+        .find(|(id, _)| **id == 0 || **id as u32 >= MAX_PEERS)
+    {
         bail!("peer id {id} is outside FE_PEERS (1..{MAX_PEERS}): nothing was applied");
     }
     Ok(())
@@ -173,10 +201,16 @@ fn read_peers(maps: &Maps) -> Result<BTreeMap<u16, PeerEntry>> {
 
 fn ensure_device(device: &Device) -> Result<()> {
     match device {
-        Device::Bridge { name, address, mtu } => net::ensure_bridge(name, *address, Some(*mtu as u32)),
-        Device::VxlanTunnel { name, port, mac, mtu, local: _ } => {
-            net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32)
+        Device::Bridge { name, address, mtu } => {
+            net::ensure_bridge(name, *address, Some(*mtu as u32))
         }
+        Device::VxlanTunnel {
+            name,
+            port,
+            mac,
+            mtu,
+            local: _,
+        } => net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32),
         Device::XfrmTunnel { name, if_id, mtu } => xfrm::ensure_device(name, *if_id, *mtu as u32),
     }
 }
@@ -186,7 +220,9 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     if fs::read(path).ok().as_deref() == Some(content) {
         return Ok(());
     }
-    let dir = path.parent().with_context(|| format!("{} has no parent directory", path.display()))?;
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("fabedge-tmp");
     let mut file = fs::OpenOptions::new()
@@ -196,7 +232,9 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }

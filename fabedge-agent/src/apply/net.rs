@@ -15,9 +15,16 @@ pub const RTPROT_FABEDGE: u8 = 0xfe;
 
 /// Run `ip ARGS`, returning stdout; the error names the command and its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().with_context(|| format!("running ip {} (is iproute2 installed?)", args.join(" ")))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip {} (is iproute2 installed?)", args.join(" ")))?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -56,13 +63,21 @@ pub struct Link {
 }
 
 pub fn link(name: &str) -> Result<Option<Link>> {
-    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", name]).output().context("running ip link show")?;
+    let out = Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", name])
+        .output()
+        .context("running ip link show")?;
     if !out.status.success() {
         return Ok(None);
     }
-    let links: Vec<LinkJson> = serde_json::from_slice(&out.stdout).with_context(|| format!("parsing `ip -j link show {name}`"))?;
+    let links: Vec<LinkJson> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing `ip -j link show {name}`"))?;
     Ok(links.into_iter().next().map(|l| {
-        let data = l.linkinfo.as_ref().and_then(|i| i.info_data.clone()).unwrap_or_default();
+        let data = l
+            .linkinfo
+            .as_ref()
+            .and_then(|i| i.info_data.clone())
+            .unwrap_or_default();
         Link {
             kind: l.linkinfo.as_ref().and_then(|i| i.info_kind.clone()),
             mac: l.address,
@@ -70,7 +85,10 @@ pub fn link(name: &str) -> Result<Option<Link>> {
             up: l.flags.iter().any(|f| f == "UP"),
             noarp: l.flags.iter().any(|f| f == "NOARP"),
             vxlan_port: data.get("port").and_then(|p| p.as_u64()).map(|p| p as u16),
-            vxlan_external: data.get("external").and_then(|e| e.as_bool()).unwrap_or(false),
+            vxlan_external: data
+                .get("external")
+                .and_then(|e| e.as_bool())
+                .unwrap_or(false),
             name: l.ifname,
         }
     }))
@@ -84,7 +102,10 @@ pub fn require_link(name: &str) -> Result<Link> {
 pub fn ensure_bridge(name: &str, address: Ipv4Net, mtu: Option<u32>) -> Result<()> {
     match link(name)? {
         Some(l) if l.kind.as_deref() == Some("bridge") => {}
-        Some(l) => bail!("{name} exists but is a {:?}, not a bridge: remove it or choose another bridge name", l.kind),
+        Some(l) => bail!(
+            "{name} exists but is a {:?}, not a bridge: remove it or choose another bridge name",
+            l.kind
+        ),
         None => {
             ip(&["link", "add", name, "type", "bridge"])?;
         }
@@ -100,16 +121,38 @@ pub fn ensure_bridge(name: &str, address: Ipv4Net, mtu: Option<u32>) -> Result<(
 /// Make `name` a collect-metadata VXLAN device on `port`, NOARP, with `mac` and `mtu`.
 pub fn ensure_vxlan_external(name: &str, port: u16, mac: &str, mtu: u32) -> Result<()> {
     if let Some(l) = link(name)? {
-        let right = l.kind.as_deref() == Some("vxlan") && l.vxlan_external && l.vxlan_port == Some(port);
+        let right =
+            l.kind.as_deref() == Some("vxlan") && l.vxlan_external && l.vxlan_port == Some(port);
         if !right {
             // Wrong shape (another port, or not ours): recreate. Only our name is touched.
             ip(&["link", "del", name])?;
         }
     }
     if link(name)?.is_none() {
-        ip(&["link", "add", name, "type", "vxlan", "external", "dstport", &port.to_string(), "nolearning"])?;
+        ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "vxlan",
+            "external",
+            "dstport",
+            &port.to_string(),
+            "nolearning",
+        ])?;
     }
-    ip(&["link", "set", name, "address", mac, "mtu", &mtu.to_string(), "arp", "off", "up"])?;
+    ip(&[
+        "link",
+        "set",
+        name,
+        "address",
+        mac,
+        "mtu",
+        &mtu.to_string(),
+        "arp",
+        "off",
+        "up",
+    ])?;
     Ok(())
 }
 
@@ -127,7 +170,8 @@ struct AddrInfoJson {
 
 pub fn ensure_address(dev: &str, address: Ipv4Net) -> Result<()> {
     let out = ip(&["-j", "-4", "addr", "show", "dev", dev])?;
-    let links: Vec<AddrLinkJson> = serde_json::from_str(&out).with_context(|| format!("parsing `ip -j addr show dev {dev}`"))?;
+    let links: Vec<AddrLinkJson> = serde_json::from_str(&out)
+        .with_context(|| format!("parsing `ip -j addr show dev {dev}`"))?;
     let present = links
         .iter()
         .flat_map(|l| &l.addr_info)
@@ -159,12 +203,24 @@ struct RouteJson {
 
 /// Our routes (protocol `RTPROT_FABEDGE`) in the main table.
 pub fn our_routes() -> Result<Vec<KernelRoute>> {
-    let out = ip(&["-j", "-4", "route", "show", "proto", &RTPROT_FABEDGE.to_string()])?;
-    let parsed: Vec<RouteJson> = serde_json::from_str(&out).context("parsing `ip -j route show`")?;
+    let out = ip(&[
+        "-j",
+        "-4",
+        "route",
+        "show",
+        "proto",
+        &RTPROT_FABEDGE.to_string(),
+    ])?;
+    let parsed: Vec<RouteJson> =
+        serde_json::from_str(&out).context("parsing `ip -j route show`")?;
     parsed
         .into_iter()
         .map(|r| {
-            let dst = if r.dst.contains('/') { r.dst.parse() } else { format!("{}/32", r.dst).parse() };
+            let dst = if r.dst.contains('/') {
+                r.dst.parse()
+            } else {
+                format!("{}/32", r.dst).parse()
+            };
             Ok(KernelRoute {
                 dst: dst.with_context(|| format!("route destination {:?}", r.dst))?,
                 dev: r.dev,
@@ -204,13 +260,21 @@ pub fn replace_route(route: &KernelRoute) -> Result<()> {
 }
 
 pub fn delete_route(route: &KernelRoute) -> Result<()> {
-    ip(&["route", "del", &route.dst.to_string(), "proto", &RTPROT_FABEDGE.to_string()]).map(|_| ())
+    ip(&[
+        "route",
+        "del",
+        &route.dst.to_string(),
+        "proto",
+        &RTPROT_FABEDGE.to_string(),
+    ])
+    .map(|_| ())
 }
 
 /// Write a sysctl (`key` below /proc/sys, `/`-separated) if it differs.
 pub fn set_sysctl(key: &str, value: &str) -> Result<()> {
     let path = std::path::Path::new("/proc/sys").join(key);
-    let current = std::fs::read_to_string(&path).with_context(|| format!("sysctl {key} does not exist ({})", path.display()))?;
+    let current = std::fs::read_to_string(&path)
+        .with_context(|| format!("sysctl {key} does not exist ({})", path.display()))?;
     if current.trim() == value {
         return Ok(());
     }

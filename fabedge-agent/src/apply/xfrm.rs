@@ -189,7 +189,10 @@ impl XfrmApplier {
                         // Same SA, same key, same counters: only the UDP
                         // ports change (XFRM_MSG_UPDSA keeps the state).
                         socket.update_sa(&sa.spec).with_context(|| {
-                            format!("moving the {direction:?} SA with {} to its new UDP port", sa.peer)
+                            format!(
+                                "moving the {direction:?} SA with {} to its new UDP port",
+                                sa.peer
+                            )
                         })?;
                         info!(
                             "ESP: SA spi {:#010x} with {} now uses UDP {:?} (was {:?})",

@@ -79,12 +79,18 @@ pub fn conflist(bridge: &str, pod_cidr: Ipv4Net, gateway: Ipv4Addr, mtu: u16) ->
             mtu,
             ipam: HostLocalIpam {
                 plugin_type: "host-local",
-                ranges: [[IpamRange { subnet: pod_cidr, gateway }]],
-                routes: [IpamRoute { dst: Ipv4Net::default() }],
+                ranges: [[IpamRange {
+                    subnet: pod_cidr,
+                    gateway,
+                }]],
+                routes: [IpamRoute {
+                    dst: Ipv4Net::default(),
+                }],
             },
         }],
     };
-    let mut json = serde_json::to_string_pretty(&conf).expect("strings, numbers and booleans always serialise");
+    let mut json = serde_json::to_string_pretty(&conf)
+        .expect("strings, numbers and booleans always serialise");
     json.push('\n');
     json
 }

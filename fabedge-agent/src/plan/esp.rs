@@ -170,10 +170,11 @@ pub fn plan_esp(
                 None
             }
         };
-        let (remote, remote_port) = observed.get(name).copied().or(published).unwrap_or((
-            Ipv4Addr::from(entry.underlay_ip),
-            ESP_IN_UDP_PORT,
-        ));
+        let (remote, remote_port) = observed
+            .get(name)
+            .copied()
+            .or(published)
+            .unwrap_or((Ipv4Addr::from(entry.underlay_ip), ESP_IN_UDP_PORT));
         let secret = key.shared_with(&public);
         let sa = |direction, generation| {
             let (src, dst, src_name, dst_name) = match direction {

@@ -18,13 +18,24 @@ struct VxlanBackendData {
 
 /// The four annotations, with the connector's VTEP in them.
 pub fn masquerade_lease(vtep_mac: [u8; 6], public_ip: Ipv4Addr) -> BTreeMap<String, String> {
-    let backend_data = serde_json::to_string(&VxlanBackendData { vtep_mac: format_mac(vtep_mac) })
-        .expect("a struct of one string always serialises");
+    let backend_data = serde_json::to_string(&VxlanBackendData {
+        vtep_mac: format_mac(vtep_mac),
+    })
+    .expect("a struct of one string always serialises");
     BTreeMap::from([
         (annotation::FLANNEL_BACKEND_DATA.to_owned(), backend_data),
-        (annotation::FLANNEL_BACKEND_TYPE.to_owned(), FLANNEL_VXLAN_BACKEND.to_owned()),
-        (annotation::FLANNEL_KUBE_SUBNET_MANAGER.to_owned(), "true".to_owned()),
-        (annotation::FLANNEL_PUBLIC_IP.to_owned(), public_ip.to_string()),
+        (
+            annotation::FLANNEL_BACKEND_TYPE.to_owned(),
+            FLANNEL_VXLAN_BACKEND.to_owned(),
+        ),
+        (
+            annotation::FLANNEL_KUBE_SUBNET_MANAGER.to_owned(),
+            "true".to_owned(),
+        ),
+        (
+            annotation::FLANNEL_PUBLIC_IP.to_owned(),
+            public_ip.to_string(),
+        ),
     ])
 }
 
@@ -46,9 +57,16 @@ pub fn annotation_patches(
                 .filter(|(key, value)| node.annotations.get(*key) != Some(value))
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect();
-            AnnotationPatch { node: node.name.clone(), set, remove: Vec::new() }
+            AnnotationPatch {
+                node: node.name.clone(),
+                set,
+                remove: Vec::new(),
+            }
         } else {
-            let ours = node.flannel.as_ref().is_some_and(|l| l.vtep_mac == vtep_mac && l.public_ip == public_ip);
+            let ours = node
+                .flannel
+                .as_ref()
+                .is_some_and(|l| l.vtep_mac == vtep_mac && l.public_ip == public_ip);
             let remove = if ours {
                 annotation::FLANNEL_LEASE
                     .iter()
@@ -58,7 +76,11 @@ pub fn annotation_patches(
             } else {
                 Vec::new()
             };
-            AnnotationPatch { node: node.name.clone(), set: BTreeMap::new(), remove }
+            AnnotationPatch {
+                node: node.name.clone(),
+                set: BTreeMap::new(),
+                remove,
+            }
         };
         if !patch.set.is_empty() || !patch.remove.is_empty() {
             patches.push(patch);

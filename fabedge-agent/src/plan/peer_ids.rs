@@ -26,7 +26,10 @@ impl PeerIds {
 
     /// The node holding `id`.
     pub fn node(&self, id: u16) -> Option<&str> {
-        self.0.iter().find(|(_, v)| **v == id).map(|(k, _)| k.as_str())
+        self.0
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, u16)> {
@@ -45,11 +48,17 @@ impl PeerIds {
     /// a new peer gets the lowest free id, a vanished peer's id is freed.
     /// Ids from `self` that are out of range or held twice (a damaged state
     /// file) are not trusted: those peers are numbered afresh.
-    pub fn assign<'n>(&self, wanted: impl IntoIterator<Item = &'n str>) -> Result<PeerIds, PlanError> {
+    pub fn assign<'n>(
+        &self,
+        wanted: impl IntoIterator<Item = &'n str>,
+    ) -> Result<PeerIds, PlanError> {
         let wanted: BTreeSet<&str> = wanted.into_iter().collect();
         let max_id = MAX_PEERS - 1;
         if wanted.len() > max_id as usize {
-            return Err(PlanError::TooManyPeers { wanted: wanted.len(), max: max_id });
+            return Err(PlanError::TooManyPeers {
+                wanted: wanted.len(),
+                max: max_id,
+            });
         }
         let mut assigned = BTreeMap::new();
         let mut used = BTreeSet::new();
@@ -62,7 +71,10 @@ impl PeerIds {
         let mut free = (1..=max_id as u16).filter(|id| !used.contains(id));
         for name in wanted {
             if !assigned.contains_key(name) {
-                let id = free.next().ok_or(PlanError::TooManyPeers { wanted: assigned.len() + 1, max: max_id })?;
+                let id = free.next().ok_or(PlanError::TooManyPeers {
+                    wanted: assigned.len() + 1,
+                    max: max_id,
+                })?;
                 assigned.insert(name.to_owned(), id);
             }
         }
@@ -101,8 +113,16 @@ mod tests {
     #[test]
     fn more_peers_than_ids_is_an_error() {
         let names: Vec<String> = (0..MAX_PEERS).map(|i| format!("n{i}")).collect();
-        let err = PeerIds::new().assign(names.iter().map(String::as_str)).unwrap_err();
-        assert_eq!(err, PlanError::TooManyPeers { wanted: MAX_PEERS as usize, max: MAX_PEERS - 1 });
+        let err = PeerIds::new()
+            .assign(names.iter().map(String::as_str))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::TooManyPeers {
+                wanted: MAX_PEERS as usize,
+                max: MAX_PEERS - 1
+            }
+        );
     }
 
     #[test]

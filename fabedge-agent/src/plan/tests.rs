@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use fabedge_common::{
-    DEFAULT_FLANNEL_PORT, DEFAULT_TUNNEL_PORT, PeerEntry, RouteEntry, TUNNEL_DEV, peer_kind, role, route_flags,
-    route_kind, tunnel_mode,
+    DEFAULT_FLANNEL_PORT, DEFAULT_TUNNEL_PORT, PeerEntry, RouteEntry, TUNNEL_DEV, peer_kind, role,
+    route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
 
@@ -32,26 +32,41 @@ fn cluster() -> Snapshot {
 }
 
 fn settings() -> Settings {
-    Settings { uplink: Some("eth0".into()), flannel_mac: Some(CONNECTOR_MAC), ..Settings::default() }
+    Settings {
+        uplink: Some("eth0".into()),
+        flannel_mac: Some(CONNECTOR_MAC),
+        ..Settings::default()
+    }
 }
 
 fn plan_for(snapshot: &Snapshot, node: &str) -> Plan {
-    plan(snapshot, node, &settings(), &PeerIds::new()).unwrap_or_else(|e| panic!("planning {node}: {e}"))
+    plan(snapshot, node, &settings(), &PeerIds::new())
+        .unwrap_or_else(|e| panic!("planning {node}: {e}"))
 }
 
 /// The route for `prefix` and the peer it names (by node name).
 fn route<'p>(plan: &'p Plan, prefix: &str) -> (RouteEntry, Option<&'p str>) {
-    let entry = *plan.routes.get(&net(prefix)).unwrap_or_else(|| panic!("{}: no route for {prefix}", plan.node));
+    let entry = *plan
+        .routes
+        .get(&net(prefix))
+        .unwrap_or_else(|| panic!("{}: no route for {prefix}", plan.node));
     (entry, plan.peer_name(entry.peer_id))
 }
 
 fn peer<'p>(plan: &'p Plan, node: &str) -> &'p PeerEntry {
-    let id = plan.peer_ids.get(node).unwrap_or_else(|| panic!("{}: {node} is not a peer", plan.node));
+    let id = plan
+        .peer_ids
+        .get(node)
+        .unwrap_or_else(|| panic!("{}: {node} is not a peer", plan.node));
     &plan.peers[&id]
 }
 
 fn tunnel(flags: u8) -> impl Fn(u16) -> RouteEntry {
-    move |peer_id| RouteEntry { kind: route_kind::TUNNEL, flags, peer_id }
+    move |peer_id| RouteEntry {
+        kind: route_kind::TUNNEL,
+        flags,
+        peer_id,
+    }
 }
 
 /// The four Flannel annotations the connector writes, applied to the manifest text.
@@ -78,24 +93,56 @@ fn edge_node_reaches_community_peer_directly_and_the_rest_through_the_connector(
     assert_eq!(plan.role, Role::Edge);
 
     let (local_pods, _) = route(&plan, "10.234.1.0/24");
-    assert_eq!(local_pods, RouteEntry { kind: route_kind::LOCAL_POD, flags: 0, peer_id: 0 });
+    assert_eq!(
+        local_pods,
+        RouteEntry {
+            kind: route_kind::LOCAL_POD,
+            flags: 0,
+            peer_id: 0
+        }
+    );
     let (local_host, _) = route(&plan, "10.2.0.11/32");
-    assert_eq!(local_host, RouteEntry { kind: route_kind::LOCAL_HOST, flags: route_flags::NODE_ADDR, peer_id: 0 });
+    assert_eq!(
+        local_host,
+        RouteEntry {
+            kind: route_kind::LOCAL_HOST,
+            flags: route_flags::NODE_ADDR,
+            peer_id: 0
+        }
+    );
     // Unknown destinations are dropped by default: no catch-all route.
     assert!(!plan.routes.contains_key(&net("0.0.0.0/0")));
-    let opted_in = Settings { pod_egress_via_node: true, ..settings() };
+    let opted_in = Settings {
+        pod_egress_via_node: true,
+        ..settings()
+    };
     let with_egress = super::plan(&cluster(), "edge-1", &opted_in, &PeerIds::new()).unwrap();
-    assert_eq!(with_egress.routes[&net("0.0.0.0/0")].kind, route_kind::KERNEL);
+    assert_eq!(
+        with_egress.routes[&net("0.0.0.0/0")].kind,
+        route_kind::KERNEL
+    );
 
     let edge2 = plan.peer_ids.get("edge-2").unwrap();
     let connector = plan.peer_ids.get("cloud-1").unwrap();
     assert_eq!(route(&plan, "10.234.2.0/24").0, tunnel(0)(edge2));
-    assert_eq!(route(&plan, "10.2.0.12/32").0, tunnel(route_flags::NODE_ADDR)(edge2));
-    for pods in ["10.234.3.0/24", "10.244.0.0/24", "10.244.1.0/24", "10.96.0.0/12"] {
+    assert_eq!(
+        route(&plan, "10.2.0.12/32").0,
+        tunnel(route_flags::NODE_ADDR)(edge2)
+    );
+    for pods in [
+        "10.234.3.0/24",
+        "10.244.0.0/24",
+        "10.244.1.0/24",
+        "10.96.0.0/12",
+    ] {
         assert_eq!(route(&plan, pods).0, tunnel(0)(connector), "{pods}");
     }
     for node_ip in ["10.2.0.13/32", "10.1.0.1/32", "10.1.0.2/32"] {
-        assert_eq!(route(&plan, node_ip).0, tunnel(route_flags::NODE_ADDR)(connector), "{node_ip}");
+        assert_eq!(
+            route(&plan, node_ip).0,
+            tunnel(route_flags::NODE_ADDR)(connector),
+            "{node_ip}"
+        );
     }
     assert_eq!(plan.routes.len(), 11, "{:#?}", plan.routes);
 
@@ -115,8 +162,12 @@ fn edge_node_reaches_community_peer_directly_and_the_rest_through_the_connector(
 #[test]
 fn edge_kernel_routes_mirror_every_tunnel_prefix() {
     let plan = plan_for(&cluster(), "edge-1");
-    let tunnel_prefixes: Vec<Ipv4Net> =
-        plan.routes.iter().filter(|(_, r)| r.kind == route_kind::TUNNEL).map(|(p, _)| *p).collect();
+    let tunnel_prefixes: Vec<Ipv4Net> = plan
+        .routes
+        .iter()
+        .filter(|(_, r)| r.kind == route_kind::TUNNEL)
+        .map(|(p, _)| *p)
+        .collect();
     let kernel: Vec<Ipv4Net> = plan.kernel_routes.iter().map(|r| r.dst).collect();
     assert_eq!(kernel, tunnel_prefixes);
     for r in &plan.kernel_routes {
@@ -141,7 +192,11 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
     assert_eq!(
         plan.devices,
         [
-            Device::Bridge { name: "br-fabedge".into(), address: net("10.234.1.1/24"), mtu: 1450 },
+            Device::Bridge {
+                name: "br-fabedge".into(),
+                address: net("10.234.1.1/24"),
+                mtu: 1450
+            },
             Device::VxlanTunnel {
                 name: TUNNEL_DEV.into(),
                 port: DEFAULT_TUNNEL_PORT,
@@ -152,8 +207,20 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
         ]
     );
     let attachments: Vec<String> = plan.attachments.iter().map(ToString::to_string).collect();
-    assert_eq!(attachments, ["from-pod=br-fabedge", "to-pod=br-fabedge", "tunnel-ingress=fe-tunnel", "tunnel-egress=fe-tunnel"]);
-    let sysctls: Vec<(&str, &str)> = plan.sysctls.iter().map(|s| (s.key.as_str(), s.value.as_str())).collect();
+    assert_eq!(
+        attachments,
+        [
+            "from-pod=br-fabedge",
+            "to-pod=br-fabedge",
+            "tunnel-ingress=fe-tunnel",
+            "tunnel-egress=fe-tunnel"
+        ]
+    );
+    let sysctls: Vec<(&str, &str)> = plan
+        .sysctls
+        .iter()
+        .map(|s| (s.key.as_str(), s.value.as_str()))
+        .collect();
     assert_eq!(
         sysctls,
         [
@@ -167,15 +234,24 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
     assert_eq!(plan.config.role, role::EDGE);
     assert_eq!(plan.config.ready, 1);
     assert_eq!(plan.config.node_ip, [10, 2, 0, 11]);
-    assert_eq!((plan.config.tunnel_ifindex, plan.config.uplink_ifindex), (0, 0));
-    assert_eq!((plan.config.flannel_mtu, plan.config.flannel_mac), (0, [0; 6]));
+    assert_eq!(
+        (plan.config.tunnel_ifindex, plan.config.uplink_ifindex),
+        (0, 0)
+    );
+    assert_eq!(
+        (plan.config.flannel_mtu, plan.config.flannel_mac),
+        (0, [0; 6])
+    );
 }
 
 #[test]
 fn edge_cni_config_is_a_bridge_on_the_pod_cidr() {
     let plan = plan_for(&cluster(), "edge-1");
     let cni = plan.cni.expect("edge nodes get a CNI config");
-    assert_eq!(cni.path, std::path::Path::new("/etc/cni/net.d/10-fabedge.conflist"));
+    assert_eq!(
+        cni.path,
+        std::path::Path::new("/etc/cni/net.d/10-fabedge.conflist")
+    );
     let conf: serde_json::Value = serde_json::from_str(&cni.json).unwrap();
     assert_eq!(conf["name"], "fabedge");
     assert_eq!(conf["cniVersion"], CNI_VERSION);
@@ -211,7 +287,10 @@ fn connector_sends_edges_into_tunnels_and_cloud_pods_to_their_vtep() {
         assert_eq!(peer(&plan, edge).kind, peer_kind::TUNNEL);
     }
     let (vtep_route, vtep_name) = route(&plan, "10.244.1.0/24");
-    assert_eq!((vtep_route.kind, vtep_name), (route_kind::CLOUD_VTEP, Some("cloud-2")));
+    assert_eq!(
+        (vtep_route.kind, vtep_name),
+        (route_kind::CLOUD_VTEP, Some("cloud-2"))
+    );
     assert_eq!(
         *peer(&plan, "cloud-2"),
         PeerEntry {
@@ -224,7 +303,11 @@ fn connector_sends_edges_into_tunnels_and_cloud_pods_to_their_vtep() {
     );
     assert_eq!(
         route(&plan, "10.1.0.2/32").0,
-        RouteEntry { kind: route_kind::KERNEL, flags: route_flags::NODE_ADDR, peer_id: 0 }
+        RouteEntry {
+            kind: route_kind::KERNEL,
+            flags: route_flags::NODE_ADDR,
+            peer_id: 0
+        }
     );
     assert_eq!(route(&plan, "10.96.0.0/12").0.kind, route_kind::KERNEL);
     assert_eq!(plan.routes.len(), 11, "{:#?}", plan.routes);
@@ -232,21 +315,57 @@ fn connector_sends_edges_into_tunnels_and_cloud_pods_to_their_vtep() {
     let config = plan.config;
     assert_eq!(config.role, role::CONNECTOR);
     assert_eq!(config.tunnel_mode, tunnel_mode::VXLAN);
-    assert_eq!((config.node_ip, config.underlay_ip), ([10, 1, 0, 1], [10, 1, 0, 1]));
+    assert_eq!(
+        (config.node_ip, config.underlay_ip),
+        ([10, 1, 0, 1], [10, 1, 0, 1])
+    );
     assert_eq!(config.flannel_mac, CONNECTOR_MAC);
-    assert_eq!((config.flannel_vni, config.flannel_port), (1, DEFAULT_FLANNEL_PORT));
+    assert_eq!(
+        (config.flannel_vni, config.flannel_port),
+        (1, DEFAULT_FLANNEL_PORT)
+    );
 
     let attachments: Vec<String> = plan.attachments.iter().map(ToString::to_string).collect();
-    assert_eq!(attachments, ["tunnel-ingress=fe-tunnel", "tunnel-egress=fe-tunnel", "uplink-ingress=eth0"]);
-    assert!(plan.sysctls.contains(&Sysctl::new("net/ipv4/conf/eth0/rp_filter", "2")));
-    assert!(plan.sysctls.contains(&Sysctl::new("net/ipv4/conf/fe-tunnel/rp_filter", "2")));
+    assert_eq!(
+        attachments,
+        [
+            "tunnel-ingress=fe-tunnel",
+            "tunnel-egress=fe-tunnel",
+            "uplink-ingress=eth0"
+        ]
+    );
+    assert!(
+        plan.sysctls
+            .contains(&Sysctl::new("net/ipv4/conf/eth0/rp_filter", "2"))
+    );
+    assert!(
+        plan.sysctls
+            .contains(&Sysctl::new("net/ipv4/conf/fe-tunnel/rp_filter", "2"))
+    );
     assert!(plan.cni.is_none());
-    let kernel: Vec<(String, Option<String>, Option<Ipv4Addr>)> =
-        plan.kernel_routes.iter().map(|r| (r.dst.to_string(), r.dev.clone(), r.src)).collect();
-    let expect = |dst: &str| (dst.to_owned(), Some(TUNNEL_DEV.to_owned()), Some(ip("10.1.0.1")));
+    let kernel: Vec<(String, Option<String>, Option<Ipv4Addr>)> = plan
+        .kernel_routes
+        .iter()
+        .map(|r| (r.dst.to_string(), r.dev.clone(), r.src))
+        .collect();
+    let expect = |dst: &str| {
+        (
+            dst.to_owned(),
+            Some(TUNNEL_DEV.to_owned()),
+            Some(ip("10.1.0.1")),
+        )
+    };
     assert_eq!(
         kernel,
-        ["10.2.0.11/32", "10.2.0.12/32", "10.2.0.13/32", "10.234.1.0/24", "10.234.2.0/24", "10.234.3.0/24"].map(expect)
+        [
+            "10.2.0.11/32",
+            "10.2.0.12/32",
+            "10.2.0.13/32",
+            "10.234.1.0/24",
+            "10.234.2.0/24",
+            "10.234.3.0/24"
+        ]
+        .map(expect)
     );
 }
 
@@ -257,8 +376,16 @@ fn cloud_node_only_routes_edge_node_addresses_via_the_connector() {
     assert!(plan.routes.is_empty() && plan.peers.is_empty() && plan.peer_ids.is_empty());
     assert!(plan.devices.is_empty() && plan.attachments.is_empty() && plan.sysctls.is_empty());
     assert!(plan.cni.is_none() && plan.annotations.is_empty());
-    let via_connector = |dst: &str| KernelRoute { dst: net(dst), dev: None, via: Some(ip("10.1.0.1")), src: None };
-    assert_eq!(plan.kernel_routes, ["10.2.0.11/32", "10.2.0.12/32", "10.2.0.13/32"].map(via_connector));
+    let via_connector = |dst: &str| KernelRoute {
+        dst: net(dst),
+        dev: None,
+        via: Some(ip("10.1.0.1")),
+        src: None,
+    };
+    assert_eq!(
+        plan.kernel_routes,
+        ["10.2.0.11/32", "10.2.0.12/32", "10.2.0.13/32"].map(via_connector)
+    );
     assert_eq!(plan.config.role, role::CLOUD);
 }
 
@@ -266,13 +393,29 @@ fn cloud_node_only_routes_edge_node_addresses_via_the_connector() {
 fn connector_writes_its_own_flannel_lease_onto_every_edge_node() {
     let plan = plan_for(&cluster(), "cloud-1");
     let wanted = BTreeMap::from([
-        ("flannel.alpha.coreos.com/backend-data".to_owned(), r#"{"VtepMAC":"ce:0c:01:00:00:01"}"#.to_owned()),
-        ("flannel.alpha.coreos.com/backend-type".to_owned(), "vxlan".to_owned()),
-        ("flannel.alpha.coreos.com/kube-subnet-manager".to_owned(), "true".to_owned()),
-        ("flannel.alpha.coreos.com/public-ip".to_owned(), "10.1.0.1".to_owned()),
+        (
+            "flannel.alpha.coreos.com/backend-data".to_owned(),
+            r#"{"VtepMAC":"ce:0c:01:00:00:01"}"#.to_owned(),
+        ),
+        (
+            "flannel.alpha.coreos.com/backend-type".to_owned(),
+            "vxlan".to_owned(),
+        ),
+        (
+            "flannel.alpha.coreos.com/kube-subnet-manager".to_owned(),
+            "true".to_owned(),
+        ),
+        (
+            "flannel.alpha.coreos.com/public-ip".to_owned(),
+            "10.1.0.1".to_owned(),
+        ),
     ]);
     let expected: Vec<AnnotationPatch> = ["edge-1", "edge-2", "edge-3"]
-        .map(|node| AnnotationPatch { node: node.into(), set: wanted.clone(), remove: Vec::new() })
+        .map(|node| AnnotationPatch {
+            node: node.into(),
+            set: wanted.clone(),
+            remove: Vec::new(),
+        })
         .into();
     assert_eq!(plan.annotations, expected);
 }
@@ -280,7 +423,13 @@ fn connector_writes_its_own_flannel_lease_onto_every_edge_node() {
 #[test]
 fn annotations_already_in_place_need_no_patch() {
     let snapshot = manifest::snapshot(&annotated_cluster_text()).unwrap();
-    assert_eq!(snapshot.nodes["edge-2"].flannel.as_ref().map(|l| l.vtep_mac), Some(CONNECTOR_MAC));
+    assert_eq!(
+        snapshot.nodes["edge-2"]
+            .flannel
+            .as_ref()
+            .map(|l| l.vtep_mac),
+        Some(CONNECTOR_MAC)
+    );
     assert!(plan_for(&snapshot, "cloud-1").annotations.is_empty());
 }
 
@@ -300,7 +449,9 @@ fn node_leaving_the_edge_loses_the_masquerade_lease() {
     // Its lease still names the connector: not a VTEP to encapsulate to.
     assert_eq!(route(&plan, "10.234.3.0/24").0.kind, route_kind::KERNEL);
     assert!(
-        plan.warnings.iter().any(|w| w.contains("edge-3") && w.contains("own Flannel lease")),
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("edge-3") && w.contains("own Flannel lease")),
         "{:?}",
         plan.warnings
     );
@@ -318,26 +469,61 @@ fn standby_connector_plans_as_a_cloud_node() {
     let plan = plan_for(&snapshot, "cloud-3");
     assert_eq!(plan.role, Role::Cloud);
     assert!(plan.routes.is_empty());
-    assert!(plan.kernel_routes.iter().all(|r| r.via == Some(ip("10.1.0.1"))));
-    assert!(plan.warnings[0].contains("standby connector"), "{:?}", plan.warnings);
+    assert!(
+        plan.kernel_routes
+            .iter()
+            .all(|r| r.via == Some(ip("10.1.0.1")))
+    );
+    assert!(
+        plan.warnings[0].contains("standby connector"),
+        "{:?}",
+        plan.warnings
+    );
 }
 
 #[test]
 fn peer_ids_stay_stable_when_nodes_come_and_go() {
     let first = plan_for(&cluster(), "cloud-1");
-    let ids = |plan: &Plan| plan.peer_ids.iter().map(|(n, i)| (n.to_owned(), i)).collect::<Vec<_>>();
-    assert_eq!(ids(&first), [("cloud-2".into(), 1), ("edge-1".into(), 2), ("edge-2".into(), 3), ("edge-3".into(), 4)]);
+    let ids = |plan: &Plan| {
+        plan.peer_ids
+            .iter()
+            .map(|(n, i)| (n.to_owned(), i))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&first),
+        [
+            ("cloud-2".into(), 1),
+            ("edge-1".into(), 2),
+            ("edge-2".into(), 3),
+            ("edge-3".into(), 4)
+        ]
+    );
 
     let mut changed = manifest::snapshot(&format!("{EXAMPLE_CLUSTER}{EDGE_4}")).unwrap();
     changed.nodes.remove("edge-1");
     let second = plan(&changed, "cloud-1", &settings(), &first.peer_ids).unwrap();
-    assert_eq!(ids(&second), [("cloud-2".into(), 1), ("edge-2".into(), 3), ("edge-3".into(), 4), ("edge-4".into(), 2)]);
+    assert_eq!(
+        ids(&second),
+        [
+            ("cloud-2".into(), 1),
+            ("edge-2".into(), 3),
+            ("edge-3".into(), 4),
+            ("edge-4".into(), 2)
+        ]
+    );
     // Routes and peer slots follow the ids.
-    assert_eq!(route(&second, "10.234.4.0/24"), (tunnel(0)(2), Some("edge-4")));
+    assert_eq!(
+        route(&second, "10.234.4.0/24"),
+        (tunnel(0)(2), Some("edge-4"))
+    );
     assert_eq!(second.peers[&2].underlay_ip, [198, 18, 0, 14]);
     assert!(!second.routes.contains_key(&net("10.234.1.0/24")));
     // Replanning the same cluster changes nothing.
-    assert_eq!(plan(&changed, "cloud-1", &settings(), &second.peer_ids).unwrap(), second);
+    assert_eq!(
+        plan(&changed, "cloud-1", &settings(), &second.peer_ids).unwrap(),
+        second
+    );
 }
 
 #[test]
@@ -354,7 +540,11 @@ fn overlapping_pod_cidrs_name_both_nodes() {
             second_cidr: net("10.234.1.0/24"),
         }
     );
-    assert!(err.to_string().contains("node edge-2 has 10.234.0.0/16 and node edge-1 has 10.234.1.0/24"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("node edge-2 has 10.234.0.0/16 and node edge-1 has 10.234.1.0/24"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -362,13 +552,19 @@ fn pod_cidr_inside_the_service_cidr_is_refused() {
     let mut snapshot = cluster();
     snapshot.nodes.get_mut("edge-3").unwrap().pod_cidr = Some(net("10.100.0.0/24"));
     let err = plan(&snapshot, "edge-1", &settings(), &PeerIds::new()).unwrap_err();
-    assert!(matches!(err, PlanError::ServiceCidrOverlap { ref node, .. } if node == "edge-3"), "{err}");
+    assert!(
+        matches!(err, PlanError::ServiceCidrOverlap { ref node, .. } if node == "edge-3"),
+        "{err}"
+    );
 }
 
 #[test]
 fn tunnel_endpoint_inside_a_tunnelled_prefix_is_refused() {
     // The connector reached at its InternalIP, which edges route into the tunnel.
-    let set = BTreeMap::from([("fabedge.io/tunnel-endpoint".to_owned(), "10.1.0.1".to_owned())]);
+    let set = BTreeMap::from([(
+        "fabedge.io/tunnel-endpoint".to_owned(),
+        "10.1.0.1".to_owned(),
+    )]);
     let text = set_node_annotations(EXAMPLE_CLUSTER, "cloud-1", &set, &[]).unwrap();
     let snapshot = manifest::snapshot(&text).unwrap();
     let err = plan(&snapshot, "edge-1", &settings(), &PeerIds::new()).unwrap_err();
@@ -381,7 +577,10 @@ fn tunnel_endpoint_inside_a_tunnelled_prefix_is_refused() {
             endpoint: ip("10.1.0.1"),
         }
     );
-    assert!(err.to_string().contains("fabedge.io/tunnel-endpoint"), "{err}");
+    assert!(
+        err.to_string().contains("fabedge.io/tunnel-endpoint"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -403,22 +602,43 @@ fn edge_without_pod_cidr_is_left_out_with_a_warning_but_cannot_plan_itself() {
     let plan_1 = plan_for(&snapshot, "edge-1");
     assert!(!plan_1.routes.contains_key(&net("10.234.3.0/24")));
     assert!(plan_1.routes.contains_key(&net("10.2.0.13/32")));
-    assert!(plan_1.warnings.iter().any(|w| w.contains("edge-3 has no pod CIDR")), "{:?}", plan_1.warnings);
+    assert!(
+        plan_1
+            .warnings
+            .iter()
+            .any(|w| w.contains("edge-3 has no pod CIDR")),
+        "{:?}",
+        plan_1.warnings
+    );
     let err = plan(&snapshot, "edge-3", &settings(), &PeerIds::new()).unwrap_err();
-    assert_eq!(err, PlanError::MissingPodCidr { node: "edge-3".into() });
+    assert_eq!(
+        err,
+        PlanError::MissingPodCidr {
+            node: "edge-3".into()
+        }
+    );
 }
 
 #[test]
 fn mtus_follow_the_uplink_and_the_tunnel_mode() {
     let snapshot = cluster();
     let connector = plan_for(&snapshot, "cloud-1");
-    assert_eq!((connector.config.tunnel_mtu, connector.config.flannel_mtu), (1450, 1450));
+    assert_eq!(
+        (connector.config.tunnel_mtu, connector.config.flannel_mtu),
+        (1450, 1450)
+    );
 
-    let jumbo = Settings { uplink_mtu: 9000, ..settings() };
+    let jumbo = Settings {
+        uplink_mtu: 9000,
+        ..settings()
+    };
     let plan_jumbo = plan(&snapshot, "edge-1", &jumbo, &PeerIds::new()).unwrap();
     assert_eq!(plan_jumbo.config.tunnel_mtu, 8950);
 
-    let esp = Settings { tunnel_mode: TunnelMode::Esp, ..settings() };
+    let esp = Settings {
+        tunnel_mode: TunnelMode::Esp,
+        ..settings()
+    };
     let edge_esp = plan(&snapshot, "edge-1", &esp, &PeerIds::new()).unwrap();
     assert_eq!(edge_esp.config.tunnel_mtu, 1500 - ESP_OVERHEAD);
     assert_eq!(edge_esp.config.tunnel_mode, tunnel_mode::ESP);
@@ -426,12 +646,28 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
     assert!(
         matches!(
             edge_esp.devices[..],
-            [Device::Bridge { mtu: 1420, .. }, Device::XfrmTunnel { mtu: 1420, if_id: crate::xfrm::FE_IF_ID, .. }]
+            [
+                Device::Bridge { mtu: 1420, .. },
+                Device::XfrmTunnel {
+                    mtu: 1420,
+                    if_id: crate::xfrm::FE_IF_ID,
+                    ..
+                }
+            ]
         ),
         "{:?}",
         edge_esp.devices
     );
-    assert!(edge_esp.cni.as_ref().unwrap().json.contains("\"mtu\": 1420"), "{:?}", edge_esp.cni);
+    assert!(
+        edge_esp
+            .cni
+            .as_ref()
+            .unwrap()
+            .json
+            .contains("\"mtu\": 1420"),
+        "{:?}",
+        edge_esp.cni
+    );
     assert_eq!(
         edge_esp.attachments,
         [
@@ -442,23 +678,49 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
         ]
     );
     assert_eq!(peer(&edge_esp, "cloud-1").port, ESP_IN_UDP_PORT);
-    assert!(edge_esp.kernel_routes.iter().all(|r| r.dev.as_deref() == Some(TUNNEL_DEV)));
+    assert!(
+        edge_esp
+            .kernel_routes
+            .iter()
+            .all(|r| r.dev.as_deref() == Some(TUNNEL_DEV))
+    );
 
-    let tiny = Settings { uplink_mtu: 100, ..settings() };
+    let tiny = Settings {
+        uplink_mtu: 100,
+        ..settings()
+    };
     let err = plan(&snapshot, "edge-1", &tiny, &PeerIds::new()).unwrap_err();
-    assert!(matches!(err, PlanError::Setting { setting: "uplink MTU", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PlanError::Setting {
+                setting: "uplink MTU",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn connector_needs_its_flannel_mac_and_uplink() {
     let snapshot = cluster();
-    let no_mac = Settings { flannel_mac: None, ..settings() };
+    let no_mac = Settings {
+        flannel_mac: None,
+        ..settings()
+    };
     let err = plan(&snapshot, "cloud-1", &no_mac, &PeerIds::new()).unwrap_err();
     assert!(err.to_string().contains("flannel.1 MAC"), "{err}");
-    let no_uplink = Settings { uplink: None, ..settings() };
+    let no_uplink = Settings {
+        uplink: None,
+        ..settings()
+    };
     assert!(matches!(
         plan(&snapshot, "cloud-1", &no_uplink, &PeerIds::new()),
-        Err(PlanError::Setting { setting: "uplink", .. })
+        Err(PlanError::Setting {
+            setting: "uplink",
+            ..
+        })
     ));
     // Edge and cloud nodes need neither.
     let bare = Settings::default();
@@ -471,18 +733,33 @@ fn unknown_node_and_clashing_ports_are_refused() {
     let snapshot = cluster();
     assert_eq!(
         plan(&snapshot, "edge-9", &settings(), &PeerIds::new()),
-        Err(PlanError::UnknownNode { node: "edge-9".into() })
+        Err(PlanError::UnknownNode {
+            node: "edge-9".into()
+        })
     );
-    let clash = Settings { tunnel_port: DEFAULT_FLANNEL_PORT, ..settings() };
-    assert!(matches!(plan(&snapshot, "edge-1", &clash, &PeerIds::new()), Err(PlanError::Setting { .. })));
+    let clash = Settings {
+        tunnel_port: DEFAULT_FLANNEL_PORT,
+        ..settings()
+    };
+    assert!(matches!(
+        plan(&snapshot, "edge-1", &clash, &PeerIds::new()),
+        Err(PlanError::Setting { .. })
+    ));
 }
 
 #[test]
 fn role_override_replaces_the_labels() {
-    let overridden = Settings { role_override: Some(Role::Cloud), ..settings() };
+    let overridden = Settings {
+        role_override: Some(Role::Cloud),
+        ..settings()
+    };
     let plan = plan(&cluster(), "edge-1", &overridden, &PeerIds::new()).unwrap();
     assert_eq!(plan.role, Role::Cloud);
-    assert!(plan.kernel_routes.iter().all(|r| r.dst != net("10.2.0.11/32")));
+    assert!(
+        plan.kernel_routes
+            .iter()
+            .all(|r| r.dst != net("10.2.0.11/32"))
+    );
 }
 
 // ---- the manifest source, through the example cluster ----
@@ -490,7 +767,11 @@ fn role_override_replaces_the_labels() {
 #[test]
 fn manifest_reads_nodes_with_roles_addresses_and_leases() {
     let snapshot = cluster();
-    let roles: Vec<(&str, Role)> = snapshot.nodes.values().map(|n| (n.name.as_str(), n.role)).collect();
+    let roles: Vec<(&str, Role)> = snapshot
+        .nodes
+        .values()
+        .map(|n| (n.name.as_str(), n.role))
+        .collect();
     assert_eq!(
         roles,
         [
@@ -502,14 +783,31 @@ fn manifest_reads_nodes_with_roles_addresses_and_leases() {
         ]
     );
     let cloud2 = &snapshot.nodes["cloud-2"];
-    assert_eq!((cloud2.internal_ip, cloud2.external_ip), (ip("10.1.0.2"), None));
-    assert_eq!(cloud2.tunnel_endpoint, ip("10.1.0.2"), "no ExternalIP: the InternalIP");
+    assert_eq!(
+        (cloud2.internal_ip, cloud2.external_ip),
+        (ip("10.1.0.2"), None)
+    );
+    assert_eq!(
+        cloud2.tunnel_endpoint,
+        ip("10.1.0.2"),
+        "no ExternalIP: the InternalIP"
+    );
     assert_eq!(snapshot.nodes["edge-1"].tunnel_endpoint, ip("198.18.0.11"));
     assert_eq!(
         cloud2.flannel,
-        Some(model::FlannelLease { vtep_mac: CLOUD2_MAC, public_ip: ip("10.1.0.2"), backend_type: "vxlan".into() })
+        Some(model::FlannelLease {
+            vtep_mac: CLOUD2_MAC,
+            public_ip: ip("10.1.0.2"),
+            backend_type: "vxlan".into()
+        })
     );
-    assert_eq!(snapshot.communities["beijing"].members.iter().collect::<Vec<_>>(), ["edge-1", "edge-2"]);
+    assert_eq!(
+        snapshot.communities["beijing"]
+            .members
+            .iter()
+            .collect::<Vec<_>>(),
+        ["edge-1", "edge-2"]
+    );
 }
 
 #[test]
@@ -539,11 +837,18 @@ fn manifest_reads_services_and_endpoint_slices() {
     assert_eq!(dns.internal_traffic_policy, model::TrafficPolicy::Cluster);
 
     let slice = &snapshot.endpoint_slices[&model::NamespacedName::new("kube-system", "dns-7x2kq")];
-    assert_eq!(slice.service(), Some(model::NamespacedName::new("kube-system", "dns")));
+    assert_eq!(
+        slice.service(),
+        Some(model::NamespacedName::new("kube-system", "dns"))
+    );
     assert_eq!(slice.ports.len(), 2);
     assert_eq!(
         slice.ports[0],
-        model::EndpointPort { name: "dns".into(), port: Some(53), protocol: model::Protocol::Udp }
+        model::EndpointPort {
+            name: "dns".into(),
+            port: Some(53),
+            protocol: model::Protocol::Udp
+        }
     );
     assert_eq!(
         slice.endpoints,
@@ -572,14 +877,28 @@ spec:
     let snapshot = manifest::snapshot(text).unwrap();
     let web = &snapshot.services[&model::NamespacedName::new("default", "web")];
     assert_eq!(web.ports[0].protocol, model::Protocol::Tcp);
-    assert_eq!(web.ports[0].target_port, model::TargetPort::Name("http".into()));
-    assert_eq!(web.session_affinity, model::SessionAffinity::ClientIp { timeout_seconds: 60 });
+    assert_eq!(
+        web.ports[0].target_port,
+        model::TargetPort::Name("http".into())
+    );
+    assert_eq!(
+        web.session_affinity,
+        model::SessionAffinity::ClientIp {
+            timeout_seconds: 60
+        }
+    );
     assert_eq!(web.internal_traffic_policy, model::TrafficPolicy::Local);
 
     let headless = manifest::snapshot(&text.replace("10.96.0.20", "None")).unwrap();
-    assert!(headless.services.values().all(|s| s.headless && s.cluster_ips.is_empty()));
+    assert!(
+        headless
+            .services
+            .values()
+            .all(|s| s.headless && s.cluster_ips.is_empty())
+    );
 
-    let err = manifest::snapshot(&text.replace("port: 80", "port: 80, protocol: ICMP")).unwrap_err();
+    let err =
+        manifest::snapshot(&text.replace("port: 80", "port: 80, protocol: ICMP")).unwrap_err();
     assert_eq!(
         err.to_string(),
         "manifest doc 1 (Service default/web) at line 1: spec.ports[0].protocol \"ICMP\" is not a protocol \
@@ -593,7 +912,10 @@ fn bad_pod_cidr_error_names_document_node_field_and_value() {
     let err = manifest::snapshot(&text).unwrap_err();
     // The document starts at the `---` line before edge-1's.
     let lines: Vec<&str> = EXAMPLE_CLUSTER.lines().collect();
-    let name_at = lines.iter().position(|l| l.contains("name: edge-1")).unwrap();
+    let name_at = lines
+        .iter()
+        .position(|l| l.contains("name: edge-1"))
+        .unwrap();
     let line = lines[..name_at].iter().rposition(|l| *l == "---").unwrap() + 1;
     assert_eq!(
         err.to_string(),
@@ -606,19 +928,27 @@ fn bad_pod_cidr_error_names_document_node_field_and_value() {
 
 #[test]
 fn bad_tunnel_endpoint_annotation_names_node_field_and_value() {
-    let set = BTreeMap::from([("fabedge.io/tunnel-endpoint".to_owned(), "198.18.0".to_owned())]);
+    let set = BTreeMap::from([(
+        "fabedge.io/tunnel-endpoint".to_owned(),
+        "198.18.0".to_owned(),
+    )]);
     let text = set_node_annotations(EXAMPLE_CLUSTER, "edge-2", &set, &[]).unwrap();
     let err = manifest::snapshot(&text).unwrap_err().to_string();
     assert!(err.starts_with("manifest doc 4 (Node edge-2)"), "{err}");
     assert!(
-        err.contains("annotation fabedge.io/tunnel-endpoint \"198.18.0\" is not an IPv4 address; set it to"),
+        err.contains(
+            "annotation fabedge.io/tunnel-endpoint \"198.18.0\" is not an IPv4 address; set it to"
+        ),
         "{err}"
     );
 }
 
 #[test]
 fn bad_flannel_annotation_names_node_field_and_value() {
-    let text = EXAMPLE_CLUSTER.replace(r#""VtepMAC":"ce:0c:02:00:00:02""#, r#""VtepMAC":"ce:0c:02""#);
+    let text = EXAMPLE_CLUSTER.replace(
+        r#""VtepMAC":"ce:0c:02:00:00:02""#,
+        r#""VtepMAC":"ce:0c:02""#,
+    );
     let err = manifest::snapshot(&text).unwrap_err().to_string();
     assert!(err.starts_with("manifest doc 2 (Node cloud-2)"), "{err}");
     assert!(
@@ -635,20 +965,36 @@ fn both_role_labels_are_refused() {
     );
     let err = manifest::snapshot(&text).unwrap_err().to_string();
     assert!(err.starts_with("manifest doc 4 (Node edge-2)"), "{err}");
-    assert!(err.contains("carry both node-role.kubernetes.io/edge and node-role.kubernetes.io/connector"), "{err}");
+    assert!(
+        err.contains(
+            "carry both node-role.kubernetes.io/edge and node-role.kubernetes.io/connector"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn node_without_internal_ip_is_refused() {
-    let text = EXAMPLE_CLUSTER.replace("{type: InternalIP, address: 10.2.0.13}", "{type: Hostname, address: edge-3}");
+    let text = EXAMPLE_CLUSTER.replace(
+        "{type: InternalIP, address: 10.2.0.13}",
+        "{type: Hostname, address: edge-3}",
+    );
     let err = manifest::snapshot(&text).unwrap_err().to_string();
-    assert!(err.contains("(Node edge-3)") && err.contains("status.addresses has no IPv4 InternalIP"), "{err}");
+    assert!(
+        err.contains("(Node edge-3)") && err.contains("status.addresses has no IPv4 InternalIP"),
+        "{err}"
+    );
 }
 
 #[test]
 fn duplicate_objects_name_both_documents() {
-    let err = manifest::snapshot(&format!("{EXAMPLE_CLUSTER}{EDGE_4}{EDGE_4}")).unwrap_err().to_string();
-    assert!(err.starts_with("manifest doc 10 (Node edge-4)") && err.contains("first in doc 9"), "{err}");
+    let err = manifest::snapshot(&format!("{EXAMPLE_CLUSTER}{EDGE_4}{EDGE_4}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("manifest doc 10 (Node edge-4)") && err.contains("first in doc 9"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -658,12 +1004,26 @@ fn kubectl_list_output_is_read_like_separate_documents() {
             .lines()
             .skip(1)
             .enumerate()
-            .map(|(i, l)| if i == 0 { format!("- {l}\n") } else { format!("  {l}\n") })
+            .map(|(i, l)| {
+                if i == 0 {
+                    format!("- {l}\n")
+                } else {
+                    format!("  {l}\n")
+                }
+            })
             .collect::<String>();
     let snapshot = manifest::snapshot(&list).unwrap();
-    assert_eq!(snapshot.nodes["edge-4"].pod_cidr, Some(net("10.234.4.0/24")));
+    assert_eq!(
+        snapshot.nodes["edge-4"].pod_cidr,
+        Some(net("10.234.4.0/24"))
+    );
     let broken = list.replace("10.234.4.0/24", "10.234.4.0/99");
-    assert!(manifest::snapshot(&broken).unwrap_err().to_string().starts_with("manifest doc 1 item 1 (Node edge-4)"));
+    assert!(
+        manifest::snapshot(&broken)
+            .unwrap_err()
+            .to_string()
+            .starts_with("manifest doc 1 item 1 (Node edge-4)")
+    );
 }
 
 #[test]
@@ -675,27 +1035,58 @@ fn annotation_write_back_round_trips_and_keeps_other_documents() {
     let written = set_node_annotations(EXAMPLE_CLUSTER, "edge-1", &set, &[]).unwrap();
     let snapshot = manifest::snapshot(&written).unwrap();
     let edge1 = &snapshot.nodes["edge-1"];
-    assert_eq!(edge1.annotations.get("example.com/a").map(String::as_str), Some("true"));
-    assert_eq!(edge1.annotations.get("example.com/b").map(String::as_str), Some("10"));
+    assert_eq!(
+        edge1.annotations.get("example.com/a").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        edge1.annotations.get("example.com/b").map(String::as_str),
+        Some("10")
+    );
     // The rest of the cluster is unchanged, comments included.
     let mut expected = cluster();
     expected.nodes.get_mut("edge-1").unwrap().annotations = set.clone();
     assert_eq!(snapshot, expected);
-    assert!(written.starts_with(
-        EXAMPLE_CLUSTER.split("---\napiVersion: v1\nkind: Node\nmetadata:\n  name: edge-1").next().unwrap()
-    ));
+    assert!(
+        written.starts_with(
+            EXAMPLE_CLUSTER
+                .split("---\napiVersion: v1\nkind: Node\nmetadata:\n  name: edge-1")
+                .next()
+                .unwrap()
+        )
+    );
     assert!(written.contains("# Edge nodes listed together get direct tunnels"));
 
     // Setting what is already there is a no-op, byte for byte.
-    assert_eq!(set_node_annotations(&written, "edge-1", &set, &[]).unwrap(), written);
+    assert_eq!(
+        set_node_annotations(&written, "edge-1", &set, &[]).unwrap(),
+        written
+    );
     // Removing them again leaves no annotations map behind.
-    let removed =
-        set_node_annotations(&written, "edge-1", &BTreeMap::new(), &set.keys().cloned().collect::<Vec<_>>()).unwrap();
+    let removed = set_node_annotations(
+        &written,
+        "edge-1",
+        &BTreeMap::new(),
+        &set.keys().cloned().collect::<Vec<_>>(),
+    )
+    .unwrap();
     assert_eq!(manifest::snapshot(&removed).unwrap(), cluster());
-    assert!(!removed.split("name: edge-1").nth(1).unwrap().split("---").next().unwrap().contains("annotations"));
+    assert!(
+        !removed
+            .split("name: edge-1")
+            .nth(1)
+            .unwrap()
+            .split("---")
+            .next()
+            .unwrap()
+            .contains("annotations")
+    );
 
     let err = set_node_annotations(EXAMPLE_CLUSTER, "edge-9", &set, &[]).unwrap_err();
-    assert_eq!(err.to_string(), "manifest (Node edge-9): is not in the manifest; add the Node before annotating it");
+    assert_eq!(
+        err.to_string(),
+        "manifest (Node edge-9): is not in the manifest; add the Node before annotating it"
+    );
 }
 
 #[test]
@@ -703,9 +1094,13 @@ fn objects_survive_the_json_the_api_server_sends() {
     let objects = manifest::parse(EXAMPLE_CLUSTER).unwrap();
     let through_json = crate::source::Objects {
         nodes: serde_json::from_str(&serde_json::to_string(&objects.nodes).unwrap()).unwrap(),
-        communities: serde_json::from_str(&serde_json::to_string(&objects.communities).unwrap()).unwrap(),
+        communities: serde_json::from_str(&serde_json::to_string(&objects.communities).unwrap())
+            .unwrap(),
         services: serde_json::from_str(&serde_json::to_string(&objects.services).unwrap()).unwrap(),
-        endpoint_slices: serde_json::from_str(&serde_json::to_string(&objects.endpoint_slices).unwrap()).unwrap(),
+        endpoint_slices: serde_json::from_str(
+            &serde_json::to_string(&objects.endpoint_slices).unwrap(),
+        )
+        .unwrap(),
     };
     let snapshot = through_json.snapshot().unwrap();
     assert_eq!(snapshot, cluster());
@@ -730,16 +1125,32 @@ fn esp_public_endpoint_is_published_and_withdrawn_with_the_flag() {
         .into_iter()
         .find(|p| p.node == "cloud-1")
         .expect("the connector annotates itself");
-    assert_eq!(patch.set.get(ESP_ENDPOINT_ANNOTATION).map(String::as_str), Some("192.0.2.44:14500"));
+    assert_eq!(
+        patch.set.get(ESP_ENDPOINT_ANNOTATION).map(String::as_str),
+        Some("192.0.2.44:14500")
+    );
     let me = snapshot.nodes.get_mut("cloud-1").unwrap();
     me.annotations.extend(patch.set);
     // Published: no patch for it. Flag dropped: the annotation goes.
     let again = plan(&snapshot, "cloud-1", &esp, &PeerIds::new()).unwrap();
-    assert!(!again.annotations.iter().any(|p| p.set.contains_key(ESP_ENDPOINT_ANNOTATION)), "{:?}", again.annotations);
-    let without = Settings { esp_public_endpoint: None, ..esp };
+    assert!(
+        !again
+            .annotations
+            .iter()
+            .any(|p| p.set.contains_key(ESP_ENDPOINT_ANNOTATION)),
+        "{:?}",
+        again.annotations
+    );
+    let without = Settings {
+        esp_public_endpoint: None,
+        ..esp
+    };
     let dropped = plan(&snapshot, "cloud-1", &without, &PeerIds::new()).unwrap();
     assert!(
-        dropped.annotations.iter().any(|p| p.node == "cloud-1" && p.remove == [ESP_ENDPOINT_ANNOTATION.to_owned()]),
+        dropped
+            .annotations
+            .iter()
+            .any(|p| p.node == "cloud-1" && p.remove == [ESP_ENDPOINT_ANNOTATION.to_owned()]),
         "{:?}",
         dropped.annotations
     );

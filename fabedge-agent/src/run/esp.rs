@@ -178,7 +178,10 @@ impl EspRuntime {
                         .annotations
                         .get(PUBLIC_KEY_ANNOTATION)?;
                     let public = PublicKey::parse(&sa.peer, public).ok()?;
-                    let key = self.key.shared_with(&public).hello_key(&plan.node, &sa.peer);
+                    let key = self
+                        .key
+                        .shared_with(&public)
+                        .hello_key(&plan.node, &sa.peer);
                     let port = sa.spec.encap.map_or(ESP_IN_UDP_PORT, |e| e.dport);
                     Some((sa.peer.clone(), SocketAddrV4::new(sa.spec.dst, port), key))
                 })
@@ -186,7 +189,8 @@ impl EspRuntime {
         } else {
             Vec::new()
         };
-        self.keepalives.update(&plan.node, self.generations.generation, targets);
+        self.keepalives
+            .update(&plan.node, self.generations.generation, targets);
         self.last = Some((snapshot.clone(), plan.clone()));
         Ok(new_generation)
     }
@@ -234,7 +238,10 @@ impl EspRuntime {
                 .map_err(anyhow::Error::from)
                 .and_then(|json| crate::apply::write_if_changed(&path, &json, 0o600));
             if let Err(e) = saved {
-                warn!("ESP: keeping NAT-observed endpoints in {}: {e:#}", path.display());
+                warn!(
+                    "ESP: keeping NAT-observed endpoints in {}: {e:#}",
+                    path.display()
+                );
             }
         }
         changed
@@ -294,7 +301,10 @@ fn load_observed(state_dir: &Path) -> ObservedEndpoints {
     let path = state_dir.join(OBSERVED_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            warn!("{} is unreadable ({e}); NAT-observed endpoints are learnt again", path.display());
+            warn!(
+                "{} is unreadable ({e}); NAT-observed endpoints are learnt again",
+                path.display()
+            );
             ObservedEndpoints::new()
         }),
         Err(_) => ObservedEndpoints::new(),
@@ -318,8 +328,13 @@ struct Keepalives {
 
 impl Keepalives {
     fn start(socket: &EncapSocket, interval: Duration) -> Result<Self> {
-        let socket = socket.try_clone().context("a second handle on UDP 4500 for keepalives")?;
-        let shared = std::sync::Arc::new((std::sync::Mutex::new(KeepaliveTargets::default()), std::sync::Condvar::new()));
+        let socket = socket
+            .try_clone()
+            .context("a second handle on UDP 4500 for keepalives")?;
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(KeepaliveTargets::default()),
+            std::sync::Condvar::new(),
+        ));
         let weak = std::sync::Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("fe-keepalive".into())
@@ -327,15 +342,22 @@ impl Keepalives {
                 // Ends when the runtime is dropped.
                 while let Some(shared) = weak.upgrade() {
                     let (lock, wake) = &*shared;
-                    let targets = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let targets = lock
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let unix_secs = unix_now();
                     for (name, to, key) in &targets.peers {
-                        let hello = hello::Hello { node: targets.node.clone(), generation: targets.generation, unix_secs };
+                        let hello = hello::Hello {
+                            node: targets.node.clone(),
+                            generation: targets.generation,
+                            unix_secs,
+                        };
                         if let Err(e) = socket.send(&hello::encode(&hello, key), *to) {
                             log::debug!("ESP hello to {name} at {to}: {e}");
                         }
                     }
-                    let addresses: Vec<SocketAddrV4> = targets.peers.iter().map(|(_, to, _)| *to).collect();
+                    let addresses: Vec<SocketAddrV4> =
+                        targets.peers.iter().map(|(_, to, _)| *to).collect();
                     for (peer, e) in socket.keepalive(&addresses) {
                         log::debug!("ESP keepalive to {peer}: {e}");
                     }
@@ -349,11 +371,21 @@ impl Keepalives {
     /// New targets; sent to at once if they changed.
     fn update(&self, node: &str, generation: u32, peers: Vec<(String, SocketAddrV4, HelloKey)>) {
         let (lock, wake) = &*self.shared;
-        let mut targets = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let new = KeepaliveTargets { node: node.to_owned(), generation, peers };
+        let mut targets = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = KeepaliveTargets {
+            node: node.to_owned(),
+            generation,
+            peers,
+        };
         let changed = targets.node != new.node
             || targets.generation != new.generation
-            || targets.peers.iter().map(|(n, a, _)| (n, a)).ne(new.peers.iter().map(|(n, a, _)| (n, a)));
+            || targets
+                .peers
+                .iter()
+                .map(|(n, a, _)| (n, a))
+                .ne(new.peers.iter().map(|(n, a, _)| (n, a)));
         *targets = new;
         if changed {
             wake.notify_one();

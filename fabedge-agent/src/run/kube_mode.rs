@@ -135,9 +135,19 @@ pub(super) async fn run(
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
         if let Some(patch) = state.own_annotations.clone() {
             let body = crate::annotate::merge_patch(&patch);
-            match nodes.patch(&options.node, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(body)).await {
+            match nodes
+                .patch(
+                    &options.node,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(body),
+                )
+                .await
+            {
                 Ok(_) => state.own_annotations = None,
-                Err(e) => warn!("publishing the annotations of node {} (retrying): {e}", options.node),
+                Err(e) => warn!(
+                    "publishing the annotations of node {} (retrying): {e}",
+                    options.node
+                ),
             }
         }
 
@@ -185,7 +195,10 @@ impl KubeState {
             }
             let settings = observe_host(&options.settings, &options.flannel_iface)?;
             let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
-            self.own_annotations = plan.annotations.into_iter().find(|patch| patch.node == options.node);
+            self.own_annotations = plan
+                .annotations
+                .into_iter()
+                .find(|patch| patch.node == options.node);
             if save {
                 snapshot::save(&options.state_dir, objects)?;
             }

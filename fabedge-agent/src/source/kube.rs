@@ -332,6 +332,9 @@ mod tests {
         cache.handle(watcher::Event::InitApply(object));
         cache.handle(watcher::Event::InitDone);
         assert_eq!(cache.objects["/a"].metadata.managed_fields, None);
-        assert_eq!(cache.objects["/a"].metadata.resource_version.as_deref(), Some("1"));
+        assert_eq!(
+            cache.objects["/a"].metadata.resource_version.as_deref(),
+            Some("1")
+        );
     }
 }

@@ -84,7 +84,11 @@ pub fn parse(text: &str) -> Result<Objects, ManifestError> {
     let mut parser = Parser::default();
     for doc in split_documents(text) {
         let Some(number) = doc.number else { continue };
-        let location = Location { doc: number, item: None, line: doc.first_line };
+        let location = Location {
+            doc: number,
+            item: None,
+            line: doc.first_line,
+        };
         let value = parse_yaml(&doc, location)?;
         if value.is_null() {
             continue;
@@ -108,7 +112,8 @@ pub fn snapshot(text: &str) -> Result<Snapshot, ManifestError> {
 
 /// Read and parse a manifest file.
 pub fn load(path: &Path) -> anyhow::Result<Snapshot> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading manifest {}", path.display()))?;
+    let text =
+        fs::read_to_string(path).with_context(|| format!("reading manifest {}", path.display()))?;
     snapshot(&text).with_context(|| format!("in {}", path.display()))
 }
 
@@ -121,7 +126,11 @@ struct Parser {
 
 impl Parser {
     fn object(&mut self, value: Value, location: Location) -> Result<(), ManifestError> {
-        let fail = |object: Option<String>, detail: String| ManifestError { location: Some(location), object, detail };
+        let fail = |object: Option<String>, detail: String| ManifestError {
+            location: Some(location),
+            object,
+            detail,
+        };
         let Value::Mapping(mapping) = &value else {
             return Err(fail(
                 None,
@@ -130,19 +139,35 @@ impl Parser {
         };
         let text_field = |key: &str| mapping.get(key).and_then(Value::as_str).map(str::to_owned);
         let (Some(api_version), Some(kind)) = (text_field("apiVersion"), text_field("kind")) else {
-            return Err(fail(None, "has no apiVersion or no kind; every Kubernetes object names both".into()));
+            return Err(fail(
+                None,
+                "has no apiVersion or no kind; every Kubernetes object names both".into(),
+            ));
         };
         let metadata = mapping.get("metadata");
-        let name = metadata.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>").to_owned();
-        let namespace =
-            metadata.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(DEFAULT_NAMESPACE).to_owned();
+        let name = metadata
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("<unnamed>")
+            .to_owned();
+        let namespace = metadata
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned();
 
         if location.item.is_none()
             && kind.ends_with("List")
             && let Some(Value::Sequence(items)) = mapping.get("items")
         {
             for (index, item) in items.iter().enumerate() {
-                self.object(item.clone(), Location { item: Some(index + 1), ..location })?;
+                self.object(
+                    item.clone(),
+                    Location {
+                        item: Some(index + 1),
+                        ..location
+                    },
+                )?;
             }
             return Ok(());
         }
@@ -167,20 +192,26 @@ impl Parser {
                 model::ObjectRef::namespaced("Service", &namespace, &name)
             }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                let slice: discovery::EndpointSlice = typed(value, location, "EndpointSlice", &name)?;
+                let slice: discovery::EndpointSlice =
+                    typed(value, location, "EndpointSlice", &name)?;
                 model::EndpointSlice::from_k8s(&slice).map_err(|e| model_error(e, location))?;
                 self.objects.endpoint_slices.push(slice);
                 model::ObjectRef::namespaced("EndpointSlice", &namespace, &name)
             }
             _ => {
-                debug!("manifest {location}: {api_version} {kind} {name} is not used by fabedge; ignored");
+                debug!(
+                    "manifest {location}: {api_version} {kind} {name} is not used by fabedge; ignored"
+                );
                 return Ok(());
             }
         };
         if let Some(first) = self.seen.get(&object_ref) {
             return Err(fail(
                 Some(object_ref.to_string()),
-                format!("is given twice (first in {first} at line {}); object names must be unique", first.line),
+                format!(
+                    "is given twice (first in {first} at line {}); object names must be unique",
+                    first.line
+                ),
             ));
         }
         self.seen.insert(object_ref, location);
@@ -189,16 +220,33 @@ impl Parser {
 }
 
 /// Deserialize into a k8s type; the error names the offending field path.
-fn typed<T: DeserializeOwned>(value: Value, location: Location, kind: &str, name: &str) -> Result<T, ManifestError> {
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    location: Location,
+    kind: &str,
+    name: &str,
+) -> Result<T, ManifestError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let detail = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
-        ManifestError { location: Some(location), object: Some(format!("{kind} {name}")), detail }
+        let detail = if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        };
+        ManifestError {
+            location: Some(location),
+            object: Some(format!("{kind} {name}")),
+            detail,
+        }
     })
 }
 
 fn model_error(error: model::ModelError, location: Location) -> ManifestError {
-    ManifestError { location: Some(location), object: Some(error.object().to_string()), detail: error.detail() }
+    ManifestError {
+        location: Some(location),
+        object: Some(error.object().to_string()),
+        detail: error.detail(),
+    }
 }
 
 /// One document's text, exactly as it appears in the file.
@@ -218,7 +266,8 @@ struct RawDocument<'a> {
 /// byte for byte.
 fn split_documents(text: &str) -> Vec<RawDocument<'_>> {
     let is_marker = |line: &str| {
-        line.strip_prefix("---").is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+        line.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
     };
     let mut starts = vec![(0usize, 1usize)];
     let mut offset = 0;
@@ -246,7 +295,12 @@ fn split_documents(text: &str) -> Vec<RawDocument<'_>> {
             number += 1;
             Some(number)
         };
-        docs.push(RawDocument { text: chunk, first_line, starts_with_marker, number: doc_number });
+        docs.push(RawDocument {
+            text: chunk,
+            first_line,
+            starts_with_marker,
+            number: doc_number,
+        });
     }
     docs
 }
@@ -257,10 +311,18 @@ fn parse_yaml(doc: &RawDocument<'_>, location: Location) -> Result<Value, Manife
         // serde_yaml counts lines within the document; report file lines.
         if let Some(at) = e.location() {
             let relative = format!("at line {} column {}", at.line(), at.column());
-            let absolute = format!("at line {} column {}", doc.first_line + at.line() - 1, at.column());
+            let absolute = format!(
+                "at line {} column {}",
+                doc.first_line + at.line() - 1,
+                at.column()
+            );
             message = message.replace(&relative, &absolute);
         }
-        ManifestError { location: Some(location), object: None, detail: format!("is not valid YAML: {message}") }
+        ManifestError {
+            location: Some(location),
+            object: None,
+            detail: format!("is not valid YAML: {message}"),
+        }
     })
 }
 
@@ -284,7 +346,11 @@ pub fn set_node_annotations(
             out.push_str(doc.text);
             continue;
         };
-        let location = Location { doc: number, item: None, line: doc.first_line };
+        let location = Location {
+            doc: number,
+            item: None,
+            line: doc.first_line,
+        };
         let mut value = parse_yaml(&doc, location)?;
         let before = value.clone();
         if !edit_node(&mut value, node_name, set, remove) {
@@ -318,11 +384,24 @@ pub fn set_node_annotations(
 
 /// Apply the annotation change to Node `node_name` if `value` is that Node
 /// (or a `List` holding it); `true` when it was found.
-fn edit_node(value: &mut Value, node_name: &str, set: &BTreeMap<String, String>, remove: &[String]) -> bool {
-    let Value::Mapping(object) = value else { return false };
-    let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+fn edit_node(
+    value: &mut Value,
+    node_name: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+) -> bool {
+    let Value::Mapping(object) = value else {
+        return false;
+    };
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if kind.ends_with("List") {
-        let Some(Value::Sequence(items)) = object.get_mut("items") else { return false };
+        let Some(Value::Sequence(items)) = object.get_mut("items") else {
+            return false;
+        };
         let mut found = false;
         for item in items {
             found |= edit_node(item, node_name, set, remove);
@@ -331,18 +410,30 @@ fn edit_node(value: &mut Value, node_name: &str, set: &BTreeMap<String, String>,
     }
     let is_target = kind == "Node"
         && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
-        && object.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) == Some(node_name);
+        && object
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            == Some(node_name);
     if !is_target {
         return false;
     }
-    let metadata = object.entry("metadata".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
-    let Value::Mapping(metadata) = metadata else { return false };
-    let annotations = metadata.entry("annotations".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
+    let metadata = object
+        .entry("metadata".into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    let Value::Mapping(metadata) = metadata else {
+        return false;
+    };
+    let annotations = metadata
+        .entry("annotations".into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
     if !matches!(annotations, Value::Mapping(_)) {
         // `annotations: null` or garbage: replace with a real map.
         *annotations = Value::Mapping(Mapping::new());
     }
-    let Value::Mapping(annotations) = annotations else { return false };
+    let Value::Mapping(annotations) = annotations else {
+        return false;
+    };
     for key in remove {
         annotations.remove(key.as_str());
     }
@@ -364,8 +455,14 @@ mod tests {
         let text = "# preamble\n---\na: 1\n--- # second\nb: 2\n---\n";
         let docs = split_documents(text);
         assert_eq!(docs.iter().map(|d| d.text).collect::<String>(), text);
-        assert_eq!(docs.iter().map(|d| d.number).collect::<Vec<_>>(), [None, Some(1), Some(2), Some(3)]);
-        assert_eq!(docs.iter().map(|d| d.first_line).collect::<Vec<_>>(), [1, 2, 4, 6]);
+        assert_eq!(
+            docs.iter().map(|d| d.number).collect::<Vec<_>>(),
+            [None, Some(1), Some(2), Some(3)]
+        );
+        assert_eq!(
+            docs.iter().map(|d| d.first_line).collect::<Vec<_>>(),
+            [1, 2, 4, 6]
+        );
         // Without a leading marker the first chunk is a document.
         assert_eq!(split_documents("a: 1\n---\nb: 2\n")[0].number, Some(1));
         // `----` and `---x` are content, not markers.
@@ -374,14 +471,17 @@ mod tests {
 
     #[test]
     fn yaml_errors_report_file_lines() {
-        let err = parse("kind: Namespace\napiVersion: v1\n---\napiVersion: v1\nkind: [\n").unwrap_err();
+        let err =
+            parse("kind: Namespace\napiVersion: v1\n---\napiVersion: v1\nkind: [\n").unwrap_err();
         assert_eq!(err.location.map(|l| l.doc), Some(2));
         assert!(err.to_string().contains("at line 6"), "{err}");
     }
 
     #[test]
     fn unknown_kinds_and_empty_documents_are_ignored() {
-        let objects = parse("---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").unwrap();
+        let objects =
+            parse("---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
+                .unwrap();
         assert_eq!(objects, Objects::default());
     }
 
@@ -390,6 +490,10 @@ mod tests {
         let text = "apiVersion: v1\nkind: Node\nmetadata:\n  name: edge-1\nspec:\n  podCIDR: [1]\n";
         let err = parse(text).unwrap_err();
         let message = err.to_string();
-        assert!(message.starts_with("manifest doc 1 (Node edge-1) at line 1: spec.podCIDR: invalid type"), "{message}");
+        assert!(
+            message
+                .starts_with("manifest doc 1 (Node edge-1) at line 1: spec.podCIDR: invalid type"),
+            "{message}"
+        );
     }
 }

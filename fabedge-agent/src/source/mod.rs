@@ -26,7 +26,12 @@ pub struct Objects {
 
 impl Objects {
     pub fn snapshot(&self) -> Result<Snapshot, ModelError> {
-        Snapshot::from_objects(&self.nodes, &self.communities, &self.services, &self.endpoint_slices)
+        Snapshot::from_objects(
+            &self.nodes,
+            &self.communities,
+            &self.services,
+            &self.endpoint_slices,
+        )
     }
 }
 

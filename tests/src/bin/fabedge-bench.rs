@@ -13,9 +13,9 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
+    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
-    config_flags, tunnel_mode,
+    tunnel_mode,
 };
 use fabedge_tests::{
     datapath::{TestDatapath, fixtures::*},
@@ -44,10 +44,37 @@ fn median(dp: &TestDatapath, program: Program, frame: &[u8]) -> Result<Duration>
 fn edge_with_service() -> Result<TestDatapath> {
     let mut dp = edge("bench-edge-svc", tunnel_mode::VXLAN)?;
     let id = 1;
-    let backend = Backend { addr: PEER_POD.octets(), port: 5353, flags: 0, _pad: 0 };
-    dp.maps.backends.insert(BackendKey { service_id: id, slot: 0 }, backend, 0)?;
-    let entry = ServiceEntry { id, count: 1, flags: 0, _pad: 0, affinity_timeout: 0 };
-    dp.maps.services.insert(ServiceKey { addr: CLUSTER_IP.octets(), port: 53, proto: 17, _pad: 0 }, entry, 0)?;
+    let backend = Backend {
+        addr: PEER_POD.octets(),
+        port: 5353,
+        flags: 0,
+        _pad: 0,
+    };
+    dp.maps.backends.insert(
+        BackendKey {
+            service_id: id,
+            slot: 0,
+        },
+        backend,
+        0,
+    )?;
+    let entry = ServiceEntry {
+        id,
+        count: 1,
+        flags: 0,
+        _pad: 0,
+        affinity_timeout: 0,
+    };
+    dp.maps.services.insert(
+        ServiceKey {
+            addr: CLUSTER_IP.octets(),
+            port: 53,
+            proto: 17,
+            _pad: 0,
+        },
+        entry,
+        0,
+    )?;
     Ok(dp)
 }
 
@@ -56,36 +83,127 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 fn main() -> Result<()> {
     // A fresh datapath is not configured: every program returns at its first check.
     let baseline = TestDatapath::new("bench-baseline")?;
-    let datapaths = [edge("bench-edge", tunnel_mode::VXLAN)?, connector("bench-connector")?, edge_with_service()?];
+    let datapaths = [
+        edge("bench-edge", tunnel_mode::VXLAN)?,
+        connector("bench-connector")?,
+        edge_with_service()?,
+    ];
 
-    let udp = |dst: Ipv4Addr| Frame::eth([2; 6], [4; 6]).ipv4(LOCAL_POD, dst).udp(40000, 53).payload(&[0u8; 64]).build();
-    let inner = Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC).ipv4(CLOUD_POD, LOCAL_POD).udp(5353, 53).payload(&[0u8; 64]).build();
-    let flannel = vxlan_encap(Frame::eth([2; 6], [4; 6]), Ipv4Addr::from(CLOUD2_LAN), Ipv4Addr::from(CONNECTOR_LAN), 40000, 8472, 1, &inner);
-    let reply = Frame::eth([4; 6], [2; 6]).ipv4(PEER_POD, LOCAL_POD).udp(5353, 40000).payload(&[0u8; 64]).build();
-    let from_peer = Frame::eth([4; 6], [2; 6]).ipv4(PEER_POD, LOCAL_POD).udp(7, 40000).payload(&[0u8; 64]).build();
-    let from_tunnel = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC).ipv4(LOCAL_POD, CLOUD_POD).udp(1, 2).payload(&[0u8; 64]).build();
+    let udp = |dst: Ipv4Addr| {
+        Frame::eth([2; 6], [4; 6])
+            .ipv4(LOCAL_POD, dst)
+            .udp(40000, 53)
+            .payload(&[0u8; 64])
+            .build()
+    };
+    let inner = Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC)
+        .ipv4(CLOUD_POD, LOCAL_POD)
+        .udp(5353, 53)
+        .payload(&[0u8; 64])
+        .build();
+    let flannel = vxlan_encap(
+        Frame::eth([2; 6], [4; 6]),
+        Ipv4Addr::from(CLOUD2_LAN),
+        Ipv4Addr::from(CONNECTOR_LAN),
+        40000,
+        8472,
+        1,
+        &inner,
+    );
+    let reply = Frame::eth([4; 6], [2; 6])
+        .ipv4(PEER_POD, LOCAL_POD)
+        .udp(5353, 40000)
+        .payload(&[0u8; 64])
+        .build();
+    let from_peer = Frame::eth([4; 6], [2; 6])
+        .ipv4(PEER_POD, LOCAL_POD)
+        .udp(7, 40000)
+        .payload(&[0u8; 64])
+        .build();
+    let from_tunnel = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+        .ipv4(LOCAL_POD, CLOUD_POD)
+        .udp(1, 2)
+        .payload(&[0u8; 64])
+        .build();
     let cases = [
-        Case { name: "edge: pod → local pod (pass)", datapath: 0, program: Program::FromPod, frame: udp(LOCAL_POD_2) },
-        Case { name: "edge: pod → peer pod (TTL, redirect)", datapath: 0, program: Program::FromPod, frame: udp(PEER_POD) },
-        Case { name: "edge: pod → unknown (drop)", datapath: 0, program: Program::FromPod, frame: udp(UNKNOWN) },
+        Case {
+            name: "edge: pod → local pod (pass)",
+            datapath: 0,
+            program: Program::FromPod,
+            frame: udp(LOCAL_POD_2),
+        },
+        Case {
+            name: "edge: pod → peer pod (TTL, redirect)",
+            datapath: 0,
+            program: Program::FromPod,
+            frame: udp(PEER_POD),
+        },
+        Case {
+            name: "edge: pod → unknown (drop)",
+            datapath: 0,
+            program: Program::FromPod,
+            frame: udp(UNKNOWN),
+        },
         // Unmarked: the route lookup the node's own traffic takes.
-        Case { name: "edge: tunnel egress (lookup, set key)", datapath: 0, program: Program::TunnelEgress, frame: udp(PEER_POD) },
-        Case { name: "connector: Flannel decap → tunnel", datapath: 1, program: Program::UplinkIngress, frame: flannel },
-        Case { name: "connector: tunnel → Flannel encap", datapath: 1, program: Program::FromPod, frame: from_tunnel },
+        Case {
+            name: "edge: tunnel egress (lookup, set key)",
+            datapath: 0,
+            program: Program::TunnelEgress,
+            frame: udp(PEER_POD),
+        },
+        Case {
+            name: "connector: Flannel decap → tunnel",
+            datapath: 1,
+            program: Program::UplinkIngress,
+            frame: flannel,
+        },
+        Case {
+            name: "connector: tunnel → Flannel encap",
+            datapath: 1,
+            program: Program::FromPod,
+            frame: from_tunnel,
+        },
         // The first sample opens the flow; the median is an established flow's packet.
-        Case { name: "edge: pod → ClusterIP (CT hit, DNAT, redirect)", datapath: 2, program: Program::FromPod, frame: udp(CLUSTER_IP) },
-        Case { name: "edge: backend reply → pod (reverse NAT)", datapath: 2, program: Program::ToPod, frame: reply },
-        Case { name: "edge: to-pod, not a Service reply (CT miss)", datapath: 2, program: Program::ToPod, frame: from_peer },
+        Case {
+            name: "edge: pod → ClusterIP (CT hit, DNAT, redirect)",
+            datapath: 2,
+            program: Program::FromPod,
+            frame: udp(CLUSTER_IP),
+        },
+        Case {
+            name: "edge: backend reply → pod (reverse NAT)",
+            datapath: 2,
+            program: Program::ToPod,
+            frame: reply,
+        },
+        Case {
+            name: "edge: to-pod, not a Service reply (CT miss)",
+            datapath: 2,
+            program: Program::ToPod,
+            frame: from_peer,
+        },
     ];
 
     let base = median(&baseline, Program::FromPod, &udp(PEER_POD))?;
-    println!("fabedge datapath cost per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} single runs on fresh frames)");
+    println!(
+        "fabedge datapath cost per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} single runs on fresh frames)"
+    );
     println!("{:<40} {:>10} {:>8}", "case", "ns/pkt", "× base");
-    println!("{:<40} {:>10} {:>8}", "baseline: program entry, not configured", base.as_nanos(), "1.00");
+    println!(
+        "{:<40} {:>10} {:>8}",
+        "baseline: program entry, not configured",
+        base.as_nanos(),
+        "1.00"
+    );
     for case in &cases {
         let dp = &datapaths[case.datapath];
         let t = median(dp, case.program, &case.frame)?;
-        println!("{:<40} {:>10} {:>8.2}", case.name, t.as_nanos(), t.as_secs_f64() / base.as_secs_f64().max(1e-12));
+        println!(
+            "{:<40} {:>10} {:>8.2}",
+            case.name,
+            t.as_nanos(),
+            t.as_secs_f64() / base.as_secs_f64().max(1e-12)
+        );
     }
     fast_path_vs_kernel()
 }
@@ -127,15 +245,25 @@ fn fast_path_vs_kernel() -> Result<()> {
     for _ in 0..ROUNDS {
         for (slot, fast_path) in [(0, true), (1, false)] {
             set_fast_path(fast_path)?;
-            let out = client.netns().run_ok("iperf3", &["-c", &server_ip, "-t", "2", "-J"])?;
+            let out = client
+                .netns()
+                .run_ok("iperf3", &["-c", &server_ip, "-t", "2", "-J"])?;
             let json: serde_json::Value = serde_json::from_str(&out)?;
-            let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            let bps = json["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0);
             results[slot].0.push(bps / 1e9);
             // Small packets: per-packet cost, not bytes, decides.
-            let out = client.netns().run_ok("iperf3", &["-c", &server_ip, "-u", "-l", "64", "-b", "0", "-t", "2", "-J"])?;
+            let out = client.netns().run_ok(
+                "iperf3",
+                &[
+                    "-c", &server_ip, "-u", "-l", "64", "-b", "0", "-t", "2", "-J",
+                ],
+            )?;
             let json: serde_json::Value = serde_json::from_str(&out)?;
             let sum = &json["end"]["sum"];
-            let received = sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+            let received = sum["packets"].as_f64().unwrap_or(0.0)
+                - sum["lost_packets"].as_f64().unwrap_or(0.0);
             small_pps[slot].push(received / sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9));
             let pings = ping(client.netns(), server.ip(), 50, Duration::from_millis(10))?;
             let mut rtts = pings.rtts.clone();
@@ -158,12 +286,32 @@ fn fast_path_vs_kernel() -> Result<()> {
     let (fast_gbps, kernel_gbps) = (median_f(&mut fast[0].0), median_f(&mut kernel[0].0));
     let (fast_rtt, kernel_rtt) = (median_d(&mut fast[0].1), median_d(&mut kernel[0].1));
     let (fast_small, rest) = small_pps.split_at_mut(1);
-    let (fast_kpps, kernel_kpps) = (median_f(&mut fast_small[0]) / 1e3, median_f(&mut rest[0]) / 1e3);
+    let (fast_kpps, kernel_kpps) = (
+        median_f(&mut fast_small[0]) / 1e3,
+        median_f(&mut rest[0]) / 1e3,
+    );
     println!();
-    println!("edge-1 pod → edge-2 pod over the tunnel (iperf3 TCP 2 s, UDP 64 B unlimited 2 s received, ping ×50; median of {ROUNDS} alternating rounds)");
-    println!("{:<28} {:>10} {:>16} {:>14}", "path", "TCP Gbit/s", "UDP 64 B kpps", "ping median");
-    println!("{:<28} {:>10.2} {:>16.1} {:>11} µs", "eBPF fast path (redirect)", fast_gbps, fast_kpps, fast_rtt.as_micros());
-    println!("{:<28} {:>10.2} {:>16.1} {:>11} µs", "kernel forwarding", kernel_gbps, kernel_kpps, kernel_rtt.as_micros());
+    println!(
+        "edge-1 pod → edge-2 pod over the tunnel (iperf3 TCP 2 s, UDP 64 B unlimited 2 s received, ping ×50; median of {ROUNDS} alternating rounds)"
+    );
+    println!(
+        "{:<28} {:>10} {:>16} {:>14}",
+        "path", "TCP Gbit/s", "UDP 64 B kpps", "ping median"
+    );
+    println!(
+        "{:<28} {:>10.2} {:>16.1} {:>11} µs",
+        "eBPF fast path (redirect)",
+        fast_gbps,
+        fast_kpps,
+        fast_rtt.as_micros()
+    );
+    println!(
+        "{:<28} {:>10.2} {:>16.1} {:>11} µs",
+        "kernel forwarding",
+        kernel_gbps,
+        kernel_kpps,
+        kernel_rtt.as_micros()
+    );
     println!(
         "{:<28} {:>10.2} {:>16.2} {:>14.2}",
         "fast / kernel",

@@ -53,7 +53,12 @@ fn hellos_from_every_peer(plan: &Plan) -> ObservedEndpoints {
     plan.peers
         .iter()
         .filter(|(_, p)| p.kind == fabedge_common::peer_kind::TUNNEL)
-        .filter_map(|(&id, p)| Some((plan.peer_name(id)?.to_owned(), (Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT))))
+        .filter_map(|(&id, p)| {
+            Some((
+                plan.peer_name(id)?.to_owned(),
+                (Ipv4Addr::from(p.underlay_ip), ESP_IN_UDP_PORT),
+            ))
+        })
         .collect()
 }
 
@@ -73,7 +78,14 @@ fn esp_for(snapshot: &Snapshot, node: &str, generation: u32) -> (Plan, EspPlan) 
 /// Generation 1, no hello seen from anyone.
 fn esp_without_hellos(snapshot: &Snapshot, node: &str) -> (Plan, EspPlan) {
     let plan = plan(snapshot, node, &settings(), &PeerIds::new()).unwrap();
-    let esp = plan_esp(snapshot, &plan, &key_of(node), 1, &ObservedEndpoints::new(), &PinnedGenerations::new());
+    let esp = plan_esp(
+        snapshot,
+        &plan,
+        &key_of(node),
+        1,
+        &ObservedEndpoints::new(),
+        &PinnedGenerations::new(),
+    );
     (plan, esp)
 }
 
@@ -222,7 +234,14 @@ fn nat_observed_endpoints_replace_the_published_one() {
     let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
     let public = "203.0.113.7".parse().unwrap();
     let observed: ObservedEndpoints = [("edge-1".to_owned(), (public, 61001))].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 1, &observed, &PinnedGenerations::new());
+    let esp = plan_esp(
+        &snapshot,
+        &plan,
+        &key_of("cloud-1"),
+        1,
+        &observed,
+        &PinnedGenerations::new(),
+    );
     let out = sa(&esp, "edge-1", Direction::Out, 1);
     assert_eq!(
         (out.spec.dst, out.spec.encap),
@@ -251,39 +270,89 @@ fn annotate(snapshot_text: &str, node: &str, key: &str, value: &str) -> String {
 
 #[test]
 fn a_connector_behind_a_port_forward_is_reached_at_the_endpoint_it_publishes() {
-    let text = annotate(&cluster_text(&[]), "cloud-1", ESP_ENDPOINT_ANNOTATION, "192.0.2.44:14500");
+    let text = annotate(
+        &cluster_text(&[]),
+        "cloud-1",
+        ESP_ENDPOINT_ANNOTATION,
+        "192.0.2.44:14500",
+    );
     let snapshot = manifest::snapshot(&text).unwrap();
     let (plan, esp) = esp_without_hellos(&snapshot, "edge-1");
     let out = sa(&esp, "cloud-1", Direction::Out, 1);
     let forwarded: Ipv4Addr = "192.0.2.44".parse().unwrap();
     assert_eq!(
         (out.spec.dst, out.spec.encap),
-        (forwarded, Some(Encap { sport: 4500, dport: 14500 }))
+        (
+            forwarded,
+            Some(Encap {
+                sport: 4500,
+                dport: 14500
+            })
+        )
     );
     let inbound = sa(&esp, "cloud-1", Direction::In, 1);
-    assert_eq!(inbound.spec.encap, Some(Encap { sport: 14500, dport: 4500 }));
+    assert_eq!(
+        inbound.spec.encap,
+        Some(Encap {
+            sport: 14500,
+            dport: 4500
+        })
+    );
     let id = plan.peer_ids.get("cloud-1").unwrap();
-    let policy = esp.policies.iter().find(|p| p.mark == out_mark(id)).unwrap();
+    let policy = esp
+        .policies
+        .iter()
+        .find(|p| p.mark == out_mark(id))
+        .unwrap();
     assert_eq!(policy.tmpl.unwrap().dst, forwarded);
     // What the edge observes from hellos wins over what is published.
-    let observed: ObservedEndpoints =
-        [("cloud-1".to_owned(), ("198.51.100.9".parse().unwrap(), 4501))].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("edge-1"), 1, &observed, &PinnedGenerations::new());
-    assert_eq!(sa(&esp, "cloud-1", Direction::Out, 1).spec.encap.unwrap().dport, 4501);
+    let observed: ObservedEndpoints = [(
+        "cloud-1".to_owned(),
+        ("198.51.100.9".parse().unwrap(), 4501),
+    )]
+    .into();
+    let esp = plan_esp(
+        &snapshot,
+        &plan,
+        &key_of("edge-1"),
+        1,
+        &observed,
+        &PinnedGenerations::new(),
+    );
+    assert_eq!(
+        sa(&esp, "cloud-1", Direction::Out, 1)
+            .spec
+            .encap
+            .unwrap()
+            .dport,
+        4501
+    );
 }
 
 #[test]
 fn a_malformed_published_endpoint_is_a_warning_and_the_tunnel_endpoint_is_used() {
-    for bad in ["cloud-1:4500", "192.0.2.44", "192.0.2.44:0", "0.0.0.0:4500", "[::1]:4500"] {
+    for bad in [
+        "cloud-1:4500",
+        "192.0.2.44",
+        "192.0.2.44:0",
+        "0.0.0.0:4500",
+        "[::1]:4500",
+    ] {
         let text = annotate(&cluster_text(&[]), "cloud-1", ESP_ENDPOINT_ANNOTATION, bad);
         let snapshot = manifest::snapshot(&text).unwrap();
         let (plan, esp) = esp_without_hellos(&snapshot, "edge-1");
         let out = sa(&esp, "cloud-1", Direction::Out, 1);
         let id = plan.peer_ids.get("cloud-1").unwrap();
         let underlay = Ipv4Addr::from(plan.peers[&id].underlay_ip);
-        assert_eq!((out.spec.dst, out.spec.encap.unwrap().dport), (underlay, ESP_IN_UDP_PORT), "{bad}");
+        assert_eq!(
+            (out.spec.dst, out.spec.encap.unwrap().dport),
+            (underlay, ESP_IN_UDP_PORT),
+            "{bad}"
+        );
         assert!(
-            esp.warnings.iter().any(|w| w.contains(ESP_ENDPOINT_ANNOTATION) && w.contains(bad)),
+            esp.warnings
+                .iter()
+                .any(|w| w.contains(ESP_ENDPOINT_ANNOTATION) && w.contains(bad)),
             "{bad}: {:?}",
             esp.warnings
         );
@@ -305,11 +374,25 @@ fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
             .collect::<Vec<_>>()
     };
     assert_eq!(outbound("edge-1"), [4], "one behind: kept");
-    assert_eq!(outbound("edge-2"), [5], "two behind would leave the receiver's window");
+    assert_eq!(
+        outbound("edge-2"),
+        [5],
+        "two behind would leave the receiver's window"
+    );
     assert_eq!(outbound("edge-3"), [5]);
     // The kept SA is the very one planned at generation 4: same SPI, same key.
-    let at_4 = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 4, &none, &PinnedGenerations::new());
-    assert_eq!(sa(&esp, "edge-1", Direction::Out, 4), sa(&at_4, "edge-1", Direction::Out, 4));
+    let at_4 = plan_esp(
+        &snapshot,
+        &plan,
+        &key_of("cloud-1"),
+        4,
+        &none,
+        &PinnedGenerations::new(),
+    );
+    assert_eq!(
+        sa(&esp, "edge-1", Direction::Out, 4),
+        sa(&at_4, "edge-1", Direction::Out, 4)
+    );
 }
 
 #[test]
@@ -318,18 +401,52 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
     let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
     let mut observed = hellos_from_every_peer(&plan);
     observed.remove("edge-2");
-    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 1, &observed, &PinnedGenerations::new());
+    let esp = plan_esp(
+        &snapshot,
+        &plan,
+        &key_of("cloud-1"),
+        1,
+        &observed,
+        &PinnedGenerations::new(),
+    );
     assert_eq!(esp.waiting, ["edge-2"]);
-    assert!(!esp.sas.iter().any(|s| s.peer == "edge-2" && s.direction == Direction::Out));
+    assert!(
+        !esp.sas
+            .iter()
+            .any(|s| s.peer == "edge-2" && s.direction == Direction::Out)
+    );
     // Its inbound SAs exist: the edge opens the tunnel.
-    assert!(esp.sas.iter().any(|s| s.peer == "edge-2" && s.direction == Direction::In));
+    assert!(
+        esp.sas
+            .iter()
+            .any(|s| s.peer == "edge-2" && s.direction == Direction::In)
+    );
     let id = plan.peer_ids.get("edge-2").unwrap();
-    assert!(!esp.policies.iter().any(|p| p.mark == out_mark(id)), "its traffic meets the default drop");
-    assert!(esp.sas.iter().any(|s| s.peer == "edge-1" && s.direction == Direction::Out));
+    assert!(
+        !esp.policies.iter().any(|p| p.mark == out_mark(id)),
+        "its traffic meets the default drop"
+    );
+    assert!(
+        esp.sas
+            .iter()
+            .any(|s| s.peer == "edge-1" && s.direction == Direction::Out)
+    );
     // Edges themselves never wait.
     let (_, edge) = esp_for(&snapshot, "edge-1", 1);
     assert!(edge.waiting.is_empty());
     let edge_plan = crate::plan::plan(&snapshot, "edge-1", &settings(), &PeerIds::new()).unwrap();
-    let no_hellos = plan_esp(&snapshot, &edge_plan, &key_of("edge-1"), 1, &ObservedEndpoints::new(), &PinnedGenerations::new());
-    assert!(no_hellos.sas.iter().any(|s| s.peer == "cloud-1" && s.direction == Direction::Out));
+    let no_hellos = plan_esp(
+        &snapshot,
+        &edge_plan,
+        &key_of("edge-1"),
+        1,
+        &ObservedEndpoints::new(),
+        &PinnedGenerations::new(),
+    );
+    assert!(
+        no_hellos
+            .sas
+            .iter()
+            .any(|s| s.peer == "cloud-1" && s.direction == Direction::Out)
+    );
 }
