@@ -22,10 +22,11 @@ use fabedge_common::{Counter, DatapathConfig, VXLAN_OVERHEAD, peer_kind};
 
 use crate::{
     csum,
-    forward::{decrement_ttl, drop, fast_path_check, punt},
+    fastpath::{decrement_ttl, fast_path_check, punt},
     maps::peer,
     parse::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, Ipv4Hdr},
     stats::{count, peer_tx},
+    verdict::drop,
 };
 
 /// Everything VXLAN puts between the outer Ethernet header and the inner IP

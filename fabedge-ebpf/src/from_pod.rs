@@ -5,10 +5,11 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use fabedge_common::Counter;
 
 use crate::{
-    forward::{drop, forward, pass},
+    forward::forward,
     lb::{self, Verdict},
     maps::{config, route},
     parse::{self, L3},
+    verdict::{drop, pass},
 };
 
 #[classifier]

@@ -143,7 +143,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> Verdict {
             Verdict::Translated
         }
         Ok(false) => Verdict::Untouched,
-        Err(()) => Verdict::Done(crate::forward::drop(Counter::DropHelperFailed)),
+        Err(()) => Verdict::Done(crate::verdict::drop(Counter::DropHelperFailed)),
     }
 }
 
@@ -207,7 +207,7 @@ fn apply(ctx: &TcContext, t: &Tuple, entry: &CtEntry) -> Verdict {
             count(Counter::ServiceTranslated);
             Verdict::Translated
         }
-        Err(()) => Verdict::Done(crate::forward::drop(Counter::DropHelperFailed)),
+        Err(()) => Verdict::Done(crate::verdict::drop(Counter::DropHelperFailed)),
     }
 }
 
@@ -266,7 +266,7 @@ fn choose_backend(t: &Tuple, service: &ServiceEntry) -> Option<Backend> {
 fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
     let Some(backend) = choose_backend(t, service) else {
         // The agent is between writing the frontend and its backends.
-        return Verdict::Done(crate::forward::drop(Counter::DropNoEndpoints));
+        return Verdict::Done(crate::verdict::drop(Counter::DropNoEndpoints));
     };
     let now = conntrack::now_ns();
     let fwd_key = t.key();
@@ -321,7 +321,7 @@ fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
             i += 1;
         }
         if !claimed {
-            return Verdict::Done(crate::forward::drop(Counter::DropCtFull));
+            return Verdict::Done(crate::verdict::drop(Counter::DropCtFull));
         }
         fwd.snat_port = port;
     } else if conntrack::create(&reply_key, &reply).is_err() {
@@ -329,14 +329,14 @@ fn new_flow(ctx: &TcContext, t: &Tuple, service: &ServiceEntry) -> Verdict {
         // client reuses its port toward a second Service on the same
         // backend; the newer flow takes the entry.
         if crate::maps::FE_CT.insert(&reply_key, &reply, 0).is_err() {
-            return Verdict::Done(crate::forward::drop(Counter::DropCtFull));
+            return Verdict::Done(crate::verdict::drop(Counter::DropCtFull));
         }
     }
     if conntrack::create(&fwd_key, &fwd).is_err()
         && crate::maps::FE_CT.insert(&fwd_key, &fwd, 0).is_err()
     {
         conntrack::remove(&reply_key);
-        return Verdict::Done(crate::forward::drop(Counter::DropCtFull));
+        return Verdict::Done(crate::verdict::drop(Counter::DropCtFull));
     }
     count(Counter::ServiceNewFlow);
     apply(ctx, t, &fwd)

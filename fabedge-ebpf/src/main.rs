@@ -14,6 +14,7 @@
 
 mod conntrack;
 mod csum;
+mod fastpath;
 mod flannel;
 mod forward;
 mod icmp;
@@ -24,6 +25,7 @@ mod parse;
 mod reject;
 mod sock;
 mod stats;
+mod verdict;
 
 mod from_pod;
 mod to_pod;

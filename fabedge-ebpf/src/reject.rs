@@ -13,10 +13,10 @@ use fabedge_common::Counter;
 use crate::{
     conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
     csum,
-    forward::drop,
     nat::{IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
     parse::{ETH_HLEN, EthHdr, IPV4_HLEN, ptr_at},
     stats::count,
+    verdict::drop,
 };
 
 const TCP_HLEN: usize = 20;

@@ -13,10 +13,11 @@ use fabedge_common::{
 };
 
 use crate::{
-    forward::{drop, forward, pass},
+    forward::forward,
     maps::{config, peer, route},
     parse::{self, EthHdr, Ipv4Hdr, L3, ptr_at},
     stats::{count, peer_rx, peer_tx},
+    verdict::{drop, pass},
 };
 
 /// The `bpf_tunnel_key` prefix every kernel we support understands (up to

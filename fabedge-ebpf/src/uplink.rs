@@ -9,12 +9,13 @@ use fabedge_common::{Counter, DatapathConfig, role, route_kind};
 
 use crate::{
     flannel,
-    forward::{drop, pass, to_tunnel},
+    forward::to_tunnel,
     maps::{config, route},
     parse::{
         self, ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr, VXLAN_HLEN,
         VxlanHdr, ptr_at,
     },
+    verdict::{drop, pass},
 };
 
 const INNER_ETH_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
