@@ -127,7 +127,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
     /// Kube mode: the Lease connectors elect their leader with.
-    #[arg(long, default_value = fabedge_agent::leader::DEFAULT_LEASE_NAME)]
+    #[arg(long, default_value = fabedge_agent::connector::leader::DEFAULT_LEASE_NAME)]
     lease_name: String,
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -210,7 +210,9 @@ fn main() -> Result<()> {
                     renew_interval: args.lease_renew_interval,
                     pod_cidr_pool: args
                         .edge_pod_cidr_pool
-                        .map(|pool| fabedge_agent::ipam::Pool::new(pool, args.edge_pod_cidr_size))
+                        .map(|pool| {
+                            fabedge_agent::connector::ipam::Pool::new(pool, args.edge_pod_cidr_size)
+                        })
                         .transpose()?,
                 }),
             };
@@ -244,7 +246,7 @@ fn main() -> Result<()> {
             }
             if settings.tunnel_mode == TunnelMode::Esp {
                 // Before anything is created: a kernel without ESP leaves no trace.
-                fabedge_agent::xfrm::probe::check()?;
+                fabedge_agent::esp::xfrm::probe::check()?;
             }
             let options = RunOptions {
                 node: args.node,
@@ -265,7 +267,7 @@ fn main() -> Result<()> {
                          or --no-cgroup to leave hostNetwork clients without Service translation",
                     )?),
                 },
-                esp: (args.tunnel == TunnelMode::Esp).then(|| run::esp::EspOptions {
+                esp: (args.tunnel == TunnelMode::Esp).then(|| fabedge_agent::esp::run::EspOptions {
                     rotation_interval: (!args.key_rotation_interval.is_zero()).then_some(args.key_rotation_interval),
                     grace: args.rotation_grace,
                     keepalive: args.keepalive_interval,
@@ -305,7 +307,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::RotateKey { state_dir } => {
-            let path = run::esp::request_rotation(&state_dir)?;
+            let path = fabedge_agent::esp::run::request_rotation(&state_dir)?;
             info!(
                 "rotation requested ({}); the running agent starts a new key generation",
                 path.display()

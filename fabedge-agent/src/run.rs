@@ -18,15 +18,15 @@ use tokio::{
 };
 
 use crate::{
-    apply::{Applier, net, write_if_changed},
+    apply::{Applier, net},
     datapath::{AttachMode, Datapath, PinLayout},
     maps::Maps,
     model::parse_mac,
     plan::{PeerIds, Plan, Settings, plan},
     source::manifest,
+    sys::write_if_changed,
 };
 
-pub mod esp;
 mod kube_mode;
 
 pub use kube_mode::{KubeOptions, default_namespace};
@@ -50,7 +50,7 @@ pub struct RunOptions {
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
     /// ESP mode's timers (`None` in VXLAN mode).
-    pub esp: Option<esp::EspOptions>,
+    pub esp: Option<crate::esp::run::EspOptions>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -102,7 +102,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         return result;
     }
     let mut tick = tokio::time::interval(options.poll_interval);
-    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
+    let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -111,7 +111,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     reconciler.applied_text = None;
                 }
             }
-            _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
+            _ = ct_gc.tick() => crate::services::ctgc::collect_and_log(&mut maps),
             // A hello: a peer's NAT mapping may have moved; follow it now,
             // not at the next tick.
             readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
@@ -147,7 +147,7 @@ struct Reconciler {
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
-    esp: Option<esp::EspRuntime>,
+    esp: Option<crate::esp::run::EspRuntime>,
 }
 
 impl Reconciler {
@@ -164,7 +164,7 @@ impl Reconciler {
             Err(_) => PeerIds::new(),
         };
         let esp = match &options.esp {
-            Some(esp_options) => Some(esp::EspRuntime::start(
+            Some(esp_options) => Some(crate::esp::run::EspRuntime::start(
                 &options.state_dir,
                 esp_options.clone(),
             )?),

@@ -2567,7 +2567,7 @@ fn create_nat_router(switch: &Netns) -> Result<Netns> {
 fn forward_port_to_esp(netns: &Netns, port: u16) -> Result<()> {
     let (port, esp) = (
         port.to_string(),
-        fabedge_agent::plan::ESP_IN_UDP_PORT.to_string(),
+        fabedge_common::ESP_IN_UDP_PORT.to_string(),
     );
     netns.run_ok(
         "iptables",

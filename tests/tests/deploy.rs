@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    annotate::API_CALLS,
+    connector::annotate::API_CALLS,
     datapath::DEFAULT_BPFFS_ROOT,
     model::label,
     plan::DEFAULT_CNI_CONF_DIR,

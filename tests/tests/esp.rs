@@ -143,7 +143,7 @@ fn tunnel_esp_is_refused_cleanly_on_a_kernel_without_esp() -> Result<()> {
 use std::{thread, time::Duration};
 
 use anyhow::{Context, bail};
-use fabedge_agent::keys::KEY_GENERATION_ANNOTATION;
+use fabedge_agent::esp::keys::KEY_GENERATION_ANNOTATION;
 use fabedge_tests::{
     agent::agent_ok,
     cluster::{Cluster, ClusterOptions, seed_matrix},

@@ -421,8 +421,8 @@ fn packets_to_other_destinations_and_other_ports_are_untouched() -> Result<()> {
     Ok(())
 }
 
-fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan {
-    use fabedge_agent::plan::services::{Frontend, ServicePlan};
+fn plan_with(backends: &[Backend]) -> fabedge_agent::services::plan::ServicePlan {
+    use fabedge_agent::services::plan::{Frontend, ServicePlan};
     let mut plan = ServicePlan::default();
     plan.frontends.insert(
         ServiceKey {
@@ -448,7 +448,7 @@ fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan
 
 #[test]
 fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
-    use fabedge_agent::apply::services::apply_services;
+    use fabedge_agent::services::apply::apply_services;
     let mut dp = edge("lb-remove", tunnel_mode::VXLAN)?;
     let report = apply_services(
         &mut dp.maps,
@@ -497,7 +497,7 @@ fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
 
 #[test]
 fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result<()> {
-    use fabedge_agent::ctgc;
+    use fabedge_agent::services::ctgc;
     let mut dp = edge("lb-gc", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
     let (open, closed) = ((LOCAL_POD, 22001), (LOCAL_POD, 22002));
@@ -649,7 +649,7 @@ fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_ref
 
 #[test]
 fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
-    use fabedge_agent::apply::services::apply_services;
+    use fabedge_agent::services::apply::apply_services;
     let mut dp = edge("lb-full", tunnel_mode::VXLAN)?;
     let mut plan = plan_with(&[remote(PEER_POD, 8080)]);
     plan.skipped

@@ -8,14 +8,10 @@
 //! routes that steer traffic into them. Removal runs the other way round.
 
 pub mod net;
-pub mod services;
-pub mod xfrm;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
     path::Path,
 };
 
@@ -29,6 +25,7 @@ use crate::{
     model::format_mac,
     plan::{CNI_FILE_NAME, Device, Plan, Settings},
     sys,
+    sys::write_if_changed,
 };
 
 /// What one apply changed, for logs and tests.
@@ -106,7 +103,8 @@ impl Applier {
             maps.set_peer(*id, PeerEntry::default())?;
             report.peers_removed += 1;
         }
-        report.service_changes = services::apply_services(maps, &plan.services)?.changes();
+        report.service_changes =
+            crate::services::apply::apply_services(maps, &plan.services)?.changes();
         let mut config = plan.config;
         if plan
             .devices
@@ -211,32 +209,10 @@ fn ensure_device(device: &Device) -> Result<()> {
             mtu,
             local: _,
         } => net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32),
-        Device::XfrmTunnel { name, if_id, mtu } => xfrm::ensure_device(name, *if_id, *mtu as u32),
+        Device::XfrmTunnel { name, if_id, mtu } => {
+            crate::esp::apply::ensure_device(name, *if_id, *mtu as u32)
+        }
     }
-}
-
-/// Replace `path` atomically (temp file + rename) when its content differs.
-pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    if fs::read(path).ok().as_deref() == Some(content) {
-        return Ok(());
-    }
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("fabedge-tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
 
 /// Everything outside bpffs that apply creates: our routes, `fe-tunnel`,
@@ -247,7 +223,7 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
         net::delete_route(&route)?;
         removed.push(format!("route {}", route.dst));
     }
-    removed.extend(xfrm::teardown()?);
+    removed.extend(crate::esp::apply::teardown()?);
     for dev in [TUNNEL_DEV, POD_BRIDGE] {
         if net::delete_link_if_present(dev)? {
             removed.push(format!("device {dev}"));

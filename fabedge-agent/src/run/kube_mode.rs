@@ -20,16 +20,18 @@ use tokio::{
 
 use super::{Reconciler, RunOptions, observe_host};
 use crate::{
-    annotate::{ConnectorDuty, is_connector},
+    connector::{
+        annotate::{ConnectorDuty, is_connector},
+        ipam::Pool,
+        leader::ElectionConfig,
+    },
     datapath::Datapath,
-    ipam::Pool,
-    leader::ElectionConfig,
     maps::Maps,
     model::{Role, Snapshot},
-    snapshot,
     source::{
         Objects,
         kube::{Connection, KubeSource, client},
+        last_good,
     },
 };
 
@@ -66,11 +68,11 @@ pub(super) async fn run(
     // Every agent publishes its own Node's annotations (ESP: public key, key generation).
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
 
-    match snapshot::load(&options.state_dir) {
+    match last_good::load(&options.state_dir) {
         Ok(Some(saved)) => {
             info!(
                 "applying the last good cluster state from {} until the API server answers",
-                snapshot::path(&options.state_dir).display()
+                last_good::path(&options.state_dir).display()
             );
             state.reconcile(reconciler, &saved, datapath, maps, options, false);
         }
@@ -91,12 +93,12 @@ pub(super) async fn run(
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(options.poll_interval);
-    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
+    let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
         tokio::select! {
             _ = source.changed() => {}
             _ = ct_gc.tick() => {
-                crate::ctgc::collect_and_log(maps);
+                crate::services::ctgc::collect_and_log(maps);
                 continue;
             }
             // The tick only retries: a failed apply, or the leader's patches.
@@ -134,7 +136,7 @@ pub(super) async fn run(
         };
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
         if let Some(patch) = state.own_annotations.clone() {
-            let body = crate::annotate::merge_patch(&patch);
+            let body = crate::connector::annotate::merge_patch(&patch);
             match nodes
                 .patch(
                     &options.node,
@@ -200,7 +202,7 @@ impl KubeState {
                 .into_iter()
                 .find(|patch| patch.node == options.node);
             if save {
-                snapshot::save(&options.state_dir, objects)?;
+                last_good::save(&options.state_dir, objects)?;
             }
             Ok(Some(snapshot))
         })();

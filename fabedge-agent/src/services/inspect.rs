@@ -7,7 +7,8 @@ use anyhow::Result;
 use fabedge_common::services::{backend_flags, ct_flags, service_flags};
 use serde::Serialize;
 
-use crate::{apply::services::describe, ctgc, inspect::Row, maps::Maps};
+use super::{apply::describe, ctgc};
+use crate::{inspect::table::Row, maps::Maps};
 
 fn proto_name(proto: u8) -> &'static str {
     match proto {

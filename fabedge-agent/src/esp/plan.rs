@@ -23,17 +23,18 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use fabedge_common::{mark, peer_kind};
 
-use super::{ESP_IN_UDP_PORT, Plan};
-use crate::{
+use fabedge_common::ESP_IN_UDP_PORT;
+
+use super::{
     keys::{
         ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, NodeKey, PUBLIC_KEY_ANNOTATION,
         PublicKey, spi,
     },
-    model::Snapshot,
     xfrm::{
         Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl, msg::REPLAY_WINDOW,
     },
 };
+use crate::{model::Snapshot, plan::Plan};
 
 /// Priority of per-peer policies (lower wins).
 pub const PEER_POLICY_PRIORITY: u32 = 100;

@@ -11,16 +11,17 @@ use std::{
 use anyhow::{Context, Result};
 use log::{info, warn};
 
-use crate::{
-    apply::xfrm::{Generations, XfrmApplier, reuses_a_key},
+use fabedge_common::ESP_IN_UDP_PORT;
+
+use super::{
+    apply::{Generations, XfrmApplier, reuses_a_key},
     keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
+    natt::{EncapSocket, hello},
+    plan::{Direction, ObservedEndpoints, PinnedGenerations, plan_esp},
+};
+use crate::{
     model::{Role, Snapshot},
-    natt::EncapSocket,
-    natt::hello,
-    plan::{
-        ESP_IN_UDP_PORT, Plan, Settings,
-        esp::{Direction, ObservedEndpoints, PinnedGenerations, plan_esp},
-    },
+    plan::{Plan, Settings},
 };
 
 /// A `fabedge-agent rotate-key` request: a file in the state dir.
@@ -236,7 +237,7 @@ impl EspRuntime {
             let path = self.state_dir.join(OBSERVED_FILE);
             let saved = serde_json::to_vec_pretty(&self.observed)
                 .map_err(anyhow::Error::from)
-                .and_then(|json| crate::apply::write_if_changed(&path, &json, 0o600));
+                .and_then(|json| crate::sys::write_if_changed(&path, &json, 0o600));
             if let Err(e) = saved {
                 warn!(
                     "ESP: keeping NAT-observed endpoints in {}: {e:#}",

@@ -7,11 +7,8 @@ use anyhow::Result;
 use fabedge_common::mark;
 use serde::Serialize;
 
-use super::Row;
-use crate::{
-    plan::PeerIds,
-    xfrm::{FE_IF_ID, SaInfo, Socket},
-};
+use super::xfrm::{FE_IF_ID, SaInfo, Socket};
+use crate::{inspect::table::Row, plan::PeerIds};
 
 #[derive(Serialize)]
 pub struct TunnelRow {

@@ -7,6 +7,8 @@
 //! and identical plans. Bad input is an error naming the object, the field,
 //! the bad value and what was expected; nothing here panics on input.
 
+pub mod crd;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -20,7 +22,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::source::CommunityObject;
+use self::crd::CommunityObject;
 
 /// Node labels that choose a node's role.
 pub mod label {
@@ -371,6 +373,14 @@ impl EndpointSlice {
             .as_ref()
             .map(|s| NamespacedName::new(&self.namespace, s))
     }
+}
+
+/// Annotation changes to make on one Node (only real changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AnnotationPatch {
+    pub node: String,
+    pub set: BTreeMap<String, String>,
+    pub remove: Vec<String>,
 }
 
 /// The cluster at one moment: the input of [`crate::plan::plan`].

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::keys::{AEAD_NAME, ICV_BITS, SaKey};
+use crate::esp::keys::{AEAD_NAME, ICV_BITS, SaKey};
 
 pub const NETLINK_XFRM: i32 = 6;
 

@@ -1,7 +1,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::keys::NodeKey;
+use crate::esp::keys::NodeKey;
 
 fn sa_key() -> SaKey {
     NodeKey::from_secret_bytes([1; 32])

@@ -12,10 +12,8 @@ use anyhow::{Context, Result};
 use fabedge_common::services::{CtKey, ServiceEntry, ServiceKey, ct_flags};
 use log::{info, warn};
 
-use crate::{
-    maps::Maps,
-    plan::services::{ServicePlan, reuse_ids},
-};
+use super::plan::{ServicePlan, reuse_ids};
+use crate::maps::Maps;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceReport {

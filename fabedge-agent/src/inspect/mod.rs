@@ -1,6 +1,8 @@
 //! `fabedge-agent inspect ...`: what the datapath holds, read from the pinned
 //! maps (the agent need not run). A table for people, `--json` for machines.
 
+pub mod table;
+
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
@@ -8,6 +10,7 @@ use aya::maps::MapInfo;
 use fabedge_common::{Counter, peer_kind, role, route_flags, route_kind, tunnel_mode};
 use serde::Serialize;
 
+use self::table::{Row, print_table, table};
 use crate::{
     datapath::{PinLayout, map_type_name},
     maps::Maps,
@@ -37,8 +40,6 @@ pub enum What {
     Tunnels,
 }
 
-mod tunnels;
-
 /// Where `inspect tunnels` finds peer names (the agent's `--state-dir`).
 pub static STATE_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
@@ -48,10 +49,10 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Routes => table(routes(&Maps::open(layout)?)?),
         What::Peers => table(peers(&Maps::open(layout)?)?),
         What::Counters => table(counters(&Maps::open(layout)?, false)?),
-        What::Services => table(crate::inspect_services::services(&Maps::open(layout)?)?),
-        What::Backends => table(crate::inspect_services::backends(&Maps::open(layout)?)?),
-        What::Ct => table(crate::inspect_services::ct(&Maps::open(layout)?)?),
-        What::Tunnels => table(tunnels::tunnels(
+        What::Services => table(crate::services::inspect::services(&Maps::open(layout)?)?),
+        What::Backends => table(crate::services::inspect::backends(&Maps::open(layout)?)?),
+        What::Ct => table(crate::services::inspect::ct(&Maps::open(layout)?)?),
+        What::Tunnels => table(crate::esp::inspect::tunnels(
             STATE_DIR
                 .get()
                 .map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
@@ -76,43 +77,6 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         print_table(&headers, &rows);
     }
     Ok(())
-}
-
-/// A row type that renders as a table line.
-pub trait Row: Serialize {
-    const HEADERS: &'static [&'static str];
-    fn cells(&self) -> Vec<String>;
-}
-
-fn table<R: Row>(rows: Vec<R>) -> (Vec<String>, Vec<Vec<String>>, serde_json::Value) {
-    let headers = R::HEADERS.iter().map(|h| h.to_string()).collect();
-    let cells = rows.iter().map(Row::cells).collect();
-    let value = serde_json::to_value(&rows).unwrap_or(serde_json::Value::Null);
-    (headers, cells, value)
-}
-
-fn print_table(headers: &[String], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: &[String]| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(headers);
-    for row in rows {
-        line(row);
-    }
-    if rows.is_empty() {
-        println!("(empty)");
-    }
 }
 
 #[derive(Serialize)]

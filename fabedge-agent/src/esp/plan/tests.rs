@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::{
-    keys::NodeKey,
+    esp::keys::NodeKey,
     plan::{PeerIds, Settings, plan},
     source::manifest::{self, EXAMPLE_CLUSTER, set_node_annotations},
 };

@@ -9,7 +9,7 @@ use super::{
     Socket,
     msg::{Encap, REPLAY_WINDOW, SaSpec},
 };
-use crate::keys::{AEAD_NAME, NodeKey};
+use crate::esp::keys::{AEAD_NAME, NodeKey};
 
 /// Why `--tunnel esp` cannot run here.
 #[derive(Debug, thiserror::Error)]

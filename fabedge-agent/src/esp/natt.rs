@@ -13,7 +13,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use crate::plan::ESP_IN_UDP_PORT;
+use fabedge_common::ESP_IN_UDP_PORT;
 
 const SOL_UDP: i32 = 17;
 const UDP_ENCAP: i32 = 100;
@@ -117,7 +117,7 @@ impl EncapSocket {
 ///
 /// Layout: `00000000 "FEH1" name_len:u8 name generation:u32 unix_secs:u64 hmac:32`.
 pub mod hello {
-    use crate::keys::HelloKey;
+    use crate::esp::keys::HelloKey;
 
     const MAGIC: &[u8; 8] = b"\0\0\0\0FEH1";
     const TAG_LEN: usize = 32;
@@ -175,7 +175,7 @@ pub mod hello {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::keys::NodeKey;
+        use crate::esp::keys::NodeKey;
 
         fn keys() -> (HelloKey, HelloKey) {
             let (a, b) = (

@@ -28,11 +28,11 @@ use anyhow::{Context, Result};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::{net, write_if_changed};
-use crate::{
-    plan::esp::{Direction, EspPlan},
+use super::{
+    plan::{Direction, EspPlan},
     xfrm::{FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket},
 };
+use crate::{apply::net, sys::write_if_changed};
 
 /// `ip link add NAME type xfrm if_id IF_ID`, with `mtu`, up.
 pub fn ensure_device(name: &str, if_id: u32, mtu: u32) -> Result<()> {
@@ -239,9 +239,9 @@ impl XfrmApplier {
             .filter(|p| !esp.policies.iter().any(|w| same_key(w, p)))
         {
             let dir = match stale.dir {
-                0 => crate::xfrm::PolicyDir::In,
-                1 => crate::xfrm::PolicyDir::Out,
-                _ => crate::xfrm::PolicyDir::Fwd,
+                0 => crate::esp::xfrm::PolicyDir::In,
+                1 => crate::esp::xfrm::PolicyDir::Out,
+                _ => crate::esp::xfrm::PolicyDir::Fwd,
             };
             socket
                 .delete_policy(dir, stale.mark, FE_IF_ID)
@@ -316,9 +316,9 @@ pub fn teardown() -> Result<Vec<String>> {
         .filter(|p| p.if_id == FE_IF_ID)
     {
         let dir = match policy.dir {
-            0 => crate::xfrm::PolicyDir::In,
-            1 => crate::xfrm::PolicyDir::Out,
-            _ => crate::xfrm::PolicyDir::Fwd,
+            0 => crate::esp::xfrm::PolicyDir::In,
+            1 => crate::esp::xfrm::PolicyDir::Out,
+            _ => crate::esp::xfrm::PolicyDir::Fwd,
         };
         socket.delete_policy(dir, policy.mark, FE_IF_ID)?;
         removed.push(format!(

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    apply::write_if_changed,
     source::{CommunityObject, Objects},
+    sys::write_if_changed,
 };
 
 /// File name inside the state dir.

@@ -22,9 +22,11 @@ use kube::{
 use log::{error, info, warn};
 use tokio::sync::watch;
 
-use crate::{
+use super::{
     ipam::{self, Allocation, Pool},
     leader::{self, ElectionConfig},
+};
+use crate::{
     model::{Role, annotation},
     plan::{AnnotationPatch, flannel_annotation_patches},
     source::Objects,
