@@ -1,7 +1,7 @@
 //! Listing and deleting namespaces, and removing those a killed test run left behind.
 
 use std::path::Path;
-use std::thread::{self};
+use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};

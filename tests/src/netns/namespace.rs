@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
-use std::thread::{self};
+use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};

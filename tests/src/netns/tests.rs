@@ -4,7 +4,7 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::path::Path;
-use std::thread::{self};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
