@@ -1,6 +1,9 @@
 //! The fabedge node agent. Data flows through the modules in this order:
 //! sources → model → plan → apply, with `inspect` reading what was applied.
 //! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
+//! Three concerns have a folder each, holding their own plan/apply/run
+//! pieces: `esp` (encryption and NAT traversal), `services` (ClusterIP) and
+//! `connector` (the elected connector's cluster-wide duty).
 
 pub mod apply;
 pub mod connector;

@@ -56,6 +56,18 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     let started = Instant::now();
     let mut suites = Vec::new();
 
+    // Formatting is part of the suite: a tree that `cargo fmt` would change fails here, first.
+    let fmt = cargo(workspace)
+        .args(["fmt", "--all", "--", "--check"])
+        .status()
+        .context("running cargo fmt --check")?;
+    suites.push(("cargo fmt --all -- --check".to_string(), fmt.success()));
+    if !fmt.success() {
+        println!(
+            "xtask: `cargo fmt --all -- --check` found unformatted files (listed above): run `cargo fmt --all`"
+        );
+    }
+
     let status = cargo(workspace)
         .args(["build", "--bins"])
         .status()
