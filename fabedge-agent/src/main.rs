@@ -50,13 +50,13 @@ enum Cmd {
         #[arg(long, default_value = plan::DEFAULT_CNI_CONF_DIR)]
         cni_conf_dir: PathBuf,
     },
-    /// Show what the datapath holds (reads pinned maps; the agent need not run).
     /// ESP mode: start a new key generation now (make-before-break). The
     /// running agent picks the request up within its poll interval.
     RotateKey {
         #[arg(long, default_value = "/var/lib/fabedge")]
         state_dir: PathBuf,
     },
+    /// Show what the datapath holds (reads pinned maps; the agent need not run).
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,

@@ -122,8 +122,21 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
                     timeout: entry.timeout,
                 };
                 println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
-                let ok = match vm::run(&run) {
-                    Ok(code) => code == 0,
+                // A test binary exits 0 when a name matched nothing: count what ran.
+                let ok = match vm::run_outcome(&run) {
+                    Ok(outcome) if outcome.code != 0 => false,
+                    Ok(outcome) if outcome.tests_passed != Some(tests.len() as u64) => {
+                        eprintln!(
+                            "xtask: VM {kernel}: {binary} was given {} test name(s) but libtest reported {} passed; \
+                             a renamed or missing test would otherwise pass silently",
+                            tests.len(),
+                            outcome
+                                .tests_passed
+                                .map_or("no summary, so none".to_string(), |n| n.to_string())
+                        );
+                        false
+                    }
+                    Ok(_) => true,
                     Err(e) => {
                         eprintln!("xtask: VM {kernel}: {e:#}");
                         false
