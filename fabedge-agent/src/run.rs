@@ -61,6 +61,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(esp) => Some(esp.hello_readiness()?),
         None => None,
     };
+    // Before anything is loaded or pinned: a start that cannot find its
+    // source (no kubeconfig, not in a pod) fails without leaving a trace.
+    let kube_client = match &options.kube {
+        Some(kube) => Some(crate::source::kube::client(&kube.connection).await?),
+        None => None,
+    };
     let mut datapath = Datapath::load_with_ct_entries(
         options.layout.clone(),
         options.attach_mode,
@@ -88,9 +94,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             None
         }
     };
-    if options.kube.is_some() {
+    if let Some(client) = kube_client {
         let result = kube_mode::run(
             &options,
+            client,
             &mut reconciler,
             &mut datapath,
             &mut maps,

@@ -30,7 +30,7 @@ use crate::{
     model::{Role, Snapshot},
     source::{
         Objects,
-        kube::{Connection, KubeSource, client},
+        kube::{Connection, KubeSource},
         last_good,
     },
 };
@@ -51,6 +51,7 @@ type Logs = Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>;
 
 pub(super) async fn run(
     options: &RunOptions,
+    client: kube::Client,
     reconciler: &mut Reconciler,
     datapath: &mut Datapath,
     maps: &mut Maps,
@@ -58,7 +59,6 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let client = client(&kube.connection).await?;
     let mut source = KubeSource::start(client.clone());
     let mut state = KubeState {
         applied: None,
