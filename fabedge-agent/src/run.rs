@@ -28,8 +28,13 @@ use crate::{
 };
 
 mod kube_mode;
+pub mod problems;
 
 pub use kube_mode::{KubeOptions, default_namespace};
+
+/// The first and the longest wait before an unchanged, failing manifest is tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
     pub node: String,
@@ -115,7 +120,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                 if reconciler.esp_tick() {
-                    reconciler.applied_text = None;
+                    reconciler.force_replan();
                 }
             }
             _ = ct_gc.tick() => crate::services::ctgc::collect_and_log(&mut maps),
@@ -124,7 +129,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
                 if let Ok(mut guard) = readable {
                     if reconciler.esp_tick() {
-                        reconciler.applied_text = None;
+                        reconciler.force_replan();
                         reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                     }
                     guard.clear_ready();
@@ -151,6 +156,11 @@ struct Reconciler {
     peer_ids_path: PathBuf,
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
+    /// The manifest text whose last pass failed, and when to try it again:
+    /// an unchanged file that fails is not re-parsed on every poll.
+    failed_text: Option<(String, std::time::Instant)>,
+    retry_backoff: Duration,
+    problems: problems::ProblemLog,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
@@ -182,6 +192,9 @@ impl Reconciler {
             peer_ids,
             peer_ids_path,
             applied_text: None,
+            failed_text: None,
+            retry_backoff: RETRY_MIN,
+            problems: problems::ProblemLog::new(&options.state_dir),
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -220,12 +233,36 @@ impl Reconciler {
         if self.applied_text.as_deref() == Some(text.as_str()) {
             return;
         }
+        let now = std::time::Instant::now();
+        if let Some((failed, retry_at)) = &self.failed_text
+            && failed == &text
+            && now < *retry_at
+        {
+            return;
+        }
         let result = self.reconcile(&text, datapath, maps, options);
-        if let Ok(written) = &result {
-            // Our own write-back needs no second pass.
-            self.applied_text = Some(written.clone().unwrap_or(text));
+        match &result {
+            Ok(written) => {
+                // Our own write-back needs no second pass.
+                self.applied_text = Some(written.clone().unwrap_or(text));
+                self.failed_text = None;
+                self.retry_backoff = RETRY_MIN;
+            }
+            Err(_) => {
+                // Transient causes (a device not there yet) clear by
+                // themselves: retry, but ever less often, until the file changes.
+                self.failed_text = Some((text, now + self.retry_backoff));
+                self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+            }
         }
         self.report(result.map(drop));
+    }
+
+    /// Plan and apply again at the next poll, whatever the file holds (a new
+    /// key generation must be published).
+    fn force_replan(&mut self) {
+        self.applied_text = None;
+        self.failed_text = None;
     }
 
     /// Log an error once per distinct message; the datapath keeps its last good state.
@@ -251,9 +288,10 @@ impl Reconciler {
         options: &RunOptions,
     ) -> Result<Option<String>> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
-        let snapshot =
-            manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
-        let plan = self.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+        let checked = manifest::checked(text, options.settings.service_cidr)
+            .with_context(|| options.manifests.display().to_string())?;
+        self.problems.update(checked.problems);
+        let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options)?;
         write_annotations(&options.manifests, text, &plan)
     }
 

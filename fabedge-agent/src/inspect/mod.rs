@@ -38,10 +38,42 @@ pub enum What {
     /// ESP mode: our SAs per peer (SPI, key generation, xfrm counters, the
     /// peer's observed address and port). Never keys.
     Tunnels,
+    /// Objects the running agent left out of its plan, and why (invalid,
+    /// duplicate, or the newer side of a conflict).
+    Problems,
 }
 
-/// Where `inspect tunnels` finds peer names (the agent's `--state-dir`).
+/// Where `inspect tunnels` finds peer names and `inspect problems` the
+/// agent's list (the agent's `--state-dir`).
 pub static STATE_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+fn state_dir() -> &'static std::path::Path {
+    STATE_DIR
+        .get()
+        .map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path())
+}
+
+#[derive(Serialize)]
+pub struct ProblemRow {
+    object: String,
+    problem: String,
+}
+
+impl From<crate::model::checks::Problem> for ProblemRow {
+    fn from(problem: crate::model::checks::Problem) -> Self {
+        ProblemRow {
+            object: problem.object,
+            problem: problem.message,
+        }
+    }
+}
+
+impl Row for ProblemRow {
+    const HEADERS: &'static [&'static str] = &["OBJECT", "PROBLEM"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.object.clone(), self.problem.clone()]
+    }
+}
 
 pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
     let (headers, rows, value) = match what {
@@ -52,11 +84,13 @@ pub fn run(layout: &PinLayout, what: What, json: bool) -> Result<()> {
         What::Services => table(crate::services::inspect::services(&Maps::open(layout)?)?),
         What::Backends => table(crate::services::inspect::backends(&Maps::open(layout)?)?),
         What::Ct => table(crate::services::inspect::ct(&Maps::open(layout)?)?),
-        What::Tunnels => table(crate::esp::inspect::tunnels(
-            STATE_DIR
-                .get()
-                .map_or(std::path::Path::new("/var/lib/fabedge"), |p| p.as_path()),
-        )?),
+        What::Tunnels => table(crate::esp::inspect::tunnels(state_dir())?),
+        What::Problems => table(
+            crate::run::problems::load(state_dir())?
+                .into_iter()
+                .map(ProblemRow::from)
+                .collect(),
+        ),
         What::Config => {
             let value = serde_json::to_value(config(&Maps::open(layout)?)?)?;
             let rows = value

@@ -7,6 +7,7 @@
 //! and identical plans. Bad input is an error naming the object, the field,
 //! the bad value and what was expected; nothing here panics on input.
 
+pub mod checks;
 pub mod crd;
 
 use std::{
@@ -394,53 +395,92 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Convert what a source delivered, rejecting invalid objects and
-    /// duplicate names. Non-IPv4 EndpointSlices are left out.
-    /// Each argument is anything that yields references (a `Vec`, a slice,
-    /// a reflector store's `Arc`s mapped through `as_ref`).
+    /// duplicate names: the first problem is the error. Non-IPv4
+    /// EndpointSlices are left out. Each argument is anything that yields
+    /// references (a `Vec`, a slice, a reflector store's `Arc`s mapped
+    /// through `as_ref`).
     pub fn from_objects<'o>(
         nodes: impl IntoIterator<Item = &'o core::Node>,
         communities: impl IntoIterator<Item = &'o CommunityObject>,
         services: impl IntoIterator<Item = &'o core::Service>,
         endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
     ) -> Result<Snapshot, ModelError> {
+        let (snapshot, mut errors) =
+            Snapshot::from_objects_skipping(nodes, communities, services, endpoint_slices);
+        match errors.is_empty() {
+            true => Ok(snapshot),
+            false => Err(errors.swap_remove(0)),
+        }
+    }
+
+    /// Like [`Snapshot::from_objects`], but an invalid object or a second
+    /// object of the same name is left out and reported, and the rest is
+    /// the snapshot: one bad object never stops a node.
+    pub fn from_objects_skipping<'o>(
+        nodes: impl IntoIterator<Item = &'o core::Node>,
+        communities: impl IntoIterator<Item = &'o CommunityObject>,
+        services: impl IntoIterator<Item = &'o core::Service>,
+        endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
+    ) -> (Snapshot, Vec<ModelError>) {
         let mut snapshot = Snapshot::default();
+        let mut errors = Vec::new();
         for object in nodes {
-            let node = Node::from_k8s(object)?;
-            let object = ObjectRef::cluster("Node", &node.name);
-            if snapshot.nodes.insert(node.name.clone(), node).is_some() {
-                return Err(ModelError::Duplicate { object });
+            match Node::from_k8s(object) {
+                Ok(node) if snapshot.nodes.contains_key(&node.name) => {
+                    let object = ObjectRef::cluster("Node", &node.name);
+                    errors.push(ModelError::Duplicate { object });
+                }
+                Ok(node) => {
+                    snapshot.nodes.insert(node.name.clone(), node);
+                }
+                Err(e) => errors.push(e),
             }
         }
         for object in communities {
-            let community = Community::from_k8s(object)?;
-            let object = ObjectRef::cluster("Community", &community.name);
-            if snapshot
-                .communities
-                .insert(community.name.clone(), community)
-                .is_some()
-            {
-                return Err(ModelError::Duplicate { object });
+            match Community::from_k8s(object) {
+                Ok(community) if snapshot.communities.contains_key(&community.name) => {
+                    let object = ObjectRef::cluster("Community", &community.name);
+                    errors.push(ModelError::Duplicate { object });
+                }
+                Ok(community) => {
+                    snapshot
+                        .communities
+                        .insert(community.name.clone(), community);
+                }
+                Err(e) => errors.push(e),
             }
         }
         for object in services {
-            let service = Service::from_k8s(object)?;
-            let key = NamespacedName::new(&service.namespace, &service.name);
-            let object = ObjectRef::namespaced("Service", &key.namespace, &key.name);
-            if snapshot.services.insert(key, service).is_some() {
-                return Err(ModelError::Duplicate { object });
+            match Service::from_k8s(object) {
+                Ok(service) => {
+                    let key = NamespacedName::new(&service.namespace, &service.name);
+                    if snapshot.services.contains_key(&key) {
+                        let object = ObjectRef::namespaced("Service", &key.namespace, &key.name);
+                        errors.push(ModelError::Duplicate { object });
+                    } else {
+                        snapshot.services.insert(key, service);
+                    }
+                }
+                Err(e) => errors.push(e),
             }
         }
         for object in endpoint_slices {
-            let Some(slice) = EndpointSlice::from_k8s(object)? else {
-                continue;
-            };
-            let key = NamespacedName::new(&slice.namespace, &slice.name);
-            let object = ObjectRef::namespaced("EndpointSlice", &key.namespace, &key.name);
-            if snapshot.endpoint_slices.insert(key, slice).is_some() {
-                return Err(ModelError::Duplicate { object });
+            match EndpointSlice::from_k8s(object) {
+                Ok(None) => {}
+                Ok(Some(slice)) => {
+                    let key = NamespacedName::new(&slice.namespace, &slice.name);
+                    if snapshot.endpoint_slices.contains_key(&key) {
+                        let object =
+                            ObjectRef::namespaced("EndpointSlice", &key.namespace, &key.name);
+                        errors.push(ModelError::Duplicate { object });
+                    } else {
+                        snapshot.endpoint_slices.insert(key, slice);
+                    }
+                }
+                Err(e) => errors.push(e),
             }
         }
-        Ok(snapshot)
+        (snapshot, errors)
     }
 
     /// Nodes with role `role`, by name.

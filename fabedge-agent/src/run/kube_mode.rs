@@ -191,7 +191,9 @@ impl KubeState {
         save: bool,
     ) {
         let result = (|| -> Result<Option<Snapshot>> {
-            let snapshot = objects.snapshot().context("the cluster's objects")?;
+            let checked = objects.checked(options.settings.service_cidr);
+            reconciler.problems.update(checked.problems);
+            let snapshot = checked.snapshot;
             if self.applied.as_ref() == Some(&snapshot) {
                 return Ok(None);
             }

@@ -7,10 +7,18 @@ pub mod kube;
 pub mod last_good;
 pub mod manifest;
 
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    Metadata,
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 pub use crate::model::crd::{CommunityObject, CommunitySpec};
-use crate::model::{ModelError, Snapshot};
+use crate::model::{
+    ModelError, ObjectRef, Snapshot,
+    checks::{Age, Ages, Problem, drop_conflicts},
+};
 
 /// The objects one source delivered, as Kubernetes shapes them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,4 +38,57 @@ impl Objects {
             &self.endpoint_slices,
         )
     }
+
+    /// The snapshot of everything usable: invalid objects, duplicates and
+    /// the newer side of every conflict are left out and come back as
+    /// problems. What planning reads in both modes.
+    pub fn checked(&self, service_cidr: Ipv4Net) -> Checked {
+        let (mut snapshot, errors) = Snapshot::from_objects_skipping(
+            &self.nodes,
+            &self.communities,
+            &self.services,
+            &self.endpoint_slices,
+        );
+        let mut problems: Vec<Problem> = errors
+            .iter()
+            .map(|e| Problem::new(e.object(), e.detail()))
+            .collect();
+        problems.extend(drop_conflicts(&mut snapshot, &self.ages(), service_cidr));
+        Checked { snapshot, problems }
+    }
+
+    /// Every object's age, for [`drop_conflicts`]: its creationTimestamp,
+    /// then its place in this source.
+    fn ages(&self) -> Ages {
+        fn age(meta: &ObjectMeta, position: usize) -> Age {
+            Age {
+                created: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+                position,
+            }
+        }
+        let name = |meta: &ObjectMeta| meta.name.clone().unwrap_or_default();
+        let namespace = |meta: &ObjectMeta| {
+            meta.namespace
+                .clone()
+                .unwrap_or_else(|| crate::model::DEFAULT_NAMESPACE.to_owned())
+        };
+        let mut ages = Ages::new();
+        for (position, node) in self.nodes.iter().enumerate() {
+            let meta = node.metadata();
+            ages.insert(ObjectRef::cluster("Node", name(meta)), age(meta, position));
+        }
+        for (position, service) in self.services.iter().enumerate() {
+            let meta = service.metadata();
+            let object = ObjectRef::namespaced("Service", namespace(meta), name(meta));
+            ages.insert(object, age(meta, position));
+        }
+        ages
+    }
+}
+
+/// A snapshot and the objects left out of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checked {
+    pub snapshot: Snapshot,
+    pub problems: Vec<Problem>,
 }

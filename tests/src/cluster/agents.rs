@@ -151,12 +151,8 @@ impl Cluster {
     pub fn agent_inspect(&self, node: &str, what: &str) -> Result<serde_json::Value> {
         let n = self.cluster_node(node)?;
         let state_dir = n.files.state_dir.display().to_string();
-        // Peer names come from the state dir's peer ids.
-        let args = if what == "tunnels" {
-            vec!["inspect", what, "--json", "--state-dir", &state_dir]
-        } else {
-            vec!["inspect", what, "--json"]
-        };
+        // Peer names (tunnels) and the problem list come from the state dir.
+        let args = ["inspect", what, "--json", "--state-dir", &state_dir];
         let out = agent_ok(Some(&n.netns), &n.files.bpffs_root, &args)
             .with_context(|| format!("node {node}: inspect {what}"))?;
         serde_json::from_str(&out)
