@@ -258,6 +258,19 @@ impl Reconciler {
         self.report(result.map(drop));
     }
 
+    /// What this pass left out: objects the checks refused and Services the
+    /// plan could not fit.
+    fn record_problems(
+        &mut self,
+        mut problems: Vec<crate::model::checks::Problem>,
+        plan: Option<&Plan>,
+    ) {
+        if let Some(plan) = plan {
+            problems.extend(plan.services.skipped.iter().cloned());
+        }
+        self.problems.update(problems);
+    }
+
     /// Plan and apply again at the next poll, whatever the file holds (a new
     /// key generation must be published).
     fn force_replan(&mut self) {
@@ -290,8 +303,9 @@ impl Reconciler {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let checked = manifest::checked(text, options.settings.service_cidr)
             .with_context(|| options.manifests.display().to_string())?;
-        self.problems.update(checked.problems);
-        let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options)?;
+        let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options);
+        self.record_problems(checked.problems, plan.as_ref().ok());
+        let plan = plan?;
         write_annotations(&options.manifests, text, &plan)
     }
 

@@ -192,13 +192,14 @@ impl KubeState {
     ) {
         let result = (|| -> Result<Option<Snapshot>> {
             let checked = objects.checked(options.settings.service_cidr);
-            reconciler.problems.update(checked.problems);
             let snapshot = checked.snapshot;
             if self.applied.as_ref() == Some(&snapshot) {
                 return Ok(None);
             }
             let settings = observe_host(&options.settings, &options.flannel_iface)?;
-            let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+            let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options);
+            reconciler.record_problems(checked.problems, plan.as_ref().ok());
+            let plan = plan?;
             self.own_annotations = plan
                 .annotations
                 .into_iter()

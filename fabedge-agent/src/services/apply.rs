@@ -1,7 +1,7 @@
 //! Write the Service translation maps from a [`ServicePlan`], diffing
 //! against what they hold. Order keeps every packet's lookup consistent:
-//! backends before the frontends that count them, frontends removed before
-//! their backends. Conntrack and affinity entries pointing at backends that
+//! frontends that go removed first (their ids may be reused), backends
+//! before the frontends that count them, backends that go removed last. Conntrack and affinity entries pointing at backends that
 //! left their Service are deleted, so those flows fail fast (the next packet
 //! is balanced again: a TCP peer that never saw the connection answers RST,
 //! a UDP flow simply moves) instead of hanging on a dead address.
@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use fabedge_common::services::{CtKey, ServiceEntry, ServiceKey, ct_flags};
-use log::{info, warn};
+use log::info;
 
 use super::plan::{ServicePlan, reuse_ids};
 use crate::maps::Maps;
@@ -37,9 +37,8 @@ impl ServiceReport {
 
 pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceReport> {
     let mut report = ServiceReport::default();
-    for skipped in &planned.skipped {
-        warn!("{skipped}");
-    }
+    // Skipped Services are reported by the caller once per change (the
+    // agent's problem list), not here on every pass.
     maps.set_gauge(
         fabedge_common::Counter::ServicesNotProgrammed,
         planned.skipped.len() as u64,
@@ -48,6 +47,16 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
     let mut plan = planned.clone();
     reuse_ids(&mut plan, &current);
 
+    // Frontends that go are removed first: a new Service may reuse a freed
+    // id, and its backends must never be written under an id a ClusterIP
+    // still points at (that would send it to another Service's pods); it
+    // also frees room, so a full map can swap one Service for another.
+    for key in current.keys().filter(|k| !plan.frontends.contains_key(k)) {
+        maps.services
+            .remove(key)
+            .with_context(|| format!("removing {} from FE_SERVICES", describe(key)))?;
+        report.frontends_removed += 1;
+    }
     let wanted_backends = plan.backend_map();
     let current_backends: BTreeMap<_, _> = maps.backend_entries()?.into_iter().collect();
     for (key, backend) in &wanted_backends {
@@ -73,12 +82,6 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
                 })?;
             report.frontends_written += 1;
         }
-    }
-    for key in current.keys().filter(|k| !plan.frontends.contains_key(k)) {
-        maps.services
-            .remove(key)
-            .with_context(|| format!("removing {} from FE_SERVICES", describe(key)))?;
-        report.frontends_removed += 1;
     }
     for key in current_backends
         .keys()

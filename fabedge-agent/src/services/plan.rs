@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 
 use crate::model::{
     EndpointSlice, NamespacedName, Protocol, Service, SessionAffinity, Snapshot, TargetPort,
-    TrafficPolicy,
+    TrafficPolicy, checks::Problem,
 };
 
 /// What `FE_SERVICES` and `FE_BACKENDS` must hold.
@@ -34,7 +34,7 @@ pub struct ServicePlan {
     /// frontends already in the map (see [`reuse_ids`]).
     pub frontends: BTreeMap<ServiceKey, Frontend>,
     /// Services left out (capacity, unsupported protocol), with why.
-    pub skipped: Vec<String>,
+    pub skipped: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,9 +152,12 @@ fn plan_within(
         let mut frontends = Vec::new();
         for port in &service.ports {
             if port.protocol == Protocol::Sctp {
-                plan.skipped.push(format!(
-                    "service {name} port {} is SCTP: the datapath translates TCP and UDP only; it is left to the connector",
-                    port.port
+                plan.skipped.push(Problem::new(
+                    format!("Service {name}"),
+                    format!(
+                        "port {} is SCTP: the datapath translates TCP and UDP only; it is left to the connector",
+                        port.port
+                    ),
                 ));
                 continue;
             }
@@ -217,13 +220,13 @@ fn plan_within(
         if plan.frontends.len() + frontends.len() > max_frontends
             || backend_total + backends > max_backends
         {
-            plan.skipped.push(format!(
-                "service {name} is not programmed: FE_SERVICES holds {max_frontends} frontends and FE_BACKENDS \
+            plan.skipped.push(Problem::new(format!("Service {name}"), format!(
+                "is not programmed: FE_SERVICES holds {max_frontends} frontends and FE_BACKENDS \
                  {max_backends} backends, and {} + {} frontends / {backend_total} + {backends} backends do not fit; \
                  its clients' packets go to the connector untranslated. Fix: fewer Services or a build with larger maps",
                 plan.frontends.len(),
                 frontends.len()
-            ));
+            )));
             continue;
         }
         backend_total += backends;
@@ -487,7 +490,9 @@ mod tests {
         assert_eq!(names, ["default/big:a", "default/big:b"]);
         assert_eq!(plan.skipped.len(), 1);
         assert!(
-            plan.skipped[0].contains("service default/web is not programmed"),
+            plan.skipped[0]
+                .to_string()
+                .contains("Service default/web: is not programmed"),
             "{}",
             plan.skipped[0]
         );
@@ -498,7 +503,7 @@ mod tests {
                 .values()
                 .all(|f| f.name.starts_with("default/big"))
         );
-        assert!(plan.skipped[0].contains("default/web"));
+        assert!(plan.skipped[0].to_string().contains("default/web"));
     }
 
     #[test]
