@@ -119,6 +119,11 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// A change that would remove every tunnel of this node, or more than
+    /// half of its routes (a lost connector label, a truncated source), is
+    /// held back this long, loudly, before it applies; 0 applies at once.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    hold_drastic_changes: Duration,
     /// Kube mode: this kubeconfig instead of the pod's service account
     /// (without either, $KUBECONFIG or ~/.kube/config outside a pod).
     #[arg(long, conflicts_with = "manifests")]
@@ -258,6 +263,7 @@ fn main() -> Result<()> {
                 attach_mode: args.attach_mode,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
+                hold_drastic_changes: args.hold_drastic_changes,
                 ct_entries: args.ct_entries,
                 cgroup: match (args.no_cgroup, args.cgroup) {
                     (true, _) => None,

@@ -49,6 +49,8 @@ pub struct RunOptions {
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
+    /// How long a drastic change is held back (see [`Guard`]); zero: never.
+    pub hold_drastic_changes: Duration,
     /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
     pub ct_entries: u32,
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
@@ -161,6 +163,7 @@ struct Reconciler {
     failed_text: Option<(String, std::time::Instant)>,
     retry_backoff: Duration,
     problems: problems::ProblemLog,
+    guard: Guard,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
@@ -195,6 +198,7 @@ impl Reconciler {
             failed_text: None,
             retry_backoff: RETRY_MIN,
             problems: problems::ProblemLog::new(&options.state_dir),
+            guard: Guard::default(),
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -268,6 +272,9 @@ impl Reconciler {
         if let Some(plan) = plan {
             problems.extend(plan.services.skipped.iter().cloned());
         }
+        if let Some(held) = self.guard.held_problem() {
+            problems.push(held);
+        }
         self.problems.update(problems);
     }
 
@@ -327,7 +334,9 @@ impl Reconciler {
         for warning in &plan.warnings {
             warn!("{warning}");
         }
+        self.guard.check(&plan, options.hold_drastic_changes)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
+        self.guard.applied(&plan);
         if let Some(esp) = &mut self.esp
             && esp.apply(snapshot, &plan)?
         {
@@ -348,6 +357,86 @@ impl Reconciler {
             self.peer_ids = plan.peer_ids.clone();
         }
         Ok(plan)
+    }
+}
+
+/// Holds back a plan that would take down most of what this node forwards —
+/// every tunnel, or more than half of the routes — for a grace period, with
+/// a loud error and a problem entry; after the grace it applies. One typo
+/// (a connector label removed, a truncated file) then costs a warning, not
+/// every tunnel of the fleet at the next poll.
+#[derive(Default)]
+struct Guard {
+    /// Tunnel peers and routes of the plan last applied.
+    applied: Option<(usize, usize)>,
+    /// The drastic change being held, and since when.
+    held: Option<(String, std::time::Instant)>,
+}
+
+/// Fewer routes than this are too few to call a drop "most of them".
+const GUARD_MIN_ROUTES: usize = 4;
+
+impl Guard {
+    fn size(plan: &Plan) -> (usize, usize) {
+        let tunnels = plan
+            .peers
+            .values()
+            .filter(|p| p.kind == fabedge_common::peer_kind::TUNNEL)
+            .count();
+        (tunnels, plan.routes.len())
+    }
+
+    fn check(&mut self, plan: &Plan, grace: Duration) -> Result<()> {
+        let Some((tunnels_before, routes_before)) = self.applied else {
+            return Ok(());
+        };
+        let (tunnels, routes) = Self::size(plan);
+        let drastic = if tunnels_before > 0 && tunnels == 0 {
+            Some(format!(
+                "remove every tunnel of this node ({tunnels_before} peers)"
+            ))
+        } else if routes_before >= GUARD_MIN_ROUTES && routes * 2 < routes_before {
+            Some(format!(
+                "remove {} of its {routes_before} routes",
+                routes_before - routes
+            ))
+        } else {
+            None
+        };
+        let Some(change) = drastic.filter(|_| !grace.is_zero()) else {
+            self.held = None;
+            return Ok(());
+        };
+        match &self.held {
+            Some((held, since)) if *held == change && since.elapsed() >= grace => {
+                warn!("applying the held-back change now ({change}): it stayed for {grace:?}");
+                self.held = None;
+                Ok(())
+            }
+            Some((held, _)) if *held == change => Err(self.held_error(grace)),
+            _ => {
+                self.held = Some((change, std::time::Instant::now()));
+                Err(self.held_error(grace))
+            }
+        }
+    }
+
+    fn held_error(&self, grace: Duration) -> anyhow::Error {
+        let change = self.held.as_ref().map_or("", |(c, _)| c.as_str());
+        anyhow::anyhow!(
+            "held back: the new plan would {change}; if that is intended it applies by itself once it has \
+             stayed {grace:?} (run with --hold-drastic-changes 0 to apply such changes at once)"
+        )
+    }
+
+    fn applied(&mut self, plan: &Plan) {
+        self.applied = Some(Self::size(plan));
+    }
+
+    fn held_problem(&self) -> Option<crate::model::checks::Problem> {
+        self.held.as_ref().map(|(change, _)| {
+            crate::model::checks::Problem::new("plan", format!("held back: it would {change}"))
+        })
     }
 }
 
@@ -389,4 +478,72 @@ fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<Option<Stri
     }
     write_if_changed(path, updated.as_bytes(), 0o644)?;
     Ok(Some(updated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest::{EXAMPLE_CLUSTER, snapshot};
+
+    fn edge_plan() -> Plan {
+        let snapshot = snapshot(EXAMPLE_CLUSTER).unwrap();
+        plan(&snapshot, "edge-1", &Settings::default(), &PeerIds::new()).unwrap()
+    }
+
+    #[test]
+    fn a_plan_without_tunnels_is_held_for_the_grace_then_applied() {
+        let grace = Duration::from_millis(200);
+        let before = edge_plan();
+        let mut guard = Guard::default();
+        guard
+            .check(&before, grace)
+            .expect("the first plan is never held");
+        guard.applied(&before);
+
+        let mut after = before.clone();
+        after
+            .peers
+            .retain(|_, p| p.kind != fabedge_common::peer_kind::TUNNEL);
+        let err = guard.check(&after, grace).unwrap_err().to_string();
+        assert!(
+            err.starts_with("held back: the new plan would remove every tunnel"),
+            "{err}"
+        );
+        assert!(guard.held_problem().is_some());
+        // Still held before the grace, whatever the number of passes.
+        assert!(guard.check(&after, grace).is_err());
+        std::thread::sleep(grace);
+        guard.check(&after, grace).expect("applied after the grace");
+        assert!(guard.held_problem().is_none());
+    }
+
+    #[test]
+    fn losing_most_routes_is_held_and_zero_grace_applies_at_once() {
+        let before = edge_plan();
+        assert!(
+            before.routes.len() >= GUARD_MIN_ROUTES,
+            "{:?}",
+            before.routes
+        );
+        let mut guard = Guard::default();
+        guard.applied(&before);
+        let mut after = before.clone();
+        let keep = before.routes.len() / 2 - 1;
+        after.routes = before.routes.clone().into_iter().take(keep).collect();
+        let err = guard
+            .check(&after, Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("remove {} of its", before.routes.len() - keep)),
+            "{err}"
+        );
+        guard
+            .check(&after, Duration::ZERO)
+            .expect("no hold with zero grace");
+        // A small change is never held.
+        let mut small = before.clone();
+        small.routes.pop_first();
+        guard.check(&small, Duration::from_secs(60)).unwrap();
+    }
 }
