@@ -49,6 +49,13 @@ enum Cmd {
     Uninstall {
         #[arg(long, default_value = plan::DEFAULT_CNI_CONF_DIR)]
         cni_conf_dir: PathBuf,
+        /// The agent's state dir: the sysctls it changed are restored from it.
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
+        /// Also remove the agent's state files (peer ids, NAT endpoints, key
+        /// generations, the node key: the node gets a new identity).
+        #[arg(long)]
+        purge_state: bool,
     },
     /// ESP mode: start a new key generation now (make-before-break). The
     /// running agent picks the request up within its poll interval.
@@ -299,9 +306,21 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Uninstall { cni_conf_dir } => {
+        Cmd::Uninstall {
+            cni_conf_dir,
+            state_dir,
+            purge_state,
+        } => {
             for removed in apply::teardown(&cni_conf_dir)? {
                 info!("removed {removed}");
+            }
+            for restored in apply::sysctl::restore(&state_dir)? {
+                info!("{restored}");
+            }
+            if purge_state {
+                for removed in apply::purge_state(&state_dir)? {
+                    info!("removed {removed}");
+                }
             }
             let report = datapath::uninstall(&cli.bpffs_root)?;
             info!(

@@ -62,6 +62,8 @@ pub const DEFAULT_UPLINK_MTU: u16 = 1500;
 /// worst case, a 16-byte block cipher; AES-GCM itself pads to 4 bytes)
 /// = 77, rounded up to 80 so the inner MTU stays a multiple of 4.
 pub const ESP_OVERHEAD: u16 = 80;
+/// Peer ids the agent assigned, kept in its state dir so they survive restarts.
+pub const PEER_IDS_FILE: &str = "peer-ids.json";
 /// The smallest MTU IPv4 allows on a link (RFC 791).
 const MIN_IPV4_MTU: u16 = 68;
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).

@@ -172,7 +172,7 @@ struct Reconciler {
 
 impl Reconciler {
     fn new(options: &RunOptions) -> Result<Self> {
-        let peer_ids_path = options.state_dir.join("peer-ids.json");
+        let peer_ids_path = options.state_dir.join(crate::plan::PEER_IDS_FILE);
         let peer_ids = match std::fs::read(&peer_ids_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 warn!(
@@ -191,7 +191,7 @@ impl Reconciler {
             None => None,
         };
         Ok(Reconciler {
-            applier: Applier::default(),
+            applier: Applier::recording_sysctls_in(&options.state_dir),
             peer_ids,
             peer_ids_path,
             applied_text: None,

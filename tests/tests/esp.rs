@@ -469,8 +469,20 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     );
     let _ = std::fs::remove_file(&capture.file);
 
-    // Uninstall removes every xfrm object of ours, and fe-tunnel.
+    // Uninstall removes every xfrm object of ours, and fe-tunnel; with
+    // --purge-state (the harness passes it) the state files go too.
+    let state_dir = cluster.state_dir("edge-1")?.to_owned();
+    ensure!(
+        state_dir.join("node.key").exists(),
+        "edge-1 has no node key before uninstall"
+    );
     let removed = cluster.uninstall("edge-1")?;
+    for file in ["node.key", "peer-ids.json", "esp-generation.json"] {
+        ensure!(
+            !state_dir.join(file).exists(),
+            "uninstall --purge-state left {file}"
+        );
+    }
     ensure!(
         removed.contains("xfrm SA") && removed.contains("xfrm policy"),
         "uninstall said:\n{removed}"

@@ -8,6 +8,7 @@
 //! routes that steer traffic into them. Removal runs the other way round.
 
 pub mod net;
+pub mod sysctl;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -53,9 +54,20 @@ impl ApplyReport {
 #[derive(Default)]
 pub struct Applier {
     attached: BTreeSet<Attachment>,
+    /// Where the sysctls' former values are recorded (`sysctl::ORIGINALS_FILE`);
+    /// `None`: not recorded (tests).
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl Applier {
+    /// An applier that records each sysctl's former value in `state_dir`.
+    pub fn recording_sysctls_in(state_dir: &Path) -> Applier {
+        Applier {
+            state_dir: Some(state_dir.to_owned()),
+            ..Applier::default()
+        }
+    }
+
     pub fn apply(
         &mut self,
         datapath: &mut Datapath,
@@ -71,7 +83,7 @@ impl Applier {
                 .with_context(|| format!("configuring device {}", device.name()))?;
         }
         for sysctl in &plan.sysctls {
-            net::set_sysctl(&sysctl.key, &sysctl.value)?;
+            sysctl::set(self.state_dir.as_deref(), &sysctl.key, &sysctl.value)?;
         }
 
         // Maps: add and change first, remove after, arm last.
@@ -217,6 +229,35 @@ fn ensure_device(device: &Device) -> Result<()> {
 
 /// Everything outside bpffs that apply creates: our routes, `fe-tunnel`,
 /// the pod bridge, the CNI config. Returns what was removed.
+/// `uninstall --purge-state`: the agent's own files in its state dir (the
+/// node key included: the node comes back with a new identity), and the dir
+/// itself when nothing else is left in it. Other files are never touched.
+pub fn purge_state(state_dir: &Path) -> Result<Vec<String>> {
+    let ours = [
+        crate::plan::PEER_IDS_FILE,
+        crate::esp::keys::KEY_FILE,
+        crate::esp::run::OBSERVED_FILE,
+        crate::esp::run::ROTATE_REQUEST,
+        crate::esp::apply::GENERATION_FILE,
+        crate::source::last_good::FILE_NAME,
+        crate::run::problems::FILE_NAME,
+        sysctl::ORIGINALS_FILE,
+    ];
+    let mut removed = Vec::new();
+    for name in ours {
+        let path = state_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(format!("file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if fs::remove_dir(state_dir).is_ok() {
+        removed.push(format!("directory {}", state_dir.display()));
+    }
+    Ok(removed)
+}
+
 pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for route in net::our_routes()? {

@@ -84,7 +84,7 @@ fn row(sa: &SaInfo, peer_ids: &PeerIds) -> TunnelRow {
 }
 
 pub fn tunnels(state_dir: &Path) -> Result<Vec<TunnelRow>> {
-    let peer_ids: PeerIds = std::fs::read(state_dir.join("peer-ids.json"))
+    let peer_ids: PeerIds = std::fs::read(state_dir.join(crate::plan::PEER_IDS_FILE))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_else(PeerIds::new);

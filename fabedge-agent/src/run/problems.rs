@@ -13,7 +13,7 @@ use log::{error, info, warn};
 
 use crate::{model::checks::Problem, sys::write_if_changed};
 
-const FILE_NAME: &str = "problems.json";
+pub const FILE_NAME: &str = "problems.json";
 
 pub struct ProblemLog {
     current: BTreeSet<Problem>,

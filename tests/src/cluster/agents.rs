@@ -181,10 +181,18 @@ impl Cluster {
             agent.stop();
         }
         let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
+        let state_dir = n.files.state_dir.display().to_string();
         let out = agent_output(
             Some(&n.netns),
             &n.files.bpffs_root,
-            &["uninstall", "--cni-conf-dir", &cni_conf_dir],
+            &[
+                "uninstall",
+                "--cni-conf-dir",
+                &cni_conf_dir,
+                "--state-dir",
+                &state_dir,
+                "--purge-state",
+            ],
         )?;
         ensure!(
             out.status.success(),

@@ -242,7 +242,14 @@ impl Drop for Cluster {
         let mut roots = Vec::new();
         for node in self.nodes.values().filter(|n| n.agent_started) {
             let cni_conf_dir = node.files.cni_conf_dir.display().to_string();
-            let args = ["uninstall", "--cni-conf-dir", &cni_conf_dir];
+            let state_dir = node.files.state_dir.display().to_string();
+            let args = [
+                "uninstall",
+                "--cni-conf-dir",
+                &cni_conf_dir,
+                "--state-dir",
+                &state_dir,
+            ];
             if let Err(e) = agent_ok(Some(&node.netns), &node.files.bpffs_root, &args) {
                 eprintln!(
                     "warning: uninstalling fabedge from {}: {e:#}",
