@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     /// ESP mode's timers (`None` in VXLAN mode).
     pub esp: Option<crate::esp::run::EspOptions>,
+    /// Serve Prometheus metrics and the probes here (`None`: not at all).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -81,6 +83,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
+    if let Some(address) = options.metrics_addr {
+        crate::observe::start(
+            address,
+            crate::observe::Sources {
+                layout: options.layout.clone(),
+                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
+                status: reconciler.status.clone(),
+            },
+        )?;
+    }
     info!(
         "fabedge-agent running for node {} ({:?} attach)",
         options.node,
@@ -118,6 +130,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
+        reconciler.status.turned();
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
@@ -168,6 +181,8 @@ struct Reconciler {
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
     esp: Option<crate::esp::run::EspRuntime>,
+    /// What the metrics server and probes learn from the loop.
+    status: std::sync::Arc<crate::observe::Status>,
 }
 
 impl Reconciler {
@@ -190,7 +205,10 @@ impl Reconciler {
             )?),
             None => None,
         };
+        let status = crate::observe::Status::new(crate::observe::STUCK_AFTER);
+        status.planned(0, &peer_ids, None);
         Ok(Reconciler {
+            status,
             applier: Applier::default(),
             peer_ids,
             peer_ids_path,
@@ -245,6 +263,10 @@ impl Reconciler {
             return;
         }
         let result = self.reconcile(&text, datapath, maps, options);
+        self.status.applied(
+            now.elapsed(),
+            result.as_ref().err().map(|e| format!("{e:#}")),
+        );
         match &result {
             Ok(written) => {
                 // Our own write-back needs no second pass.
@@ -337,6 +359,11 @@ impl Reconciler {
         self.guard.check(&plan, options.hold_drastic_changes)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
         self.guard.applied(&plan);
+        self.status.planned(
+            plan.warnings.len(),
+            &plan.peer_ids,
+            self.esp.as_ref().map(|_| settings.esp_generation),
+        );
         if let Some(esp) = &mut self.esp
             && esp.apply(snapshot, &plan)?
         {
