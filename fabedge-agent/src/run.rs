@@ -66,6 +66,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // First of all, in ESP mode: hold UDP 4500. While no socket holds it,
     // ESP in UDP arriving during a restart is refused by the kernel.
     let mut reconciler = Reconciler::new(&options)?;
+    // Before the datapath loads: probes answer (not ready yet) at once.
+    if let Some(address) = options.metrics_addr {
+        crate::observe::start(
+            address,
+            crate::observe::Sources {
+                layout: options.layout.clone(),
+                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
+                status: reconciler.status.clone(),
+            },
+        )?;
+    }
     let mut hellos = match &reconciler.esp {
         Some(esp) => Some(esp.hello_readiness()?),
         None => None,
@@ -83,16 +94,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
-    if let Some(address) = options.metrics_addr {
-        crate::observe::start(
-            address,
-            crate::observe::Sources {
-                layout: options.layout.clone(),
-                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
-                status: reconciler.status.clone(),
-            },
-        )?;
-    }
     info!(
         "fabedge-agent running for node {} ({:?} attach)",
         options.node,
