@@ -299,6 +299,7 @@ impl Reconciler {
             problems.push(held);
         }
         self.problems.update(problems);
+        self.status.problems(self.problems.count());
     }
 
     /// Plan and apply again at the next poll, whatever the file holds (a new

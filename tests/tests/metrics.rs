@@ -238,7 +238,9 @@ const LONE_NODE: &str = "lone-1";
 #[test]
 fn readyz_says_why_until_the_first_plan_applies_and_healthz_stays_up() -> Result<()> {
     // No Node named like the agent: every plan fails.
-    let mut agent = LoneAgent::start(LONE_NODE, "")?;
+    let other = "apiVersion: v1\nkind: Node\nmetadata:\n  name: other-1\nspec:\n  podCIDR: 10.244.8.0/24\n\
+                 status:\n  addresses:\n    - {type: InternalIP, address: 10.1.0.8}\n";
+    let mut agent = LoneAgent::start(LONE_NODE, other)?;
     let not_ready = agent.wait_for("/readyz", |r| {
         r.status == 503 && r.body.contains("last attempt failed")
     })?;
@@ -262,11 +264,14 @@ fn readyz_says_why_until_the_first_plan_applies_and_healthz_stays_up() -> Result
     );
 
     // The Node appears: the next apply succeeds and the agent is ready.
+    // A Service with a ClusterIP outside --service-cidr is left out: one problem.
     fs::write(
         agent.dir.join("cluster.yaml"),
         format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {LONE_NODE}\nspec:\n  podCIDR: 10.244.7.0/24\n\
-             status:\n  addresses:\n    - {{type: InternalIP, address: 10.1.0.7}}\n"
+             status:\n  addresses:\n    - {{type: InternalIP, address: 10.1.0.7}}\n---\n{other}---\n\
+             apiVersion: v1\nkind: Service\nmetadata:\n  name: astray\n  namespace: default\n\
+             spec:\n  clusterIP: 192.0.2.10\n  ports:\n    - {{port: 80, protocol: TCP}}\n"
         ),
     )?;
     agent.wait_for("/readyz", |r| r.status == 200)?;
@@ -279,7 +284,8 @@ fn readyz_says_why_until_the_first_plan_applies_and_healthz_stays_up() -> Result
                 &page,
                 "fabedge_metrics_source_up",
                 &[("source", "datapath")]
-            ) == Some(1.0),
+            ) == Some(1.0)
+            && sample(&page, "fabedge_problems", &[]) == Some(1.0),
         "metrics once the plan applied:\n{page}"
     );
     // Every family has its HELP and TYPE before its first sample.

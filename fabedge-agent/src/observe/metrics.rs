@@ -18,6 +18,7 @@
 //! | `fabedge_apply_last_duration_seconds`, `fabedge_apply_last_success`, `fabedge_apply_last_timestamp_seconds` | gauge | |
 //! | `fabedge_ready` | gauge | |
 //! | `fabedge_plan_warnings` | gauge | |
+//! | `fabedge_problems` | gauge | |
 //! | `fabedge_metrics_source_up` | gauge | `source` (`datapath`, `xfrm`) |
 
 use std::{collections::BTreeMap, fmt::Display, fmt::Write as _, os::fd::AsRawFd, path::Path};
@@ -188,6 +189,13 @@ fn agent_status(page: &mut Exposition, status: &StatusSnapshot) {
         "Problems the last plan found that do not stop this node (logged as warnings).",
     )
     .sample(&[], status.plan_warnings);
+    page.family(
+        "fabedge_problems",
+        Kind::Gauge,
+        "Objects left out of the plan (invalid, conflicting, or Services that do not fit); \
+         `fabedge-agent inspect problems` lists them.",
+    )
+    .sample(&[], status.problems);
 }
 
 /// Counters, peers and map fill levels from the pinned maps.

@@ -53,6 +53,8 @@ struct StatusInner {
     /// A plan has been applied since the agent started (readiness).
     applied_once: bool,
     plan_warnings: usize,
+    /// Objects left out of the last plan (`inspect problems`).
+    problems: usize,
     peer_ids: PeerIds,
     /// ESP mode: the node's current key generation.
     esp_generation: Option<u32>,
@@ -75,6 +77,7 @@ pub struct StatusSnapshot {
     /// Duration, end (Unix seconds) and success of the last apply.
     pub last_apply: Option<(Duration, f64, bool)>,
     pub plan_warnings: usize,
+    pub problems: usize,
     pub peer_ids: PeerIds,
     pub esp_generation: Option<u32>,
 }
@@ -127,6 +130,11 @@ impl Status {
         inner.esp_generation = esp_generation;
     }
 
+    /// How many objects the last pass left out.
+    pub fn problems(&self, count: usize) {
+        self.lock().problems = count;
+    }
+
     /// `Err(why)` when the loop has not turned within the stuck limit.
     pub fn health(&self) -> Result<(), String> {
         let silent = self.lock().last_turn.map_or(Duration::MAX, |t| t.elapsed());
@@ -169,6 +177,7 @@ impl Status {
                 (a.duration, end, a.error.is_none())
             }),
             plan_warnings: inner.plan_warnings,
+            problems: inner.problems,
             peer_ids: inner.peer_ids.clone(),
             esp_generation: inner.esp_generation,
         }
