@@ -34,8 +34,8 @@ pub const DEFAULT_METRICS_PORT: u16 = 9476;
 
 /// `/healthz` fails when the reconcile loop has not turned for this long.
 /// The loop turns at least every `--poll-interval`, but one turn may wait
-/// on the API server (kube's read timeout is 295 s); a restart would not
-/// help then, so only a loop silent for longer is called stuck.
+/// on an API call (kube-client gives a write up after 295 s); only a loop
+/// silent for longer than that is called stuck.
 pub const STUCK_AFTER: Duration = Duration::from_secs(300);
 
 /// What the reconcile loop shares with the metrics server.
