@@ -1,5 +1,6 @@
 //! The fabedge node agent. Data flows through the modules in this order:
-//! sources → model → plan → apply, with `inspect` reading what was applied.
+//! sources → model → plan → apply, with `inspect` and `observe` (metrics,
+//! probes) reading what was applied.
 //! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
 //! Three concerns have a folder each, holding their own plan/apply/run
 //! pieces: `esp` (encryption and NAT traversal), `services` (ClusterIP) and
@@ -12,6 +13,7 @@ pub mod esp;
 pub mod inspect;
 pub mod maps;
 pub mod model;
+pub mod observe;
 pub mod plan;
 pub mod run;
 pub mod services;

@@ -178,6 +178,11 @@ struct RunArgs {
     /// `fabedge.io/esp-endpoint`; peers send their ESP in UDP and keepalives there.
     #[arg(long, value_name = "ADDRESS:PORT")]
     esp_public_endpoint: Option<std::net::SocketAddrV4>,
+    /// Serve Prometheus metrics on http://ADDRESS:PORT/metrics, liveness on
+    /// /healthz and readiness (a plan applied) on /readyz. Off by default;
+    /// `deploy/` uses port 9476 on the node's address.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -285,6 +290,7 @@ fn main() -> Result<()> {
                     grace: args.rotation_grace,
                     keepalive: args.keepalive_interval,
                 }),
+                metrics_addr: args.metrics_addr,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -58,12 +58,25 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     /// ESP mode's timers (`None` in VXLAN mode).
     pub esp: Option<crate::esp::run::EspOptions>,
+    /// Serve Prometheus metrics and the probes here (`None`: not at all).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // First of all, in ESP mode: hold UDP 4500. While no socket holds it,
     // ESP in UDP arriving during a restart is refused by the kernel.
     let mut reconciler = Reconciler::new(&options)?;
+    // Before the datapath loads: probes answer (not ready yet) at once.
+    if let Some(address) = options.metrics_addr {
+        crate::observe::start(
+            address,
+            crate::observe::Sources {
+                layout: options.layout.clone(),
+                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
+                status: reconciler.status.clone(),
+            },
+        )?;
+    }
     let mut hellos = match &reconciler.esp {
         Some(esp) => Some(esp.hello_readiness()?),
         None => None,
@@ -118,6 +131,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
+        reconciler.status.turned();
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
@@ -168,6 +182,8 @@ struct Reconciler {
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
     esp: Option<crate::esp::run::EspRuntime>,
+    /// What the metrics server and probes learn from the loop.
+    status: std::sync::Arc<crate::observe::Status>,
 }
 
 impl Reconciler {
@@ -190,7 +206,10 @@ impl Reconciler {
             )?),
             None => None,
         };
+        let status = crate::observe::Status::new(crate::observe::STUCK_AFTER);
+        status.planned(0, &peer_ids, None);
         Ok(Reconciler {
+            status,
             applier: Applier::recording_sysctls_in(&options.state_dir),
             peer_ids,
             peer_ids_path,
@@ -245,6 +264,10 @@ impl Reconciler {
             return;
         }
         let result = self.reconcile(&text, datapath, maps, options);
+        self.status.applied(
+            now.elapsed(),
+            result.as_ref().err().map(|e| format!("{e:#}")),
+        );
         match &result {
             Ok(written) => {
                 // Our own write-back needs no second pass.
@@ -276,6 +299,7 @@ impl Reconciler {
             problems.push(held);
         }
         self.problems.update(problems);
+        self.status.problems(self.problems.count());
     }
 
     /// Plan and apply again at the next poll, whatever the file holds (a new
@@ -337,6 +361,11 @@ impl Reconciler {
         self.guard.check(&plan, options.hold_drastic_changes)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
         self.guard.applied(&plan);
+        self.status.planned(
+            plan.warnings.len(),
+            &plan.peer_ids,
+            self.esp.as_ref().map(|_| settings.esp_generation),
+        );
         if let Some(esp) = &mut self.esp
             && esp.apply(snapshot, &plan)?
         {

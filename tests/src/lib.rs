@@ -3,6 +3,7 @@
 //! - [`agent`]: the real agent binary run inside a test namespace.
 //! - [`cluster`]: the mini cluster of the seed's test matrix (cloud, connector, edges, pods).
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
+//! - [`metrics`]: an agent's metrics and probes over HTTP, and a real Prometheus scraping it.
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
 //! - [`netns`]: network namespaces, veths and bridges that always clean up.
@@ -11,5 +12,6 @@ pub mod agent;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod metrics;
 pub mod netns;
 pub mod packet;

@@ -95,6 +95,7 @@ pub(super) async fn run(
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
+        reconciler.status.turned();
         tokio::select! {
             _ = source.changed() => {}
             _ = ct_gc.tick() => {
@@ -190,6 +191,7 @@ impl KubeState {
         options: &RunOptions,
         save: bool,
     ) {
+        let started = std::time::Instant::now();
         let result = (|| -> Result<Option<Snapshot>> {
             let checked = objects.checked(options.settings.service_cidr);
             let snapshot = checked.snapshot;
@@ -209,6 +211,12 @@ impl KubeState {
             }
             Ok(Some(snapshot))
         })();
+        if !matches!(result, Ok(None)) {
+            reconciler.status.applied(
+                started.elapsed(),
+                result.as_ref().err().map(|e| format!("{e:#}")),
+            );
+        }
         match result {
             Ok(Some(snapshot)) => {
                 self.applied = Some(snapshot);
