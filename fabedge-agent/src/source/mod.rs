@@ -3,6 +3,8 @@
 //! custom resource — and [`Objects::snapshot`] turns them into the model, so
 //! a manifest file and the API server give identical snapshots.
 
+#[cfg(test)]
+mod checked_tests;
 pub mod kube;
 pub mod last_good;
 pub mod manifest;
