@@ -273,7 +273,15 @@ impl Rtnl {
     }
 
     pub fn add_link(&mut self, name: &str, kind: &LinkKind) -> Result<(), RtnlError> {
-        let what = format!("creating {} link {name} ({kind:?})", kind.name());
+        let what = match kind {
+            LinkKind::Bridge => format!("creating bridge {name}"),
+            LinkKind::VxlanExternal { port } => {
+                format!("creating VXLAN device {name} (external, dstport {port})")
+            }
+            LinkKind::Xfrm { if_id } => {
+                format!("creating xfrm interface {name} (if_id {if_id:#x})")
+            }
+        };
         self.request(|seq| msg::new_link(name, kind, seq), &what)
     }
 

@@ -382,37 +382,15 @@ fn a_vxlan_device_of_the_wrong_shape_is_recreated_and_a_foreign_bridge_name_refu
     });
 }
 
-/// The ESP mode's `fe-tunnel`. This host's kernel has no xfrm interfaces
-/// (CONFIG_XFRM_INTERFACE), so it runs where one does:
-/// `cargo test -p fabedge-agent -- --ignored xfrm_interface`.
 #[test]
-#[ignore = "needs CONFIG_XFRM_INTERFACE (module xfrm_interface); run it in the ESP VM"]
-fn xfrm_interface_matches_what_ip_link_add_type_xfrm_left() {
-    fn show() -> Value {
-        let mut link: Value =
-            serde_json::from_str(&ip(&["-d", "-j", "link", "show", "dev", "fe-tunnel"])).unwrap();
-        link[0].as_object_mut().unwrap().remove("ifindex");
-        link
-    }
-    let reference = in_fresh_netns(|| {
-        ip(&[
-            "link",
-            "add",
-            "fe-tunnel",
-            "type",
-            "xfrm",
-            "if_id",
-            "0x4645",
-        ]);
-        ip(&["link", "set", "fe-tunnel", "mtu", "1400", "up"]);
-        show()
+fn creating_an_existing_link_is_refused_with_its_name_and_errno() {
+    let err = in_fresh_netns(|| {
+        // Created twice: the second one is refused (NLM_F_EXCL).
+        net::add_link("fe-a", &LinkKind::Bridge).unwrap();
+        format!(
+            "{:#}",
+            net::add_link("fe-a", &LinkKind::Bridge).unwrap_err()
+        )
     });
-    let ours = in_fresh_netns(|| {
-        for _ in 0..2 {
-            crate::esp::apply::ensure_device("fe-tunnel", 0x4645, 1400).unwrap();
-        }
-        show()
-    });
-    assert_eq!(ours, reference);
-    assert_eq!(reference[0]["linkinfo"]["info_data"]["if_id"], "0x4645");
+    assert_eq!(err, "creating bridge fe-a: File exists (os error 17)");
 }
