@@ -210,6 +210,8 @@ impl Rtnl {
 
     /// Send one request and wait for its ACK.
     fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>, what: &str) -> Result<(), RtnlError> {
+        #[cfg(test)]
+        tests::WRITES.with(|writes| writes.set(writes.get() + 1));
         self.exchange(build, what, |_, _, _| {})
     }
 
