@@ -30,6 +30,36 @@ pub fn agent_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The whole PATH every agent the tests start runs with: an empty
+/// directory, so a shell-out to `ip`, `tc` or `sysctl` fails the test
+/// instead of quietly working (the agent's image has no such tools).
+pub fn empty_path_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join("fabedge-test-empty-path");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(entry) = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .next()
+    {
+        bail!(
+            "{} must stay empty (it is the agents' PATH) but holds {:?}: remove it",
+            dir.display(),
+            entry?.file_name()
+        );
+    }
+    Ok(dir)
+}
+
+/// `nsenter`, found on the tests' own PATH: the agent's PATH (which the
+/// command looks programs up in) is [`empty_path_dir`].
+pub fn nsenter_bin() -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("nsenter"))
+        .find(|path| path.is_file())
+        .context("nsenter is not on PATH: install util-linux")
+}
+
 /// A private bpffs root for one test, unique per process and name.
 pub fn bpffs_root(name: &str) -> PathBuf {
     PathBuf::from(format!(
@@ -44,7 +74,7 @@ pub fn agent_output(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result
     let bin = agent_bin()?;
     let mut cmd = match netns {
         Some(ns) => {
-            let mut cmd = Command::new("nsenter");
+            let mut cmd = Command::new(nsenter_bin()?);
             cmd.arg(format!("--net={}", ns.path().display())).arg(&bin);
             cmd
         }
@@ -53,6 +83,7 @@ pub fn agent_output(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result
     cmd.arg("--bpffs-root")
         .arg(root)
         .args(args)
+        .env("PATH", empty_path_dir()?)
         .env("RUST_BACKTRACE", "0");
     cmd.output()
         .with_context(|| format!("running fabedge-agent {}", args.join(" ")))

@@ -88,6 +88,30 @@ fn every_seed_path_has_a_test() {
     );
 }
 
+/// The image has no iproute2: every agent runs with an empty directory as
+/// its PATH, and the seed paths above are proven through those agents.
+#[test]
+fn agents_run_with_no_ip_or_tc_on_their_path() -> Result<()> {
+    let empty = fabedge_tests::agent::empty_path_dir()?;
+    with_cluster(|cluster| {
+        for node in cluster.node_names() {
+            let path = cluster.agent_path_var(&node)?;
+            ensure!(
+                path.as_deref() == Some(empty.to_str().context("temp dir is not UTF-8")?),
+                "the agent of {node} runs with PATH={path:?}, not the empty {}",
+                empty.display()
+            );
+        }
+        ensure!(
+            std::fs::read_dir(&empty)?.next().is_none(),
+            "{} is not empty",
+            empty.display()
+        );
+        Ok(())
+    })?;
+    prove_seed_path("edge_pod_reaches_cloud_pod_through_connector_and_flannel")
+}
+
 /// TEST-NET-3: no route in any plan can cover it.
 const UNKNOWN_DESTINATION: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 

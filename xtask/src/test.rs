@@ -42,6 +42,7 @@ const VM_TESTS: &[VmTests] = &[
         tests: &[
             "esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss",
             "edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping",
+            "xfrm_interface_made_over_netlink_matches_what_ip_link_add_made",
         ],
         timeout: Duration::from_secs(1500),
     },

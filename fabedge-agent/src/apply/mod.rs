@@ -8,6 +8,7 @@
 //! routes that steer traffic into them. Removal runs the other way round.
 
 pub mod net;
+pub mod rtnl;
 pub mod sysctl;
 
 use std::{

@@ -1,52 +1,21 @@
-//! Links, addresses and routes, through iproute2's JSON interface.
-//! Every route we install carries protocol `RTPROT_FABEDGE`, which is how we
-//! recognise (and only ever delete) our own.
+//! Links, addresses and routes, through route netlink ([`rtnl`]): no
+//! iproute2 on the node. Every route we install carries protocol
+//! `RTPROT_FABEDGE`, which is how we recognise (and only ever delete) our
+//! own. Each writer compares first and changes only what differs.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
 
-use crate::plan::KernelRoute;
+use super::rtnl::{LinkChange, LinkInfo, LinkKind, RouteSpec, Rtnl, msg::RT_TABLE_MAIN};
+use crate::{
+    model::{format_mac, parse_mac},
+    plan::KernelRoute,
+};
 
 /// Routing protocol id marking routes fabedge owns (`ip route show proto 0xfe`).
 pub const RTPROT_FABEDGE: u8 = 0xfe;
-
-/// Run `ip ARGS`, returning stdout; the error names the command and its stderr.
-pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {} (is iproute2 installed?)", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-#[derive(Debug, Deserialize)]
-struct LinkJson {
-    ifname: String,
-    #[serde(default)]
-    address: Option<String>,
-    mtu: u32,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    linkinfo: Option<LinkInfoJson>,
-}
-
-#[derive(Debug, Deserialize)]
-struct LinkInfoJson {
-    info_kind: Option<String>,
-    #[serde(default)]
-    info_data: Option<serde_json::Value>,
-}
 
 /// What we know of a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,173 +31,194 @@ pub struct Link {
     pub vxlan_external: bool,
 }
 
-pub fn link(name: &str) -> Result<Option<Link>> {
-    let out = Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", name])
-        .output()
-        .context("running ip link show")?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let links: Vec<LinkJson> = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("parsing `ip -j link show {name}`"))?;
-    Ok(links.into_iter().next().map(|l| {
-        let data = l
-            .linkinfo
-            .as_ref()
-            .and_then(|i| i.info_data.clone())
-            .unwrap_or_default();
+impl From<&LinkInfo> for Link {
+    fn from(info: &LinkInfo) -> Self {
         Link {
-            kind: l.linkinfo.as_ref().and_then(|i| i.info_kind.clone()),
-            mac: l.address,
-            mtu: l.mtu,
-            up: l.flags.iter().any(|f| f == "UP"),
-            noarp: l.flags.iter().any(|f| f == "NOARP"),
-            vxlan_port: data.get("port").and_then(|p| p.as_u64()).map(|p| p as u16),
-            vxlan_external: data
-                .get("external")
-                .and_then(|e| e.as_bool())
-                .unwrap_or(false),
-            name: l.ifname,
+            name: info.name.clone(),
+            kind: info.kind.clone(),
+            mac: info.mac.map(format_mac),
+            mtu: info.mtu,
+            up: info.flags & super::rtnl::msg::IFF_UP != 0,
+            noarp: info.flags & super::rtnl::msg::IFF_NOARP != 0,
+            vxlan_port: info.vxlan_port,
+            vxlan_external: info.vxlan_external,
         }
-    }))
+    }
+}
+
+pub fn link(name: &str) -> Result<Option<Link>> {
+    Ok(Rtnl::open()?.link(name)?.as_ref().map(Link::from))
 }
 
 pub fn require_link(name: &str) -> Result<Link> {
     link(name)?.with_context(|| format!("interface {name} does not exist"))
 }
 
+/// The link `name` after creating it as `kind` (down, kernel defaults).
+fn create_link(nl: &mut Rtnl, name: &str, kind: &LinkKind) -> Result<LinkInfo> {
+    nl.add_link(name, kind)?;
+    nl.link(name)?
+        .with_context(|| format!("link {name} vanished right after it was created"))
+}
+
+/// Create `name` as `kind` (fails if it exists).
+pub fn add_link(name: &str, kind: &LinkKind) -> Result<()> {
+    Rtnl::open()?.add_link(name, kind)?;
+    Ok(())
+}
+
+/// Set what `change` names on `name`, if it differs from `current`.
+fn change_link(nl: &mut Rtnl, current: &LinkInfo, wanted: LinkChange) -> Result<()> {
+    let up = current.flags & super::rtnl::msg::IFF_UP != 0;
+    let noarp = current.flags & super::rtnl::msg::IFF_NOARP != 0;
+    let change = LinkChange {
+        mac: wanted.mac.filter(|mac| current.mac != Some(*mac)),
+        mtu: wanted.mtu.filter(|&mtu| current.mtu != mtu),
+        up: wanted.up.filter(|&on| on != up),
+        noarp: wanted.noarp.filter(|&on| on != noarp),
+    };
+    if change != LinkChange::default() {
+        nl.set_link(current, &change)?;
+    }
+    Ok(())
+}
+
+/// Give `name` `mtu` and bring it up (what differs only).
+pub fn set_mtu_up(name: &str, mtu: u32) -> Result<()> {
+    let mut nl = Rtnl::open()?;
+    let current = nl
+        .link(name)?
+        .with_context(|| format!("interface {name} does not exist"))?;
+    change_link(
+        &mut nl,
+        &current,
+        LinkChange {
+            mtu: Some(mtu),
+            up: Some(true),
+            ..LinkChange::default()
+        },
+    )
+}
+
 /// Make `name` a bridge with `address` (gateway of the pod CIDR), up.
 pub fn ensure_bridge(name: &str, address: Ipv4Net, mtu: Option<u32>) -> Result<()> {
-    match link(name)? {
-        Some(l) if l.kind.as_deref() == Some("bridge") => {}
+    let mut nl = Rtnl::open()?;
+    let current = match nl.link(name)? {
+        Some(l) if l.kind.as_deref() == Some("bridge") => l,
         Some(l) => bail!(
             "{name} exists but is a {:?}, not a bridge: remove it or choose another bridge name",
             l.kind
         ),
-        None => {
-            ip(&["link", "add", name, "type", "bridge"])?;
-        }
-    }
-    if let Some(mtu) = mtu {
-        ip(&["link", "set", name, "mtu", &mtu.to_string()])?;
-    }
-    ensure_address(name, address)?;
-    ip(&["link", "set", name, "up"])?;
-    Ok(())
+        None => create_link(&mut nl, name, &LinkKind::Bridge)?,
+    };
+    change_link(
+        &mut nl,
+        &current,
+        LinkChange {
+            mtu,
+            ..LinkChange::default()
+        },
+    )?;
+    ensure_address_on(&mut nl, &current, address)?;
+    change_link(
+        &mut nl,
+        &current,
+        LinkChange {
+            up: Some(true),
+            ..LinkChange::default()
+        },
+    )
 }
 
 /// Make `name` a collect-metadata VXLAN device on `port`, NOARP, with `mac` and `mtu`.
 pub fn ensure_vxlan_external(name: &str, port: u16, mac: &str, mtu: u32) -> Result<()> {
-    if let Some(l) = link(name)? {
-        let right =
-            l.kind.as_deref() == Some("vxlan") && l.vxlan_external && l.vxlan_port == Some(port);
-        if !right {
-            // Wrong shape (another port, or not ours): recreate. Only our name is touched.
-            ip(&["link", "del", name])?;
+    let mac = parse_mac(mac).with_context(|| format!("{mac:?} is not a MAC address"))?;
+    let mut nl = Rtnl::open()?;
+    let existing = nl.link(name)?;
+    let current = match existing {
+        Some(l)
+            if l.kind.as_deref() == Some("vxlan")
+                && l.vxlan_external
+                && l.vxlan_port == Some(port) =>
+        {
+            l
         }
+        other => {
+            if let Some(wrong) = other {
+                // Wrong shape (another port, or not ours): recreate. Only our name is touched.
+                nl.del_link(&wrong)?;
+            }
+            create_link(&mut nl, name, &LinkKind::VxlanExternal { port })?
+        }
+    };
+    change_link(
+        &mut nl,
+        &current,
+        LinkChange {
+            mac: Some(mac),
+            mtu: Some(mtu),
+            noarp: Some(true),
+            up: Some(true),
+        },
+    )
+}
+
+fn ensure_address_on(nl: &mut Rtnl, link: &LinkInfo, address: Ipv4Net) -> Result<()> {
+    let present = nl
+        .addrs()?
+        .iter()
+        .any(|a| a.index == link.index && a.address == address);
+    if !present {
+        nl.replace_addr(link, address)?;
     }
-    if link(name)?.is_none() {
-        ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "vxlan",
-            "external",
-            "dstport",
-            &port.to_string(),
-            "nolearning",
-        ])?;
-    }
-    ip(&[
-        "link",
-        "set",
-        name,
-        "address",
-        mac,
-        "mtu",
-        &mtu.to_string(),
-        "arp",
-        "off",
-        "up",
-    ])?;
     Ok(())
-}
-
-#[derive(Debug, Deserialize)]
-struct AddrLinkJson {
-    #[serde(default)]
-    addr_info: Vec<AddrInfoJson>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AddrInfoJson {
-    local: Option<Ipv4Addr>,
-    prefixlen: Option<u8>,
 }
 
 pub fn ensure_address(dev: &str, address: Ipv4Net) -> Result<()> {
-    let out = ip(&["-j", "-4", "addr", "show", "dev", dev])?;
-    let links: Vec<AddrLinkJson> = serde_json::from_str(&out)
-        .with_context(|| format!("parsing `ip -j addr show dev {dev}`"))?;
-    let present = links
-        .iter()
-        .flat_map(|l| &l.addr_info)
-        .any(|a| a.local == Some(address.addr()) && a.prefixlen == Some(address.prefix_len()));
-    if !present {
-        ip(&["addr", "replace", &address.to_string(), "dev", dev])?;
-    }
-    Ok(())
+    let mut nl = Rtnl::open()?;
+    let link = nl
+        .link(dev)?
+        .with_context(|| format!("interface {dev} does not exist"))?;
+    ensure_address_on(&mut nl, &link, address)
 }
 
 pub fn delete_link_if_present(name: &str) -> Result<bool> {
-    if link(name)?.is_some() {
-        ip(&["link", "del", name])?;
-        return Ok(true);
+    let mut nl = Rtnl::open()?;
+    match nl.link(name)? {
+        Some(link) => {
+            nl.del_link(&link)?;
+            Ok(true)
+        }
+        None => Ok(false),
     }
-    Ok(false)
-}
-
-#[derive(Debug, Deserialize)]
-struct RouteJson {
-    dst: String,
-    #[serde(default)]
-    dev: Option<String>,
-    #[serde(default)]
-    gateway: Option<Ipv4Addr>,
-    #[serde(default)]
-    prefsrc: Option<Ipv4Addr>,
 }
 
 /// Our routes (protocol `RTPROT_FABEDGE`) in the main table.
 pub fn our_routes() -> Result<Vec<KernelRoute>> {
-    let out = ip(&[
-        "-j",
-        "-4",
-        "route",
-        "show",
-        "proto",
-        &RTPROT_FABEDGE.to_string(),
-    ])?;
-    let parsed: Vec<RouteJson> =
-        serde_json::from_str(&out).context("parsing `ip -j route show`")?;
-    parsed
+    let mut nl = Rtnl::open()?;
+    let routes: Vec<_> = nl
+        .routes()?
         .into_iter()
-        .map(|r| {
-            let dst = if r.dst.contains('/') {
-                r.dst.parse()
-            } else {
-                format!("{}/32", r.dst).parse()
-            };
-            Ok(KernelRoute {
-                dst: dst.with_context(|| format!("route destination {:?}", r.dst))?,
-                dev: r.dev,
-                via: r.gateway,
-                src: r.prefsrc,
-            })
+        .filter(|r| r.table == RT_TABLE_MAIN as u32 && r.protocol == RTPROT_FABEDGE)
+        .collect();
+    if routes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: BTreeMap<u32, String> = nl.links()?.into_iter().map(|l| (l.index, l.name)).collect();
+    Ok(routes
+        .into_iter()
+        .map(|r| KernelRoute {
+            dst: r.dst,
+            dev: r.oif.map(|index| {
+                names
+                    .get(&index)
+                    .cloned()
+                    .unwrap_or_else(|| format!("if{index}"))
+            }),
+            via: r.gateway,
+            src: r.prefsrc,
         })
-        .collect()
+        .collect())
 }
 
 /// Whether an installed route is the one planned (a planned route without a
@@ -240,32 +230,50 @@ pub fn route_matches(planned: &KernelRoute, installed: &KernelRoute) -> bool {
         && (planned.dev.is_none() || planned.dev == installed.dev)
 }
 
-pub fn replace_route(route: &KernelRoute) -> Result<()> {
-    let dst = route.dst.to_string();
-    let proto = RTPROT_FABEDGE.to_string();
-    let mut args = vec!["route", "replace", dst.as_str(), "proto", proto.as_str()];
+/// How errors name a route: `route 10.244.2.0/24 via 10.0.0.2 dev fe-tunnel`.
+pub fn describe_route(route: &KernelRoute) -> String {
+    let mut text = format!("route {}", route.dst);
+    if let Some(via) = route.via {
+        text.push_str(&format!(" via {via}"));
+    }
     if let Some(dev) = &route.dev {
-        args.extend(["dev", dev.as_str()]);
+        text.push_str(&format!(" dev {dev}"));
     }
-    let via = route.via.map(|v| v.to_string());
-    let src = route.src.map(|s| s.to_string());
-    match &via {
-        Some(via) => args.extend(["via", via.as_str()]),
-        None => args.extend(["scope", "link"]),
+    if let Some(src) = route.src {
+        text.push_str(&format!(" src {src}"));
     }
-    if let Some(src) = &src {
-        args.extend(["src", src.as_str()]);
-    }
-    ip(&args).map(|_| ())
+    text
 }
 
+/// Install `route` in the main table, replacing any route to the same
+/// destination there.
+pub fn replace_route(route: &KernelRoute) -> Result<()> {
+    let mut nl = Rtnl::open()?;
+    let what = describe_route(route);
+    let oif = match &route.dev {
+        Some(dev) => Some(
+            nl.link(dev)?
+                .with_context(|| format!("{what}: device {dev} does not exist"))?
+                .index,
+        ),
+        None => None,
+    };
+    let spec = RouteSpec {
+        dst: route.dst,
+        protocol: RTPROT_FABEDGE,
+        oif,
+        gateway: route.via,
+        prefsrc: route.src,
+    };
+    nl.replace_route(&spec, &what)?;
+    Ok(())
+}
+
+/// Remove our route to `route.dst`; one already gone is fine.
 pub fn delete_route(route: &KernelRoute) -> Result<()> {
-    ip(&[
-        "route",
-        "del",
-        &route.dst.to_string(),
-        "proto",
-        &RTPROT_FABEDGE.to_string(),
-    ])
-    .map(|_| ())
+    let what = format!("deleting {}", describe_route(route));
+    match Rtnl::open()?.del_route(route.dst, RTPROT_FABEDGE, &what) {
+        Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+        other => Ok(other?),
+    }
 }

@@ -32,35 +32,28 @@ use super::{
     plan::{Direction, EspPlan},
     xfrm::{FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket},
 };
-use crate::{apply::net, sys::write_if_changed};
+use crate::{
+    apply::{net, rtnl::LinkKind},
+    sys::write_if_changed,
+};
 
-/// `ip link add NAME type xfrm if_id IF_ID`, with `mtu`, up.
+/// The xfrm interface `name` bound to `if_id`, with `mtu`, up.
 pub fn ensure_device(name: &str, if_id: u32, mtu: u32) -> Result<()> {
     if let Some(link) = net::link(name)?
         && link.kind.as_deref() != Some("xfrm")
     {
         // Another mode's fe-tunnel (VXLAN): only our name is touched.
-        net::ip(&["link", "del", name])?;
+        net::delete_link_if_present(name)?;
     }
     if net::link(name)?.is_none() {
-        net::ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "xfrm",
-            "if_id",
-            &format!("{if_id:#x}"),
-        ])
-        .with_context(|| {
+        net::add_link(name, &LinkKind::Xfrm { if_id }).with_context(|| {
             format!(
                 "creating the xfrm interface {name}: the ESP mode needs CONFIG_XFRM_INTERFACE \
                  (module xfrm_interface); or run with --tunnel vxlan"
             )
         })?;
     }
-    net::ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
-    Ok(())
+    net::set_mtu_up(name, mtu)
 }
 
 /// The generation of this node's outbound SAs, kept in the state dir.

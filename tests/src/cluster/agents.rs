@@ -22,7 +22,7 @@ use nix::{
 };
 
 use crate::{
-    agent::{agent_bin, agent_ok, agent_output},
+    agent::{agent_bin, agent_ok, agent_output, empty_path_dir, nsenter_bin},
     netns::{Netns, ping},
 };
 
@@ -58,10 +58,11 @@ impl AgentProcess {
         let log_for_stderr = log
             .try_clone()
             .context("duplicating the agent log handle")?;
-        let child = Command::new("nsenter")
+        let child = Command::new(nsenter_bin()?)
             .arg(format!("--net={}", netns.path().display()))
             .arg(agent_bin()?)
             .args(args)
+            .env("PATH", empty_path_dir()?)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -73,6 +74,17 @@ impl AgentProcess {
             child,
             node: node.to_owned(),
         })
+    }
+
+    /// The running agent's environment variable `name` (from /proc).
+    fn env_var(&self, name: &str) -> Result<Option<String>> {
+        let path = format!("/proc/{}/environ", self.child.id());
+        let environ = fs::read(&path).with_context(|| format!("reading {path}"))?;
+        let prefix = format!("{name}=");
+        Ok(environ
+            .split(|&b| b == 0)
+            .map(String::from_utf8_lossy)
+            .find_map(|var| var.strip_prefix(&prefix).map(str::to_owned)))
     }
 
     /// An error with the exit status if the agent is no longer running.
@@ -200,6 +212,16 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The PATH the running agent of `node` was started with.
+    pub fn agent_path_var(&self, node: &str) -> Result<Option<String>> {
+        let n = self.cluster_node(node)?;
+        let agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
+        agent
+            .as_ref()
+            .with_context(|| format!("the agent of {node} is not running"))?
+            .env_var("PATH")
     }
 
     pub fn restart_agent(&self, node: &str) -> Result<()> {

@@ -9,7 +9,10 @@ use super::{
     Socket,
     msg::{Encap, REPLAY_WINDOW, SaSpec},
 };
-use crate::esp::keys::{AEAD_NAME, NodeKey};
+use crate::{
+    apply::rtnl::LinkKind,
+    esp::keys::{AEAD_NAME, NodeKey},
+};
 
 /// Why `--tunnel esp` cannot run here.
 #[derive(Debug, thiserror::Error)]
@@ -77,12 +80,13 @@ pub fn check() -> Result<(), Unsupported> {
     }
     // The xfrm interface fe-tunnel will be (module xfrm_interface).
     const PROBE_LINK: &str = "fe-probe-xfrm";
-    let _ = crate::apply::net::ip(&["link", "del", PROBE_LINK]);
-    crate::apply::net::ip(&["link", "add", PROBE_LINK, "type", "xfrm", "if_id", "0x4fff"])
-        .map_err(|e| Unsupported {
+    let _ = crate::apply::net::delete_link_if_present(PROBE_LINK);
+    crate::apply::net::add_link(PROBE_LINK, &LinkKind::Xfrm { if_id: 0x4fff }).map_err(|e| {
+        Unsupported {
             feature: "xfrm interfaces (CONFIG_XFRM_INTERFACE, module xfrm_interface)",
             detail: format!("{e:#}"),
-        })?;
-    let _ = crate::apply::net::ip(&["link", "del", PROBE_LINK]);
+        }
+    })?;
+    let _ = crate::apply::net::delete_link_if_present(PROBE_LINK);
     Ok(())
 }

@@ -1,0 +1,410 @@
+//! Message bytes without a kernel, then the real thing in a private network
+//! namespace: what our netlink writers leave behind must read back through
+//! iproute2 exactly as what the `ip` commands they replace left behind.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use super::msg::{self, LinkKind, NLM_F_ACK_TLVS, NLM_F_CAPPED};
+use crate::{
+    apply::net::{self, RTPROT_FABEDGE},
+    plan::KernelRoute,
+};
+
+thread_local! {
+    /// Change requests this thread sent the kernel (every request but reads).
+    pub(super) static WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn net(text: &str) -> Ipv4Net {
+    text.parse().unwrap()
+}
+
+fn addr(text: &str) -> Ipv4Addr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn vxlan_link_request_carries_external_port_and_no_learning() {
+    let bytes = msg::new_link("fe-tunnel", &LinkKind::VxlanExternal { port: 8472 }, 7);
+    assert_eq!(
+        u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize,
+        bytes.len()
+    );
+    let attrs: Vec<(u16, Vec<u8>)> = msg::attrs(&bytes[16 + 16..])
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect();
+    assert_eq!(attrs[0], (3, b"fe-tunnel\0".to_vec()));
+    let (kind, info) = &attrs[1];
+    assert_eq!(*kind, 18, "IFLA_LINKINFO");
+    let info: Vec<(u16, &[u8])> = msg::attrs(info).collect();
+    assert_eq!(info[0], (1, &b"vxlan\0"[..]));
+    let data: Vec<(u16, &[u8])> = msg::attrs(info[1].1).collect();
+    assert_eq!(
+        data,
+        vec![
+            (25, &[1u8][..]),
+            (7, &[0u8][..]),
+            (15, &8472u16.to_be_bytes()[..])
+        ]
+    );
+}
+
+#[test]
+fn error_answer_yields_errno_and_the_kernels_text() {
+    // nlmsgerr: errno, the (capped) request header; then NLMSGERR_ATTR_MSG.
+    let mut payload = (-libc::ENETUNREACH).to_ne_bytes().to_vec();
+    payload.extend_from_slice(&[0u8; 16]);
+    let text = b"Nexthop has invalid gateway\0";
+    payload.extend_from_slice(&((4 + text.len()) as u16).to_ne_bytes());
+    payload.extend_from_slice(&1u16.to_ne_bytes());
+    payload.extend_from_slice(text);
+    assert_eq!(
+        msg::parse_error(NLM_F_CAPPED | NLM_F_ACK_TLVS, &payload),
+        Some((
+            -libc::ENETUNREACH,
+            Some("Nexthop has invalid gateway".to_owned())
+        ))
+    );
+    assert_eq!(
+        msg::parse_error(0, &payload[..20]),
+        Some((-libc::ENETUNREACH, None))
+    );
+    assert_eq!(msg::parse_error(0, &[1, 2]), None, "truncated");
+}
+
+#[test]
+fn garbage_attributes_end_the_walk_without_panicking() {
+    for bytes in [&[0xff, 0xff, 1, 0][..], &[2, 0, 1, 0], &[8, 0, 1], &[]] {
+        assert_eq!(msg::attrs(bytes).count(), 0, "{bytes:?}");
+    }
+    assert_eq!(msg::parse_link(&[0; 3]), None);
+    assert_eq!(msg::parse_route(&[2, 24, 0]), None);
+}
+
+/// Run `body` on a thread of its own in a fresh network namespace (the
+/// namespace dies with the thread; children it spawns run inside it).
+fn in_fresh_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): these tests need root (CAP_SYS_ADMIN)");
+        body()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An uplink with 192.0.2.1/24 for routes via a gateway (a veth: the
+/// dummy module may be missing).
+fn uplink() {
+    ip(&[
+        "link",
+        "add",
+        "eth9",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth9-peer",
+    ]);
+    ip(&["addr", "add", "192.0.2.1/24", "dev", "eth9"]);
+    ip(&["link", "set", "eth9-peer", "up"]);
+    ip(&["link", "set", "eth9", "up"]);
+}
+
+/// Everything iproute2 reports about our objects, minus what differs by
+/// chance between two namespaces (indexes, random MACs, running timers).
+fn observed() -> Value {
+    fn scrub(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.retain(|key, _| {
+                    !matches!(
+                        key.as_str(),
+                        "ifindex" | "link_index" | "bridge_id" | "root_id"
+                    ) && !key.ends_with("_timer")
+                });
+                map.values_mut().for_each(scrub);
+            }
+            Value::Array(items) => items.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    let json = |args: &[&str]| -> Value { serde_json::from_str(&ip(args)).unwrap() };
+    let mut bridge = json(&["-d", "-j", "link", "show", "dev", "br-fabedge"]);
+    // The bridge's MAC is random (it has no ports).
+    bridge[0].as_object_mut().unwrap().remove("address");
+    let mut all = serde_json::json!({
+        "bridge": bridge,
+        "vxlan": json(&["-d", "-j", "link", "show", "dev", "fe-tunnel"]),
+        "addresses": json(&["-4", "-j", "addr", "show", "dev", "br-fabedge"]),
+        "routes": json(&["-j", "-4", "route", "show", "proto", "0xfe"]),
+    });
+    scrub(&mut all);
+    all
+}
+
+fn planned_routes() -> Vec<KernelRoute> {
+    vec![
+        KernelRoute {
+            dst: net("10.244.2.0/24"),
+            dev: Some("fe-tunnel".into()),
+            via: None,
+            src: Some(addr("10.234.1.1")),
+        },
+        KernelRoute {
+            dst: net("10.244.3.0/24"),
+            dev: None,
+            via: Some(addr("192.0.2.2")),
+            src: None,
+        },
+        KernelRoute {
+            dst: net("10.244.4.5/32"),
+            dev: Some("eth9".into()),
+            via: Some(addr("192.0.2.3")),
+            src: Some(addr("10.234.1.1")),
+        },
+    ]
+}
+
+/// What the agent did before netlink: the iproute2 commands, verbatim.
+fn with_iproute2() -> Value {
+    uplink();
+    ip(&["link", "add", "br-fabedge", "type", "bridge"]);
+    ip(&["link", "set", "br-fabedge", "mtu", "1400"]);
+    ip(&["addr", "replace", "10.234.1.1/24", "dev", "br-fabedge"]);
+    ip(&["link", "set", "br-fabedge", "up"]);
+    ip(&[
+        "link",
+        "add",
+        "fe-tunnel",
+        "type",
+        "vxlan",
+        "external",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ip(&[
+        "link",
+        "set",
+        "fe-tunnel",
+        "address",
+        "02:fe:0a:00:00:01",
+        "mtu",
+        "1400",
+        "arp",
+        "off",
+        "up",
+    ]);
+    let proto = RTPROT_FABEDGE.to_string();
+    ip(&[
+        "route",
+        "replace",
+        "10.244.2.0/24",
+        "proto",
+        &proto,
+        "dev",
+        "fe-tunnel",
+        "scope",
+        "link",
+        "src",
+        "10.234.1.1",
+    ]);
+    ip(&[
+        "route",
+        "replace",
+        "10.244.3.0/24",
+        "proto",
+        &proto,
+        "via",
+        "192.0.2.2",
+    ]);
+    ip(&[
+        "route",
+        "replace",
+        "10.244.4.5/32",
+        "proto",
+        &proto,
+        "dev",
+        "eth9",
+        "via",
+        "192.0.2.3",
+        "src",
+        "10.234.1.1",
+    ]);
+    observed()
+}
+
+fn with_netlink() -> Value {
+    uplink();
+    // Twice: the second pass must find everything in place and change nothing.
+    for pass in 0..2 {
+        WRITES.with(|w| w.set(0));
+        net::ensure_bridge("br-fabedge", net("10.234.1.1/24"), Some(1400)).unwrap();
+        net::ensure_vxlan_external("fe-tunnel", 8472, "02:fe:0a:00:00:01", 1400).unwrap();
+        let installed = net::our_routes().unwrap();
+        for route in planned_routes() {
+            if !installed.iter().any(|r| net::route_matches(&route, r)) {
+                net::replace_route(&route).unwrap();
+            }
+        }
+        let writes = WRITES.with(|w| w.get());
+        match pass {
+            0 => assert!(writes > 0),
+            _ => assert_eq!(
+                writes, 0,
+                "a second apply of the same state wrote to the kernel"
+            ),
+        }
+    }
+    observed()
+}
+
+#[test]
+fn netlink_writers_leave_what_the_ip_commands_left_and_rewrite_nothing() {
+    let reference = in_fresh_netns(with_iproute2);
+    let ours = in_fresh_netns(with_netlink);
+    assert!(
+        ours == reference,
+        "ours:\n{ours:#}\niproute2's:\n{reference:#}"
+    );
+    assert_eq!(reference["routes"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn our_routes_read_back_as_planned_and_go_away_on_delete() {
+    in_fresh_netns(|| {
+        uplink();
+        net::ensure_vxlan_external("fe-tunnel", 8472, "02:fe:0a:00:00:01", 1400).unwrap();
+        net::ensure_bridge("br-fabedge", net("10.234.1.1/24"), Some(1400)).unwrap();
+        // Someone else's route is never ours.
+        ip(&["route", "add", "10.99.0.0/16", "via", "192.0.2.9"]);
+        for route in planned_routes() {
+            net::replace_route(&route).unwrap();
+        }
+        let mut read = net::our_routes().unwrap();
+        read.sort();
+        let mut expected = planned_routes();
+        // A route without a device reads back with the one the kernel chose.
+        expected[1].dev = Some("eth9".into());
+        expected.sort();
+        assert_eq!(read, expected);
+
+        for route in &read {
+            net::delete_route(route).unwrap();
+        }
+        // Already gone: still fine (apply may race a manual cleanup).
+        net::delete_route(&read[0]).unwrap();
+        assert_eq!(net::our_routes().unwrap(), vec![]);
+        assert!(ip(&["-4", "route", "show", "10.99.0.0/16"]).contains("192.0.2.9"));
+
+        assert!(net::delete_link_if_present("fe-tunnel").unwrap());
+        assert!(!net::delete_link_if_present("fe-tunnel").unwrap());
+        assert_eq!(net::link("fe-tunnel").unwrap(), None);
+    });
+}
+
+#[test]
+fn a_refused_route_names_itself_the_errno_and_the_kernels_reason() {
+    let (unreachable, missing_dev) = in_fresh_netns(|| {
+        uplink();
+        let unreachable = net::replace_route(&KernelRoute {
+            dst: net("10.244.2.0/24"),
+            dev: Some("eth9".into()),
+            via: Some(addr("10.99.0.1")),
+            src: None,
+        })
+        .unwrap_err();
+        let missing_dev = net::replace_route(&KernelRoute {
+            dst: net("10.244.2.0/24"),
+            dev: Some("fe-tunnel".into()),
+            via: None,
+            src: None,
+        })
+        .unwrap_err();
+        (format!("{unreachable:#}"), format!("{missing_dev:#}"))
+    });
+    assert_eq!(
+        unreachable,
+        "route 10.244.2.0/24 via 10.99.0.1 dev eth9: Network is unreachable (os error 101): \
+         Nexthop has invalid gateway"
+    );
+    assert_eq!(
+        missing_dev,
+        "route 10.244.2.0/24 dev fe-tunnel: device fe-tunnel does not exist"
+    );
+}
+
+#[test]
+fn a_vxlan_device_of_the_wrong_shape_is_recreated_and_a_foreign_bridge_name_refused() {
+    in_fresh_netns(|| {
+        ip(&[
+            "link",
+            "add",
+            "fe-tunnel",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "4789",
+        ]);
+        net::ensure_vxlan_external("fe-tunnel", 8472, "02:fe:0a:00:00:01", 1400).unwrap();
+        let link = net::require_link("fe-tunnel").unwrap();
+        assert_eq!(
+            (
+                link.vxlan_external,
+                link.vxlan_port,
+                link.mtu,
+                link.up,
+                link.noarp
+            ),
+            (true, Some(8472), 1400, true, true)
+        );
+        assert_eq!(link.mac.as_deref(), Some("02:fe:0a:00:00:01"));
+
+        ip(&[
+            "link",
+            "add",
+            "br-fabedge",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "br-peer",
+        ]);
+        let err = net::ensure_bridge("br-fabedge", net("10.234.1.1/24"), None).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "br-fabedge exists but is a Some(\"veth\"), not a bridge: remove it or choose \
+             another bridge name"
+        );
+    });
+}
+
+#[test]
+fn creating_an_existing_link_is_refused_with_its_name_and_errno() {
+    let err = in_fresh_netns(|| {
+        // Created twice: the second one is refused (NLM_F_EXCL).
+        net::add_link("fe-a", &LinkKind::Bridge).unwrap();
+        format!(
+            "{:#}",
+            net::add_link("fe-a", &LinkKind::Bridge).unwrap_err()
+        )
+    });
+    assert_eq!(err, "creating bridge fe-a: File exists (os error 17)");
+}
