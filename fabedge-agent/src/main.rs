@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fabedge_agent::{
     apply,
-    datapath::{self, AttachMode, Attachment, Datapath, PinLayout},
+    datapath::{self, AttachMode, Attachment, Datapath, PinLayout, XdpMode},
     inspect,
     model::Role,
     plan::{self, Settings, TunnelMode},
@@ -114,6 +114,11 @@ struct RunArgs {
     no_fast_path: bool,
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: AttachMode,
+    /// XDP on the uplinks (`fe_xdp_uplink`: tunnel guard everywhere, the
+    /// connector's Flannel masquerade in VXLAN mode). `native` falls back to
+    /// `generic` (logged) where the driver has no XDP; `off` removes it.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp: XdpMode,
     #[arg(long, default_value = "/var/lib/fabedge")]
     state_dir: PathBuf,
     /// How often the manifest file is checked for changes.
@@ -254,6 +259,7 @@ fn main() -> Result<()> {
                 flannel_iface: args.flannel_iface,
                 layout,
                 attach_mode: args.attach_mode,
+                xdp: args.xdp,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
                 ct_entries: args.ct_entries,

@@ -62,7 +62,7 @@ pub const DEFAULT_UPLINK_MTU: u16 = 1500;
 /// = 77, rounded up to 80 so the inner MTU stays a multiple of 4.
 pub const ESP_OVERHEAD: u16 = 80;
 /// UDP port of ESP-in-UDP (RFC 3948), the remote port of ESP-mode peers.
-pub const ESP_IN_UDP_PORT: u16 = 4500;
+pub const ESP_IN_UDP_PORT: u16 = fabedge_common::ESP_IN_UDP_PORT;
 /// The smallest MTU IPv4 allows on a link (RFC 791).
 const MIN_IPV4_MTU: u16 = 68;
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
@@ -937,6 +937,7 @@ impl<'a> Planner<'a> {
             } else {
                 0
             },
+            tunnel_port: if vxlan { settings.tunnel_port } else { 0 },
             ..Default::default()
         };
 

@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     apply::{Applier, net, write_if_changed},
-    datapath::{AttachMode, Datapath, PinLayout},
+    datapath::{AttachMode, Datapath, PinLayout, XdpMode},
     maps::Maps,
     model::parse_mac,
     plan::{PeerIds, Plan, Settings, plan},
@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub flannel_iface: String,
     pub layout: PinLayout,
     pub attach_mode: AttachMode,
+    /// How `fe_xdp_uplink` goes on the uplinks (`--xdp`).
+    pub xdp: XdpMode,
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
@@ -171,7 +173,7 @@ impl Reconciler {
             None => None,
         };
         Ok(Reconciler {
-            applier: Applier::default(),
+            applier: Applier::with_xdp(options.xdp),
             peer_ids,
             peer_ids_path,
             applied_text: None,

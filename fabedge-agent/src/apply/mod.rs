@@ -9,6 +9,7 @@
 
 pub mod net;
 pub mod services;
+pub mod xdp;
 pub mod xfrm;
 
 use std::{
@@ -24,7 +25,7 @@ use fabedge_common::{MAX_PEERS, MAX_ROUTES, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
 use log::{debug, info};
 
 use crate::{
-    datapath::{Attachment, Datapath},
+    datapath::{Attachment, Datapath, XdpMode},
     maps::Maps,
     model::format_mac,
     plan::{CNI_FILE_NAME, Device, Plan, Settings},
@@ -56,9 +57,20 @@ impl ApplyReport {
 #[derive(Default)]
 pub struct Applier {
     attached: BTreeSet<Attachment>,
+    /// How `fe_xdp_uplink` is attached (`--xdp`).
+    pub xdp: XdpMode,
+    /// The interfaces XDP was last synced to.
+    xdp_ifaces: Option<BTreeSet<String>>,
 }
 
 impl Applier {
+    pub fn with_xdp(xdp: XdpMode) -> Self {
+        Applier {
+            xdp,
+            ..Applier::default()
+        }
+    }
+
     pub fn apply(
         &mut self,
         datapath: &mut Datapath,
@@ -85,6 +97,7 @@ impl Applier {
                 report.peers_written += 1;
             }
         }
+        maps.sync_peer_addrs(&plan.peers)?;
         let current_routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
         for (&net, &entry) in &plan.routes {
             if current_routes.get(&net) != Some(&entry) {
@@ -138,6 +151,11 @@ impl Applier {
             datapath.detach(&stale)?;
             self.attached.remove(&stale);
             report.detached += 1;
+        }
+        let xdp_ifaces = xdp::interfaces(plan, settings)?;
+        if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
+            datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
+            self.xdp_ifaces = Some(xdp_ifaces);
         }
 
         // The kernel's slow path.
