@@ -8,8 +8,7 @@ use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr, RouteEntry,
-    map_names,
+    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -132,7 +131,9 @@ impl Maps {
         for addr in current.keys().filter(|a| !wanted.contains_key(*a)) {
             self.peer_addrs
                 .remove(&RouteAddr { addr: *addr })
-                .with_context(|| format!("removing {} from FE_PEER_ADDRS", Ipv4Addr::from(*addr)))?;
+                .with_context(|| {
+                    format!("removing {} from FE_PEER_ADDRS", Ipv4Addr::from(*addr))
+                })?;
             changes += 1;
         }
         Ok(changes)

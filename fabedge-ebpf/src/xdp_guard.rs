@@ -4,8 +4,7 @@
 //! would drop later at a higher price (our VXLAN).
 
 use fabedge_common::{
-    Counter, DatapathConfig, ESP_IN_UDP_PORT, RouteEntry, peer_kind, role, route_kind,
-    tunnel_mode,
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, RouteEntry, peer_kind, role, route_kind, tunnel_mode,
 };
 
 use crate::maps::{peer, peers_at, route};
@@ -28,8 +27,7 @@ impl Tunnel {
         if cfg.tunnel_mode == tunnel_mode::VXLAN && cfg.tunnel_port != 0 && port == cfg.tunnel_port
         {
             Some(Tunnel::Ours)
-        } else if cfg.role == role::CONNECTOR && cfg.flannel_port != 0 && port == cfg.flannel_port
-        {
+        } else if cfg.role == role::CONNECTOR && cfg.flannel_port != 0 && port == cfg.flannel_port {
             Some(Tunnel::Flannel)
         } else if cfg.tunnel_mode == tunnel_mode::ESP && port == ESP_IN_UDP_PORT {
             Some(Tunnel::Esp)
@@ -81,9 +79,7 @@ pub fn check_inner_source(
             Ok(Some(r))
         }
         (Tunnel::Ours, _) => Err(Counter::XdpDropSpoofed),
-        (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => {
-            Err(Counter::XdpDropSpoofed)
-        }
+        (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => Err(Counter::XdpDropSpoofed),
         (Tunnel::Flannel, Some(r)) if r.kind == route_kind::CLOUD_VTEP => {
             if owned_by_sender(r) {
                 Ok(Some(r))

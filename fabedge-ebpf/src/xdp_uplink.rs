@@ -12,7 +12,9 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use fabedge_common::{Counter, DatapathConfig, config_flags, peer_kind, role, route_kind, tunnel_mode};
+use fabedge_common::{
+    Counter, DatapathConfig, config_flags, peer_kind, role, route_kind, tunnel_mode,
+};
 
 use crate::{
     maps::{config, route},

@@ -37,9 +37,10 @@ pub enum XdpMode {
 
 /// Whether a link pin name is one of ours for XDP (`fe_xdp_uplink@eth0`).
 pub fn is_xdp_pin(name: &str) -> bool {
-    XDP_PROGRAMS
-        .iter()
-        .any(|p| name.strip_prefix(p).is_some_and(|rest| rest.starts_with('@')))
+    XDP_PROGRAMS.iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with('@'))
+    })
 }
 
 impl Datapath {
@@ -74,7 +75,10 @@ impl Datapath {
         let mut out = BTreeSet::new();
         for pin in read_dir_sorted(&self.layout.links_dir())? {
             let name = pin.file_name().unwrap_or_default().to_string_lossy();
-            if let Some(iface) = name.strip_prefix(XDP_UPLINK).and_then(|r| r.strip_prefix('@')) {
+            if let Some(iface) = name
+                .strip_prefix(XDP_UPLINK)
+                .and_then(|r| r.strip_prefix('@'))
+            {
                 out.insert(iface.to_owned());
             }
         }
@@ -142,7 +146,10 @@ impl Datapath {
                 fd_link
                     .pin(&pin)
                     .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
-                info!("{XDP_UPLINK}@{iface}: attached ({how}, pinned at {})", pin.display());
+                info!(
+                    "{XDP_UPLINK}@{iface}: attached ({how}, pinned at {})",
+                    pin.display()
+                );
             }
             Err(e) => {
                 // Kernels without XDP bpf links (< 5.9): a netlink attachment,
