@@ -44,6 +44,12 @@ enum Cmd {
         attachments: Vec<Attachment>,
         #[arg(long, value_enum, default_value = "auto")]
         attach_mode: AttachMode,
+        /// Also put fe_xdp_uplink on IFACE (repeatable); XDP elsewhere is removed.
+        #[arg(long = "xdp-iface", value_name = "IFACE")]
+        xdp_ifaces: Vec<String>,
+        /// How the XDP program is attached (with --xdp-iface).
+        #[arg(long, value_enum, default_value = "native")]
+        xdp: XdpMode,
     },
     /// Remove every program, link, filter, map pin, route, device and CNI file fabedge created.
     Uninstall {
@@ -285,10 +291,15 @@ fn main() -> Result<()> {
         Cmd::Attach {
             attachments,
             attach_mode,
+            xdp_ifaces,
+            xdp,
         } => {
             let mut dp = Datapath::load(layout, attach_mode)?;
             for attachment in &attachments {
                 dp.attach(attachment)?;
+            }
+            if !xdp_ifaces.is_empty() {
+                dp.sync_xdp(&xdp_ifaces.into_iter().collect(), xdp)?;
             }
             info!(
                 "attached {} program(s) in {:?} mode",
