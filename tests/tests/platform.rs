@@ -487,6 +487,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 ..Default::default()
             },
         )?;
+        maps.sync_peer_addrs(&std::collections::BTreeMap::from([(7u16, maps.peer(7)?)]))?;
         // Hash maps dump only their entries: give each one.
         {
             use fabedge_common::services::*;
@@ -555,7 +556,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 10] = [
+        let expected: [(&str, &[&str]); 11] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -566,7 +567,11 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_AFFINITY", &["client", "backend"]),
             ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
-            ("FE_CONFIG", &["ready", "tunnel_mtu", "flannel_mac"]),
+            ("FE_PEER_ADDRS", &["addr", "peer_id", "kinds"]),
+            (
+                "FE_CONFIG",
+                &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port"],
+            ),
             ("FE_COUNTERS", &["values", "cpu", "value"]),
             ("FE_PEER_STATS", &["tx_packets", "rx_bytes"]),
         ];
