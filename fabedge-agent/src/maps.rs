@@ -263,3 +263,56 @@ impl Maps {
             .with_context(|| format!("writing counter {}", counter.name()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fabedge_common::{PeerAddrEntry, PeerEntry, peer_kind};
+
+    use super::peer_addrs;
+
+    fn peer(kind: u8, ip: [u8; 4]) -> PeerEntry {
+        PeerEntry {
+            kind,
+            underlay_ip: ip,
+            ..PeerEntry::default()
+        }
+    }
+
+    #[test]
+    fn peer_addresses_index_every_peer_by_underlay_ip() {
+        let peers = BTreeMap::from([
+            (3, peer(peer_kind::TUNNEL, [198, 18, 0, 250])),
+            // Behind the same NAT: one address, the lowest id.
+            (2, peer(peer_kind::TUNNEL, [198, 18, 0, 250])),
+            // A cloud node's Flannel VTEP.
+            (5, peer(peer_kind::FLANNEL_VTEP, [10, 1, 0, 2])),
+            // ESP peers before their first hello have no address: not indexed.
+            (7, peer(peer_kind::TUNNEL, [0; 4])),
+            // Unused slot.
+            (9, PeerEntry::default()),
+        ]);
+        assert_eq!(
+            peer_addrs(&peers),
+            BTreeMap::from([
+                (
+                    [10, 1, 0, 2],
+                    PeerAddrEntry {
+                        peer_id: 5,
+                        kinds: 1 << peer_kind::FLANNEL_VTEP,
+                        _pad: 0
+                    }
+                ),
+                (
+                    [198, 18, 0, 250],
+                    PeerAddrEntry {
+                        peer_id: 2,
+                        kinds: 1 << peer_kind::TUNNEL,
+                        _pad: 0
+                    }
+                ),
+            ])
+        );
+    }
+}

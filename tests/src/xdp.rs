@@ -191,3 +191,162 @@ pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
     dp.maps.sync_peer_addrs(&peers)?;
     Ok(())
 }
+
+/// One XDP verdict's per-packet cost against `fe_xdp_empty`.
+#[derive(Debug, Clone)]
+pub struct VerdictCost {
+    /// Stable key: `xdp.verdict_ns_ratio_vs_empty.<key>`.
+    pub key: &'static str,
+    pub what: &'static str,
+    pub ns: f64,
+    pub ratio_vs_empty: f64,
+}
+
+/// Per-packet kernel time of each `fe_xdp_uplink` verdict and of the empty
+/// program on the same frame, in one process and namespace: the median of
+/// `samples` single runs, each on a fresh copy of the frame (a rewrite never
+/// runs again on its own output). The empty program is sampled between the
+/// cases' samples so both see the same machine load.
+pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
+    use crate::packet::{Frame, vxlan_encap};
+    use fabedge_common::{DEFAULT_TUNNEL_VNI, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
+    use fixtures::*;
+
+    let lab = FibLab::new("xdp-bench")?;
+    lab.netns.enter(|| {
+        let dp = crate::xdp::connector("xdp-bench")?;
+        let inner = |src_mac, dst_mac, src: Ipv4Addr, dst: Ipv4Addr| {
+            Frame::eth(src_mac, dst_mac)
+                .ipv4(src, dst)
+                .udp(5353, 53)
+                .payload(&[0u8; 64])
+                .build()
+        };
+        let flannel = |outer_src: [u8; 4], inner: &[u8]| {
+            vxlan_encap(
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+                Ipv4Addr::from(outer_src),
+                Ipv4Addr::from(CONNECTOR_LAN),
+                41234,
+                8472,
+                1,
+                inner,
+            )
+        };
+        let tunnel = |outer_src: Ipv4Addr, inner: &[u8]| {
+            vxlan_encap(
+                Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),
+                outer_src,
+                CONNECTOR_WAN,
+                50000,
+                DEFAULT_TUNNEL_PORT,
+                DEFAULT_TUNNEL_VNI,
+                inner,
+            )
+        };
+        let edge1 = Ipv4Addr::new(198, 18, 0, 11);
+        let cases: Vec<(&'static str, &'static str, Vec<u8>, u32, u32)> = vec![
+            (
+                "flannel_to_tunnel",
+                "Flannel → our tunnel (rewrite, FIB, redirect)",
+                flannel(
+                    CLOUD2_LAN,
+                    &inner(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, LOCAL_POD),
+                ),
+                lab.lan_ifindex,
+                XDP_REDIRECT,
+            ),
+            (
+                "tunnel_to_flannel",
+                "our tunnel → Flannel (rewrite, FIB, redirect)",
+                tunnel(
+                    edge1,
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
+                ),
+                lab.wan_ifindex,
+                XDP_REDIRECT,
+            ),
+            (
+                "pass_flannel_cloud_pod",
+                "Flannel for a cloud pod (guard, pass)",
+                flannel(
+                    CLOUD2_LAN,
+                    &inner(
+                        CLOUD2_VTEP_MAC,
+                        FLANNEL_MAC,
+                        CLOUD_POD,
+                        Ipv4Addr::new(10, 244, 0, 5),
+                    ),
+                ),
+                lab.lan_ifindex,
+                XDP_PASS,
+            ),
+            (
+                "drop_unknown_tunnel_source",
+                "tunnel from a stranger (drop)",
+                tunnel(
+                    Ipv4Addr::new(198, 18, 0, 77),
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
+                ),
+                lab.wan_ifindex,
+                XDP_DROP,
+            ),
+            (
+                "drop_spoofed",
+                "tunnel with a spoofed inner source (drop)",
+                tunnel(
+                    edge1,
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD_2),
+                ),
+                lab.wan_ifindex,
+                XDP_DROP,
+            ),
+            (
+                "pass_not_tunnel",
+                "plain UDP, not a tunnel port (pass)",
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                    .ipv4(Ipv4Addr::from(CLOUD2_LAN), LOCAL_POD)
+                    .udp(1, 2)
+                    .payload(&[0u8; 64])
+                    .build(),
+                lab.lan_ifindex,
+                XDP_PASS,
+            ),
+        ];
+        let mut out = Vec::new();
+        for (key, what, frame, ifindex, verdict) in cases {
+            // Measure the path the case names, not another one.
+            let before = dp.counters();
+            let action = run_xdp(&dp, XDP_UPLINK, &frame, ifindex)?.action;
+            if action != verdict {
+                let moved: Vec<String> = before
+                    .iter()
+                    .zip(dp.counters())
+                    .filter(|((_, b), (_, a))| a != b)
+                    .map(|((c, _), _)| c.name().to_owned())
+                    .collect();
+                bail!(
+                    "bench case {key}: fe_xdp_uplink returned {action}, expected {verdict} \
+                     (counted: {moved:?})"
+                );
+            }
+            let mut case = Vec::with_capacity(samples);
+            let mut empty = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                case.push(time_xdp_once(&dp, XDP_UPLINK, &frame, ifindex)?);
+                empty.push(time_xdp_once(&dp, XDP_EMPTY, &frame, ifindex)?);
+            }
+            case.sort();
+            empty.sort();
+            let ns = case[samples / 2].as_nanos() as f64;
+            let base = (empty[samples / 2].as_nanos() as f64).max(1.0);
+            out.push(VerdictCost {
+                key,
+                what,
+                ns,
+                ratio_vs_empty: ns / base,
+            });
+        }
+        Ok(out)
+    })
+}
