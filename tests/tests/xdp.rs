@@ -1,8 +1,9 @@
 //! XDP on the uplinks: the connector's Flannel ↔ tunnel masquerade rewritten
 //! in place and the tunnel guard, first under BPF_PROG_TEST_RUN (exact
 //! bytes, verdicts, counters; every declined frame passes byte-identical),
-//! then in the mini cluster (the seed matrix with XDP on every uplink, and
-//! forged tunnel traffic dying at the NIC). Needs root.
+//! then in the mini cluster (the seed matrix with XDP on every uplink,
+//! forged tunnel traffic dying at the NIC, agent restarts under ping with no
+//! loss). Needs root.
 
 use std::{
     collections::BTreeMap,
@@ -541,7 +542,8 @@ fn wait_for_counter(cluster: &Cluster, node: &str, counter: Counter, before: u64
 }
 
 #[test]
-fn with_xdp_on_every_uplink_the_seed_matrix_passes_and_forgeries_die_at_the_nic() -> Result<()> {
+fn with_xdp_on_every_uplink_the_seed_matrix_passes_forgeries_die_and_restarts_lose_nothing()
+-> Result<()> {
     let cluster = Cluster::start(ClusterOptions {
         extra_agent_args: ["--tunnel", "vxlan", "--xdp", "native"]
             .map(String::from)
@@ -669,6 +671,28 @@ fn with_xdp_on_every_uplink_the_seed_matrix_passes_and_forgeries_die_at_the_nic(
         target.requests_served(),
         served,
         "a forged datagram reached the cloud-1 pod's echo server"
+    );
+
+    // Restarts swap fe_xdp_uplink inside its pinned links: the masquerade
+    // never stops, and no ping is lost while both ends' agents restart.
+    let before = cluster.settled_stats()?;
+    let (sent, received) = cluster.restart_agents_under_ping(
+        &["cloud-1", "edge-1"],
+        cluster.pod("cloud-2")?,
+        cluster.pod("edge-1")?.ip(),
+    )?;
+    ensure!(
+        received == sent,
+        "cloud-2 pod → edge-1 pod lost {} of {sent} pings while the agents of cloud-1 and edge-1 restarted with XDP\n{}",
+        sent - received,
+        cluster.diagnostics(&["cloud-1".to_owned(), "edge-1".to_owned()])
+    );
+    let grown = cluster.settled_stats()?.since(&before);
+    assert!(
+        grown.counter("cloud-1", Counter::XdpFlannelToTunnel) >= sent as u64
+            && grown.counter("cloud-1", Counter::XdpTunnelToFlannel) >= sent as u64,
+        "XDP did not carry the pings across the restarts: {:?}",
+        grown.nodes.get("cloud-1").map(|n| &n.counters)
     );
     Ok(())
 }
