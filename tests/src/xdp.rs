@@ -1,14 +1,17 @@
 //! XDP under `BPF_PROG_TEST_RUN`: the uplink program run on a crafted frame
 //! (the kernel returns the frame as the program left it), inside a small
-//! namespace whose routes and neighbours `bpf_fib_lookup` consults.
+//! namespace whose routes and neighbours `bpf_fib_lookup` consults; and what
+//! the mini cluster needs to run with `--xdp native` (a wire XDP can use, the
+//! seed matrix's proofs for XDP).
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
-use fabedge_common::{DEFAULT_TUNNEL_PORT, tunnel_mode};
+use fabedge_common::{Counter, DEFAULT_TUNNEL_PORT, tunnel_mode};
 
 use crate::{
+    cluster::{Cluster, PathSpec, Proof, seed_matrix},
     datapath::{TestDatapath, fixtures},
     netns::Netns,
     packet::Mac,
@@ -189,6 +192,64 @@ pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
         }
     }
     dp.maps.sync_peer_addrs(&peers)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The mini cluster with XDP
+// ---------------------------------------------------------------------------
+
+/// The seed matrix's proofs with the connector's masquerade done by XDP:
+/// where TC's Flannel counters had to move, XDP's must.
+pub fn xdp_seed_matrix() -> Vec<PathSpec> {
+    seed_matrix()
+        .into_iter()
+        .map(|mut path| {
+            for proof in &mut path.proofs {
+                if let Proof::Counted { counter, .. } = proof {
+                    *counter = match *counter {
+                        Counter::FlannelDecap => Counter::XdpFlannelToTunnel,
+                        Counter::FlannelEncap => Counter::XdpTunnelToFlannel,
+                        other => other,
+                    };
+                }
+            }
+            path
+        })
+        .collect()
+}
+
+/// What a physical wire gives XDP and veths do not by themselves:
+/// - native XDP on a veth sends what it transmits or redirects to the peer
+///   veth, which accepts such frames only with NAPI running there (an XDP
+///   program, or GRO on): GRO goes on at the switch's ports;
+/// - a veth passes checksum work along unfinished (CHECKSUM_PARTIAL rides
+///   in the skb, not on the wire), which a frame rewritten by XDP loses:
+///   the nodes' NICs finish checksums before sending (tx offload off), as
+///   every frame on a real wire is finished.
+pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
+    let links = |netns: &Netns| -> Result<Vec<String>> {
+        Ok(netns
+            .ip(&["-o", "link", "show"])?
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    };
+    let switch = cluster.switch()?;
+    for port in links(switch)? {
+        if port.ends_with("-wan") || port.ends_with("-lan") {
+            switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
+        }
+    }
+    for node in cluster.node_names() {
+        let netns = cluster.node_netns(&node)?;
+        for nic in links(netns)? {
+            if nic == "eth-wan" || nic == "eth-lan" {
+                netns.run_ok("ethtool", &["-K", &nic, "tx", "off"])?;
+            }
+        }
+    }
     Ok(())
 }
 

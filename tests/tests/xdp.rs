@@ -17,7 +17,7 @@ use fabedge_common::{
     route_kind, tunnel_mode,
 };
 use fabedge_tests::{
-    cluster::{Cluster, ClusterOptions, ECHO_PORT, PING_COUNT, PathSpec, Proof, seed_matrix},
+    cluster::{Cluster, ClusterOptions, ECHO_PORT, PING_COUNT},
     datapath::{TestDatapath, fixtures::*},
     netns::PacketSocket,
     packet::{Frame, UdpChecksum, parse_eth, vxlan_encap},
@@ -467,60 +467,6 @@ fn the_empty_program_passes_everything() -> Result<()> {
 // ---------------------------------------------------------------------------
 // The mini cluster with XDP on every uplink
 // ---------------------------------------------------------------------------
-
-/// The seed matrix's proofs with the connector's masquerade done by XDP:
-/// where TC's Flannel counters had to move, XDP's must.
-fn xdp_seed_matrix() -> Vec<PathSpec> {
-    seed_matrix()
-        .into_iter()
-        .map(|mut path| {
-            for proof in &mut path.proofs {
-                if let Proof::Counted { counter, .. } = proof {
-                    *counter = match *counter {
-                        Counter::FlannelDecap => Counter::XdpFlannelToTunnel,
-                        Counter::FlannelEncap => Counter::XdpTunnelToFlannel,
-                        other => other,
-                    };
-                }
-            }
-            path
-        })
-        .collect()
-}
-
-/// What a physical wire gives XDP and veths do not by themselves:
-/// - native XDP on a veth sends what it transmits or redirects to the peer
-///   veth, which accepts such frames only with NAPI running there (an XDP
-///   program, or GRO on): GRO goes on at the switch's ports;
-/// - a veth passes checksum work along unfinished (CHECKSUM_PARTIAL rides
-///   in the skb, not on the wire), which a frame rewritten by XDP loses:
-///   the nodes' NICs finish checksums before sending (tx offload off), as
-///   every frame on a real wire is finished.
-fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
-    let links = |netns: &fabedge_tests::netns::Netns| -> Result<Vec<String>> {
-        Ok(netns
-            .ip(&["-o", "link", "show"])?
-            .lines()
-            .filter_map(|line| line.split(": ").nth(1))
-            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
-            .collect())
-    };
-    let switch = cluster.switch()?;
-    for port in links(switch)? {
-        if port.ends_with("-wan") || port.ends_with("-lan") {
-            switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
-        }
-    }
-    for node in cluster.node_names() {
-        let netns = cluster.node_netns(&node)?;
-        for nic in links(netns)? {
-            if nic == "eth-wan" || nic == "eth-lan" {
-                netns.run_ok("ethtool", &["-K", &nic, "tx", "off"])?;
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Poll until `counter` on `node` grew by `by` over `before`.
 fn wait_for_counter(cluster: &Cluster, node: &str, counter: Counter, before: u64) -> Result<u64> {
