@@ -111,7 +111,11 @@ fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8;
         return pass(Counter::XdpPass);
     }
     let verdict = match (tunnel, route(frame.inner_ip.daddr)) {
-        (Tunnel::Flannel, Some(dst)) if dst.kind == route_kind::TUNNEL => {
+        // Addressed to our VTEP, as `fe_uplink_ingress` demands: Flannel
+        // traffic between other nodes is not ours to masquerade.
+        (Tunnel::Flannel, Some(dst))
+            if dst.kind == route_kind::TUNNEL && frame.ip.daddr == cfg.underlay_ip =>
+        {
             flannel_to_tunnel(ctx, cfg, frame, dst.peer_id)
         }
         (Tunnel::Ours, Some(dst)) if dst.kind == route_kind::CLOUD_VTEP => match src {

@@ -232,7 +232,21 @@ fn everything_xdp_declines_passes_byte_identical() -> Result<()> {
             .ipv4(Ipv4Addr::from(CLOUD2_LAN), EDGE1_POD)
             .udp(1, 2)
             .build();
+        let elsewhere = vxlan_encap(
+            Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+            Ipv4Addr::from(CLOUD2_LAN),
+            Ipv4Addr::new(10, 1, 0, 3),
+            41234,
+            8472,
+            1,
+            &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
+        );
         let cases: Vec<(&str, Vec<u8>, Option<Counter>)> = vec![
+            (
+                "Flannel for another node's VTEP",
+                elsewhere,
+                Some(Counter::XdpPass),
+            ),
             ("TTL 1", from_cloud(EDGE1_POD, 1), Some(Counter::XdpPass)),
             (
                 "inner more-fragments",
