@@ -31,6 +31,9 @@ use aya::{
 use fabedge_common::LAYOUT_VERSION;
 use log::{debug, info, warn};
 
+pub mod xdp;
+pub use xdp::XdpMode;
+
 /// The kernel object built by `cargo xtask build-ebpf`.
 pub static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fabedge.bpf.o"));
 
@@ -324,7 +327,9 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifying and loading {symbol}"))?;
         }
-        Ok(Datapath { ebpf, layout, mode })
+        let mut datapath = Datapath { ebpf, layout, mode };
+        datapath.load_xdp_programs()?;
+        Ok(datapath)
     }
 
     pub fn layout(&self) -> &PinLayout {
@@ -419,7 +424,7 @@ impl Datapath {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            if SOCK_PROGRAMS.iter().any(|p| name.starts_with(p)) {
+            if SOCK_PROGRAMS.iter().any(|p| name.starts_with(p)) || xdp::is_xdp_pin(&name) {
                 continue;
             }
             let parsed = name.split_once('@').and_then(|(symbol, iface)| {

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fabedge_agent::{
     apply,
-    datapath::{self, AttachMode, Attachment, Datapath, PinLayout},
+    datapath::{self, AttachMode, Attachment, Datapath, PinLayout, XdpMode},
     inspect,
     model::Role,
     plan::{self, Settings, TunnelMode},
@@ -44,6 +44,12 @@ enum Cmd {
         attachments: Vec<Attachment>,
         #[arg(long, value_enum, default_value = "auto")]
         attach_mode: AttachMode,
+        /// Also put fe_xdp_uplink on IFACE (repeatable); XDP elsewhere is removed.
+        #[arg(long = "xdp-iface", value_name = "IFACE")]
+        xdp_ifaces: Vec<String>,
+        /// How the XDP program is attached (with --xdp-iface).
+        #[arg(long, value_enum, default_value = "native")]
+        xdp: XdpMode,
     },
     /// Remove every program, link, filter, map pin, route, device and CNI file fabedge created.
     Uninstall {
@@ -121,6 +127,11 @@ struct RunArgs {
     no_fast_path: bool,
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: AttachMode,
+    /// XDP on the uplinks (`fe_xdp_uplink`: tunnel guard everywhere, the
+    /// connector's Flannel masquerade in VXLAN mode). `native` falls back to
+    /// `generic` (logged) where the driver has no XDP; `off` removes it.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp: XdpMode,
     #[arg(long, default_value = "/var/lib/fabedge")]
     state_dir: PathBuf,
     /// How often the manifest file is checked for changes.
@@ -273,6 +284,7 @@ fn main() -> Result<()> {
                 flannel_iface: args.flannel_iface,
                 layout,
                 attach_mode: args.attach_mode,
+                xdp: args.xdp,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
                 hold_drastic_changes: args.hold_drastic_changes,
@@ -300,10 +312,15 @@ fn main() -> Result<()> {
         Cmd::Attach {
             attachments,
             attach_mode,
+            xdp_ifaces,
+            xdp,
         } => {
             let mut dp = Datapath::load(layout, attach_mode)?;
             for attachment in &attachments {
                 dp.attach(attachment)?;
+            }
+            if !xdp_ifaces.is_empty() {
+                dp.sync_xdp(&xdp_ifaces.into_iter().collect(), xdp)?;
             }
             info!(
                 "attached {} program(s) in {:?} mode",

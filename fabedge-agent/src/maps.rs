@@ -8,7 +8,7 @@ use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
+    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -24,6 +24,7 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub ct: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub peer_addrs: HashMap<MapData, RouteAddr, PeerAddrEntry>,
 }
 
 impl Maps {
@@ -56,6 +57,9 @@ impl Maps {
             affinity: typed(map_names::AFFINITY)?
                 .try_into()
                 .context(map_names::AFFINITY)?,
+            peer_addrs: typed(map_names::PEER_ADDRS)?
+                .try_into()
+                .context(map_names::PEER_ADDRS)?,
         })
     }
 
@@ -101,6 +105,40 @@ impl Maps {
             .with_context(|| format!("writing FE_PEERS[{id}]"))
     }
 
+    /// Make `FE_PEER_ADDRS` the address index of `peers` (what `FE_PEERS`
+    /// holds): entries added or changed first, stale ones removed after.
+    pub fn sync_peer_addrs<'a>(
+        &mut self,
+        peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
+    ) -> Result<usize> {
+        let wanted = peer_addrs(peers);
+        let mut current = std::collections::BTreeMap::new();
+        for item in self.peer_addrs.iter() {
+            let (key, value) = item.context("reading FE_PEER_ADDRS")?;
+            current.insert(key.addr, value);
+        }
+        let mut changes = 0;
+        for (addr, entry) in &wanted {
+            if current.get(addr) != Some(entry) {
+                self.peer_addrs
+                    .insert(RouteAddr { addr: *addr }, *entry, 0)
+                    .with_context(|| {
+                        format!("writing {} to FE_PEER_ADDRS", Ipv4Addr::from(*addr))
+                    })?;
+                changes += 1;
+            }
+        }
+        for addr in current.keys().filter(|a| !wanted.contains_key(*a)) {
+            self.peer_addrs
+                .remove(&RouteAddr { addr: *addr })
+                .with_context(|| {
+                    format!("removing {} from FE_PEER_ADDRS", Ipv4Addr::from(*addr))
+                })?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
     /// Summed over CPUs.
     pub fn counter(&self, counter: Counter) -> Result<u64> {
         let values = self
@@ -125,6 +163,26 @@ impl Maps {
                 rx_bytes: acc.rx_bytes + s.rx_bytes,
             }))
     }
+}
+
+/// The underlay addresses of `peers` (in-use slots with an address), each
+/// with the lowest peer id there and every kind sending from it.
+pub fn peer_addrs<'a>(
+    peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
+) -> std::collections::BTreeMap<[u8; 4], PeerAddrEntry> {
+    let mut out = std::collections::BTreeMap::<[u8; 4], PeerAddrEntry>::new();
+    for (&id, peer) in peers {
+        if peer.kind == 0 || peer.kind >= 8 || peer.underlay_ip == [0; 4] {
+            continue;
+        }
+        let entry = out.entry(peer.underlay_ip).or_insert(PeerAddrEntry {
+            peer_id: id,
+            ..PeerAddrEntry::default()
+        });
+        entry.peer_id = entry.peer_id.min(id);
+        entry.kinds |= 1 << peer.kind;
+    }
+    out
 }
 
 pub fn net_to_key(net: Ipv4Net) -> Key<RouteAddr> {
@@ -203,5 +261,58 @@ impl Maps {
         self.counters
             .set(counter as u32, values, 0)
             .with_context(|| format!("writing counter {}", counter.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fabedge_common::{PeerAddrEntry, PeerEntry, peer_kind};
+
+    use super::peer_addrs;
+
+    fn peer(kind: u8, ip: [u8; 4]) -> PeerEntry {
+        PeerEntry {
+            kind,
+            underlay_ip: ip,
+            ..PeerEntry::default()
+        }
+    }
+
+    #[test]
+    fn peer_addresses_index_every_peer_by_underlay_ip() {
+        let peers = BTreeMap::from([
+            (3, peer(peer_kind::TUNNEL, [198, 18, 0, 250])),
+            // Behind the same NAT: one address, the lowest id.
+            (2, peer(peer_kind::TUNNEL, [198, 18, 0, 250])),
+            // A cloud node's Flannel VTEP.
+            (5, peer(peer_kind::FLANNEL_VTEP, [10, 1, 0, 2])),
+            // ESP peers before their first hello have no address: not indexed.
+            (7, peer(peer_kind::TUNNEL, [0; 4])),
+            // Unused slot.
+            (9, PeerEntry::default()),
+        ]);
+        assert_eq!(
+            peer_addrs(&peers),
+            BTreeMap::from([
+                (
+                    [10, 1, 0, 2],
+                    PeerAddrEntry {
+                        peer_id: 5,
+                        kinds: 1 << peer_kind::FLANNEL_VTEP,
+                        _pad: 0
+                    }
+                ),
+                (
+                    [198, 18, 0, 250],
+                    PeerAddrEntry {
+                        peer_id: 2,
+                        kinds: 1 << peer_kind::TUNNEL,
+                        _pad: 0
+                    }
+                ),
+            ])
+        );
     }
 }

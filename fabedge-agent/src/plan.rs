@@ -867,6 +867,7 @@ impl<'a> Planner<'a> {
             } else {
                 0
             },
+            tunnel_port: if vxlan { settings.tunnel_port } else { 0 },
             ..Default::default()
         };
 

@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     apply::{Applier, net},
-    datapath::{AttachMode, Datapath, PinLayout},
+    datapath::{AttachMode, Datapath, PinLayout, XdpMode},
     maps::Maps,
     model::parse_mac,
     plan::{PeerIds, Plan, Settings, plan},
@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub flannel_iface: String,
     pub layout: PinLayout,
     pub attach_mode: AttachMode,
+    /// How `fe_xdp_uplink` goes on the uplinks (`--xdp`).
+    pub xdp: XdpMode,
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
@@ -210,7 +212,7 @@ impl Reconciler {
         status.planned(0, &peer_ids, None);
         Ok(Reconciler {
             status,
-            applier: Applier::recording_sysctls_in(&options.state_dir),
+            applier: Applier::with_xdp(options.xdp).recording_sysctls_in(&options.state_dir),
             peer_ids,
             peer_ids_path,
             applied_text: None,

@@ -57,6 +57,19 @@ counters! {
     PassFlannel = 10, "pass_flannel", false;
     /// Fast path: TTL decremented and redirected straight into `fe-tunnel`.
     RedirectToTunnel = 11, "redirect_to_tunnel", false;
+    /// XDP (connector uplink): Flannel VXLAN for an edge rewritten in place
+    /// into our tunnel and sent back out (XDP_TX / redirect).
+    XdpFlannelToTunnel = 12, "xdp_flannel_to_tunnel", false;
+    /// XDP (connector uplink): our tunnel's VXLAN for a cloud pod rewritten
+    /// in place into Flannel VXLAN to the owning VTEP.
+    XdpTunnelToFlannel = 13, "xdp_tunnel_to_flannel", false;
+    /// XDP declined tunnel traffic from a known sender (ESP mode, no fast
+    /// path, fragment, options, TTL, size, destination): passed unchanged
+    /// to the TC programs and the kernel.
+    XdpPass = 14, "xdp_pass", false;
+    /// XDP could rewrite but the next hop's neighbour (or route) is not
+    /// resolved: passed unchanged; the kernel path resolves it.
+    XdpPassNoNeighbour = 15, "xdp_pass_no_neighbour", false;
     /// A new flow to a ClusterIP was balanced to a backend (conntrack created).
     ServiceNewFlow = 20, "service_new_flow", false;
     /// A packet of a known Service flow was translated (either direction).
@@ -82,6 +95,12 @@ counters! {
     DropUnsupported = 37, "drop_unsupported", true;
     /// Marked for the tunnel but this node runs no tunnel.
     DropNoTunnel = 38, "drop_no_tunnel", true;
+    /// XDP guard: tunnel-port traffic (our VXLAN, Flannel's on the
+    /// connector, ESP in UDP) from an address that is no peer or VTEP.
+    XdpDropUnknownTunnelSource = 39, "xdp_drop_unknown_tunnel_source", true;
+    /// XDP guard: a peer's tunnel packet whose inner source is not one of
+    /// that peer's prefixes.
+    XdpDropSpoofed = 40, "xdp_drop_spoofed", true;
     /// A Service with no endpoints, where no reject could be built (dropped instead).
     DropNoEndpoints = 48, "drop_no_endpoints", true;
     /// Conntrack (or source-port) space exhausted for a new Service flow.

@@ -17,7 +17,7 @@ pub use counters::Counter;
 /// Bumped whenever any map's type, key, value or size changes. The agent pins
 /// under `/sys/fs/bpf/fabedge/v<LAYOUT_VERSION>/` and refuses to adopt a pinned
 /// map whose shape differs from what it was built with.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file, in bpffs and in `bpftool`.
 pub mod map_names {
@@ -31,6 +31,7 @@ pub mod map_names {
     pub const CT: &str = "FE_CT";
     pub const AFFINITY: &str = "FE_AFFINITY";
     pub const SOCK_REVNAT: &str = "FE_SOCK_REVNAT";
+    pub const PEER_ADDRS: &str = "FE_PEER_ADDRS";
 }
 
 /// Capacity of the route LPM trie (prefixes).
@@ -47,8 +48,8 @@ pub const DEFAULT_TUNNEL_VNI: u32 = 0xFEDE;
 /// Flannel's VXLAN backend defaults (Linux kernel VXLAN port, VNI 1).
 pub const DEFAULT_FLANNEL_PORT: u16 = 8472;
 pub const DEFAULT_FLANNEL_VNI: u32 = 1;
-/// UDP port of ESP in UDP (RFC 3948): NAT traversal, and our ESP mode's one
-/// port in both directions.
+/// UDP port of ESP in UDP (RFC 3948): NAT traversal, our ESP mode's one
+/// port in both directions, and where the XDP guard looks in ESP mode.
 pub const ESP_IN_UDP_PORT: u16 = 4500;
 
 /// Bytes a VXLAN-in-IPv4 encapsulation adds: outer IPv4 + UDP + VXLAN + inner Ethernet.
@@ -194,8 +195,27 @@ pub struct DatapathConfig {
     pub flannel_mac: [u8; 6],
     /// Largest inner IPv4 packet that fits Flannel's VXLAN unfragmented (connector).
     pub flannel_mtu: u16,
+    /// UDP port `fe-tunnel` listens on (VXLAN mode), host order: where the
+    /// XDP guard checks the sender.
+    pub tunnel_port: u16,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 44);
+
+/// Value of `FE_PEER_ADDRS`, keyed by a peer's underlay address
+/// ([`RouteAddr`]): which peers send from that address. The XDP guard drops
+/// tunnel traffic from addresses without an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerAddrEntry {
+    /// One peer at this address (the lowest id when several share it,
+    /// e.g. edges behind one NAT).
+    pub peer_id: u16,
+    /// `1 << kind` for every [`peer_kind`] at this address.
+    pub kinds: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PeerAddrEntry>() == 4);
 
 /// Per-peer traffic statistics (`FE_PEER_STATS`, per-CPU, indexed by peer id).
 #[repr(C)]
@@ -217,4 +237,5 @@ mod pod {
     unsafe impl aya::Pod for PeerEntry {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for PeerStats {}
+    unsafe impl aya::Pod for PeerAddrEntry {}
 }

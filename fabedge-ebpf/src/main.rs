@@ -9,6 +9,8 @@
 //! | `fe_uplink_ingress` | TC ingress of the connector uplink| `uplink.rs`   |
 //! | `fe_to_pod`         | TC egress of `br-fabedge` (edge)  | `to_pod.rs`   |
 //! | `fe_sock_*4`        | cgroup v2 sock_addr hooks (edge)  | `sock.rs`     |
+//! | `fe_xdp_uplink`     | XDP on the uplinks (every node)   | `xdp_uplink.rs` |
+//! | `fe_xdp_empty`      | XDP, the bench's baseline         | `xdp_uplink.rs` |
 #![no_std]
 #![no_main]
 
@@ -26,11 +28,15 @@ mod reject;
 mod sock;
 mod stats;
 mod verdict;
+mod xdp_guard;
+mod xdp_masq;
+mod xdp_parse;
 
 mod from_pod;
 mod to_pod;
 mod tunnel_dev;
 mod uplink;
+mod xdp_uplink;
 
 #[cfg(not(test))]
 #[panic_handler]

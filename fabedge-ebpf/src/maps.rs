@@ -11,8 +11,8 @@ use fabedge_common::services::{
     SockRevEntry, SockRevKey,
 };
 use fabedge_common::{
-    DatapathConfig, MAX_PEERS, MAX_ROUTES, PeerEntry, PeerStats, RouteAddr, RouteEntry,
-    counters::COUNTER_SLOTS,
+    DatapathConfig, MAX_PEERS, MAX_ROUTES, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr,
+    RouteEntry, counters::COUNTER_SLOTS,
 };
 
 #[btf_map]
@@ -20,6 +20,11 @@ pub static FE_ROUTES: LpmTrie<RouteAddr, RouteEntry, { MAX_ROUTES as usize }> = 
 
 #[btf_map]
 pub static FE_PEERS: Array<PeerEntry, { MAX_PEERS as usize }> = Array::new();
+
+/// Underlay address → the peers sending from it (the XDP guard's lookup).
+#[btf_map]
+pub static FE_PEER_ADDRS: HashMap<RouteAddr, PeerAddrEntry, { MAX_PEERS as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static FE_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -71,4 +76,12 @@ pub fn peer(peer_id: u16) -> Option<&'static PeerEntry> {
         Some(p) if p.kind != 0 => Some(p),
         _ => None,
     }
+}
+
+/// The peers sending from underlay address `addr`, if any.
+#[inline(always)]
+pub fn peers_at(addr: [u8; 4]) -> Option<&'static PeerAddrEntry> {
+    // SAFETY: the value is plain data; a concurrent update may tear it, which
+    // at worst misjudges one packet while the agent rewrites the entry.
+    unsafe { FE_PEER_ADDRS.get(&RouteAddr { addr }) }
 }

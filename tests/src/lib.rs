@@ -7,6 +7,7 @@
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
 //! - [`netns`]: network namespaces, veths and bridges that always clean up.
+//! - [`xdp`]: XDP programs under `BPF_PROG_TEST_RUN`, with a namespace for their FIB lookups.
 
 pub mod agent;
 pub mod cluster;
@@ -15,3 +16,4 @@ pub mod fake_api;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod xdp;

@@ -109,11 +109,25 @@ fn restarts_keep_forwarding(mode: &str) -> Result<()> {
     let wire = wire(&format!("rs{mode}"))?;
     let root = bpffs_root(&format!("restart-{mode}"));
     let layout = PinLayout::new(&root);
-    let attach = ["attach", "--attach-mode", mode, "--attach", "from-pod=n0"];
+    let attach = [
+        "attach",
+        "--attach-mode",
+        mode,
+        "--attach",
+        "from-pod=n0",
+        "--xdp-iface",
+        "n0",
+    ];
     let result = (|| -> Result<()> {
         agent_ok(Some(&wire.node), &root, &attach)?;
         let maps = program_maps(&layout)?;
         let before = maps.counter(Counter::PassLocal)?;
+        let xdp_pin = layout.links_dir().join("fe_xdp_uplink@n0");
+        let (xdp_link, first_xdp_prog) = pinned_link(&xdp_pin)?;
+        ensure!(
+            xdp_on(&wire.node, "n0")? == Some(first_xdp_prog),
+            "fe_xdp_uplink is not the XDP program of n0"
+        );
 
         // 400 pings at 10 ms while the agent restarts five times.
         let client = &wire.client;
@@ -145,6 +159,17 @@ fn restarts_keep_forwarding(mode: &str) -> Result<()> {
             "route to {NODE_IP} lost across restarts: {routes:?}"
         );
         ensure!(maps.config()?.ready == 1, "FE_CONFIG lost across restarts");
+        // XDP: the same link all along, each restart's program swapped into it.
+        let (link_now, prog_now) = pinned_link(&xdp_pin)?;
+        ensure!(
+            link_now == xdp_link && prog_now != first_xdp_prog,
+            "XDP link {xdp_link} (program {first_xdp_prog}) became link {link_now} \
+             (program {prog_now}): restarts must update the pinned link in place"
+        );
+        ensure!(
+            xdp_on(&wire.node, "n0")? == Some(prog_now),
+            "n0 does not run the restarted agent's fe_xdp_uplink"
+        );
         let after = maps.counter(Counter::PassLocal)?;
         ensure!(
             after >= before + 400,
@@ -278,12 +303,18 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
             "tunnel-ingress=lo",
             "--attach",
             "tunnel-egress=lo",
+            "--xdp-iface",
+            "n0",
         ],
     )?;
     let attached = attachments(&wire.node, root)?;
     ensure!(
-        attached.len() == 4,
-        "expected 4 attachments, found {attached:?}"
+        attached.len() == 5,
+        "expected 4 TC attachments and XDP, found {attached:?}"
+    );
+    ensure!(
+        xdp_on(&wire.node, "n0")?.is_some(),
+        "no XDP program on n0 after attach"
     );
     let prog_ids: Vec<u64> = attached.iter().map(|a| a.1).collect();
     let mut map_ids = Vec::new();
@@ -307,6 +338,10 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
     ensure!(!root.exists(), "{} still exists", root.display());
     let left = attachments(&wire.node, root)?;
     ensure!(left.is_empty(), "tc attachments remain: {left:?}");
+    ensure!(
+        xdp_on(&wire.node, "n0")?.is_none(),
+        "uninstall left an XDP program on n0"
+    );
     // The kernel frees programs, links and maps asynchronously once unreferenced.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -388,6 +423,33 @@ fn attachments(ns: &Netns, root: &Path) -> Result<Vec<(String, u64)>> {
     Ok(found)
 }
 
+/// (link id, program id) of a pinned bpf link.
+fn pinned_link(pin: &Path) -> Result<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool link show pinned {} failed",
+        pin.display()
+    );
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        link["id"].as_u64().unwrap_or(0),
+        link["prog_id"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The id of the XDP program on `iface`, as the kernel reports the link.
+fn xdp_on(ns: &Netns, iface: &str) -> Result<Option<u64>> {
+    let out = ns.ip(&["-j", "-d", "link", "show", "dev", iface])?;
+    let parsed: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j link")?;
+    Ok(parsed[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .or_else(|| parsed[0]["xdp"]["attached"][0]["prog"]["id"].as_u64()))
+}
+
 fn prog_map_ids(id: u64) -> Result<Vec<u64>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show", "id", &id.to_string()])
@@ -425,6 +487,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 ..Default::default()
             },
         )?;
+        maps.sync_peer_addrs(&std::collections::BTreeMap::from([(7u16, maps.peer(7)?)]))?;
         // Hash maps dump only their entries: give each one.
         {
             use fabedge_common::services::*;
@@ -493,7 +556,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 10] = [
+        let expected: [(&str, &[&str]); 11] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -504,7 +567,11 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_AFFINITY", &["client", "backend"]),
             ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
-            ("FE_CONFIG", &["ready", "tunnel_mtu", "flannel_mac"]),
+            ("FE_PEER_ADDRS", &["addr", "peer_id", "kinds"]),
+            (
+                "FE_CONFIG",
+                &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port"],
+            ),
             ("FE_COUNTERS", &["values", "cpu", "value"]),
             ("FE_PEER_STATS", &["tx_packets", "rx_bytes"]),
         ];

@@ -37,7 +37,11 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same process.
-    Bench,
+    Bench {
+        /// Also write every figure, under stable keys, to FILE (JSON).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
     /// Write deploy/crd.yaml (the Community CRD) from the agent's Rust types.
@@ -61,7 +65,7 @@ fn workspace() -> PathBuf {
 }
 
 /// Build the agent, then run one of the `fabedge-tests` binaries.
-fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> {
+fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool, args: &[String]) -> Result<()> {
     let status = Command::new("cargo")
         .current_dir(ws)
         .args(["build", "--quiet", "-p", "fabedge-agent"])
@@ -74,6 +78,9 @@ fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> 
         .args(["run", "--quiet", "-p", "fabedge-tests", "--bin", bin]);
     if release {
         cmd.arg("--release");
+    }
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
     }
     let status = cmd.status().with_context(|| format!("running {what}"))?;
     if !status.success() {
@@ -99,11 +106,19 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             build::build_ebpf(&ws)?;
-            run_tests_bin(&ws, "fabedge-demo", "the demo", false)
+            run_tests_bin(&ws, "fabedge-demo", "the demo", false, &[])
         }
-        Cmd::Bench => {
+        Cmd::Bench { json } => {
             build::build_ebpf(&ws)?;
-            run_tests_bin(&ws, "fabedge-bench", "the benchmark", true)
+            let args: Vec<String> = match json {
+                // The bench runs from the workspace: make the path absolute first.
+                Some(path) => vec![
+                    "--json".into(),
+                    std::path::absolute(&path)?.display().to_string(),
+                ],
+                None => Vec::new(),
+            };
+            run_tests_bin(&ws, "fabedge-bench", "the benchmark", true, &args)
         }
         Cmd::GenCrd => crd::write(&ws),
         Cmd::VmSelfTest => vm::self_test(),

@@ -10,6 +10,7 @@
 pub mod net;
 pub mod rtnl;
 pub mod sysctl;
+pub mod xdp;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +23,7 @@ use fabedge_common::{MAX_PEERS, MAX_ROUTES, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
 use log::{debug, info};
 
 use crate::{
-    datapath::{Attachment, Datapath},
+    datapath::{Attachment, Datapath, XdpMode},
     maps::Maps,
     model::format_mac,
     plan::{CNI_FILE_NAME, Device, Plan, Settings},
@@ -58,14 +59,25 @@ pub struct Applier {
     /// Where the sysctls' former values are recorded (`sysctl::ORIGINALS_FILE`);
     /// `None`: not recorded (tests).
     state_dir: Option<std::path::PathBuf>,
+    /// How `fe_xdp_uplink` is attached (`--xdp`).
+    pub xdp: XdpMode,
+    /// The interfaces XDP was last synced to.
+    xdp_ifaces: Option<BTreeSet<String>>,
 }
 
 impl Applier {
-    /// An applier that records each sysctl's former value in `state_dir`.
-    pub fn recording_sysctls_in(state_dir: &Path) -> Applier {
+    pub fn with_xdp(xdp: XdpMode) -> Self {
+        Applier {
+            xdp,
+            ..Applier::default()
+        }
+    }
+
+    /// An applier that also records each sysctl's former value in `state_dir`.
+    pub fn recording_sysctls_in(self, state_dir: &Path) -> Applier {
         Applier {
             state_dir: Some(state_dir.to_owned()),
-            ..Applier::default()
+            ..self
         }
     }
 
@@ -95,6 +107,7 @@ impl Applier {
                 report.peers_written += 1;
             }
         }
+        maps.sync_peer_addrs(&plan.peers)?;
         let current_routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
         for (&net, &entry) in &plan.routes {
             if current_routes.get(&net) != Some(&entry) {
@@ -149,6 +162,11 @@ impl Applier {
             datapath.detach(&stale)?;
             self.attached.remove(&stale);
             report.detached += 1;
+        }
+        let xdp_ifaces = xdp::interfaces(plan, settings)?;
+        if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
+            datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
+            self.xdp_ifaces = Some(xdp_ifaces);
         }
 
         // The kernel's slow path.

@@ -3,7 +3,7 @@
 //! `RTPROT_FABEDGE`, which is how we recognise (and only ever delete) our
 //! own. Each writer compares first and changes only what differs.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
@@ -191,6 +191,26 @@ pub fn delete_link_if_present(name: &str) -> Result<bool> {
         }
         None => Ok(false),
     }
+}
+
+/// The device the kernel routes packets for each of `dsts` through (`ip
+/// route get`); an unreachable address gives none.
+pub fn route_devices(
+    dsts: impl IntoIterator<Item = Ipv4Addr>,
+) -> Result<BTreeMap<Ipv4Addr, String>> {
+    let mut nl = Rtnl::open()?;
+    let names: BTreeMap<u32, String> = nl.links()?.into_iter().map(|l| (l.index, l.name)).collect();
+    let mut devices = BTreeMap::new();
+    for dst in dsts {
+        // Unreachable right now (ENETUNREACH): its traffic cannot arrive either.
+        let Ok(Some(route)) = nl.route_to(dst) else {
+            continue;
+        };
+        if let Some(name) = route.oif.and_then(|index| names.get(&index)) {
+            devices.insert(dst, name.clone());
+        }
+    }
+    Ok(devices)
 }
 
 /// Our routes (protocol `RTPROT_FABEDGE`) in the main table.

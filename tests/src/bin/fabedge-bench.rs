@@ -7,10 +7,14 @@
 //! added, addresses translated), which measures another path. Ratios, not absolute numbers, are
 //! what compare across machines. Then a throughput comparison in the mini
 //! cluster: the eBPF fast path against the kernel's forwarding path.
+//!
+//! `--json FILE` also writes every ratio under a stable key
+//! (`xdp.verdict_ns_ratio_vs_empty.<case>`, ...); `--no-cluster` skips the
+//! mini-cluster part.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
     TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags,
@@ -80,7 +84,61 @@ fn edge_with_service() -> Result<TestDatapath> {
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
+/// Command line: `[--json FILE] [--no-cluster]`.
+struct Args {
+    json: Option<std::path::PathBuf>,
+    cluster: bool,
+}
+
+fn args() -> Result<Args> {
+    let mut args = Args {
+        json: None,
+        cluster: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => {
+                args.json = Some(
+                    it.next()
+                        .context("--json needs a FILE to write the figures to")?
+                        .into(),
+                )
+            }
+            "--no-cluster" => args.cluster = false,
+            other => bail!(
+                "unknown argument {other:?}; usage: fabedge-bench [--json FILE] [--no-cluster]"
+            ),
+        }
+    }
+    Ok(args)
+}
+
+/// The XDP verdicts against the empty XDP program, printed and keyed for `--json`.
+fn xdp_verdicts(figures: &mut BTreeMap<String, f64>) -> Result<()> {
+    let costs = fabedge_tests::xdp::verdict_costs(SAMPLES)?;
+    println!();
+    println!(
+        "fe_xdp_uplink per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} single runs on fresh frames, empty program sampled alongside)"
+    );
+    println!("{:<48} {:>10} {:>8}", "case", "ns/pkt", "× empty");
+    for cost in costs {
+        println!(
+            "{:<48} {:>10.0} {:>8.2}",
+            cost.what, cost.ns, cost.ratio_vs_empty
+        );
+        figures.insert(
+            format!("xdp.verdict_ns_ratio_vs_empty.{}", cost.key),
+            cost.ratio_vs_empty,
+        );
+        figures.insert(format!("xdp.verdict_ns.{}", cost.key), cost.ns);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let args = args()?;
+    let mut figures = BTreeMap::new();
     // A fresh datapath is not configured: every program returns at its first check.
     let baseline = TestDatapath::new("bench-baseline")?;
     let datapaths = [
@@ -205,7 +263,16 @@ fn main() -> Result<()> {
             t.as_secs_f64() / base.as_secs_f64().max(1e-12)
         );
     }
-    fast_path_vs_kernel()
+    xdp_verdicts(&mut figures)?;
+    if args.cluster {
+        fast_path_vs_kernel()?;
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&figures)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// Throughput and latency between two edge pods in the mini cluster (the

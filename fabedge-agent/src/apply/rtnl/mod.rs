@@ -13,6 +13,7 @@ mod tests;
 
 use std::{
     io,
+    net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -320,6 +321,22 @@ impl Rtnl {
             msg::parse_route,
             "listing routes",
         )
+    }
+
+    /// The route the kernel would send a packet for `dst` by (`ip route get`).
+    pub fn route_to(&mut self, dst: Ipv4Addr) -> Result<Option<RouteInfo>, RtnlError> {
+        let mut found = None;
+        let what = format!("looking up the route to {dst}");
+        self.exchange(
+            |seq| msg::get_route(dst, seq),
+            &what,
+            |kind, _, payload| {
+                if kind == msg::RTM_NEWROUTE {
+                    found = found.take().or_else(|| msg::parse_route(payload));
+                }
+            },
+        )?;
+        Ok(found)
     }
 
     /// `what` names the route in errors (with device names, which the

@@ -406,6 +406,17 @@ pub fn dump_routes(seq: u32) -> Vec<u8> {
     b.finish()
 }
 
+/// `ip route get DST`: the kernel answers with the one route it would use.
+pub fn get_route(dst: Ipv4Addr, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_ACK, seq);
+    let mut head = [0u8; RTMSG_LEN];
+    head[0] = AF_INET;
+    head[1] = 32;
+    b.body(&head);
+    b.attr(RTA_DST, &dst.octets());
+    b.finish()
+}
+
 /// A route of the main table, as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {

@@ -1,0 +1,291 @@
+//! The connector's Flannel masquerade at the NIC, VXLAN mode: one VXLAN
+//! encapsulation rewritten in place into the other (same size, so no head
+//! adjustment), outer Ethernet from the FIB, and the frame sent straight
+//! back out. What `fe_uplink_ingress` + `fe_tunnel_egress` (Flannel → edge)
+//! and `fe_tunnel_ingress` + `flannel::encap` (edge → cloud) do in two
+//! passes through the stack, with the same bytes on the wire.
+//!
+//! Everything declined returns `None` before the first byte is written, so
+//! the caller passes the frame unchanged to the TC programs and the kernel.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+        xdp_action::XDP_TX,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use fabedge_common::{
+    Counter, DatapathConfig, PeerEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind,
+};
+
+use crate::{
+    csum,
+    fastpath::decrement_ttl,
+    maps::peer,
+    parse::{ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr},
+    stats::{count, peer_rx, peer_tx},
+    xdp_parse::{VXLAN_FRAME_LEN, VxlanFrame, frame_len, is_fragment, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+const IPPROTO_TCP: u8 = 6;
+/// Bytes in front of the inner IPv4 header: outer IPv4 + UDP + VXLAN + inner Ethernet.
+const ENCAP_LEN: u16 = (VXLAN_FRAME_LEN - ETH_HLEN - IPV4_HLEN) as u16;
+/// Outer TTL, as `fe_tunnel_egress` and `flannel::encap` send.
+const OUTER_TTL: u8 = 64;
+/// Linux's default range for VXLAN source ports (flow entropy).
+const SPORT_MIN: u32 = 32768;
+const SPORT_SPAN: u32 = 61000 - 32768;
+
+/// Where a rewritten frame goes.
+struct NextHop {
+    ifindex: u32,
+    src_ip: [u8; 4],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
+/// Flannel VXLAN from a cloud VTEP for an edge (`edge_id`): into our tunnel.
+#[inline(always)]
+pub fn flannel_to_tunnel(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    frame: &mut VxlanFrame,
+    edge_id: u16,
+) -> Option<u32> {
+    let edge = match peer(edge_id) {
+        Some(p) if p.kind == peer_kind::TUNNEL => p,
+        _ => return None,
+    };
+    fits(ctx, frame, cfg.tunnel_mtu)?;
+    // Source chosen by the kernel's routing toward the edge: the address
+    // the edge knows us by, as `fe-tunnel` (no fixed local) would send from.
+    let hop = next_hop(ctx, frame, edge.underlay_ip, None)?;
+    let inner_len = inner_frame_len(frame);
+    rewrite(
+        frame,
+        &hop,
+        hop.src_ip,
+        edge,
+        edge.port,
+        cfg.tunnel_vni,
+        TUNNEL_DEV_MAC,
+        TUNNEL_SRC_MAC,
+        flow_hash(ctx, &frame.inner_ip),
+    );
+    count(Counter::XdpFlannelToTunnel);
+    peer_tx(edge_id, inner_len);
+    Some(send(ctx, &hop))
+}
+
+/// Our VXLAN from edge `sender_id` for a cloud pod behind VTEP `vtep_id`:
+/// into Flannel VXLAN, as `flannel.1` would have sent it.
+#[inline(always)]
+pub fn tunnel_to_flannel(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    frame: &mut VxlanFrame,
+    sender_id: u16,
+    vtep_id: u16,
+) -> Option<u32> {
+    let vtep = match peer(vtep_id) {
+        Some(p) if p.kind == peer_kind::FLANNEL_VTEP => p,
+        _ => return None,
+    };
+    fits(ctx, frame, cfg.flannel_mtu)?;
+    let hop = next_hop(ctx, frame, vtep.underlay_ip, Some(cfg.underlay_ip))?;
+    let inner_len = inner_frame_len(frame);
+    rewrite(
+        frame,
+        &hop,
+        cfg.underlay_ip,
+        vtep,
+        cfg.flannel_port,
+        cfg.flannel_vni,
+        vtep.vtep_mac,
+        cfg.flannel_mac,
+        flow_hash(ctx, &frame.inner_ip),
+    );
+    count(Counter::XdpTunnelToFlannel);
+    peer_rx(sender_id, inner_len);
+    peer_tx(vtep_id, inner_len);
+    Some(send(ctx, &hop))
+}
+
+/// Whether the frame is one we may finish here: a whole, option-free,
+/// unfragmented inner packet with TTL to spare that fits the target.
+#[inline(always)]
+fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
+    let outer = &frame.ip;
+    let inner = &frame.inner_ip;
+    if is_fragment(outer) || is_fragment(inner) {
+        return None;
+    }
+    if inner.version_ihl != 0x45 || inner.ttl <= 1 {
+        return None;
+    }
+    let inner_total = inner.total_len();
+    if inner_total < IPV4_HLEN as u16 || inner_total > mtu {
+        return None;
+    }
+    // Exactly one inner packet behind the headers, nothing trailing.
+    if outer.total_len() != inner_total + ENCAP_LEN
+        || frame_len(ctx) != ETH_HLEN + outer.total_len() as usize
+    {
+        return None;
+    }
+    Some(())
+}
+
+/// The inner frame's length as the TC programs count it (Ethernet + IPv4).
+#[inline(always)]
+fn inner_frame_len(frame: &VxlanFrame) -> u32 {
+    ETH_HLEN as u32 + frame.inner_ip.total_len() as u32
+}
+
+/// Route `dst` from the ingress device: egress device, MACs and (without
+/// `src`) the source address the kernel would pick. `None` (counted) when
+/// the kernel has no usable route or neighbour yet: it resolves them on
+/// the slow path, and the next frame takes this one.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    frame: &VxlanFrame,
+    dst: [u8; 4],
+    src: Option<[u8; 4]>,
+) -> Option<NextHop> {
+    // SAFETY: plain-old-data struct, filled below and by the helper.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = IPPROTO_UDP;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_1.tot_len = frame.ip.total_len();
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let flags = match src {
+        Some(addr) => {
+            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(addr);
+            0
+        }
+        // Kernels before 6.7 refuse the flag (< 0): declined below.
+        None => BPF_FIB_LOOKUP_SRC,
+    };
+    // SAFETY: the helper reads and writes `params` only.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        count(Counter::XdpPassNoNeighbour);
+        return None;
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: params.ifindex,
+        // SAFETY: IPv4 lookup: the union holds ipv4_src.
+        src_ip: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
+        src_mac: params.smac,
+        dst_mac: params.dmac,
+    })
+}
+
+/// Write the new encapsulation over the old one; the inner packet keeps its
+/// bytes but for TTL and checksum.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    frame: &mut VxlanFrame,
+    hop: &NextHop,
+    src_ip: [u8; 4],
+    to: &PeerEntry,
+    dport: u16,
+    vni: u32,
+    inner_dst_mac: [u8; 6],
+    inner_src_mac: [u8; 6],
+    hash: u32,
+) {
+    frame.eth.dst = hop.dst_mac;
+    frame.eth.src = hop.src_mac;
+
+    // ECN travels outward as RFC 6040 has it (CE as ECT(0)); DSCP is not ours to copy.
+    let ecn = match frame.inner_ip.tos & 3 {
+        3 => 2,
+        other => other,
+    };
+    let total = frame.ip.total_len().to_be_bytes();
+    let id = frame.ip.id;
+    let mut hdr = [0u8; 20];
+    hdr[0] = 0x45;
+    hdr[1] = ecn;
+    hdr[2] = total[0];
+    hdr[3] = total[1];
+    hdr[4] = id[0];
+    hdr[5] = id[1];
+    hdr[8] = OUTER_TTL;
+    hdr[9] = IPPROTO_UDP;
+    hdr[12..16].copy_from_slice(&src_ip);
+    hdr[16..20].copy_from_slice(&to.underlay_ip);
+    let check = csum::ipv4_header(&hdr).to_be_bytes();
+    frame.ip.version_ihl = 0x45;
+    frame.ip.tos = ecn;
+    frame.ip.frag_off = [0, 0];
+    frame.ip.ttl = OUTER_TTL;
+    frame.ip.protocol = IPPROTO_UDP;
+    frame.ip.check = check;
+    frame.ip.saddr = src_ip;
+    frame.ip.daddr = to.underlay_ip;
+
+    let sport = SPORT_MIN + ((hash as u64 * SPORT_SPAN as u64) >> 32) as u32;
+    frame.udp.source = (sport as u16).to_be_bytes();
+    frame.udp.dest = dport.to_be_bytes();
+    // Length unchanged; no UDP checksum, as the kernel's VXLAN sends.
+    frame.udp.check = [0, 0];
+
+    let vni = vni.to_be_bytes();
+    frame.vxlan.flags = 0x08;
+    frame.vxlan._reserved0 = [0; 3];
+    frame.vxlan.vni = [vni[1], vni[2], vni[3]];
+    frame.vxlan._reserved1 = 0;
+
+    frame.inner_eth.dst = inner_dst_mac;
+    frame.inner_eth.src = inner_src_mac;
+    decrement_ttl(&mut frame.inner_ip);
+}
+
+/// A hash of the inner flow (addresses, protocol, ports): the outer UDP
+/// source port, so that ECMP and RSS downstream spread flows.
+#[inline(always)]
+fn flow_hash(ctx: &XdpContext, inner: &Ipv4Hdr) -> u32 {
+    let mut h = u32::from_ne_bytes(inner.saddr).wrapping_mul(0x9e37_79b1)
+        ^ u32::from_ne_bytes(inner.daddr)
+        ^ inner.protocol as u32;
+    if inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP {
+        if let Some(ports) = ptr_at::<[u8; 4]>(ctx, VXLAN_FRAME_LEN) {
+            // SAFETY: bounds checked by ptr_at.
+            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(16);
+        }
+    }
+    // murmur3's finaliser: every input bit moves every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn send(ctx: &XdpContext, hop: &NextHop) -> u32 {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        return XDP_TX;
+    }
+    // SAFETY: plain helper call; XDP_REDIRECT (the device is checked when
+    // the frame is flushed).
+    unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+}

@@ -1,0 +1,146 @@
+//! XDP on the uplinks (every node's underlay NICs): the guard everywhere,
+//! and on the connector in VXLAN mode the Flannel masquerade finished at
+//! the NIC. XDP may only make a verdict cheaper, never different: whatever
+//! it declines is `XDP_PASS` with the frame unchanged, and the TC programs
+//! and the kernel handle it exactly as without XDP.
+//!
+//! - `fe_xdp_uplink`: the program.
+//! - `fe_xdp_empty`: `XDP_PASS` and nothing else, the bench's baseline.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::xdp,
+    programs::XdpContext,
+};
+use fabedge_common::{
+    Counter, DatapathConfig, config_flags, peer_kind, role, route_kind, tunnel_mode,
+};
+
+use crate::{
+    maps::{config, route},
+    parse::{ETH_P_IP, IPPROTO_UDP, IPV4_HLEN},
+    stats::count,
+    xdp_guard::{Tunnel, check_inner_source, known_sender},
+    xdp_masq::{flannel_to_tunnel, tunnel_to_flannel},
+    xdp_parse::{OUTER_UDP_LEN, OuterUdp, VxlanFrame, is_later_fragment, ptr_at},
+};
+
+#[xdp]
+pub fn fe_xdp_uplink(ctx: XdpContext) -> u32 {
+    let Some(cfg) = config() else {
+        return XDP_PASS;
+    };
+    let Some(outer) = ptr_at::<OuterUdp>(&ctx, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let outer = unsafe { &*outer };
+    // Outer options or a later fragment: no UDP header where we look.
+    if u16::from_be_bytes(outer.eth.ether_type) != ETH_P_IP
+        || outer.ip.version_ihl != 0x45
+        || outer.ip.protocol != IPPROTO_UDP
+        || is_later_fragment(&outer.ip)
+    {
+        return XDP_PASS;
+    }
+    let Some(tunnel) = Tunnel::at_port(cfg, u16::from_be_bytes(outer.udp.dest)) else {
+        return XDP_PASS;
+    };
+    let outer_src = outer.ip.saddr;
+    if tunnel == Tunnel::Esp {
+        return esp(&ctx, outer_src);
+    }
+    if !known_sender(tunnel, outer_src) {
+        return drop(Counter::XdpDropUnknownTunnelSource);
+    }
+    vxlan(&ctx, cfg, tunnel, outer_src)
+}
+
+#[xdp]
+pub fn fe_xdp_empty(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// ESP in UDP: ESP from a stranger dies here. Non-ESP markers (NAT
+/// keepalives, hellos) pass whoever sends them: a hello is how the agent
+/// learns that an edge's NAT mapping moved, and it is authenticated there.
+#[inline(always)]
+fn esp(ctx: &XdpContext, outer_src: [u8; 4]) -> u32 {
+    let Some(spi) = ptr_at::<[u8; 4]>(ctx, OUTER_UDP_LEN) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if u32::from_ne_bytes(unsafe { *spi }) == 0 {
+        return XDP_PASS;
+    }
+    if !known_sender(Tunnel::Esp, outer_src) {
+        return drop(Counter::XdpDropUnknownTunnelSource);
+    }
+    pass(Counter::XdpPass)
+}
+
+/// VXLAN (ours or Flannel's) from a known sender: check the inner source,
+/// then masquerade on the connector or leave it to the stack.
+#[inline(always)]
+fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8; 4]) -> u32 {
+    let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {
+        return pass(Counter::XdpPass);
+    };
+    // SAFETY: bounds checked by ptr_at; XDP owns the frame.
+    let frame = unsafe { &mut *frame };
+    let vni = match tunnel {
+        Tunnel::Ours => cfg.tunnel_vni,
+        _ => cfg.flannel_vni,
+    };
+    if frame.vxlan.flags & 0x08 == 0
+        || frame.vxlan.vni() != vni
+        || u16::from_be_bytes(frame.inner_eth.ether_type) != ETH_P_IP
+        || !frame.inner_ip.is_valid()
+    {
+        return pass(Counter::XdpPass);
+    }
+    let src = match check_inner_source(tunnel, outer_src, frame.inner_ip.saddr) {
+        Ok(src) => src,
+        Err(counter) => return drop(counter),
+    };
+    if cfg.role != role::CONNECTOR
+        || cfg.tunnel_mode != tunnel_mode::VXLAN
+        || cfg.flags & config_flags::NO_FAST_PATH != 0
+        || frame.inner_ip.header_len() != IPV4_HLEN
+    {
+        return pass(Counter::XdpPass);
+    }
+    let verdict = match (tunnel, route(frame.inner_ip.daddr)) {
+        // Addressed to our VTEP, as `fe_uplink_ingress` demands: Flannel
+        // traffic between other nodes is not ours to masquerade.
+        (Tunnel::Flannel, Some(dst))
+            if dst.kind == route_kind::TUNNEL && frame.ip.daddr == cfg.underlay_ip =>
+        {
+            flannel_to_tunnel(ctx, cfg, frame, dst.peer_id)
+        }
+        (Tunnel::Ours, Some(dst)) if dst.kind == route_kind::CLOUD_VTEP => match src {
+            Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender.peer_id, dst.peer_id),
+            None => None,
+        },
+        _ => None,
+    };
+    match verdict {
+        Some(verdict) => verdict,
+        None => pass(Counter::XdpPass),
+    }
+}
+
+#[inline(always)]
+fn drop(counter: Counter) -> u32 {
+    count(counter);
+    XDP_DROP
+}
+
+#[inline(always)]
+fn pass(counter: Counter) -> u32 {
+    count(counter);
+    XDP_PASS
+}
+
+// Peer kinds are bit positions of `PeerAddrEntry::kinds`.
+const _: () = assert!(peer_kind::TUNNEL < 8 && peer_kind::FLANNEL_VTEP < 8);

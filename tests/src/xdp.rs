@@ -1,0 +1,413 @@
+//! XDP under `BPF_PROG_TEST_RUN`: the uplink program run on a crafted frame
+//! (the kernel returns the frame as the program left it), inside a small
+//! namespace whose routes and neighbours `bpf_fib_lookup` consults; and what
+//! the mini cluster needs to run with `--xdp native` (a wire XDP can use, the
+//! seed matrix's proofs for XDP).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{TestRun, TestRunOptions};
+use fabedge_common::{Counter, DEFAULT_TUNNEL_PORT, tunnel_mode};
+
+use crate::{
+    cluster::{Cluster, PathSpec, Proof, seed_matrix},
+    datapath::{TestDatapath, fixtures},
+    netns::Netns,
+    packet::Mac,
+};
+
+pub use fabedge_agent::datapath::xdp::{XDP_EMPTY, XDP_UPLINK};
+
+/// `enum xdp_action`.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Size of `struct xdp_md` and the offsets of the fields we set.
+const XDP_MD_SIZE: usize = 24;
+const XDP_MD_DATA_END: usize = 4;
+const XDP_MD_INGRESS_IFINDEX: usize = 12;
+
+/// What the program did with one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpOutcome {
+    pub action: u32,
+    /// The frame as the program left it.
+    pub data: Vec<u8>,
+}
+
+/// Run XDP program `symbol` on `frame` as if it arrived on `ingress_ifindex`
+/// (0: loopback) of the calling thread's namespace.
+pub fn run_xdp(
+    dp: &TestDatapath,
+    symbol: &str,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<XdpOutcome> {
+    let mut ctx = [0u8; XDP_MD_SIZE];
+    ctx[XDP_MD_DATA_END..XDP_MD_DATA_END + 4].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[XDP_MD_INGRESS_IFINDEX..XDP_MD_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let result = dp
+        .datapath
+        .xdp_program(symbol)?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut data_out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {symbol}"))?;
+    if result.data_size_out as usize > data_out.len() {
+        bail!(
+            "program output of {} bytes did not fit the buffer",
+            result.data_size_out
+        );
+    }
+    data_out.truncate(result.data_size_out as usize);
+    Ok(XdpOutcome {
+        action: result.return_value,
+        data: data_out,
+    })
+}
+
+/// Kernel time of one run of `symbol` on a fresh copy of `frame`
+/// (`repeat` 1: a rewriting program never sees its own output again).
+pub fn time_xdp_once(
+    dp: &TestDatapath,
+    symbol: &str,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<std::time::Duration> {
+    let mut ctx = [0u8; XDP_MD_SIZE];
+    ctx[XDP_MD_DATA_END..XDP_MD_DATA_END + 4].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[XDP_MD_INGRESS_IFINDEX..XDP_MD_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let result = dp
+        .datapath
+        .xdp_program(symbol)?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {symbol}"))?;
+    Ok(result.duration)
+}
+
+/// The connector's MAC on its WAN NIC, and the next hops' MACs.
+pub const CONNECTOR_WAN_MAC: Mac = [0x52, 0x54, 0, 0, 1, 0x01];
+pub const EDGE1_NIC_MAC: Mac = [0x52, 0x54, 0, 0, 1, 0x11];
+/// The connector's address on the WAN: the source edges know it by.
+pub const CONNECTOR_WAN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// An edge underlay address with a route but no neighbour entry.
+pub const UNRESOLVED_EDGE: [u8; 4] = [198, 18, 0, 99];
+
+/// The connector's two NICs as `bpf_fib_lookup` sees them: `lan0` (cloud
+/// LAN, Flannel) and `wan0` (edges), each a veth with a permanent
+/// neighbour for the next hop, forwarding on.
+pub struct FibLab {
+    pub netns: Netns,
+    pub lan_ifindex: u32,
+    pub wan_ifindex: u32,
+}
+
+impl FibLab {
+    pub fn new(name: &str) -> Result<Self> {
+        let netns = Netns::new(name)?;
+        for (nic, peer, mac, cidr) in [
+            ("lan0", "lan1", fixtures::UPLINK_MAC, "10.1.0.1/24"),
+            ("wan0", "wan1", CONNECTOR_WAN_MAC, "198.18.0.1/24"),
+        ] {
+            netns.ip(&["link", "add", nic, "type", "veth", "peer", "name", peer])?;
+            netns.set_mac(nic, mac)?;
+            netns.add_addr(nic, cidr)?;
+            netns.set_up(nic)?;
+            netns.set_up(peer)?;
+        }
+        for (addr, mac, dev) in [
+            ("10.1.0.2", fixtures::CLOUD2_NIC_MAC, "lan0"),
+            ("198.18.0.11", EDGE1_NIC_MAC, "wan0"),
+        ] {
+            let lladdr = crate::packet::format_mac(&mac);
+            netns.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &lladdr,
+                "nud",
+                "permanent",
+                "dev",
+                dev,
+            ])?;
+        }
+        netns.set_sysctl("net.ipv4.ip_forward", "1")?;
+        let lan_ifindex = netns.ifindex("lan0")?;
+        let wan_ifindex = netns.ifindex("wan0")?;
+        Ok(FibLab {
+            netns,
+            lan_ifindex,
+            wan_ifindex,
+        })
+    }
+}
+
+/// The connector of [`fixtures::connector`] with what XDP needs on top:
+/// its tunnel port and the peer address index.
+pub fn connector(name: &str) -> Result<TestDatapath> {
+    let mut dp = fixtures::connector(name)?;
+    let mut config = dp.maps.config()?;
+    config.tunnel_port = DEFAULT_TUNNEL_PORT;
+    dp.maps.set_config(config)?;
+    sync_peer_addrs(&mut dp)?;
+    Ok(dp)
+}
+
+/// The edge of [`fixtures::edge`] with its tunnel port and peer address index.
+pub fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
+    let mut dp = fixtures::edge(name, mode)?;
+    let mut config = dp.maps.config()?;
+    config.tunnel_port = if mode == tunnel_mode::VXLAN {
+        DEFAULT_TUNNEL_PORT
+    } else {
+        0
+    };
+    dp.maps.set_config(config)?;
+    sync_peer_addrs(&mut dp)?;
+    Ok(dp)
+}
+
+/// Index every in-use peer slot by its underlay address, as apply does.
+pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
+    let mut peers = std::collections::BTreeMap::new();
+    for id in 1..64u16 {
+        let peer = dp.maps.peer(id)?;
+        if peer.kind != 0 {
+            peers.insert(id, peer);
+        }
+    }
+    dp.maps.sync_peer_addrs(&peers)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The mini cluster with XDP
+// ---------------------------------------------------------------------------
+
+/// The seed matrix's proofs with the connector's masquerade done by XDP:
+/// where TC's Flannel counters had to move, XDP's must.
+pub fn xdp_seed_matrix() -> Vec<PathSpec> {
+    seed_matrix()
+        .into_iter()
+        .map(|mut path| {
+            for proof in &mut path.proofs {
+                if let Proof::Counted { counter, .. } = proof {
+                    *counter = match *counter {
+                        Counter::FlannelDecap => Counter::XdpFlannelToTunnel,
+                        Counter::FlannelEncap => Counter::XdpTunnelToFlannel,
+                        other => other,
+                    };
+                }
+            }
+            path
+        })
+        .collect()
+}
+
+/// What a physical wire gives XDP and veths do not by themselves:
+/// - native XDP on a veth sends what it transmits or redirects to the peer
+///   veth, which accepts such frames only with NAPI running there (an XDP
+///   program, or GRO on): GRO goes on at the switch's ports;
+/// - a veth passes checksum work along unfinished (CHECKSUM_PARTIAL rides
+///   in the skb, not on the wire), which a frame rewritten by XDP loses:
+///   the nodes' NICs finish checksums before sending (tx offload off), as
+///   every frame on a real wire is finished.
+pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
+    let links = |netns: &Netns| -> Result<Vec<String>> {
+        Ok(netns
+            .ip(&["-o", "link", "show"])?
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    };
+    let switch = cluster.switch()?;
+    for port in links(switch)? {
+        if port.ends_with("-wan") || port.ends_with("-lan") {
+            switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
+        }
+    }
+    for node in cluster.node_names() {
+        let netns = cluster.node_netns(&node)?;
+        for nic in links(netns)? {
+            if nic == "eth-wan" || nic == "eth-lan" {
+                netns.run_ok("ethtool", &["-K", &nic, "tx", "off"])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One XDP verdict's per-packet cost against `fe_xdp_empty`.
+#[derive(Debug, Clone)]
+pub struct VerdictCost {
+    /// Stable key: `xdp.verdict_ns_ratio_vs_empty.<key>`.
+    pub key: &'static str,
+    pub what: &'static str,
+    pub ns: f64,
+    pub ratio_vs_empty: f64,
+}
+
+/// Per-packet kernel time of each `fe_xdp_uplink` verdict and of the empty
+/// program on the same frame, in one process and namespace: the median of
+/// `samples` single runs, each on a fresh copy of the frame (a rewrite never
+/// runs again on its own output). The empty program is sampled between the
+/// cases' samples so both see the same machine load.
+pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
+    use crate::packet::{Frame, vxlan_encap};
+    use fabedge_common::{DEFAULT_TUNNEL_VNI, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
+    use fixtures::*;
+
+    let lab = FibLab::new("xdp-bench")?;
+    lab.netns.enter(|| {
+        let dp = crate::xdp::connector("xdp-bench")?;
+        let inner = |src_mac, dst_mac, src: Ipv4Addr, dst: Ipv4Addr| {
+            Frame::eth(src_mac, dst_mac)
+                .ipv4(src, dst)
+                .udp(5353, 53)
+                .payload(&[0u8; 64])
+                .build()
+        };
+        let flannel = |outer_src: [u8; 4], inner: &[u8]| {
+            vxlan_encap(
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+                Ipv4Addr::from(outer_src),
+                Ipv4Addr::from(CONNECTOR_LAN),
+                41234,
+                8472,
+                1,
+                inner,
+            )
+        };
+        let tunnel = |outer_src: Ipv4Addr, inner: &[u8]| {
+            vxlan_encap(
+                Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),
+                outer_src,
+                CONNECTOR_WAN,
+                50000,
+                DEFAULT_TUNNEL_PORT,
+                DEFAULT_TUNNEL_VNI,
+                inner,
+            )
+        };
+        let edge1 = Ipv4Addr::new(198, 18, 0, 11);
+        let cases: Vec<(&'static str, &'static str, Vec<u8>, u32, u32)> = vec![
+            (
+                "flannel_to_tunnel",
+                "Flannel → our tunnel (rewrite, FIB, redirect)",
+                flannel(
+                    CLOUD2_LAN,
+                    &inner(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, LOCAL_POD),
+                ),
+                lab.lan_ifindex,
+                XDP_REDIRECT,
+            ),
+            (
+                "tunnel_to_flannel",
+                "our tunnel → Flannel (rewrite, FIB, redirect)",
+                tunnel(
+                    edge1,
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
+                ),
+                lab.wan_ifindex,
+                XDP_REDIRECT,
+            ),
+            (
+                "pass_flannel_cloud_pod",
+                "Flannel for a cloud pod (guard, pass)",
+                flannel(
+                    CLOUD2_LAN,
+                    &inner(
+                        CLOUD2_VTEP_MAC,
+                        FLANNEL_MAC,
+                        CLOUD_POD,
+                        Ipv4Addr::new(10, 244, 0, 5),
+                    ),
+                ),
+                lab.lan_ifindex,
+                XDP_PASS,
+            ),
+            (
+                "drop_unknown_tunnel_source",
+                "tunnel from a stranger (drop)",
+                tunnel(
+                    Ipv4Addr::new(198, 18, 0, 77),
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
+                ),
+                lab.wan_ifindex,
+                XDP_DROP,
+            ),
+            (
+                "drop_spoofed",
+                "tunnel with a spoofed inner source (drop)",
+                tunnel(
+                    edge1,
+                    &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD_2),
+                ),
+                lab.wan_ifindex,
+                XDP_DROP,
+            ),
+            (
+                "pass_not_tunnel",
+                "plain UDP, not a tunnel port (pass)",
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                    .ipv4(Ipv4Addr::from(CLOUD2_LAN), LOCAL_POD)
+                    .udp(1, 2)
+                    .payload(&[0u8; 64])
+                    .build(),
+                lab.lan_ifindex,
+                XDP_PASS,
+            ),
+        ];
+        let mut out = Vec::new();
+        for (key, what, frame, ifindex, verdict) in cases {
+            // Measure the path the case names, not another one.
+            let before = dp.counters();
+            let action = run_xdp(&dp, XDP_UPLINK, &frame, ifindex)?.action;
+            if action != verdict {
+                let moved: Vec<String> = before
+                    .iter()
+                    .zip(dp.counters())
+                    .filter(|((_, b), (_, a))| a != b)
+                    .map(|((c, _), _)| c.name().to_owned())
+                    .collect();
+                bail!(
+                    "bench case {key}: fe_xdp_uplink returned {action}, expected {verdict} \
+                     (counted: {moved:?})"
+                );
+            }
+            let mut case = Vec::with_capacity(samples);
+            let mut empty = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                case.push(time_xdp_once(&dp, XDP_UPLINK, &frame, ifindex)?);
+                empty.push(time_xdp_once(&dp, XDP_EMPTY, &frame, ifindex)?);
+            }
+            case.sort();
+            empty.sort();
+            let ns = case[samples / 2].as_nanos() as f64;
+            let base = (empty[samples / 2].as_nanos() as f64).max(1.0);
+            out.push(VerdictCost {
+                key,
+                what,
+                ns,
+                ratio_vs_empty: ns / base,
+            });
+        }
+        Ok(out)
+    })
+}
