@@ -5,11 +5,13 @@
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
+//! - [`livegen`]: a kernel packet generator (XDP live frames) and an in-datapath frame counter.
 //! - [`netns`]: network namespaces, veths and bridges that always clean up.
 
 pub mod agent;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod livegen;
 pub mod netns;
 pub mod packet;
