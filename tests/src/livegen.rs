@@ -248,6 +248,17 @@ impl XdpProgram {
         &self.name
     }
 
+    /// Another handle on the same program.
+    pub fn try_clone(&self) -> Result<XdpProgram> {
+        Ok(XdpProgram {
+            fd: self
+                .fd
+                .try_clone()
+                .context("duplicating a BPF program fd")?,
+            name: self.name.clone(),
+        })
+    }
+
     fn load(name: &str, insns: &[Insn], prog_flags: u32) -> Result<Self> {
         let license = CString::new("GPL").expect("no NUL in a literal");
         let mut log = vec![0u8; 64 * 1024];

@@ -36,8 +36,16 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
-    /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same process.
-    Bench,
+    /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same
+    /// process; edge tunnel throughput; the connector's packet rate per datapath variant.
+    Bench {
+        /// Also write every figure, under stable keys, to this JSON file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
     /// Write deploy/crd.yaml (the Community CRD) from the agent's Rust types.
@@ -61,7 +69,7 @@ fn workspace() -> PathBuf {
 }
 
 /// Build the agent, then run one of the `fabedge-tests` binaries.
-fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> {
+fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool, args: &[String]) -> Result<()> {
     let status = Command::new("cargo")
         .current_dir(ws)
         .args(["build", "--quiet", "-p", "fabedge-agent"])
@@ -74,6 +82,9 @@ fn run_tests_bin(ws: &Path, bin: &str, what: &str, release: bool) -> Result<()> 
         .args(["run", "--quiet", "-p", "fabedge-tests", "--bin", bin]);
     if release {
         cmd.arg("--release");
+    }
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
     }
     let status = cmd.status().with_context(|| format!("running {what}"))?;
     if !status.success() {
@@ -99,11 +110,20 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             build::build_ebpf(&ws)?;
-            run_tests_bin(&ws, "fabedge-demo", "the demo", false)
+            run_tests_bin(&ws, "fabedge-demo", "the demo", false, &[])
         }
-        Cmd::Bench => {
+        Cmd::Bench { json, only } => {
             build::build_ebpf(&ws)?;
-            run_tests_bin(&ws, "fabedge-bench", "the benchmark", true)
+            let mut args = Vec::new();
+            if let Some(json) = json {
+                // The benchmark runs in the workspace; the path is the caller's.
+                let path = std::env::current_dir()?.join(json);
+                args.extend(["--json".to_owned(), path.display().to_string()]);
+            }
+            if let Some(only) = only {
+                args.extend(["--only".to_owned(), only]);
+            }
+            run_tests_bin(&ws, "fabedge-bench", "the benchmark", true, &args)
         }
         Cmd::GenCrd => crd::write(&ws),
         Cmd::VmSelfTest => vm::self_test(),

@@ -6,7 +6,12 @@
 //! packet it already rewrote (TTL decremented, VXLAN header removed or
 //! added, addresses translated), which measures another path. Ratios, not absolute numbers, are
 //! what compare across machines. Then a throughput comparison in the mini
-//! cluster: the eBPF fast path against the kernel's forwarding path.
+//! cluster: the eBPF fast path against the kernel's forwarding path, and the
+//! connector's packet rate per datapath variant (`fabedge_tests::bench::connector`).
+//!
+//! Options: `--json FILE` writes every figure under a stable key
+//! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
+//! `verdicts`, `edge-tunnel`, `connector`.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -18,9 +23,32 @@ use fabedge_common::{
     tunnel_mode,
 };
 use fabedge_tests::{
+    bench::{
+        Options, connector,
+        report::{Report, key_part},
+    },
     datapath::{TestDatapath, fixtures::*},
     packet::{Frame, vxlan_encap},
 };
+
+fn main() -> Result<()> {
+    let options = Options::from_args(std::env::args().skip(1))?;
+    let mut report = Report::new();
+    if options.runs("verdicts") {
+        verdicts(&mut report)?;
+    }
+    if options.runs("edge-tunnel") {
+        fast_path_vs_kernel(&mut report)?;
+    }
+    if options.runs("connector") {
+        connector::run(&mut report)?;
+    }
+    if let Some(path) = &options.json {
+        report.write_json(path)?;
+        println!("\nfigures written to {}", path.display());
+    }
+    Ok(())
+}
 
 const SAMPLES: usize = 20_001;
 
@@ -80,7 +108,7 @@ fn edge_with_service() -> Result<TestDatapath> {
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
-fn main() -> Result<()> {
+fn verdicts(report: &mut Report) -> Result<()> {
     // A fresh datapath is not configured: every program returns at its first check.
     let baseline = TestDatapath::new("bench-baseline")?;
     let datapaths = [
@@ -195,6 +223,7 @@ fn main() -> Result<()> {
         base.as_nanos(),
         "1.00"
     );
+    report.record("datapath.baseline_ns", base.as_nanos() as f64);
     for case in &cases {
         let dp = &datapaths[case.datapath];
         let t = median(dp, case.program, &case.frame)?;
@@ -204,8 +233,14 @@ fn main() -> Result<()> {
             t.as_nanos(),
             t.as_secs_f64() / base.as_secs_f64().max(1e-12)
         );
+        let key = key_part(case.name);
+        report.record(format!("datapath.verdict_ns.{key}"), t.as_nanos() as f64);
+        report.record(
+            format!("datapath.verdict_ratio_vs_baseline.{key}"),
+            t.as_secs_f64() / base.as_secs_f64().max(1e-12),
+        );
     }
-    fast_path_vs_kernel()
+    Ok(())
 }
 
 /// Throughput and latency between two edge pods in the mini cluster (the
@@ -214,7 +249,7 @@ fn main() -> Result<()> {
 /// the programs still classify and mark, the kernel routes them into
 /// `fe-tunnel`, whose egress program encapsulates). Rounds alternate so both
 /// see the same machine load.
-fn fast_path_vs_kernel() -> Result<()> {
+fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
     use fabedge_tests::{
         cluster::{Cluster, ClusterOptions},
         netns::ping,
@@ -319,5 +354,16 @@ fn fast_path_vs_kernel() -> Result<()> {
         fast_kpps / kernel_kpps.max(1e-9),
         fast_rtt.as_secs_f64() / kernel_rtt.as_secs_f64().max(1e-12)
     );
+    for (path, gbps, kpps, rtt) in [
+        ("fast_path", fast_gbps, fast_kpps, fast_rtt),
+        ("kernel", kernel_gbps, kernel_kpps, kernel_rtt),
+    ] {
+        report.record(format!("edge_tunnel.tcp_gbps.{path}"), gbps);
+        report.record(format!("edge_tunnel.udp64_kpps.{path}"), kpps);
+        report.record(
+            format!("edge_tunnel.ping_us.{path}"),
+            rtt.as_secs_f64() * 1e6,
+        );
+    }
     Ok(())
 }
