@@ -29,15 +29,20 @@
 //! veth's NAPI, backlog, GRO cells) on the same CPU before the next batch:
 //! the wall time of the call is the cost of the whole hop on one core.
 //!
-//! **Counter.** [`FrameCounter`] attaches (as an XDP link) a small program to
-//! a device of the receiving namespace that counts the frames matching a few
-//! bytes and drops them, and passes everything else: the count is taken in
-//! the datapath, not by a user-space receiver that would itself be the
-//! bottleneck. On a veth it also gives the device a NAPI context, which the
-//! kernel requires before other devices can `XDP_TX`/`XDP_REDIRECT` frames into
-//! its peer.
+//! **Counter.** [`FrameCounter`] attaches a small program to a device of
+//! the receiving namespace (native XDP or TC ingress, see [`CountAt`]) that
+//! counts the frames matching a few bytes and drops them, and passes
+//! everything else: the count is taken in the datapath, not by a user-space
+//! receiver that would itself be the bottleneck.
 //!
-//! Both programs are a handful of instructions assembled here, so the
+//! **Restore.** The kernel recycles the pages of frames the stack or a peer
+//! device has freed and does not copy the frame into them again, so the
+//! generator's program first restores the frame from a template map
+//! (`bpf_xdp_store_bytes`); without it every frame after the first batch
+//! would carry what the datapath last wrote (new MACs, a lower TTL, another
+//! encapsulation) and be dropped or take another path.
+//!
+//! All programs here are a few instructions assembled in this file, so the
 //! generator needs no object file and works on any kernel with live frames.
 
 use std::{
@@ -71,8 +76,12 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
+const BPF_TCX_INGRESS: u32 = 46;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
@@ -260,33 +269,43 @@ impl XdpProgram {
     }
 
     fn load(name: &str, insns: &[Insn], prog_flags: u32) -> Result<Self> {
-        let license = CString::new("GPL").expect("no NUL in a literal");
-        let mut log = vec![0u8; 64 * 1024];
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 1,
-            log_size: log.len() as u32,
-            log_buf: log.as_mut_ptr() as u64,
-            prog_flags,
-            prog_name: object_name(name),
-            expected_attach_type: BPF_XDP,
-            ..ProgLoadAttr::default()
-        };
-        match bpf(BPF_PROG_LOAD, &mut attr) {
-            Ok(fd) => Ok(XdpProgram {
-                fd: owned_fd(fd),
-                name: name.to_owned(),
-            }),
-            Err(e) => {
-                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-                bail!(
-                    "loading XDP program {name} failed ({e}; are we root?); verifier log:\n{}",
-                    String::from_utf8_lossy(&log[..end])
-                )
-            }
+        Ok(XdpProgram {
+            fd: load_program(BPF_PROG_TYPE_XDP, BPF_XDP, name, insns, prog_flags)?,
+            name: name.to_owned(),
+        })
+    }
+}
+
+fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    insns: &[Insn],
+    prog_flags: u32,
+) -> Result<OwnedFd> {
+    let license = CString::new("GPL").expect("no NUL in a literal");
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_flags,
+        prog_name: object_name(name),
+        expected_attach_type,
+        ..ProgLoadAttr::default()
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => Ok(owned_fd(fd)),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            bail!(
+                "loading BPF program {name} failed ({e}; are we root?); verifier log:\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
         }
     }
 }
@@ -623,37 +642,55 @@ impl FrameMatch {
     }
 }
 
-/// An XDP program on a device that counts matching frames in an array map
-/// and gives them `verdict`; other frames pass. Detached when dropped.
+/// Where a [`FrameCounter`] sits on its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountAt {
+    /// Native XDP: the cheapest receive, and it gives a veth the NAPI
+    /// context other devices' `XDP_TX`/`XDP_REDIRECT` into its peer need.
+    /// But a veth with an XDP program copies every GSO skb it receives, so
+    /// TCP through it is no longer TCP as the kernel normally carries it.
+    Xdp,
+    /// TC ingress (TCX, Linux >= 6.6): leaves the device as it was.
+    TcIngress,
+}
+
+/// A program on a device that counts the frames matching a [`FrameMatch`]
+/// in an array map and drops them; everything else passes. Detached when dropped.
 pub struct FrameCounter {
     map: OwnedFd,
-    _program: XdpProgram,
+    _program: OwnedFd,
     _link: OwnedFd,
     iface: String,
 }
 
 impl FrameCounter {
-    /// Counts and drops matching frames arriving on `iface` of `netns`.
+    /// Counts and drops matching frames arriving on `iface` of `netns`, in XDP.
     pub fn attach(netns: &Netns, iface: &str, matching: &FrameMatch) -> Result<Self> {
-        Self::attach_with(netns, iface, matching, XdpVerdict::Drop)
+        Self::attach_at(netns, iface, matching, CountAt::Xdp)
     }
 
-    pub fn attach_with(
+    pub fn attach_at(
         netns: &Netns,
         iface: &str,
         matching: &FrameMatch,
-        verdict: XdpVerdict,
+        at: CountAt,
     ) -> Result<Self> {
         ensure!(
             !matching.bytes.is_empty(),
             "a frame counter needs at least one byte to match"
         );
         let map = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, "fe_bench_count")?;
-        let program = XdpProgram::load(
-            "fe_bench_count",
-            &counting_program(map.as_raw_fd(), matching, verdict),
-            0,
-        )?;
+        let code = counting_program(map.as_raw_fd(), matching, at);
+        let (program, attach_type) = match at {
+            CountAt::Xdp => (
+                load_program(BPF_PROG_TYPE_XDP, BPF_XDP, "fe_bench_count", &code, 0)?,
+                BPF_XDP,
+            ),
+            CountAt::TcIngress => (
+                load_program(BPF_PROG_TYPE_SCHED_CLS, 0, "fe_bench_count", &code, 0)?,
+                BPF_TCX_INGRESS,
+            ),
+        };
         let iface_c = CString::new(iface).with_context(|| format!("interface name {iface:?}"))?;
         let link = netns.enter(|| {
             // SAFETY: a valid NUL-terminated name.
@@ -666,17 +703,20 @@ impl FrameCounter {
                 target_ifindex: u32,
                 attach_type: u32,
                 flags: u32,
+                relative_fd: u32,
+                _pad: u32,
+                expected_revision: u64,
             }
             let mut attr = LinkCreateAttr {
-                prog_fd: program.fd.as_raw_fd() as u32,
+                prog_fd: program.as_raw_fd() as u32,
                 target_ifindex: ifindex,
-                attach_type: BPF_XDP,
-                flags: 0,
+                attach_type,
+                ..LinkCreateAttr::default()
             };
             let fd = bpf(BPF_LINK_CREATE, &mut attr).with_context(|| {
                 format!(
-                    "attaching the frame counter to {iface} (another XDP program there? \
-                     `ip link show dev {iface}`)"
+                    "attaching the frame counter to {iface} ({at:?}; another XDP program there? \
+                     `ip link show dev {iface}`; TC needs Linux >= 6.6)"
                 )
             })?;
             Ok(owned_fd(fd))
@@ -725,14 +765,19 @@ impl FrameCounter {
 /// if r2 + last_offset + 1 > r3: pass
 /// for each (at, value): if *(u8 *)(r2 + at) != value: pass
 /// r0 = map_lookup_elem(map, &0); if r0: lock *(u64 *)r0 += 1
-/// return verdict
-/// pass: return XDP_PASS
+/// return drop
+/// pass: return pass
 /// ```
-fn counting_program(map_fd: i32, matching: &FrameMatch, verdict: XdpVerdict) -> Vec<Insn> {
+fn counting_program(map_fd: i32, matching: &FrameMatch, at: CountAt) -> Vec<Insn> {
+    // Offsets of data/data_end in struct xdp_md and struct __sk_buff, and the verdicts.
+    let (data, data_end, drop, pass_verdict) = match at {
+        CountAt::Xdp => (0, 4, XdpVerdict::Drop as i32, XdpVerdict::Pass as i32),
+        CountAt::TcIngress => (76, 80, TC_ACT_SHOT, TC_ACT_OK),
+    };
     let last = matching.bytes.iter().map(|(at, _)| *at).max().unwrap_or(0);
     let mut code = vec![
-        insn(LDX_W, 2, 1, 0, 0), // r2 = data
-        insn(LDX_W, 3, 1, 4, 0), // r3 = data_end
+        insn(LDX_W, 2, 1, data, 0),
+        insn(LDX_W, 3, 1, data_end, 0),
         insn(MOV64_REG, 4, 2, 0, 0),
         insn(ADD64_IMM, 4, 0, 0, i32::from(last) + 1),
     ];
@@ -754,12 +799,12 @@ fn counting_program(map_fd: i32, matching: &FrameMatch, verdict: XdpVerdict) -> 
         insn(JEQ_IMM, 0, 0, 2, 0), // no entry: skip the add
         insn(MOV64_IMM, 1, 0, 0, 1),
         insn(ATOMIC_DW, 0, 1, 0, 0), // lock *(u64 *)(r0 + 0) += r1
-        insn(MOV64_IMM, 0, 0, 0, verdict as i32),
+        insn(MOV64_IMM, 0, 0, 0, drop),
         insn(EXIT, 0, 0, 0, 0),
     ]);
     let pass = code.len();
     code.extend([
-        insn(MOV64_IMM, 0, 0, 0, XdpVerdict::Pass as i32),
+        insn(MOV64_IMM, 0, 0, 0, pass_verdict),
         insn(EXIT, 0, 0, 0, 0),
     ]);
     for at in to_pass {

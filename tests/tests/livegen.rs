@@ -12,7 +12,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use fabedge_tests::{
-    livegen::{FrameCounter, FrameMatch, Generator, XdpProgram, XdpVerdict},
+    livegen::{CountAt, FrameCounter, FrameMatch, Generator, XdpProgram, XdpVerdict},
     netns::{Netns, veth_pair},
     packet::Frame,
 };
@@ -116,6 +116,37 @@ fn live_frames_run_through_a_chained_xdp_program_and_its_tx_is_carried_out() -> 
     )?;
     dropping.inject(&net.router, "fe-out", 1_000)?;
     assert_eq!(counter.settled_count(SETTLE)?, u64::from(FRAMES));
+    Ok(())
+}
+
+/// The benchmark's setup: a TC counter, and GRO instead of an XDP program
+/// giving the receiving veth the NAPI context XDP_TX into its peer needs.
+#[test]
+fn tc_counter_sees_exactly_what_a_chained_program_transmits() -> Result<()> {
+    let net = router()?;
+    net.sink
+        .run_ok("ethtool", &["-K", "fe-sink", "gro", "on"])?;
+    let counter = FrameCounter::attach_at(
+        &net.sink,
+        "fe-sink",
+        &FrameMatch::udp_dst_port(PORT),
+        CountAt::TcIngress,
+    )?;
+    let sink_mac = net.sink.mac("fe-sink")?;
+    let generator = Generator::then(
+        &udp_to_sink(sink_mac, PORT),
+        XdpProgram::returning(XdpVerdict::Tx)?,
+    )?;
+    generator.inject(&net.router, "fe-out", FRAMES)?;
+    assert_eq!(counter.settled_count(SETTLE)?, u64::from(FRAMES));
+    // Through the router's stack too.
+    let in_mac = net.router.mac("fe-in")?;
+    Generator::new(&udp_to_sink(in_mac, PORT), XdpVerdict::Pass)?.inject(
+        &net.router,
+        "fe-in",
+        FRAMES,
+    )?;
+    assert_eq!(counter.settled_count(SETTLE)?, 2 * u64::from(FRAMES));
     Ok(())
 }
 

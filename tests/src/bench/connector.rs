@@ -5,8 +5,8 @@
 //! sender and every namespace hop share the CPUs. So packets come from the
 //! kernel's live-frame generator ([`crate::livegen`]) running in the
 //! connector's namespace with `ingress_ifindex` = the NIC they would arrive
-//! on, and are counted in the datapath where the connector sends them (an
-//! XDP counter on the switch port its NIC is wired to):
+//! on, and are counted in the datapath where the connector sends them (a
+//! TC counter on the switch port its NIC is wired to):
 //!
 //! - cloud → edge: Flannel VXLAN as cloud-2's `flannel.1` sends it (cloud-2
 //!   pod → edge-1 pod) enters `eth-lan`; the connector's tunnel frame toward
@@ -43,7 +43,7 @@ use crate::{
     agent::agent_bin,
     bench::report::Report,
     cluster::{Cluster, ClusterOptions},
-    livegen::{FrameCounter, FrameMatch, Generator, XdpMode, XdpProgram, XdpVerdict},
+    livegen::{CountAt, FrameCounter, FrameMatch, Generator, XdpMode, XdpProgram, XdpVerdict},
     netns::Netns,
     packet::{Frame, Mac, vxlan_encap},
 };
@@ -303,12 +303,23 @@ pub fn run(report: &mut Report) -> Result<()> {
     let switch = cluster.switch()?;
     let connector = cluster.node_netns(CONNECTOR)?;
     let matching = FrameMatch::vxlan_inner_udp_dst_port(BENCH_PORT);
-    // Also what lets XDP_TX/REDIRECT into the connector's veths deliver:
-    // the peer end needs a NAPI context, which an XDP program gives it.
-    let counters = [
-        FrameCounter::attach(switch, &Direction::CloudToEdge.counted_at(), &matching)?,
-        FrameCounter::attach(switch, &Direction::EdgeToCloud.counted_at(), &matching)?,
-    ];
+    // XDP_TX/REDIRECT into a veth delivers only if its peer has a NAPI
+    // context: GRO gives it one (as a NIC's receive ring would), for every
+    // variant alike. Counting in TC, not XDP: a veth with an XDP program
+    // copies every GSO skb, which would distort the TCP figures.
+    let mut counters = Vec::new();
+    for direction in Direction::ALL {
+        let port = direction.counted_at();
+        switch
+            .run_ok("ethtool", &["-K", &port, "gro", "on"])
+            .with_context(|| format!("enabling GRO on the switch port {port}"))?;
+        counters.push(FrameCounter::attach_at(
+            switch,
+            &port,
+            &matching,
+            CountAt::TcIngress,
+        )?);
+    }
     let counter = |d: Direction| &counters[d as usize];
 
     let server_pod = cluster.pod(EDGE)?;
@@ -399,7 +410,7 @@ pub fn run(report: &mut Report) -> Result<()> {
 
     println!();
     println!(
-        "connector packet rate: kernel live-frame generator at {CONNECTOR}'s NIC, counted in XDP at the \
+        "connector packet rate: kernel live-frame generator at {CONNECTOR}'s NIC, counted in TC at the \
          switch port it sends to; Mpps on one core, median of {ROUNDS} alternating rounds × {FRAMES_PER_RUN} frames"
     );
     println!(
