@@ -27,7 +27,8 @@
 //! Each batch (64 frames) runs with bottom halves disabled and ends with
 //! `local_bh_enable`, which runs the softirq work the batch queued (the next
 //! veth's NAPI, backlog, GRO cells) on the same CPU before the next batch:
-//! the wall time of the call is the cost of the whole hop on one core.
+//! the kernel's timer over the call (`duration`, which leaves out the time
+//! the thread was rescheduled) is the cost of the whole hop on one core.
 //!
 //! **Counter.** [`FrameCounter`] attaches a small program to a device of
 //! the receiving namespace (native XDP or TC ingress, see [`CountAt`]) that
@@ -361,14 +362,18 @@ pub struct Injection {
     /// Frames the kernel built and ran the program on.
     pub frames: u32,
     /// Wall time of the whole call: program, verdicts and the softirq work
-    /// they queued, on one CPU.
+    /// they queued, on one CPU, and any time the thread waited for the CPU.
     pub elapsed: Duration,
+    /// The kernel's own time per frame (`BPF_PROG_TEST_RUN`'s `duration`):
+    /// the same work, but the time the thread was rescheduled is left out,
+    /// so it does not depend on what else the machine is running.
+    pub kernel_ns_per_frame: u32,
 }
 
 impl Injection {
-    /// Frames per second the generator pushed through (offered load).
-    pub fn offered_pps(&self) -> f64 {
-        f64::from(self.frames) / self.elapsed.as_secs_f64().max(1e-9)
+    /// Frames per second on one CPU by the kernel's clock.
+    pub fn pps(&self) -> f64 {
+        1e9 / f64::from(self.kernel_ns_per_frame.max(1))
     }
 }
 
@@ -477,6 +482,7 @@ impl Generator {
             Ok(Injection {
                 frames: count,
                 elapsed,
+                kernel_ns_per_frame: attr.duration,
             })
         })
     }
