@@ -325,11 +325,12 @@ pub fn run(report: &mut Report) -> Result<()> {
     let server_pod = cluster.pod(EDGE)?;
     let client_pod = cluster.pod(CLOUD)?;
     // A TCP segment a pod sends with checksum offload leaves its checksum
-    // to "the NIC" (CHECKSUM_PARTIAL); between veths nothing ever fills it
-    // in, and a frame XDP forwards loses the skb that said so: the edge pod
-    // drops every segment (ping, checksummed in software, still works). On
-    // real NICs the sender's NIC fills it in. So the pods checksum in
-    // software (which also turns TSO off), in every variant alike.
+    // to "the NIC" (CHECKSUM_PARTIAL). Between veths it is never filled in:
+    // each receiving stack trusts the skb's flag. A frame XDP forwards has
+    // no skb, so the edge verifies the checksum and drops every segment
+    // (ping, checksummed in software, still works). A real NIC fills it in
+    // on the sender. So the pods checksum in software (which also turns TSO
+    // off), in every variant alike.
     for pod in [server_pod, client_pod] {
         pod.netns()
             .run_ok("ethtool", &["-K", "eth0", "tx", "off"])
