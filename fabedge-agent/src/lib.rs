@@ -1,22 +1,21 @@
 //! The fabedge node agent. Data flows through the modules in this order:
-//! sources → model → plan → apply, with `inspect` reading what was applied.
+//! sources → model → plan → apply, with `inspect` and `observe` (metrics,
+//! probes) reading what was applied.
 //! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
+//! Three concerns have a folder each, holding their own plan/apply/run
+//! pieces: `esp` (encryption and NAT traversal), `services` (ClusterIP) and
+//! `connector` (the elected connector's cluster-wide duty).
 
-pub mod annotate;
 pub mod apply;
-pub mod ctgc;
+pub mod connector;
 pub mod datapath;
+pub mod esp;
 pub mod inspect;
-pub mod inspect_services;
-pub mod ipam;
-pub mod keys;
-pub mod leader;
 pub mod maps;
 pub mod model;
-pub mod natt;
+pub mod observe;
 pub mod plan;
 pub mod run;
-pub mod snapshot;
+pub mod services;
 pub mod source;
 pub mod sys;
-pub mod xfrm;

@@ -49,14 +49,21 @@ enum Cmd {
     Uninstall {
         #[arg(long, default_value = plan::DEFAULT_CNI_CONF_DIR)]
         cni_conf_dir: PathBuf,
+        /// The agent's state dir: the sysctls it changed are restored from it.
+        #[arg(long, default_value = "/var/lib/fabedge")]
+        state_dir: PathBuf,
+        /// Also remove the agent's state files (peer ids, NAT endpoints, key
+        /// generations, the node key: the node gets a new identity).
+        #[arg(long)]
+        purge_state: bool,
     },
-    /// Show what the datapath holds (reads pinned maps; the agent need not run).
     /// ESP mode: start a new key generation now (make-before-break). The
     /// running agent picks the request up within its poll interval.
     RotateKey {
         #[arg(long, default_value = "/var/lib/fabedge")]
         state_dir: PathBuf,
     },
+    /// Show what the datapath holds (reads pinned maps; the agent need not run).
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,
@@ -119,6 +126,11 @@ struct RunArgs {
     /// How often the manifest file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// A change that would remove every tunnel of this node, or more than
+    /// half of its routes (a lost connector label, a truncated source), is
+    /// held back this long, loudly, before it applies; 0 applies at once.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    hold_drastic_changes: Duration,
     /// Kube mode: this kubeconfig instead of the pod's service account
     /// (without either, $KUBECONFIG or ~/.kube/config outside a pod).
     #[arg(long, conflicts_with = "manifests")]
@@ -127,7 +139,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
     /// Kube mode: the Lease connectors elect their leader with.
-    #[arg(long, default_value = fabedge_agent::leader::DEFAULT_LEASE_NAME)]
+    #[arg(long, default_value = fabedge_agent::connector::leader::DEFAULT_LEASE_NAME)]
     lease_name: String,
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -166,6 +178,11 @@ struct RunArgs {
     /// `fabedge.io/esp-endpoint`; peers send their ESP in UDP and keepalives there.
     #[arg(long, value_name = "ADDRESS:PORT")]
     esp_public_endpoint: Option<std::net::SocketAddrV4>,
+    /// Serve Prometheus metrics on http://ADDRESS:PORT/metrics, liveness on
+    /// /healthz and readiness (a plan applied) on /readyz. Off by default;
+    /// `deploy/` uses port 9476 on the node's address.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -210,7 +227,9 @@ fn main() -> Result<()> {
                     renew_interval: args.lease_renew_interval,
                     pod_cidr_pool: args
                         .edge_pod_cidr_pool
-                        .map(|pool| fabedge_agent::ipam::Pool::new(pool, args.edge_pod_cidr_size))
+                        .map(|pool| {
+                            fabedge_agent::connector::ipam::Pool::new(pool, args.edge_pod_cidr_size)
+                        })
                         .transpose()?,
                 }),
             };
@@ -244,7 +263,7 @@ fn main() -> Result<()> {
             }
             if settings.tunnel_mode == TunnelMode::Esp {
                 // Before anything is created: a kernel without ESP leaves no trace.
-                fabedge_agent::xfrm::probe::check()?;
+                fabedge_agent::esp::xfrm::probe::check()?;
             }
             let options = RunOptions {
                 node: args.node,
@@ -256,6 +275,7 @@ fn main() -> Result<()> {
                 attach_mode: args.attach_mode,
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
+                hold_drastic_changes: args.hold_drastic_changes,
                 ct_entries: args.ct_entries,
                 cgroup: match (args.no_cgroup, args.cgroup) {
                     (true, _) => None,
@@ -265,11 +285,12 @@ fn main() -> Result<()> {
                          or --no-cgroup to leave hostNetwork clients without Service translation",
                     )?),
                 },
-                esp: (args.tunnel == TunnelMode::Esp).then(|| run::esp::EspOptions {
+                esp: (args.tunnel == TunnelMode::Esp).then(|| fabedge_agent::esp::run::EspOptions {
                     rotation_interval: (!args.key_rotation_interval.is_zero()).then_some(args.key_rotation_interval),
                     grace: args.rotation_grace,
                     keepalive: args.keepalive_interval,
                 }),
+                metrics_addr: args.metrics_addr,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -291,9 +312,21 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Uninstall { cni_conf_dir } => {
+        Cmd::Uninstall {
+            cni_conf_dir,
+            state_dir,
+            purge_state,
+        } => {
             for removed in apply::teardown(&cni_conf_dir)? {
                 info!("removed {removed}");
+            }
+            for restored in apply::sysctl::restore(&state_dir)? {
+                info!("{restored}");
+            }
+            if purge_state {
+                for removed in apply::purge_state(&state_dir)? {
+                    info!("removed {removed}");
+                }
             }
             let report = datapath::uninstall(&cli.bpffs_root)?;
             info!(
@@ -305,7 +338,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::RotateKey { state_dir } => {
-            let path = run::esp::request_rotation(&state_dir)?;
+            let path = fabedge_agent::esp::run::request_rotation(&state_dir)?;
             info!(
                 "rotation requested ({}); the running agent starts a new key generation",
                 path.display()

@@ -18,10 +18,9 @@
 //! plan as cloud nodes (standbys) until connector HA exists.
 
 mod cni;
-pub mod esp;
+mod error;
 mod flannel;
 mod peer_ids;
-pub mod services;
 #[cfg(test)]
 mod tests;
 
@@ -37,14 +36,16 @@ use serde::{Deserialize, Serialize};
 
 /// For the leading connector's cluster work (`annotate`), which writes the
 /// active connector's lease in kube mode.
+pub use self::error::PlanError;
 pub use self::flannel::annotation_patches as flannel_annotation_patches;
 pub use self::{
     cni::{CNI_FILE_NAME, CNI_VERSION},
     peer_ids::PeerIds,
 };
+pub use crate::model::AnnotationPatch;
 use crate::{
     datapath::{Attachment, Program},
-    model::{Node, Role, Snapshot, annotation},
+    model::{Node, Role, Snapshot},
 };
 
 /// Kubernetes' default Service CIDR (kube-apiserver `--service-cluster-ip-range`).
@@ -61,8 +62,8 @@ pub const DEFAULT_UPLINK_MTU: u16 = 1500;
 /// worst case, a 16-byte block cipher; AES-GCM itself pads to 4 bytes)
 /// = 77, rounded up to 80 so the inner MTU stays a multiple of 4.
 pub const ESP_OVERHEAD: u16 = 80;
-/// UDP port of ESP-in-UDP (RFC 3948), the remote port of ESP-mode peers.
-pub const ESP_IN_UDP_PORT: u16 = 4500;
+/// Peer ids the agent assigned, kept in its state dir so they survive restarts.
+pub const PEER_IDS_FILE: &str = "peer-ids.json";
 /// The smallest MTU IPv4 allows on a link (RFC 791).
 const MIN_IPV4_MTU: u16 = 68;
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
@@ -250,14 +251,6 @@ impl Sysctl {
     }
 }
 
-/// Annotation changes to make on one Node (only real changes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AnnotationPatch {
-    pub node: String,
-    pub set: BTreeMap<String, String>,
-    pub remove: Vec<String>,
-}
-
 /// Everything apply needs to make this node right.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -284,7 +277,7 @@ pub struct Plan {
     /// Things the operator should know that do not stop this node.
     pub warnings: Vec<String>,
     /// ClusterIP translation (edge nodes; empty elsewhere).
-    pub services: services::ServicePlan,
+    pub services: crate::services::plan::ServicePlan,
 }
 
 impl Plan {
@@ -292,69 +285,6 @@ impl Plan {
     pub fn peer_name(&self, id: u16) -> Option<&str> {
         self.peer_ids.node(id)
     }
-}
-
-/// Why no plan can be made. Every message names the objects involved and the fix.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    #[error(
-        "node {node} is not in the cluster snapshot; the agent's node name must be a Node's metadata.name"
-    )]
-    UnknownNode { node: String },
-    #[error(
-        "edge node {node} has no pod CIDR; its pod bridge and CNI config need one: \
-         set spec.podCIDR on the Node (or run kube-controller-manager with --allocate-node-cidrs)"
-    )]
-    MissingPodCidr { node: String },
-    #[error(
-        "edge node {node}: pod CIDR {cidr} is too small for a gateway and pods; give it a /30 or larger"
-    )]
-    PodCidrTooSmall { node: String, cidr: Ipv4Net },
-    #[error(
-        "pod CIDRs overlap: node {first} has {first_cidr} and node {second} has {second_cidr}; every node needs its own"
-    )]
-    PodCidrOverlap {
-        first: String,
-        first_cidr: Ipv4Net,
-        second: String,
-        second_cidr: Ipv4Net,
-    },
-    #[error(
-        "node {node}'s pod CIDR {pod_cidr} overlaps the Service CIDR {service_cidr}; \
-         set the agent's service CIDR to the API server's --service-cluster-ip-range"
-    )]
-    ServiceCidrOverlap {
-        node: String,
-        pod_cidr: Ipv4Net,
-        service_cidr: Ipv4Net,
-    },
-    #[error(
-        "route {prefix} is claimed twice: as {first} and as {second}; node addresses and pod CIDRs must be unique"
-    )]
-    RouteConflict {
-        prefix: Ipv4Net,
-        first: String,
-        second: String,
-    },
-    #[error(
-        "route {prefix} ({owner}) would go into the tunnel, but it contains {endpoint}, the tunnel endpoint of \
-         peer {peer}: the tunnel would carry its own packets. Fix: give {peer} a tunnel endpoint outside {prefix} \
-         (an ExternalIP, or annotation {annotation} with the address its tunnel is reached at)",
-        annotation = annotation::TUNNEL_ENDPOINT
-    )]
-    TunnelLoop {
-        prefix: Ipv4Net,
-        owner: String,
-        peer: String,
-        endpoint: Ipv4Addr,
-    },
-    #[error("{wanted} peers needed but peer ids run 1..={max}; the datapath cannot address more")]
-    TooManyPeers { wanted: usize, max: u32 },
-    #[error("setting {setting}: {problem}")]
-    Setting {
-        setting: &'static str,
-        problem: String,
-    },
 }
 
 fn setting(setting: &'static str, problem: impl Into<String>) -> PlanError {
@@ -598,7 +528,7 @@ impl<'a> Planner<'a> {
     fn tunnel_peer(&mut self, node: &Node) {
         let port = match self.settings.tunnel_mode {
             TunnelMode::Vxlan => self.settings.tunnel_port,
-            TunnelMode::Esp => ESP_IN_UDP_PORT,
+            TunnelMode::Esp => fabedge_common::ESP_IN_UDP_PORT,
         };
         self.peers.insert(
             node.name.clone(),
@@ -982,7 +912,7 @@ impl<'a> Planner<'a> {
             } else {
                 devices.push(Device::XfrmTunnel {
                     name: TUNNEL_DEV.to_owned(),
-                    if_id: crate::xfrm::FE_IF_ID,
+                    if_id: crate::esp::xfrm::FE_IF_ID,
                     mtu: tunnel_mtu,
                 });
                 attachments.push(Attachment::new(Program::TunnelIngress, TUNNEL_DEV));
@@ -1045,9 +975,9 @@ impl<'a> Planner<'a> {
             annotations,
             services: match (role, me.pod_cidr) {
                 (Role::Edge, Some(pod_cidr)) => {
-                    services::plan_services(snapshot, &me.name, pod_cidr)
+                    crate::services::plan::plan_services(snapshot, &me.name, pod_cidr)
                 }
-                _ => services::ServicePlan::default(),
+                _ => crate::services::plan::ServicePlan::default(),
             },
             warnings,
         })
@@ -1067,7 +997,9 @@ fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
 /// ESP mode: this node's public key, generation and public endpoint onto its
 /// own Node, when they differ from what it carries.
 fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
-    use crate::keys::{ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION};
+    use crate::esp::keys::{
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION,
+    };
     let mut set = BTreeMap::new();
     let mut remove = Vec::new();
     match (

@@ -18,18 +18,23 @@ use tokio::{
 };
 
 use crate::{
-    apply::{Applier, net, write_if_changed},
+    apply::{Applier, net},
     datapath::{AttachMode, Datapath, PinLayout},
     maps::Maps,
     model::parse_mac,
     plan::{PeerIds, Plan, Settings, plan},
     source::manifest,
+    sys::write_if_changed,
 };
 
-pub mod esp;
 mod kube_mode;
+pub mod problems;
 
 pub use kube_mode::{KubeOptions, default_namespace};
+
+/// The first and the longest wait before an unchanged, failing manifest is tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
     pub node: String,
@@ -44,21 +49,42 @@ pub struct RunOptions {
     /// Where the agent keeps state across restarts (peer ids).
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
+    /// How long a drastic change is held back (see [`Guard`]); zero: never.
+    pub hold_drastic_changes: Duration,
     /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
     pub ct_entries: u32,
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
     /// ESP mode's timers (`None` in VXLAN mode).
-    pub esp: Option<esp::EspOptions>,
+    pub esp: Option<crate::esp::run::EspOptions>,
+    /// Serve Prometheus metrics and the probes here (`None`: not at all).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // First of all, in ESP mode: hold UDP 4500. While no socket holds it,
     // ESP in UDP arriving during a restart is refused by the kernel.
     let mut reconciler = Reconciler::new(&options)?;
+    // Before the datapath loads: probes answer (not ready yet) at once.
+    if let Some(address) = options.metrics_addr {
+        crate::observe::start(
+            address,
+            crate::observe::Sources {
+                layout: options.layout.clone(),
+                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
+                status: reconciler.status.clone(),
+            },
+        )?;
+    }
     let mut hellos = match &reconciler.esp {
         Some(esp) => Some(esp.hello_readiness()?),
+        None => None,
+    };
+    // Before anything is loaded or pinned: a start that cannot find its
+    // source (no kubeconfig, not in a pod) fails without leaving a trace.
+    let kube_client = match &options.kube {
+        Some(kube) => Some(crate::source::kube::client(&kube.connection).await?),
         None => None,
     };
     let mut datapath = Datapath::load_with_ct_entries(
@@ -88,9 +114,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             None
         }
     };
-    if options.kube.is_some() {
+    if let Some(client) = kube_client {
         let result = kube_mode::run(
             &options,
+            client,
             &mut reconciler,
             &mut datapath,
             &mut maps,
@@ -102,22 +129,23 @@ pub async fn run(options: RunOptions) -> Result<()> {
         return result;
     }
     let mut tick = tokio::time::interval(options.poll_interval);
-    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
+    let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
+        reconciler.status.turned();
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                 if reconciler.esp_tick() {
-                    reconciler.applied_text = None;
+                    reconciler.force_replan();
                 }
             }
-            _ = ct_gc.tick() => crate::ctgc::collect_and_log(&mut maps),
+            _ = ct_gc.tick() => crate::services::ctgc::collect_and_log(&mut maps),
             // A hello: a peer's NAT mapping may have moved; follow it now,
             // not at the next tick.
             readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
                 if let Ok(mut guard) = readable {
                     if reconciler.esp_tick() {
-                        reconciler.applied_text = None;
+                        reconciler.force_replan();
                         reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                     }
                     guard.clear_ready();
@@ -144,15 +172,23 @@ struct Reconciler {
     peer_ids_path: PathBuf,
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
+    /// The manifest text whose last pass failed, and when to try it again:
+    /// an unchanged file that fails is not re-parsed on every poll.
+    failed_text: Option<(String, std::time::Instant)>,
+    retry_backoff: Duration,
+    problems: problems::ProblemLog,
+    guard: Guard,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
-    esp: Option<esp::EspRuntime>,
+    esp: Option<crate::esp::run::EspRuntime>,
+    /// What the metrics server and probes learn from the loop.
+    status: std::sync::Arc<crate::observe::Status>,
 }
 
 impl Reconciler {
     fn new(options: &RunOptions) -> Result<Self> {
-        let peer_ids_path = options.state_dir.join("peer-ids.json");
+        let peer_ids_path = options.state_dir.join(crate::plan::PEER_IDS_FILE);
         let peer_ids = match std::fs::read(&peer_ids_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 warn!(
@@ -164,17 +200,24 @@ impl Reconciler {
             Err(_) => PeerIds::new(),
         };
         let esp = match &options.esp {
-            Some(esp_options) => Some(esp::EspRuntime::start(
+            Some(esp_options) => Some(crate::esp::run::EspRuntime::start(
                 &options.state_dir,
                 esp_options.clone(),
             )?),
             None => None,
         };
+        let status = crate::observe::Status::new(crate::observe::STUCK_AFTER);
+        status.planned(0, &peer_ids, None);
         Ok(Reconciler {
-            applier: Applier::default(),
+            status,
+            applier: Applier::recording_sysctls_in(&options.state_dir),
             peer_ids,
             peer_ids_path,
             applied_text: None,
+            failed_text: None,
+            retry_backoff: RETRY_MIN,
+            problems: problems::ProblemLog::new(&options.state_dir),
+            guard: Guard::default(),
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -213,12 +256,57 @@ impl Reconciler {
         if self.applied_text.as_deref() == Some(text.as_str()) {
             return;
         }
+        let now = std::time::Instant::now();
+        if let Some((failed, retry_at)) = &self.failed_text
+            && failed == &text
+            && now < *retry_at
+        {
+            return;
+        }
         let result = self.reconcile(&text, datapath, maps, options);
-        if let Ok(written) = &result {
-            // Our own write-back needs no second pass.
-            self.applied_text = Some(written.clone().unwrap_or(text));
+        self.status.applied(
+            now.elapsed(),
+            result.as_ref().err().map(|e| format!("{e:#}")),
+        );
+        match &result {
+            Ok(written) => {
+                // Our own write-back needs no second pass.
+                self.applied_text = Some(written.clone().unwrap_or(text));
+                self.failed_text = None;
+                self.retry_backoff = RETRY_MIN;
+            }
+            Err(_) => {
+                // Transient causes (a device not there yet) clear by
+                // themselves: retry, but ever less often, until the file changes.
+                self.failed_text = Some((text, now + self.retry_backoff));
+                self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+            }
         }
         self.report(result.map(drop));
+    }
+
+    /// What this pass left out: objects the checks refused and Services the
+    /// plan could not fit.
+    fn record_problems(
+        &mut self,
+        mut problems: Vec<crate::model::checks::Problem>,
+        plan: Option<&Plan>,
+    ) {
+        if let Some(plan) = plan {
+            problems.extend(plan.services.skipped.iter().cloned());
+        }
+        if let Some(held) = self.guard.held_problem() {
+            problems.push(held);
+        }
+        self.problems.update(problems);
+        self.status.problems(self.problems.count());
+    }
+
+    /// Plan and apply again at the next poll, whatever the file holds (a new
+    /// key generation must be published).
+    fn force_replan(&mut self) {
+        self.applied_text = None;
+        self.failed_text = None;
     }
 
     /// Log an error once per distinct message; the datapath keeps its last good state.
@@ -244,9 +332,11 @@ impl Reconciler {
         options: &RunOptions,
     ) -> Result<Option<String>> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
-        let snapshot =
-            manifest::snapshot(text).with_context(|| options.manifests.display().to_string())?;
-        let plan = self.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+        let checked = manifest::checked(text, options.settings.service_cidr)
+            .with_context(|| options.manifests.display().to_string())?;
+        let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options);
+        self.record_problems(checked.problems, plan.as_ref().ok());
+        let plan = plan?;
         write_annotations(&options.manifests, text, &plan)
     }
 
@@ -268,7 +358,14 @@ impl Reconciler {
         for warning in &plan.warnings {
             warn!("{warning}");
         }
+        self.guard.check(&plan, options.hold_drastic_changes)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
+        self.guard.applied(&plan);
+        self.status.planned(
+            plan.warnings.len(),
+            &plan.peer_ids,
+            self.esp.as_ref().map(|_| settings.esp_generation),
+        );
         if let Some(esp) = &mut self.esp
             && esp.apply(snapshot, &plan)?
         {
@@ -289,6 +386,86 @@ impl Reconciler {
             self.peer_ids = plan.peer_ids.clone();
         }
         Ok(plan)
+    }
+}
+
+/// Holds back a plan that would take down most of what this node forwards —
+/// every tunnel, or more than half of the routes — for a grace period, with
+/// a loud error and a problem entry; after the grace it applies. One typo
+/// (a connector label removed, a truncated file) then costs a warning, not
+/// every tunnel of the fleet at the next poll.
+#[derive(Default)]
+struct Guard {
+    /// Tunnel peers and routes of the plan last applied.
+    applied: Option<(usize, usize)>,
+    /// The drastic change being held, and since when.
+    held: Option<(String, std::time::Instant)>,
+}
+
+/// Fewer routes than this are too few to call a drop "most of them".
+const GUARD_MIN_ROUTES: usize = 4;
+
+impl Guard {
+    fn size(plan: &Plan) -> (usize, usize) {
+        let tunnels = plan
+            .peers
+            .values()
+            .filter(|p| p.kind == fabedge_common::peer_kind::TUNNEL)
+            .count();
+        (tunnels, plan.routes.len())
+    }
+
+    fn check(&mut self, plan: &Plan, grace: Duration) -> Result<()> {
+        let Some((tunnels_before, routes_before)) = self.applied else {
+            return Ok(());
+        };
+        let (tunnels, routes) = Self::size(plan);
+        let drastic = if tunnels_before > 0 && tunnels == 0 {
+            Some(format!(
+                "remove every tunnel of this node ({tunnels_before} peers)"
+            ))
+        } else if routes_before >= GUARD_MIN_ROUTES && routes * 2 < routes_before {
+            Some(format!(
+                "remove {} of its {routes_before} routes",
+                routes_before - routes
+            ))
+        } else {
+            None
+        };
+        let Some(change) = drastic.filter(|_| !grace.is_zero()) else {
+            self.held = None;
+            return Ok(());
+        };
+        match &self.held {
+            Some((held, since)) if *held == change && since.elapsed() >= grace => {
+                warn!("applying the held-back change now ({change}): it stayed for {grace:?}");
+                self.held = None;
+                Ok(())
+            }
+            Some((held, _)) if *held == change => Err(self.held_error(grace)),
+            _ => {
+                self.held = Some((change, std::time::Instant::now()));
+                Err(self.held_error(grace))
+            }
+        }
+    }
+
+    fn held_error(&self, grace: Duration) -> anyhow::Error {
+        let change = self.held.as_ref().map_or("", |(c, _)| c.as_str());
+        anyhow::anyhow!(
+            "held back: the new plan would {change}; if that is intended it applies by itself once it has \
+             stayed {grace:?} (run with --hold-drastic-changes 0 to apply such changes at once)"
+        )
+    }
+
+    fn applied(&mut self, plan: &Plan) {
+        self.applied = Some(Self::size(plan));
+    }
+
+    fn held_problem(&self) -> Option<crate::model::checks::Problem> {
+        self.held.as_ref().map(|(change, _)| {
+            crate::model::checks::Problem::new("plan", format!("held back: it would {change}"))
+        })
     }
 }
 
@@ -330,4 +507,72 @@ fn write_annotations(path: &Path, text: &str, plan: &Plan) -> Result<Option<Stri
     }
     write_if_changed(path, updated.as_bytes(), 0o644)?;
     Ok(Some(updated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest::{EXAMPLE_CLUSTER, snapshot};
+
+    fn edge_plan() -> Plan {
+        let snapshot = snapshot(EXAMPLE_CLUSTER).unwrap();
+        plan(&snapshot, "edge-1", &Settings::default(), &PeerIds::new()).unwrap()
+    }
+
+    #[test]
+    fn a_plan_without_tunnels_is_held_for_the_grace_then_applied() {
+        let grace = Duration::from_millis(200);
+        let before = edge_plan();
+        let mut guard = Guard::default();
+        guard
+            .check(&before, grace)
+            .expect("the first plan is never held");
+        guard.applied(&before);
+
+        let mut after = before.clone();
+        after
+            .peers
+            .retain(|_, p| p.kind != fabedge_common::peer_kind::TUNNEL);
+        let err = guard.check(&after, grace).unwrap_err().to_string();
+        assert!(
+            err.starts_with("held back: the new plan would remove every tunnel"),
+            "{err}"
+        );
+        assert!(guard.held_problem().is_some());
+        // Still held before the grace, whatever the number of passes.
+        assert!(guard.check(&after, grace).is_err());
+        std::thread::sleep(grace);
+        guard.check(&after, grace).expect("applied after the grace");
+        assert!(guard.held_problem().is_none());
+    }
+
+    #[test]
+    fn losing_most_routes_is_held_and_zero_grace_applies_at_once() {
+        let before = edge_plan();
+        assert!(
+            before.routes.len() >= GUARD_MIN_ROUTES,
+            "{:?}",
+            before.routes
+        );
+        let mut guard = Guard::default();
+        guard.applied(&before);
+        let mut after = before.clone();
+        let keep = before.routes.len() / 2 - 1;
+        after.routes = before.routes.clone().into_iter().take(keep).collect();
+        let err = guard
+            .check(&after, Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("remove {} of its", before.routes.len() - keep)),
+            "{err}"
+        );
+        guard
+            .check(&after, Duration::ZERO)
+            .expect("no hold with zero grace");
+        // A small change is never held.
+        let mut small = before.clone();
+        small.routes.pop_first();
+        guard.check(&small, Duration::from_secs(60)).unwrap();
+    }
 }

@@ -47,6 +47,9 @@ pub const DEFAULT_TUNNEL_VNI: u32 = 0xFEDE;
 /// Flannel's VXLAN backend defaults (Linux kernel VXLAN port, VNI 1).
 pub const DEFAULT_FLANNEL_PORT: u16 = 8472;
 pub const DEFAULT_FLANNEL_VNI: u32 = 1;
+/// UDP port of ESP in UDP (RFC 3948): NAT traversal, and our ESP mode's one
+/// port in both directions.
+pub const ESP_IN_UDP_PORT: u16 = 4500;
 
 /// Bytes a VXLAN-in-IPv4 encapsulation adds: outer IPv4 + UDP + VXLAN + inner Ethernet.
 pub const VXLAN_OVERHEAD: u16 = 20 + 8 + 8 + 14;

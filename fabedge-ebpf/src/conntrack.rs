@@ -1,7 +1,7 @@
 //! Service conntrack (`FE_CT`): one entry per direction of a translated flow,
 //! keyed by the tuple exactly as it is on the wire where it is looked up, so
 //! every packet costs one hash lookup and no normalisation. The agent
-//! expires entries (`ctgc.rs`) and deletes those of removed backends; the
+//! expires entries (`fabedge-agent/src/services/ctgc.rs`) and deletes those of removed backends; the
 //! LRU bounds the table whatever happens.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;

@@ -4,6 +4,7 @@
 //! - [`bench`]: the connector packet-rate benchmark and the figures' JSON keys.
 //! - [`cluster`]: the mini cluster of the seed's test matrix (cloud, connector, edges, pods).
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
+//! - [`metrics`]: an agent's metrics and probes over HTTP, and a real Prometheus scraping it.
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
 //! - [`livegen`]: a kernel packet generator (XDP live frames) and an in-datapath frame counter.
@@ -15,5 +16,6 @@ pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
 pub mod livegen;
+pub mod metrics;
 pub mod netns;
 pub mod packet;

@@ -1,7 +1,8 @@
 //! `deploy/`: every document parses into its k8s-openapi type (strictly: a
 //! misspelt field fails), the CRD is what `cargo xtask gen-crd` generates
 //! from the Rust types, the RBAC grants exactly the calls the agent makes
-//! (`annotate::API_CALLS`), and the DaemonSets give the agent what it relies on.
+//! (`annotate::API_CALLS`), and the DaemonSets give the agent what it relies on
+//! (mounts, env, and a metrics port its probes use).
 
 #[path = "../../xtask/src/crd.rs"]
 #[allow(dead_code)]
@@ -14,9 +15,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    annotate::API_CALLS,
+    connector::annotate::API_CALLS,
     datapath::DEFAULT_BPFFS_ROOT,
     model::label,
+    observe::DEFAULT_METRICS_PORT,
     plan::DEFAULT_CNI_CONF_DIR,
     source::{CommunityObject, CommunitySpec},
 };
@@ -24,10 +26,11 @@ use k8s_openapi::{
     Resource,
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Namespace, ServiceAccount},
+        core::v1::{Namespace, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -413,6 +416,63 @@ fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
                 .is_some_and(|(path, _)| path.starts_with("/sys/fs/cgroup")),
             "{name}: --cgroup {cgroup} must be the host's /sys/fs/cgroup mounted into the pod, found {host_cgroup:?}"
         );
+        // Metrics: --metrics-addr serves on the node's address (the kubelet
+        // probes a hostNetwork pod there) at the container's declared port,
+        // which the liveness (/healthz) and readiness (/readyz) probes use.
+        let metrics_addr =
+            arg("--metrics-addr").with_context(|| format!("{name}: --metrics-addr"))?;
+        let (host, port) = metrics_addr.rsplit_once(':').with_context(|| {
+            format!("{name}: --metrics-addr={metrics_addr} is not ADDRESS:PORT")
+        })?;
+        let port: i32 = port.parse()?;
+        assert_eq!(
+            port,
+            i32::from(DEFAULT_METRICS_PORT),
+            "{name}: the metrics port README names"
+        );
+        match host.strip_prefix("$(").and_then(|r| r.strip_suffix(')')) {
+            Some(var) => assert_eq!(
+                field(var).as_deref(),
+                Some("status.hostIP"),
+                "{name}: {metrics_addr} must be the node's address for the probes to reach it"
+            ),
+            None => assert_eq!(
+                host, "0.0.0.0",
+                "{name}: {metrics_addr} unreachable to probes"
+            ),
+        }
+        let declared = agent
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.container_port == port)
+            .with_context(|| format!("{name}: no containerPort {port} for --metrics-addr"))?;
+        assert_eq!(
+            declared.protocol.as_deref().unwrap_or("TCP"),
+            "TCP",
+            "{name}"
+        );
+        let probes = |probe: Option<&Probe>, path: &str| {
+            let Some(get) = probe.and_then(|p| p.http_get.as_ref()) else {
+                return false;
+            };
+            get.path.as_deref() == Some(path)
+                && match &get.port {
+                    IntOrString::Int(n) => *n == port,
+                    IntOrString::String(named) => declared.name.as_ref() == Some(named),
+                }
+        };
+        assert!(
+            probes(agent.liveness_probe.as_ref(), "/healthz"),
+            "{name}: liveness probe GET /healthz on the metrics port, found {:?}",
+            agent.liveness_probe
+        );
+        assert!(
+            probes(agent.readiness_probe.as_ref(), "/readyz"),
+            "{name}: readiness probe GET /readyz on the metrics port, found {:?}",
+            agent.readiness_probe
+        );
+
         if selects.contains(&(label::CONNECTOR.to_owned(), "Exists".to_owned()))
             && name.contains("connector")
         {

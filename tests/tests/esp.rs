@@ -143,7 +143,7 @@ fn tunnel_esp_is_refused_cleanly_on_a_kernel_without_esp() -> Result<()> {
 use std::{thread, time::Duration};
 
 use anyhow::{Context, bail};
-use fabedge_agent::keys::KEY_GENERATION_ANNOTATION;
+use fabedge_agent::esp::keys::KEY_GENERATION_ANNOTATION;
 use fabedge_tests::{
     agent::agent_ok,
     cluster::{Cluster, ClusterOptions, seed_matrix},
@@ -469,8 +469,20 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     );
     let _ = std::fs::remove_file(&capture.file);
 
-    // Uninstall removes every xfrm object of ours, and fe-tunnel.
+    // Uninstall removes every xfrm object of ours, and fe-tunnel; with
+    // --purge-state (the harness passes it) the state files go too.
+    let state_dir = cluster.state_dir("edge-1")?.to_owned();
+    ensure!(
+        state_dir.join("node.key").exists(),
+        "edge-1 has no node key before uninstall"
+    );
     let removed = cluster.uninstall("edge-1")?;
+    for file in ["node.key", "peer-ids.json", "esp-generation.json"] {
+        ensure!(
+            !state_dir.join(file).exists(),
+            "uninstall --purge-state left {file}"
+        );
+    }
     ensure!(
         removed.contains("xfrm SA") && removed.contains("xfrm policy"),
         "uninstall said:\n{removed}"

@@ -16,9 +16,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    annotate::{API_CALLS, ConnectorDuty, is_connector},
-    ipam::Pool,
-    leader::ElectionConfig,
+    connector::{
+        annotate::{API_CALLS, ConnectorDuty, is_connector},
+        ipam::Pool,
+        leader::ElectionConfig,
+    },
     model::{FlannelLease, annotation, label},
     plan::{PeerIds, Settings, plan},
     source::{Objects, kube::KubeSource, manifest},
@@ -905,7 +907,7 @@ fn api_down_keeps_the_datapath_and_a_restart_while_down_restores_it() -> Result<
     let saved = agent
         .dir
         .join("state")
-        .join(fabedge_agent::snapshot::FILE_NAME);
+        .join(fabedge_agent::source::last_good::FILE_NAME);
     // Saved right after the apply that filled the maps.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !saved.exists() && Instant::now() < deadline {

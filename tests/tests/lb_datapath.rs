@@ -421,8 +421,8 @@ fn packets_to_other_destinations_and_other_ports_are_untouched() -> Result<()> {
     Ok(())
 }
 
-fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan {
-    use fabedge_agent::plan::services::{Frontend, ServicePlan};
+fn plan_with(backends: &[Backend]) -> fabedge_agent::services::plan::ServicePlan {
+    use fabedge_agent::services::plan::{Frontend, ServicePlan};
     let mut plan = ServicePlan::default();
     plan.frontends.insert(
         ServiceKey {
@@ -448,7 +448,7 @@ fn plan_with(backends: &[Backend]) -> fabedge_agent::plan::services::ServicePlan
 
 #[test]
 fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
-    use fabedge_agent::apply::services::apply_services;
+    use fabedge_agent::services::apply::apply_services;
     let mut dp = edge("lb-remove", tunnel_mode::VXLAN)?;
     let report = apply_services(
         &mut dp.maps,
@@ -497,7 +497,7 @@ fn removing_a_backend_deletes_its_flows_and_keeps_the_others() -> Result<()> {
 
 #[test]
 fn conntrack_gc_expires_closed_tcp_flows_quickly_and_keeps_open_ones() -> Result<()> {
-    use fabedge_agent::ctgc;
+    use fabedge_agent::services::ctgc;
     let mut dp = edge("lb-gc", tunnel_mode::VXLAN)?;
     frontend(&mut dp, 1, 80, TCP, 0, &[remote(PEER_POD, 8080)])?;
     let (open, closed) = ((LOCAL_POD, 22001), (LOCAL_POD, 22002));
@@ -649,11 +649,14 @@ fn conntrack_capacity_follows_the_flag_and_a_pinned_table_of_another_size_is_ref
 
 #[test]
 fn services_left_out_of_full_maps_are_counted_for_inspect() -> Result<()> {
-    use fabedge_agent::apply::services::apply_services;
+    use fabedge_agent::services::apply::apply_services;
     let mut dp = edge("lb-full", tunnel_mode::VXLAN)?;
     let mut plan = plan_with(&[remote(PEER_POD, 8080)]);
     plan.skipped
-        .push("service default/big is not programmed: ...".into());
+        .push(fabedge_agent::model::checks::Problem::new(
+            "Service default/big",
+            "is not programmed: ...",
+        ));
     apply_services(&mut dp.maps, &plan)?;
     assert_eq!(dp.counter(Counter::ServicesNotProgrammed), 1);
     assert_eq!(
@@ -741,4 +744,81 @@ fn socket_programs_attach_to_the_given_cgroup_and_uninstall_removes_them() -> Re
     let _ = datapath::uninstall(&bpffs);
     let _ = std::fs::remove_dir(&cgroup);
     result
+}
+
+/// With FE_SERVICES full, one Service is deleted and another added in the
+/// same change: the swap applies (the freed frontend goes before anything is
+/// written), and the new Service's backends, written under the freed id,
+/// are never what the deleted ClusterIP points at — it no longer exists.
+#[test]
+fn a_full_service_map_swaps_one_service_for_another_without_cross_wiring() -> Result<()> {
+    use fabedge_agent::services::{
+        apply::apply_services,
+        plan::{Frontend, ServicePlan},
+    };
+    use fabedge_common::services::MAX_SERVICES;
+    let mut dp = edge("lb-full-swap", tunnel_mode::VXLAN)?;
+    let vip = |n: u32| Ipv4Addr::from(0x0a60_0000 + 0x100 + n);
+    let frontend = |n: u32, backend: Ipv4Addr| {
+        (
+            ServiceKey {
+                addr: vip(n).octets(),
+                port: 80,
+                proto: TCP,
+                _pad: 0,
+            },
+            Frontend {
+                name: format!("default/svc-{n}:http"),
+                entry: ServiceEntry {
+                    id: 0,
+                    count: 1,
+                    flags: 0,
+                    _pad: 0,
+                    affinity_timeout: 0,
+                },
+                backends: vec![remote(backend, 8080)],
+            },
+        )
+    };
+    let mut full = ServicePlan::default();
+    for n in 0..MAX_SERVICES {
+        let (key, f) = frontend(n, PEER_POD);
+        full.frontends.insert(key, f);
+    }
+    let report = apply_services(&mut dp.maps, &full)?;
+    assert_eq!(report.frontends_written, MAX_SERVICES as usize);
+
+    // svc-0 goes, svc-new (backend CLOUD_POD) comes: the map stays full.
+    let mut swapped = full.clone();
+    let (gone, _) = frontend(0, PEER_POD);
+    swapped.frontends.remove(&gone);
+    let (new_key, new_frontend) = frontend(MAX_SERVICES, CLOUD_POD);
+    swapped.frontends.insert(new_key, new_frontend);
+    let report = apply_services(&mut dp.maps, &swapped)?;
+    assert_eq!((report.frontends_removed, report.frontends_written), (1, 1));
+
+    let services: std::collections::BTreeMap<_, _> =
+        dp.maps.service_entries()?.into_iter().collect();
+    assert!(
+        !services.contains_key(&gone),
+        "the deleted ClusterIP is still programmed"
+    );
+    let new_entry = services[&new_key];
+    let backends: std::collections::BTreeMap<_, _> =
+        dp.maps.backend_entries()?.into_iter().collect();
+    let slot0 = fabedge_common::services::BackendKey {
+        service_id: new_entry.id,
+        slot: 0,
+    };
+    assert_eq!(backends[&slot0].addr, CLOUD_POD.octets());
+    // Every other frontend still points at its own (PEER_POD) backend.
+    for (key, entry) in &services {
+        let backend = backends[&fabedge_common::services::BackendKey {
+            service_id: entry.id,
+            slot: 0,
+        }];
+        let want = if *key == new_key { CLOUD_POD } else { PEER_POD };
+        assert_eq!(backend.addr, want.octets(), "{key:?} → {backend:?}");
+    }
+    Ok(())
 }

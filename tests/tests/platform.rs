@@ -540,3 +540,55 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
     datapath::uninstall(&root)?;
     result
 }
+
+/// A start that cannot reach any source (no `--manifests`, no kubeconfig, not
+/// in a pod) fails with the fix in its message and leaves nothing pinned.
+#[test]
+fn a_start_without_a_source_fails_naming_the_fix_and_pins_nothing() -> Result<()> {
+    let root = bpffs_root("no-source");
+    let home = std::env::temp_dir().join(format!("fabedge-no-source-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    let out = Command::new(fabedge_tests::agent::agent_bin()?)
+        .arg("--bpffs-root")
+        .arg(&root)
+        .args([
+            "run",
+            "--node",
+            "edge-1",
+            "--tunnel",
+            "vxlan",
+            "--no-cgroup",
+        ])
+        .arg("--state-dir")
+        .arg(home.join("state"))
+        // kube-rs would find a kubeconfig through these.
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", &home)
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let pinned = root.exists();
+    if pinned {
+        let _ = agent_ok(
+            None,
+            &root,
+            &["uninstall", "--cni-conf-dir", "/nonexistent"],
+        );
+    }
+    let _ = std::fs::remove_dir_all(&home);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the agent started without a source:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("--kubeconfig FILE or --manifests FILE"),
+        "the error does not say how to give a source:\n{stderr}"
+    );
+    ensure!(
+        !stderr.contains("running for node"),
+        "it claimed to run:\n{stderr}"
+    );
+    ensure!(!pinned, "a failed start left {} behind", root.display());
+    Ok(())
+}

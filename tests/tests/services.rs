@@ -461,3 +461,51 @@ print("udp", data.decode(), peer[0], peer[1])
         Ok(())
     })
 }
+
+/// One Node whose pod CIDR overlaps another's is left out, named in
+/// `inspect problems`, and stops nothing: a Service added at the same time is
+/// programmed on every edge. Fixing the file clears the problem.
+#[test]
+fn a_node_overlapping_another_pod_cidr_is_left_out_and_everything_else_still_applies() -> Result<()>
+{
+    with_cluster(|cluster| {
+        let vip = Ipv4Addr::new(10, 96, 0, 61);
+        let bad_node = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: edge-9\n  labels:\n    \
+                        node-role.kubernetes.io/edge: \"\"\nspec:\n  podCIDR: 10.234.1.0/25\nstatus:\n  \
+                        addresses:\n    - {type: InternalIP, address: 10.2.0.99}\n";
+        let backends = [(cluster.pod("edge-2")?.ip(), "edge-2", true)];
+        set_manifest_section(cluster, "overlap", bad_node)?;
+        set_manifest_section(
+            cluster,
+            "after-overlap",
+            &service_yaml("after-overlap", vip, &backends),
+        )?;
+        for node in ["edge-1", "edge-3"] {
+            wait_for_frontend(cluster, node, vip, 1)?;
+        }
+        let problems = cluster.agent_inspect("edge-1", "problems")?;
+        let listed = problems.as_array().map(Vec::len).unwrap_or_default();
+        ensure!(
+            listed == 1
+                && problems[0]["object"] == "Node edge-9"
+                && problems[0]["problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("overlaps node edge-1's 10.234.1.0/24")),
+            "inspect problems on edge-1: {problems}"
+        );
+        set_manifest_section(cluster, "overlap", "")?;
+        set_manifest_section(cluster, "after-overlap", "")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let problems = cluster.agent_inspect("edge-1", "problems")?;
+            if problems.as_array().is_some_and(Vec::is_empty) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the problem did not clear: {problems}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    })
+}

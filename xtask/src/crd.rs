@@ -1,6 +1,6 @@
 //! `cargo xtask gen-crd`: writes `deploy/crd.yaml`, the Community
 //! CustomResourceDefinition, from one description of the Rust types in
-//! `fabedge-agent/src/source/mod.rs` (`CommunityObject`, `CommunitySpec`).
+//! `fabedge-agent/src/model/crd.rs` (`CommunityObject`, `CommunitySpec`).
 //!
 //! The deploy test includes this file, regenerates the CRD in memory and
 //! fails when the checked-in file differs, and checks the names, scope and

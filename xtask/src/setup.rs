@@ -24,6 +24,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("conntrack", "/usr/sbin/conntrack"),
     ("iputils-ping", "/usr/bin/ping"),
     ("ethtool", "/usr/sbin/ethtool"),
+    // tests/tests/metrics.rs: a real Prometheus scrapes an agent.
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

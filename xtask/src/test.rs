@@ -56,6 +56,18 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     let started = Instant::now();
     let mut suites = Vec::new();
 
+    // Formatting is part of the suite: a tree that `cargo fmt` would change fails here, first.
+    let fmt = cargo(workspace)
+        .args(["fmt", "--all", "--", "--check"])
+        .status()
+        .context("running cargo fmt --check")?;
+    suites.push(("cargo fmt --all -- --check".to_string(), fmt.success()));
+    if !fmt.success() {
+        println!(
+            "xtask: `cargo fmt --all -- --check` found unformatted files (listed above): run `cargo fmt --all`"
+        );
+    }
+
     let status = cargo(workspace)
         .args(["build", "--bins"])
         .status()
@@ -110,8 +122,21 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
                     timeout: entry.timeout,
                 };
                 println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
-                let ok = match vm::run(&run) {
-                    Ok(code) => code == 0,
+                // A test binary exits 0 when a name matched nothing: count what ran.
+                let ok = match vm::run_outcome(&run) {
+                    Ok(outcome) if outcome.code != 0 => false,
+                    Ok(outcome) if outcome.tests_passed != Some(tests.len() as u64) => {
+                        eprintln!(
+                            "xtask: VM {kernel}: {binary} was given {} test name(s) but libtest reported {} passed; \
+                             a renamed or missing test would otherwise pass silently",
+                            tests.len(),
+                            outcome
+                                .tests_passed
+                                .map_or("no summary, so none".to_string(), |n| n.to_string())
+                        );
+                        false
+                    }
+                    Ok(_) => true,
                     Err(e) => {
                         eprintln!("xtask: VM {kernel}: {e:#}");
                         false

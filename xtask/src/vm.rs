@@ -587,8 +587,21 @@ fn read_module(file: &Path) -> Result<(String, Vec<u8>)> {
     Ok((plain, out.stdout))
 }
 
+/// What a VM run reported.
+pub struct Outcome {
+    /// The program's exit code.
+    pub code: i32,
+    /// How many tests libtest said passed, when the program is a test binary.
+    pub tests_passed: Option<u64>,
+}
+
 /// Boots `run.kernel`, runs the program and returns its exit code.
 pub fn run(run: &VmRun) -> Result<i32> {
+    run_outcome(run).map(|outcome| outcome.code)
+}
+
+/// Boots `run.kernel`, runs the program and returns what it reported.
+pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
     let prepared =
         prepare(run.kernel).with_context(|| format!("preparing the {} kernel", run.kernel))?;
     let workspace = crate::workspace();
@@ -707,7 +720,10 @@ pub fn run(run: &VmRun) -> Result<i32> {
         prepared.release,
         elapsed.as_secs_f64()
     );
-    Ok(code)
+    Ok(Outcome {
+        code,
+        tests_passed: console.tests_passed,
+    })
 }
 
 /// Splits [`PRELOAD_MODULES`] into loadable modules and ones this kernel
@@ -848,6 +864,8 @@ struct Console {
     exit_code: Option<i32>,
     panic: Option<String>,
     setup_failed: Option<String>,
+    /// Tests libtest reported as passed, summed over its `test result:` lines.
+    tests_passed: Option<u64>,
 }
 
 impl Console {
@@ -891,6 +909,8 @@ impl Console {
             .and_then(|i| line[i + marker.len()..].trim().parse().ok())
         {
             self.exit_code = Some(code);
+        } else if let Some(passed) = libtest_passed(line) {
+            *self.tests_passed.get_or_insert(0) += passed;
         } else if let Some(i) = line.find("Kernel panic - not syncing") {
             self.panic.get_or_insert_with(|| line[i..].to_string());
         } else if let Some(i) = line.find("fabedge-vm: setup failed: ") {
@@ -898,6 +918,13 @@ impl Console {
                 .get_or_insert_with(|| line[i + "fabedge-vm: setup failed: ".len()..].to_string());
         }
     }
+}
+
+/// `N` from libtest's summary line `test result: ok. N passed; M failed; ...`.
+fn libtest_passed(line: &str) -> Option<u64> {
+    let rest = &line[line.find("test result: ")? + "test result: ".len()..];
+    let (_, rest) = rest.split_once(". ")?;
+    rest.split_once(" passed")?.0.trim().parse().ok()
 }
 
 /// A newc (SVR4, no CRC) cpio archive, as the kernel's initramfs unpacker reads it.
@@ -1094,4 +1121,25 @@ echo esp-ok"#;
         bail!("{failed} VM self-test case(s) failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libtest_passed;
+
+    #[test]
+    fn libtest_summary_lines_give_the_passed_count_and_nothing_else_does() {
+        assert_eq!(
+            libtest_passed(
+                "test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 5 filtered out; finished in 3.1s"
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            libtest_passed("[  12.3] test result: FAILED. 0 passed; 1 failed; 0 ignored"),
+            Some(0)
+        );
+        assert_eq!(libtest_passed("running 2 tests"), None);
+        assert_eq!(libtest_passed("test foo ... ok"), None);
+    }
 }

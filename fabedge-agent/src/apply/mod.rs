@@ -8,14 +8,11 @@
 //! routes that steer traffic into them. Removal runs the other way round.
 
 pub mod net;
-pub mod services;
-pub mod xfrm;
+pub mod sysctl;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
     path::Path,
 };
 
@@ -29,6 +26,7 @@ use crate::{
     model::format_mac,
     plan::{CNI_FILE_NAME, Device, Plan, Settings},
     sys,
+    sys::write_if_changed,
 };
 
 /// What one apply changed, for logs and tests.
@@ -56,9 +54,20 @@ impl ApplyReport {
 #[derive(Default)]
 pub struct Applier {
     attached: BTreeSet<Attachment>,
+    /// Where the sysctls' former values are recorded (`sysctl::ORIGINALS_FILE`);
+    /// `None`: not recorded (tests).
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl Applier {
+    /// An applier that records each sysctl's former value in `state_dir`.
+    pub fn recording_sysctls_in(state_dir: &Path) -> Applier {
+        Applier {
+            state_dir: Some(state_dir.to_owned()),
+            ..Applier::default()
+        }
+    }
+
     pub fn apply(
         &mut self,
         datapath: &mut Datapath,
@@ -74,7 +83,7 @@ impl Applier {
                 .with_context(|| format!("configuring device {}", device.name()))?;
         }
         for sysctl in &plan.sysctls {
-            net::set_sysctl(&sysctl.key, &sysctl.value)?;
+            sysctl::set(self.state_dir.as_deref(), &sysctl.key, &sysctl.value)?;
         }
 
         // Maps: add and change first, remove after, arm last.
@@ -106,7 +115,8 @@ impl Applier {
             maps.set_peer(*id, PeerEntry::default())?;
             report.peers_removed += 1;
         }
-        report.service_changes = services::apply_services(maps, &plan.services)?.changes();
+        report.service_changes =
+            crate::services::apply::apply_services(maps, &plan.services)?.changes();
         let mut config = plan.config;
         if plan
             .devices
@@ -211,43 +221,50 @@ fn ensure_device(device: &Device) -> Result<()> {
             mtu,
             local: _,
         } => net::ensure_vxlan_external(name, *port, &format_mac(*mac), *mtu as u32),
-        Device::XfrmTunnel { name, if_id, mtu } => xfrm::ensure_device(name, *if_id, *mtu as u32),
+        Device::XfrmTunnel { name, if_id, mtu } => {
+            crate::esp::apply::ensure_device(name, *if_id, *mtu as u32)
+        }
     }
-}
-
-/// Replace `path` atomically (temp file + rename) when its content differs.
-pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    if fs::read(path).ok().as_deref() == Some(content) {
-        return Ok(());
-    }
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("fabedge-tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
 
 /// Everything outside bpffs that apply creates: our routes, `fe-tunnel`,
 /// the pod bridge, the CNI config. Returns what was removed.
+/// `uninstall --purge-state`: the agent's own files in its state dir (the
+/// node key included: the node comes back with a new identity), and the dir
+/// itself when nothing else is left in it. Other files are never touched.
+pub fn purge_state(state_dir: &Path) -> Result<Vec<String>> {
+    let ours = [
+        crate::plan::PEER_IDS_FILE,
+        crate::esp::keys::KEY_FILE,
+        crate::esp::run::OBSERVED_FILE,
+        crate::esp::run::ROTATE_REQUEST,
+        crate::esp::apply::GENERATION_FILE,
+        crate::source::last_good::FILE_NAME,
+        crate::run::problems::FILE_NAME,
+        sysctl::ORIGINALS_FILE,
+    ];
+    let mut removed = Vec::new();
+    for name in ours {
+        let path = state_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(format!("file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if fs::remove_dir(state_dir).is_ok() {
+        removed.push(format!("directory {}", state_dir.display()));
+    }
+    Ok(removed)
+}
+
 pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for route in net::our_routes()? {
         net::delete_route(&route)?;
         removed.push(format!("route {}", route.dst));
     }
-    removed.extend(xfrm::teardown()?);
+    removed.extend(crate::esp::apply::teardown()?);
     for dev in [TUNNEL_DEV, POD_BRIDGE] {
         if net::delete_link_if_present(dev)? {
             removed.push(format!("device {dev}"));

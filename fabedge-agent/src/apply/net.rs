@@ -1,4 +1,4 @@
-//! Links, addresses, routes and sysctls, through iproute2's JSON interface.
+//! Links, addresses and routes, through iproute2's JSON interface.
 //! Every route we install carries protocol `RTPROT_FABEDGE`, which is how we
 //! recognise (and only ever delete) our own.
 
@@ -268,15 +268,4 @@ pub fn delete_route(route: &KernelRoute) -> Result<()> {
         &RTPROT_FABEDGE.to_string(),
     ])
     .map(|_| ())
-}
-
-/// Write a sysctl (`key` below /proc/sys, `/`-separated) if it differs.
-pub fn set_sysctl(key: &str, value: &str) -> Result<()> {
-    let path = std::path::Path::new("/proc/sys").join(key);
-    let current = std::fs::read_to_string(&path)
-        .with_context(|| format!("sysctl {key} does not exist ({})", path.display()))?;
-    if current.trim() == value {
-        return Ok(());
-    }
-    std::fs::write(&path, value).with_context(|| format!("setting sysctl {key}={value}"))
 }

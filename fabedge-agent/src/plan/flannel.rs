@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Serialize;
 
-use super::AnnotationPatch;
+use crate::model::AnnotationPatch;
 use crate::model::{FLANNEL_VXLAN_BACKEND, Node, Role, Snapshot, annotation, format_mac};
 
 /// Flannel's `backend-data` JSON, written exactly as the article shows it.

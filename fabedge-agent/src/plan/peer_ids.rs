@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fabedge_common::MAX_PEERS;
 use serde::{Deserialize, Serialize};
 
-use super::PlanError;
+use super::error::PlanError;
 
 /// Node name → peer id (`1..MAX_PEERS`). Serialises as a plain JSON object
 /// so the agent can persist it between runs.

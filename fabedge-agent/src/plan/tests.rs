@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use fabedge_common::{
-    DEFAULT_FLANNEL_PORT, DEFAULT_TUNNEL_PORT, PeerEntry, RouteEntry, TUNNEL_DEV, peer_kind, role,
-    route_flags, route_kind, tunnel_mode,
+    DEFAULT_FLANNEL_PORT, DEFAULT_TUNNEL_PORT, ESP_IN_UDP_PORT, PeerEntry, RouteEntry, TUNNEL_DEV,
+    peer_kind, role, route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
 
@@ -650,7 +650,7 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
                 Device::Bridge { mtu: 1420, .. },
                 Device::XfrmTunnel {
                     mtu: 1420,
-                    if_id: crate::xfrm::FE_IF_ID,
+                    if_id: crate::esp::xfrm::FE_IF_ID,
                     ..
                 }
             ]
@@ -1111,7 +1111,7 @@ fn objects_survive_the_json_the_api_server_sends() {
 
 #[test]
 fn esp_public_endpoint_is_published_and_withdrawn_with_the_flag() {
-    use crate::keys::ESP_ENDPOINT_ANNOTATION;
+    use crate::esp::keys::ESP_ENDPOINT_ANNOTATION;
     let mut snapshot = manifest::snapshot(&annotated_cluster_text()).unwrap();
     let forwarded: std::net::SocketAddrV4 = "192.0.2.44:14500".parse().unwrap();
     let esp = Settings {

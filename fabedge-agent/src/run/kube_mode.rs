@@ -20,16 +20,18 @@ use tokio::{
 
 use super::{Reconciler, RunOptions, observe_host};
 use crate::{
-    annotate::{ConnectorDuty, is_connector},
+    connector::{
+        annotate::{ConnectorDuty, is_connector},
+        ipam::Pool,
+        leader::ElectionConfig,
+    },
     datapath::Datapath,
-    ipam::Pool,
-    leader::ElectionConfig,
     maps::Maps,
     model::{Role, Snapshot},
-    snapshot,
     source::{
         Objects,
-        kube::{Connection, KubeSource, client},
+        kube::{Connection, KubeSource},
+        last_good,
     },
 };
 
@@ -49,6 +51,7 @@ type Logs = Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>;
 
 pub(super) async fn run(
     options: &RunOptions,
+    client: kube::Client,
     reconciler: &mut Reconciler,
     datapath: &mut Datapath,
     maps: &mut Maps,
@@ -56,7 +59,6 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let client = client(&kube.connection).await?;
     let mut source = KubeSource::start(client.clone());
     let mut state = KubeState {
         applied: None,
@@ -66,11 +68,11 @@ pub(super) async fn run(
     // Every agent publishes its own Node's annotations (ESP: public key, key generation).
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
 
-    match snapshot::load(&options.state_dir) {
+    match last_good::load(&options.state_dir) {
         Ok(Some(saved)) => {
             info!(
                 "applying the last good cluster state from {} until the API server answers",
-                snapshot::path(&options.state_dir).display()
+                last_good::path(&options.state_dir).display()
             );
             state.reconcile(reconciler, &saved, datapath, maps, options, false);
         }
@@ -91,12 +93,13 @@ pub(super) async fn run(
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(options.poll_interval);
-    let mut ct_gc = tokio::time::interval(crate::ctgc::INTERVAL);
+    let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     loop {
+        reconciler.status.turned();
         tokio::select! {
             _ = source.changed() => {}
             _ = ct_gc.tick() => {
-                crate::ctgc::collect_and_log(maps);
+                crate::services::ctgc::collect_and_log(maps);
                 continue;
             }
             // The tick only retries: a failed apply, or the leader's patches.
@@ -134,7 +137,7 @@ pub(super) async fn run(
         };
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
         if let Some(patch) = state.own_annotations.clone() {
-            let body = crate::annotate::merge_patch(&patch);
+            let body = crate::connector::annotate::merge_patch(&patch);
             match nodes
                 .patch(
                     &options.node,
@@ -188,22 +191,32 @@ impl KubeState {
         options: &RunOptions,
         save: bool,
     ) {
+        let started = std::time::Instant::now();
         let result = (|| -> Result<Option<Snapshot>> {
-            let snapshot = objects.snapshot().context("the cluster's objects")?;
+            let checked = objects.checked(options.settings.service_cidr);
+            let snapshot = checked.snapshot;
             if self.applied.as_ref() == Some(&snapshot) {
                 return Ok(None);
             }
             let settings = observe_host(&options.settings, &options.flannel_iface)?;
-            let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options)?;
+            let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options);
+            reconciler.record_problems(checked.problems, plan.as_ref().ok());
+            let plan = plan?;
             self.own_annotations = plan
                 .annotations
                 .into_iter()
                 .find(|patch| patch.node == options.node);
             if save {
-                snapshot::save(&options.state_dir, objects)?;
+                last_good::save(&options.state_dir, objects)?;
             }
             Ok(Some(snapshot))
         })();
+        if !matches!(result, Ok(None)) {
+            reconciler.status.applied(
+                started.elapsed(),
+                result.as_ref().err().map(|e| format!("{e:#}")),
+            );
+        }
         match result {
             Ok(Some(snapshot)) => {
                 self.applied = Some(snapshot);

@@ -4,7 +4,10 @@
 //! clusters run without an API server.
 //!
 //! Read: `v1` Node, `fabedge.io/v1alpha1` Community, `v1` Service and
-//! `discovery.k8s.io/v1` EndpointSlice. Other kinds are ignored (debug log).
+//! `discovery.k8s.io/v1` EndpointSlice. Other kinds are ignored (debug log),
+//! except one of these four under another apiVersion or spelling (`kind:
+//! node`): that is a typo, reported. A document that cannot be read is left
+//! out and reported; the rest applies ([`checked`]).
 //! Errors name the document (numbered from 1, in file order), its first line,
 //! the object and the field:
 //! `manifest doc 3 (Node edge-1) at line 40: spec.podCIDR "10.0.0.0/33" is not an IPv4 CIDR ...`.
@@ -24,8 +27,8 @@ use log::debug;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-use super::{CommunityObject, Objects};
-use crate::model::{self, DEFAULT_NAMESPACE, Snapshot};
+use super::{Checked, CommunityObject, Objects};
+use crate::model::{self, DEFAULT_NAMESPACE, Snapshot, checks::Problem};
 
 /// The example cluster (two cloud nodes, three edge nodes, one community, a
 /// DNS Service): the demo's and the network-namespace tests' default.
@@ -62,6 +65,16 @@ pub struct ManifestError {
     pub detail: String,
 }
 
+impl ManifestError {
+    /// Where the problem is, without the detail: `manifest doc 3 (Node
+    /// edge-1) at line 40`.
+    pub fn place(&self) -> String {
+        let full = self.to_string();
+        let detail = format!(": {}", self.detail);
+        full.strip_suffix(&detail).unwrap_or(&full).to_owned()
+    }
+}
+
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("manifest")?;
@@ -79,9 +92,21 @@ impl fmt::Display for ManifestError {
 }
 
 /// Parse a manifest into Kubernetes objects, validating each object against
-/// the model as it goes so that errors carry their document number.
+/// the model as it goes so that errors carry their document number. The
+/// first problem is the error.
 pub fn parse(text: &str) -> Result<Objects, ManifestError> {
+    let (objects, mut problems) = parse_skipping(text);
+    match problems.is_empty() {
+        true => Ok(objects),
+        false => Err(problems.swap_remove(0)),
+    }
+}
+
+/// Like [`parse`], but a document (or `List` item) that cannot be read is
+/// left out and reported, and everything else is returned.
+pub fn parse_skipping(text: &str) -> (Objects, Vec<ManifestError>) {
     let mut parser = Parser::default();
+    let mut problems = Vec::new();
     for doc in split_documents(text) {
         let Some(number) = doc.number else { continue };
         let location = Location {
@@ -89,13 +114,48 @@ pub fn parse(text: &str) -> Result<Objects, ManifestError> {
             item: None,
             line: doc.first_line,
         };
-        let value = parse_yaml(&doc, location)?;
+        let value = match parse_yaml(&doc, location) {
+            Ok(value) => value,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
         if value.is_null() {
             continue;
         }
-        parser.object(value, location)?;
+        parser.problems = Vec::new();
+        if let Err(e) = parser.object(value, location) {
+            parser.problems.push(e);
+        }
+        problems.append(&mut parser.problems);
     }
-    Ok(parser.objects)
+    (parser.objects, problems)
+}
+
+/// Parse a manifest into what planning reads: the usable objects' snapshot
+/// and every document or object left out, with why. A file with no objects
+/// at all is an error (an empty or truncated file is not an empty cluster).
+pub fn checked(text: &str, service_cidr: ipnet::Ipv4Net) -> Result<Checked, ManifestError> {
+    let (objects, problems) = parse_skipping(text);
+    if objects == Objects::default() && problems.is_empty() {
+        return Err(ManifestError {
+            location: None,
+            object: None,
+            detail:
+                "holds no objects (empty, or only comments); an empty cluster is never assumed: \
+                     the last applied state is kept"
+                    .into(),
+        });
+    }
+    let mut checked = objects.checked(service_cidr);
+    let mut manifest_problems: Vec<Problem> = problems
+        .iter()
+        .map(|e| Problem::new(e.place(), e.detail.clone()))
+        .collect();
+    manifest_problems.append(&mut checked.problems);
+    checked.problems = manifest_problems;
+    Ok(checked)
 }
 
 /// Parse a manifest into a snapshot.
@@ -120,6 +180,8 @@ pub fn load(path: &Path) -> anyhow::Result<Snapshot> {
 #[derive(Default)]
 struct Parser {
     objects: Objects,
+    /// Problems of `List` items, which do not stop the other items.
+    problems: Vec<ManifestError>,
     /// Where each object was first seen, to report duplicates with both places.
     seen: HashMap<model::ObjectRef, Location>,
 }
@@ -161,44 +223,41 @@ impl Parser {
             && let Some(Value::Sequence(items)) = mapping.get("items")
         {
             for (index, item) in items.iter().enumerate() {
-                self.object(
-                    item.clone(),
-                    Location {
-                        item: Some(index + 1),
-                        ..location
-                    },
-                )?;
+                let item_location = Location {
+                    item: Some(index + 1),
+                    ..location
+                };
+                if let Err(e) = self.object(item.clone(), item_location) {
+                    self.problems.push(e);
+                }
             }
             return Ok(());
         }
 
         let object_ref = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Node") => {
-                let node: core::Node = typed(value, location, "Node", &name)?;
-                model::Node::from_k8s(&node).map_err(|e| model_error(e, location))?;
-                self.objects.nodes.push(node);
-                model::ObjectRef::cluster("Node", &name)
-            }
+            ("v1", "Node") => model::ObjectRef::cluster("Node", &name),
             (CommunityObject::API_VERSION, CommunityObject::KIND) => {
-                let community: CommunityObject = typed(value, location, "Community", &name)?;
-                model::Community::from_k8s(&community).map_err(|e| model_error(e, location))?;
-                self.objects.communities.push(community);
                 model::ObjectRef::cluster("Community", &name)
             }
-            ("v1", "Service") => {
-                let service: core::Service = typed(value, location, "Service", &name)?;
-                model::Service::from_k8s(&service).map_err(|e| model_error(e, location))?;
-                self.objects.services.push(service);
-                model::ObjectRef::namespaced("Service", &namespace, &name)
-            }
+            ("v1", "Service") => model::ObjectRef::namespaced("Service", &namespace, &name),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                let slice: discovery::EndpointSlice =
-                    typed(value, location, "EndpointSlice", &name)?;
-                model::EndpointSlice::from_k8s(&slice).map_err(|e| model_error(e, location))?;
-                self.objects.endpoint_slices.push(slice);
                 model::ObjectRef::namespaced("EndpointSlice", &namespace, &name)
             }
             _ => {
+                // A kind we read under another spelling or apiVersion is a
+                // typo that would silently drop the object: say so.
+                if let Some((want_api, want_kind)) = READ_KINDS
+                    .iter()
+                    .find(|(_, read)| read.eq_ignore_ascii_case(&kind))
+                {
+                    return Err(fail(
+                        Some(format!("{kind} {name}")),
+                        format!(
+                            "apiVersion {api_version}, kind {kind} is not read by fabedge; \
+                             did you mean apiVersion {want_api}, kind {want_kind}?"
+                        ),
+                    ));
+                }
                 debug!(
                     "manifest {location}: {api_version} {kind} {name} is not used by fabedge; ignored"
                 );
@@ -214,10 +273,41 @@ impl Parser {
                 ),
             ));
         }
+        match object_ref.kind {
+            "Node" => {
+                let node: core::Node = typed(value, location, "Node", &name)?;
+                model::Node::from_k8s(&node).map_err(|e| model_error(e, location))?;
+                self.objects.nodes.push(node);
+            }
+            "Community" => {
+                let community: CommunityObject = typed(value, location, "Community", &name)?;
+                model::Community::from_k8s(&community).map_err(|e| model_error(e, location))?;
+                self.objects.communities.push(community);
+            }
+            "Service" => {
+                let service: core::Service = typed(value, location, "Service", &name)?;
+                model::Service::from_k8s(&service).map_err(|e| model_error(e, location))?;
+                self.objects.services.push(service);
+            }
+            _ => {
+                let slice: discovery::EndpointSlice =
+                    typed(value, location, "EndpointSlice", &name)?;
+                model::EndpointSlice::from_k8s(&slice).map_err(|e| model_error(e, location))?;
+                self.objects.endpoint_slices.push(slice);
+            }
+        }
         self.seen.insert(object_ref, location);
         Ok(())
     }
 }
+
+/// The kinds fabedge reads, with their one apiVersion.
+const READ_KINDS: &[(&str, &str)] = &[
+    ("v1", "Node"),
+    (CommunityObject::API_VERSION, CommunityObject::KIND),
+    ("v1", "Service"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+];
 
 /// Deserialize into a k8s type; the error names the offending field path.
 fn typed<T: DeserializeOwned>(

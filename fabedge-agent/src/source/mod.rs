@@ -3,17 +3,24 @@
 //! custom resource — and [`Objects::snapshot`] turns them into the model, so
 //! a manifest file and the API server give identical snapshots.
 
+#[cfg(test)]
+mod checked_tests;
 pub mod kube;
+pub mod last_good;
 pub mod manifest;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::{
-    ClusterResourceScope, ListableResource, Metadata, Resource,
+    Metadata,
     api::{core::v1 as core, discovery::v1 as discovery},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::{Deserialize, Serialize, ser::SerializeStruct};
 
-use crate::model::{ModelError, Snapshot};
+pub use crate::model::crd::{CommunityObject, CommunitySpec};
+use crate::model::{
+    ModelError, ObjectRef, Snapshot,
+    checks::{Age, Ages, Problem, drop_conflicts},
+};
 
 /// The objects one source delivered, as Kubernetes shapes them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,60 +40,57 @@ impl Objects {
             &self.endpoint_slices,
         )
     }
-}
 
-/// The `Community` custom resource (`fabedge.io/v1alpha1`, cluster-scoped):
-/// edge nodes listed together in `spec.members` get direct tunnels.
-///
-/// It implements k8s-openapi's `Resource` and `Metadata`, which is all
-/// kube-rs needs to list and watch it (`Api<CommunityObject>`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct CommunityObject {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: CommunitySpec,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CommunitySpec {
-    /// Node names.
-    #[serde(default)]
-    pub members: Vec<String>,
-}
-
-impl Resource for CommunityObject {
-    const API_VERSION: &'static str = "fabedge.io/v1alpha1";
-    const GROUP: &'static str = "fabedge.io";
-    const KIND: &'static str = "Community";
-    const VERSION: &'static str = "v1alpha1";
-    const URL_PATH_SEGMENT: &'static str = "communities";
-    type Scope = ClusterResourceScope;
-}
-
-impl ListableResource for CommunityObject {
-    const LIST_KIND: &'static str = "CommunityList";
-}
-
-impl Metadata for CommunityObject {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
+    /// The snapshot of everything usable: invalid objects, duplicates and
+    /// the newer side of every conflict are left out and come back as
+    /// problems. What planning reads in both modes.
+    pub fn checked(&self, service_cidr: Ipv4Net) -> Checked {
+        let (mut snapshot, errors) = Snapshot::from_objects_skipping(
+            &self.nodes,
+            &self.communities,
+            &self.services,
+            &self.endpoint_slices,
+        );
+        let mut problems: Vec<Problem> = errors
+            .iter()
+            .map(|e| Problem::new(e.object(), e.detail()))
+            .collect();
+        problems.extend(drop_conflicts(&mut snapshot, &self.ages(), service_cidr));
+        Checked { snapshot, problems }
     }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
+
+    /// Every object's age, for [`drop_conflicts`]: its creationTimestamp,
+    /// then its place in this source.
+    fn ages(&self) -> Ages {
+        fn age(meta: &ObjectMeta, position: usize) -> Age {
+            Age {
+                created: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+                position,
+            }
+        }
+        let name = |meta: &ObjectMeta| meta.name.clone().unwrap_or_default();
+        let namespace = |meta: &ObjectMeta| {
+            meta.namespace
+                .clone()
+                .unwrap_or_else(|| crate::model::DEFAULT_NAMESPACE.to_owned())
+        };
+        let mut ages = Ages::new();
+        for (position, node) in self.nodes.iter().enumerate() {
+            let meta = node.metadata();
+            ages.insert(ObjectRef::cluster("Node", name(meta)), age(meta, position));
+        }
+        for (position, service) in self.services.iter().enumerate() {
+            let meta = service.metadata();
+            let object = ObjectRef::namespaced("Service", namespace(meta), name(meta));
+            ages.insert(object, age(meta, position));
+        }
+        ages
     }
 }
 
-/// Written by hand so the object carries its `apiVersion` and `kind`, as
-/// k8s-openapi's own types do.
-impl Serialize for CommunityObject {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut state = serializer.serialize_struct(Self::KIND, 4)?;
-        state.serialize_field("apiVersion", Self::API_VERSION)?;
-        state.serialize_field("kind", Self::KIND)?;
-        state.serialize_field("metadata", &self.metadata)?;
-        state.serialize_field("spec", &self.spec)?;
-        state.end()
-    }
+/// A snapshot and the objects left out of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checked {
+    pub snapshot: Snapshot,
+    pub problems: Vec<Problem>,
 }

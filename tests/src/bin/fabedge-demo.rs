@@ -2,21 +2,36 @@
 //! ping, TCP and UDP along every path of the seed's matrix, prints a matrix
 //! path → ✓/✗ with round-trip times and the evidence each path left in the
 //! datapath statistics, then what `fabedge-agent inspect` shows on an edge
-//! node and the connector, and tears everything down. Exits non-zero if any
+//! node and the connector and a few lines of an edge agent's Prometheus
+//! metrics, and tears everything down. Exits non-zero if any
 //! path failed. Needs root.
 
 use std::{
+    net::{Ipv4Addr, SocketAddrV4},
     process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use fabedge_tests::cluster::{
-    Cluster, ClusterOptions, Exchange, FIXTURE, PathOutcome, PathSpec, seed_matrix,
+use fabedge_agent::observe::DEFAULT_METRICS_PORT;
+use fabedge_tests::{
+    cluster::{Cluster, ClusterOptions, Exchange, FIXTURE, PathOutcome, PathSpec, seed_matrix},
+    metrics::http_get,
 };
 
 /// Nodes whose `inspect` output the demo shows: an edge node and the connector.
 const INSPECTED: [&str; 2] = ["edge-1", "cloud-1"];
+/// Every agent serves metrics on its node's loopback (each node is a namespace).
+const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, DEFAULT_METRICS_PORT);
+/// Families of the metrics excerpt the demo prints.
+const METRICS_SHOWN: [&str; 6] = [
+    "fabedge_build_info",
+    "fabedge_drops_total",
+    "fabedge_peer_packets_total",
+    "fabedge_map_entries",
+    "fabedge_apply_last_duration_seconds",
+    "fabedge_ready",
+];
 
 fn main() -> ExitCode {
     match run() {
@@ -42,8 +57,11 @@ fn run() -> Result<bool> {
          AES-GCM, which this demo does not assume; `cargo xtask test` proves it in Debian-kernel VMs."
     );
     let started = Instant::now();
-    let cluster =
-        Cluster::start(ClusterOptions::default()).context("bringing up the mini cluster")?;
+    let mut options = ClusterOptions::default();
+    options
+        .extra_agent_args
+        .extend(["--metrics-addr".to_owned(), METRICS.to_string()]);
+    let cluster = Cluster::start(options).context("bringing up the mini cluster")?;
     println!("  up in {:.1?}\n", started.elapsed());
     print_endpoints(&cluster)?;
 
@@ -69,6 +87,7 @@ fn run() -> Result<bool> {
             print!("{}", cluster.agent_inspect_table(node, what)?);
         }
     }
+    print_metrics(&cluster, INSPECTED[0])?;
 
     for (path, outcome) in &failed {
         println!(
@@ -86,6 +105,22 @@ fn run() -> Result<bool> {
         println!("{} path(s) failed.", failed.len());
     }
     Ok(failed.is_empty())
+}
+
+/// A few families of `node`'s `/metrics`, as the paths above left them.
+fn print_metrics(cluster: &Cluster, node: &str) -> Result<()> {
+    let page = http_get(cluster.node_netns(node)?, METRICS, "/metrics")?;
+    println!("\n$ curl http://{METRICS}/metrics    # on {node}, excerpt");
+    for line in page.body.lines().filter(|l| !l.starts_with('#')) {
+        let family = line.split(['{', ' ']).next().unwrap_or_default();
+        // Zeros left out, but for the drop a misrouted packet would count.
+        let zero = line.ends_with(" 0") && !line.contains("reason=\"drop_no_route\"");
+        let boring = zero && (family == "fabedge_drops_total" || family == "fabedge_map_entries");
+        if METRICS_SHOWN.contains(&family) && !boring {
+            println!("{line}");
+        }
+    }
+    Ok(())
 }
 
 /// The demo runs the agent binary from `target/`: rebuild it when the demo

@@ -1,0 +1,402 @@
+//! Make the kernel's xfrm state match an [`EspPlan`], by diff and
+//! make-before-break:
+//!
+//! 1. inbound SAs first (a peer may start using a generation as soon as we
+//!    publish it), then outbound SAs (the kernel prefers the newest SA a
+//!    policy template matches, so traffic moves to a new generation the
+//!    moment its SA exists), then policies;
+//! 2. SAs no longer planned are deleted only after a grace period, so
+//!    packets encrypted with the old generation still in flight decrypt;
+//! 3. SAs already in the kernel are adopted, never recreated: an agent
+//!    restart keeps their sequence counters (and traffic).
+//!
+//! A key is never reused from sequence number 1: [`Generations`] remembers,
+//! across restarts, for which peers an outbound SA of the current
+//! generation was ever created; needing one of those again (after a reboot
+//! or an `uninstall`) bumps the generation first.
+//!
+//! Only objects carrying our `if_id` are read, changed or removed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    plan::{Direction, EspPlan},
+    xfrm::{FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket},
+};
+use crate::{apply::net, sys::write_if_changed};
+
+/// `ip link add NAME type xfrm if_id IF_ID`, with `mtu`, up.
+pub fn ensure_device(name: &str, if_id: u32, mtu: u32) -> Result<()> {
+    if let Some(link) = net::link(name)?
+        && link.kind.as_deref() != Some("xfrm")
+    {
+        // Another mode's fe-tunnel (VXLAN): only our name is touched.
+        net::ip(&["link", "del", name])?;
+    }
+    if net::link(name)?.is_none() {
+        net::ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "xfrm",
+            "if_id",
+            &format!("{if_id:#x}"),
+        ])
+        .with_context(|| {
+            format!(
+                "creating the xfrm interface {name}: the ESP mode needs CONFIG_XFRM_INTERFACE \
+                 (module xfrm_interface); or run with --tunnel vxlan"
+            )
+        })?;
+    }
+    net::ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
+    Ok(())
+}
+
+/// The generation of this node's outbound SAs, kept in the state dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generations {
+    pub generation: u32,
+    /// Peers an outbound SA of `generation` was created for (ever).
+    pub created: BTreeSet<String>,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+pub const GENERATION_FILE: &str = "esp-generation.json";
+
+impl Generations {
+    pub fn load(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join(GENERATION_FILE);
+        let mut loaded = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Generations>(&bytes).with_context(|| {
+                format!(
+                    "{} is unreadable; it guards against key reuse, so it is not guessed: \
+                     delete it only together with `fabedge-agent uninstall`",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Generations {
+                generation: 1,
+                created: BTreeSet::new(),
+                path: PathBuf::new(),
+            },
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        loaded.path = path;
+        Ok(loaded)
+    }
+
+    fn save(&self) -> Result<()> {
+        write_if_changed(&self.path, &serde_json::to_vec_pretty(self)?, 0o600)
+    }
+
+    /// Start a new generation (rotation, or a key that must not be reused).
+    pub fn bump(&mut self) -> Result<u32> {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.created.clear();
+        self.save()?;
+        Ok(self.generation)
+    }
+
+    /// Record that outbound SAs for `peers` are about to be created. Saved
+    /// before the kernel sees them: a crash in between errs on the side of
+    /// a new key.
+    fn record(&mut self, peers: impl IntoIterator<Item = String>) -> Result<()> {
+        let before = self.created.len();
+        self.created.extend(peers);
+        if self.created.len() != before {
+            self.save()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What one xfrm apply changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct XfrmReport {
+    pub sas_added: usize,
+    /// SAs whose UDP encapsulation ports moved (a peer's NAT mapping changed
+    /// port, not address): updated in place, sequence counters kept.
+    pub sas_updated: usize,
+    pub sas_removed: usize,
+    pub policies_written: usize,
+    pub policies_removed: usize,
+}
+
+/// Remembers stale SAs until their grace period ends.
+pub struct XfrmApplier {
+    pub grace: Duration,
+    stale_since: BTreeMap<(Ipv4Addr, u32), Instant>,
+}
+
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+impl XfrmApplier {
+    pub fn new(grace: Duration) -> Self {
+        XfrmApplier {
+            grace,
+            stale_since: BTreeMap::new(),
+        }
+    }
+
+    /// Outbound SAs `esp` wants that are not in the kernel, by peer.
+    pub fn missing_outbound(esp: &EspPlan) -> Result<Vec<String>> {
+        let sas = Socket::open()?.sas()?;
+        let present = ours(&sas);
+        Ok(esp
+            .sas
+            .iter()
+            .filter(|s| {
+                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
+            })
+            .map(|s| s.peer.clone())
+            .collect())
+    }
+
+    pub fn apply(&mut self, esp: &EspPlan, generations: &mut Generations) -> Result<XfrmReport> {
+        let mut socket = Socket::open()?;
+        let mut report = XfrmReport::default();
+        let sas = socket.sas()?;
+        let present = ours(&sas);
+
+        let wanted: BTreeSet<(Ipv4Addr, u32)> =
+            esp.sas.iter().map(|s| (s.spec.dst, s.spec.spi)).collect();
+        let new_outbound: Vec<String> = esp
+            .sas
+            .iter()
+            .filter(|s| {
+                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
+            })
+            .map(|s| s.peer.clone())
+            .collect();
+        generations.record(new_outbound)?;
+        for direction in [Direction::In, Direction::Out] {
+            for sa in esp.sas.iter().filter(|s| s.direction == direction) {
+                if let Some(installed) = present.get(&(sa.spec.dst, sa.spec.spi)) {
+                    if installed.encap != sa.spec.encap {
+                        // Same SA, same key, same counters: only the UDP
+                        // ports change (XFRM_MSG_UPDSA keeps the state).
+                        socket.update_sa(&sa.spec).with_context(|| {
+                            format!(
+                                "moving the {direction:?} SA with {} to its new UDP port",
+                                sa.peer
+                            )
+                        })?;
+                        info!(
+                            "ESP: SA spi {:#010x} with {} now uses UDP {:?} (was {:?})",
+                            sa.spec.spi, sa.peer, sa.spec.encap, installed.encap
+                        );
+                        report.sas_updated += 1;
+                    }
+                    continue;
+                }
+                socket.add_sa(&sa.spec).with_context(|| {
+                    format!(
+                        "{direction:?} SA with {} (generation {})",
+                        sa.peer, sa.generation
+                    )
+                })?;
+                info!(
+                    "ESP: added {} SA spi {:#010x} {} -> {} with {} (generation {})",
+                    match direction {
+                        Direction::In => "inbound",
+                        Direction::Out => "outbound",
+                    },
+                    sa.spec.spi,
+                    sa.spec.src,
+                    sa.spec.dst,
+                    sa.peer,
+                    sa.generation
+                );
+                report.sas_added += 1;
+            }
+        }
+
+        let policies = socket.policies()?;
+        let installed: Vec<&PolicyInfo> = policies.iter().filter(|p| p.if_id == FE_IF_ID).collect();
+        for policy in &esp.policies {
+            if !installed.iter().any(|p| same_policy(policy, p)) {
+                socket
+                    .update_policy(policy)
+                    .context("writing an ESP xfrm policy")?;
+                report.policies_written += 1;
+            }
+        }
+        for stale in installed
+            .iter()
+            .filter(|p| !esp.policies.iter().any(|w| same_key(w, p)))
+        {
+            let dir = match stale.dir {
+                0 => crate::esp::xfrm::PolicyDir::In,
+                1 => crate::esp::xfrm::PolicyDir::Out,
+                _ => crate::esp::xfrm::PolicyDir::Fwd,
+            };
+            socket
+                .delete_policy(dir, stale.mark, FE_IF_ID)
+                .context("removing a stale ESP xfrm policy")?;
+            report.policies_removed += 1;
+        }
+
+        // Stale SAs: gone after the grace period.
+        let now = Instant::now();
+        self.stale_since
+            .retain(|id, _| present.contains_key(id) && !wanted.contains(id));
+        for id in present.keys().filter(|id| !wanted.contains(id)) {
+            let since = *self.stale_since.entry(*id).or_insert(now);
+            if now.duration_since(since) >= self.grace {
+                match socket.delete_sa(id.0, id.1, FE_IF_ID) {
+                    Ok(()) => {
+                        info!(
+                            "ESP: removed SA spi {:#010x} to {} after its grace period",
+                            id.1, id.0
+                        );
+                        report.sas_removed += 1;
+                    }
+                    Err(e) => warn!("ESP: removing SA spi {:#010x} to {}: {e}", id.1, id.0),
+                }
+                self.stale_since.remove(id);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether stale SAs wait for their grace period (callers re-apply on a timer).
+    pub fn has_pending_removals(&self) -> bool {
+        !self.stale_since.is_empty()
+    }
+}
+
+fn ours(sas: &[SaInfo]) -> BTreeMap<(Ipv4Addr, u32), &SaInfo> {
+    sas.iter()
+        .filter(|s| s.if_id == FE_IF_ID)
+        .filter_map(|s| Some(((s.dst?, s.spi), s)))
+        .collect()
+}
+
+/// Same identity in the kernel: direction, mark, `if_id` (the selector is
+/// always "all IPv4").
+fn same_key(wanted: &PolicySpec, installed: &PolicyInfo) -> bool {
+    wanted.dir as u8 == installed.dir
+        && wanted.mark == installed.mark
+        && wanted.if_id == installed.if_id
+}
+
+fn same_policy(wanted: &PolicySpec, installed: &PolicyInfo) -> bool {
+    same_key(wanted, installed)
+        && wanted.priority == installed.priority
+        && wanted.action as u8 == installed.action
+        && wanted.tmpl.map(|t| (Some(t.dst), t.reqid))
+            == installed.tmpl_dst.map(|d| (Some(d), installed.tmpl_reqid))
+        && (wanted.action == PolicyAction::Block) == installed.tmpl_dst.is_none()
+}
+
+/// Remove every SA and policy carrying our `if_id` (`fabedge-agent uninstall`).
+pub fn teardown() -> Result<Vec<String>> {
+    let mut socket = match Socket::open() {
+        Ok(socket) => socket,
+        // No xfrm netlink at all: nothing of ours can exist.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut removed = Vec::new();
+    for policy in socket
+        .policies()?
+        .into_iter()
+        .filter(|p| p.if_id == FE_IF_ID)
+    {
+        let dir = match policy.dir {
+            0 => crate::esp::xfrm::PolicyDir::In,
+            1 => crate::esp::xfrm::PolicyDir::Out,
+            _ => crate::esp::xfrm::PolicyDir::Fwd,
+        };
+        socket.delete_policy(dir, policy.mark, FE_IF_ID)?;
+        removed.push(format!(
+            "xfrm policy {dir:?} mark {:#x}/{:#x}",
+            policy.mark.0, policy.mark.1
+        ));
+    }
+    for sa in socket.sas()?.into_iter().filter(|s| s.if_id == FE_IF_ID) {
+        if let Some(dst) = sa.dst {
+            socket.delete_sa(dst, sa.spi, FE_IF_ID)?;
+            removed.push(format!("xfrm SA spi {:#010x} to {dst}", sa.spi));
+        }
+    }
+    Ok(removed)
+}
+
+/// Creating outbound SAs for `missing` peers would restart a used key from
+/// sequence number 1 if one of them already had an SA of this generation.
+pub fn reuses_a_key(missing: &[String], generations: &Generations) -> bool {
+    missing
+        .iter()
+        .any(|peer| generations.created.contains(peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fabedge-gen-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_recreated_outbound_sa_forces_a_new_generation_that_survives_restarts() {
+        let dir = temp_dir("reuse");
+        let mut generations = Generations::load(&dir).unwrap();
+        assert_eq!(generations.generation, 1, "first start");
+        // First SA to cloud-1: a fresh key, recorded before the kernel sees it.
+        let missing = vec!["cloud-1".to_owned()];
+        assert!(!reuses_a_key(&missing, &generations));
+        generations.record(missing.clone()).unwrap();
+        // Agent restart: the record is read back.
+        let reloaded = Generations::load(&dir).unwrap();
+        assert_eq!(reloaded.created, generations.created);
+        // The kernel lost the SA (reboot, uninstall): creating it again at
+        // generation 1 would reuse the key, so the generation must move.
+        assert!(reuses_a_key(&missing, &reloaded));
+        let mut bumped = reloaded;
+        assert_eq!(bumped.bump().unwrap(), 2);
+        assert!(!reuses_a_key(&missing, &bumped));
+        assert_eq!(
+            Generations::load(&dir).unwrap().generation,
+            2,
+            "the bump is persisted"
+        );
+        // A peer never seen at this generation gets its first SA without a bump.
+        assert!(!reuses_a_key(&["edge-2".to_owned()], &bumped));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(GENERATION_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_generation_file_is_an_error_not_a_guess() {
+        let dir = temp_dir("garbage");
+        std::fs::write(dir.join(GENERATION_FILE), b"{not json").unwrap();
+        let err = format!("{:#}", Generations::load(&dir).unwrap_err());
+        assert!(
+            err.contains(GENERATION_FILE) && err.contains("key reuse"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

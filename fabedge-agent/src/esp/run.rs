@@ -1,0 +1,401 @@
+//! The ESP mode's part of `run`: the node key, the generation, the xfrm
+//! applier, the UDP 4500 socket and the timers (keepalives, rotation,
+//! removal of SAs past their grace period).
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+
+use fabedge_common::ESP_IN_UDP_PORT;
+
+use super::{
+    apply::{Generations, XfrmApplier, reuses_a_key},
+    keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
+    natt::{EncapSocket, hello},
+    plan::{Direction, ObservedEndpoints, PinnedGenerations, plan_esp},
+};
+use crate::{
+    model::{Role, Snapshot},
+    plan::{Plan, Settings},
+};
+
+/// A `fabedge-agent rotate-key` request: a file in the state dir.
+pub const ROTATE_REQUEST: &str = "rotate-key.request";
+/// The NAT-observed endpoints of peers, kept across restarts: a restarted
+/// connector keeps sending to where the edges' NATs show them instead of
+/// their unreachable private addresses until their next hellos.
+pub const OBSERVED_FILE: &str = "esp-endpoints.json";
+
+#[derive(Debug, Clone)]
+pub struct EspOptions {
+    /// Rotate keys this often (`None`: only on `rotate-key`).
+    pub rotation_interval: Option<Duration>,
+    /// How long SAs of a former generation keep decrypting.
+    pub grace: Duration,
+    /// Edge nodes: how often a keepalive goes to each peer's UDP 4500.
+    pub keepalive: Duration,
+}
+
+pub struct EspRuntime {
+    key: NodeKey,
+    generations: Generations,
+    applier: XfrmApplier,
+    socket: EncapSocket,
+    state_dir: PathBuf,
+    options: EspOptions,
+    last_rotation: Instant,
+    /// Edge: sends keepalives and hellos on its own thread, so that a slow
+    /// apply never delays them (the connector learns NAT moves from them).
+    keepalives: Keepalives,
+    /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
+    observed: ObservedEndpoints,
+    /// Peers whose outbound SA stays one generation behind (see [`PinnedGenerations`]).
+    pinned: PinnedGenerations,
+    /// The plan's warnings last logged.
+    warned: std::collections::BTreeSet<String>,
+    last: Option<(Snapshot, Plan)>,
+}
+
+/// Ask the agent using `state_dir` to rotate its keys.
+pub fn request_rotation(state_dir: &Path) -> Result<PathBuf> {
+    let path = state_dir.join(ROTATE_REQUEST);
+    std::fs::write(&path, b"").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+impl EspRuntime {
+    pub fn start(state_dir: &Path, options: EspOptions) -> Result<Self> {
+        let key = NodeKey::load_or_create(state_dir)?;
+        let generations = Generations::load(state_dir)?;
+        let socket = EncapSocket::bind()?;
+        let keepalives = Keepalives::start(&socket, options.keepalive)?;
+        info!(
+            "ESP mode: public key {}, generation {}, UDP {ESP_IN_UDP_PORT} held",
+            key.public().to_base64(),
+            generations.generation
+        );
+        Ok(EspRuntime {
+            key,
+            generations,
+            applier: XfrmApplier::new(options.grace),
+            socket,
+            state_dir: state_dir.to_owned(),
+            options,
+            last_rotation: Instant::now(),
+            keepalives,
+            observed: load_observed(state_dir),
+            pinned: PinnedGenerations::new(),
+            warned: Default::default(),
+            last: None,
+        })
+    }
+
+    /// Readable when hellos wait on the UDP 4500 socket (see [`EncapSocket::readiness`]).
+    pub fn hello_readiness(&self) -> Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+        self.socket
+            .readiness()
+            .context("watching the UDP 4500 socket for hellos")
+    }
+
+    /// What the plan publishes about this node.
+    pub fn fill_settings(&self, settings: &mut Settings) {
+        settings.esp_public_key = Some(self.key.public().to_base64());
+        settings.esp_generation = self.generations.generation;
+    }
+
+    /// Bring xfrm in line with `plan`. `Ok(true)`: a new generation began
+    /// (a key would have been reused), its SAs are in place, and the caller
+    /// plans again so that it is published.
+    pub fn apply(&mut self, snapshot: &Snapshot, plan: &Plan) -> Result<bool> {
+        let mut new_generation = false;
+        let esp = loop {
+            let (esp, missing) = loop {
+                let esp = plan_esp(
+                    snapshot,
+                    plan,
+                    &self.key,
+                    self.generations.generation,
+                    &self.observed,
+                    &self.pinned,
+                );
+                let missing = XfrmApplier::missing_outbound(&esp)?;
+                // A pinned peer that needs a new SA (it moved, or the kernel lost
+                // its SA) cannot get one at its older generation, whose key was
+                // used: it moves to ours.
+                let before = self.pinned.len();
+                self.pinned.retain(|peer, _| !missing.contains(peer));
+                if self.pinned.len() == before {
+                    break (esp, missing);
+                }
+            };
+            if reuses_a_key(&missing, &self.generations) {
+                let generation = self.generations.bump()?;
+                // Only the peers that need a new SA move to the new generation;
+                // the others keep theirs (one generation behind is in every
+                // receiver's window), so a move of theirs soon after needs no
+                // further generation: endpoints behind one NAT move together.
+                self.pinned = esp
+                    .sas
+                    .iter()
+                    .filter(|sa| sa.direction == Direction::Out && !missing.contains(&sa.peer))
+                    .filter(|sa| sa.generation == generation.wrapping_sub(1))
+                    .map(|sa| (sa.peer.clone(), sa.generation))
+                    .collect();
+                info!(
+                    "ESP: outbound SAs for {} must be created anew; new generation {generation} \
+                     (keys are never reused); {} peer(s) keep their SAs",
+                    missing.join(", "),
+                    self.pinned.len()
+                );
+                new_generation = true;
+                continue;
+            }
+            break esp;
+        };
+        // Hellos re-apply often: say each warning once while it lasts.
+        for warning in esp.warnings.iter().filter(|w| !self.warned.contains(*w)) {
+            warn!("{warning}");
+        }
+        self.warned = esp.warnings.iter().cloned().collect();
+        let report = self.applier.apply(&esp, &mut self.generations)?;
+        if report != Default::default() {
+            info!("ESP: {report:?}");
+        }
+        // Keepalives and hellos go where our ESP goes: the outbound SA's
+        // destination and encapsulation port (published or NAT-observed).
+        let targets = if plan.role == Role::Edge {
+            esp.sas
+                .iter()
+                .filter(|sa| sa.direction == Direction::Out)
+                .filter_map(|sa| {
+                    let public = snapshot
+                        .nodes
+                        .get(&sa.peer)?
+                        .annotations
+                        .get(PUBLIC_KEY_ANNOTATION)?;
+                    let public = PublicKey::parse(&sa.peer, public).ok()?;
+                    let key = self
+                        .key
+                        .shared_with(&public)
+                        .hello_key(&plan.node, &sa.peer);
+                    let port = sa.spec.encap.map_or(ESP_IN_UDP_PORT, |e| e.dport);
+                    Some((sa.peer.clone(), SocketAddrV4::new(sa.spec.dst, port), key))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.keepalives
+            .update(&plan.node, self.generations.generation, targets);
+        self.last = Some((snapshot.clone(), plan.clone()));
+        Ok(new_generation)
+    }
+
+    /// Read the hellos waiting on the socket; `true` if a peer's observed
+    /// endpoint changed.
+    fn learn_from_hellos(&mut self) -> bool {
+        let mut changed = false;
+        let now = unix_now();
+        while let Some((bytes, from)) = self.socket.try_recv() {
+            let Some((snapshot, plan)) = &self.last else {
+                continue;
+            };
+            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else {
+                continue;
+            };
+            if plan.peer_ids.get(&sender).is_none() {
+                continue;
+            }
+            let Some(public) = snapshot
+                .nodes
+                .get(&sender)
+                .and_then(|n| n.annotations.get(PUBLIC_KEY_ANNOTATION))
+                .and_then(|text| PublicKey::parse(&sender, text).ok())
+            else {
+                continue;
+            };
+            let key = self.key.shared_with(&public).hello_key(&plan.node, &sender);
+            if hello::decode(&bytes, &key, now).is_none() {
+                log::debug!(
+                    "ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)"
+                );
+                continue;
+            }
+            let endpoint = (*from.ip(), from.port());
+            if self.observed.get(&sender) != Some(&endpoint) {
+                info!("ESP: {sender} is reached at {from} (NAT-observed)");
+                self.observed.insert(sender, endpoint);
+                changed = true;
+            }
+        }
+        if changed {
+            let path = self.state_dir.join(OBSERVED_FILE);
+            let saved = serde_json::to_vec_pretty(&self.observed)
+                .map_err(anyhow::Error::from)
+                .and_then(|json| crate::sys::write_if_changed(&path, &json, 0o600));
+            if let Err(e) = saved {
+                warn!(
+                    "ESP: keeping NAT-observed endpoints in {}: {e:#}",
+                    path.display()
+                );
+            }
+        }
+        changed
+    }
+
+    /// Timers. `Ok(true)`: a new generation started; re-plan fully.
+    pub fn tick(&mut self) -> Result<bool> {
+        let now = Instant::now();
+        if self.learn_from_hellos()
+            && let Some((snapshot, plan)) = self.last.take()
+        {
+            // A peer's NAT mapping is new or moved: SAs follow it, with new
+            // keys (the generation guard sees a re-created outbound SA).
+            let result = self.apply(&snapshot, &plan);
+            if self.last.is_none() {
+                self.last = Some((snapshot, plan));
+            }
+            return result;
+        }
+        let request = self.state_dir.join(ROTATE_REQUEST);
+        let requested = request.exists();
+        let scheduled = self
+            .options
+            .rotation_interval
+            .is_some_and(|every| now.duration_since(self.last_rotation) >= every);
+        if requested || scheduled {
+            let _ = std::fs::remove_file(&request);
+            let generation = self.generations.bump()?;
+            self.pinned.clear();
+            self.last_rotation = now;
+            info!(
+                "ESP: rotating keys ({}): generation {generation}",
+                if requested {
+                    "fabedge-agent rotate-key"
+                } else {
+                    "scheduled"
+                }
+            );
+            return Ok(true);
+        }
+        if self.applier.has_pending_removals()
+            && let Some((snapshot, plan)) = self.last.take()
+        {
+            let result = self.apply(&snapshot, &plan);
+            if self.last.is_none() {
+                self.last = Some((snapshot, plan));
+            }
+            return result;
+        }
+        Ok(false)
+    }
+}
+
+/// What [`OBSERVED_FILE`] holds; nothing when it is missing or unreadable
+/// (the next hellos teach it again).
+fn load_observed(state_dir: &Path) -> ObservedEndpoints {
+    let path = state_dir.join(OBSERVED_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(
+                "{} is unreadable ({e}); NAT-observed endpoints are learnt again",
+                path.display()
+            );
+            ObservedEndpoints::new()
+        }),
+        Err(_) => ObservedEndpoints::new(),
+    }
+}
+
+/// Where keepalives and hellos go, with each peer's hello key; this node's
+/// name and generation for the hellos.
+#[derive(Default)]
+struct KeepaliveTargets {
+    node: String,
+    generation: u32,
+    peers: Vec<(String, SocketAddrV4, HelloKey)>,
+}
+
+/// The keepalive thread: every interval, and at once when the targets
+/// change, one hello and one RFC 3948 keepalive to each target.
+struct Keepalives {
+    shared: std::sync::Arc<(std::sync::Mutex<KeepaliveTargets>, std::sync::Condvar)>,
+}
+
+impl Keepalives {
+    fn start(socket: &EncapSocket, interval: Duration) -> Result<Self> {
+        let socket = socket
+            .try_clone()
+            .context("a second handle on UDP 4500 for keepalives")?;
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(KeepaliveTargets::default()),
+            std::sync::Condvar::new(),
+        ));
+        let weak = std::sync::Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("fe-keepalive".into())
+            .spawn(move || {
+                // Ends when the runtime is dropped.
+                while let Some(shared) = weak.upgrade() {
+                    let (lock, wake) = &*shared;
+                    let targets = lock
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let unix_secs = unix_now();
+                    for (name, to, key) in &targets.peers {
+                        let hello = hello::Hello {
+                            node: targets.node.clone(),
+                            generation: targets.generation,
+                            unix_secs,
+                        };
+                        if let Err(e) = socket.send(&hello::encode(&hello, key), *to) {
+                            log::debug!("ESP hello to {name} at {to}: {e}");
+                        }
+                    }
+                    let addresses: Vec<SocketAddrV4> =
+                        targets.peers.iter().map(|(_, to, _)| *to).collect();
+                    for (peer, e) in socket.keepalive(&addresses) {
+                        log::debug!("ESP keepalive to {peer}: {e}");
+                    }
+                    let _ = wake.wait_timeout(targets, interval);
+                }
+            })
+            .context("starting the keepalive thread")?;
+        Ok(Keepalives { shared })
+    }
+
+    /// New targets; sent to at once if they changed.
+    fn update(&self, node: &str, generation: u32, peers: Vec<(String, SocketAddrV4, HelloKey)>) {
+        let (lock, wake) = &*self.shared;
+        let mut targets = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = KeepaliveTargets {
+            node: node.to_owned(),
+            generation,
+            peers,
+        };
+        let changed = targets.node != new.node
+            || targets.generation != new.generation
+            || targets
+                .peers
+                .iter()
+                .map(|(n, a, _)| (n, a))
+                .ne(new.peers.iter().map(|(n, a, _)| (n, a)));
+        *targets = new;
+        if changed {
+            wake.notify_one();
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

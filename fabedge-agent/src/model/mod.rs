@@ -1,0 +1,1139 @@
+//! The cluster as fabedge sees it: a snapshot of Nodes, Communities, Services
+//! and EndpointSlices, validated and reduced to what planning needs.
+//!
+//! Every source (the manifest file, the Kubernetes watches) delivers the same
+//! Kubernetes objects ([`crate::source::Objects`]); this module is the one
+//! place they become model values, so both sources yield identical snapshots
+//! and identical plans. Bad input is an error naming the object, the field,
+//! the bad value and what was expected; nothing here panics on input.
+
+pub mod checks;
+pub mod crd;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::{Deserialize, Serialize};
+
+use self::crd::CommunityObject;
+
+/// Node labels that choose a node's role.
+pub mod label {
+    pub const EDGE: &str = "node-role.kubernetes.io/edge";
+    pub const CONNECTOR: &str = "node-role.kubernetes.io/connector";
+    /// On an EndpointSlice: the Service it belongs to.
+    pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+}
+
+/// Annotations fabedge reads (and, for Flannel's, writes).
+pub mod annotation {
+    /// Where our tunnel reaches a node, when neither its ExternalIP nor its
+    /// InternalIP is that address (e.g. a NAT gateway's public address).
+    pub const TUNNEL_ENDPOINT: &str = "fabedge.io/tunnel-endpoint";
+    /// An edge node's pod CIDR allocated by the leading connector (see
+    /// `ipam`), used when the node has no `spec.podCIDR`.
+    pub const POD_CIDR: &str = "fabedge.io/pod-cidr";
+    /// Flannel's lease, as its kube subnet manager stores it on the Node.
+    pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+    pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+    pub const FLANNEL_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+    pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+    /// The four annotations that make up a Flannel lease, in the order above.
+    pub const FLANNEL_LEASE: [&str; 4] = [
+        FLANNEL_BACKEND_DATA,
+        FLANNEL_BACKEND_TYPE,
+        FLANNEL_KUBE_SUBNET_MANAGER,
+        FLANNEL_PUBLIC_IP,
+    ];
+}
+
+/// The only Flannel backend whose VTEPs the connector can stand in for.
+pub const FLANNEL_VXLAN_BACKEND: &str = "vxlan";
+
+/// Namespace of a namespaced object whose manifest names none (as kubectl does).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Which Kubernetes object an error or a model value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    /// `None` for cluster-scoped kinds.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn cluster(kind: &'static str, name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind,
+            namespace: None,
+            name: name.into(),
+        }
+    }
+    pub fn namespaced(
+        kind: &'static str,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        ObjectRef {
+            kind,
+            namespace: Some(namespace.into()),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// Why a set of objects cannot become a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// One field of one object is unusable. `field` names it the way
+    /// `kubectl explain` would (`spec.podCIDR`, `annotation fabedge.io/...`);
+    /// `problem` holds the bad value, what was expected and the fix.
+    #[error("{object}: {field} {problem}")]
+    Invalid {
+        object: ObjectRef,
+        field: String,
+        problem: String,
+    },
+    #[error("{object} is given more than once; object names must be unique")]
+    Duplicate { object: ObjectRef },
+}
+
+impl ModelError {
+    pub fn object(&self) -> &ObjectRef {
+        match self {
+            ModelError::Invalid { object, .. } | ModelError::Duplicate { object } => object,
+        }
+    }
+
+    /// The message without the object's name, for callers that name the
+    /// object themselves (the manifest source adds the document number).
+    pub fn detail(&self) -> String {
+        match self {
+            ModelError::Invalid { field, problem, .. } => format!("{field} {problem}"),
+            ModelError::Duplicate { .. } => {
+                "is given more than once; object names must be unique".into()
+            }
+        }
+    }
+}
+
+fn invalid(object: &ObjectRef, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        object: object.clone(),
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A node's part in fabedge, from its labels.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Behind NAT at an edge site: pod bridge, tunnels to the connector and community peers.
+    Edge,
+    /// A cloud node terminating the edge tunnels and standing in for edge VTEPs.
+    Connector,
+    /// Any other node: runs Flannel; fabedge only adds routes to edge node IPs.
+    Cloud,
+}
+
+impl Role {
+    /// The value of `DatapathConfig::role`.
+    pub const fn datapath_role(self) -> u8 {
+        match self {
+            Role::Edge => fabedge_common::role::EDGE,
+            Role::Connector => fabedge_common::role::CONNECTOR,
+            Role::Cloud => fabedge_common::role::CLOUD,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Edge => "edge",
+            Role::Connector => "connector",
+            Role::Cloud => "cloud",
+        })
+    }
+}
+
+/// A node's Flannel VXLAN lease: where Flannel on other nodes sends VXLAN
+/// for this node's pod CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlannelLease {
+    /// MAC of the node's `flannel.1`, the inner destination MAC of its VXLAN frames.
+    #[serde(serialize_with = "serialize_mac")]
+    pub vtep_mac: [u8; 6],
+    /// The outer destination address of VXLAN sent to this node.
+    pub public_ip: Ipv4Addr,
+    /// Always [`FLANNEL_VXLAN_BACKEND`] today; kept so messages can show it.
+    pub backend_type: String,
+}
+
+/// A Kubernetes Node, reduced to what fabedge plans with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+    pub internal_ip: Ipv4Addr,
+    pub external_ip: Option<Ipv4Addr>,
+    /// The node's IPv4 pod CIDR (`spec.podCIDR`, or the IPv4 one of `spec.podCIDRs`).
+    pub pod_cidr: Option<Ipv4Net>,
+    /// Where our tunnel reaches this node: the `fabedge.io/tunnel-endpoint`
+    /// annotation if set, else the ExternalIP, else the InternalIP.
+    pub tunnel_endpoint: Ipv4Addr,
+    pub flannel: Option<FlannelLease>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A group of edge nodes that talk to each other over direct tunnels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Community {
+    pub name: String,
+    pub members: BTreeSet<String>,
+}
+
+/// Name of a namespaced object; sorts by namespace, then name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        NamespacedName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An L4 protocol a Service port or an endpoint port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as the datapath matches it.
+    pub const fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Kubernetes spelling; absent means TCP.
+    fn parse(value: Option<&str>) -> Result<Protocol, String> {
+        match value {
+            None | Some("TCP") => Ok(Protocol::Tcp),
+            Some("UDP") => Ok(Protocol::Udp),
+            Some("SCTP") => Ok(Protocol::Sctp),
+            Some(other) => Err(format!(
+                "{other:?} is not a protocol Kubernetes knows; use TCP, UDP or SCTP"
+            )),
+        }
+    }
+}
+
+/// Where a Service port sends traffic on its backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    /// A named container port; EndpointSlices carry the resolved number.
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// Empty for the single unnamed port a Service may have.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: TargetPort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type")]
+pub enum SessionAffinity {
+    None,
+    /// Keep a client IP on one backend for `timeout_seconds` after its last packet.
+    ClientIp {
+        timeout_seconds: u32,
+    },
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// Kubernetes' upper bound for that timeout (one day).
+const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
+
+/// `spec.internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint in the cluster.
+    Cluster,
+    /// Only endpoints on the client's own node.
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// The IPv4 cluster IPs (`spec.clusterIPs`, else `spec.clusterIP`);
+    /// empty for headless and ExternalName Services and before allocation.
+    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `clusterIP: None`: DNS names the endpoints directly; nothing to translate.
+    pub headless: bool,
+    pub ports: Vec<ServicePort>,
+    pub session_affinity: SessionAffinity,
+    pub internal_traffic_policy: TrafficPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    /// Matches `ServicePort::name`; empty when unnamed.
+    pub name: String,
+    /// `None`: the slice's endpoints accept every port.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addresses: Vec<Ipv4Addr>,
+    /// Absent conditions read as Kubernetes documents them: ready and
+    /// serving default to true, terminating to false.
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// The node the endpoint runs on (for `internalTrafficPolicy: Local`).
+    pub node_name: Option<String>,
+}
+
+/// An IPv4 EndpointSlice. Slices of other address types are not in the
+/// model: the datapath translates IPv4 only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The owning Service (label `kubernetes.io/service-name`).
+    pub service_name: Option<String>,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl EndpointSlice {
+    /// The owning Service's name in this slice's namespace.
+    pub fn service(&self) -> Option<NamespacedName> {
+        self.service_name
+            .as_ref()
+            .map(|s| NamespacedName::new(&self.namespace, s))
+    }
+}
+
+/// Annotation changes to make on one Node (only real changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AnnotationPatch {
+    pub node: String,
+    pub set: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+/// The cluster at one moment: the input of [`crate::plan::plan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub nodes: BTreeMap<String, Node>,
+    pub communities: BTreeMap<String, Community>,
+    pub services: BTreeMap<NamespacedName, Service>,
+    pub endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
+}
+
+impl Snapshot {
+    /// Convert what a source delivered, rejecting invalid objects and
+    /// duplicate names: the first problem is the error. Non-IPv4
+    /// EndpointSlices are left out. Each argument is anything that yields
+    /// references (a `Vec`, a slice, a reflector store's `Arc`s mapped
+    /// through `as_ref`).
+    pub fn from_objects<'o>(
+        nodes: impl IntoIterator<Item = &'o core::Node>,
+        communities: impl IntoIterator<Item = &'o CommunityObject>,
+        services: impl IntoIterator<Item = &'o core::Service>,
+        endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
+    ) -> Result<Snapshot, ModelError> {
+        let (snapshot, mut errors) =
+            Snapshot::from_objects_skipping(nodes, communities, services, endpoint_slices);
+        match errors.is_empty() {
+            true => Ok(snapshot),
+            false => Err(errors.swap_remove(0)),
+        }
+    }
+
+    /// Like [`Snapshot::from_objects`], but an invalid object or a second
+    /// object of the same name is left out and reported, and the rest is
+    /// the snapshot: one bad object never stops a node.
+    pub fn from_objects_skipping<'o>(
+        nodes: impl IntoIterator<Item = &'o core::Node>,
+        communities: impl IntoIterator<Item = &'o CommunityObject>,
+        services: impl IntoIterator<Item = &'o core::Service>,
+        endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
+    ) -> (Snapshot, Vec<ModelError>) {
+        let mut snapshot = Snapshot::default();
+        let mut errors = Vec::new();
+        for object in nodes {
+            match Node::from_k8s(object) {
+                Ok(node) if snapshot.nodes.contains_key(&node.name) => {
+                    let object = ObjectRef::cluster("Node", &node.name);
+                    errors.push(ModelError::Duplicate { object });
+                }
+                Ok(node) => {
+                    snapshot.nodes.insert(node.name.clone(), node);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for object in communities {
+            match Community::from_k8s(object) {
+                Ok(community) if snapshot.communities.contains_key(&community.name) => {
+                    let object = ObjectRef::cluster("Community", &community.name);
+                    errors.push(ModelError::Duplicate { object });
+                }
+                Ok(community) => {
+                    snapshot
+                        .communities
+                        .insert(community.name.clone(), community);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for object in services {
+            match Service::from_k8s(object) {
+                Ok(service) => {
+                    let key = NamespacedName::new(&service.namespace, &service.name);
+                    if snapshot.services.contains_key(&key) {
+                        let object = ObjectRef::namespaced("Service", &key.namespace, &key.name);
+                        errors.push(ModelError::Duplicate { object });
+                    } else {
+                        snapshot.services.insert(key, service);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for object in endpoint_slices {
+            match EndpointSlice::from_k8s(object) {
+                Ok(None) => {}
+                Ok(Some(slice)) => {
+                    let key = NamespacedName::new(&slice.namespace, &slice.name);
+                    if snapshot.endpoint_slices.contains_key(&key) {
+                        let object =
+                            ObjectRef::namespaced("EndpointSlice", &key.namespace, &key.name);
+                        errors.push(ModelError::Duplicate { object });
+                    } else {
+                        snapshot.endpoint_slices.insert(key, slice);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        (snapshot, errors)
+    }
+
+    /// Nodes with role `role`, by name.
+    pub fn nodes_with_role(&self, role: Role) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(move |n| n.role == role)
+    }
+}
+
+/// `metadata.name`, required on every object we read.
+fn object_name(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<String, ModelError> {
+    match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => Ok(name.to_owned()),
+        _ => Err(invalid(
+            &ObjectRef::cluster(kind, "<unnamed>"),
+            "metadata.name",
+            "is missing; every object needs a name",
+        )),
+    }
+}
+
+impl Node {
+    pub fn from_k8s(node: &core::Node) -> Result<Node, ModelError> {
+        let name = object_name("Node", &node.metadata)?;
+        let object = ObjectRef::cluster("Node", &name);
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let annotations = node.metadata.annotations.clone().unwrap_or_default();
+
+        let role = match (
+            labels.contains_key(label::EDGE),
+            labels.contains_key(label::CONNECTOR),
+        ) {
+            (true, true) => {
+                return Err(invalid(
+                    &object,
+                    "metadata.labels",
+                    format!(
+                        "carry both {} and {}; a node is an edge node or a connector, not both: remove one",
+                        label::EDGE,
+                        label::CONNECTOR
+                    ),
+                ));
+            }
+            (true, false) => Role::Edge,
+            (false, true) => Role::Connector,
+            (false, false) => Role::Cloud,
+        };
+
+        let (internal_ip, external_ip) = node_addresses(&object, node)?;
+        let internal_ip = internal_ip.ok_or_else(|| {
+            invalid(
+                &object,
+                "status.addresses",
+                "has no IPv4 InternalIP; the kubelet reports one once the node registers \
+                 (in a manifest add `{type: InternalIP, address: <node IPv4>}`)",
+            )
+        })?;
+        let pod_cidr = node_pod_cidr(&object, node)?;
+
+        let tunnel_endpoint = match annotations.get(annotation::TUNNEL_ENDPOINT) {
+            Some(value) => value.trim().parse::<Ipv4Addr>().map_err(|_| {
+                invalid(
+                    &object,
+                    format!("annotation {}", annotation::TUNNEL_ENDPOINT),
+                    format!(
+                        "{value:?} is not an IPv4 address; set it to the address peers reach this \
+                         node's tunnel at (e.g. 198.18.0.11) or remove it to use the node's ExternalIP"
+                    ),
+                )
+            })?,
+            None => external_ip.unwrap_or(internal_ip),
+        };
+
+        let flannel = FlannelLease::from_annotations(&annotations)
+            .map_err(|(field, problem)| invalid(&object, format!("annotation {field}"), problem))?;
+
+        Ok(Node {
+            name,
+            role,
+            internal_ip,
+            external_ip,
+            pod_cidr,
+            tunnel_endpoint,
+            flannel,
+            annotations,
+        })
+    }
+}
+
+/// The first IPv4 InternalIP and ExternalIP; IPv6 addresses are skipped,
+/// unparsable ones are errors (a typo should not silently pick another address).
+fn node_addresses(
+    object: &ObjectRef,
+    node: &core::Node,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>), ModelError> {
+    let mut internal = None;
+    let mut external = None;
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    for (index, address) in addresses.iter().enumerate() {
+        let slot = match address.type_.as_str() {
+            "InternalIP" => &mut internal,
+            "ExternalIP" => &mut external,
+            _ => continue,
+        };
+        let parsed = address.address.trim().parse::<IpAddr>().map_err(|_| {
+            invalid(
+                object,
+                format!("status.addresses[{index}].address"),
+                format!(
+                    "{:?} ({}) is not an IP address",
+                    address.address, address.type_
+                ),
+            )
+        })?;
+        if let (IpAddr::V4(v4), None) = (parsed, &slot) {
+            *slot = Some(v4);
+        }
+    }
+    Ok((internal, external))
+}
+
+/// The node's IPv4 pod CIDR from `spec.podCIDR` / `spec.podCIDRs`. IPv6
+/// CIDRs (dual-stack clusters) are skipped; malformed ones are errors.
+fn node_pod_cidr(object: &ObjectRef, node: &core::Node) -> Result<Option<Ipv4Net>, ModelError> {
+    let spec = node.spec.as_ref();
+    let single = spec
+        .and_then(|s| s.pod_cidr.as_ref())
+        .map(|c| ("spec.podCIDR".to_owned(), c));
+    let listed = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c));
+    for (field, value) in single.into_iter().chain(listed) {
+        match parse_ipv4_cidr(value) {
+            Ok(Some(net)) => return Ok(Some(net)),
+            Ok(None) => {}
+            Err(problem) => return Err(invalid(object, field, problem)),
+        }
+    }
+    // spec.podCIDR wins; without it, the CIDR fabedge's IPAM allocated.
+    if let Some(value) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::POD_CIDR))
+    {
+        return parse_ipv4_cidr(value).map_err(|problem| {
+            invalid(
+                object,
+                format!("annotation {}", annotation::POD_CIDR),
+                problem,
+            )
+        });
+    }
+    Ok(None)
+}
+
+/// `Ok(None)` for a valid IPv6 CIDR; an error text for anything malformed or
+/// with host bits set.
+fn parse_ipv4_cidr(value: &str) -> Result<Option<Ipv4Net>, String> {
+    match value.trim().parse::<IpNet>() {
+        Ok(IpNet::V4(net)) if net == net.trunc() => Ok(Some(net)),
+        Ok(IpNet::V4(net)) => Err(format!(
+            "{value:?} has host bits set; a CIDR names a network: did you mean {}?",
+            net.trunc()
+        )),
+        Ok(IpNet::V6(_)) => Ok(None),
+        Err(_) => Err(format!(
+            "{value:?} is not an IPv4 CIDR (expected e.g. 10.234.1.0/24)"
+        )),
+    }
+}
+
+/// Flannel's `backend-data` for the vxlan backend. Newer Flannel also writes
+/// `VNI`; we need only the MAC.
+#[derive(Deserialize)]
+struct VxlanBackendData {
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: String,
+}
+
+impl FlannelLease {
+    /// `Ok(None)` when the node carries no Flannel annotations at all; an
+    /// error (field, problem) when they are incomplete or malformed.
+    pub fn from_annotations(
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Option<FlannelLease>, (String, String)> {
+        let get = |key: &str| annotations.get(key).map(String::as_str);
+        let (Some(backend_type), public_ip, backend_data) = (
+            get(annotation::FLANNEL_BACKEND_TYPE),
+            get(annotation::FLANNEL_PUBLIC_IP),
+            get(annotation::FLANNEL_BACKEND_DATA),
+        ) else {
+            if let Some(present) = [
+                annotation::FLANNEL_PUBLIC_IP,
+                annotation::FLANNEL_BACKEND_DATA,
+            ]
+            .into_iter()
+            .find(|k| get(k).is_some())
+            {
+                return Err((
+                    annotation::FLANNEL_BACKEND_TYPE.into(),
+                    format!(
+                        "is missing while {present} is set; Flannel writes all of its lease annotations \
+                         together: remove the partial lease and let Flannel (or the fabedge connector) rewrite it"
+                    ),
+                ));
+            }
+            return Ok(None);
+        };
+        if backend_type != FLANNEL_VXLAN_BACKEND {
+            return Err((
+                annotation::FLANNEL_BACKEND_TYPE.into(),
+                format!(
+                    "is {backend_type:?}; fabedge's connector stands in for Flannel's {FLANNEL_VXLAN_BACKEND:?} \
+                     backend only: configure Flannel with `\"Backend\": {{\"Type\": \"vxlan\"}}`"
+                ),
+            ));
+        }
+        let public_ip = public_ip.ok_or_else(|| {
+            (
+                annotation::FLANNEL_PUBLIC_IP.to_owned(),
+                "is missing from a vxlan lease".to_owned(),
+            )
+        })?;
+        let public_ip = public_ip.trim().parse::<Ipv4Addr>().map_err(|_| {
+            (
+                annotation::FLANNEL_PUBLIC_IP.to_owned(),
+                format!("{public_ip:?} is not an IPv4 address"),
+            )
+        })?;
+        let backend_data = backend_data.ok_or_else(|| {
+            (
+                annotation::FLANNEL_BACKEND_DATA.to_owned(),
+                "is missing from a vxlan lease".to_owned(),
+            )
+        })?;
+        let expected = r#"Flannel's vxlan backend data, e.g. {"VtepMAC":"ce:0c:01:00:00:01"}"#;
+        let data: VxlanBackendData = serde_json::from_str(backend_data).map_err(|_| {
+            (
+                annotation::FLANNEL_BACKEND_DATA.to_owned(),
+                format!("{backend_data:?} is not {expected}"),
+            )
+        })?;
+        let vtep_mac = parse_mac(&data.vtep_mac).ok_or_else(|| {
+            (
+                annotation::FLANNEL_BACKEND_DATA.to_owned(),
+                format!(
+                    "VtepMAC {:?} is not a MAC address like ce:0c:01:00:00:01",
+                    data.vtep_mac
+                ),
+            )
+        })?;
+        Ok(Some(FlannelLease {
+            vtep_mac,
+            public_ip,
+            backend_type: backend_type.to_owned(),
+        }))
+    }
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (either case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Lowercase, colon-separated: how Flannel writes `VtepMAC`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+fn serialize_mac<S: serde::Serializer>(mac: &[u8; 6], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format_mac(*mac))
+}
+
+impl Community {
+    pub fn from_k8s(community: &CommunityObject) -> Result<Community, ModelError> {
+        let name = object_name("Community", &community.metadata)?;
+        let object = ObjectRef::cluster("Community", &name);
+        let mut members = BTreeSet::new();
+        for (index, member) in community.spec.members.iter().enumerate() {
+            if member.trim().is_empty() {
+                return Err(invalid(
+                    &object,
+                    format!("spec.members[{index}]"),
+                    "is empty; list node names",
+                ));
+            }
+            members.insert(member.trim().to_owned());
+        }
+        Ok(Community { name, members })
+    }
+}
+
+/// A port number from Kubernetes' `int32`.
+fn port_number(value: i32) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is not a port number (1-65535)"))
+}
+
+impl Service {
+    pub fn from_k8s(service: &core::Service) -> Result<Service, ModelError> {
+        let name = object_name("Service", &service.metadata)?;
+        let namespace = service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let object = ObjectRef::namespaced("Service", &namespace, &name);
+        let spec = service.spec.clone().unwrap_or_default();
+
+        // `clusterIPs` supersedes `clusterIP` (its first entry equals it).
+        let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
+            (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
+            _ => ("spec.clusterIP", Vec::new()),
+        };
+        let mut cluster_ips = Vec::new();
+        let mut headless = false;
+        for (index, ip) in ips.iter().enumerate() {
+            let field = if field == "spec.clusterIPs" {
+                format!("{field}[{index}]")
+            } else {
+                field.to_owned()
+            };
+            match ip.trim() {
+                "None" => headless = true,
+                // Not allocated yet: the API server fills it in.
+                "" => {}
+                text => match text.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
+                    Ok(IpAddr::V6(_)) => {}
+                    Err(_) => {
+                        return Err(invalid(
+                            &object,
+                            field,
+                            format!(
+                                "{ip:?} is not an IP address (or \"None\" for a headless Service)"
+                            ),
+                        ));
+                    }
+                },
+            }
+        }
+
+        let mut ports = Vec::new();
+        for (index, port) in spec.ports.iter().flatten().enumerate() {
+            let at = |what: &str| format!("spec.ports[{index}].{what}");
+            let number = port_number(port.port).map_err(|p| invalid(&object, at("port"), p))?;
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|p| invalid(&object, at("protocol"), p))?;
+            let target_port = match &port.target_port {
+                None => TargetPort::Number(number),
+                Some(IntOrString::Int(n)) => TargetPort::Number(
+                    port_number(*n).map_err(|p| invalid(&object, at("targetPort"), p))?,
+                ),
+                Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                    Ok(n) => TargetPort::Number(
+                        port_number(n).map_err(|p| invalid(&object, at("targetPort"), p))?,
+                    ),
+                    Err(_) if !s.is_empty() => TargetPort::Name(s.clone()),
+                    Err(_) => TargetPort::Number(number),
+                },
+            };
+            ports.push(ServicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol,
+                target_port,
+            });
+        }
+
+        let session_affinity = match spec.session_affinity.as_deref() {
+            None | Some("None") => SessionAffinity::None,
+            Some("ClientIP") => {
+                let configured = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                let timeout_seconds = match configured {
+                    None => DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+                    Some(t) => u32::try_from(t)
+                        .ok()
+                        .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(t))
+                        .ok_or_else(|| {
+                            invalid(
+                                &object,
+                                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                format!(
+                                    "{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECONDS} seconds"
+                                ),
+                            )
+                        })?,
+                };
+                SessionAffinity::ClientIp { timeout_seconds }
+            }
+            Some(other) => {
+                return Err(invalid(
+                    &object,
+                    "spec.sessionAffinity",
+                    format!("{other:?} is not None or ClientIP"),
+                ));
+            }
+        };
+
+        let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => TrafficPolicy::Cluster,
+            Some("Local") => TrafficPolicy::Local,
+            Some(other) => {
+                return Err(invalid(
+                    &object,
+                    "spec.internalTrafficPolicy",
+                    format!("{other:?} is not Cluster or Local"),
+                ));
+            }
+        };
+
+        Ok(Service {
+            namespace,
+            name,
+            cluster_ips,
+            headless,
+            ports,
+            session_affinity,
+            internal_traffic_policy,
+        })
+    }
+}
+
+impl EndpointSlice {
+    /// `Ok(None)` for slices of another address type (IPv6, FQDN).
+    pub fn from_k8s(slice: &discovery::EndpointSlice) -> Result<Option<EndpointSlice>, ModelError> {
+        let name = object_name("EndpointSlice", &slice.metadata)?;
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let object = ObjectRef::namespaced("EndpointSlice", &namespace, &name);
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" | "FQDN" => {
+                log::debug!(
+                    "{object}: addressType {} is not translated by fabedge; skipped",
+                    slice.address_type
+                );
+                return Ok(None);
+            }
+            other => {
+                return Err(invalid(
+                    &object,
+                    "addressType",
+                    format!("{other:?} is not IPv4, IPv6 or FQDN"),
+                ));
+            }
+        }
+        let service_name = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(label::SERVICE_NAME))
+            .cloned();
+
+        let mut ports = Vec::new();
+        for (index, port) in slice.ports.iter().flatten().enumerate() {
+            let at = |what: &str| format!("ports[{index}].{what}");
+            let number = port
+                .port
+                .map(port_number)
+                .transpose()
+                .map_err(|p| invalid(&object, at("port"), p))?;
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|p| invalid(&object, at("protocol"), p))?;
+            ports.push(EndpointPort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol,
+            });
+        }
+
+        let mut endpoints = Vec::new();
+        for (index, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            let mut addresses = Vec::new();
+            for (a, address) in endpoint.addresses.iter().enumerate() {
+                let parsed = address.trim().parse::<Ipv4Addr>().map_err(|_| {
+                    invalid(
+                        &object,
+                        format!("endpoints[{index}].addresses[{a}]"),
+                        format!(
+                            "{address:?} is not an IPv4 address (the slice's addressType is IPv4)"
+                        ),
+                    )
+                })?;
+                addresses.push(parsed);
+            }
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            endpoints.push(Endpoint {
+                addresses,
+                ready: conditions.ready.unwrap_or(true),
+                serving: conditions.serving.unwrap_or(true),
+                terminating: conditions.terminating.unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+            });
+        }
+        Ok(Some(EndpointSlice {
+            namespace,
+            name,
+            service_name,
+            ports,
+            endpoints,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trips_and_rejects_garbage() {
+        assert_eq!(
+            parse_mac("CE:0c:01:00:00:01"),
+            Some([0xce, 0x0c, 1, 0, 0, 1])
+        );
+        assert_eq!(format_mac([0xce, 0x0c, 1, 0, 0, 1]), "ce:0c:01:00:00:01");
+        for bad in [
+            "",
+            "ce:0c:01:00:00",
+            "ce:0c:01:00:00:01:02",
+            "ce:0c:01:00:00:zz",
+            "ce:0c:1:00:00:001",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pod_cidr_with_host_bits_names_the_network_meant() {
+        let err = parse_ipv4_cidr("10.234.1.5/24").unwrap_err();
+        assert!(err.contains("did you mean 10.234.1.0/24"), "{err}");
+        assert_eq!(parse_ipv4_cidr("fd00::/64"), Ok(None));
+        assert!(
+            parse_ipv4_cidr("10.0.0.0/33")
+                .unwrap_err()
+                .contains("is not an IPv4 CIDR")
+        );
+    }
+
+    #[test]
+    fn allocated_pod_cidr_annotation_is_used_only_without_spec_pod_cidr() {
+        let node = |spec: Option<&str>, annotated: &str| core::Node {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("edge-1".into()),
+                annotations: Some(BTreeMap::from([(
+                    annotation::POD_CIDR.to_owned(),
+                    annotated.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(core::NodeSpec {
+                pod_cidr: spec.map(Into::into),
+                ..Default::default()
+            }),
+            status: Some(core::NodeStatus {
+                addresses: Some(vec![core::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: "10.2.0.11".into(),
+                }]),
+                ..Default::default()
+            }),
+        };
+        let cidr = |n: core::Node| Node::from_k8s(&n).map(|n| n.pod_cidr);
+        assert_eq!(
+            cidr(node(None, "10.234.7.0/24")),
+            Ok(Some("10.234.7.0/24".parse().unwrap()))
+        );
+        assert_eq!(
+            cidr(node(Some("10.234.1.0/24"), "10.234.7.0/24")),
+            Ok(Some("10.234.1.0/24".parse().unwrap()))
+        );
+        let err = cidr(node(None, "10.234.7.9/24")).unwrap_err().to_string();
+        assert!(
+            err.contains("annotation fabedge.io/pod-cidr") && err.contains("10.234.7.0/24"),
+            "{err}"
+        );
+    }
+
+    fn lease(pairs: &[(&str, &str)]) -> Result<Option<FlannelLease>, (String, String)> {
+        FlannelLease::from_annotations(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn flannel_lease_reads_what_flannel_writes() {
+        let parsed = lease(&[
+            (
+                annotation::FLANNEL_BACKEND_DATA,
+                r#"{"VNI":1,"VtepMAC":"ce:0c:02:00:00:02"}"#,
+            ),
+            (annotation::FLANNEL_BACKEND_TYPE, "vxlan"),
+            (annotation::FLANNEL_KUBE_SUBNET_MANAGER, "true"),
+            (annotation::FLANNEL_PUBLIC_IP, "10.1.0.2"),
+        ]);
+        assert_eq!(
+            parsed,
+            Ok(Some(FlannelLease {
+                vtep_mac: [0xce, 0x0c, 2, 0, 0, 2],
+                public_ip: Ipv4Addr::new(10, 1, 0, 2),
+                backend_type: "vxlan".into()
+            }))
+        );
+        assert_eq!(lease(&[]), Ok(None));
+    }
+
+    #[test]
+    fn flannel_lease_rejects_partial_and_foreign_backends() {
+        let (field, problem) = lease(&[(annotation::FLANNEL_PUBLIC_IP, "10.1.0.2")]).unwrap_err();
+        assert_eq!(field, annotation::FLANNEL_BACKEND_TYPE);
+        assert!(problem.contains("is missing"), "{problem}");
+        let (_, problem) = lease(&[(annotation::FLANNEL_BACKEND_TYPE, "host-gw")]).unwrap_err();
+        assert!(problem.contains("\"host-gw\""), "{problem}");
+        let (field, problem) = lease(&[
+            (annotation::FLANNEL_BACKEND_TYPE, "vxlan"),
+            (annotation::FLANNEL_PUBLIC_IP, "10.1.0.2"),
+            (annotation::FLANNEL_BACKEND_DATA, r#"{"VtepMAC":"nope"}"#),
+        ])
+        .unwrap_err();
+        assert_eq!(field, annotation::FLANNEL_BACKEND_DATA);
+        assert!(problem.contains("\"nope\" is not a MAC"), "{problem}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Edge autonomy: the last [`Objects`] the agent planned and applied
+//! successfully, kept in the state dir. An agent that starts while the API
+//! server is unreachable applies this instead of waiting (or worse, planning
+//! from nothing), so the node comes back with the datapath it had.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    source::{CommunityObject, Objects},
+    sys::write_if_changed,
+};
+
+/// File name inside the state dir.
+pub const FILE_NAME: &str = "last-good-objects.json";
+
+/// The file's shape; versioned so a future agent can refuse an old layout
+/// instead of misreading it.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    communities: Vec<CommunityObject>,
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+}
+
+const VERSION: u32 = 1;
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE_NAME)
+}
+
+/// Writes `objects` atomically (temp file + rename, see `write_if_changed`),
+/// mode 0600: nothing in it is secret today, but node keys may join it.
+pub fn save(state_dir: &Path, objects: &Objects) -> Result<()> {
+    let stored = Stored {
+        version: VERSION,
+        nodes: objects.nodes.clone(),
+        communities: objects.communities.clone(),
+        services: objects.services.clone(),
+        endpoint_slices: objects.endpoint_slices.clone(),
+    };
+    let json = serde_json::to_vec(&stored).context("serialising the last good objects")?;
+    write_if_changed(&path(state_dir), &json, 0o600)
+}
+
+/// The saved objects, `None` when there are none yet. A file that cannot be
+/// read back is an error naming it (and the fix: delete it).
+pub fn load(state_dir: &Path) -> Result<Option<Objects>> {
+    let path = path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let stored: Stored = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a snapshot this agent wrote; delete it (the agent rewrites it once online)",
+            path.display()
+        )
+    })?;
+    if stored.version != VERSION {
+        anyhow::bail!(
+            "{} has layout version {}, this agent reads {VERSION}; delete it (the agent rewrites it once online)",
+            path.display(),
+            stored.version
+        );
+    }
+    Ok(Some(Objects {
+        nodes: stored.nodes,
+        communities: stored.communities,
+        services: stored.services,
+        endpoint_slices: stored.endpoint_slices,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::source::manifest;
+
+    #[test]
+    fn saved_objects_load_back_identical_and_private() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/mini-cluster.yaml"
+        ))
+        .expect("fixture");
+        let objects = manifest::parse(&text).expect("fixture parses");
+        let dir =
+            std::env::temp_dir().join(format!("fabedge-snapshot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(load(&dir).unwrap().is_none());
+        save(&dir, &objects).unwrap();
+        let loaded = load(&dir).unwrap().expect("saved");
+        assert_eq!(loaded, objects);
+        assert_eq!(loaded.snapshot().unwrap(), objects.snapshot().unwrap());
+        let mode = std::fs::metadata(path(&dir)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::write(path(&dir), b"{not json").unwrap();
+        let error = format!("{:#}", load(&dir).unwrap_err());
+        assert!(error.contains("delete it"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,361 @@
+//! The real `fabedge-agent` on every node: starting, waiting for, inspecting, restarting and
+//! uninstalling it, and its logs.
+
+use std::{
+    fs::{self, OpenOptions},
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fabedge_agent::plan::CNI_FILE_NAME;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{
+    agent::{agent_bin, agent_ok, agent_output},
+    netns::{Netns, ping},
+};
+
+use super::fixture::NodeRole;
+use super::topology::node_cgroup;
+use super::traffic::Endpoint;
+use super::{AGENT_READY_TIMEOUT, AGENT_STOP_TIMEOUT, Cluster, LOG_TAIL_LINES, POLL};
+
+// ---------------------------------------------------------------------------
+// Agents
+// ---------------------------------------------------------------------------
+
+/// A `fabedge-agent run` in a node's namespace, entered with `nsenter --net`
+/// only: `ip netns exec` (and so `Netns::spawn`) gives the process a mount
+/// namespace without bpffs, where its pins would be invisible. Stopped on drop.
+pub(super) struct AgentProcess {
+    child: Child,
+    node: String,
+}
+
+impl AgentProcess {
+    pub(super) fn start(
+        netns: &Netns,
+        node: &str,
+        args: &[String],
+        log_path: &Path,
+    ) -> Result<Self> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("opening agent log {}", log_path.display()))?;
+        let log_for_stderr = log
+            .try_clone()
+            .context("duplicating the agent log handle")?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.path().display()))
+            .arg(agent_bin()?)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .spawn()
+            .with_context(|| format!("starting the agent of {node} (is nsenter installed?)"))?;
+        Ok(AgentProcess {
+            child,
+            node: node.to_owned(),
+        })
+    }
+
+    /// An error with the exit status if the agent is no longer running.
+    fn check_running(&mut self) -> Result<()> {
+        match self
+            .child
+            .try_wait()
+            .with_context(|| format!("checking on the agent of {}", self.node))?
+        {
+            None => Ok(()),
+            Some(status) => bail!("the agent of {} exited ({status})", self.node),
+        }
+    }
+
+    /// SIGTERM (the agent leaves its datapath forwarding), SIGKILL if it
+    /// lingers, then reap.
+    pub(super) fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait()
+            && let Ok(pid) = i32::try_from(self.child.id())
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(POLL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+impl Cluster {
+    /// Waits until the agent of `name` says it applied a plan, in log bytes
+    /// written after `log_offset`.
+    pub(super) fn wait_for_agent(&self, name: &str, log_offset: u64) -> Result<()> {
+        let node = self.cluster_node(name)?;
+        let applied = format!("applied plan for {name}");
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT * self.timeout_factor;
+        loop {
+            let log = read_from(&node.files.agent_log, log_offset);
+            if log.contains(&applied) {
+                break;
+            }
+            let mut agent = node.agent.lock().unwrap_or_else(PoisonError::into_inner);
+            let agent = agent
+                .as_mut()
+                .with_context(|| format!("the agent of {name} is not running"))?;
+            if let Err(e) = agent.check_running() {
+                bail!("{e:#}; its log:\n{}", tail(&log, LOG_TAIL_LINES));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent of {name} did not log {applied:?} within {AGENT_READY_TIMEOUT:?}; its log:\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                );
+            }
+            thread::sleep(POLL);
+        }
+        if node.spec.role == NodeRole::Edge {
+            let conflist = node.files.cni_conf_dir.join(CNI_FILE_NAME);
+            ensure!(
+                conflist.exists(),
+                "edge node {name}: the agent applied its plan but wrote no {}",
+                conflist.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// `fabedge-agent inspect <what> --json` on `node`, parsed.
+    pub fn agent_inspect(&self, node: &str, what: &str) -> Result<serde_json::Value> {
+        let n = self.cluster_node(node)?;
+        let state_dir = n.files.state_dir.display().to_string();
+        // Peer names (tunnels) and the problem list come from the state dir.
+        let args = ["inspect", what, "--json", "--state-dir", &state_dir];
+        let out = agent_ok(Some(&n.netns), &n.files.bpffs_root, &args)
+            .with_context(|| format!("node {node}: inspect {what}"))?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("node {node}: inspect {what} --json printed {out:?}"))
+    }
+
+    /// `fabedge-agent inspect <what>` on `node`, as the table it prints.
+    pub fn agent_inspect_table(&self, node: &str, what: &str) -> Result<String> {
+        let n = self.cluster_node(node)?;
+        agent_ok(Some(&n.netns), &n.files.bpffs_root, &["inspect", what])
+            .with_context(|| format!("node {node}: inspect {what}"))
+    }
+
+    /// Stops the node's agent (SIGTERM: the datapath keeps forwarding) and
+    /// starts it again, then waits until it has applied its plan.
+    /// Stops `node`'s agent and runs `fabedge-agent uninstall` there; returns
+    /// what uninstall printed. (Teardown uninstalls again, harmlessly.)
+    pub fn uninstall(&self, node: &str) -> Result<String> {
+        let n = self.cluster_node(node)?;
+        if let Some(mut agent) = n
+            .agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            agent.stop();
+        }
+        let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
+        let state_dir = n.files.state_dir.display().to_string();
+        let out = agent_output(
+            Some(&n.netns),
+            &n.files.bpffs_root,
+            &[
+                "uninstall",
+                "--cni-conf-dir",
+                &cni_conf_dir,
+                "--state-dir",
+                &state_dir,
+                "--purge-state",
+            ],
+        )?;
+        ensure!(
+            out.status.success(),
+            "uninstall on {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn restart_agent(&self, node: &str) -> Result<()> {
+        let n = self.cluster_node(node)?;
+        let offset = {
+            let mut agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(mut running) = agent.take() {
+                running.stop();
+            }
+            let offset = fs::metadata(&n.files.agent_log)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            *agent = Some(AgentProcess::start(
+                &n.netns,
+                node,
+                &n.agent_args,
+                &n.files.agent_log,
+            )?);
+            offset
+        };
+        self.wait_for_agent(node, offset)
+            .with_context(|| format!("restarting the agent of {node}"))
+    }
+
+    /// [`Cluster::restart_agent`] with `extra` appended to the node's `run`
+    /// arguments for this start only (the benchmark switches the connector
+    /// between datapath variants); a later plain restart drops them again.
+    pub fn restart_agent_with_args(&self, node: &str, extra: &[String]) -> Result<()> {
+        let n = self.cluster_node(node)?;
+        let args: Vec<String> = n.agent_args.iter().chain(extra).cloned().collect();
+        let offset = {
+            let mut agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(mut running) = agent.take() {
+                running.stop();
+            }
+            let offset = fs::metadata(&n.files.agent_log)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            *agent = Some(AgentProcess::start(
+                &n.netns,
+                node,
+                &args,
+                &n.files.agent_log,
+            )?);
+            offset
+        };
+        self.wait_for_agent(node, offset).with_context(|| {
+            format!(
+                "restarting the agent of {node} with extra arguments {}",
+                extra.join(" ")
+            )
+        })
+    }
+
+    /// Restarts the agents of `nodes`, one after the other, while `from`
+    /// pings `to` in short batches (20 ms apart) covering the whole window.
+    /// Returns (sent, answered); a failed restart is an error.
+    pub fn restart_agents_under_ping(
+        &self,
+        nodes: &[&str],
+        from: &Endpoint,
+        to: Ipv4Addr,
+    ) -> Result<(u32, u32)> {
+        let restarting = AtomicBool::new(true);
+        let (pinged, restarts) = thread::scope(|scope| {
+            let pinger = scope.spawn(|| -> Result<(u32, u32)> {
+                let (mut sent, mut received) = (0, 0);
+                loop {
+                    let batch = ping(from.netns(), to, 10, Duration::from_millis(20))?;
+                    sent += batch.sent;
+                    received += batch.received;
+                    if !restarting.load(Ordering::Relaxed) {
+                        return Ok((sent, received));
+                    }
+                }
+            });
+            let restarts = nodes.iter().try_for_each(|node| self.restart_agent(node));
+            restarting.store(false, Ordering::Relaxed);
+            let pinged = pinger
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (pinged, restarts)
+        });
+        restarts?;
+        pinged
+    }
+
+    /// The last lines of the agents' logs of `nodes`.
+    pub fn agent_logs(&self, nodes: &[String]) -> String {
+        let mut out = String::new();
+        for name in nodes {
+            if let Some(node) = self.nodes.get(name) {
+                let log = read_from(&node.files.agent_log, 0);
+                out.push_str(&format!(
+                    "--- agent log of {name} (last {LOG_TAIL_LINES} lines) ---\n{}\n",
+                    tail(&log, LOG_TAIL_LINES)
+                ));
+            }
+        }
+        out
+    }
+
+    /// Agent logs and `inspect counters/peers/routes` of `nodes`, for failure messages.
+    pub fn diagnostics(&self, nodes: &[String]) -> String {
+        let mut out = self.agent_logs(nodes);
+        for name in nodes {
+            for what in ["counters", "peers", "routes"] {
+                let table = self
+                    .agent_inspect_table(name, what)
+                    .unwrap_or_else(|e| format!("{e:#}\n"));
+                out.push_str(&format!(
+                    "--- {name}: fabedge-agent inspect {what} ---\n{table}"
+                ));
+            }
+        }
+        out
+    }
+    /// Run `script` (Python 3) as a hostNetwork process of `node`: in the
+    /// node's network namespace and its cgroup. Returns its stdout.
+    pub fn run_host_python(&self, node: &str, script: &str) -> Result<String> {
+        let netns = self.node_netns(node)?;
+        let cluster_id = self
+            .work_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("cluster work dir")?;
+        let procs = node_cgroup(cluster_id, node).join("cgroup.procs");
+        let shell = format!(
+            "echo $$ > {} && exec nsenter --net={} python3 -c \"$0\"",
+            procs.display(),
+            netns.path().display()
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &shell, script])
+            .output()
+            .context("running python3")?;
+        ensure!(
+            out.status.success(),
+            "hostNetwork client on {node} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The file's text from byte `offset` on ("" if unreadable).
+fn read_from(path: &Path, offset: u64) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
