@@ -36,11 +36,15 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
-    /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same process.
+    /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same
+    /// process; edge tunnel throughput; the connector's packet rate per datapath variant.
     Bench {
-        /// Also write every figure, under stable keys, to FILE (JSON).
-        #[arg(long, value_name = "FILE")]
+        /// Also write every figure, under stable keys, to this JSON file.
+        #[arg(long)]
         json: Option<PathBuf>,
+        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
@@ -108,16 +112,17 @@ fn main() -> Result<()> {
             build::build_ebpf(&ws)?;
             run_tests_bin(&ws, "fabedge-demo", "the demo", false, &[])
         }
-        Cmd::Bench { json } => {
+        Cmd::Bench { json, only } => {
             build::build_ebpf(&ws)?;
-            let args: Vec<String> = match json {
-                // The bench runs from the workspace: make the path absolute first.
-                Some(path) => vec![
-                    "--json".into(),
-                    std::path::absolute(&path)?.display().to_string(),
-                ],
-                None => Vec::new(),
-            };
+            let mut args = Vec::new();
+            if let Some(json) = json {
+                // The benchmark runs in the workspace; the path is the caller's.
+                let path = std::env::current_dir()?.join(json);
+                args.extend(["--json".to_owned(), path.display().to_string()]);
+            }
+            if let Some(only) = only {
+                args.extend(["--only".to_owned(), only]);
+            }
             run_tests_bin(&ws, "fabedge-bench", "the benchmark", true, &args)
         }
         Cmd::GenCrd => crd::write(&ws),

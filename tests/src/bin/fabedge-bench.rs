@@ -6,15 +6,18 @@
 //! packet it already rewrote (TTL decremented, VXLAN header removed or
 //! added, addresses translated), which measures another path. Ratios, not absolute numbers, are
 //! what compare across machines. Then a throughput comparison in the mini
-//! cluster: the eBPF fast path against the kernel's forwarding path.
+//! cluster: the eBPF fast path against the kernel's forwarding path, and the
+//! connector's packet rate per datapath variant (`fabedge_tests::bench::connector`).
+//! The `verdicts` section also times each `fe_xdp_uplink` verdict against an
+//! empty XDP program (`xdp.verdict_ns_ratio_vs_empty.<case>`).
 //!
-//! `--json FILE` also writes every ratio under a stable key
-//! (`xdp.verdict_ns_ratio_vs_empty.<case>`, ...); `--no-cluster` skips the
-//! mini-cluster part.
+//! Options: `--json FILE` writes every figure under a stable key
+//! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
+//! `verdicts`, `edge-tunnel`, `connector`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
     TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags,
@@ -22,9 +25,32 @@ use fabedge_common::{
     tunnel_mode,
 };
 use fabedge_tests::{
+    bench::{
+        Options, connector,
+        report::{Report, key_part},
+    },
     datapath::{TestDatapath, fixtures::*},
     packet::{Frame, vxlan_encap},
 };
+
+fn main() -> Result<()> {
+    let options = Options::from_args(std::env::args().skip(1))?;
+    let mut report = Report::new();
+    if options.runs("verdicts") {
+        verdicts(&mut report)?;
+    }
+    if options.runs("edge-tunnel") {
+        fast_path_vs_kernel(&mut report)?;
+    }
+    if options.runs("connector") {
+        connector::run(&mut report)?;
+    }
+    if let Some(path) = &options.json {
+        report.write_json(path)?;
+        println!("\nfigures written to {}", path.display());
+    }
+    Ok(())
+}
 
 const SAMPLES: usize = 20_001;
 
@@ -84,38 +110,8 @@ fn edge_with_service() -> Result<TestDatapath> {
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
-/// Command line: `[--json FILE] [--no-cluster]`.
-struct Args {
-    json: Option<std::path::PathBuf>,
-    cluster: bool,
-}
-
-fn args() -> Result<Args> {
-    let mut args = Args {
-        json: None,
-        cluster: true,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--json" => {
-                args.json = Some(
-                    it.next()
-                        .context("--json needs a FILE to write the figures to")?
-                        .into(),
-                )
-            }
-            "--no-cluster" => args.cluster = false,
-            other => bail!(
-                "unknown argument {other:?}; usage: fabedge-bench [--json FILE] [--no-cluster]"
-            ),
-        }
-    }
-    Ok(args)
-}
-
 /// The XDP verdicts against the empty XDP program, printed and keyed for `--json`.
-fn xdp_verdicts(figures: &mut BTreeMap<String, f64>) -> Result<()> {
+fn xdp_verdicts(report: &mut Report) -> Result<()> {
     let costs = fabedge_tests::xdp::verdict_costs(SAMPLES)?;
     println!();
     println!(
@@ -127,18 +123,16 @@ fn xdp_verdicts(figures: &mut BTreeMap<String, f64>) -> Result<()> {
             "{:<48} {:>10.0} {:>8.2}",
             cost.what, cost.ns, cost.ratio_vs_empty
         );
-        figures.insert(
+        report.record(
             format!("xdp.verdict_ns_ratio_vs_empty.{}", cost.key),
             cost.ratio_vs_empty,
         );
-        figures.insert(format!("xdp.verdict_ns.{}", cost.key), cost.ns);
+        report.record(format!("xdp.verdict_ns.{}", cost.key), cost.ns);
     }
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let args = args()?;
-    let mut figures = BTreeMap::new();
+fn verdicts(report: &mut Report) -> Result<()> {
     // A fresh datapath is not configured: every program returns at its first check.
     let baseline = TestDatapath::new("bench-baseline")?;
     let datapaths = [
@@ -253,6 +247,7 @@ fn main() -> Result<()> {
         base.as_nanos(),
         "1.00"
     );
+    report.record("datapath.baseline_ns", base.as_nanos() as f64);
     for case in &cases {
         let dp = &datapaths[case.datapath];
         let t = median(dp, case.program, &case.frame)?;
@@ -262,16 +257,14 @@ fn main() -> Result<()> {
             t.as_nanos(),
             t.as_secs_f64() / base.as_secs_f64().max(1e-12)
         );
+        let key = key_part(case.name);
+        report.record(format!("datapath.verdict_ns.{key}"), t.as_nanos() as f64);
+        report.record(
+            format!("datapath.verdict_ratio_vs_baseline.{key}"),
+            t.as_secs_f64() / base.as_secs_f64().max(1e-12),
+        );
     }
-    xdp_verdicts(&mut figures)?;
-    if args.cluster {
-        fast_path_vs_kernel()?;
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&figures)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
+    xdp_verdicts(report)?;
     Ok(())
 }
 
@@ -281,7 +274,7 @@ fn main() -> Result<()> {
 /// the programs still classify and mark, the kernel routes them into
 /// `fe-tunnel`, whose egress program encapsulates). Rounds alternate so both
 /// see the same machine load.
-fn fast_path_vs_kernel() -> Result<()> {
+fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
     use fabedge_tests::{
         cluster::{Cluster, ClusterOptions},
         netns::ping,
@@ -386,5 +379,16 @@ fn fast_path_vs_kernel() -> Result<()> {
         fast_kpps / kernel_kpps.max(1e-9),
         fast_rtt.as_secs_f64() / kernel_rtt.as_secs_f64().max(1e-12)
     );
+    for (path, gbps, kpps, rtt) in [
+        ("fast_path", fast_gbps, fast_kpps, fast_rtt),
+        ("kernel", kernel_gbps, kernel_kpps, kernel_rtt),
+    ] {
+        report.record(format!("edge_tunnel.tcp_gbps.{path}"), gbps);
+        report.record(format!("edge_tunnel.udp64_kpps.{path}"), kpps);
+        report.record(
+            format!("edge_tunnel.ping_us.{path}"),
+            rtt.as_secs_f64() * 1e6,
+        );
+    }
     Ok(())
 }

@@ -246,6 +246,36 @@ impl Cluster {
             .with_context(|| format!("restarting the agent of {node}"))
     }
 
+    /// [`Cluster::restart_agent`] with `extra` appended to the node's `run`
+    /// arguments for this start only (the benchmark switches the connector
+    /// between datapath variants); a later plain restart drops them again.
+    pub fn restart_agent_with_args(&self, node: &str, extra: &[String]) -> Result<()> {
+        let n = self.cluster_node(node)?;
+        let args: Vec<String> = n.agent_args.iter().chain(extra).cloned().collect();
+        let offset = {
+            let mut agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(mut running) = agent.take() {
+                running.stop();
+            }
+            let offset = fs::metadata(&n.files.agent_log)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            *agent = Some(AgentProcess::start(
+                &n.netns,
+                node,
+                &args,
+                &n.files.agent_log,
+            )?);
+            offset
+        };
+        self.wait_for_agent(node, offset).with_context(|| {
+            format!(
+                "restarting the agent of {node} with extra arguments {}",
+                extra.join(" ")
+            )
+        })
+    }
+
     /// Restarts the agents of `nodes`, one after the other, while `from`
     /// pings `to` in short batches (20 ms apart) covering the whole window.
     /// Returns (sent, answered); a failed restart is an error.
