@@ -131,6 +131,7 @@ fn stop(child: &mut Option<Child>, grace: Duration) {
 impl ApiServer {
     /// Starts etcd and kube-apiserver and waits until `/readyz` says ready.
     pub fn start() -> Result<ApiServer> {
+        let started = Instant::now();
         let tools = tools::installed()?;
         let dir = std::env::temp_dir().join(format!(
             "fabedge-apiserver-{}-{}",
@@ -176,6 +177,12 @@ impl ApiServer {
         };
         server.wait_for_etcd()?;
         server.start_apiserver()?;
+        eprintln!(
+            "apiserver: etcd and kube-apiserver {} ready at {} in {:.1?}",
+            server.tools.version,
+            server.url(),
+            started.elapsed()
+        );
         Ok(server)
     }
 
@@ -477,7 +484,7 @@ impl ApiServer {
         }
         self.block_on(async {
             let object = self.api_for(&value).await?.get_opt(name).await?;
-            Ok(object.map(|o| serde_json::to_value(o)).transpose()?)
+            Ok(object.map(serde_json::to_value).transpose()?)
         })
     }
 
