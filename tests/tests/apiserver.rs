@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
     annotate::{API_CALLS, CallScope},
-    model::label,
+    model::{annotation, label},
 };
 use fabedge_tests::apiserver::{ApiServer, Relay, User};
 use futures::StreamExt;
@@ -78,11 +78,17 @@ fn publish_fixture(server: &ApiServer) -> Result<()> {
 }
 
 fn edge_node(name: &str, address: &str, pod_cidr: &str) -> Value {
+    let mut node = edge_node_without_cidr(name, address);
+    node["spec"] = json!({"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]});
+    node
+}
+
+fn edge_node_without_cidr(name: &str, address: &str) -> Value {
     let octets: Vec<&str> = address.split('.').collect();
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {label::EDGE: ""}},
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "spec": {},
         "status": {"addresses": [
             {"type": "InternalIP", "address": address},
             // A public address outside the cluster's ranges (the tunnel endpoint).
@@ -467,8 +473,32 @@ fn the_agent_service_account_may_make_exactly_the_calls_the_agent_makes() -> Res
             Api::namespaced_with(agent.clone(), "kube-system", &leases);
         let result = elsewhere.list(&ListParams::default()).await;
         assert!(forbidden(&result).is_some(), "{result:?}");
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    })?;
+
+    // A token bound to a Node (as the agents' are) stops working when the
+    // Node is deleted (after the server's short cache of valid tokens).
+    let bound = server.token(NAMESPACE, SERVICE_ACCOUNT, Some("edge-3"))?;
+    let bound = server.client_as(&User::Token(&bound))?;
+    let list_nodes = || {
+        server.block_on(
+            Api::<k8s_openapi::api::core::v1::Node>::all(bound.clone())
+                .list(&ListParams::default().limit(1)),
+        )
+    };
+    list_nodes().context("listing Nodes with a token bound to edge-3")?;
+    server.delete("v1", "Node", None, "edge-3")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match list_nodes() {
+            Err(kube::Error::Api(status)) if status.code == 401 => break,
+            other if Instant::now() > deadline => {
+                bail!("the token outlived its Node: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -476,8 +506,11 @@ fn the_agent_service_account_may_make_exactly_the_calls_the_agent_makes() -> Res
 // namespace that reaches the server through a relay on the namespace's
 // loopback; the maps are read with `fabedge-agent inspect ... --json`.
 
-/// One agent in kube mode as `edge-1`, with everything it leaves behind.
+/// One agent in kube mode (`edge-1` unless `node` is changed), with
+/// everything it leaves behind.
 struct EdgeAgent {
+    node: String,
+    extra_args: Vec<String>,
     netns: fabedge_tests::netns::Netns,
     root: PathBuf,
     dir: PathBuf,
@@ -486,8 +519,8 @@ struct EdgeAgent {
 }
 
 impl EdgeAgent {
-    /// edge-1's agent with a token bound to the edge-1 Node object.
-    fn new(name: &str, server: &ApiServer) -> Result<EdgeAgent> {
+    /// `node`'s agent with a token bound to that Node object.
+    fn new(name: &str, server: &ApiServer, node: &str) -> Result<EdgeAgent> {
         let netns = fabedge_tests::netns::Netns::new(name)?;
         // edge-1's InternalIP on a NIC, as on the real node (kernel routes use it as source).
         netns.ip(&[
@@ -511,13 +544,15 @@ impl EdgeAgent {
         std::fs::create_dir_all(dir.join("state"))?;
         std::fs::create_dir_all(dir.join("cni"))?;
         let relay = server.expose_in(&netns)?;
-        let token = server.token(NAMESPACE, SERVICE_ACCOUNT, Some("edge-1"))?;
+        let token = server.token(NAMESPACE, SERVICE_ACCOUNT, Some(node))?;
         server.write_kubeconfig(
             &dir.join("kubeconfig"),
             &User::Token(&token),
             Some(relay.port),
         )?;
         Ok(EdgeAgent {
+            node: node.into(),
+            extra_args: Vec::new(),
             netns,
             root,
             dir,
@@ -539,7 +574,7 @@ impl EdgeAgent {
             .args([
                 "run",
                 "--node",
-                "edge-1",
+                &self.node,
                 "--poll-interval",
                 "200ms",
                 // The host kernel has no ESP, the default tunnel mode.
@@ -556,6 +591,7 @@ impl EdgeAgent {
             .arg(self.dir.join("state"))
             .arg("--cni-conf-dir")
             .arg(self.dir.join("cni"))
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -638,7 +674,9 @@ impl EdgeAgent {
 
     /// Log lines that report map writes (logged only when an apply changed something).
     fn applies(&self) -> usize {
-        self.log().matches("applied plan for edge-1").count()
+        self.log()
+            .matches(&format!("applied plan for {}", self.node))
+            .count()
     }
 }
 
@@ -677,7 +715,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
     let server = ApiServer::start()?;
     apply_deploy(&server)?;
     publish_fixture(&server)?;
-    let mut agent = EdgeAgent::new("api-edits", &server)?;
+    let mut agent = EdgeAgent::new("api-edits", &server, "edge-1")?;
     agent.start()?;
     // edge-2 is a community peer: its pod CIDR goes straight to its endpoint.
     agent.wait_routes("edge-2's pod CIDR", |r| r.contains_key("10.234.2.0/24"))?;
@@ -748,7 +786,7 @@ fn an_apiserver_restart_keeps_the_maps_and_the_agent_resumes_its_watches() -> Re
     let mut server = ApiServer::start()?;
     apply_deploy(&server)?;
     publish_fixture(&server)?;
-    let mut agent = EdgeAgent::new("api-restart", &server)?;
+    let mut agent = EdgeAgent::new("api-restart", &server, "edge-1")?;
     agent.start()?;
     let online = agent.wait_routes("the first plan", |r| r.contains_key("10.234.2.0/24"))?;
     // The maps fill before the apply is logged.
@@ -793,5 +831,146 @@ fn an_apiserver_restart_keeps_the_maps_and_the_agent_resumes_its_watches() -> Re
         "{}",
         agent.log()
     );
+    Ok(())
+}
+
+#[test]
+fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exhausted_pool()
+-> Result<()> {
+    let server = ApiServer::start()?;
+    apply_deploy(&server)?;
+    publish_fixture(&server)?;
+    let mut agent = EdgeAgent::new("api-conn", &server, "cloud-1")?;
+    // cloud-1's uplink (its InternalIP) and Flannel's VXLAN device with the
+    // MAC cloud-1's lease announces.
+    let ns = &agent.netns;
+    ns.ip(&["link", "set", "eth0", "down"])?;
+    ns.ip(&["addr", "flush", "dev", "eth0"])?;
+    ns.add_addr("eth0", "10.1.0.1/24")?;
+    ns.set_up("eth0")?;
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        "ce:0c:01:00:00:01",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+    ])?;
+    ns.set_up("flannel.1")?;
+    agent.extra_args = [
+        "--uplink",
+        "eth0",
+        "--lease-duration",
+        "3s",
+        "--lease-renew-interval",
+        "500ms",
+        // Two /25 blocks for three edge Nodes without spec.podCIDR.
+        "--edge-pod-cidr-pool",
+        "10.250.0.0/24",
+        "--edge-pod-cidr-size",
+        "25",
+    ]
+    .map(String::from)
+    .to_vec();
+    for (i, name) in ["edge-a", "edge-b", "edge-c"].iter().enumerate() {
+        server.apply(&edge_node_without_cidr(name, &format!("10.2.1.{}", i + 1)))?;
+    }
+    agent.start()?;
+
+    // It took the Lease, and the server holds its annotations on every
+    // edge Node (and on no other).
+    let annotations = |node: &str| -> Result<BTreeMap<String, String>> {
+        let object = server.get("v1", "Node", None, node)?.context("the Node")?;
+        Ok(serde_json::from_value(object["metadata"]["annotations"].clone()).unwrap_or_default())
+    };
+    let cloud_before: Vec<(&str, BTreeMap<String, String>)> = ["cloud-1", "cloud-2"]
+        .into_iter()
+        .map(|n| Ok((n, annotations(n)?)))
+        .collect::<Result<_>>()?;
+    let edges = ["edge-1", "edge-2", "edge-3", "edge-a", "edge-b", "edge-c"];
+    agent.wait("the Lease held and every edge Node annotated", |_| {
+        let lease = server.get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some(NAMESPACE),
+            "fabedge-connector",
+        )?;
+        let holder = lease.map(|l| l["spec"]["holderIdentity"].clone());
+        let mut annotated = true;
+        for node in edges {
+            annotated &= annotations(node)?
+                .get(annotation::FLANNEL_PUBLIC_IP)
+                .is_some_and(|ip| ip == "10.1.0.1");
+        }
+        Ok((holder == Some(json!("cloud-1")) && annotated).then_some(()))
+    })?;
+    for (node, before) in &cloud_before {
+        assert_eq!(
+            &annotations(node)?,
+            before,
+            "{node} is not an edge Node: left as Flannel wrote it"
+        );
+    }
+
+    // Two of the three got a block of the pool; the third is named in a
+    // Warning Event the server accepted.
+    let blocks: BTreeSet<String> = ["edge-a", "edge-b", "edge-c"]
+        .iter()
+        .filter_map(|n| annotations(n).ok()?.get(annotation::POD_CIDR).cloned())
+        .collect();
+    assert_eq!(
+        blocks,
+        ["10.250.0.0/25", "10.250.0.128/25"]
+            .map(String::from)
+            .into(),
+        "{}",
+        agent.log()
+    );
+    let client = server.client();
+    let event = agent.wait("the PodCIDRPoolExhausted Event in default", |_| {
+        let events = server.block_on(
+            Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), "default")
+                .list(&ListParams::default()),
+        )?;
+        Ok(events
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PodCIDRPoolExhausted")))
+    })?;
+    assert_eq!(event.involved_object.kind.as_deref(), Some("Node"));
+    assert_eq!(event.involved_object.name.as_deref(), Some("edge-c"));
+    assert!(annotations("edge-c")?.get(annotation::POD_CIDR).is_none());
+
+    // SIGTERM releases the Lease for the next connector.
+    agent.stop();
+    let lease = server
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some(NAMESPACE),
+            "fabedge-connector",
+        )?
+        .context("the Lease")?;
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released on SIGTERM: {lease:#}\n{}",
+        agent.log()
+    );
+    // The exhausted pool is the one error, and it is logged (an Event
+    // refused by the server would be another).
+    let log = agent.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .filter(|l| !l.contains("edge pod CIDR pool 10.250.0.0/24 in /25 blocks (2 blocks) is exhausted: node edge-c"))
+        .collect();
+    assert!(errors.is_empty(), "{log}");
     Ok(())
 }
