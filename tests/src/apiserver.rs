@@ -139,6 +139,11 @@ impl ApiServer {
             free_port()?
         ));
         std::fs::create_dir_all(&dir)?;
+        // Every request's metadata (who, verb, object, status) in audit.log.
+        std::fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n",
+        )?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -250,6 +255,14 @@ impl ApiServer {
             .arg("--allow-privileged=true")
             // A loopback address cannot be the `kubernetes` Service's endpoint.
             .arg("--endpoint-reconciler-type=none")
+            .arg(format!(
+                "--audit-policy-file={}",
+                self.dir.join("audit-policy.yaml").display()
+            ))
+            .arg(format!(
+                "--audit-log-path={}",
+                self.dir.join("audit.log").display()
+            ))
             .arg("--profiling=false");
         let log = self.dir.join("kube-apiserver.log");
         let mut child = spawn(cmd, &log)?;
@@ -288,6 +301,38 @@ impl ApiServer {
     pub fn restart_apiserver(&mut self) -> Result<()> {
         self.stop_apiserver();
         self.start_apiserver()
+    }
+
+    /// Every audit event so far (one per request and stage, across
+    /// restarts): `user.username`, `verb`, `objectRef`, `responseStatus`...
+    pub fn audit(&self) -> Result<Vec<Value>> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).context("an audit.log line"))
+            .collect()
+    }
+
+    /// Writes a key of its own into etcd (through etcd's JSON gateway), so
+    /// etcd's revision moves past every resource version clients hold. Done
+    /// while kube-apiserver is down, the restarted server's watch cache
+    /// starts after those versions: clients' watches get 410 and relist.
+    pub fn bump_etcd_revision(&self) -> Result<()> {
+        let address = self.etcd_url.trim_start_matches("http://");
+        // base64 of "/fabedge-test/bump" and of "1".
+        let body = r#"{"key":"L2ZhYmVkZ2UtdGVzdC9idW1w","value":"MQ=="}"#;
+        let mut stream = TcpStream::connect(address).context("connecting to etcd")?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "POST /v3/kv/put HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        if !reply.starts_with("HTTP/1.0 200") && !reply.starts_with("HTTP/1.1 200") {
+            bail!("etcd refused the put: {reply}");
+        }
+        Ok(())
     }
 
     pub fn tools(&self) -> &Tools {

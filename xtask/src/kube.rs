@@ -183,7 +183,14 @@ fn build_kubernetes(tools: &Tools) -> Result<()> {
     );
     let status = Command::new("go")
         .current_dir(module_dir())
-        .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+        .args([
+            "build",
+            "-trimpath",
+            "-buildvcs=false",
+            "-ldflags",
+            &ldflags,
+            "-o",
+        ])
         .arg(format!("{}/", partial.display()))
         .args([
             "k8s.io/kubernetes/cmd/kube-apiserver",
