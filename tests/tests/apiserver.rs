@@ -1044,5 +1044,16 @@ fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exha
         .filter(|l| !l.contains("edge pod CIDR pool 10.250.0.0/24 in /25 blocks (2 blocks) is exhausted: node edge-c"))
         .collect();
     assert!(errors.is_empty(), "{log}");
+    // Its Lease, patch and Event calls were all declared, none refused.
+    let requests = agent_requests(&server)?;
+    assert_agent_calls_are_declared(&requests);
+    for verb in ["patch", "create", "update", "get"] {
+        assert!(
+            requests.iter().any(|r| r.verb == verb),
+            "no {verb} seen: {requests:#?}"
+        );
+    }
+    let refused: Vec<&Request> = requests.iter().filter(|r| r.code == 403).collect();
+    assert!(refused.is_empty(), "refused: {refused:#?}");
     Ok(())
 }
