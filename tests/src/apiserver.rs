@@ -133,26 +133,46 @@ impl ApiServer {
     pub fn start() -> Result<ApiServer> {
         let started = Instant::now();
         let tools = tools::installed()?;
+        // Unique per server within this process.
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "fabedge-apiserver-{}-{}",
             std::process::id(),
-            free_port()?
+            SERVERS.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir)?;
-        // Every request's metadata (who, verb, object, status) in audit.log.
-        std::fs::write(
-            dir.join("audit-policy.yaml"),
-            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n",
-        )?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()?;
         let port = free_port()?;
-        let (client_port, peer_port) = (free_port()?, free_port()?);
-        let etcd_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut etcd = Command::new(&tools.etcd);
+        let config = kubeconfig_value(&tools, port, &User::Admin, "admin");
+        let client = client_for(&runtime, config.clone())?;
+        let etcd_url = format!("http://127.0.0.1:{}", free_port()?);
+        // From here on, dropping `server` cleans up whatever was started.
+        let mut server = ApiServer {
+            tools,
+            dir,
+            port,
+            etcd_url,
+            etcd: None,
+            apiserver: None,
+            runtime,
+            client,
+        };
+        let dir = server.dir.clone();
+        std::fs::write(
+            dir.join("admin.kubeconfig"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        // Every request's metadata (who, verb, object, status) in audit.log.
+        std::fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n",
+        )?;
+        let etcd_url = &server.etcd_url;
+        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+        let mut etcd = Command::new(&server.tools.etcd);
         etcd.arg("--name=fabedge-test")
             .arg(format!("--data-dir={}", dir.join("etcd").display()))
             .arg(format!("--listen-client-urls={etcd_url}"))
@@ -162,24 +182,7 @@ impl ApiServer {
             .arg(format!("--initial-cluster=fabedge-test={peer_url}"))
             .arg("--logger=zap")
             .arg("--log-outputs=stderr");
-        let etcd = spawn(etcd, &dir.join("etcd.log"))?;
-
-        let config = kubeconfig_value(&tools, port, &User::Admin, "admin");
-        std::fs::write(
-            dir.join("admin.kubeconfig"),
-            serde_json::to_string_pretty(&config)?,
-        )?;
-        let client = client_for(&runtime, config)?;
-        let mut server = ApiServer {
-            tools,
-            dir,
-            port,
-            etcd_url,
-            etcd: Some(etcd),
-            apiserver: None,
-            runtime,
-            client,
-        };
+        server.etcd = Some(spawn(etcd, &dir.join("etcd.log"))?);
         server.wait_for_etcd()?;
         server.start_apiserver()?;
         eprintln!(
