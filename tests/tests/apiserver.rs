@@ -1018,7 +1018,7 @@ fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exha
     })?;
     assert_eq!(event.involved_object.kind.as_deref(), Some("Node"));
     assert_eq!(event.involved_object.name.as_deref(), Some("edge-c"));
-    assert!(annotations("edge-c")?.get(annotation::POD_CIDR).is_none());
+    assert!(!annotations("edge-c")?.contains_key(annotation::POD_CIDR));
 
     // SIGTERM releases the Lease for the next connector.
     agent.stop();
