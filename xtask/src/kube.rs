@@ -151,7 +151,7 @@ fn build_kubernetes(tools: &Tools) -> Result<()> {
     let started = Instant::now();
     eprintln!(
         "setup: building kube-apiserver and kubectl {} from the Go module k8s.io/kubernetes \
-         (xtask/k8s/go.mod) into {}; the first build takes about 15 minutes on 2 cores",
+         (xtask/k8s/go.mod) into {}; the first build takes about 11 CPU-minutes (12+ minutes on 2 cores)",
         tools.version,
         tools.dir.display()
     );
