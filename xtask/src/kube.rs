@@ -120,8 +120,8 @@ pub fn installed() -> Result<Tools> {
     if !missing.is_empty() {
         bail!(
             "the API-server tests need kube-apiserver, kubectl ({}), etcd and test certificates; \
-             missing: {}. Run `cargo xtask setup` (builds Kubernetes once into {}, about 15 \
-             minutes on 2 cores, then cached)",
+             missing: {}. Run `cargo xtask setup` (builds Kubernetes once into {}, about 12 \
+             minutes on an idle 2-core machine, then cached)",
             tools.version,
             missing
                 .iter()
