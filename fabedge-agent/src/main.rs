@@ -146,7 +146,7 @@ struct RunArgs {
     /// (without either, $KUBECONFIG or ~/.kube/config outside a pod).
     #[arg(long, conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
-    /// Kube mode: the agent's namespace (its connector Lease and Events).
+    /// Kube mode: the agent's namespace (its connector Lease; Events about Nodes go to `default`).
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
     /// Kube mode: the Lease connectors elect their leader with.

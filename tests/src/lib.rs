@@ -1,6 +1,7 @@
 //! Test harnesses shared by fabedge's datapath, network-namespace and VM tests.
 //!
 //! - [`agent`]: the real agent binary run inside a test namespace.
+//! - [`apiserver`]: a real etcd + kube-apiserver on loopback (`cargo xtask setup` builds it).
 //! - [`bench`]: the connector packet-rate benchmark and the figures' JSON keys.
 //! - [`cluster`]: the mini cluster of the seed's test matrix (cloud, connector, edges, pods).
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
@@ -12,6 +13,7 @@
 //! - [`xdp`]: XDP programs under `BPF_PROG_TEST_RUN`, with a namespace for their FIB lookups.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod datapath;

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    connector::annotate::API_CALLS,
+    connector::annotate::{API_CALLS, CallScope},
     datapath::DEFAULT_BPFFS_ROOT,
     model::label,
     observe::DEFAULT_METRICS_PORT,
@@ -198,10 +198,18 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     out
 }
 
-fn needed(namespaced: bool) -> BTreeSet<(String, String, String)> {
+/// What the agent needs cluster-wide (`None`) or in one namespace.
+fn needed(namespace: Option<&str>) -> BTreeSet<(String, String, String)> {
     API_CALLS
         .iter()
-        .filter(|c| c.namespaced == namespaced)
+        .filter(|c| {
+            let of_call = match c.scope {
+                CallScope::Cluster => None,
+                CallScope::AgentNamespace => Some(NAMESPACE),
+                CallScope::Namespace(ns) => Some(ns),
+            };
+            of_call == namespace
+        })
         .flat_map(|c| {
             c.verbs
                 .iter()
@@ -215,20 +223,37 @@ fn rbac_grants_exactly_the_calls_the_agent_makes() -> Result<()> {
     let docs = documents()?;
     let cluster_roles = all_of::<ClusterRole>(&docs)?;
     let roles = all_of::<Role>(&docs)?;
-    assert_eq!((cluster_roles.len(), roles.len()), (1, 1));
+    assert_eq!(cluster_roles.len(), 1);
     assert_eq!(
         grants(cluster_roles[0].rules.as_deref().unwrap_or_default()),
-        needed(false),
+        needed(None),
         "ClusterRole"
     );
-    assert_eq!(roles[0].metadata.namespace.as_deref(), Some(NAMESPACE));
-    assert_eq!(
-        grants(roles[0].rules.as_deref().unwrap_or_default()),
-        needed(true),
-        "Role (the agent's namespace)"
-    );
+    // One Role per namespace the agent uses, granting exactly that namespace's calls.
+    let namespaces: BTreeSet<&str> = API_CALLS
+        .iter()
+        .filter_map(|c| match c.scope {
+            CallScope::Cluster => None,
+            CallScope::AgentNamespace => Some(NAMESPACE),
+            CallScope::Namespace(ns) => Some(ns),
+        })
+        .collect();
+    let role_namespaces: BTreeSet<&str> = roles
+        .iter()
+        .filter_map(|r| r.metadata.namespace.as_deref())
+        .collect();
+    assert_eq!(role_namespaces, namespaces, "namespaces of the Roles");
+    assert_eq!(roles.len(), namespaces.len(), "one Role per namespace");
+    for role in &roles {
+        let namespace = role.metadata.namespace.as_deref();
+        assert_eq!(
+            grants(role.rules.as_deref().unwrap_or_default()),
+            needed(namespace),
+            "Role in {namespace:?}"
+        );
+    }
 
-    // Both are bound to the service account the DaemonSets run as.
+    // All are bound to the service account the DaemonSets run as.
     let subject_ok = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
         subjects.iter().flatten().any(|s| {
             s.kind == "ServiceAccount"
@@ -241,10 +266,16 @@ fn rbac_grants_exactly_the_calls_the_agent_makes() -> Result<()> {
         && Some(&b.role_ref.name) == cluster_roles[0].metadata.name.as_ref()
         && subject_ok(&b.subjects)));
     let rb = all_of::<RoleBinding>(&docs)?;
-    assert!(rb.iter().any(|b| b.role_ref.kind == "Role"
-        && Some(&b.role_ref.name) == roles[0].metadata.name.as_ref()
-        && b.metadata.namespace.as_deref() == Some(NAMESPACE)
-        && subject_ok(&b.subjects)));
+    for role in &roles {
+        assert!(
+            rb.iter().any(|b| b.role_ref.kind == "Role"
+                && Some(&b.role_ref.name) == role.metadata.name.as_ref()
+                && b.metadata.namespace == role.metadata.namespace
+                && subject_ok(&b.subjects)),
+            "Role {:?} is not bound to {SERVICE_ACCOUNT}",
+            role.metadata.name
+        );
+    }
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
     connector::{
-        annotate::{API_CALLS, ConnectorDuty, is_connector},
+        annotate::{API_CALLS, CallScope, ConnectorDuty, is_connector},
         ipam::Pool,
         leader::ElectionConfig,
     },
@@ -121,7 +121,11 @@ fn assert_calls_are_declared(requests: &[Request]) {
             call.group == resource.group
                 && call.resource == resource.plural
                 && call.verbs.contains(&verb)
-                && call.namespaced == request.namespace.is_some()
+                && match call.scope {
+                    CallScope::Cluster => request.namespace.is_none(),
+                    CallScope::AgentNamespace => request.namespace.as_deref() == Some(NAMESPACE),
+                    CallScope::Namespace(ns) => request.namespace.as_deref() == Some(ns),
+                }
         });
         assert!(
             declared,

@@ -3,6 +3,7 @@
 
 mod build;
 mod crd;
+mod kube;
 mod setup;
 mod test;
 mod vm;
@@ -24,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install build and test dependencies (apt packages, bpf-linker, rust-src).
+    /// Install build and test dependencies (apt packages, bpf-linker, rust-src, kube-apiserver).
     Setup,
     /// Build the eBPF object (with BTF) and print its path.
     BuildEbpf,
@@ -98,13 +99,14 @@ fn main() -> Result<()> {
     let ws = workspace();
     setup::run()?;
     match cli.command {
-        Cmd::Setup => Ok(()),
+        Cmd::Setup => kube::ensure().map(drop),
         Cmd::BuildEbpf => {
             let object = build::build_ebpf(&ws)?;
             println!("{}", object.display());
             Ok(())
         }
         Cmd::Test { skip_vm, filter } => {
+            kube::ensure()?;
             build::build_ebpf(&ws)?;
             test::run(&ws, &test::Options { skip_vm, filter })
         }

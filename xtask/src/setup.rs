@@ -1,5 +1,7 @@
 //! `cargo xtask setup`: install what building and testing need, idempotently,
 //! saying what it installs. Costs well under a second when all is present.
+//! `cargo xtask setup` and `cargo xtask test` also build the API-server
+//! tests' Kubernetes (`kube`), once per version.
 
 use std::{path::Path, process::Command};
 
@@ -26,6 +28,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     // tests/tests/metrics.rs: a real Prometheus scrapes an agent.
     ("prometheus", "/usr/bin/prometheus"),
+    // The API-server tests' etcd (Debian ships no kube-apiserver: `kube` builds it).
+    ("etcd-server", crate::kube::ETCD),
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

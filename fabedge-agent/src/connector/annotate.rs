@@ -33,14 +33,30 @@ use crate::{
 };
 
 /// One RBAC rule's worth of API use: API group, resource, verbs, and
-/// whether it is namespaced (the Lease and Events live in the agent's namespace).
+/// where the objects are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiCall {
     pub group: &'static str,
     pub resource: &'static str,
     pub verbs: &'static [&'static str],
-    pub namespaced: bool,
+    pub scope: CallScope,
 }
+
+/// Where an [`ApiCall`]'s objects are (what kind of RBAC role grants it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallScope {
+    /// Cluster-scoped objects, or namespaced ones in every namespace.
+    Cluster,
+    /// The agent's namespace (`--namespace`): the connector Lease.
+    AgentNamespace,
+    /// One fixed namespace.
+    Namespace(&'static str),
+}
+
+/// Where the agent records Events. They are about Nodes, and the API server
+/// accepts Events about cluster-scoped objects only in `default` (as the
+/// kubelet's Node events), not in the agent's namespace.
+pub const EVENT_NAMESPACE: &str = "default";
 
 /// Every call the agent makes: the watchers (`source::kube`), the election
 /// (`leader`), this module's patches and events.
@@ -49,37 +65,37 @@ pub const API_CALLS: &[ApiCall] = &[
         group: "",
         resource: "nodes",
         verbs: &["list", "watch", "patch"],
-        namespaced: false,
+        scope: CallScope::Cluster,
     },
     ApiCall {
         group: "",
         resource: "services",
         verbs: &["list", "watch"],
-        namespaced: false,
+        scope: CallScope::Cluster,
     },
     ApiCall {
         group: "discovery.k8s.io",
         resource: "endpointslices",
         verbs: &["list", "watch"],
-        namespaced: false,
+        scope: CallScope::Cluster,
     },
     ApiCall {
         group: "fabedge.io",
         resource: "communities",
         verbs: &["list", "watch"],
-        namespaced: false,
+        scope: CallScope::Cluster,
     },
     ApiCall {
         group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "update"],
-        namespaced: true,
+        scope: CallScope::AgentNamespace,
     },
     ApiCall {
         group: "",
         resource: "events",
         verbs: &["create"],
-        namespaced: true,
+        scope: CallScope::Namespace(EVENT_NAMESPACE),
     },
 ];
 
@@ -248,10 +264,10 @@ fn with_in_flight(
 }
 
 impl ClusterWork {
-    pub fn new(client: Client, namespace: &str, me: &str, pool: Option<Pool>) -> ClusterWork {
+    pub fn new(client: Client, me: &str, pool: Option<Pool>) -> ClusterWork {
         ClusterWork {
             nodes: Api::all(client.clone()),
-            events: Api::namespaced(client, namespace),
+            events: Api::namespaced(client, EVENT_NAMESPACE),
             me: me.to_owned(),
             pool,
             reported: BTreeSet::new(),
@@ -368,12 +384,7 @@ impl ConnectorDuty {
         pool: Option<Pool>,
     ) -> ConnectorDuty {
         let (leading_tx, leading) = watch::channel(false);
-        let work = ClusterWork::new(
-            client.clone(),
-            &election_config.namespace,
-            &election_config.identity,
-            pool,
-        );
+        let work = ClusterWork::new(client.clone(), &election_config.identity, pool);
         ConnectorDuty {
             client,
             election_config,

@@ -38,7 +38,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct KubeOptions {
     pub connection: Connection,
-    /// The agent's namespace: where the Lease and Events go.
+    /// The agent's namespace: where the Lease goes (Events go to `annotate::EVENT_NAMESPACE`).
     pub namespace: String,
     pub lease_name: String,
     pub lease_duration: Duration,
