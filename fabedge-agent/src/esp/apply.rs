@@ -7,8 +7,12 @@
 //!    moment its SA exists), then policies;
 //! 2. SAs no longer planned are deleted only after a grace period, so
 //!    packets encrypted with the old generation still in flight decrypt;
-//! 3. SAs already in the kernel are adopted, never recreated: an agent
-//!    restart keeps their sequence counters (and traffic).
+//! 3. SAs already in the kernel are adopted, never recreated, when they are
+//!    what we would install (key, reqid, marks, ESN, window, limits: see
+//!    [`mismatch`]): an agent restart keeps their sequence counters (and
+//!    traffic). One that differs is replaced: an outbound one through a new
+//!    generation (new SPI, so the old one carries traffic until the new one
+//!    exists), an inbound one in place (its peer already uses the new key).
 //!
 //! A key is never reused from sequence number 1: [`Generations`] remembers,
 //! across restarts, for which peers an outbound SA of the current
@@ -29,8 +33,12 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    keys::KeyNonce,
     plan::{Direction, EspPlan},
-    xfrm::{FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket},
+    xfrm::{
+        FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, SaSpec, Socket,
+        msg::{OUTBOUND_ESN_WINDOW, key_digest},
+    },
 };
 use crate::{apply::net, sys::write_if_changed};
 
@@ -69,6 +77,10 @@ pub struct Generations {
     pub generation: u32,
     /// Peers an outbound SA of `generation` was created for (ever).
     pub created: BTreeSet<String>,
+    /// This node's contribution to its SA keys (published as
+    /// `fabedge.io/key-nonce`); new whenever replay state was lost.
+    #[serde(default)]
+    pub nonce: Option<KeyNonce>,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -89,12 +101,27 @@ impl Generations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Generations {
                 generation: 1,
                 created: BTreeSet::new(),
+                nonce: None,
                 path: PathBuf::new(),
             },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         loaded.path = path;
         Ok(loaded)
+    }
+
+    /// Draw a new nonce when there is none, or when `replay_state_lost`
+    /// (the kernel holds none of our SAs: a reboot, `uninstall`, a restored
+    /// backup): every key this node sends or receives with is then new, so
+    /// ESP recorded before cannot be replayed into the new SAs' empty
+    /// replay windows. Returns whether it changed.
+    pub fn refresh_nonce(&mut self, replay_state_lost: bool) -> Result<bool> {
+        if self.nonce.is_some() && !replay_state_lost {
+            return Ok(false);
+        }
+        self.nonce = Some(KeyNonce::generate()?);
+        self.save()?;
+        Ok(true)
     }
 
     fn save(&self) -> Result<()> {
@@ -130,6 +157,9 @@ pub struct XfrmReport {
     /// SAs whose UDP encapsulation ports moved (a peer's NAT mapping changed
     /// port, not address): updated in place, sequence counters kept.
     pub sas_updated: usize,
+    /// Installed SAs that differed from the plan (see [`mismatch`]),
+    /// deleted and added again.
+    pub sas_replaced: usize,
     pub sas_removed: usize,
     pub policies_written: usize,
     pub policies_removed: usize,
@@ -151,18 +181,12 @@ impl XfrmApplier {
         }
     }
 
-    /// Outbound SAs `esp` wants that are not in the kernel, by peer.
-    pub fn missing_outbound(esp: &EspPlan) -> Result<Vec<String>> {
+    /// Outbound SAs `esp` wants that are not in the kernel as planned, by
+    /// peer, and whether one of them is there but differs (its SPI is taken:
+    /// only a new generation gives it a fresh one).
+    pub fn missing_outbound(esp: &EspPlan) -> Result<(Vec<String>, bool)> {
         let sas = Socket::open()?.sas()?;
-        let present = ours(&sas);
-        Ok(esp
-            .sas
-            .iter()
-            .filter(|s| {
-                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
-            })
-            .map(|s| s.peer.clone())
-            .collect())
+        Ok(outbound_needs(esp, &ours(&sas)))
     }
 
     pub fn apply(&mut self, esp: &EspPlan, generations: &mut Generations) -> Result<XfrmReport> {
@@ -173,18 +197,34 @@ impl XfrmApplier {
 
         let wanted: BTreeSet<(Ipv4Addr, u32)> =
             esp.sas.iter().map(|s| (s.spec.dst, s.spec.spi)).collect();
-        let new_outbound: Vec<String> = esp
-            .sas
-            .iter()
-            .filter(|s| {
-                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
-            })
-            .map(|s| s.peer.clone())
-            .collect();
+        let (new_outbound, _) = outbound_needs(esp, &present);
         generations.record(new_outbound)?;
         for direction in [Direction::In, Direction::Out] {
             for sa in esp.sas.iter().filter(|s| s.direction == direction) {
-                if let Some(installed) = present.get(&(sa.spec.dst, sa.spec.spi)) {
+                let installed = present.get(&(sa.spec.dst, sa.spec.spi));
+                if let Some(reason) = installed.and_then(|i| mismatch(&sa.spec, i)) {
+                    // Same (destination, SPI), other content: the kernel
+                    // holds one SA per pair, so it goes before its successor.
+                    // Inbound, the peer already sends with what we plan;
+                    // outbound, `run` moved to a new generation first unless
+                    // the key is the same.
+                    warn!(
+                        "ESP: replacing the {direction:?} SA spi {:#010x} with {} (generation {}): {reason}",
+                        sa.spec.spi, sa.peer, sa.generation
+                    );
+                    socket
+                        .delete_sa(sa.spec.dst, sa.spec.spi, FE_IF_ID)
+                        .with_context(|| format!("removing the outdated SA with {}", sa.peer))?;
+                    socket.add_sa(&sa.spec).with_context(|| {
+                        format!(
+                            "{direction:?} SA with {} (generation {})",
+                            sa.peer, sa.generation
+                        )
+                    })?;
+                    report.sas_replaced += 1;
+                    continue;
+                }
+                if let Some(installed) = installed {
                     if installed.encap != sa.spec.encap {
                         // Same SA, same key, same counters: only the UDP
                         // ports change (XFRM_MSG_UPDSA keeps the state).
@@ -276,6 +316,60 @@ impl XfrmApplier {
     pub fn has_pending_removals(&self) -> bool {
         !self.stale_since.is_empty()
     }
+}
+
+fn outbound_needs(
+    esp: &EspPlan,
+    present: &BTreeMap<(Ipv4Addr, u32), &SaInfo>,
+) -> (Vec<String>, bool) {
+    let mut occupied = false;
+    let peers = esp
+        .sas
+        .iter()
+        .filter(|s| s.direction == Direction::Out)
+        .filter(|s| match present.get(&(s.spec.dst, s.spec.spi)) {
+            None => true,
+            Some(installed) => {
+                let differs = mismatch(&s.spec, installed).is_some();
+                occupied |= differs;
+                differs
+            }
+        })
+        .map(|s| s.peer.clone())
+        .collect();
+    (peers, occupied)
+}
+
+/// Why the SA the kernel holds at `planned`'s (destination, SPI) is not the
+/// one we would install, if it is not. The UDP ports are not compared: they
+/// move in place (see `apply`). A key the kernel does not show (lockdown
+/// redacts it) is taken as ours.
+pub fn mismatch(planned: &SaSpec, installed: &SaInfo) -> Option<String> {
+    let window = match u32::from(planned.replay_window) {
+        0 => OUTBOUND_ESN_WINDOW,
+        w => w,
+    };
+    let checks: [(bool, &str); 8] = [
+        (installed.src == Some(planned.src), "source address"),
+        (installed.reqid == planned.reqid, "reqid (peer id)"),
+        (installed.if_id == planned.if_id, "if_id"),
+        (installed.set_mark == planned.set_mark, "output/input mark"),
+        (installed.esn, "extended sequence numbers"),
+        (installed.replay_window == window, "replay window"),
+        (installed.lifetime == planned.lifetime, "lifetime limits"),
+        (
+            installed
+                .key_digest
+                .is_none_or(|d| d == key_digest(planned.key.expose())),
+            "key (the peer's key, nonce or id changed, or ours did)",
+        ),
+    ];
+    let differs: Vec<&str> = checks
+        .iter()
+        .filter(|(same, _)| !same)
+        .map(|(_, what)| *what)
+        .collect();
+    (!differs.is_empty()).then(|| format!("its {} differ(s)", differs.join(", ")))
 }
 
 fn ours(sas: &[SaInfo]) -> BTreeMap<(Ipv4Addr, u32), &SaInfo> {

@@ -67,7 +67,10 @@ fn esp_for(snapshot: &Snapshot, node: &str, generation: u32) -> (Plan, EspPlan) 
     let esp = plan_esp(
         snapshot,
         &plan,
-        &key_of(node),
+        LocalKeys {
+            key: &key_of(node),
+            nonce: None,
+        },
         generation,
         &hellos_from_every_peer(&plan),
         &PinnedGenerations::new(),
@@ -81,7 +84,10 @@ fn esp_without_hellos(snapshot: &Snapshot, node: &str) -> (Plan, EspPlan) {
     let esp = plan_esp(
         snapshot,
         &plan,
-        &key_of(node),
+        LocalKeys {
+            key: &key_of(node),
+            nonce: None,
+        },
         1,
         &ObservedEndpoints::new(),
         &PinnedGenerations::new(),
@@ -237,7 +243,10 @@ fn nat_observed_endpoints_replace_the_published_one() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -314,7 +323,10 @@ fn a_connector_behind_a_port_forward_is_reached_at_the_endpoint_it_publishes() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("edge-1"),
+        LocalKeys {
+            key: &key_of("edge-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -365,7 +377,17 @@ fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
     let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
     let none = hellos_from_every_peer(&plan);
     let pinned: PinnedGenerations = [("edge-1".to_owned(), 4), ("edge-2".to_owned(), 3)].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 5, &none, &pinned);
+    let esp = plan_esp(
+        &snapshot,
+        &plan,
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
+        5,
+        &none,
+        &pinned,
+    );
     let outbound = |peer: &str| {
         esp.sas
             .iter()
@@ -384,7 +406,10 @@ fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
     let at_4 = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         4,
         &none,
         &PinnedGenerations::new(),
@@ -404,7 +429,10 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -438,7 +466,10 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
     let no_hellos = plan_esp(
         &snapshot,
         &edge_plan,
-        &key_of("edge-1"),
+        LocalKeys {
+            key: &key_of("edge-1"),
+            nonce: None,
+        },
         1,
         &ObservedEndpoints::new(),
         &PinnedGenerations::new(),
