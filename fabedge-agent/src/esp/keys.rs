@@ -539,6 +539,45 @@ mod tests {
     }
 
     #[test]
+    fn each_ends_nonce_changes_every_key_and_both_ends_agree() {
+        let (edge, connector) = (key(1), key(2));
+        let (n1, n2, n3) = (
+            KeyNonce::from_bytes([1; NONCE_LEN]),
+            KeyNonce::from_bytes([2; NONCE_LEN]),
+            KeyNonce::from_bytes([3; NONCE_LEN]),
+        );
+        let at_edge = |nonces| {
+            edge.shared_with(&connector.public())
+                .sa_key("edge-1", "cloud-1", 7, nonces)
+        };
+        let at_connector =
+            connector
+                .shared_with(&edge.public())
+                .sa_key("edge-1", "cloud-1", 7, Some((&n1, &n2)));
+        assert_eq!(at_edge(Some((&n1, &n2))), at_connector);
+        let all = [
+            at_edge(None),
+            at_edge(Some((&n1, &n2))),
+            at_edge(Some((&n3, &n2))),
+            at_edge(Some((&n1, &n3))),
+            at_edge(Some((&n2, &n1))),
+        ];
+        let distinct: BTreeSet<Vec<u8>> = all.iter().map(|k| k.expose().to_vec()).collect();
+        assert_eq!(
+            distinct.len(),
+            all.len(),
+            "a new nonce on either end: new key"
+        );
+        let published = n1.to_base64();
+        assert_eq!(KeyNonce::parse("edge-1", &published).unwrap(), n1);
+        let err = KeyNonce::parse("edge-1", "AAAA").unwrap_err().to_string();
+        assert!(
+            err.contains("edge-1") && err.contains(KEY_NONCE_ANNOTATION),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn names_are_length_prefixed_so_concatenations_do_not_collide() {
         let (a, b) = (key(3), key(4));
         let secret = a.shared_with(&b.public());
