@@ -85,8 +85,9 @@ impl EspRuntime {
         // ours, they are gone, and so must be the keys they protected.
         let kernel_holds_ours = Socket::open()
             .and_then(|mut socket| socket.sas())
-            .map(|sas| sas.iter().any(|sa| sa.if_id == FE_IF_ID))
-            .unwrap_or(false);
+            .context("reading the kernel's xfrm SAs")?
+            .iter()
+            .any(|sa| sa.if_id == FE_IF_ID);
         if generations.refresh_nonce(!kernel_holds_ours)? {
             info!("ESP: new key nonce (no SA of ours in the kernel): every SA key is new");
         }
