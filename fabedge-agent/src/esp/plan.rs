@@ -52,6 +52,11 @@ pub const OUTBOUND_LIFETIME: Lifetime = Lifetime {
     soft_packets: 1 << 36,
     hard_packets: (1 << 36) + (1 << 32),
 };
+// The soft limit must come first, or an SA dies before it is replaced.
+const _: () = assert!(
+    OUTBOUND_LIFETIME.soft_packets < OUTBOUND_LIFETIME.hard_packets
+        && OUTBOUND_LIFETIME.soft_bytes < OUTBOUND_LIFETIME.hard_bytes
+);
 
 /// Which way an SA carries traffic, seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]

@@ -585,6 +585,4 @@ fn outbound_sas_have_limits_and_inbound_ones_follow_the_sender() {
             Direction::In => assert_eq!(sa.spec.lifetime, Lifetime::INFINITE),
         }
     }
-    assert!(OUTBOUND_LIFETIME.soft_packets < OUTBOUND_LIFETIME.hard_packets);
-    assert!(OUTBOUND_LIFETIME.soft_bytes < OUTBOUND_LIFETIME.hard_bytes);
 }
