@@ -431,6 +431,42 @@ fn slot_hash(node: &str, round: u32) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << SLOT_BITS) - 1)
 }
 
+/// The SPI agents from before key nonces give the `src → dst` SA: a 22-bit
+/// slot per sender, unique per receiver only (two edges behind one NAT may
+/// collide at their sender). Used only with a peer that publishes no
+/// nonce, so that old and new agents agree during an upgrade.
+pub fn legacy_spi(src: &str, dst: &str, generation: u32, nodes: &[&str]) -> u32 {
+    let mut senders: Vec<&str> = nodes.iter().copied().filter(|n| *n != dst).collect();
+    if !senders.contains(&src) {
+        senders.push(src);
+    }
+    senders.sort_unstable();
+    senders.dedup();
+    let hash = |sender: &str, round: u32| {
+        let mut hasher = Sha256::new();
+        hasher.update(b"fabedge spi");
+        hasher.update((dst.len() as u32).to_be_bytes());
+        hasher.update(dst.as_bytes());
+        hasher.update((sender.len() as u32).to_be_bytes());
+        hasher.update(sender.as_bytes());
+        hasher.update(round.to_be_bytes());
+        let digest = hasher.finalize();
+        u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << SLOT_BITS) - 1)
+    };
+    let mut taken = std::collections::BTreeSet::new();
+    for sender in senders {
+        let slot = (0..)
+            .map(|round| hash(sender, round))
+            .find(|s| !taken.contains(s))
+            .expect("2^22 slots");
+        if sender == src {
+            return SPI_BASE | (slot << 8) | (generation & 0xFF);
+        }
+        taken.insert(slot);
+    }
+    unreachable!("src was added to the senders")
+}
+
 /// The slot of every node of a snapshot, computed once per plan.
 pub struct SpiSlots {
     nodes: Vec<String>,
@@ -629,6 +665,20 @@ mod tests {
         let nodes = [a, b, "rx"];
         assert_ne!(spi(a, "rx", 1, &nodes), spi(b, "rx", 1, &nodes));
         assert_ne!(spi("rx", a, 1, &nodes), spi("rx", b, 1, &nodes));
+    }
+
+    /// `spi("edge-1", "cloud-1", 3, ["cloud-1", "edge-1", "edge-2"])` as the
+    /// agent before nonces computed it.
+    const LEGACY_EDGE_1_TO_CLOUD_1_GEN_3: u32 = 0x52d8_e403;
+
+    #[test]
+    fn peers_without_a_nonce_get_the_spis_agents_before_nonces_computed() {
+        let nodes = ["cloud-1", "edge-1", "edge-2"];
+        let old = legacy_spi("edge-1", "cloud-1", 3, &nodes);
+        assert_eq!(old & 0xFF, 3);
+        assert_eq!(old & 0xC000_0000, SPI_BASE);
+        assert_ne!(old, legacy_spi("edge-2", "cloud-1", 3, &nodes));
+        assert_eq!(old, LEGACY_EDGE_1_TO_CLOUD_1_GEN_3);
     }
 
     #[test]

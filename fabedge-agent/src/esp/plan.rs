@@ -28,7 +28,7 @@ use fabedge_common::ESP_IN_UDP_PORT;
 use super::{
     keys::{
         ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, KEY_NONCE_ANNOTATION, KeyNonce,
-        NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey, SpiSlots,
+        NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey, SpiSlots, legacy_spi,
     },
     xfrm::{
         Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl,
@@ -246,7 +246,12 @@ pub fn plan_esp(
                 spec: SaSpec {
                     src,
                     dst,
-                    spi: slots.spi(src_name, dst_name, generation),
+                    // A peer from before nonces computes SPIs the old way.
+                    spi: if nonces.is_some() {
+                        slots.spi(src_name, dst_name, generation)
+                    } else {
+                        legacy_spi(src_name, dst_name, generation, &names)
+                    },
                     reqid: u32::from(peer_id),
                     key: secret.sa_key(
                         src_name,
