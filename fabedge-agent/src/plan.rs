@@ -134,6 +134,9 @@ pub struct Settings {
     /// published as `fabedge.io/key-generation`.
     pub esp_public_key: Option<String>,
     pub esp_generation: u32,
+    /// ESP mode: this node's key nonce (base64), published as
+    /// `fabedge.io/key-nonce`.
+    pub esp_key_nonce: Option<String>,
     /// ESP mode: where peers reach this node's UDP 4500 when that is not its
     /// tunnel endpoint (a port forward), published as `fabedge.io/esp-endpoint`.
     pub esp_public_endpoint: Option<std::net::SocketAddrV4>,
@@ -158,6 +161,7 @@ impl Default for Settings {
             no_fast_path: false,
             esp_public_key: None,
             esp_generation: 0,
+            esp_key_nonce: None,
             esp_public_endpoint: None,
         }
     }
@@ -999,7 +1003,8 @@ fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
 /// own Node, when they differ from what it carries.
 fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
     use crate::esp::keys::{
-        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, PUBLIC_KEY_ANNOTATION,
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, KEY_NONCE_ANNOTATION,
+        PUBLIC_KEY_ANNOTATION,
     };
     let mut set = BTreeMap::new();
     let mut remove = Vec::new();
@@ -1023,6 +1028,11 @@ fn esp_annotations(me: &Node, settings: &Settings) -> Option<AnnotationPatch> {
         && me.annotations.get(KEY_GENERATION_ANNOTATION) != Some(&generation)
     {
         set.insert(KEY_GENERATION_ANNOTATION.to_owned(), generation);
+    }
+    if let Some(nonce) = &settings.esp_key_nonce
+        && me.annotations.get(KEY_NONCE_ANNOTATION) != Some(nonce)
+    {
+        set.insert(KEY_NONCE_ANNOTATION.to_owned(), nonce.clone());
     }
     (!set.is_empty() || !remove.is_empty()).then(|| AnnotationPatch {
         node: me.name.clone(),

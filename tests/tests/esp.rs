@@ -561,6 +561,77 @@ fn longest_gap(replies: &[f64]) -> f64 {
     replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
 }
 
+/// The UDP payload of `frame` (Ethernet, IPv4, UDP) if it is a version-2
+/// hello from `node`.
+fn hello_from<'a>(frame: &'a [u8], node: &str) -> Option<&'a [u8]> {
+    let ip = frame.get(14..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 || *ip.get(9)? != 17 {
+        return None;
+    }
+    let udp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+    let payload = udp.get(8..)?;
+    let name = payload.get(9..9 + usize::from(*payload.get(8)?))?;
+    (payload.starts_with(b"\0\0\0\0FEH\x02") && name == node.as_bytes()).then_some(payload)
+}
+
+/// A hello of edge-1's, captured on its way into the connector and sent
+/// again from other addresses, moves nothing: the connector keeps sending
+/// to edge-1 where the NAT shows it, with the same generation. The replays
+/// come from edge-2 (through the NAT, another port of its public address,
+/// to the forwarded port) and from the connector's own address (to UDP
+/// 4500 itself): both reach the agent's socket.
+fn replayed_hellos_move_nothing(
+    cluster: &Cluster,
+    connector_wan: std::net::Ipv4Addr,
+) -> Result<()> {
+    // The connector's WAN NIC (the harness names it so on every node).
+    let tap = fabedge_tests::netns::PacketSocket::open(cluster.node_netns("cloud-1")?, "eth-wan")?;
+    let frame = tap
+        .recv_matching(NAT_KEEPALIVE * 5, |frame| {
+            hello_from(frame, "edge-1").is_some()
+        })?
+        .context("no hello from edge-1 reached the connector's WAN NIC")?;
+    let hello = hello_from(&frame, "edge-1")
+        .expect("matched above")
+        .to_vec();
+    let sends_to = connector_sends_edge_1_to(cluster)?;
+    let generation_before = generation(cluster, "cloud-1")?;
+    for (attacker, port) in [
+        ("edge-2", CONNECTOR_FORWARDED_PORT),
+        ("cloud-1", fabedge_common::ESP_IN_UDP_PORT),
+    ] {
+        cluster.node_netns(attacker)?.enter(|| {
+            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            for _ in 0..3 {
+                socket
+                    .send_to(&hello, (connector_wan, port))
+                    .with_context(|| {
+                        format!("replaying from {attacker} to {connector_wan}:{port}")
+                    })?;
+            }
+            Ok(())
+        })?;
+    }
+    // Absence cannot be polled for: watch for two keepalive intervals (an
+    // accepted replay would have moved the SA within one).
+    thread::sleep(NAT_KEEPALIVE * 2);
+    let now = connector_sends_edge_1_to(cluster)?;
+    ensure!(
+        now == sends_to,
+        "a replayed hello moved the connector's SA to edge-1: {sends_to:?} -> {now:?}\n{}",
+        cluster.agent_logs(&["cloud-1".to_owned()])
+    );
+    let generation_after = generation(cluster, "cloud-1")?;
+    ensure!(
+        generation_after == generation_before,
+        "a replayed hello started a new key generation ({generation_before:?} -> {generation_after:?})"
+    );
+    eprintln!(
+        "a hello of edge-1 replayed from edge-2 and cloud-1: the connector still sends to {now:?}"
+    );
+    Ok(())
+}
+
 /// Where the connector's outbound SAs to edge-1 send, per `inspect tunnels`
 /// (the current one and any still in their grace period).
 fn connector_sends_edge_1_to(cluster: &Cluster) -> Result<Vec<SocketAddrV4>> {
@@ -637,6 +708,8 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
         "the connector does not send to edge-1 through the NAT ({NAT_PUBLIC_IP}):\n{before:#?}"
     );
     eprintln!("connector -> edge-1 before the change: {before:?}");
+
+    replayed_hellos_move_nothing(&cluster, connector_wan)?;
 
     // The mapping changes mid-flow, twice: a new port, then a new address.
     // Cloud -> edge traffic depends on the connector following it.

@@ -7,8 +7,16 @@
 //!    moment its SA exists), then policies;
 //! 2. SAs no longer planned are deleted only after a grace period, so
 //!    packets encrypted with the old generation still in flight decrypt;
-//! 3. SAs already in the kernel are adopted, never recreated: an agent
-//!    restart keeps their sequence counters (and traffic).
+//! 3. SAs already in the kernel are adopted, never recreated, when they are
+//!    what we would install (see [`compare`]): an agent restart keeps their
+//!    sequence counters (and traffic). What `XFRM_MSG_UPDSA` can change
+//!    (UDP ports, marks, limits) is changed in place, counters and replay
+//!    window kept. Any other difference replaces the SA: an outbound one
+//!    through a new generation (new SPI and key; the old SA carries traffic
+//!    until the new one exists), an inbound one whose key differs by delete
+//!    and add (its peer already sends with the new key). An inbound SA is
+//!    never re-added with the key it had: its replay window would restart
+//!    empty under a key whose packets may have been recorded.
 //!
 //! A key is never reused from sequence number 1: [`Generations`] remembers,
 //! across restarts, for which peers an outbound SA of the current
@@ -29,8 +37,12 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    plan::{Direction, EspPlan},
-    xfrm::{FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket},
+    keys::KeyNonce,
+    plan::{Direction, EspPlan, PlannedSa},
+    xfrm::{
+        FE_IF_ID, PolicyAction, PolicyInfo, PolicySpec, SaInfo, Socket,
+        msg::{OUTBOUND_ESN_WINDOW, key_digest},
+    },
 };
 use crate::{
     apply::{net, rtnl::LinkKind},
@@ -62,6 +74,10 @@ pub struct Generations {
     pub generation: u32,
     /// Peers an outbound SA of `generation` was created for (ever).
     pub created: BTreeSet<String>,
+    /// This node's contribution to its SA keys (published as
+    /// `fabedge.io/key-nonce`); new whenever replay state was lost.
+    #[serde(default)]
+    pub nonce: Option<KeyNonce>,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -82,12 +98,27 @@ impl Generations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Generations {
                 generation: 1,
                 created: BTreeSet::new(),
+                nonce: None,
                 path: PathBuf::new(),
             },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         loaded.path = path;
         Ok(loaded)
+    }
+
+    /// Draw a new nonce when there is none, or when `replay_state_lost`
+    /// (the kernel holds none of our SAs: a reboot, `uninstall`, a restored
+    /// backup): every key this node sends or receives with is then new, so
+    /// ESP recorded before cannot be replayed into the new SAs' empty
+    /// replay windows. Returns whether it changed.
+    pub fn refresh_nonce(&mut self, replay_state_lost: bool) -> Result<bool> {
+        if self.nonce.is_some() && !replay_state_lost {
+            return Ok(false);
+        }
+        self.nonce = Some(KeyNonce::generate()?);
+        self.save()?;
+        Ok(true)
     }
 
     fn save(&self) -> Result<()> {
@@ -123,6 +154,9 @@ pub struct XfrmReport {
     /// SAs whose UDP encapsulation ports moved (a peer's NAT mapping changed
     /// port, not address): updated in place, sequence counters kept.
     pub sas_updated: usize,
+    /// Installed SAs whose key differed from the plan (see [`compare`]),
+    /// deleted and added again.
+    pub sas_replaced: usize,
     pub sas_removed: usize,
     pub policies_written: usize,
     pub policies_removed: usize,
@@ -144,18 +178,12 @@ impl XfrmApplier {
         }
     }
 
-    /// Outbound SAs `esp` wants that are not in the kernel, by peer.
-    pub fn missing_outbound(esp: &EspPlan) -> Result<Vec<String>> {
+    /// Outbound SAs `esp` wants that are not in the kernel as planned, by
+    /// peer, and whether one of them is there but differs (its SPI is taken:
+    /// only a new generation gives it a fresh one).
+    pub fn missing_outbound(esp: &EspPlan) -> Result<(Vec<String>, bool)> {
         let sas = Socket::open()?.sas()?;
-        let present = ours(&sas);
-        Ok(esp
-            .sas
-            .iter()
-            .filter(|s| {
-                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
-            })
-            .map(|s| s.peer.clone())
-            .collect())
+        Ok(outbound_needs(esp, &ours(&sas)))
     }
 
     pub fn apply(&mut self, esp: &EspPlan, generations: &mut Generations) -> Result<XfrmReport> {
@@ -166,32 +194,49 @@ impl XfrmApplier {
 
         let wanted: BTreeSet<(Ipv4Addr, u32)> =
             esp.sas.iter().map(|s| (s.spec.dst, s.spec.spi)).collect();
-        let new_outbound: Vec<String> = esp
-            .sas
-            .iter()
-            .filter(|s| {
-                s.direction == Direction::Out && !present.contains_key(&(s.spec.dst, s.spec.spi))
-            })
-            .map(|s| s.peer.clone())
-            .collect();
+        let (new_outbound, _) = outbound_needs(esp, &present);
         generations.record(new_outbound)?;
         for direction in [Direction::In, Direction::Out] {
             for sa in esp.sas.iter().filter(|s| s.direction == direction) {
                 if let Some(installed) = present.get(&(sa.spec.dst, sa.spec.spi)) {
-                    if installed.encap != sa.spec.encap {
-                        // Same SA, same key, same counters: only the UDP
-                        // ports change (XFRM_MSG_UPDSA keeps the state).
-                        socket.update_sa(&sa.spec).with_context(|| {
-                            format!(
-                                "moving the {direction:?} SA with {} to its new UDP port",
-                                sa.peer
-                            )
-                        })?;
-                        info!(
-                            "ESP: SA spi {:#010x} with {} now uses UDP {:?} (was {:?})",
-                            sa.spec.spi, sa.peer, sa.spec.encap, installed.encap
-                        );
-                        report.sas_updated += 1;
+                    match compare(sa, installed) {
+                        Installed::Keep => {}
+                        Installed::Update(what) => {
+                            // Same SA, same key, same counters and window:
+                            // XFRM_MSG_UPDSA changes only these.
+                            socket.update_sa(&sa.spec).with_context(|| {
+                                format!("updating the {direction:?} SA with {} ({what})", sa.peer)
+                            })?;
+                            info!(
+                                "ESP: SA spi {:#010x} with {} updated in place: {what}",
+                                sa.spec.spi, sa.peer
+                            );
+                            report.sas_updated += 1;
+                        }
+                        Installed::Replace(what) => {
+                            // The kernel holds one SA per (destination, SPI):
+                            // the old one goes first. Outbound, `run` moved to
+                            // a new generation (new SPI) already, so this is
+                            // only reached for inbound SAs, whose peer sends
+                            // with the new key.
+                            warn!(
+                                "ESP: replacing the {direction:?} SA spi {:#010x} with {} \
+                                 (generation {}): {what}",
+                                sa.spec.spi, sa.peer, sa.generation
+                            );
+                            socket
+                                .delete_sa(sa.spec.dst, sa.spec.spi, FE_IF_ID)
+                                .with_context(|| {
+                                    format!("removing the outdated SA with {}", sa.peer)
+                                })?;
+                            socket.add_sa(&sa.spec).with_context(|| {
+                                format!(
+                                    "{direction:?} SA with {} (generation {})",
+                                    sa.peer, sa.generation
+                                )
+                            })?;
+                            report.sas_replaced += 1;
+                        }
                     }
                     continue;
                 }
@@ -268,6 +313,96 @@ impl XfrmApplier {
     /// Whether stale SAs wait for their grace period (callers re-apply on a timer).
     pub fn has_pending_removals(&self) -> bool {
         !self.stale_since.is_empty()
+    }
+}
+
+fn outbound_needs(
+    esp: &EspPlan,
+    present: &BTreeMap<(Ipv4Addr, u32), &SaInfo>,
+) -> (Vec<String>, bool) {
+    let mut occupied = false;
+    let peers = esp
+        .sas
+        .iter()
+        .filter(|s| s.direction == Direction::Out)
+        .filter(|s| match present.get(&(s.spec.dst, s.spec.spi)) {
+            None => true,
+            Some(installed) => {
+                let replace = matches!(compare(s, installed), Installed::Replace(_));
+                occupied |= replace;
+                replace
+            }
+        })
+        .map(|s| s.peer.clone())
+        .collect();
+    (peers, occupied)
+}
+
+/// What to do with the SA the kernel holds where a planned one goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Installed {
+    /// It is the planned SA.
+    Keep,
+    /// It differs only in what `XFRM_MSG_UPDSA` changes in place.
+    Update(String),
+    /// It must make way for a new SA (see the module docs).
+    Replace(String),
+}
+
+/// Compare the SA the kernel holds at `planned`'s (destination, SPI) with
+/// it. A key the kernel does not show (lockdown redacts it) is taken as
+/// ours. An inbound SA with our key but an older shape (reqid, ESN, window:
+/// an agent upgrade or a reassigned peer id) is kept rather than re-added
+/// with its used key and an empty replay window; its peer's next generation
+/// brings one of the new shape.
+pub fn compare(planned: &PlannedSa, installed: &SaInfo) -> Installed {
+    let spec = &planned.spec;
+    let window = match u32::from(spec.replay_window) {
+        0 => OUTBOUND_ESN_WINDOW,
+        w => w,
+    };
+    let key_same = installed
+        .key_digest
+        .is_none_or(|d| d == key_digest(spec.key.expose()));
+    let fixed = [
+        (
+            key_same,
+            "key (a peer's key, nonce or name changed, or ours did)",
+        ),
+        (installed.reqid == spec.reqid, "reqid (peer id)"),
+        (installed.esn, "extended sequence numbers"),
+        (installed.replay_window == window, "replay window"),
+        (
+            planned.direction == Direction::In || installed.src == Some(spec.src),
+            "source address",
+        ),
+    ];
+    let in_place = [
+        (installed.encap == spec.encap, "UDP ports"),
+        (installed.set_mark == spec.set_mark, "mark"),
+        (installed.if_id == spec.if_id, "if_id"),
+        (installed.lifetime == spec.lifetime, "lifetime limits"),
+    ];
+    fn differ(checks: &[(bool, &'static str)]) -> Vec<&'static str> {
+        checks
+            .iter()
+            .filter(|(same, _)| !same)
+            .map(|(_, what)| *what)
+            .collect()
+    }
+    let fixed_differ = differ(&fixed);
+    let replace = match planned.direction {
+        Direction::Out => !fixed_differ.is_empty(),
+        Direction::In => !key_same,
+    };
+    if replace {
+        return Installed::Replace(format!("its {} differ(s)", fixed_differ.join(", ")));
+    }
+    let in_place_differ = differ(&in_place);
+    if in_place_differ.is_empty() {
+        Installed::Keep
+    } else {
+        Installed::Update(format!("its {} changed", in_place_differ.join(", ")))
     }
 }
 
@@ -391,5 +526,123 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_nonce_is_new_after_state_loss_and_kept_across_plain_restarts() {
+        let dir = temp_dir("nonce");
+        let mut generations = Generations::load(&dir).unwrap();
+        assert!(generations.refresh_nonce(false).unwrap(), "first start");
+        let first = generations.nonce.unwrap();
+        // A restart while the kernel holds our SAs keeps it.
+        let mut restarted = Generations::load(&dir).unwrap();
+        assert_eq!(restarted.nonce, Some(first));
+        assert!(!restarted.refresh_nonce(false).unwrap());
+        // The kernel lost its SAs (reboot, uninstall, restored backup).
+        assert!(restarted.refresh_nonce(true).unwrap());
+        let second = restarted.nonce.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(Generations::load(&dir).unwrap().nonce, Some(second));
+        // The state dir lost: a new one again.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut lost = Generations::load(&dir).unwrap();
+        lost.refresh_nonce(false).unwrap();
+        assert!(lost.nonce != Some(first) && lost.nonce != Some(second));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn planned(direction: Direction) -> PlannedSa {
+        use crate::esp::{
+            keys::NodeKey,
+            xfrm::{Encap, SaSpec, msg::Lifetime},
+        };
+        let key = NodeKey::from_secret_bytes([1; 32])
+            .shared_with(&NodeKey::from_secret_bytes([2; 32]).public())
+            .sa_key("a", "b", 1, None);
+        PlannedSa {
+            peer: "b".into(),
+            peer_id: 3,
+            direction,
+            generation: 1,
+            spec: SaSpec {
+                src: Ipv4Addr::new(198, 18, 0, 11),
+                dst: Ipv4Addr::new(198, 18, 0, 1),
+                spi: 0x4012_3401,
+                reqid: 3,
+                key,
+                encap: Some(Encap {
+                    sport: 4500,
+                    dport: 4500,
+                }),
+                if_id: FE_IF_ID,
+                set_mark: Some((0x0003_0D00, 0xFFFF_3F00)),
+                replay_window: match direction {
+                    Direction::In => crate::esp::xfrm::msg::REPLAY_WINDOW,
+                    Direction::Out => 0,
+                },
+                lifetime: Lifetime::default(),
+            },
+        }
+    }
+
+    /// What the kernel's dump would say of `sa` once installed.
+    fn dumped(sa: &PlannedSa) -> SaInfo {
+        let msg = crate::esp::xfrm::msg::new_sa(&sa.spec, 1, false);
+        crate::esp::xfrm::msg::parse_sa(&msg[16..]).unwrap()
+    }
+
+    #[test]
+    fn installed_sas_are_verified_not_adopted_by_spi_alone() {
+        for direction in [Direction::In, Direction::Out] {
+            let sa = planned(direction);
+            assert_eq!(compare(&sa, &dumped(&sa)), Installed::Keep, "{direction:?}");
+            // Another key at the same SPI (the peer's nonce or key changed).
+            let mut other_key = sa.clone();
+            other_key.spec.key = crate::esp::keys::NodeKey::from_secret_bytes([3; 32])
+                .shared_with(&crate::esp::keys::NodeKey::from_secret_bytes([2; 32]).public())
+                .sa_key("a", "b", 1, None);
+            let verdict = compare(&sa, &dumped(&other_key));
+            assert!(
+                matches!(&verdict, Installed::Replace(why) if why.contains("key")),
+                "{direction:?}: {verdict:?}"
+            );
+            // Marks and limits change in place (counters and window kept).
+            let mut limits = sa.clone();
+            limits.spec.lifetime.soft_packets = 5;
+            limits.spec.set_mark = Some((0x0004_0D00, 0xFFFF_3F00));
+            let verdict = compare(&sa, &dumped(&limits));
+            assert!(
+                matches!(&verdict, Installed::Update(why) if why.contains("mark") && why.contains("lifetime")),
+                "{direction:?}: {verdict:?}"
+            );
+            // A redacted key (lockdown) is not a reason to replace.
+            let mut redacted = dumped(&sa);
+            redacted.key_digest = None;
+            assert_eq!(compare(&sa, &redacted), Installed::Keep);
+        }
+        // A reassigned peer id: the outbound SA is replaced (through a new
+        // generation); the inbound one keeps its key and replay window.
+        let mut old_id = planned(Direction::Out);
+        old_id.spec.reqid = 9;
+        assert!(matches!(
+            compare(&planned(Direction::Out), &dumped(&old_id)),
+            Installed::Replace(why) if why.contains("reqid")
+        ));
+        let mut old_id = planned(Direction::In);
+        old_id.spec.reqid = 9;
+        assert_eq!(
+            compare(&planned(Direction::In), &dumped(&old_id)),
+            Installed::Keep
+        );
+        // An SA from before ESN: outbound replaced, inbound kept.
+        let mut legacy = dumped(&planned(Direction::Out));
+        legacy.esn = false;
+        assert!(matches!(
+            compare(&planned(Direction::Out), &legacy),
+            Installed::Replace(why) if why.contains("extended sequence numbers")
+        ));
+        let mut legacy = dumped(&planned(Direction::In));
+        legacy.esn = false;
+        assert_eq!(compare(&planned(Direction::In), &legacy), Installed::Keep);
     }
 }

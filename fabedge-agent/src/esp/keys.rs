@@ -7,11 +7,21 @@
 //!
 //! Per node pair, both sides compute the same static-static shared secret.
 //! Each *direction* of each pair gets its own SA key per *generation*:
-//! `HKDF-SHA256(ikm = shared, salt = SALT, info = lo | hi | src | dst | gen)`
-//! with both names length-prefixed, so no two (pair, direction, generation)
-//! triples can share a key. The sender owns the generation of its direction
-//! and bumps it whenever it must create an outbound SA anew, so a key never
-//! starts over at sequence number 1 (GCM nonce reuse).
+//! `HKDF-SHA256(ikm = shared, salt = SALT_V2 | src nonce | dst nonce,
+//! info = lo | hi | src | dst | gen)` with both names length-prefixed, so no
+//! two (pair, direction, generation) triples can share a key. The sender owns
+//! the generation of its direction and bumps it whenever it must create an
+//! outbound SA anew, so a key never starts over at sequence number 1 (GCM
+//! nonce reuse).
+//!
+//! The nonces ([`KeyNonce`], annotation [`KEY_NONCE_ANNOTATION`]) are random
+//! and each node draws a new one whenever its replay state is gone (the state
+//! dir lost, or the kernel holds none of our SAs: reboot, `uninstall`, a
+//! restored backup). Both ends contribute one, so state loss on either side
+//! yields keys nobody used before, and ESP recorded earlier never decrypts
+//! into an empty replay window. A peer that publishes no nonce (an agent
+//! from before nonces) gets the nonce-less derivation (`SALT`), which it
+//! computes too.
 //!
 //! Secrets are zeroized on drop and have no `Debug` output beyond a
 //! placeholder, so they cannot end up in logs or error messages.
@@ -38,10 +48,17 @@ pub const KEY_GENERATION_ANNOTATION: &str = "fabedge.io/key-generation";
 /// (`address:port`), when it is not the tunnel endpoint's UDP 4500: a
 /// connector behind a port forward (`--esp-public-endpoint`).
 pub const ESP_ENDPOINT_ANNOTATION: &str = "fabedge.io/esp-endpoint";
+/// The Node annotation carrying a node's key nonce (standard base64 of 16
+/// random bytes), mixed into the keys of every SA it sends or receives.
+pub const KEY_NONCE_ANNOTATION: &str = "fabedge.io/key-nonce";
 /// File name of the private key in the state dir.
 pub const KEY_FILE: &str = "node.key";
 /// HKDF salt: names the protocol and its version.
 const SALT: &[u8] = b"fabedge esp v1";
+/// HKDF salt prefix of keys that mix both ends' nonces.
+const SALT_V2: &[u8] = b"fabedge esp v2";
+/// Bytes of a [`KeyNonce`].
+pub const NONCE_LEN: usize = 16;
 /// AES-256 key + the 4-byte rfc4106 salt.
 pub const SA_KEY_LEN: usize = 36;
 /// ICV length of our AEAD, in bits.
@@ -68,6 +85,63 @@ pub enum KeyError {
     Random(io::Error),
     #[error("node {node}: annotation {annotation} is not a base64 X25519 public key: {problem}", annotation = PUBLIC_KEY_ANNOTATION)]
     BadPublicKey { node: String, problem: String },
+    #[error("node {node}: annotation {annotation} is not {NONCE_LEN} bytes of base64: {problem}", annotation = KEY_NONCE_ANNOTATION)]
+    BadNonce { node: String, problem: String },
+}
+
+/// A node's contribution of randomness to the keys of its SAs (not secret:
+/// it is published; what matters is that it is new after state loss).
+#[derive(Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct KeyNonce([u8; NONCE_LEN]);
+
+impl KeyNonce {
+    pub fn from_bytes(bytes: [u8; NONCE_LEN]) -> Self {
+        KeyNonce(bytes)
+    }
+
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut bytes = [0u8; NONCE_LEN];
+        random_bytes(&mut bytes)?;
+        Ok(KeyNonce(bytes))
+    }
+
+    /// Parse the annotation value of `node`.
+    pub fn parse(node: &str, text: &str) -> Result<Self, KeyError> {
+        let bad = |problem: String| KeyError::BadNonce {
+            node: node.to_owned(),
+            problem,
+        };
+        let bytes = BASE64.decode(text.trim()).map_err(|e| bad(e.to_string()))?;
+        let bytes: [u8; NONCE_LEN] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| bad(format!("{} bytes", b.len())))?;
+        Ok(KeyNonce(bytes))
+    }
+
+    /// The annotation value.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
+}
+
+impl From<KeyNonce> for String {
+    fn from(nonce: KeyNonce) -> String {
+        nonce.to_base64()
+    }
+}
+
+impl TryFrom<String> for KeyNonce {
+    type Error = KeyError;
+    fn try_from(text: String) -> Result<Self, KeyError> {
+        KeyNonce::parse("this node", &text)
+    }
+}
+
+impl fmt::Debug for KeyNonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyNonce({})", self.to_base64())
+    }
 }
 
 /// Fill `buf` from the kernel's CSPRNG.
@@ -275,14 +349,25 @@ fn pair_info(label: &[u8], a: &str, b: &str) -> Vec<u8> {
 }
 
 impl PairSecret {
-    /// The key of the SA carrying `src → dst` traffic in `generation`.
-    pub fn sa_key(&self, src: &str, dst: &str, generation: u32) -> SaKey {
+    /// The key of the SA carrying `src → dst` traffic in `generation`;
+    /// `nonces` are `(src's, dst's)` when both publish one.
+    pub fn sa_key(
+        &self,
+        src: &str,
+        dst: &str,
+        generation: u32,
+        nonces: Option<(&KeyNonce, &KeyNonce)>,
+    ) -> SaKey {
         let mut info = pair_info(b"sa", src, dst);
         push_name(&mut info, src);
         push_name(&mut info, dst);
         info.extend_from_slice(&generation.to_be_bytes());
+        let salt: Vec<u8> = match nonces {
+            Some((src_nonce, dst_nonce)) => [SALT_V2, &src_nonce.0, &dst_nonce.0].concat(),
+            None => SALT.to_vec(),
+        };
         let mut out = [0u8; SA_KEY_LEN];
-        Hkdf::<Sha256>::new(Some(SALT), &self.0)
+        Hkdf::<Sha256>::new(Some(&salt), &self.0)
             .expand(&info, &mut out)
             .expect("36 bytes is a valid HKDF-SHA256 length");
         SaKey(out)
@@ -319,51 +404,116 @@ impl HelloKey {
 /// SPIs below 256 are reserved (RFC 4303); ours have bit 31 clear and bit 30 set.
 const SPI_BASE: u32 = 0x4000_0000;
 
-/// The SPI of the `src → dst` SA of `generation`, unique among the SAs `dst`
-/// receives. Layout: `0x40 | 22-bit sender slot | 8-bit generation`: two
-/// generations of one direction never share an SPI (the receiver keeps at
-/// most three at once), and senders get distinct slots because both sides
-/// resolve hash collisions the same way over the cluster's node names
-/// (`nodes`, which includes `src`; the snapshot is shared).
+/// The SPI of the `src → dst` SA of `generation`. Layout:
+/// `0x40 | 22-bit pair slot | 8-bit generation`, where the pair slot is
+/// `slot(src) XOR slot(dst)` over node slots unique in the cluster. The
+/// kernel keys SAs by (destination address, SPI), so two kinds of SAs must
+/// never share an SPI: those one node receives (fixed `dst`, any `src`), and
+/// those one node sends to peers behind one NAT address (fixed `src`, any
+/// `dst`). XOR with distinct slots is one-to-one in either argument, so
+/// neither can collide; two generations of one direction never share an SPI
+/// either (a receiver keeps at most four at once). Both sides compute the
+/// slots the same way from the cluster's node names (`nodes`, which includes
+/// `src` and `dst`; the snapshot is shared).
 pub fn spi(src: &str, dst: &str, generation: u32, nodes: &[&str]) -> u32 {
-    SPI_BASE | (sender_slot(src, dst, nodes) << 8) | (generation & 0xFF)
+    SpiSlots::new(nodes).spi(src, dst, generation)
 }
 
 const SLOT_BITS: u32 = 22;
 
-fn slot_hash(src: &str, dst: &str, round: u32) -> u32 {
+fn slot_hash(node: &str, round: u32) -> u32 {
     let mut hasher = Sha256::new();
-    hasher.update(b"fabedge spi");
-    hasher.update((dst.len() as u32).to_be_bytes());
-    hasher.update(dst.as_bytes());
-    hasher.update((src.len() as u32).to_be_bytes());
-    hasher.update(src.as_bytes());
+    hasher.update(b"fabedge spi slot");
+    hasher.update((node.len() as u32).to_be_bytes());
+    hasher.update(node.as_bytes());
     hasher.update(round.to_be_bytes());
     let digest = hasher.finalize();
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << SLOT_BITS) - 1)
 }
 
-/// Slots for every possible sender to `dst`, in name order: each sender takes
-/// the first round whose hash no earlier sender holds.
-fn sender_slot(src: &str, dst: &str, nodes: &[&str]) -> u32 {
+/// The SPI agents from before key nonces give the `src → dst` SA: a 22-bit
+/// slot per sender, unique per receiver only (two edges behind one NAT may
+/// collide at their sender). Used only with a peer that publishes no
+/// nonce, so that old and new agents agree during an upgrade.
+pub fn legacy_spi(src: &str, dst: &str, generation: u32, nodes: &[&str]) -> u32 {
     let mut senders: Vec<&str> = nodes.iter().copied().filter(|n| *n != dst).collect();
     if !senders.contains(&src) {
         senders.push(src);
     }
     senders.sort_unstable();
     senders.dedup();
+    let hash = |sender: &str, round: u32| {
+        let mut hasher = Sha256::new();
+        hasher.update(b"fabedge spi");
+        hasher.update((dst.len() as u32).to_be_bytes());
+        hasher.update(dst.as_bytes());
+        hasher.update((sender.len() as u32).to_be_bytes());
+        hasher.update(sender.as_bytes());
+        hasher.update(round.to_be_bytes());
+        let digest = hasher.finalize();
+        u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << SLOT_BITS) - 1)
+    };
     let mut taken = std::collections::BTreeSet::new();
     for sender in senders {
         let slot = (0..)
-            .map(|round| slot_hash(sender, dst, round))
+            .map(|round| hash(sender, round))
             .find(|s| !taken.contains(s))
             .expect("2^22 slots");
         if sender == src {
-            return slot;
+            return SPI_BASE | (slot << 8) | (generation & 0xFF);
         }
         taken.insert(slot);
     }
     unreachable!("src was added to the senders")
+}
+
+/// The slot of every node of a snapshot, computed once per plan.
+pub struct SpiSlots {
+    nodes: Vec<String>,
+    slots: std::collections::HashMap<String, u32>,
+}
+
+impl SpiSlots {
+    /// Nodes in name order each take the first round whose hash no earlier
+    /// node holds, so no two nodes share a slot.
+    pub fn new(nodes: &[&str]) -> Self {
+        let mut names: Vec<&str> = nodes.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        let mut taken = std::collections::HashSet::new();
+        let mut slots = std::collections::HashMap::new();
+        for name in &names {
+            let slot = (0..)
+                .map(|round| slot_hash(name, round))
+                .find(|s| !taken.contains(s))
+                .expect("2^22 slots");
+            taken.insert(slot);
+            slots.insert((*name).to_owned(), slot);
+        }
+        SpiSlots {
+            nodes: names.into_iter().map(str::to_owned).collect(),
+            slots,
+        }
+    }
+
+    fn slot(&self, node: &str) -> u32 {
+        match self.slots.get(node) {
+            Some(&slot) => slot,
+            // Not in the snapshot (callers always include both ends): as if
+            // it were.
+            None => {
+                let mut nodes: Vec<&str> = self.nodes.iter().map(String::as_str).collect();
+                nodes.push(node);
+                SpiSlots::new(&nodes).slots[node]
+            }
+        }
+    }
+
+    /// See [`spi`].
+    pub fn spi(&self, src: &str, dst: &str, generation: u32) -> u32 {
+        let pair = self.slot(src) ^ self.slot(dst);
+        SPI_BASE | (pair << 8) | (generation & 0xFF)
+    }
 }
 
 #[cfg(test)]
@@ -381,10 +531,10 @@ mod tests {
         let (edge, connector) = (key(1), key(2));
         let at_edge = edge
             .shared_with(&connector.public())
-            .sa_key("edge-1", "cloud-1", 7);
+            .sa_key("edge-1", "cloud-1", 7, None);
         let at_connector = connector
             .shared_with(&edge.public())
-            .sa_key("edge-1", "cloud-1", 7);
+            .sa_key("edge-1", "cloud-1", 7, None);
         assert_eq!(at_edge, at_connector);
         let hello_edge = edge
             .shared_with(&connector.public())
@@ -411,7 +561,7 @@ mod tests {
                 for generation in 0..4 {
                     let k = src_key
                         .shared_with(&dst_key.public())
-                        .sa_key(src, dst, generation);
+                        .sa_key(src, dst, generation, None);
                     seen.insert(k.expose().to_vec());
                     count += 1;
                 }
@@ -425,10 +575,52 @@ mod tests {
     }
 
     #[test]
+    fn each_ends_nonce_changes_every_key_and_both_ends_agree() {
+        let (edge, connector) = (key(1), key(2));
+        let (n1, n2, n3) = (
+            KeyNonce::from_bytes([1; NONCE_LEN]),
+            KeyNonce::from_bytes([2; NONCE_LEN]),
+            KeyNonce::from_bytes([3; NONCE_LEN]),
+        );
+        let at_edge = |nonces| {
+            edge.shared_with(&connector.public())
+                .sa_key("edge-1", "cloud-1", 7, nonces)
+        };
+        let at_connector =
+            connector
+                .shared_with(&edge.public())
+                .sa_key("edge-1", "cloud-1", 7, Some((&n1, &n2)));
+        assert_eq!(at_edge(Some((&n1, &n2))), at_connector);
+        let all = [
+            at_edge(None),
+            at_edge(Some((&n1, &n2))),
+            at_edge(Some((&n3, &n2))),
+            at_edge(Some((&n1, &n3))),
+            at_edge(Some((&n2, &n1))),
+        ];
+        let distinct: BTreeSet<Vec<u8>> = all.iter().map(|k| k.expose().to_vec()).collect();
+        assert_eq!(
+            distinct.len(),
+            all.len(),
+            "a new nonce on either end: new key"
+        );
+        let published = n1.to_base64();
+        assert_eq!(KeyNonce::parse("edge-1", &published).unwrap(), n1);
+        let err = KeyNonce::parse("edge-1", "AAAA").unwrap_err().to_string();
+        assert!(
+            err.contains("edge-1") && err.contains(KEY_NONCE_ANNOTATION),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn names_are_length_prefixed_so_concatenations_do_not_collide() {
         let (a, b) = (key(3), key(4));
         let secret = a.shared_with(&b.public());
-        assert_ne!(secret.sa_key("ab", "c", 0), secret.sa_key("a", "bc", 0));
+        assert_ne!(
+            secret.sa_key("ab", "c", 0, None),
+            secret.sa_key("a", "bc", 0, None)
+        );
     }
 
     #[test]
@@ -459,28 +651,70 @@ mod tests {
 
     #[test]
     fn spi_collisions_are_resolved_the_same_way_on_both_sides() {
-        // Find two senders whose first-round slots collide at one receiver.
+        // Find two nodes whose first-round slots collide.
         let names: Vec<String> = (0..20000).map(|i| format!("n{i}")).collect();
         let mut first: std::collections::HashMap<u32, &str> = Default::default();
         let (a, b) = names
             .iter()
             .find_map(|n| {
-                let slot = slot_hash(n, "rx", 0);
-                match first.insert(slot, n) {
-                    Some(prev) => Some((prev, n.as_str())),
-                    None => None,
-                }
+                first
+                    .insert(slot_hash(n, 0), n)
+                    .map(|prev| (prev, n.as_str()))
             })
             .expect("20000 names in 2^22 slots collide (birthday bound)");
         let nodes = [a, b, "rx"];
         assert_ne!(spi(a, "rx", 1, &nodes), spi(b, "rx", 1, &nodes));
+        assert_ne!(spi("rx", a, 1, &nodes), spi("rx", b, 1, &nodes));
+    }
+
+    /// `spi("edge-1", "cloud-1", 3, ["cloud-1", "edge-1", "edge-2"])` as the
+    /// agent before nonces computed it.
+    const LEGACY_EDGE_1_TO_CLOUD_1_GEN_3: u32 = 0x52d8_e403;
+
+    #[test]
+    fn peers_without_a_nonce_get_the_spis_agents_before_nonces_computed() {
+        let nodes = ["cloud-1", "edge-1", "edge-2"];
+        let old = legacy_spi("edge-1", "cloud-1", 3, &nodes);
+        assert_eq!(old & 0xFF, 3);
+        assert_eq!(old & 0xC000_0000, SPI_BASE);
+        assert_ne!(old, legacy_spi("edge-2", "cloud-1", 3, &nodes));
+        assert_eq!(old, LEGACY_EDGE_1_TO_CLOUD_1_GEN_3);
+    }
+
+    #[test]
+    fn spis_never_collide_for_edges_behind_one_nat() {
+        // The connector's outbound SAs to edges behind one NAT all have the
+        // NAT's address as destination: their SPIs alone tell them apart.
+        // The edges' SAs towards the connector share its address likewise.
+        let names: Vec<String> = (0..2000).map(|i| format!("edge-{i}")).collect();
+        let mut nodes: Vec<&str> = names.iter().map(String::as_str).collect();
+        nodes.extend(["cloud-1", "cloud-2"]);
+        let slots = SpiSlots::new(&nodes);
+        for connector in ["cloud-1", "cloud-2"] {
+            let mut to_nat = BTreeSet::new();
+            let mut to_connector = BTreeSet::new();
+            for edge in &names {
+                for generation in [7, 8, 9, 10] {
+                    let out = slots.spi(connector, edge, generation);
+                    assert!(
+                        to_nat.insert(out),
+                        "{connector} -> {edge} gen {generation}: SPI {out:#x} collides"
+                    );
+                    let back = slots.spi(edge, connector, generation);
+                    assert!(
+                        to_connector.insert(back),
+                        "{edge} -> {connector} gen {generation}: SPI {back:#x} collides"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn secrets_never_show_in_debug_output() {
         let node = key(9);
         let secret = node.shared_with(&key(10).public());
-        let sa = secret.sa_key("a", "b", 1);
+        let sa = secret.sa_key("a", "b", 1, None);
         let printed = format!(
             "{node:?} {secret:?} {sa:?} {:?}",
             secret.hello_key("a", "b")

@@ -27,11 +27,12 @@ use fabedge_common::ESP_IN_UDP_PORT;
 
 use super::{
     keys::{
-        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, NodeKey, PUBLIC_KEY_ANNOTATION,
-        PublicKey, spi,
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, KEY_NONCE_ANNOTATION, KeyNonce,
+        NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey, SpiSlots, legacy_spi,
     },
     xfrm::{
-        Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl, msg::REPLAY_WINDOW,
+        Encap, FE_IF_ID, PolicyAction, PolicyDir, PolicySpec, SaSpec, Tmpl,
+        msg::{Lifetime, REPLAY_WINDOW},
     },
 };
 use crate::{model::Snapshot, plan::Plan};
@@ -40,6 +41,22 @@ use crate::{model::Snapshot, plan::Plan};
 pub const PEER_POLICY_PRIORITY: u32 = 100;
 /// Priority of the default-drop policy.
 pub const DROP_POLICY_PRIORITY: u32 = 1000;
+/// Limits of an outbound SA. With ESN the sequence number never wraps; the
+/// limits make a long-lived SA rotate anyway (the kernel's soft expire
+/// starts a new generation, see `run`), well before the hard limit, where
+/// the kernel deletes it. 2^36 packets is about 9 days at 1 Gbit/s of full
+/// frames.
+pub const OUTBOUND_LIFETIME: Lifetime = Lifetime {
+    soft_bytes: 1 << 46,
+    hard_bytes: (1 << 46) + (1 << 42),
+    soft_packets: 1 << 36,
+    hard_packets: (1 << 36) + (1 << 32),
+};
+// The soft limit must come first, or an SA dies before it is replaced.
+const _: () = assert!(
+    OUTBOUND_LIFETIME.soft_packets < OUTBOUND_LIFETIME.hard_packets
+        && OUTBOUND_LIFETIME.soft_bytes < OUTBOUND_LIFETIME.hard_bytes
+);
 
 /// Which way an SA carries traffic, seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -113,14 +130,22 @@ pub fn out_mark(peer_id: u16) -> (u32, u32) {
     )
 }
 
+/// This node's key material: its key pair and the nonce it publishes
+/// (`None` only in tests of the nonce-less derivation).
+pub struct LocalKeys<'a> {
+    pub key: &'a NodeKey,
+    pub nonce: Option<&'a KeyNonce>,
+}
+
 pub fn plan_esp(
     snapshot: &Snapshot,
     plan: &Plan,
-    key: &NodeKey,
+    local_keys: LocalKeys<'_>,
     generation: u32,
     observed: &ObservedEndpoints,
     pinned: &PinnedGenerations,
 ) -> EspPlan {
+    let key = local_keys.key;
     // The connector sends to an edge only once the edge's hello has shown
     // where it is reached: edges open the tunnels (their published endpoint
     // is often a private address behind a NAT, and an SA created there would
@@ -132,6 +157,7 @@ pub fn plan_esp(
     };
     let local = me.tunnel_endpoint;
     let names: Vec<&str> = snapshot.nodes.keys().map(String::as_str).collect();
+    let slots = SpiSlots::new(&names);
     for (&peer_id, entry) in plan
         .peers
         .iter()
@@ -176,6 +202,19 @@ pub fn plan_esp(
             .copied()
             .or(published)
             .unwrap_or((Ipv4Addr::from(entry.underlay_ip), ESP_IN_UDP_PORT));
+        let peer_nonce = match node.annotations.get(KEY_NONCE_ANNOTATION) {
+            None => None,
+            Some(text) => match KeyNonce::parse(name, text) {
+                Ok(nonce) => Some(nonce),
+                Err(e) => {
+                    out.warnings.push(format!(
+                        "{e}: no ESP tunnel to {name} (its traffic is dropped)"
+                    ));
+                    continue;
+                }
+            },
+        };
+        let nonces = local_keys.nonce.zip(peer_nonce.as_ref());
         let secret = key.shared_with(&public);
         let sa = |direction, generation| {
             let (src, dst, src_name, dst_name) = match direction {
@@ -207,9 +246,22 @@ pub fn plan_esp(
                 spec: SaSpec {
                     src,
                     dst,
-                    spi: spi(src_name, dst_name, generation, &names),
+                    // A peer from before nonces computes SPIs the old way.
+                    spi: if nonces.is_some() {
+                        slots.spi(src_name, dst_name, generation)
+                    } else {
+                        legacy_spi(src_name, dst_name, generation, &names)
+                    },
                     reqid: u32::from(peer_id),
-                    key: secret.sa_key(src_name, dst_name, generation),
+                    key: secret.sa_key(
+                        src_name,
+                        dst_name,
+                        generation,
+                        nonces.map(|(mine, theirs)| match direction {
+                            Direction::Out => (mine, theirs),
+                            Direction::In => (theirs, mine),
+                        }),
+                    ),
                     encap: Some(encap),
                     if_id: FE_IF_ID,
                     set_mark: Some(set_mark),
@@ -217,6 +269,12 @@ pub fn plan_esp(
                         REPLAY_WINDOW
                     } else {
                         0
+                    },
+                    lifetime: match direction {
+                        Direction::Out => OUTBOUND_LIFETIME,
+                        // The sender's limits end the SA; ours would only
+                        // cut traffic the sender still sends under it.
+                        Direction::In => Lifetime::INFINITE,
                     },
                 },
             }

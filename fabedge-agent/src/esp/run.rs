@@ -15,9 +15,11 @@ use fabedge_common::ESP_IN_UDP_PORT;
 
 use super::{
     apply::{Generations, XfrmApplier, reuses_a_key},
+    hellos::{HELLO_BUDGET, HelloCounter, HelloReceiver, Verdict},
     keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
     natt::{EncapSocket, hello},
-    plan::{Direction, ObservedEndpoints, PinnedGenerations, plan_esp},
+    plan::{Direction, LocalKeys, ObservedEndpoints, PinnedGenerations, plan_esp},
+    xfrm::{FE_IF_ID, Socket},
 };
 use crate::{
     model::{Role, Snapshot},
@@ -54,6 +56,13 @@ pub struct EspRuntime {
     keepalives: Keepalives,
     /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
     observed: ObservedEndpoints,
+    /// Hello counters and clock skew of the peers whose hellos we read.
+    hellos: HelloReceiver,
+    /// (destination, SPI) of the outbound SAs last applied.
+    outbound_spis: std::collections::BTreeSet<(std::net::Ipv4Addr, u32)>,
+    /// The kernel's soft and hard expire events (`None`: not available;
+    /// rotation by time still happens).
+    expires: Option<Socket>,
     /// Peers whose outbound SA stays one generation behind (see [`PinnedGenerations`]).
     pinned: PinnedGenerations,
     /// The plan's warnings last logged.
@@ -71,9 +80,22 @@ pub fn request_rotation(state_dir: &Path) -> Result<PathBuf> {
 impl EspRuntime {
     pub fn start(state_dir: &Path, options: EspOptions) -> Result<Self> {
         let key = NodeKey::load_or_create(state_dir)?;
-        let generations = Generations::load(state_dir)?;
+        let mut generations = Generations::load(state_dir)?;
+        // Replay windows live in the kernel's SAs: when it holds none of
+        // ours, they are gone, and so must be the keys they protected.
+        let kernel_holds_ours = Socket::open()
+            .and_then(|mut socket| socket.sas())
+            .context("reading the kernel's xfrm SAs")?
+            .iter()
+            .any(|sa| sa.if_id == FE_IF_ID);
+        if generations.refresh_nonce(!kernel_holds_ours)? {
+            info!("ESP: new key nonce (no SA of ours in the kernel): every SA key is new");
+        }
         let socket = EncapSocket::bind()?;
-        let keepalives = Keepalives::start(&socket, options.keepalive)?;
+        let keepalives = Keepalives::start(&socket, options.keepalive, state_dir)?;
+        let expires = Socket::subscribe_expire()
+            .inspect_err(|e| warn!("ESP: not watching SA expiry: {e}"))
+            .ok();
         info!(
             "ESP mode: public key {}, generation {}, UDP {ESP_IN_UDP_PORT} held",
             key.public().to_base64(),
@@ -89,6 +111,9 @@ impl EspRuntime {
             last_rotation: Instant::now(),
             keepalives,
             observed: load_observed(state_dir),
+            hellos: HelloReceiver::load(state_dir, unix_now()),
+            outbound_spis: Default::default(),
+            expires,
             pinned: PinnedGenerations::new(),
             warned: Default::default(),
             last: None,
@@ -106,6 +131,7 @@ impl EspRuntime {
     pub fn fill_settings(&self, settings: &mut Settings) {
         settings.esp_public_key = Some(self.key.public().to_base64());
         settings.esp_generation = self.generations.generation;
+        settings.esp_key_nonce = self.generations.nonce.map(|n| n.to_base64());
     }
 
     /// Bring xfrm in line with `plan`. `Ok(true)`: a new generation began
@@ -114,26 +140,32 @@ impl EspRuntime {
     pub fn apply(&mut self, snapshot: &Snapshot, plan: &Plan) -> Result<bool> {
         let mut new_generation = false;
         let esp = loop {
-            let (esp, missing) = loop {
+            let (esp, missing, occupied) = loop {
                 let esp = plan_esp(
                     snapshot,
                     plan,
-                    &self.key,
+                    LocalKeys {
+                        key: &self.key,
+                        nonce: self.generations.nonce.as_ref(),
+                    },
                     self.generations.generation,
                     &self.observed,
                     &self.pinned,
                 );
-                let missing = XfrmApplier::missing_outbound(&esp)?;
+                let (missing, occupied) = XfrmApplier::missing_outbound(&esp)?;
                 // A pinned peer that needs a new SA (it moved, or the kernel lost
                 // its SA) cannot get one at its older generation, whose key was
                 // used: it moves to ours.
                 let before = self.pinned.len();
                 self.pinned.retain(|peer, _| !missing.contains(peer));
                 if self.pinned.len() == before {
-                    break (esp, missing);
+                    break (esp, missing, occupied);
                 }
             };
-            if reuses_a_key(&missing, &self.generations) {
+            // An installed SA that differs from the plan holds the SPI its
+            // successor needs: a new generation gives it another, so the old
+            // one keeps carrying traffic until the new one is in place.
+            if reuses_a_key(&missing, &self.generations) || occupied {
                 let generation = self.generations.bump()?;
                 // Only the peers that need a new SA move to the new generation;
                 // the others keep theirs (one generation behind is in every
@@ -163,6 +195,12 @@ impl EspRuntime {
         }
         self.warned = esp.warnings.iter().cloned().collect();
         let report = self.applier.apply(&esp, &mut self.generations)?;
+        self.outbound_spis = esp
+            .sas
+            .iter()
+            .filter(|sa| sa.direction == Direction::Out)
+            .map(|sa| (sa.spec.dst, sa.spec.spi))
+            .collect();
         if report != Default::default() {
             info!("ESP: {report:?}");
         }
@@ -196,42 +234,46 @@ impl EspRuntime {
         Ok(new_generation)
     }
 
-    /// Read the hellos waiting on the socket; `true` if a peer's observed
-    /// endpoint changed.
+    /// Read the hellos waiting on the socket, at most [`HELLO_BUDGET`] per
+    /// call; `true` if a peer's observed endpoint changed.
     fn learn_from_hellos(&mut self) -> bool {
         let mut changed = false;
         let now = unix_now();
-        while let Some((bytes, from)) = self.socket.try_recv() {
+        for _ in 0..HELLO_BUDGET {
+            let Some((bytes, from)) = self.socket.try_recv() else {
+                break;
+            };
             let Some((snapshot, plan)) = &self.last else {
                 continue;
             };
-            let Some(sender) = hello::claimed_sender(&bytes).map(str::to_owned) else {
-                continue;
+            self.hellos.set_local(&plan.node);
+            let public_key = |sender: &str| {
+                plan.peer_ids.get(sender)?;
+                let text = snapshot
+                    .nodes
+                    .get(sender)?
+                    .annotations
+                    .get(PUBLIC_KEY_ANNOTATION)?;
+                PublicKey::parse(sender, text).ok()
             };
-            if plan.peer_ids.get(&sender).is_none() {
-                continue;
-            }
-            let Some(public) = snapshot
-                .nodes
-                .get(&sender)
-                .and_then(|n| n.annotations.get(PUBLIC_KEY_ANNOTATION))
-                .and_then(|text| PublicKey::parse(&sender, text).ok())
-            else {
-                continue;
+            let hello = match self.hellos.receive(&bytes, &self.key, public_key, now) {
+                Verdict::Accepted(hello) => hello,
+                Verdict::Malformed(_) | Verdict::UnknownPeer => continue,
+                other => {
+                    log::debug!("ESP: ignored a hello at {from}: {other:?}");
+                    continue;
+                }
             };
-            let key = self.key.shared_with(&public).hello_key(&plan.node, &sender);
-            if hello::decode(&bytes, &key, now).is_none() {
-                log::debug!(
-                    "ESP: ignored a hello claiming to be from {sender} at {from} (bad tag or stale)"
-                );
-                continue;
-            }
+            let sender = hello.node;
             let endpoint = (*from.ip(), from.port());
             if self.observed.get(&sender) != Some(&endpoint) {
                 info!("ESP: {sender} is reached at {from} (NAT-observed)");
                 self.observed.insert(sender, endpoint);
                 changed = true;
             }
+        }
+        if let Err(e) = self.hellos.flush(changed) {
+            warn!("ESP: keeping hello counters: {e:#}");
         }
         if changed {
             let path = self.state_dir.join(OBSERVED_FILE);
@@ -246,6 +288,54 @@ impl EspRuntime {
             }
         }
         changed
+    }
+
+    /// Whether the kernel says one of our outbound SAs reached a limit
+    /// (soft: it still works; hard: it is gone). Either way a new
+    /// generation replaces it.
+    fn outbound_sa_expired(&mut self) -> bool {
+        let Some(socket) = &self.expires else {
+            return false;
+        };
+        let expires = match socket.expires() {
+            Ok(expires) => expires,
+            Err(e) => {
+                // Events were lost: rotating is the safe answer.
+                warn!("ESP: reading SA expiry events: {e}; rotating keys");
+                return true;
+            }
+        };
+        let Some((_, plan)) = &self.last else {
+            return false;
+        };
+        let mut expired = false;
+        for expire in expires.iter().filter(|e| e.sa.if_id == FE_IF_ID) {
+            let peer = u16::try_from(expire.sa.reqid)
+                .ok()
+                .and_then(|id| plan.peer_name(id))
+                .unwrap_or("?");
+            let ours = expire
+                .sa
+                .dst
+                .is_some_and(|dst| self.outbound_spis.contains(&(dst, expire.sa.spi)));
+            if !ours {
+                continue;
+            }
+            let kind = if expire.hard { "hard" } else { "soft" };
+            if expire.hard {
+                warn!(
+                    "ESP: the outbound SA spi {:#010x} with {peer} reached its hard limit                      ({} packets, {} bytes) and is gone; a new generation replaces it",
+                    expire.sa.spi, expire.sa.packets, expire.sa.bytes
+                );
+            } else {
+                info!(
+                    "ESP: the outbound SA spi {:#010x} with {peer} reached its {kind} limit                      ({} packets, {} bytes); rotating keys",
+                    expire.sa.spi, expire.sa.packets, expire.sa.bytes
+                );
+            }
+            expired = true;
+        }
+        expired
     }
 
     /// Timers. `Ok(true)`: a new generation started; re-plan fully.
@@ -264,11 +354,12 @@ impl EspRuntime {
         }
         let request = self.state_dir.join(ROTATE_REQUEST);
         let requested = request.exists();
+        let expired = self.outbound_sa_expired();
         let scheduled = self
             .options
             .rotation_interval
             .is_some_and(|every| now.duration_since(self.last_rotation) >= every);
-        if requested || scheduled {
+        if requested || scheduled || expired {
             let _ = std::fs::remove_file(&request);
             let generation = self.generations.bump()?;
             self.pinned.clear();
@@ -277,6 +368,8 @@ impl EspRuntime {
                 "ESP: rotating keys ({}): generation {generation}",
                 if requested {
                     "fabedge-agent rotate-key"
+                } else if expired {
+                    "an SA reached its limit"
                 } else {
                     "scheduled"
                 }
@@ -328,7 +421,8 @@ struct Keepalives {
 }
 
 impl Keepalives {
-    fn start(socket: &EncapSocket, interval: Duration) -> Result<Self> {
+    fn start(socket: &EncapSocket, interval: Duration, state_dir: &Path) -> Result<Self> {
+        let mut counter = HelloCounter::load(state_dir);
         let socket = socket
             .try_clone()
             .context("a second handle on UDP 4500 for keepalives")?;
@@ -346,12 +440,13 @@ impl Keepalives {
                     let targets = lock
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let unix_secs = unix_now();
-                    for (name, to, key) in &targets.peers {
+                    // Written before it is used: never reused after a restart.
+                    let first = counter.reserve(targets.peers.len() as u64, unix_now());
+                    for (n, (name, to, key)) in (0u64..).zip(&targets.peers) {
                         let hello = hello::Hello {
                             node: targets.node.clone(),
                             generation: targets.generation,
-                            unix_secs,
+                            counter: first + n,
                         };
                         if let Err(e) = socket.send(&hello::encode(&hello, key), *to) {
                             log::debug!("ESP hello to {name} at {to}: {e}");

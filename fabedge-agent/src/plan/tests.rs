@@ -1155,3 +1155,29 @@ fn esp_public_endpoint_is_published_and_withdrawn_with_the_flag() {
         dropped.annotations
     );
 }
+
+#[test]
+fn the_key_nonce_is_published_in_the_same_patch_as_the_public_key() {
+    use crate::esp::keys::{KEY_NONCE_ANNOTATION, PUBLIC_KEY_ANNOTATION};
+    let snapshot = manifest::snapshot(&annotated_cluster_text()).unwrap();
+    let esp = Settings {
+        tunnel_mode: TunnelMode::Esp,
+        esp_public_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+        esp_generation: 1,
+        esp_key_nonce: Some("AQEBAQEBAQEBAQEBAQEBAQ==".into()),
+        ..settings()
+    };
+    let patch = plan(&snapshot, "edge-1", &esp, &PeerIds::new())
+        .unwrap()
+        .annotations
+        .into_iter()
+        .find(|p| p.node == "edge-1")
+        .expect("the node annotates itself");
+    // One patch: a peer never sees the key without the nonce (which it
+    // would take for an agent from before nonces, and derive other keys).
+    assert_eq!(
+        patch.set.get(KEY_NONCE_ANNOTATION).map(String::as_str),
+        Some("AQEBAQEBAQEBAQEBAQEBAQ==")
+    );
+    assert!(patch.set.contains_key(PUBLIC_KEY_ANNOTATION));
+}

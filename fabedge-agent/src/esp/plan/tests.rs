@@ -67,7 +67,10 @@ fn esp_for(snapshot: &Snapshot, node: &str, generation: u32) -> (Plan, EspPlan) 
     let esp = plan_esp(
         snapshot,
         &plan,
-        &key_of(node),
+        LocalKeys {
+            key: &key_of(node),
+            nonce: None,
+        },
         generation,
         &hellos_from_every_peer(&plan),
         &PinnedGenerations::new(),
@@ -81,7 +84,10 @@ fn esp_without_hellos(snapshot: &Snapshot, node: &str) -> (Plan, EspPlan) {
     let esp = plan_esp(
         snapshot,
         &plan,
-        &key_of(node),
+        LocalKeys {
+            key: &key_of(node),
+            nonce: None,
+        },
         1,
         &ObservedEndpoints::new(),
         &PinnedGenerations::new(),
@@ -237,7 +243,10 @@ fn nat_observed_endpoints_replace_the_published_one() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -314,7 +323,10 @@ fn a_connector_behind_a_port_forward_is_reached_at_the_endpoint_it_publishes() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("edge-1"),
+        LocalKeys {
+            key: &key_of("edge-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -365,7 +377,17 @@ fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
     let plan = plan(&snapshot, "cloud-1", &settings(), &PeerIds::new()).unwrap();
     let none = hellos_from_every_peer(&plan);
     let pinned: PinnedGenerations = [("edge-1".to_owned(), 4), ("edge-2".to_owned(), 3)].into();
-    let esp = plan_esp(&snapshot, &plan, &key_of("cloud-1"), 5, &none, &pinned);
+    let esp = plan_esp(
+        &snapshot,
+        &plan,
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
+        5,
+        &none,
+        &pinned,
+    );
     let outbound = |peer: &str| {
         esp.sas
             .iter()
@@ -384,7 +406,10 @@ fn a_pinned_peer_keeps_its_sa_one_generation_behind_and_no_further() {
     let at_4 = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         4,
         &none,
         &PinnedGenerations::new(),
@@ -404,7 +429,10 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
     let esp = plan_esp(
         &snapshot,
         &plan,
-        &key_of("cloud-1"),
+        LocalKeys {
+            key: &key_of("cloud-1"),
+            nonce: None,
+        },
         1,
         &observed,
         &PinnedGenerations::new(),
@@ -438,7 +466,10 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
     let no_hellos = plan_esp(
         &snapshot,
         &edge_plan,
-        &key_of("edge-1"),
+        LocalKeys {
+            key: &key_of("edge-1"),
+            nonce: None,
+        },
         1,
         &ObservedEndpoints::new(),
         &PinnedGenerations::new(),
@@ -449,4 +480,109 @@ fn the_connector_sends_to_an_edge_only_after_its_hello() {
             .iter()
             .any(|s| s.peer == "cloud-1" && s.direction == Direction::Out)
     );
+}
+
+/// A node's nonce, fixed per name and "boot" so tests can lose state.
+fn nonce_of(name: &str, boot: u8) -> KeyNonce {
+    let mut bytes = [boot; crate::esp::keys::NONCE_LEN];
+    for (i, b) in name.bytes().enumerate() {
+        bytes[i % bytes.len()] ^= b;
+    }
+    KeyNonce::from_bytes(bytes)
+}
+
+/// edge-1's outbound SA of generation 5 to cloud-1 and cloud-1's inbound
+/// one for it, with edge-1 at `edge_boot` and cloud-1 at `connector_boot`.
+fn edge_to_connector(edge_boot: u8, connector_boot: u8) -> (PlannedSa, PlannedSa) {
+    let mut text = cluster_text(&[("edge-1", 5), ("cloud-1", 9)]);
+    for (node, boot) in [("edge-1", edge_boot), ("cloud-1", connector_boot)] {
+        text = annotate(
+            &text,
+            node,
+            KEY_NONCE_ANNOTATION,
+            &nonce_of(node, boot).to_base64(),
+        );
+    }
+    let snapshot = manifest::snapshot(&text).unwrap();
+    let side = |node: &str, boot: u8, generation: u32| {
+        let plan = plan(&snapshot, node, &settings(), &PeerIds::new()).unwrap();
+        let nonce = nonce_of(node, boot);
+        plan_esp(
+            &snapshot,
+            &plan,
+            LocalKeys {
+                key: &key_of(node),
+                nonce: Some(&nonce),
+            },
+            generation,
+            &hellos_from_every_peer(&plan),
+            &PinnedGenerations::new(),
+        )
+    };
+    let edge = side("edge-1", edge_boot, 5);
+    let connector = side("cloud-1", connector_boot, 9);
+    (
+        sa(&edge, "cloud-1", Direction::Out, 5).clone(),
+        sa(&connector, "edge-1", Direction::In, 5).clone(),
+    )
+}
+
+#[test]
+fn both_ends_mix_their_published_nonces_into_the_same_key() {
+    let (out, inbound) = edge_to_connector(1, 1);
+    assert_eq!(out.spec.spi, inbound.spec.spi);
+    assert_eq!(out.spec.key, inbound.spec.key);
+    let (_, without_nonces) = esp_for(&cluster(&[("edge-1", 5), ("cloud-1", 9)]), "edge-1", 5);
+    assert_ne!(
+        out.spec.key,
+        sa(&without_nonces, "cloud-1", Direction::Out, 5).spec.key,
+        "nonces change the key"
+    );
+}
+
+#[test]
+fn state_loss_on_either_side_yields_new_keys_for_the_same_generation() {
+    let (before, _) = edge_to_connector(1, 1);
+    // The edge lost its state (new nonce), same generation and SPI.
+    let (edge_lost, connector_view) = edge_to_connector(2, 1);
+    assert_eq!(edge_lost.spec.spi, before.spec.spi);
+    assert_ne!(edge_lost.spec.key, before.spec.key);
+    assert_eq!(edge_lost.spec.key, connector_view.spec.key);
+    // The connector lost its state: its inbound keys are new too, so ESP
+    // recorded earlier fails authentication instead of meeting an empty
+    // replay window.
+    let (edge_view, connector_lost) = edge_to_connector(1, 2);
+    assert_ne!(connector_lost.spec.key, before.spec.key);
+    assert_eq!(edge_view.spec.key, connector_lost.spec.key);
+}
+
+#[test]
+fn a_malformed_nonce_is_a_warning_and_no_tunnel() {
+    let text = annotate(
+        &cluster_text(&[]),
+        "cloud-1",
+        KEY_NONCE_ANNOTATION,
+        "not base64!",
+    );
+    let snapshot = manifest::snapshot(&text).unwrap();
+    let (_, esp) = esp_for(&snapshot, "edge-1", 1);
+    assert!(esp.sas.iter().all(|s| s.peer != "cloud-1"));
+    assert!(
+        esp.warnings
+            .iter()
+            .any(|w| w.contains("cloud-1") && w.contains(KEY_NONCE_ANNOTATION)),
+        "{:?}",
+        esp.warnings
+    );
+}
+
+#[test]
+fn outbound_sas_have_limits_and_inbound_ones_follow_the_sender() {
+    let (_, esp) = esp_for(&cluster(&[]), "edge-1", 1);
+    for sa in &esp.sas {
+        match sa.direction {
+            Direction::Out => assert_eq!(sa.spec.lifetime, OUTBOUND_LIFETIME),
+            Direction::In => assert_eq!(sa.spec.lifetime, Lifetime::INFINITE),
+        }
+    }
 }

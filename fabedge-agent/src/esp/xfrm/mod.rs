@@ -11,7 +11,7 @@ mod socket;
 
 pub use self::{
     msg::{Encap, PolicyAction, PolicyDir, PolicySpec, SaInfo, SaSpec, Tmpl},
-    msg::{Mapping, PolicyInfo},
+    msg::{Expire, Lifetime, Mapping, PolicyInfo},
     socket::{Socket, XfrmError},
 };
 

@@ -14,6 +14,7 @@ pub const XFRM_MSG_GETSA: u16 = 0x12;
 pub const XFRM_MSG_NEWPOLICY: u16 = 0x13;
 pub const XFRM_MSG_DELPOLICY: u16 = 0x14;
 pub const XFRM_MSG_GETPOLICY: u16 = 0x15;
+pub const XFRM_MSG_EXPIRE: u16 = 0x18;
 pub const XFRM_MSG_UPDPOLICY: u16 = 0x19;
 pub const XFRM_MSG_UPDSA: u16 = 0x1a;
 pub const XFRM_MSG_MAPPING: u16 = 0x26;
@@ -22,6 +23,7 @@ pub const XFRMA_ENCAP: u16 = 4;
 pub const XFRMA_TMPL: u16 = 5;
 pub const XFRMA_ALG_AEAD: u16 = 18;
 pub const XFRMA_MARK: u16 = 21;
+pub const XFRMA_REPLAY_ESN_VAL: u16 = 23;
 pub const XFRMA_SET_MARK: u16 = 29;
 pub const XFRMA_SET_MARK_MASK: u16 = 30;
 pub const XFRMA_IF_ID: u16 = 31;
@@ -38,11 +40,18 @@ const AF_INET: u16 = 2;
 pub const IPPROTO_ESP: u8 = 50;
 const XFRM_MODE_TUNNEL: u8 = 1;
 pub const UDP_ENCAP_ESPINUDP: u16 = 2;
-/// `XFRM_STATE_AF_UNSPEC` lets a tunnel-mode SA carry any inner family;
-/// we set none: inner and outer are IPv4.
-const SA_FLAGS: u8 = 0;
+/// `XFRM_STATE_ESN`: 64-bit sequence numbers (RFC 4303 ESN), so an SA never
+/// runs out at 2^32 packets. (`XFRM_STATE_AF_UNSPEC` is not set: inner and
+/// outer are IPv4.)
+pub const XFRM_STATE_ESN: u8 = 128;
+const SA_FLAGS: u8 = XFRM_STATE_ESN;
 /// Replay window (packets) of inbound SAs.
-pub const REPLAY_WINDOW: u8 = 32;
+pub const REPLAY_WINDOW: u8 = 128;
+/// The kernel refuses an ESN SA without a replay window (unless it is told
+/// the SA's direction); outbound SAs get this one, which they never use.
+pub const OUTBOUND_ESN_WINDOW: u32 = 32;
+/// The multicast group of `XFRM_MSG_EXPIRE` (`XFRMNLGRP_EXPIRE`).
+pub const XFRMNLGRP_EXPIRE: u32 = 2;
 /// `XFRM_INF`: no lifetime limit.
 const XFRM_INF: u64 = u64::MAX;
 
@@ -56,6 +65,36 @@ const USER_TMPL_LEN: usize = 64;
 const ENCAP_TMPL_LEN: usize = 24;
 const ALGO_AEAD_LEN: usize = 72;
 const LIFETIME_CFG_LEN: usize = 64;
+/// `struct xfrm_replay_state_esn` without its bitmap.
+const REPLAY_ESN_LEN: usize = 24;
+/// `struct xfrm_user_expire`: the SA, then `hard`.
+const USER_EXPIRE_LEN: usize = USERSA_INFO_LEN + 8;
+
+/// Packet and byte limits of an SA (`XFRM_INF`: none). At the soft limit the
+/// kernel sends an `XFRM_MSG_EXPIRE` (soft) and keeps the SA; at the hard
+/// limit it deletes the SA and says so (hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Lifetime {
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+    pub soft_packets: u64,
+    pub hard_packets: u64,
+}
+
+impl Lifetime {
+    pub const INFINITE: Lifetime = Lifetime {
+        soft_bytes: XFRM_INF,
+        hard_bytes: XFRM_INF,
+        soft_packets: XFRM_INF,
+        hard_packets: XFRM_INF,
+    };
+}
+
+impl Default for Lifetime {
+    fn default() -> Self {
+        Lifetime::INFINITE
+    }
+}
 
 /// ESP-in-UDP ports of an SA (RFC 3948).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,7 +117,9 @@ pub struct SaSpec {
     /// `XFRMA_SET_MARK` value and mask: applied to the inner packet on
     /// input and to the outer packet on output.
     pub set_mark: Option<(u32, u32)>,
+    /// Packets; 0 for outbound SAs (which need none).
     pub replay_window: u8,
+    pub lifetime: Lifetime,
 }
 
 /// A policy template: where the matching traffic is tunnelled to.
@@ -201,12 +242,25 @@ pub fn new_sa(sa: &SaSpec, seq: u32, update: bool) -> Vec<u8> {
     info[72..76].copy_from_slice(&sa.spi.to_be_bytes());
     info[76] = IPPROTO_ESP;
     info[80..96].copy_from_slice(&address(sa.src));
-    // Byte and packet limits infinite; no time limits (0).
-    infinite_lifetime(&mut info[96..128]);
+    // Byte and packet limits as planned; no time limits (0).
+    let lifetime = sa.lifetime;
+    for (i, limit) in [
+        lifetime.soft_bytes,
+        lifetime.hard_bytes,
+        lifetime.soft_packets,
+        lifetime.hard_packets,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        info[96 + i * 8..104 + i * 8].copy_from_slice(&limit.to_ne_bytes());
+    }
     info[208..212].copy_from_slice(&sa.reqid.to_ne_bytes());
     info[212..214].copy_from_slice(&AF_INET.to_ne_bytes());
     info[214] = XFRM_MODE_TUNNEL;
-    info[215] = sa.replay_window;
+    // With ESN the window lives in XFRMA_REPLAY_ESN_VAL; the kernel refuses
+    // a legacy window next to it.
+    info[215] = 0;
     info[216] = SA_FLAGS;
     b.body(&info);
 
@@ -220,6 +274,8 @@ pub fn new_sa(sa: &SaSpec, seq: u32, update: bool) -> Vec<u8> {
     aead.extend_from_slice(key);
     b.attr(XFRMA_ALG_AEAD, &aead);
     zeroize::Zeroize::zeroize(&mut aead);
+
+    b.attr(XFRMA_REPLAY_ESN_VAL, &replay_esn(sa.replay_window));
 
     if let Some(encap) = sa.encap {
         let mut e = [0u8; ENCAP_TMPL_LEN];
@@ -236,6 +292,21 @@ pub fn new_sa(sa: &SaSpec, seq: u32, update: bool) -> Vec<u8> {
         b.attr(XFRMA_SET_MARK_MASK, &mask.to_ne_bytes());
     }
     b.finish()
+}
+
+/// `struct xfrm_replay_state_esn` of a new SA: counters at zero, a bitmap
+/// for `window` packets.
+fn replay_esn(window: u8) -> Vec<u8> {
+    let window = match u32::from(window) {
+        0 => OUTBOUND_ESN_WINDOW,
+        w => w,
+    };
+    let bmp_len = window.div_ceil(32);
+    let mut out = vec![0u8; REPLAY_ESN_LEN + bmp_len as usize * 4];
+    out[0..4].copy_from_slice(&bmp_len.to_ne_bytes());
+    // oseq, seq, oseq_hi, seq_hi: 0.
+    out[20..24].copy_from_slice(&window.to_ne_bytes());
+    out
 }
 
 /// `XFRM_MSG_DELSA` of the SA `(dst, spi, ESP)` with `if_id`.
@@ -329,6 +400,21 @@ pub struct SaInfo {
     pub if_id: u32,
     pub encap: Option<Encap>,
     pub set_mark: Option<(u32, u32)>,
+    /// `XFRM_STATE_ESN` set.
+    pub esn: bool,
+    /// The replay window the SA checks (ESN or legacy).
+    pub replay_window: u32,
+    pub lifetime: Lifetime,
+    /// SHA-256 of the SA's key material, to tell whether an installed SA
+    /// has the key we would give it without keeping the key itself.
+    #[serde(skip)]
+    pub key_digest: Option<[u8; 32]>,
+}
+
+/// SHA-256 of key bytes (see [`SaInfo::key_digest`]).
+pub fn key_digest(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
 }
 
 /// What the kernel reports of one policy.
@@ -380,7 +466,13 @@ fn attrs(payload: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 
 /// Parse the payload (after `nlmsghdr`) of a `NEWSA` message.
 pub fn parse_sa(payload: &[u8]) -> Option<SaInfo> {
+    parse_sa_with_attrs(payload, USERSA_INFO_LEN)
+}
+
+/// An `xfrm_usersa_info` at the start of `payload`, attributes from `attrs_at`.
+fn parse_sa_with_attrs(payload: &[u8], attrs_at: usize) -> Option<SaInfo> {
     if payload.len() < USERSA_INFO_LEN
+        || payload.len() < attrs_at
         || u16::from_ne_bytes([payload[212], payload[213]]) != AF_INET
     {
         return None;
@@ -395,10 +487,18 @@ pub fn parse_sa(payload: &[u8]) -> Option<SaInfo> {
         replay_errors: u32_at(payload, 196),
         integrity_errors: u32_at(payload, 200),
         reqid: u32_at(payload, 208),
+        lifetime: Lifetime {
+            soft_bytes: u64_at(payload, 96),
+            hard_bytes: u64_at(payload, 104),
+            soft_packets: u64_at(payload, 112),
+            hard_packets: u64_at(payload, 120),
+        },
+        replay_window: u32::from(payload[215]),
+        esn: payload[216] & XFRM_STATE_ESN != 0,
         ..Default::default()
     };
     let mut set_mark = (None, 0xffff_ffff);
-    for (kind, value) in attrs(&payload[USERSA_INFO_LEN..]) {
+    for (kind, value) in attrs(&payload[attrs_at..]) {
         match kind {
             XFRMA_IF_ID if value.len() >= 4 => sa.if_id = u32_at(value, 0),
             XFRMA_ENCAP if value.len() >= 6 => {
@@ -409,6 +509,19 @@ pub fn parse_sa(payload: &[u8]) -> Option<SaInfo> {
             }
             XFRMA_SET_MARK if value.len() >= 4 => set_mark.0 = Some(u32_at(value, 0)),
             XFRMA_SET_MARK_MASK if value.len() >= 4 => set_mark.1 = u32_at(value, 0),
+            XFRMA_REPLAY_ESN_VAL if value.len() >= REPLAY_ESN_LEN => {
+                sa.replay_window = u32_at(value, 20)
+            }
+            // xfrm_algo_aead: name[64], key_len (bits), icv_len, key.
+            XFRMA_ALG_AEAD if value.len() >= ALGO_AEAD_LEN => {
+                let bits = u32_at(value, 64) as usize;
+                // All zeros: the kernel redacts keys (lockdown); unknown.
+                if let Some(key) = value.get(ALGO_AEAD_LEN..ALGO_AEAD_LEN + bits / 8)
+                    && key.iter().any(|&b| b != 0)
+                {
+                    sa.key_digest = Some(key_digest(key));
+                }
+            }
             _ => {}
         }
     }
@@ -439,6 +552,27 @@ pub fn parse_policy(payload: &[u8]) -> Option<PolicyInfo> {
         }
     }
     Some(p)
+}
+
+/// An `XFRM_MSG_EXPIRE` event: an SA reached a soft or hard limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expire {
+    pub sa: SaInfo,
+    /// Hard: the kernel deleted the SA. Soft: it still works, replace it.
+    pub hard: bool,
+}
+
+/// Parse the payload of an `XFRM_MSG_EXPIRE` event.
+pub fn parse_expire(payload: &[u8]) -> Option<Expire> {
+    if payload.len() < USER_EXPIRE_LEN {
+        return None;
+    }
+    // The state, `hard`, then the state's attributes (marks, if_id).
+    let sa = parse_sa_with_attrs(payload, USER_EXPIRE_LEN)?;
+    Some(Expire {
+        sa,
+        hard: payload[USERSA_INFO_LEN] != 0,
+    })
 }
 
 /// A `XFRM_MSG_MAPPING` event: the peer behind NAT moved (`xfrm_user_mapping`).

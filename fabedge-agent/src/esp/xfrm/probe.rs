@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use super::{
     Socket,
-    msg::{Encap, REPLAY_WINDOW, SaSpec},
+    msg::{Encap, Lifetime, REPLAY_WINDOW, SaSpec},
 };
 use crate::{
     apply::rtnl::LinkKind,
@@ -40,7 +40,7 @@ pub fn check() -> Result<(), Unsupported> {
             detail: e.to_string(),
         })?
         .shared_with(&NodeKey::from_secret_bytes([7; 32]).public())
-        .sa_key("probe", "probe", 0);
+        .sa_key("probe", "probe", 0, None);
     let sa = SaSpec {
         src: PROBE_DST,
         dst: PROBE_DST,
@@ -54,6 +54,7 @@ pub fn check() -> Result<(), Unsupported> {
         if_id: super::FE_IF_ID,
         set_mark: None,
         replay_window: REPLAY_WINDOW,
+        lifetime: Lifetime::default(),
     };
     // A probe left over by a crash would make the add fail with EEXIST.
     let _ = socket.delete_sa(PROBE_DST, PROBE_SPI, super::FE_IF_ID);

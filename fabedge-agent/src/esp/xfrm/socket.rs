@@ -191,6 +191,78 @@ impl Socket {
         self.request(|seq| msg::del_policy(dir, mark, if_id, seq), &what)
     }
 
+    /// A socket that receives the kernel's `XFRM_MSG_EXPIRE` events
+    /// (non-blocking; read with [`Socket::expires`]).
+    pub fn subscribe_expire() -> Result<Self, XfrmError> {
+        let socket = Self::open()?;
+        // SAFETY: sockaddr_nl zeroed, then family and groups set.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = 1 << (msg::XFRMNLGRP_EXPIRE - 1);
+        // SAFETY: addr is a valid sockaddr_nl for the call.
+        let rc = unsafe {
+            libc::bind(
+                socket.fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        // SAFETY: fcntl on our own fd.
+        let nonblocking = unsafe {
+            let flags = libc::fcntl(socket.fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(
+                socket.fd.as_raw_fd(),
+                libc::F_SETFL,
+                flags | libc::O_NONBLOCK,
+            )
+        };
+        if rc != 0 || nonblocking != 0 {
+            return Err(XfrmError::Open(io::Error::last_os_error()));
+        }
+        Ok(socket)
+    }
+
+    /// The expire events waiting on a [`Socket::subscribe_expire`] socket.
+    /// A lost event (buffer overrun) is an error, so the caller can act as
+    /// if every SA had expired.
+    pub fn expires(&self) -> Result<Vec<msg::Expire>, XfrmError> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(out),
+                    _ => return Err(XfrmError::Io(e)),
+                }
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                if len < 16 || len > rest.len() {
+                    break;
+                }
+                if kind == msg::XFRM_MSG_EXPIRE
+                    && let Some(expire) = msg::parse_expire(&rest[16..len])
+                {
+                    out.push(expire);
+                }
+                rest = &rest[((len + 3) & !3).min(rest.len())..];
+            }
+        }
+    }
+
     pub fn sas(&mut self) -> Result<Vec<SaInfo>, XfrmError> {
         let seq = self.next_seq();
         self.send(&msg::dump(msg::XFRM_MSG_GETSA, seq))?;

@@ -6,7 +6,7 @@ use crate::esp::keys::NodeKey;
 fn sa_key() -> SaKey {
     NodeKey::from_secret_bytes([1; 32])
         .shared_with(&NodeKey::from_secret_bytes([2; 32]).public())
-        .sa_key("a", "b", 1)
+        .sa_key("a", "b", 1, None)
 }
 
 fn spec() -> SaSpec {
@@ -23,6 +23,7 @@ fn spec() -> SaSpec {
         if_id: 0x4645,
         set_mark: Some((0x0003_0D00, 0xFFFF_3F00)),
         replay_window: REPLAY_WINDOW,
+        lifetime: Lifetime::default(),
     }
 }
 
@@ -72,7 +73,8 @@ fn new_sa_lays_out_xfrm_usersa_info_and_its_attributes() {
     );
     assert_eq!(u16::from_ne_bytes([info[212], info[213]]), 2, "AF_INET");
     assert_eq!(info[214], 1, "tunnel mode");
-    assert_eq!(info[215], REPLAY_WINDOW);
+    assert_eq!(info[215], 0, "legacy window off: ESN carries it");
+    assert_eq!(info[216], XFRM_STATE_ESN, "extended sequence numbers");
     assert_eq!(
         u16::from_ne_bytes([info[40], info[41]]),
         2,
@@ -85,6 +87,7 @@ fn new_sa_lays_out_xfrm_usersa_info_and_its_attributes() {
         kinds,
         [
             XFRMA_ALG_AEAD,
+            XFRMA_REPLAY_ESN_VAL,
             XFRMA_ENCAP,
             XFRMA_IF_ID,
             XFRMA_SET_MARK,
@@ -106,7 +109,26 @@ fn new_sa_lays_out_xfrm_usersa_info_and_its_attributes() {
         "ICV bits"
     );
     assert_eq!(&aead[72..], sa_key().expose());
-    let encap = &attrs[1].1;
+    let esn = &attrs[1].1;
+    assert_eq!(
+        esn.len(),
+        24 + 16,
+        "xfrm_replay_state_esn and a 128-bit bitmap"
+    );
+    assert_eq!(
+        u32::from_ne_bytes(esn[0..4].try_into().unwrap()),
+        4,
+        "bmp_len"
+    );
+    assert!(
+        esn[4..20].iter().all(|b| *b == 0),
+        "sequence numbers from 0"
+    );
+    assert_eq!(
+        u32::from_ne_bytes(esn[20..24].try_into().unwrap()),
+        u32::from(REPLAY_WINDOW)
+    );
+    let encap = &attrs[2].1;
     assert_eq!(encap.len(), 24);
     assert_eq!(u16::from_ne_bytes([encap[0], encap[1]]), UDP_ENCAP_ESPINUDP);
     assert_eq!(
@@ -114,9 +136,72 @@ fn new_sa_lays_out_xfrm_usersa_info_and_its_attributes() {
         &[0x11, 0x94, 0xEE, 0x48],
         "ports 4500 and 61000 in network order"
     );
-    assert_eq!(attrs[2].1, 0x4645u32.to_ne_bytes());
-    assert_eq!(attrs[3].1, 0x0003_0D00u32.to_ne_bytes());
-    assert_eq!(attrs[4].1, 0xFFFF_3F00u32.to_ne_bytes());
+    assert_eq!(attrs[3].1, 0x4645u32.to_ne_bytes());
+    assert_eq!(attrs[4].1, 0x0003_0D00u32.to_ne_bytes());
+    assert_eq!(attrs[5].1, 0xFFFF_3F00u32.to_ne_bytes());
+}
+
+#[test]
+fn lifetimes_and_esn_are_laid_out_and_parse_back() {
+    let mut sa = spec();
+    sa.lifetime = Lifetime {
+        soft_bytes: 1 << 40,
+        hard_bytes: 1 << 41,
+        soft_packets: 1000,
+        hard_packets: 2000,
+    };
+    sa.replay_window = 0;
+    let msg = new_sa(&sa, 1, false);
+    let info = &msg[16..16 + 224];
+    let u64_at = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().unwrap());
+    assert_eq!(
+        [u64_at(96), u64_at(104), u64_at(112), u64_at(120)],
+        [1 << 40, 1 << 41, 1000, 2000],
+        "soft/hard byte and packet limits of xfrm_lifetime_cfg"
+    );
+    // An outbound SA (no window of its own) still gets one: the kernel
+    // refuses ESN without.
+    let esn = attributes(&msg, 224)
+        .into_iter()
+        .find(|(k, _)| *k == XFRMA_REPLAY_ESN_VAL)
+        .unwrap()
+        .1;
+    assert_eq!(u32::from_ne_bytes(esn[20..24].try_into().unwrap()), 32);
+    let parsed = parse_sa(&msg[16..]).unwrap();
+    assert_eq!(parsed.lifetime, sa.lifetime);
+    assert!(parsed.esn);
+    assert_eq!(parsed.replay_window, 32);
+    assert_eq!(parsed.key_digest, Some(key_digest(sa.key.expose())));
+}
+
+#[test]
+fn a_redacted_key_is_unknown_not_a_mismatch() {
+    let mut msg = new_sa(&spec(), 1, false);
+    // The AEAD attribute's key bytes, zeroed as under lockdown.
+    let key_at = 16 + 224 + 4 + 72;
+    msg[key_at..key_at + 36].fill(0);
+    assert_eq!(parse_sa(&msg[16..]).unwrap().key_digest, None);
+}
+
+#[test]
+fn expire_events_name_the_sa_and_say_soft_or_hard() {
+    // xfrm_user_expire as the kernel sends it: the state, `hard`, padding,
+    // then the state's attributes.
+    let added = new_sa(&spec(), 1, false);
+    let mut payload = added[16..16 + 224].to_vec();
+    payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+    payload.extend_from_slice(&[8, 0]);
+    payload.extend_from_slice(&XFRMA_IF_ID.to_ne_bytes());
+    payload.extend_from_slice(&0x4645u32.to_ne_bytes());
+    let expire = parse_expire(&payload).unwrap();
+    assert!(expire.hard);
+    assert_eq!(
+        (expire.sa.dst, expire.sa.spi, expire.sa.if_id),
+        (Some(Ipv4Addr::new(198, 18, 0, 1)), 0x4012_3401, 0x4645)
+    );
+    payload[224] = 0;
+    assert!(!parse_expire(&payload).unwrap().hard, "soft");
+    assert_eq!(parse_expire(&payload[..230]), None, "truncated");
 }
 
 #[test]
@@ -130,7 +215,7 @@ fn update_sa_replaces_without_create_flags() {
 }
 
 #[test]
-fn sa_without_encap_or_mark_has_only_the_aead() {
+fn sa_without_encap_or_mark_has_only_the_aead_and_esn() {
     let mut sa = spec();
     sa.encap = None;
     sa.set_mark = None;
@@ -139,7 +224,7 @@ fn sa_without_encap_or_mark_has_only_the_aead() {
         .iter()
         .map(|(k, _)| *k)
         .collect();
-    assert_eq!(kinds, [XFRMA_ALG_AEAD]);
+    assert_eq!(kinds, [XFRMA_ALG_AEAD, XFRMA_REPLAY_ESN_VAL]);
 }
 
 #[test]
