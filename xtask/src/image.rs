@@ -39,9 +39,15 @@ const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-/// The default archive path.
+/// The default archive path (where `tests/tests/image.rs` looks for it).
 pub fn default_out(workspace: &Path) -> PathBuf {
-    workspace.join("target/image/fabedge-agent.oci.tar")
+    target_dir(workspace).join("image/fabedge-agent.oci.tar")
+}
+
+fn target_dir(workspace: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
 }
 
 /// Builds the static agent and the archive at `out`; returns the image reference.
@@ -105,10 +111,9 @@ fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
              `cargo xtask setup` installs the target and musl-gcc"
         );
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    Ok(target_dir.join(TARGET).join("release/fabedge-agent"))
+    Ok(target_dir(workspace)
+        .join(TARGET)
+        .join("release/fabedge-agent"))
 }
 
 /// An ELF with a program interpreter needs a loader and libc the image lacks.
