@@ -1,8 +1,8 @@
 //! The agent's OCI image (`cargo xtask image`): a real OCI tool (skopeo)
 //! reads the archive under the name `deploy/kustomization.yaml` gives it, and
-//! a real runtime (podman, running crun) starts it as one node of the mini
+//! a real runtime (podman, running runc) starts it as one node of the mini
 //! cluster, mounted as `deploy/daemonset.yaml` mounts it, whose seed paths
-//! then pass. Needs root, skopeo and podman (`cargo xtask setup`) and the
+//! then pass. Needs root, skopeo, podman and runc (`cargo xtask setup`) and the
 //! archive (`cargo xtask image`; `cargo xtask test` builds it first).
 
 use std::{

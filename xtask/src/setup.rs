@@ -25,10 +25,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "/usr/bin/ping"),
     ("ethtool", "/usr/sbin/ethtool"),
     // The agent's image: musl-gcc for ring's C under the static musl target;
-    // skopeo inspects the archive and podman (with crun) runs it in the image test.
+    // skopeo inspects the archive and podman runs it in the image test, with
+    // runc (crun refuses hosts with hybrid cgroups).
     ("musl-tools", "/usr/bin/musl-gcc"),
     ("skopeo", "/usr/bin/skopeo"),
     ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
 ];
 
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -1,5 +1,5 @@
 //! A node's agent started from the OCI image by a real container runtime
-//! (podman, with crun), set up the way `deploy/daemonset.yaml` runs it:
+//! (podman, with runc), set up the way `deploy/daemonset.yaml` runs it:
 //! privileged, in the node's network namespace (hostNetwork), bpffs bind-
 //! mounted at `/sys/fs/bpf`, the host's cgroup2 root at
 //! `/run/fabedge/host-cgroup`, the state and CNI configuration directories
@@ -52,7 +52,14 @@ impl ContainerAgent {
     ) -> Result<Child> {
         let cgroup_root = cgroup2_root();
         let mut cmd = Command::new("podman");
-        cmd.args(["run", "--rm", "--name", &self.name, "--privileged"])
+        // runc, not crun: crun refuses hosts with hybrid cgroups (v1 plus a
+        // v2 hierarchy with controllers), which test machines can be.
+        cmd.args(["--runtime", "runc"])
+            .args(["run", "--rm", "--name", &self.name, "--privileged"])
+            // podman's default limits can exceed this host's hard limits (the
+            // runtime's setrlimit then fails): ours always fit.
+            .arg(format!("--ulimit=nofile={}", open_files_limit()))
+            .arg("--ulimit=nproc=4096:4096")
             .arg(format!("--network=ns:{}", netns.path().display()))
             // The host's bpffs is private here, so no `rshared` as in the
             // DaemonSet: the pins are the same either way (one bpffs).
@@ -71,7 +78,12 @@ impl ContainerAgent {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting container {} (is podman installed?)", self.name))
+            .with_context(|| {
+                format!(
+                    "starting container {} (are podman and runc installed?)",
+                    self.name
+                )
+            })
     }
 
     /// Removes the container whatever its state (after the agent's SIGTERM
@@ -120,6 +132,17 @@ fn container_args(args: &[String], cgroup_root: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// `soft:hard` of this process's open-files limit.
+fn open_files_limit() -> String {
+    let mut limit = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: getrlimit writes one rlimit, which `limit` is.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    format!("{}:{}", limit.rlim_cur, limit.rlim_max)
 }
 
 fn remove_container(name: &str) {
