@@ -3,6 +3,7 @@
 
 mod build;
 mod crd;
+mod image;
 mod kube;
 mod setup;
 mod test;
@@ -49,6 +50,12 @@ enum Cmd {
     },
     /// Bring up the mini cluster in network namespaces, show every path working, tear down.
     Demo,
+    /// Build the agent's OCI image (static binary, no base) as an oci-archive tar.
+    Image {
+        /// Where to write the archive (default target/image/fabedge-agent.oci.tar).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write deploy/crd.yaml (the Community CRD) from the agent's Rust types.
     GenCrd,
     /// Prove the VM harness on every kernel (exit codes, netns + VXLAN, ESP with AES-GCM).
@@ -126,6 +133,12 @@ fn main() -> Result<()> {
                 args.extend(["--only".to_owned(), only]);
             }
             run_tests_bin(&ws, "fabedge-bench", "the benchmark", true, &args)
+        }
+        Cmd::Image { out } => {
+            let out = out.unwrap_or_else(|| image::default_out(&ws));
+            let reference = image::build(&ws, &out)?;
+            println!("{reference} {}", out.display());
+            Ok(())
         }
         Cmd::GenCrd => crd::write(&ws),
         Cmd::VmSelfTest => vm::self_test(),

@@ -31,6 +31,13 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The API-server tests' etcd (Debian ships no kube-apiserver: `kube` builds it).
     ("etcd-server", crate::kube::ETCD),
     ("openssl", "/usr/bin/openssl"),
+    // The agent's image: musl-gcc for ring's C under the static musl target;
+    // skopeo inspects the archive and podman runs it in the image test, with
+    // runc (crun refuses hosts with hybrid cgroups).
+    ("musl-tools", "/usr/bin/musl-gcc"),
+    ("skopeo", "/usr/bin/skopeo"),
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
 ];
 
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -39,6 +46,7 @@ pub fn run() -> Result<()> {
     install_apt_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    install_musl_target()?;
     Ok(())
 }
 
@@ -93,6 +101,30 @@ fn install_rust_src() -> Result<()> {
         .context("running rustup")?;
     if !status.success() {
         bail!("rustup component add rust-src --toolchain nightly failed");
+    }
+    Ok(())
+}
+
+/// The image's static agent is built for musl (`cargo xtask image`).
+fn install_musl_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running `rustup target list --installed`: is rustup installed?")?;
+    let target = crate::image::TARGET;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|t| t.trim() == target)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: adding the Rust target {target} (the image's static agent)");
+    let status = Command::new("rustup")
+        .args(["target", "add", target])
+        .status()
+        .context("running rustup target add")?;
+    if !status.success() {
+        bail!("rustup target add {target} failed");
     }
     Ok(())
 }

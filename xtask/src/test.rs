@@ -76,6 +76,8 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     if !status.success() {
         bail!("cargo build failed");
     }
+    // tests/tests/image.rs runs the image; cached when the agent is unchanged.
+    crate::image::build(workspace, &crate::image::default_out(workspace))?;
 
     let mut host = cargo(workspace);
     host.args(["test", "--no-fail-fast"]);

@@ -257,6 +257,8 @@ pub fn purge_state(state_dir: &Path) -> Result<Vec<String>> {
         crate::esp::keys::KEY_FILE,
         crate::esp::run::OBSERVED_FILE,
         crate::esp::run::ROTATE_REQUEST,
+        crate::esp::hellos::SENT_FILE,
+        crate::esp::hellos::RECEIVED_FILE,
         crate::esp::apply::GENERATION_FILE,
         crate::source::last_good::FILE_NAME,
         crate::run::problems::FILE_NAME,

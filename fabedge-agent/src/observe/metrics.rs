@@ -541,6 +541,8 @@ mod tests {
             bytes: packets * 100,
             replay_errors: 1,
             integrity_errors: 0,
+            clock_skew_secs: None,
+            skewed_hellos: 0,
         }
     }
 

@@ -26,6 +26,7 @@ use crate::{
     netns::{Netns, ping},
 };
 
+use super::container::ContainerAgent;
 use super::fixture::NodeRole;
 use super::topology::node_cgroup;
 use super::traffic::Endpoint;
@@ -37,10 +38,13 @@ use super::{AGENT_READY_TIMEOUT, AGENT_STOP_TIMEOUT, Cluster, LOG_TAIL_LINES, PO
 
 /// A `fabedge-agent run` in a node's namespace, entered with `nsenter --net`
 /// only: `ip netns exec` (and so `Netns::spawn`) gives the process a mount
-/// namespace without bpffs, where its pins would be invisible. Stopped on drop.
+/// namespace without bpffs, where its pins would be invisible. Or, for a
+/// node in [`super::ClusterOptions::agent_image`], `podman run` of the image.
+/// Stopped on drop.
 pub(super) struct AgentProcess {
     child: Child,
     node: String,
+    container: Option<ContainerAgent>,
 }
 
 impl AgentProcess {
@@ -49,6 +53,7 @@ impl AgentProcess {
         node: &str,
         args: &[String],
         log_path: &Path,
+        container: Option<&ContainerAgent>,
     ) -> Result<Self> {
         let log = OpenOptions::new()
             .create(true)
@@ -58,6 +63,16 @@ impl AgentProcess {
         let log_for_stderr = log
             .try_clone()
             .context("duplicating the agent log handle")?;
+        if let Some(container) = container {
+            let child = container
+                .spawn(netns, args, log, log_for_stderr)
+                .with_context(|| format!("starting the agent of {node} from its image"))?;
+            return Ok(AgentProcess {
+                child,
+                node: node.to_owned(),
+                container: Some(container.clone()),
+            });
+        }
         let child = Command::new(nsenter_bin()?)
             .arg(format!("--net={}", netns.path().display()))
             .arg(agent_bin()?)
@@ -73,6 +88,7 @@ impl AgentProcess {
         Ok(AgentProcess {
             child,
             node: node.to_owned(),
+            container: None,
         })
     }
 
@@ -110,6 +126,10 @@ impl AgentProcess {
             while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 thread::sleep(POLL);
             }
+        }
+        // Whatever `podman run` did, the container must not outlive the test.
+        if let Some(container) = &self.container {
+            container.remove();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -157,6 +177,16 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// Whether `node`'s agent container runs, and its image name (an error
+    /// when the node's agent is a plain process).
+    pub fn agent_container(&self, node: &str) -> Result<(bool, String)> {
+        self.cluster_node(node)?
+            .container
+            .as_ref()
+            .with_context(|| format!("the agent of {node} does not run from an image"))?
+            .inspect()
     }
 
     /// `fabedge-agent inspect <what> --json` on `node`, parsed.
@@ -239,6 +269,7 @@ impl Cluster {
                 node,
                 &n.agent_args,
                 &n.files.agent_log,
+                n.container.as_ref(),
             )?);
             offset
         };

@@ -26,6 +26,7 @@
 //! removed by the next [`Cluster::start`].
 
 mod agents;
+mod container;
 mod fixture;
 mod flannel;
 mod matrix;
@@ -39,6 +40,8 @@ mod topology;
 mod traffic;
 
 use agents::AgentProcess;
+pub use container::AgentImage;
+use container::ContainerAgent;
 pub use fixture::{FlannelLease, NodeRole, NodeSpec};
 pub use matrix::seed_matrix;
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
@@ -169,6 +172,9 @@ pub struct ClusterOptions {
     /// A port forward in front of the connector: UDP to this port of its WAN
     /// address reaches its UDP 4500 (a REDIRECT in its namespace).
     pub connector_port_forward: Option<u16>,
+    /// These nodes' agents run from an OCI image with podman, mounted as the
+    /// DaemonSet mounts them, instead of as processes.
+    pub agent_image: Option<AgentImage>,
 }
 
 impl Default for ClusterOptions {
@@ -189,6 +195,7 @@ impl Default for ClusterOptions {
             edges_behind_nat: false,
             connector_args: Vec::new(),
             connector_port_forward: None,
+            agent_image: None,
         }
     }
 }
@@ -211,6 +218,8 @@ struct ClusterNode {
     /// Behind a lock so that tests can restart an agent while traffic flows
     /// between endpoints they borrowed from the same cluster.
     agent: Mutex<Option<AgentProcess>>,
+    /// Set when the agent runs from the image ([`ClusterOptions::agent_image`]).
+    container: Option<ContainerAgent>,
     /// Whether an agent ever ran, so teardown knows to uninstall.
     agent_started: bool,
     pod: Option<Endpoint>,
@@ -232,6 +241,7 @@ pub struct Cluster {
     leases: BTreeMap<String, FlannelLease>,
     extra_agent_args: Vec<String>,
     timeout_factor: u32,
+    agent_image: Option<AgentImage>,
 }
 
 impl Drop for Cluster {

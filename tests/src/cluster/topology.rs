@@ -15,6 +15,7 @@ use ipnet::Ipv4Net;
 use crate::netns::{Netns, NextHop, veth_pair};
 
 use super::agents::AgentProcess;
+use super::container::{ContainerAgent, remove_stale_containers};
 use super::fixture::{Manifest, NodeRole, NodeSpec};
 use super::flannel::create_flannel_device;
 use super::nat::{create_nat_router, forward_port_to_esp, move_edges_to_the_site_lan};
@@ -61,11 +62,15 @@ impl Cluster {
             leases: manifest.leases.clone(),
             extra_agent_args: options.extra_agent_args.clone(),
             timeout_factor: options.timeout_factor.max(1),
+            agent_image: options.agent_image.clone(),
         };
         let switch = Netns::new("switch")?;
         // The first namespace of this process has removed stale namespaces
         // (and the agents in them); now their bpffs roots and files can go.
         remove_stale_leftovers();
+        if cluster.agent_image.is_some() {
+            remove_stale_containers();
+        }
         switch.bridge(WAN_BRIDGE)?;
         switch.bridge(LAN_BRIDGE)?;
         if options.edges_behind_nat {
@@ -90,6 +95,7 @@ impl Cluster {
                 &node.spec.name,
                 &node.agent_args,
                 &node.files.agent_log,
+                node.container.as_ref(),
             )?;
             *node.agent.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(agent);
             node.agent_started = true;
@@ -213,10 +219,24 @@ impl Cluster {
         if spec.role == NodeRole::Connector {
             agent_args.extend(self.connector_args.iter().cloned());
         }
+        let container = self
+            .agent_image
+            .as_ref()
+            .filter(|image| image.nodes.contains(&spec.name))
+            .map(|image| ContainerAgent {
+                name: format!("{cluster_id}-{}", spec.name),
+                image: image.reference.clone(),
+                host_dirs: vec![
+                    files.state_dir.clone(),
+                    files.cni_conf_dir.clone(),
+                    self.work_dir.clone(),
+                ],
+            });
         Ok(ClusterNode {
             spec: spec.clone(),
             files,
             agent_args,
+            container,
             agent: Mutex::new(None),
             agent_started: false,
             pod: None,
@@ -306,7 +326,7 @@ pub(super) fn node_cgroup(cluster_id: &str, node: &str) -> PathBuf {
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones.
-fn cgroup2_root() -> PathBuf {
+pub(super) fn cgroup2_root() -> PathBuf {
     fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|text| {
