@@ -255,26 +255,7 @@ impl Cluster {
     }
 
     pub fn restart_agent(&self, node: &str) -> Result<()> {
-        let n = self.cluster_node(node)?;
-        let offset = {
-            let mut agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(mut running) = agent.take() {
-                running.stop();
-            }
-            let offset = fs::metadata(&n.files.agent_log)
-                .map(|m| m.len())
-                .unwrap_or(0);
-            *agent = Some(AgentProcess::start(
-                &n.netns,
-                node,
-                &n.agent_args,
-                &n.files.agent_log,
-                n.container.as_ref(),
-            )?);
-            offset
-        };
-        self.wait_for_agent(node, offset)
-            .with_context(|| format!("restarting the agent of {node}"))
+        self.restart_agent_with_args(node, &[])
     }
 
     /// [`Cluster::restart_agent`] with `extra` appended to the node's `run`
@@ -296,13 +277,18 @@ impl Cluster {
                 node,
                 &args,
                 &n.files.agent_log,
+                n.container.as_ref(),
             )?);
             offset
         };
         self.wait_for_agent(node, offset).with_context(|| {
             format!(
-                "restarting the agent of {node} with extra arguments {}",
-                extra.join(" ")
+                "restarting the agent of {node}{}",
+                if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with extra arguments {}", extra.join(" "))
+                }
             )
         })
     }
