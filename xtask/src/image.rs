@@ -89,7 +89,13 @@ pub fn build(workspace: &Path, out: &Path) -> Result<String> {
 
 /// `cargo build --release --target x86_64-unknown-linux-musl -p fabedge-agent`, stripped.
 fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
-    eprintln!("image: building fabedge-agent for {TARGET} (release, static)");
+    // A release build for another target is slow to start from nothing: it
+    // is cached outside the work tree, shared by every clone (CI included).
+    let cache = crate::kube::cache_root()?.join("image-target");
+    eprintln!(
+        "image: building fabedge-agent for {TARGET} (release, static) in {}",
+        cache.display()
+    );
     let status = Command::new("cargo")
         .current_dir(workspace)
         .args([
@@ -103,6 +109,7 @@ fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
         // ring compiles C; Debian's musl-tools names its compiler musl-gcc.
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .env("CARGO_TARGET_DIR", &cache)
         .status()
         .context("running cargo build for the image's agent")?;
     if !status.success() {
@@ -111,9 +118,7 @@ fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
              `cargo xtask setup` installs the target and musl-gcc"
         );
     }
-    Ok(target_dir(workspace)
-        .join(TARGET)
-        .join("release/fabedge-agent"))
+    Ok(cache.join(TARGET).join("release/fabedge-agent"))
 }
 
 /// An ELF with a program interpreter needs a loader and libc the image lacks.

@@ -62,7 +62,7 @@ pub fn pinned_version() -> Result<String> {
         .with_context(|| format!("{} does not require k8s.io/kubernetes", go_mod.display()))
 }
 
-fn cache_root() -> Result<PathBuf> {
+pub fn cache_root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("fabedge"));
     }
