@@ -26,9 +26,9 @@ use crate::{
     netns::{Netns, ping},
 };
 
+use super::cgroup::node_cgroup;
 use super::container::ContainerAgent;
 use super::fixture::NodeRole;
-use super::topology::node_cgroup;
 use super::traffic::Endpoint;
 use super::{AGENT_READY_TIMEOUT, AGENT_STOP_TIMEOUT, Cluster, LOG_TAIL_LINES, POLL};
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::netns::Netns;
 
 use super::LEFTOVER_PREFIX;
-use super::topology::cgroup2_root;
+use super::cgroup::cgroup2_root;
 
 /// Where the DaemonSet mounts the host's `/sys/fs/cgroup`.
 const HOST_CGROUP_IN_CONTAINER: &str = "/run/fabedge/host-cgroup";

@@ -26,6 +26,7 @@
 //! removed by the next [`Cluster::start`].
 
 mod agents;
+mod cgroup;
 mod container;
 mod fixture;
 mod flannel;
@@ -40,13 +41,13 @@ mod topology;
 mod traffic;
 
 use agents::AgentProcess;
+use cgroup::node_cgroup;
 pub use container::AgentImage;
 use container::ContainerAgent;
 pub use fixture::{FlannelLease, NodeRole, NodeSpec};
 pub use matrix::seed_matrix;
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
 pub use shared::SharedCluster;
-use topology::node_cgroup;
 pub use traffic::{Endpoint, Exchange, TcpEcho};
 
 use std::{

@@ -15,6 +15,7 @@ use ipnet::Ipv4Net;
 use crate::netns::{Netns, NextHop, veth_pair};
 
 use super::agents::AgentProcess;
+use super::cgroup::{cgroup2_root, node_cgroup};
 use super::container::{ContainerAgent, remove_stale_containers};
 use super::fixture::{Manifest, NodeRole, NodeSpec};
 use super::flannel::create_flannel_device;
@@ -316,29 +317,6 @@ impl Cluster {
             .map(|n| n.spec.name.clone())
             .collect()
     }
-}
-
-/// The cgroup v2 directory a node's agent attaches its socket programs to;
-/// hostNetwork clients of that node run inside it.
-pub(super) fn node_cgroup(cluster_id: &str, node: &str) -> PathBuf {
-    cgroup2_root().join(format!("{cluster_id}-{node}"))
-}
-
-/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
-/// `/sys/fs/cgroup/unified` on hybrid ones.
-pub(super) fn cgroup2_root() -> PathBuf {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                let (before, after) = line.split_once(" - ")?;
-                after
-                    .starts_with("cgroup2 ")
-                    .then(|| before.split(' ').nth(4).map(PathBuf::from))
-                    .flatten()
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// Removes bpffs roots and work directories of clusters whose process is gone.
