@@ -1192,3 +1192,151 @@ fn fuzz(program: Program) -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// What the fuzzer found, pinned down (each was mishandled before its fix).
+// ---------------------------------------------------------------------------
+
+/// Runs `frame` and returns (verdict, output, counters that moved).
+fn run_counting(
+    dp: &TestDatapath,
+    program: Program,
+    frame: &[u8],
+    skb: SkbIn,
+) -> Result<(i32, Vec<u8>, BTreeMap<&'static str, u64>)> {
+    let before = dp.counters();
+    let out = dp.run_with(program, frame, skb)?;
+    let after = dp.counters();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|((_, b), (_, a))| a != b)
+        .map(|((c, b), (_, a))| (c.name(), a - b))
+        .collect();
+    Ok((out.action, out.data, moved))
+}
+
+fn flannel_seed() -> Vec<u8> {
+    seeds()
+        .into_iter()
+        .find(|s| s.name == "flannel vxlan for an edge pod")
+        .expect("seed present")
+        .frame
+}
+
+#[test]
+fn flannel_vxlan_that_is_a_fragment_or_lies_about_its_length_is_left_to_the_kernel() -> Result<()> {
+    let dp = load(Fixture::Connector, "found-flannel")?;
+    let whole = flannel_seed();
+    let (action, _, moved) = run_counting(&dp, Program::UplinkIngress, &whole, SkbIn::default())?;
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "the unmodified seed is decapsulated"
+    );
+    assert_eq!(moved.get("flannel_decap"), Some(&1));
+
+    let first_fragment = as_fragment(whole.clone(), true, 0);
+    let later_fragment = as_fragment(whole.clone(), false, 0x1e8);
+    let mut short_udp = whole.clone();
+    let udp = ETH_HEADER_LEN + 20;
+    short_udp[udp + 4..udp + 6].copy_from_slice(&28u16.to_be_bytes());
+    let mut not_ipv4_inside = whole.clone();
+    let inner_type = udp + 8 + 8 + 12;
+    not_ipv4_inside[inner_type..inner_type + 2].copy_from_slice(&[0x86, 0xdd]);
+    for (what, frame) in [
+        ("first fragment", &first_fragment),
+        ("later fragment", &later_fragment),
+        ("udp length 28", &short_udp),
+    ] {
+        let (action, out, moved) =
+            run_counting(&dp, Program::UplinkIngress, frame, SkbIn::default())?;
+        assert_eq!(
+            (action, &out, moved.len()),
+            (TC_ACT_OK, frame, 0),
+            "{what}: untouched and uncounted, for the kernel to reassemble or judge"
+        );
+    }
+    let (action, out, moved) = run_counting(
+        &dp,
+        Program::UplinkIngress,
+        &not_ipv4_inside,
+        SkbIn::default(),
+    )?;
+    assert_eq!(
+        (action, &out, moved),
+        (
+            TC_ACT_OK,
+            &not_ipv4_inside,
+            BTreeMap::from([(Counter::PassFlannel.name(), 1)])
+        ),
+        "an inner IPv6 frame stays Flannel's"
+    );
+    Ok(())
+}
+
+#[test]
+fn translation_ignores_headers_in_the_padding_after_the_ipv4_packet() -> Result<()> {
+    let dp = load(Fixture::EdgeVxlan, "found-padding")?;
+    // A UDP "packet" to the Service whose IPv4 total length ends at the IP
+    // header: the ports are Ethernet padding, not a datagram.
+    let service_udp = seeds()
+        .into_iter()
+        .find(|s| s.name == "service udp")
+        .expect("seed present")
+        .frame;
+    let mut padded = service_udp.clone();
+    padded[ETH_HEADER_LEN + 2..ETH_HEADER_LEN + 4].copy_from_slice(&20u16.to_be_bytes());
+    fix_ipv4_checksum(&mut padded, ETH_HEADER_LEN);
+    let (action, out, moved) = run_counting(&dp, Program::FromPod, &padded, SkbIn::default())?;
+    assert_eq!(
+        (action, &out[ETH_HEADER_LEN..], moved),
+        (
+            TC_ACT_SHOT,
+            &padded[ETH_HEADER_LEN..],
+            BTreeMap::from([(Counter::DropNoRoute.name(), 1)])
+        ),
+        "not translated: the ClusterIP itself has no route"
+    );
+
+    // An ICMP error whose quote ends before the quoted ports (per its total length).
+    let error = seeds()
+        .into_iter()
+        .find(|s| s.name == "icmp port unreachable quoting a translated flow")
+        .expect("seed present")
+        .frame;
+    let (action, out, _) = run_counting(&dp, Program::ToPod, &error, SkbIn::default())?;
+    assert_eq!(action, TC_ACT_OK);
+    assert_ne!(out, error, "the whole error is translated");
+    let mut cut = error.clone();
+    let total = (20 + 8 + 20 + 2) as u16;
+    cut[ETH_HEADER_LEN + 2..ETH_HEADER_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut cut, ETH_HEADER_LEN);
+    fix_l4_checksum(&mut cut, ETH_HEADER_LEN);
+    let (action, out, _) = run_counting(&dp, Program::ToPod, &cut, SkbIn::default())?;
+    assert_eq!((action, &out), (TC_ACT_OK, &cut), "left as it came");
+    Ok(())
+}
+
+#[test]
+fn esp_ingress_refuses_a_mark_of_a_peer_that_is_not_configured() -> Result<()> {
+    let dp = load(Fixture::EdgeEsp, "found-orphan")?;
+    // 10.99.0.0/16 routes to peer 3, which the peer table does not have.
+    let frame = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+        .ipv4(ORPHAN, LOCAL_POD)
+        .udp(1, 2)
+        .build();
+    let skb = SkbIn {
+        mark: mark::from_tunnel(0, ORPHAN_PEER),
+        ..SkbIn::default()
+    };
+    let (action, _, moved) = run_counting(&dp, Program::TunnelIngress, &frame, skb)?;
+    assert_eq!(
+        (action, moved),
+        (
+            TC_ACT_SHOT,
+            BTreeMap::from([(Counter::DropSpoofed.name(), 1)])
+        )
+    );
+    assert_eq!(dp.maps.peer_stats(ORPHAN_PEER)?.rx_packets, 0);
+    Ok(())
+}
