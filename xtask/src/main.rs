@@ -3,6 +3,7 @@
 
 mod build;
 mod crd;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
