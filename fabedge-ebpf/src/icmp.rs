@@ -25,12 +25,20 @@ const INNER_OFF: usize = L4_OFF + 8;
 const INNER_CSUM_OFF: usize = INNER_OFF + 10;
 const INNER_L4_OFF: usize = INNER_OFF + IPV4_HLEN;
 const OUTER_CSUM_OFF: usize = ETH_HLEN + 10;
+/// IPv4 total length up to the end of the quoted ports.
+const QUOTED_PORTS_END: usize = INNER_L4_OFF + 4 - ETH_HLEN;
 
 /// Whether this packet is an ICMP error about a Service flow, translated
 /// in place. Err: a helper failed half-way (drop the packet).
 #[inline(always)]
 pub fn translate_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Result<bool, ()> {
-    if outer.header_len() != IPV4_HLEN {
+    // A whole message, and the quoted header and ports inside the packet,
+    // not in Ethernet padding after it: the ICMP checksum covers only the
+    // former.
+    if outer.header_len() != IPV4_HLEN
+        || outer.is_fragment()
+        || (outer.total_len() as usize) < QUOTED_PORTS_END
+    {
         return Ok(false);
     }
     let Some(icmp_type) = ptr_at::<u8>(ctx, L4_OFF) else {

@@ -63,6 +63,12 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<(Tuple, u8), ()>> {
     if ip.header_len() != IPV4_HLEN || frag != 0 {
         return Some(Err(()));
     }
+    // The L4 header must lie inside the packet, not in Ethernet padding
+    // after it: its checksum covers only the packet.
+    let l4_hlen = if ip.protocol == IPPROTO_TCP { 20 } else { 8 };
+    if (ip.total_len() as usize) < IPV4_HLEN + l4_hlen {
+        return Some(Err(()));
+    }
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, L4_OFF) else {
         return Some(Err(()));
     };

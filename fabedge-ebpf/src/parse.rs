@@ -42,6 +42,11 @@ impl Ipv4Hdr {
     pub fn total_len(&self) -> u16 {
         u16::from_be_bytes(self.tot_len)
     }
+    /// More fragments follow, or this is not the first one.
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        u16::from_be_bytes(self.frag_off) & 0x3fff != 0
+    }
     /// A sane IPv4 header: version 4, IHL >= 5, total length covers the header.
     #[inline(always)]
     pub fn is_valid(&self) -> bool {

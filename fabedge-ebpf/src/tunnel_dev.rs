@@ -162,6 +162,12 @@ fn esp_ingress(ctx: &TcContext) -> i32 {
         Some(r) if r.kind == route_kind::TUNNEL && r.peer_id == sender => {}
         _ => return drop(Counter::DropSpoofed),
     }
+    // A route may name a peer the table no longer (or not yet) has; only a
+    // configured peer speaks for its prefixes.
+    match peer(sender) {
+        Some(p) if p.kind == peer_kind::TUNNEL => {}
+        _ => return drop(Counter::DropSpoofed),
+    }
     peer_rx(sender, ctx.len());
     pass(Counter::FromTunnel)
 }

@@ -12,8 +12,8 @@ use crate::{
     forward::to_tunnel,
     maps::{config, route},
     parse::{
-        self, ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr, VXLAN_HLEN,
-        VxlanHdr, ptr_at,
+        self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr,
+        VXLAN_HLEN, VxlanHdr, ptr_at,
     },
     verdict::{drop, pass},
 };
@@ -40,17 +40,32 @@ pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Flannel VXLAN addressed to this connector (outer IHL 5, our port and VNI).
+/// Flannel VXLAN addressed to this connector (outer IHL 5, our port and VNI,
+/// not a fragment: a fragment's bytes are not a whole VXLAN frame, and the
+/// kernel reassembles it for `flannel.1`).
 #[inline(always)]
 fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
-    if ip.protocol != IPPROTO_UDP || ip.header_len() != IPV4_HLEN || ip.daddr != cfg.underlay_ip {
+    if ip.protocol != IPPROTO_UDP
+        || ip.header_len() != IPV4_HLEN
+        || ip.is_fragment()
+        || ip.daddr != cfg.underlay_ip
+    {
         return false;
     }
     let Some(udp) = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN) else {
         return false;
     };
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be_bytes(unsafe { (*udp).dest }) != cfg.flannel_port {
+    let (dest, udp_len) = unsafe { ((*udp).dest, (*udp).len) };
+    if u16::from_be_bytes(dest) != cfg.flannel_port {
+        return false;
+    }
+    // A datagram whose length is not the packet's, or too short to hold an
+    // inner frame, is the kernel's to judge (it trims or drops it).
+    let udp_len = u16::from_be_bytes(udp_len) as usize;
+    if udp_len != ip.total_len() as usize - IPV4_HLEN
+        || udp_len < UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN
+    {
         return false;
     }
     let Some(vxlan) = ptr_at::<VxlanHdr>(ctx, ETH_HLEN + IPV4_HLEN + UDP_HLEN) else {
@@ -65,6 +80,14 @@ fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool
 /// tunnel, else leave it to `flannel.1`.
 #[inline(always)]
 fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
+    let Some(inner_eth) = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF) else {
+        return drop(Counter::DropMalformed);
+    };
+    // Only IPv4 is ours to decapsulate; anything else stays Flannel's.
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be_bytes(unsafe { (*inner_eth).ether_type }) != ETH_P_IP {
+        return pass(Counter::PassFlannel);
+    }
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, INNER_ETH_OFF + ETH_HLEN) else {
         return drop(Counter::DropMalformed);
     };

@@ -3,6 +3,7 @@
 
 mod build;
 mod crd;
+mod fuzz;
 mod image;
 mod kube;
 mod setup;

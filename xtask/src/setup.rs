@@ -47,6 +47,7 @@ pub fn run() -> Result<()> {
     install_rust_src()?;
     install_bpf_linker()?;
     install_musl_target()?;
+    install_cargo_fuzz()?;
     Ok(())
 }
 
@@ -160,6 +161,29 @@ fn install_bpf_linker() -> Result<()> {
         bail!(
             "cargo install bpf-linker failed (needs llvm-22-dev, libpolly-22-dev, libzstd-dev, zlib1g-dev)"
         );
+    }
+    Ok(())
+}
+
+/// `cargo fuzz` (libFuzzer targets in `fuzz/`, run by `cargo xtask test`).
+fn install_cargo_fuzz() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing cargo-fuzz from crates.io with cargo install; this takes a minute or two once"
+    );
+    let status = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !status.success() {
+        bail!("cargo install cargo-fuzz --locked failed; run it by hand to see why");
     }
     Ok(())
 }

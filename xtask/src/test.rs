@@ -87,6 +87,9 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     let ok = host.status().context("running cargo test")?.success();
     suites.push(("host (unit, datapath, netns)".to_string(), ok));
 
+    // libFuzzer over the agent's parsers, a bounded time per target.
+    suites.extend(crate::fuzz::run(workspace, options.filter.as_deref())?);
+
     if options.skip_vm {
         println!(
             "xtask: VM tests SKIPPED because --skip-vm was given (they prove the 6.1 and 6.12 kernels)"

@@ -1,0 +1,1342 @@
+//! Datapath fuzzing: every TC program takes a large number of random and
+//! mutated frames through BPF_PROG_TEST_RUN, and every verdict is checked
+//! against what the datapath promises: only the program's own verdicts, every
+//! `TC_ACT_SHOT` counted by exactly one drop counter, checksums that were right
+//! on the way in still right on the way out, and nothing sent toward an
+//! address that is not a configured peer. Needs root.
+//!
+//! `FABEDGE_FUZZ_FRAMES` sets the frames per program (default below);
+//! `FABEDGE_FUZZ_SEED` replays a run (every run prints its seed).
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use fabedge_agent::datapath::Program;
+use fabedge_common::{
+    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, peer_kind,
+    services::{Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags},
+    tunnel_mode,
+};
+use fabedge_tests::{
+    datapath::{SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, fixtures::*},
+    packet::{
+        ETH_HEADER_LEN, Frame, IcmpError, TcpFlags, UdpChecksum, hexdump, ipv4_header_checksum,
+        l4_checksum, parse_eth, vxlan_encap,
+    },
+};
+
+/// Frames per program when `FABEDGE_FUZZ_FRAMES` is not set.
+const DEFAULT_FRAMES: u64 = 1_000_000;
+/// Frames between two reads of the drop counters.
+const BATCH: usize = 1024;
+/// One frame in this many is checked counter by counter.
+const SAMPLE_EVERY: u64 = 499;
+/// Findings printed before the rest are only counted.
+const MAX_FINDINGS: usize = 20;
+/// `BPF_PROG_TEST_RUN` refuses skb data larger than a page minus its
+/// headroom and shared info; stay under it.
+const MAX_FRAME: usize = 3000;
+
+/// Flannel's, the IANA one and ours.
+const VXLAN_PORTS: [u16; 3] = [8472, 4789, fabedge_common::DEFAULT_TUNNEL_PORT];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+
+// ---------------------------------------------------------------------------
+// The table: which program runs against which fixture, and what it may answer.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fixture {
+    EdgeVxlan,
+    EdgeEsp,
+    Connector,
+}
+
+/// One program under fuzz: the fixtures it runs in (frames split evenly) and
+/// every verdict it may return.
+struct Case {
+    program: Program,
+    fixtures: &'static [Fixture],
+    verdicts: &'static [i32],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        program: Program::FromPod,
+        fixtures: &[Fixture::EdgeVxlan, Fixture::EdgeEsp, Fixture::Connector],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+    },
+    Case {
+        program: Program::ToPod,
+        fixtures: &[Fixture::EdgeVxlan],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT],
+    },
+    Case {
+        program: Program::TunnelIngress,
+        fixtures: &[Fixture::EdgeEsp, Fixture::EdgeVxlan, Fixture::Connector],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+    },
+    Case {
+        program: Program::TunnelEgress,
+        fixtures: &[Fixture::EdgeVxlan, Fixture::EdgeEsp, Fixture::Connector],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT],
+    },
+    Case {
+        program: Program::UplinkIngress,
+        fixtures: &[Fixture::Connector],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+    },
+];
+
+#[test]
+fn fuzz_from_pod() -> Result<()> {
+    fuzz(Program::FromPod)
+}
+
+#[test]
+fn fuzz_to_pod() -> Result<()> {
+    fuzz(Program::ToPod)
+}
+
+#[test]
+fn fuzz_tunnel_ingress() -> Result<()> {
+    fuzz(Program::TunnelIngress)
+}
+
+#[test]
+fn fuzz_tunnel_egress() -> Result<()> {
+    fuzz(Program::TunnelEgress)
+}
+
+#[test]
+fn fuzz_uplink_ingress() -> Result<()> {
+    fuzz(Program::UplinkIngress)
+}
+
+// ---------------------------------------------------------------------------
+// A small deterministic PRNG (SplitMix64): reproducible from the printed seed.
+// ---------------------------------------------------------------------------
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() >> 32) * n as u64 >> 32) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+fn env_u64(name: &str) -> Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(text) => {
+            let text = text.trim();
+            let value = match text.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => text.parse(),
+            };
+            value
+                .map(Some)
+                .with_context(|| format!("{name}={text:?} is not a number"))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures: the shared edge/connector datapaths plus Services and their flows.
+// ---------------------------------------------------------------------------
+
+fn frontend(dp: &mut TestDatapath, id: u32, port: u16, proto: u8, flags: u8, backends: &[Backend]) {
+    for (slot, backend) in backends.iter().enumerate() {
+        dp.maps
+            .backends
+            .insert(
+                BackendKey {
+                    service_id: id,
+                    slot: slot as u32,
+                },
+                *backend,
+                0,
+            )
+            .expect("writing a backend");
+    }
+    let entry = ServiceEntry {
+        id,
+        count: backends.len() as u16,
+        flags,
+        _pad: 0,
+        affinity_timeout: 60,
+    };
+    let key = ServiceKey {
+        addr: VIP.octets(),
+        port,
+        proto,
+        _pad: 0,
+    };
+    dp.maps
+        .services
+        .insert(key, entry, 0)
+        .expect("writing a frontend");
+}
+
+fn backend(addr: Ipv4Addr, port: u16, flags: u8) -> Backend {
+    Backend {
+        addr: addr.octets(),
+        port,
+        flags,
+        _pad: 0,
+    }
+}
+
+fn load(fixture: Fixture, name: &str) -> Result<TestDatapath> {
+    let mut dp = match fixture {
+        Fixture::EdgeVxlan => edge(name, tunnel_mode::VXLAN)?,
+        Fixture::EdgeEsp => edge(name, tunnel_mode::ESP)?,
+        Fixture::Connector => connector(name)?,
+    };
+    // TCP to a remote and a local backend, UDP to a remote one, a sticky
+    // Service, and one TCP and one UDP Service without endpoints (rejects).
+    frontend(
+        &mut dp,
+        1,
+        80,
+        TCP,
+        0,
+        &[
+            backend(PEER_POD, 8080, 0),
+            backend(LOCAL_POD_2, 8080, backend_flags::LOCAL),
+        ],
+    );
+    frontend(&mut dp, 2, 53, UDP, 0, &[backend(PEER_POD, 5353, 0)]);
+    frontend(
+        &mut dp,
+        3,
+        443,
+        TCP,
+        service_flags::AFFINITY,
+        &[backend(CLOUD_POD, 8443, 0)],
+    );
+    frontend(&mut dp, 4, 81, TCP, 0, &[]);
+    frontend(&mut dp, 5, 54, UDP, 0, &[]);
+    // Open the Service flows so replies and ICMP errors find conntrack entries.
+    for seed in seeds().iter().filter(|s| s.opens_flow) {
+        dp.run(Program::FromPod, &seed.frame)?;
+    }
+    Ok(dp)
+}
+
+/// Addresses a frame may be encapsulated toward in `fixture`: its peers' underlays.
+fn underlays(dp: &TestDatapath) -> Vec<[u8; 4]> {
+    (0..16)
+        .filter_map(|id| dp.maps.peer(id).ok())
+        .filter(|p| p.kind == peer_kind::TUNNEL || p.kind == peer_kind::FLANNEL_VTEP)
+        .map(|p| p.underlay_ip)
+        .collect()
+}
+
+/// Peer ids a to-tunnel mark may name in `fixture`.
+fn tunnel_peer_ids(dp: &TestDatapath) -> Vec<u16> {
+    (0..16)
+        .filter(|&id| dp.maps.peer(id).is_ok_and(|p| p.kind == peer_kind::TUNNEL))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Seeds
+// ---------------------------------------------------------------------------
+
+struct Seed {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// Run once through `fe_from_pod` at fixture setup (opens a Service flow).
+    opens_flow: bool,
+}
+
+fn seed(name: &'static str, frame: Vec<u8>) -> Seed {
+    Seed {
+        name,
+        frame,
+        opens_flow: false,
+    }
+}
+
+fn flow(name: &'static str, frame: Vec<u8>) -> Seed {
+    Seed {
+        name,
+        frame,
+        opens_flow: true,
+    }
+}
+
+fn pod() -> fabedge_tests::packet::EthBuilder {
+    Frame::eth(POD_MAC, BRIDGE_MAC)
+}
+
+/// `frame` (Ethernet + IPv4) with `options` appended to its IPv4 header.
+fn with_ip_options(frame: Vec<u8>, options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0, "options pad to 32-bit words");
+    let ip = ETH_HEADER_LEN;
+    let mut out = frame[..ip + 20].to_vec();
+    out.extend_from_slice(options);
+    out.extend_from_slice(&frame[ip + 20..]);
+    out[ip] = 0x40 | ((20 + options.len()) / 4) as u8;
+    let total = u16::from_be_bytes([out[ip + 2], out[ip + 3]]) + options.len() as u16;
+    out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut out, ip);
+    out
+}
+
+/// `frame` with its IPv4 fragment field set (flags and offset), checksum fixed.
+fn as_fragment(mut frame: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
+    let ip = ETH_HEADER_LEN;
+    let field = if more { 0x2000 } else { 0 } | (offset & 0x1fff);
+    frame[ip + 6..ip + 8].copy_from_slice(&field.to_be_bytes());
+    fix_ipv4_checksum(&mut frame, ip);
+    frame
+}
+
+fn seeds() -> Vec<Seed> {
+    let remote_reply_quote = Frame::ipv4(LOCAL_POD, PEER_POD)
+        .udp(40002, 5353)
+        .payload(b"query?")
+        .build();
+    let our_vxlan_inner = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+        .ipv4(PEER_POD, LOCAL_POD)
+        .ttl(63)
+        .tcp(34000, 8080)
+        .flags(TcpFlags::ACK)
+        .payload(b"over our tunnel")
+        .build();
+    let flannel_inner = Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC)
+        .ipv4(CLOUD_POD, LOCAL_POD)
+        .ttl(63)
+        .udp(5353, 53)
+        .payload(b"from the cloud")
+        .build();
+    let mut esp = vec![0, 0, 0x10, 0x01, 0, 0, 0, 7]; // SPI, sequence
+    esp.extend((0u8..48).map(|i| i.wrapping_mul(37)));
+    vec![
+        // Pod traffic.
+        seed(
+            "pod udp to a community peer",
+            pod()
+                .ipv4(LOCAL_POD, PEER_POD)
+                .id(7)
+                .udp(40000, 53)
+                .payload(b"fabedge?")
+                .build(),
+        ),
+        seed(
+            "pod tcp syn to the cloud",
+            pod()
+                .ipv4(LOCAL_POD, CLOUD_POD)
+                .dont_fragment(true)
+                .tcp(41000, 80)
+                .flags(TcpFlags::SYN)
+                .mss(1460)
+                .build(),
+        ),
+        seed(
+            "pod icmp echo to a peer",
+            pod()
+                .ipv4(LOCAL_POD, PEER_POD)
+                .icmp_echo_request(9, 1)
+                .payload(b"ping")
+                .build(),
+        ),
+        seed(
+            "pod udp to a local pod",
+            pod().ipv4(LOCAL_POD, LOCAL_POD_2).udp(1, 2).build(),
+        ),
+        seed(
+            "pod udp, ttl 1",
+            pod().ipv4(LOCAL_POD, PEER_POD).ttl(1).udp(1, 2).build(),
+        ),
+        seed(
+            "pod udp to an orphan route",
+            pod().ipv4(LOCAL_POD, ORPHAN).udp(1, 2).build(),
+        ),
+        // Services.
+        flow(
+            "service tcp syn (remote and local backends)",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .tcp(40001, 80)
+                .seq(1000)
+                .flags(TcpFlags::SYN)
+                .build(),
+        ),
+        flow(
+            "service tcp data",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .tcp(40001, 80)
+                .seq(1001)
+                .flags(TcpFlags::ACK | TcpFlags::PSH)
+                .payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
+        ),
+        flow(
+            "service udp",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .udp(40002, 53)
+                .payload(b"query?")
+                .build(),
+        ),
+        flow(
+            "service udp without checksum",
+            pod()
+                .ipv4(LOCAL_POD_2, VIP)
+                .udp(40003, 53)
+                .zero_checksum()
+                .payload(b"query!")
+                .build(),
+        ),
+        flow(
+            "sticky service tcp",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .tcp(40004, 443)
+                .flags(TcpFlags::SYN)
+                .build(),
+        ),
+        seed(
+            "service without endpoints, tcp",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .tcp(40005, 81)
+                .seq(5)
+                .flags(TcpFlags::SYN)
+                .build(),
+        ),
+        seed(
+            "service without endpoints, udp",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .udp(40006, 54)
+                .payload(b"anyone?")
+                .build(),
+        ),
+        seed(
+            "reply of a remote udp backend",
+            Frame::eth(TUNNEL_SRC_MAC, BRIDGE_MAC)
+                .ipv4(PEER_POD, LOCAL_POD)
+                .udp(5353, 40002)
+                .payload(b"answer")
+                .build(),
+        ),
+        seed(
+            "reply of a local tcp backend to the cluster ip",
+            pod()
+                .ipv4(LOCAL_POD_2, VIP)
+                .tcp(8080, 40001)
+                .flags(TcpFlags::SYN | TcpFlags::ACK)
+                .build(),
+        ),
+        seed(
+            "icmp port unreachable quoting a translated flow",
+            Frame::eth(TUNNEL_SRC_MAC, BRIDGE_MAC)
+                .ipv4(PEER_POD, LOCAL_POD)
+                .icmp_error(IcmpError::PortUnreachable, &remote_reply_quote)
+                .build(),
+        ),
+        seed(
+            "icmp time exceeded quoting a translated flow",
+            Frame::eth(TUNNEL_SRC_MAC, BRIDGE_MAC)
+                .ipv4(Ipv4Addr::new(10, 1, 0, 254), LOCAL_POD)
+                .icmp_error(IcmpError::TtlExceeded, &remote_reply_quote)
+                .build(),
+        ),
+        // Tunnels.
+        seed(
+            "flannel vxlan for an edge pod",
+            vxlan_encap(
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+                Ipv4Addr::from(CLOUD2_LAN),
+                Ipv4Addr::from(CONNECTOR_LAN),
+                41234,
+                8472,
+                1,
+                &flannel_inner,
+            ),
+        ),
+        seed(
+            "our vxlan from a peer",
+            vxlan_encap(
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+                Ipv4Addr::new(198, 18, 0, 12),
+                NODE_IP,
+                50000,
+                fabedge_common::DEFAULT_TUNNEL_PORT,
+                DEFAULT_TUNNEL_VNI,
+                &our_vxlan_inner,
+            ),
+        ),
+        seed("decapsulated frame from a peer", our_vxlan_inner.clone()),
+        seed(
+            "esp in udp 4500",
+            Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                .ipv4(Ipv4Addr::new(198, 18, 0, 12), NODE_IP)
+                .udp(ESP_IN_UDP_PORT, ESP_IN_UDP_PORT)
+                .zero_checksum()
+                .payload(&esp)
+                .build(),
+        ),
+        seed(
+            "cloud node to an edge node ip",
+            Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                .ipv4(Ipv4Addr::from(CLOUD2_LAN), NODE_IP)
+                .icmp_echo_request(1, 1)
+                .build(),
+        ),
+        seed(
+            "tunnel traffic to a cloud pod (flannel encap)",
+            Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                .ipv4(LOCAL_POD, CLOUD_POD)
+                .udp(40000, 8080)
+                .payload(b"to the cloud")
+                .build(),
+        ),
+        seed(
+            "host traffic into the tunnel",
+            Frame::eth([0; 6], [0; 6])
+                .ipv4(NODE_IP, Ipv4Addr::new(10, 244, 9, 9))
+                .udp(1, 2)
+                .build(),
+        ),
+        seed(
+            "decapsulated frame from an orphan route's prefix",
+            Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                .ipv4(ORPHAN, LOCAL_POD)
+                .udp(1, 2)
+                .build(),
+        ),
+        // Layer-3 (ESP xfrm device): IPv4 at offset 0.
+        seed(
+            "bare ipv4 on the xfrm device",
+            Frame::ipv4(PEER_POD, LOCAL_POD)
+                .udp(1, 2)
+                .payload(b"decrypted")
+                .build(),
+        ),
+        // IP options and fragments.
+        seed(
+            "pod udp with nop and router-alert options",
+            with_ip_options(
+                pod().ipv4(LOCAL_POD, PEER_POD).udp(1, 2).build(),
+                &[1, 1, 1, 0, 0x94, 4, 0, 0],
+            ),
+        ),
+        seed(
+            "service tcp with record-route option",
+            with_ip_options(
+                pod()
+                    .ipv4(LOCAL_POD, VIP)
+                    .tcp(40007, 80)
+                    .flags(TcpFlags::SYN)
+                    .build(),
+                &[7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+        ),
+        seed(
+            "first fragment to a service",
+            as_fragment(
+                pod()
+                    .ipv4(LOCAL_POD, VIP)
+                    .udp(40008, 53)
+                    .payload(&[0x55; 64])
+                    .build(),
+                true,
+                0,
+            ),
+        ),
+        seed(
+            "later fragment to a peer",
+            as_fragment(
+                pod()
+                    .ipv4(LOCAL_POD, PEER_POD)
+                    .protocol(UDP)
+                    .payload(&[0xaa; 40])
+                    .build(),
+                false,
+                185,
+            ),
+        ),
+        // Sizes.
+        seed(
+            "oversize pod udp (above the tunnel mtu)",
+            pod()
+                .ipv4(LOCAL_POD, PEER_POD)
+                .dont_fragment(true)
+                .udp(1, 2)
+                .payload(&[0x11; 1500])
+                .build(),
+        ),
+        seed(
+            "jumbo pod tcp",
+            pod()
+                .ipv4(LOCAL_POD, VIP)
+                .tcp(40001, 80)
+                .flags(TcpFlags::ACK)
+                .payload(&[0x22; 2800])
+                .build(),
+        ),
+        // Not IPv4.
+        seed("arp", pod().ethertype(0x0806).payload(&[0; 28]).build()),
+        seed("ipv6", pod().ethertype(0x86dd).payload(&[0x60; 48]).build()),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Mutations
+// ---------------------------------------------------------------------------
+
+fn fix_ipv4_checksum(frame: &mut [u8], ip: usize) {
+    let Some(&first) = frame.get(ip) else { return };
+    let ihl = usize::from(first & 0x0f) * 4;
+    if ihl < 20 || frame.len() < ip + ihl {
+        return;
+    }
+    frame[ip + 10..ip + 12].fill(0);
+    let check = ipv4_header_checksum(&frame[ip..ip + ihl]);
+    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Recomputes the L4 checksum of an unfragmented TCP/UDP/ICMP packet whose
+/// lengths agree, so mutated frames also reach the code that rewrites them.
+fn fix_l4_checksum(frame: &mut [u8], ip: usize) {
+    let Some(header) = frame.get(ip..ip + 20) else {
+        return;
+    };
+    let ihl = usize::from(header[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let fragment = u16::from_be_bytes([header[6], header[7]]) & 0x3fff != 0;
+    let protocol = header[9];
+    let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+    let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+    if ihl < 20 || total < ihl || ip + total > frame.len() || fragment {
+        return;
+    }
+    let l4 = &mut frame[ip + ihl..ip + total];
+    let at = match protocol {
+        TCP if l4.len() >= 20 => 16,
+        UDP if l4.len() >= 8 && usize::from(u16::from_be_bytes([l4[4], l4[5]])) == l4.len() => 6,
+        ICMP if l4.len() >= 8 => 2,
+        _ => return,
+    };
+    l4[at..at + 2].fill(0);
+    let check = if protocol == ICMP {
+        fabedge_tests::packet::internet_checksum(l4)
+    } else {
+        match l4_checksum(src, dst, protocol, l4) {
+            0 if protocol == UDP => 0xffff,
+            c => c,
+        }
+    };
+    l4[at..at + 2].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Offsets where a header ends, for truncation: Ethernet, IPv4 (as its IHL
+/// says), L4 and, through VXLAN, the inner headers.
+fn boundaries(frame: &[u8]) -> Vec<usize> {
+    let mut cuts = vec![ETH_HEADER_LEN, ETH_HEADER_LEN + 1];
+    let mut ip = ETH_HEADER_LEN;
+    for _ in 0..2 {
+        let Some(&first) = frame.get(ip) else { break };
+        let ihl = usize::from(first & 0x0f) * 4;
+        cuts.extend([ip + 10, ip + 20, ip + ihl]);
+        let l4 = ip + ihl.max(20);
+        cuts.extend([l4 + 4, l4 + 8, l4 + 14, l4 + 20, l4 + 28]);
+        // Through a VXLAN header to the inner Ethernet and IPv4 headers.
+        cuts.extend([l4 + 16, l4 + 30]);
+        ip = l4 + 16 + ETH_HEADER_LEN;
+    }
+    cuts
+}
+
+/// Where IPv4 headers are in `frame` (outer, and inner through VXLAN).
+fn ipv4_offsets(frame: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    if frame.get(12..14) == Some(&[0x08, 0x00]) {
+        found.push(ETH_HEADER_LEN);
+        if let Some(&first) = frame.get(ETH_HEADER_LEN) {
+            let inner = ETH_HEADER_LEN + usize::from(first & 0x0f) * 4 + 16 + ETH_HEADER_LEN;
+            if frame.get(ETH_HEADER_LEN + 9) == Some(&UDP)
+                && frame.get(inner - 2..inner) == Some(&[0x08, 0x00])
+            {
+                found.push(inner);
+            }
+        }
+    } else if frame.first().is_some_and(|b| b >> 4 == 4) {
+        found.push(0);
+    }
+    found
+}
+
+fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
+    let rounds = 1 + rng.below(3);
+    for _ in 0..rounds {
+        let len = frame.len();
+        // Headers are where decisions are made: aim most edits at the first 100 bytes.
+        let pos = if rng.chance(80) {
+            rng.below(len.min(100))
+        } else {
+            rng.below(len)
+        };
+        match rng.below(10) {
+            0 | 1 => frame[pos] ^= 1 << rng.below(8),
+            2 => frame[pos] = 0,
+            3 => frame[pos] = 0xff,
+            4 => frame[pos] = rng.byte(),
+            5 => {
+                let cut = *rng.pick(&boundaries(frame));
+                frame.truncate(cut.clamp(ETH_HEADER_LEN, len));
+            }
+            6 => {
+                // IPv4 total length or IHL lies, checksum fixed or not.
+                let offsets = ipv4_offsets(frame);
+                if let Some(&ip) = offsets.get(rng.below(offsets.len().max(1))) {
+                    if frame.len() >= ip + 20 {
+                        if rng.chance(50) {
+                            let total = u16::from_be_bytes([frame[ip + 2], frame[ip + 3]]);
+                            let lie = match rng.below(5) {
+                                0 => 0,
+                                1 => 0xffff,
+                                2 => total.wrapping_add(1 + rng.below(64) as u16),
+                                3 => total.wrapping_sub(1 + rng.below(64) as u16),
+                                _ => rng.next() as u16,
+                            };
+                            frame[ip + 2..ip + 4].copy_from_slice(&lie.to_be_bytes());
+                        } else {
+                            frame[ip] = (frame[ip] & 0xf0) | rng.below(16) as u8;
+                        }
+                        if rng.chance(70) {
+                            fix_ipv4_checksum(frame, ip);
+                        }
+                    }
+                }
+            }
+            7 => {
+                // UDP length lies.
+                let offsets = ipv4_offsets(frame);
+                if let Some(&ip) = offsets.get(rng.below(offsets.len().max(1))) {
+                    let l4 = ip + usize::from(frame.get(ip).map_or(5, |b| b & 0x0f)) * 4;
+                    if frame.len() >= l4 + 8 {
+                        let lie = match rng.below(4) {
+                            0 => 0,
+                            1 => 7,
+                            2 => 0xffff,
+                            _ => rng.next() as u16,
+                        };
+                        frame[l4 + 4..l4 + 6].copy_from_slice(&lie.to_be_bytes());
+                    }
+                }
+            }
+            8 => {
+                // Random append (Ethernet padding, trailing garbage, oversize).
+                let extra = if rng.chance(10) {
+                    rng.below(MAX_FRAME)
+                } else {
+                    1 + rng.below(64)
+                };
+                for _ in 0..extra {
+                    frame.push(rng.byte());
+                }
+                frame.truncate(MAX_FRAME);
+            }
+            _ => {
+                // A random 16-bit field (ports, ids, lengths, checksums).
+                if pos + 1 < frame.len() {
+                    let value = rng.next() as u16;
+                    frame[pos..pos + 2].copy_from_slice(&value.to_be_bytes());
+                }
+            }
+        }
+    }
+    // Often make the damage consistent again so deeper code runs on it.
+    for ip in ipv4_offsets(frame) {
+        if rng.chance(60) {
+            fix_ipv4_checksum(frame, ip);
+        }
+        if rng.chance(40) {
+            fix_l4_checksum(frame, ip);
+        }
+    }
+}
+
+fn random_frame(rng: &mut Rng) -> Vec<u8> {
+    let longest = if rng.chance(10) { MAX_FRAME } else { 120 };
+    let len = ETH_HEADER_LEN + rng.below(longest);
+    let mut frame: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
+    if rng.chance(80) {
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        if len > ETH_HEADER_LEN && rng.chance(80) {
+            frame[ETH_HEADER_LEN] = 0x45;
+        }
+        if len >= ETH_HEADER_LEN + 20 {
+            if rng.chance(50) {
+                let total = (len - ETH_HEADER_LEN) as u16;
+                frame[16..18].copy_from_slice(&total.to_be_bytes());
+            }
+            frame[ETH_HEADER_LEN + 9] = *rng.pick(&[TCP, UDP, ICMP, 50]);
+            fix_ipv4_checksum(&mut frame, ETH_HEADER_LEN);
+        }
+    }
+    frame
+}
+
+/// Frames `BPF_PROG_TEST_RUN` refuses with EINVAL before any program runs
+/// (Linux 6.18 pulls the IPv4 or IPv6 header it claims into the skb head).
+fn refused_by_test_run(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x00]) => frame.len() < ETH_HEADER_LEN + 20,
+        Some([0x86, 0xdd]) => frame.len() < ETH_HEADER_LEN + 40,
+        _ => frame.len() < ETH_HEADER_LEN,
+    }
+}
+
+/// Skb metadata: marks our programs read (to-tunnel and from-tunnel marks,
+/// mostly of configured peers), foreign marks, and now and then GSO sizes.
+fn random_skb(rng: &mut Rng, peers: &[u16]) -> SkbIn {
+    let peer = if rng.chance(60) && !peers.is_empty() {
+        *rng.pick(peers)
+    } else {
+        rng.below(8) as u16
+    };
+    let mark = match rng.below(10) {
+        0..=2 => 0,
+        3..=5 => mark::to_tunnel(0, peer),
+        6..=8 => mark::from_tunnel(rng.next() as u32 & 0xc0ff, peer),
+        _ => rng.next() as u32,
+    };
+    let (gso_segs, gso_size) = if rng.chance(5) {
+        (1 + rng.below(4) as u32, rng.below(2000) as u32)
+    } else {
+        (0, 0)
+    };
+    SkbIn {
+        mark,
+        gso_segs,
+        gso_size,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Invariants
+// ---------------------------------------------------------------------------
+
+/// Whether every checksum a receiver verifies is right: each IPv4 header and,
+/// for an unfragmented TCP/UDP/ICMP packet, its L4 checksum; through VXLAN,
+/// the inner packet's too. `None`: not a frame the parsers understand.
+fn checksums_valid(frame: &[u8]) -> Option<bool> {
+    let ip = parse_eth(frame).ok()?.ipv4().ok()?;
+    if !ip.checksum_valid {
+        return Some(false);
+    }
+    if ip.is_fragment() {
+        return Some(true);
+    }
+    match ip.protocol {
+        TCP => Some(ip.tcp().ok()?.checksum_valid),
+        ICMP => Some(ip.icmp().ok()?.checksum_valid),
+        UDP => {
+            let udp = ip.udp().ok()?;
+            if udp.checksum_status == UdpChecksum::Invalid {
+                return Some(false);
+            }
+            // Through VXLAN, the inner packet counts too: one the parsers
+            // cannot read makes the whole frame uncheckable.
+            if VXLAN_PORTS.contains(&udp.dst_port) {
+                checksums_valid(udp.vxlan().ok()?.inner)
+            } else {
+                Some(true)
+            }
+        }
+        _ => Some(true),
+    }
+}
+
+struct Checker<'a> {
+    case: &'a Case,
+    /// The seed the current frame was made from.
+    origin: &'a str,
+    fixture: Fixture,
+    underlays: Vec<[u8; 4]>,
+    tunnel_peers: Vec<u16>,
+    findings: Vec<String>,
+    finding_count: usize,
+}
+
+impl Checker<'_> {
+    fn finding(&mut self, what: String, frame: &[u8], skb: SkbIn) {
+        self.finding_count += 1;
+        if self.findings.len() < MAX_FINDINGS {
+            self.findings.push(format!(
+                "{} in {:?}, frame from {:?}: {what}\n  skb mark {:#x} gso {}x{}\n{}",
+                self.case.program.symbol(),
+                self.fixture,
+                self.origin,
+                skb.mark,
+                skb.gso_segs,
+                skb.gso_size,
+                hexdump(frame)
+            ));
+        }
+    }
+
+    /// Everything checkable from one run's input and output.
+    fn check(&mut self, frame: &[u8], skb: SkbIn, action: i32, data: &[u8], out_mark: u32) {
+        if !self.case.verdicts.contains(&action) {
+            self.finding(
+                format!("verdict {action} is not one of {:?}", self.case.verdicts),
+                frame,
+                skb,
+            );
+            return;
+        }
+        if action == TC_ACT_SHOT {
+            return;
+        }
+        if data != frame
+            && checksums_valid(frame) == Some(true)
+            && checksums_valid(data) == Some(false)
+        {
+            self.finding(
+                format!(
+                    "rewritten to a frame with a bad checksum (verdict {action}):\n{}",
+                    hexdump(data)
+                ),
+                frame,
+                skb,
+            );
+        }
+        if out_mark != skb.mark
+            && let Some(peer) = mark::tunnel_peer(out_mark)
+            && !self.tunnel_peers.contains(&peer)
+        {
+            self.finding(
+                format!("marked for tunnel peer {peer}, which is not configured"),
+                frame,
+                skb,
+            );
+        }
+        if data.len() > frame.len() {
+            // Grown: encapsulated (UDP), or a reject built in place (TCP RST,
+            // ICMP). An encapsulated frame goes only to a peer's underlay.
+            let outer = parse_eth(data).and_then(|e| e.ipv4());
+            match outer {
+                Ok(ip) if ip.protocol != UDP || self.underlays.contains(&ip.dst.octets()) => {}
+                Ok(ip) => self.finding(
+                    format!(
+                        "encapsulated toward {}, not a configured peer {:?}",
+                        ip.dst, self.underlays
+                    ),
+                    frame,
+                    skb,
+                ),
+                Err(e) => self.finding(
+                    format!("grew into an unparseable frame: {e:#}\n{}", hexdump(data)),
+                    frame,
+                    skb,
+                ),
+            }
+        }
+    }
+}
+
+fn drop_total(dp: &TestDatapath) -> u64 {
+    Counter::ALL
+        .iter()
+        .filter(|c| c.is_drop())
+        .map(|&c| dp.counter(c))
+        .sum()
+}
+
+/// Drop counters that moved, by name.
+fn drop_deltas(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> BTreeMap<&'static str, u64> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|((c, b), (_, a))| c.is_drop() && a != b)
+        .map(|((c, b), (_, a))| (c.name(), a - b))
+        .collect()
+}
+
+/// Runs `frame` counting every counter, and reports a drop not counted by
+/// exactly one drop counter (or a drop counter moved by a frame not dropped).
+fn run_counted(dp: &TestDatapath, checker: &mut Checker, frame: &[u8], skb: SkbIn) -> Result<i32> {
+    let before = dp.counters();
+    let out = dp.run_with(checker.case.program, frame, skb)?;
+    let after = dp.counters();
+    let drops = drop_deltas(&before, &after);
+    let moved: u64 = drops.values().sum();
+    let want = u64::from(out.action == TC_ACT_SHOT);
+    if moved != want {
+        checker.finding(
+            format!(
+                "verdict {} moved drop counters {drops:?} (want {want} drop counted)",
+                out.action
+            ),
+            frame,
+            skb,
+        );
+    }
+    checker.check(frame, skb, out.action, &out.data, out.mark);
+    Ok(out.action)
+}
+
+struct Totals {
+    frames: u64,
+    /// Generated frames the kernel would not run (see `refused_by_test_run`).
+    refused: u64,
+    verdicts: BTreeMap<i32, u64>,
+}
+
+fn fuzz_fixture(
+    case: &Case,
+    fixture: Fixture,
+    frames: u64,
+    rng: &mut Rng,
+    totals: &mut Totals,
+    findings: &mut Vec<String>,
+    finding_count: &mut usize,
+) -> Result<()> {
+    let name = format!("fuzz-{}-{fixture:?}", case.program.cli_name());
+    let dp = load(fixture, &name)?;
+    let seeds = seeds();
+    let mut checker = Checker {
+        case,
+        fixture,
+        underlays: underlays(&dp),
+        tunnel_peers: tunnel_peer_ids(&dp),
+        origin: "",
+        findings: Vec::new(),
+        finding_count: 0,
+    };
+    let mut batch: Vec<(&str, Vec<u8>, SkbIn)> = Vec::with_capacity(BATCH);
+    let mut done = 0u64;
+    while done < frames {
+        batch.clear();
+        let n = (frames - done).min(BATCH as u64) as usize;
+        let drops_before = drop_total(&dp);
+        let mut shots = 0u64;
+        while batch.len() < n {
+            let index = done + batch.len() as u64;
+            let (origin, frame) = if rng.chance(8) {
+                ("random bytes", random_frame(rng))
+            } else {
+                let seed = rng.pick(&seeds);
+                let mut frame = seed.frame.clone();
+                // A few seeds go through unmutated, the rest are damaged.
+                if rng.chance(95) {
+                    mutate(rng, &mut frame);
+                }
+                (seed.name, frame)
+            };
+            if refused_by_test_run(&frame) {
+                totals.refused += 1;
+                continue;
+            }
+            checker.origin = origin;
+            let skb = random_skb(rng, &checker.tunnel_peers);
+            let action = if index % SAMPLE_EVERY == 0 {
+                run_counted(&dp, &mut checker, &frame, skb)?
+            } else {
+                let out = dp.run_with(case.program, &frame, skb)?;
+                checker.check(&frame, skb, out.action, &out.data, out.mark);
+                out.action
+            };
+            shots += u64::from(action == TC_ACT_SHOT);
+            *totals.verdicts.entry(action).or_default() += 1;
+            batch.push((origin, frame, skb));
+        }
+        let moved = drop_total(&dp) - drops_before;
+        if moved != shots {
+            // Find the frame: replay the batch counting each one.
+            let before = checker.finding_count;
+            for (origin, frame, skb) in &batch {
+                checker.origin = *origin;
+                run_counted(&dp, &mut checker, frame, *skb)?;
+            }
+            if checker.finding_count == before {
+                checker.finding(
+                    format!(
+                        "a batch of {n} frames gave {shots} drops but moved drop counters by {moved}; \
+                         no single frame reproduced it on replay"
+                    ),
+                    &[],
+                    SkbIn::default(),
+                );
+            }
+        }
+        done += n as u64;
+    }
+    // Per-peer statistics: only configured peers ever sent or received.
+    for id in 0..16u16 {
+        let stats = dp.maps.peer_stats(id)?;
+        let configured = dp.maps.peer(id).is_ok_and(|p| p.kind != 0);
+        if !configured && (stats.tx_packets != 0 || stats.rx_packets != 0) {
+            checker.finding(
+                format!(
+                    "peer {id} is not configured but counted {} tx / {} rx packets",
+                    stats.tx_packets, stats.rx_packets
+                ),
+                &[],
+                SkbIn::default(),
+            );
+        }
+    }
+    totals.frames += done;
+    *finding_count += checker.finding_count;
+    findings.append(&mut checker.findings);
+    Ok(())
+}
+
+/// CPU time this thread has used (user and kernel: the program runs inside
+/// its syscall), which says what a run costs on an idle machine.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn fuzz(program: Program) -> Result<()> {
+    let case = CASES
+        .iter()
+        .find(|c| c.program == program)
+        .expect("every fuzzed program has a CASES entry");
+    let frames = env_u64("FABEDGE_FUZZ_FRAMES")?.unwrap_or(DEFAULT_FRAMES);
+    let seed = match env_u64("FABEDGE_FUZZ_SEED")? {
+        Some(seed) => seed,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    };
+    println!(
+        "{}: seed {seed:#x} (replay with FABEDGE_FUZZ_SEED={seed:#x}), {frames} frames",
+        program.symbol()
+    );
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let cpu_started = thread_cpu_time();
+    let mut totals = Totals {
+        frames: 0,
+        refused: 0,
+        verdicts: BTreeMap::new(),
+    };
+    let mut findings = Vec::new();
+    let mut finding_count = 0;
+    let per_fixture = frames.div_ceil(case.fixtures.len() as u64);
+    for &fixture in case.fixtures {
+        fuzz_fixture(
+            case,
+            fixture,
+            per_fixture,
+            &mut rng,
+            &mut totals,
+            &mut findings,
+            &mut finding_count,
+        )?;
+    }
+    let elapsed = started.elapsed();
+    let cpu = thread_cpu_time() - cpu_started;
+    println!(
+        "{}: {} frames in {:.1?} wall, {:.1?} CPU ({:.0} frames per CPU second; {} more generated \
+         too short for the kernel to run), verdicts {:?}, {finding_count} finding(s)",
+        program.symbol(),
+        totals.frames,
+        elapsed,
+        cpu,
+        totals.frames as f64 / cpu.max(Duration::from_millis(1)).as_secs_f64(),
+        totals.refused,
+        totals.verdicts
+    );
+    assert!(
+        finding_count == 0,
+        "{} finding(s) with seed {seed:#x} (first {} below):\n\n{}",
+        finding_count,
+        findings.len(),
+        findings.join("\n\n")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// What the fuzzer found, pinned down (each was mishandled before its fix).
+// ---------------------------------------------------------------------------
+
+/// Runs `frame` and returns (verdict, output, counters that moved).
+fn run_counting(
+    dp: &TestDatapath,
+    program: Program,
+    frame: &[u8],
+    skb: SkbIn,
+) -> Result<(i32, Vec<u8>, BTreeMap<&'static str, u64>)> {
+    let before = dp.counters();
+    let out = dp.run_with(program, frame, skb)?;
+    let after = dp.counters();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|((_, b), (_, a))| a != b)
+        .map(|((c, b), (_, a))| (c.name(), a - b))
+        .collect();
+    Ok((out.action, out.data, moved))
+}
+
+fn flannel_seed() -> Vec<u8> {
+    seeds()
+        .into_iter()
+        .find(|s| s.name == "flannel vxlan for an edge pod")
+        .expect("seed present")
+        .frame
+}
+
+#[test]
+fn flannel_vxlan_that_is_a_fragment_or_lies_about_its_length_is_left_to_the_kernel() -> Result<()> {
+    let dp = load(Fixture::Connector, "found-flannel")?;
+    let whole = flannel_seed();
+    let (action, _, moved) = run_counting(&dp, Program::UplinkIngress, &whole, SkbIn::default())?;
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "the unmodified seed is decapsulated"
+    );
+    assert_eq!(moved.get("flannel_decap"), Some(&1));
+
+    let first_fragment = as_fragment(whole.clone(), true, 0);
+    let later_fragment = as_fragment(whole.clone(), false, 0x1e8);
+    let mut short_udp = whole.clone();
+    let udp = ETH_HEADER_LEN + 20;
+    short_udp[udp + 4..udp + 6].copy_from_slice(&28u16.to_be_bytes());
+    let mut not_ipv4_inside = whole.clone();
+    let inner_type = udp + 8 + 8 + 12;
+    not_ipv4_inside[inner_type..inner_type + 2].copy_from_slice(&[0x86, 0xdd]);
+    for (what, frame) in [
+        ("first fragment", &first_fragment),
+        ("later fragment", &later_fragment),
+        ("udp length 28", &short_udp),
+    ] {
+        let (action, out, moved) =
+            run_counting(&dp, Program::UplinkIngress, frame, SkbIn::default())?;
+        assert_eq!(
+            (action, &out, moved.len()),
+            (TC_ACT_OK, frame, 0),
+            "{what}: untouched and uncounted, for the kernel to reassemble or judge"
+        );
+    }
+    let (action, out, moved) = run_counting(
+        &dp,
+        Program::UplinkIngress,
+        &not_ipv4_inside,
+        SkbIn::default(),
+    )?;
+    assert_eq!(
+        (action, &out, moved),
+        (
+            TC_ACT_OK,
+            &not_ipv4_inside,
+            BTreeMap::from([(Counter::PassFlannel.name(), 1)])
+        ),
+        "an inner IPv6 frame stays Flannel's"
+    );
+    Ok(())
+}
+
+#[test]
+fn translation_ignores_headers_in_the_padding_after_the_ipv4_packet() -> Result<()> {
+    let dp = load(Fixture::EdgeVxlan, "found-padding")?;
+    // A UDP "packet" to the Service whose IPv4 total length ends at the IP
+    // header: the ports are Ethernet padding, not a datagram.
+    let service_udp = seeds()
+        .into_iter()
+        .find(|s| s.name == "service udp")
+        .expect("seed present")
+        .frame;
+    let mut padded = service_udp.clone();
+    padded[ETH_HEADER_LEN + 2..ETH_HEADER_LEN + 4].copy_from_slice(&20u16.to_be_bytes());
+    fix_ipv4_checksum(&mut padded, ETH_HEADER_LEN);
+    let (action, out, moved) = run_counting(&dp, Program::FromPod, &padded, SkbIn::default())?;
+    assert_eq!(
+        (action, &out[ETH_HEADER_LEN..], moved),
+        (
+            TC_ACT_SHOT,
+            &padded[ETH_HEADER_LEN..],
+            BTreeMap::from([(Counter::DropNoRoute.name(), 1)])
+        ),
+        "not translated: the ClusterIP itself has no route"
+    );
+
+    // An ICMP error whose quote ends before the quoted ports (per its total length).
+    let error = seeds()
+        .into_iter()
+        .find(|s| s.name == "icmp port unreachable quoting a translated flow")
+        .expect("seed present")
+        .frame;
+    let (action, out, _) = run_counting(&dp, Program::ToPod, &error, SkbIn::default())?;
+    assert_eq!(action, TC_ACT_OK);
+    assert_ne!(out, error, "the whole error is translated");
+    let mut cut = error.clone();
+    let total = (20 + 8 + 20 + 2) as u16;
+    cut[ETH_HEADER_LEN + 2..ETH_HEADER_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut cut, ETH_HEADER_LEN);
+    fix_l4_checksum(&mut cut, ETH_HEADER_LEN);
+    let (action, out, _) = run_counting(&dp, Program::ToPod, &cut, SkbIn::default())?;
+    assert_eq!((action, &out), (TC_ACT_OK, &cut), "left as it came");
+    Ok(())
+}
+
+#[test]
+fn esp_ingress_refuses_a_mark_of_a_peer_that_is_not_configured() -> Result<()> {
+    let dp = load(Fixture::EdgeEsp, "found-orphan")?;
+    // 10.99.0.0/16 routes to peer 3, which the peer table does not have.
+    let frame = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+        .ipv4(ORPHAN, LOCAL_POD)
+        .udp(1, 2)
+        .build();
+    let skb = SkbIn {
+        mark: mark::from_tunnel(0, ORPHAN_PEER),
+        ..SkbIn::default()
+    };
+    let (action, _, moved) = run_counting(&dp, Program::TunnelIngress, &frame, skb)?;
+    assert_eq!(
+        (action, moved),
+        (
+            TC_ACT_SHOT,
+            BTreeMap::from([(Counter::DropSpoofed.name(), 1)])
+        )
+    );
+    assert_eq!(dp.maps.peer_stats(ORPHAN_PEER)?.rx_packets, 0);
+    Ok(())
+}
