@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, PoisonError, atomic::Ordering},
 };
 
