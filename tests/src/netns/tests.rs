@@ -158,6 +158,10 @@ fn router_namespace_forwards_between_two_subnets() {
         )
         .unwrap();
 
+    // A new namespace copies IPv4 settings from the host's (with
+    // net.core.devconf_inherit_init_net at 0), which may forward already:
+    // set left's own value, so the per-namespace check below means something.
+    left.set_sysctl("net.ipv4.ip_forward", "0").unwrap();
     router.set_sysctl("net.ipv4.ip_forward", "0").unwrap();
     let blocked = ping(&left, addr("10.97.2.2"), 1, Duration::from_millis(100)).unwrap();
     assert_eq!(blocked.received, 0, "forwarding is off: {blocked:?}");
