@@ -157,9 +157,14 @@ const KERNEL_FLANNEL_PROOF: &str = "flannel_encap +0";
 
 fn esp_cluster() -> Result<Cluster> {
     Cluster::start(ClusterOptions {
+        // No XDP here: with native XDP attached, the 6.12 kernel under qemu
+        // TCG oopsed once (int3 at a patched static-key site in
+        // __netif_receive_skb_core). ESP's XDP guard is proven on the host.
         extra_agent_args: [
             "--tunnel",
             "esp",
+            "--xdp",
+            "off",
             "--keepalive-interval",
             "1s",
             "--rotation-grace",
@@ -660,9 +665,12 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     };
     let keepalive = format!("{}s", NAT_KEEPALIVE.as_secs());
     let cluster = Cluster::start(ClusterOptions {
+        // No XDP, as in `esp_cluster`.
         extra_agent_args: [
             "--tunnel",
             "esp",
+            "--xdp",
+            "off",
             "--keepalive-interval",
             &keepalive,
             "--rotation-grace",
