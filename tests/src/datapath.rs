@@ -1,7 +1,7 @@
 //! Datapath harness: the real object loaded into a private bpffs root, its
 //! programs run with `BPF_PROG_TEST_RUN`, its maps read and written directly.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
@@ -293,4 +293,27 @@ pub mod fixtures {
         })?;
         Ok(dp)
     }
+}
+
+/// Counters that changed during `run`, by name (the datapath and XDP tests'
+/// proof of which verdict a frame met).
+pub fn counted<T>(
+    dp: &TestDatapath,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, BTreeMap<&'static str, u64>)> {
+    let before = dp.counters();
+    let outcome = run()?;
+    let after = dp.counters();
+    let delta = before
+        .iter()
+        .zip(&after)
+        .filter(|((_, b), (_, a))| a != b)
+        .map(|((c, b), (_, a))| (c.name(), a - b))
+        .collect();
+    Ok((outcome, delta))
+}
+
+/// The counter delta of a frame that moved `counter` once and nothing else.
+pub fn only(counter: Counter) -> BTreeMap<&'static str, u64> {
+    BTreeMap::from([(counter.name(), 1)])
 }

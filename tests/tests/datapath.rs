@@ -9,7 +9,7 @@ use fabedge_agent::datapath::Program;
 use fabedge_common::{Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, tunnel_mode};
 use fabedge_tests::{
     datapath::{
-        Outcome, SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, fixtures::*,
+        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, counted, fixtures::*, only,
     },
     packet::{self, Frame, TcpFlags, UdpChecksum, parse_eth, vxlan_encap},
 };
@@ -22,27 +22,6 @@ fn pod_udp(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
         .udp(40000, 53)
         .payload(b"fabedge?")
         .build()
-}
-
-/// Counters that changed during `run`, by name.
-fn counted(
-    dp: &TestDatapath,
-    run: impl FnOnce() -> Result<Outcome>,
-) -> Result<(Outcome, BTreeMap<&'static str, u64>)> {
-    let before = dp.counters();
-    let outcome = run()?;
-    let after = dp.counters();
-    let delta = before
-        .iter()
-        .zip(&after)
-        .filter(|((_, b), (_, a))| a != b)
-        .map(|((c, b), (_, a))| (c.name(), a - b))
-        .collect();
-    Ok((outcome, delta))
-}
-
-fn only(counter: Counter) -> BTreeMap<&'static str, u64> {
-    BTreeMap::from([(counter.name(), 1)])
 }
 
 fn both(first: Counter, second: Counter) -> BTreeMap<&'static str, u64> {

@@ -18,7 +18,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     cluster::{Cluster, ClusterOptions, ECHO_PORT, PING_COUNT},
-    datapath::{TestDatapath, fixtures::*},
+    datapath::{counted, fixtures::*, only},
     netns::PacketSocket,
     packet::{Frame, UdpChecksum, parse_eth, vxlan_encap},
     xdp::{self, *},
@@ -26,27 +26,6 @@ use fabedge_tests::{
 
 const EDGE1_WAN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const EDGE1_POD: Ipv4Addr = LOCAL_POD;
-
-/// Counters that changed during `run`, by name.
-fn counted<T>(
-    dp: &TestDatapath,
-    run: impl FnOnce() -> Result<T>,
-) -> Result<(T, BTreeMap<&'static str, u64>)> {
-    let before = dp.counters();
-    let outcome = run()?;
-    let after = dp.counters();
-    let delta = before
-        .iter()
-        .zip(&after)
-        .filter(|((_, b), (_, a))| a != b)
-        .map(|((c, b), (_, a))| (c.name(), a - b))
-        .collect();
-    Ok((outcome, delta))
-}
-
-fn only(counter: Counter) -> BTreeMap<&'static str, u64> {
-    BTreeMap::from([(counter.name(), 1)])
-}
 
 fn inner_udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
     Frame::eth(src_mac, dst_mac)
