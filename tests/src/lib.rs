@@ -4,6 +4,7 @@
 //! - [`apiserver`]: a real etcd + kube-apiserver on loopback (`cargo xtask setup` builds it).
 //! - [`bench`]: the connector packet-rate benchmark and the figures' JSON keys.
 //! - [`cluster`]: the mini cluster of the seed's test matrix (cloud, connector, edges, pods).
+//! - [`kube_agent`]: one real agent in kube mode in its own namespace, read through `inspect`.
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
 //! - [`metrics`]: an agent's metrics and probes over HTTP, and a real Prometheus scraping it.
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod kube_agent;
 pub mod livegen;
 pub mod metrics;
 pub mod netns;

@@ -17,7 +17,10 @@ use fabedge_agent::{
     connector::annotate::{API_CALLS, CallScope},
     model::{annotation, label},
 };
-use fabedge_tests::apiserver::{ApiServer, Relay, User};
+use fabedge_tests::{
+    apiserver::{ApiServer, User},
+    kube_agent::KubeAgent,
+};
 use futures::StreamExt;
 use kube::{
     Api, Client,
@@ -562,198 +565,21 @@ fn the_agent_service_account_may_make_exactly_the_calls_the_agent_makes() -> Res
 // namespace that reaches the server through a relay on the namespace's
 // loopback; the maps are read with `fabedge-agent inspect ... --json`.
 
-/// One agent in kube mode (`edge-1` unless `node` is changed), with
-/// everything it leaves behind.
-struct EdgeAgent {
-    node: String,
-    extra_args: Vec<String>,
-    netns: fabedge_tests::netns::Netns,
-    root: PathBuf,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
-    _relay: Relay,
-}
-
-impl EdgeAgent {
-    /// `node`'s agent with a token bound to that Node object.
-    fn new(name: &str, server: &ApiServer, node: &str) -> Result<EdgeAgent> {
-        let netns = fabedge_tests::netns::Netns::new(name)?;
-        // edge-1's InternalIP on a NIC, as on the real node (kernel routes use it as source).
-        netns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0-peer",
-        ])?;
-        netns.set_up("eth0-peer")?;
-        netns.add_addr("eth0", "10.2.0.11/24")?;
-        netns.set_up("eth0")?;
-        let root = fabedge_tests::agent::bpffs_root(name);
-        let dir = std::env::temp_dir().join(format!(
-            "fabedge-apiserver-agent-{}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(dir.join("state"))?;
-        std::fs::create_dir_all(dir.join("cni"))?;
-        let relay = server.expose_in(&netns)?;
-        let token = server.token(NAMESPACE, SERVICE_ACCOUNT, Some(node))?;
-        server.write_kubeconfig(
-            &dir.join("kubeconfig"),
-            &User::Token(&token),
-            Some(relay.port),
-        )?;
-        Ok(EdgeAgent {
-            node: node.into(),
-            extra_args: Vec::new(),
-            netns,
-            root,
-            dir,
-            child: None,
-            _relay: relay,
-        })
-    }
-
-    fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))?;
-        let child = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.path().display()))
-            .arg(fabedge_tests::agent::agent_bin()?)
-            .arg("--bpffs-root")
-            .arg(&self.root)
-            .args([
-                "run",
-                "--node",
-                &self.node,
-                "--poll-interval",
-                "200ms",
-                // The host kernel has no ESP, the default tunnel mode.
-                "--tunnel",
-                "vxlan",
-                // The host's own cgroup would translate every process's sockets.
-                "--no-cgroup",
-                "--namespace",
-                NAMESPACE,
-                "--kubeconfig",
-            ])
-            .arg(self.dir.join("kubeconfig"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(self.dir.join("cni"))
-            .args(&self.extra_args)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the agent (is nsenter installed?)")?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// `fabedge-agent inspect WHAT --json` (empty before the first apply).
-    fn inspect(&self, what: &str) -> Result<Vec<Value>> {
-        let out = fabedge_tests::agent::agent_output(
-            Some(&self.netns),
-            &self.root,
-            &["inspect", what, "--json"],
-        )?;
-        if !out.status.success() {
-            return Ok(Vec::new());
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| format!("inspect {what} --json"))
-    }
-
-    /// `prefix → kind next hop` of every route in the maps.
-    fn routes(&self) -> Result<BTreeMap<String, String>> {
-        Ok(self
-            .inspect("routes")?
-            .iter()
-            .map(|r| {
-                (
-                    r["prefix"].as_str().unwrap_or("").to_owned(),
-                    format!("{} {}", r["kind"], r["next_hop"]),
-                )
-            })
-            .collect())
-    }
-
-    /// Polls `probe` on the maps until it holds (20 s), else fails with the log.
-    fn wait<T>(&self, what: &str, probe: impl Fn(&EdgeAgent) -> Result<Option<T>>) -> Result<T> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(value) = probe(self)? {
-                return Ok(value);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent never showed {what}; routes {:#?}\nagent log:\n{}",
-                    self.routes()?,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_routes(
-        &self,
-        what: &str,
-        check: impl Fn(&BTreeMap<String, String>) -> bool,
-    ) -> Result<BTreeMap<String, String>> {
-        self.wait(what, |agent| {
-            let routes = agent.routes()?;
-            Ok(check(&routes).then_some(routes))
-        })
-    }
-
-    /// Log lines that report map writes (logged only when an apply changed something).
-    fn applies(&self) -> usize {
-        self.log()
-            .matches(&format!("applied plan for {}", self.node))
-            .count()
-    }
-}
-
-impl Drop for EdgeAgent {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = fabedge_tests::agent::agent_output(
-            Some(&self.netns),
-            &self.root,
-            &[
-                "uninstall",
-                "--cni-conf-dir",
-                &self.dir.join("cni").display().to_string(),
-            ],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `node`'s agent on a token bound to that Node object, reaching the server
+/// through a relay on its namespace's loopback.
+fn edge_agent(name: &str, server: &ApiServer, node: &str) -> Result<KubeAgent> {
+    let mut agent = KubeAgent::new(name)?;
+    agent.node = node.into();
+    agent.extra_args = vec!["--namespace".into(), NAMESPACE.into()];
+    let relay = server.expose_in(&agent.netns)?;
+    let token = server.token(NAMESPACE, SERVICE_ACCOUNT, Some(node))?;
+    server.write_kubeconfig(&agent.kubeconfig(), &User::Token(&token), Some(relay.port))?;
+    agent.hold(relay);
+    Ok(agent)
 }
 
 /// The Service map's frontends (`ip:port/PROTO`) and their backends.
-fn frontends(agent: &EdgeAgent) -> Result<BTreeMap<String, Value>> {
+fn frontends(agent: &KubeAgent) -> Result<BTreeMap<String, Value>> {
     Ok(agent
         .inspect("services")?
         .iter()
@@ -771,7 +597,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
     let server = ApiServer::start()?;
     apply_deploy(&server)?;
     publish_fixture(&server)?;
-    let mut agent = EdgeAgent::new("api-edits", &server, "edge-1")?;
+    let mut agent = edge_agent("api-edits", &server, "edge-1")?;
     agent.start()?;
     // edge-2 is a community peer: its pod CIDR goes straight to its endpoint.
     agent.wait_routes("edge-2's pod CIDR", |r| r.contains_key("10.234.2.0/24"))?;
@@ -842,7 +668,7 @@ fn an_apiserver_restart_keeps_the_maps_and_the_agent_relists_and_reconciles() ->
     let mut server = ApiServer::start()?;
     apply_deploy(&server)?;
     publish_fixture(&server)?;
-    let mut agent = EdgeAgent::new("api-restart", &server, "edge-1")?;
+    let mut agent = edge_agent("api-restart", &server, "edge-1")?;
     agent.start()?;
     let online = agent.wait_routes("the first plan", |r| r.contains_key("10.234.2.0/24"))?;
     // The maps fill before the apply is logged.
@@ -912,7 +738,7 @@ fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exha
     let server = ApiServer::start()?;
     apply_deploy(&server)?;
     publish_fixture(&server)?;
-    let mut agent = EdgeAgent::new("api-conn", &server, "cloud-1")?;
+    let mut agent = edge_agent("api-conn", &server, "cloud-1")?;
     // cloud-1's uplink (its InternalIP) and Flannel's VXLAN device with the
     // MAC cloud-1's lease announces.
     let ns = &agent.netns;
@@ -936,21 +762,22 @@ fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exha
         "eth0",
     ])?;
     ns.set_up("flannel.1")?;
-    agent.extra_args = [
-        "--uplink",
-        "eth0",
-        "--lease-duration",
-        "3s",
-        "--lease-renew-interval",
-        "500ms",
-        // Two /25 blocks for three edge Nodes without spec.podCIDR.
-        "--edge-pod-cidr-pool",
-        "10.250.0.0/24",
-        "--edge-pod-cidr-size",
-        "25",
-    ]
-    .map(String::from)
-    .to_vec();
+    agent.extra_args.extend(
+        [
+            "--uplink",
+            "eth0",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-interval",
+            "500ms",
+            // Two /25 blocks for three edge Nodes without spec.podCIDR.
+            "--edge-pod-cidr-pool",
+            "10.250.0.0/24",
+            "--edge-pod-cidr-size",
+            "25",
+        ]
+        .map(String::from),
+    );
     for (i, name) in ["edge-a", "edge-b", "edge-c"].iter().enumerate() {
         server.apply(&edge_node_without_cidr(name, &format!("10.2.1.{}", i + 1)))?;
     }

@@ -10,7 +10,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -25,7 +24,10 @@ use fabedge_agent::{
     plan::{PeerIds, Settings, plan},
     source::{Objects, kube::KubeSource, manifest},
 };
-use fabedge_tests::fake_api::{FakeApi, Request};
+use fabedge_tests::{
+    fake_api::{FakeApi, Request},
+    kube_agent::KubeAgent,
+};
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
@@ -673,173 +675,6 @@ async fn five_hundred_edge_pod_cidrs_never_collide_and_survive_a_restart() -> Re
 // namespace (the server listens on that namespace's loopback) with its own
 // bpffs root; the maps are read with `fabedge-agent inspect routes --json`.
 
-/// One agent in kube mode (`edge-1` unless `node` is changed), with
-/// everything it leaves behind.
-struct EdgeAgent {
-    node: String,
-    extra_args: Vec<String>,
-    netns: fabedge_tests::netns::Netns,
-    root: PathBuf,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl EdgeAgent {
-    fn new(name: &str) -> Result<EdgeAgent> {
-        let netns = fabedge_tests::netns::Netns::new(name)?;
-        // edge-1's InternalIP on a NIC, as on the real node (kernel routes use it as source).
-        netns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0-peer",
-        ])?;
-        netns.set_up("eth0-peer")?;
-        netns.add_addr("eth0", "10.2.0.11/24")?;
-        netns.set_up("eth0")?;
-        let root = fabedge_tests::agent::bpffs_root(name);
-        let dir = std::env::temp_dir().join(format!("fabedge-kube-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(dir.join("state"))?;
-        std::fs::create_dir_all(dir.join("cni"))?;
-        Ok(EdgeAgent {
-            node: "edge-1".into(),
-            extra_args: Vec::new(),
-            netns,
-            root,
-            dir,
-            child: None,
-        })
-    }
-
-    fn start(&mut self, fake: &FakeApi) -> Result<()> {
-        let kubeconfig = self.dir.join("kubeconfig");
-        fake.write_kubeconfig(&kubeconfig)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))?;
-        let child = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.path().display()))
-            .arg(fabedge_tests::agent::agent_bin()?)
-            .arg("--bpffs-root")
-            .arg(&self.root)
-            .args([
-                "run",
-                "--node",
-                &self.node,
-                "--poll-interval",
-                "200ms",
-                // The host kernel has no ESP, the default tunnel mode.
-                "--tunnel",
-                "vxlan",
-                // The host's own cgroup would translate every process's sockets.
-                "--no-cgroup",
-                "--kubeconfig",
-            ])
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(self.dir.join("cni"))
-            .args(&self.extra_args)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the agent (is nsenter installed?)")?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: the agent's own shutdown path (the datapath stays pinned).
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// `prefix → next hop` of every route in the maps (empty before the first apply).
-    fn routes(&self) -> Result<BTreeMap<String, String>> {
-        let out = fabedge_tests::agent::agent_output(
-            Some(&self.netns),
-            &self.root,
-            &["inspect", "routes", "--json"],
-        )?;
-        if !out.status.success() {
-            return Ok(BTreeMap::new());
-        }
-        let rows: Vec<Value> =
-            serde_json::from_slice(&out.stdout).context("inspect routes --json")?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r["prefix"].as_str().unwrap_or("").to_owned(),
-                    format!("{} {}", r["kind"], r["next_hop"]),
-                )
-            })
-            .collect())
-    }
-
-    fn wait_routes(
-        &self,
-        what: &str,
-        check: impl Fn(&BTreeMap<String, String>) -> bool,
-    ) -> Result<BTreeMap<String, String>> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let routes = self.routes()?;
-            if check(&routes) {
-                return Ok(routes);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the maps never showed {what}: {routes:#?}\nagent log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Lines of the log that report map writes (`applied plan for …` is
-    /// logged only when an apply changed something).
-    fn applies(&self) -> usize {
-        self.log()
-            .matches(&format!("applied plan for {}", self.node))
-            .count()
-    }
-}
-
-impl Drop for EdgeAgent {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = fabedge_tests::agent::agent_output(
-            Some(&self.netns),
-            &self.root,
-            &[
-                "uninstall",
-                "--cni-conf-dir",
-                &self.dir.join("cni").display().to_string(),
-            ],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn community(members: &[&str]) -> Value {
     json!({"apiVersion": "fabedge.io/v1alpha1", "kind": "Community", "metadata": {"name": "beijing"},
            "spec": {"members": members}})
@@ -847,10 +682,11 @@ fn community(members: &[&str]) -> Value {
 
 #[test]
 fn agent_maps_follow_the_api_and_a_relist_writes_nothing() -> Result<()> {
-    let mut agent = EdgeAgent::new("kube-maps")?;
+    let mut agent = KubeAgent::new("kube-maps")?;
     let fake = FakeApi::start_in(&agent.netns)?;
     publish(&fake, &fixture())?;
-    agent.start(&fake)?;
+    fake.write_kubeconfig(&agent.kubeconfig())?;
+    agent.start()?;
     // edge-2 is a community peer: its pod CIDR goes straight to its endpoint.
     agent.wait_routes("edge-2's pod CIDR", |r| r.contains_key("10.234.2.0/24"))?;
 
@@ -903,10 +739,11 @@ fn agent_maps_follow_the_api_and_a_relist_writes_nothing() -> Result<()> {
 
 #[test]
 fn api_down_keeps_the_datapath_and_a_restart_while_down_restores_it() -> Result<()> {
-    let mut agent = EdgeAgent::new("kube-down")?;
+    let mut agent = KubeAgent::new("kube-down")?;
     let fake = FakeApi::start_in(&agent.netns)?;
     publish(&fake, &fixture())?;
-    agent.start(&fake)?;
+    fake.write_kubeconfig(&agent.kubeconfig())?;
+    agent.start()?;
     let online = agent.wait_routes("the first plan", |r| r.contains_key("10.234.2.0/24"))?;
     let saved = agent
         .dir
@@ -955,7 +792,8 @@ fn api_down_keeps_the_datapath_and_a_restart_while_down_restores_it() -> Result<
         ],
     )?;
     assert!(agent.routes()?.is_empty(), "uninstall emptied the datapath");
-    agent.start(&fake)?;
+    fake.write_kubeconfig(&agent.kubeconfig())?;
+    agent.start()?;
     agent.wait_routes("the saved state restored while offline", |r| *r == online)?;
     assert!(
         agent.log().contains("last good cluster state"),
@@ -1018,7 +856,7 @@ async fn a_leader_stopping_gracefully_hands_the_lease_over_at_once() -> Result<(
 
 #[test]
 fn connector_agent_leads_writes_edge_annotations_and_releases_on_sigterm() -> Result<()> {
-    let mut agent = EdgeAgent::new("kube-conn")?;
+    let mut agent = KubeAgent::new("kube-conn")?;
     // cloud-1's uplink (its InternalIP) and Flannel's VXLAN device with the
     // MAC cloud-1's lease announces.
     let ns = &agent.netns;
@@ -1057,7 +895,8 @@ fn connector_agent_leads_writes_edge_annotations_and_releases_on_sigterm() -> Re
     .to_vec();
     let fake = FakeApi::start_in(&agent.netns)?;
     publish(&fake, &fixture())?;
-    agent.start(&fake)?;
+    fake.write_kubeconfig(&agent.kubeconfig())?;
+    agent.start()?;
 
     // Its datapath: edge-1's pod CIDR behind edge-1's tunnel endpoint.
     agent.wait_routes("edge-1's pod CIDR", |r| {
