@@ -1,10 +1,7 @@
 //! `cargo xtask build-ebpf`: the one build path of the kernel object. The agent
 //! embeds the object this produces (see fabedge-agent/build.rs).
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -24,10 +21,10 @@ pub fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
         "-Clink-arg=--btf",
     ]
     .join("\x1f");
-    let status = Command::new("cargo")
+    let status = crate::toolchain::Nightly::current()
+        .cargo()
         .current_dir(workspace)
         .args([
-            "+nightly",
             "build",
             "--package",
             "fabedge-ebpf",
@@ -47,7 +44,7 @@ pub fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
         // The agent's build script reads the object from the workspace's target dir.
         .env_remove("CARGO_TARGET_DIR")
         .status()
-        .context("running cargo +nightly build for fabedge-ebpf")?;
+        .context("running cargo build for fabedge-ebpf with the pinned nightly")?;
     if !status.success() {
         bail!("building the eBPF object failed (see the compiler output above)");
     }

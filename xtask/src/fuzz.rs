@@ -6,10 +6,11 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context, Result};
+
+use crate::toolchain::Nightly;
 
 /// Every target of `fuzz/Cargo.toml`.
 pub const TARGETS: &[&str] = &["manifest", "xfrm", "hello"];
@@ -27,8 +28,9 @@ pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool)>
             .with_context(|| format!("FABEDGE_FUZZ_SECONDS={text:?} is not a number of seconds"))?,
         Err(_) => DEFAULT_SECONDS,
     };
-    let available = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
+    let available = Nightly::current()
+        .cargo()
+        .args(["fuzz", "--version"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
@@ -40,7 +42,8 @@ pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool)>
         let name = format!("cargo fuzz {target} ({seconds} s)");
         if !available {
             println!(
-                "xtask: `cargo +nightly fuzz` is missing: run `cargo xtask setup` (installs cargo-fuzz)"
+                "xtask: `cargo fuzz` is missing: run `cargo xtask setup` (installs cargo-fuzz and {})",
+                crate::toolchain::NIGHTLY
             );
             suites.push((name, false));
             continue;
@@ -54,13 +57,16 @@ pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool)>
 fn run_target(workspace: &Path, target: &str, seconds: u64) -> Result<bool> {
     let artifacts = workspace.join("fuzz/artifacts").join(target);
     let before = listing(&artifacts);
-    // The sanitizer build of every dependency is slow from nothing: it is
-    // cached outside the work tree, shared by every clone (CI included).
+    // Built without a sanitizer: the targets are safe Rust, whose bugs are
+    // panics and hangs that libFuzzer catches anyway, and an ASan build of
+    // every dependency cost 35 minutes cold. The build is cached outside
+    // the work tree, shared by every clone (CI included).
     let target_dir = crate::kube::cache_root()?.join("fuzz-target");
     println!("xtask: cargo fuzz {target} for {seconds} s");
-    let status = Command::new("cargo")
+    let status = Nightly::current()
+        .cargo()
         .current_dir(workspace)
-        .args(["+nightly", "fuzz", "run", target, "--target-dir"])
+        .args(["fuzz", "run", target, "--sanitizer", "none", "--target-dir"])
         .arg(&target_dir)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
@@ -79,8 +85,9 @@ fn run_target(workspace: &Path, target: &str, seconds: u64) -> Result<bool> {
     }
     for input in new {
         println!(
-            "xtask: cargo fuzz {target} failed on {}; reproduce with `cargo +nightly fuzz run {target} {}`",
+            "xtask: cargo fuzz {target} failed on {}; reproduce with `cargo +{} fuzz run {target} {}`",
             input.display(),
+            crate::toolchain::NIGHTLY,
             input.display()
         );
     }

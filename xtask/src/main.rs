@@ -8,6 +8,7 @@ mod image;
 mod kube;
 mod setup;
 mod test;
+mod toolchain;
 mod vm;
 
 use std::{

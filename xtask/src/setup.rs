@@ -44,7 +44,7 @@ pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 pub fn run() -> Result<()> {
     install_apt_packages()?;
-    install_rust_src()?;
+    crate::toolchain::install()?;
     install_bpf_linker()?;
     install_musl_target()?;
     install_cargo_fuzz()?;
@@ -76,32 +76,6 @@ fn install_apt_packages() -> Result<()> {
         .context("running apt-get install")?;
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
-    }
-    Ok(())
-}
-
-fn install_rust_src() -> Result<()> {
-    let out = Command::new("rustc")
-        .args(["+nightly", "--print", "sysroot"])
-        .output()
-        .context("running `rustc +nightly --print sysroot`: is the nightly toolchain installed?")?;
-    if !out.status.success() {
-        bail!("no nightly toolchain: install it with `rustup toolchain install nightly`");
-    }
-    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if Path::new(&sysroot)
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
-    {
-        return Ok(());
-    }
-    eprintln!("setup: installing rust-src for the nightly toolchain");
-    let status = Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
-        .status()
-        .context("running rustup")?;
-    if !status.success() {
-        bail!("rustup component add rust-src --toolchain nightly failed");
     }
     Ok(())
 }
