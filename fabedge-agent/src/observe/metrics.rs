@@ -407,7 +407,31 @@ fn count_keys(map: &MapData, key_size: u32, max_entries: u32) -> Result<u64> {
 fn esp(page: &mut Exposition, state_dir: &Path, generation: Option<u32>) -> Result<()> {
     let rows = crate::esp::inspect::tunnels(state_dir)?;
     esp_families(page, &rows, generation);
+    hello_families(page, &crate::esp::hellos::load_received(state_dir));
     Ok(())
+}
+
+/// Clock skew as the peers' hellos show it, from the hello record rather than
+/// the SAs: a peer whose clock is off never gets an SA to hang it on.
+fn hello_families(page: &mut Exposition, peers: &BTreeMap<String, crate::esp::hellos::PeerHellos>) {
+    page.family(
+        "fabedge_hellos_skewed_total",
+        Kind::Counter,
+        "Authentic hellos from a peer refused because its clock is outside the accepted window.",
+    );
+    for (peer, hellos) in peers {
+        page.sample(&[("peer", peer)], hellos.skewed_hellos);
+    }
+    page.family(
+        "fabedge_peer_clock_skew_seconds",
+        Kind::Gauge,
+        "The peer's clock minus ours, for peers whose hellos are refused for it now.",
+    );
+    for (peer, hellos) in peers {
+        if let Some(secs) = hellos.skew_secs {
+            page.sample(&[("peer", peer)], secs);
+        }
+    }
 }
 
 fn esp_families(
@@ -574,6 +598,30 @@ mod tests {
         // SPIs and remotes stay out of label values (no series per rotation of them),
         // and nothing resembling key material is there to leak.
         assert!(!page.contains("0xfe00"), "{page}");
+    }
+
+    #[test]
+    fn clock_skew_is_exported_per_peer_even_without_an_sa() {
+        let peers: BTreeMap<String, crate::esp::hellos::PeerHellos> = serde_json::from_str(
+            r#"{"edge-1": {"counter": 0, "skewed_hellos": 12, "skew_secs": -300},
+                "edge-2": {"counter": 9, "skewed_hellos": 2}}"#,
+        )
+        .unwrap();
+        let mut page = Exposition::default();
+        hello_families(&mut page, &peers);
+        let page = page.finish();
+        for line in [
+            "fabedge_hellos_skewed_total{peer=\"edge-1\"} 12\n",
+            "fabedge_hellos_skewed_total{peer=\"edge-2\"} 2\n",
+            "fabedge_peer_clock_skew_seconds{peer=\"edge-1\"} -300\n",
+        ] {
+            assert!(page.contains(line), "no {line:?} in\n{page}");
+        }
+        // edge-2 is back in the window: no skew sample for it.
+        assert!(
+            !page.contains("fabedge_peer_clock_skew_seconds{peer=\"edge-2\"}"),
+            "{page}"
+        );
     }
 
     #[test]
