@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 /// For the leading connector's cluster work (`annotate`), which writes the
 /// active connector's lease in kube mode.
 pub use self::error::PlanError;
-pub use self::flannel::annotation_patches as flannel_annotation_patches;
+pub use self::flannel::{annotation_patches as flannel_annotation_patches, masquerade_lease};
 pub use self::{
     cni::{CNI_FILE_NAME, CNI_VERSION},
     peer_ids::PeerIds,

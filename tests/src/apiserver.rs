@@ -36,7 +36,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Node, ServiceAccount},
+    core::v1::ServiceAccount,
 };
 use kube::{
     Api, Client,
@@ -402,27 +402,46 @@ impl ApiServer {
 
     /// A token of ServiceAccount `namespace/name` from the TokenRequest API,
     /// valid for an hour; with `node`, bound to that Node object (the token
-    /// dies with the Node, and carries its name and uid).
+    /// dies with the Node, and carries its name and uid: the server puts the
+    /// name in the user's extra `authentication.kubernetes.io/node-name`).
     pub fn token(&self, namespace: &str, name: &str, node: Option<&str>) -> Result<String> {
+        match node {
+            Some(node) => self.bound_token(namespace, name, "Node", node),
+            None => self.token_request(namespace, name, None),
+        }
+    }
+
+    /// A token of ServiceAccount `namespace/name` bound to the Pod
+    /// `namespace/pod`, as the kubelet's projected token of a Pod is: the
+    /// server adds the Pod's node (its `spec.nodeName`) to the token, and
+    /// to the user's extra as `authentication.kubernetes.io/node-name`.
+    pub fn pod_token(&self, namespace: &str, name: &str, pod: &str) -> Result<String> {
+        self.bound_token(namespace, name, "Pod", pod)
+    }
+
+    /// A token bound to the object `kind` `object` (a Node, or a Pod in `namespace`).
+    fn bound_token(&self, namespace: &str, name: &str, kind: &str, object: &str) -> Result<String> {
+        let namespaced = kind != "Node";
+        let found = self
+            .get("v1", kind, namespaced.then_some(namespace), object)?
+            .with_context(|| format!("{kind} {object} to bind a token to"))?;
+        let reference = BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some(kind.into()),
+            name: Some(object.into()),
+            uid: found["metadata"]["uid"].as_str().map(String::from),
+        };
+        self.token_request(namespace, name, Some(reference))
+    }
+
+    fn token_request(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound_object_ref: Option<BoundObjectReference>,
+    ) -> Result<String> {
         let client = self.client();
         self.block_on(async move {
-            let bound_object_ref = match node {
-                Some(node) => {
-                    let uid = Api::<Node>::all(client.clone())
-                        .get(node)
-                        .await
-                        .with_context(|| format!("Node {node} to bind a token to"))?
-                        .metadata
-                        .uid;
-                    Some(BoundObjectReference {
-                        api_version: Some("v1".into()),
-                        kind: Some("Node".into()),
-                        name: Some(node.into()),
-                        uid,
-                    })
-                }
-                None => None,
-            };
             let request = TokenRequest {
                 spec: Some(TokenRequestSpec {
                     bound_object_ref,

@@ -2,9 +2,11 @@
 //! (`fabedge_tests::apiserver`; `cargo xtask setup` builds them once).
 //!
 //! What the in-test fake (`tests/tests/kube.rs`) cannot prove: the server
-//! accepts our manifests and enforces the CRD schema, RBAC grants the agent's
-//! ServiceAccount exactly what it uses, and real list/watch semantics drive
-//! the agent's maps, also across an API server restart.
+//! accepts our manifests and enforces the CRD schema, RBAC grants each
+//! agent's ServiceAccount exactly what it uses, the node policy confines
+//! every agent's Node writes to its own node and role (per-node identity),
+//! and real list/watch semantics drive the agent's maps, also across an
+//! API server restart.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,14 +16,19 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    connector::annotate::{API_CALLS, CallScope},
-    model::{annotation, label},
+    connector::annotate::{API_CALLS, Account, CallScope, merge_patch},
+    esp::keys::{
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, KEY_NONCE_ANNOTATION,
+        PUBLIC_KEY_ANNOTATION,
+    },
+    model::{AnnotationPatch, annotation, label},
 };
 use fabedge_tests::{
     apiserver::{ApiServer, User},
     kube_agent::KubeAgent,
 };
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchParams},
@@ -32,9 +39,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "fabedge";
-const SERVICE_ACCOUNT: &str = "fabedge-agent";
-/// The agent's identity as the API server sees it.
-const AGENT_USER: &str = "system:serviceaccount:fabedge:fabedge-agent";
+/// How the server prefixes a refusal by deploy/node-policy.yaml.
+const NODE_POLICY: &str = "ValidatingAdmissionPolicy 'fabedge-node-writes' with binding 'fabedge-node-writes' denied request: ";
+
+/// An account's identity as the API server sees it.
+fn user_of(account: Account) -> String {
+    format!(
+        "system:serviceaccount:{NAMESPACE}:{}",
+        account.service_account()
+    )
+}
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mini-cluster.yaml");
 
 fn deploy_dir() -> PathBuf {
@@ -82,6 +96,40 @@ fn publish_fixture(server: &ApiServer) -> Result<()> {
     Ok(())
 }
 
+/// `deploy/` and the mini cluster, once the node policy is enforced.
+fn deploy_with_fixture(server: &ApiServer) -> Result<()> {
+    apply_deploy(server)?;
+    publish_fixture(server)?;
+    wait_for_node_policy(server)
+}
+
+/// Waits until the server enforces `deploy/node-policy.yaml` (its admission
+/// plugin loads a new policy a moment after it is created): a dry-run write
+/// with a token bound to no node is refused by the policy.
+fn wait_for_node_policy(server: &ApiServer) -> Result<()> {
+    let client = client_of(server, Account::Agent.service_account(), None)?;
+    let probe = json!({"metadata": {"annotations": {"fabedge.io/policy-probe": "1"}}});
+    let params = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let result = server.block_on(Api::<Node>::all(client.clone()).patch(
+            "edge-1",
+            &params,
+            &Patch::Merge(&probe),
+        ));
+        match result {
+            Err(kube::Error::Api(status)) if status.message.contains(NODE_POLICY) => return Ok(()),
+            other if Instant::now() > deadline => {
+                bail!("the node policy was not enforced within 60 s: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 fn edge_node(name: &str, address: &str, pod_cidr: &str) -> Value {
     let mut node = edge_node_without_cidr(name, address);
     node["spec"] = json!({"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]});
@@ -118,12 +166,18 @@ struct Request {
     uri: String,
 }
 
-/// The agent's requests so far (each once, whatever its stages).
-fn agent_requests(server: &ApiServer) -> Result<Vec<Request>> {
+/// The requests of agents on `account` so far (each once, whatever its
+/// stages). Dry runs are left out: the agent makes none, they are the
+/// tests' probes of the node policy ([`wait_for_node_policy`]).
+fn agent_requests(server: &ApiServer, account: Account) -> Result<Vec<Request>> {
+    let user = user_of(account);
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for event in server.audit()? {
-        if event["user"]["username"] != AGENT_USER
+        if event["user"]["username"] != user.as_str()
+            || event["requestURI"]
+                .as_str()
+                .is_some_and(|uri| uri.contains("dryRun="))
             || !seen.insert(event["auditID"].as_str().unwrap_or("").to_owned())
         {
             continue;
@@ -142,12 +196,13 @@ fn agent_requests(server: &ApiServer) -> Result<Vec<Request>> {
     Ok(out)
 }
 
-/// Every request the server saw from the agent is declared in `API_CALLS`
-/// (what `deploy/rbac.yaml` grants), in the namespace declared.
-fn assert_agent_calls_are_declared(requests: &[Request]) {
+/// Every request the server saw from an agent on `account` is one of the
+/// account's calls (what `deploy/rbac.yaml` grants it), in the namespace
+/// declared.
+fn assert_agent_calls_are_declared(requests: &[Request], account: Account) {
     assert!(!requests.is_empty(), "the audit log has no agent request");
     for r in requests {
-        let declared = API_CALLS.iter().any(|call| {
+        let declared = account.calls().any(|call| {
             call.group == r.group
                 && call.resource == r.resource
                 && call.verbs.contains(&r.verb.as_str())
@@ -155,7 +210,7 @@ fn assert_agent_calls_are_declared(requests: &[Request]) {
         });
         assert!(
             declared,
-            "the agent made {} {} ({} {:?} in {:?}), which annotate::API_CALLS does not declare",
+            "the agent made {} {} ({} {:?} in {:?}), which annotate::API_CALLS does not declare for {account:?}",
             r.verb, r.uri, r.resource, r.group, r.namespace
         );
     }
@@ -170,10 +225,15 @@ fn deploy_applies_the_crd_is_established_and_its_schema_rejects_a_malformed_comm
         "namespace/fabedge created",
         "customresourcedefinition.apiextensions.k8s.io/communities.fabedge.io created",
         "serviceaccount/fabedge-agent created",
+        "serviceaccount/fabedge-connector created",
         "clusterrole.rbac.authorization.k8s.io/fabedge-agent created",
         "clusterrolebinding.rbac.authorization.k8s.io/fabedge-agent created",
-        "role.rbac.authorization.k8s.io/fabedge-agent created",
-        "rolebinding.rbac.authorization.k8s.io/fabedge-agent created",
+        "role.rbac.authorization.k8s.io/fabedge-connector created",
+        "rolebinding.rbac.authorization.k8s.io/fabedge-connector created",
+        "role.rbac.authorization.k8s.io/fabedge-connector-events created",
+        "rolebinding.rbac.authorization.k8s.io/fabedge-connector-events created",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/fabedge-node-writes created",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/fabedge-node-writes created",
         "daemonset.apps/fabedge-agent created",
         "daemonset.apps/fabedge-connector created",
     ] {
@@ -188,17 +248,27 @@ fn deploy_applies_the_crd_is_established_and_its_schema_rejects_a_malformed_comm
         again.lines().all(|l| l.ends_with(" unchanged")),
         "a second apply changed something:\n{again}"
     );
-    // The DaemonSets keep what the agent relies on after the server's defaulting.
-    let ds = server
-        .get("apps/v1", "DaemonSet", Some(NAMESPACE), "fabedge-connector")?
-        .context("the connector DaemonSet")?;
-    let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(pod["serviceAccountName"], SERVICE_ACCOUNT);
-    assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(
-        pod["containers"][0]["image"],
-        "ghcr.io/fabedge/fabedge-agent:latest"
-    );
+    // The DaemonSets keep what the agent relies on after the server's
+    // defaulting, each with its role's ServiceAccount.
+    for (name, account) in [
+        ("fabedge-agent", Account::Agent),
+        ("fabedge-connector", Account::Connector),
+    ] {
+        let ds = server
+            .get("apps/v1", "DaemonSet", Some(NAMESPACE), name)?
+            .with_context(|| format!("the DaemonSet {name}"))?;
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["serviceAccountName"],
+            account.service_account(),
+            "{name}"
+        );
+        assert_eq!(pod["hostNetwork"], true);
+        assert_eq!(
+            pod["containers"][0]["image"],
+            "ghcr.io/fabedge/fabedge-agent:latest"
+        );
+    }
 
     let dir = server.dir().to_path_buf();
     let kubectl_apply = |name: &str, object: &Value| -> Result<std::process::Output> {
@@ -424,127 +494,147 @@ async fn rules_of(client: &Client, namespace: &str) -> Result<BTreeSet<Grant>> {
     Ok(out)
 }
 
+/// The Node an account's token is bound to in the RBAC test (its own Node:
+/// the only one whose annotations it may patch as every agent does).
+fn home_of(account: Account) -> &'static str {
+    match account {
+        Account::Agent => "edge-1",
+        Account::Connector => "cloud-1",
+    }
+}
+
 #[test]
-fn the_agent_service_account_may_make_exactly_the_calls_the_agent_makes() -> Result<()> {
+fn each_service_account_may_make_exactly_the_calls_its_agents_make() -> Result<()> {
     let server = ApiServer::start()?;
-    apply_deploy(&server)?;
-    publish_fixture(&server)?;
+    deploy_with_fixture(&server)?;
     // A ServiceAccount bound to nothing: what every identity may do anyway.
     server.apply(&json!({"apiVersion": "v1", "kind": "ServiceAccount",
                          "metadata": {"name": "nobody", "namespace": NAMESPACE}}))?;
-    let token = server.token(NAMESPACE, SERVICE_ACCOUNT, None)?;
-    let agent = server.client_as(&User::Token(&token))?;
-    let nobody = server.client_as(&User::Token(&server.token(NAMESPACE, "nobody", None)?))?;
+    let nobody = client_of(&server, "nobody", None)?;
     let admin = server.client();
-
-    server.block_on(async {
-        // Every call of API_CALLS, made for real with the agent's token.
-        // Objects for get/update/patch: edge-1 (a Node) and the Lease created first.
-        let existing = |resource: &str| if resource == "nodes" { "edge-1" } else { "rbac-test" };
-        let order = ["create", "get", "update", "patch", "list", "watch"];
-        let mut made = 0;
-        for api_call in API_CALLS {
-            let resource = resource_of(&admin, api_call.group, api_call.resource).await?;
-            let mut verbs: Vec<&str> = api_call.verbs.to_vec();
-            verbs.sort_by_key(|v| order.iter().position(|o| o == v).unwrap_or(order.len()));
-            for verb in verbs {
-                let result = call(
-                    &agent,
-                    &admin,
-                    &resource,
-                    api_call.scope,
-                    verb,
-                    existing(api_call.resource),
-                )
-                .await?;
-                if let Err(e) = result {
-                    bail!(
-                        "{verb} {} (group {:?}) with the {SERVICE_ACCOUNT} token failed: {e}",
-                        api_call.resource,
-                        api_call.group
-                    );
+    // The connector first: the agent's refused Lease update needs the Lease
+    // the connector's calls create.
+    for account in [Account::Connector, Account::Agent] {
+        let service_account = account.service_account();
+        let home = home_of(account);
+        let agent = client_of(&server, service_account, Some(home))?;
+        server.block_on(async {
+            // Every call of the account, made for real with its token.
+            // Objects for get/update/patch: its own Node and the Lease created first.
+            let existing = |resource: &str| if resource == "nodes" { home } else { "rbac-test" };
+            let order = ["create", "get", "update", "patch", "list", "watch"];
+            let mut made = 0;
+            for api_call in account.calls() {
+                let resource = resource_of(&admin, api_call.group, api_call.resource).await?;
+                let mut verbs: Vec<&str> = api_call.verbs.to_vec();
+                verbs.sort_by_key(|v| order.iter().position(|o| o == v).unwrap_or(order.len()));
+                for verb in verbs {
+                    let result = call(
+                        &agent,
+                        &admin,
+                        &resource,
+                        api_call.scope,
+                        verb,
+                        existing(api_call.resource),
+                    )
+                    .await?;
+                    if let Err(e) = result {
+                        bail!(
+                            "{verb} {} (group {:?}) with the {service_account} token failed: {e}",
+                            api_call.resource,
+                            api_call.group
+                        );
+                    }
+                    made += 1;
                 }
-                made += 1;
             }
-        }
-        assert_eq!(
-            made,
-            API_CALLS.iter().map(|c| c.verbs.len()).sum::<usize>()
-        );
-
-        // The server's view of the grants, less what any identity has, is
-        // exactly API_CALLS: the namespaced ones only in their namespace.
-        for namespace in [NAMESPACE, "default", "kube-system"] {
-            let baseline = rules_of(&nobody, namespace).await?;
-            let granted: BTreeSet<Grant> = rules_of(&agent, namespace)
-                .await?
-                .difference(&baseline)
-                .cloned()
-                .collect();
-            let declared: BTreeSet<Grant> = API_CALLS
-                .iter()
-                .filter(|c| namespace_of(c.scope).is_none_or(|ns| ns == namespace))
-                .flat_map(|c| {
-                    c.verbs.iter().map(|v| Grant {
-                        group: c.group.into(),
-                        resource: c.resource.into(),
-                        verb: (*v).into(),
-                    })
-                })
-                .collect();
-            assert_eq!(granted, declared, "grants in namespace {namespace}");
-        }
-
-        // Outside the role: refused by the server, naming the identity.
-        let refused = [
-            ("", "nodes", "delete", CallScope::Cluster),
-            ("", "nodes", "update", CallScope::Cluster),
-            ("", "secrets", "get", CallScope::AgentNamespace),
-            ("", "secrets", "list", CallScope::Cluster),
-            ("", "pods", "patch", CallScope::AgentNamespace),
-            ("apps", "daemonsets", "delete", CallScope::AgentNamespace),
-            ("fabedge.io", "communities", "patch", CallScope::Cluster),
-            ("coordination.k8s.io", "leases", "delete", CallScope::AgentNamespace),
-            // Events only where the agent records them.
-            ("", "events", "create", CallScope::AgentNamespace),
-        ];
-        for (group, plural, verb, scope) in refused {
-            let resource = resource_of(&admin, group, plural).await?;
-            let name = match plural {
-                "nodes" => "edge-1",
-                "daemonsets" => "fabedge-agent",
-                "communities" => "beijing",
-                _ => "rbac-test",
-            };
-            let result = call(&agent, &admin, &resource, scope, verb, name).await?;
-            let message = forbidden(&result)
-                .with_context(|| format!("{verb} {plural} was not refused: {result:?}"))?;
-            assert!(
-                message.contains(&format!(
-                    "User \"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}\" cannot {verb} resource \"{plural}\""
-                )),
-                "{verb} {plural}: {message}"
+            assert_eq!(
+                made,
+                account.calls().map(|c| c.verbs.len()).sum::<usize>(),
+                "{account:?}"
             );
-        }
-        // The Lease in another namespace is out of reach too.
-        let leases = resource_of(&admin, "coordination.k8s.io", "leases").await?;
-        let elsewhere: Api<DynamicObject> =
-            Api::namespaced_with(agent.clone(), "kube-system", &leases);
-        let result = elsewhere.list(&ListParams::default()).await;
-        assert!(forbidden(&result).is_some(), "{result:?}");
-        Ok::<_, anyhow::Error>(())
-    })?;
+
+            // The server's view of the grants, less what any identity has, is
+            // exactly the account's calls: the namespaced ones only in their namespace.
+            for namespace in [NAMESPACE, "default", "kube-system"] {
+                let baseline = rules_of(&nobody, namespace).await?;
+                let granted: BTreeSet<Grant> = rules_of(&agent, namespace)
+                    .await?
+                    .difference(&baseline)
+                    .cloned()
+                    .collect();
+                let declared: BTreeSet<Grant> = account
+                    .calls()
+                    .filter(|c| namespace_of(c.scope).is_none_or(|ns| ns == namespace))
+                    .flat_map(|c| {
+                        c.verbs.iter().map(|v| Grant {
+                            group: c.group.into(),
+                            resource: c.resource.into(),
+                            verb: (*v).into(),
+                        })
+                    })
+                    .collect();
+                assert_eq!(
+                    granted, declared,
+                    "grants of {service_account} in namespace {namespace}"
+                );
+            }
+
+            // Outside the role: refused by the server, naming the identity.
+            let mut refused = vec![
+                ("", "nodes", "delete", CallScope::Cluster),
+                ("", "nodes", "update", CallScope::Cluster),
+                ("", "secrets", "get", CallScope::AgentNamespace),
+                ("", "secrets", "list", CallScope::Cluster),
+                ("", "pods", "patch", CallScope::AgentNamespace),
+                ("apps", "daemonsets", "delete", CallScope::AgentNamespace),
+                ("fabedge.io", "communities", "patch", CallScope::Cluster),
+                ("coordination.k8s.io", "leases", "delete", CallScope::AgentNamespace),
+                // Events only where the agent records them.
+                ("", "events", "create", CallScope::AgentNamespace),
+            ];
+            // What only connectors may do.
+            let connector_only = API_CALLS
+                .iter()
+                .filter(|c| !c.accounts.contains(&account))
+                .flat_map(|c| c.verbs.iter().map(|v| (c.group, c.resource, *v, c.scope)));
+            refused.extend(connector_only);
+            for (group, plural, verb, scope) in refused {
+                let resource = resource_of(&admin, group, plural).await?;
+                let name = match plural {
+                    "nodes" => home,
+                    "daemonsets" => "fabedge-agent",
+                    "communities" => "beijing",
+                    _ => "rbac-test",
+                };
+                let result = call(&agent, &admin, &resource, scope, verb, name).await?;
+                let message = forbidden(&result).with_context(|| {
+                    format!("{verb} {plural} with the {service_account} token was not refused: {result:?}")
+                })?;
+                assert!(
+                    message.contains(&format!(
+                        "User \"{}\" cannot {verb} resource \"{plural}\"",
+                        user_of(account)
+                    )),
+                    "{verb} {plural}: {message}"
+                );
+            }
+            // The Lease in another namespace is out of reach too.
+            let leases = resource_of(&admin, "coordination.k8s.io", "leases").await?;
+            let elsewhere: Api<DynamicObject> =
+                Api::namespaced_with(agent.clone(), "kube-system", &leases);
+            let result = elsewhere.list(&ListParams::default()).await;
+            assert!(forbidden(&result).is_some(), "{result:?}");
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
 
     // A token bound to a Node (as the agents' are) stops working when the
     // Node is deleted (after the server's short cache of valid tokens).
-    let bound = server.token(NAMESPACE, SERVICE_ACCOUNT, Some("edge-3"))?;
+    let bound = server.token(NAMESPACE, Account::Agent.service_account(), Some("edge-3"))?;
     let bound = server.client_as(&User::Token(&bound))?;
-    let list_nodes = || {
-        server.block_on(
-            Api::<k8s_openapi::api::core::v1::Node>::all(bound.clone())
-                .list(&ListParams::default().limit(1)),
-        )
-    };
+    let list_nodes =
+        || server.block_on(Api::<Node>::all(bound.clone()).list(&ListParams::default().limit(1)));
     list_nodes().context("listing Nodes with a token bound to edge-3")?;
     server.delete("v1", "Node", None, "edge-3")?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -561,21 +651,446 @@ fn the_agent_service_account_may_make_exactly_the_calls_the_agent_makes() -> Res
 }
 
 // ---------------------------------------------------------------------------
+// Per-node identity: deploy/node-policy.yaml lets each agent change only its
+// own Node's fabedge.io/ annotations, and a connector also the Flannel lease
+// and pod CIDR of edge Nodes; no agent changes labels.
+
+/// What the policy guards on Node `node`, as the server holds it.
+fn guarded(server: &ApiServer, node: &str) -> Result<Value> {
+    let object = server.get("v1", "Node", None, node)?.context("the Node")?;
+    let metadata = &object["metadata"];
+    Ok(json!({
+        "labels": metadata["labels"], "annotations": metadata["annotations"],
+        "finalizers": metadata["finalizers"], "spec": object["spec"],
+    }))
+}
+
+fn patch_node(server: &ApiServer, client: &Client, node: &str, body: &Value) -> kube::Result<Node> {
+    server.block_on(Api::<Node>::all(client.clone()).patch(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(body),
+    ))
+}
+
+/// The merge patch the agent sends to set `set` and remove `remove` on `node`.
+fn annotations_patch(node: &str, set: &[(&str, &str)], remove: &[&str]) -> Value {
+    merge_patch(&AnnotationPatch {
+        node: node.into(),
+        set: set
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+        remove: remove.iter().map(|k| (*k).into()).collect(),
+    })
+}
+
+/// `body` on `node` with `client` is refused by the node policy with
+/// exactly `reason`, and the Node is left as it was.
+fn assert_refused(
+    server: &ApiServer,
+    client: &Client,
+    node: &str,
+    body: &Value,
+    reason: &str,
+) -> Result<()> {
+    let before = guarded(server, node)?;
+    match patch_node(server, client, node, body) {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{body} on {node}: {status:?}");
+            assert_eq!(
+                status.message,
+                format!("nodes \"{node}\" is forbidden: {NODE_POLICY}{reason}"),
+                "{body} on {node}"
+            );
+        }
+        other => bail!("{body} on {node} was not refused: {other:?}"),
+    }
+    assert_eq!(guarded(server, node)?, before, "{body} changed {node}");
+    Ok(())
+}
+
+/// `body` on `node` with `client` is accepted, and the server holds it.
+fn assert_written(server: &ApiServer, client: &Client, node: &str, body: &Value) -> Result<()> {
+    patch_node(server, client, node, body).with_context(|| format!("{body} on {node}"))?;
+    let stored = guarded(server, node)?;
+    for (key, value) in body["metadata"]["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(&stored["annotations"][key], value, "{key} on {node}");
+    }
+    for (key, value) in body["spec"].as_object().into_iter().flatten() {
+        assert_eq!(&stored["spec"][key], value, "spec.{key} on {node}");
+    }
+    Ok(())
+}
+
+/// A client on a token of `service_account`, bound to Node `node` (or to nothing).
+fn client_of(server: &ApiServer, service_account: &str, node: Option<&str>) -> Result<Client> {
+    server.client_as(&User::Token(&server.token(
+        NAMESPACE,
+        service_account,
+        node,
+    )?))
+}
+
+/// A server with `deploy/`, the mini cluster and `edge-a`, an edge Node
+/// without a pod CIDR.
+fn node_writes_cluster() -> Result<ApiServer> {
+    let server = ApiServer::start()?;
+    deploy_with_fixture(&server)?;
+    server.apply(&edge_node_without_cidr("edge-a", "10.2.1.1"))?;
+    Ok(server)
+}
+
+/// `body` on edge-1 with a `service_account` token bound to no node (a
+/// legacy Secret token, an unbound TokenRequest) is refused.
+fn assert_unbound_token_writes_nothing(
+    server: &ApiServer,
+    service_account: &str,
+    body: &Value,
+) -> Result<()> {
+    assert_refused(
+        server,
+        &client_of(server, service_account, None)?,
+        "edge-1",
+        body,
+        &format!(
+            "{service_account} with a token bound to no node may not write Nodes: \
+             the agent must use a token bound to its Pod or Node"
+        ),
+    )
+}
+
+/// What every agent publishes on its own Node (ESP: `plan::esp_annotations`).
+fn own_annotations(node: &str, generation: &str) -> Value {
+    annotations_patch(
+        node,
+        &[
+            (
+                PUBLIC_KEY_ANNOTATION,
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            ),
+            (KEY_GENERATION_ANNOTATION, generation),
+            (KEY_NONCE_ANNOTATION, "bm9uY2Utbm9uY2Utbm9uY2U="),
+            (ESP_ENDPOINT_ANNOTATION, "198.18.0.11:4500"),
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn an_edge_agent_changes_only_its_own_nodes_fabedge_annotations_and_never_labels() -> Result<()> {
+    let server = node_writes_cluster()?;
+    let account = Account::Agent.service_account();
+    let edge1 = client_of(&server, account, Some("edge-1"))?;
+    let writer = "fabedge-agent of node edge-1";
+    let agent_only = " (an agent writes only its own fabedge.io/ annotations)";
+
+    // (a) Its own Node's fabedge.io/ annotations: set, changed, removed.
+    assert_written(&server, &edge1, "edge-1", &own_annotations("edge-1", "1"))?;
+    assert_written(&server, &edge1, "edge-1", &own_annotations("edge-1", "2"))?;
+    patch_node(
+        &server,
+        &edge1,
+        "edge-1",
+        &annotations_patch("edge-1", &[], &[ESP_ENDPOINT_ANNOTATION]),
+    )?;
+    assert!(
+        guarded(&server, "edge-1")?["annotations"]
+            .get(ESP_ENDPOINT_ANNOTATION)
+            .is_none()
+    );
+
+    // (b) Everything else is refused, naming the writer and what it touched.
+    // Another Node's key: whoever publishes a key on edge-2 gets its traffic.
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-2",
+        &own_annotations("edge-2", "9"),
+        &format!("{writer} may change only its own Node, not edge-2"),
+    )?;
+    // Role labels, its own and another's.
+    let labels = "(labels choose roles; only an administrator sets them)";
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-1",
+        &json!({"metadata": {"labels": {label::CONNECTOR: ""}}}),
+        &format!("{writer} may not change the labels of Node edge-1 {labels}"),
+    )?;
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-1",
+        &json!({"metadata": {"labels": {label::EDGE: null}}}),
+        &format!("{writer} may not change the labels of Node edge-1 {labels}"),
+    )?;
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-2",
+        &json!({"metadata": {"labels": {label::EDGE: null}}}),
+        &format!("{writer} may change only its own Node, not edge-2"),
+    )?;
+    // The Flannel lease, the pod CIDR annotation, foreign annotations: the
+    // connector's, or nobody's.
+    for key in [
+        annotation::FLANNEL_PUBLIC_IP,
+        annotation::FLANNEL_BACKEND_DATA,
+        annotation::POD_CIDR,
+        "example.com/owner",
+    ] {
+        assert_refused(
+            &server,
+            &edge1,
+            "edge-1",
+            &json!({"metadata": {"annotations": {key: "10.9.0.0/24"}}}),
+            &format!("{writer} may not change annotation(s) {key} of Node edge-1{agent_only}"),
+        )?;
+    }
+    // Removing one it did not write is a change too (an administrator's, here).
+    let applied = "example.com/owner";
+    patch_node(
+        &server,
+        &server.client(),
+        "edge-1",
+        &json!({"metadata": {"annotations": {applied: "team-a"}}}),
+    )?;
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-1",
+        &annotations_patch("edge-1", &[(PUBLIC_KEY_ANNOTATION, "x")], &[applied]),
+        &format!("{writer} may not change annotation(s) {applied} of Node edge-1{agent_only}"),
+    )?;
+    // spec.podCIDR, on a Node that has none (the API server itself would
+    // take it once), and any other spec field.
+    let edge_a = client_of(&server, account, Some("edge-a"))?;
+    assert_refused(
+        &server,
+        &edge_a,
+        "edge-a",
+        &json!({"spec": {"podCIDR": "10.234.99.0/24", "podCIDRs": ["10.234.99.0/24"]}}),
+        "fabedge-agent of node edge-a may not change the spec of Node edge-a",
+    )?;
+    // The leader's pool CIDR patch, sent by an edge for itself.
+    assert_refused(
+        &server,
+        &edge_a,
+        "edge-a",
+        &annotations_patch("edge-a", &[(annotation::POD_CIDR, "10.234.99.0/24")], &[]),
+        &format!(
+            "fabedge-agent of node edge-a may not change annotation(s) {} of Node edge-a{agent_only}",
+            annotation::POD_CIDR
+        ),
+    )?;
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-1",
+        &json!({"spec": {"unschedulable": true}}),
+        &format!("{writer} may not change the spec of Node edge-1"),
+    )?;
+    assert_refused(
+        &server,
+        &edge1,
+        "edge-1",
+        &json!({"metadata": {"finalizers": ["example.com/keep"]}}),
+        &format!("{writer} may not change the finalizers or owners of Node edge-1"),
+    )?;
+
+    // A token bound to no node speaks for no node: refused even on edge-1.
+    assert_unbound_token_writes_nothing(&server, account, &own_annotations("edge-1", "3"))?;
+
+    // The kubelet's token for the agent's Pod carries the Pod's node: the
+    // same rules, from the production path.
+    server.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "fabedge-agent-edge-2", "namespace": NAMESPACE},
+        "spec": {"nodeName": "edge-2", "serviceAccountName": account,
+                 "containers": [{"name": "agent", "image": "fabedge-agent"}]},
+    }))?;
+    let pod = server.client_as(&User::Token(&server.pod_token(
+        NAMESPACE,
+        account,
+        "fabedge-agent-edge-2",
+    )?))?;
+    assert_written(&server, &pod, "edge-2", &own_annotations("edge-2", "1"))?;
+    assert_refused(
+        &server,
+        &pod,
+        "edge-1",
+        &own_annotations("edge-1", "5"),
+        "fabedge-agent of node edge-2 may change only its own Node, not edge-1",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_connector_writes_the_flannel_lease_and_pod_cidr_of_edge_nodes_but_no_roles_or_keys()
+-> Result<()> {
+    let server = node_writes_cluster()?;
+    let account = Account::Connector.service_account();
+    let cloud1 = client_of(&server, account, Some("cloud-1"))?;
+    let writer = "fabedge-connector of node cloud-1";
+    let connector_only = " (a connector writes its own fabedge.io/ annotations and the Flannel \
+                          lease and fabedge.io/pod-cidr of edge Nodes)";
+
+    // The leader's writes, as its code builds them: the Flannel lease and a
+    // pool CIDR (annotation and spec) on an edge Node without one.
+    let lease =
+        fabedge_agent::plan::masquerade_lease([0xce, 0x0c, 0x01, 0, 0, 1], "10.1.0.1".parse()?);
+    let mut set: Vec<(&str, &str)> = lease
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    set.push((annotation::POD_CIDR, "10.250.0.0/25"));
+    assert_written(
+        &server,
+        &cloud1,
+        "edge-a",
+        &annotations_patch("edge-a", &set, &[]),
+    )?;
+    assert_eq!(
+        guarded(&server, "edge-a")?["spec"]["podCIDR"],
+        "10.250.0.0/25"
+    );
+    // Its own key, like every agent.
+    assert_written(
+        &server,
+        &cloud1,
+        "cloud-1",
+        &own_annotations("cloud-1", "1"),
+    )?;
+    // A Node that stopped being an edge: its copy of the lease comes off.
+    server.apply(&json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "was-edge", "annotations": lease}}))?;
+    let keys: Vec<&str> = lease.keys().map(String::as_str).collect();
+    patch_node(
+        &server,
+        &cloud1,
+        "was-edge",
+        &annotations_patch("was-edge", &[], &keys),
+    )
+    .context("removing the lease from a former edge Node")?;
+    let left = guarded(&server, "was-edge")?["annotations"].clone();
+    assert!(keys.iter().all(|k| left.get(k).is_none()), "{left}");
+
+    // Refused: another Node's key (edge or cloud), role labels anywhere.
+    for node in ["edge-1", "cloud-2"] {
+        assert_refused(
+            &server,
+            &cloud1,
+            node,
+            &annotations_patch(node, &[(PUBLIC_KEY_ANNOTATION, "bm90LXlvdXJz")], &[]),
+            &format!(
+                "{writer} may not change annotation(s) {PUBLIC_KEY_ANNOTATION} of Node {node}{connector_only}"
+            ),
+        )?;
+    }
+    for (node, labels) in [
+        ("edge-1", json!({label::EDGE: null})),
+        ("cloud-2", json!({label::CONNECTOR: ""})),
+        ("cloud-1", json!({label::CONNECTOR: null})),
+    ] {
+        assert_refused(
+            &server,
+            &cloud1,
+            node,
+            &json!({"metadata": {"labels": labels}}),
+            &format!(
+                "{writer} may not change the labels of Node {node} \
+                 (labels choose roles; only an administrator sets them)"
+            ),
+        )?;
+    }
+    // The Flannel lease of a cloud Node (its own, another's) is Flannel's.
+    for node in ["cloud-1", "cloud-2"] {
+        assert_refused(
+            &server,
+            &cloud1,
+            node,
+            &annotations_patch(node, &[(annotation::FLANNEL_PUBLIC_IP, "10.1.0.99")], &[]),
+            &format!(
+                "{writer} may not change annotation(s) {} of Node {node}{connector_only}",
+                annotation::FLANNEL_PUBLIC_IP
+            ),
+        )?;
+    }
+    // Spec fields other than the pod CIDR, and the pod CIDR of a cloud Node.
+    assert_refused(
+        &server,
+        &cloud1,
+        "edge-1",
+        &json!({"spec": {"unschedulable": true}}),
+        &format!(
+            "{writer} may not change the spec of Node edge-1 \
+             (a connector sets only spec.podCIDR and spec.podCIDRs of edge Nodes)"
+        ),
+    )?;
+    server.apply(&json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "cloud-9"}}))?;
+    assert_refused(
+        &server,
+        &cloud1,
+        "cloud-9",
+        &json!({"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}}),
+        &format!(
+            "{writer} may not change the spec of Node cloud-9 \
+             (a connector sets only spec.podCIDR and spec.podCIDRs of edge Nodes)"
+        ),
+    )?;
+
+    // A connector token bound to no node writes nothing, not even the lease.
+    let lease_update = annotations_patch(
+        "edge-1",
+        &[(annotation::FLANNEL_PUBLIC_IP, "10.1.0.99")],
+        &[],
+    );
+    assert_unbound_token_writes_nothing(&server, account, &lease_update)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // The real agent binary on its ServiceAccount token, in a throwaway network
 // namespace that reaches the server through a relay on the namespace's
 // loopback; the maps are read with `fabedge-agent inspect ... --json`.
 
-/// `node`'s agent on a token bound to that Node object, reaching the server
-/// through a relay on its namespace's loopback.
-fn edge_agent(name: &str, server: &ApiServer, node: &str) -> Result<KubeAgent> {
+/// `node`'s agent on `token`, reaching the server through a relay on its
+/// namespace's loopback.
+fn agent_on(name: &str, server: &ApiServer, node: &str, token: &str) -> Result<KubeAgent> {
     let mut agent = KubeAgent::new(name)?;
     agent.node = node.into();
     agent.extra_args = vec!["--namespace".into(), NAMESPACE.into()];
     let relay = server.expose_in(&agent.netns)?;
-    let token = server.token(NAMESPACE, SERVICE_ACCOUNT, Some(node))?;
-    server.write_kubeconfig(&agent.kubeconfig(), &User::Token(&token), Some(relay.port))?;
+    server.write_kubeconfig(&agent.kubeconfig(), &User::Token(token), Some(relay.port))?;
     agent.hold(relay);
     Ok(agent)
+}
+
+/// `node`'s agent on a `fabedge-agent` token bound to that Node object.
+fn edge_agent(name: &str, server: &ApiServer, node: &str) -> Result<KubeAgent> {
+    let token = server.token(NAMESPACE, Account::Agent.service_account(), Some(node))?;
+    agent_on(name, server, node, &token)
+}
+
+/// `node`'s connector agent on the token the kubelet would give it: the
+/// `fabedge-connector` account's, bound to the agent's Pod on `node` (a Pod
+/// object only; nothing runs it here).
+fn connector_agent(name: &str, server: &ApiServer, node: &str) -> Result<KubeAgent> {
+    let account = Account::Connector.service_account();
+    let pod = format!("{account}-{node}");
+    server.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": NAMESPACE},
+        "spec": {"nodeName": node, "serviceAccountName": account,
+                 "containers": [{"name": "agent", "image": "fabedge-agent"}]},
+    }))?;
+    let token = server.pod_token(NAMESPACE, account, &pod)?;
+    agent_on(name, server, node, &token)
 }
 
 /// The Service map's frontends (`ip:port/PROTO`) and their backends.
@@ -595,8 +1110,7 @@ fn frontends(agent: &KubeAgent) -> Result<BTreeMap<String, Value>> {
 #[test]
 fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> Result<()> {
     let server = ApiServer::start()?;
-    apply_deploy(&server)?;
-    publish_fixture(&server)?;
+    deploy_with_fixture(&server)?;
     let mut agent = edge_agent("api-edits", &server, "edge-1")?;
     agent.start()?;
     // edge-2 is a community peer: its pod CIDR goes straight to its endpoint.
@@ -656,8 +1170,8 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
         agent.log()
     );
     // What the server saw: only declared calls, none refused.
-    let requests = agent_requests(&server)?;
-    assert_agent_calls_are_declared(&requests);
+    let requests = agent_requests(&server, Account::Agent)?;
+    assert_agent_calls_are_declared(&requests, Account::Agent);
     let refused: Vec<&Request> = requests.iter().filter(|r| r.code == 403).collect();
     assert!(refused.is_empty(), "refused: {refused:#?}");
     Ok(())
@@ -666,8 +1180,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
 #[test]
 fn an_apiserver_restart_keeps_the_maps_and_the_agent_relists_and_reconciles() -> Result<()> {
     let mut server = ApiServer::start()?;
-    apply_deploy(&server)?;
-    publish_fixture(&server)?;
+    deploy_with_fixture(&server)?;
     let mut agent = edge_agent("api-restart", &server, "edge-1")?;
     agent.start()?;
     let online = agent.wait_routes("the first plan", |r| r.contains_key("10.234.2.0/24"))?;
@@ -677,7 +1190,7 @@ fn an_apiserver_restart_keeps_the_maps_and_the_agent_relists_and_reconciles() ->
     })?;
 
     let node_lists = |server: &ApiServer| -> Result<usize> {
-        Ok(agent_requests(server)?
+        Ok(agent_requests(server, Account::Agent)?
             .iter()
             .filter(|r| r.verb == "list" && r.resource == "nodes")
             .count())
@@ -736,9 +1249,8 @@ fn an_apiserver_restart_keeps_the_maps_and_the_agent_relists_and_reconciles() ->
 fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exhausted_pool()
 -> Result<()> {
     let server = ApiServer::start()?;
-    apply_deploy(&server)?;
-    publish_fixture(&server)?;
-    let mut agent = edge_agent("api-conn", &server, "cloud-1")?;
+    deploy_with_fixture(&server)?;
+    let mut agent = connector_agent("api-conn", &server, "cloud-1")?;
     // cloud-1's uplink (its InternalIP) and Flannel's VXLAN device with the
     // MAC cloud-1's lease announces.
     let ns = &agent.netns;
@@ -871,9 +1383,10 @@ fn a_connector_agent_on_its_token_leads_annotates_edge_nodes_and_records_an_exha
         .filter(|l| !l.contains("edge pod CIDR pool 10.250.0.0/24 in /25 blocks (2 blocks) is exhausted: node edge-c"))
         .collect();
     assert!(errors.is_empty(), "{log}");
-    // Its Lease, patch and Event calls were all declared, none refused.
-    let requests = agent_requests(&server)?;
-    assert_agent_calls_are_declared(&requests);
+    // Its Lease, patch and Event calls were all declared, none refused (by
+    // RBAC nor by the node policy).
+    let requests = agent_requests(&server, Account::Connector)?;
+    assert_agent_calls_are_declared(&requests, Account::Connector);
     for verb in ["patch", "create", "update", "get"] {
         assert!(
             requests.iter().any(|r| r.verb == verb),

@@ -1,8 +1,10 @@
 //! `deploy/`: every document parses into its k8s-openapi type (strictly: a
 //! misspelt field fails), the CRD is what `cargo xtask gen-crd` generates
-//! from the Rust types, the RBAC grants exactly the calls the agent makes
-//! (`annotate::API_CALLS`), and the DaemonSets give the agent what it relies on
-//! (mounts, env, and a metrics port its probes use).
+//! from the Rust types, the RBAC grants each role's ServiceAccount exactly
+//! the calls its agents make (`annotate::API_CALLS`, `Account::calls`), the
+//! node policy names the accounts, labels and annotations the code uses, and
+//! the DaemonSets give the agent what it relies on (its role's account,
+//! mounts, env, and a metrics port its probes use).
 
 #[path = "../../xtask/src/crd.rs"]
 #[allow(dead_code)]
@@ -15,9 +17,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fabedge_agent::{
-    connector::annotate::{API_CALLS, CallScope},
+    connector::annotate::{API_CALLS, Account, CallScope},
     datapath::DEFAULT_BPFFS_ROOT,
-    model::label,
+    esp::keys::{
+        ESP_ENDPOINT_ANNOTATION, KEY_GENERATION_ANNOTATION, KEY_NONCE_ANNOTATION,
+        PUBLIC_KEY_ANNOTATION,
+    },
+    model::{annotation, label},
     observe::DEFAULT_METRICS_PORT,
     plan::DEFAULT_CNI_CONF_DIR,
     source::{CommunityObject, CommunitySpec},
@@ -25,9 +31,10 @@ use fabedge_agent::{
 use k8s_openapi::{
     Resource,
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::DaemonSet,
         core::v1::{Namespace, Probe, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
@@ -36,7 +43,6 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
 const NAMESPACE: &str = "fabedge";
-const SERVICE_ACCOUNT: &str = "fabedge-agent";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -113,6 +119,14 @@ fn every_document_parses_into_its_kubernetes_type() -> Result<()> {
         (RoleBinding::API_VERSION, RoleBinding::KIND),
         (DaemonSet::API_VERSION, DaemonSet::KIND),
         (
+            ValidatingAdmissionPolicy::API_VERSION,
+            ValidatingAdmissionPolicy::KIND,
+        ),
+        (
+            ValidatingAdmissionPolicyBinding::API_VERSION,
+            ValidatingAdmissionPolicyBinding::KIND,
+        ),
+        (
             CustomResourceDefinition::API_VERSION,
             CustomResourceDefinition::KIND,
         ),
@@ -125,7 +139,9 @@ fn every_document_parses_into_its_kubernetes_type() -> Result<()> {
         assert!(known.contains(&key), "{origin}: unexpected {key:?}");
     }
     assert_eq!(all_of::<Namespace>(&docs)?.len(), 1);
-    assert_eq!(all_of::<ServiceAccount>(&docs)?.len(), 1);
+    assert_eq!(all_of::<ServiceAccount>(&docs)?.len(), Account::ALL.len());
+    assert_eq!(all_of::<ValidatingAdmissionPolicy>(&docs)?.len(), 1);
+    assert_eq!(all_of::<ValidatingAdmissionPolicyBinding>(&docs)?.len(), 1);
     assert_eq!(all_of::<CustomResourceDefinition>(&docs)?.len(), 1);
     assert_eq!(all_of::<DaemonSet>(&docs)?.len(), 2);
     Ok(())
@@ -198,18 +214,19 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     out
 }
 
-/// What the agent needs cluster-wide (`None`) or in one namespace.
-fn needed(namespace: Option<&str>) -> BTreeSet<(String, String, String)> {
-    API_CALLS
-        .iter()
-        .filter(|c| {
-            let of_call = match c.scope {
-                CallScope::Cluster => None,
-                CallScope::AgentNamespace => Some(NAMESPACE),
-                CallScope::Namespace(ns) => Some(ns),
-            };
-            of_call == namespace
-        })
+fn namespace_of(scope: CallScope) -> Option<&'static str> {
+    match scope {
+        CallScope::Cluster => None,
+        CallScope::AgentNamespace => Some(NAMESPACE),
+        CallScope::Namespace(ns) => Some(ns),
+    }
+}
+
+/// What `account`'s agents need cluster-wide (`None`) or in one namespace.
+fn needed(account: Account, namespace: Option<&str>) -> BTreeSet<(String, String, String)> {
+    account
+        .calls()
+        .filter(|c| namespace_of(c.scope) == namespace)
         .flat_map(|c| {
             c.verbs
                 .iter()
@@ -218,64 +235,201 @@ fn needed(namespace: Option<&str>) -> BTreeSet<(String, String, String)> {
         .collect()
 }
 
+fn names(subjects: &Option<Vec<Subject>>, account: Account) -> bool {
+    subjects.iter().flatten().any(|s| {
+        s.kind == "ServiceAccount"
+            && s.name == account.service_account()
+            && s.namespace.as_deref() == Some(NAMESPACE)
+    })
+}
+
 #[test]
-fn rbac_grants_exactly_the_calls_the_agent_makes() -> Result<()> {
+fn rbac_grants_each_service_account_exactly_its_agents_calls() -> Result<()> {
     let docs = documents()?;
     let cluster_roles = all_of::<ClusterRole>(&docs)?;
     let roles = all_of::<Role>(&docs)?;
-    assert_eq!(cluster_roles.len(), 1);
+    let cluster_bindings = all_of::<ClusterRoleBinding>(&docs)?;
+    let bindings = all_of::<RoleBinding>(&docs)?;
+    let accounts: BTreeSet<String> = all_of::<ServiceAccount>(&docs)?
+        .into_iter()
+        .map(|sa| {
+            assert_eq!(sa.metadata.namespace.as_deref(), Some(NAMESPACE));
+            sa.metadata.name.unwrap_or_default()
+        })
+        .collect();
     assert_eq!(
-        grants(cluster_roles[0].rules.as_deref().unwrap_or_default()),
-        needed(None),
-        "ClusterRole"
+        accounts,
+        Account::ALL
+            .iter()
+            .map(|a| a.service_account().to_owned())
+            .collect(),
+        "one ServiceAccount per role"
     );
-    // One Role per namespace the agent uses, granting exactly that namespace's calls.
+    let cluster_rules = |name: &str| -> Vec<PolicyRule> {
+        cluster_roles
+            .iter()
+            .find(|r| r.metadata.name.as_deref() == Some(name))
+            .and_then(|r| r.rules.clone())
+            .unwrap_or_default()
+    };
     let namespaces: BTreeSet<&str> = API_CALLS
         .iter()
-        .filter_map(|c| match c.scope {
-            CallScope::Cluster => None,
-            CallScope::AgentNamespace => Some(NAMESPACE),
-            CallScope::Namespace(ns) => Some(ns),
-        })
+        .filter_map(|c| namespace_of(c.scope))
+        .chain(roles.iter().filter_map(|r| r.metadata.namespace.as_deref()))
         .collect();
-    let role_namespaces: BTreeSet<&str> = roles
-        .iter()
-        .filter_map(|r| r.metadata.namespace.as_deref())
-        .collect();
-    assert_eq!(role_namespaces, namespaces, "namespaces of the Roles");
-    assert_eq!(roles.len(), namespaces.len(), "one Role per namespace");
-    for role in &roles {
-        let namespace = role.metadata.namespace.as_deref();
+    for account in Account::ALL {
+        // Cluster-wide: the ClusterRoles bound to it.
+        let rules: Vec<PolicyRule> = cluster_bindings
+            .iter()
+            .filter(|b| b.role_ref.kind == "ClusterRole" && names(&b.subjects, account))
+            .flat_map(|b| cluster_rules(&b.role_ref.name))
+            .collect();
         assert_eq!(
-            grants(role.rules.as_deref().unwrap_or_default()),
-            needed(namespace),
-            "Role in {namespace:?}"
+            grants(&rules),
+            needed(account, None),
+            "{account:?} cluster-wide"
         );
+        // In each namespace: the Roles (or ClusterRoles) bound there.
+        for namespace in &namespaces {
+            let rules: Vec<PolicyRule> = bindings
+                .iter()
+                .filter(|b| {
+                    b.metadata.namespace.as_deref() == Some(namespace)
+                        && names(&b.subjects, account)
+                })
+                .flat_map(|b| match b.role_ref.kind.as_str() {
+                    "ClusterRole" => cluster_rules(&b.role_ref.name),
+                    _ => roles
+                        .iter()
+                        .find(|r| {
+                            r.metadata.name.as_ref() == Some(&b.role_ref.name)
+                                && r.metadata.namespace == b.metadata.namespace
+                        })
+                        .and_then(|r| r.rules.clone())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            assert_eq!(
+                grants(&rules),
+                needed(account, Some(namespace)),
+                "{account:?} in namespace {namespace}"
+            );
+        }
     }
-
-    // All are bound to the service account the DaemonSets run as.
-    let subject_ok = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
-        subjects.iter().flatten().any(|s| {
-            s.kind == "ServiceAccount"
-                && s.name == SERVICE_ACCOUNT
-                && s.namespace.as_deref() == Some(NAMESPACE)
-        })
-    };
-    let crb = all_of::<ClusterRoleBinding>(&docs)?;
-    assert!(crb.iter().any(|b| b.role_ref.kind == "ClusterRole"
-        && Some(&b.role_ref.name) == cluster_roles[0].metadata.name.as_ref()
-        && subject_ok(&b.subjects)));
-    let rb = all_of::<RoleBinding>(&docs)?;
+    // No role is left unbound (dead grants hide mistakes).
     for role in &roles {
         assert!(
-            rb.iter().any(|b| b.role_ref.kind == "Role"
+            bindings.iter().any(|b| b.role_ref.kind == "Role"
                 && Some(&b.role_ref.name) == role.metadata.name.as_ref()
-                && b.metadata.namespace == role.metadata.namespace
-                && subject_ok(&b.subjects)),
-            "Role {:?} is not bound to {SERVICE_ACCOUNT}",
+                && b.metadata.namespace == role.metadata.namespace),
+            "Role {:?} is bound to nobody",
             role.metadata.name
         );
     }
+    for role in &cluster_roles {
+        assert!(
+            cluster_bindings
+                .iter()
+                .any(|b| Some(&b.role_ref.name) == role.metadata.name.as_ref()),
+            "ClusterRole {:?} is bound to nobody",
+            role.metadata.name
+        );
+    }
+    Ok(())
+}
+
+/// The node policy's text speaks of the accounts, labels and annotation
+/// keys the code uses (what it allows is proven against the real API
+/// server in `tests/tests/apiserver.rs`).
+#[test]
+fn node_policy_names_the_accounts_labels_and_annotations_the_code_uses() -> Result<()> {
+    let docs = documents()?;
+    let policy = all_of::<ValidatingAdmissionPolicy>(&docs)?.remove(0);
+    let binding = all_of::<ValidatingAdmissionPolicyBinding>(&docs)?.remove(0);
+    let spec = policy.spec.context("the policy's spec")?;
+    let binding_spec = binding.spec;
+    assert_eq!(
+        binding_spec.policy_name,
+        policy.metadata.name.unwrap_or_default()
+    );
+    assert_eq!(binding_spec.validation_actions, ["Deny"]);
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "fail closed");
+    assert!(
+        binding_spec.match_resources.is_none(),
+        "the binding narrows nothing"
+    );
+
+    // It applies to Node writes of exactly the two accounts.
+    let rules = spec
+        .match_constraints
+        .as_ref()
+        .and_then(|m| m.resource_rules.clone())
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["nodes".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["UPDATE".to_owned()][..])
+    );
+    let conditions = spec.match_conditions.clone().unwrap_or_default();
+    let users: Vec<String> = Account::ALL
+        .iter()
+        .map(|a| {
+            format!(
+                "'system:serviceaccount:{NAMESPACE}:{}'",
+                a.service_account()
+            )
+        })
+        .collect();
+    assert_eq!(conditions.len(), 1);
+    for user in &users {
+        assert!(
+            conditions[0].expression.contains(user),
+            "{user} not matched"
+        );
+    }
+    let variable = |name: &str| -> String {
+        spec.variables
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .map(|v| v.expression.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        variable("connector").contains(&users[1]),
+        "the connector variable names {}",
+        users[1]
+    );
+    assert!(variable("edge").contains(&format!("'{}'", label::EDGE)));
+
+    // The keys: every agent's own annotations are under the prefix it
+    // may write; the Flannel lease under the connector's; the pod CIDR is
+    // named as the connector's alone.
+    let refused = variable("refused");
+    let own_prefix = "fabedge.io/";
+    for key in [
+        PUBLIC_KEY_ANNOTATION,
+        KEY_GENERATION_ANNOTATION,
+        KEY_NONCE_ANNOTATION,
+        ESP_ENDPOINT_ANNOTATION,
+        annotation::TUNNEL_ENDPOINT,
+    ] {
+        assert!(key.starts_with(own_prefix), "{key}");
+    }
+    assert!(refused.contains(&format!("k.startsWith('{own_prefix}')")));
+    assert!(refused.contains(&format!("k != '{}'", annotation::POD_CIDR)));
+    assert!(refused.contains(&format!("k == '{}'", annotation::POD_CIDR)));
+    let flannel_prefix = "flannel.alpha.coreos.com/";
+    assert!(
+        annotation::FLANNEL_LEASE
+            .iter()
+            .all(|k| k.starts_with(flannel_prefix))
+    );
+    assert!(refused.contains(&format!("k.startsWith('{flannel_prefix}')")));
     Ok(())
 }
 
@@ -313,9 +467,23 @@ fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
             Some(true),
             "{name}: hostNetwork (the datapath is the node's)"
         );
+        // Its role's own account (RBAC and the node policy tell them apart).
+        let connector_ds = pod
+            .affinity
+            .iter()
+            .flat_map(|a| a.node_affinity.iter())
+            .flat_map(|n| n.required_during_scheduling_ignored_during_execution.iter())
+            .flat_map(|r| r.node_selector_terms.iter())
+            .flat_map(|t| t.match_expressions.iter().flatten())
+            .any(|e| e.key == label::CONNECTOR && e.operator == "Exists");
+        let account = if connector_ds {
+            Account::Connector
+        } else {
+            Account::Agent
+        };
         assert_eq!(
             pod.service_account_name.as_deref(),
-            Some(SERVICE_ACCOUNT),
+            Some(account.service_account()),
             "{name}"
         );
         assert!(

@@ -4,9 +4,10 @@
 //! (see `ipam`). Both go out as one JSON merge patch per Node that touches
 //! only those annotation keys.
 //!
-//! [`API_CALLS`] lists every Kubernetes call the agent makes; the deploy
-//! test checks that the RBAC in `deploy/` grants exactly these, and the kube
-//! test checks that everything the fake API server saw is among them.
+//! [`API_CALLS`] lists every Kubernetes call the agent makes and which of
+//! the two [`Account`]s makes it; the deploy test checks that the RBAC in
+//! `deploy/` grants each ServiceAccount exactly its calls, and the kube
+//! tests check that everything the API server saw is among them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,15 +33,50 @@ use crate::{
     source::Objects,
 };
 
-/// One RBAC rule's worth of API use: API group, resource, verbs, and
-/// where the objects are.
+/// One RBAC rule's worth of API use: API group, resource, verbs, where the
+/// objects are, and which accounts make it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiCall {
     pub group: &'static str,
     pub resource: &'static str,
     pub verbs: &'static [&'static str],
     pub scope: CallScope,
+    pub accounts: &'static [Account],
 }
+
+/// The agents' identities in `deploy/`: one ServiceAccount per role, so a
+/// rooted edge node holds no connector rights. What either may write on
+/// Nodes is narrowed further by `deploy/node-policy.yaml` (its own Node's
+/// `fabedge.io/` annotations; a connector also the Flannel lease and pod
+/// CIDR of edge Nodes; no labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Account {
+    /// The `fabedge-agent` DaemonSet: every node that is not a connector.
+    Agent,
+    /// The `fabedge-connector` DaemonSet: the Lease, and the leader's
+    /// writes on edge Nodes.
+    Connector,
+}
+
+impl Account {
+    pub const ALL: [Account; 2] = [Account::Agent, Account::Connector];
+
+    /// Its ServiceAccount's name (in the agent's namespace).
+    pub fn service_account(self) -> &'static str {
+        match self {
+            Account::Agent => "fabedge-agent",
+            Account::Connector => "fabedge-connector",
+        }
+    }
+
+    /// The calls an agent on this account makes.
+    pub fn calls(self) -> impl Iterator<Item = &'static ApiCall> {
+        API_CALLS.iter().filter(move |c| c.accounts.contains(&self))
+    }
+}
+
+const EVERY_AGENT: &[Account] = &Account::ALL;
+const CONNECTORS: &[Account] = &[Account::Connector];
 
 /// Where an [`ApiCall`]'s objects are (what kind of RBAC role grants it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,44 +94,51 @@ pub enum CallScope {
 /// kubelet's Node events), not in the agent's namespace.
 pub const EVENT_NAMESPACE: &str = "default";
 
-/// Every call the agent makes: the watchers (`source::kube`), the election
-/// (`leader`), this module's patches and events.
+/// Every call the agent makes: the watchers (`source::kube`) and the patch
+/// of its own Node's annotations on every agent; the election (`leader`),
+/// this module's patches of edge Nodes and its Events on connectors.
 pub const API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "",
         resource: "nodes",
         verbs: &["list", "watch", "patch"],
         scope: CallScope::Cluster,
+        accounts: EVERY_AGENT,
     },
     ApiCall {
         group: "",
         resource: "services",
         verbs: &["list", "watch"],
         scope: CallScope::Cluster,
+        accounts: EVERY_AGENT,
     },
     ApiCall {
         group: "discovery.k8s.io",
         resource: "endpointslices",
         verbs: &["list", "watch"],
         scope: CallScope::Cluster,
+        accounts: EVERY_AGENT,
     },
     ApiCall {
         group: "fabedge.io",
         resource: "communities",
         verbs: &["list", "watch"],
         scope: CallScope::Cluster,
+        accounts: EVERY_AGENT,
     },
     ApiCall {
         group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "update"],
         scope: CallScope::AgentNamespace,
+        accounts: CONNECTORS,
     },
     ApiCall {
         group: "",
         resource: "events",
         verbs: &["create"],
         scope: CallScope::Namespace(EVENT_NAMESPACE),
+        accounts: CONNECTORS,
     },
 ];
 
@@ -457,12 +500,16 @@ impl ConnectorDuty {
 
 /// Whether `node` is labelled a connector in `objects`.
 pub fn is_connector(objects: &Objects, node: &str) -> bool {
+    has_label(objects, node, crate::model::label::CONNECTOR)
+}
+
+fn has_label(objects: &Objects, node: &str, label: &str) -> bool {
     objects.nodes.iter().any(|n| {
         n.metadata.name.as_deref() == Some(node)
             && n.metadata
                 .labels
                 .as_ref()
-                .is_some_and(|l| l.contains_key(crate::model::label::CONNECTOR))
+                .is_some_and(|l| l.contains_key(label))
     })
 }
 
@@ -472,12 +519,17 @@ mod tests {
     use crate::source::manifest;
 
     fn fixture() -> Objects {
+        fixture_with("")
+    }
+
+    /// The mini cluster and `more` YAML documents.
+    fn fixture_with(more: &str) -> Objects {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/fixtures/mini-cluster.yaml"
         ))
         .expect("fixture");
-        manifest::parse(&text).expect("fixture parses")
+        manifest::parse(&format!("{text}\n{more}")).expect("fixture parses")
     }
 
     #[test]
@@ -507,6 +559,77 @@ mod tests {
             merge_patch(&flannel_only),
             serde_json::json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": null}}})
         );
+    }
+
+    #[test]
+    fn only_the_connector_account_holds_the_lease_and_event_calls() {
+        let resources =
+            |account: Account| -> BTreeSet<&str> { account.calls().map(|c| c.resource).collect() };
+        assert_eq!(
+            resources(Account::Agent),
+            BTreeSet::from(["nodes", "services", "endpointslices", "communities"])
+        );
+        assert_eq!(
+            resources(Account::Connector),
+            API_CALLS.iter().map(|c| c.resource).collect()
+        );
+        assert!(API_CALLS.iter().all(|c| !c.accounts.is_empty()));
+        assert_ne!(
+            Account::Agent.service_account(),
+            Account::Connector.service_account()
+        );
+    }
+
+    /// What `deploy/node-policy.yaml` lets a connector write on another
+    /// Node is all the leader ever writes: the Flannel lease and the pod
+    /// CIDR of edge Nodes, and the removal of its lease from a Node that
+    /// is no longer one.
+    #[test]
+    fn the_leaders_patches_touch_only_the_flannel_lease_and_pod_cidr_of_edge_nodes() {
+        // An edge Node without spec.podCIDR (the leader allocates it one),
+        // and a former edge Node still carrying the connector's lease.
+        let objects = fixture_with(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: edge-new\n  labels:\n    \
+             node-role.kubernetes.io/edge: \"\"\nstatus:\n  addresses:\n    \
+             - {type: InternalIP, address: 10.2.0.99}\n\
+             ---\napiVersion: v1\nkind: Node\nmetadata:\n  name: was-edge\n  annotations:\n    \
+             flannel.alpha.coreos.com/backend-data: '{\"VtepMAC\":\"ce:0c:01:00:00:01\"}'\n    \
+             flannel.alpha.coreos.com/backend-type: vxlan\n    \
+             flannel.alpha.coreos.com/kube-subnet-manager: \"true\"\n    \
+             flannel.alpha.coreos.com/public-ip: 10.1.0.1\n\
+             spec:\n  podCIDR: 10.244.9.0/24\nstatus:\n  addresses:\n    \
+             - {type: InternalIP, address: 10.1.0.9}\n",
+        );
+        let pool = Pool::new("10.250.0.0/16".parse().unwrap(), 24).unwrap();
+        let desired = desired(&objects, "cloud-1", None, Some(&pool));
+        let of = |node: &str| desired.patches.iter().find(|p| p.node == node);
+        let new = of("edge-new").expect("a patch for edge-new");
+        assert!(
+            new.set.contains_key(annotation::POD_CIDR)
+                && new.set.contains_key(annotation::FLANNEL_PUBLIC_IP),
+            "{new:?}"
+        );
+        let was = of("was-edge").expect("a patch for was-edge");
+        assert_eq!(was.remove.len(), annotation::FLANNEL_LEASE.len(), "{was:?}");
+        for patch in &desired.patches {
+            let keys: Vec<&String> = patch.set.keys().chain(&patch.remove).collect();
+            if has_label(&objects, &patch.node, crate::model::label::EDGE) {
+                assert!(
+                    keys.iter()
+                        .all(|key| annotation::FLANNEL_LEASE.contains(&key.as_str())
+                            || *key == annotation::POD_CIDR),
+                    "{patch:?}"
+                );
+            } else {
+                assert!(
+                    patch.set.is_empty()
+                        && keys
+                            .iter()
+                            .all(|key| annotation::FLANNEL_LEASE.contains(&key.as_str())),
+                    "only removals of the Flannel lease off a non-edge Node: {patch:?}"
+                );
+            }
+        }
     }
 
     #[test]
