@@ -53,8 +53,6 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     /// How long a drastic change is held back (see [`Guard`]); zero: never.
     pub hold_drastic_changes: Duration,
-    /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
-    pub ct_entries: u32,
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
@@ -89,10 +87,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(kube) => Some(crate::source::kube::client(&kube.connection).await?),
         None => None,
     };
-    let mut datapath = Datapath::load_with_ct_entries(
+    let mut datapath = Datapath::load_with_capacity(
         options.layout.clone(),
         options.attach_mode,
-        options.ct_entries,
+        options.settings.capacity,
     )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
