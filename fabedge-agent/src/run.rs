@@ -135,6 +135,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
+                reconciler.restore_routes();
                 if reconciler.esp_tick() {
                     reconciler.force_replan();
                 }
@@ -298,8 +299,26 @@ impl Reconciler {
         if let Some(held) = self.guard.held_problem() {
             problems.push(held);
         }
+        problems.extend(self.applier.problems());
         self.problems.update(problems);
         self.status.problems(self.problems.count());
+    }
+
+    /// Put back our kernel routes that were deleted behind our back: an
+    /// unchanged plan is not applied again, so this check runs on every tick
+    /// (a periodic dump rather than a netlink monitor: it is bounded by the
+    /// poll interval, needs no second socket, and cannot miss a deletion
+    /// the way a monitor overrunning its buffer can). Logged once per route
+    /// restored.
+    pub(crate) fn restore_routes(&mut self) {
+        match self.applier.restore_routes() {
+            Ok(restored) => {
+                for route in &restored {
+                    warn!("{route} was removed outside fabedge: restored");
+                }
+            }
+            Err(e) => self.report(Err(e)),
+        }
     }
 
     /// Plan and apply again at the next poll, whatever the file holds (a new
