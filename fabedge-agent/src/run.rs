@@ -179,6 +179,8 @@ struct Reconciler {
     retry_backoff: Duration,
     problems: problems::ProblemLog,
     guard: Guard,
+    /// Why the last ESP (xfrm) apply failed, if it did.
+    xfrm_failure: Option<crate::model::checks::Problem>,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
@@ -219,6 +221,7 @@ impl Reconciler {
             retry_backoff: RETRY_MIN,
             problems: problems::ProblemLog::new(&options.state_dir),
             guard: Guard::default(),
+            xfrm_failure: None,
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -300,6 +303,7 @@ impl Reconciler {
             problems.push(held);
         }
         problems.extend(self.applier.problems());
+        problems.extend(self.xfrm_failure.clone());
         self.problems.update(problems);
         self.status.problems(self.problems.count());
     }
@@ -385,9 +389,24 @@ impl Reconciler {
             &plan.peer_ids,
             self.esp.as_ref().map(|_| settings.esp_generation),
         );
-        if let Some(esp) = &mut self.esp
-            && esp.apply(snapshot, &plan)?
-        {
+        let new_generation = match self.esp.as_mut().map(|esp| esp.apply(snapshot, &plan)) {
+            None => false,
+            Some(Ok(new_generation)) => {
+                self.xfrm_failure = None;
+                new_generation
+            }
+            // Not rolled back: putting back an SA removed midway would restart
+            // its sequence counter under the same key (AES-GCM nonce reuse).
+            // XfrmApplier replaces make-before-break, and the next pass retries.
+            Some(Err(e)) => {
+                self.xfrm_failure = Some(crate::model::checks::Problem::new(
+                    "apply (step xfrm)",
+                    format!("{e:#}"),
+                ));
+                return Err(e);
+            }
+        };
+        if new_generation {
             // A new generation: plan again so it is published and used.
             return self.plan_and_apply(snapshot, observed, datapath, maps, options);
         }
