@@ -260,6 +260,16 @@ struct Agent {
 
 impl Agent {
     fn start(ns: &Netns, root: &Path, work: &Path, env: &[(&str, &Path)]) -> Result<Agent> {
+        Self::start_with(ns, root, work, env, &[])
+    }
+
+    fn start_with(
+        ns: &Netns,
+        root: &Path,
+        work: &Path,
+        env: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Result<Agent> {
         let log = work.join("agent.log");
         let out = OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
@@ -285,6 +295,7 @@ impl Agent {
                 "--hold-drastic-changes",
                 "0",
             ])
+            .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .env("PATH", empty_path_dir()?)
             .env("RUST_LOG", "info")
@@ -563,4 +574,49 @@ fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> R
     );
     ensure!(!absurd.exists(), "{} was created", absurd.display());
     Ok(())
+}
+
+/// A plan larger than `--max-routes` is refused whole: FE_ROUTES and the
+/// kernel stay empty, and `inspect problems` names the flag to raise.
+#[test]
+fn a_plan_over_max_routes_writes_nothing_and_names_the_flag() -> Result<()> {
+    let ns = edge_host("maxroutes")?;
+    let root = bpffs_root("maxroutes");
+    let work = work_dir("maxroutes")?;
+    fs::write(work.join("cluster.yaml"), EXAMPLE_CLUSTER)?;
+    let result = (|| -> Result<()> {
+        let agent = Agent::start_with(&ns, &root, &work, &[], &["--max-routes", "2"])?;
+        wait_for("the refusal to be listed", Duration::from_secs(30), || {
+            Ok(problems(&ns, &root, &work)?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p["object"] == "apply (checks)"
+                        && p["problem"].as_str().is_some_and(|m| {
+                            m.contains("FE_ROUTES holds 2: nothing was applied")
+                                && m.contains("raise --max-routes")
+                        })
+                }))
+        })
+        .with_context(|| agent.log())?;
+        let layout = PinLayout::new(&root);
+        let entries = ns.enter(|| Maps::open(&layout)?.route_entries())?;
+        ensure!(entries.is_empty(), "FE_ROUTES: {entries:?}");
+        let table = routes(&ns)?;
+        ensure!(!table.contains("fe-tunnel"), "{table}");
+        Ok(())
+    })();
+    let _ = agent_ok(
+        Some(&ns),
+        &root,
+        &[
+            "uninstall",
+            "--cni-conf-dir",
+            &work.join("cni").display().to_string(),
+        ],
+    );
+    datapath::uninstall(&root)?;
+    let _ = fs::remove_dir_all(&work);
+    result
 }
