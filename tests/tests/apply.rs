@@ -620,3 +620,90 @@ fn a_plan_over_max_routes_writes_nothing_and_names_the_flag() -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     result
 }
+
+/// At a full `FE_BACKENDS` (`--max-backends 4`), replacing two Services by
+/// one with four backends applies: the backends only the removed Services
+/// pointed at make room before the new ones are written.
+#[test]
+fn a_full_backend_map_swaps_services_within_max_backends() -> Result<()> {
+    use std::net::Ipv4Addr;
+
+    use fabedge_agent::{
+        maps::Capacity,
+        services::{
+            apply::apply_services,
+            plan::{Frontend, ServicePlan},
+        },
+    };
+    let frontend = |n: u8, backends: u8| {
+        let key = ServiceKey {
+            addr: [10, 96, 9, n],
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        };
+        let backends: Vec<Backend> = (0..backends)
+            .map(|b| Backend {
+                addr: Ipv4Addr::new(10, 234, n, b).octets(),
+                port: 8080,
+                flags: 0,
+                _pad: 0,
+            })
+            .collect();
+        let entry = ServiceEntry {
+            id: 0,
+            count: backends.len() as u16,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout: 0,
+        };
+        (
+            key,
+            Frontend {
+                name: format!("default/svc-{n}:http"),
+                entry,
+                backends,
+            },
+        )
+    };
+    let root = bpffs_root("backends-full");
+    let result = (|| -> Result<()> {
+        let capacity = Capacity {
+            backends: 4,
+            ..Capacity::default()
+        };
+        let dp = Datapath::load_with_capacity(PinLayout::new(&root), AttachMode::Auto, capacity)?;
+        let mut maps = Maps::open(dp.layout())?;
+        let mut full = ServicePlan::default();
+        full.frontends.extend([frontend(1, 2), frontend(2, 2)]);
+        apply_services(&mut maps, &full)?;
+        ensure!(maps.backend_entries()?.len() == 4, "not full");
+
+        let mut swapped = ServicePlan::default();
+        swapped.frontends.extend([frontend(3, 4)]);
+        apply_services(&mut maps, &swapped)?;
+        let services = maps.service_entries()?;
+        ensure!(
+            services.len() == 1 && services[0].0.addr == [10, 96, 9, 3] && services[0].1.count == 4,
+            "{services:?}"
+        );
+        let id = services[0].1.id;
+        let backends = maps.backend_entries()?;
+        let want: Vec<(BackendKey, [u8; 4])> = (0..4)
+            .map(|slot| {
+                (
+                    BackendKey {
+                        service_id: id,
+                        slot: slot as u32,
+                    },
+                    [10, 234, 3, slot],
+                )
+            })
+            .collect();
+        let got: Vec<(BackendKey, [u8; 4])> = backends.iter().map(|(k, b)| (*k, b.addr)).collect();
+        assert_eq!(got, want);
+        Ok(())
+    })();
+    datapath::uninstall(&root)?;
+    result
+}
