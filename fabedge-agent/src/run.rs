@@ -181,6 +181,8 @@ struct Reconciler {
     guard: Guard,
     /// Why the last ESP (xfrm) apply failed, if it did.
     xfrm_failure: Option<crate::model::checks::Problem>,
+    /// The last pass's problems from the source and the plan.
+    plan_problems: Vec<crate::model::checks::Problem>,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
@@ -222,6 +224,7 @@ impl Reconciler {
             problems: problems::ProblemLog::new(&options.state_dir),
             guard: Guard::default(),
             xfrm_failure: None,
+            plan_problems: Vec::new(),
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -302,6 +305,14 @@ impl Reconciler {
         if let Some(held) = self.guard.held_problem() {
             problems.push(held);
         }
+        self.plan_problems = problems;
+        self.publish_problems();
+    }
+
+    /// The problem list: the last pass's, plus what apply met (route
+    /// conflicts, a failed step), which may change between passes.
+    fn publish_problems(&mut self) {
+        let mut problems = self.plan_problems.clone();
         problems.extend(self.applier.problems());
         problems.extend(self.xfrm_failure.clone());
         self.problems.update(problems);
@@ -320,6 +331,8 @@ impl Reconciler {
                 for route in &restored {
                     warn!("{route} was removed outside fabedge: restored");
                 }
+                // A route taken over meanwhile is a conflict now.
+                self.publish_problems();
             }
             Err(e) => self.report(Err(e)),
         }

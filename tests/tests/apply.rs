@@ -419,6 +419,35 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
         let log = agent.log();
         ensure!(log.matches(restored).count() == 1, "{log}");
         ensure!(routes(&ns)?.contains(connected), "{}", routes(&ns)?);
+
+        // Another daemon taking that destination over is left alone and listed.
+        ns.ip(&[
+            "route",
+            "replace",
+            "10.234.2.0/24",
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ])?;
+        wait_for("the takeover to be listed", Duration::from_secs(10), || {
+            Ok(problems(&ns, &root, &work)?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p["object"] == "route 10.234.2.0/24 dev fe-tunnel src 10.2.0.11"
+                        && p["problem"].as_str().is_some_and(|m| {
+                            m.contains("route 10.234.2.0/24 dev eth0 proto static, which fabedge did not create")
+                        })
+                }))
+        })
+        .with_context(|| agent.log())?;
+        let table = routes(&ns)?;
+        ensure!(
+            table.contains("10.234.2.0/24 dev eth0 proto static") && !table.contains(ours),
+            "{table}"
+        );
         Ok(())
     })();
     let _ = agent_ok(
