@@ -107,7 +107,27 @@ struct NodeState {
     cni: Option<String>,
 }
 
-fn read_state(datapath: &Datapath, maps: &Maps, plan: &Plan) -> Result<NodeState> {
+/// Our program attachments in `ns`: netlink tc filters as `bpftool net
+/// show` lists them (device, hook, program), and TCX links by their pins
+/// (Debian's bpftool 7.1 does not list TCX).
+fn programs_attached(ns: &Netns, datapath: &Datapath) -> Result<Vec<String>> {
+    let out = ns.run_ok("bpftool", &["-j", "net", "show"])?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&out).context("parsing bpftool net show")?;
+    let mut found: Vec<String> = parsed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|section| section["tc"].as_array().cloned().unwrap_or_default())
+        .filter(|entry| entry["name"].as_str().is_some_and(|n| n.starts_with("fe_")))
+        .map(|entry| format!("{} {} {}", entry["devname"], entry["kind"], entry["name"]))
+        .collect();
+    found.extend(datapath.attached()?.iter().map(|a| format!("tcx {a}")));
+    found.sort();
+    Ok(found)
+}
+
+fn read_state(ns: &Netns, datapath: &Datapath, maps: &Maps, plan: &Plan) -> Result<NodeState> {
     let mut peers = BTreeMap::new();
     for id in 1..64 {
         let peer = maps.peer(id)?;
@@ -129,11 +149,7 @@ fn read_state(datapath: &Datapath, maps: &Maps, plan: &Plan) -> Result<NodeState
         services: maps.service_entries()?,
         backends: maps.backend_entries()?,
         kernel_routes: net::our_routes()?,
-        attached: datapath
-            .attached()?
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        attached: programs_attached(ns, datapath)?,
         devices,
         sysctls: plan
             .sysctls
@@ -159,9 +175,17 @@ fn read_state(datapath: &Datapath, maps: &Maps, plan: &Plan) -> Result<NodeState
 /// change applies for real.
 #[test]
 fn a_failure_after_any_step_rolls_the_node_back_to_the_previous_plan() -> Result<()> {
-    let ns = edge_host("rollback")?;
-    let root = bpffs_root("rollback");
-    let cni_dir = std::env::temp_dir().join(format!("fabedge-rollback-cni-{}", std::process::id()));
+    rolls_back_in(AttachMode::Tcx, "tcx")?;
+    rolls_back_in(AttachMode::Netlink, "netlink")
+}
+
+fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
+    let ns = edge_host(&format!("rollback-{name}"))?;
+    let root = bpffs_root(&format!("rollback-{name}"));
+    let cni_dir = std::env::temp_dir().join(format!(
+        "fabedge-rollback-{name}-cni-{}",
+        std::process::id()
+    ));
     fs::create_dir_all(&cni_dir)?;
     let settings = Settings {
         cni_conf_dir: cni_dir.clone(),
@@ -187,13 +211,13 @@ fn a_failure_after_any_step_rolls_the_node_back_to_the_previous_plan() -> Result
         "the change must touch maps, kernel routes and Services"
     );
     let result = ns.enter(|| {
-        let mut datapath = Datapath::load(PinLayout::new(&root), AttachMode::Auto)?;
+        let mut datapath = Datapath::load(PinLayout::new(&root), mode)?;
         let mut maps = Maps::open(datapath.layout())?;
         let mut applier = Applier::with_xdp(XdpMode::Off);
-        let empty = read_state(&datapath, &maps, &plan_a)?;
+        let empty = read_state(&ns, &datapath, &maps, &plan_a)?;
         ensure!(
             empty.devices.iter().all(|(_, present)| !present) && empty.routes.is_empty(),
-            "not a fresh node: {empty:?}"
+            "not a fresh node ({name}): {empty:?}"
         );
         for step in STEPS {
             applier.fail_after(Some(step));
@@ -206,12 +230,12 @@ fn a_failure_after_any_step_rolls_the_node_back_to_the_previous_plan() -> Result
                     && err.contains(&format!("injected failure after step {step}")),
                 "{err}"
             );
-            let after = read_state(&datapath, &maps, &plan_a)?;
-            assert_eq!(after, empty, "first apply failing after {step}");
+            let after = read_state(&ns, &datapath, &maps, &plan_a)?;
+            assert_eq!(after, empty, "{name}: first apply failing after {step}");
         }
         applier.fail_after(None);
         applier.apply(&mut datapath, &mut maps, &plan_a, &settings)?;
-        let applied_a = read_state(&datapath, &maps, &plan_a)?;
+        let applied_a = read_state(&ns, &datapath, &maps, &plan_a)?;
         ensure!(
             applied_a.devices.iter().all(|(_, present)| *present)
                 && !applied_a.attached.is_empty()
@@ -232,13 +256,13 @@ fn a_failure_after_any_step_rolls_the_node_back_to_the_previous_plan() -> Result
                 problems.len() == 1 && problems[0].object == format!("apply (step {step})"),
                 "problems after a failure at {step}: {problems:?}"
             );
-            let after = read_state(&datapath, &maps, &plan_a)?;
-            assert_eq!(after, applied_a, "change failing after {step}");
+            let after = read_state(&ns, &datapath, &maps, &plan_a)?;
+            assert_eq!(after, applied_a, "{name}: change failing after {step}");
         }
         applier.fail_after(None);
         applier.apply(&mut datapath, &mut maps, &plan_b, &settings)?;
         ensure!(applier.problems().is_empty(), "{:?}", applier.problems());
-        let applied_b = read_state(&datapath, &maps, &plan_b)?;
+        let applied_b = read_state(&ns, &datapath, &maps, &plan_b)?;
         ensure!(
             applied_b.routes.iter().any(|(net, _)| *net == edge_4)
                 && applied_b.kernel_routes.iter().any(|r| r.dst == edge_4)
