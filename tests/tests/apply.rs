@@ -35,6 +35,24 @@ use nix::{
     unistd::Pid,
 };
 
+/// Removes a test's pins and work directories when it ends, even by a
+/// failed assertion (a panic skips code after it).
+struct Cleanup {
+    root: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = datapath::uninstall(&self.root) {
+            eprintln!("cleanup: uninstalling {}: {e:#}", self.root.display());
+        }
+        for dir in &self.dirs {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// A node with edge-1's address on `eth0`, and a site LAN on `lan0` that no
 /// node address is in.
 fn edge_host(name: &str) -> Result<Netns> {
@@ -187,6 +205,10 @@ fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
         std::process::id()
     ));
     fs::create_dir_all(&cni_dir)?;
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: vec![cni_dir.clone()],
+    };
     let settings = Settings {
         cni_conf_dir: cni_dir.clone(),
         ..Settings::default()
@@ -271,8 +293,6 @@ fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
         );
         Ok(())
     });
-    datapath::uninstall(&root)?;
-    let _ = fs::remove_dir_all(&cni_dir);
     result
 }
 
@@ -385,6 +405,10 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
     let ns = edge_host("conflict")?;
     let root = bpffs_root("conflict");
     let work = work_dir("conflict")?;
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: vec![work.clone()],
+    };
     let covering_lan = EDGE_4.replace("10.234.4.0/24", "192.168.50.0/24");
     fs::write(
         work.join("cluster.yaml"),
@@ -483,8 +507,6 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
             &work.join("cni").display().to_string(),
         ],
     );
-    datapath::uninstall(&root)?;
-    let _ = fs::remove_dir_all(&work);
     result
 }
 
@@ -497,6 +519,10 @@ fn an_agent_whose_apply_fails_midway_keeps_the_previous_plan_and_reports_the_ste
     let ns = edge_host("failstep")?;
     let root = bpffs_root("failstep");
     let work = work_dir("failstep")?;
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: vec![work.clone()],
+    };
     let trigger = work.join("fail-after");
     fs::write(work.join("cluster.yaml"), EXAMPLE_CLUSTER)?;
     let result = (|| -> Result<()> {
@@ -545,8 +571,6 @@ fn an_agent_whose_apply_fails_midway_keeps_the_previous_plan_and_reports_the_ste
             &work.join("cni").display().to_string(),
         ],
     );
-    datapath::uninstall(&root)?;
-    let _ = fs::remove_dir_all(&work);
     result
 }
 
@@ -557,6 +581,10 @@ fn an_agent_whose_apply_fails_midway_keeps_the_previous_plan_and_reports_the_ste
 fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> Result<()> {
     use fabedge_agent::maps::Capacity;
     let root = bpffs_root("capacity");
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: Vec::new(),
+    };
     let layout = PinLayout::new(&root);
     let result = (|| -> Result<()> {
         let small = Capacity {
@@ -597,7 +625,6 @@ fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> R
         );
         Ok(())
     })();
-    datapath::uninstall(&root)?;
     result?;
     // Through the CLI: refused before any pin is made.
     let absurd = bpffs_root("absurd");
@@ -636,6 +663,10 @@ fn a_plan_over_max_routes_writes_nothing_and_names_the_flag() -> Result<()> {
     let ns = edge_host("maxroutes")?;
     let root = bpffs_root("maxroutes");
     let work = work_dir("maxroutes")?;
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: vec![work.clone()],
+    };
     fs::write(work.join("cluster.yaml"), EXAMPLE_CLUSTER)?;
     let result = (|| -> Result<()> {
         let agent = Agent::start_with(&ns, &root, &work, &[], &["--max-routes", "2"])?;
@@ -669,8 +700,6 @@ fn a_plan_over_max_routes_writes_nothing_and_names_the_flag() -> Result<()> {
             &work.join("cni").display().to_string(),
         ],
     );
-    datapath::uninstall(&root)?;
-    let _ = fs::remove_dir_all(&work);
     result
 }
 
@@ -720,6 +749,10 @@ fn a_full_backend_map_swaps_services_within_max_backends() -> Result<()> {
         )
     };
     let root = bpffs_root("backends-full");
+    let _cleanup = Cleanup {
+        root: root.clone(),
+        dirs: Vec::new(),
+    };
     let result = (|| -> Result<()> {
         let capacity = Capacity {
             backends: 4,
@@ -757,6 +790,5 @@ fn a_full_backend_map_swaps_services_within_max_backends() -> Result<()> {
         assert_eq!(got, want);
         Ok(())
     })();
-    datapath::uninstall(&root)?;
     result
 }
