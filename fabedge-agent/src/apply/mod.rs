@@ -152,7 +152,14 @@ impl Applier {
                 return Err(e);
             }
         };
-        let before = rollback::Before::record(self, datapath, maps, plan)?;
+        let before = match rollback::Before::record(self, datapath, maps, plan) {
+            Ok(before) => before,
+            Err(e) => {
+                let e = e.context("reading the node's state before applying: nothing was applied");
+                self.failure = Some(Problem::new("apply (checks)", format!("{e:#}")));
+                return Err(e);
+            }
+        };
         let mut step = STEPS[0];
         match self.write(datapath, maps, plan, settings, &checked, &mut step) {
             Ok(report) => {
