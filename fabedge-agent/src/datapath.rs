@@ -246,16 +246,32 @@ impl Datapath {
     }
 
     /// [`Datapath::load`] with `FE_CT` sized to `ct_entries` (the agent's
-    /// `--ct-entries`). A pinned `FE_CT` of another size is refused like any
-    /// other layout change.
+    /// `--ct-entries`), the other sized maps at their defaults.
     pub fn load_with_ct_entries(
         layout: PinLayout,
         mode: AttachMode,
         ct_entries: u32,
     ) -> Result<Self> {
-        if ct_entries == 0 {
-            bail!("--ct-entries must be at least 1 (it sizes the Service conntrack table FE_CT)");
-        }
+        let capacity = crate::maps::Capacity {
+            ct_entries,
+            ..crate::maps::Capacity::default()
+        };
+        Self::load_with_capacity(layout, mode, capacity)
+    }
+
+    /// [`Datapath::load`] with the sized maps (`FE_ROUTES`, `FE_SERVICES`,
+    /// `FE_BACKENDS`, `FE_CT`) sized as `capacity` says (the agent's flags).
+    /// Sizes the host cannot hold are refused before anything is created; a
+    /// pinned map of another size is refused like any other layout change,
+    /// naming the flag: its entries would have to be copied into a new map
+    /// while running programs still use the old one, so the operator
+    /// chooses (the old size, or `uninstall` and a fresh start).
+    pub fn load_with_capacity(
+        layout: PinLayout,
+        mode: AttachMode,
+        capacity: crate::maps::Capacity,
+    ) -> Result<Self> {
+        capacity.check_host()?;
         crate::sys::ensure_bpffs(layout.bpffs_root())?;
         // Directories this call creates, removed again (if still empty) when
         // loading fails: a failed start leaves nothing behind.
@@ -277,7 +293,7 @@ impl Datapath {
         }
         let adopted: BTreeSet<PathBuf> = read_dir_sorted(&layout.maps_dir())?.into_iter().collect();
         let maps_dir = layout.maps_dir();
-        let result = Self::load_into(layout, mode.resolve(), ct_entries);
+        let result = Self::load_into(layout, mode.resolve(), capacity);
         if result.is_err() {
             // Pins aya created before a later step (e.g. the verifier) failed.
             for pin in read_dir_sorted(&maps_dir).unwrap_or_default() {
@@ -292,17 +308,27 @@ impl Datapath {
         result
     }
 
-    fn load_into(layout: PinLayout, mode: AttachMode, ct_entries: u32) -> Result<Self> {
+    fn load_into(
+        layout: PinLayout,
+        mode: AttachMode,
+        capacity: crate::maps::Capacity,
+    ) -> Result<Self> {
         let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
         let names = pinned_map_names(&object);
+        let sized = capacity.maps();
         for name in &names {
-            let max_entries = (name == fabedge_common::map_names::CT).then_some(ct_entries);
-            check_pinned_shape(name, &object.maps[name], max_entries, &layout.map(name))?;
+            let size = sized
+                .iter()
+                .find(|(map, ..)| map == name)
+                .map(|&(_, flag, entries, _)| (flag, entries));
+            check_pinned_shape(name, &object.maps[name], size, &layout.map(name))?;
         }
         let pin_paths: Vec<(String, PathBuf)> =
             names.iter().map(|n| (n.clone(), layout.map(n))).collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(fabedge_common::map_names::CT, ct_entries);
+        for (map, _, entries, _) in sized {
+            loader.map_max_entries(map, entries);
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -518,7 +544,7 @@ impl Datapath {
 fn check_pinned_shape(
     name: &str,
     expected: &aya_obj::Map,
-    max_entries: Option<u32>,
+    sized_by: Option<(&str, u32)>,
     path: &Path,
 ) -> Result<()> {
     if !path.exists() {
@@ -531,7 +557,7 @@ fn check_pinned_shape(
         expected.map_type(),
         expected.key_size(),
         expected.value_size(),
-        max_entries.unwrap_or(expected.max_entries()),
+        sized_by.map_or(expected.max_entries(), |(_, entries)| entries),
         expected.map_flags(),
     );
     let got = (
@@ -543,6 +569,18 @@ fn check_pinned_shape(
     );
     if want == got {
         return Ok(());
+    }
+    if let Some((flag, entries)) = sized_by
+        && (want.0, want.1, want.2, want.4) == (got.0, got.1, got.2, got.4)
+    {
+        bail!(
+            "pinned map {name} at {} holds {} entries but {flag} is {entries}: a pinned map keeps \
+             its size. Fix: start with {flag} {} to keep its state, or run `fabedge-agent uninstall` \
+             and start again to recreate it with {entries}.",
+            path.display(),
+            got.3,
+            got.3
+        );
     }
     let describe = |(t, k, v, m, f): (u32, u32, u32, u32, u32)| {
         format!(

@@ -167,6 +167,19 @@ struct RunArgs {
     /// Changing it on a node with a pinned table needs `uninstall` first.
     #[arg(long, default_value_t = fabedge_common::services::DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
+    /// Capacity of the route map FE_ROUTES (prefixes). A plan with more is
+    /// refused whole. Changing it on a node with a pinned map needs `uninstall` first.
+    #[arg(long, default_value_t = fabedge_common::MAX_ROUTES)]
+    max_routes: u32,
+    /// Capacity of FE_SERVICES (ClusterIP:port frontends). Services beyond it
+    /// are left out and listed by `inspect problems`. Changing it on a node
+    /// with a pinned map needs `uninstall` first.
+    #[arg(long, default_value_t = fabedge_common::services::MAX_SERVICES)]
+    max_services: u32,
+    /// Capacity of FE_BACKENDS (backend slots over all Services). Changing it
+    /// on a node with a pinned map needs `uninstall` first.
+    #[arg(long, default_value_t = fabedge_common::services::MAX_BACKENDS)]
+    max_backends: u32,
     /// Edge: cgroup v2 directory whose sockets reach ClusterIPs through
     /// socket-level translation (hostNetwork pods, the node's processes).
     /// Default: the host's cgroup2 mount, found in /proc/self/mountinfo.
@@ -262,8 +275,16 @@ fn main() -> Result<()> {
                 pod_egress_via_node: args.pod_egress_via_node,
                 no_fast_path: args.no_fast_path,
                 esp_public_endpoint: args.esp_public_endpoint,
+                capacity: fabedge_agent::maps::Capacity {
+                    routes: args.max_routes,
+                    services: args.max_services,
+                    backends: args.max_backends,
+                    ct_entries: args.ct_entries,
+                },
                 ..Settings::default()
             };
+            // Before anything is created: sizes the host cannot hold leave no trace.
+            settings.capacity.check_host()?;
             if args.keepalive_interval.is_zero() {
                 bail!(
                     "--keepalive-interval must be above 0: edges behind NAT keep their mapping open with keepalives"
@@ -288,7 +309,6 @@ fn main() -> Result<()> {
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
                 hold_drastic_changes: args.hold_drastic_changes,
-                ct_entries: args.ct_entries,
                 cgroup: match (args.no_cgroup, args.cgroup) {
                     (true, _) => None,
                     (false, Some(cgroup)) => Some(cgroup),

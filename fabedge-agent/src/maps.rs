@@ -14,6 +14,129 @@ use ipnet::Ipv4Net;
 
 use crate::datapath::{PinLayout, open_pinned};
 
+/// How many entries the sized maps hold: the agent's `--max-routes`,
+/// `--max-services`, `--max-backends` and `--ct-entries`. Applied when the
+/// object loads (a pinned map of another size is refused: see
+/// `datapath::check_pinned_shape`), and what apply checks a plan against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    /// `FE_ROUTES` (`--max-routes`).
+    pub routes: u32,
+    /// `FE_SERVICES`, frontends (`--max-services`).
+    pub services: u32,
+    /// `FE_BACKENDS`, backend slots over all Services (`--max-backends`).
+    pub backends: u32,
+    /// `FE_CT`, two entries per flow (`--ct-entries`).
+    pub ct_entries: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            routes: fabedge_common::MAX_ROUTES,
+            services: fabedge_common::services::MAX_SERVICES,
+            backends: fabedge_common::services::MAX_BACKENDS,
+            ct_entries: fabedge_common::services::DEFAULT_CT_ENTRIES,
+        }
+    }
+}
+
+/// What the kernel spends per entry beyond key and value (hash and trie
+/// element headers, rounded up: an estimate that errs on the large side).
+const ENTRY_OVERHEAD: u64 = 64;
+
+impl Capacity {
+    /// Each sized map: its name, the flag that sizes it, its entries and
+    /// the bytes of one key plus value.
+    pub fn maps(&self) -> [(&'static str, &'static str, u32, u64); 4] {
+        use fabedge_common::services::{Backend, BackendKey, CtEntry, CtKey};
+        let pair = |k: usize, v: usize| (k.next_multiple_of(8) + v.next_multiple_of(8)) as u64;
+        [
+            (
+                map_names::ROUTES,
+                "--max-routes",
+                self.routes,
+                pair(size_of::<RouteAddr>() + 4, size_of::<RouteEntry>()),
+            ),
+            (
+                map_names::SERVICES,
+                "--max-services",
+                self.services,
+                pair(size_of::<ServiceKey>(), size_of::<ServiceEntry>()),
+            ),
+            (
+                map_names::BACKENDS,
+                "--max-backends",
+                self.backends,
+                pair(size_of::<BackendKey>(), size_of::<Backend>()),
+            ),
+            (
+                map_names::CT,
+                "--ct-entries",
+                self.ct_entries,
+                pair(size_of::<CtKey>(), size_of::<CtEntry>()),
+            ),
+        ]
+    }
+
+    /// Refuse sizes the host cannot hold: zero, or one map alone wanting
+    /// more than a quarter of `memory_bytes` (the host's RAM; maps are
+    /// kernel memory that is never swapped). The error names the flag, the
+    /// memory it would take and the largest size that fits.
+    pub fn check(&self, memory_bytes: u64) -> Result<()> {
+        for (map, flag, entries, pair) in self.maps() {
+            if entries == 0 {
+                anyhow::bail!("{flag} must be at least 1 (it sizes {map})");
+            }
+            let wanted = u64::from(entries) * (pair + ENTRY_OVERHEAD);
+            let budget = memory_bytes / 4;
+            if wanted > budget {
+                anyhow::bail!(
+                    "{flag} {entries} would take about {} of kernel memory for {map}, more than a \
+                     quarter of this host's {}: choose at most {}",
+                    human_bytes(wanted),
+                    human_bytes(memory_bytes),
+                    budget / (pair + ENTRY_OVERHEAD)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Capacity::check`] against this host's RAM (`MemTotal`).
+    pub fn check_host(&self) -> Result<()> {
+        self.check(host_memory_bytes()?)
+    }
+}
+
+/// `MemTotal` of /proc/meminfo, in bytes.
+pub fn host_memory_bytes() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .context("/proc/meminfo has no MemTotal line")
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 pub struct Maps {
     pub routes: LpmTrie<MapData, RouteAddr, RouteEntry>,
     pub peers: Array<MapData, PeerEntry>,
@@ -267,6 +390,36 @@ impl Maps {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use super::Capacity;
+
+    #[test]
+    fn absurd_map_sizes_are_refused_naming_the_flag_and_the_memory() {
+        let gib = 1 << 30;
+        Capacity::default()
+            .check(2 * gib)
+            .expect("the defaults fit a 2 GiB node");
+        let err = Capacity {
+            backends: 4_000_000_000,
+            ..Capacity::default()
+        }
+        .check(2 * gib)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "--max-backends 4000000000 would take about 298.0 GiB of kernel memory for \
+             FE_BACKENDS, more than a quarter of this host's 2.0 GiB: choose at most 6710886"
+        );
+        let err = Capacity {
+            routes: 0,
+            ..Capacity::default()
+        }
+        .check(2 * gib)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "--max-routes must be at least 1 (it sizes FE_ROUTES)");
+    }
 
     use fabedge_common::{PeerAddrEntry, PeerEntry, peer_kind};
 

@@ -140,6 +140,9 @@ pub struct Settings {
     /// ESP mode: where peers reach this node's UDP 4500 when that is not its
     /// tunnel endpoint (a port forward), published as `fabedge.io/esp-endpoint`.
     pub esp_public_endpoint: Option<std::net::SocketAddrV4>,
+    /// Sizes of the maps the plan must fit (`--max-routes`, `--max-services`,
+    /// `--max-backends`, `--ct-entries`).
+    pub capacity: crate::maps::Capacity,
 }
 
 impl Default for Settings {
@@ -163,6 +166,7 @@ impl Default for Settings {
             esp_generation: 0,
             esp_key_nonce: None,
             esp_public_endpoint: None,
+            capacity: crate::maps::Capacity::default(),
         }
     }
 }
@@ -979,9 +983,12 @@ impl<'a> Planner<'a> {
             sysctls,
             annotations,
             services: match (role, me.pod_cidr) {
-                (Role::Edge, Some(pod_cidr)) => {
-                    crate::services::plan::plan_services(snapshot, &me.name, pod_cidr)
-                }
+                (Role::Edge, Some(pod_cidr)) => crate::services::plan::plan_services(
+                    snapshot,
+                    &me.name,
+                    pod_cidr,
+                    &settings.capacity,
+                ),
                 _ => crate::services::plan::ServicePlan::default(),
             },
             warnings,

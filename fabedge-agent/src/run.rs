@@ -53,8 +53,6 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     /// How long a drastic change is held back (see [`Guard`]); zero: never.
     pub hold_drastic_changes: Duration,
-    /// Capacity of the Service conntrack table `FE_CT` (entries, two per flow).
-    pub ct_entries: u32,
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
@@ -89,10 +87,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(kube) => Some(crate::source::kube::client(&kube.connection).await?),
         None => None,
     };
-    let mut datapath = Datapath::load_with_ct_entries(
+    let mut datapath = Datapath::load_with_capacity(
         options.layout.clone(),
         options.attach_mode,
-        options.ct_entries,
+        options.settings.capacity,
     )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
@@ -137,6 +135,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
+                reconciler.restore_routes();
                 if reconciler.esp_tick() {
                     reconciler.force_replan();
                 }
@@ -180,6 +179,10 @@ struct Reconciler {
     retry_backoff: Duration,
     problems: problems::ProblemLog,
     guard: Guard,
+    /// Why the last ESP (xfrm) apply failed, if it did.
+    xfrm_failure: Option<crate::model::checks::Problem>,
+    /// The last pass's problems from the source and the plan.
+    plan_problems: Vec<crate::model::checks::Problem>,
     last_error: Option<String>,
     /// Whether the socket-level Service programs are attached to the cgroup.
     cgroup_attached: bool,
@@ -220,6 +223,8 @@ impl Reconciler {
             retry_backoff: RETRY_MIN,
             problems: problems::ProblemLog::new(&options.state_dir),
             guard: Guard::default(),
+            xfrm_failure: None,
+            plan_problems: Vec::new(),
             last_error: None,
             cgroup_attached: false,
             esp,
@@ -300,8 +305,37 @@ impl Reconciler {
         if let Some(held) = self.guard.held_problem() {
             problems.push(held);
         }
+        self.plan_problems = problems;
+        self.publish_problems();
+    }
+
+    /// The problem list: the last pass's, plus what apply met (route
+    /// conflicts, a failed step), which may change between passes.
+    fn publish_problems(&mut self) {
+        let mut problems = self.plan_problems.clone();
+        problems.extend(self.applier.problems());
+        problems.extend(self.xfrm_failure.clone());
         self.problems.update(problems);
         self.status.problems(self.problems.count());
+    }
+
+    /// Put back our kernel routes that were deleted behind our back: an
+    /// unchanged plan is not applied again, so this check runs on every tick
+    /// (a periodic dump rather than a netlink monitor: it is bounded by the
+    /// poll interval, needs no second socket, and cannot miss a deletion
+    /// the way a monitor overrunning its buffer can). Logged once per route
+    /// restored.
+    pub(crate) fn restore_routes(&mut self) {
+        match self.applier.restore_routes() {
+            Ok(restored) => {
+                for route in &restored {
+                    warn!("{route} was removed outside fabedge: restored");
+                }
+                // A route taken over meanwhile is a conflict now.
+                self.publish_problems();
+            }
+            Err(e) => self.report(Err(e)),
+        }
     }
 
     /// Plan and apply again at the next poll, whatever the file holds (a new
@@ -368,9 +402,24 @@ impl Reconciler {
             &plan.peer_ids,
             self.esp.as_ref().map(|_| settings.esp_generation),
         );
-        if let Some(esp) = &mut self.esp
-            && esp.apply(snapshot, &plan)?
-        {
+        let new_generation = match self.esp.as_mut().map(|esp| esp.apply(snapshot, &plan)) {
+            None => false,
+            Some(Ok(new_generation)) => {
+                self.xfrm_failure = None;
+                new_generation
+            }
+            // Not rolled back: putting back an SA removed midway would restart
+            // its sequence counter under the same key (AES-GCM nonce reuse).
+            // XfrmApplier replaces make-before-break, and the next pass retries.
+            Some(Err(e)) => {
+                self.xfrm_failure = Some(crate::model::checks::Problem::new(
+                    "apply (step xfrm)",
+                    format!("{e:#}"),
+                ));
+                return Err(e);
+            }
+        };
+        if new_generation {
             // A new generation: plan again so it is published and used.
             return self.plan_and_apply(snapshot, observed, datapath, maps, options);
         }

@@ -6,8 +6,17 @@
 //! their ifindexes; peers before the routes that name them; routes before
 //! the configuration that arms the programs; programs before the kernel
 //! routes that steer traffic into them. Removal runs the other way round.
+//!
+//! All or nothing: what can be checked is checked before the first write
+//! ([`precheck`]: capacities, addresses, devices, routes we do not own), and
+//! a step failing midway puts back what the node held ([`rollback`]). A
+//! planned kernel route whose destination holds a route fabedge did not
+//! create is left out and reported, never replaced.
 
+pub mod failpoint;
 pub mod net;
+pub mod precheck;
+mod rollback;
 pub mod rtnl;
 pub mod sysctl;
 pub mod xdp;
@@ -18,18 +27,33 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result, bail};
-use fabedge_common::{MAX_PEERS, MAX_ROUTES, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
+use anyhow::{Context, Result};
+use fabedge_common::{MAX_PEERS, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
 use log::{debug, info};
 
 use crate::{
     datapath::{Attachment, Datapath, XdpMode},
     maps::Maps,
-    model::format_mac,
-    plan::{CNI_FILE_NAME, Device, Plan, Settings},
+    model::{checks::Problem, format_mac},
+    plan::{CNI_FILE_NAME, Device, KernelRoute, Plan, Settings},
     sys,
     sys::write_if_changed,
 };
+
+/// The steps of an apply, in order: what failures and problems name, and
+/// what [`failpoint`] injects failures after.
+pub const STEPS: [&str; 10] = [
+    "devices",
+    "sysctls",
+    "peers",
+    "routes",
+    "services",
+    "config",
+    "attachments",
+    "xdp",
+    "kernel-routes",
+    "cni",
+];
 
 /// What one apply changed, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -52,7 +76,11 @@ impl ApplyReport {
     }
 }
 
-/// Remembers what this process attached, so re-applies skip it.
+/// Applies plans all or nothing: everything checkable is checked before the
+/// first write ([`precheck`]), and a step failing midway puts back what the
+/// node held before ([`rollback`]). Remembers what this process attached, so
+/// re-applies skip it, and the kernel routes it installed, so that one
+/// deleted behind its back is restored ([`Applier::restore_routes`]).
 #[derive(Default)]
 pub struct Applier {
     attached: BTreeSet<Attachment>,
@@ -63,12 +91,20 @@ pub struct Applier {
     pub xdp: XdpMode,
     /// The interfaces XDP was last synced to.
     xdp_ifaces: Option<BTreeSet<String>>,
+    /// The kernel routes the last successful apply installed.
+    installed_routes: Option<Vec<KernelRoute>>,
+    /// Planned routes left out for a conflict, as of the last successful apply.
+    conflicts: Vec<Problem>,
+    /// Why the last apply failed (and was rolled back), if it did.
+    failure: Option<Problem>,
+    fail_point: failpoint::FailPoint,
 }
 
 impl Applier {
     pub fn with_xdp(xdp: XdpMode) -> Self {
         Applier {
             xdp,
+            fail_point: failpoint::FailPoint::from_env(),
             ..Applier::default()
         }
     }
@@ -81,6 +117,25 @@ impl Applier {
         }
     }
 
+    /// Tests only: fail every apply right after `step` (one of [`STEPS`])
+    /// has written; `None` disarms.
+    pub fn fail_after(&mut self, step: Option<&str>) {
+        self.fail_point.step = step.map(str::to_owned);
+    }
+
+    /// What the operator should know about the applied state: planned routes
+    /// left out for a conflict, and why the latest apply was rolled back.
+    pub fn problems(&self) -> Vec<Problem> {
+        self.conflicts
+            .iter()
+            .cloned()
+            .chain(self.failure.clone())
+            .collect()
+    }
+
+    /// Make the node match `plan`, all or nothing. On error the node holds
+    /// what it held before (the previous plan), and [`Applier::problems`]
+    /// names the step and the object that failed.
     pub fn apply(
         &mut self,
         datapath: &mut Datapath,
@@ -88,16 +143,82 @@ impl Applier {
         plan: &Plan,
         settings: &Settings,
     ) -> Result<ApplyReport> {
-        check_capacity(plan)?;
+        let checked = match precheck::HostFacts::observe()
+            .and_then(|host| precheck::precheck(plan, &settings.capacity, &host))
+        {
+            Ok(checked) => checked,
+            Err(e) => {
+                self.failure = Some(Problem::new("apply (checks)", format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let before = match rollback::Before::record(self, datapath, maps, plan) {
+            Ok(before) => before,
+            Err(e) => {
+                let e = e.context("reading the node's state before applying: nothing was applied");
+                self.failure = Some(Problem::new("apply (checks)", format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let mut step = STEPS[0];
+        match self.write(datapath, maps, plan, settings, &checked, &mut step) {
+            Ok(report) => {
+                self.installed_routes = Some(checked.kernel_routes);
+                self.conflicts = checked.conflicts;
+                self.failure = None;
+                if !report.is_noop() {
+                    info!("applied plan for {}: {report:?}", plan.node);
+                } else {
+                    debug!("plan for {} already applied", plan.node);
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                let rolled_back = before.restore(self, datapath, maps);
+                let outcome = match &rolled_back {
+                    Ok(()) => "rolled back to the last applied state".to_owned(),
+                    Err(undo) => format!("rolling back failed too: {undo:#}"),
+                };
+                let e = e.context(format!("apply step {step} failed; {outcome}"));
+                self.failure = Some(Problem::new(
+                    format!("apply (step {step})"),
+                    format!("{e:#}"),
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// Every write of an apply; `step` follows along for the caller's
+    /// error and rollback.
+    fn write(
+        &mut self,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+        plan: &Plan,
+        settings: &Settings,
+        checked: &precheck::Checked,
+        step: &mut &'static str,
+    ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        // The step just done may be made to fail (tests); else on to the next.
+        let next = |step: &mut &'static str, fail_point: &failpoint::FailPoint| {
+            fail_point.check(step)?;
+            if let Some(i) = STEPS.iter().position(|s| s == step) {
+                *step = STEPS[(i + 1).min(STEPS.len() - 1)];
+            }
+            Ok::<(), anyhow::Error>(())
+        };
 
         for device in &plan.devices {
             ensure_device(device)
                 .with_context(|| format!("configuring device {}", device.name()))?;
         }
+        next(step, &self.fail_point)?;
         for sysctl in &plan.sysctls {
             sysctl::set(self.state_dir.as_deref(), &sysctl.key, &sysctl.value)?;
         }
+        next(step, &self.fail_point)?;
 
         // Maps: add and change first, remove after, arm last.
         let current_peers = read_peers(maps)?;
@@ -108,6 +229,7 @@ impl Applier {
             }
         }
         maps.sync_peer_addrs(&plan.peers)?;
+        next(step, &self.fail_point)?;
         let current_routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
         for (&net, &entry) in &plan.routes {
             if current_routes.get(&net) != Some(&entry) {
@@ -129,8 +251,10 @@ impl Applier {
             maps.set_peer(*id, PeerEntry::default())?;
             report.peers_removed += 1;
         }
+        next(step, &self.fail_point)?;
         report.service_changes =
             crate::services::apply::apply_services(maps, &plan.services)?.changes();
+        next(step, &self.fail_point)?;
         let mut config = plan.config;
         if plan
             .devices
@@ -145,6 +269,7 @@ impl Applier {
         if maps.config()? != config {
             maps.set_config(config)?;
         }
+        next(step, &self.fail_point)?;
 
         // Programs.
         let wanted: BTreeSet<Attachment> = plan.attachments.iter().cloned().collect();
@@ -163,15 +288,18 @@ impl Applier {
             self.attached.remove(&stale);
             report.detached += 1;
         }
+        next(step, &self.fail_point)?;
         let xdp_ifaces = xdp::interfaces(plan, settings)?;
         if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
             datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
             self.xdp_ifaces = Some(xdp_ifaces);
         }
+        next(step, &self.fail_point)?;
 
-        // The kernel's slow path.
+        // The kernel's slow path: ours only. A planned route whose
+        // destination holds a route we do not own was left out by the checks.
         let installed = net::our_routes()?;
-        for route in &plan.kernel_routes {
+        for route in &checked.kernel_routes {
             if !installed.iter().any(|r| net::route_matches(route, r)) {
                 net::replace_route(route)?;
                 report.kernel_routes_written += 1;
@@ -179,42 +307,60 @@ impl Applier {
         }
         for route in installed
             .iter()
-            .filter(|r| !plan.kernel_routes.iter().any(|p| p.dst == r.dst))
+            .filter(|r| !checked.kernel_routes.iter().any(|p| p.dst == r.dst))
         {
             net::delete_route(route)?;
             report.kernel_routes_removed += 1;
         }
+        next(step, &self.fail_point)?;
 
         if let Some(cni) = &plan.cni {
             write_if_changed(&cni.path, cni.json.as_bytes(), 0o644)?;
         }
-        if !report.is_noop() {
-            info!("applied plan for {}: {report:?}", plan.node);
-        } else {
-            debug!("plan for {} already applied", plan.node);
-        }
+        next(step, &self.fail_point)?;
         Ok(report)
     }
-}
 
-/// Refuse a plan the maps cannot hold before touching anything: a full map
-/// must never leave half a configuration behind.
-fn check_capacity(plan: &Plan) -> Result<()> {
-    if plan.routes.len() > MAX_ROUTES as usize {
-        bail!(
-            "the plan has {} routes but FE_ROUTES holds {MAX_ROUTES}: nothing was applied; \
-             reduce the number of nodes/prefixes or rebuild with a larger MAX_ROUTES",
-            plan.routes.len()
-        );
+    /// Put back any kernel route of the last applied plan that was removed
+    /// behind our back (`ip route del`, an interface flap). Called on every
+    /// tick of the reconcile loop: one netlink dump when nothing is missing.
+    /// Returns the routes restored; one whose destination now holds a route
+    /// we do not own is left alone (the next apply reports the conflict).
+    pub fn restore_routes(&mut self) -> Result<Vec<String>> {
+        let Some(wanted) = self.installed_routes.clone() else {
+            return Ok(Vec::new());
+        };
+        let installed = net::our_routes()?;
+        let missing: Vec<&KernelRoute> = wanted
+            .iter()
+            .filter(|route| !installed.iter().any(|r| net::route_matches(route, r)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let foreign = net::foreign_routes()?;
+        let mut restored = Vec::new();
+        for route in missing {
+            let what = net::describe_route(route);
+            if let Some(other) = foreign.get(&route.dst) {
+                // Not ours to replace: from now on a conflict, like at apply.
+                self.conflicts.push(Problem::new(
+                    &what,
+                    format!(
+                        "was removed and {other}, which fabedge did not create, took its place: \
+                         left alone"
+                    ),
+                ));
+                if let Some(routes) = &mut self.installed_routes {
+                    routes.retain(|r| r != route);
+                }
+                continue;
+            }
+            net::replace_route(route).with_context(|| format!("restoring {what}"))?;
+            restored.push(what);
+        }
+        Ok(restored)
     }
-    if let Some((&id, _)) = plan
-        .peers
-        .iter()
-        .find(|(id, _)| **id == 0 || **id as u32 >= MAX_PEERS)
-    {
-        bail!("peer id {id} is outside FE_PEERS (1..{MAX_PEERS}): nothing was applied");
-    }
-    Ok(())
 }
 
 fn read_peers(maps: &Maps) -> Result<BTreeMap<u16, PeerEntry>> {

@@ -241,6 +241,66 @@ pub fn our_routes() -> Result<Vec<KernelRoute>> {
         .collect())
 }
 
+/// Routes of the main table that are not ours (any other protocol: the
+/// kernel's connected routes, DHCP, static routes, other daemons), by
+/// destination, each described as errors name it. We never replace or
+/// remove them: a planned route to one of these destinations is a conflict.
+pub fn foreign_routes() -> Result<BTreeMap<Ipv4Net, String>> {
+    let mut nl = Rtnl::open()?;
+    let routes: Vec<_> = nl
+        .routes()?
+        .into_iter()
+        .filter(|r| r.table == RT_TABLE_MAIN as u32 && r.protocol != RTPROT_FABEDGE)
+        .collect();
+    let names: BTreeMap<u32, String> = nl.links()?.into_iter().map(|l| (l.index, l.name)).collect();
+    let mut foreign = BTreeMap::new();
+    for route in routes {
+        let described = KernelRoute {
+            dst: route.dst,
+            dev: route.oif.map(|index| {
+                names
+                    .get(&index)
+                    .cloned()
+                    .unwrap_or_else(|| format!("if{index}"))
+            }),
+            via: route.gateway,
+            src: route.prefsrc,
+        };
+        let text = format!(
+            "{} proto {}",
+            describe_route(&described),
+            protocol_name(route.protocol)
+        );
+        foreign.entry(route.dst).or_insert(text);
+    }
+    Ok(foreign)
+}
+
+/// A route protocol as `ip route` names it.
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        2 => "kernel".into(),
+        3 => "boot".into(),
+        4 => "static".into(),
+        16 => "dhcp".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The names of this host's interfaces.
+pub fn link_names() -> Result<std::collections::BTreeSet<String>> {
+    Ok(Rtnl::open()?.links()?.into_iter().map(|l| l.name).collect())
+}
+
+/// The IPv4 addresses configured on this host's interfaces.
+pub fn local_addresses() -> Result<std::collections::BTreeSet<Ipv4Addr>> {
+    Ok(Rtnl::open()?
+        .addrs()?
+        .into_iter()
+        .map(|a| a.address.addr())
+        .collect())
+}
+
 /// Whether an installed route is the one planned (a planned route without a
 /// device accepts whichever device the kernel chose to reach `via`).
 pub fn route_matches(planned: &KernelRoute, installed: &KernelRoute) -> bool {

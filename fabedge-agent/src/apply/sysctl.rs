@@ -22,6 +22,11 @@ fn read(key: &str) -> Result<String> {
         .with_context(|| format!("sysctl {key} does not exist ({})", path.display()))
 }
 
+/// The current value of sysctl `key`; `None` when it does not exist.
+pub fn get(key: &str) -> Option<String> {
+    read(key).ok()
+}
+
 fn load(path: &Path) -> Result<BTreeMap<String, String>> {
     match std::fs::read(path) {
         Ok(bytes) => {

@@ -104,6 +104,7 @@ pub(super) async fn run(
             }
             // The tick only retries: a failed apply, or the leader's patches.
             _ = tick.tick() => {
+                reconciler.restore_routes();
                 if reconciler.esp_tick() {
                     // A new key generation: re-plan so it is used and published.
                     state.applied = None;

@@ -35,7 +35,13 @@ impl ProblemLog {
             return;
         }
         for problem in latest.difference(&self.current) {
-            error!("{problem} (left out; everything else is applied)");
+            // An apply that failed was rolled back whole; anything else
+            // left out one object and applied the rest.
+            if problem.object.starts_with("apply (") {
+                error!("{problem}");
+            } else {
+                error!("{problem} (left out; everything else is applied)");
+            }
         }
         for problem in self.current.difference(&latest) {
             info!("resolved: {problem}");

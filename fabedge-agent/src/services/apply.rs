@@ -1,7 +1,8 @@
 //! Write the Service translation maps from a [`ServicePlan`], diffing
 //! against what they hold. Order keeps every packet's lookup consistent:
-//! frontends that go removed first (their ids may be reused), backends
-//! before the frontends that count them, backends that go removed last. Conntrack and affinity entries pointing at backends that
+//! frontends that go removed first (their ids may be reused) with the
+//! backends only they pointed at (room in a full map), backends before the
+//! frontends that count them, the other backends that go removed last. Conntrack and affinity entries pointing at backends that
 //! left their Service are deleted, so those flows fail fast (the next packet
 //! is balanced again: a TCP peer that never saw the connection answers RST,
 //! a UDP flow simply moves) instead of hanging on a dead address.
@@ -56,6 +57,28 @@ pub fn apply_services(maps: &mut Maps, planned: &ServicePlan) -> Result<ServiceR
             .remove(key)
             .with_context(|| format!("removing {} from FE_SERVICES", describe(key)))?;
         report.frontends_removed += 1;
+    }
+    // Backends no frontend left in the map points at (their Services just
+    // went) go now, not last: a full FE_BACKENDS needs their room for the
+    // new Services' backends.
+    let referenced: BTreeSet<u32> = current
+        .iter()
+        .filter(|(key, _)| plan.frontends.contains_key(key))
+        .map(|(_, entry)| entry.id)
+        .collect();
+    for key in maps
+        .backend_entries()?
+        .into_iter()
+        .map(|(key, _)| key)
+        .filter(|key| !referenced.contains(&key.service_id))
+    {
+        maps.backends.remove(&key).with_context(|| {
+            format!(
+                "removing backend {}/{} from FE_BACKENDS",
+                key.service_id, key.slot
+            )
+        })?;
+        report.backends_removed += 1;
     }
     let wanted_backends = plan.backend_map();
     let current_backends: BTreeMap<_, _> = maps.backend_entries()?.into_iter().collect();

@@ -17,8 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use fabedge_common::services::{
-    Backend, BackendKey, MAX_BACKENDS, MAX_SERVICES, ServiceEntry, ServiceKey, backend_flags,
-    service_flags,
+    Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags,
 };
 use ipnet::Ipv4Net;
 
@@ -117,14 +116,20 @@ fn port_backends(
     }
 }
 
-/// Plan Service translation for node `me` whose pod CIDR is `pod_cidr`.
-pub fn plan_services(snapshot: &Snapshot, me: &str, pod_cidr: Ipv4Net) -> ServicePlan {
+/// Plan Service translation for node `me` whose pod CIDR is `pod_cidr`,
+/// within the maps' `capacity` (`--max-services`, `--max-backends`).
+pub fn plan_services(
+    snapshot: &Snapshot,
+    me: &str,
+    pod_cidr: Ipv4Net,
+    capacity: &crate::maps::Capacity,
+) -> ServicePlan {
     plan_within(
         snapshot,
         me,
         pod_cidr,
-        MAX_SERVICES as usize,
-        MAX_BACKENDS as usize,
+        capacity.services as usize,
+        capacity.backends as usize,
     )
 }
 
@@ -345,7 +350,7 @@ mod tests {
                 endpoint([10, 234, 2, 10], true, false, "edge-2"),
             ],
         );
-        let plan = plan_services(&snap, "edge-1", cidr());
+        let plan = plan_services(&snap, "edge-1", cidr(), &Default::default());
         let http = &plan.frontends[&ServiceKey {
             addr: [10, 96, 0, 20],
             port: 80,
@@ -404,7 +409,8 @@ mod tests {
                 endpoint([10, 234, 2, 2], false, true, "edge-2"),
             ],
         );
-        let addrs: Vec<_> = plan_services(&both, "edge-1", cidr()).frontends[&key]
+        let addrs: Vec<_> = plan_services(&both, "edge-1", cidr(), &Default::default()).frontends
+            [&key]
             .backends
             .iter()
             .map(|b| b.addr)
@@ -415,7 +421,8 @@ mod tests {
             ports.clone(),
             vec![endpoint([10, 234, 2, 2], false, true, "edge-2")],
         );
-        let addrs: Vec<_> = plan_services(&only_terminating, "edge-1", cidr()).frontends[&key]
+        let addrs: Vec<_> = plan_services(&only_terminating, "edge-1", cidr(), &Default::default())
+            .frontends[&key]
             .backends
             .iter()
             .map(|b| b.addr)
@@ -423,7 +430,7 @@ mod tests {
         assert_eq!(addrs, [[10, 234, 2, 2]]);
         let none = snapshot(svc, ports, vec![]);
         assert_eq!(
-            plan_services(&none, "edge-1", cidr()).frontends[&key]
+            plan_services(&none, "edge-1", cidr(), &Default::default()).frontends[&key]
                 .entry
                 .count,
             0,
@@ -450,7 +457,7 @@ mod tests {
                 endpoint([10, 234, 2, 5], true, false, "edge-2"),
             ],
         );
-        let plan = plan_services(&snap, "edge-1", cidr());
+        let plan = plan_services(&snap, "edge-1", cidr(), &Default::default());
         let f = plan.frontends.values().next().unwrap();
         assert_eq!(f.backends.len(), 1);
         assert_eq!(f.backends[0].addr, [10, 234, 1, 5]);
