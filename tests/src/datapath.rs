@@ -244,6 +244,7 @@ pub mod fixtures {
             tunnel_mtu: 1450,
             ..DatapathConfig::default()
         })?;
+        sync_peer_addrs(&mut dp)?;
         Ok(dp)
     }
 
@@ -291,7 +292,21 @@ pub mod fixtures {
             flannel_mtu: 1450,
             ..DatapathConfig::default()
         })?;
+        sync_peer_addrs(&mut dp)?;
         Ok(dp)
+    }
+
+    /// Index every in-use peer slot by its underlay address, as apply does.
+    pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
+        let mut peers = std::collections::BTreeMap::new();
+        for id in 1..64u16 {
+            let peer = dp.maps.peer(id)?;
+            if peer.kind != 0 {
+                peers.insert(id, peer);
+            }
+        }
+        dp.maps.sync_peer_addrs(&peers)?;
+        Ok(())
     }
 }
 
