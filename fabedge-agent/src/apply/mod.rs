@@ -3,9 +3,10 @@
 //! differs and never flushes state that traffic depends on.
 //!
 //! Order matters for traffic in flight: devices before the maps that name
-//! their ifindexes; peers before the routes that name them; routes before
-//! the configuration that arms the programs; programs before the kernel
-//! routes that steer traffic into them. Removal runs the other way round.
+//! their ifindexes; programs (the uplink guards among them) before the maps
+//! and kernel routes that steer traffic into them; peers before the routes
+//! that name them; routes before the configuration that arms the programs.
+//! Removal runs the other way round.
 
 pub mod net;
 pub mod rtnl;
@@ -26,7 +27,7 @@ use crate::{
     datapath::{Attachment, Datapath, XdpMode},
     maps::Maps,
     model::format_mac,
-    plan::{CNI_FILE_NAME, Device, Plan, Settings},
+    plan::{CNI_FILE_NAME, Device, Plan, Settings, uplink_guards},
     sys,
     sys::write_if_changed,
 };
@@ -99,6 +100,24 @@ impl Applier {
             sysctl::set(self.state_dir.as_deref(), &sysctl.key, &sysctl.value)?;
         }
 
+        // Programs before any map or kernel route names a tunnel
+        // destination, so the uplink guards hold from the first packet
+        // (fail closed). Until the configuration is armed below, the other
+        // programs pass everything.
+        let uplinks = xdp::interfaces(plan, settings)?;
+        let wanted: BTreeSet<Attachment> = plan
+            .attachments
+            .iter()
+            .cloned()
+            .chain(uplinks.iter().flat_map(|iface| uplink_guards(iface)))
+            .collect();
+        let missing: Vec<Attachment> = wanted.difference(&self.attached).cloned().collect();
+        for attachment in missing {
+            datapath.attach(&attachment)?;
+            self.attached.insert(attachment);
+            report.attached += 1;
+        }
+
         // Maps: add and change first, remove after, arm last.
         let current_peers = read_peers(maps)?;
         for (&id, peer) in &plan.peers {
@@ -146,14 +165,7 @@ impl Applier {
             maps.set_config(config)?;
         }
 
-        // Programs.
-        let wanted: BTreeSet<Attachment> = plan.attachments.iter().cloned().collect();
-        let missing: Vec<Attachment> = wanted.difference(&self.attached).cloned().collect();
-        for attachment in missing {
-            datapath.attach(&attachment)?;
-            self.attached.insert(attachment);
-            report.attached += 1;
-        }
+        // Programs no longer wanted.
         for stale in datapath
             .attached()?
             .into_iter()
@@ -163,7 +175,7 @@ impl Applier {
             self.attached.remove(&stale);
             report.detached += 1;
         }
-        let xdp_ifaces = xdp::interfaces(plan, settings)?;
+        let xdp_ifaces = uplinks;
         if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
             datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
             self.xdp_ifaces = Some(xdp_ifaces);
