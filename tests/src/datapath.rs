@@ -296,6 +296,20 @@ pub mod fixtures {
         Ok(dp)
     }
 
+    /// Flannel VXLAN from `outer_src` (cloud-2's NIC) to the connector's
+    /// VTEP, carrying the Ethernet frame `inner`.
+    pub fn flannel_to_connector(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
+        crate::packet::vxlan_encap(
+            crate::packet::Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+            Ipv4Addr::from(outer_src),
+            Ipv4Addr::from(CONNECTOR_LAN),
+            41234,
+            fabedge_common::DEFAULT_FLANNEL_PORT,
+            fabedge_common::DEFAULT_FLANNEL_VNI,
+            inner,
+        )
+    }
+
     /// Index every in-use peer slot by its underlay address, as apply does.
     pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
         let mut peers = std::collections::BTreeMap::new();

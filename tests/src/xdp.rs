@@ -270,17 +270,7 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
                 .payload(&[0u8; 64])
                 .build()
         };
-        let flannel = |outer_src: [u8; 4], inner: &[u8]| {
-            vxlan_encap(
-                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
-                Ipv4Addr::from(outer_src),
-                Ipv4Addr::from(CONNECTOR_LAN),
-                41234,
-                8472,
-                1,
-                inner,
-            )
-        };
+        let flannel = flannel_to_connector;
         let tunnel = |outer_src: Ipv4Addr, inner: &[u8]| {
             vxlan_encap(
                 Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),

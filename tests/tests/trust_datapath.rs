@@ -5,7 +5,7 @@
 //! the XDP guard's), a peer reaches only what we route (`fe_tunnel_ingress`)
 //! and a pod speaks only from its node's pod CIDR (`fe_from_pod`). Needs root.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
@@ -266,15 +266,7 @@ fn flannel_from(outer_src: [u8; 4], inner_src: Ipv4Addr) -> Vec<u8> {
         .udp(5353, 53)
         .payload(b"from the cloud")
         .build();
-    vxlan_encap(
-        Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
-        Ipv4Addr::from(outer_src),
-        Ipv4Addr::from(CONNECTOR_LAN),
-        41234,
-        8472,
-        1,
-        &inner,
-    )
+    flannel_to_connector(outer_src, &inner)
 }
 
 #[test]
@@ -336,66 +328,45 @@ fn connector_tc_gives_flannel_vxlan_the_xdp_guards_verdict() -> Result<()> {
 
 // -- a peer reaches only what we route: fe_tunnel_ingress (ESP) ----------------
 
-fn decrypted(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+/// A packet from `src` to `dst` decrypted by `peer`'s SA, through
+/// `fe_tunnel_ingress`: its verdict and the counters it moved.
+fn decrypted(
+    dp: &TestDatapath,
+    peer: u16,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) -> Result<(i32, BTreeMap<&'static str, u64>)> {
+    let frame = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
         .ipv4(src, dst)
         .udp(1, 2)
         .payload(b"decrypted")
-        .build()
-}
-
-fn from_peer(peer: u16) -> SkbIn {
-    SkbIn {
+        .build();
+    let skb = SkbIn {
         mark: mark::from_tunnel(0, peer),
         ..SkbIn::default()
-    }
+    };
+    let (out, delta) = counted(dp, || dp.run_with(Program::TunnelIngress, &frame, skb))?;
+    Ok((out.action, delta))
 }
 
 #[test]
 fn esp_ingress_drops_destinations_we_do_not_route() -> Result<()> {
+    let dropped = (TC_ACT_SHOT, only(Counter::DropTunnelDestination));
+    let accepted = (TC_ACT_OK, only(Counter::FromTunnel));
+
     let mut dp = edge("trust-dst-edge", tunnel_mode::ESP)?;
     for (what, dst) in [("the internet", UNKNOWN), ("a metadata service", METADATA)] {
-        let (out, delta) = counted(&dp, || {
-            dp.run_with(
-                Program::TunnelIngress,
-                &decrypted(PEER_POD, dst),
-                from_peer(EDGE2_PEER),
-            )
-        })?;
-        assert_eq!(
-            (out.action, delta),
-            (TC_ACT_SHOT, only(Counter::DropTunnelDestination)),
-            "edge: {what}"
-        );
+        let verdict = decrypted(&dp, EDGE2_PEER, PEER_POD, dst)?;
+        assert_eq!(verdict, dropped, "edge: {what}");
     }
     // An edge whose pods may go out through the node: not its peers.
     dp.maps
         .set_route(net("0.0.0.0/0"), route(route_kind::KERNEL, 0))?;
-    let (out, delta) = counted(&dp, || {
-        dp.run_with(
-            Program::TunnelIngress,
-            &decrypted(PEER_POD, UNKNOWN),
-            from_peer(EDGE2_PEER),
-        )
-    })?;
-    assert_eq!(
-        (out.action, delta),
-        (TC_ACT_SHOT, only(Counter::DropTunnelDestination)),
-        "edge with a default route"
-    );
+    let verdict = decrypted(&dp, EDGE2_PEER, PEER_POD, UNKNOWN)?;
+    assert_eq!(verdict, dropped, "edge with a default route");
     for (what, dst) in [("a local pod", LOCAL_POD), ("the node", NODE_IP)] {
-        let (out, delta) = counted(&dp, || {
-            dp.run_with(
-                Program::TunnelIngress,
-                &decrypted(PEER_POD, dst),
-                from_peer(EDGE2_PEER),
-            )
-        })?;
-        assert_eq!(
-            (out.action, delta),
-            (TC_ACT_OK, only(Counter::FromTunnel)),
-            "edge: {what}"
-        );
+        let verdict = decrypted(&dp, EDGE2_PEER, PEER_POD, dst)?;
+        assert_eq!(verdict, accepted, "edge: {what}");
     }
 
     let mut dp = connector("trust-dst-conn")?;
@@ -407,35 +378,15 @@ fn esp_ingress_drops_destinations_we_do_not_route() -> Result<()> {
         ("a metadata service", METADATA),
         ("the internet", UNKNOWN),
     ] {
-        let (out, delta) = counted(&dp, || {
-            dp.run_with(
-                Program::TunnelIngress,
-                &decrypted(LOCAL_POD, dst),
-                from_peer(EDGE1_PEER),
-            )
-        })?;
-        assert_eq!(
-            (out.action, delta),
-            (TC_ACT_SHOT, only(Counter::DropTunnelDestination)),
-            "connector: {what}"
-        );
+        let verdict = decrypted(&dp, EDGE1_PEER, LOCAL_POD, dst)?;
+        assert_eq!(verdict, dropped, "connector: {what}");
     }
     for (what, dst) in [
         ("a cloud pod", CLOUD_POD),
         ("a cloud node (kernel route)", Ipv4Addr::from(CLOUD2_LAN)),
     ] {
-        let (out, delta) = counted(&dp, || {
-            dp.run_with(
-                Program::TunnelIngress,
-                &decrypted(LOCAL_POD, dst),
-                from_peer(EDGE1_PEER),
-            )
-        })?;
-        assert_eq!(
-            (out.action, delta),
-            (TC_ACT_OK, only(Counter::FromTunnel)),
-            "connector: {what}"
-        );
+        let verdict = decrypted(&dp, EDGE1_PEER, LOCAL_POD, dst)?;
+        assert_eq!(verdict, accepted, "connector: {what}");
     }
     Ok(())
 }

