@@ -56,19 +56,23 @@ pub enum Program {
     TunnelIngress,
     /// TC egress of `fe-tunnel`.
     TunnelEgress,
-    /// TC ingress of the connector's uplink.
+    /// TC ingress of the uplinks (edges and the connector).
     UplinkIngress,
     /// TC egress of the pod bridge (reverse NAT of Service replies).
     ToPod,
+    /// TC egress of the uplinks: tunnel destinations never leave in clear.
+    UplinkEgress,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    /// New programs go last: a program's netlink handle is its index here.
+    pub const ALL: [Program; 6] = [
         Program::FromPod,
         Program::TunnelIngress,
         Program::TunnelEgress,
         Program::UplinkIngress,
         Program::ToPod,
+        Program::UplinkEgress,
     ];
 
     /// The function name in the object (and the netlink filter's name).
@@ -79,6 +83,7 @@ impl Program {
             Program::TunnelEgress => "fe_tunnel_egress",
             Program::UplinkIngress => "fe_uplink_ingress",
             Program::ToPod => "fe_to_pod",
+            Program::UplinkEgress => "fe_uplink_egress",
         }
     }
 
@@ -89,6 +94,7 @@ impl Program {
             Program::TunnelEgress => "tunnel-egress",
             Program::UplinkIngress => "uplink-ingress",
             Program::ToPod => "to-pod",
+            Program::UplinkEgress => "uplink-egress",
         }
     }
 
@@ -103,7 +109,7 @@ impl Program {
 
     fn tc_attach_type(self) -> TcAttachType {
         match self {
-            Program::TunnelEgress | Program::ToPod => TcAttachType::Egress,
+            Program::TunnelEgress | Program::ToPod | Program::UplinkEgress => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         }
     }

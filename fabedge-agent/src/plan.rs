@@ -99,6 +99,16 @@ impl TunnelMode {
     }
 }
 
+/// The programs on an uplink of an edge or the connector: ingress
+/// (forged tunnel sources, Flannel's sender checks, the connector's
+/// decapsulation) and egress (tunnel destinations never leave in clear).
+pub fn uplink_guards(iface: &str) -> [Attachment; 2] {
+    [
+        Attachment::new(Program::UplinkIngress, iface),
+        Attachment::new(Program::UplinkEgress, iface),
+    ]
+}
+
 /// Node-local settings: command-line flags, plus what `apply` reads from the
 /// host (the uplink's MTU, `flannel.1`'s MAC) before planning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -927,6 +937,11 @@ impl<'a> Planner<'a> {
                 attachments.push(Attachment::new(Program::TunnelIngress, TUNNEL_DEV));
                 attachments.push(Attachment::new(Program::TunnelEgress, TUNNEL_DEV));
             }
+            // The uplink's guards (more NICs are added at apply time: every
+            // device a peer is reached by, as for XDP).
+            if let Some(uplink) = &settings.uplink {
+                attachments.extend(uplink_guards(uplink));
+            }
             sysctls.push(Sysctl::new("net/ipv4/ip_forward", "1"));
             {
                 // Forwarding from one peer to another leaves by the device it
@@ -949,7 +964,6 @@ impl<'a> Planner<'a> {
                 .uplink
                 .clone()
                 .expect("checked when planning the connector");
-            attachments.push(Attachment::new(Program::UplinkIngress, &uplink));
             // Loose reverse-path filtering: decapsulated Flannel traffic the
             // fast path punts arrives on the uplink from cloud pod addresses
             // the kernel routes via flannel.1; tunnel traffic arrives from

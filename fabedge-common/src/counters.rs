@@ -101,6 +101,22 @@ counters! {
     /// XDP guard: a peer's tunnel packet whose inner source is not one of
     /// that peer's prefixes.
     XdpDropSpoofed = 40, "xdp_drop_spoofed", true;
+    /// Uplink egress: a packet for a tunnel destination (a remote site's
+    /// pods or node address, the Service CIDR on edges) about to leave the
+    /// node outside the tunnel, e.g. because its kernel route is missing.
+    /// Dropped: it never leaves in clear.
+    DropOutsideTunnel = 41, "drop_outside_tunnel", true;
+    /// Uplink ingress: a packet in the name of a tunnel source (a remote
+    /// site's pods or node address, the Service CIDR on edges) that arrived
+    /// outside the tunnel, e.g. forged on the node's LAN.
+    DropTunnelSourceOutsideTunnel = 42, "drop_tunnel_source_outside_tunnel", true;
+    /// From a pod: a source outside this node's pod CIDR (the node's own
+    /// address, another site's pods, anything else).
+    DropPodSource = 43, "drop_pod_source", true;
+    /// From a tunnel: a destination that is not ours to deliver (no route
+    /// of ours, or only an edge's default route), so a peer cannot use this
+    /// node as its gateway to the VPC, metadata services or the internet.
+    DropTunnelDestination = 44, "drop_tunnel_destination", true;
     /// A Service with no endpoints, where no reject could be built (dropped instead).
     DropNoEndpoints = 48, "drop_no_endpoints", true;
     /// Conntrack (or source-port) space exhausted for a new Service flow.

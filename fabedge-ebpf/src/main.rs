@@ -6,7 +6,8 @@
 //! | `fe_from_pod`       | TC ingress of `br-fabedge` (edge) | `from_pod.rs` |
 //! | `fe_tunnel_ingress` | TC ingress of `fe-tunnel`         | `tunnel_dev.rs` |
 //! | `fe_tunnel_egress`  | TC egress of `fe-tunnel`          | `tunnel_dev.rs` |
-//! | `fe_uplink_ingress` | TC ingress of the connector uplink| `uplink.rs`   |
+//! | `fe_uplink_ingress` | TC ingress of the uplinks         | `uplink.rs`   |
+//! | `fe_uplink_egress`  | TC egress of the uplinks          | `uplink_egress.rs` |
 //! | `fe_to_pod`         | TC egress of `br-fabedge` (edge)  | `to_pod.rs`   |
 //! | `fe_sock_*4`        | cgroup v2 sock_addr hooks (edge)  | `sock.rs`     |
 //! | `fe_xdp_uplink`     | XDP on the uplinks (every node)   | `xdp_uplink.rs` |
@@ -27,6 +28,7 @@ mod parse;
 mod reject;
 mod sock;
 mod stats;
+mod trust;
 mod verdict;
 mod xdp_guard;
 mod xdp_masq;
@@ -36,6 +38,7 @@ mod from_pod;
 mod to_pod;
 mod tunnel_dev;
 mod uplink;
+mod uplink_egress;
 mod xdp_uplink;
 
 #[cfg(not(test))]

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use fabedge_common::{
-    Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, peer_kind, route_kind, tunnel_mode,
+    Counter, DatapathConfig, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, peer_kind, route_kind,
+    tunnel_mode,
 };
 
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
     maps::{config, peer, route},
     parse::{self, EthHdr, Ipv4Hdr, L3, ptr_at},
     stats::{count, peer_rx, peer_tx},
+    trust::tunnel_destination,
     verdict::{drop, pass},
 };
 
@@ -30,7 +32,7 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
         return pass(Counter::NotConfigured);
     };
     if cfg.tunnel_mode == tunnel_mode::ESP {
-        return esp_ingress(&ctx);
+        return esp_ingress(&ctx, cfg);
     }
     // SAFETY: zeroed plain-old-data struct filled by the helper.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
@@ -59,13 +61,12 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark::from_tunnel(existing, sender));
+    let Some(dst) = tunnel_destination(cfg, ip.daddr) else {
+        return drop(Counter::DropTunnelDestination);
+    };
     peer_rx(sender, ctx.len());
     count(Counter::FromTunnel);
-
-    match route(ip.daddr) {
-        Some(r) => forward(&ctx, cfg, r, ip),
-        None => drop(Counter::DropNoRoute),
-    }
+    forward(&ctx, cfg, dst, ip)
 }
 
 #[classifier]
@@ -138,9 +139,10 @@ fn l3_ipv4(ctx: &TcContext) -> Option<&mut Ipv4Hdr> {
 
 /// Decrypted by one of our inbound SAs, which set the `from-tunnel` mark of
 /// its peer: the inner source must belong to that peer. The kernel routes
-/// the rest (local delivery, Flannel, or back into another tunnel).
+/// the rest (local delivery, Flannel, or back into another tunnel) if it
+/// is ours to deliver.
 #[inline(always)]
-fn esp_ingress(ctx: &TcContext) -> i32 {
+fn esp_ingress(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     if existing & mark::MAGIC_MASK != mark::MAGIC_FROM_TUNNEL {
@@ -167,6 +169,9 @@ fn esp_ingress(ctx: &TcContext) -> i32 {
     match peer(sender) {
         Some(p) if p.kind == peer_kind::TUNNEL => {}
         _ => return drop(Counter::DropSpoofed),
+    }
+    if tunnel_destination(cfg, ip.daddr).is_none() {
+        return drop(Counter::DropTunnelDestination);
     }
     peer_rx(sender, ctx.len());
     pass(Counter::FromTunnel)

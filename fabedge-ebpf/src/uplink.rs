@@ -1,8 +1,14 @@
-//! `fe_uplink_ingress`: TC ingress of the connector's uplink (the NIC Flannel
-//! uses). Flannel VXLAN for edge destinations is decapsulated and sent into
-//! the edge tunnel; plain packets for edge destinations (cloud nodes reaching
-//! edge node IPs) go straight into the tunnel. Everything else is the node's
-//! own business and passes untouched and uncounted.
+//! `fe_uplink_ingress`: TC ingress of the uplinks of edges and the
+//! connector (every NIC tunnel traffic arrives on).
+//!
+//! Everywhere: a packet in the name of a tunnel source that arrives outside
+//! the tunnel is forged, and dies here. On the connector: Flannel VXLAN must
+//! come from a known VTEP and carry only that VTEP's sources (the XDP
+//! guard's verdict, given again for when XDP is off); Flannel VXLAN for
+//! edge destinations is decapsulated and sent into the edge tunnel; plain
+//! packets for edge destinations (cloud nodes reaching edge node IPs) go
+//! straight into the tunnel. Everything else is the node's own business and
+//! passes untouched and uncounted.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use fabedge_common::{Counter, DatapathConfig, role, route_kind};
@@ -15,7 +21,10 @@ use crate::{
         self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr,
         VXLAN_HLEN, VxlanHdr, ptr_at,
     },
+    trust::is_tunnel_address,
     verdict::{drop, pass},
+    xdp_guard::{Tunnel, check_inner_source, known_sender},
+    xdp_parse::{VxlanFrame, is_later_fragment},
 };
 
 const INNER_ETH_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
@@ -25,18 +34,64 @@ pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK as i32;
     };
-    if cfg.role != role::CONNECTOR {
-        return TC_ACT_OK as i32;
-    }
     let L3::Ipv4(ip) = parse::ipv4(&ctx) else {
         return TC_ACT_OK as i32;
     };
+    if is_tunnel_address(ip.saddr) {
+        return drop(Counter::DropTunnelSourceOutsideTunnel);
+    }
+    if cfg.role != role::CONNECTOR {
+        return TC_ACT_OK as i32;
+    }
+    if let Err(counter) = flannel_guard(&ctx, cfg, ip) {
+        return drop(counter);
+    }
     if is_flannel_vxlan(&ctx, cfg, ip) {
         return from_flannel(&ctx, cfg);
     }
     match route(ip.daddr) {
         Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, ip),
         _ => TC_ACT_OK as i32,
+    }
+}
+
+/// The XDP guard's verdict on Flannel's port (`fe_xdp_uplink`), for when
+/// XDP is off or declined: the sender must be a known VTEP and the inner
+/// source one it may send from. The same frames are judged, so XDP only
+/// makes the drop cheaper: any UDP to Flannel's port with a plain outer
+/// header that is not a later fragment; the inner source when the frame
+/// holds a whole VXLAN header (right flag and VNI) and inner IPv4 header.
+#[inline(always)]
+fn flannel_guard(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<(), Counter> {
+    if ip.version_ihl != 0x45 || ip.protocol != IPPROTO_UDP || is_later_fragment(ip) {
+        return Ok(());
+    }
+    let Some(udp) = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN) else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let dest = u16::from_be_bytes(unsafe { (*udp).dest });
+    if Tunnel::at_port(cfg, dest) != Some(Tunnel::Flannel) {
+        return Ok(());
+    }
+    if !known_sender(Tunnel::Flannel, ip.saddr) {
+        return Err(Counter::DropSpoofed);
+    }
+    let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let frame = unsafe { &*frame };
+    if frame.vxlan.flags & 0x08 == 0
+        || frame.vxlan.vni() != cfg.flannel_vni
+        || u16::from_be_bytes(frame.inner_eth.ether_type) != ETH_P_IP
+        || !frame.inner_ip.is_valid()
+    {
+        return Ok(());
+    }
+    match check_inner_source(Tunnel::Flannel, ip.saddr, frame.inner_ip.saddr) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Counter::DropSpoofed),
     }
 }
 

@@ -244,6 +244,7 @@ pub mod fixtures {
             tunnel_mtu: 1450,
             ..DatapathConfig::default()
         })?;
+        sync_peer_addrs(&mut dp)?;
         Ok(dp)
     }
 
@@ -291,7 +292,35 @@ pub mod fixtures {
             flannel_mtu: 1450,
             ..DatapathConfig::default()
         })?;
+        sync_peer_addrs(&mut dp)?;
         Ok(dp)
+    }
+
+    /// Flannel VXLAN from `outer_src` (cloud-2's NIC) to the connector's
+    /// VTEP, carrying the Ethernet frame `inner`.
+    pub fn flannel_to_connector(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
+        crate::packet::vxlan_encap(
+            crate::packet::Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+            Ipv4Addr::from(outer_src),
+            Ipv4Addr::from(CONNECTOR_LAN),
+            41234,
+            fabedge_common::DEFAULT_FLANNEL_PORT,
+            fabedge_common::DEFAULT_FLANNEL_VNI,
+            inner,
+        )
+    }
+
+    /// Index every in-use peer slot by its underlay address, as apply does.
+    pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
+        let mut peers = std::collections::BTreeMap::new();
+        for id in 1..64u16 {
+            let peer = dp.maps.peer(id)?;
+            if peer.kind != 0 {
+                peers.insert(id, peer);
+            }
+        }
+        dp.maps.sync_peer_addrs(&peers)?;
+        Ok(())
     }
 }
 

@@ -164,7 +164,6 @@ pub fn connector(name: &str) -> Result<TestDatapath> {
     let mut config = dp.maps.config()?;
     config.tunnel_port = DEFAULT_TUNNEL_PORT;
     dp.maps.set_config(config)?;
-    sync_peer_addrs(&mut dp)?;
     Ok(dp)
 }
 
@@ -178,22 +177,10 @@ pub fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
         0
     };
     dp.maps.set_config(config)?;
-    sync_peer_addrs(&mut dp)?;
     Ok(dp)
 }
 
-/// Index every in-use peer slot by its underlay address, as apply does.
-pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
-    let mut peers = std::collections::BTreeMap::new();
-    for id in 1..64u16 {
-        let peer = dp.maps.peer(id)?;
-        if peer.kind != 0 {
-            peers.insert(id, peer);
-        }
-    }
-    dp.maps.sync_peer_addrs(&peers)?;
-    Ok(())
-}
+pub use fixtures::sync_peer_addrs;
 
 // ---------------------------------------------------------------------------
 // The mini cluster with XDP
@@ -283,17 +270,7 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
                 .payload(&[0u8; 64])
                 .build()
         };
-        let flannel = |outer_src: [u8; 4], inner: &[u8]| {
-            vxlan_encap(
-                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
-                Ipv4Addr::from(outer_src),
-                Ipv4Addr::from(CONNECTOR_LAN),
-                41234,
-                8472,
-                1,
-                inner,
-            )
-        };
+        let flannel = flannel_to_connector;
         let tunnel = |outer_src: Ipv4Addr, inner: &[u8]| {
             vxlan_encap(
                 Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),

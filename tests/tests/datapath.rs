@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
-use fabedge_common::{Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, tunnel_mode};
+use fabedge_common::{Counter, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, route_kind, tunnel_mode};
 use fabedge_tests::{
     datapath::{
         SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, counted, fixtures::*, only,
@@ -501,10 +501,14 @@ fn connector_sends_plain_packets_for_edge_node_ips_into_the_tunnel() -> Result<(
 #[test]
 fn flannel_encap_toward_a_cloud_vtep_has_exact_outer_headers() -> Result<()> {
     // Tunnel ingress needs tunnel metadata BPF_PROG_TEST_RUN cannot give; the
-    // same shared `forward` runs in fe_from_pod, so it drives the encap here.
-    let dp = connector("dp-encap")?;
+    // same shared `forward` runs in fe_from_pod, so it drives the encap here,
+    // from a pod of the connector's own (fe_from_pod checks the source).
+    let mut dp = connector("dp-encap")?;
+    let connector_pod = Ipv4Addr::new(10, 244, 0, 5);
+    dp.maps
+        .set_route(net("10.244.0.0/24"), route(route_kind::LOCAL_POD, 0))?;
     let frame = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
-        .ipv4(LOCAL_POD, CLOUD_POD)
+        .ipv4(connector_pod, CLOUD_POD)
         .ttl(64)
         .id(5)
         .udp(40000, 8080)
@@ -565,7 +569,7 @@ fn flannel_encap_toward_a_cloud_vtep_has_exact_outer_headers() -> Result<()> {
 
     // A packet that would not fit Flannel's MTU is left to the kernel (flannel.1).
     let big = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
-        .ipv4(LOCAL_POD, CLOUD_POD)
+        .ipv4(connector_pod, CLOUD_POD)
         .udp(1, 2)
         .payload(&[0u8; 1440])
         .build();

@@ -147,7 +147,7 @@ use fabedge_agent::esp::keys::KEY_GENERATION_ANNOTATION;
 use fabedge_tests::{
     agent::agent_ok,
     cluster::{Cluster, ClusterOptions, seed_matrix},
-    netns::{PingOptions, ping_with},
+    netns::{PingOptions, Tcpdump, ping_with},
 };
 
 /// In ESP mode the connector hands what it decrypted for a cloud pod to the
@@ -179,48 +179,8 @@ fn esp_cluster() -> Result<Cluster> {
 }
 
 /// `tcpdump` on the WAN switch: every packet between sites.
-struct Capture {
-    process: fabedge_tests::netns::BackgroundProcess,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(cluster: &Cluster) -> Result<Self> {
-        let file =
-            std::env::temp_dir().join(format!("fabedge-esp-wan-{}.pcap", std::process::id()));
-        let process = cluster.switch()?.spawn(
-            "tcpdump",
-            &[
-                "-i",
-                "br-wan",
-                "-n",
-                "-U",
-                "-s",
-                "128",
-                "-w",
-                &file.display().to_string(),
-            ],
-        )?;
-        thread::sleep(Duration::from_secs(2));
-        Ok(Capture { process, file })
-    }
-
-    /// Packets of the capture matching a pcap `filter`.
-    fn count(&self, filter: &str) -> Result<Vec<String>> {
-        let out = std::process::Command::new("tcpdump")
-            .args(["-r", &self.file.display().to_string(), "-n", filter])
-            .output()
-            .context("running tcpdump -r")?;
-        ensure!(
-            out.status.success(),
-            "tcpdump -r failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect())
-    }
+fn wan_capture(cluster: &Cluster) -> Result<Tcpdump> {
+    Tcpdump::start(cluster.switch()?, "br-wan", 128)
 }
 
 /// Packets the kernel dropped on the ESP path, summed over the tunnel nodes:
@@ -350,7 +310,7 @@ fn check_every_seed_path(cluster: &Cluster) -> Result<()> {
 #[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
 fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() -> Result<()> {
     let cluster = esp_cluster()?;
-    let capture = Capture::start(&cluster)?;
+    let capture = wan_capture(&cluster)?;
 
     check_every_seed_path(&cluster)?;
 
@@ -449,9 +409,9 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     eprintln!("inspect tunnels on edge-1: {} SAs", rows.len());
 
     // The underlay carried nothing but ESP in UDP 4500 (and ARP).
-    let esp = capture.count("udp port 4500")?;
-    let clear = capture.count("ip and not udp port 4500")?;
-    drop(capture.process);
+    let esp = capture.packets("udp port 4500")?;
+    let clear = capture.packets("ip and not udp port 4500")?;
+    drop(capture);
     eprintln!(
         "WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets",
         esp.len(),
@@ -472,7 +432,10 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let _ = std::fs::remove_file(&capture.file);
+
+    // Fail closed: with a route of ours deleted on an edge and on the
+    // connector, nothing for a tunnel destination leaves in clear.
+    cluster.prove_fail_closed()?;
 
     // Uninstall removes every xfrm object of ours, and fe-tunnel; with
     // --purge-state (the harness passes it) the state files go too.
@@ -687,7 +650,7 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
         connector_port_forward: Some(CONNECTOR_FORWARDED_PORT),
         ..ClusterOptions::default()
     })?;
-    let capture = Capture::start(&cluster)?;
+    let capture = wan_capture(&cluster)?;
 
     // The cloud cannot open anything toward an edge: its site address is
     // nobody's route, and the NAT forwards only what the site opened.
@@ -820,11 +783,11 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
     // The WAN carried ESP in UDP to and from the connector's forwarded port,
     // and nothing else but the NAT's port-unreachables for the forgotten
     // mappings (which quote only outer headers).
-    let esp = capture.count(&format!("udp port {CONNECTOR_FORWARDED_PORT}"))?;
-    let other = capture.count(&format!(
+    let esp = capture.packets(&format!("udp port {CONNECTOR_FORWARDED_PORT}"))?;
+    let other = capture.packets(&format!(
         "ip and not udp port {CONNECTOR_FORWARDED_PORT} and not (icmp[icmptype] == icmp-unreach)"
     ))?;
-    drop(capture.process);
+    drop(capture);
     eprintln!(
         "WAN capture: {} ESP-in-UDP packets, {} other IPv4 packets",
         esp.len(),
@@ -845,7 +808,6 @@ fn edges_behind_nat_open_the_tunnels_themselves_and_follow_a_changed_mapping() -
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let _ = std::fs::remove_file(&capture.file);
     Ok(())
 }
 

@@ -90,8 +90,13 @@ const CASES: &[Case] = &[
     },
     Case {
         program: Program::UplinkIngress,
-        fixtures: &[Fixture::Connector],
+        fixtures: &[Fixture::Connector, Fixture::EdgeVxlan, Fixture::EdgeEsp],
         verdicts: &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+    },
+    Case {
+        program: Program::UplinkEgress,
+        fixtures: &[Fixture::EdgeVxlan, Fixture::EdgeEsp, Fixture::Connector],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT],
     },
 ];
 
@@ -118,6 +123,11 @@ fn fuzz_tunnel_egress() -> Result<()> {
 #[test]
 fn fuzz_uplink_ingress() -> Result<()> {
     fuzz(Program::UplinkIngress)
+}
+
+#[test]
+fn fuzz_uplink_egress() -> Result<()> {
+    fuzz(Program::UplinkEgress)
 }
 
 // ---------------------------------------------------------------------------
@@ -508,6 +518,26 @@ fn seeds() -> Vec<Seed> {
                 .udp(ESP_IN_UDP_PORT, ESP_IN_UDP_PORT)
                 .zero_checksum()
                 .payload(&esp)
+                .build(),
+        ),
+        seed(
+            "flannel vxlan from a stranger",
+            vxlan_encap(
+                Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
+                UNKNOWN,
+                Ipv4Addr::from(CONNECTOR_LAN),
+                41234,
+                8472,
+                1,
+                &flannel_inner,
+            ),
+        ),
+        seed(
+            "plain packet on the uplink in the name of a remote pod",
+            Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                .ipv4(PEER_POD, LOCAL_POD)
+                .udp(1, 2)
+                .payload(b"forged")
                 .build(),
         ),
         seed(

@@ -39,15 +39,7 @@ fn inner_udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, t
 
 /// Flannel VXLAN from cloud-2 (`outer_src`) to the connector carrying `inner`.
 fn flannel(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
-    vxlan_encap(
-        Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC),
-        Ipv4Addr::from(outer_src),
-        Ipv4Addr::from(CONNECTOR_LAN),
-        41234,
-        8472,
-        1,
-        inner,
-    )
+    flannel_to_connector(outer_src, inner)
 }
 
 /// Our VXLAN from an edge (`outer_src`) to the connector carrying `inner`.

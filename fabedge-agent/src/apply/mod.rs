@@ -3,9 +3,10 @@
 //! differs and never flushes state that traffic depends on.
 //!
 //! Order matters for traffic in flight: devices before the maps that name
-//! their ifindexes; peers before the routes that name them; routes before
-//! the configuration that arms the programs; programs before the kernel
-//! routes that steer traffic into them. Removal runs the other way round.
+//! their ifindexes; programs (the uplink guards among them) before the maps
+//! and kernel routes that steer traffic into them; peers before the routes
+//! that name them; routes before the configuration that arms the programs.
+//! Removal runs the other way round.
 //!
 //! All or nothing: what can be checked is checked before the first write
 //! ([`precheck`]: capacities, addresses, devices, routes we do not own), and
@@ -35,7 +36,7 @@ use crate::{
     datapath::{Attachment, Datapath, XdpMode},
     maps::Maps,
     model::{checks::Problem, format_mac},
-    plan::{CNI_FILE_NAME, Device, KernelRoute, Plan, Settings},
+    plan::{CNI_FILE_NAME, Device, KernelRoute, Plan, Settings, uplink_guards},
     sys,
     sys::write_if_changed,
 };
@@ -45,11 +46,11 @@ use crate::{
 pub const STEPS: [&str; 10] = [
     "devices",
     "sysctls",
+    "attachments",
     "peers",
     "routes",
     "services",
     "config",
-    "attachments",
     "xdp",
     "kernel-routes",
     "cni",
@@ -220,6 +221,25 @@ impl Applier {
         }
         next(step, &self.fail_point)?;
 
+        // Programs before any map or kernel route names a tunnel
+        // destination, so the uplink guards hold from the first packet
+        // (fail closed). Until the configuration is armed below, the other
+        // programs pass everything.
+        let uplinks = xdp::interfaces(plan, settings)?;
+        let wanted: BTreeSet<Attachment> = plan
+            .attachments
+            .iter()
+            .cloned()
+            .chain(uplinks.iter().flat_map(|iface| uplink_guards(iface)))
+            .collect();
+        let missing: Vec<Attachment> = wanted.difference(&self.attached).cloned().collect();
+        for attachment in missing {
+            datapath.attach(&attachment)?;
+            self.attached.insert(attachment);
+            report.attached += 1;
+        }
+        next(step, &self.fail_point)?;
+
         // Maps: add and change first, remove after, arm last.
         let current_peers = read_peers(maps)?;
         for (&id, peer) in &plan.peers {
@@ -271,14 +291,7 @@ impl Applier {
         }
         next(step, &self.fail_point)?;
 
-        // Programs.
-        let wanted: BTreeSet<Attachment> = plan.attachments.iter().cloned().collect();
-        let missing: Vec<Attachment> = wanted.difference(&self.attached).cloned().collect();
-        for attachment in missing {
-            datapath.attach(&attachment)?;
-            self.attached.insert(attachment);
-            report.attached += 1;
-        }
+        // Programs no longer wanted.
         for stale in datapath
             .attached()?
             .into_iter()
@@ -288,8 +301,7 @@ impl Applier {
             self.attached.remove(&stale);
             report.detached += 1;
         }
-        next(step, &self.fail_point)?;
-        let xdp_ifaces = xdp::interfaces(plan, settings)?;
+        let xdp_ifaces = uplinks;
         if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
             datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
             self.xdp_ifaces = Some(xdp_ifaces);

@@ -213,7 +213,9 @@ fn edge_node_gets_pod_bridge_tunnel_device_programs_and_sysctls() {
             "from-pod=br-fabedge",
             "to-pod=br-fabedge",
             "tunnel-ingress=fe-tunnel",
-            "tunnel-egress=fe-tunnel"
+            "tunnel-egress=fe-tunnel",
+            "uplink-ingress=eth0",
+            "uplink-egress=eth0"
         ]
     );
     let sysctls: Vec<(&str, &str)> = plan
@@ -331,7 +333,8 @@ fn connector_sends_edges_into_tunnels_and_cloud_pods_to_their_vtep() {
         [
             "tunnel-ingress=fe-tunnel",
             "tunnel-egress=fe-tunnel",
-            "uplink-ingress=eth0"
+            "uplink-ingress=eth0",
+            "uplink-egress=eth0"
         ]
     );
     assert!(
@@ -675,6 +678,8 @@ fn mtus_follow_the_uplink_and_the_tunnel_mode() {
             crate::datapath::Attachment::new(Program::ToPod, "br-fabedge"),
             crate::datapath::Attachment::new(Program::TunnelIngress, TUNNEL_DEV),
             crate::datapath::Attachment::new(Program::TunnelEgress, TUNNEL_DEV),
+            crate::datapath::Attachment::new(Program::UplinkIngress, "eth0"),
+            crate::datapath::Attachment::new(Program::UplinkEgress, "eth0"),
         ]
     );
     assert_eq!(peer(&edge_esp, "cloud-1").port, ESP_IN_UDP_PORT);

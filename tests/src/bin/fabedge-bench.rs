@@ -20,7 +20,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags,
+    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags, route_kind,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
     tunnel_mode,
 };
@@ -109,6 +109,16 @@ fn edge_with_service() -> Result<TestDatapath> {
 }
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// A pod of the connector's own pod CIDR.
+const CONNECTOR_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+
+/// The connector with its own pod CIDR routed locally.
+fn connector_with_pods() -> Result<TestDatapath> {
+    let mut dp = connector("bench-connector")?;
+    dp.maps
+        .set_route(net("10.244.0.0/24"), route(route_kind::LOCAL_POD, 0))?;
+    Ok(dp)
+}
 
 /// The XDP verdicts against the empty XDP program, printed and keyed for `--json`.
 fn xdp_verdicts(report: &mut Report) -> Result<()> {
@@ -137,7 +147,7 @@ fn verdicts(report: &mut Report) -> Result<()> {
     let baseline = TestDatapath::new("bench-baseline")?;
     let datapaths = [
         edge("bench-edge", tunnel_mode::VXLAN)?,
-        connector("bench-connector")?,
+        connector_with_pods()?,
         edge_with_service()?,
     ];
 
@@ -172,8 +182,10 @@ fn verdicts(report: &mut Report) -> Result<()> {
         .udp(7, 40000)
         .payload(&[0u8; 64])
         .build();
+    // fe_from_pod drives the shared encapsulation, from a connector pod
+    // (it drops any other source).
     let from_tunnel = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
-        .ipv4(LOCAL_POD, CLOUD_POD)
+        .ipv4(CONNECTOR_POD, CLOUD_POD)
         .udp(1, 2)
         .payload(&[0u8; 64])
         .build();
@@ -201,6 +213,18 @@ fn verdicts(report: &mut Report) -> Result<()> {
             name: "edge: tunnel egress (lookup, set key)",
             datapath: 0,
             program: Program::TunnelEgress,
+            frame: udp(PEER_POD),
+        },
+        Case {
+            name: "edge: uplink egress, not for a tunnel (pass)",
+            datapath: 0,
+            program: Program::UplinkEgress,
+            frame: udp(UNKNOWN),
+        },
+        Case {
+            name: "edge: uplink egress, tunnel bypass (drop)",
+            datapath: 0,
+            program: Program::UplinkEgress,
             frame: udp(PEER_POD),
         },
         Case {

@@ -28,6 +28,7 @@
 mod agents;
 mod cgroup;
 mod container;
+mod fail_closed;
 mod fixture;
 mod flannel;
 mod matrix;

@@ -33,6 +33,17 @@ impl SharedCluster {
         tear_down: extern "C" fn(),
         test: impl FnOnce(&Cluster) -> Result<R>,
     ) -> Result<R> {
+        self.with_options(ClusterOptions::default, tear_down, test)
+    }
+
+    /// [`SharedCluster::with`] for a cluster started with `options()` (the
+    /// first call's options are the cluster's).
+    pub fn with_options<R>(
+        &'static self,
+        options: impl FnOnce() -> ClusterOptions,
+        tear_down: extern "C" fn(),
+        test: impl FnOnce(&Cluster) -> Result<R>,
+    ) -> Result<R> {
         let mut slot = self
             .slot
             .lock()
@@ -44,7 +55,7 @@ impl SharedCluster {
                     eprintln!("warning: cannot register the cluster teardown; the next run removes the leftovers");
                 }
             });
-            *slot = Some(Cluster::start(ClusterOptions::default()).map_err(|e| format!("{e:#}")));
+            *slot = Some(Cluster::start(options()).map_err(|e| format!("{e:#}")));
         }
         match slot.as_ref() {
             Some(Ok(cluster)) => test(cluster),

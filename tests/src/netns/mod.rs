@@ -32,6 +32,7 @@ mod namespace;
 mod ping;
 mod process;
 mod servers;
+mod tcpdump;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +43,7 @@ pub use namespace::Netns;
 pub use ping::{PingOptions, PingResult, parse_ping_output, ping, ping_with};
 pub use process::BackgroundProcess;
 pub use servers::{EchoServer, Tcp, TcpEchoServer, Udp, UdpEchoServer, tcp_echo, udp_echo};
+pub use tcpdump::Tcpdump;
 
 use std::sync::Once;
 use std::sync::atomic::AtomicU64;
