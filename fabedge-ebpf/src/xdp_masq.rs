@@ -115,7 +115,12 @@ pub fn tunnel_to_flannel(
 }
 
 /// Whether the frame is one we may finish here: a whole, option-free,
-/// unfragmented inner packet with TTL to spare that fits the target.
+/// unfragmented inner packet with TTL to spare that fits the target, in a
+/// frame the kernel would forward itself. What the kernel would drop or
+/// trim (a wrong IPv4 header checksum, outer or inner; a UDP length that
+/// disagrees with the IPv4 one) and a UDP checksum, which only the kernel
+/// verifies, stay the kernel's to judge: a rewrite would heal the headers
+/// and send on what the slow path drops.
 #[inline(always)]
 fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
     let outer = &frame.ip;
@@ -124,6 +129,14 @@ fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
         return None;
     }
     if inner.version_ihl != 0x45 || inner.ttl <= 1 {
+        return None;
+    }
+    // Both headers are option-free here (the outer one by the caller).
+    if u16::from_be_bytes(frame.udp.len) as u32 + IPV4_HLEN as u32 != outer.total_len() as u32
+        || frame.udp.check != [0, 0]
+        || !csum::ipv4_header_valid(outer)
+        || !csum::ipv4_header_valid(inner)
+    {
         return None;
     }
     let inner_total = inner.total_len();
