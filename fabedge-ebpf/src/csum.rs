@@ -1,5 +1,9 @@
 //! Internet checksum arithmetic for headers we build or rewrite.
 
+use crate::parse::{IPV4_HLEN, Ipv4Hdr};
+
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
+
 /// One's-complement checksum of a 20-byte IPv4 header (checksum field zero).
 #[inline(always)]
 pub fn ipv4_header(header: &[u8; 20]) -> u16 {
@@ -10,6 +14,15 @@ pub fn ipv4_header(header: &[u8; 20]) -> u16 {
         i += 2;
     }
     fold(sum)
+}
+
+/// Whether an option-free IPv4 header's checksum is right: with its
+/// checksum field, the header sums to all ones.
+#[inline(always)]
+pub fn ipv4_header_valid(ip: &Ipv4Hdr) -> bool {
+    // SAFETY: `Ipv4Hdr` is 20 bytes of byte fields (`repr(C)`, alignment 1).
+    let bytes = unsafe { &*(ip as *const Ipv4Hdr as *const [u8; IPV4_HLEN]) };
+    ipv4_header(bytes) == 0
 }
 
 #[inline(always)]

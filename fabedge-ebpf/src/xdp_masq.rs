@@ -115,7 +115,14 @@ pub fn tunnel_to_flannel(
 }
 
 /// Whether the frame is one we may finish here: a whole, option-free,
-/// unfragmented inner packet with TTL to spare that fits the target.
+/// unfragmented inner packet with TTL to spare that fits the target, in a
+/// frame the kernel would forward itself. What the kernel would drop or
+/// trim (a wrong IPv4 header checksum, outer or inner; a UDP length that
+/// disagrees with the IPv4 one) stays the kernel's to judge: a rewrite
+/// would heal the headers and send on what the slow path drops. A UDP
+/// checksum is not verified here (that is a sum over the whole frame): the
+/// rewrite carries it over incrementally, so a wrong one stays wrong and
+/// the receiving kernel drops the frame as ours would have.
 #[inline(always)]
 fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
     let outer = &frame.ip;
@@ -124,6 +131,13 @@ fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
         return None;
     }
     if inner.version_ihl != 0x45 || inner.ttl <= 1 {
+        return None;
+    }
+    // Both headers are option-free here (the outer one by the caller).
+    if u16::from_be_bytes(frame.udp.len) as u32 + IPV4_HLEN as u32 != outer.total_len() as u32
+        || !csum::ipv4_header_valid(outer)
+        || !csum::ipv4_header_valid(inner)
+    {
         return None;
     }
     let inner_total = inner.total_len();
@@ -211,6 +225,10 @@ fn rewrite(
     inner_src_mac: [u8; 6],
     hash: u32,
 ) {
+    // RFC 1624: the UDP checksum follows the words the rewrite changes.
+    let udp_check = u16::from_be_bytes(frame.udp.check);
+    let old_words = udp_covered_words(frame, true);
+
     frame.eth.dst = hop.dst_mac;
     frame.eth.src = hop.src_mac;
 
@@ -219,20 +237,21 @@ fn rewrite(
         3 => 2,
         other => other,
     };
-    let total = frame.ip.total_len().to_be_bytes();
-    let id = frame.ip.id;
-    let mut hdr = [0u8; 20];
-    hdr[0] = 0x45;
-    hdr[1] = ecn;
-    hdr[2] = total[0];
-    hdr[3] = total[1];
-    hdr[4] = id[0];
-    hdr[5] = id[1];
-    hdr[8] = OUTER_TTL;
-    hdr[9] = IPPROTO_UDP;
-    hdr[12..16].copy_from_slice(&src_ip);
-    hdr[16..20].copy_from_slice(&to.underlay_ip);
-    let check = csum::ipv4_header(&hdr).to_be_bytes();
+    // The new header's checksum, word by word (the BPF stack has no room
+    // for a copy of the header): version/IHL/TOS, length, id, TTL/protocol
+    // and the addresses; the fragment field is zero.
+    let dst_ip = to.underlay_ip;
+    let check = csum::fold(
+        u16::from_be_bytes([0x45, ecn]) as u32
+            + frame.ip.total_len() as u32
+            + u16::from_be_bytes(frame.ip.id) as u32
+            + u16::from_be_bytes([OUTER_TTL, IPPROTO_UDP]) as u32
+            + u16::from_be_bytes([src_ip[0], src_ip[1]]) as u32
+            + u16::from_be_bytes([src_ip[2], src_ip[3]]) as u32
+            + u16::from_be_bytes([dst_ip[0], dst_ip[1]]) as u32
+            + u16::from_be_bytes([dst_ip[2], dst_ip[3]]) as u32,
+    )
+    .to_be_bytes();
     frame.ip.version_ihl = 0x45;
     frame.ip.tos = ecn;
     frame.ip.frag_off = [0, 0];
@@ -245,8 +264,6 @@ fn rewrite(
     let sport = SPORT_MIN + ((hash as u64 * SPORT_SPAN as u64) >> 32) as u32;
     frame.udp.source = (sport as u16).to_be_bytes();
     frame.udp.dest = dport.to_be_bytes();
-    // Length unchanged; no UDP checksum, as the kernel's VXLAN sends.
-    frame.udp.check = [0, 0];
 
     let vni = vni.to_be_bytes();
     frame.vxlan.flags = 0x08;
@@ -257,6 +274,52 @@ fn rewrite(
     frame.inner_eth.dst = inner_dst_mac;
     frame.inner_eth.src = inner_src_mac;
     decrement_ttl(&mut frame.inner_ip);
+
+    // Zero: the sender sent none (Linux VXLAN may), and neither do we.
+    if udp_check != 0 {
+        let sum = !udp_check as u32 + old_words + udp_covered_words(frame, false);
+        let check = match csum::fold(sum) {
+            0 => 0xffff,
+            check => check,
+        };
+        frame.udp.check = check.to_be_bytes();
+    }
+}
+
+/// The sum of the 16-bit words covered by the outer UDP checksum that
+/// [`rewrite`] may change (each complemented when `complement`): the
+/// pseudo-header addresses, the ports, the VXLAN header, the inner MACs and
+/// the inner TTL/protocol and checksum words. Lengths do not change.
+/// A BPF subprogram of its own: inlined twice, it overflowed the stack.
+#[inline(never)]
+fn udp_covered_words(frame: &VxlanFrame, complement: bool) -> u32 {
+    let ip = &frame.ip;
+    let vx = &frame.vxlan;
+    let eth = &frame.inner_eth;
+    let inner = &frame.inner_ip;
+    // Summed word by word, not from an array: the BPF stack is small.
+    let word = |bytes: [u8; 2]| {
+        let w = u16::from_be_bytes(bytes);
+        (if complement { !w } else { w }) as u32
+    };
+    word([ip.saddr[0], ip.saddr[1]])
+        + word([ip.saddr[2], ip.saddr[3]])
+        + word([ip.daddr[0], ip.daddr[1]])
+        + word([ip.daddr[2], ip.daddr[3]])
+        + word(frame.udp.source)
+        + word(frame.udp.dest)
+        + word([vx.flags, vx._reserved0[0]])
+        + word([vx._reserved0[1], vx._reserved0[2]])
+        + word([vx.vni[0], vx.vni[1]])
+        + word([vx.vni[2], vx._reserved1])
+        + word([eth.dst[0], eth.dst[1]])
+        + word([eth.dst[2], eth.dst[3]])
+        + word([eth.dst[4], eth.dst[5]])
+        + word([eth.src[0], eth.src[1]])
+        + word([eth.src[2], eth.src[3]])
+        + word([eth.src[4], eth.src[5]])
+        + word([inner.ttl, inner.protocol])
+        + word(inner.check)
 }
 
 /// A hash of the inner flow (addresses, protocol, ports): the outer UDP

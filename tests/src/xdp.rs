@@ -182,6 +182,22 @@ pub fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
 
 pub use fixtures::sync_peer_addrs;
 
+pub use fixtures::flannel_to_connector;
+
+/// Our VXLAN from `outer_src` to `outer_dst` over the WAN (from edge-1's
+/// NIC to the connector's), carrying `inner`.
+pub fn tunnel_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    crate::packet::vxlan_encap(
+        crate::packet::Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),
+        outer_src,
+        outer_dst,
+        50000,
+        DEFAULT_TUNNEL_PORT,
+        fabedge_common::DEFAULT_TUNNEL_VNI,
+        inner,
+    )
+}
+
 // ---------------------------------------------------------------------------
 // The mini cluster with XDP
 // ---------------------------------------------------------------------------
@@ -256,8 +272,8 @@ pub struct VerdictCost {
 /// runs again on its own output). The empty program is sampled between the
 /// cases' samples so both see the same machine load.
 pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
-    use crate::packet::{Frame, vxlan_encap};
-    use fabedge_common::{DEFAULT_TUNNEL_VNI, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
+    use crate::packet::Frame;
+    use fabedge_common::{TUNNEL_DEV_MAC, TUNNEL_SRC_MAC};
     use fixtures::*;
 
     let lab = FibLab::new("xdp-bench")?;
@@ -270,24 +286,12 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
                 .payload(&[0u8; 64])
                 .build()
         };
-        let flannel = flannel_to_connector;
-        let tunnel = |outer_src: Ipv4Addr, inner: &[u8]| {
-            vxlan_encap(
-                Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),
-                outer_src,
-                CONNECTOR_WAN,
-                50000,
-                DEFAULT_TUNNEL_PORT,
-                DEFAULT_TUNNEL_VNI,
-                inner,
-            )
-        };
         let edge1 = Ipv4Addr::new(198, 18, 0, 11);
         let cases: Vec<(&'static str, &'static str, Vec<u8>, u32, u32)> = vec![
             (
                 "flannel_to_tunnel",
                 "Flannel → our tunnel (rewrite, FIB, redirect)",
-                flannel(
+                flannel_to_connector(
                     CLOUD2_LAN,
                     &inner(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, LOCAL_POD),
                 ),
@@ -297,8 +301,9 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
             (
                 "tunnel_to_flannel",
                 "our tunnel → Flannel (rewrite, FIB, redirect)",
-                tunnel(
+                tunnel_frame(
                     edge1,
+                    CONNECTOR_WAN,
                     &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
                 ),
                 lab.wan_ifindex,
@@ -307,7 +312,7 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
             (
                 "pass_flannel_cloud_pod",
                 "Flannel for a cloud pod (guard, pass)",
-                flannel(
+                flannel_to_connector(
                     CLOUD2_LAN,
                     &inner(
                         CLOUD2_VTEP_MAC,
@@ -322,8 +327,9 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
             (
                 "drop_unknown_tunnel_source",
                 "tunnel from a stranger (drop)",
-                tunnel(
+                tunnel_frame(
                     Ipv4Addr::new(198, 18, 0, 77),
+                    CONNECTOR_WAN,
                     &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, LOCAL_POD, CLOUD_POD),
                 ),
                 lab.wan_ifindex,
@@ -332,8 +338,9 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
             (
                 "drop_spoofed",
                 "tunnel with a spoofed inner source (drop)",
-                tunnel(
+                tunnel_frame(
                     edge1,
+                    CONNECTOR_WAN,
                     &inner(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD_2),
                 ),
                 lab.wan_ifindex,

@@ -3,9 +3,13 @@
 //! against what the datapath promises: only the program's own verdicts, every
 //! `TC_ACT_SHOT` counted by exactly one drop counter, checksums that were right
 //! on the way in still right on the way out, and nothing sent toward an
-//! address that is not a configured peer. Needs root.
+//! address that is not a configured peer. The uplink's XDP program
+//! `fe_xdp_uplink` takes the same seeds and mutations in each configuration
+//! it has (connector, VXLAN edge, ESP edge), against XDP's own promises (see
+//! its section below). Needs root.
 //!
-//! `FABEDGE_FUZZ_FRAMES` sets the frames per program (default below);
+//! `FABEDGE_FUZZ_FRAMES` sets the frames per TC program and per XDP
+//! configuration (default below);
 //! `FABEDGE_FUZZ_SEED` replays a run (every run prints its seed).
 
 use std::{
@@ -24,8 +28,12 @@ use fabedge_common::{
 use fabedge_tests::{
     datapath::{SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, fixtures::*},
     packet::{
-        ETH_HEADER_LEN, Frame, IcmpError, TcpFlags, UdpChecksum, hexdump, ipv4_header_checksum,
-        l4_checksum, parse_eth, vxlan_encap,
+        ETH_HEADER_LEN, Frame, IcmpError, Mac, TcpFlags, UdpChecksum, hexdump,
+        ipv4_header_checksum, l4_checksum, parse_eth, vxlan_encap,
+    },
+    xdp::{
+        self, CONNECTOR_WAN, CONNECTOR_WAN_MAC, FibLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        XDP_UPLINK, XdpOutcome, run_xdp,
     },
 };
 
@@ -1129,25 +1137,39 @@ fn fuzz_fixture(
         }
         done += n as u64;
     }
-    // Per-peer statistics: only configured peers ever sent or received.
-    for id in 0..16u16 {
-        let stats = dp.maps.peer_stats(id)?;
-        let configured = dp.maps.peer(id).is_ok_and(|p| p.kind != 0);
-        if !configured && (stats.tx_packets != 0 || stats.rx_packets != 0) {
-            checker.finding(
-                format!(
-                    "peer {id} is not configured but counted {} tx / {} rx packets",
-                    stats.tx_packets, stats.rx_packets
-                ),
-                &[],
-                SkbIn::default(),
-            );
-        }
+    for problem in unconfigured_peer_stats(&dp)? {
+        checker.finding(problem, &[], SkbIn::default());
     }
     totals.frames += done;
     *finding_count += checker.finding_count;
     findings.append(&mut checker.findings);
     Ok(())
+}
+
+/// Per-peer statistics: only configured peers ever sent or received.
+fn unconfigured_peer_stats(dp: &TestDatapath) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for id in 0..16u16 {
+        let stats = dp.maps.peer_stats(id)?;
+        let configured = dp.maps.peer(id).is_ok_and(|p| p.kind != 0);
+        if !configured && (stats.tx_packets != 0 || stats.rx_packets != 0) {
+            problems.push(format!(
+                "peer {id} is not configured but counted {} tx / {} rx packets",
+                stats.tx_packets, stats.rx_packets
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// The run's PRNG seed: `FABEDGE_FUZZ_SEED`, or the clock.
+fn run_seed() -> Result<u64> {
+    Ok(match env_u64("FABEDGE_FUZZ_SEED")? {
+        Some(seed) => seed,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    })
 }
 
 /// CPU time this thread has used (user and kernel: the program runs inside
@@ -1168,12 +1190,7 @@ fn fuzz(program: Program) -> Result<()> {
         .find(|c| c.program == program)
         .expect("every fuzzed program has a CASES entry");
     let frames = env_u64("FABEDGE_FUZZ_FRAMES")?.unwrap_or(DEFAULT_FRAMES);
-    let seed = match env_u64("FABEDGE_FUZZ_SEED")? {
-        Some(seed) => seed,
-        None => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
-    };
+    let seed = run_seed()?;
     println!(
         "{}: seed {seed:#x} (replay with FABEDGE_FUZZ_SEED={seed:#x}), {frames} frames",
         program.symbol()
@@ -1368,5 +1385,483 @@ fn esp_ingress_refuses_a_mark_of_a_peer_that_is_not_configured() -> Result<()> {
         )
     );
     assert_eq!(dp.maps.peer_stats(ORPHAN_PEER)?.rx_packets, 0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// XDP: `fe_xdp_uplink` in each configuration it has, with the same seeds and
+// mutations. XDP may only make a verdict cheaper, never different: every
+// declined frame passes byte-identical, every drop is counted, and what it
+// sends back out (connector, VXLAN mode) goes to a peer's tunnel with right
+// checksums, made only from frames the kernel would have forwarded itself.
+// ---------------------------------------------------------------------------
+
+/// The nodes `fe_xdp_uplink` runs on, each in its own [`FibLab`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XdpFixture {
+    /// VXLAN mode with Flannel: the guard and the masquerade.
+    Connector,
+    /// VXLAN mode: the guard of our tunnel only.
+    EdgeVxlan,
+    /// ESP mode: the guard of ESP in UDP only.
+    EdgeEsp,
+}
+
+impl XdpFixture {
+    fn load(self, name: &str) -> Result<TestDatapath> {
+        match self {
+            XdpFixture::Connector => xdp::connector(name),
+            XdpFixture::EdgeVxlan => xdp::edge(name, tunnel_mode::VXLAN),
+            XdpFixture::EdgeEsp => xdp::edge(name, tunnel_mode::ESP),
+        }
+    }
+
+    /// Only the connector rewrites; elsewhere XDP passes or drops.
+    fn verdicts(self) -> &'static [u32] {
+        match self {
+            XdpFixture::Connector => &[XDP_PASS, XDP_DROP, XDP_TX, XDP_REDIRECT],
+            XdpFixture::EdgeVxlan | XdpFixture::EdgeEsp => &[XDP_PASS, XDP_DROP],
+        }
+    }
+}
+
+#[test]
+fn fuzz_xdp_uplink_connector() -> Result<()> {
+    fuzz_xdp(XdpFixture::Connector)
+}
+
+#[test]
+fn fuzz_xdp_uplink_edge_vxlan() -> Result<()> {
+    fuzz_xdp(XdpFixture::EdgeVxlan)
+}
+
+#[test]
+fn fuzz_xdp_uplink_edge_esp() -> Result<()> {
+    fuzz_xdp(XdpFixture::EdgeEsp)
+}
+
+/// The TC seeds plus tunnel frames aimed at each XDP configuration: what a
+/// peer of the connector and of the edges sends on each tunnel port.
+fn xdp_seeds() -> Vec<Seed> {
+    let to_cloud = |ttl: u8, payload: usize| {
+        Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+            .ipv4(LOCAL_POD, CLOUD_POD)
+            .ttl(ttl)
+            .udp(40000, 53)
+            .payload(&vec![0x33; payload])
+            .build()
+    };
+    let to_edge = |ttl: u8, payload: usize| {
+        Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC)
+            .ipv4(CLOUD_POD, LOCAL_POD)
+            .ttl(ttl)
+            .tcp(8080, 34000)
+            .flags(TcpFlags::ACK)
+            .payload(&vec![0x44; payload])
+            .build()
+    };
+    let flannel = |inner: &[u8]| xdp::flannel_to_connector(CLOUD2_LAN, inner);
+    let tunnel = xdp::tunnel_frame;
+    let esp_from = |src: Ipv4Addr, payload: &[u8]| {
+        Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+            .ipv4(src, NODE_IP)
+            .udp(ESP_IN_UDP_PORT, ESP_IN_UDP_PORT)
+            .zero_checksum()
+            .payload(payload)
+            .build()
+    };
+    let edge1 = Ipv4Addr::new(198, 18, 0, 11);
+    let mut esp = vec![0, 0, 0x10, 0x02, 0, 0, 0, 9];
+    esp.extend([0x5a; 40]);
+    let mut all = seeds();
+    all.extend([
+        seed(
+            "xdp: flannel for an edge pod, ttl 2",
+            flannel(&to_edge(2, 200)),
+        ),
+        seed(
+            "xdp: flannel for an edge pod at the tunnel mtu",
+            flannel(&to_edge(64, 1450 - 40)),
+        ),
+        seed(
+            "xdp: flannel for an edge pod, inner fragment",
+            flannel(&as_fragment(to_edge(64, 64), true, 0)),
+        ),
+        seed(
+            "xdp: flannel with outer ip options",
+            with_ip_options(flannel(&to_edge(64, 16)), &[1, 1, 1, 0]),
+        ),
+        seed(
+            "xdp: flannel with a udp checksum",
+            Frame::eth(CLOUD2_NIC_MAC, UPLINK_MAC)
+                .ipv4(Ipv4Addr::from(CLOUD2_LAN), Ipv4Addr::from(CONNECTOR_LAN))
+                .udp(41234, 8472)
+                .vxlan(1, &to_edge(64, 32))
+                .build(),
+        ),
+        seed(
+            "xdp: our vxlan from edge-1 for a cloud pod",
+            tunnel(edge1, CONNECTOR_WAN, &to_cloud(64, 100)),
+        ),
+        seed(
+            "xdp: our vxlan from edge-1 for a cloud pod at the flannel mtu",
+            tunnel(edge1, CONNECTOR_WAN, &to_cloud(64, 1450 - 28)),
+        ),
+        seed(
+            "xdp: our vxlan from edge-1 for an edge pod",
+            tunnel(
+                edge1,
+                CONNECTOR_WAN,
+                &Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                    .ipv4(LOCAL_POD, LOCAL_POD_2)
+                    .udp(1, 2)
+                    .build(),
+            ),
+        ),
+        seed(
+            "xdp: our vxlan from the connector to an edge",
+            tunnel(
+                CONNECTOR_WAN,
+                NODE_IP,
+                &Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                    .ipv4(CLOUD_POD, LOCAL_POD)
+                    .udp(53, 40000)
+                    .build(),
+            ),
+        ),
+        seed(
+            "xdp: esp in udp from the connector",
+            esp_from(CONNECTOR_WAN, &esp),
+        ),
+        seed("xdp: nat keepalive", esp_from(CONNECTOR_WAN, &[0xff])),
+        seed(
+            "xdp: non-esp marker (hello)",
+            esp_from(Ipv4Addr::new(198, 18, 0, 77), &[0, 0, 0, 0, 1, 2, 3, 4]),
+        ),
+    ]);
+    all
+}
+
+/// `(address, UDP port)` of every tunnel a frame may be sent into: each
+/// peer's, as the peer table has it.
+fn tunnel_destinations(dp: &TestDatapath) -> Result<Vec<([u8; 4], u16)>> {
+    let flannel_port = dp.maps.config()?.flannel_port;
+    Ok((0..64)
+        .filter_map(|id| dp.maps.peer(id).ok())
+        .filter_map(|p| match p.kind {
+            peer_kind::TUNNEL => Some((p.underlay_ip, p.port)),
+            peer_kind::FLANNEL_VTEP => Some((p.underlay_ip, flannel_port)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Where the inner IPv4 header sits in a VXLAN frame XDP rewrites in place.
+const XDP_INNER_IP: usize = ETH_HEADER_LEN + 20 + 8 + 8 + ETH_HEADER_LEN;
+
+/// What is wrong with XDP sending `data` back out (TX or REDIRECT) in place
+/// of `frame`, if anything: the input must be a frame the kernel forwards
+/// (IPv4 checksums right, lengths that agree), the output must go to a
+/// peer's tunnel with its IPv4 checksums right, a UDP checksum absent,
+/// right or wrong exactly as it came in, and the inner packet unchanged but
+/// for its TTL, one less, and its header checksum.
+fn xdp_rewrite_problem(frame: &[u8], data: &[u8], destinations: &[([u8; 4], u16)]) -> Result<()> {
+    use anyhow::ensure;
+    use fabedge_tests::packet::ones_complement_sum;
+    ensure!(
+        data.len() == frame.len() && frame.len() >= XDP_INNER_IP + 20,
+        "rewrote a {}-byte frame into {} bytes (a rewrite is in place)",
+        frame.len(),
+        data.len()
+    );
+    let ip = ETH_HEADER_LEN;
+    let udp = ip + 20;
+    let total = usize::from(u16::from_be_bytes([frame[ip + 2], frame[ip + 3]]));
+    let udp_len = usize::from(u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]));
+    ensure!(
+        ones_complement_sum(&frame[ip..ip + 20]) == 0xffff,
+        "sent on a frame whose outer IPv4 checksum is wrong (the kernel drops it)"
+    );
+    ensure!(
+        udp_len + 20 == total,
+        "sent on a frame whose UDP length {udp_len} disagrees with its IPv4 total length \
+         {total} (the kernel trims or drops it)"
+    );
+    let udp_check = u16::from_be_bytes([frame[udp + 6], frame[udp + 7]]);
+    let src = Ipv4Addr::new(
+        frame[ip + 12],
+        frame[ip + 13],
+        frame[ip + 14],
+        frame[ip + 15],
+    );
+    let dst = Ipv4Addr::new(
+        frame[ip + 16],
+        frame[ip + 17],
+        frame[ip + 18],
+        frame[ip + 19],
+    );
+    ensure!(
+        frame.len() >= ip + total,
+        "sent on a frame shorter than its IPv4 total length (the kernel drops it)"
+    );
+    // A UDP checksum is carried over, not verified: a wrong one must stay
+    // wrong so that the receiving kernel drops the frame as ours would.
+    let udp_in = if udp_check == 0 {
+        UdpChecksum::Absent
+    } else if l4_checksum(src, dst, UDP, &frame[udp..ip + total]) == 0 {
+        UdpChecksum::Valid
+    } else {
+        UdpChecksum::Invalid
+    };
+    ensure!(
+        ones_complement_sum(&frame[XDP_INNER_IP..XDP_INNER_IP + 20]) == 0xffff,
+        "sent on a frame whose inner IPv4 checksum is wrong (the kernel drops it)"
+    );
+
+    let out = parse_eth(data)?.ipv4()?;
+    ensure!(
+        out.checksum_valid,
+        "outer IPv4 checksum wrong after the rewrite"
+    );
+    let out_udp = out.udp()?;
+    ensure!(
+        out_udp.checksum_status == udp_in,
+        "UDP checksum {udp_in:?} on the way in but {:?} after the rewrite",
+        out_udp.checksum_status
+    );
+    ensure!(
+        destinations.contains(&(out.dst.octets(), out_udp.dst_port)),
+        "sent toward {}:{}, which is no peer's tunnel {destinations:?}",
+        out.dst,
+        out_udp.dst_port
+    );
+    let inner = parse_eth(out_udp.vxlan()?.inner)?.ipv4()?;
+    ensure!(
+        inner.checksum_valid,
+        "inner IPv4 checksum wrong after the TTL decrement"
+    );
+    let (ttl_in, ttl_out) = (frame[XDP_INNER_IP + 8], data[XDP_INNER_IP + 8]);
+    ensure!(
+        ttl_out.wrapping_add(1) == ttl_in && ttl_in > 1,
+        "inner TTL {ttl_in} left as {ttl_out}"
+    );
+    let unchanged = |bytes: &[u8]| -> Vec<u8> {
+        let mut copy = bytes[XDP_INNER_IP..].to_vec();
+        copy[8] = 0;
+        copy[10..12].fill(0);
+        copy
+    };
+    ensure!(
+        unchanged(frame) == unchanged(data),
+        "the inner packet changed beyond its TTL and checksum"
+    );
+    Ok(())
+}
+
+struct XdpChecker {
+    fixture: XdpFixture,
+    destinations: Vec<([u8; 4], u16)>,
+    /// The lab's NICs (ifindex, MAC): a rewritten frame leaves with its
+    /// NIC's MAC as source, by `XDP_TX` exactly when that is the ingress NIC.
+    nics: [(u32, Mac); 2],
+    /// The seed the current frame was made from.
+    origin: &'static str,
+    findings: Vec<String>,
+    finding_count: usize,
+}
+
+impl XdpChecker {
+    fn finding(&mut self, what: String, frame: &[u8], ifindex: u32) {
+        self.finding_count += 1;
+        if self.findings.len() < MAX_FINDINGS {
+            self.findings.push(format!(
+                "{XDP_UPLINK} in {:?}, frame from {:?} on ifindex {ifindex}: {what}\n{}",
+                self.fixture,
+                self.origin,
+                hexdump(frame)
+            ));
+        }
+    }
+
+    fn check(&mut self, frame: &[u8], ifindex: u32, out: &XdpOutcome) {
+        let verdicts = self.fixture.verdicts();
+        if !verdicts.contains(&out.action) {
+            let what = format!("verdict {} is not one of {verdicts:?}", out.action);
+            return self.finding(what, frame, ifindex);
+        }
+        match out.action {
+            XDP_DROP => {}
+            XDP_PASS if out.data != frame => {
+                let what = format!("XDP_PASS changed the frame into:\n{}", hexdump(&out.data));
+                self.finding(what, frame, ifindex);
+            }
+            XDP_PASS => {}
+            action => {
+                let egress = self
+                    .nics
+                    .iter()
+                    .find(|(_, mac)| out.data.get(6..12) == Some(&mac[..]))
+                    .map(|&(index, _)| index);
+                let problem = match egress {
+                    Some(index) if (index == ifindex) == (action == XDP_TX) => {
+                        xdp_rewrite_problem(frame, &out.data, &self.destinations)
+                    }
+                    _ => Err(anyhow::anyhow!(
+                        "sent from NIC {egress:?} (by source MAC), arrived on {ifindex}"
+                    )),
+                };
+                if let Err(e) = problem {
+                    let what = format!("verdict {action}: {e:#}\n{}", hexdump(&out.data));
+                    self.finding(what, frame, ifindex);
+                }
+            }
+        }
+    }
+
+    /// Runs `frame` counting every counter: a drop must move exactly one
+    /// drop counter by one, any other verdict none.
+    fn run_counted(&mut self, dp: &TestDatapath, frame: &[u8], ifindex: u32) -> Result<u32> {
+        let before = dp.counters();
+        let out = run_xdp(dp, XDP_UPLINK, frame, ifindex)?;
+        let drops = drop_deltas(&before, &dp.counters());
+        let moved: u64 = drops.values().sum();
+        let want = u64::from(out.action == XDP_DROP);
+        if moved != want {
+            let what = format!(
+                "verdict {} moved drop counters {drops:?} (want {want} drop counted)",
+                out.action
+            );
+            self.finding(what, frame, ifindex);
+        }
+        self.check(frame, ifindex, &out);
+        Ok(out.action)
+    }
+}
+
+/// A frame for XDP: random bytes now and then, mostly a mutated seed.
+fn xdp_frame(rng: &mut Rng, seeds: &[Seed]) -> (&'static str, Vec<u8>) {
+    if rng.chance(8) {
+        return ("random bytes", random_frame(rng));
+    }
+    let seed = rng.pick(seeds);
+    let mut frame = seed.frame.clone();
+    if rng.chance(95) {
+        mutate(rng, &mut frame);
+    }
+    (seed.name, frame)
+}
+
+fn fuzz_xdp_fixture(
+    fixture: XdpFixture,
+    frames: u64,
+    rng: &mut Rng,
+    totals: &mut Totals,
+) -> Result<(XdpChecker, Duration)> {
+    let name = format!("fz-xdp-{fixture:?}");
+    let lab = FibLab::new(&name)?;
+    lab.netns.enter(|| {
+        let cpu_started = thread_cpu_time();
+        let dp = fixture.load(&name)?;
+        let seeds = xdp_seeds();
+        let ifindexes = [lab.lan_ifindex, lab.wan_ifindex];
+        let mut checker = XdpChecker {
+            fixture,
+            destinations: tunnel_destinations(&dp)?,
+            nics: [
+                (lab.lan_ifindex, UPLINK_MAC),
+                (lab.wan_ifindex, CONNECTOR_WAN_MAC),
+            ],
+            origin: "",
+            findings: Vec::new(),
+            finding_count: 0,
+        };
+        let mut batch: Vec<(&'static str, Vec<u8>, u32)> = Vec::with_capacity(BATCH);
+        let mut done = 0u64;
+        while done < frames {
+            batch.clear();
+            let n = (frames - done).min(BATCH as u64) as usize;
+            let drops_before = drop_total(&dp);
+            let mut drops = 0u64;
+            while batch.len() < n {
+                let index = done + batch.len() as u64;
+                let (origin, frame) = xdp_frame(rng, &seeds);
+                // XDP runs on anything with an Ethernet header.
+                if frame.len() < ETH_HEADER_LEN {
+                    totals.refused += 1;
+                    continue;
+                }
+                let ifindex = *rng.pick(&ifindexes);
+                checker.origin = origin;
+                let action = if index.is_multiple_of(SAMPLE_EVERY) {
+                    checker.run_counted(&dp, &frame, ifindex)?
+                } else {
+                    let out = run_xdp(&dp, XDP_UPLINK, &frame, ifindex)?;
+                    checker.check(&frame, ifindex, &out);
+                    out.action
+                };
+                drops += u64::from(action == XDP_DROP);
+                *totals.verdicts.entry(action as i32).or_default() += 1;
+                batch.push((origin, frame, ifindex));
+            }
+            let moved = drop_total(&dp) - drops_before;
+            if moved != drops {
+                // Find the frame: replay the batch counting each one.
+                let before = checker.finding_count;
+                for (origin, frame, ifindex) in &batch {
+                    checker.origin = origin;
+                    checker.run_counted(&dp, frame, *ifindex)?;
+                }
+                if checker.finding_count == before {
+                    let what = format!(
+                        "a batch of {n} frames gave {drops} drops but moved drop counters by \
+                         {moved}; no single frame reproduced it on replay"
+                    );
+                    checker.finding(what, &[], 0);
+                }
+            }
+            done += n as u64;
+        }
+        for problem in unconfigured_peer_stats(&dp)? {
+            checker.finding(problem, &[], 0);
+        }
+        totals.frames += done;
+        Ok((checker, thread_cpu_time() - cpu_started))
+    })
+}
+
+/// `fe_xdp_uplink` on `FABEDGE_FUZZ_FRAMES` frames (default 1 M) in one
+/// configuration.
+fn fuzz_xdp(fixture: XdpFixture) -> Result<()> {
+    let frames = env_u64("FABEDGE_FUZZ_FRAMES")?.unwrap_or(DEFAULT_FRAMES);
+    let seed = run_seed()?;
+    println!(
+        "{XDP_UPLINK} in {fixture:?}: seed {seed:#x} (replay with FABEDGE_FUZZ_SEED={seed:#x}), \
+         {frames} frames"
+    );
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let mut totals = Totals {
+        frames: 0,
+        refused: 0,
+        verdicts: BTreeMap::new(),
+    };
+    let (checker, cpu) = fuzz_xdp_fixture(fixture, frames, &mut rng, &mut totals)?;
+    println!(
+        "{XDP_UPLINK} in {fixture:?}: {} frames in {:.1?} wall, {:.1?} CPU ({} more generated \
+         shorter than an Ethernet header), verdicts {:?}, {} finding(s)",
+        totals.frames,
+        started.elapsed(),
+        cpu,
+        totals.refused,
+        totals.verdicts,
+        checker.finding_count
+    );
+    assert!(
+        checker.finding_count == 0,
+        "{} finding(s) with seed {seed:#x} (first {} below):\n\n{}",
+        checker.finding_count,
+        checker.findings.len(),
+        checker.findings.join("\n\n")
+    );
     Ok(())
 }

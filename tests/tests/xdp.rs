@@ -37,22 +37,9 @@ fn inner_udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, t
         .build()
 }
 
-/// Flannel VXLAN from cloud-2 (`outer_src`) to the connector carrying `inner`.
-fn flannel(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
-    flannel_to_connector(outer_src, inner)
-}
-
 /// Our VXLAN from an edge (`outer_src`) to the connector carrying `inner`.
 fn tunnel(outer_src: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
-    vxlan_encap(
-        Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC),
-        outer_src,
-        CONNECTOR_WAN,
-        50000,
-        DEFAULT_TUNNEL_PORT,
-        DEFAULT_TUNNEL_VNI,
-        inner,
-    )
+    tunnel_frame(outer_src, CONNECTOR_WAN, inner)
 }
 
 /// The outer UDP source port of a rewritten frame, after checking every
@@ -85,7 +72,7 @@ fn flannel_for_an_edge_pod_is_rewritten_into_our_tunnel_at_the_nic() -> Result<(
     lab.netns.enter(|| {
         let dp = xdp::connector("xdp-f2t")?;
         let inner = inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63);
-        let frame = flannel(CLOUD2_LAN, &inner);
+        let frame = flannel_to_connector(CLOUD2_LAN, &inner);
         let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.lan_ifindex))?;
         assert_eq!(out.action, XDP_REDIRECT, "the edge is behind another NIC");
         assert_eq!(delta, only(Counter::XdpFlannelToTunnel));
@@ -116,7 +103,7 @@ fn flannel_for_an_edge_pod_is_rewritten_into_our_tunnel_at_the_nic() -> Result<(
         let other = run_xdp(
             &dp,
             XDP_UPLINK,
-            &flannel(CLOUD2_LAN, &other),
+            &flannel_to_connector(CLOUD2_LAN, &other),
             lab.lan_ifindex,
         )?;
         assert_ne!(checked_source_port(&other.data)?, sport);
@@ -170,7 +157,7 @@ fn everything_xdp_declines_passes_byte_identical() -> Result<()> {
         xdp::sync_peer_addrs(&mut dp)?;
 
         let from_cloud = |dst: Ipv4Addr, ttl: u8| {
-            flannel(
+            flannel_to_connector(
                 CLOUD2_LAN,
                 &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, dst, ttl),
             )
@@ -182,12 +169,12 @@ fn everything_xdp_declines_passes_byte_identical() -> Result<()> {
         outer_fragment[14 + 6] |= 0x20;
         let options = {
             let inner = inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63);
-            flannel(
+            flannel_to_connector(
                 CLOUD2_LAN,
                 &fabedge_tests::packet::with_ipv4_ihl(&inner, 6)?,
             )
         };
-        let too_big = flannel(
+        let too_big = flannel_to_connector(
             CLOUD2_LAN,
             &Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC)
                 .ipv4(CLOUD_POD, EDGE1_POD)
@@ -287,6 +274,117 @@ fn everything_xdp_declines_passes_byte_identical() -> Result<()> {
     })
 }
 
+/// Found by `fuzz_xdp_uplink_connector`: the rewrite writes a fresh outer
+/// header and recomputes checksums incrementally, so a frame the kernel
+/// drops (a wrong IPv4 header checksum, outer or inner; a UDP length that
+/// disagrees with the IPv4 one; a wrong UDP checksum) was sent on, healed
+/// or not. Such frames, and any with a UDP checksum (only the kernel
+/// verifies it), pass untouched for the kernel to judge.
+#[test]
+fn frames_the_kernel_would_drop_are_never_rewritten_and_udp_checksums_are_carried_over()
+-> Result<()> {
+    let lab = FibLab::new("xdp-damaged")?;
+    lab.netns.enter(|| {
+        let dp = xdp::connector("xdp-damaged")?;
+        let from_cloud = flannel_to_connector(
+            CLOUD2_LAN,
+            &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
+        );
+        let from_edge = tunnel(
+            EDGE1_WAN,
+            &inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, EDGE1_POD, CLOUD_POD, 64),
+        );
+        let (outer_check, udp_len, udp_check, inner_check) = (24, 38, 40, 74);
+        for (direction, good, ifindex) in [
+            ("Flannel → tunnel", &from_cloud, lab.lan_ifindex),
+            ("tunnel → Flannel", &from_edge, lab.wan_ifindex),
+        ] {
+            let out = run_xdp(&dp, XDP_UPLINK, good, ifindex)?;
+            assert!(
+                matches!(out.action, XDP_TX | XDP_REDIRECT),
+                "{direction}: the undamaged frame is rewritten (verdict {})",
+                out.action
+            );
+            let damaged = |at: usize, bytes: [u8; 2]| {
+                let mut frame = good.clone();
+                frame[at..at + 2].copy_from_slice(&bytes);
+                frame
+            };
+            let flip = |at: usize| damaged(at, [good[at] ^ 0x10, good[at + 1]]);
+            let udp_len_now = u16::from_be_bytes([good[udp_len], good[udp_len + 1]]);
+            let with_checksum = {
+                // The same datagram with its UDP checksum filled in.
+                let ip = parse_eth(good)?.ipv4()?;
+                let mut datagram = ip.payload.to_vec();
+                let sum = fabedge_tests::packet::l4_checksum(ip.src, ip.dst, 17, &datagram);
+                datagram[6..8].copy_from_slice(&sum.to_be_bytes());
+                let mut frame = good.clone();
+                frame[34..].copy_from_slice(&datagram);
+                let udp = parse_eth(&frame)?.ipv4()?.udp()?;
+                assert_eq!(udp.checksum_status, UdpChecksum::Valid);
+                frame
+            };
+            for (what, frame) in [
+                ("outer IPv4 checksum wrong", flip(outer_check)),
+                ("inner IPv4 checksum wrong", flip(inner_check)),
+                (
+                    "UDP length short of the IPv4 payload",
+                    damaged(udp_len, (udp_len_now - 8).to_be_bytes()),
+                ),
+                (
+                    "UDP length past the IPv4 payload",
+                    damaged(udp_len, (udp_len_now + 8).to_be_bytes()),
+                ),
+            ] {
+                let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, ifindex))?;
+                assert_eq!(
+                    (out.action, &out.data),
+                    (XDP_PASS, &frame),
+                    "{direction}, {what}: passed untouched"
+                );
+                assert_eq!(delta, only(Counter::XdpPass), "{direction}, {what}");
+            }
+            // A UDP checksum is carried over (RFC 1624), not verified: right
+            // stays right, wrong stays wrong for the receiving kernel to drop.
+            for (what, frame, expected) in [
+                (
+                    "UDP checksum right",
+                    with_checksum.clone(),
+                    UdpChecksum::Valid,
+                ),
+                (
+                    "UDP checksum wrong",
+                    {
+                        let mut frame = with_checksum.clone();
+                        frame[udp_check] ^= 0x10;
+                        frame
+                    },
+                    UdpChecksum::Invalid,
+                ),
+                ("no UDP checksum", good.clone(), UdpChecksum::Absent),
+            ] {
+                let out = run_xdp(&dp, XDP_UPLINK, &frame, ifindex)?;
+                assert!(
+                    matches!(out.action, XDP_TX | XDP_REDIRECT),
+                    "{direction}, {what}: rewritten (verdict {})",
+                    out.action
+                );
+                let sent = parse_eth(&out.data)?.ipv4()?;
+                assert!(
+                    sent.checksum_valid,
+                    "{direction}, {what}: outer IPv4 checksum"
+                );
+                assert_eq!(
+                    sent.udp()?.checksum_status,
+                    expected,
+                    "{direction}, {what}: UDP checksum after the rewrite"
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
 #[test]
 fn tunnel_traffic_from_strangers_and_spoofed_sources_dies_at_the_nic() -> Result<()> {
     let lab = FibLab::new("xdp-guard")?;
@@ -297,7 +395,7 @@ fn tunnel_traffic_from_strangers_and_spoofed_sources_dies_at_the_nic() -> Result
         let cases = [
             (
                 "Flannel from a node that is no VTEP",
-                flannel(
+                flannel_to_connector(
                     stranger_lan,
                     &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
                 ),
@@ -321,7 +419,7 @@ fn tunnel_traffic_from_strangers_and_spoofed_sources_dies_at_the_nic() -> Result
             ),
             (
                 "a cloud node sending in the name of an edge pod",
-                flannel(
+                flannel_to_connector(
                     CLOUD2_LAN,
                     &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, LOCAL_POD_2, EDGE1_POD, 63),
                 ),
@@ -440,7 +538,7 @@ fn edges_guard_their_tunnel_port_too() -> Result<()> {
 #[test]
 fn the_empty_program_passes_everything() -> Result<()> {
     let dp = xdp::connector("xdp-empty")?;
-    let frame = flannel(
+    let frame = flannel_to_connector(
         CLOUD2_LAN,
         &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
     );
