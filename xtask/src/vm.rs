@@ -1174,7 +1174,66 @@ echo esp-ok"#;
 
 #[cfg(test)]
 mod tests {
-    use super::libtest_passed;
+    use std::path::{Path, PathBuf};
+
+    use super::{PreparedKernel, WITHOUT_MODULES_ENV, libtest_passed, run_script};
+
+    #[test]
+    fn modules_kept_out_are_not_preloaded_and_refused_to_modprobe() {
+        let prepared = PreparedKernel {
+            release: "6.12.0-test".into(),
+            image: PathBuf::from("/nonexistent"),
+            initramfs: PathBuf::from("/nonexistent"),
+            preload: vec!["veth", "esp4", "xfrm_user", "esp6"],
+            unavailable: vec![],
+        };
+        let script = |without: &[&str]| {
+            run_script(
+                &prepared,
+                Path::new("/ws"),
+                Path::new("/bin/true"),
+                &[],
+                &[],
+                without,
+                "marker ",
+            )
+            .unwrap()
+        };
+        let without = script(&["esp4", "esp6"]);
+        assert!(
+            without.contains("modprobe -a veth xfrm_user ||"),
+            "{without}"
+        );
+        for module in ["esp4", "esp6"] {
+            assert!(
+                without.contains(&format!("'install {module} /bin/false'")),
+                "{without}"
+            );
+        }
+        assert!(
+            without.contains(&format!("export {WITHOUT_MODULES_ENV}=esp4,esp6")),
+            "{without}"
+        );
+        let with = script(&[]);
+        assert!(
+            with.contains("modprobe -a veth esp4 xfrm_user esp6 ||"),
+            "{with}"
+        );
+        assert!(!with.contains("/bin/false") && !with.contains(WITHOUT_MODULES_ENV));
+        // Names go into a shell script: nothing but module names.
+        assert!(
+            run_script(
+                &prepared,
+                Path::new("/ws"),
+                Path::new("/bin/true"),
+                &[],
+                &[],
+                &["esp4; rm -rf /"],
+                "m"
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn libtest_summary_lines_give_the_passed_count_and_nothing_else_does() {
