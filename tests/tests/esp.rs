@@ -464,25 +464,25 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
         rotation_drops == 0,
         "the kernel dropped {rotation_drops} packet(s) on the ESP path during the rotation"
     );
-    // Old SAs go after the grace period (edge-1 keeps one SA each way with
-    // cloud-1), and traffic still flows on the new ones.
+    // The former generation's outbound SA goes after the grace period (the
+    // inbound ones stay: receivers accept a window of generations), and
+    // traffic still flows on the new one.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let tunnels = cluster.agent_inspect("edge-1", "tunnels")?;
-        let with_connector: Vec<_> = tunnels
+        let outbound: Vec<u64> = tunnels
             .as_array()
             .context("inspect tunnels --json is a list")?
             .iter()
-            .filter(|r| r["peer"] == "cloud-1")
-            .map(|r| r["direction"].as_str().unwrap_or_default().to_owned())
+            .filter(|r| r["peer"] == "cloud-1" && r["direction"] == "out")
+            .filter_map(|r| r["generation"].as_u64())
             .collect();
-        let count = |direction: &str| with_connector.iter().filter(|d| *d == direction).count();
-        if (count("in"), count("out")) == (1, 1) {
+        if outbound == [2] {
             break;
         }
         ensure!(
             std::time::Instant::now() < deadline,
-            "edge-1 still holds SAs of the former generation with cloud-1 after the grace:\n{tunnels:#}"
+            "edge-1's outbound SAs to cloud-1 are of generations {outbound:?} long after the grace:\n{tunnels:#}"
         );
         thread::sleep(Duration::from_millis(200));
     }
