@@ -96,7 +96,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         return Ok(());
     };
     let mut reconciler = Reconciler::new(&options, encap)?;
-    // Before the datapath loads: probes answer (not ready yet) at once.
+    // Before the datapath loads: probes answer (not ready yet) at once. Not
+    // before our turn: a standby serves nothing, and until it takes over the
+    // agent it replaces (which holds the port) answers the node's probes.
     if let Some(address) = options.metrics_addr {
         handover::bind_when_free("the metrics port", || {
             crate::observe::start(
