@@ -27,6 +27,7 @@ use crate::{
     sys::write_if_changed,
 };
 
+pub mod handover;
 mod kube_mode;
 pub mod problems;
 
@@ -63,19 +64,51 @@ pub struct RunOptions {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    // First of all, in ESP mode: hold UDP 4500. While no socket holds it,
-    // ESP in UDP arriving during a restart is refused by the kernel.
-    let mut reconciler = Reconciler::new(&options)?;
-    // Before the datapath loads: probes answer (not ready yet) at once.
+    // First of all, in ESP mode: hold UDP 4500, beside the agent we replace
+    // if it still runs. While no socket holds it, ESP in UDP is refused by
+    // the kernel.
+    let encap = match &options.esp {
+        Some(_) => Some(
+            handover::bind_when_free("UDP 4500 for ESP in UDP", || {
+                Ok(crate::esp::natt::EncapSocket::bind()?)
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // Then wait until the agent we replace has gone: one agent applies.
+    let holds = if encap.is_some() {
+        "UDP 4500 held beside it"
+    } else {
+        "nothing to hold in VXLAN mode"
+    };
+    let stop = async {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    let Some(_lock) = handover::wait_for_turn(&options.state_dir, holds, stop).await? else {
+        return Ok(());
+    };
+    let mut reconciler = Reconciler::new(&options, encap)?;
+    // Before the datapath loads: probes answer (not ready yet) at once. Not
+    // before our turn: a standby serves nothing, and until it takes over the
+    // agent it replaces (which holds the port) answers the node's probes.
     if let Some(address) = options.metrics_addr {
-        crate::observe::start(
-            address,
-            crate::observe::Sources {
-                layout: options.layout.clone(),
-                esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
-                status: reconciler.status.clone(),
-            },
-        )?;
+        handover::bind_when_free("the metrics port", || {
+            crate::observe::start(
+                address,
+                crate::observe::Sources {
+                    layout: options.layout.clone(),
+                    esp_state_dir: options.esp.as_ref().map(|_| options.state_dir.clone()),
+                    status: reconciler.status.clone(),
+                },
+            )
+        })
+        .await?;
     }
     let mut hellos = match &reconciler.esp {
         Some(esp) => Some(esp.hello_readiness()?),
@@ -100,8 +133,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         datapath.attach_mode()
     );
 
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut logs = match logger {
         // SAFETY: the logger owns its ring fd and lives inside the AsyncFd,
         // so the fd stays open for as long as it is registered.
@@ -192,7 +223,7 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn new(options: &RunOptions) -> Result<Self> {
+    fn new(options: &RunOptions, encap: Option<crate::esp::natt::EncapSocket>) -> Result<Self> {
         let peer_ids_path = options.state_dir.join(crate::plan::PEER_IDS_FILE);
         let peer_ids = match std::fs::read(&peer_ids_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -204,12 +235,14 @@ impl Reconciler {
             }),
             Err(_) => PeerIds::new(),
         };
-        let esp = match &options.esp {
-            Some(esp_options) => Some(crate::esp::run::EspRuntime::start(
+        let esp = match (&options.esp, encap) {
+            (Some(esp_options), Some(socket)) => Some(crate::esp::run::EspRuntime::start(
                 &options.state_dir,
                 esp_options.clone(),
+                socket,
             )?),
-            None => None,
+            (Some(_), None) => anyhow::bail!("ESP mode without its UDP 4500 socket"),
+            (None, _) => None,
         };
         let status = crate::observe::Status::new(crate::observe::STUCK_AFTER);
         status.planned(0, &peer_ids, None);

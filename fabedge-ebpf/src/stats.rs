@@ -1,8 +1,8 @@
 //! Per-CPU counters (verdicts and drop reasons) and per-peer traffic statistics.
 
-use fabedge_common::Counter;
+use fabedge_common::{Counter, peer_kind};
 
-use crate::maps::{FE_COUNTERS, FE_PEER_STATS};
+use crate::maps::{FE_COUNTERS, FE_PEER_STATS, peer, peers_at};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -31,5 +31,19 @@ pub fn peer_rx(peer_id: u16, bytes: u32) {
             (*stats).rx_packets += 1;
             (*stats).rx_bytes += bytes as u64;
         }
+    }
+}
+
+/// Flannel VXLAN the connector took over from the cloud VTEP at `outer_src`:
+/// received from that VTEP (`bytes`: the inner frame, as the TX side counts).
+/// Nothing is counted when the address belongs to no VTEP (or when a
+/// tunnel peer with a lower id shares it: the index keeps one id per address).
+#[inline(always)]
+pub fn vtep_rx(outer_src: [u8; 4], bytes: u32) {
+    let Some(at) = peers_at(outer_src) else {
+        return;
+    };
+    if matches!(peer(at.peer_id), Some(p) if p.kind == peer_kind::FLANNEL_VTEP) {
+        peer_rx(at.peer_id, bytes);
     }
 }

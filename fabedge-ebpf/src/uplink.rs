@@ -47,7 +47,7 @@ pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
         return drop(counter);
     }
     if is_flannel_vxlan(&ctx, cfg, ip) {
-        return from_flannel(&ctx, cfg);
+        return from_flannel(&ctx, cfg, ip.saddr);
     }
     match route(ip.daddr) {
         Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, ip),
@@ -131,10 +131,10 @@ fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool
     vxlan.flags & 0x08 != 0 && vxlan.vni() == cfg.flannel_vni
 }
 
-/// A Flannel frame: decapsulate it if its inner destination is behind a
-/// tunnel, else leave it to `flannel.1`.
+/// A Flannel frame from the VTEP at `vtep`: decapsulate it if its inner
+/// destination is behind a tunnel, else leave it to `flannel.1`.
 #[inline(always)]
-fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
+fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig, vtep: [u8; 4]) -> i32 {
     let Some(inner_eth) = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF) else {
         return drop(Counter::DropMalformed);
     };
@@ -159,6 +159,7 @@ fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
         return pass(Counter::PassFlannel);
     }
     crate::stats::count(Counter::FlannelDecap);
+    crate::stats::vtep_rx(vtep, ctx.len());
     match parse::ipv4(ctx) {
         L3::Ipv4(ip) => to_tunnel(ctx, cfg, peer_id, ip),
         _ => drop(Counter::DropMalformed),

@@ -25,7 +25,7 @@ use crate::{
     fastpath::decrement_ttl,
     maps::peer,
     parse::{ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr},
-    stats::{count, peer_rx, peer_tx},
+    stats::{count, peer_rx, peer_tx, vtep_rx},
     xdp_parse::{VXLAN_FRAME_LEN, VxlanFrame, frame_len, is_fragment, ptr_at},
 };
 
@@ -64,6 +64,7 @@ pub fn flannel_to_tunnel(
     // the edge knows us by, as `fe-tunnel` (no fixed local) would send from.
     let hop = next_hop(ctx, frame, edge.underlay_ip, None)?;
     let inner_len = inner_frame_len(frame);
+    let vtep = frame.ip.saddr;
     rewrite(
         frame,
         &hop,
@@ -76,6 +77,7 @@ pub fn flannel_to_tunnel(
         flow_hash(ctx, &frame.inner_ip),
     );
     count(Counter::XdpFlannelToTunnel);
+    vtep_rx(vtep, inner_len);
     peer_tx(edge_id, inner_len);
     Some(send(ctx, &hop))
 }

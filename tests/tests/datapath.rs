@@ -405,7 +405,9 @@ fn flannel_frame(inner_dst: Ipv4Addr, vni: u32, port: u16) -> (Vec<u8>, Vec<u8>)
 
 #[test]
 fn connector_decapsulates_flannel_vxlan_for_edge_pods_into_the_tunnel() -> Result<()> {
-    let dp = connector("dp-decap")?;
+    let mut dp = connector("dp-decap")?;
+    // The peer address index, as apply writes it: the sender's VTEP is found there.
+    fabedge_tests::xdp::sync_peer_addrs(&mut dp)?;
     let (frame, inner) = flannel_frame(LOCAL_POD, 1, 8472);
     let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &frame))?;
     assert_eq!(out.action, TC_ACT_REDIRECT);
@@ -414,6 +416,13 @@ fn connector_decapsulates_flannel_vxlan_for_edge_pods_into_the_tunnel() -> Resul
         both(Counter::FlannelDecap, Counter::RedirectToTunnel)
     );
     assert_eq!(mark::tunnel_peer(out.mark), Some(EDGE1_PEER));
+    // Received from cloud-2's VTEP (the inner frame, as TX counts it).
+    let vtep = dp.maps.peer_stats(VTEP_PEER)?;
+    assert_eq!(
+        (vtep.rx_packets, vtep.rx_bytes, vtep.tx_packets),
+        (1, inner.len() as u64, 0),
+        "RX of the VTEP the frame came from"
+    );
     // Outer Ethernet kept, then exactly the inner IP packet with TTL - 1.
     assert_eq!(&out.data[..14], &frame[..14]);
     let mut expected_ip = inner[14..].to_vec();
@@ -427,7 +436,8 @@ fn connector_decapsulates_flannel_vxlan_for_edge_pods_into_the_tunnel() -> Resul
 
 #[test]
 fn connector_leaves_other_flannel_traffic_to_flannel() -> Result<()> {
-    let dp = connector("dp-flannel-pass")?;
+    let mut dp = connector("dp-flannel-pass")?;
+    fabedge_tests::xdp::sync_peer_addrs(&mut dp)?;
     // Cloud pod to cloud pod (c4): not ours.
     let (frame, _) = flannel_frame(Ipv4Addr::new(10, 244, 0, 5), 1, 8472);
     let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &frame))?;
@@ -458,6 +468,8 @@ fn connector_leaves_other_flannel_traffic_to_flannel() -> Result<()> {
             "vni {vni} port {port}"
         );
     }
+    // What flannel.1 receives is Flannel's to count, not the VTEP's RX of ours.
+    assert_eq!(dp.maps.peer_stats(VTEP_PEER)?.rx_packets, 0);
     Ok(())
 }
 

@@ -640,26 +640,19 @@ fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
                 "{name}: {metrics_addr} unreachable to probes"
             ),
         }
-        let declared = agent
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.container_port == port)
-            .with_context(|| format!("{name}: no containerPort {port} for --metrics-addr"))?;
-        assert_eq!(
-            declared.protocol.as_deref().unwrap_or("TCP"),
-            "TCP",
-            "{name}"
+        // A hostNetwork pod's containerPort is a hostPort: the surge pod of a
+        // rolling update could not be scheduled beside the old one.
+        assert!(
+            agent.ports.iter().flatten().next().is_none(),
+            "{name}: declares ports {:?}; on a hostNetwork pod they are host ports that keep \
+             the surge pod of a rolling update off the node",
+            agent.ports
         );
         let probes = |probe: Option<&Probe>, path: &str| {
             let Some(get) = probe.and_then(|p| p.http_get.as_ref()) else {
                 return false;
             };
-            get.path.as_deref() == Some(path)
-                && match &get.port {
-                    IntOrString::Int(n) => *n == port,
-                    IntOrString::String(named) => declared.name.as_ref() == Some(named),
-                }
+            get.path.as_deref() == Some(path) && get.port == IntOrString::Int(port)
         };
         assert!(
             probes(agent.liveness_probe.as_ref(), "/healthz"),
@@ -670,6 +663,20 @@ fn daemonsets_give_the_agent_what_it_relies_on() -> Result<()> {
             probes(agent.readiness_probe.as_ref(), "/readyz"),
             "{name}: readiness probe GET /readyz on the metrics port, found {:?}",
             agent.readiness_probe
+        );
+
+        // Rolled by surge: the new agent stands by until the old one exits
+        // (run/handover.rs), so no node is ever without one.
+        let rolling = ds
+            .spec
+            .update_strategy
+            .as_ref()
+            .and_then(|u| u.rolling_update.as_ref())
+            .with_context(|| format!("{name}: no rollingUpdate strategy"))?;
+        assert_eq!(
+            (rolling.max_surge.as_ref(), rolling.max_unavailable.as_ref()),
+            (Some(&IntOrString::Int(1)), Some(&IntOrString::Int(0))),
+            "{name}: rollingUpdate must be maxSurge 1, maxUnavailable 0"
         );
 
         if selects.contains(&(label::CONNECTOR.to_owned(), "Exists".to_owned()))

@@ -230,3 +230,29 @@ fn traffic_keeps_flowing_while_agents_restart() -> Result<()> {
     // And the path still proves itself afterwards.
     prove_seed_path("edge_pod_reaches_cloud_pod_through_connector_and_flannel")
 }
+
+/// As the DaemonSet's `maxSurge` rolls an agent: the new one starts beside
+/// the old one and stands by, loading and applying nothing (the harness
+/// checks its log), until the old one exits and it takes over. In VXLAN
+/// mode there is no socket to hand over; the ESP mode's UDP 4500 handover
+/// is proven in the VMs (`esp.rs`, edges behind NAT).
+#[test]
+fn a_surge_restart_hands_over_to_the_new_agent_without_loss() -> Result<()> {
+    with_cluster(|cluster| {
+        let from = cluster.pod("edge-1")?;
+        let to = cluster.pod("cloud-2")?.ip();
+        let (sent, received) =
+            cluster.surge_restart_agents_under_ping(&["edge-1", "cloud-1"], from, to)?;
+        eprintln!(
+            "surge restarts of edge-1 and cloud-1: {received} of {sent} pings answered, {} lost",
+            sent - received
+        );
+        ensure!(
+            sent > 0 && received == sent,
+            "edge-1 pod → cloud-2 pod lost {} of {sent} pings across surge restarts of edge-1 and cloud-1\n{}",
+            sent - received,
+            cluster.diagnostics(&["edge-1".to_owned(), "cloud-1".to_owned()])
+        );
+        Ok(())
+    })
+}

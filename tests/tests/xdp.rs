@@ -96,6 +96,12 @@ fn flannel_for_an_edge_pod_is_rewritten_into_our_tunnel_at_the_nic() -> Result<(
             (1, inner.len() as u64),
             "per-peer stats as fe_tunnel_egress counts them"
         );
+        let vtep = dp.maps.peer_stats(VTEP_PEER)?;
+        assert_eq!(
+            (vtep.rx_packets, vtep.rx_bytes),
+            (1, inner.len() as u64),
+            "RX of the VTEP the frame came from, as fe_uplink_ingress counts it"
+        );
         // Same flow, same port (ECMP keeps a flow on one path); another flow moves it.
         let again = run_xdp(&dp, XDP_UPLINK, &frame, lab.lan_ifindex)?;
         assert_eq!(checked_source_port(&again.data)?, sport);

@@ -66,6 +66,10 @@ enum Cmd {
     Vm {
         #[arg(long, default_value = "6.12")]
         kernel: vm::Kernel,
+        /// Modules to keep out of this boot (comma-separated, e.g. esp4,esp6):
+        /// not preloaded, and refused when the kernel asks for them.
+        #[arg(long, value_delimiter = ',')]
+        without_modules: Vec<String>,
         program: PathBuf,
         args: Vec<String>,
     },
@@ -146,15 +150,18 @@ fn main() -> Result<()> {
         Cmd::VmSelfTest => vm::self_test(),
         Cmd::Vm {
             kernel,
+            without_modules,
             program,
             args,
         } => {
+            let without_modules: Vec<&str> = without_modules.iter().map(String::as_str).collect();
             let run = vm::VmRun {
                 kernel,
                 program: &program,
                 args: &args,
                 env: &[],
                 timeout: std::time::Duration::from_secs(600),
+                without_modules: &without_modules,
             };
             let code = vm::run(&run)?;
             std::process::exit(code);

@@ -105,7 +105,14 @@ pub struct VmRun<'a> {
     /// Added to a minimal environment (PATH, HOME).
     pub env: &'a [(String, String)],
     pub timeout: Duration,
+    /// Modules kept out of this boot: neither preloaded nor loadable on
+    /// demand (the kernel's autoloading meets `install <module> /bin/false`).
+    /// The program sees them in `FABEDGE_VM_WITHOUT_MODULES` (comma-separated).
+    pub without_modules: &'a [&'a str],
 }
+
+/// The environment variable naming [`VmRun::without_modules`] inside the VM.
+pub const WITHOUT_MODULES_ENV: &str = "FABEDGE_VM_WITHOUT_MODULES";
 
 /// A kernel ready to boot: extracted, depmod'ed, with its base initramfs.
 #[derive(Clone, Debug)]
@@ -617,7 +624,15 @@ pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
         )
     };
     let marker = format!("fabedge-vm-{nonce}: exit code ");
-    let script = run_script(&prepared, &workspace, &program, run.args, run.env, &marker)?;
+    let script = run_script(
+        &prepared,
+        &workspace,
+        &program,
+        run.args,
+        run.env,
+        run.without_modules,
+        &marker,
+    )?;
 
     // Per-run initramfs: the cached base plus a second archive holding run.sh.
     let tmp = TempDir::new(&std::env::temp_dir(), "fabedge-vm")?;
@@ -802,6 +817,7 @@ fn run_script(
     program: &Path,
     args: &[String],
     env: &[(String, String)],
+    without_modules: &[&str],
     marker: &str,
 ) -> Result<String> {
     let mut s = String::from("B=/run/fabedge/busybox\n");
@@ -812,12 +828,44 @@ fn run_script(
             prepared.unavailable.join(" ")
         );
     }
-    if !prepared.preload.is_empty() {
+    if !without_modules.is_empty() {
+        // modprobe runs the install command instead of loading, whoever asks
+        // (the kernel's autoloading included); the file lives in the overlay.
+        s += "mkdir -p /etc/modprobe.d\n";
+        for module in without_modules {
+            if module.is_empty()
+                || !module
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                bail!("module name {module:?} is not a module name");
+            }
+            s += &format!(
+                "echo 'install {module} /bin/false' >> /etc/modprobe.d/fabedge-vm-without.conf\n"
+            );
+        }
+        s += &format!(
+            "echo 'fabedge-vm: modules kept out of this boot: {}'\n",
+            without_modules.join(" ")
+        );
+        s += &format!(
+            "export {WITHOUT_MODULES_ENV}={}\n",
+            without_modules.join(",")
+        );
+    }
+    let same = |a: &str, b: &str| a.replace('-', "_") == b.replace('-', "_");
+    let preload: Vec<&str> = prepared
+        .preload
+        .iter()
+        .copied()
+        .filter(|m| !without_modules.iter().any(|w| same(m, w)))
+        .collect();
+    if !preload.is_empty() {
         // One modprobe for all (each exec costs ~0.1 s under TCG); it goes on
         // past failures and prints them.
         s += &format!(
             "modprobe -a {} || echo 'fabedge-vm: some optional modules did not load (see above)'\n",
-            prepared.preload.join(" ")
+            preload.join(" ")
         );
     }
     s += &format!(
@@ -1091,6 +1139,7 @@ echo esp-ok"#;
                 args,
                 env: &env,
                 timeout: Duration::from_secs(120),
+                without_modules: &[],
             };
             let outcome = match self::run(&run) {
                 Ok(code) if code == *want => Ok(()),
@@ -1125,7 +1174,54 @@ echo esp-ok"#;
 
 #[cfg(test)]
 mod tests {
-    use super::libtest_passed;
+    use std::path::{Path, PathBuf};
+
+    use super::{PreparedKernel, WITHOUT_MODULES_ENV, libtest_passed, run_script};
+
+    #[test]
+    fn modules_kept_out_are_not_preloaded_and_refused_to_modprobe() {
+        let prepared = PreparedKernel {
+            release: "6.12.0-test".into(),
+            image: PathBuf::from("/nonexistent"),
+            initramfs: PathBuf::from("/nonexistent"),
+            preload: vec!["veth", "esp4", "xfrm_user", "esp6"],
+            unavailable: vec![],
+        };
+        let script = |without: &[&str]| {
+            run_script(
+                &prepared,
+                Path::new("/ws"),
+                Path::new("/bin/true"),
+                &[],
+                &[],
+                without,
+                "marker ",
+            )
+        };
+        let without = script(&["esp4", "esp6"]).unwrap();
+        assert!(
+            without.contains("modprobe -a veth xfrm_user ||"),
+            "{without}"
+        );
+        for module in ["esp4", "esp6"] {
+            assert!(
+                without.contains(&format!("'install {module} /bin/false'")),
+                "{without}"
+            );
+        }
+        assert!(
+            without.contains(&format!("export {WITHOUT_MODULES_ENV}=esp4,esp6")),
+            "{without}"
+        );
+        let with = script(&[]).unwrap();
+        assert!(
+            with.contains("modprobe -a veth esp4 xfrm_user esp6 ||"),
+            "{with}"
+        );
+        assert!(!with.contains("/bin/false") && !with.contains(WITHOUT_MODULES_ENV));
+        // Names go into a shell script: nothing but module names.
+        assert!(script(&["esp4; rm -rf /"]).is_err());
+    }
 
     #[test]
     fn libtest_summary_lines_give_the_passed_count_and_nothing_else_does() {

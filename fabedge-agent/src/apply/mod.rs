@@ -420,6 +420,7 @@ pub fn purge_state(state_dir: &Path) -> Result<Vec<String>> {
         crate::esp::apply::GENERATION_FILE,
         crate::source::last_good::FILE_NAME,
         crate::run::problems::FILE_NAME,
+        crate::run::handover::LOCK_FILE,
         sysctl::ORIGINALS_FILE,
     ];
     let mut removed = Vec::new();

@@ -6,6 +6,11 @@
 //! Edge nodes send a one-byte 0xFF keepalive (RFC 3948) from it to each peer
 //! every keepalive interval: the edge initiates, so the cloud never needs to
 //! reach an edge first, and the NAT keeps the mapping open between packets.
+//!
+//! The port is bound with `SO_REUSEPORT`: during a restart the new agent
+//! binds it beside the old one (`run::handover`), and as both sockets carry
+//! `UDP_ENCAP_ESPINUDP`, whichever the kernel hands a datagram to
+//! decapsulates it. No moment without a socket, no ESP refused.
 
 use std::{
     io,
@@ -39,8 +44,7 @@ pub struct EncapSocket {
 impl EncapSocket {
     pub fn bind() -> Result<Self, NattError> {
         let port = ESP_IN_UDP_PORT;
-        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-            .map_err(|source| NattError::Bind { port, source })?;
+        let socket = bind_shared(port).map_err(|source| NattError::Bind { port, source })?;
         let value: i32 = UDP_ENCAP_ESPINUDP;
         // SAFETY: setsockopt with a pointer to a live i32 and its size.
         let rc = unsafe {
@@ -108,6 +112,26 @@ impl EncapSocket {
             })
             .collect()
     }
+}
+
+/// A UDP socket on `0.0.0.0:port` that a second agent may bind too
+/// (`SO_REUSEPORT`; the kernel lets only sockets of the same user share).
+fn bind_shared(port: u16) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+    )?;
+    Ok(UdpSocket::from(fd))
 }
 
 pub mod hello;

@@ -78,7 +78,9 @@ pub fn request_rotation(state_dir: &Path) -> Result<PathBuf> {
 }
 
 impl EspRuntime {
-    pub fn start(state_dir: &Path, options: EspOptions) -> Result<Self> {
+    /// `socket`: UDP 4500, bound before this agent's turn came (see
+    /// `run::handover`); nothing here runs before it is this agent's turn.
+    pub fn start(state_dir: &Path, options: EspOptions, socket: EncapSocket) -> Result<Self> {
         let key = NodeKey::load_or_create(state_dir)?;
         let mut generations = Generations::load(state_dir)?;
         // Replay windows live in the kernel's SAs: when it holds none of
@@ -91,7 +93,6 @@ impl EspRuntime {
         if generations.refresh_nonce(!kernel_holds_ours)? {
             info!("ESP: new key nonce (no SA of ours in the kernel): every SA key is new");
         }
-        let socket = EncapSocket::bind()?;
         let keepalives = Keepalives::start(&socket, options.keepalive, state_dir)?;
         let expires = Socket::subscribe_expire()
             .inspect_err(|e| warn!("ESP: not watching SA expiry: {e}"))

@@ -293,6 +293,70 @@ impl Cluster {
         })
     }
 
+    /// Restarts `node`'s agent as the DaemonSet's `maxSurge: 1` rolls it:
+    /// the new agent starts beside the old one, and only when it says it
+    /// stands by (in ESP mode: holding UDP 4500 beside the old one) is the
+    /// old one stopped (SIGTERM). Then waits until the new one has taken over
+    /// and applied its plan. Fails if the new agent applied anything (loaded
+    /// its datapath) before the old one was gone.
+    pub fn surge_restart_agent(&self, node: &str) -> Result<()> {
+        let n = self.cluster_node(node)?;
+        ensure!(
+            n.container.is_none(),
+            "{node}: a surge restart runs two agents side by side; not with an agent image"
+        );
+        let offset = fs::metadata(&n.files.agent_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut new = AgentProcess::start(&n.netns, node, &n.agent_args, &n.files.agent_log, None)?;
+        let standing_by = fabedge_agent::run::handover::STANDING_BY;
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT * self.timeout_factor;
+        while !read_from(&n.files.agent_log, offset).contains(standing_by) {
+            let log = read_from(&n.files.agent_log, offset);
+            if let Err(e) = new.check_running() {
+                bail!(
+                    "{e:#} before standing by; its log:\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the new agent of {node} did not log {standing_by:?} within {AGENT_READY_TIMEOUT:?}; its log:\n{}",
+                tail(&log, LOG_TAIL_LINES)
+            );
+            thread::sleep(POLL);
+        }
+        {
+            let mut agent = n.agent.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(mut old) = agent.take() {
+                old.stop();
+            }
+            *agent = Some(new);
+        }
+        let taking_over = "taking over from pid";
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT * self.timeout_factor;
+        let log = loop {
+            let log = read_from(&n.files.agent_log, offset);
+            if log.contains(taking_over) {
+                break log;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the new agent of {node} did not take over once the old one was gone; its log:\n{}",
+                tail(&log, LOG_TAIL_LINES)
+            );
+            thread::sleep(POLL);
+        };
+        let standby = &log[log.find(standing_by).unwrap_or(0)..log.find(taking_over).unwrap_or(0)];
+        ensure!(
+            !standby.contains("fabedge-agent running"),
+            "the new agent of {node} loaded its datapath while the old one still ran:\n{standby}"
+        );
+        let handed_over = offset + log.find(taking_over).unwrap_or(0) as u64;
+        self.wait_for_agent(node, handed_over)
+            .with_context(|| format!("surge restart of the agent of {node}"))
+    }
+
     /// Restarts the agents of `nodes`, one after the other, while `from`
     /// pings `to` in short batches (20 ms apart) covering the whole window.
     /// Returns (sent, answered); a failed restart is an error.
@@ -301,6 +365,26 @@ impl Cluster {
         nodes: &[&str],
         from: &Endpoint,
         to: Ipv4Addr,
+    ) -> Result<(u32, u32)> {
+        self.under_ping(nodes, from, to, |node| self.restart_agent(node))
+    }
+
+    /// [`Cluster::restart_agents_under_ping`] with [`Cluster::surge_restart_agent`].
+    pub fn surge_restart_agents_under_ping(
+        &self,
+        nodes: &[&str],
+        from: &Endpoint,
+        to: Ipv4Addr,
+    ) -> Result<(u32, u32)> {
+        self.under_ping(nodes, from, to, |node| self.surge_restart_agent(node))
+    }
+
+    fn under_ping(
+        &self,
+        nodes: &[&str],
+        from: &Endpoint,
+        to: Ipv4Addr,
+        restart: impl Fn(&str) -> Result<()>,
     ) -> Result<(u32, u32)> {
         let restarting = AtomicBool::new(true);
         let (pinged, restarts) = thread::scope(|scope| {
@@ -315,7 +399,7 @@ impl Cluster {
                     }
                 }
             });
-            let restarts = nodes.iter().try_for_each(|node| self.restart_agent(node));
+            let restarts = nodes.iter().try_for_each(|node| restart(node));
             restarting.store(false, Ordering::Relaxed);
             let pinged = pinger
                 .join()

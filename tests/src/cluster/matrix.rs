@@ -36,6 +36,7 @@ pub fn seed_matrix() -> Vec<PathSpec> {
         .tunnel("edge-1", "cloud-1")
         .counted("cloud-1", Counter::FlannelEncap)
         .counted("cloud-1", Counter::FlannelDecap)
+        .from_vtep("cloud-1", "cloud-2")
         .tunnel("cloud-1", "edge-1"),
         PathSpec::new(
             "cloud_pods_reach_each_other_through_flannel_alone",
@@ -62,6 +63,7 @@ pub fn seed_matrix() -> Vec<PathSpec> {
             Pod("edge-1"),
         )
         .counted("cloud-1", Counter::FlannelDecap)
+        .from_vtep("cloud-1", "cloud-2")
         .tunnel("cloud-1", "edge-1")
         .tunnel("edge-1", "cloud-1")
         .counted("cloud-1", Counter::FlannelEncap),

@@ -290,13 +290,21 @@ pub enum Proof {
     },
     /// Nothing crossed `node`'s tunnels or Flannel masquerade.
     Bypassed { node: &'static str },
+    /// The connector `node` took Flannel traffic over from the VTEP of cloud
+    /// node `vtep` (its per-VTEP receive statistics grew).
+    FromVtep {
+        node: &'static str,
+        vtep: &'static str,
+    },
 }
 
 impl Proof {
     fn nodes(&self) -> Vec<&'static str> {
         match self {
             Proof::Tunnel { from, to } => vec![from, to],
-            Proof::Counted { node, .. } | Proof::Bypassed { node } => vec![node],
+            Proof::Counted { node, .. }
+            | Proof::Bypassed { node }
+            | Proof::FromVtep { node, .. } => vec![node],
         }
     }
 
@@ -319,6 +327,15 @@ impl Proof {
                 let grown = growth.counter(node, counter);
                 let seen = format!("{node} {} +{grown}", counter.name());
                 if grown >= least {
+                    Ok(seen)
+                } else {
+                    Err(format!("{seen} (expected ≥ {least})"))
+                }
+            }
+            Proof::FromVtep { node, vtep } => {
+                let received = growth.peer(node, vtep).rx_packets;
+                let seen = format!("{node} received {received} from {vtep}'s VTEP");
+                if received >= least {
                     Ok(seen)
                 } else {
                     Err(format!("{seen} (expected ≥ {least})"))
@@ -398,6 +415,12 @@ impl PathSpec {
 
     pub fn counted(mut self, node: &'static str, counter: Counter) -> Self {
         self.proofs.push(Proof::Counted { node, counter });
+        self
+    }
+
+    /// Connector `node` took over Flannel traffic from node `vtep`'s VTEP.
+    pub fn from_vtep(mut self, node: &'static str, vtep: &'static str) -> Self {
+        self.proofs.push(Proof::FromVtep { node, vtep });
         self
     }
 

@@ -15,8 +15,8 @@ use super::{namespace::Netns, process::BackgroundProcess};
 
 static NEXT_CAPTURE: AtomicU32 = AtomicU32::new(0);
 
-/// How long tcpdump may take to open its interface.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long tcpdump may take to open its interface (long: under qemu TCG it is slow).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running capture; killed and its file removed on drop.
 pub struct Tcpdump {
