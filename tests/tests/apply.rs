@@ -363,6 +363,46 @@ impl Drop for Agent {
     }
 }
 
+/// An edge host for one agent: its netns, bpffs root and work dir. Dropping
+/// it (after the test's agent, declared later, has stopped) runs `uninstall`
+/// and then removes the pins and dirs, even after a failed assertion.
+struct AgentHost {
+    // Dropped in this order: pins and dirs, then the netns.
+    _cleanup: Cleanup,
+    root: PathBuf,
+    work: PathBuf,
+    ns: Netns,
+}
+
+impl AgentHost {
+    fn new(name: &str) -> Result<AgentHost> {
+        let ns = edge_host(name)?;
+        let root = bpffs_root(name);
+        let work = work_dir(name)?;
+        let _cleanup = Cleanup {
+            root: root.clone(),
+            dirs: vec![work.clone()],
+        };
+        Ok(AgentHost {
+            ns,
+            root,
+            work,
+            _cleanup,
+        })
+    }
+}
+
+impl Drop for AgentHost {
+    fn drop(&mut self) {
+        let cni = self.work.join("cni").display().to_string();
+        let _ = agent_ok(
+            Some(&self.ns),
+            &self.root,
+            &["uninstall", "--cni-conf-dir", &cni],
+        );
+    }
+}
+
 /// `ip route show` of the main table in `ns`, one route a line.
 fn routes(ns: &Netns) -> Result<String> {
     ns.ip(&["route", "show", "table", "main"])
@@ -402,13 +442,8 @@ fn work_dir(name: &str) -> Result<PathBuf> {
 #[test]
 fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_route_comes_back()
 -> Result<()> {
-    let ns = edge_host("conflict")?;
-    let root = bpffs_root("conflict");
-    let work = work_dir("conflict")?;
-    let _cleanup = Cleanup {
-        root: root.clone(),
-        dirs: vec![work.clone()],
-    };
+    let host = AgentHost::new("conflict")?;
+    let (ns, root, work) = (&host.ns, &host.root, &host.work);
     let covering_lan = EDGE_4.replace("10.234.4.0/24", "192.168.50.0/24");
     fs::write(
         work.join("cluster.yaml"),
@@ -416,98 +451,85 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
     )?;
     let connected = "192.168.50.0/24 dev lan0 proto kernel scope link src 192.168.50.1";
     ensure!(routes(&ns)?.contains(connected), "{}", routes(&ns)?);
-    let result = (|| -> Result<()> {
-        let agent = Agent::start(&ns, &root, &work, &[])?;
-        // The rest of the plan: edge-2's pod CIDR through the tunnel.
-        let ours = "10.234.2.0/24 dev fe-tunnel proto 254 scope link src 10.2.0.11";
-        wait_for("the plan to apply", Duration::from_secs(30), || {
-            Ok(routes(&ns)?.contains(ours))
-        })
-        .with_context(|| agent.log())?;
-        let table = routes(&ns)?;
-        ensure!(
-            table.contains(connected),
-            "the connected route is gone:\n{table}"
-        );
-        ensure!(
-            !table.contains("192.168.50.0/24 dev fe-tunnel"),
-            "the LAN was routed into the tunnel:\n{table}"
-        );
-        let listed = problems(&ns, &root, &work)?;
-        let conflict = listed
+    let agent = Agent::start(&ns, &root, &work, &[])?;
+    // The rest of the plan: edge-2's pod CIDR through the tunnel.
+    let ours = "10.234.2.0/24 dev fe-tunnel proto 254 scope link src 10.2.0.11";
+    wait_for("the plan to apply", Duration::from_secs(30), || {
+        Ok(routes(&ns)?.contains(ours))
+    })
+    .with_context(|| agent.log())?;
+    let table = routes(&ns)?;
+    ensure!(
+        table.contains(connected),
+        "the connected route is gone:\n{table}"
+    );
+    ensure!(
+        !table.contains("192.168.50.0/24 dev fe-tunnel"),
+        "the LAN was routed into the tunnel:\n{table}"
+    );
+    let listed = problems(&ns, &root, &work)?;
+    let conflict = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["object"] == "route 192.168.50.0/24 dev fe-tunnel src 10.2.0.11");
+    let message = conflict
+        .and_then(|p| p["problem"].as_str())
+        .unwrap_or_default();
+    ensure!(
+        message
+            .contains("collides with route 192.168.50.0/24 dev lan0 src 192.168.50.1 proto kernel"),
+        "inspect problems: {listed}"
+    );
+
+    // One of ours deleted behind the agent's back comes back.
+    ns.ip(&["route", "del", "10.234.2.0/24", "dev", "fe-tunnel"])?;
+    wait_for(
+        "the deleted route to come back",
+        Duration::from_secs(10),
+        || Ok(routes(&ns)?.contains(ours)),
+    )
+    .with_context(|| agent.log())?;
+    let restored =
+        "route 10.234.2.0/24 dev fe-tunnel src 10.2.0.11 was removed outside fabedge: restored";
+    wait_for("the restore to be logged", Duration::from_secs(5), || {
+        Ok(agent.log().contains(restored))
+    })?;
+    // Logged once, not on every tick after.
+    thread::sleep(Duration::from_millis(500));
+    let log = agent.log();
+    ensure!(log.matches(restored).count() == 1, "{log}");
+    ensure!(routes(&ns)?.contains(connected), "{}", routes(&ns)?);
+
+    // Another daemon taking that destination over is left alone and listed.
+    ns.ip(&[
+        "route",
+        "replace",
+        "10.234.2.0/24",
+        "dev",
+        "eth0",
+        "proto",
+        "static",
+    ])?;
+    wait_for("the takeover to be listed", Duration::from_secs(10), || {
+        Ok(problems(&ns, &root, &work)?
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| p["object"] == "route 192.168.50.0/24 dev fe-tunnel src 10.2.0.11");
-        let message = conflict
-            .and_then(|p| p["problem"].as_str())
-            .unwrap_or_default();
-        ensure!(
-            message.contains(
-                "collides with route 192.168.50.0/24 dev lan0 src 192.168.50.1 proto kernel"
-            ),
-            "inspect problems: {listed}"
-        );
-
-        // One of ours deleted behind the agent's back comes back.
-        ns.ip(&["route", "del", "10.234.2.0/24", "dev", "fe-tunnel"])?;
-        wait_for(
-            "the deleted route to come back",
-            Duration::from_secs(10),
-            || Ok(routes(&ns)?.contains(ours)),
-        )
-        .with_context(|| agent.log())?;
-        let restored =
-            "route 10.234.2.0/24 dev fe-tunnel src 10.2.0.11 was removed outside fabedge: restored";
-        wait_for("the restore to be logged", Duration::from_secs(5), || {
-            Ok(agent.log().contains(restored))
-        })?;
-        // Logged once, not on every tick after.
-        thread::sleep(Duration::from_millis(500));
-        let log = agent.log();
-        ensure!(log.matches(restored).count() == 1, "{log}");
-        ensure!(routes(&ns)?.contains(connected), "{}", routes(&ns)?);
-
-        // Another daemon taking that destination over is left alone and listed.
-        ns.ip(&[
-            "route",
-            "replace",
-            "10.234.2.0/24",
-            "dev",
-            "eth0",
-            "proto",
-            "static",
-        ])?;
-        wait_for("the takeover to be listed", Duration::from_secs(10), || {
-            Ok(problems(&ns, &root, &work)?
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| {
-                    p["object"] == "route 10.234.2.0/24 dev fe-tunnel src 10.2.0.11"
-                        && p["problem"].as_str().is_some_and(|m| {
-                            m.contains("route 10.234.2.0/24 dev eth0 proto static, which fabedge did not create")
-                        })
-                }))
-        })
-        .with_context(|| agent.log())?;
-        let table = routes(&ns)?;
-        ensure!(
-            table.contains("10.234.2.0/24 dev eth0 proto static") && !table.contains(ours),
-            "{table}"
-        );
-        Ok(())
-    })();
-    let _ = agent_ok(
-        Some(&ns),
-        &root,
-        &[
-            "uninstall",
-            "--cni-conf-dir",
-            &work.join("cni").display().to_string(),
-        ],
+            .any(|p| {
+                p["object"] == "route 10.234.2.0/24 dev fe-tunnel src 10.2.0.11"
+                    && p["problem"].as_str().is_some_and(|m| {
+                        m.contains("route 10.234.2.0/24 dev eth0 proto static, which fabedge did not create")
+                    })
+            }))
+    })
+    .with_context(|| agent.log())?;
+    let table = routes(&ns)?;
+    ensure!(
+        table.contains("10.234.2.0/24 dev eth0 proto static") && !table.contains(ours),
+        "{table}"
     );
-    result
+    Ok(())
 }
 
 /// The agent binary with a failure injected (test-only
@@ -516,62 +538,45 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
 /// applies once the failure is gone.
 #[test]
 fn an_agent_whose_apply_fails_midway_keeps_the_previous_plan_and_reports_the_step() -> Result<()> {
-    let ns = edge_host("failstep")?;
-    let root = bpffs_root("failstep");
-    let work = work_dir("failstep")?;
-    let _cleanup = Cleanup {
-        root: root.clone(),
-        dirs: vec![work.clone()],
-    };
+    let host = AgentHost::new("failstep")?;
+    let (ns, root, work) = (&host.ns, &host.root, &host.work);
     let trigger = work.join("fail-after");
     fs::write(work.join("cluster.yaml"), EXAMPLE_CLUSTER)?;
-    let result = (|| -> Result<()> {
-        let agent = Agent::start(&ns, &root, &work, &[(failpoint::ENV, &trigger)])?;
-        let edge_2 = "10.234.2.0/24 dev fe-tunnel proto 254";
-        wait_for("the plan to apply", Duration::from_secs(30), || {
-            Ok(routes(&ns)?.contains(edge_2))
-        })
-        .with_context(|| agent.log())?;
-        let layout = PinLayout::new(&root);
-        let before = ns.enter(|| Maps::open(&layout)?.route_entries())?;
-        fs::write(&trigger, "services")?;
-        fs::write(
-            work.join("cluster.yaml"),
-            format!("{EXAMPLE_CLUSTER}{EDGE_4}"),
-        )?;
-        wait_for("the failure to be listed", Duration::from_secs(10), || {
-            Ok(problems(&ns, &root, &work)?
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["object"] == "apply (step services)"))
-        })
-        .with_context(|| agent.log())?;
-        let after = ns.enter(|| Maps::open(&layout)?.route_entries())?;
-        assert_eq!(after, before, "FE_ROUTES after the failed change");
-        ensure!(!routes(&ns)?.contains("10.234.4.0/24"), "{}", routes(&ns)?);
-        fs::remove_file(&trigger)?;
-        wait_for("the change to apply", Duration::from_secs(40), || {
-            Ok(routes(&ns)?.contains("10.234.4.0/24 dev fe-tunnel"))
-        })
-        .with_context(|| agent.log())?;
-        wait_for("the problem to clear", Duration::from_secs(5), || {
-            Ok(problems(&ns, &root, &work)?
-                .as_array()
-                .is_some_and(Vec::is_empty))
-        })?;
-        Ok(())
-    })();
-    let _ = agent_ok(
-        Some(&ns),
-        &root,
-        &[
-            "uninstall",
-            "--cni-conf-dir",
-            &work.join("cni").display().to_string(),
-        ],
-    );
-    result
+    let agent = Agent::start(&ns, &root, &work, &[(failpoint::ENV, &trigger)])?;
+    let edge_2 = "10.234.2.0/24 dev fe-tunnel proto 254";
+    wait_for("the plan to apply", Duration::from_secs(30), || {
+        Ok(routes(&ns)?.contains(edge_2))
+    })
+    .with_context(|| agent.log())?;
+    let layout = PinLayout::new(&root);
+    let before = ns.enter(|| Maps::open(&layout)?.route_entries())?;
+    fs::write(&trigger, "services")?;
+    fs::write(
+        work.join("cluster.yaml"),
+        format!("{EXAMPLE_CLUSTER}{EDGE_4}"),
+    )?;
+    wait_for("the failure to be listed", Duration::from_secs(10), || {
+        Ok(problems(&ns, &root, &work)?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["object"] == "apply (step services)"))
+    })
+    .with_context(|| agent.log())?;
+    let after = ns.enter(|| Maps::open(&layout)?.route_entries())?;
+    assert_eq!(after, before, "FE_ROUTES after the failed change");
+    ensure!(!routes(&ns)?.contains("10.234.4.0/24"), "{}", routes(&ns)?);
+    fs::remove_file(&trigger)?;
+    wait_for("the change to apply", Duration::from_secs(40), || {
+        Ok(routes(&ns)?.contains("10.234.4.0/24 dev fe-tunnel"))
+    })
+    .with_context(|| agent.log())?;
+    wait_for("the problem to clear", Duration::from_secs(5), || {
+        Ok(problems(&ns, &root, &work)?
+            .as_array()
+            .is_some_and(Vec::is_empty))
+    })?;
+    Ok(())
 }
 
 /// `--max-routes` sizes FE_ROUTES; a restart with another size is refused
@@ -660,47 +665,30 @@ fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> R
 /// kernel stay empty, and `inspect problems` names the flag to raise.
 #[test]
 fn a_plan_over_max_routes_writes_nothing_and_names_the_flag() -> Result<()> {
-    let ns = edge_host("maxroutes")?;
-    let root = bpffs_root("maxroutes");
-    let work = work_dir("maxroutes")?;
-    let _cleanup = Cleanup {
-        root: root.clone(),
-        dirs: vec![work.clone()],
-    };
+    let host = AgentHost::new("maxroutes")?;
+    let (ns, root, work) = (&host.ns, &host.root, &host.work);
     fs::write(work.join("cluster.yaml"), EXAMPLE_CLUSTER)?;
-    let result = (|| -> Result<()> {
-        let agent = Agent::start_with(&ns, &root, &work, &[], &["--max-routes", "2"])?;
-        wait_for("the refusal to be listed", Duration::from_secs(30), || {
-            Ok(problems(&ns, &root, &work)?
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| {
-                    p["object"] == "apply (checks)"
-                        && p["problem"].as_str().is_some_and(|m| {
-                            m.contains("FE_ROUTES holds 2: nothing was applied")
-                                && m.contains("raise --max-routes")
-                        })
-                }))
-        })
-        .with_context(|| agent.log())?;
-        let layout = PinLayout::new(&root);
-        let entries = ns.enter(|| Maps::open(&layout)?.route_entries())?;
-        ensure!(entries.is_empty(), "FE_ROUTES: {entries:?}");
-        let table = routes(&ns)?;
-        ensure!(!table.contains("fe-tunnel"), "{table}");
-        Ok(())
-    })();
-    let _ = agent_ok(
-        Some(&ns),
-        &root,
-        &[
-            "uninstall",
-            "--cni-conf-dir",
-            &work.join("cni").display().to_string(),
-        ],
-    );
-    result
+    let agent = Agent::start_with(&ns, &root, &work, &[], &["--max-routes", "2"])?;
+    wait_for("the refusal to be listed", Duration::from_secs(30), || {
+        Ok(problems(&ns, &root, &work)?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p["object"] == "apply (checks)"
+                    && p["problem"].as_str().is_some_and(|m| {
+                        m.contains("FE_ROUTES holds 2: nothing was applied")
+                            && m.contains("raise --max-routes")
+                    })
+            }))
+    })
+    .with_context(|| agent.log())?;
+    let layout = PinLayout::new(&root);
+    let entries = ns.enter(|| Maps::open(&layout)?.route_entries())?;
+    ensure!(entries.is_empty(), "FE_ROUTES: {entries:?}");
+    let table = routes(&ns)?;
+    ensure!(!table.contains("fe-tunnel"), "{table}");
+    Ok(())
 }
 
 /// At a full `FE_BACKENDS` (`--max-backends 4`), replacing two Services by
