@@ -648,9 +648,14 @@ pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
     if Path::new(QBOOT).is_file() {
         cmd.args(["-bios", QBOOT]);
     }
+    // One host thread for both vCPUs: under multi-threaded TCG a vCPU
+    // could run stale translated code after another one live-patched the
+    // kernel text (static keys flip when TC/XDP programs attach), and the
+    // 6.12 guest died on an int3 the patch had already removed (seen in
+    // netif_receive_skb, __netif_receive_skb_core and sched_clock_cpu).
     cmd.args([
         "-accel",
-        "tcg",
+        "tcg,thread=single",
         "-nodefaults",
         "-no-user-config",
         "-display",
