@@ -16,6 +16,11 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
+/// The ifindex a program sees under `BPF_PROG_TEST_RUN` (the skb's device is
+/// the loopback unless the context names another): the "port" of
+/// `fe_pod_port` runs.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
 /// Size of `struct __sk_buff` and the offsets of the fields tests set or read.
 const SKB_CTX_SIZE: usize = 192;
 const SKB_MARK_OFF: usize = 8;
