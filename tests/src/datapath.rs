@@ -351,3 +351,25 @@ pub fn counted<T>(
 pub fn only(counter: Counter) -> BTreeMap<&'static str, u64> {
     BTreeMap::from([(counter.name(), 1)])
 }
+
+/// `frame` through `program`: dropped, counted once under `counter`, nothing else moved.
+pub fn assert_dropped(
+    dp: &TestDatapath,
+    program: Program,
+    frame: &[u8],
+    counter: Counter,
+    what: &str,
+) {
+    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
+    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(counter)), "{what}");
+}
+
+/// `frame` through `program`: passed byte-identical, no counter moved.
+pub fn assert_untouched(dp: &TestDatapath, program: Program, frame: &[u8], what: &str) {
+    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
+    assert_eq!(
+        (out.action, &out.data, delta.len()),
+        (TC_ACT_OK, &frame.to_vec(), 0),
+        "{what}"
+    );
+}

@@ -536,6 +536,13 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 AffinityEntry::default(),
                 0,
             )?;
+            maps.pod_ports.insert(
+                7,
+                fabedge_common::PodPortEntry {
+                    addr: [10, 234, 1, 3],
+                },
+                0,
+            )?;
             let mut revnat: aya::maps::HashMap<_, SockRevKey, SockRevEntry> =
                 fabedge_agent::datapath::open_pinned(
                     &layout,
@@ -556,7 +563,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 11] = [
+        let expected: [(&str, &[&str]); 12] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -568,6 +575,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
             ("FE_PEER_ADDRS", &["addr", "peer_id", "kinds"]),
+            ("FE_POD_PORTS", &["addr"]),
             (
                 "FE_CONFIG",
                 &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port"],

@@ -11,9 +11,7 @@ use anyhow::Result;
 use fabedge_agent::datapath::Program;
 use fabedge_common::{Counter, PodPortEntry};
 use fabedge_tests::{
-    datapath::{
-        TC_ACT_OK, TC_ACT_SHOT, TEST_RUN_IFINDEX, TestDatapath, counted, fixtures::*, only,
-    },
+    datapath::{self, TEST_RUN_IFINDEX, TestDatapath, fixtures::*},
     packet::{Frame, Mac, ethertype, truncated, with_ipv4_ihl},
 };
 
@@ -55,17 +53,11 @@ fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 }
 
 fn assert_dropped(dp: &TestDatapath, frame: &[u8], counter: Counter, what: &str) {
-    let (out, delta) = counted(dp, || dp.run(Program::PodPort, frame)).expect("test run");
-    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(counter)), "{what}");
+    datapath::assert_dropped(dp, Program::PodPort, frame, counter, what);
 }
 
 fn assert_untouched(dp: &TestDatapath, frame: &[u8], what: &str) {
-    let (out, delta) = counted(dp, || dp.run(Program::PodPort, frame)).expect("test run");
-    assert_eq!(
-        (out.action, &out.data, delta.len()),
-        (TC_ACT_OK, &frame.to_vec(), 0),
-        "{what}"
-    );
+    datapath::assert_untouched(dp, Program::PodPort, frame, what);
 }
 
 #[test]
