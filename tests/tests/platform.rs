@@ -299,6 +299,9 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
             "from-pod=n0",
             "--attach",
             "uplink-ingress=n0",
+            // As the agent puts it on each pod's veth.
+            "--attach",
+            "pod-port=n0",
             "--attach",
             "tunnel-ingress=lo",
             "--attach",
@@ -309,8 +312,8 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
     )?;
     let attached = attachments(&wire.node, root)?;
     ensure!(
-        attached.len() == 5,
-        "expected 4 TC attachments and XDP, found {attached:?}"
+        attached.len() == 6,
+        "expected 5 TC attachments and XDP, found {attached:?}"
     );
     ensure!(
         xdp_on(&wire.node, "n0")?.is_some(),
