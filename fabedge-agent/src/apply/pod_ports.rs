@@ -14,8 +14,8 @@
 //!
 //! This pass follows pods, not the plan, so it runs outside the
 //! transactional apply: a port is guarded once learned (map entry first,
-//! then the program), and let go once its veth is gone (program, then
-//! entry). Until a new pod is learned — at most one poll interval after
+//! then the program), and let go once its veth has left the bridge
+//! (program, then entry). Until a new pod is learned — at most one poll interval after
 //! its CNI set its address — its port is unguarded: the program passes
 //! ports it has no entry for.
 
@@ -58,12 +58,8 @@ pub struct PodPorts {
 }
 
 impl PodPorts {
-    pub fn guarded(&self) -> &BTreeMap<u32, PodPort> {
-        &self.guarded
-    }
-
-    /// Guard the bridge's new pod ports and let go of vanished ones (and of
-    /// whatever an earlier agent left for ports that are gone).
+    /// Guard the bridge's new pod ports and let go of those that left it
+    /// (and of whatever an earlier run left for ports that are gone).
     pub fn sync(&mut self, datapath: &mut Datapath, maps: &mut Maps) -> Result<PodPortChanges> {
         let mut nl = Rtnl::open_strict().context("route netlink for the pod ports")?;
         let links = nl.links()?;
@@ -107,35 +103,36 @@ impl PodPorts {
             }
         }
 
-        // Gone: what we guarded, and what an earlier run left behind.
+        // Gone: what we guarded, and what an earlier run left behind. A
+        // netlink filter goes with its device; a TCX link's pin stays until
+        // removed. A port still on the bridge keeps what an earlier run gave
+        // it until this run has learned it again: a restart opens no gap.
+        let names: BTreeSet<&str> = ports.values().map(|l| l.name.as_str()).collect();
+        let mut released = BTreeSet::new();
+        for iface in datapath.pod_ports_attached()? {
+            if !names.contains(iface.as_str()) {
+                datapath.detach(&Attachment::new(Program::PodPort, &iface))?;
+                released.insert(iface);
+            }
+        }
         let gone: Vec<u32> = self
             .guarded
             .keys()
             .filter(|i| !ports.contains_key(i))
             .copied()
             .collect();
-        let names: BTreeSet<&str> = self.guarded.values().map(|p| p.iface.as_str()).collect();
-        let mut stale_pins: Vec<String> = datapath
-            .pod_ports_attached()?
-            .into_iter()
-            .filter(|iface| !names.contains(iface.as_str()))
-            .collect();
-        for index in &gone {
-            let port = self.guarded.remove(index).expect("listed above");
-            if !stale_pins.contains(&port.iface) {
-                stale_pins.push(port.iface.clone());
+        for index in gone {
+            if let Some(port) = self.guarded.remove(&index) {
+                released.insert(port.iface);
             }
         }
-        for iface in stale_pins {
-            datapath.detach(&Attachment::new(Program::PodPort, &iface))?;
-            changes.released.push(iface);
-        }
         let entries: Vec<u32> = maps.pod_ports.keys().collect::<Result<_, _>>()?;
-        for index in entries.iter().filter(|i| !self.guarded.contains_key(i)) {
+        for index in entries.iter().filter(|i| !ports.contains_key(i)) {
             maps.pod_ports
                 .remove(index)
                 .with_context(|| format!("removing port {index} from FE_POD_PORTS"))?;
         }
+        changes.released = released.into_iter().collect();
         self.problems.retain(|i, _| ports.contains_key(i));
         for iface in &changes.released {
             info!("pod port {iface}: gone, released");
