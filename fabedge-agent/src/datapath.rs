@@ -62,17 +62,21 @@ pub enum Program {
     ToPod,
     /// TC egress of the uplinks: tunnel destinations never leave in clear.
     UplinkEgress,
+    /// TC ingress of each pod's host-side veth: a pod sends only as itself.
+    /// Attached per pod, outside the plan (`apply::pod_ports`).
+    PodPort,
 }
 
 impl Program {
     /// New programs go last: a program's netlink handle is its index here.
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::FromPod,
         Program::TunnelIngress,
         Program::TunnelEgress,
         Program::UplinkIngress,
         Program::ToPod,
         Program::UplinkEgress,
+        Program::PodPort,
     ];
 
     /// The function name in the object (and the netlink filter's name).
@@ -84,6 +88,7 @@ impl Program {
             Program::UplinkIngress => "fe_uplink_ingress",
             Program::ToPod => "fe_to_pod",
             Program::UplinkEgress => "fe_uplink_egress",
+            Program::PodPort => "fe_pod_port",
         }
     }
 
@@ -95,6 +100,7 @@ impl Program {
             Program::UplinkIngress => "uplink-ingress",
             Program::ToPod => "to-pod",
             Program::UplinkEgress => "uplink-egress",
+            Program::PodPort => "pod-port",
         }
     }
 
@@ -446,9 +452,29 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attachments with a pinned TCX link. (Netlink filters are not listed:
-    /// in netlink mode only attachments made by this process are known.)
+    /// Attachments of the plan with a pinned TCX link. (Netlink filters are
+    /// not listed: in netlink mode only attachments made by this process are
+    /// known.) The per-pod `fe_pod_port` links are not the plan's: see
+    /// [`Datapath::pod_ports_attached`].
     pub fn attached(&self) -> Result<Vec<Attachment>> {
+        Ok(self
+            .pinned_attachments()?
+            .into_iter()
+            .filter(|a| a.program != Program::PodPort)
+            .collect())
+    }
+
+    /// The interfaces with a pinned `fe_pod_port` TCX link.
+    pub fn pod_ports_attached(&self) -> Result<Vec<String>> {
+        Ok(self
+            .pinned_attachments()?
+            .into_iter()
+            .filter(|a| a.program == Program::PodPort)
+            .map(|a| a.iface)
+            .collect())
+    }
+
+    fn pinned_attachments(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for pin in read_dir_sorted(&self.layout.links_dir())? {
             let name = pin

@@ -8,7 +8,8 @@ use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr, RouteEntry, map_names,
+    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry, RouteAddr,
+    RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -148,6 +149,8 @@ pub struct Maps {
     pub ct: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub peer_addrs: HashMap<MapData, RouteAddr, PeerAddrEntry>,
+    /// A pod's host-side veth (ifindex) → the address it may send from.
+    pub pod_ports: HashMap<MapData, u32, PodPortEntry>,
 }
 
 impl Maps {
@@ -183,6 +186,9 @@ impl Maps {
             peer_addrs: typed(map_names::PEER_ADDRS)?
                 .try_into()
                 .context(map_names::PEER_ADDRS)?,
+            pod_ports: typed(map_names::POD_PORTS)?
+                .try_into()
+                .context(map_names::POD_PORTS)?,
         })
     }
 

@@ -167,6 +167,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                 reconciler.restore_routes();
+                reconciler.guard_pod_ports(&mut datapath, &mut maps);
                 if reconciler.esp_tick() {
                     reconciler.force_replan();
                 }
@@ -220,6 +221,8 @@ struct Reconciler {
     esp: Option<crate::esp::run::EspRuntime>,
     /// What the metrics server and probes learn from the loop.
     status: std::sync::Arc<crate::observe::Status>,
+    /// The pods' bridge ports guarded so far (edges).
+    pod_ports: crate::apply::pod_ports::PodPorts,
 }
 
 impl Reconciler {
@@ -248,6 +251,7 @@ impl Reconciler {
         status.planned(0, &peer_ids, None);
         Ok(Reconciler {
             status,
+            pod_ports: Default::default(),
             applier: Applier::with_xdp(options.xdp).recording_sysctls_in(&options.state_dir),
             peer_ids,
             peer_ids_path,
@@ -368,6 +372,14 @@ impl Reconciler {
                 self.publish_problems();
             }
             Err(e) => self.report(Err(e)),
+        }
+    }
+
+    /// Guard new pods' bridge ports, release vanished ones (see
+    /// `apply::pod_ports`): on every tick, outside the plan's apply.
+    pub(crate) fn guard_pod_ports(&mut self, datapath: &mut Datapath, maps: &mut Maps) {
+        if let Err(e) = self.pod_ports.sync(datapath, maps) {
+            self.report(Err(e.context("guarding the pods' bridge ports")));
         }
     }
 

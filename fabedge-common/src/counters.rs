@@ -117,6 +117,10 @@ counters! {
     /// of ours, or only an edge's default route), so a peer cannot use this
     /// node as its gateway to the VPC, metadata services or the internet.
     DropTunnelDestination = 44, "drop_tunnel_destination", true;
+    /// A pod's port on the pod bridge: IPv4 whose source, or ARP whose
+    /// sender address, is not the address of the pod behind that port (a
+    /// pod sending as, or claiming the address of, another pod).
+    DropPodSpoofed = 45, "drop_pod_spoofed", true;
     /// A Service with no endpoints, where no reject could be built (dropped instead).
     DropNoEndpoints = 48, "drop_no_endpoints", true;
     /// Conntrack (or source-port) space exhausted for a new Service flow.

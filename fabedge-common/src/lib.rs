@@ -32,6 +32,7 @@ pub mod map_names {
     pub const AFFINITY: &str = "FE_AFFINITY";
     pub const SOCK_REVNAT: &str = "FE_SOCK_REVNAT";
     pub const PEER_ADDRS: &str = "FE_PEER_ADDRS";
+    pub const POD_PORTS: &str = "FE_POD_PORTS";
 }
 
 /// Capacity of the route LPM trie (prefixes).
@@ -39,6 +40,9 @@ pub const MAX_ROUTES: u32 = 16_384;
 /// Peer ids are `1..MAX_PEERS`; 0 means "no peer". Also the size of the
 /// per-peer statistics array. Fits the 16 mark bits reserved for it.
 pub const MAX_PEERS: u32 = 4_096;
+
+/// Capacity of `FE_POD_PORTS`: pods (bridge ports) one edge node guards.
+pub const MAX_POD_PORTS: u32 = 1_024;
 
 /// Default UDP port of fabedge's own VXLAN tunnel (plaintext mode). Not
 /// Flannel's 8472, so the two never share a socket.
@@ -217,6 +221,16 @@ pub struct PeerAddrEntry {
 }
 const _: () = assert!(core::mem::size_of::<PeerAddrEntry>() == 4);
 
+/// Value of `FE_POD_PORTS`, keyed by the ifindex (`u32`) of a pod's
+/// host-side veth, a port of the pod bridge: the one address the pod behind
+/// it may send from (the address its CNI gave it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodPortEntry {
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PodPortEntry>() == 4);
+
 /// Per-peer traffic statistics (`FE_PEER_STATS`, per-CPU, indexed by peer id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -238,4 +252,5 @@ mod pod {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for PeerAddrEntry {}
+    unsafe impl aya::Pod for PodPortEntry {}
 }

@@ -1,6 +1,7 @@
 //! `fe_from_pod`: TC ingress of `br-fabedge`, where traffic from an edge
 //! node's pods enters the host. Pod-to-pod traffic on the bridge does not
-//! pass here: a pod sending as another pod of its node is not caught.
+//! pass here: a pod sending as another pod of its node is caught earlier,
+//! on its own bridge port (`fe_pod_port`).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use fabedge_common::Counter;

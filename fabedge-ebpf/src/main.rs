@@ -8,6 +8,7 @@
 //! | `fe_tunnel_egress`  | TC egress of `fe-tunnel`          | `tunnel_dev.rs` |
 //! | `fe_uplink_ingress` | TC ingress of the uplinks         | `uplink.rs`   |
 //! | `fe_uplink_egress`  | TC egress of the uplinks          | `uplink_egress.rs` |
+//! | `fe_pod_port`       | TC ingress of each pod's veth (edge) | `pod_port.rs` |
 //! | `fe_to_pod`         | TC egress of `br-fabedge` (edge)  | `to_pod.rs`   |
 //! | `fe_sock_*4`        | cgroup v2 sock_addr hooks (edge)  | `sock.rs`     |
 //! | `fe_xdp_uplink`     | XDP on the uplinks (every node)   | `xdp_uplink.rs` |
@@ -35,6 +36,7 @@ mod xdp_masq;
 mod xdp_parse;
 
 mod from_pod;
+mod pod_port;
 mod to_pod;
 mod tunnel_dev;
 mod uplink;

@@ -11,8 +11,8 @@ use fabedge_common::services::{
     SockRevEntry, SockRevKey,
 };
 use fabedge_common::{
-    DatapathConfig, MAX_PEERS, MAX_ROUTES, PeerAddrEntry, PeerEntry, PeerStats, RouteAddr,
-    RouteEntry, counters::COUNTER_SLOTS,
+    DatapathConfig, MAX_PEERS, MAX_POD_PORTS, MAX_ROUTES, PeerAddrEntry, PeerEntry, PeerStats,
+    PodPortEntry, RouteAddr, RouteEntry, counters::COUNTER_SLOTS,
 };
 
 #[btf_map]
@@ -25,6 +25,10 @@ pub static FE_PEERS: Array<PeerEntry, { MAX_PEERS as usize }> = Array::new();
 #[btf_map]
 pub static FE_PEER_ADDRS: HashMap<RouteAddr, PeerAddrEntry, { MAX_PEERS as usize }> =
     HashMap::new();
+
+/// A pod's host-side veth (ifindex) → the address that pod may send from.
+#[btf_map]
+pub static FE_POD_PORTS: HashMap<u32, PodPortEntry, { MAX_POD_PORTS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static FE_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -76,6 +80,14 @@ pub fn peer(peer_id: u16) -> Option<&'static PeerEntry> {
         Some(p) if p.kind != 0 => Some(p),
         _ => None,
     }
+}
+
+/// The address the pod behind bridge port `ifindex` may send from.
+#[inline(always)]
+pub fn pod_port(ifindex: u32) -> Option<[u8; 4]> {
+    // SAFETY: plain data; a concurrent rewrite of the entry (a pod's new
+    // address) at worst misjudges one packet.
+    unsafe { FE_POD_PORTS.get(&ifindex) }.map(|p| p.addr)
 }
 
 /// The peers sending from underlay address `addr`, if any.

@@ -16,6 +16,11 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
+/// The ifindex a program sees under `BPF_PROG_TEST_RUN` (the skb's device is
+/// the loopback unless the context names another): the "port" of
+/// `fe_pod_port` runs.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
 /// Size of `struct __sk_buff` and the offsets of the fields tests set or read.
 const SKB_CTX_SIZE: usize = 192;
 const SKB_MARK_OFF: usize = 8;
@@ -345,4 +350,26 @@ pub fn counted<T>(
 /// The counter delta of a frame that moved `counter` once and nothing else.
 pub fn only(counter: Counter) -> BTreeMap<&'static str, u64> {
     BTreeMap::from([(counter.name(), 1)])
+}
+
+/// `frame` through `program`: dropped, counted once under `counter`, nothing else moved.
+pub fn assert_dropped(
+    dp: &TestDatapath,
+    program: Program,
+    frame: &[u8],
+    counter: Counter,
+    what: &str,
+) {
+    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
+    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(counter)), "{what}");
+}
+
+/// `frame` through `program`: passed byte-identical, no counter moved.
+pub fn assert_untouched(dp: &TestDatapath, program: Program, frame: &[u8], what: &str) {
+    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
+    assert_eq!(
+        (out.action, &out.data, delta.len()),
+        (TC_ACT_OK, &frame.to_vec(), 0),
+        "{what}"
+    );
 }

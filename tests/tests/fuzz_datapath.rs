@@ -21,12 +21,15 @@ use std::{
 use anyhow::{Context, Result};
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, mark, peer_kind,
+    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, PodPortEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
+    mark, peer_kind,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags},
     tunnel_mode,
 };
 use fabedge_tests::{
-    datapath::{SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, fixtures::*},
+    datapath::{
+        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, TestDatapath, fixtures::*,
+    },
     packet::{
         ETH_HEADER_LEN, Frame, IcmpError, Mac, TcpFlags, UdpChecksum, hexdump,
         ipv4_header_checksum, l4_checksum, parse_eth, vxlan_encap,
@@ -106,6 +109,11 @@ const CASES: &[Case] = &[
         fixtures: &[Fixture::EdgeVxlan, Fixture::EdgeEsp, Fixture::Connector],
         verdicts: &[TC_ACT_OK, TC_ACT_SHOT],
     },
+    Case {
+        program: Program::PodPort,
+        fixtures: &[Fixture::EdgeVxlan],
+        verdicts: &[TC_ACT_OK, TC_ACT_SHOT],
+    },
 ];
 
 #[test]
@@ -136,6 +144,11 @@ fn fuzz_uplink_ingress() -> Result<()> {
 #[test]
 fn fuzz_uplink_egress() -> Result<()> {
     fuzz(Program::UplinkEgress)
+}
+
+#[test]
+fn fuzz_pod_port() -> Result<()> {
+    fuzz(Program::PodPort)
 }
 
 // ---------------------------------------------------------------------------
@@ -239,6 +252,14 @@ fn load(fixture: Fixture, name: &str) -> Result<TestDatapath> {
         Fixture::EdgeEsp => edge(name, tunnel_mode::ESP)?,
         Fixture::Connector => connector(name)?,
     };
+    // The test run's port is the pod LOCAL_POD's (`fe_pod_port`).
+    dp.maps.pod_ports.insert(
+        TEST_RUN_IFINDEX,
+        PodPortEntry {
+            addr: LOCAL_POD.octets(),
+        },
+        0,
+    )?;
     // TCP to a remote and a local backend, UDP to a remote one, a sticky
     // Service, and one TCP and one UDP Service without endpoints (rejects).
     frontend(
@@ -649,6 +670,12 @@ fn seeds() -> Vec<Seed> {
         ),
         // Not IPv4.
         seed("arp", pod().ethertype(0x0806).payload(&[0; 28]).build()),
+        seed(
+            "arp who-has from the pod",
+            pod()
+                .arp(1, (POD_MAC, LOCAL_POD), ([0; 6], LOCAL_POD_2))
+                .build(),
+        ),
         seed("ipv6", pod().ethertype(0x86dd).payload(&[0x60; 48]).build()),
     ]
 }

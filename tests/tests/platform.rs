@@ -299,6 +299,9 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
             "from-pod=n0",
             "--attach",
             "uplink-ingress=n0",
+            // As the agent puts it on each pod's veth.
+            "--attach",
+            "pod-port=n0",
             "--attach",
             "tunnel-ingress=lo",
             "--attach",
@@ -309,8 +312,8 @@ fn attach_then_uninstall(wire: &Wire, root: &Path, mode: &str) -> Result<()> {
     )?;
     let attached = attachments(&wire.node, root)?;
     ensure!(
-        attached.len() == 5,
-        "expected 4 TC attachments and XDP, found {attached:?}"
+        attached.len() == 6,
+        "expected 5 TC attachments and XDP, found {attached:?}"
     );
     ensure!(
         xdp_on(&wire.node, "n0")?.is_some(),
@@ -536,6 +539,13 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 AffinityEntry::default(),
                 0,
             )?;
+            maps.pod_ports.insert(
+                7,
+                fabedge_common::PodPortEntry {
+                    addr: [10, 234, 1, 3],
+                },
+                0,
+            )?;
             let mut revnat: aya::maps::HashMap<_, SockRevKey, SockRevEntry> =
                 fabedge_agent::datapath::open_pinned(
                     &layout,
@@ -556,7 +566,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 11] = [
+        let expected: [(&str, &[&str]); 12] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -568,6 +578,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_ROUTES", &["prefix_len", "addr", "kind", "peer_id"]),
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
             ("FE_PEER_ADDRS", &["addr", "peer_id", "kinds"]),
+            ("FE_POD_PORTS", &["addr"]),
             (
                 "FE_CONFIG",
                 &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port"],

@@ -14,7 +14,10 @@ use fabedge_common::{
     TUNNEL_SRC_MAC, mark, peer_kind, route_kind, tunnel_mode,
 };
 use fabedge_tests::{
-    datapath::{SkbIn, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, counted, fixtures::*, only},
+    datapath::{
+        SkbIn, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, assert_dropped, assert_untouched, counted,
+        fixtures::*, only,
+    },
     packet::{Frame, vxlan_encap},
     xdp::{self, XDP_DROP, XDP_UPLINK, run_xdp},
 };
@@ -34,22 +37,6 @@ fn udp(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 
 fn both_modes() -> [(u8, &'static str); 2] {
     [(tunnel_mode::VXLAN, "vxlan"), (tunnel_mode::ESP, "esp")]
-}
-
-/// `frame` through `program`: dropped, counted once under `counter`, nothing else moved.
-fn assert_dropped(dp: &TestDatapath, program: Program, frame: &[u8], counter: Counter, what: &str) {
-    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
-    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(counter)), "{what}");
-}
-
-/// `frame` through `program`: passed byte-identical, no counter moved.
-fn assert_untouched(dp: &TestDatapath, program: Program, frame: &[u8], what: &str) {
-    let (out, delta) = counted(dp, || dp.run(program, frame)).expect("test run");
-    assert_eq!(
-        (out.action, &out.data, delta.len()),
-        (TC_ACT_OK, &frame.to_vec(), 0),
-        "{what}"
-    );
 }
 
 // -- fail closed: fe_uplink_egress --------------------------------------------

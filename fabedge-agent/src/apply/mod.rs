@@ -16,6 +16,7 @@
 
 pub mod failpoint;
 pub mod net;
+pub mod pod_ports;
 pub mod precheck;
 mod rollback;
 pub mod rtnl;

@@ -105,6 +105,7 @@ pub(super) async fn run(
             // The tick only retries: a failed apply, or the leader's patches.
             _ = tick.tick() => {
                 reconciler.restore_routes();
+                reconciler.guard_pod_ports(datapath, maps);
                 if reconciler.esp_tick() {
                     // A new key generation: re-plan so it is used and published.
                     state.applied = None;

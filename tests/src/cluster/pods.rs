@@ -25,12 +25,16 @@ use super::traffic::Endpoint;
 use super::{CLOUD_POD_BRIDGE, CNI_PLUGIN_DIR, CNI_TIMEOUT, Cluster, FLANNEL_MTU};
 
 impl Cluster {
-    /// Attaches the node's pod with the real CNI plugins — on edge nodes with
-    /// the conflist the agent wrote, on cloud nodes with a Flannel-like
-    /// configuration — and starts the pod's and the node's echo servers.
-    pub(super) fn attach_pod(&mut self, name: &str) -> Result<()> {
+    /// Another pod on `node`, `<node>-<name>`, attached like the node's own
+    /// (the same CNI, an address of the node's pod CIDR) and answering on
+    /// the echo port. Dropping it deletes its namespace (and its veth).
+    pub fn add_pod(&self, node: &str, name: &str) -> Result<Endpoint> {
+        self.start_pod(node, name)
+    }
+
+    fn start_pod(&self, name: &str, pod: &str) -> Result<Endpoint> {
         let node = self.cluster_node(name)?;
-        let pod_netns = Arc::new(Netns::new(&format!("{name}-pod"))?);
+        let pod_netns = Arc::new(Netns::new(&format!("{name}-{pod}"))?);
         let plugin = match node.spec.role {
             NodeRole::Edge => {
                 let path = node.files.cni_conf_dir.join(CNI_FILE_NAME);
@@ -42,17 +46,25 @@ impl Cluster {
         let pod_ip = cni_add(
             &node.netns,
             &pod_netns,
-            &format!("{name}-pod"),
+            &format!("{name}-{pod}"),
             plugin,
             &node.files.ipam_dir,
         )
-        .with_context(|| format!("attaching the pod of {name}"))?;
+        .with_context(|| format!("attaching the {pod} of {name}"))?;
         ensure!(
             node.spec.pod_cidr.contains(&pod_ip),
-            "the pod of {name} got {pod_ip}, outside the node's pod CIDR {}",
+            "the {pod} of {name} got {pod_ip}, outside the node's pod CIDR {}",
             node.spec.pod_cidr
         );
-        let pod = Endpoint::start(format!("{name} pod"), pod_netns, pod_ip)?;
+        Endpoint::start(format!("{name} {pod}"), pod_netns, pod_ip)
+    }
+
+    /// Attaches the node's pod with the real CNI plugins — on edge nodes with
+    /// the conflist the agent wrote, on cloud nodes with a Flannel-like
+    /// configuration — and starts the pod's and the node's echo servers.
+    pub(super) fn attach_pod(&mut self, name: &str) -> Result<()> {
+        let pod = self.start_pod(name, "pod")?;
+        let node = self.cluster_node(name)?;
         let host = Endpoint::start(
             format!("{name} node"),
             Arc::clone(&node.netns),

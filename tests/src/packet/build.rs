@@ -63,6 +63,24 @@ impl EthBuilder {
         self
     }
 
+    /// An ARP message over Ethernet/IPv4 (`op` 1 request, 2 reply) from
+    /// `sender` (hardware, protocol address) about `target`; the EtherType
+    /// becomes ARP. A gratuitous ARP names one address as sender and target.
+    pub fn arp(mut self, op: u16, sender: (Mac, Ipv4Addr), target: (Mac, Ipv4Addr)) -> Self {
+        let mut body = Vec::with_capacity(28);
+        body.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+        body.extend_from_slice(&ethertype::IPV4.to_be_bytes());
+        body.extend_from_slice(&[6, 4]);
+        body.extend_from_slice(&op.to_be_bytes());
+        body.extend_from_slice(&sender.0);
+        body.extend_from_slice(&sender.1.octets());
+        body.extend_from_slice(&target.0);
+        body.extend_from_slice(&target.1.octets());
+        self.ethertype = ethertype::ARP;
+        self.payload = body;
+        self
+    }
+
     /// Continues with an IPv4 header from `src` to `dst`.
     pub fn ipv4(self, src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4Builder {
         Ipv4Builder::new(Some(self), src, dst)

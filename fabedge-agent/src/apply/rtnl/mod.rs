@@ -26,6 +26,7 @@ const NETLINK_ROUTE: i32 = 0;
 const SOL_NETLINK: i32 = 270;
 const NETLINK_CAP_ACK: i32 = 10;
 const NETLINK_EXT_ACK: i32 = 11;
+const NETLINK_GET_STRICT_CHK: i32 = 12;
 /// A dump answer flagged this changed while it was read: read it again.
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const DUMP_ATTEMPTS: usize = 5;
@@ -62,6 +63,28 @@ pub struct Rtnl {
 }
 
 impl Rtnl {
+    /// A socket whose dump requests the kernel checks strictly, and so
+    /// filters by the fields and attributes they carry (kernel 4.20+):
+    /// what [`Rtnl::addrs_in`] needs.
+    pub fn open_strict() -> Result<Self, RtnlError> {
+        let rtnl = Self::open()?;
+        let on: libc::c_int = 1;
+        // SAFETY: a c_int option value valid for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                rtnl.fd.as_raw_fd(),
+                SOL_NETLINK,
+                NETLINK_GET_STRICT_CHK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(RtnlError::Open(io::Error::last_os_error()));
+        }
+        Ok(rtnl)
+    }
+
     pub fn open() -> Result<Self, RtnlError> {
         // SAFETY: plain socket(2); the fd is owned right after.
         let fd = unsafe {
@@ -219,7 +242,7 @@ impl Rtnl {
     /// A whole dump, parsed by `parse`; read again if it changed meanwhile.
     fn dump<T>(
         &mut self,
-        build: fn(u32) -> Vec<u8>,
+        build: impl Fn(u32) -> Vec<u8>,
         answer: u16,
         parse: fn(&[u8]) -> Option<T>,
         what: &str,
@@ -227,7 +250,7 @@ impl Rtnl {
         for _ in 0..DUMP_ATTEMPTS {
             let mut out = Vec::new();
             let mut interrupted = false;
-            self.exchange(build, what, |kind, flags, payload| {
+            self.exchange(&build, what, |kind, flags, payload| {
                 interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 if kind == answer
                     && let Some(item) = parse(payload)
@@ -305,6 +328,19 @@ impl Rtnl {
             msg::RTM_NEWADDR,
             msg::parse_addr,
             "listing addresses",
+        )
+    }
+
+    /// The IPv4 addresses of link `index` of the namespace that ours calls
+    /// `netnsid` (a veth peer's, from [`LinkInfo::link_netnsid`]). Needs a
+    /// socket from [`Rtnl::open_strict`].
+    pub fn addrs_in(&mut self, netnsid: i32, index: u32) -> Result<Vec<AddrInfo>, RtnlError> {
+        let what = format!("listing the addresses of link {index} in netns id {netnsid}");
+        self.dump(
+            |seq| msg::dump_addrs_in(netnsid, index, seq),
+            msg::RTM_NEWADDR,
+            msg::parse_addr,
+            &what,
         )
     }
 

@@ -39,6 +39,9 @@ const AF_INET: u8 = 2;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
@@ -49,6 +52,7 @@ const IFLA_XFRM_IF_ID: u16 = 2;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const IFA_TARGET_NETNSID: u16 = 10;
 
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -293,6 +297,12 @@ pub struct LinkInfo {
     pub kind: Option<String>,
     pub vxlan_port: Option<u16>,
     pub vxlan_external: bool,
+    /// The bridge (or bond) this link is a port of.
+    pub master: Option<u32>,
+    /// A veth's peer: its ifindex, in the namespace `link_netnsid` names
+    /// (absent when the peer is in ours).
+    pub link: Option<u32>,
+    pub link_netnsid: Option<i32>,
 }
 
 /// The payload of an `RTM_NEWLINK` answer.
@@ -308,6 +318,9 @@ pub fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
             IFLA_IFNAME => link.name = c_string(value),
             IFLA_ADDRESS => link.mac = value.try_into().ok(),
             IFLA_MTU => link.mtu = u32_of(value)?,
+            IFLA_MASTER => link.master = u32_of(value),
+            IFLA_LINK => link.link = u32_of(value),
+            IFLA_LINK_NETNSID => link.link_netnsid = u32_of(value).map(|id| id as i32),
             IFLA_LINKINFO => {
                 for (info, value) in attrs(value) {
                     match info {
@@ -344,6 +357,19 @@ fn data_of(link: &mut LinkInfo, data: &[u8]) {
 pub fn dump_addrs(seq: u32) -> Vec<u8> {
     let mut b = Builder::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq);
     b.body(&[AF_INET, 0, 0, 0, 0, 0, 0, 0]);
+    b.finish()
+}
+
+/// `RTM_GETADDR` dump of the IPv4 addresses of link `index` in the
+/// namespace our namespace calls `netnsid` (kernel 4.20+; the socket must
+/// have strict checking on, or the kernel ignores both filters).
+pub fn dump_addrs_in(netnsid: i32, index: u32, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq);
+    let mut head = [0u8; IFADDRMSG_LEN];
+    head[0] = AF_INET;
+    head[4..8].copy_from_slice(&index.to_ne_bytes());
+    b.body(&head);
+    b.attr(IFA_TARGET_NETNSID, &netnsid.to_ne_bytes());
     b.finish()
 }
 

@@ -408,3 +408,47 @@ fn creating_an_existing_link_is_refused_with_its_name_and_errno() {
     });
     assert_eq!(err, "creating bridge fe-a: File exists (os error 17)");
 }
+
+#[test]
+fn a_bridge_ports_veth_peer_and_its_address_in_another_netns_are_read() {
+    let pod = format!("fe-rtnl-pod-{}", std::process::id());
+    let result = in_fresh_netns({
+        let pod = pod.clone();
+        move || {
+            ip(&["netns", "add", &pod]);
+            ip(&["link", "add", "br-t", "type", "bridge"]);
+            ip(&[
+                "link", "add", "vh-t", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+            ]);
+            ip(&["link", "set", "vh-t", "master", "br-t"]);
+            ip(&["-n", &pod, "addr", "add", "10.234.1.9/24", "dev", "eth0"]);
+            ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+            let mut nl = super::Rtnl::open_strict().expect("strict socket");
+            let links = nl.links().expect("links");
+            let bridge = links.iter().find(|l| l.name == "br-t").expect("bridge");
+            let port = links.iter().find(|l| l.name == "vh-t").expect("veth");
+            let (peer, netnsid) = (
+                port.link.expect("peer"),
+                port.link_netnsid.expect("netnsid"),
+            );
+            let addrs = nl.addrs_in(netnsid, peer).expect("addresses in the pod");
+            let gone = nl.addrs_in(netnsid, 999_999).map_err(|e| e.errno());
+            (
+                port.master == Some(bridge.index),
+                bridge.master,
+                addrs,
+                gone,
+            )
+        }
+    });
+    ip(&["netns", "del", &pod]);
+    let (is_port, bridge_master, addrs, gone) = result;
+    assert!(is_port, "vh-t is a port of br-t");
+    assert_eq!(bridge_master, None);
+    assert_eq!(
+        addrs.iter().map(|a| a.address).collect::<Vec<_>>(),
+        vec![net("10.234.1.9/24")],
+        "only the peer's address, not the pod's loopback"
+    );
+    assert_eq!(gone, Err(Some(libc::ENODEV)), "a link that is not there");
+}
