@@ -487,6 +487,8 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     // connector, nothing for a tunnel destination leaves in clear.
     cluster.prove_fail_closed()?;
 
+    esp_recorded_before_a_state_loss_is_refused_after_it(&cluster)?;
+
     // Uninstall removes every xfrm object of ours, and fe-tunnel; with
     // --purge-state (the harness passes it) the state files go too.
     let state_dir = cluster.state_dir("edge-1")?.to_owned();
@@ -516,6 +518,140 @@ fn esp_mode_carries_every_seed_path_encrypted_and_rotates_keys_without_loss() ->
     ensure!(
         ns.ip(&["link", "show", "fe-tunnel"]).is_err(),
         "fe-tunnel left after uninstall"
+    );
+    Ok(())
+}
+
+/// ESP-in-UDP arriving at the connector, with its non-ESP marker (SPI) not
+/// zero: not a keepalive, not a hello.
+fn esp_to(frame: &[u8], dst: std::net::Ipv4Addr) -> bool {
+    let Some(ip) = frame.get(14..) else {
+        return false;
+    };
+    if frame.get(12..14) != Some(&[0x08, 0x00][..]) || ip.len() < 20 || ip[9] != 17 {
+        return false;
+    }
+    let Some(udp) = ip.get(usize::from(ip[0] & 0x0f) * 4..) else {
+        return false;
+    };
+    ip[16..20] == dst.octets()
+        && udp.len() >= 8 + 40
+        && u16::from_be_bytes([udp[2], udp[3]]) == fabedge_common::ESP_IN_UDP_PORT
+        && udp[8..12] != [0, 0, 0, 0]
+}
+
+/// The kernel's count of inbound ESP it refused in `ns`: no SA for the SPI,
+/// a failed integrity check, or outside the replay window.
+fn xfrm_input_refusals(ns: &Netns) -> Result<u64> {
+    // Read by a process in `ns`: a thread's setns does not move /proc/self/net.
+    let out = ns.exec("cat", &["/proc/net/xfrm_stat"])?;
+    ensure!(
+        out.status.success(),
+        "reading /proc/net/xfrm_stat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let mut refused = 0;
+    for line in stats.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(name), Some(value)) = (fields.next(), fields.next())
+            && matches!(
+                name,
+                "XfrmInNoStates" | "XfrmInStateProtoError" | "XfrmInStateSeqError"
+            )
+        {
+            refused += value.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(refused)
+}
+
+/// The connector loses its replay state as a reboot or a restored backup
+/// loses it (its SAs gone from the kernel, `esp-generation.json` gone; the
+/// node key kept) and comes back. ESP of edge-1's recorded on its WAN NIC
+/// before the loss and replayed after it is refused by the kernel, every
+/// frame, and reaches no pod: the fresh key nonce made new keys, so the
+/// recorded frames open under none of them, although the generation
+/// counter starts over.
+fn esp_recorded_before_a_state_loss_is_refused_after_it(cluster: &Cluster) -> Result<()> {
+    const FRAMES: usize = 10;
+    let connector = cluster.node_netns("cloud-1")?;
+    let addr = connector.ip(&["-4", "-o", "addr", "show", "dev", "eth-wan"])?;
+    let connector_wan: std::net::Ipv4Addr = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .context("the connector's eth-wan address")?
+        .parse()?;
+    let tap = fabedge_tests::netns::PacketSocket::open(connector, "eth-wan")?;
+    let cloud_pod = cluster.pod("cloud-1")?;
+    let edge_pod = cluster.pod("edge-1")?;
+    let mut recorded = Vec::new();
+    thread::scope(|scope| -> Result<()> {
+        // UDP echoes: a replayed datagram that got through would be served again.
+        let echoes = scope.spawn(|| -> Result<()> {
+            for _ in 0..3 * FRAMES {
+                edge_pod.udp_echo(cloud_pod)?;
+            }
+            Ok(())
+        });
+        while recorded.len() < FRAMES {
+            let frame = tap
+                .recv_matching(Duration::from_secs(30), |f| esp_to(f, connector_wan))?
+                .context("no ESP reached the connector's WAN NIC")?;
+            recorded.push(frame);
+        }
+        echoes.join().expect("the echo thread panicked")?;
+        Ok(())
+    })?;
+
+    let state_dir = cluster.state_dir("cloud-1")?.to_owned();
+    let record_before = std::fs::read_to_string(state_dir.join("esp-generation.json"))?;
+    cluster.stop_agent("cloud-1")?;
+    connector.ip(&["xfrm", "state", "flush"])?;
+    std::fs::remove_file(state_dir.join("esp-generation.json"))?;
+    cluster.restart_agent("cloud-1")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !edge_pod.ping(cloud_pod.ip(), 1)?.all_received() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "edge-1 pod → cloud-1 pod did not come back after the connector's state loss\n{}",
+            cluster.agent_logs(&["cloud-1".to_owned(), "edge-1".to_owned()])
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    let record_after = std::fs::read_to_string(state_dir.join("esp-generation.json"))?;
+    ensure!(
+        record_after != record_before,
+        "the connector's generation record did not change across its state loss"
+    );
+
+    let refused_before = xfrm_input_refusals(connector)?;
+    let served_before = cloud_pod.requests_served();
+    let wire = fabedge_tests::netns::PacketSocket::open(cluster.node_netns("edge-1")?, "eth-wan")?;
+    for frame in &recorded {
+        wire.send(frame)?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let refused = xfrm_input_refusals(connector)? - refused_before;
+        if refused >= FRAMES as u64 || std::time::Instant::now() >= deadline {
+            break refused;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        refused >= FRAMES as u64,
+        "the connector's kernel refused only {refused} of {FRAMES} replayed ESP frames"
+    );
+    ensure!(
+        cloud_pod.requests_served() == served_before,
+        "a replayed frame reached the cloud-1 pod's servers"
+    );
+    eprintln!(
+        "ESP recorded before the connector's state loss, replayed after it: \
+         {refused} of {FRAMES} frames refused by its kernel, none delivered"
     );
     Ok(())
 }

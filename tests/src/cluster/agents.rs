@@ -258,6 +258,22 @@ impl Cluster {
         self.restart_agent_with_args(node, &[])
     }
 
+    /// Stops `node`'s agent (SIGTERM) and leaves it stopped, with the
+    /// datapath and state as it left them; [`Cluster::restart_agent`]
+    /// starts it again.
+    pub fn stop_agent(&self, node: &str) -> Result<()> {
+        let n = self.cluster_node(node)?;
+        if let Some(mut agent) = n
+            .agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            agent.stop();
+        }
+        Ok(())
+    }
+
     /// [`Cluster::restart_agent`] with `extra` appended to the node's `run`
     /// arguments for this start only (the benchmark switches the connector
     /// between datapath variants); a later plain restart drops them again.
