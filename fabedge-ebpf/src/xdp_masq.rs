@@ -229,7 +229,12 @@ fn rewrite(
 ) {
     // RFC 1624: the UDP checksum follows the words the rewrite changes.
     let udp_check = u16::from_be_bytes(frame.udp.check);
-    let old_words = udp_covered_words(frame, true);
+    // Zero: the sender sent none (Linux VXLAN may), and neither do we.
+    let old_words = if udp_check != 0 {
+        udp_covered_words(frame, true)
+    } else {
+        0
+    };
 
     frame.eth.dst = hop.dst_mac;
     frame.eth.src = hop.src_mac;
@@ -277,7 +282,6 @@ fn rewrite(
     frame.inner_eth.src = inner_src_mac;
     decrement_ttl(&mut frame.inner_ip);
 
-    // Zero: the sender sent none (Linux VXLAN may), and neither do we.
     if udp_check != 0 {
         let sum = !udp_check as u32 + old_words + udp_covered_words(frame, false);
         let check = match csum::fold(sum) {

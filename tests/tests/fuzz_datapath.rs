@@ -28,7 +28,8 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     datapath::{
-        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, TestDatapath, fixtures::*,
+        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, TestDatapath, counted,
+        fixtures::*,
     },
     packet::{
         ETH_HEADER_LEN, Frame, IcmpError, Mac, TcpFlags, UdpChecksum, hexdump,
@@ -1278,15 +1279,7 @@ fn run_counting(
     frame: &[u8],
     skb: SkbIn,
 ) -> Result<(i32, Vec<u8>, BTreeMap<&'static str, u64>)> {
-    let before = dp.counters();
-    let out = dp.run_with(program, frame, skb)?;
-    let after = dp.counters();
-    let moved = before
-        .iter()
-        .zip(&after)
-        .filter(|((_, b), (_, a))| a != b)
-        .map(|((c, b), (_, a))| (c.name(), a - b))
-        .collect();
+    let (out, moved) = counted(dp, || dp.run_with(program, frame, skb))?;
     Ok((out.action, out.data, moved))
 }
 

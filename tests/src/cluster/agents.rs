@@ -213,15 +213,8 @@ impl Cluster {
     /// Stops `node`'s agent and runs `fabedge-agent uninstall` there; returns
     /// what uninstall printed. (Teardown uninstalls again, harmlessly.)
     pub fn uninstall(&self, node: &str) -> Result<String> {
+        self.stop_agent(node)?;
         let n = self.cluster_node(node)?;
-        if let Some(mut agent) = n
-            .agent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            agent.stop();
-        }
         let cni_conf_dir = n.files.cni_conf_dir.display().to_string();
         let state_dir = n.files.state_dir.display().to_string();
         let out = agent_output(
