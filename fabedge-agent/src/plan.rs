@@ -28,7 +28,7 @@ use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use fabedge_common::{
     DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI,
-    DatapathConfig, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD,
+    CONNECTOR_GROUP, DatapathConfig, GroupEntry, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD,
     peer_kind, route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
@@ -296,6 +296,14 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// ClusterIP translation (edge nodes; empty elsewhere).
     pub services: crate::services::plan::ServicePlan,
+    /// `FE_GROUPS` by group id (edge: [`CONNECTOR_GROUP`], its connectors in
+    /// order of preference). The plan makes the first member active; the
+    /// run loop replaces `active` with the first member its probes find alive.
+    pub groups: BTreeMap<u16, GroupEntry>,
+    /// `FE_VTEP_ADDRS` (connector): the shared VTEP addresses of every
+    /// connector, on which this one accepts Flannel VXLAN for edges (it may
+    /// hold another's after a failover, or be sent to by a stale ARP entry).
+    pub vtep_addrs: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 impl Plan {
@@ -978,6 +986,8 @@ impl<'a> Planner<'a> {
             ));
         }
 
+        let groups = BTreeMap::new();
+        let vtep_addrs = std::collections::BTreeSet::new();
         let mut annotations = annotations;
         if !vxlan && matches!(role, Role::Edge | Role::Connector) {
             annotations.extend(esp_annotations(me, settings));
@@ -1005,6 +1015,8 @@ impl<'a> Planner<'a> {
                 ),
                 _ => crate::services::plan::ServicePlan::default(),
             },
+            groups,
+            vtep_addrs,
             warnings,
         })
     }

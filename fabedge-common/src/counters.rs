@@ -70,6 +70,10 @@ counters! {
     /// XDP could rewrite but the next hop's neighbour (or route) is not
     /// resolved: passed unchanged; the kernel path resolves it.
     XdpPassNoNeighbour = 15, "xdp_pass_no_neighbour", false;
+    /// Connector: a liveness probe from a known peer answered in the datapath.
+    ProbeAnswered = 16, "probe_answered", false;
+    /// Connector: a probe from an address that is no peer, not answered.
+    DropProbeUnknownSource = 17, "drop_probe_unknown_source", true;
     /// A new flow to a ClusterIP was balanced to a backend (conntrack created).
     ServiceNewFlow = 20, "service_new_flow", false;
     /// A packet of a known Service flow was translated (either direction).
@@ -125,6 +129,8 @@ counters! {
     DropNoEndpoints = 48, "drop_no_endpoints", true;
     /// Conntrack (or source-port) space exhausted for a new Service flow.
     DropCtFull = 49, "drop_ct_full", true;
+    /// A route through a connector group none of whose members is alive.
+    DropGroupDown = 50, "drop_group_down", true;
 }
 
 /// Size of the counters array: room for growth without a layout change.

@@ -33,6 +33,8 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "FE_SOCK_REVNAT";
     pub const PEER_ADDRS: &str = "FE_PEER_ADDRS";
     pub const POD_PORTS: &str = "FE_POD_PORTS";
+    pub const GROUPS: &str = "FE_GROUPS";
+    pub const VTEP_ADDRS: &str = "FE_VTEP_ADDRS";
 }
 
 /// Capacity of the route LPM trie (prefixes).
@@ -43,6 +45,18 @@ pub const MAX_PEERS: u32 = 4_096;
 
 /// Capacity of `FE_POD_PORTS`: pods (bridge ports) one edge node guards.
 pub const MAX_POD_PORTS: u32 = 1_024;
+
+/// Capacity of `FE_GROUPS`: group ids are `1..MAX_GROUPS`, 0 means none.
+pub const MAX_GROUPS: u32 = 16;
+/// Members one group lists (connectors an edge may fail over to).
+pub const MAX_GROUP_MEMBERS: usize = 7;
+/// The group of an edge's connectors: every route "through the connector"
+/// names it instead of one connector, so failover is one map write.
+pub const CONNECTOR_GROUP: u16 = 1;
+/// Capacity of `FE_VTEP_ADDRS`: shared VTEP addresses of a connector group.
+pub const MAX_VTEP_ADDRS: u32 = 64;
+/// Default UDP port of the liveness probes the connector's datapath answers.
+pub const DEFAULT_PROBE_PORT: u16 = 8476;
 
 /// Default UDP port of fabedge's own VXLAN tunnel (plaintext mode). Not
 /// Flannel's 8472, so the two never share a socket.
@@ -137,6 +151,68 @@ const _: () = assert!(core::mem::size_of::<RouteEntry>() == 4);
 pub mod route_flags {
     /// The destination is a node address (hostNetwork), not a pod CIDR.
     pub const NODE_ADDR: u8 = 1 << 0;
+    /// A `TUNNEL` route whose `peer_id` is a group id (`FE_GROUPS`): traffic
+    /// goes to the group's active member, and any member may send in the
+    /// name of the prefix.
+    pub const VIA_GROUP: u8 = 1 << 1;
+}
+
+/// Value of the `FE_GROUPS` array, indexed by group id: the connectors an
+/// edge may use, in its order of preference, and the one it uses now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct GroupEntry {
+    /// Peer id traffic goes to now; 0: none alive (dropped, `drop_group_down`).
+    pub active: u16,
+    /// Peer ids of the members, preferred first; 0 ends the list.
+    pub members: [u16; MAX_GROUP_MEMBERS],
+}
+const _: () = assert!(core::mem::size_of::<GroupEntry>() == 16);
+
+impl GroupEntry {
+    /// Whether `peer_id` is one of the members.
+    #[inline(always)]
+    pub fn has_member(&self, peer_id: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_GROUP_MEMBERS {
+            let member = self.members[i];
+            if member == 0 {
+                return false;
+            }
+            if member == peer_id {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// The liveness probe: UDP to `probe_port` of a connector, whose datapath
+/// turns a request into a reply in place (addresses, ports and `kind`
+/// swapped or set, the rest echoed). The sender accepts only a reply that
+/// echoes a token it drew for that target and has not seen answered yet,
+/// so a stranger cannot keep a dead connector alive.
+pub mod probe {
+    pub const MAGIC: [u8; 4] = *b"feP1";
+    pub const REQUEST: u8 = 1;
+    pub const REPLY: u8 = 2;
+
+    /// The UDP payload of a probe (network order where it matters).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct ProbeHeader {
+        pub magic: [u8; 4],
+        /// [`REQUEST`] or [`REPLY`].
+        pub kind: u8,
+        pub _pad: [u8; 3],
+        /// Sequence number, big-endian.
+        pub seq: [u8; 4],
+        pub _pad2: [u8; 4],
+        /// Random per probe, echoed by the reflector.
+        pub token: [u8; 16],
+    }
+    const _: () = assert!(core::mem::size_of::<ProbeHeader>() == 32);
 }
 
 /// What kind of neighbour a peer is.
@@ -202,7 +278,10 @@ pub struct DatapathConfig {
     /// UDP port `fe-tunnel` listens on (VXLAN mode), host order: where the
     /// XDP guard checks the sender.
     pub tunnel_port: u16,
-    pub _pad: [u8; 2],
+    /// UDP port whose probes from known peers the connector's datapath
+    /// answers (host order); 0: no reflector. (Was padding: an agent that
+    /// predates it writes 0.)
+    pub probe_port: u16,
 }
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 44);
 
@@ -253,4 +332,5 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for PeerAddrEntry {}
     unsafe impl aya::Pod for PodPortEntry {}
+    unsafe impl aya::Pod for GroupEntry {}
 }
