@@ -10,6 +10,7 @@ pub mod apply;
 pub mod connector;
 pub mod datapath;
 pub mod esp;
+pub mod ha;
 pub mod inspect;
 pub mod maps;
 pub mod model;

@@ -207,6 +207,21 @@ struct RunArgs {
     /// `deploy/` uses port 9476 on the node's address.
     #[arg(long, value_name = "ADDRESS:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// UDP port of the connectors' liveness probes (answered by their
+    /// datapath). Every node of a cluster must use the same.
+    #[arg(long, default_value_t = fabedge_common::DEFAULT_PROBE_PORT)]
+    probe_port: u16,
+    /// Edges and connectors probe the connectors this often.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    probe_interval: Duration,
+    /// A connector that misses this many probes in a row is dead: its edges
+    /// move to the next connector, its successor takes its VTEP address.
+    #[arg(long, default_value_t = 3)]
+    probe_misses: u32,
+    /// A connector that answers again takes its edges and its VTEP address
+    /// back only after answering for this long (no flapping).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    hold_down: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -275,6 +290,7 @@ fn main() -> Result<()> {
                 pod_egress_via_node: args.pod_egress_via_node,
                 no_fast_path: args.no_fast_path,
                 esp_public_endpoint: args.esp_public_endpoint,
+                probe_port: args.probe_port,
                 capacity: fabedge_agent::maps::Capacity {
                     routes: args.max_routes,
                     services: args.max_services,
@@ -288,6 +304,11 @@ fn main() -> Result<()> {
             if args.keepalive_interval.is_zero() {
                 bail!(
                     "--keepalive-interval must be above 0: edges behind NAT keep their mapping open with keepalives"
+                );
+            }
+            if args.probe_port == 0 || args.probe_interval.is_zero() || args.probe_misses == 0 {
+                bail!(
+                    "--probe-port, --probe-interval and --probe-misses must be above 0: connectors are found dead by their probes"
                 );
             }
             if args.esp_public_endpoint.is_some() && settings.tunnel_mode != TunnelMode::Esp {
@@ -309,6 +330,11 @@ fn main() -> Result<()> {
                 state_dir: args.state_dir,
                 poll_interval: args.poll_interval,
                 hold_drastic_changes: args.hold_drastic_changes,
+                ha: run::HaOptions {
+                    probe_interval: args.probe_interval,
+                    probe_misses: args.probe_misses,
+                    hold_down: args.hold_down,
+                },
                 cgroup: match (args.no_cgroup, args.cgroup) {
                     (true, _) => None,
                     (false, Some(cgroup)) => Some(cgroup),

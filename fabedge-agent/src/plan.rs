@@ -14,10 +14,14 @@
 //! - **cloud**: no datapath; the annotation trick makes Flannel carry edge pod
 //!   CIDRs to the connector, so only edge *node* addresses need routes here.
 //!
-//! Several connectors: the one with the lowest name is active; the others
-//! plan as cloud nodes (standbys) until connector HA exists.
+//! Several connectors: all are active (`connectors.rs`). Each edge orders
+//! them by rendezvous hashing and routes through a connector group whose
+//! active member its probes choose; cloud nodes reach an edge through the
+//! shared VTEP address of its first connector, which that connector's
+//! successor takes over when it dies.
 
 mod cni;
+mod connectors;
 mod error;
 mod flannel;
 mod peer_ids;
@@ -40,6 +44,7 @@ pub use self::error::PlanError;
 pub use self::flannel::{annotation_patches as flannel_annotation_patches, masquerade_lease};
 pub use self::{
     cni::{CNI_FILE_NAME, CNI_VERSION},
+    connectors::Connectors,
     peer_ids::PeerIds,
 };
 pub use crate::model::AnnotationPatch;
@@ -153,6 +158,9 @@ pub struct Settings {
     /// Sizes of the maps the plan must fit (`--max-routes`, `--max-services`,
     /// `--max-backends`, `--ct-entries`).
     pub capacity: crate::maps::Capacity,
+    /// UDP port of the liveness probes (`--probe-port`): the connector's
+    /// datapath answers them, edges and connectors send them.
+    pub probe_port: u16,
 }
 
 impl Default for Settings {
@@ -177,6 +185,7 @@ impl Default for Settings {
             esp_key_nonce: None,
             esp_public_endpoint: None,
             capacity: crate::maps::Capacity::default(),
+            probe_port: fabedge_common::DEFAULT_PROBE_PORT,
         }
     }
 }
@@ -304,6 +313,22 @@ pub struct Plan {
     /// connector, on which this one accepts Flannel VXLAN for edges (it may
     /// hold another's after a failover, or be sent to by a stale ARP entry).
     pub vtep_addrs: std::collections::BTreeSet<Ipv4Addr>,
+    /// What this node probes and, on a connector, which shared VTEP
+    /// addresses it may have to hold.
+    pub ha: HaPlan,
+}
+
+/// The liveness side of connector high availability (see `run/ha.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HaPlan {
+    /// Node name → where its datapath answers probes. Edge: every connector
+    /// (at its tunnel endpoint); connector: every other connector (at its
+    /// address on the cloud network).
+    pub probe_targets: BTreeMap<String, std::net::SocketAddrV4>,
+    /// Connector: every connector and its usable shared VTEP address, by name.
+    pub connectors: BTreeMap<String, Option<Ipv4Addr>>,
+    /// Connector: the NIC shared VTEP addresses go on (the uplink).
+    pub vtep_iface: Option<String>,
 }
 
 impl Plan {
@@ -349,22 +374,16 @@ pub fn plan(
     let tunnel_mtu = check_settings(settings)?;
     check_pod_cidrs(snapshot, settings.service_cidr)?;
 
-    let active_connector = snapshot.nodes_with_role(Role::Connector).next();
     let mut planner = Planner::new(snapshot, me, settings);
-    let role = match (me.role, active_connector) {
-        (Role::Connector, Some(active)) if active.name != me.name => {
-            planner.warn(format!(
-                "{} is a standby connector ({} is active, the lowest name wins): planned as a cloud node",
-                me.name, active.name
-            ));
-            Role::Cloud
-        }
-        (role, _) => role,
-    };
+    let connectors = connectors::Connectors::of(snapshot);
+    for warning in &connectors.warnings {
+        planner.warn(warning.clone());
+    }
+    let role = me.role;
     match role {
-        Role::Edge => planner.edge(active_connector)?,
-        Role::Connector => planner.connector()?,
-        Role::Cloud => planner.cloud(active_connector),
+        Role::Edge => planner.edge(&connectors)?,
+        Role::Connector => planner.connector(&connectors)?,
+        Role::Cloud => planner.cloud(&connectors),
     }
     planner.check_tunnel_loops()?;
     planner.finish(role, tunnel_mtu, previous_peer_ids)
@@ -463,8 +482,15 @@ fn check_pod_cidrs(snapshot: &Snapshot, service_cidr: Ipv4Net) -> Result<(), Pla
 struct PlannedRoute {
     kind: u8,
     flags: u8,
-    peer: Option<String>,
+    peer: Option<Via>,
     owner: String,
+}
+
+/// Where a tunnel route goes: one peer, or the group of this edge's connectors.
+#[derive(Clone)]
+enum Via {
+    Peer(String),
+    ConnectorGroup,
 }
 
 struct Planner<'a> {
@@ -478,6 +504,11 @@ struct Planner<'a> {
     kernel_routes: Vec<KernelRoute>,
     annotations: Vec<AnnotationPatch>,
     warnings: Vec<String>,
+    /// Edge: its connectors, preferred first (the members of [`CONNECTOR_GROUP`]).
+    connector_order: Vec<String>,
+    /// Connector: every connector's shared VTEP address.
+    vtep_addrs: std::collections::BTreeSet<Ipv4Addr>,
+    ha: HaPlan,
 }
 
 fn host_route(ip: Ipv4Addr) -> Ipv4Net {
@@ -495,6 +526,9 @@ impl<'a> Planner<'a> {
             kernel_routes: Vec::new(),
             annotations: Vec::new(),
             warnings: Vec::new(),
+            connector_order: Vec::new(),
+            vtep_addrs: std::collections::BTreeSet::new(),
+            ha: HaPlan::default(),
         }
     }
 
@@ -508,7 +542,7 @@ impl<'a> Planner<'a> {
         prefix: Ipv4Net,
         kind: u8,
         flags: u8,
-        peer: Option<&str>,
+        peer: Option<Via>,
         owner: String,
     ) -> Result<(), PlanError> {
         if let Some(existing) = self.routes.get(&prefix) {
@@ -523,7 +557,7 @@ impl<'a> Planner<'a> {
             PlannedRoute {
                 kind,
                 flags,
-                peer: peer.map(str::to_owned),
+                peer,
                 owner,
             },
         );
@@ -567,13 +601,21 @@ impl<'a> Planner<'a> {
         );
     }
 
-    /// `node`'s pod CIDR and address, through the tunnel to `via`.
-    fn through_tunnel(&mut self, node: &Node, via: &Node) -> Result<(), PlanError> {
-        self.tunnel_peer(via);
+    /// `node`'s pod CIDR and address, through the tunnel to `via` (its own
+    /// peer, or this edge's connector group).
+    fn through_tunnel(&mut self, node: &Node, via: Via) -> Result<(), PlanError> {
+        if let Via::Peer(name) = &via {
+            let peer = self.snapshot.nodes.get(name).expect("tunnel peers are nodes of the snapshot");
+            self.tunnel_peer(peer);
+        }
         match node.pod_cidr {
-            Some(cidr) => {
-                self.route(cidr, route_kind::TUNNEL, 0, Some(&via.name), format!("{}'s pod CIDR", node.name))?
-            }
+            Some(cidr) => self.route(
+                cidr,
+                route_kind::TUNNEL,
+                0,
+                Some(via.clone()),
+                format!("{}'s pod CIDR", node.name),
+            )?,
             None if node.role == Role::Edge => self.warn(format!(
                 "edge node {} has no pod CIDR yet: only its node address is routed (set spec.podCIDR)",
                 node.name
@@ -584,12 +626,12 @@ impl<'a> Planner<'a> {
             host_route(node.internal_ip),
             route_kind::TUNNEL,
             route_flags::NODE_ADDR,
-            Some(&via.name),
+            Some(via),
             format!("{}'s InternalIP", node.name),
         )
     }
 
-    fn edge(&mut self, connector: Option<&'a Node>) -> Result<(), PlanError> {
+    fn edge(&mut self, connectors: &connectors::Connectors<'a>) -> Result<(), PlanError> {
         let me = self.me;
         let cidr = me.pod_cidr.ok_or_else(|| PlanError::MissingPodCidr {
             node: me.name.clone(),
@@ -615,29 +657,39 @@ impl<'a> Planner<'a> {
             )?;
         }
 
+        // Every connector is a tunnel peer (ESP: SAs exist before a failover
+        // needs them); routes through "the connector" name the group.
+        self.connector_order = connectors.failover_order(&me.name);
+        for connector in &connectors.nodes {
+            self.tunnel_peer(connector);
+            self.ha.probe_targets.insert(
+                connector.name.clone(),
+                std::net::SocketAddrV4::new(connector.tunnel_endpoint, self.settings.probe_port),
+            );
+        }
+        let has_connector = !self.connector_order.is_empty();
         let peers = self.community_peers();
         for node in self.snapshot.nodes.values() {
             if node.name == me.name {
                 continue;
             }
             if peers.contains(&node.name) {
-                self.through_tunnel(node, node)?;
-            } else if let Some(connector) = connector {
-                self.through_tunnel(node, connector)?;
+                self.through_tunnel(node, Via::Peer(node.name.clone()))?;
+            } else if has_connector {
+                self.through_tunnel(node, Via::ConnectorGroup)?;
             }
         }
-        match connector {
-            Some(connector) => {
-                self.tunnel_peer(connector);
+        match has_connector {
+            true => {
                 self.route(
                     self.settings.service_cidr,
                     route_kind::TUNNEL,
                     0,
-                    Some(&connector.name),
+                    Some(Via::ConnectorGroup),
                     "the Service CIDR".into(),
                 )?;
             }
-            None => self.warn(format!(
+            false => self.warn(format!(
                 "no connector node (label {}): {} reaches only its community peers",
                 crate::model::label::CONNECTOR,
                 me.name
@@ -676,7 +728,7 @@ impl<'a> Planner<'a> {
         peers
     }
 
-    fn connector(&mut self) -> Result<(), PlanError> {
+    fn connector(&mut self, connectors: &connectors::Connectors<'a>) -> Result<(), PlanError> {
         let me = self.me;
         let flannel_mac = self.settings.flannel_mac.ok_or_else(|| {
             setting(
@@ -713,7 +765,7 @@ impl<'a> Planner<'a> {
         let underlay = connector_underlay_ip(me);
         for node in self.snapshot.nodes.values().filter(|n| n.name != me.name) {
             if node.role == Role::Edge {
-                self.through_tunnel(node, node)?;
+                self.through_tunnel(node, Via::Peer(node.name.clone()))?;
                 continue;
             }
             self.route(
@@ -739,7 +791,13 @@ impl<'a> Planner<'a> {
                             ..Default::default()
                         },
                     );
-                    self.route(cidr, route_kind::CLOUD_VTEP, 0, Some(&node.name), owner)?;
+                    self.route(
+                        cidr,
+                        route_kind::CLOUD_VTEP,
+                        0,
+                        Some(Via::Peer(node.name.clone())),
+                        owner,
+                    )?;
                 }
                 lease => {
                     self.warn(format!(
@@ -751,26 +809,48 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        self.annotations = flannel::annotation_patches(self.snapshot, me, flannel_mac, underlay);
+        self.annotations = flannel::annotation_patches(self.snapshot, connectors, &me.name, Some(flannel_mac));
+        self.vtep_addrs = connectors.vtep_addresses.values().copied().collect();
+        for connector in &connectors.nodes {
+            self.ha.connectors.insert(
+                connector.name.clone(),
+                connectors.vtep_addresses.get(&connector.name).copied(),
+            );
+            if connector.name != me.name {
+                self.ha.probe_targets.insert(
+                    connector.name.clone(),
+                    std::net::SocketAddrV4::new(
+                        connector_underlay_ip(connector),
+                        self.settings.probe_port,
+                    ),
+                );
+            }
+        }
+        self.ha.vtep_iface = self.settings.uplink.clone();
         Ok(())
     }
 
-    /// Flannel knows nothing of edge node addresses: route them to the connector.
-    fn cloud(&mut self, connector: Option<&Node>) {
+    /// Flannel knows nothing of edge node addresses: route each to its first
+    /// connector's shared VTEP address (held by a live connector), or to that
+    /// connector's InternalIP when it has none.
+    fn cloud(&mut self, connectors: &connectors::Connectors<'_>) {
         let edges = self.snapshot.nodes_with_role(Role::Edge);
-        match connector {
-            Some(connector) => self.kernel_routes.extend(edges.map(|edge| KernelRoute {
-                dst: host_route(edge.internal_ip),
-                dev: None,
-                via: Some(connector.internal_ip),
-                src: None,
+        match connectors.nodes.is_empty() {
+            false => self.kernel_routes.extend(edges.filter_map(|edge| {
+                let primary = connectors.primary(&edge.name)?;
+                Some(KernelRoute {
+                    dst: host_route(edge.internal_ip),
+                    dev: None,
+                    via: Some(connectors.cloud_address(primary)),
+                    src: None,
+                })
             })),
-            None if edges.count() > 0 => self.warn(format!(
+            true if edges.count() > 0 => self.warn(format!(
                 "no connector node (label {}): edge node addresses are unreachable from {}",
                 crate::model::label::CONNECTOR,
                 self.me.name
             )),
-            None => {}
+            true => {}
         }
     }
 
@@ -816,6 +896,9 @@ impl<'a> Planner<'a> {
             mut kernel_routes,
             annotations,
             warnings,
+            connector_order,
+            vtep_addrs,
+            ha,
             ..
         } = self;
         let peer_ids = previous_peer_ids.assign(named_peers.keys().map(String::as_str))?;
@@ -831,17 +914,35 @@ impl<'a> Planner<'a> {
         let routes = planned
             .iter()
             .map(|(prefix, r)| {
-                let peer_id = r.peer.as_deref().map_or(0, id_of);
+                let (peer_id, flags) = match &r.peer {
+                    None => (0, r.flags),
+                    Some(Via::Peer(name)) => (id_of(name), r.flags),
+                    Some(Via::ConnectorGroup) => (CONNECTOR_GROUP, r.flags | route_flags::VIA_GROUP),
+                };
                 (
                     *prefix,
                     RouteEntry {
                         kind: r.kind,
-                        flags: r.flags,
+                        flags,
                         peer_id,
                     },
                 )
             })
             .collect();
+        let mut groups = BTreeMap::new();
+        if !connector_order.is_empty() {
+            let mut members = [0u16; fabedge_common::MAX_GROUP_MEMBERS];
+            for (slot, name) in members.iter_mut().zip(&connector_order) {
+                *slot = id_of(name);
+            }
+            groups.insert(
+                CONNECTOR_GROUP,
+                GroupEntry {
+                    active: members[0],
+                    members,
+                },
+            );
+        }
 
         let vxlan = settings.tunnel_mode == TunnelMode::Vxlan;
         // The kernel's slow path sends every tunnel prefix where the fast path would.
@@ -894,6 +995,7 @@ impl<'a> Planner<'a> {
                 0
             },
             tunnel_port: if vxlan { settings.tunnel_port } else { 0 },
+            probe_port: if connector { settings.probe_port } else { 0 },
             ..Default::default()
         };
 
@@ -986,8 +1088,6 @@ impl<'a> Planner<'a> {
             ));
         }
 
-        let groups = BTreeMap::new();
-        let vtep_addrs = std::collections::BTreeSet::new();
         let mut annotations = annotations;
         if !vxlan && matches!(role, Role::Edge | Role::Connector) {
             annotations.extend(esp_annotations(me, settings));
@@ -1017,6 +1117,7 @@ impl<'a> Planner<'a> {
             },
             groups,
             vtep_addrs,
+            ha,
             warnings,
         })
     }

@@ -27,6 +27,7 @@ use crate::{
     sys::write_if_changed,
 };
 
+pub mod ha;
 pub mod handover;
 mod kube_mode;
 pub mod problems;
@@ -54,6 +55,8 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     /// How long a drastic change is held back (see [`Guard`]); zero: never.
     pub hold_drastic_changes: Duration,
+    /// Connector liveness: probe timers.
+    pub ha: HaOptions,
     /// Edge: the cgroup v2 directory whose sockets (hostNetwork pods, the
     /// node's own processes) get Service translation; `None`: none.
     pub cgroup: Option<PathBuf>,
@@ -61,6 +64,25 @@ pub struct RunOptions {
     pub esp: Option<crate::esp::run::EspOptions>,
     /// Serve Prometheus metrics and the probes here (`None`: not at all).
     pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Probe timers of connector high availability (`--probe-interval`,
+/// `--probe-misses`, `--hold-down`).
+#[derive(Debug, Clone, Copy)]
+pub struct HaOptions {
+    pub probe_interval: Duration,
+    pub probe_misses: u32,
+    pub hold_down: Duration,
+}
+
+impl Default for HaOptions {
+    fn default() -> Self {
+        HaOptions {
+            probe_interval: Duration::from_millis(100),
+            probe_misses: 3,
+            hold_down: Duration::from_secs(10),
+        }
+    }
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -161,8 +183,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
+    let mut ha_changes = None;
     loop {
         reconciler.status.turned();
+        if ha_changes.is_none() {
+            ha_changes = reconciler.ha.changes();
+        }
         tokio::select! {
             _ = tick.tick() => {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
@@ -170,6 +196,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 reconciler.guard_pod_ports(&mut datapath, &mut maps);
                 if reconciler.esp_tick() {
                     reconciler.force_replan();
+                }
+                // Hold-downs end without a probe event.
+                reconciler.ha.react(&mut maps);
+            }
+            // A connector went up or down: fail over now, not at the next tick.
+            changed = async { ha_changes.as_mut().expect("guarded").changed().await }, if ha_changes.is_some() => {
+                if changed.is_ok() {
+                    reconciler.ha.react(&mut maps);
                 }
             }
             _ = ct_gc.tick() => crate::services::ctgc::collect_and_log(&mut maps),
@@ -223,6 +257,8 @@ struct Reconciler {
     status: std::sync::Arc<crate::observe::Status>,
     /// The pods' bridge ports guarded so far (edges).
     pod_ports: crate::apply::pod_ports::PodPorts,
+    /// Connector liveness: probes, the edge's connector group, VTEP addresses.
+    ha: ha::HaRuntime,
 }
 
 impl Reconciler {
@@ -249,6 +285,8 @@ impl Reconciler {
         };
         let status = crate::observe::Status::new(crate::observe::STUCK_AFTER);
         status.planned(0, &peer_ids, None);
+        let ha = ha::HaRuntime::new(options.ha, &options.node, &options.state_dir)
+            .with_metrics(status.clone());
         Ok(Reconciler {
             status,
             pod_ports: Default::default(),
@@ -265,6 +303,7 @@ impl Reconciler {
             last_error: None,
             cgroup_attached: false,
             esp,
+            ha,
         })
     }
 
@@ -435,13 +474,15 @@ impl Reconciler {
             esp.fill_settings(&mut settings);
         }
         let settings = &settings;
-        let plan = plan(snapshot, &options.node, settings, &self.peer_ids)?;
+        let mut plan = plan(snapshot, &options.node, settings, &self.peer_ids)?;
         for warning in &plan.warnings {
             warn!("{warning}");
         }
         self.guard.check(&plan, options.hold_drastic_changes)?;
+        self.ha.prepare(&mut plan)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
         self.guard.applied(&plan);
+        self.ha.applied();
         self.status.planned(
             plan.warnings.len(),
             &plan.peer_ids,

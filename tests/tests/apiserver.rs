@@ -966,6 +966,18 @@ fn a_connector_writes_the_flannel_lease_and_pod_cidr_of_edge_nodes_but_no_roles_
         "cloud-1",
         &own_annotations("cloud-1", "1"),
     )?;
+    // Not its own VTEP address: a stolen connector may not point cloud
+    // nodes and the other connectors at an address of its choosing.
+    assert_refused(
+        &server,
+        &cloud1,
+        "cloud-1",
+        &annotations_patch("cloud-1", &[(annotation::VTEP_ADDRESS, "10.1.0.250")], &[]),
+        &format!(
+            "{writer} may not change annotation(s) {} of Node cloud-1{connector_only}",
+            annotation::VTEP_ADDRESS
+        ),
+    )?;
     // A Node that stopped being an edge: its copy of the lease comes off.
     server.apply(&json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "was-edge", "annotations": lease}}))?;

@@ -160,32 +160,18 @@ pub fn desired(
     let mut by_node: BTreeMap<String, AnnotationPatch> = BTreeMap::new();
     match objects.snapshot() {
         Ok(snapshot) => {
-            // The active connector (lowest name, as `plan` picks it) is the
-            // VTEP cloud nodes must send edge traffic to.
-            if let Some(active) = snapshot.nodes_with_role(Role::Connector).next() {
-                let mac = active
-                    .flannel
-                    .as_ref()
-                    .map(|l| l.vtep_mac)
-                    .or(if active.name == me {
-                        own_flannel_mac
-                    } else {
-                        None
-                    });
-                let underlay = active
-                    .flannel
-                    .as_ref()
-                    .map_or(active.internal_ip, |l| l.public_ip);
-                match mac {
-                    Some(mac) => {
-                        for patch in flannel_annotation_patches(&snapshot, active, mac, underlay) {
-                            by_node.insert(patch.node.clone(), patch);
-                        }
-                    }
-                    None => warn!(
-                        "connector {} has no Flannel lease yet; edge Nodes get their annotations once it does",
-                        active.name
-                    ),
+            // Each edge's first connector is the VTEP cloud nodes must send
+            // its traffic to (the same patches every connector's plan computes).
+            let connectors = crate::plan::Connectors::of(&snapshot);
+            for patch in flannel_annotation_patches(&snapshot, &connectors, me, own_flannel_mac) {
+                by_node.insert(patch.node.clone(), patch);
+            }
+            for connector in &connectors.nodes {
+                if connector.flannel.is_none() && !(connector.name == me && own_flannel_mac.is_some()) {
+                    warn!(
+                        "connector {} has no Flannel lease yet; its edge Nodes get their annotations once it does",
+                        connector.name
+                    );
                 }
             }
         }

@@ -235,6 +235,8 @@ pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
 #[derive(Serialize)]
 pub struct PeerRow {
     pub id: u16,
+    /// The node behind the id (from the agent's state dir), if known.
+    pub name: String,
     pub kind: &'static str,
     pub endpoint: String,
     pub vtep_mac: String,
@@ -242,15 +244,57 @@ pub struct PeerRow {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// A probed connector: `active`/`standby` (edges), `up`/`down`, the
+    /// last RTT, consecutive misses and how long ago it last answered.
+    pub connector: Option<ConnectorHealth>,
+}
+
+#[derive(Serialize)]
+pub struct ConnectorHealth {
+    /// Edge: whether its traffic goes there now.
+    pub used: Option<bool>,
+    pub up: bool,
+    /// Up for the hold-down (may take traffic back).
+    pub stable: bool,
+    pub rtt_us: Option<u64>,
+    pub misses: u32,
+    pub last_answer_ms: Option<u64>,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub probes_missed: u64,
+}
+
+impl ConnectorHealth {
+    fn cell(&self) -> String {
+        let state = match (self.up, self.stable) {
+            (false, _) => "down",
+            (true, true) => "up",
+            (true, false) => "up (hold-down)",
+        };
+        let used = match self.used {
+            Some(true) => "active, ",
+            Some(false) => "standby, ",
+            None => "",
+        };
+        let rtt = self
+            .rtt_us
+            .map_or("-".to_owned(), |us| format!("{:.2}ms", us as f64 / 1000.0));
+        let last = self
+            .last_answer_ms
+            .map_or("never".to_owned(), |ms| format!("{ms}ms ago"));
+        format!("{used}{state}, rtt {rtt}, {} missed, last answer {last}", self.misses)
+    }
 }
 
 impl Row for PeerRow {
     const HEADERS: &'static [&'static str] = &[
-        "ID", "KIND", "ENDPOINT", "VTEP MAC", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
+        "ID", "NAME", "KIND", "ENDPOINT", "VTEP MAC", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
+        "CONNECTOR",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.id.to_string(),
+            self.name.clone(),
             self.kind.into(),
             self.endpoint.clone(),
             self.vtep_mac.clone(),
@@ -258,11 +302,19 @@ impl Row for PeerRow {
             self.tx_bytes.to_string(),
             self.rx_packets.to_string(),
             self.rx_bytes.to_string(),
+            self.connector.as_ref().map_or("-".into(), ConnectorHealth::cell),
         ]
     }
 }
 
+/// Peers of the datapath, named and, for connectors, with the health the
+/// running agent's probes see (its `ha-status.json`).
 pub fn peers(maps: &Maps) -> Result<Vec<PeerRow>> {
+    let names: crate::plan::PeerIds = std::fs::read(state_dir().join(crate::plan::PEER_IDS_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let ha = crate::run::ha::HaStatus::read(state_dir()).unwrap_or_default();
     let mut rows = Vec::new();
     for id in 1..maps.peers.len().min(u16::MAX as u32) {
         let id = id as u16;
@@ -271,8 +323,22 @@ pub fn peers(maps: &Maps) -> Result<Vec<PeerRow>> {
             continue;
         }
         let stats = maps.peer_stats(id)?;
+        let name = names.node(id).unwrap_or("").to_owned();
+        let connector = ha.targets.get(&name).map(|t| ConnectorHealth {
+            used: (!ha.order.is_empty()).then(|| ha.active.as_deref() == Some(name.as_str())),
+            up: t.up,
+            stable: t.stable,
+            rtt_us: t.rtt_us,
+            misses: t.misses,
+            last_answer_ms: t.last_answer_ms,
+            probes_sent: t.sent,
+            probes_answered: t.answered,
+            probes_missed: t.missed,
+        });
         rows.push(PeerRow {
             id,
+            name,
+            connector,
             kind: if peer.kind == peer_kind::FLANNEL_VTEP {
                 "flannel-vtep"
             } else {

@@ -41,6 +41,11 @@ pub mod annotation {
     /// An edge node's pod CIDR allocated by the leading connector (see
     /// `ipam`), used when the node has no `spec.podCIDR`.
     pub const POD_CIDR: &str = "fabedge.io/pod-cidr";
+    /// On a connector, set by the operator: the address on the cloud
+    /// network that cloud nodes' Flannel sends its edges' traffic to. The
+    /// connector holds it while alive; its successor takes it over (with
+    /// gratuitous ARP) when it dies, so Flannel never has to notice.
+    pub const VTEP_ADDRESS: &str = "fabedge.io/vtep-address";
     /// Flannel's lease, as its kube subnet manager stores it on the Node.
     pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
     pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
@@ -214,6 +219,8 @@ pub struct Node {
     /// annotation if set, else the ExternalIP, else the InternalIP.
     pub tunnel_endpoint: Ipv4Addr,
     pub flannel: Option<FlannelLease>,
+    /// Connector: its shared VTEP address (`fabedge.io/vtep-address`).
+    pub vtep_address: Option<Ipv4Addr>,
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -559,6 +566,29 @@ impl Node {
         let flannel = FlannelLease::from_annotations(&annotations)
             .map_err(|(field, problem)| invalid(&object, format!("annotation {field}"), problem))?;
 
+        let vtep_address = match (role, annotations.get(annotation::VTEP_ADDRESS)) {
+            (_, None) => None,
+            (Role::Connector, Some(value)) => Some(
+                value
+                    .trim()
+                    .parse::<Ipv4Addr>()
+                    .ok()
+                    .filter(|ip| !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast())
+                    .ok_or_else(|| {
+                        invalid(
+                            &object,
+                            format!("annotation {}", annotation::VTEP_ADDRESS),
+                            format!(
+                                "{value:?} is not a unicast IPv4 address; set it to a free address on the \
+                                 cloud network (e.g. 10.1.0.201) or remove it"
+                            ),
+                        )
+                    })?,
+            ),
+            // Only a connector holds a VTEP address; elsewhere it means nothing.
+            (_, Some(_)) => None,
+        };
+
         Ok(Node {
             name,
             role,
@@ -567,6 +597,7 @@ impl Node {
             pod_cidr,
             tunnel_endpoint,
             flannel,
+            vtep_address,
             annotations,
         })
     }

@@ -107,6 +107,9 @@ pub fn render(sources: &Sources) -> String {
     let mut page = Exposition::default();
     build_info(&mut page);
     agent_status(&mut page, &status);
+    if let Some(ha) = &status.ha {
+        connectors(&mut page, ha);
+    }
 
     let datapath = Maps::open(&sources.layout)
         .and_then(|maps| datapath(&mut page, &maps, &sources.layout, &status.peer_ids));
@@ -196,6 +199,56 @@ fn agent_status(page: &mut Exposition, status: &StatusSnapshot) {
          `fabedge-agent inspect problems` lists them.",
     )
     .sample(&[], status.problems);
+}
+
+/// Connector liveness: probes per connector, health, and failovers.
+fn connectors(page: &mut Exposition, ha: &crate::run::ha::HaStatus) {
+    let families: [(&str, &str, fn(&crate::run::ha::TargetStatus) -> u64); 3] = [
+        ("fabedge_probes_sent_total", "Liveness probes sent to each connector.", |t| t.sent),
+        ("fabedge_probes_answered_total", "Liveness probes each connector's datapath answered.", |t| t.answered),
+        ("fabedge_probes_missed_total", "Liveness probes each connector left unanswered.", |t| t.missed),
+    ];
+    for (name, help, value) in families {
+        page.family(name, Kind::Counter, help);
+        for (connector, target) in &ha.targets {
+            page.sample(&[("connector", connector)], value(target));
+        }
+    }
+    page.family(
+        "fabedge_connector_up",
+        Kind::Gauge,
+        "Whether a connector answers its probes (1), and has for the hold-down (stable=\"true\").",
+    );
+    for (connector, target) in &ha.targets {
+        let stable = if target.stable { "true" } else { "false" };
+        page.sample(&[("connector", connector), ("stable", stable)], u8::from(target.up));
+    }
+    page.family(
+        "fabedge_connector_rtt_seconds",
+        Kind::Gauge,
+        "Round trip of the last answered probe to each connector.",
+    );
+    for (connector, target) in &ha.targets {
+        if let Some(us) = target.rtt_us {
+            page.sample(&[("connector", connector)], us as f64 / 1e6);
+        }
+    }
+    if !ha.order.is_empty() {
+        page.family(
+            "fabedge_connector_active",
+            Kind::Gauge,
+            "Edge: the connector its cloud-bound traffic goes through (1).",
+        );
+        for connector in &ha.order {
+            page.sample(&[("connector", connector)], u8::from(ha.active.as_ref() == Some(connector)));
+        }
+    }
+    page.family(
+        "fabedge_failovers_total",
+        Kind::Counter,
+        "Edge: switches of its connector; connector: VTEP addresses taken over from dead connectors.",
+    )
+    .sample(&[], ha.failovers);
 }
 
 /// Counters, peers and map fill levels from the pinned maps.

@@ -58,6 +58,8 @@ struct StatusInner {
     peer_ids: PeerIds,
     /// ESP mode: the node's current key generation.
     esp_generation: Option<u32>,
+    /// Connector liveness as the probes see it.
+    ha: Option<crate::run::ha::HaStatus>,
 }
 
 #[derive(Clone)]
@@ -80,6 +82,7 @@ pub struct StatusSnapshot {
     pub problems: usize,
     pub peer_ids: PeerIds,
     pub esp_generation: Option<u32>,
+    pub ha: Option<crate::run::ha::HaStatus>,
 }
 
 impl Status {
@@ -128,6 +131,11 @@ impl Status {
             inner.peer_ids = peer_ids.clone();
         }
         inner.esp_generation = esp_generation;
+    }
+
+    /// Connector liveness, as the run loop last saw it.
+    pub fn ha(&self, status: crate::run::ha::HaStatus) {
+        self.lock().ha = Some(status);
     }
 
     /// How many objects the last pass left out.
@@ -180,6 +188,7 @@ impl Status {
             problems: inner.problems,
             peer_ids: inner.peer_ids.clone(),
             esp_generation: inner.esp_generation,
+            ha: inner.ha.clone(),
         }
     }
 }

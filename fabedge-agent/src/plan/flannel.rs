@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Serialize;
 
+use super::connectors::Connectors;
 use crate::model::AnnotationPatch;
 use crate::model::{FLANNEL_VXLAN_BACKEND, Node, Role, Snapshot, annotation, format_mac};
 
@@ -39,19 +40,39 @@ pub fn masquerade_lease(vtep_mac: [u8; 6], public_ip: Ipv4Addr) -> BTreeMap<Stri
     ])
 }
 
-/// Changes that make every edge Node carry the connector's lease and take
-/// it off Nodes that are no longer edge nodes (but never off the connector
-/// itself, whose lease is its own). Nodes already right get no patch.
+/// Changes that make every edge Node carry the lease of its first
+/// connector (that connector's flannel.1 MAC, and its shared VTEP address
+/// as `public-ip`), and take a connector's lease off Nodes that are no
+/// longer edge nodes (never off a connector itself, whose lease is its
+/// own). Every connector computes the same patches from the same snapshot,
+/// so they never fight. `me`'s MAC comes from `own_mac` until Flannel has
+/// written its lease; an edge whose connector has no MAC yet is skipped.
 pub fn annotation_patches(
     snapshot: &Snapshot,
-    connector: &Node,
-    vtep_mac: [u8; 6],
-    public_ip: Ipv4Addr,
+    connectors: &Connectors<'_>,
+    me: &str,
+    own_mac: Option<[u8; 6]>,
 ) -> Vec<AnnotationPatch> {
-    let wanted = masquerade_lease(vtep_mac, public_ip);
+    let mac_of = |connector: &Node| {
+        connector
+            .flannel
+            .as_ref()
+            .map(|lease| lease.vtep_mac)
+            .or(own_mac.filter(|_| connector.name == me))
+    };
+    let masquerades: Vec<([u8; 6], Ipv4Addr)> = connectors
+        .nodes
+        .iter()
+        .filter_map(|c| Some((mac_of(c)?, connectors.cloud_address(c))))
+        .collect();
     let mut patches = Vec::new();
-    for node in snapshot.nodes.values().filter(|n| n.name != connector.name) {
+    for node in snapshot.nodes.values().filter(|n| n.role != Role::Connector) {
         let patch = if node.role == Role::Edge {
+            let Some(primary) = connectors.primary(&node.name) else {
+                continue;
+            };
+            let Some(mac) = mac_of(primary) else { continue };
+            let wanted = masquerade_lease(mac, connectors.cloud_address(primary));
             let set: BTreeMap<String, String> = wanted
                 .iter()
                 .filter(|(key, value)| node.annotations.get(*key) != Some(value))
@@ -66,7 +87,7 @@ pub fn annotation_patches(
             let ours = node
                 .flannel
                 .as_ref()
-                .is_some_and(|l| l.vtep_mac == vtep_mac && l.public_ip == public_ip);
+                .is_some_and(|l| masquerades.contains(&(l.vtep_mac, l.public_ip)));
             let remove = if ours {
                 annotation::FLANNEL_LEASE
                     .iter()

@@ -124,6 +124,18 @@ fn edge_node_reaches_community_peer_directly_and_the_rest_through_the_connector(
 
     let edge2 = plan.peer_ids.get("edge-2").unwrap();
     let connector = plan.peer_ids.get("cloud-1").unwrap();
+    // Through the connector means through the connector group.
+    let group = |flags: u8| tunnel(flags | route_flags::VIA_GROUP)(CONNECTOR_GROUP);
+    assert_eq!(
+        plan.groups,
+        BTreeMap::from([(
+            CONNECTOR_GROUP,
+            GroupEntry {
+                active: connector,
+                members: [connector, 0, 0, 0, 0, 0, 0]
+            }
+        )])
+    );
     assert_eq!(route(&plan, "10.234.2.0/24").0, tunnel(0)(edge2));
     assert_eq!(
         route(&plan, "10.2.0.12/32").0,
@@ -135,12 +147,12 @@ fn edge_node_reaches_community_peer_directly_and_the_rest_through_the_connector(
         "10.244.1.0/24",
         "10.96.0.0/12",
     ] {
-        assert_eq!(route(&plan, pods).0, tunnel(0)(connector), "{pods}");
+        assert_eq!(route(&plan, pods).0, group(0), "{pods}");
     }
     for node_ip in ["10.2.0.13/32", "10.1.0.1/32", "10.1.0.2/32"] {
         assert_eq!(
             route(&plan, node_ip).0,
-            tunnel(route_flags::NODE_ADDR)(connector),
+            group(route_flags::NODE_ADDR),
             "{node_ip}"
         );
     }
@@ -460,27 +472,180 @@ fn node_leaving_the_edge_loses_the_masquerade_lease() {
     );
 }
 
-#[test]
-fn standby_connector_plans_as_a_cloud_node() {
+/// The example cluster with a second connector, cloud-3, and shared VTEP
+/// addresses on both connectors.
+fn two_connectors() -> Snapshot {
     let mut snapshot = cluster();
-    let mut standby = snapshot.nodes["cloud-2"].clone();
-    standby.name = "cloud-3".into();
-    standby.role = Role::Connector;
-    standby.internal_ip = ip("10.1.0.3");
-    standby.pod_cidr = Some(net("10.244.2.0/24"));
-    snapshot.nodes.insert(standby.name.clone(), standby);
-    let plan = plan_for(&snapshot, "cloud-3");
-    assert_eq!(plan.role, Role::Cloud);
-    assert!(plan.routes.is_empty());
+    let mut second = snapshot.nodes["cloud-2"].clone();
+    second.name = "cloud-3".into();
+    second.role = Role::Connector;
+    second.internal_ip = ip("10.1.0.3");
+    second.tunnel_endpoint = ip("198.18.0.3");
+    second.pod_cidr = Some(net("10.244.2.0/24"));
+    let lease = second.flannel.as_mut().unwrap();
+    lease.public_ip = ip("10.1.0.3");
+    lease.vtep_mac = [0xce, 0x0c, 0x03, 0, 0, 3];
+    second.vtep_address = Some(ip("10.1.0.203"));
+    snapshot.nodes.insert(second.name.clone(), second);
+    snapshot.nodes.get_mut("cloud-1").unwrap().vtep_address = Some(ip("10.1.0.201"));
+    snapshot
+}
+
+#[test]
+fn every_connector_is_active_and_each_edge_orders_them_into_its_group() {
+    let snapshot = two_connectors();
+    let edges = ["edge-1", "edge-2", "edge-3"];
+    let mut primaries = std::collections::BTreeSet::new();
+    for edge in edges {
+        let plan = plan_for(&snapshot, edge);
+        let order = crate::ha::order::failover_order(edge, &["cloud-1", "cloud-3"]);
+        let ids: Vec<u16> = order.iter().map(|c| plan.peer_ids.get(c).unwrap()).collect();
+        assert_eq!(
+            plan.groups[&CONNECTOR_GROUP],
+            GroupEntry {
+                active: ids[0],
+                members: [ids[0], ids[1], 0, 0, 0, 0, 0]
+            },
+            "{edge}"
+        );
+        primaries.insert(order[0].clone());
+        // Both are tunnel peers (ESP: SAs to both exist before a failover),
+        // both are probed at their tunnel endpoints.
+        assert_eq!(peer(&plan, "cloud-1").underlay_ip, ip("198.18.0.1").octets());
+        assert_eq!(peer(&plan, "cloud-3").underlay_ip, ip("198.18.0.3").octets());
+        assert_eq!(
+            plan.ha.probe_targets,
+            BTreeMap::from([
+                ("cloud-1".to_owned(), "198.18.0.1:8476".parse().unwrap()),
+                ("cloud-3".to_owned(), "198.18.0.3:8476".parse().unwrap()),
+            ])
+        );
+        assert_eq!(plan.config.probe_port, 0, "edges answer no probes");
+        assert_eq!(
+            route(&plan, "10.244.2.0/24").0,
+            tunnel(route_flags::VIA_GROUP)(CONNECTOR_GROUP)
+        );
+    }
+    let settings_3 = Settings {
+        flannel_mac: Some([0xce, 0x0c, 0x03, 0, 0, 3]),
+        ..settings()
+    };
+    for (connector, settings) in [("cloud-1", settings()), ("cloud-3", settings_3)] {
+        let plan = plan(&snapshot, connector, &settings, &PeerIds::new()).unwrap();
+        assert_eq!(plan.role, Role::Connector, "{connector}: no standby");
+        assert_eq!(plan.config.probe_port, fabedge_common::DEFAULT_PROBE_PORT);
+        assert_eq!(
+            plan.vtep_addrs,
+            [ip("10.1.0.201"), ip("10.1.0.203")].into(),
+            "{connector}"
+        );
+        // Every connector has a tunnel to every edge.
+        for edge in edges {
+            assert_eq!(route(&plan, &format!("{}/32", snapshot.nodes[edge].internal_ip)).1, Some(edge));
+        }
+        let other = if connector == "cloud-1" { "cloud-3" } else { "cloud-1" };
+        assert_eq!(plan.ha.probe_targets.keys().collect::<Vec<_>>(), [other]);
+        assert_eq!(plan.ha.vtep_iface.as_deref(), Some("eth0"));
+        assert_eq!(
+            plan.ha.connectors,
+            BTreeMap::from([
+                ("cloud-1".to_owned(), Some(ip("10.1.0.201"))),
+                ("cloud-3".to_owned(), Some(ip("10.1.0.203"))),
+            ])
+        );
+    }
+    // With three edges, the names hash onto both connectors.
+    assert_eq!(primaries.len(), 2, "{primaries:?}");
+}
+
+#[test]
+fn edges_carry_their_first_connector_s_lease_at_its_vtep_address_whoever_writes_it() {
+    let snapshot = two_connectors();
+    let from_1 = plan_for(&snapshot, "cloud-1").annotations;
+    let settings_3 = Settings {
+        flannel_mac: Some([0xce, 0x0c, 0x03, 0, 0, 3]),
+        ..settings()
+    };
+    let from_3 = plan(&snapshot, "cloud-3", &settings_3, &PeerIds::new())
+        .unwrap()
+        .annotations;
+    assert_eq!(from_1, from_3, "connectors must never fight over a lease");
+    assert_eq!(from_1.len(), 3);
+    for patch in &from_1 {
+        let primary = crate::ha::order::primary(&patch.node, ["cloud-1", "cloud-3"]).unwrap();
+        let (mac, vtep) = match primary {
+            "cloud-1" => ("ce:0c:01:00:00:01", "10.1.0.201"),
+            _ => ("ce:0c:03:00:00:03", "10.1.0.203"),
+        };
+        assert_eq!(
+            patch.set["flannel.alpha.coreos.com/public-ip"], vtep,
+            "{}", patch.node
+        );
+        assert_eq!(
+            patch.set["flannel.alpha.coreos.com/backend-data"],
+            format!(r#"{{"VtepMAC":"{mac}"}}"#)
+        );
+    }
+    // Cloud nodes reach edge node addresses through the same address.
+    let cloud = plan_for(&snapshot, "cloud-2");
+    for route in &cloud.kernel_routes {
+        let edge = snapshot
+            .nodes
+            .values()
+            .find(|n| Ipv4Net::from(n.internal_ip) == route.dst)
+            .unwrap();
+        let primary = crate::ha::order::primary(&edge.name, ["cloud-1", "cloud-3"]).unwrap();
+        let vtep = if primary == "cloud-1" { "10.1.0.201" } else { "10.1.0.203" };
+        assert_eq!(route.via, Some(ip(vtep)), "{}", edge.name);
+    }
+}
+
+#[test]
+fn a_vtep_address_that_is_a_node_address_or_claimed_twice_is_ignored_and_named() {
+    let mut snapshot = two_connectors();
+    snapshot.nodes.get_mut("cloud-3").unwrap().vtep_address = Some(ip("10.1.0.2"));
+    let plan = plan_for(&snapshot, "cloud-1");
+    assert_eq!(plan.vtep_addrs, [ip("10.1.0.201")].into());
     assert!(
-        plan.kernel_routes
+        plan.warnings
             .iter()
-            .all(|r| r.via == Some(ip("10.1.0.1")))
-    );
-    assert!(
-        plan.warnings[0].contains("standby connector"),
+            .any(|w| w.contains("cloud-3") && w.contains("10.1.0.2") && w.contains("cloud-2")),
         "{:?}",
         plan.warnings
+    );
+    snapshot.nodes.get_mut("cloud-3").unwrap().vtep_address = Some(ip("10.1.0.201"));
+    let plan = plan_for(&snapshot, "cloud-1");
+    assert!(plan.vtep_addrs.is_empty());
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("cloud-1, cloud-3") && w.contains("10.1.0.201")),
+        "{:?}",
+        plan.warnings
+    );
+    // Without a usable address a connector's edges are leased at its own.
+    let edge_patch = plan
+        .annotations
+        .iter()
+        .find(|p| crate::ha::order::primary(&p.node, ["cloud-1", "cloud-3"]) == Some("cloud-3"))
+        .expect("an edge of cloud-3");
+    assert_eq!(edge_patch.set["flannel.alpha.coreos.com/public-ip"], "10.1.0.3");
+}
+
+#[test]
+fn the_vtep_address_annotation_is_read_on_connectors_and_checked() {
+    let text = EXAMPLE_CLUSTER.replace(
+        "    flannel.alpha.coreos.com/public-ip: 10.1.0.1\n",
+        "    flannel.alpha.coreos.com/public-ip: 10.1.0.1\n    fabedge.io/vtep-address: 10.1.0.201\n",
+    );
+    assert_ne!(text, EXAMPLE_CLUSTER, "the fixture changed: adapt the test");
+    let snapshot = manifest::snapshot(&text).unwrap();
+    assert_eq!(snapshot.nodes["cloud-1"].vtep_address, Some(ip("10.1.0.201")));
+    let bad = text.replace("fabedge.io/vtep-address: 10.1.0.201", "fabedge.io/vtep-address: 10.1.0.300");
+    let error = manifest::snapshot(&bad).unwrap_err().to_string();
+    assert!(
+        error.contains("cloud-1") && error.contains("fabedge.io/vtep-address") && error.contains("10.1.0.300"),
+        "{error}"
     );
 }
 

@@ -94,10 +94,21 @@ pub(super) async fn run(
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
+    let mut ha_changes = None;
     loop {
         reconciler.status.turned();
+        if ha_changes.is_none() {
+            ha_changes = reconciler.ha.changes();
+        }
         tokio::select! {
             _ = source.changed() => {}
+            // A connector went up or down: fail over now.
+            changed = async { ha_changes.as_mut().expect("guarded").changed().await }, if ha_changes.is_some() => {
+                if changed.is_ok() {
+                    reconciler.ha.react(maps);
+                }
+                continue;
+            }
             _ = ct_gc.tick() => {
                 crate::services::ctgc::collect_and_log(maps);
                 continue;
@@ -106,6 +117,8 @@ pub(super) async fn run(
             _ = tick.tick() => {
                 reconciler.restore_routes();
                 reconciler.guard_pod_ports(datapath, maps);
+                // Hold-downs end without a probe event.
+                reconciler.ha.react(maps);
                 if reconciler.esp_tick() {
                     // A new key generation: re-plan so it is used and published.
                     state.applied = None;
