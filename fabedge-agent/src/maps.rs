@@ -1,6 +1,9 @@
 //! Typed access to the pinned maps: what `apply` writes and `inspect` reads.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
@@ -8,8 +11,8 @@ use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry, RouteAddr,
-    RouteEntry, map_names,
+    Counter, DatapathConfig, GroupEntry, MAX_GROUPS, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry,
+    PeerStats, PodPortEntry, RouteAddr, RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -151,6 +154,10 @@ pub struct Maps {
     pub peer_addrs: HashMap<MapData, RouteAddr, PeerAddrEntry>,
     /// A pod's host-side veth (ifindex) → the address it may send from.
     pub pod_ports: HashMap<MapData, u32, PodPortEntry>,
+    /// Connector groups by id (`GroupEntry::active` is the failover switch).
+    pub groups: Array<MapData, GroupEntry>,
+    /// The connector group's shared VTEP addresses (value unused).
+    pub vtep_addrs: HashMap<MapData, RouteAddr, u8>,
 }
 
 impl Maps {
@@ -189,6 +196,12 @@ impl Maps {
             pod_ports: typed(map_names::POD_PORTS)?
                 .try_into()
                 .context(map_names::POD_PORTS)?,
+            groups: typed(map_names::GROUPS)?
+                .try_into()
+                .context(map_names::GROUPS)?,
+            vtep_addrs: typed(map_names::VTEP_ADDRS)?
+                .try_into()
+                .context(map_names::VTEP_ADDRS)?,
         })
     }
 
@@ -263,6 +276,106 @@ impl Maps {
                 .with_context(|| {
                     format!("removing {} from FE_PEER_ADDRS", Ipv4Addr::from(*addr))
                 })?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// The groups in use (an entry with members or an active one), by id.
+    pub fn group_entries(&self) -> Result<BTreeMap<u16, GroupEntry>> {
+        let mut out = BTreeMap::new();
+        for id in 1..MAX_GROUPS as u16 {
+            let entry = self.group(id)?;
+            if entry != GroupEntry::default() {
+                out.insert(id, entry);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn group(&self, id: u16) -> Result<GroupEntry> {
+        self.groups
+            .get(&u32::from(id), 0)
+            .with_context(|| format!("reading FE_GROUPS[{id}]"))
+    }
+
+    /// Make `FE_GROUPS` hold `groups`: each given id written if it differs,
+    /// every other id cleared (its routes then drop as `drop_group_down`).
+    /// Returns the entries changed.
+    pub fn set_groups(&mut self, groups: &BTreeMap<u16, GroupEntry>) -> Result<usize> {
+        if let Some(id) = groups.keys().find(|&&id| id == 0 || u32::from(id) >= MAX_GROUPS) {
+            anyhow::bail!("group id {id} is outside FE_GROUPS (1..{MAX_GROUPS})");
+        }
+        let mut changes = 0;
+        for id in 1..MAX_GROUPS as u16 {
+            let wanted = groups.get(&id).copied().unwrap_or_default();
+            if self.group(id)? != wanted {
+                self.groups
+                    .set(u32::from(id), wanted, 0)
+                    .with_context(|| format!("writing FE_GROUPS[{id}]"))?;
+                changes += 1;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Failover: point `group` at member `active` (0: none alive, the
+    /// group's routes drop). One read and one write of a 16-byte entry,
+    /// which the datapath sees whole on the next packet. Refuses a peer
+    /// that is not a member, so a stale decision cannot send the group's
+    /// traffic to a stranger.
+    pub fn set_group_active(&mut self, group: u16, active: u16) -> Result<()> {
+        if group == 0 || u32::from(group) >= MAX_GROUPS {
+            anyhow::bail!("group id {group} is outside FE_GROUPS (1..{MAX_GROUPS})");
+        }
+        let mut entry = self.group(group)?;
+        if active != 0 && !entry.has_member(active) {
+            anyhow::bail!(
+                "peer {active} is not a member of group {group} (members {:?}): FE_GROUPS \
+                 unchanged; apply a plan that lists it first",
+                entry.members.iter().take_while(|&&m| m != 0).collect::<Vec<_>>()
+            );
+        }
+        if entry.active == active {
+            return Ok(());
+        }
+        entry.active = active;
+        self.groups
+            .set(u32::from(group), entry, 0)
+            .with_context(|| format!("writing FE_GROUPS[{group}]"))
+    }
+
+    /// The shared VTEP addresses in `FE_VTEP_ADDRS`.
+    pub fn vtep_addr_entries(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        let mut out = BTreeSet::new();
+        for key in self.vtep_addrs.keys() {
+            let key = key.context("reading FE_VTEP_ADDRS")?;
+            out.insert(Ipv4Addr::from(key.addr));
+        }
+        Ok(out)
+    }
+
+    /// Make `FE_VTEP_ADDRS` hold exactly `addrs`: new ones first, stale
+    /// ones removed after. Returns the entries changed.
+    pub fn set_vtep_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
+        if addrs.len() > MAX_VTEP_ADDRS as usize {
+            anyhow::bail!(
+                "{} shared VTEP addresses but FE_VTEP_ADDRS holds {MAX_VTEP_ADDRS}",
+                addrs.len()
+            );
+        }
+        let current = self.vtep_addr_entries()?;
+        let mut changes = 0;
+        for addr in addrs.difference(&current) {
+            self.vtep_addrs
+                .insert(RouteAddr { addr: addr.octets() }, 1, 0)
+                .with_context(|| format!("writing {addr} to FE_VTEP_ADDRS"))?;
+            changes += 1;
+        }
+        for addr in current.difference(addrs) {
+            self.vtep_addrs
+                .remove(&RouteAddr { addr: addr.octets() })
+                .with_context(|| format!("removing {addr} from FE_VTEP_ADDRS"))?;
             changes += 1;
         }
         Ok(changes)

@@ -9,14 +9,12 @@
 //! one place only, `fe_tunnel_egress`, whichever path a packet took.
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
-use fabedge_common::{
-    Counter, DatapathConfig, RouteEntry, config_flags, mark, route_kind, tunnel_mode,
-};
+use fabedge_common::{Counter, DatapathConfig, config_flags, mark, route_kind, tunnel_mode};
 
 use crate::{
     fastpath::{decrement_ttl, fast_path_check, punt},
     flannel,
-    maps::peer,
+    maps::Route,
     parse::Ipv4Hdr,
     stats::count,
     verdict::{drop, pass},
@@ -24,22 +22,24 @@ use crate::{
 
 /// Act on a routed IPv4 packet (Ethernet header at offset 0).
 #[inline(always)]
-pub fn forward(ctx: &TcContext, cfg: &DatapathConfig, route: &RouteEntry, ip: &mut Ipv4Hdr) -> i32 {
+pub fn forward(ctx: &TcContext, cfg: &DatapathConfig, route: &Route, ip: &mut Ipv4Hdr) -> i32 {
     match route.kind {
         route_kind::LOCAL_POD | route_kind::LOCAL_HOST => pass(Counter::PassLocal),
         route_kind::KERNEL => pass(Counter::PassKernel),
-        route_kind::TUNNEL => to_tunnel(ctx, cfg, route.peer_id, ip),
+        route_kind::TUNNEL => to_tunnel(ctx, cfg, route, ip),
         route_kind::CLOUD_VTEP => flannel::encap(ctx, cfg, route.peer_id, ip),
         _ => drop(Counter::DropNoRoute),
     }
 }
 
-/// Send a packet toward tunnel peer `peer_id`.
+/// Send a packet toward the tunnel peer of `route` (a group route's
+/// active member, resolved by `maps::route`).
 #[inline(always)]
-pub fn to_tunnel(ctx: &TcContext, cfg: &DatapathConfig, peer_id: u16, ip: &mut Ipv4Hdr) -> i32 {
-    if peer(peer_id).is_none() {
-        return drop(Counter::DropUnknownPeer);
+pub fn to_tunnel(ctx: &TcContext, cfg: &DatapathConfig, route: &Route, ip: &mut Ipv4Hdr) -> i32 {
+    if let Err(reason) = route.next_hop() {
+        return drop(reason);
     }
+    let peer_id = route.peer_id;
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark::to_tunnel(existing, peer_id));

@@ -40,7 +40,7 @@ pub fn fe_from_pod(ctx: TcContext) -> i32 {
                 },
             };
             match route(ip.daddr) {
-                Some(r) => forward(&ctx, cfg, r, ip),
+                Some(r) => forward(&ctx, cfg, &r, ip),
                 None => drop(Counter::DropNoRoute),
             }
         }

@@ -26,6 +26,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod probe;
 mod reject;
 mod sock;
 mod stats;

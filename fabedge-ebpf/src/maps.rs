@@ -11,8 +11,9 @@ use fabedge_common::services::{
     SockRevEntry, SockRevKey,
 };
 use fabedge_common::{
-    DatapathConfig, MAX_PEERS, MAX_POD_PORTS, MAX_ROUTES, PeerAddrEntry, PeerEntry, PeerStats,
-    PodPortEntry, RouteAddr, RouteEntry, counters::COUNTER_SLOTS,
+    Counter, DatapathConfig, GroupEntry, MAX_GROUP_MEMBERS, MAX_GROUPS, MAX_PEERS, MAX_POD_PORTS,
+    MAX_ROUTES, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry, RouteAddr,
+    RouteEntry, counters::COUNTER_SLOTS, route_flags, route_kind,
 };
 
 #[btf_map]
@@ -29,6 +30,15 @@ pub static FE_PEER_ADDRS: HashMap<RouteAddr, PeerAddrEntry, { MAX_PEERS as usize
 /// A pod's host-side veth (ifindex) → the address that pod may send from.
 #[btf_map]
 pub static FE_POD_PORTS: HashMap<u32, PodPortEntry, { MAX_POD_PORTS as usize }> = HashMap::new();
+
+/// Connector groups by id: the member routes through the group go to now.
+#[btf_map]
+pub static FE_GROUPS: Array<GroupEntry, { MAX_GROUPS as usize }> = Array::new();
+
+/// The connector group's shared VTEP addresses (value unused): Flannel
+/// VXLAN to any of them is this connector's, as to its own address.
+#[btf_map]
+pub static FE_VTEP_ADDRS: HashMap<RouteAddr, u8, { MAX_VTEP_ADDRS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static FE_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -66,11 +76,124 @@ pub fn config() -> Option<&'static DatapathConfig> {
     }
 }
 
-/// Longest-prefix match of an IPv4 address (network order bytes).
+/// A route as the programs act on it: a group route already resolved to
+/// the group's active member. A copy, so that a group switch reaches the
+/// next packet and never half of one.
+#[derive(Clone, Copy)]
+pub struct Route {
+    /// One of [`route_kind`].
+    pub kind: u8,
+    /// Bits of [`route_flags`].
+    pub flags: u8,
+    /// The next hop in `FE_PEERS`: the route's peer, or for a group route
+    /// the group's active member (0 when none is alive).
+    pub peer_id: u16,
+    /// `peer_id` as the route names it: the group id of a group route.
+    pub owner: u16,
+}
+
+impl Route {
+    /// A `TUNNEL` route through a connector group.
+    #[inline(always)]
+    pub fn via_group(&self) -> bool {
+        self.kind == route_kind::TUNNEL && self.flags & route_flags::VIA_GROUP != 0
+    }
+
+    /// The tunnel peer this route sends to, or the drop reason when there
+    /// is none: a group without a live member is `DropGroupDown`, not a
+    /// configuration error.
+    #[inline(always)]
+    pub fn next_hop(&self) -> Result<&'static PeerEntry, Counter> {
+        let missing = if self.via_group() {
+            Counter::DropGroupDown
+        } else {
+            Counter::DropUnknownPeer
+        };
+        if self.peer_id == 0 && self.via_group() {
+            return Err(missing);
+        }
+        peer(self.peer_id).ok_or(missing)
+    }
+}
+
+/// Longest-prefix match of an IPv4 address (network order bytes), a group
+/// route resolved to its active member (one array lookup, group routes only).
 #[inline(always)]
-pub fn route(addr: [u8; 4]) -> Option<&'static RouteEntry> {
+pub fn route(addr: [u8; 4]) -> Option<Route> {
     let key = aya_ebpf::btf_maps::lpm_trie::Key::new(32, RouteAddr { addr });
-    FE_ROUTES.get(&key)
+    let entry: &RouteEntry = FE_ROUTES.get(&key)?;
+    let mut r = Route {
+        kind: entry.kind,
+        flags: entry.flags,
+        peer_id: entry.peer_id,
+        owner: entry.peer_id,
+    };
+    if r.via_group() {
+        r.peer_id = match group(r.owner) {
+            Some(g) => g.active,
+            None => 0,
+        };
+    }
+    Some(r)
+}
+
+/// Group `id` of `FE_GROUPS`. Id 0 names no group.
+#[inline(always)]
+pub fn group(id: u16) -> Option<&'static GroupEntry> {
+    if id == 0 {
+        return None;
+    }
+    FE_GROUPS.get(id as u32)
+}
+
+/// Whether tunnel peer `sender` may send in the name of `r`'s prefix: the
+/// route's own peer, or for a group route any member of the group (a
+/// standby connector forwards for the group as well as the active one:
+/// failover must not wait for both ends to agree).
+#[inline(always)]
+pub fn sent_by(r: &Route, sender: u16) -> bool {
+    if !r.via_group() {
+        return r.owner == sender;
+    }
+    match group(r.owner) {
+        Some(g) => sender != 0 && g.has_member(sender),
+        None => false,
+    }
+}
+
+/// The peer at underlay address `addr` that may send in the name of `r`'s
+/// prefix (the route's peer, or the group member there), if any: the
+/// checks that know only the outer source of a tunnel packet.
+#[inline(always)]
+pub fn sender_at(r: &Route, addr: [u8; 4]) -> Option<u16> {
+    if !r.via_group() {
+        return match peer(r.owner) {
+            Some(p) if p.underlay_ip == addr => Some(r.owner),
+            _ => None,
+        };
+    }
+    let g = group(r.owner)?;
+    let mut i = 0;
+    while i < MAX_GROUP_MEMBERS {
+        let member = g.members[i];
+        if member == 0 {
+            return None;
+        }
+        if let Some(p) = peer(member) {
+            if p.underlay_ip == addr {
+                return Some(member);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether `addr` is one of the connector group's shared VTEP addresses.
+#[inline(always)]
+pub fn is_vtep_addr(addr: [u8; 4]) -> bool {
+    // SAFETY: the value is not read, only the key's presence.
+    unsafe { FE_VTEP_ADDRS.get(&RouteAddr { addr }) }.is_some()
 }
 
 /// The peer behind `peer_id`, if that slot is in use.

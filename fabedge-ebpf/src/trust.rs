@@ -4,9 +4,9 @@
 //! only what we route. None of these depends on the kernel's routes: a
 //! route of ours that is missing (deleted, not yet installed) opens no hole.
 
-use fabedge_common::{DatapathConfig, RouteEntry, peer_kind, role, route_kind};
+use fabedge_common::{DatapathConfig, peer_kind, role, route_kind};
 
-use crate::maps::{peers_at, route};
+use crate::maps::{Route, peers_at, route};
 
 /// Whether `addr` is a tunnel peer's underlay address: our encapsulations
 /// (VXLAN, ESP, ESP in UDP) go to it, and its own come from it, in plain.
@@ -43,7 +43,7 @@ pub fn is_pod_source(saddr: [u8; 4]) -> bool {
 /// CIDR, cloud node addresses). An edge's only kernel route is its default
 /// route (pods' way out to their site): not for its peers.
 #[inline(always)]
-pub fn tunnel_destination(cfg: &DatapathConfig, daddr: [u8; 4]) -> Option<&'static RouteEntry> {
+pub fn tunnel_destination(cfg: &DatapathConfig, daddr: [u8; 4]) -> Option<Route> {
     let r = route(daddr)?;
     match r.kind {
         route_kind::LOCAL_POD

@@ -15,7 +15,7 @@ use fabedge_common::{
 
 use crate::{
     forward::forward,
-    maps::{config, peer, route},
+    maps::{config, peer, route, sender_at, sent_by},
     parse::{self, EthHdr, Ipv4Hdr, L3, ptr_at},
     stats::{count, peer_rx, peer_tx},
     trust::tunnel_destination,
@@ -49,15 +49,15 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
         L3::Malformed => return drop(Counter::DropMalformed),
     };
     // The sending peer must own the source address: a peer cannot inject
-    // traffic in the name of another site.
+    // traffic in the name of another site (for a group's prefixes, any
+    // member may send).
     let sender = match route(ip.saddr) {
-        Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+        Some(r) if r.kind == route_kind::TUNNEL => match sender_at(&r, remote) {
+            Some(sender) => sender,
+            None => return drop(Counter::DropSpoofed),
+        },
         _ => return drop(Counter::DropSpoofed),
     };
-    match peer(sender) {
-        Some(p) if p.underlay_ip == remote => {}
-        _ => return drop(Counter::DropSpoofed),
-    }
     // SAFETY: the context pointer is valid for the program's lifetime.
     let existing = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark::from_tunnel(existing, sender));
@@ -66,7 +66,7 @@ pub fn fe_tunnel_ingress(ctx: TcContext) -> i32 {
     };
     peer_rx(sender, ctx.len());
     count(Counter::FromTunnel);
-    forward(&ctx, cfg, dst, ip)
+    forward(&ctx, cfg, &dst, ip)
 }
 
 #[classifier]
@@ -85,7 +85,10 @@ pub fn fe_tunnel_egress(ctx: TcContext) -> i32 {
         // (hostNetwork pods), routed here by the kernel.
         None => match parse::ipv4(&ctx) {
             L3::Ipv4(ip) => match route(ip.daddr) {
-                Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+                Some(r) if r.kind == route_kind::TUNNEL => match r.next_hop() {
+                    Ok(_) => r.peer_id,
+                    Err(reason) => return drop(reason),
+                },
                 _ => return drop(Counter::DropNoRoute),
             },
             L3::Other => return drop(Counter::DropUnsupported),
@@ -161,7 +164,7 @@ fn esp_ingress(ctx: &TcContext, cfg: &DatapathConfig) -> i32 {
         },
     };
     match route(ip.saddr) {
-        Some(r) if r.kind == route_kind::TUNNEL && r.peer_id == sender => {}
+        Some(r) if r.kind == route_kind::TUNNEL && sent_by(&r, sender) => {}
         _ => return drop(Counter::DropSpoofed),
     }
     // A route may name a peer the table no longer (or not yet) has; only a
@@ -188,7 +191,10 @@ fn esp_egress(ctx: &TcContext) -> i32 {
         Some(id) => id,
         None => match l3_ipv4(ctx) {
             Some(ip) => match route(ip.daddr) {
-                Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+                Some(r) if r.kind == route_kind::TUNNEL => match r.next_hop() {
+                    Ok(_) => r.peer_id,
+                    Err(reason) => return drop(reason),
+                },
                 _ => return drop(Counter::DropNoRoute),
             },
             None => return drop(Counter::DropMalformed),

@@ -10,13 +10,18 @@
 //! straight into the tunnel. Everything else is the node's own business and
 //! passes untouched and uncounted.
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK},
+    macros::classifier,
+    programs::TcContext,
+};
 use fabedge_common::{Counter, DatapathConfig, role, route_kind};
 
 use crate::{
     flannel,
     forward::to_tunnel,
-    maps::{config, route},
+    maps::{config, is_vtep_addr, route},
+    probe,
     parse::{
         self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr,
         VXLAN_HLEN, VxlanHdr, ptr_at,
@@ -43,14 +48,25 @@ pub fn fe_uplink_ingress(ctx: TcContext) -> i32 {
     if cfg.role != role::CONNECTOR {
         return TC_ACT_OK as i32;
     }
+    if probe::enabled(cfg) {
+        if let Some(verdict) = probe::tc(&ctx, cfg) {
+            return verdict;
+        }
+    }
     if let Err(counter) = flannel_guard(&ctx, cfg, ip) {
         return drop(counter);
     }
     if is_flannel_vxlan(&ctx, cfg, ip) {
-        return from_flannel(&ctx, cfg, ip.saddr);
+        let (vtep, daddr) = (ip.saddr, ip.daddr);
+        if daddr != cfg.underlay_ip {
+            if let Err(counter) = adopt_inner_dst_mac(&ctx, cfg) {
+                return drop(counter);
+            }
+        }
+        return from_flannel(&ctx, cfg, vtep);
     }
     match route(ip.daddr) {
-        Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, r.peer_id, ip),
+        Some(r) if r.kind == route_kind::TUNNEL => to_tunnel(&ctx, cfg, &r, ip),
         _ => TC_ACT_OK as i32,
     }
 }
@@ -95,15 +111,16 @@ fn flannel_guard(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<
     }
 }
 
-/// Flannel VXLAN addressed to this connector (outer IHL 5, our port and VNI,
-/// not a fragment: a fragment's bytes are not a whole VXLAN frame, and the
-/// kernel reassembles it for `flannel.1`).
+/// Flannel VXLAN addressed to this connector — its own address or a shared
+/// VTEP address of its group (`FE_VTEP_ADDRS`) — (outer IHL 5, our port and
+/// VNI, not a fragment: a fragment's bytes are not a whole VXLAN frame, and
+/// the kernel reassembles it for `flannel.1`).
 #[inline(always)]
 fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
     if ip.protocol != IPPROTO_UDP
         || ip.header_len() != IPV4_HLEN
         || ip.is_fragment()
-        || ip.daddr != cfg.underlay_ip
+        || (ip.daddr != cfg.underlay_ip && !is_vtep_addr(ip.daddr))
     {
         return false;
     }
@@ -131,6 +148,53 @@ fn is_flannel_vxlan(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool
     vxlan.flags & 0x08 != 0 && vxlan.vni() == cfg.flannel_vni
 }
 
+/// Flannel VXLAN to a shared VTEP address names the group's VTEP MAC as its
+/// inner destination, which after a failover is another connector's
+/// `flannel.1`: whatever this connector hands to its own `flannel.1`
+/// (frames we decline, GSO frames above all) would be `PACKET_OTHERHOST`
+/// there and dropped. Ours instead, with the UDP checksum (if any) and the
+/// skb's receive checksum kept right. Broadcast and multicast stay as sent.
+#[inline(always)]
+fn adopt_inner_dst_mac(ctx: &TcContext, cfg: &DatapathConfig) -> Result<(), Counter> {
+    let Some(inner_eth) = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF) else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let old = unsafe { (*inner_eth).dst };
+    if old == cfg.flannel_mac || old[0] & 1 != 0 {
+        return Ok(());
+    }
+    let Some(udp) = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN) else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let check = unsafe { (*udp).check };
+    let new = cfg.flannel_mac;
+    let flags = if check == [0, 0] {
+        // No UDP checksum: only the skb's receive checksum follows the bytes.
+        BPF_F_RECOMPUTE_CSUM as u64
+    } else {
+        // The UDP checksum follows the six bytes (the packet's sum is then
+        // unchanged, and so is the receive checksum).
+        const CHECK_OFF: usize = ETH_HLEN + IPV4_HLEN + 6;
+        let mangled = BPF_F_MARK_MANGLED_0 as u64;
+        let word = |m: [u8; 6], i: usize| u16::from_ne_bytes([m[i], m[i + 1]]) as u64;
+        for i in [0, 2, 4] {
+            if ctx
+                .l4_csum_replace(CHECK_OFF, word(old, i), word(new, i), 2 | mangled)
+                .is_err()
+            {
+                return Err(Counter::DropHelperFailed);
+            }
+        }
+        0
+    };
+    if ctx.store(INNER_ETH_OFF, &new, flags).is_err() {
+        return Err(Counter::DropHelperFailed);
+    }
+    Ok(())
+}
+
 /// A Flannel frame from the VTEP at `vtep`: decapsulate it if its inner
 /// destination is behind a tunnel, else leave it to `flannel.1`.
 #[inline(always)]
@@ -151,8 +215,8 @@ fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig, vtep: [u8; 4]) -> i32 {
     if !inner.is_valid() {
         return drop(Counter::DropMalformed);
     }
-    let peer_id = match route(inner.daddr) {
-        Some(r) if r.kind == route_kind::TUNNEL => r.peer_id,
+    let dst = match route(inner.daddr) {
+        Some(r) if r.kind == route_kind::TUNNEL => r,
         _ => return pass(Counter::PassFlannel),
     };
     if !flannel::decap(ctx) {
@@ -161,7 +225,7 @@ fn from_flannel(ctx: &TcContext, cfg: &DatapathConfig, vtep: [u8; 4]) -> i32 {
     crate::stats::count(Counter::FlannelDecap);
     crate::stats::vtep_rx(vtep, ctx.len());
     match parse::ipv4(ctx) {
-        L3::Ipv4(ip) => to_tunnel(ctx, cfg, peer_id, ip),
+        L3::Ipv4(ip) => to_tunnel(ctx, cfg, &dst, ip),
         _ => drop(Counter::DropMalformed),
     }
 }

@@ -4,10 +4,10 @@
 //! would drop later at a higher price (our VXLAN).
 
 use fabedge_common::{
-    Counter, DatapathConfig, ESP_IN_UDP_PORT, RouteEntry, peer_kind, role, route_kind, tunnel_mode,
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, peer_kind, role, route_kind, tunnel_mode,
 };
 
-use crate::maps::{peer, peers_at, route};
+use crate::maps::{peers_at, route, sender_at};
 
 /// Which tunnel a UDP port belongs to on this node.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,10 +56,12 @@ pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
 }
 
 /// Check an inner IPv4 source against the sender. `Err` is the drop counter;
-/// `Ok` carries the route of the inner source when it names the sender.
+/// `Ok` carries the sending peer's id when the inner source's route names
+/// the sender (for a group's prefixes: the member at the outer source).
 ///
 /// Our tunnel: the source must route to a tunnel peer whose underlay address
-/// is the outer source — what `fe_tunnel_ingress` demands, decided earlier.
+/// is the outer source (or to a group with a member there) — what
+/// `fe_tunnel_ingress` demands, decided earlier.
 /// Flannel: a cloud node may not send in the name of an edge (a tunnel
 /// route) or of another VTEP's pods; other sources (its node address, say)
 /// are Flannel's business, as without fabedge.
@@ -68,23 +70,18 @@ pub fn check_inner_source(
     tunnel: Tunnel,
     outer_src: [u8; 4],
     inner_src: [u8; 4],
-) -> Result<Option<&'static RouteEntry>, Counter> {
-    let src = route(inner_src);
-    let owned_by_sender = |r: &RouteEntry| match peer(r.peer_id) {
-        Some(p) => p.underlay_ip == outer_src,
-        None => false,
-    };
-    match (tunnel, src) {
-        (Tunnel::Ours, Some(r)) if r.kind == route_kind::TUNNEL && owned_by_sender(r) => {
-            Ok(Some(r))
-        }
+) -> Result<Option<u16>, Counter> {
+    match (tunnel, route(inner_src)) {
+        (Tunnel::Ours, Some(r)) if r.kind == route_kind::TUNNEL => match sender_at(&r, outer_src) {
+            Some(sender) => Ok(Some(sender)),
+            None => Err(Counter::XdpDropSpoofed),
+        },
         (Tunnel::Ours, _) => Err(Counter::XdpDropSpoofed),
         (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => Err(Counter::XdpDropSpoofed),
         (Tunnel::Flannel, Some(r)) if r.kind == route_kind::CLOUD_VTEP => {
-            if owned_by_sender(r) {
-                Ok(Some(r))
-            } else {
-                Err(Counter::XdpDropSpoofed)
+            match sender_at(&r, outer_src) {
+                Some(sender) => Ok(Some(sender)),
+                None => Err(Counter::XdpDropSpoofed),
             }
         }
         _ => Ok(None),

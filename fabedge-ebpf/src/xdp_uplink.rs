@@ -1,6 +1,6 @@
 //! XDP on the uplinks (every node's underlay NICs): the guard everywhere,
-//! and on the connector in VXLAN mode the Flannel masquerade finished at
-//! the NIC. XDP may only make a verdict cheaper, never different: whatever
+//! on the connector the probe reflector (`probe.rs`), and on the connector
+//! in VXLAN mode the Flannel masquerade finished at the NIC. XDP may only make a verdict cheaper, never different: whatever
 //! it declines is `XDP_PASS` with the frame unchanged, and the TC programs
 //! and the kernel handle it exactly as without XDP.
 //!
@@ -17,8 +17,9 @@ use fabedge_common::{
 };
 
 use crate::{
-    maps::{config, route},
+    maps::{config, is_vtep_addr, route},
     parse::{ETH_P_IP, IPPROTO_UDP, IPV4_HLEN},
+    probe,
     stats::count,
     xdp_guard::{Tunnel, check_inner_source, known_sender},
     xdp_masq::{flannel_to_tunnel, tunnel_to_flannel},
@@ -43,7 +44,13 @@ pub fn fe_xdp_uplink(ctx: XdpContext) -> u32 {
     {
         return XDP_PASS;
     }
-    let Some(tunnel) = Tunnel::at_port(cfg, u16::from_be_bytes(outer.udp.dest)) else {
+    let dest = u16::from_be_bytes(outer.udp.dest);
+    if probe::enabled(cfg) && dest == cfg.probe_port {
+        if let Some(verdict) = probe::xdp(&ctx, cfg) {
+            return verdict;
+        }
+    }
+    let Some(tunnel) = Tunnel::at_port(cfg, dest) else {
         return XDP_PASS;
     };
     let outer_src = outer.ip.saddr;
@@ -113,13 +120,18 @@ fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8;
     let verdict = match (tunnel, route(frame.inner_ip.daddr)) {
         // Addressed to our VTEP, as `fe_uplink_ingress` demands: Flannel
         // traffic between other nodes is not ours to masquerade.
+        // Or to a shared VTEP address of the connector group, which this
+        // connector may hold (after a failover) or be sent to (a stale ARP
+        // entry): the same frame, another connector's name on it.
         (Tunnel::Flannel, Some(dst))
-            if dst.kind == route_kind::TUNNEL && frame.ip.daddr == cfg.underlay_ip =>
+            if dst.kind == route_kind::TUNNEL
+                && dst.next_hop().is_ok()
+                && (frame.ip.daddr == cfg.underlay_ip || is_vtep_addr(frame.ip.daddr)) =>
         {
             flannel_to_tunnel(ctx, cfg, frame, dst.peer_id)
         }
         (Tunnel::Ours, Some(dst)) if dst.kind == route_kind::CLOUD_VTEP => match src {
-            Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender.peer_id, dst.peer_id),
+            Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender, dst.peer_id),
             None => None,
         },
         _ => None,

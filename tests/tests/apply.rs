@@ -5,7 +5,8 @@
 //! Needs root.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     fs::{self, OpenOptions},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -22,7 +23,7 @@ use fabedge_agent::{
     source::manifest::{EXAMPLE_CLUSTER, snapshot},
 };
 use fabedge_common::{
-    DatapathConfig, PeerEntry, RouteEntry,
+    CONNECTOR_GROUP, DatapathConfig, GroupEntry, PeerEntry, RouteEntry,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
 };
 use fabedge_tests::{
@@ -115,6 +116,8 @@ endpoints:
 struct NodeState {
     routes: Vec<(Ipv4Net, RouteEntry)>,
     peers: BTreeMap<u16, PeerEntry>,
+    groups: BTreeMap<u16, GroupEntry>,
+    vtep_addrs: BTreeSet<Ipv4Addr>,
     config: DatapathConfig,
     services: Vec<(ServiceKey, ServiceEntry)>,
     backends: Vec<(BackendKey, Backend)>,
@@ -163,6 +166,8 @@ fn read_state(ns: &Netns, datapath: &Datapath, maps: &Maps, plan: &Plan) -> Resu
     Ok(NodeState {
         routes: maps.route_entries()?,
         peers,
+        groups: maps.group_entries()?,
+        vtep_addrs: maps.vtep_addr_entries()?,
         config: maps.config()?,
         services: maps.service_entries()?,
         backends: maps.backend_entries()?,
@@ -213,18 +218,37 @@ fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
         cni_conf_dir: cni_dir.clone(),
         ..Settings::default()
     };
-    let plan_a = plan(
+    let mut plan_a = plan(
         &snapshot(EXAMPLE_CLUSTER)?,
         "edge-1",
         &settings,
         &PeerIds::new(),
     )?;
-    let plan_b = plan(
+    let mut plan_b = plan(
         &snapshot(&format!("{EXAMPLE_CLUSTER}{EDGE_4}"))?,
         "edge-1",
         &settings,
         &plan_a.peer_ids,
     )?;
+    // Connector HA maps, until the planner fills them: a group of edge-1's
+    // peers whose members change, and a shared VTEP address that moves.
+    let ids: Vec<u16> = plan_a.peers.keys().copied().collect();
+    ensure!(ids.len() >= 2, "edge-1 has two peers at least: {ids:?}");
+    let group = |active: u16, members: &[u16]| {
+        let mut entry = GroupEntry {
+            active,
+            ..GroupEntry::default()
+        };
+        entry.members[..members.len()].copy_from_slice(members);
+        entry
+    };
+    plan_a.groups = BTreeMap::from([(CONNECTOR_GROUP, group(ids[0], &ids[..1]))]);
+    plan_a.vtep_addrs = BTreeSet::from([Ipv4Addr::new(10, 1, 0, 200)]);
+    plan_b.groups = BTreeMap::from([
+        (CONNECTOR_GROUP, group(ids[1], &[ids[1], ids[0]])),
+        (2, group(ids[0], &ids[..1])),
+    ]);
+    plan_b.vtep_addrs = BTreeSet::from([Ipv4Addr::new(10, 1, 0, 201)]);
     let edge_4: Ipv4Net = "10.234.4.0/24".parse()?;
     ensure!(
         plan_b.routes.contains_key(&edge_4)
@@ -262,7 +286,9 @@ fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
             applied_a.devices.iter().all(|(_, present)| *present)
                 && !applied_a.attached.is_empty()
                 && !applied_a.kernel_routes.is_empty()
-                && applied_a.cni.is_some(),
+                && applied_a.cni.is_some()
+                && applied_a.groups == plan_a.groups
+                && applied_a.vtep_addrs == plan_a.vtep_addrs,
             "plan A did not apply: {applied_a:?}"
         );
         for step in STEPS {
@@ -288,8 +314,18 @@ fn rolls_back_in(mode: AttachMode, name: &str) -> Result<()> {
         ensure!(
             applied_b.routes.iter().any(|(net, _)| *net == edge_4)
                 && applied_b.kernel_routes.iter().any(|r| r.dst == edge_4)
-                && applied_b.services.len() == plan_b.services.frontends.len(),
+                && applied_b.services.len() == plan_b.services.frontends.len()
+                && applied_b.vtep_addrs == plan_b.vtep_addrs,
             "plan B did not apply: {applied_b:?}"
+        );
+        // Group 1 existed: its active member (chosen by the probes, here
+        // the plan A one) stays while it is still a member.
+        assert_eq!(
+            applied_b.groups,
+            BTreeMap::from([
+                (CONNECTOR_GROUP, group(ids[0], &[ids[1], ids[0]])),
+                (2, group(ids[0], &ids[..1])),
+            ])
         );
         Ok(())
     });

@@ -546,6 +546,9 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 },
                 0,
             )?;
+            maps.set_vtep_addrs(&std::collections::BTreeSet::from([
+                std::net::Ipv4Addr::new(10, 1, 0, 200),
+            ]))?;
             let mut revnat: aya::maps::HashMap<_, SockRevKey, SockRevEntry> =
                 fabedge_agent::datapath::open_pinned(
                     &layout,
@@ -566,7 +569,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 12] = [
+        let expected: [(&str, &[&str]); 14] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -579,9 +582,11 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_PEERS", &["underlay_ip", "vtep_mac", "port"]),
             ("FE_PEER_ADDRS", &["addr", "peer_id", "kinds"]),
             ("FE_POD_PORTS", &["addr"]),
+            ("FE_GROUPS", &["active", "members"]),
+            ("FE_VTEP_ADDRS", &["addr"]),
             (
                 "FE_CONFIG",
-                &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port"],
+                &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port", "probe_port"],
             ),
             ("FE_COUNTERS", &["values", "cpu", "value"]),
             ("FE_PEER_STATS", &["tx_packets", "rx_bytes"]),

@@ -4,8 +4,9 @@
 //!
 //! Order matters for traffic in flight: devices before the maps that name
 //! their ifindexes; programs (the uplink guards among them) before the maps
-//! and kernel routes that steer traffic into them; peers before the routes
-//! that name them; routes before the configuration that arms the programs.
+//! and kernel routes that steer traffic into them; peers before the groups
+//! that list them, groups before the routes that name them; routes before
+//! the configuration that arms the programs.
 //! Removal runs the other way round.
 //!
 //! All or nothing: what can be checked is checked before the first write
@@ -30,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use fabedge_common::{MAX_PEERS, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
+use fabedge_common::{GroupEntry, MAX_PEERS, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
 use log::{debug, info};
 
 use crate::{
@@ -70,6 +71,8 @@ pub struct ApplyReport {
     pub detached: usize,
     /// Frontends, backends and purged flows changed (see `services::ServiceReport`).
     pub service_changes: usize,
+    /// `FE_GROUPS` entries written or cleared.
+    pub groups_written: usize,
 }
 
 impl ApplyReport {
@@ -250,6 +253,15 @@ impl Applier {
             }
         }
         maps.sync_peer_addrs(&plan.peers)?;
+        maps.set_vtep_addrs(&plan.vtep_addrs)?;
+        // Groups before the routes that name them (a route naming a group
+        // not written yet would drop as `drop_group_down`); groups no
+        // longer planned stay until their routes are gone, below.
+        let current_groups = maps.group_entries()?;
+        let groups = keep_live_active(&plan.groups, &current_groups);
+        let mut staged = current_groups.clone();
+        staged.extend(groups.iter().map(|(&id, &g)| (id, g)));
+        report.groups_written = maps.set_groups(&staged)?;
         next(step, &self.fail_point)?;
         let current_routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
         for (&net, &entry) in &plan.routes {
@@ -265,6 +277,7 @@ impl Applier {
             maps.remove_route(*net)?;
             report.routes_removed += 1;
         }
+        report.groups_written += maps.set_groups(&groups)?;
         for id in current_peers
             .keys()
             .filter(|id| !plan.peers.contains_key(id))
@@ -376,6 +389,33 @@ impl Applier {
     }
 }
 
+/// The groups to write: the plan's, except that an existing group's
+/// `active` stays what it is in the map while it is still a member (or 0,
+/// none alive). The plan's
+/// choice (its first member) is where a new group starts; after that the
+/// run loop's probes own `active` (`Maps::set_group_active`), and a
+/// re-apply for an unrelated change must not move the group's traffic
+/// back to a member the probes found dead.
+pub fn keep_live_active(
+    planned: &BTreeMap<u16, GroupEntry>,
+    current: &BTreeMap<u16, GroupEntry>,
+) -> BTreeMap<u16, GroupEntry> {
+    planned
+        .iter()
+        .map(|(&id, &group)| {
+            let active = match current.get(&id) {
+                // The group existed: its probes' verdict stands, "none
+                // alive" (0) included, while it names a member still.
+                Some(now) if now.members[0] != 0 && (now.active == 0 || group.has_member(now.active)) => {
+                    now.active
+                }
+                _ => group.active,
+            };
+            (id, GroupEntry { active, ..group })
+        })
+        .collect()
+}
+
 fn read_peers(maps: &Maps) -> Result<BTreeMap<u16, PeerEntry>> {
     let mut peers = BTreeMap::new();
     for id in 1..MAX_PEERS as u16 {
@@ -458,3 +498,42 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fabedge_common::GroupEntry;
+
+    use super::keep_live_active;
+
+    fn group(active: u16, members: &[u16]) -> GroupEntry {
+        let mut entry = GroupEntry {
+            active,
+            ..GroupEntry::default()
+        };
+        entry.members[..members.len()].copy_from_slice(members);
+        entry
+    }
+
+    #[test]
+    fn a_reapply_keeps_the_member_the_probes_chose_while_it_is_still_a_member() {
+        let planned = BTreeMap::from([(1, group(3, &[3, 5])), (2, group(7, &[7]))]);
+        // Group 1 failed over to 5; group 2 is new.
+        let current = BTreeMap::from([(1, group(5, &[3, 5]))]);
+        assert_eq!(
+            keep_live_active(&planned, &current),
+            BTreeMap::from([(1, group(5, &[3, 5])), (2, group(7, &[7]))])
+        );
+        // 5 left the group: the plan's choice.
+        let planned = BTreeMap::from([(1, group(3, &[3, 9]))]);
+        assert_eq!(keep_live_active(&planned, &current), planned);
+        // None alive (0) stands too: the plan does not know better.
+        let current = BTreeMap::from([(1, group(0, &[3, 9]))]);
+        assert_eq!(
+            keep_live_active(&planned, &current),
+            BTreeMap::from([(1, group(0, &[3, 9]))])
+        );
+    }
+}
+

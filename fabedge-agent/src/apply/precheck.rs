@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use fabedge_common::MAX_PEERS;
+use fabedge_common::{MAX_GROUPS, MAX_PEERS, MAX_VTEP_ADDRS};
 use ipnet::Ipv4Net;
 
 use super::net;
@@ -68,6 +68,32 @@ pub fn precheck(plan: &Plan, capacity: &Capacity, host: &HostFacts) -> Result<Ch
         .find(|&&id| id == 0 || u32::from(id) >= MAX_PEERS)
     {
         bail!("peer id {id} is outside FE_PEERS (1..{MAX_PEERS}): nothing was applied");
+    }
+    for (&id, group) in &plan.groups {
+        if id == 0 || u32::from(id) >= MAX_GROUPS {
+            bail!("group id {id} is outside FE_GROUPS (1..{MAX_GROUPS}): nothing was applied");
+        }
+        let members: Vec<u16> = group.members.iter().copied().take_while(|&m| m != 0).collect();
+        if let Some(stranger) = members.iter().find(|m| !plan.peers.contains_key(m)) {
+            bail!(
+                "group {id} lists peer {stranger}, which the plan has no peer for: nothing was \
+                 applied"
+            );
+        }
+        if group.active != 0 && !members.contains(&group.active) {
+            bail!(
+                "group {id} makes peer {} active, which is not one of its members {members:?}: \
+                 nothing was applied",
+                group.active
+            );
+        }
+    }
+    if plan.vtep_addrs.len() > MAX_VTEP_ADDRS as usize {
+        bail!(
+            "the plan has {} shared VTEP addresses but FE_VTEP_ADDRS holds {MAX_VTEP_ADDRS}: \
+             nothing was applied",
+            plan.vtep_addrs.len()
+        );
     }
     let frontends = plan.services.frontends.len();
     if frontends > capacity.services as usize {
@@ -227,5 +253,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("raise --max-services"), "{err}");
+    }
+
+    #[test]
+    fn groups_must_list_planned_peers_and_activate_a_member() {
+        use fabedge_common::GroupEntry;
+        let mut plan = edge_plan();
+        let (&a, _) = plan.peers.iter().next().expect("edge-1 has peers");
+        let mut members = [0; fabedge_common::MAX_GROUP_MEMBERS];
+        members[0] = a;
+        let fine = GroupEntry { active: a, members };
+        plan.groups.insert(1, fine);
+        precheck(&plan, &Capacity::default(), &edge_host()).unwrap();
+        let err = |plan: &Plan| {
+            precheck(plan, &Capacity::default(), &edge_host())
+                .unwrap_err()
+                .to_string()
+        };
+        let mut stranger = plan.clone();
+        stranger.groups.get_mut(&1).unwrap().members[1] = 4000;
+        assert_eq!(
+            err(&stranger),
+            "group 1 lists peer 4000, which the plan has no peer for: nothing was applied"
+        );
+        let mut inactive = plan.clone();
+        inactive.groups.get_mut(&1).unwrap().active = 4000;
+        assert_eq!(
+            err(&inactive),
+            format!(
+                "group 1 makes peer 4000 active, which is not one of its members [{a}]: nothing \
+                 was applied"
+            )
+        );
+        let mut out_of_range = plan.clone();
+        out_of_range.groups.insert(16, fine);
+        assert_eq!(
+            err(&out_of_range),
+            "group id 16 is outside FE_GROUPS (1..16): nothing was applied"
+        );
+        let mut vteps = plan;
+        vteps.vtep_addrs = (0..65).map(|i| Ipv4Addr::new(10, 9, 0, i)).collect();
+        assert_eq!(
+            err(&vteps),
+            "the plan has 65 shared VTEP addresses but FE_VTEP_ADDRS holds 64: nothing was applied"
+        );
     }
 }

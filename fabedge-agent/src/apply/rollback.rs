@@ -8,12 +8,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     path::PathBuf,
 };
 
 use anyhow::{Context, Result};
 use fabedge_common::{
-    DatapathConfig, PeerEntry, RouteEntry,
+    DatapathConfig, GroupEntry, PeerEntry, RouteEntry,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
 };
 use ipnet::Ipv4Net;
@@ -29,6 +30,8 @@ use crate::{
 pub(super) struct Before {
     peers: BTreeMap<u16, PeerEntry>,
     routes: BTreeMap<Ipv4Net, RouteEntry>,
+    groups: BTreeMap<u16, GroupEntry>,
+    vtep_addrs: BTreeSet<Ipv4Addr>,
     config: DatapathConfig,
     services: BTreeMap<ServiceKey, ServiceEntry>,
     backends: BTreeMap<BackendKey, Backend>,
@@ -62,6 +65,8 @@ impl Before {
         Ok(Before {
             peers: read_peers(maps)?,
             routes: maps.route_entries()?.into_iter().collect(),
+            groups: maps.group_entries()?,
+            vtep_addrs: maps.vtep_addr_entries()?,
             config: maps.config()?,
             services: maps.service_entries()?.into_iter().collect(),
             backends: maps.backend_entries()?.into_iter().collect(),
@@ -200,6 +205,10 @@ impl Before {
                 maps.set_peer(id, *peer)?;
             }
         }
+        // Groups before the routes naming them, as apply writes them.
+        let mut staged = maps.group_entries()?;
+        staged.extend(self.groups.iter().map(|(&id, &g)| (id, g)));
+        maps.set_groups(&staged)?;
         let routes: BTreeMap<_, _> = maps.route_entries()?.into_iter().collect();
         for (&net, &entry) in &self.routes {
             if routes.get(&net) != Some(&entry) {
@@ -209,10 +218,12 @@ impl Before {
         for net in routes.keys().filter(|n| !self.routes.contains_key(n)) {
             maps.remove_route(*net)?;
         }
+        maps.set_groups(&self.groups)?;
         for id in peers.keys().filter(|id| !self.peers.contains_key(id)) {
             maps.set_peer(*id, PeerEntry::default())?;
         }
         maps.sync_peer_addrs(&self.peers)?;
+        maps.set_vtep_addrs(&self.vtep_addrs)?;
         Ok(())
     }
 }
