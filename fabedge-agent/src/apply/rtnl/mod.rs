@@ -19,7 +19,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-pub use self::msg::{AddrInfo, LinkChange, LinkInfo, LinkKind, RouteInfo, RouteSpec};
+pub use self::msg::{AddrDetail, AddrInfo, LinkChange, LinkInfo, LinkKind, RouteInfo, RouteSpec};
 use self::msg::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR};
 
 const NETLINK_ROUTE: i32 = 0;
@@ -347,6 +347,42 @@ impl Rtnl {
     pub fn replace_addr(&mut self, link: &LinkInfo, address: Ipv4Net) -> Result<(), RtnlError> {
         let what = format!("address {address} on {}", link.name);
         self.request(|seq| msg::replace_addr(link.index, address, seq), &what)
+    }
+
+    /// Every IPv4 address of every link, with its label and owner.
+    pub fn addr_details(&mut self) -> Result<Vec<AddrDetail>, RtnlError> {
+        self.dump(
+            msg::dump_addrs,
+            msg::RTM_NEWADDR,
+            msg::parse_addr_detail,
+            "listing addresses",
+        )
+    }
+
+    /// Add `address` to `link` (or refresh it) marked as ours: `label`
+    /// (see [`msg::replace_addr_owned`]) and `proto`.
+    pub fn replace_addr_owned(
+        &mut self,
+        link: &LinkInfo,
+        address: Ipv4Net,
+        label: Option<&str>,
+        proto: u8,
+    ) -> Result<(), RtnlError> {
+        let what = format!("address {address} on {}", link.name);
+        self.request(
+            |seq| msg::replace_addr_owned(link.index, address, label, proto, seq),
+            &what,
+        )
+    }
+
+    /// Remove `address` from `link`; `false` if it was not there.
+    pub fn del_addr(&mut self, link: &LinkInfo, address: Ipv4Net) -> Result<bool, RtnlError> {
+        let what = format!("removing address {address} from {}", link.name);
+        match self.request(|seq| msg::del_addr(link.index, address, seq), &what) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Every IPv4 route of every table.

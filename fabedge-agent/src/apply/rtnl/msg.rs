@@ -28,6 +28,7 @@ pub const RTM_NEWLINK: u16 = 16;
 pub const RTM_DELLINK: u16 = 17;
 pub const RTM_GETLINK: u16 = 18;
 pub const RTM_NEWADDR: u16 = 20;
+pub const RTM_DELADDR: u16 = 21;
 pub const RTM_GETADDR: u16 = 22;
 pub const RTM_NEWROUTE: u16 = 24;
 pub const RTM_DELROUTE: u16 = 25;
@@ -52,6 +53,9 @@ const IFLA_XFRM_IF_ID: u16 = 2;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const IFA_LABEL: u16 = 3;
+/// Who added an address (kernel 6.1+; older kernels ignore it).
+const IFA_PROTO: u16 = 11;
 const IFA_TARGET_NETNSID: u16 = 10;
 
 const RTA_DST: u16 = 1;
@@ -420,6 +424,71 @@ pub fn replace_addr(index: u32, address: Ipv4Net, seq: u32) -> Vec<u8> {
     b.body(&head);
     b.attr(IFA_LOCAL, &address.addr().octets());
     b.attr(IFA_ADDRESS, &address.addr().octets());
+    b.finish()
+}
+
+/// An IPv4 address with what says who owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrDetail {
+    pub info: AddrInfo,
+    /// `ip addr`'s label (`eth0:fe`); the kernel reports the device name
+    /// when none was given.
+    pub label: Option<String>,
+    /// `IFA_PROTO` (kernel 6.1+): who added it.
+    pub proto: Option<u8>,
+}
+
+pub fn parse_addr_detail(payload: &[u8]) -> Option<AddrDetail> {
+    let info = parse_addr(payload)?;
+    let (mut label, mut proto) = (None, None);
+    for (kind, value) in attrs(&payload[IFADDRMSG_LEN..]) {
+        match kind {
+            IFA_LABEL => label = Some(c_string(value)),
+            IFA_PROTO => proto = value.first().copied(),
+            _ => {}
+        }
+    }
+    Some(AddrDetail { info, label, proto })
+}
+
+/// [`replace_addr`] with an owner: `label` (must start with the device's
+/// name, at most 15 bytes) and `proto` (`IFA_PROTO`).
+pub fn replace_addr_owned(
+    index: u32,
+    address: Ipv4Net,
+    label: Option<&str>,
+    proto: u8,
+    seq: u32,
+) -> Vec<u8> {
+    let mut b = Builder::new(
+        RTM_NEWADDR,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        seq,
+    );
+    let mut head = [0u8; IFADDRMSG_LEN];
+    head[0] = AF_INET;
+    head[1] = address.prefix_len();
+    head[3] = RT_SCOPE_UNIVERSE;
+    head[4..8].copy_from_slice(&index.to_ne_bytes());
+    b.body(&head);
+    b.attr(IFA_LOCAL, &address.addr().octets());
+    b.attr(IFA_ADDRESS, &address.addr().octets());
+    if let Some(label) = label {
+        b.attr_str(IFA_LABEL, label);
+    }
+    b.attr(IFA_PROTO, &[proto]);
+    b.finish()
+}
+
+/// `RTM_DELADDR` of `address` (address and prefix length) on link `index`.
+pub fn del_addr(index: u32, address: Ipv4Net, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq);
+    let mut head = [0u8; IFADDRMSG_LEN];
+    head[0] = AF_INET;
+    head[1] = address.prefix_len();
+    head[4..8].copy_from_slice(&index.to_ne_bytes());
+    b.body(&head);
+    b.attr(IFA_LOCAL, &address.addr().octets());
     b.finish()
 }
 

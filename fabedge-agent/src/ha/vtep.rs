@@ -1,0 +1,307 @@
+//! Shared VTEP addresses: how the cloud side fails over without Flannel
+//! noticing.
+//!
+//! Each connector has a VTEP address of its own, which Flannel's
+//! annotations on its edges name as `public-ip`. While the connector is
+//! alive it holds the address (a /32 on its cloud-facing NIC, like a
+//! keepalived VIP); when it dies its first live successor
+//! ([`successor_order`]) adds the address to its own NIC and announces it
+//! with gratuitous ARP, so cloud nodes send the dead connector's VXLAN
+//! traffic to the successor at once: Flannel's view never changes, and a
+//! Flannel restart finds the same annotations. The successor is the one
+//! the dead connector's edges fail over to, so both directions meet there.
+//!
+//! The address carries label `<iface>:fe` when that fits IFNAMSIZ, and
+//! address protocol `RTPROT_FABEDGE` (kernel 6.1+), which is how [`held`]
+//! tells ours from the operator's.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+
+use super::order::successor_order;
+use crate::apply::{
+    net::RTPROT_FABEDGE,
+    rtnl::{LinkInfo, Rtnl},
+};
+
+/// Suffix of the label of the addresses we add (`eth0:fe`).
+pub const LABEL_SUFFIX: &str = ":fe";
+/// Gratuitous ARP frames sent per claim: one may be lost on a busy link.
+pub const GARP_COUNT: usize = 3;
+/// Longest interface name or label (IFNAMSIZ 16 with the NUL).
+const IFNAME_MAX: usize = 15;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IP: u16 = 0x0800;
+const ARPOP_REQUEST: u16 = 1;
+/// Minimum Ethernet frame without FCS: shorter frames are padded.
+const ETH_MIN_FRAME: usize = 60;
+
+/// The label our addresses on `iface` carry, if it fits.
+pub fn label_for(iface: &str) -> Option<String> {
+    (iface.len() + LABEL_SUFFIX.len() <= IFNAME_MAX).then(|| format!("{iface}{LABEL_SUFFIX}"))
+}
+
+/// The VTEP addresses connector `me` must hold: its own (always: from its
+/// own point of view it is alive), and each dead connector's whose first
+/// live successor it is. `connectors` lists every connector with its VTEP
+/// address (if it has one); `alive`, the connectors our probes see up.
+pub fn holders(
+    connectors: &[(&str, Option<Ipv4Addr>)],
+    alive: &BTreeSet<String>,
+    me: &str,
+) -> BTreeSet<Ipv4Addr> {
+    let names: Vec<&str> = connectors.iter().map(|(name, _)| *name).collect();
+    let is_alive = |name: &str| name == me || alive.contains(name);
+    let mut held = BTreeSet::new();
+    for (name, vtep) in connectors {
+        let Some(vtep) = vtep else { continue };
+        if *name == me {
+            held.insert(*vtep);
+        } else if !is_alive(name) {
+            let heir = successor_order(name, &names)
+                .into_iter()
+                .find(|other| is_alive(other));
+            if heir.as_deref() == Some(me) {
+                held.insert(*vtep);
+            }
+        }
+    }
+    held
+}
+
+fn require_link(nl: &mut Rtnl, iface: &str, addr: Ipv4Addr) -> Result<LinkInfo> {
+    nl.link(iface)?.with_context(|| {
+        format!(
+            "VTEP address {addr}: interface {iface} does not exist; name the connector's \
+             cloud-facing NIC"
+        )
+    })
+}
+
+fn host_net(addr: Ipv4Addr) -> Ipv4Net {
+    Ipv4Net::new(addr, 32).expect("/32 is a valid prefix")
+}
+
+/// Take over `addr`: add it as a /32 to `iface` (nothing changes if it is
+/// there already) and announce it with [`GARP_COUNT`] gratuitous ARPs, so
+/// neighbours that knew another connector's MAC for it switch to ours.
+pub fn claim(iface: &str, addr: Ipv4Addr) -> Result<()> {
+    let mut nl = Rtnl::open()?;
+    let link = require_link(&mut nl, iface, addr)?;
+    nl.replace_addr_owned(
+        &link,
+        host_net(addr),
+        label_for(iface).as_deref(),
+        RTPROT_FABEDGE,
+    )
+    .with_context(|| format!("claiming VTEP address {addr}"))?;
+    announce(&link, addr)
+}
+
+/// Give `addr` up; `false` if `iface` did not have it.
+pub fn release(iface: &str, addr: Ipv4Addr) -> Result<bool> {
+    let mut nl = Rtnl::open()?;
+    let link = require_link(&mut nl, iface, addr)?;
+    Ok(nl.del_addr(&link, host_net(addr))?)
+}
+
+/// The VTEP addresses we hold on `iface`: /32s with our label or protocol.
+pub fn held(iface: &str) -> Result<BTreeSet<Ipv4Addr>> {
+    let mut nl = Rtnl::open()?;
+    let Some(link) = nl.link(iface)? else {
+        return Ok(BTreeSet::new());
+    };
+    let label = label_for(iface);
+    Ok(nl
+        .addr_details()?
+        .into_iter()
+        .filter(|a| a.info.index == link.index && a.info.address.prefix_len() == 32)
+        .filter(|a| a.proto == Some(RTPROT_FABEDGE) || (label.is_some() && a.label == label))
+        .map(|a| a.info.address.addr())
+        .collect())
+}
+
+/// A gratuitous ARP request for `addr` from `mac`: sender and target
+/// address both `addr`, broadcast. Linux neighbours update an existing
+/// entry on it (`arp_is_garp`) without `arp_accept`.
+pub fn garp_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; ETH_MIN_FRAME] {
+    let mut frame = [0u8; ETH_MIN_FRAME];
+    frame[0..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+    let arp = &mut frame[14..42];
+    arp[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    arp[2..4].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    arp[4] = 6;
+    arp[5] = 4;
+    arp[6..8].copy_from_slice(&ARPOP_REQUEST.to_be_bytes());
+    arp[8..14].copy_from_slice(&mac);
+    arp[14..18].copy_from_slice(&addr.octets());
+    // Target MAC stays zero (RFC 5227 announcement).
+    arp[24..28].copy_from_slice(&addr.octets());
+    frame
+}
+
+/// Send the gratuitous ARPs for `addr` out of `link` (AF_PACKET).
+fn announce(link: &LinkInfo, addr: Ipv4Addr) -> Result<()> {
+    let Some(mac) = link.mac else {
+        bail!(
+            "VTEP address {addr}: interface {} has no Ethernet address to announce it with",
+            link.name
+        );
+    };
+    let what = || {
+        format!(
+            "announcing VTEP address {addr} on {} (gratuitous ARP)",
+            link.name
+        )
+    };
+    // Protocol 0: this socket only sends, it receives nothing.
+    // SAFETY: plain socket(2); the fd is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).with_context(what);
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = link.index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let frame = garp_frame(mac, addr);
+    for _ in 0..GARP_COUNT {
+        // SAFETY: frame and `to` are valid for the call.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error()).with_context(what);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 9, 0, last)
+    }
+
+    const A: &str = "connector-a";
+    const B: &str = "connector-b";
+    const C: &str = "connector-c";
+
+    fn connectors() -> Vec<(&'static str, Option<Ipv4Addr>)> {
+        vec![(A, Some(ip(1))), (B, Some(ip(2))), (C, Some(ip(3)))]
+    }
+
+    fn alive(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn set(addrs: &[Ipv4Addr]) -> BTreeSet<Ipv4Addr> {
+        addrs.iter().copied().collect()
+    }
+
+    #[test]
+    fn labels_fit_ifnamsiz_or_are_left_out() {
+        assert_eq!(label_for("eth0").as_deref(), Some("eth0:fe"));
+        assert_eq!(label_for("enp0s31f6abc").as_deref(), Some("enp0s31f6abc:fe"));
+        assert_eq!(label_for("enp0s31f6abcd"), None);
+    }
+
+    #[test]
+    fn everyone_alive_holds_only_their_own() {
+        let all = alive(&[A, B, C]);
+        for (me, own) in [(A, ip(1)), (B, ip(2)), (C, ip(3))] {
+            assert_eq!(holders(&connectors(), &all, me), set(&[own]));
+        }
+    }
+
+    #[test]
+    fn own_address_is_held_even_when_our_probes_say_we_are_dead() {
+        assert_eq!(holders(&connectors(), &alive(&[]), A).contains(&ip(1)), true);
+    }
+
+    #[test]
+    fn a_dead_connectors_address_goes_to_its_first_live_successor() {
+        let heir = &successor_order(A, &[A, B, C])[0];
+        let other = if heir == B { C } else { B };
+        let up = alive(&[B, C]);
+        assert!(holders(&connectors(), &up, heir).contains(&ip(1)));
+        assert!(!holders(&connectors(), &up, other).contains(&ip(1)));
+        // The heir dead too: the next one takes both addresses.
+        let heir_ip = if heir == B { ip(2) } else { ip(3) };
+        assert_eq!(
+            holders(&connectors(), &alive(&[other]), other),
+            set(&[ip(1), heir_ip, if other == B { ip(2) } else { ip(3) }])
+        );
+    }
+
+    #[test]
+    fn a_connector_without_a_vtep_holds_nothing_of_its_own() {
+        let connectors = vec![(A, None), (B, Some(ip(2)))];
+        assert!(holders(&connectors, &alive(&[A, B]), A).is_empty());
+        assert_eq!(holders(&connectors, &alive(&[A]), A), set(&[ip(2)]));
+    }
+
+    /// Whatever subset is alive, every address is held by exactly one live
+    /// connector (as long as one lives).
+    #[test]
+    fn every_address_has_exactly_one_live_holder() {
+        let names = ["c-1", "c-2", "c-3", "c-4", "c-5"];
+        let connectors: Vec<(&str, Option<Ipv4Addr>)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, Some(ip(i as u8 + 1))))
+            .collect();
+        for mask in 1u32..(1 << names.len()) {
+            let up: Vec<&str> = (0..names.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| names[i])
+                .collect();
+            let up_set = alive(&up);
+            let mut seen = BTreeSet::new();
+            for me in &up {
+                for addr in holders(&connectors, &up_set, me) {
+                    assert!(seen.insert(addr), "{addr} held twice with {up:?} alive");
+                }
+            }
+            assert_eq!(seen.len(), names.len(), "with {up:?} alive");
+        }
+    }
+
+    #[test]
+    fn garp_frame_bytes() {
+        let mac = [0x02, 0, 0, 0, 0, 0x0b];
+        let frame = garp_frame(mac, ip(100));
+        #[rustfmt::skip]
+        let expected: [u8; 42] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 0x0b, 0x08, 0x06,
+            0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01,
+            0x02, 0, 0, 0, 0, 0x0b, 10, 9, 0, 100,
+            0, 0, 0, 0, 0, 0, 10, 9, 0, 100,
+        ];
+        assert_eq!(frame[..42], expected);
+        assert!(frame[42..].iter().all(|&b| b == 0));
+    }
+}
