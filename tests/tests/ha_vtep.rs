@@ -23,26 +23,34 @@ use fabedge_tests::{
 const VTEP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 100);
 const DEADLINE: Duration = Duration::from_secs(5);
 
-/// The MAC `ns` has for `addr` on `dev` (`ip neigh`), if any.
-fn neighbour_mac(ns: &Netns, dev: &str, addr: Ipv4Addr) -> Result<Option<String>> {
+/// The MAC `ns` has for `addr` on `dev` (`ip neigh`) and the entry's
+/// states, if there is an entry.
+fn neighbour(ns: &Netns, dev: &str, addr: Ipv4Addr) -> Result<Option<(String, String)>> {
     let json = ns.ip(&["-j", "neigh", "show", "to", &addr.to_string(), "dev", dev])?;
     let entries: serde_json::Value =
         serde_json::from_str(&json).with_context(|| format!("parsing `ip -j neigh` {json:?}"))?;
-    Ok(entries
-        .get(0)
-        .and_then(|entry| entry.get("lladdr"))
-        .and_then(|mac| mac.as_str())
-        .map(str::to_owned))
+    let Some(entry) = entries.get(0) else {
+        return Ok(None);
+    };
+    let mac = entry.get("lladdr").and_then(|mac| mac.as_str());
+    let state = entry
+        .get("state")
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    Ok(mac.map(|mac| (mac.to_owned(), state)))
 }
 
-/// Poll until `cloud` has `mac` for the VTEP; fail with what it has instead.
-fn wait_for_neighbour(cloud: &Netns, mac: &Mac, why: &str) -> Result<()> {
+/// Poll until `cloud` has `mac` for the VTEP and return the entry's
+/// states; fail with what it has instead.
+fn wait_for_neighbour(cloud: &Netns, mac: &Mac, why: &str) -> Result<String> {
     let want = format_mac(mac);
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let have = neighbour_mac(cloud, "fe-br", VTEP)?;
-        if have.as_deref() == Some(want.as_str()) {
-            return Ok(());
+        let have = neighbour(cloud, "fe-br", VTEP)?;
+        if let Some((mac, state)) = &have
+            && *mac == want
+        {
+            return Ok(state.clone());
         }
         if Instant::now() > deadline {
             bail!("{why}: the cloud node has {have:?} for {VTEP}, expected {want}");
@@ -82,7 +90,10 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
     // It dies (its NIC goes silent); we claim the address.
     old.ip(&["link", "set", "dev", "eth0", "down"])?;
     new.enter(|| claim("eth0", VTEP))?;
-    wait_for_neighbour(&cloud, &new_mac, "after our gratuitous ARP")?;
+    let state = wait_for_neighbour(&cloud, &new_mac, "after our gratuitous ARP")?;
+    // STALE: updated by a broadcast request (our GARP), not learnt from an
+    // answer to the cloud node's own ARP request (that would be REACHABLE).
+    assert!(state.contains("STALE"), "neighbour state {state}");
     let addrs = addresses_in(&new, "eth0")?;
     assert!(
         addrs.contains(&format!("{VTEP}/32")) && addrs.contains("eth0:fe"),
@@ -97,7 +108,9 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
     new.enter(|| claim("eth0", VTEP))?;
     assert_eq!(new.enter(|| held("eth0"))?, BTreeSet::from([VTEP]));
     assert_eq!(
-        addresses_in(&new, "eth0")?.matches(&VTEP.to_string()).count(),
+        addresses_in(&new, "eth0")?
+            .matches(&VTEP.to_string())
+            .count(),
         1
     );
 
@@ -106,6 +119,18 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
     assert!(!addresses_in(&new, "eth0")?.contains(&VTEP.to_string()));
     assert!(new.enter(|| held("eth0"))?.is_empty());
     assert!(!new.enter(|| release("eth0", VTEP))?);
+
+    // An address the operator put there is not ours to remove.
+    new.add_addr("eth0", "10.9.0.101/32")?;
+    let foreign = new
+        .enter(|| release("eth0", Ipv4Addr::new(10, 9, 0, 101)))
+        .expect_err("not ours");
+    assert!(
+        format!("{foreign:#}").contains("not added by fabedge"),
+        "{foreign:#}"
+    );
+    assert!(addresses_in(&new, "eth0")?.contains("10.9.0.101/32"));
+    assert!(new.enter(|| held("eth0"))?.is_empty());
 
     // Errors name the interface.
     let missing = new
