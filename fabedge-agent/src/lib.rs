@@ -4,7 +4,8 @@
 //! The kernel side's lifecycle (load, pin, attach, uninstall) is `datapath`.
 //! Three concerns have a folder each, holding their own plan/apply/run
 //! pieces: `esp` (encryption and NAT traversal), `services` (ClusterIP) and
-//! `connector` (the elected connector's cluster-wide duty).
+//! `connector` (the elected connector's cluster-wide duty). `ha` holds the
+//! connector-group pieces (assignment, liveness probes, shared VTEPs).
 
 pub mod apply;
 pub mod connector;

@@ -479,10 +479,10 @@ impl Reconciler {
             warn!("{warning}");
         }
         self.guard.check(&plan, options.hold_drastic_changes)?;
-        self.ha.prepare(&mut plan)?;
+        self.ha.prepare(&mut plan, maps)?;
         self.applier.apply(datapath, maps, &plan, settings)?;
         self.guard.applied(&plan);
-        self.ha.applied();
+        self.ha.applied(maps);
         self.status.planned(
             plan.warnings.len(),
             &plan.peer_ids,

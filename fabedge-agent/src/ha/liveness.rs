@@ -253,7 +253,9 @@ impl Liveness {
         if let Some(up) = order.iter().find(|m| self.is_up(m)) {
             return Some(up.clone());
         }
-        position.or(if order.is_empty() { None } else { Some(0) }).map(|at| order[at].clone())
+        position
+            .or(if order.is_empty() { None } else { Some(0) })
+            .map(|at| order[at].clone())
     }
 
     fn advance(&mut self, now: Instant) {
@@ -342,7 +344,10 @@ mod tests {
         assert_eq!((health.sent, health.answered), (0, 0));
         assert!(clock.liveness.health("nobody", clock.now).is_none());
         // Presumed up: a restarted agent keeps using its connector.
-        assert_eq!(clock.liveness.choose(&order(), Some("b")).as_deref(), Some("b"));
+        assert_eq!(
+            clock.liveness.choose(&order(), Some("b")).as_deref(),
+            Some("b")
+        );
         assert_eq!(clock.liveness.choose(&order(), None).as_deref(), Some("a"));
     }
 
@@ -380,7 +385,11 @@ mod tests {
         let health = clock.liveness.health("a", clock.now).unwrap();
         assert!(health.up && !health.stable);
         assert_eq!(health.last_rtt, Some(Duration::from_millis(1)));
+        // It answered 1 ms into its round; 2 s later it is stable.
         clock.rounds(19, &["a", "b", "c"]);
+        assert!(!clock.liveness.is_stable("a", clock.now));
+        assert!(clock.liveness.is_stable("a", health.since + HOLD_DOWN));
+        clock.round(&["a", "b", "c"]);
         assert!(clock.liveness.is_stable("a", clock.now));
     }
 

@@ -211,7 +211,10 @@ mod tests {
                 let old = primary(&edge, before.iter().copied()).unwrap();
                 let new = primary(&edge, after.iter().copied()).unwrap();
                 if old != removed {
-                    assert_eq!(old, new, "edge {edge} moved though {removed} was not its connector");
+                    assert_eq!(
+                        old, new,
+                        "edge {edge} moved though {removed} was not its connector"
+                    );
                 }
             }
         }
@@ -223,6 +226,9 @@ mod tests {
         let on_a = (0..1000)
             .filter(|i| primary(&format!("edge-{i}"), connectors) == Some("connector-a"))
             .count();
-        assert!((400..=600).contains(&on_a), "{on_a} of 1000 edges on connector-a");
+        assert!(
+            (400..=600).contains(&on_a),
+            "{on_a} of 1000 edges on connector-a"
+        );
     }
 }

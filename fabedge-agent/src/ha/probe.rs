@@ -164,7 +164,9 @@ impl Prober {
         let local_addr = match socket.local_addr()? {
             SocketAddr::V4(addr) => addr,
             SocketAddr::V6(addr) => {
-                return Err(io::Error::other(format!("probe socket bound to IPv6 {addr}")));
+                return Err(io::Error::other(format!(
+                    "probe socket bound to IPv6 {addr}"
+                )));
             }
         };
         let socket = UdpSocket::from_std(socket)?;
@@ -266,7 +268,9 @@ impl ProberHandle {
 
     /// The member of a group to use now: [`Liveness::choose_at`].
     pub fn choose(&self, order: &[String], current: Option<&str>) -> Option<String> {
-        self.lock().liveness.choose_at(order, current, Instant::now())
+        self.lock()
+            .liveness
+            .choose_at(order, current, Instant::now())
     }
 
     /// A counter that moves each time a target goes up or down: await
@@ -320,10 +324,7 @@ impl ProberHandle {
                     }
                 }
             }
-            transitions
-                .into_iter()
-                .map(|t| state.describe(t))
-                .collect()
+            transitions.into_iter().map(|t| state.describe(t)).collect()
         };
         self.announce(announced);
     }
@@ -384,7 +385,9 @@ impl ProberHandle {
             }
         }
         if !transitions.is_empty() {
-            self.shared.changes.send_modify(|generation| *generation += 1);
+            self.shared
+                .changes
+                .send_modify(|generation| *generation += 1);
         }
     }
 }

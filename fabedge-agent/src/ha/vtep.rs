@@ -28,7 +28,7 @@ use ipnet::Ipv4Net;
 use super::order::successor_order;
 use crate::apply::{
     net::RTPROT_FABEDGE,
-    rtnl::{LinkInfo, Rtnl},
+    rtnl::{AddrDetail, LinkInfo, Rtnl},
 };
 
 /// Suffix of the label of the addresses we add (`eth0:fe`).
@@ -105,11 +105,25 @@ pub fn claim(iface: &str, addr: Ipv4Addr) -> Result<()> {
     announce(&link, addr)
 }
 
-/// Give `addr` up; `false` if `iface` did not have it.
+/// Give `addr` up; `false` if `iface` did not have it. An `addr/32` that
+/// fabedge did not add (no label or protocol of ours) is refused, never
+/// removed: it is the operator's.
 pub fn release(iface: &str, addr: Ipv4Addr) -> Result<bool> {
     let mut nl = Rtnl::open()?;
     let link = require_link(&mut nl, iface, addr)?;
-    Ok(nl.del_addr(&link, host_net(addr))?)
+    let present = nl
+        .addr_details()?
+        .into_iter()
+        .find(|a| a.info.index == link.index && a.info.address == host_net(addr));
+    match present {
+        None => Ok(false),
+        Some(detail) if is_ours(&detail, iface) => Ok(nl.del_addr(&link, host_net(addr))?),
+        Some(_) => bail!(
+            "VTEP address {addr}/32 on {iface} was not added by fabedge (no label \
+             {iface}{LABEL_SUFFIX}, no protocol {RTPROT_FABEDGE:#x}); not removing it: remove \
+             it by hand if it should go"
+        ),
+    }
 }
 
 /// The VTEP addresses we hold on `iface`: /32s with our label or protocol.
@@ -118,14 +132,21 @@ pub fn held(iface: &str) -> Result<BTreeSet<Ipv4Addr>> {
     let Some(link) = nl.link(iface)? else {
         return Ok(BTreeSet::new());
     };
-    let label = label_for(iface);
     Ok(nl
         .addr_details()?
         .into_iter()
         .filter(|a| a.info.index == link.index && a.info.address.prefix_len() == 32)
-        .filter(|a| a.proto == Some(RTPROT_FABEDGE) || (label.is_some() && a.label == label))
+        .filter(|a| is_ours(a, iface))
         .map(|a| a.info.address.addr())
         .collect())
+}
+
+/// Marked as ours: the protocol (kernel 6.1+) or, on older kernels, the
+/// label (when it fits; an address on an older kernel and a NIC name too
+/// long for the label cannot be told apart, and is never released).
+fn is_ours(detail: &AddrDetail, iface: &str) -> bool {
+    detail.proto == Some(RTPROT_FABEDGE)
+        || label_for(iface).is_some_and(|label| detail.label.as_deref() == Some(label.as_str()))
 }
 
 /// A gratuitous ARP request for `addr` from `mac`: sender and target
@@ -225,7 +246,10 @@ mod tests {
     #[test]
     fn labels_fit_ifnamsiz_or_are_left_out() {
         assert_eq!(label_for("eth0").as_deref(), Some("eth0:fe"));
-        assert_eq!(label_for("enp0s31f6abc").as_deref(), Some("enp0s31f6abc:fe"));
+        assert_eq!(
+            label_for("enp0s31f6abc").as_deref(),
+            Some("enp0s31f6abc:fe")
+        );
         assert_eq!(label_for("enp0s31f6abcd"), None);
     }
 
@@ -239,7 +263,7 @@ mod tests {
 
     #[test]
     fn own_address_is_held_even_when_our_probes_say_we_are_dead() {
-        assert_eq!(holders(&connectors(), &alive(&[]), A).contains(&ip(1)), true);
+        assert!(holders(&connectors(), &alive(&[]), A).contains(&ip(1)));
     }
 
     #[test]

@@ -133,8 +133,10 @@ impl HaRuntime {
     }
 
     /// Before apply: probe what the plan names, and put the member the
-    /// probes choose into the plan's connector group.
-    pub fn prepare(&mut self, plan: &mut Plan) -> Result<()> {
+    /// probes choose into the plan's connector group. A restarted agent
+    /// starts from the member the datapath uses (a previous agent's
+    /// failover stands until its probes say otherwise).
+    pub fn prepare(&mut self, plan: &mut Plan, maps: &Maps) -> Result<()> {
         self.role = Some(plan.role);
         self.set_targets(plan.ha.probe_targets.clone())?;
         self.connectors = plan.ha.connectors.iter().map(|(n, a)| (n.clone(), *a)).collect();
@@ -147,6 +149,16 @@ impl HaRuntime {
                     self.order.push(name.to_owned());
                     self.member_ids.insert(name.to_owned(), id);
                 }
+            }
+            if self.active.is_none()
+                && let Ok(current) = maps.group_entries()
+                && let Some(entry) = current.get(&CONNECTOR_GROUP)
+            {
+                self.active = self
+                    .member_ids
+                    .iter()
+                    .find(|(_, id)| **id == entry.active)
+                    .map(|(name, _)| name.clone());
             }
             let choice = self.choose();
             if let Some(id) = choice.as_ref().and_then(|c| self.member_ids.get(c)) {
@@ -164,9 +176,18 @@ impl HaRuntime {
         Ok(())
     }
 
-    /// After a successful apply: hold the VTEP addresses we must.
-    pub fn applied(&mut self) {
+    /// After a successful apply: the datapath uses our choice (apply keeps
+    /// a group's member while it is one), and we hold the VTEP addresses we must.
+    pub fn applied(&mut self, maps: &mut Maps) {
         self.applied_once = true;
+        if let Some(id) = self.active.as_ref().and_then(|a| self.member_ids.get(a)).copied()
+            && maps
+                .group_entries()
+                .is_ok_and(|groups| groups.get(&CONNECTOR_GROUP).is_some_and(|g| g.active != id))
+            && let Err(e) = maps.set_group_active(CONNECTOR_GROUP, id)
+        {
+            warn!("{}: setting the connector group's member: {e:#}", self.node);
+        }
         self.sync_vteps();
         self.write_status();
     }

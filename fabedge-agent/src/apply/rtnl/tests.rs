@@ -52,6 +52,26 @@ fn vxlan_link_request_carries_external_port_and_no_learning() {
     );
 }
 
+/// What `replace_addr_owned` sends reads back through the dump parser with
+/// its owner marks, as the kernel echoes them in `RTM_NEWADDR`.
+#[test]
+fn an_owned_address_carries_its_label_and_protocol() {
+    let bytes = msg::replace_addr_owned(4, net("10.9.0.100/32"), Some("eth0:fe"), 0xfe, 3);
+    let detail = msg::parse_addr_detail(&bytes[16..]).unwrap();
+    assert_eq!(detail.info.index, 4);
+    assert_eq!(detail.info.address, net("10.9.0.100/32"));
+    assert_eq!(detail.label.as_deref(), Some("eth0:fe"));
+    assert_eq!(detail.proto, Some(0xfe));
+    let unlabelled = msg::replace_addr_owned(4, net("10.9.0.100/32"), None, 0xfe, 3);
+    assert_eq!(
+        msg::parse_addr_detail(&unlabelled[16..]).unwrap().label,
+        None
+    );
+    let delete = msg::del_addr(4, net("10.9.0.100/32"), 5);
+    assert_eq!(u16::from_ne_bytes([delete[4], delete[5]]), msg::RTM_DELADDR);
+    assert_eq!(delete[16 + 1], 32, "prefix length");
+}
+
 #[test]
 fn error_answer_yields_errno_and_the_kernels_text() {
     // nlmsgerr: errno, the (capped) request header; then NLMSGERR_ATTR_MSG.
