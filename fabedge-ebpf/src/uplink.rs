@@ -21,11 +21,11 @@ use crate::{
     flannel,
     forward::to_tunnel,
     maps::{config, is_vtep_addr, route},
-    probe,
     parse::{
         self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr,
         VXLAN_HLEN, VxlanHdr, ptr_at,
     },
+    probe,
     trust::is_tunnel_address,
     verdict::{drop, pass},
     xdp_guard::{Tunnel, check_inner_source, known_sender},

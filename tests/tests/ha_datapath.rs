@@ -141,7 +141,11 @@ fn a_group_without_a_live_member_drops_and_counts_group_down() -> Result<()> {
         assert_eq!((out.action, delta), down, "{name}: active 0");
         if mode == tunnel_mode::VXLAN {
             let (out, delta) = counted(&dp, || dp.run(Program::TunnelEgress, &host_to_cloud()))?;
-            assert_eq!((out.action, delta), down, "{name}: the node's own, active 0");
+            assert_eq!(
+                (out.action, delta),
+                down,
+                "{name}: the node's own, active 0"
+            );
         }
         // A member whose peer slot is gone (removed by an apply).
         dp.maps
@@ -243,7 +247,13 @@ fn probe_payload(kind: u8, seq: u32, token: [u8; 16]) -> Vec<u8> {
 const TOKEN: [u8; 16] = *b"sixteen-by-token";
 
 /// A probe from edge-1's NIC to `dst` on the connector.
-fn probe_frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8], checksum: bool) -> Vec<u8> {
+fn probe_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    checksum: bool,
+) -> Vec<u8> {
     let udp = Frame::eth(xdp::EDGE1_NIC_MAC, UPLINK_MAC)
         .ipv4(src, dst)
         .id(7)
@@ -364,11 +374,23 @@ fn probes_from_strangers_die_and_everything_else_passes_untouched() -> Result<()
         ),
         (
             "to an address not ours",
-            probe_frame(EDGE1_WAN, Ipv4Addr::new(10, 1, 0, 99), DEFAULT_PROBE_PORT, &request, true),
+            probe_frame(
+                EDGE1_WAN,
+                Ipv4Addr::new(10, 1, 0, 99),
+                DEFAULT_PROBE_PORT,
+                &request,
+                true,
+            ),
         ),
         (
             "a probe header cut short",
-            probe_frame(EDGE1_WAN, connector, DEFAULT_PROBE_PORT, &request[..31], true),
+            probe_frame(
+                EDGE1_WAN,
+                connector,
+                DEFAULT_PROBE_PORT,
+                &request[..31],
+                true,
+            ),
         ),
         (
             "a wrong IPv4 header checksum",
@@ -400,7 +422,11 @@ fn probes_from_strangers_die_and_everything_else_passes_untouched() -> Result<()
         (config.role, config.probe_port) = change;
         off.maps.set_config(config)?;
         let (out, delta) = counted(&off, || run_xdp(&off, XDP_UPLINK, &frame, 1))?;
-        assert_eq!((out.action, &out.data, delta.len()), (XDP_PASS, &frame, 0), "{what}");
+        assert_eq!(
+            (out.action, &out.data, delta.len()),
+            (XDP_PASS, &frame, 0),
+            "{what}"
+        );
         let (out, _) = counted(&off, || off.run(Program::UplinkIngress, &frame))?;
         assert_eq!((out.action, &out.data), (TC_ACT_OK, &frame), "{what}");
     }
@@ -582,7 +608,11 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
     };
     for (what, frame, skb) in [
         ("GSO", flannel_to(VTEP_ADDR, LOCAL_POD, 63, false), gso),
-        ("GSO, UDP checksum", flannel_to(VTEP_ADDR, LOCAL_POD, 63, true), gso),
+        (
+            "GSO, UDP checksum",
+            flannel_to(VTEP_ADDR, LOCAL_POD, 63, true),
+            gso,
+        ),
         (
             "a cloud pod",
             flannel_to(VTEP_ADDR, Ipv4Addr::new(10, 244, 0, 5), 63, true),
@@ -603,7 +633,10 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
         let at = out.data.len() - udp.vxlan()?.inner.len();
         expected[at..at + 6].copy_from_slice(&FLANNEL_MAC);
         expected[40..42].copy_from_slice(&out.data[40..42]);
-        assert_eq!(out.data, expected, "{what}: only the inner MAC (and checksum) changed");
+        assert_eq!(
+            out.data, expected,
+            "{what}: only the inner MAC (and checksum) changed"
+        );
     }
     // To the node's own address the frame is Flannel's as sent.
     let own = flannel_to(
@@ -619,7 +652,10 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
     spoofed[26..30].copy_from_slice(&[10, 1, 0, 77]);
     let spoofed = fix_ipv4_checksum(spoofed);
     let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &spoofed))?;
-    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(Counter::DropSpoofed)));
+    assert_eq!(
+        (out.action, delta),
+        (TC_ACT_SHOT, only(Counter::DropSpoofed))
+    );
     Ok(())
 }
 
