@@ -303,7 +303,10 @@ impl Maps {
     /// every other id cleared (its routes then drop as `drop_group_down`).
     /// Returns the entries changed.
     pub fn set_groups(&mut self, groups: &BTreeMap<u16, GroupEntry>) -> Result<usize> {
-        if let Some(id) = groups.keys().find(|&&id| id == 0 || u32::from(id) >= MAX_GROUPS) {
+        if let Some(id) = groups
+            .keys()
+            .find(|&&id| id == 0 || u32::from(id) >= MAX_GROUPS)
+        {
             anyhow::bail!("group id {id} is outside FE_GROUPS (1..{MAX_GROUPS})");
         }
         let mut changes = 0;
@@ -333,7 +336,11 @@ impl Maps {
             anyhow::bail!(
                 "peer {active} is not a member of group {group} (members {:?}): FE_GROUPS \
                  unchanged; apply a plan that lists it first",
-                entry.members.iter().take_while(|&&m| m != 0).collect::<Vec<_>>()
+                entry
+                    .members
+                    .iter()
+                    .take_while(|&&m| m != 0)
+                    .collect::<Vec<_>>()
             );
         }
         if entry.active == active {
@@ -368,13 +375,21 @@ impl Maps {
         let mut changes = 0;
         for addr in addrs.difference(&current) {
             self.vtep_addrs
-                .insert(RouteAddr { addr: addr.octets() }, 1, 0)
+                .insert(
+                    RouteAddr {
+                        addr: addr.octets(),
+                    },
+                    1,
+                    0,
+                )
                 .with_context(|| format!("writing {addr} to FE_VTEP_ADDRS"))?;
             changes += 1;
         }
         for addr in current.difference(addrs) {
             self.vtep_addrs
-                .remove(&RouteAddr { addr: addr.octets() })
+                .remove(&RouteAddr {
+                    addr: addr.octets(),
+                })
                 .with_context(|| format!("removing {addr} from FE_VTEP_ADDRS"))?;
             changes += 1;
         }

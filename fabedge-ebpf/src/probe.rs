@@ -161,7 +161,12 @@ pub fn tc(ctx: &TcContext, cfg: &DatapathConfig) -> Option<i32> {
             // alone; a zero one (none sent) stays zero; the rest is
             // updated incrementally.
             if ctx
-                .l4_csum_replace(UDP_CHECK_OFF, old as u64, new as u64, 2 | BPF_F_MARK_MANGLED_0 as u64)
+                .l4_csum_replace(
+                    UDP_CHECK_OFF,
+                    old as u64,
+                    new as u64,
+                    2 | BPF_F_MARK_MANGLED_0 as u64,
+                )
                 .is_err()
             {
                 // The caller's packet pointers are stale after the helper:

@@ -2,12 +2,14 @@
 //! connector (every NIC tunnel traffic arrives on).
 //!
 //! Everywhere: a packet in the name of a tunnel source that arrives outside
-//! the tunnel is forged, and dies here. On the connector: Flannel VXLAN must
-//! come from a known VTEP and carry only that VTEP's sources (the XDP
-//! guard's verdict, given again for when XDP is off); Flannel VXLAN for
-//! edge destinations is decapsulated and sent into the edge tunnel; plain
-//! packets for edge destinations (cloud nodes reaching edge node IPs) go
-//! straight into the tunnel. Everything else is the node's own business and
+//! the tunnel is forged, and dies here. On the connector: liveness probes
+//! from peers are answered (`probe.rs`, as XDP does when it runs); Flannel
+//! VXLAN must come from a known VTEP and carry only that VTEP's sources
+//! (the XDP guard's verdict, given again for when XDP is off); Flannel
+//! VXLAN to this connector (its address or a shared VTEP address of its
+//! group) for edge destinations is decapsulated and sent into the edge
+//! tunnel; plain packets for edge destinations (cloud nodes reaching edge
+//! node IPs) go straight into the tunnel. Everything else is the node's own business and
 //! passes untouched and uncounted.
 
 use aya_ebpf::{
@@ -21,11 +23,11 @@ use crate::{
     flannel,
     forward::to_tunnel,
     maps::{config, is_vtep_addr, route},
-    probe,
     parse::{
         self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, L3, UDP_HLEN, UdpHdr,
         VXLAN_HLEN, VxlanHdr, ptr_at,
     },
+    probe,
     trust::is_tunnel_address,
     verdict::{drop, pass},
     xdp_guard::{Tunnel, check_inner_source, known_sender},

@@ -1,8 +1,9 @@
 //! XDP on the uplinks (every node's underlay NICs): the guard everywhere,
 //! on the connector the probe reflector (`probe.rs`), and on the connector
-//! in VXLAN mode the Flannel masquerade finished at the NIC. XDP may only make a verdict cheaper, never different: whatever
-//! it declines is `XDP_PASS` with the frame unchanged, and the TC programs
-//! and the kernel handle it exactly as without XDP.
+//! in VXLAN mode the Flannel masquerade finished at the NIC. XDP may only
+//! make a verdict cheaper, never different: whatever it declines is
+//! `XDP_PASS` with the frame unchanged, and the TC programs and the kernel
+//! handle it exactly as without XDP.
 //!
 //! - `fe_xdp_uplink`: the program.
 //! - `fe_xdp_empty`: `XDP_PASS` and nothing else, the bench's baseline.

@@ -256,6 +256,17 @@ pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// The UDP payload of a liveness probe request (`fabedge_common::probe::ProbeHeader`,
+/// spelled out byte by byte).
+pub fn probe_request() -> Vec<u8> {
+    let mut out = b"feP1".to_vec();
+    out.extend([fabedge_common::probe::REQUEST, 0, 0, 0]);
+    out.extend(1u32.to_be_bytes());
+    out.extend([0; 4]);
+    out.extend(*b"sixteen-by-token");
+    out
+}
+
 /// One XDP verdict's per-packet cost against `fe_xdp_empty`.
 #[derive(Debug, Clone)]
 pub struct VerdictCost {
@@ -278,7 +289,10 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
 
     let lab = FibLab::new("xdp-bench")?;
     lab.netns.enter(|| {
-        let dp = crate::xdp::connector("xdp-bench")?;
+        let mut dp = crate::xdp::connector("xdp-bench")?;
+        let mut config = dp.maps.config()?;
+        config.probe_port = fabedge_common::DEFAULT_PROBE_PORT;
+        dp.maps.set_config(config)?;
         let inner = |src_mac, dst_mac, src: Ipv4Addr, dst: Ipv4Addr| {
             Frame::eth(src_mac, dst_mac)
                 .ipv4(src, dst)
@@ -345,6 +359,17 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
                 ),
                 lab.wan_ifindex,
                 XDP_DROP,
+            ),
+            (
+                "probe_answered",
+                "liveness probe from a peer (reflect, XDP_TX)",
+                Frame::eth(EDGE1_NIC_MAC, CONNECTOR_WAN_MAC)
+                    .ipv4(edge1, Ipv4Addr::from(CONNECTOR_LAN))
+                    .udp(40001, fabedge_common::DEFAULT_PROBE_PORT)
+                    .payload(&probe_request())
+                    .build(),
+                lab.wan_ifindex,
+                XDP_TX,
             ),
             (
                 "pass_not_tunnel",

@@ -6,7 +6,8 @@
 //! (bytes checked by the harness's own parser, and a real UDP socket
 //! accepting the reply) and drops those from strangers; Flannel VXLAN to a
 //! shared VTEP address, carrying another connector's VTEP MAC, is the
-//! connector's as if addressed to its own. Needs root.
+//! connector's as if addressed to its own, down to a kernel `flannel.1`
+//! accepting what is left to it. Needs root.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,7 +27,7 @@ use fabedge_tests::{
         SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestDatapath, assert_untouched, counted,
         fixtures::*, only,
     },
-    netns::{Netns, veth_pair},
+    netns::{Netns, PacketSocket, veth_pair},
     packet::{Frame, Mac, UdpChecksum, parse_eth, vxlan_encap},
     xdp::{self, FibLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XDP_UPLINK, run_xdp},
 };
@@ -141,7 +142,11 @@ fn a_group_without_a_live_member_drops_and_counts_group_down() -> Result<()> {
         assert_eq!((out.action, delta), down, "{name}: active 0");
         if mode == tunnel_mode::VXLAN {
             let (out, delta) = counted(&dp, || dp.run(Program::TunnelEgress, &host_to_cloud()))?;
-            assert_eq!((out.action, delta), down, "{name}: the node's own, active 0");
+            assert_eq!(
+                (out.action, delta),
+                down,
+                "{name}: the node's own, active 0"
+            );
         }
         // A member whose peer slot is gone (removed by an apply).
         dp.maps
@@ -243,7 +248,13 @@ fn probe_payload(kind: u8, seq: u32, token: [u8; 16]) -> Vec<u8> {
 const TOKEN: [u8; 16] = *b"sixteen-by-token";
 
 /// A probe from edge-1's NIC to `dst` on the connector.
-fn probe_frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8], checksum: bool) -> Vec<u8> {
+fn probe_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    checksum: bool,
+) -> Vec<u8> {
     let udp = Frame::eth(xdp::EDGE1_NIC_MAC, UPLINK_MAC)
         .ipv4(src, dst)
         .id(7)
@@ -364,11 +375,23 @@ fn probes_from_strangers_die_and_everything_else_passes_untouched() -> Result<()
         ),
         (
             "to an address not ours",
-            probe_frame(EDGE1_WAN, Ipv4Addr::new(10, 1, 0, 99), DEFAULT_PROBE_PORT, &request, true),
+            probe_frame(
+                EDGE1_WAN,
+                Ipv4Addr::new(10, 1, 0, 99),
+                DEFAULT_PROBE_PORT,
+                &request,
+                true,
+            ),
         ),
         (
             "a probe header cut short",
-            probe_frame(EDGE1_WAN, connector, DEFAULT_PROBE_PORT, &request[..31], true),
+            probe_frame(
+                EDGE1_WAN,
+                connector,
+                DEFAULT_PROBE_PORT,
+                &request[..31],
+                true,
+            ),
         ),
         (
             "a wrong IPv4 header checksum",
@@ -400,7 +423,11 @@ fn probes_from_strangers_die_and_everything_else_passes_untouched() -> Result<()
         (config.role, config.probe_port) = change;
         off.maps.set_config(config)?;
         let (out, delta) = counted(&off, || run_xdp(&off, XDP_UPLINK, &frame, 1))?;
-        assert_eq!((out.action, &out.data, delta.len()), (XDP_PASS, &frame, 0), "{what}");
+        assert_eq!(
+            (out.action, &out.data, delta.len()),
+            (XDP_PASS, &frame, 0),
+            "{what}"
+        );
         let (out, _) = counted(&off, || off.run(Program::UplinkIngress, &frame))?;
         assert_eq!((out.action, &out.data), (TC_ACT_OK, &frame), "{what}");
     }
@@ -582,7 +609,11 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
     };
     for (what, frame, skb) in [
         ("GSO", flannel_to(VTEP_ADDR, LOCAL_POD, 63, false), gso),
-        ("GSO, UDP checksum", flannel_to(VTEP_ADDR, LOCAL_POD, 63, true), gso),
+        (
+            "GSO, UDP checksum",
+            flannel_to(VTEP_ADDR, LOCAL_POD, 63, true),
+            gso,
+        ),
         (
             "a cloud pod",
             flannel_to(VTEP_ADDR, Ipv4Addr::new(10, 244, 0, 5), 63, true),
@@ -603,7 +634,10 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
         let at = out.data.len() - udp.vxlan()?.inner.len();
         expected[at..at + 6].copy_from_slice(&FLANNEL_MAC);
         expected[40..42].copy_from_slice(&out.data[40..42]);
-        assert_eq!(out.data, expected, "{what}: only the inner MAC (and checksum) changed");
+        assert_eq!(
+            out.data, expected,
+            "{what}: only the inner MAC (and checksum) changed"
+        );
     }
     // To the node's own address the frame is Flannel's as sent.
     let own = flannel_to(
@@ -619,7 +653,10 @@ fn tc_takes_flannel_vxlan_to_a_shared_vtep_address_and_hands_the_kernel_frames_i
     spoofed[26..30].copy_from_slice(&[10, 1, 0, 77]);
     let spoofed = fix_ipv4_checksum(spoofed);
     let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &spoofed))?;
-    assert_eq!((out.action, delta), (TC_ACT_SHOT, only(Counter::DropSpoofed)));
+    assert_eq!(
+        (out.action, delta),
+        (TC_ACT_SHOT, only(Counter::DropSpoofed))
+    );
     Ok(())
 }
 
@@ -628,4 +665,173 @@ fn fix_ipv4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     let check = fabedge_tests::packet::ipv4_header_checksum(&frame[14..34]);
     frame[24..26].copy_from_slice(&check.to_be_bytes());
     frame
+}
+
+/// The proof with a kernel `flannel.1` programmed as Flannel programs it:
+/// cloud-2 sends Flannel VXLAN to the shared VTEP address with the inner
+/// destination MAC of the connector that held it before (an ICMP echo to
+/// this connector's `flannel.1` address, a frame `fe_uplink_ingress`
+/// leaves to `flannel.1`). Without the uplink program `flannel.1` drops it
+/// (`PACKET_OTHERHOST`); with it, the echo reply comes back through
+/// Flannel's VXLAN.
+#[test]
+fn flannel_1_accepts_vxlan_to_a_shared_vtep_address_naming_another_connectors_mac() -> Result<()> {
+    let cloud = Netns::new("ha-cloud2")?;
+    let conn = Netns::new("ha-vtep-conn")?;
+    veth_pair(&cloud, "eth0", &conn, "eth0")?;
+    cloud.add_addr("eth0", "10.1.0.2/24")?;
+    conn.add_addr("eth0", "10.1.0.1/24")?;
+    conn.add_addr("eth0", &format!("{VTEP_ADDR}/32"))?;
+    let flannel_mac = fabedge_tests::packet::format_mac(&FLANNEL_MAC);
+    let cloud2_vtep_mac = fabedge_tests::packet::format_mac(&CLOUD2_VTEP_MAC);
+    for args in [
+        &[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            "10.1.0.1",
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ][..],
+        &["link", "set", "flannel.1", "address", &flannel_mac, "up"],
+        &["addr", "add", "10.244.0.0/32", "dev", "flannel.1"],
+        // cloud-2's pods, the way Flannel routes them.
+        &[
+            "neigh",
+            "replace",
+            "10.244.1.0",
+            "lladdr",
+            &cloud2_vtep_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "route",
+            "replace",
+            "10.244.1.0/24",
+            "via",
+            "10.244.1.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
+    ] {
+        conn.ip(args)?;
+    }
+    conn.run_ok(
+        "bridge",
+        &[
+            "fdb",
+            "append",
+            &cloud2_vtep_mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            "10.1.0.2",
+        ],
+    )?;
+    let conn_mac = conn.mac("eth0")?;
+    let cloud_mac = cloud.mac("eth0")?;
+    let wire = PacketSocket::open(&cloud, "eth0")?;
+    let echo = |seq: u16, vtep_mac: Mac| {
+        let inner = Frame::eth(CLOUD2_VTEP_MAC, vtep_mac)
+            .ipv4(CLOUD_POD, Ipv4Addr::new(10, 244, 0, 0))
+            .icmp_echo_request(77, seq)
+            .build();
+        vxlan_encap(
+            Frame::eth(cloud_mac, conn_mac),
+            Ipv4Addr::from(CLOUD2_LAN),
+            VTEP_ADDR,
+            41234,
+            DEFAULT_FLANNEL_PORT,
+            DEFAULT_FLANNEL_VNI,
+            &inner,
+        )
+    };
+    let is_reply = |seq: u16| {
+        move |frame: &[u8]| -> bool {
+            let reply = || -> Result<bool> {
+                let udp = parse_eth(frame)?.ipv4()?.udp()?;
+                let inner = parse_eth(udp.vxlan()?.inner)?.ipv4()?;
+                let icmp = inner.icmp()?;
+                Ok(udp.dst_port == DEFAULT_FLANNEL_PORT
+                    && inner.dst == CLOUD_POD
+                    && icmp.icmp_type == 0
+                    && icmp.echo_seq() == Some(seq))
+            };
+            reply().unwrap_or(false)
+        }
+    };
+    // Without fabedge: flannel.1 answers what names its own MAC...
+    wire.send(&echo(1, FLANNEL_MAC))?;
+    ensure!(
+        wire.recv_matching(Duration::from_secs(3), is_reply(1))?
+            .is_some(),
+        "flannel.1 does not answer on the shared VTEP address at all"
+    );
+    // ...and drops what names another's.
+    wire.send(&echo(2, OTHER_FLANNEL_MAC))?;
+    ensure!(
+        wire.recv_matching(Duration::from_secs(1), is_reply(2))?
+            .is_none(),
+        "flannel.1 answered a frame for another MAC: this test proves nothing"
+    );
+    conn.enter(|| {
+        let mut dp = TestDatapath::new("ha-vtep-flannel1")?;
+        dp.maps.set_peer(
+            VTEP_PEER,
+            PeerEntry {
+                kind: fabedge_common::peer_kind::FLANNEL_VTEP,
+                underlay_ip: CLOUD2_LAN,
+                vtep_mac: CLOUD2_VTEP_MAC,
+                ..PeerEntry::default()
+            },
+        )?;
+        dp.maps.set_route(
+            net("10.244.1.0/24"),
+            RouteEntry {
+                kind: route_kind::CLOUD_VTEP,
+                flags: 0,
+                peer_id: VTEP_PEER,
+            },
+        )?;
+        sync_peer_addrs(&mut dp)?;
+        dp.maps.set_vtep_addrs(&BTreeSet::from([VTEP_ADDR]))?;
+        dp.maps.set_config(fabedge_common::DatapathConfig {
+            ready: 1,
+            role: role::CONNECTOR,
+            tunnel_mode: tunnel_mode::VXLAN,
+            node_ip: CONNECTOR_LAN,
+            underlay_ip: CONNECTOR_LAN,
+            flannel_vni: DEFAULT_FLANNEL_VNI,
+            flannel_port: DEFAULT_FLANNEL_PORT,
+            flannel_mac: FLANNEL_MAC,
+            ..Default::default()
+        })?;
+        dp.datapath
+            .attach(&Attachment::new(Program::UplinkIngress, "eth0"))?;
+        wire.send(&echo(3, OTHER_FLANNEL_MAC))?;
+        let reply = wire.recv_matching(Duration::from_secs(3), is_reply(3))?;
+        ensure!(
+            reply.is_some(),
+            "no echo reply through flannel.1 within 3 s; counters {:?}",
+            dp.counters()
+                .into_iter()
+                .filter(|(_, v)| *v != 0)
+                .map(|(c, v)| (c.name(), v))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(dp.counter(Counter::PassFlannel), 1);
+        Ok(())
+    })
 }

@@ -586,7 +586,13 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_VTEP_ADDRS", &["addr"]),
             (
                 "FE_CONFIG",
-                &["ready", "tunnel_mtu", "flannel_mac", "tunnel_port", "probe_port"],
+                &[
+                    "ready",
+                    "tunnel_mtu",
+                    "flannel_mac",
+                    "tunnel_port",
+                    "probe_port",
+                ],
             ),
             ("FE_COUNTERS", &["values", "cpu", "value"]),
             ("FE_PEER_STATS", &["tx_packets", "rx_bytes"]),

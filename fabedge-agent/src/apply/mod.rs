@@ -406,7 +406,9 @@ pub fn keep_live_active(
             let active = match current.get(&id) {
                 // The group existed: its probes' verdict stands, "none
                 // alive" (0) included, while it names a member still.
-                Some(now) if now.members[0] != 0 && (now.active == 0 || group.has_member(now.active)) => {
+                Some(now)
+                    if now.members[0] != 0 && (now.active == 0 || group.has_member(now.active)) =>
+                {
                     now.active
                 }
                 _ => group.active,
@@ -536,4 +538,3 @@ mod tests {
         );
     }
 }
-

@@ -73,7 +73,12 @@ pub fn precheck(plan: &Plan, capacity: &Capacity, host: &HostFacts) -> Result<Ch
         if id == 0 || u32::from(id) >= MAX_GROUPS {
             bail!("group id {id} is outside FE_GROUPS (1..{MAX_GROUPS}): nothing was applied");
         }
-        let members: Vec<u16> = group.members.iter().copied().take_while(|&m| m != 0).collect();
+        let members: Vec<u16> = group
+            .members
+            .iter()
+            .copied()
+            .take_while(|&m| m != 0)
+            .collect();
         if let Some(stranger) = members.iter().find(|m| !plan.peers.contains_key(m)) {
             bail!(
                 "group {id} lists peer {stranger}, which the plan has no peer for: nothing was \

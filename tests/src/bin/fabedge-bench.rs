@@ -70,6 +70,29 @@ fn median(dp: &TestDatapath, program: Program, frame: &[u8]) -> Result<Duration>
     Ok(samples[SAMPLES / 2])
 }
 
+/// An edge datapath whose cloud routes go through a connector group (HA).
+fn edge_through_connector_group() -> Result<TestDatapath> {
+    let mut dp = edge("bench-edge-group", tunnel_mode::VXLAN)?;
+    let mut group = fabedge_common::GroupEntry {
+        active: CONNECTOR_PEER,
+        ..Default::default()
+    };
+    group.members[0] = CONNECTOR_PEER;
+    dp.maps.set_groups(&std::collections::BTreeMap::from([(
+        fabedge_common::CONNECTOR_GROUP,
+        group,
+    )]))?;
+    dp.maps.set_route(
+        net("10.244.0.0/16"),
+        fabedge_common::RouteEntry {
+            kind: route_kind::TUNNEL,
+            flags: fabedge_common::route_flags::VIA_GROUP,
+            peer_id: fabedge_common::CONNECTOR_GROUP,
+        },
+    )?;
+    Ok(dp)
+}
+
 /// An edge datapath with ClusterIP 10.96.0.20:53/UDP → a pod on the community peer.
 fn edge_with_service() -> Result<TestDatapath> {
     let mut dp = edge("bench-edge-svc", tunnel_mode::VXLAN)?;
@@ -149,6 +172,7 @@ fn verdicts(report: &mut Report) -> Result<()> {
         edge("bench-edge", tunnel_mode::VXLAN)?,
         connector_with_pods()?,
         edge_with_service()?,
+        edge_through_connector_group()?,
     ];
 
     let udp = |dst: Ipv4Addr| {
@@ -257,6 +281,19 @@ fn verdicts(report: &mut Report) -> Result<()> {
             datapath: 2,
             program: Program::ToPod,
             frame: from_peer,
+        },
+        // What a connector group costs over a route to one connector.
+        Case {
+            name: "edge: pod → cloud pod, one connector (redirect)",
+            datapath: 0,
+            program: Program::FromPod,
+            frame: udp(CLOUD_POD),
+        },
+        Case {
+            name: "edge: pod → cloud pod, connector group (redirect)",
+            datapath: 3,
+            program: Program::FromPod,
+            frame: udp(CLOUD_POD),
         },
     ];
 
