@@ -31,9 +31,9 @@ mod tests;
 use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use fabedge_common::{
-    DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI,
-    CONNECTOR_GROUP, DatapathConfig, GroupEntry, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD,
-    peer_kind, route_flags, route_kind, tunnel_mode,
+    CONNECTOR_GROUP, DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT,
+    DEFAULT_TUNNEL_VNI, DatapathConfig, GroupEntry, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV,
+    TUNNEL_DEV_MAC, VXLAN_OVERHEAD, peer_kind, route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -605,7 +605,11 @@ impl<'a> Planner<'a> {
     /// peer, or this edge's connector group).
     fn through_tunnel(&mut self, node: &Node, via: Via) -> Result<(), PlanError> {
         if let Via::Peer(name) = &via {
-            let peer = self.snapshot.nodes.get(name).expect("tunnel peers are nodes of the snapshot");
+            let peer = self
+                .snapshot
+                .nodes
+                .get(name)
+                .expect("tunnel peers are nodes of the snapshot");
             self.tunnel_peer(peer);
         }
         match node.pod_cidr {
@@ -809,7 +813,8 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        self.annotations = flannel::annotation_patches(self.snapshot, connectors, &me.name, Some(flannel_mac));
+        self.annotations =
+            flannel::annotation_patches(self.snapshot, connectors, &me.name, Some(flannel_mac));
         self.vtep_addrs = connectors.vtep_addresses.values().copied().collect();
         for connector in &connectors.nodes {
             self.ha.connectors.insert(
@@ -917,7 +922,9 @@ impl<'a> Planner<'a> {
                 let (peer_id, flags) = match &r.peer {
                     None => (0, r.flags),
                     Some(Via::Peer(name)) => (id_of(name), r.flags),
-                    Some(Via::ConnectorGroup) => (CONNECTOR_GROUP, r.flags | route_flags::VIA_GROUP),
+                    Some(Via::ConnectorGroup) => {
+                        (CONNECTOR_GROUP, r.flags | route_flags::VIA_GROUP)
+                    }
                 };
                 (
                     *prefix,

@@ -44,9 +44,13 @@ pub struct Tools {
 
 /// The `xtask/k8s` folder: our go.mod pinning `k8s.io/kubernetes`.
 pub fn module_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("xtask/k8s")
+    // Resolved at run time when cargo says where we are (see xtask's
+    // `workspace()`): a build copied from another checkout uses this one.
+    // The tests crate includes this file: its manifest dir is `tests/`.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.join("..").join("xtask/k8s")
 }
 
 /// The pinned Kubernetes version, read from `xtask/k8s/go.mod` (the one

@@ -75,8 +75,15 @@ enum Cmd {
     },
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The workspace `cargo xtask` runs in. `cargo run` sets CARGO_MANIFEST_DIR
+/// at run time too; that one wins over the path baked in at build time, so
+/// a target dir copied from another checkout (a git worktree) builds and
+/// tests this checkout, not the one the binary was compiled in.
+pub fn workspace() -> PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()

@@ -488,6 +488,7 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
         removed.push(format!("route {}", route.dst));
     }
     removed.extend(crate::esp::apply::teardown()?);
+    removed.extend(crate::ha::vtep::release_everywhere()?);
     for dev in [TUNNEL_DEV, POD_BRIDGE] {
         if net::delete_link_if_present(dev)? {
             removed.push(format!("device {dev}"));

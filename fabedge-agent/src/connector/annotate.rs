@@ -28,7 +28,7 @@ use super::{
     leader::{self, ElectionConfig},
 };
 use crate::{
-    model::{Role, annotation},
+    model::annotation,
     plan::{AnnotationPatch, flannel_annotation_patches},
     source::Objects,
 };
@@ -167,7 +167,9 @@ pub fn desired(
                 by_node.insert(patch.node.clone(), patch);
             }
             for connector in &connectors.nodes {
-                if connector.flannel.is_none() && !(connector.name == me && own_flannel_mac.is_some()) {
+                if connector.flannel.is_none()
+                    && !(connector.name == me && own_flannel_mac.is_some())
+                {
                     warn!(
                         "connector {} has no Flannel lease yet; its edge Nodes get their annotations once it does",
                         connector.name

@@ -219,6 +219,33 @@ fn announce(link: &LinkInfo, addr: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
+/// Uninstall: every VTEP address fabedge holds, on any NIC, removed.
+/// Returns what went, for the uninstall report.
+pub fn release_everywhere() -> Result<Vec<String>> {
+    let mut nl = Rtnl::open()?;
+    let links = nl.links()?;
+    let mut removed = Vec::new();
+    for addr in nl.addr_details()? {
+        let Some(link) = links.iter().find(|l| l.index == addr.info.index) else {
+            continue;
+        };
+        let ours = addr.proto == Some(RTPROT_FABEDGE)
+            || label_for(&link.name)
+                .is_some_and(|label| addr.label.as_deref() == Some(label.as_str()));
+        if !ours || addr.info.address.prefix_len() != 32 {
+            continue;
+        }
+        if nl.del_addr(link, addr.info.address)? {
+            removed.push(format!(
+                "VTEP address {} on {}",
+                addr.info.address.addr(),
+                link.name
+            ));
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

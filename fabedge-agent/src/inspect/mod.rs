@@ -282,13 +282,24 @@ impl ConnectorHealth {
         let last = self
             .last_answer_ms
             .map_or("never".to_owned(), |ms| format!("{ms}ms ago"));
-        format!("{used}{state}, rtt {rtt}, {} missed, last answer {last}", self.misses)
+        format!(
+            "{used}{state}, rtt {rtt}, {} missed, last answer {last}",
+            self.misses
+        )
     }
 }
 
 impl Row for PeerRow {
     const HEADERS: &'static [&'static str] = &[
-        "ID", "NAME", "KIND", "ENDPOINT", "VTEP MAC", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
+        "ID",
+        "NAME",
+        "KIND",
+        "ENDPOINT",
+        "VTEP MAC",
+        "TX PKTS",
+        "TX BYTES",
+        "RX PKTS",
+        "RX BYTES",
         "CONNECTOR",
     ];
     fn cells(&self) -> Vec<String> {
@@ -302,7 +313,9 @@ impl Row for PeerRow {
             self.tx_bytes.to_string(),
             self.rx_packets.to_string(),
             self.rx_bytes.to_string(),
-            self.connector.as_ref().map_or("-".into(), ConnectorHealth::cell),
+            self.connector
+                .as_ref()
+                .map_or("-".into(), ConnectorHealth::cell),
         ]
     }
 }

@@ -203,10 +203,27 @@ fn agent_status(page: &mut Exposition, status: &StatusSnapshot) {
 
 /// Connector liveness: probes per connector, health, and failovers.
 fn connectors(page: &mut Exposition, ha: &crate::run::ha::HaStatus) {
-    let families: [(&str, &str, fn(&crate::run::ha::TargetStatus) -> u64); 3] = [
-        ("fabedge_probes_sent_total", "Liveness probes sent to each connector.", |t| t.sent),
-        ("fabedge_probes_answered_total", "Liveness probes each connector's datapath answered.", |t| t.answered),
-        ("fabedge_probes_missed_total", "Liveness probes each connector left unanswered.", |t| t.missed),
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&crate::run::ha::TargetStatus) -> u64,
+    );
+    let families: [Family; 3] = [
+        (
+            "fabedge_probes_sent_total",
+            "Liveness probes sent to each connector.",
+            |t| t.sent,
+        ),
+        (
+            "fabedge_probes_answered_total",
+            "Liveness probes each connector's datapath answered.",
+            |t| t.answered,
+        ),
+        (
+            "fabedge_probes_missed_total",
+            "Liveness probes each connector left unanswered.",
+            |t| t.missed,
+        ),
     ];
     for (name, help, value) in families {
         page.family(name, Kind::Counter, help);
@@ -221,7 +238,10 @@ fn connectors(page: &mut Exposition, ha: &crate::run::ha::HaStatus) {
     );
     for (connector, target) in &ha.targets {
         let stable = if target.stable { "true" } else { "false" };
-        page.sample(&[("connector", connector), ("stable", stable)], u8::from(target.up));
+        page.sample(
+            &[("connector", connector), ("stable", stable)],
+            u8::from(target.up),
+        );
     }
     page.family(
         "fabedge_connector_rtt_seconds",
@@ -240,7 +260,10 @@ fn connectors(page: &mut Exposition, ha: &crate::run::ha::HaStatus) {
             "Edge: the connector its cloud-bound traffic goes through (1).",
         );
         for connector in &ha.order {
-            page.sample(&[("connector", connector)], u8::from(ha.active.as_ref() == Some(connector)));
+            page.sample(
+                &[("connector", connector)],
+                u8::from(ha.active.as_ref() == Some(connector)),
+            );
         }
     }
     page.family(

@@ -66,7 +66,11 @@ pub fn annotation_patches(
         .filter_map(|c| Some((mac_of(c)?, connectors.cloud_address(c))))
         .collect();
     let mut patches = Vec::new();
-    for node in snapshot.nodes.values().filter(|n| n.role != Role::Connector) {
+    for node in snapshot
+        .nodes
+        .values()
+        .filter(|n| n.role != Role::Connector)
+    {
         let patch = if node.role == Role::Edge {
             let Some(primary) = connectors.primary(&node.name) else {
                 continue;

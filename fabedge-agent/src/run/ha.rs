@@ -139,7 +139,12 @@ impl HaRuntime {
     pub fn prepare(&mut self, plan: &mut Plan, maps: &Maps) -> Result<()> {
         self.role = Some(plan.role);
         self.set_targets(plan.ha.probe_targets.clone())?;
-        self.connectors = plan.ha.connectors.iter().map(|(n, a)| (n.clone(), *a)).collect();
+        self.connectors = plan
+            .ha
+            .connectors
+            .iter()
+            .map(|(n, a)| (n.clone(), *a))
+            .collect();
         self.vtep_iface = plan.ha.vtep_iface.clone();
         self.order.clear();
         self.member_ids.clear();
@@ -166,7 +171,10 @@ impl HaRuntime {
             }
             if choice != self.active {
                 if let (Some(old), Some(new)) = (&self.active, &choice) {
-                    info!("{}: connector {new} replaces {old} (plan changed)", self.node);
+                    info!(
+                        "{}: connector {new} replaces {old} (plan changed)",
+                        self.node
+                    );
                 }
                 self.active = choice;
             }
@@ -180,7 +188,11 @@ impl HaRuntime {
     /// a group's member while it is one), and we hold the VTEP addresses we must.
     pub fn applied(&mut self, maps: &mut Maps) {
         self.applied_once = true;
-        if let Some(id) = self.active.as_ref().and_then(|a| self.member_ids.get(a)).copied()
+        if let Some(id) = self
+            .active
+            .as_ref()
+            .and_then(|a| self.member_ids.get(a))
+            .copied()
             && maps
                 .group_entries()
                 .is_ok_and(|groups| groups.get(&CONNECTOR_GROUP).is_some_and(|g| g.active != id))
@@ -202,15 +214,24 @@ impl HaRuntime {
         {
             match maps.set_group_active(CONNECTOR_GROUP, id) {
                 Ok(()) => {
-                    let health = self.prober.as_ref().map(|p| p.snapshot()).unwrap_or_default();
+                    let health = self
+                        .prober
+                        .as_ref()
+                        .map(|p| p.snapshot())
+                        .unwrap_or_default();
                     let why = match &self.active {
                         Some(old) if health.get(old).is_some_and(|t| !t.health.up) => {
                             format!("{old} missed {} probes", self.options.probe_misses)
                         }
-                        Some(old) => format!("{choice} is back (answering for the hold-down), {old} was standing in"),
+                        Some(old) => format!(
+                            "{choice} is back (answering for the hold-down), {old} was standing in"
+                        ),
                         None => "first choice".to_owned(),
                     };
-                    info!("{}: traffic through the connectors now goes to {choice}: {why}", self.node);
+                    info!(
+                        "{}: traffic through the connectors now goes to {choice}: {why}",
+                        self.node
+                    );
                     self.active = Some(choice);
                     self.failovers += 1;
                 }
@@ -277,7 +298,11 @@ impl HaRuntime {
         if !self.applied_once {
             return;
         }
-        let health = self.prober.as_ref().map(|p| p.snapshot()).unwrap_or_default();
+        let health = self
+            .prober
+            .as_ref()
+            .map(|p| p.snapshot())
+            .unwrap_or_default();
         let alive: BTreeSet<String> = self
             .connectors
             .iter()
@@ -290,8 +315,11 @@ impl HaRuntime {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        let borrowed: Vec<(&str, Option<Ipv4Addr>)> =
-            self.connectors.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+        let borrowed: Vec<(&str, Option<Ipv4Addr>)> = self
+            .connectors
+            .iter()
+            .map(|(n, a)| (n.as_str(), *a))
+            .collect();
         let wanted = vtep::holders(&borrowed, &alive, &self.node);
         for addr in wanted.difference(&self.held.clone()) {
             let whose = self
@@ -312,13 +340,19 @@ impl HaRuntime {
                     }
                     self.held.insert(*addr);
                 }
-                Err(e) => warn!("{}: claiming VTEP address {addr} of {whose}: {e:#}", self.node),
+                Err(e) => warn!(
+                    "{}: claiming VTEP address {addr} of {whose}: {e:#}",
+                    self.node
+                ),
             }
         }
         for addr in self.held.clone().difference(&wanted) {
             match vtep::release(&iface, *addr) {
                 Ok(_) => {
-                    info!("{}: gave VTEP address {addr} back (its connector is back)", self.node);
+                    info!(
+                        "{}: gave VTEP address {addr} back (its connector is back)",
+                        self.node
+                    );
                     self.held.remove(addr);
                 }
                 Err(e) => warn!("{}: releasing VTEP address {addr}: {e:#}", self.node),
@@ -341,7 +375,9 @@ impl HaRuntime {
                     stable: h.stable,
                     misses: h.misses,
                     rtt_us: h.last_rtt.map(|d| d.as_micros() as u64),
-                    last_answer_ms: h.last_answer.map(|a| now.duration_since(a).as_millis() as u64),
+                    last_answer_ms: h
+                        .last_answer
+                        .map(|a| now.duration_since(a).as_millis() as u64),
                     sent: h.sent,
                     answered: h.answered,
                     missed: h.missed,
