@@ -212,12 +212,15 @@ fn probe_cost(cluster: &Cluster, report: &mut Report) -> Result<()> {
             get(Counter::DropProbeUnknownSource),
         ))
     };
-    let send_for = |duration: Duration| -> Result<u64> {
+    // (requests sent, replies received): replies are drained from a socket
+    // each time it sends, so a reply is counted within 100 ms.
+    let send_for = |duration: Duration| -> Result<(u64, u64)> {
         // Evenly spread: every edge once per 1/PROBE_RATE s, in 10 ms slices.
         let slice = Duration::from_millis(10);
         let per_slice = SIMULATED_EDGES * slice.as_millis() as usize / (1000 / PROBE_RATE as usize);
         let started = Instant::now();
-        let (mut sent, mut next_edge, mut sequence, mut slices) = (0u64, 0usize, 0u32, 0u32);
+        let (mut sent, mut replies) = (0u64, 0u64);
+        let (mut next_edge, mut sequence, mut slices) = (0usize, 0u32, 0u32);
         while started.elapsed() < duration {
             for _ in 0..per_slice {
                 let request = probe_request(sequence, next_edge);
@@ -225,9 +228,12 @@ fn probe_cost(cluster: &Cluster, report: &mut Report) -> Result<()> {
                 if sockets[next_edge].send_to(&request, target).is_ok() {
                     sent += 1;
                 }
-                // Replies are left to the datapath's counter; drain the buffer.
                 let mut reply = [0u8; 64];
-                while sockets[next_edge].recv(&mut reply).is_ok() {}
+                while let Ok(len) = sockets[next_edge].recv(&mut reply) {
+                    if len >= 5 && reply[..4] == probe::MAGIC && reply[4] == probe::REPLY {
+                        replies += 1;
+                    }
+                }
                 next_edge = (next_edge + 1) % SIMULATED_EDGES;
                 sequence = sequence.wrapping_add(1);
             }
@@ -236,27 +242,29 @@ fn probe_cost(cluster: &Cluster, report: &mut Report) -> Result<()> {
                 thread::sleep(wait);
             }
         }
-        Ok(sent)
+        Ok((sent, replies))
     };
     send_for(PROBE_WARMUP)?;
     let (answered_before, unknown_before) = answered(cluster)?;
     let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
-    let sent = send_for(Duration::from_secs(PROBE_SECONDS))?;
+    let (sent, replies) = send_for(Duration::from_secs(PROBE_SECONDS))?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_before;
     let (answered_after, unknown_after) = answered(cluster)?;
     let answered_rate = (answered_after - answered_before) as f64 / elapsed;
     let unknown_rate = (unknown_after - unknown_before) as f64 / elapsed;
     let sent_rate = sent as f64 / elapsed;
+    let reply_rate = replies as f64 / elapsed;
     let cpu_percent = cpu / elapsed * 100.0;
     println!(
-        "  sent {sent_rate:.0}/s, answered by the datapath {answered_rate:.0}/s (probe_answered), refused {unknown_rate:.0}/s (drop_probe_unknown_source); \
-         {connector}'s agent used {cpu_percent:.2} % of a CPU (pid {pid})"
+        "  sent {sent_rate:.0}/s, answered by the datapath {answered_rate:.0}/s (probe_answered), refused {unknown_rate:.0}/s (drop_probe_unknown_source), \
+         replies received {reply_rate:.0}/s; {connector}'s agent used {cpu_percent:.2} % of a CPU (pid {pid})"
     );
     report.record("ha.probe_cost.simulated_edges", SIMULATED_EDGES as f64);
     report.record("ha.probe_cost.probes_sent_per_s", sent_rate);
     report.record("ha.probe_cost.probes_answered_per_s", answered_rate);
+    report.record("ha.probe_cost.replies_received_per_s", reply_rate);
     report.record("ha.probe_cost.connector_agent_cpu_percent", cpu_percent);
     Ok(())
 }

@@ -30,6 +30,9 @@ const ICMP_ECHO_REPLY: u8 = 0;
 /// and padding to ping's default 56 bytes.
 const PAYLOAD_LEN: usize = 56;
 
+/// An echo reply: the request's sequence and when the reply arrived.
+type Reply = (u32, Instant);
+
 /// Tells meters running at once (and their replies) apart.
 static NEXT_IDENTIFIER: AtomicU16 = AtomicU16::new(0);
 
@@ -44,7 +47,7 @@ pub struct GapMeter {
     /// Arrival of the latest reply, in nanoseconds after `started` (0: none yet).
     last_reply: Arc<AtomicU64>,
     sender: Option<JoinHandle<Result<Vec<Instant>>>>,
-    receiver: Option<JoinHandle<Result<Vec<(u32, Instant)>>>>,
+    receiver: Option<JoinHandle<Result<Vec<Reply>>>>,
 }
 
 impl GapMeter {
@@ -116,9 +119,19 @@ impl GapMeter {
 
     /// Stops sending, waits up to a second for replies in flight, and returns
     /// what was measured.
-    pub fn stop(mut self) -> Result<PingGaps> {
+    pub fn stop(self) -> Result<PingGaps> {
+        let stopped = self.halt();
+        self.collect(stopped)
+    }
+
+    /// Tells the sender to stop; returns when.
+    fn halt(&self) -> Instant {
         self.stop.store(true, Ordering::Relaxed);
-        let stopped = Instant::now();
+        Instant::now()
+    }
+
+    /// Waits for the threads of a halted meter and returns what they saw.
+    fn collect(mut self, stopped: Instant) -> Result<PingGaps> {
         let sends = join(self.sender.take(), &self.label)?;
         let replies = join(self.receiver.take(), &self.label)?;
         let mut reply_times: Vec<Option<Instant>> = vec![None; sends.len()];
@@ -172,9 +185,14 @@ impl BothWays {
             .all(|meter| meter.last_reply().is_some_and(|at| at > since))
     }
 
-    /// (`a → b`, `b → a`).
+    /// (`a → b`, `b → a`), both stopped at the same moment.
     pub fn stop(self) -> Result<(PingGaps, PingGaps)> {
-        Ok((self.forward.stop()?, self.backward.stop()?))
+        let stopped = self.forward.halt();
+        self.backward.halt();
+        Ok((
+            self.forward.collect(stopped)?,
+            self.backward.collect(stopped)?,
+        ))
     }
 }
 
@@ -379,7 +397,7 @@ fn receive_replies(
     stop: &AtomicBool,
     sending: &AtomicBool,
     mut on_reply: impl FnMut(Instant),
-) -> Result<Vec<(u32, Instant)>> {
+) -> Result<Vec<Reply>> {
     let mut replies = Vec::new();
     let mut buffer = [0u8; 2048];
     let mut grace_ends: Option<Instant> = None;
