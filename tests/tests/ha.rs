@@ -61,9 +61,9 @@ fn with_ha_cluster<R>(
         },
         tear_down_cluster,
         |cluster| {
-            for connector in cluster.connectors() {
-                if !cluster.agent_running(&connector)? {
-                    cluster.revive_node(&connector)?;
+            for node in cluster.node_names() {
+                if !cluster.agent_running(&node)? {
+                    cluster.revive_node(&node)?;
                 }
             }
             let settled = cluster.settled_connectors(HOLD_DOWN + Duration::from_secs(1), WAIT)?;
@@ -297,6 +297,51 @@ fn restarting_a_connector_agent_loses_nothing_and_moves_no_edge() -> Result<()> 
             up.lost(),
             down.lost(),
             cluster.diagnostics(&[EDGE.to_owned(), connector.clone()])
+        );
+        Ok(())
+    })
+}
+
+/// The harness itself, whatever the agents do about connectors: a killed
+/// node (cloud-2, no connector: nothing can take over for it) answers
+/// nothing, the gap meter shows the silence from the kill to the end, and a
+/// revived node answers again.
+#[test]
+fn a_killed_node_answers_nothing_until_it_is_revived() -> Result<()> {
+    with_ha_cluster(|cluster, _| {
+        let meters = BothWays::start(cluster.pod(EDGE)?, cluster.pod(CLOUD)?)?;
+        thread::sleep(Duration::from_millis(500));
+        let killed_at = Instant::now();
+        let killed = cluster.kill_node(CLOUD);
+        thread::sleep(Duration::from_secs(2));
+        let revived_at = Instant::now();
+        let (up, down) = meters.stop()?;
+        killed?;
+        cluster.revive_node(CLOUD)?;
+        eprintln!("{}\n{}", up.summary(), down.summary());
+        for gaps in [&up, &down] {
+            let answered_while_dead = gaps.sent_between(killed_at, revived_at)
+                - gaps.lost_sent_between(killed_at, revived_at);
+            // A request sent just before the kill may be answered just after it.
+            ensure!(
+                answered_while_dead <= 1 && gaps.longest_gap().0 >= Duration::from_millis(1900),
+                "{}: {answered_while_dead} requests answered while {CLOUD} was dead",
+                gaps.summary()
+            );
+        }
+        let after = BothWays::start(cluster.pod(EDGE)?, cluster.pod(CLOUD)?)?;
+        let revived = Instant::now();
+        let deadline = revived + WAIT;
+        while !after.both_replied_since(revived) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(25));
+        }
+        let (up, down) = after.stop()?;
+        ensure!(
+            up.received() > 0 && down.received() > 0,
+            "{CLOUD} did not answer again after it was revived:\n{}\n{}\n{}",
+            up.summary(),
+            down.summary(),
+            cluster.diagnostics(&[CLOUD.to_owned(), EDGE.to_owned()])
         );
         Ok(())
     })
