@@ -20,6 +20,13 @@
 //! same way. [`Cluster::check_path`] still proves every path by the datapath's
 //! own statistics ([`Proof`]).
 //!
+//! [`ClusterOptions::ha`] builds it from `tests/fixtures/mini-cluster-ha.yaml`
+//! instead: a second connector, cloud-3 (cloud LAN and WAN like cloud-1),
+//! and both connectors' shared VTEP addresses. [`Cluster::kill_node`] and
+//! [`Cluster::revive_node`] let a node die and come back,
+//! [`connector_of`] says which connector an edge uses, and [`BothWays`]
+//! measures the gaps a failover leaves in a 10 ms ping.
+//!
 //! Everything is torn down on drop, also after a panic: agents are stopped
 //! and uninstalled, namespaces (and every process in them) deleted, bpffs
 //! roots and temporary files removed. What a killed run left behind is
