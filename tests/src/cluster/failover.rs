@@ -245,7 +245,7 @@ impl Cluster {
             .is_some())
     }
 
-    /// The process id of `node`'s agent (its CPU time is in /proc/<pid>/stat).
+    /// The process id of `node`'s agent (its CPU time is in `/proc/<pid>/stat`).
     pub fn agent_pid(&self, node: &str) -> Result<u32> {
         self.cluster_node(node)?
             .agent
