@@ -14,7 +14,7 @@
 //! their source is a known peer's address), each sending a probe request
 //! to the connector's probe port [`PROBE_RATE`] times a second, for
 //! [`PROBE_SECONDS`]. The connector's datapath answers them; its agent's
-//! CPU time (utime + stime from /proc/<pid>/stat, all threads) over that
+//! CPU time (utime + stime from `/proc/<pid>/stat`, all threads) over that
 //! time is the hidden cost, and `probe_answered` says how many it answered.
 
 use std::{
