@@ -41,12 +41,13 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Per-packet cost of each datapath verdict, as ratios to a baseline run in the same
-    /// process; edge tunnel throughput; the connector's packet rate per datapath variant.
+    /// process; edge tunnel throughput; the connector's packet rate per datapath variant;
+    /// connector failover gaps and probe cost with two connectors.
     Bench {
         /// Also write every figure, under stable keys, to this JSON file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector.
+        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector, ha.
         #[arg(long)]
         only: Option<String>,
     },

@@ -1,14 +1,15 @@
 //! Pieces of `cargo xtask bench` (`src/bin/fabedge-bench.rs`) that are more
 //! than a table of cases: the figures' JSON keys and the connector's packet
-//! rate per datapath variant.
+//! rate per datapath variant, connector failover and probe cost.
 
 pub mod connector;
+pub mod ha;
 pub mod report;
 
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 3] = ["verdicts", "edge-tunnel", "connector"];
+pub const SECTIONS: [&str; 4] = ["verdicts", "edge-tunnel", "connector", "ha"];
 
 /// `fabedge-bench [--json FILE] [--only SECTION[,SECTION]]`.
 #[derive(Debug, Default, PartialEq, Eq)]

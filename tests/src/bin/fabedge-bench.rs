@@ -13,7 +13,8 @@
 //!
 //! Options: `--json FILE` writes every figure under a stable key
 //! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
-//! `verdicts`, `edge-tunnel`, `connector`.
+//! `verdicts`, `edge-tunnel`, `connector`, `ha` (connector failover gaps and
+//! probe cost with two connectors: `fabedge_tests::bench::ha`).
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -26,7 +27,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     bench::{
-        Options, connector,
+        Options, connector, ha,
         report::{Report, key_part},
     },
     datapath::{TestDatapath, fixtures::*},
@@ -44,6 +45,9 @@ fn main() -> Result<()> {
     }
     if options.runs("connector") {
         connector::run(&mut report)?;
+    }
+    if options.runs("ha") {
+        ha::run(&mut report)?;
     }
     if let Some(path) = &options.json {
         report.write_json(path)?;

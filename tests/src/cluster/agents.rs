@@ -136,6 +136,26 @@ impl AgentProcess {
     }
 }
 
+impl AgentProcess {
+    /// SIGKILL, as a node that dies: no shutdown path of the agent runs.
+    pub(super) fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait()
+            && let Ok(pid) = i32::try_from(self.child.id())
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Some(container) = &self.container {
+            container.remove();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// The agent's process id (for its CPU time in /proc).
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();

@@ -12,6 +12,10 @@ use ipnet::Ipv4Net;
 
 use super::{LAN_NIC, WAN_NIC};
 
+/// The operator-set annotation naming a connector's shared VTEP address
+/// (issue #12). Spelled here until the agent's `model::annotation` has it.
+pub const VTEP_ADDRESS: &str = "fabedge.io/vtep-address";
+
 // ---------------------------------------------------------------------------
 // What the harness reads from the Node objects, as Flannel and a node would
 // ---------------------------------------------------------------------------
@@ -44,6 +48,10 @@ pub struct NodeSpec {
     /// Where fabedge tunnels reach the node: annotation
     /// `fabedge.io/tunnel-endpoint`, else the ExternalIP, else the InternalIP.
     pub tunnel_endpoint: Ipv4Addr,
+    /// A connector's shared VTEP address on the cloud LAN (annotation
+    /// [`VTEP_ADDRESS`]): the `public-ip` of the Flannel leases of the edges
+    /// it serves first, held by whichever connector is alive for them.
+    pub vtep_address: Option<Ipv4Addr>,
 }
 
 impl NodeSpec {
@@ -128,6 +136,14 @@ impl Manifest {
                     .with_context(|| format!("{}: {value:?}", annotation::TUNNEL_ENDPOINT))?,
                 None => external_ip.unwrap_or(internal_ip),
             };
+            let vtep_address = match annotations.get(VTEP_ADDRESS) {
+                Some(value) => Some(
+                    value
+                        .parse()
+                        .with_context(|| format!("node {name}: {VTEP_ADDRESS}: {value:?}"))?,
+                ),
+                None => None,
+            };
             if let Some(lease) = flannel_lease(&annotations) {
                 leases.insert(name.clone(), lease);
             }
@@ -138,6 +154,7 @@ impl Manifest {
                 external_ip,
                 pod_cidr,
                 tunnel_endpoint,
+                vtep_address,
             });
         }
         Ok(Manifest { nodes, leases })

@@ -4,7 +4,12 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    thread,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
     time::Instant,
 };
 
@@ -52,88 +57,28 @@ impl Cluster {
         self.program_flannel(&Manifest::read(&self.manifests)?.leases)
     }
 
-    /// Programs `flannel.1` on every cloud node the way Flannel's VXLAN
-    /// backend does for each lease it learns: a route via the remote pod
-    /// CIDR's network address (onlink), a permanent neighbour entry binding
-    /// that address to the remote `VtepMAC`, and an FDB entry sending that MAC
-    /// to the remote public IP. Leases at the node's own address are skipped,
-    /// as Flannel skips its own lease (on the connector, the edge leases it
-    /// wrote name the connector itself).
+    /// Programs `flannel.1` on every cloud node from `leases` ([`program_leases`]).
     fn program_flannel(&self, leases: &BTreeMap<String, FlannelLease>) -> Result<()> {
-        for node in self.nodes.values().filter(|n| n.spec.is_cloud()) {
-            let own_addresses: Vec<Ipv4Addr> = [
-                Some(node.spec.internal_ip),
-                leases.get(&node.spec.name).map(|l| l.public_ip),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            for remote in self
-                .nodes
-                .values()
-                .filter(|r| r.spec.name != node.spec.name)
-            {
-                let Some(lease) = leases.get(&remote.spec.name) else {
-                    continue;
-                };
-                if own_addresses.contains(&lease.public_ip) {
-                    continue;
-                }
-                let gateway = remote.spec.pod_cidr.network().to_string();
-                let context = || {
-                    format!(
-                        "programming Flannel on {} for {}'s lease {lease:?}",
-                        node.spec.name, remote.spec.name
-                    )
-                };
-                let netns = &node.netns;
-                netns
-                    .ip(&[
-                        "route",
-                        "replace",
-                        &remote.spec.pod_cidr.to_string(),
-                        "via",
-                        &gateway,
-                        "dev",
-                        FLANNEL_DEV,
-                        "onlink",
-                    ])
-                    .with_context(context)?;
-                netns
-                    .ip(&[
-                        "neigh",
-                        "replace",
-                        &gateway,
-                        "lladdr",
-                        &lease.vtep_mac,
-                        "dev",
-                        FLANNEL_DEV,
-                        "nud",
-                        "permanent",
-                    ])
-                    .with_context(context)?;
-                netns
-                    .run_ok(
-                        "bridge",
-                        &[
-                            "fdb",
-                            "replace",
-                            &lease.vtep_mac,
-                            "dev",
-                            FLANNEL_DEV,
-                            "dst",
-                            &lease.public_ip.to_string(),
-                            "self",
-                            "permanent",
-                        ],
-                    )
-                    .with_context(context)?;
-            }
-        }
-        Ok(())
+        program_leases(&self.flannel_nodes(), leases)
     }
 
-    /// The node's namespace.
+    /// Every node with its namespace, as the Flannel emulation needs them.
+    pub(super) fn flannel_nodes(&self) -> Vec<(NodeSpec, Arc<Netns>)> {
+        self.nodes
+            .values()
+            .map(|n| (n.spec.clone(), Arc::clone(&n.netns)))
+            .collect()
+    }
+
+    /// Starts playing Flannel's lease watch ([`FlannelFollower`]); the
+    /// cluster stops it before its namespaces go.
+    pub(super) fn follow_flannel(&mut self) {
+        self.flannel_follower = Some(FlannelFollower::start(
+            self.manifests.clone(),
+            self.flannel_nodes(),
+        ));
+    }
+
     /// What kube-proxy (iptables mode) writes on a cloud node for a
     /// ClusterIP: a DNAT in PREROUTING (pods) and OUTPUT (the node itself)
     /// to one of `backends`, each picked with equal probability.
@@ -208,4 +153,139 @@ pub(super) fn create_flannel_device(
     ])?;
     netns.add_addr(FLANNEL_DEV, &format!("{}/32", spec.pod_cidr.network()))?;
     netns.set_up(FLANNEL_DEV)
+}
+
+/// Programs `flannel.1` on every cloud node the way Flannel's VXLAN backend
+/// does for each lease it learns: a route via the remote pod CIDR's network
+/// address (onlink), a permanent neighbour entry binding that address to
+/// the remote `VtepMAC` on `flannel.1`, and an FDB entry sending that MAC to
+/// the remote public IP. The public IP itself is resolved on the LAN by
+/// ordinary kernel ARP, never pinned: a shared VTEP address that moves to
+/// another connector (gratuitous ARP) is followed as on a real cloud node.
+/// Leases at the node's own addresses are skipped, as Flannel skips its own
+/// lease (on the connector, the edge leases it wrote name the connector
+/// itself; with shared VTEP addresses, the connector's own one).
+fn program_leases(
+    nodes: &[(NodeSpec, Arc<Netns>)],
+    leases: &BTreeMap<String, FlannelLease>,
+) -> Result<()> {
+    for (spec, netns) in nodes.iter().filter(|(n, _)| n.is_cloud()) {
+        let own_addresses: Vec<Ipv4Addr> = [
+            Some(spec.internal_ip),
+            spec.vtep_address,
+            leases.get(&spec.name).map(|l| l.public_ip),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (remote, _) in nodes.iter().filter(|(r, _)| r.name != spec.name) {
+            let Some(lease) = leases.get(&remote.name) else {
+                continue;
+            };
+            if own_addresses.contains(&lease.public_ip) {
+                continue;
+            }
+            let gateway = remote.pod_cidr.network().to_string();
+            let context = || {
+                format!(
+                    "programming Flannel on {} for {}'s lease {lease:?}",
+                    spec.name, remote.name
+                )
+            };
+            netns
+                .ip(&[
+                    "route",
+                    "replace",
+                    &remote.pod_cidr.to_string(),
+                    "via",
+                    &gateway,
+                    "dev",
+                    FLANNEL_DEV,
+                    "onlink",
+                ])
+                .with_context(context)?;
+            netns
+                .ip(&[
+                    "neigh",
+                    "replace",
+                    &gateway,
+                    "lladdr",
+                    &lease.vtep_mac,
+                    "dev",
+                    FLANNEL_DEV,
+                    "nud",
+                    "permanent",
+                ])
+                .with_context(context)?;
+            netns
+                .run_ok(
+                    "bridge",
+                    &[
+                        "fdb",
+                        "replace",
+                        &lease.vtep_mac,
+                        "dev",
+                        FLANNEL_DEV,
+                        "dst",
+                        &lease.public_ip.to_string(),
+                        "self",
+                        "permanent",
+                    ],
+                )
+                .with_context(context)?;
+        }
+    }
+    Ok(())
+}
+
+/// Flannel's lease watch on every cloud node: a thread that re-reads the
+/// manifest file whenever it changes and programs the leases that changed
+/// ([`program_leases`]), as flanneld does on a Node update. With it, the
+/// leading connector's annotation changes reach `flannel.1` with no test
+/// calling [`Cluster::sync_flannel`]. Stopped on drop.
+pub(super) struct FlannelFollower {
+    stop: Arc<AtomicBool>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl FlannelFollower {
+    fn start(manifests: PathBuf, nodes: Vec<(NodeSpec, Arc<Netns>)>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let worker = thread::spawn(move || {
+            let mut programmed: BTreeMap<String, FlannelLease> = BTreeMap::new();
+            while !stopping.load(Ordering::Relaxed) {
+                // A file caught mid-write parses badly or misses leases; the
+                // next round reads it whole.
+                if let Ok(manifest) = Manifest::read(&manifests) {
+                    let changed: BTreeMap<String, FlannelLease> = manifest
+                        .leases
+                        .iter()
+                        .filter(|(name, lease)| programmed.get(*name) != Some(*lease))
+                        .map(|(name, lease)| (name.clone(), lease.clone()))
+                        .collect();
+                    if !changed.is_empty() {
+                        match program_leases(&nodes, &changed) {
+                            Ok(()) => programmed.extend(changed),
+                            Err(e) => eprintln!("warning: Flannel emulation: {e:#}"),
+                        }
+                    }
+                }
+                thread::sleep(POLL);
+            }
+        });
+        FlannelFollower {
+            stop,
+            worker: Some(worker),
+        }
+    }
+}
+
+impl Drop for FlannelFollower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }

@@ -20,6 +20,13 @@
 //! same way. [`Cluster::check_path`] still proves every path by the datapath's
 //! own statistics ([`Proof`]).
 //!
+//! [`ClusterOptions::ha`] builds it from `tests/fixtures/mini-cluster-ha.yaml`
+//! instead: a second connector, cloud-3 (cloud LAN and WAN like cloud-1),
+//! and both connectors' shared VTEP addresses. [`Cluster::kill_node`] and
+//! [`Cluster::revive_node`] let a node die and come back,
+//! [`connector_of`] says which connector an edge uses, and [`BothWays`]
+//! measures the gaps a failover leaves in a 10 ms ping.
+//!
 //! Everything is torn down on drop, also after a panic: agents are stopped
 //! and uninstalled, namespaces (and every process in them) deleted, bpffs
 //! roots and temporary files removed. What a killed run left behind is
@@ -29,8 +36,10 @@ mod agents;
 mod cgroup;
 mod container;
 mod fail_closed;
+mod failover;
 mod fixture;
 mod flannel;
+mod gaps;
 mod matrix;
 mod nat;
 mod pods;
@@ -45,8 +54,10 @@ use agents::AgentProcess;
 use cgroup::node_cgroup;
 pub use container::AgentImage;
 use container::ContainerAgent;
-pub use fixture::{FlannelLease, NodeRole, NodeSpec};
-pub use matrix::seed_matrix;
+pub use failover::{Connector, Failover, connector_of, ha_agent_args};
+pub use fixture::{FlannelLease, NodeRole, NodeSpec, VTEP_ADDRESS};
+pub use gaps::{BothWays, GAP_PING_INTERVAL, GapMeter, PingGaps};
+pub use matrix::{seed_matrix, seed_matrix_through};
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
 pub use shared::SharedCluster;
 pub use traffic::{Endpoint, Exchange, TcpEcho};
@@ -66,6 +77,9 @@ use crate::{agent::agent_ok, netns::Netns};
 
 /// The example cluster every layer of tests shares.
 pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mini-cluster.yaml");
+/// [`FIXTURE`] with a second connector, `cloud-3`, and the connectors'
+/// shared VTEP addresses (connector high availability, issue #12).
+pub const HA_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mini-cluster-ha.yaml");
 
 /// "The internet": edge nodes' and the connector's public addresses.
 const WAN: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(198, 18, 0, 0), 24) {
@@ -177,6 +191,27 @@ pub struct ClusterOptions {
     /// These nodes' agents run from an OCI image with podman, mounted as the
     /// DaemonSet mounts them, instead of as processes.
     pub agent_image: Option<AgentImage>,
+    /// Keep playing Flannel after start: every change of a Flannel lease in
+    /// the manifest file reaches `flannel.1` on the cloud nodes, as flanneld
+    /// follows Node updates (otherwise a test calls [`Cluster::sync_flannel`]).
+    pub follow_flannel: bool,
+}
+
+impl ClusterOptions {
+    /// The cluster with two active connectors ([`HA_FIXTURE`]): Flannel
+    /// followed continuously, `extra` appended to every agent's arguments
+    /// (e.g. a short `--hold-down`).
+    pub fn ha(extra: &[&str]) -> Self {
+        let mut options = ClusterOptions {
+            manifests: PathBuf::from(HA_FIXTURE),
+            follow_flannel: true,
+            ..ClusterOptions::default()
+        };
+        options
+            .extra_agent_args
+            .extend(extra.iter().map(|arg| arg.to_string()));
+        options
+    }
 }
 
 impl Default for ClusterOptions {
@@ -198,6 +233,7 @@ impl Default for ClusterOptions {
             connector_args: Vec::new(),
             connector_port_forward: None,
             agent_image: None,
+            follow_flannel: false,
         }
     }
 }
@@ -244,10 +280,13 @@ pub struct Cluster {
     extra_agent_args: Vec<String>,
     timeout_factor: u32,
     agent_image: Option<AgentImage>,
+    /// [`ClusterOptions::follow_flannel`]; stopped first on drop.
+    flannel_follower: Option<flannel::FlannelFollower>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.flannel_follower = None;
         for node in self.nodes.values_mut() {
             if let Some(mut agent) = node
                 .agent

@@ -299,7 +299,7 @@ pub enum Proof {
 }
 
 impl Proof {
-    fn nodes(&self) -> Vec<&'static str> {
+    pub(super) fn nodes(&self) -> Vec<&'static str> {
         match self {
             Proof::Tunnel { from, to } => vec![from, to],
             Proof::Counted { node, .. }

@@ -7,8 +7,8 @@ use fabedge_agent::model::annotation;
 use fabedge_common::{Counter, PeerStats};
 
 use super::fixture::{Manifest, NodeRole, flannel_lease};
-use super::matrix::seed_matrix;
-use super::proofs::{ClusterStats, NodeStats, Proof};
+use super::matrix::{seed_matrix, seed_matrix_through};
+use super::proofs::{ClusterStats, NodeStats, PathSpec, Proof};
 use super::*;
 
 #[test]
@@ -110,4 +110,112 @@ fn every_seed_path_has_a_unique_name() {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), count);
+}
+
+#[test]
+fn ha_fixture_adds_a_second_connector_with_shared_vtep_addresses() {
+    let manifest = Manifest::read(Path::new(HA_FIXTURE)).unwrap();
+    let connectors: Vec<&NodeSpec> = manifest
+        .nodes
+        .iter()
+        .filter(|n| n.role == NodeRole::Connector)
+        .collect();
+    let names: Vec<&str> = connectors.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["cloud-1", "cloud-3"]);
+    let vteps: Vec<Option<Ipv4Addr>> = connectors.iter().map(|n| n.vtep_address).collect();
+    assert_eq!(
+        vteps,
+        [
+            Some(Ipv4Addr::new(10, 1, 0, 201)),
+            Some(Ipv4Addr::new(10, 1, 0, 203))
+        ]
+    );
+    let cloud_3 = connectors[1];
+    assert_eq!(cloud_3.internal_ip, Ipv4Addr::new(10, 1, 0, 3));
+    assert_eq!(cloud_3.tunnel_endpoint, Ipv4Addr::new(198, 18, 0, 3));
+    assert_eq!(cloud_3.pod_cidr, "10.244.2.0/24".parse().unwrap());
+    assert_eq!(manifest.leases["cloud-3"].vtep_mac, "ce:0c:03:00:00:03");
+    // Everything else is the seed fixture's.
+    let seed = Manifest::read(Path::new(FIXTURE)).unwrap();
+    for node in &seed.nodes {
+        let ha = manifest.nodes.iter().find(|n| n.name == node.name).unwrap();
+        assert_eq!(
+            NodeSpec {
+                vtep_address: None,
+                ..ha.clone()
+            },
+            *node
+        );
+    }
+}
+
+#[test]
+fn the_seed_matrix_through_other_connectors_names_each_edge_s_connector() {
+    let find = |paths: &[PathSpec], name: &str| -> PathSpec {
+        paths.iter().find(|p| p.name == name).unwrap().clone()
+    };
+    let connectors = ["cloud-1", "cloud-3"];
+    // All edges on cloud-1: the seed's proofs, direct paths kept off both connectors.
+    let all_on_1 = BTreeMap::from([
+        ("edge-1", "cloud-1"),
+        ("edge-2", "cloud-1"),
+        ("edge-3", "cloud-1"),
+    ]);
+    let paths = seed_matrix_through(&all_on_1, &connectors);
+    let seed = seed_matrix();
+    let c3 = "edge_pod_reaches_cloud_pod_through_connector_and_flannel";
+    assert_eq!(find(&paths, c3).proofs, find(&seed, c3).proofs);
+    let c2 = find(&paths, "edge_pod_reaches_community_peer_pod_directly");
+    assert!(c2.proofs.contains(&Proof::Bypassed { node: "cloud-3" }));
+    assert!(c2.proofs.contains(&Proof::Bypassed { node: "cloud-1" }));
+
+    // edge-1 on cloud-3: its paths through "the connector" go through cloud-3.
+    let split = BTreeMap::from([
+        ("edge-1", "cloud-3"),
+        ("edge-2", "cloud-1"),
+        ("edge-3", "cloud-1"),
+    ]);
+    let paths = seed_matrix_through(&split, &connectors);
+    let through = find(&paths, c3);
+    assert!(through.proofs.contains(&Proof::Tunnel {
+        from: "edge-1",
+        to: "cloud-3"
+    }));
+    assert!(through.proofs.contains(&Proof::FromVtep {
+        node: "cloud-3",
+        vtep: "cloud-2"
+    }));
+    assert!(
+        through
+            .proofs
+            .iter()
+            .all(|p| !p.nodes().contains(&"cloud-1"))
+    );
+    // An end on cloud-1 while edge-1 uses cloud-3: only edge-1's own tunnel is said.
+    let c1 = find(&paths, "edge_pod_reaches_cloud_pod_on_connector");
+    assert_eq!(
+        c1.proofs,
+        [Proof::Tunnel {
+            from: "edge-1",
+            to: "cloud-3"
+        }]
+    );
+    // Edges on different connectors: each edge's tunnel to its own.
+    let across = find(
+        &paths,
+        "edge_pods_outside_a_community_talk_through_connector",
+    );
+    assert_eq!(
+        across.proofs,
+        [
+            Proof::Tunnel {
+                from: "edge-3",
+                to: "cloud-1"
+            },
+            Proof::Tunnel {
+                from: "edge-1",
+                to: "cloud-3"
+            }
+        ]
+    );
 }

@@ -64,6 +64,7 @@ impl Cluster {
             extra_agent_args: options.extra_agent_args.clone(),
             timeout_factor: options.timeout_factor.max(1),
             agent_image: options.agent_image.clone(),
+            flannel_follower: None,
         };
         let switch = Netns::new("switch")?;
         // The first namespace of this process has removed stale namespaces
@@ -105,6 +106,9 @@ impl Cluster {
             cluster.wait_for_agent(&name, 0)?;
         }
         cluster.wait_for_flannel()?;
+        if options.follow_flannel {
+            cluster.follow_flannel();
+        }
         for name in cluster.node_names() {
             cluster.attach_pod(&name)?;
         }
