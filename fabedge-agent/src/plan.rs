@@ -311,7 +311,9 @@ pub struct Plan {
     pub groups: BTreeMap<u16, GroupEntry>,
     /// `FE_VTEP_ADDRS` (connector): the shared VTEP addresses of every
     /// connector, on which this one accepts Flannel VXLAN for edges (it may
-    /// hold another's after a failover, or be sent to by a stale ARP entry).
+    /// hold another's after a failover, or be sent to by a stale ARP entry),
+    /// and this connector's own tunnel endpoint and ExternalIP, where edges
+    /// send their probes (the reflector answers probes to any of them).
     pub vtep_addrs: std::collections::BTreeSet<Ipv4Addr>,
     /// What this node probes and, on a connector, which shared VTEP
     /// addresses it may have to hold.
@@ -789,6 +791,11 @@ impl<'a> Planner<'a> {
                         node.name.clone(),
                         PeerEntry {
                             kind: peer_kind::FLANNEL_VTEP,
+                            flags: if node.role == Role::Connector {
+                                fabedge_common::peer_flags::CONNECTOR
+                            } else {
+                                0
+                            },
                             port: self.settings.flannel_port,
                             underlay_ip: lease.public_ip.octets(),
                             vtep_mac: lease.vtep_mac,
@@ -816,6 +823,10 @@ impl<'a> Planner<'a> {
         self.annotations =
             flannel::annotation_patches(self.snapshot, connectors, &me.name, Some(flannel_mac));
         self.vtep_addrs = connectors.vtep_addresses.values().copied().collect();
+        // Where edges probe us (our tunnel endpoint, often an ExternalIP on
+        // another NIC than the cloud one): the reflector answers there too.
+        self.vtep_addrs.insert(me.tunnel_endpoint);
+        self.vtep_addrs.extend(me.external_ip);
         for connector in &connectors.nodes {
             self.ha.connectors.insert(
                 connector.name.clone(),

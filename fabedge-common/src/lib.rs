@@ -223,6 +223,15 @@ pub mod peer_kind {
     pub const FLANNEL_VTEP: u8 = 2;
 }
 
+/// Bits of [`PeerEntry::flags`].
+pub mod peer_flags {
+    /// A `FLANNEL_VTEP` peer that is another connector. All connectors are
+    /// active and each carries its own edges' cloud traffic, so another
+    /// connector's VTEP relays edge traffic to this node's pods and may send
+    /// in the name of edge prefixes; a plain cloud node may not.
+    pub const CONNECTOR: u8 = 1 << 0;
+}
+
 /// Value of the `FE_PEERS` array, indexed by peer id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -4,10 +4,10 @@
 //! would drop later at a higher price (our VXLAN).
 
 use fabedge_common::{
-    Counter, DatapathConfig, ESP_IN_UDP_PORT, peer_kind, role, route_kind, tunnel_mode,
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, peer_flags, peer_kind, role, route_kind, tunnel_mode,
 };
 
-use crate::maps::{peers_at, route, sender_at};
+use crate::maps::{peer, peers_at, route, sender_at};
 
 /// Which tunnel a UDP port belongs to on this node.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,8 +63,8 @@ pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
 /// is the outer source (or to a group with a member there) — what
 /// `fe_tunnel_ingress` demands, decided earlier.
 /// Flannel: a cloud node may not send in the name of an edge (a tunnel
-/// route) or of another VTEP's pods; other sources (its node address, say)
-/// are Flannel's business, as without fabedge.
+/// route) — another connector may — or of another VTEP's pods; other
+/// sources (its node address, say) are Flannel's business, as without fabedge.
 #[inline(always)]
 pub fn check_inner_source(
     tunnel: Tunnel,
@@ -77,7 +77,14 @@ pub fn check_inner_source(
             None => Err(Counter::XdpDropSpoofed),
         },
         (Tunnel::Ours, _) => Err(Counter::XdpDropSpoofed),
-        (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => Err(Counter::XdpDropSpoofed),
+        // Another connector relays its edges' traffic to our pods.
+        (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => {
+            if sent_by_connector(outer_src) {
+                Ok(None)
+            } else {
+                Err(Counter::XdpDropSpoofed)
+            }
+        }
         (Tunnel::Flannel, Some(r)) if r.kind == route_kind::CLOUD_VTEP => {
             match sender_at(&r, outer_src) {
                 Some(sender) => Ok(Some(sender)),
@@ -85,5 +92,17 @@ pub fn check_inner_source(
             }
         }
         _ => Ok(None),
+    }
+}
+
+/// Whether the VTEP at `outer_src` is another connector's.
+#[inline(always)]
+fn sent_by_connector(outer_src: [u8; 4]) -> bool {
+    match peers_at(outer_src) {
+        Some(at) => matches!(
+            peer(at.peer_id),
+            Some(p) if p.kind == peer_kind::FLANNEL_VTEP && p.flags & peer_flags::CONNECTOR != 0
+        ),
+        None => false,
     }
 }

@@ -21,7 +21,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::Counter;
 use fabedge_tests::cluster::{
-    BothWays, Cluster, ClusterOptions, SharedCluster, ha_agent_args, seed_matrix_through,
+    At, BothWays, Cluster, ClusterOptions, PathSpec, SharedCluster, ha_agent_args,
+    seed_matrix_through,
 };
 
 static CLUSTER: SharedCluster = SharedCluster::new();
@@ -97,7 +98,23 @@ fn two_healthy_connectors_share_the_edges_and_every_seed_path_passes() -> Result
         }
         let before = cluster.settled_stats()?;
         let mut failures = Vec::new();
-        for path in seed_matrix_through(&by_edge, &CONNECTORS) {
+        // Every edge to a cloud pod on a plain cloud node and back: each
+        // crosses its own connector (the seed matrix's edge ends are mostly
+        // edge-1, which leaves the other connector idle).
+        let mut paths = seed_matrix_through(&by_edge, &CONNECTORS);
+        for (edge, connector) in &by_edge {
+            let name: &'static str = match *edge {
+                "edge-1" => "edge_1_pod_reaches_cloud_2_pod_through_its_connector",
+                "edge-2" => "edge_2_pod_reaches_cloud_2_pod_through_its_connector",
+                _ => "edge_3_pod_reaches_cloud_2_pod_through_its_connector",
+            };
+            paths.push(
+                PathSpec::new(name, "", At::Pod(edge), At::Pod("cloud-2"))
+                    .tunnel(edge, connector)
+                    .tunnel(connector, edge),
+            );
+        }
+        for path in paths {
             let outcome = cluster.check_path(&path)?;
             if !outcome.passed() {
                 failures.push(format!(

@@ -33,11 +33,14 @@ impl<'a> Connectors<'a> {
         }
         let mut vtep_addresses = BTreeMap::new();
         for (addr, owners) in claimed {
+            // An edge's lease names its connector's VTEP address: that is
+            // ours, not a node's address.
             let taken_by = snapshot.nodes.values().find(|n| {
                 n.internal_ip == addr
                     || n.external_ip == Some(addr)
                     || n.tunnel_endpoint == addr
-                    || n.flannel.as_ref().is_some_and(|l| l.public_ip == addr)
+                    || (n.role != Role::Edge
+                        && n.flannel.as_ref().is_some_and(|l| l.public_ip == addr))
             });
             if let Some(node) = taken_by {
                 warnings.push(format!(

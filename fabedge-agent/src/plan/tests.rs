@@ -546,10 +546,15 @@ fn every_connector_is_active_and_each_edge_orders_them_into_its_group() {
         let plan = plan(&snapshot, connector, &settings, &PeerIds::new()).unwrap();
         assert_eq!(plan.role, Role::Connector, "{connector}: no standby");
         assert_eq!(plan.config.probe_port, fabedge_common::DEFAULT_PROBE_PORT);
+        let own = if connector == "cloud-1" {
+            "198.18.0.1"
+        } else {
+            "198.18.0.3"
+        };
         assert_eq!(
             plan.vtep_addrs,
-            [ip("10.1.0.201"), ip("10.1.0.203")].into(),
-            "{connector}"
+            [ip("10.1.0.201"), ip("10.1.0.203"), ip(own)].into(),
+            "{connector}: the shared addresses and where edges probe it"
         );
         // Every connector has a tunnel to every edge.
         for edge in edges {
@@ -629,7 +634,7 @@ fn a_vtep_address_that_is_a_node_address_or_claimed_twice_is_ignored_and_named()
     let mut snapshot = two_connectors();
     snapshot.nodes.get_mut("cloud-3").unwrap().vtep_address = Some(ip("10.1.0.2"));
     let plan = plan_for(&snapshot, "cloud-1");
-    assert_eq!(plan.vtep_addrs, [ip("10.1.0.201")].into());
+    assert_eq!(plan.vtep_addrs, [ip("10.1.0.201"), ip("198.18.0.1")].into());
     assert!(
         plan.warnings
             .iter()
@@ -639,7 +644,7 @@ fn a_vtep_address_that_is_a_node_address_or_claimed_twice_is_ignored_and_named()
     );
     snapshot.nodes.get_mut("cloud-3").unwrap().vtep_address = Some(ip("10.1.0.201"));
     let plan = plan_for(&snapshot, "cloud-1");
-    assert!(plan.vtep_addrs.is_empty());
+    assert_eq!(plan.vtep_addrs, [ip("198.18.0.1")].into());
     assert!(
         plan.warnings
             .iter()

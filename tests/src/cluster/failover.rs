@@ -378,30 +378,15 @@ impl Cluster {
 
 /// The agents' connector-HA flags for `fabedge-agent run`: probes every
 /// 100 ms, a connector dead after 3 misses, `hold_down` before an edge
-/// returns to a connector that came back. A flag the agent binary does not
-/// list in `run --help` is left out with a warning (an agent that predates
-/// connector HA still starts; its failover tests then fail on what they
-/// measure, not on an unknown flag).
+/// returns to a connector that came back.
 pub fn ha_agent_args(hold_down: Duration) -> Result<Vec<String>> {
-    let help = std::process::Command::new(crate::agent::agent_bin()?)
-        .args(["run", "--help"])
-        .output()
-        .context("running fabedge-agent run --help")?;
-    let help = String::from_utf8_lossy(&help.stdout);
-    let wanted = [
-        ("--probe-interval", "100".to_owned()),
-        ("--probe-misses", "3".to_owned()),
-        ("--hold-down", hold_down.as_secs().to_string()),
-    ];
-    let mut args = Vec::new();
-    for (flag, value) in wanted {
-        if help.contains(flag) {
-            args.extend([flag.to_owned(), value]);
-        } else {
-            eprintln!(
-                "warning: fabedge-agent run has no {flag} (no connector HA in this agent): not passed"
-            );
-        }
-    }
-    Ok(args)
+    Ok([
+        "--probe-interval".to_owned(),
+        "100ms".to_owned(),
+        "--probe-misses".to_owned(),
+        "3".to_owned(),
+        "--hold-down".to_owned(),
+        format!("{}ms", hold_down.as_millis()),
+    ]
+    .into())
 }
