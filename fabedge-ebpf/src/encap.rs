@@ -48,7 +48,7 @@ const SPORT_MIN: u32 = 32768;
 const SPORT_SPAN: u32 = 61000 - 32768;
 
 /// Every header in front of the inner IPv4 packet once encapsulated, in
-/// wire order: written with one store.
+/// wire order: written in one go.
 #[repr(C)]
 struct Headers {
     eth_dst: [u8; 6],
@@ -59,8 +59,7 @@ struct Headers {
     vxlan: [u8; 8],
     inner_eth: [u8; 14],
 }
-const _: () =
-    assert!(core::mem::size_of::<Headers>() == ETH_HLEN + VXLAN_OVERHEAD as usize);
+const _: () = assert!(core::mem::size_of::<Headers>() == ETH_HLEN + VXLAN_OVERHEAD as usize);
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length for GSO.
 const fn encap_l2(len: u64) -> u64 {
@@ -159,9 +158,17 @@ pub fn to_uplink(ctx: &TcContext, cfg: &DatapathConfig, peer_id: u16) -> Option<
         // Refused (a GSO kind it does not take, no headroom): untouched.
         return declined();
     }
-    if ctx.store(0, &hdr, 0).is_err() {
-        // Grown but not written: no longer a packet either path can send.
-        return Some(drop(Counter::DropHelperFailed));
+    // adjust_room leaves the headers in the linear area: written directly,
+    // a helper call only if they are not.
+    match ptr_at::<Headers>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(at) => unsafe { core::ptr::write_unaligned(at, hdr) },
+        None => {
+            if ctx.store(0, &hdr, 0).is_err() {
+                // Grown but not written: no longer a packet either path can send.
+                return Some(drop(Counter::DropHelperFailed));
+            }
+        }
     }
     // The mark has done its job; keep it from steering the outer packet.
     // SAFETY: the context pointer is valid for the program's lifetime.
@@ -241,8 +248,7 @@ fn flow_hash(ctx: &TcContext, inner: &Ipv4Hdr) -> u32 {
     let mut h = u32::from_ne_bytes(inner.saddr).wrapping_mul(0x9e37_79b1)
         ^ u32::from_ne_bytes(inner.daddr)
         ^ inner.protocol as u32;
-    if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP)
-        && inner.version_ihl == 0x45
+    if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP) && inner.version_ihl == 0x45
     {
         if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV4_HLEN) {
             // SAFETY: bounds checked by ptr_at.

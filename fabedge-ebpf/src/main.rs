@@ -39,10 +39,10 @@ mod xdp_parse;
 
 mod from_pod;
 mod pod_port;
+mod tc_empty;
 mod to_pod;
 mod tunnel_dev;
 mod uplink;
-mod tc_empty;
 mod uplink_egress;
 mod xdp_uplink;
 

@@ -11,8 +11,7 @@ use fabedge_common::{Counter, DEFAULT_TUNNEL_PORT, config_flags, mark, tunnel_mo
 
 use crate::{
     datapath::{
-        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TestDatapath, counted, fixtures,
-        time_classifier_once,
+        SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TestDatapath, counted, fixtures, time_classifier_once,
     },
     netns::Netns,
     packet::{Frame, Mac, format_mac},
@@ -35,7 +34,9 @@ pub struct EdgeLab {
 impl EdgeLab {
     pub fn new(name: &str) -> Result<Self> {
         let netns = Netns::new(name)?;
-        netns.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "wan1"])?;
+        netns.ip(&[
+            "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ])?;
         netns.set_mac("wan0", EDGE1_WAN_MAC)?;
         netns.add_addr("wan0", "198.18.0.11/24")?;
         netns.set_up("wan0")?;

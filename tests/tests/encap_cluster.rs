@@ -48,7 +48,10 @@ fn edge_pod_traffic_is_encapsulated_by_the_forwarding_program_by_default() -> Re
     ensure!(client.ping(server.ip(), 1)?.all_received(), "warm-up ping");
     let grown = growth(&cluster, "edge-1", &watched, || {
         let pings = client.ping(server.ip(), 10)?;
-        ensure!(pings.all_received(), "ping edge-1 pod → edge-2 pod: {pings:?}");
+        ensure!(
+            pings.all_received(),
+            "ping edge-1 pod → edge-2 pod: {pings:?}"
+        );
         let echo = client.tcp_echo(server)?;
         ensure!(
             echo.excess_retransmissions().is_none(),
@@ -60,7 +63,10 @@ fn edge_pod_traffic_is_encapsulated_by_the_forwarding_program_by_default() -> Re
     let [encap, to_tunnel, no_neighbour, declined] = grown[..] else {
         unreachable!()
     };
-    assert!(encap >= 10, "tunnel_encap +{encap}: ping and TCP encapsulated in the program");
+    assert!(
+        encap >= 10,
+        "tunnel_encap +{encap}: ping and TCP encapsulated in the program"
+    );
     assert_eq!(
         (to_tunnel, no_neighbour, declined),
         (encap, 0, 0),
@@ -82,6 +88,10 @@ fn edge_pod_traffic_is_encapsulated_by_the_forwarding_program_by_default() -> Re
         Ok(())
     })?;
     assert_eq!(grown[0], 0, "tunnel_encap does not move without TC_ENCAP");
-    assert!(grown[1] >= 10, "to_tunnel +{}: fe-tunnel's egress", grown[1]);
+    assert!(
+        grown[1] >= 10,
+        "to_tunnel +{}: fe-tunnel's egress",
+        grown[1]
+    );
     Ok(())
 }

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::Result;
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    Counter, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
-    config_flags, mark, tunnel_mode,
+    Counter, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags,
+    mark, tunnel_mode,
 };
 use fabedge_tests::{
     datapath::{SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, counted, fixtures::*, only},
@@ -78,7 +78,11 @@ fn pod_to_community_peer_leaves_encapsulated_for_the_uplink_with_exact_headers()
         let outer = eth.ipv4()?;
         assert!(outer.checksum_valid, "outer IPv4 header checksum");
         let udp = outer.udp()?;
-        assert_eq!(udp.checksum_status, UdpChecksum::Absent, "outer UDP checksum 0");
+        assert_eq!(
+            udp.checksum_status,
+            UdpChecksum::Absent,
+            "outer UDP checksum 0"
+        );
         assert!(
             (32768..61000).contains(&udp.src_port),
             "source port {} in Linux's VXLAN range",
@@ -86,7 +90,10 @@ fn pod_to_community_peer_leaves_encapsulated_for_the_uplink_with_exact_headers()
         );
         let vxlan = udp.vxlan()?;
         let inner = parse_eth(vxlan.inner)?;
-        assert!(inner.ipv4()?.checksum_valid, "inner IPv4 checksum after the TTL decrement");
+        assert!(
+            inner.ipv4()?.checksum_valid,
+            "inner IPv4 checksum after the TTL decrement"
+        );
 
         // Every byte, against an independent builder: outer Ethernet from
         // the FIB and neighbour table, IPv4 198.18.0.11 → .12 (TTL 64, DF
@@ -116,7 +123,10 @@ fn pod_to_community_peer_leaves_encapsulated_for_the_uplink_with_exact_headers()
         assert_eq!(again.data, out.data, "same flow, same bytes");
         let other = dp.run(Program::FromPod, &pod_udp(PEER_POD, 40001))?;
         let other_port = parse_eth(&other.data)?.ipv4()?.udp()?.src_port;
-        assert_ne!(other_port, udp.src_port, "another flow, another source port");
+        assert_ne!(
+            other_port, udp.src_port,
+            "another flow, another source port"
+        );
         Ok(())
     })
 }

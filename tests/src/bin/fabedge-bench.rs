@@ -391,8 +391,8 @@ fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
         )?;
         let json: serde_json::Value = serde_json::from_str(&out)?;
         let sum = &json["end"]["sum"];
-        let received = sum["packets"].as_f64().unwrap_or(0.0)
-            - sum["lost_packets"].as_f64().unwrap_or(0.0);
+        let received =
+            sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
         Ok(received / sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9))
     };
     let mut gbps: [Vec<f64>; 3] = Default::default();
@@ -460,7 +460,10 @@ fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
     report.record("edge_tunnel.udp64_kpps.fast_path", e);
     report.record("edge_tunnel.ping_us.fast_path", r.as_secs_f64() * 1e6);
     let (room, key, kernel) = (figures[0], figures[1], figures[2]);
-    for (what, a, b) in [("adjust_room_vs_tunnel_key", room, key), ("adjust_room_vs_kernel", room, kernel)] {
+    for (what, a, b) in [
+        ("adjust_room_vs_tunnel_key", room, key),
+        ("adjust_room_vs_kernel", room, kernel),
+    ] {
         let ratio = |x: f64, y: f64| x / y.max(1e-9);
         println!(
             "{:<30} {:>10.2} {:>18.2} {:>20.2}",
@@ -470,7 +473,10 @@ fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
             ratio(a.2, b.2)
         );
         report.record(format!("edge_tunnel.tcp_ratio.{what}"), ratio(a.0, b.0));
-        report.record(format!("edge_tunnel.udp64_pps_ratio.{what}"), ratio(a.1, b.1));
+        report.record(
+            format!("edge_tunnel.udp64_pps_ratio.{what}"),
+            ratio(a.1, b.1),
+        );
         report.record(
             format!("edge_tunnel.to_connector_udp64_pps_ratio.{what}"),
             ratio(a.2, b.2),
