@@ -27,9 +27,9 @@ mod tests;
 use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use fabedge_common::{
-    CONNECTOR_GROUP, DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT,
-    DEFAULT_TUNNEL_VNI, DatapathConfig, GroupEntry, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV,
-    TUNNEL_DEV_MAC, VXLAN_OVERHEAD, peer_kind, route_flags, route_kind, tunnel_mode,
+    DEFAULT_FLANNEL_PORT, DEFAULT_FLANNEL_VNI, DEFAULT_TUNNEL_PORT, DEFAULT_TUNNEL_VNI,
+    CONNECTOR_GROUP, DatapathConfig, GroupEntry, POD_BRIDGE, PeerEntry, RouteEntry, TUNNEL_DEV, TUNNEL_DEV_MAC, VXLAN_OVERHEAD,
+    peer_kind, route_flags, route_kind, tunnel_mode,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
