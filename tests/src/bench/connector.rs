@@ -306,7 +306,12 @@ fn median(values: &mut [f64]) -> Option<f64> {
 /// Runs the whole connector benchmark, prints its tables and records its figures.
 pub fn run(report: &mut Report) -> Result<()> {
     let has_xdp_flag = agent_knows("--xdp")?;
-    let cluster = Cluster::start(ClusterOptions::default())?;
+    // Without the default `--xdp off`: each variant sets the connector's
+    // `--xdp` itself, and the agent takes the flag once.
+    let cluster = Cluster::start(ClusterOptions {
+        extra_agent_args: vec!["--tunnel".into(), "vxlan".into()],
+        ..ClusterOptions::default()
+    })?;
     let wire = Wire::read(&cluster)?;
     let switch = cluster.switch()?;
     let connector = cluster.node_netns(CONNECTOR)?;
