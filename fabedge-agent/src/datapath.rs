@@ -526,6 +526,24 @@ impl Datapath {
         Ok(())
     }
 
+    /// `fe_tc_empty` (`TC_ACT_OK` and nothing else), loaded on first use:
+    /// the bench's baseline for TC programs. Never attached.
+    pub fn tc_empty(&mut self) -> Result<&SchedClassifier> {
+        const SYMBOL: &str = "fe_tc_empty";
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(SYMBOL)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {SYMBOL}"))?
+            .try_into()
+            .with_context(|| format!("{SYMBOL} is not a classifier"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifying and loading {SYMBOL}"))?;
+        }
+        Ok(program)
+    }
+
     /// A loaded program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&self, program: Program) -> &SchedClassifier {
         self.ebpf

@@ -125,6 +125,11 @@ struct RunArgs {
     /// kernel's forwarding into `fe-tunnel` (for debugging; slower).
     #[arg(long)]
     no_fast_path: bool,
+    /// VXLAN mode: the fast path hands packets to `fe-tunnel`, whose egress
+    /// program sets a tunnel key per packet, instead of encapsulating them
+    /// itself and sending them to the uplink (for comparison; slower).
+    #[arg(long)]
+    tunnel_key_egress: bool,
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: AttachMode,
     /// XDP on the uplinks (`fe_xdp_uplink`: tunnel guard everywhere, the
@@ -289,6 +294,7 @@ fn main() -> Result<()> {
                 pod_bridge: POD_BRIDGE.to_owned(),
                 pod_egress_via_node: args.pod_egress_via_node,
                 no_fast_path: args.no_fast_path,
+                tunnel_key_egress: args.tunnel_key_egress,
                 esp_public_endpoint: args.esp_public_endpoint,
                 probe_port: args.probe_port,
                 capacity: fabedge_agent::maps::Capacity {

@@ -144,6 +144,11 @@ pub struct Settings {
     /// VXLAN mode: hand tunnel traffic to the kernel's forwarding instead of
     /// redirecting it (`--no-fast-path`).
     pub no_fast_path: bool,
+    /// VXLAN mode: the fast path redirects into `fe-tunnel`, whose egress
+    /// program sets a tunnel key per packet, instead of encapsulating in
+    /// the forwarding program (`--tunnel-key-egress`; the older, costlier
+    /// way, kept for comparison).
+    pub tunnel_key_egress: bool,
     /// ESP mode: this node's public key (base64), published as
     /// `fabedge.io/public-key`, and the generation of its outbound SAs,
     /// published as `fabedge.io/key-generation`.
@@ -180,6 +185,7 @@ impl Default for Settings {
             pod_bridge: POD_BRIDGE.to_owned(),
             pod_egress_via_node: false,
             no_fast_path: false,
+            tunnel_key_egress: false,
             esp_public_key: None,
             esp_generation: 0,
             esp_key_nonce: None,
@@ -986,11 +992,7 @@ impl<'a> Planner<'a> {
             ready: 1,
             role: role.datapath_role(),
             tunnel_mode: settings.tunnel_mode.datapath_mode(),
-            flags: if settings.no_fast_path {
-                fabedge_common::config_flags::NO_FAST_PATH
-            } else {
-                0
-            },
+            flags: datapath_flags(settings),
             node_ip: me.internal_ip.octets(),
             underlay_ip: if connector {
                 connector_underlay_ip(me)
@@ -1144,6 +1146,18 @@ impl<'a> Planner<'a> {
 /// Where cloud nodes send VXLAN for edge pod CIDRs: the connector's Flannel
 /// `public-ip` when Flannel has written its lease (it may use another NIC
 /// than the InternalIP's), else its InternalIP.
+/// `DatapathConfig::flags` from the settings.
+fn datapath_flags(settings: &Settings) -> u8 {
+    use fabedge_common::config_flags::{NO_FAST_PATH, TC_ENCAP};
+    if settings.no_fast_path {
+        NO_FAST_PATH
+    } else if settings.tunnel_key_egress || settings.tunnel_mode != TunnelMode::Vxlan {
+        0
+    } else {
+        TC_ENCAP
+    }
+}
+
 fn connector_underlay_ip(connector: &Node) -> Ipv4Addr {
     connector
         .flannel

@@ -83,6 +83,17 @@ counters! {
     /// Gauge written by the agent, not the datapath: Services left out of
     /// the maps because they would not fit (see the agent's log).
     ServicesNotProgrammed = 23, "services_not_programmed", false;
+    /// VXLAN fast path: encapsulated by the forwarding program itself and
+    /// redirected to the uplink (`config_flags::TC_ENCAP`), not through
+    /// `fe-tunnel`. Counted on top of `redirect_to_tunnel` and `to_tunnel`.
+    TunnelEncap = 24, "tunnel_encap", false;
+    /// The outer destination's neighbour is not resolved yet: the packet
+    /// went into `fe-tunnel` as without `TC_ENCAP` (the kernel resolves it).
+    TunnelEncapNoNeighbour = 25, "tunnel_encap_no_neighbour", false;
+    /// `TC_ENCAP` could not encapsulate (no usable route to the peer, a
+    /// kernel without `BPF_FIB_LOOKUP_SRC`, a GSO kind the kernel will not
+    /// grow): the packet went into `fe-tunnel` unchanged.
+    TunnelEncapDeclined = 26, "tunnel_encap_declined", false;
 
     /// No route for the destination.
     DropNoRoute = 32, "drop_no_route", true;

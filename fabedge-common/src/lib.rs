@@ -109,6 +109,14 @@ pub mod config_flags {
     /// `fe-tunnel`, whose egress program encapsulates as usual (`--no-fast-path`,
     /// for debugging and as the baseline of `cargo xtask bench`).
     pub const NO_FAST_PATH: u8 = 1;
+    /// VXLAN fast path: the program that forwards a packet encapsulates it
+    /// (`bpf_skb_adjust_room`) and redirects it to the uplink, instead of
+    /// redirecting it into `fe-tunnel`, whose egress program sets a tunnel
+    /// key (a metadata dst the kernel allocates per packet). What it cannot
+    /// do (neighbour unresolved, kernel < 6.7) still takes `fe-tunnel`.
+    /// Off by default in the map, so an agent that predates it keeps the old
+    /// behaviour; the agent sets it unless `--tunnel-key-egress`.
+    pub const TC_ENCAP: u8 = 2;
 }
 
 /// An IPv4 prefix's address part, the data of an LPM trie key (the trie key

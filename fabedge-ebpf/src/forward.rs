@@ -6,12 +6,15 @@
 //! path declines — TTL about to expire, too big for the tunnel, ESP mode — is
 //! handed to the kernel with `TC_ACT_OK` and the kernel behaves as a router
 //! (ICMP time-exceeded, fragmentation-needed). The tunnel key itself is set in
-//! one place only, `fe_tunnel_egress`, whichever path a packet took.
+//! one place only, `fe_tunnel_egress`, whichever path a packet took; with
+//! `config_flags::TC_ENCAP` the fast path encapsulates itself (`encap`) and
+//! only what that declines goes through `fe-tunnel`.
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use fabedge_common::{Counter, DatapathConfig, config_flags, mark, route_kind, tunnel_mode};
 
 use crate::{
+    encap,
     fastpath::{decrement_ttl, fast_path_check, punt},
     flannel,
     maps::Route,
@@ -57,6 +60,11 @@ pub fn to_tunnel(ctx: &TcContext, cfg: &DatapathConfig, route: &Route, ip: &mut 
     }
     decrement_ttl(ip);
     count(Counter::RedirectToTunnel);
+    if cfg.flags & config_flags::TC_ENCAP != 0 {
+        if let Some(action) = encap::to_uplink(ctx, cfg, peer_id) {
+            return action;
+        }
+    }
     // fe_tunnel_egress sets the tunnel key and the inner MAC addresses.
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) as i32 }

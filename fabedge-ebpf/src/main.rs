@@ -13,11 +13,13 @@
 //! | `fe_sock_*4`        | cgroup v2 sock_addr hooks (edge)  | `sock.rs`     |
 //! | `fe_xdp_uplink`     | XDP on the uplinks (every node)   | `xdp_uplink.rs` |
 //! | `fe_xdp_empty`      | XDP, the bench's baseline         | `xdp_uplink.rs` |
+//! | `fe_tc_empty`       | TC, the bench's baseline (never attached) | `tc_empty.rs` |
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod csum;
+mod encap;
 mod fastpath;
 mod flannel;
 mod forward;
@@ -38,6 +40,7 @@ mod xdp_parse;
 
 mod from_pod;
 mod pod_port;
+mod tc_empty;
 mod to_pod;
 mod tunnel_dev;
 mod uplink;

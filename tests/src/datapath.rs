@@ -138,6 +138,17 @@ impl TestDatapath {
         Ok(result.duration)
     }
 
+    /// Kernel time of one run of `program` on a fresh copy of `frame` with
+    /// the skb context `skb` (a mark, GSO sizes).
+    pub fn time_once_with(
+        &self,
+        program: Program,
+        frame: &[u8],
+        skb: SkbIn,
+    ) -> Result<std::time::Duration> {
+        time_classifier_once(self.datapath.program(program), program.symbol(), frame, skb)
+    }
+
     /// A counter's value summed over CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.maps
@@ -149,6 +160,30 @@ impl TestDatapath {
     pub fn counters(&self) -> Vec<(Counter, u64)> {
         Counter::ALL.iter().map(|&c| (c, self.counter(c))).collect()
     }
+}
+
+/// Kernel time of one run of the classifier `prog` (`symbol`, for errors)
+/// on a fresh copy of `frame` with the skb context `skb`.
+pub fn time_classifier_once(
+    prog: &aya::programs::SchedClassifier,
+    symbol: &str,
+    frame: &[u8],
+    skb: SkbIn,
+) -> Result<std::time::Duration> {
+    let mut ctx_in = [0u8; SKB_CTX_SIZE];
+    ctx_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&skb.mark.to_ne_bytes());
+    ctx_in[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&skb.gso_segs.to_ne_bytes());
+    ctx_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&skb.gso_size.to_ne_bytes());
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut data_out),
+            ctx_in: Some(&ctx_in),
+            ..TestRunOptions::new()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {symbol}"))?;
+    Ok(result.duration)
 }
 
 impl Drop for TestDatapath {

@@ -8,6 +8,7 @@
 //! - [`fake_api`]: an in-test Kubernetes API server (list/watch, 410, PATCH, Leases).
 //! - [`metrics`]: an agent's metrics and probes over HTTP, and a real Prometheus scraping it.
 //! - [`datapath`]: the real object in a private bpffs root, run with `BPF_PROG_TEST_RUN`.
+//! - [`encap`]: the tunnel encapsulation in the forwarding program, its FIB namespace and its cost.
 //! - [`packet`]: builders and parsers for the frames we feed to `BPF_PROG_TEST_RUN`.
 //! - [`livegen`]: a kernel packet generator (XDP live frames) and an in-datapath frame counter.
 //! - [`netns`]: network namespaces, veths and bridges that always clean up.
@@ -18,6 +19,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod datapath;
+pub mod encap;
 pub mod fake_api;
 pub mod kube_agent;
 pub mod livegen;

@@ -1391,3 +1391,39 @@ fn the_key_nonce_is_published_in_the_same_patch_as_the_public_key() {
     );
     assert!(patch.set.contains_key(PUBLIC_KEY_ANNOTATION));
 }
+
+#[test]
+fn vxlan_fast_path_encapsulates_in_the_program_unless_told_otherwise() {
+    use fabedge_common::config_flags::{NO_FAST_PATH, TC_ENCAP};
+    let snapshot = cluster();
+    let flags = |settings: Settings| {
+        plan(&snapshot, "edge-1", &settings, &PeerIds::new())
+            .unwrap()
+            .config
+            .flags
+    };
+    assert_eq!(flags(settings()), TC_ENCAP, "the default");
+    assert_eq!(
+        flags(Settings {
+            tunnel_key_egress: true,
+            ..settings()
+        }),
+        0,
+        "--tunnel-key-egress: fe-tunnel sets the key"
+    );
+    assert_eq!(
+        flags(Settings {
+            no_fast_path: true,
+            ..settings()
+        }),
+        NO_FAST_PATH
+    );
+    assert_eq!(
+        flags(Settings {
+            tunnel_mode: TunnelMode::Esp,
+            ..settings()
+        }),
+        0,
+        "ESP goes through xfrm"
+    );
+}

@@ -62,7 +62,7 @@ pub struct Variant {
 
 /// The variants and the connector agent's arguments for each: the one place
 /// to adjust when the agent's flags change.
-pub const VARIANTS: [Variant; 3] = [
+pub const VARIANTS: [Variant; 4] = [
     Variant {
         key: "xdp",
         label: "(a) XDP",
@@ -79,6 +79,14 @@ pub const VARIANTS: [Variant; 3] = [
         key: "kernel",
         label: "(c) kernel path",
         connector_args: &["--no-fast-path", "--xdp", "off"],
+        xdp: false,
+    },
+    // (b) before the fast path encapsulated in the program: into
+    // `fe-tunnel`, whose egress program sets a tunnel key per packet.
+    Variant {
+        key: "tc_tunnel_key",
+        label: "(b') TC, tunnel key",
+        connector_args: &["--tunnel-key-egress", "--xdp", "off"],
         xdp: false,
     },
 ];
@@ -298,7 +306,12 @@ fn median(values: &mut [f64]) -> Option<f64> {
 /// Runs the whole connector benchmark, prints its tables and records its figures.
 pub fn run(report: &mut Report) -> Result<()> {
     let has_xdp_flag = agent_knows("--xdp")?;
-    let cluster = Cluster::start(ClusterOptions::default())?;
+    // Without the default `--xdp off`: each variant sets the connector's
+    // `--xdp` itself, and the agent takes the flag once.
+    let cluster = Cluster::start(ClusterOptions {
+        extra_agent_args: vec!["--tunnel".into(), "vxlan".into()],
+        ..ClusterOptions::default()
+    })?;
     let wire = Wire::read(&cluster)?;
     let switch = cluster.switch()?;
     let connector = cluster.node_netns(CONNECTOR)?;
@@ -477,13 +490,23 @@ pub fn run(report: &mut Report) -> Result<()> {
         }
     }
     println!(
-        "{:<14} {:>7} {:>9} {:>11} {:>14} {:>6} {:>6} {:>6} {:>10}",
-        "direction", "inner", "(a) XDP", "(b) TC", "(c) kernel", "a/c", "a/b", "b/c", "delivered"
+        "{:<14} {:>7} {:>9} {:>11} {:>14} {:>11} {:>6} {:>6} {:>6} {:>6} {:>10}",
+        "direction",
+        "inner",
+        "(a) XDP",
+        "(b) TC",
+        "(c) kernel",
+        "(b') TC key",
+        "a/c",
+        "a/b",
+        "b/c",
+        "b/b'",
+        "delivered"
     );
-    let mut ratios: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 4] = Default::default();
     for (d, direction) in Direction::ALL.iter().enumerate() {
         for (s, size) in INNER_SIZES.iter().enumerate() {
-            let mut figures = [None; 3];
+            let mut figures = [None; VARIANTS.len()];
             let mut delivered_min: Option<f64> = None;
             for (v, variant) in VARIANTS.iter().enumerate() {
                 let samples = &pps[v][d][s];
@@ -511,6 +534,7 @@ pub fn run(report: &mut Report) -> Result<()> {
                 ("vs_kernel", ratio(figures[0], figures[2])),
                 ("vs_tc", ratio(figures[0], figures[1])),
                 ("tc_vs_kernel", ratio(figures[1], figures[2])),
+                ("tc_vs_tc_tunnel_key", ratio(figures[1], figures[3])),
             ];
             for (i, (name, value)) in case_ratios.iter().enumerate() {
                 let key = format!("xdp.connector_pps_ratio_{name}.{}.{size}", direction.key());
@@ -526,21 +550,26 @@ pub fn run(report: &mut Report) -> Result<()> {
                 x.map_or("n/a".to_owned(), |x| format!("{x:.digits$}"))
             };
             println!(
-                "{:<14} {:>5} B {:>9} {:>11} {:>14} {:>6} {:>6} {:>6} {:>9}%",
+                "{:<14} {:>5} B {:>9} {:>11} {:>14} {:>11} {:>6} {:>6} {:>6} {:>6} {:>9}%",
                 direction.label(),
                 size,
                 show(figures[0], 3),
                 show(figures[1], 3),
                 show(figures[2], 3),
+                show(figures[3], 3),
                 show(case_ratios[0].1, 2),
                 show(case_ratios[1].1, 2),
                 show(case_ratios[2].1, 2),
+                show(case_ratios[3].1, 2),
                 show(delivered_min.map(|d| d * 100.0), 1),
             );
         }
     }
     // The headline ratios: geometric mean over the measured cases.
-    for (i, name) in ["vs_kernel", "vs_tc", "tc_vs_kernel"].iter().enumerate() {
+    for (i, name) in ["vs_kernel", "vs_tc", "tc_vs_kernel", "tc_vs_tc_tunnel_key"]
+        .iter()
+        .enumerate()
+    {
         let key = format!("xdp.connector_pps_ratio_{name}");
         match geometric_mean(&ratios[i]) {
             Some(r) => report.record(key, r),
@@ -548,7 +577,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         }
     }
 
-    let mut gbps = [None; 3];
+    let mut gbps = [None; VARIANTS.len()];
     for (v, variant) in VARIANTS.iter().enumerate() {
         gbps[v] = median(&mut tcp[v]);
         let key = format!("xdp.tcp_gbps.{}", variant.key);
@@ -561,6 +590,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         ("vs_kernel", gbps[0], gbps[2]),
         ("vs_tc", gbps[0], gbps[1]),
         ("tc_vs_kernel", gbps[1], gbps[2]),
+        ("tc_vs_tc_tunnel_key", gbps[1], gbps[3]),
     ] {
         let key = format!("xdp.tcp_ratio_{name}");
         match (a, b) {
@@ -585,13 +615,15 @@ pub fn run(report: &mut Report) -> Result<()> {
             .map_or("n/a".to_owned(), |r| format!("{r:.2}"))
     };
     println!(
-        "ratios: pps a/c {}, a/b {}, b/c {} (geometric mean over the cases above); TCP a/c {}, a/b {}, b/c {}",
+        "ratios: pps a/c {}, a/b {}, b/c {}, b/b' {} (geometric mean over the cases above); TCP a/c {}, a/b {}, b/c {}, b/b' {}",
         show_ratio("xdp.connector_pps_ratio_vs_kernel"),
         show_ratio("xdp.connector_pps_ratio_vs_tc"),
         show_ratio("xdp.connector_pps_ratio_tc_vs_kernel"),
+        show_ratio("xdp.connector_pps_ratio_tc_vs_tc_tunnel_key"),
         show_ratio("xdp.tcp_ratio_vs_kernel"),
         show_ratio("xdp.tcp_ratio_vs_tc"),
         show_ratio("xdp.tcp_ratio_tc_vs_kernel"),
+        show_ratio("xdp.tcp_ratio_tc_vs_tc_tunnel_key"),
     );
     for variant in &VARIANTS {
         println!(

@@ -330,46 +330,119 @@ fn verdicts(report: &mut Report) -> Result<()> {
         );
     }
     xdp_verdicts(report)?;
+    encap_costs(report)?;
+    Ok(())
+}
+
+/// Sending a pod packet into the plaintext tunnel, both ways, against the
+/// empty TC program: `fe-tunnel` with a tunnel key set per packet, or the
+/// forwarding program's own encapsulation (`config_flags::TC_ENCAP`).
+fn encap_costs(report: &mut Report) -> Result<()> {
+    let costs = fabedge_tests::encap::encap_costs(SAMPLES)?;
+    println!();
+    println!(
+        "edge pod → tunnel, TC per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} single runs on fresh frames, fe_tc_empty sampled alongside)"
+    );
+    println!("{:<60} {:>10} {:>8}", "way", "ns/pkt", "× empty");
+    let rows = [
+        (
+            "tunnel_key",
+            "fe_from_pod redirect + fe_tunnel_egress set_tunnel_key",
+            costs.tunnel_key_ns,
+        ),
+        (
+            "tunnel_key_egress_only",
+            "fe_tunnel_egress set_tunnel_key alone",
+            costs.tunnel_key_egress_ns,
+        ),
+        (
+            "adjust_room",
+            "fe_from_pod adjust_room encap + redirect to the uplink",
+            costs.adjust_room_ns,
+        ),
+    ];
+    println!(
+        "{:<60} {:>10.0} {:>8.2}",
+        "fe_tc_empty", costs.empty_ns, 1.0
+    );
+    report.record("tc.encap_ns.empty", costs.empty_ns);
+    for (key, what, ns) in rows {
+        let ratio = ns / costs.empty_ns;
+        println!("{what:<60} {ns:>10.0} {ratio:>8.2}");
+        report.record(format!("tc.encap_ns.{key}"), ns);
+        report.record(format!("tc.encap_ns_ratio_vs_empty.{key}"), ratio);
+    }
+    println!(
+        "(BPF_PROG_TEST_RUN does not run what follows a redirect: the tunnel_key way also pays fe-tunnel's VXLAN transmit and an outer route lookup per packet, the adjust_room way neither)"
+    );
     Ok(())
 }
 
 /// Throughput and latency between two edge pods in the mini cluster (the
-/// direct community tunnel), with the eBPF fast path and with the same
-/// packets handed to the kernel's forwarding path instead (`--no-fast-path`:
-/// the programs still classify and mark, the kernel routes them into
-/// `fe-tunnel`, whose egress program encapsulates). Rounds alternate so both
-/// see the same machine load.
+/// direct community tunnel), and the small-packet rate from an edge pod to
+/// a pod on the connector, for each way of sending into the tunnel: the
+/// forwarding program encapsulates (`adjust_room`, the agent's default,
+/// also recorded as `fast_path`), redirects into `fe-tunnel` whose egress
+/// program sets a tunnel key (`tunnel_key`, `--tunnel-key-egress`), or
+/// hands the packet to the kernel's forwarding (`kernel`, `--no-fast-path`).
+/// Rounds alternate so every variant sees the same machine load.
 fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
     use fabedge_tests::{
         cluster::{Cluster, ClusterOptions},
-        netns::ping,
+        netns::{Netns, ping},
     };
 
     const ROUNDS: usize = 3;
+    const VARIANTS: [(&str, &str, u8); 3] = [
+        (
+            "adjust_room",
+            "fast path, encap in program",
+            config_flags::TC_ENCAP,
+        ),
+        ("tunnel_key", "fast path, fe-tunnel key", 0),
+        ("kernel", "kernel forwarding", config_flags::NO_FAST_PATH),
+    ];
     let cluster = Cluster::start(ClusterOptions::default())?;
     let client = cluster.pod("edge-1")?;
     let server = cluster.pod("edge-2")?;
+    let connector_pod = cluster.pod("cloud-1")?;
     let server_ip = server.ip().to_string();
+    let connector_ip = connector_pod.ip().to_string();
     let _iperf_server = server.netns().spawn("iperf3", &["-s", "-B", &server_ip])?;
+    let _iperf_connector = connector_pod
+        .netns()
+        .spawn("iperf3", &["-s", "-B", &connector_ip])?;
     std::thread::sleep(Duration::from_millis(300));
 
-    // The agents run with the fast path; the baseline flips the edges'
-    // datapath to `--no-fast-path` (marked, handed to the kernel's forwarding,
-    // encapsulated by fe-tunnel's egress program) and back, round by round.
-    let set_fast_path = |on: bool| -> Result<()> {
-        for node in ["edge-1", "edge-2"] {
+    // The agents run with the default; each round flips the three nodes'
+    // datapath flags to the variant, and back at the end.
+    let set_flags = |flags: u8| -> Result<()> {
+        for node in ["edge-1", "edge-2", "cloud-1"] {
             let mut maps = cluster.maps(node)?;
             let mut config = maps.config()?;
-            config.flags = if on { 0 } else { config_flags::NO_FAST_PATH };
+            config.flags = flags;
             maps.set_config(config)?;
         }
         Ok(())
     };
-    let mut results: [(Vec<f64>, Vec<Duration>); 2] = Default::default();
-    let mut small_pps: [Vec<f64>; 2] = Default::default();
+    let udp64_pps = |netns: &Netns, target: &str| -> Result<f64> {
+        let out = netns.run_ok(
+            "iperf3",
+            &["-c", target, "-u", "-l", "64", "-b", "0", "-t", "2", "-J"],
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out)?;
+        let sum = &json["end"]["sum"];
+        let received =
+            sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+        Ok(received / sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9))
+    };
+    let mut gbps: [Vec<f64>; 3] = Default::default();
+    let mut rtts: [Vec<Duration>; 3] = Default::default();
+    let mut edge_pps: [Vec<f64>; 3] = Default::default();
+    let mut connector_pps: [Vec<f64>; 3] = Default::default();
     for _ in 0..ROUNDS {
-        for (slot, fast_path) in [(0, true), (1, false)] {
-            set_fast_path(fast_path)?;
+        for (slot, (_, _, flags)) in VARIANTS.iter().enumerate() {
+            set_flags(*flags)?;
             let out = client
                 .netns()
                 .run_ok("iperf3", &["-c", &server_ip, "-t", "2", "-J"])?;
@@ -377,28 +450,19 @@ fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
             let bps = json["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .unwrap_or(0.0);
-            results[slot].0.push(bps / 1e9);
+            gbps[slot].push(bps / 1e9);
             // Small packets: per-packet cost, not bytes, decides.
-            let out = client.netns().run_ok(
-                "iperf3",
-                &[
-                    "-c", &server_ip, "-u", "-l", "64", "-b", "0", "-t", "2", "-J",
-                ],
-            )?;
-            let json: serde_json::Value = serde_json::from_str(&out)?;
-            let sum = &json["end"]["sum"];
-            let received = sum["packets"].as_f64().unwrap_or(0.0)
-                - sum["lost_packets"].as_f64().unwrap_or(0.0);
-            small_pps[slot].push(received / sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9));
+            edge_pps[slot].push(udp64_pps(client.netns(), &server_ip)?);
+            connector_pps[slot].push(udp64_pps(client.netns(), &connector_ip)?);
             let pings = ping(client.netns(), server.ip(), 50, Duration::from_millis(10))?;
-            let mut rtts = pings.rtts.clone();
-            rtts.sort();
-            if let Some(median) = rtts.get(rtts.len() / 2) {
-                results[slot].1.push(*median);
+            let mut sorted = pings.rtts.clone();
+            sorted.sort();
+            if let Some(median) = sorted.get(sorted.len() / 2) {
+                rtts[slot].push(*median);
             }
         }
     }
-    set_fast_path(true)?;
+    set_flags(config_flags::TC_ENCAP)?;
     let median_f = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -407,52 +471,56 @@ fn fast_path_vs_kernel(report: &mut Report) -> Result<()> {
         v.sort();
         v.get(v.len() / 2).copied().unwrap_or_default()
     };
-    let (fast, kernel) = results.split_at_mut(1);
-    let (fast_gbps, kernel_gbps) = (median_f(&mut fast[0].0), median_f(&mut kernel[0].0));
-    let (fast_rtt, kernel_rtt) = (median_d(&mut fast[0].1), median_d(&mut kernel[0].1));
-    let (fast_small, rest) = small_pps.split_at_mut(1);
-    let (fast_kpps, kernel_kpps) = (
-        median_f(&mut fast_small[0]) / 1e3,
-        median_f(&mut rest[0]) / 1e3,
-    );
     println!();
     println!(
-        "edge-1 pod → edge-2 pod over the tunnel (iperf3 TCP 2 s, UDP 64 B unlimited 2 s received, ping ×50; median of {ROUNDS} alternating rounds)"
+        "edge-1 pod → edge-2 pod over the tunnel (iperf3 TCP 2 s, UDP 64 B unlimited 2 s received, ping ×50), and edge-1 pod → connector pod (UDP 64 B); median of {ROUNDS} alternating rounds"
     );
     println!(
-        "{:<28} {:>10} {:>16} {:>14}",
-        "path", "TCP Gbit/s", "UDP 64 B kpps", "ping median"
+        "{:<30} {:>10} {:>18} {:>20} {:>12}",
+        "path", "TCP Gbit/s", "UDP 64 B kpps e→e", "UDP 64 B kpps e→conn", "ping median"
     );
-    println!(
-        "{:<28} {:>10.2} {:>16.1} {:>11} µs",
-        "eBPF fast path (redirect)",
-        fast_gbps,
-        fast_kpps,
-        fast_rtt.as_micros()
-    );
-    println!(
-        "{:<28} {:>10.2} {:>16.1} {:>11} µs",
-        "kernel forwarding",
-        kernel_gbps,
-        kernel_kpps,
-        kernel_rtt.as_micros()
-    );
-    println!(
-        "{:<28} {:>10.2} {:>16.2} {:>14.2}",
-        "fast / kernel",
-        fast_gbps / kernel_gbps.max(1e-9),
-        fast_kpps / kernel_kpps.max(1e-9),
-        fast_rtt.as_secs_f64() / kernel_rtt.as_secs_f64().max(1e-12)
-    );
-    for (path, gbps, kpps, rtt) in [
-        ("fast_path", fast_gbps, fast_kpps, fast_rtt),
-        ("kernel", kernel_gbps, kernel_kpps, kernel_rtt),
+    let mut figures = Vec::new();
+    for (slot, (key, label, _)) in VARIANTS.iter().enumerate() {
+        let g = median_f(&mut gbps[slot]);
+        let e = median_f(&mut edge_pps[slot]) / 1e3;
+        let c = median_f(&mut connector_pps[slot]) / 1e3;
+        let r = median_d(&mut rtts[slot]);
+        println!(
+            "{label:<30} {g:>10.2} {e:>18.1} {c:>20.1} {:>9} µs",
+            r.as_micros()
+        );
+        report.record(format!("edge_tunnel.tcp_gbps.{key}"), g);
+        report.record(format!("edge_tunnel.udp64_kpps.{key}"), e);
+        report.record(format!("edge_tunnel.to_connector_udp64_kpps.{key}"), c);
+        report.record(format!("edge_tunnel.ping_us.{key}"), r.as_secs_f64() * 1e6);
+        figures.push((g, e, c, r));
+    }
+    // `fast_path`: the agent's default way, under the key earlier runs used.
+    let (g, e, _, r) = figures[0];
+    report.record("edge_tunnel.tcp_gbps.fast_path", g);
+    report.record("edge_tunnel.udp64_kpps.fast_path", e);
+    report.record("edge_tunnel.ping_us.fast_path", r.as_secs_f64() * 1e6);
+    let (room, key, kernel) = (figures[0], figures[1], figures[2]);
+    for (what, a, b) in [
+        ("adjust_room_vs_tunnel_key", room, key),
+        ("adjust_room_vs_kernel", room, kernel),
     ] {
-        report.record(format!("edge_tunnel.tcp_gbps.{path}"), gbps);
-        report.record(format!("edge_tunnel.udp64_kpps.{path}"), kpps);
+        let ratio = |x: f64, y: f64| x / y.max(1e-9);
+        println!(
+            "{:<30} {:>10.2} {:>18.2} {:>20.2}",
+            what.replace('_', " "),
+            ratio(a.0, b.0),
+            ratio(a.1, b.1),
+            ratio(a.2, b.2)
+        );
+        report.record(format!("edge_tunnel.tcp_ratio.{what}"), ratio(a.0, b.0));
         report.record(
-            format!("edge_tunnel.ping_us.{path}"),
-            rtt.as_secs_f64() * 1e6,
+            format!("edge_tunnel.udp64_pps_ratio.{what}"),
+            ratio(a.1, b.1),
+        );
+        report.record(
+            format!("edge_tunnel.to_connector_udp64_pps_ratio.{what}"),
+            ratio(a.2, b.2),
         );
     }
     Ok(())
