@@ -342,7 +342,8 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     let fake = FakeApi::start()?;
     let objects = fixture();
     publish(&fake, &objects)?;
-    // A second connector (higher name: cloud-1 stays the active VTEP).
+    // A second connector: both are active, each edge carries the lease of
+    // its first connector (rendezvous hashing on the names).
     let mut standby = serde_json::to_value(
         objects
             .nodes
@@ -354,6 +355,11 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     standby["metadata"]["labels"][label::CONNECTOR] = json!("");
     standby["spec"] = json!({"podCIDR": "10.244.9.0/24"});
     standby["status"]["addresses"] = json!([{"type": "InternalIP", "address": "10.1.0.9"}]);
+    // Its own Flannel lease (a copy of cloud-2's would make cloud-2's look
+    // like a connector's masquerade lease, which the leader takes off).
+    standby["metadata"]["annotations"][annotation::FLANNEL_BACKEND_DATA] =
+        json!(r#"{"VtepMAC":"ce:0c:09:00:00:09"}"#);
+    standby["metadata"]["annotations"][annotation::FLANNEL_PUBLIC_IP] = json!("10.1.0.9");
     fake.apply(&standby)?;
     let (lease, renew) = (Duration::from_secs(2), Duration::from_millis(400));
 
@@ -364,9 +370,18 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
     .await?;
     let second = candidate(&fake, "cloud-9", lease, renew, None);
 
-    // The leader puts the active connector's Flannel lease on every edge
-    // node: exactly the four annotations Flannel reads, parsed as Flannel would.
+    // The leader puts each edge's first connector's Flannel lease on it:
+    // exactly the four annotations Flannel reads, parsed as Flannel would.
+    // cloud-9 is a copy of cloud-2 with its own Flannel lease.
+    let mut primaries = BTreeSet::new();
     for edge in ["edge-1", "edge-2", "edge-3"] {
+        let primary = fabedge_agent::ha::order::primary(edge, ["cloud-1", "cloud-9"])
+            .context("two connectors")?;
+        primaries.insert(primary);
+        let (mac, public_ip) = match primary {
+            "cloud-1" => ([0xce, 0x0c, 1, 0, 0, 1], Ipv4Addr::new(10, 1, 0, 1)),
+            _ => ([0xce, 0x0c, 9, 0, 0, 9], Ipv4Addr::new(10, 1, 0, 9)),
+        };
         let got = eventually(
             &format!("Flannel annotations on {edge}"),
             Duration::from_secs(10),
@@ -389,19 +404,12 @@ async fn the_leader_writes_flannel_annotations_and_the_follower_takes_over_withi
         let lease = FlannelLease::from_annotations(&got)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .context("a lease")?;
-        assert_eq!(
-            lease.vtep_mac,
-            [0xce, 0x0c, 1, 0, 0, 1],
-            "cloud-1's VtepMAC"
-        );
-        assert_eq!(
-            lease.public_ip,
-            Ipv4Addr::new(10, 1, 0, 1),
-            "cloud-1's public-ip"
-        );
+        assert_eq!(lease.vtep_mac, mac, "{edge}: {primary}'s VtepMAC");
+        assert_eq!(lease.public_ip, public_ip, "{edge}: {primary}'s public-ip");
         assert_eq!(got[annotation::FLANNEL_BACKEND_TYPE], "vxlan");
         assert_eq!(got[annotation::FLANNEL_KUBE_SUBNET_MANAGER], "true");
     }
+    assert_eq!(primaries.len(), 2, "the edges spread over both connectors");
     let patches: Vec<Request> = fake
         .requests()
         .into_iter()

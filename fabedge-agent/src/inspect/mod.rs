@@ -170,7 +170,10 @@ pub fn maps(layout: &PinLayout) -> Result<Vec<MapRow>> {
 pub struct RouteRow {
     pub prefix: String,
     pub kind: &'static str,
+    /// The peer traffic goes to now (for a group route: its active member).
     pub peer_id: u16,
+    /// A route through a connector group: the group's id.
+    pub group: Option<u16>,
     pub next_hop: String,
     pub node_address: bool,
 }
@@ -181,10 +184,11 @@ impl Row for RouteRow {
         vec![
             self.prefix.clone(),
             self.kind.into(),
-            if self.peer_id == 0 {
-                "-".into()
-            } else {
-                self.peer_id.to_string()
+            match (self.group, self.peer_id) {
+                (Some(group), 0) => format!("group {group}: none alive"),
+                (Some(group), peer) => format!("{peer} (group {group})"),
+                (None, 0) => "-".into(),
+                (None, peer) => peer.to_string(),
             },
             self.next_hop.clone(),
             if self.node_address {
@@ -210,9 +214,16 @@ pub fn route_kind_name(kind: u8) -> &'static str {
 pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
     let mut rows = Vec::new();
     for (net, entry) in maps.route_entries()? {
+        let group = (entry.kind == route_kind::TUNNEL && entry.flags & route_flags::VIA_GROUP != 0)
+            .then_some(entry.peer_id);
+        let peer_id = match group {
+            Some(group) => maps.group(group)?.active,
+            None => entry.peer_id,
+        };
         let next_hop = match entry.kind {
+            _ if group.is_some() && peer_id == 0 => "-".into(),
             route_kind::TUNNEL | route_kind::CLOUD_VTEP => {
-                let peer = maps.peer(entry.peer_id)?;
+                let peer = maps.peer(peer_id)?;
                 if peer.kind == 0 {
                     "MISSING PEER".into()
                 } else {
@@ -224,7 +235,8 @@ pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
         rows.push(RouteRow {
             prefix: net.to_string(),
             kind: route_kind_name(entry.kind),
-            peer_id: entry.peer_id,
+            peer_id,
+            group,
             next_hop,
             node_address: entry.flags & route_flags::NODE_ADDR != 0,
         });
