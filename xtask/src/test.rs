@@ -51,6 +51,16 @@ const VM_TESTS: &[VmTests] = &[
         timeout: Duration::from_secs(1500),
         without_modules: &[],
     },
+    // Connector HA (issue #12) in ESP mode: the failover and return of
+    // tests/tests/ha.rs on the two-connector fixture.
+    VmTests {
+        binary: "esp",
+        tests: &[
+            "esp_edges_fail_over_to_the_other_connector_within_two_seconds_and_return_without_loss",
+        ],
+        timeout: Duration::from_secs(900),
+        without_modules: &[],
+    },
     // The refusal on a Debian kernel whose ESP modules are kept out: the
     // test then fails, not skips, if ESP works.
     VmTests {

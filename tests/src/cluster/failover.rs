@@ -379,8 +379,8 @@ impl Cluster {
 /// The agents' connector-HA flags for `fabedge-agent run`: probes every
 /// 100 ms, a connector dead after 3 misses, `hold_down` before an edge
 /// returns to a connector that came back.
-pub fn ha_agent_args(hold_down: Duration) -> Result<Vec<String>> {
-    Ok([
+pub fn ha_agent_args(hold_down: Duration) -> Vec<String> {
+    [
         "--probe-interval".to_owned(),
         "100ms".to_owned(),
         "--probe-misses".to_owned(),
@@ -388,5 +388,5 @@ pub fn ha_agent_args(hold_down: Duration) -> Result<Vec<String>> {
         "--hold-down".to_owned(),
         format!("{}ms", hold_down.as_millis()),
     ]
-    .into())
+    .into()
 }
