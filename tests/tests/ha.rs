@@ -23,7 +23,7 @@ use fabedge_common::Counter;
 use fabedge_tests::cluster::{
     At, BothWays, Cluster, ClusterOptions, HaCase, PathSpec, SharedCluster,
     dead_connector_fails_over, ha_agent_args, returning_connector_takes_its_edges_back,
-    seed_matrix_through,
+    revive_all_and_settle, seed_matrix_through,
 };
 
 static CLUSTER: SharedCluster = SharedCluster::new();
@@ -68,12 +68,7 @@ fn with_ha_cluster<R>(
         },
         tear_down_cluster,
         |cluster| {
-            for node in cluster.node_names() {
-                if !cluster.agent_running(&node)? {
-                    cluster.revive_node(&node)?;
-                }
-            }
-            let settled = cluster.settled_connectors(HOLD_DOWN + Duration::from_secs(1), WAIT)?;
+            let settled = revive_all_and_settle(cluster, &CASE)?;
             test(cluster, &settled)
         },
     )

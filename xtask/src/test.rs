@@ -56,7 +56,8 @@ const VM_TESTS: &[VmTests] = &[
     VmTests {
         binary: "esp",
         tests: &[
-            "esp_edges_fail_over_to_the_other_connector_within_two_seconds_and_return_without_loss",
+            "esp_a_dead_connector_s_edges_fail_over_within_two_seconds_each_way",
+            "esp_a_returning_connector_takes_its_edges_back_after_the_hold_down_without_loss",
         ],
         timeout: Duration::from_secs(900),
         without_modules: &[],

@@ -42,6 +42,21 @@ pub struct FailoverGaps {
     pub cloud_to_edge: Duration,
 }
 
+/// Where every check starts: every killed node revived, and every edge's
+/// connector unchanged for longer than the hold-down. Returns that
+/// assignment (edge → connector).
+pub fn revive_all_and_settle(
+    cluster: &Cluster,
+    case: &HaCase<'_>,
+) -> Result<BTreeMap<String, String>> {
+    for node in cluster.node_names() {
+        if !cluster.agent_running(&node)? {
+            cluster.revive_node(&node)?;
+        }
+    }
+    cluster.settled_connectors(case.hold_down + Duration::from_secs(1), case.wait)
+}
+
 /// The connector `case.edge` settled on, from [`Cluster::settled_connectors`].
 fn primary_of(case: &HaCase<'_>, settled: &BTreeMap<String, String>) -> Result<String> {
     settled.get(case.edge).cloned().with_context(|| {
@@ -65,7 +80,17 @@ pub fn dead_connector_fails_over(
     let HaCase { edge, cloud, .. } = *case;
     let killed = primary_of(case, settled)?;
     let failover = cluster.fail_over(edge, cloud, case.wait);
-    let diagnostics = cluster.diagnostics(&[edge.to_owned(), cloud.to_owned()]);
+    // The dead connector as the failover left it (before the revival):
+    // its links must still be down and its agent gone.
+    let dead_links = cluster
+        .node_netns(&killed)
+        .and_then(|ns| ns.ip(&["-br", "link"]))
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let diagnostics = format!(
+        "--- {killed} (killed) at the end of the failover: ip -br link\n{dead_links}\n{}\n{}",
+        cluster.agent_logs(&[edge.to_owned(), killed.clone()]),
+        cluster.diagnostics(&[edge.to_owned(), cloud.to_owned()])
+    );
     let revived = if cluster.agent_running(&killed)? {
         Ok(())
     } else {
@@ -101,11 +126,11 @@ pub fn dead_connector_fails_over(
         Ok(now) => {
             ensure!(
                 now.name != killed,
-                "{edge}'s traffic came back, but its datapath still names the dead {killed} ({now:?})"
+                "{edge}'s traffic came back, but its datapath still names the dead {killed} ({now:?})\n{diagnostics}"
             );
             now.name.clone()
         }
-        Err(e) => bail!("{edge}'s connector after the failover: {e}"),
+        Err(e) => bail!("{edge}'s connector after the failover: {e}\n{diagnostics}"),
     };
     revived.with_context(|| format!("reviving {killed} after the failover"))?;
     Ok(FailoverGaps {

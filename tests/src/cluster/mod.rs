@@ -60,6 +60,7 @@ pub use fixture::{FlannelLease, NodeRole, NodeSpec, VTEP_ADDRESS};
 pub use gaps::{BothWays, GAP_PING_INTERVAL, GapMeter, PingGaps};
 pub use ha_checks::{
     FailoverGaps, HaCase, dead_connector_fails_over, returning_connector_takes_its_edges_back,
+    revive_all_and_settle,
 };
 pub use matrix::{seed_matrix, seed_matrix_through};
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
