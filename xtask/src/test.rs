@@ -52,7 +52,11 @@ const VM_TESTS: &[VmTests] = &[
         without_modules: &[],
     },
     // Connector HA (issue #12) in ESP mode: the failover and return of
-    // tests/tests/ha.rs on the two-connector fixture.
+    // tests/tests/ha.rs on the two-connector fixture. Failing on 6.12 as of
+    // this entry: the standby connector hands the decapsulated Flannel
+    // traffic for the failed-over edge to its kernel, whose route to that
+    // edge's pods is Flannel's (via flannel.1, toward the dead connector's
+    // VTEP address), not fe-tunnel's; nothing reaches the edge.
     VmTests {
         binary: "esp",
         tests: &[

@@ -352,7 +352,10 @@ impl Cluster {
         self.kill_node(&primary)?;
         let deadline = killed_at + timeout;
         // Replies that were in flight at the kill do not count as recovery.
-        let recovery_after = killed_at + Duration::from_millis(100);
+        // The node is dead once kill_node returns, not when it was called:
+        // under qemu TCG taking two links down takes seconds, and replies
+        // meanwhile would otherwise end the measurement mid-gap.
+        let recovery_after = Instant::now() + Duration::from_millis(100);
         let mut recovered = false;
         while Instant::now() < deadline {
             if meters.both_replied_since(recovery_after) {
