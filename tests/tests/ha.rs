@@ -21,8 +21,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fabedge_common::Counter;
 use fabedge_tests::cluster::{
-    At, BothWays, Cluster, ClusterOptions, PathSpec, SharedCluster, ha_agent_args,
-    seed_matrix_through,
+    At, BothWays, Cluster, ClusterOptions, HaCase, PathSpec, SharedCluster,
+    dead_connector_fails_over, ha_agent_args, returning_connector_takes_its_edges_back,
+    revive_all_and_settle, seed_matrix_through,
 };
 
 static CLUSTER: SharedCluster = SharedCluster::new();
@@ -43,6 +44,14 @@ const FAILOVER_BUDGET: Duration = Duration::from_secs(2);
 /// How long a failover or a return may take before the test stops waiting
 /// (the failover bound is checked on the gaps, not by this).
 const WAIT: Duration = Duration::from_secs(20);
+/// The failover and return checks shared with the ESP test (tests/tests/esp.rs).
+const CASE: HaCase = HaCase {
+    edge: EDGE,
+    cloud: CLOUD,
+    hold_down: HOLD_DOWN,
+    budget: FAILOVER_BUDGET,
+    wait: WAIT,
+};
 
 /// Runs `test` on the shared two-connector cluster, first bringing it up if
 /// needed and back to health: every connector alive, every edge's
@@ -53,21 +62,13 @@ fn with_ha_cluster<R>(
 ) -> Result<R> {
     CLUSTER.with_options(
         || {
-            let args = ha_agent_args(HOLD_DOWN).unwrap_or_else(|e| {
-                eprintln!("warning: {e:#}");
-                Vec::new()
-            });
+            let args = ha_agent_args(HOLD_DOWN);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             ClusterOptions::ha(&args)
         },
         tear_down_cluster,
         |cluster| {
-            for node in cluster.node_names() {
-                if !cluster.agent_running(&node)? {
-                    cluster.revive_node(&node)?;
-                }
-            }
-            let settled = cluster.settled_connectors(HOLD_DOWN + Duration::from_secs(1), WAIT)?;
+            let settled = revive_all_and_settle(cluster, &CASE)?;
             test(cluster, &settled)
         },
     )
@@ -154,119 +155,13 @@ fn two_healthy_connectors_share_the_edges_and_every_seed_path_passes() -> Result
 
 #[test]
 fn a_dead_connector_s_edges_fail_over_within_two_seconds_each_way() -> Result<()> {
-    with_ha_cluster(|cluster, settled| {
-        let killed = settled[EDGE].clone();
-        let failover = cluster.fail_over(EDGE, CLOUD, WAIT);
-        let diagnostics = cluster.diagnostics(&[EDGE.to_owned(), CLOUD.to_owned()]);
-        // Whatever happened, the next test starts from two live connectors.
-        let revived = if cluster.agent_running(&killed)? {
-            Ok(())
-        } else {
-            cluster.revive_node(&killed)
-        };
-        let failover = failover?;
-        let (up, down) = (
-            failover.edge_to_cloud.longest_gap().0,
-            failover.cloud_to_edge.longest_gap().0,
-        );
-        eprintln!(
-            "killed {killed}; {EDGE} now uses {:?}\n  {}\n  {}",
-            failover.now_using,
-            failover.edge_to_cloud.summary(),
-            failover.cloud_to_edge.summary()
-        );
-        ensure!(
-            failover.recovered && up <= FAILOVER_BUDGET && down <= FAILOVER_BUDGET,
-            "after {killed} died, {EDGE}'s traffic {}: longest gap {} ms edge → cloud, {} ms cloud → edge \
-             (at most {} ms each)\n{}\n{}\n{diagnostics}",
-            if failover.recovered {
-                "came back"
-            } else {
-                "did not come back"
-            },
-            up.as_millis(),
-            down.as_millis(),
-            FAILOVER_BUDGET.as_millis(),
-            failover.edge_to_cloud.summary(),
-            failover.cloud_to_edge.summary()
-        );
-        match &failover.now_using {
-            Ok(now) => ensure!(
-                now.name != killed,
-                "{EDGE}'s traffic came back, but its datapath still names the dead {killed} ({now:?})"
-            ),
-            Err(e) => bail!("{EDGE}'s connector after the failover: {e}"),
-        }
-        revived
-    })
+    with_ha_cluster(|cluster, settled| dead_connector_fails_over(cluster, &CASE, settled).map(drop))
 }
 
 #[test]
 fn a_returning_connector_takes_its_edges_back_after_the_hold_down_without_loss() -> Result<()> {
     with_ha_cluster(|cluster, settled| {
-        let primary = settled[EDGE].clone();
-        cluster.kill_node(&primary)?;
-        let moved = cluster.wait_for_connector(EDGE, WAIT, |c| c.name != primary);
-        let (standby, _) = match moved {
-            Ok(moved) => moved,
-            Err(e) => {
-                cluster.revive_node(&primary)?;
-                return Err(e.context(format!("{EDGE} did not leave the dead {primary}")));
-            }
-        };
-        let meters = BothWays::start(cluster.pod(EDGE)?, cluster.pod(CLOUD)?)?;
-        let back_at = thread::scope(|scope| -> Result<_> {
-            // Watches, from before the links come up, when the edge moves back.
-            let watcher = scope.spawn(|| {
-                cluster.wait_for_connector(EDGE, WAIT + HOLD_DOWN, |c| c.name == primary)
-            });
-            let return_started = Instant::now();
-            let revived = cluster.revive_node(&primary);
-            let seen = watcher
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            revived?;
-            let (_, back_at) = seen?;
-            Ok((return_started, back_at))
-        });
-        // Pings go on past the move back: flows that moved must keep flowing.
-        thread::sleep(Duration::from_secs(1));
-        let (up, down) = meters.stop()?;
-        let (return_started, back_at) = back_at?;
-        let stopped = up.stopped.min(down.stopped);
-        eprintln!(
-            "{EDGE} used {} while {primary} was dead; {primary} came back, {EDGE} moved back after {:.2} s\n  {}\n  {}",
-            standby.name,
-            back_at.duration_since(return_started).as_secs_f64(),
-            up.summary(),
-            down.summary()
-        );
-        let lost = (
-            up.lost_sent_between(return_started, stopped),
-            down.lost_sent_between(return_started, stopped),
-        );
-        ensure!(
-            lost == (0, 0),
-            "pings lost after {primary} started coming back: {} of {} edge → cloud, {} of {} cloud → edge\n{}",
-            lost.0,
-            up.sent_between(return_started, stopped),
-            lost.1,
-            down.sent_between(return_started, stopped),
-            cluster.diagnostics(&[EDGE.to_owned(), primary.clone(), standby.name.clone()])
-        );
-        ensure!(
-            back_at.duration_since(return_started) >= HOLD_DOWN,
-            "{EDGE} moved back to {primary} {:.2} s after it came back, before the {} s hold-down",
-            back_at.duration_since(return_started).as_secs_f64(),
-            HOLD_DOWN.as_secs()
-        );
-        let now = cluster.connector_of(EDGE)?;
-        ensure!(
-            now.name == primary,
-            "{EDGE} uses {} after the return, not {primary}",
-            now.name
-        );
-        Ok(())
+        returning_connector_takes_its_edges_back(cluster, &CASE, settled).map(drop)
     })
 }
 

@@ -51,7 +51,7 @@ pub fn run(report: &mut Report) -> Result<()> {
     println!();
     println!("connector high availability: two connectors (cloud-1, cloud-3), VXLAN tunnels");
     let cluster = Cluster::start(ClusterOptions::ha(
-        &ha_agent_args(HOLD_DOWN)?
+        &ha_agent_args(HOLD_DOWN)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),

@@ -352,7 +352,10 @@ impl Cluster {
         self.kill_node(&primary)?;
         let deadline = killed_at + timeout;
         // Replies that were in flight at the kill do not count as recovery.
-        let recovery_after = killed_at + Duration::from_millis(100);
+        // The node is dead once kill_node returns, not when it was called:
+        // under qemu TCG taking two links down takes seconds, and replies
+        // meanwhile would otherwise end the measurement mid-gap.
+        let recovery_after = Instant::now() + Duration::from_millis(100);
         let mut recovered = false;
         while Instant::now() < deadline {
             if meters.both_replied_since(recovery_after) {
@@ -379,8 +382,8 @@ impl Cluster {
 /// The agents' connector-HA flags for `fabedge-agent run`: probes every
 /// 100 ms, a connector dead after 3 misses, `hold_down` before an edge
 /// returns to a connector that came back.
-pub fn ha_agent_args(hold_down: Duration) -> Result<Vec<String>> {
-    Ok([
+pub fn ha_agent_args(hold_down: Duration) -> Vec<String> {
+    [
         "--probe-interval".to_owned(),
         "100ms".to_owned(),
         "--probe-misses".to_owned(),
@@ -388,5 +391,5 @@ pub fn ha_agent_args(hold_down: Duration) -> Result<Vec<String>> {
         "--hold-down".to_owned(),
         format!("{}ms", hold_down.as_millis()),
     ]
-    .into())
+    .into()
 }

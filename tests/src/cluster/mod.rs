@@ -40,6 +40,7 @@ mod failover;
 mod fixture;
 mod flannel;
 mod gaps;
+mod ha_checks;
 mod matrix;
 mod nat;
 mod pods;
@@ -57,6 +58,10 @@ use container::ContainerAgent;
 pub use failover::{Connector, Failover, connector_of, ha_agent_args};
 pub use fixture::{FlannelLease, NodeRole, NodeSpec, VTEP_ADDRESS};
 pub use gaps::{BothWays, GAP_PING_INTERVAL, GapMeter, PingGaps};
+pub use ha_checks::{
+    FailoverGaps, HaCase, dead_connector_fails_over, returning_connector_takes_its_edges_back,
+    revive_all_and_settle,
+};
 pub use matrix::{seed_matrix, seed_matrix_through};
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
 pub use shared::SharedCluster;
