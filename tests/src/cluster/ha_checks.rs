@@ -91,6 +91,13 @@ pub fn dead_connector_fails_over(
         cluster.agent_logs(&[edge.to_owned(), killed.clone()]),
         cluster.diagnostics(&[edge.to_owned(), cloud.to_owned()])
     );
+    // Flannel restarts on the cloud node while the connector is still dead.
+    let flannel_restart = match &failover {
+        Ok(f) if f.recovered && !cluster.agent_running(&killed)? => {
+            flannel_restarts_during_failover(cluster, case, &killed)
+        }
+        _ => Ok(()),
+    };
     let revived = if cluster.agent_running(&killed)? {
         Ok(())
     } else {
@@ -132,6 +139,7 @@ pub fn dead_connector_fails_over(
         }
         Err(e) => bail!("{edge}'s connector after the failover: {e}\n{diagnostics}"),
     };
+    flannel_restart?;
     revived.with_context(|| format!("reviving {killed} after the failover"))?;
     Ok(FailoverGaps {
         killed,
@@ -221,4 +229,26 @@ pub fn returning_connector_takes_its_edges_back(
         now.name
     );
     Ok(after)
+}
+
+/// Flannel restarts on the cloud node while `killed` is still dead: it
+/// forgets what it learnt (ARP for the VTEP address included) and programs
+/// the same leases again; the edge's traffic must still flow, now through
+/// the successor that holds the dead connector's VTEP address.
+fn flannel_restarts_during_failover(cluster: &Cluster, case: &HaCase<'_>, killed: &str) -> Result<()> {
+    let HaCase { edge, cloud, .. } = *case;
+    let netns = cluster.node_netns(cloud)?;
+    netns.ip(&["neigh", "flush", "dev", "eth-lan"])?;
+    netns.ip(&["route", "flush", "dev", "flannel.1"])?;
+    netns.ip(&["neigh", "flush", "dev", "flannel.1", "nud", "permanent"])?;
+    cluster.sync_flannel()?;
+    let pings = cluster.pod(cloud)?.ping(cluster.pod(edge)?.ip(), 5)?;
+    ensure!(
+        pings.all_received(),
+        "after Flannel restarted on {cloud} with {killed} still dead: {} of {} pings to {edge}'s pod answered",
+        pings.received,
+        pings.sent
+    );
+    eprintln!("Flannel restarted on {cloud} with {killed} dead: {} of {} pings to {edge}'s pod answered", pings.received, pings.sent);
+    Ok(())
 }
