@@ -235,7 +235,11 @@ pub fn returning_connector_takes_its_edges_back(
 /// forgets what it learnt (ARP for the VTEP address included) and programs
 /// the same leases again; the edge's traffic must still flow, now through
 /// the successor that holds the dead connector's VTEP address.
-fn flannel_restarts_during_failover(cluster: &Cluster, case: &HaCase<'_>, killed: &str) -> Result<()> {
+fn flannel_restarts_during_failover(
+    cluster: &Cluster,
+    case: &HaCase<'_>,
+    killed: &str,
+) -> Result<()> {
     let HaCase { edge, cloud, .. } = *case;
     let netns = cluster.node_netns(cloud)?;
     netns.ip(&["neigh", "flush", "dev", "eth-lan"])?;
@@ -249,6 +253,9 @@ fn flannel_restarts_during_failover(cluster: &Cluster, case: &HaCase<'_>, killed
         pings.received,
         pings.sent
     );
-    eprintln!("Flannel restarted on {cloud} with {killed} dead: {} of {} pings to {edge}'s pod answered", pings.received, pings.sent);
+    eprintln!(
+        "Flannel restarted on {cloud} with {killed} dead: {} of {} pings to {edge}'s pod answered",
+        pings.received, pings.sent
+    );
     Ok(())
 }
