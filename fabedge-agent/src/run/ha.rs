@@ -59,6 +59,9 @@ pub struct HaRuntime {
     last_status: Option<String>,
     /// Where the metrics read it.
     metrics: Option<std::sync::Arc<crate::observe::Status>>,
+    /// The last failure logged: a failure that repeats on every tick is
+    /// logged once, until another one (or success) replaces it.
+    last_failure: Option<String>,
 }
 
 /// What `inspect peers` and the metrics read (`ha-status.json`).
@@ -118,6 +121,7 @@ impl HaRuntime {
             status_path: state_dir.join(HA_STATUS_FILE),
             last_status: None,
             metrics: None,
+            last_failure: None,
         }
     }
 
@@ -198,7 +202,10 @@ impl HaRuntime {
                 .is_ok_and(|groups| groups.get(&CONNECTOR_GROUP).is_some_and(|g| g.active != id))
             && let Err(e) = maps.set_group_active(CONNECTOR_GROUP, id)
         {
-            warn!("{}: setting the connector group's member: {e:#}", self.node);
+            self.failed(format!(
+                "{}: setting the connector group's member: {e:#}",
+                self.node
+            ));
         }
         self.sync_vteps();
         self.write_status();
@@ -235,7 +242,10 @@ impl HaRuntime {
                     self.active = Some(choice);
                     self.failovers += 1;
                 }
-                Err(e) => warn!("{}: switching to connector {choice}: {e:#}", self.node),
+                Err(e) => self.failed(format!(
+                    "{}: switching to connector {choice}: {e:#}",
+                    self.node
+                )),
             }
         }
         self.sync_vteps();
@@ -326,7 +336,7 @@ impl HaRuntime {
                 .connectors
                 .iter()
                 .find(|(_, a)| *a == Some(*addr))
-                .map_or("?", |(n, _)| n.as_str());
+                .map_or_else(|| "?".to_owned(), |(n, _)| n.clone());
             match vtep::claim(&iface, *addr) {
                 Ok(()) => {
                     if whose == self.node {
@@ -340,10 +350,10 @@ impl HaRuntime {
                     }
                     self.held.insert(*addr);
                 }
-                Err(e) => warn!(
+                Err(e) => self.failed(format!(
                     "{}: claiming VTEP address {addr} of {whose}: {e:#}",
                     self.node
-                ),
+                )),
             }
         }
         for addr in self.held.clone().difference(&wanted) {
@@ -355,8 +365,19 @@ impl HaRuntime {
                     );
                     self.held.remove(addr);
                 }
-                Err(e) => warn!("{}: releasing VTEP address {addr}: {e:#}", self.node),
+                Err(e) => self.failed(format!(
+                    "{}: releasing VTEP address {addr}: {e:#}",
+                    self.node
+                )),
             }
+        }
+    }
+
+    /// Log a failure once while it repeats.
+    fn failed(&mut self, message: String) {
+        if self.last_failure.as_deref() != Some(message.as_str()) {
+            warn!("{message}");
+            self.last_failure = Some(message);
         }
     }
 
