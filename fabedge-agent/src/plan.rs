@@ -955,17 +955,8 @@ impl<'a> Planner<'a> {
             .collect();
         let mut groups = BTreeMap::new();
         if !connector_order.is_empty() {
-            let mut members = [0u16; fabedge_common::MAX_GROUP_MEMBERS];
-            for (slot, name) in members.iter_mut().zip(&connector_order) {
-                *slot = id_of(name);
-            }
-            groups.insert(
-                CONNECTOR_GROUP,
-                GroupEntry {
-                    active: members[0],
-                    members,
-                },
-            );
+            let members: Vec<u16> = connector_order.iter().map(|name| id_of(name)).collect();
+            groups.insert(CONNECTOR_GROUP, GroupEntry::new(members[0], &members));
         }
 
         let vxlan = settings.tunnel_mode == TunnelMode::Vxlan;

@@ -178,6 +178,19 @@ pub struct GroupEntry {
 const _: () = assert!(core::mem::size_of::<GroupEntry>() == 16);
 
 impl GroupEntry {
+    /// A group of `members` (preferred first; those beyond
+    /// [`MAX_GROUP_MEMBERS`] are left out) sending to `active`.
+    pub fn new(active: u16, members: &[u16]) -> Self {
+        let mut entry = GroupEntry {
+            active,
+            ..GroupEntry::default()
+        };
+        for (slot, member) in entry.members.iter_mut().zip(members) {
+            *slot = *member;
+        }
+        entry
+    }
+
     /// Whether `peer_id` is one of the members.
     #[inline(always)]
     pub fn has_member(&self, peer_id: u16) -> bool {

@@ -21,10 +21,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SRC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::bpf_redirect,
     programs::TcContext,
 };
 use fabedge_common::{
@@ -33,13 +32,13 @@ use fabedge_common::{
 
 use crate::{
     csum,
+    fib::{self, Miss, NextHop},
     maps::peer,
     parse::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr, ptr_at},
     stats::{count, peer_tx},
     verdict::drop,
 };
 
-const AF_INET: u8 = 2;
 const IPPROTO_TCP: u8 = 6;
 /// Outer TTL, as `fe_tunnel_egress` asks of `fe-tunnel`.
 const OUTER_TTL: u8 = 64;
@@ -187,52 +186,22 @@ fn declined() -> Option<i32> {
     None
 }
 
-/// Where the outer packet goes.
-struct NextHop {
-    ifindex: u32,
-    src_ip: [u8; 4],
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-}
-
 /// Route the outer destination as a forwarded packet from the device the
-/// packet is on: egress device, MACs, and the source address the kernel
-/// would pick for it (what `fe-tunnel`, with no fixed local address, sends
-/// from). The counter says why not.
+/// packet is on (`fib::next_hop`, the source address the kernel would
+/// pick: what `fe-tunnel`, with no fixed local address, sends from). The
+/// counter says why not. `tot_len` 0: the helper checks the skb against
+/// the egress MTU; the tunnel MTU check before us is the one that counts.
 #[inline(always)]
 fn next_hop(ctx: &TcContext, dst: [u8; 4]) -> Result<NextHop, Counter> {
-    // SAFETY: plain-old-data struct, filled below and by the helper.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = IPPROTO_UDP;
     // SAFETY: the context pointer is valid for the program's lifetime.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // tot_len 0: the helper checks the skb against the egress MTU; the
-    // tunnel MTU check before us is the one that counts.
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    // SAFETY: the helper reads and writes `params` only.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SRC,
-        )
-    };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return Err(Counter::TunnelEncapNoNeighbour);
-    }
-    // Kernels before 6.7 refuse the flag (< 0).
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Err(Counter::TunnelEncapDeclined);
-    }
-    Ok(NextHop {
-        ifindex: params.ifindex,
-        // SAFETY: IPv4 lookup: the union holds ipv4_src.
-        src_ip: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
-        src_mac: params.smac,
-        dst_mac: params.dmac,
-    })
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the skb is this program's context.
+    unsafe { fib::next_hop(ctx.skb.skb as *mut _, ifindex, 0, dst, None) }.map_err(
+        |miss| match miss {
+            Miss::NoNeighbour => Counter::TunnelEncapNoNeighbour,
+            Miss::Declined => Counter::TunnelEncapDeclined,
+        },
+    )
 }
 
 /// A hash of the inner flow for the outer UDP source port, so that ECMP and

@@ -21,6 +21,7 @@ mod conntrack;
 mod csum;
 mod encap;
 mod fastpath;
+mod fib;
 mod flannel;
 mod forward;
 mod icmp;

@@ -8,14 +8,7 @@
 //! Everything declined returns `None` before the first byte is written, so
 //! the caller passes the frame unchanged to the TC programs and the kernel.
 
-use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
-        xdp_action::XDP_TX,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action::XDP_TX, helpers::bpf_redirect, programs::XdpContext};
 use fabedge_common::{
     Counter, DatapathConfig, PeerEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind,
 };
@@ -23,13 +16,13 @@ use fabedge_common::{
 use crate::{
     csum,
     fastpath::decrement_ttl,
+    fib::{Miss, NextHop},
     maps::peer,
     parse::{ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr},
     stats::{count, peer_rx, peer_tx, vtep_rx},
     xdp_parse::{VXLAN_FRAME_LEN, VxlanFrame, frame_len, is_fragment, ptr_at},
 };
 
-const AF_INET: u8 = 2;
 const IPPROTO_TCP: u8 = 6;
 /// Bytes in front of the inner IPv4 header: outer IPv4 + UDP + VXLAN + inner Ethernet.
 const ENCAP_LEN: u16 = (VXLAN_FRAME_LEN - ETH_HLEN - IPV4_HLEN) as u16;
@@ -38,14 +31,6 @@ const OUTER_TTL: u8 = 64;
 /// Linux's default range for VXLAN source ports (flow entropy).
 const SPORT_MIN: u32 = 32768;
 const SPORT_SPAN: u32 = 61000 - 32768;
-
-/// Where a rewritten frame goes.
-struct NextHop {
-    ifindex: u32,
-    src_ip: [u8; 4],
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-}
 
 /// Flannel VXLAN from a cloud VTEP for an edge (`edge_id`): into our tunnel.
 #[inline(always)]
@@ -172,44 +157,18 @@ fn next_hop(
     dst: [u8; 4],
     src: Option<[u8; 4]>,
 ) -> Option<NextHop> {
-    // SAFETY: plain-old-data struct, filled below and by the helper.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = IPPROTO_UDP;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_1.tot_len = frame.ip.total_len();
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    let flags = match src {
-        Some(addr) => {
-            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(addr);
-            0
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the xdp_md is this program's context.
+    match unsafe {
+        crate::fib::next_hop(ctx.ctx as *mut _, ifindex, frame.ip.total_len(), dst, src)
+    } {
+        Ok(hop) => Some(hop),
+        Err(Miss::NoNeighbour) => {
+            count(Counter::XdpPassNoNeighbour);
+            None
         }
-        // Kernels before 6.7 refuse the flag (< 0): declined below.
-        None => BPF_FIB_LOOKUP_SRC,
-    };
-    // SAFETY: the helper reads and writes `params` only.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            flags,
-        )
-    };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        count(Counter::XdpPassNoNeighbour);
-        return None;
+        Err(Miss::Declined) => None,
     }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
-    }
-    Some(NextHop {
-        ifindex: params.ifindex,
-        // SAFETY: IPv4 lookup: the union holds ipv4_src.
-        src_ip: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
-        src_mac: params.smac,
-        dst_mac: params.dmac,
-    })
 }
 
 /// Write the new encapsulation over the old one; the inner packet keeps its

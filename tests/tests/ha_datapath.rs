@@ -44,12 +44,7 @@ const VTEP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 200);
 const OTHER_FLANNEL_MAC: Mac = [0x66, 0x66, 0, 0, 0, 0x09];
 
 fn group(active: u16, members: &[u16]) -> GroupEntry {
-    let mut entry = GroupEntry {
-        active,
-        ..GroupEntry::default()
-    };
-    entry.members[..members.len()].copy_from_slice(members);
-    entry
+    GroupEntry::new(active, members)
 }
 
 /// edge-1 (see `fixtures::edge`) whose cloud routes go through the

@@ -511,12 +511,7 @@ mod tests {
     use super::keep_live_active;
 
     fn group(active: u16, members: &[u16]) -> GroupEntry {
-        let mut entry = GroupEntry {
-            active,
-            ..GroupEntry::default()
-        };
-        entry.members[..members.len()].copy_from_slice(members);
-        entry
+        GroupEntry::new(active, members)
     }
 
     #[test]

@@ -411,6 +411,12 @@ pub fn parse_addr(payload: &[u8]) -> Option<AddrInfo> {
 /// `RTM_NEWADDR` adding `address` to link `index`, or replacing its flags
 /// if present (what `ip addr replace` sends).
 pub fn replace_addr(index: u32, address: Ipv4Net, seq: u32) -> Vec<u8> {
+    new_addr(index, address, seq).finish()
+}
+
+/// The common part of `RTM_NEWADDR` (create or replace): header, local
+/// address and address; callers add attributes and finish.
+fn new_addr(index: u32, address: Ipv4Net, seq: u32) -> Builder {
     let mut b = Builder::new(
         RTM_NEWADDR,
         NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -424,7 +430,7 @@ pub fn replace_addr(index: u32, address: Ipv4Net, seq: u32) -> Vec<u8> {
     b.body(&head);
     b.attr(IFA_LOCAL, &address.addr().octets());
     b.attr(IFA_ADDRESS, &address.addr().octets());
-    b.finish()
+    b
 }
 
 /// An IPv4 address with what says who owns it.
@@ -460,19 +466,7 @@ pub fn replace_addr_owned(
     proto: u8,
     seq: u32,
 ) -> Vec<u8> {
-    let mut b = Builder::new(
-        RTM_NEWADDR,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        seq,
-    );
-    let mut head = [0u8; IFADDRMSG_LEN];
-    head[0] = AF_INET;
-    head[1] = address.prefix_len();
-    head[3] = RT_SCOPE_UNIVERSE;
-    head[4..8].copy_from_slice(&index.to_ne_bytes());
-    b.body(&head);
-    b.attr(IFA_LOCAL, &address.addr().octets());
-    b.attr(IFA_ADDRESS, &address.addr().octets());
+    let mut b = new_addr(index, address, seq);
     if let Some(label) = label {
         b.attr_str(IFA_LABEL, label);
     }
