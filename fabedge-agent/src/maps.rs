@@ -352,6 +352,22 @@ impl Maps {
             .with_context(|| format!("writing FE_GROUPS[{group}]"))
     }
 
+    /// A second handle on `FE_GROUPS` (the same kernel map), for the
+    /// prober thread to switch a group without waiting for the run loop.
+    pub fn groups_handle(&self) -> Result<Array<MapData, GroupEntry>> {
+        use std::os::fd::AsFd;
+        let fd = aya::maps::IterableMap::<u32, GroupEntry>::map(&self.groups)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the FE_GROUPS descriptor")?;
+        let data = MapData::from_fd(fd).context("FE_GROUPS")?;
+        aya::maps::Map::from_map_data(data)
+            .context("FE_GROUPS")?
+            .try_into()
+            .context("FE_GROUPS")
+    }
+
     /// The shared VTEP addresses in `FE_VTEP_ADDRS`.
     pub fn vtep_addr_entries(&self) -> Result<BTreeSet<Ipv4Addr>> {
         let mut out = BTreeSet::new();

@@ -517,6 +517,21 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
             .contains("collides with route 192.168.50.0/24 dev lan0 src 192.168.50.1 proto kernel"),
         "inspect problems: {listed}"
     );
+    // What the datapath marked for the tunnel still goes there, whatever
+    // holds the main table (a standby connector under Flannel's routes):
+    // unmarked traffic keeps the LAN's route.
+    ensure!(
+        route_get(&ns, "192.168.50.7", None)?.contains("dev lan0"),
+        "{}",
+        route_get(&ns, "192.168.50.7", None)?
+    );
+    let marked = route_get(&ns, "192.168.50.7", Some("0x20e00"))?;
+    ensure!(marked.contains("dev fe-tunnel"), "{marked}");
+    let rules = ns.ip(&["rule", "show"])?;
+    ensure!(
+        rules.contains("4011:\tfrom all fwmark 0xe00/0xf00 lookup 4011 proto 254"),
+        "{rules}"
+    );
 
     // One of ours deleted behind the agent's back comes back.
     ns.ip(&["route", "del", "10.234.2.0/24", "dev", "fe-tunnel"])?;
@@ -565,7 +580,33 @@ fn a_route_onto_a_connected_network_is_reported_not_overwritten_and_a_deleted_ro
         table.contains("10.234.2.0/24 dev eth0 proto static") && !table.contains(ours),
         "{table}"
     );
+    let marked = route_get(&ns, "10.234.2.9", Some("0x10e00"))?;
+    ensure!(marked.contains("dev fe-tunnel"), "{marked}");
+
+    // The rule deleted behind the agent's back comes back; uninstall
+    // removes the rule and the table.
+    ns.ip(&["rule", "del", "priority", "4011"])?;
+    wait_for("the rule to come back", Duration::from_secs(10), || {
+        Ok(ns.ip(&["rule", "show"])?.contains("lookup 4011"))
+    })
+    .with_context(|| agent.log())?;
+    drop(agent);
+    let cni = work.join("cni").display().to_string();
+    agent_ok(Some(ns), root, &["uninstall", "--cni-conf-dir", &cni])?;
+    let rules = ns.ip(&["rule", "show"])?;
+    ensure!(!rules.contains("4011"), "uninstall left a rule: {rules}");
+    let left = ns.ip(&["route", "show", "table", "4011"])?;
+    ensure!(left.trim().is_empty(), "uninstall left routes: {left}");
     Ok(())
+}
+
+/// `ip route get DST [mark MARK]` in `ns`.
+fn route_get(ns: &Netns, dst: &str, mark: Option<&str>) -> Result<String> {
+    let mut args = vec!["route", "get", dst];
+    if let Some(mark) = mark {
+        args.extend(["mark", mark]);
+    }
+    ns.ip(&args)
 }
 
 /// The agent binary with a failure injected (test-only

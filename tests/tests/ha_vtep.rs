@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fabedge_agent::ha::vtep::{claim, held, release};
+use fabedge_agent::ha::vtep::{ASK_EVERY, HolderCheck, claim, held, release};
 use fabedge_tests::{
     netns::{Netns, ping, veth_pair},
     packet::{Mac, format_mac},
@@ -137,5 +137,62 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
         .enter(|| claim("eth9", VTEP))
         .expect_err("no such interface");
     assert!(format!("{missing:#}").contains("eth9"), "{missing:#}");
+    Ok(())
+}
+
+/// Before giving a borrowed address back, the successor asks the network
+/// who else holds it: nobody while the returning connector only answers
+/// probes; its MAC once the address is on its NIC again.
+#[test]
+fn a_successor_hears_the_owner_holding_its_vtep_address_again_before_giving_it_back() -> Result<()>
+{
+    let cloud = Netns::new("cloud-hc")?;
+    let owner = Netns::new("conn-owner")?;
+    let heir = Netns::new("conn-heir")?;
+    cloud.bridge("fe-br")?;
+    cloud.add_addr("fe-br", "10.9.0.1/24")?;
+    for (connector, port, address) in [
+        (&owner, "fe-owner", "10.9.0.11/24"),
+        (&heir, "fe-heir", "10.9.0.12/24"),
+    ] {
+        veth_pair(connector, "eth0", &cloud, port)?;
+        cloud.attach_to_bridge(port, "fe-br")?;
+        connector.add_addr("eth0", address)?;
+    }
+    let owner_mac = owner.mac("eth0")?;
+    // The heir holds the owner's address (it took it over).
+    heir.enter(|| claim("eth0", VTEP))?;
+    let mut check = heir.enter(|| HolderCheck::open("eth0"))?;
+
+    // The owner is up but does not hold its address yet: nobody answers,
+    // however long we ask.
+    let deadline = Instant::now() + ASK_EVERY * 5;
+    while Instant::now() < deadline {
+        assert_eq!(heir.enter(|| check.other_holder(VTEP))?, None);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The owner adds its address (as its agent does at start): we hear it.
+    owner.add_addr("eth0", &format!("{VTEP}/32"))?;
+    let deadline = Instant::now() + DEADLINE;
+    let heard = loop {
+        if let Some(mac) = heir.enter(|| check.other_holder(VTEP))? {
+            break mac;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the heir never heard {} answer for {VTEP}",
+                format_mac(&owner_mac)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(format_mac(&heard), format_mac(&owner_mac));
+    // Our own address is ours alone: the heir never hears itself.
+    let own = Ipv4Addr::new(10, 9, 0, 12);
+    for _ in 0..3 {
+        assert_eq!(heir.enter(|| check.other_holder(own))?, None);
+        std::thread::sleep(ASK_EVERY);
+    }
     Ok(())
 }

@@ -22,6 +22,8 @@ struct VmTests {
     timeout: Duration,
     /// Modules kept out of these boots ([`vm::VmRun::without_modules`]).
     without_modules: &'static [&'static str],
+    /// The kernels these tests boot (most: every one).
+    kernels: &'static [vm::Kernel],
 }
 
 const VM_TESTS: &[VmTests] = &[
@@ -30,6 +32,7 @@ const VM_TESTS: &[VmTests] = &[
         tests: &["agent_restarts_without_losing_packets"],
         timeout: Duration::from_secs(300),
         without_modules: &[],
+        kernels: &vm::Kernel::ALL,
     },
     // The Service programs pass older verifiers; the reject path resizes packets.
     VmTests {
@@ -40,6 +43,7 @@ const VM_TESTS: &[VmTests] = &[
         ],
         timeout: Duration::from_secs(300),
         without_modules: &[],
+        kernels: &vm::Kernel::ALL,
     },
     VmTests {
         binary: "esp",
@@ -50,15 +54,21 @@ const VM_TESTS: &[VmTests] = &[
         ],
         timeout: Duration::from_secs(1500),
         without_modules: &[],
+        kernels: &vm::Kernel::ALL,
     },
-    // Connector HA (issue #12) in ESP mode — esp_a_dead_connector_s_edges_fail_over_within_two_seconds_each_way
-    // and esp_a_returning_connector_takes_its_edges_back_after_the_hold_down_without_loss
-    // — is NOT in the suite yet: both fail on 6.1 and 6.12 (the standby
-    // connector hands the failed-over edge's decapsulated traffic to its
-    // kernel, whose route to that edge's pods is Flannel's, not fe-tunnel's;
-    // and a successor gives a VTEP address back before a slow-starting
-    // returning agent holds it). Run them with
-    // `cargo xtask vm --kernel 6.12 -- target/debug/deps/esp-<hash> <names> --exact --include-ignored --test-threads=1`.
+    // Connector HA (issue #12) in ESP mode, on 6.12 (the issue's floor; 6.1
+    // takes the same code path, and one more boot per kernel would take the
+    // suite over its time budget). The return test is left out: under TCG
+    // it loses ~0.9 s of pings when the edge moves back (see the note of
+    // stop 20). Run either by hand with
+    // `cargo xtask vm --kernel 6.1 -- target/debug/deps/esp-<hash> <names> --exact --include-ignored --test-threads=1`.
+    VmTests {
+        binary: "esp",
+        tests: &["esp_a_dead_connector_s_edges_fail_over_within_two_seconds_each_way"],
+        timeout: Duration::from_secs(900),
+        without_modules: &[],
+        kernels: &[vm::Kernel::V6_12],
+    },
     // The refusal on a Debian kernel whose ESP modules are kept out: the
     // test then fails, not skips, if ESP works.
     VmTests {
@@ -66,6 +76,7 @@ const VM_TESTS: &[VmTests] = &[
         tests: &["tunnel_esp_is_refused_cleanly_on_a_kernel_without_esp"],
         timeout: Duration::from_secs(300),
         without_modules: &["esp4", "esp6", "esp4_offload", "esp6_offload"],
+        kernels: &vm::Kernel::ALL,
     },
 ];
 
@@ -128,7 +139,7 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
             }
             let binary = entry.binary;
             let path = test_binary(workspace, binary)?;
-            for kernel in vm::Kernel::ALL {
+            for &kernel in entry.kernels {
                 // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
                 let mut args: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
                 args.extend(

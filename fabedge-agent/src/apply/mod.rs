@@ -22,6 +22,7 @@ pub mod precheck;
 mod rollback;
 pub mod rtnl;
 pub mod sysctl;
+pub mod tunnel_table;
 pub mod xdp;
 
 use std::{
@@ -98,6 +99,8 @@ pub struct Applier {
     xdp_ifaces: Option<BTreeSet<String>>,
     /// The kernel routes the last successful apply installed.
     installed_routes: Option<Vec<KernelRoute>>,
+    /// The tunnel table's prefixes the last successful apply installed.
+    installed_tunnel_table: Option<BTreeSet<ipnet::Ipv4Net>>,
     /// Planned routes left out for a conflict, as of the last successful apply.
     conflicts: Vec<Problem>,
     /// Why the last apply failed (and was rolled back), if it did.
@@ -169,6 +172,7 @@ impl Applier {
         match self.write(datapath, maps, plan, settings, &checked, &mut step) {
             Ok(report) => {
                 self.installed_routes = Some(checked.kernel_routes);
+                self.installed_tunnel_table = Some(tunnel_table::wanted(&plan.kernel_routes));
                 self.conflicts = checked.conflicts;
                 self.failure = None;
                 if !report.is_noop() {
@@ -338,6 +342,9 @@ impl Applier {
             net::delete_route(route)?;
             report.kernel_routes_removed += 1;
         }
+        // Every tunnel route, the ones the main table could not take included.
+        report.kernel_routes_written +=
+            tunnel_table::sync(&tunnel_table::wanted(&plan.kernel_routes))?;
         next(step, &self.fail_point)?;
 
         if let Some(cni) = &plan.cni {
@@ -356,16 +363,26 @@ impl Applier {
         let Some(wanted) = self.installed_routes.clone() else {
             return Ok(Vec::new());
         };
+        let mut restored = Vec::new();
+        if let Some(table) = &self.installed_tunnel_table
+            && tunnel_table::TunnelTable::read()?
+                != (tunnel_table::TunnelTable {
+                    prefixes: table.clone(),
+                    rule: !table.is_empty(),
+                })
+        {
+            tunnel_table::sync(table).context("restoring the tunnel routing table")?;
+            restored.push(format!("routing table {}", tunnel_table::TABLE));
+        }
         let installed = net::our_routes()?;
         let missing: Vec<&KernelRoute> = wanted
             .iter()
             .filter(|route| !installed.iter().any(|r| net::route_matches(route, r)))
             .collect();
         if missing.is_empty() {
-            return Ok(Vec::new());
+            return Ok(restored);
         }
         let foreign = net::foreign_routes()?;
-        let mut restored = Vec::new();
         for route in missing {
             let what = net::describe_route(route);
             if let Some(other) = foreign.get(&route.dst) {
@@ -487,6 +504,7 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
         net::delete_route(&route)?;
         removed.push(format!("route {}", route.dst));
     }
+    removed.extend(tunnel_table::teardown()?);
     removed.extend(crate::esp::apply::teardown()?);
     removed.extend(crate::ha::vtep::release_everywhere()?);
     for dev in [TUNNEL_DEV, POD_BRIDGE] {

@@ -340,6 +340,7 @@ pub fn replace_route(route: &KernelRoute) -> Result<()> {
     };
     let spec = RouteSpec {
         dst: route.dst,
+        table: RT_TABLE_MAIN as u32,
         protocol: RTPROT_FABEDGE,
         oif,
         gateway: route.via,
@@ -352,7 +353,7 @@ pub fn replace_route(route: &KernelRoute) -> Result<()> {
 /// Remove our route to `route.dst`; one already gone is fine.
 pub fn delete_route(route: &KernelRoute) -> Result<()> {
     let what = format!("deleting {}", describe_route(route));
-    match Rtnl::open()?.del_route(route.dst, RTPROT_FABEDGE, &what) {
+    match Rtnl::open()?.del_route(route.dst, RT_TABLE_MAIN as u32, RTPROT_FABEDGE, &what) {
         Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
         other => Ok(other?),
     }

@@ -20,7 +20,7 @@ use fabedge_common::{
 use ipnet::Ipv4Net;
 use log::warn;
 
-use super::{Applier, net, read_peers, sysctl};
+use super::{Applier, net, read_peers, sysctl, tunnel_table};
 use crate::{
     datapath::{Attachment, Datapath},
     maps::Maps,
@@ -36,6 +36,7 @@ pub(super) struct Before {
     services: BTreeMap<ServiceKey, ServiceEntry>,
     backends: BTreeMap<BackendKey, Backend>,
     kernel_routes: Vec<KernelRoute>,
+    tunnel_table: BTreeSet<Ipv4Net>,
     /// What this process had attached, and the attachments pinned.
     attached: BTreeSet<Attachment>,
     pinned: Vec<Attachment>,
@@ -71,6 +72,7 @@ impl Before {
             services: maps.service_entries()?.into_iter().collect(),
             backends: maps.backend_entries()?.into_iter().collect(),
             kernel_routes: net::our_routes()?,
+            tunnel_table: tunnel_table::TunnelTable::read()?.prefixes,
             attached: applier.attached.clone(),
             pinned: datapath.attached()?,
             xdp_ifaces: applier.xdp_ifaces.clone(),
@@ -104,6 +106,7 @@ impl Before {
         };
         keep(self.restore_cni());
         keep(self.restore_kernel_routes());
+        keep(tunnel_table::sync(&self.tunnel_table).map(drop));
         keep(self.restore_programs(applier, datapath));
         keep(self.restore_maps(maps));
         for (key, value) in &self.sysctls {

@@ -15,6 +15,15 @@
 //!
 //! The socket is bound to an ephemeral port (by default): behind a NAT the
 //! probes themselves keep its mapping open, as they go out every interval.
+//!
+//! It runs on a thread of its own (`fe-probes`), not on the agent's run
+//! loop: an apply, an xfrm or a netlink dump that keeps the run loop busy
+//! must neither delay the probes (a late round is a false miss) nor the
+//! failover. What must happen at once when a target goes down is a
+//! [`Reaction`], which this thread calls after every round and every
+//! change of health (the run loop installs it: switch the edge's group,
+//! take over a dead connector's address); everything else the run loop
+//! does when [`ProberHandle::changes`] moves.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -27,7 +36,11 @@ use std::{
 
 use fabedge_common::probe::{MAGIC, ProbeHeader, REPLY, REQUEST};
 use log::{debug, info, warn};
-use tokio::{net::UdpSocket, sync::watch, task::JoinHandle, time::MissedTickBehavior};
+use tokio::{
+    net::UdpSocket,
+    sync::{oneshot, watch},
+    time::MissedTickBehavior,
+};
 
 use super::liveness::{Liveness, LivenessConfig, TargetHealth, Transition};
 
@@ -132,9 +145,14 @@ struct State {
     stats: ProbeStats,
 }
 
+/// What the prober thread does itself after each round and each change of
+/// health, with the targets' liveness as of `now`.
+pub type Reaction = Box<dyn FnMut(&Liveness, Instant) + Send>;
+
 struct Shared {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
+    reaction: Mutex<Option<Reaction>>,
 }
 
 /// Queries and settings of a running [`Prober`]; cheap to clone.
@@ -143,16 +161,17 @@ pub struct ProberHandle {
     shared: Arc<Shared>,
 }
 
-/// The probing task; it stops when this is dropped.
+/// The probing thread; it stops when this is dropped.
 pub struct Prober {
     handle: ProberHandle,
-    task: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     local_addr: SocketAddrV4,
 }
 
 impl Prober {
     /// Bind the socket and start probing `targets` (name → the target's
-    /// probe address). Must be called inside a tokio runtime.
+    /// probe address) on a thread of its own.
     pub fn start(config: ProbeConfig, targets: BTreeMap<String, SocketAddrV4>) -> io::Result<Self> {
         let socket = std::net::UdpSocket::bind(config.bind).map_err(|e| {
             io::Error::new(
@@ -169,7 +188,6 @@ impl Prober {
                 )));
             }
         };
-        let socket = UdpSocket::from_std(socket)?;
         let now = Instant::now();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -178,13 +196,30 @@ impl Prober {
                 stats: ProbeStats::default(),
             }),
             changes: watch::channel(0).0,
+            reaction: Mutex::new(None),
         });
         let handle = ProberHandle { shared };
         handle.set_targets(targets);
-        let task = tokio::spawn(run(socket, handle.shared.clone(), config.interval));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
+        let shared = handle.shared.clone();
+        let interval = config.interval;
+        let thread = std::thread::Builder::new()
+            .name("fe-probes".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match UdpSocket::from_std(socket) {
+                        Ok(socket) => run(socket, shared, interval, stopped).await,
+                        Err(e) => warn!("probes: the socket left the runtime: {e}"),
+                    }
+                })
+            })?;
         Ok(Prober {
             handle,
-            task,
+            stop: Some(stop),
+            thread: Some(thread),
             local_addr,
         })
     }
@@ -208,7 +243,12 @@ impl Deref for Prober {
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -216,6 +256,29 @@ impl ProberHandle {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent counters behind.
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the prober thread does after each round and each change of
+    /// health from now on (`None`: nothing).
+    pub fn set_reaction(&self, reaction: Option<Reaction>) {
+        *self
+            .shared
+            .reaction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = reaction;
+    }
+
+    /// Run the reaction on `state` (held by the caller: the liveness it
+    /// sees is the one the round just changed).
+    fn react(&self, state: &State, now: Instant) {
+        let mut reaction = self
+            .shared
+            .reaction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(reaction) = reaction.as_mut() {
+            reaction(&state.liveness, now);
+        }
     }
 
     /// Probe exactly `targets` from the next round on. A known target keeps
@@ -324,6 +387,7 @@ impl ProberHandle {
                     }
                 }
             }
+            self.react(state, now);
             transitions.into_iter().map(|t| state.describe(t)).collect()
         };
         self.announce(announced);
@@ -368,6 +432,9 @@ impl ProberHandle {
                 (true, Some(_), Some((name, rtt))) => {
                     stats.answered += 1;
                     let transition = state.liveness.answered(&name, rtt, now);
+                    if transition.is_some() {
+                        self.react(state, now);
+                    }
                     transition.map(|t| state.describe(t)).into_iter().collect()
                 }
             }
@@ -411,7 +478,12 @@ impl State {
     }
 }
 
-async fn run(socket: UdpSocket, shared: Arc<Shared>, interval: Duration) {
+async fn run(
+    socket: UdpSocket,
+    shared: Arc<Shared>,
+    interval: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) {
     let handle = ProberHandle { shared };
     let mut tick = tokio::time::interval(interval);
     // A late round is not made up by a burst: probes keep their spacing,
@@ -422,6 +494,7 @@ async fn run(socket: UdpSocket, shared: Arc<Shared>, interval: Duration) {
     let mut buf = [0u8; PROBE_LEN + 1];
     loop {
         tokio::select! {
+            _ = &mut stopped => return,
             _ = tick.tick() => handle.send_round(&socket),
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, SocketAddr::V4(from))) => handle.receive(&buf[..len], from, Instant::now()),

@@ -16,10 +16,11 @@
 //! tells ours from the operator's.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -40,6 +41,8 @@ const IFNAME_MAX: usize = 15;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IP: u16 = 0x0800;
 const ARPOP_REQUEST: u16 = 1;
+/// How often [`HolderCheck`] asks again while nobody else answers.
+pub const ASK_EVERY: Duration = Duration::from_millis(200);
 /// Minimum Ethernet frame without FCS: shorter frames are padded.
 const ETH_MIN_FRAME: usize = 60;
 
@@ -185,38 +188,177 @@ fn announce(link: &LinkInfo, addr: Ipv4Addr) -> Result<()> {
         )
     };
     // Protocol 0: this socket only sends, it receives nothing.
+    let fd = packet_socket(0, 0).with_context(what)?;
+    let frame = garp_frame(mac, addr);
+    for _ in 0..GARP_COUNT {
+        send_broadcast(&fd, link.index, &frame).with_context(what)?;
+    }
+    Ok(())
+}
+
+/// An `AF_PACKET` raw socket for `protocol` (0: send only), non-blocking
+/// when asked (`SOCK_NONBLOCK`).
+fn packet_socket(protocol: u16, flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
+            protocol.to_be() as i32,
+        )
+    };
     if fd < 0 {
-        return Err(io::Error::last_os_error()).with_context(what);
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn link_address(ifindex: u32, protocol: u16) -> libc::sockaddr_ll {
     // SAFETY: all-zero is a valid sockaddr_ll.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
-    to.sll_protocol = ETH_P_ARP.to_be();
-    to.sll_ifindex = link.index as i32;
+    to.sll_protocol = protocol.to_be();
+    to.sll_ifindex = ifindex as i32;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    let frame = garp_frame(mac, addr);
-    for _ in 0..GARP_COUNT {
-        // SAFETY: frame and `to` are valid for the call.
-        let sent = unsafe {
-            libc::sendto(
+    to
+}
+
+/// Send an ARP `frame` to the broadcast address out of `ifindex`.
+fn send_broadcast(fd: &OwnedFd, ifindex: u32, frame: &[u8]) -> io::Result<()> {
+    let to = link_address(ifindex, ETH_P_ARP);
+    // SAFETY: frame and `to` are valid for the call.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An ARP probe for `addr` from `mac` (RFC 5227): sender address 0.0.0.0,
+/// so no neighbour learns anything from it; a host holding `addr` answers.
+pub fn arp_probe_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; ETH_MIN_FRAME] {
+    let mut frame = garp_frame(mac, addr);
+    frame[28..32].copy_from_slice(&[0; 4]);
+    frame
+}
+
+/// Who else says it holds an address: the sender of an ARP frame (reply,
+/// probe answer or gratuitous announcement) whose sender address is
+/// `addr`, if that sender is not `mine`.
+pub fn other_sender(frame: &[u8], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
+    if frame.get(12..14)? != ETH_P_ARP.to_be_bytes() || frame.get(16..18)? != ETH_P_IP.to_be_bytes()
+    {
+        return None;
+    }
+    let mac: [u8; 6] = frame.get(22..28)?.try_into().ok()?;
+    let addr: [u8; 4] = frame.get(28..32)?.try_into().ok()?;
+    (mac != mine && addr != [0; 4]).then_some((Ipv4Addr::from(addr), mac))
+}
+
+/// Before a connector gives a borrowed VTEP address back, the address's
+/// own connector must hold it again: answering probes (its datapath, which
+/// survives its agent) is not enough, the address must be on its NIC, or
+/// the cloud's VXLAN traffic for its edges would reach nobody. This asks
+/// the network with ARP probes and listens for anyone else answering for
+/// (or announcing) the address. Non-blocking: one call per run-loop tick.
+pub struct HolderCheck {
+    fd: OwnedFd,
+    ifindex: u32,
+    mac: [u8; 6],
+    asked: BTreeMap<Ipv4Addr, Instant>,
+    answered: BTreeMap<Ipv4Addr, [u8; 6]>,
+}
+
+impl HolderCheck {
+    pub fn open(iface: &str) -> Result<HolderCheck> {
+        let what = || format!("listening for ARP on {iface} (VTEP address hand-back)");
+        let link = Rtnl::open()?
+            .link(iface)?
+            .with_context(|| format!("{}: interface {iface} does not exist", what()))?;
+        let mac = link
+            .mac
+            .with_context(|| format!("{}: {iface} has no Ethernet address", what()))?;
+        let fd = packet_socket(ETH_P_ARP, libc::SOCK_NONBLOCK).with_context(what)?;
+        let bind_to = link_address(link.index, ETH_P_ARP);
+        // SAFETY: `bind_to` is a valid sockaddr_ll for the call.
+        let bound = unsafe {
+            libc::bind(
                 fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
+                (&bind_to as *const libc::sockaddr_ll).cast(),
                 size_of::<libc::sockaddr_ll>() as u32,
             )
         };
-        if sent < 0 {
+        if bound < 0 {
             return Err(io::Error::last_os_error()).with_context(what);
         }
+        Ok(HolderCheck {
+            fd,
+            ifindex: link.index,
+            mac,
+            asked: BTreeMap::new(),
+            answered: BTreeMap::new(),
+        })
     }
-    Ok(())
+
+    /// The MAC of another holder of `addr` heard since we began asking,
+    /// if any; else asks (again, at most every [`ASK_EVERY`]).
+    pub fn other_holder(&mut self, addr: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        self.drain();
+        if let Some(mac) = self.answered.get(&addr) {
+            return Ok(Some(*mac));
+        }
+        let due = self
+            .asked
+            .get(&addr)
+            .is_none_or(|at| at.elapsed() >= ASK_EVERY);
+        if due {
+            send_broadcast(&self.fd, self.ifindex, &arp_probe_frame(self.mac, addr))
+                .with_context(|| format!("asking who holds VTEP address {addr} (ARP probe)"))?;
+            self.asked.insert(addr, Instant::now());
+        }
+        Ok(None)
+    }
+
+    /// Stop asking about `addr` and forget who answered.
+    pub fn forget(&mut self, addr: Ipv4Addr) {
+        self.asked.remove(&addr);
+        self.answered.remove(&addr);
+    }
+
+    fn drain(&mut self) {
+        let mut frame = [0u8; 128];
+        loop {
+            // SAFETY: `frame` is valid for writes of its length.
+            let got = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    frame.as_mut_ptr().cast(),
+                    frame.len(),
+                    0,
+                )
+            };
+            if got <= 0 {
+                // EAGAIN: nothing more now. Other errors: asked again next tick.
+                return;
+            }
+            if let Some((addr, mac)) = other_sender(&frame[..got as usize], self.mac)
+                && self.asked.contains_key(&addr)
+            {
+                self.answered.insert(addr, mac);
+            }
+        }
+    }
 }
 
 /// Uninstall: every VTEP address fabedge holds, on any NIC, removed.
@@ -354,5 +496,33 @@ mod tests {
         ];
         assert_eq!(frame[..42], expected);
         assert!(frame[42..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_arp_probe_says_nothing_about_us_and_only_another_sender_counts() {
+        let ours = [0x02, 0, 0, 0, 0, 0x0b];
+        let addr = Ipv4Addr::new(10, 9, 0, 100);
+        let probe = arp_probe_frame(ours, addr);
+        // Sender address 0.0.0.0: no neighbour learns our MAC for `addr`.
+        assert_eq!(probe[28..32], [0, 0, 0, 0]);
+        assert_eq!(probe[38..42], addr.octets());
+        assert_eq!(probe[20..22], ARPOP_REQUEST.to_be_bytes());
+        // Our own frames (seen going out) and probes are not a holder.
+        assert_eq!(other_sender(&probe, ours), None);
+        assert_eq!(other_sender(&garp_frame(ours, addr), ours), None);
+        // Another station answering (reply) or announcing the address is.
+        let theirs = [0x02, 0, 0, 0, 0, 0x0c];
+        let mut reply = garp_frame(theirs, addr);
+        reply[20..22].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(other_sender(&reply, ours), Some((addr, theirs)));
+        assert_eq!(
+            other_sender(&garp_frame(theirs, addr), ours),
+            Some((addr, theirs))
+        );
+        // Not ARP, or cut short: nothing.
+        let mut ip = reply;
+        ip[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        assert_eq!(other_sender(&ip, ours), None);
+        assert_eq!(other_sender(&reply[..30], ours), None);
     }
 }

@@ -7,7 +7,8 @@
 //!   one map entry at once (`react`), which is the whole failover.
 //! - Connector: it holds its own VTEP address, and that of every dead
 //!   connector whose first live successor it is. A dead connector's
-//!   address is released only once it has answered for the hold-down.
+//!   address is released only once it has answered for the hold-down and
+//!   holds its address again (it answers ARP for it).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,14 +19,15 @@ use std::{
 
 use anyhow::Result;
 use fabedge_common::CONNECTOR_GROUP;
-use log::{info, warn};
+use fabedge_common::GroupEntry;
+use log::{debug, info, warn};
 use serde::Serialize;
 
 use super::HaOptions;
 use crate::{
     ha::{
         liveness::LivenessConfig,
-        probe::{ProbeConfig, Prober},
+        probe::{ProbeConfig, Prober, Reaction},
         vtep,
     },
     maps::Maps,
@@ -53,6 +55,8 @@ pub struct HaRuntime {
     /// Connector: the VTEP addresses we hold, and whether a plan has been
     /// applied (we forward for our edges only after that).
     held: BTreeSet<Ipv4Addr>,
+    /// Connector: asks who else holds an address we are about to give back.
+    holder_check: Option<vtep::HolderCheck>,
     applied_once: bool,
     failovers: u64,
     status_path: PathBuf,
@@ -116,6 +120,7 @@ impl HaRuntime {
             connectors: Vec::new(),
             vtep_iface: None,
             held: BTreeSet::new(),
+            holder_check: None,
             applied_once: false,
             failovers: 0,
             status_path: state_dir.join(HA_STATUS_FILE),
@@ -192,6 +197,7 @@ impl HaRuntime {
     /// a group's member while it is one), and we hold the VTEP addresses we must.
     pub fn applied(&mut self, maps: &mut Maps) {
         self.applied_once = true;
+        self.install_reaction(maps);
         if let Some(id) = self
             .active
             .as_ref()
@@ -209,6 +215,45 @@ impl HaRuntime {
         }
         self.sync_vteps();
         self.write_status();
+    }
+
+    /// Hand the prober thread what must not wait for this loop (which an
+    /// apply or a slow netlink dump can keep busy for seconds): an edge's
+    /// switch of its connector group (one map write), a connector's
+    /// takeover of a dead connector's VTEP address. The loop still logs,
+    /// counts and writes the same decisions (idempotently), and alone gives
+    /// addresses back.
+    fn install_reaction(&mut self, maps: &Maps) {
+        if self.prober.is_none() {
+            return;
+        }
+        let reaction = match (self.role, &self.vtep_iface) {
+            (Some(Role::Edge), _) if !self.order.is_empty() => match maps.groups_handle() {
+                Ok(groups) => Some(edge_reaction(
+                    self.order.clone(),
+                    self.member_ids.clone(),
+                    groups,
+                )),
+                Err(e) => {
+                    let message = format!(
+                        "{}: the prober cannot switch connectors itself (the run loop will): {e:#}",
+                        self.node
+                    );
+                    self.failed(message);
+                    None
+                }
+            },
+            (Some(Role::Connector), Some(iface)) => Some(connector_reaction(
+                self.node.clone(),
+                self.connectors.clone(),
+                iface.clone(),
+                self.held.clone(),
+            )),
+            _ => None,
+        };
+        if let Some(prober) = &self.prober {
+            prober.set_reaction(reaction);
+        }
     }
 
     /// Health changed (or time passed: hold-downs end without an event):
@@ -357,13 +402,37 @@ impl HaRuntime {
             }
         }
         for addr in self.held.clone().difference(&wanted) {
+            // A connector that is back gets its address back once it holds
+            // it again; an address no connector names any more goes at once.
+            let owner = self
+                .connectors
+                .iter()
+                .find(|(name, a)| *a == Some(*addr) && *name != self.node)
+                .map(|(name, _)| name.clone());
+            let why = match &owner {
+                Some(owner) => match self.holds_again(&iface, *addr) {
+                    Ok(Some(mac)) => format!(
+                        "{owner} is back and holds it again ({})",
+                        crate::model::format_mac(mac)
+                    ),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.failed(format!(
+                            "{}: checking whether {owner} holds VTEP address {addr} again: {e:#}",
+                            self.node
+                        ));
+                        continue;
+                    }
+                },
+                None => "no connector names it any more".to_owned(),
+            };
             match vtep::release(&iface, *addr) {
                 Ok(_) => {
-                    info!(
-                        "{}: gave VTEP address {addr} back (its connector is back)",
-                        self.node
-                    );
+                    info!("{}: gave VTEP address {addr} back: {why}", self.node);
                     self.held.remove(addr);
+                    if let Some(check) = &mut self.holder_check {
+                        check.forget(*addr);
+                    }
                 }
                 Err(e) => self.failed(format!(
                     "{}: releasing VTEP address {addr}: {e:#}",
@@ -371,6 +440,33 @@ impl HaRuntime {
                 )),
             }
         }
+        // Nothing to hand back: stop listening to the network's ARP.
+        if self.held.is_subset(&wanted) {
+            self.holder_check = None;
+        }
+    }
+
+    /// The MAC of the connector that holds `addr` again besides us, once it
+    /// answers ARP for it; `None` while it does not (asked again each tick).
+    fn holds_again(&mut self, iface: &str, addr: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        if self.holder_check.is_none() {
+            self.holder_check = Some(vtep::HolderCheck::open(iface)?);
+        }
+        let Some(check) = &mut self.holder_check else {
+            return Ok(None);
+        };
+        let found = check.other_holder(addr)?;
+        if found.is_none() {
+            let message = format!(
+                "{}: keeping VTEP address {addr} until its connector holds it again                  (it answers probes but not ARP for it yet)",
+                self.node
+            );
+            if self.last_failure.as_deref() != Some(message.as_str()) {
+                info!("{message}");
+                self.last_failure = Some(message);
+            }
+        }
+        Ok(found)
     }
 
     /// Log a failure once while it repeats.
@@ -432,4 +528,80 @@ impl HaRuntime {
         }
         self.last_status = Some(json);
     }
+}
+
+/// Edge: on the prober thread, point the connector group at the member the
+/// probes choose, if it is not that already (a failover is this one write).
+fn edge_reaction(
+    order: Vec<String>,
+    ids: BTreeMap<String, u16>,
+    mut groups: aya::maps::Array<aya::maps::MapData, GroupEntry>,
+) -> Reaction {
+    let index = u32::from(CONNECTOR_GROUP);
+    Box::new(move |liveness, now| {
+        let Ok(entry) = groups.get(&index, 0) else {
+            return;
+        };
+        let current = ids
+            .iter()
+            .find(|(_, id)| **id == entry.active)
+            .map(|(name, _)| name.as_str());
+        let Some(id) = liveness
+            .choose_at(&order, current, now)
+            .and_then(|choice| ids.get(&choice).copied())
+        else {
+            return;
+        };
+        if id != entry.active && entry.has_member(id) {
+            let switched = GroupEntry {
+                active: id,
+                ..entry
+            };
+            if let Err(e) = groups.set(index, switched, 0) {
+                debug!("probes: switching the connector group to peer {id}: {e}");
+            }
+        }
+    })
+}
+
+/// Connector: on the prober thread, take over the VTEP address of every
+/// connector that is down and whose first live successor we are. Giving
+/// addresses back waits for the run loop (it checks that the owner holds
+/// its address again). `held`: what the run loop holds already.
+fn connector_reaction(
+    me: String,
+    connectors: Vec<(String, Option<Ipv4Addr>)>,
+    iface: String,
+    held: BTreeSet<Ipv4Addr>,
+) -> Reaction {
+    let own = connectors
+        .iter()
+        .find(|(name, _)| *name == me)
+        .and_then(|(_, addr)| *addr);
+    let mut claimed = held;
+    Box::new(move |liveness, now| {
+        // Down by our probes; a connector we do not probe is not dead.
+        let alive: BTreeSet<String> = connectors
+            .iter()
+            .filter(|(name, _)| liveness.health(name, now).is_none_or(|h| h.up))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let named: Vec<(&str, Option<Ipv4Addr>)> = connectors
+            .iter()
+            .map(|(name, addr)| (name.as_str(), *addr))
+            .collect();
+        let wanted = vtep::holders(&named, &alive, &me);
+        claimed.retain(|addr| wanted.contains(addr));
+        for addr in wanted {
+            if Some(addr) == own || claimed.contains(&addr) {
+                continue;
+            }
+            match vtep::claim(&iface, addr) {
+                Ok(()) => {
+                    claimed.insert(addr);
+                }
+                Err(e) => debug!("probes: taking over VTEP address {addr}: {e:#}"),
+            }
+        }
+    })
 }

@@ -19,7 +19,9 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-pub use self::msg::{AddrDetail, AddrInfo, LinkChange, LinkInfo, LinkKind, RouteInfo, RouteSpec};
+pub use self::msg::{
+    AddrDetail, AddrInfo, LinkChange, LinkInfo, LinkKind, RouteInfo, RouteSpec, RuleSpec,
+};
 use self::msg::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR};
 
 const NETLINK_ROUTE: i32 = 0;
@@ -417,8 +419,32 @@ impl Rtnl {
         self.request(|seq| msg::replace_route(route, seq), what)
     }
 
-    pub fn del_route(&mut self, dst: Ipv4Net, protocol: u8, what: &str) -> Result<(), RtnlError> {
-        self.request(|seq| msg::del_route(dst, protocol, seq), what)
+    pub fn del_route(
+        &mut self,
+        dst: Ipv4Net,
+        table: u32,
+        protocol: u8,
+        what: &str,
+    ) -> Result<(), RtnlError> {
+        self.request(|seq| msg::del_route(dst, table, protocol, seq), what)
+    }
+
+    /// Every IPv4 "lookup table" rule (`ip rule`).
+    pub fn rules(&mut self) -> Result<Vec<RuleSpec>, RtnlError> {
+        self.dump(
+            msg::dump_rules,
+            msg::RTM_NEWRULE,
+            msg::parse_rule,
+            "listing policy routing rules",
+        )
+    }
+
+    pub fn add_rule(&mut self, rule: &RuleSpec, what: &str) -> Result<(), RtnlError> {
+        self.request(|seq| msg::new_rule(rule, seq), what)
+    }
+
+    pub fn del_rule(&mut self, rule: &RuleSpec, what: &str) -> Result<(), RtnlError> {
+        self.request(|seq| msg::del_rule(rule, seq), what)
     }
 }
 

@@ -33,6 +33,9 @@ pub const RTM_GETADDR: u16 = 22;
 pub const RTM_NEWROUTE: u16 = 24;
 pub const RTM_DELROUTE: u16 = 25;
 pub const RTM_GETROUTE: u16 = 26;
+pub const RTM_NEWRULE: u16 = 32;
+pub const RTM_DELRULE: u16 = 33;
+pub const RTM_GETRULE: u16 = 34;
 
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
@@ -65,6 +68,9 @@ const RTA_PREFSRC: u16 = 7;
 const RTA_TABLE: u16 = 15;
 
 pub const RT_TABLE_MAIN: u8 = 254;
+/// In a message's one-byte table field: "see the table attribute" (ids
+/// above 255 only fit there).
+const RT_TABLE_UNSPEC: u8 = 0;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
 /// In a delete: match any scope.
@@ -77,6 +83,15 @@ pub const IFF_NOARP: u32 = 0x80;
 const IFINFOMSG_LEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 const RTMSG_LEN: usize = 12;
+/// `struct fib_rule_hdr`.
+const FIB_RULE_HDR_LEN: usize = 12;
+const FRA_PRIORITY: u16 = 6;
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+const FRA_PROTOCOL: u16 = 21;
+/// A rule whose action is "look the packet up in table N".
+const FR_ACT_TO_TBL: u8 = 1;
 /// Nested attributes carry this bit; the type is below it.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -543,10 +558,11 @@ pub fn parse_route(payload: &[u8]) -> Option<RouteInfo> {
     Some(route)
 }
 
-/// A route to install in the main table under `protocol`.
+/// A route to install in `table` under `protocol`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
     pub dst: Ipv4Net,
+    pub table: u32,
     pub protocol: u8,
     pub oif: Option<u32>,
     /// `None`: a link-scope route (the destination is on `oif`).
@@ -569,10 +585,12 @@ pub fn replace_route(route: &RouteSpec, seq: u32) -> Vec<u8> {
     };
     b.body(&rtmsg(
         route.dst.prefix_len(),
+        route.table,
         route.protocol,
         scope,
         RTN_UNICAST,
     ));
+    b.attr(RTA_TABLE, &route.table.to_ne_bytes());
     b.attr(RTA_DST, &route.dst.network().octets());
     if let Some(gateway) = route.gateway {
         b.attr(RTA_GATEWAY, &gateway.octets());
@@ -586,20 +604,106 @@ pub fn replace_route(route: &RouteSpec, seq: u32) -> Vec<u8> {
     b.finish()
 }
 
-/// `RTM_DELROUTE` of the main table's route to `dst` under `protocol`
-/// (any scope, any device): never someone else's route to the same place.
-pub fn del_route(dst: Ipv4Net, protocol: u8, seq: u32) -> Vec<u8> {
+/// `RTM_DELROUTE` of `table`'s route to `dst` under `protocol` (any
+/// scope, any device): never someone else's route to the same place.
+pub fn del_route(dst: Ipv4Net, table: u32, protocol: u8, seq: u32) -> Vec<u8> {
     let mut b = Builder::new(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, seq);
-    b.body(&rtmsg(dst.prefix_len(), protocol, RT_SCOPE_NOWHERE, 0));
+    b.body(&rtmsg(
+        dst.prefix_len(),
+        table,
+        protocol,
+        RT_SCOPE_NOWHERE,
+        0,
+    ));
+    b.attr(RTA_TABLE, &table.to_ne_bytes());
     b.attr(RTA_DST, &dst.network().octets());
     b.finish()
 }
 
-fn rtmsg(dst_len: u8, protocol: u8, scope: u8, kind: u8) -> [u8; RTMSG_LEN] {
+fn rtmsg(dst_len: u8, table: u32, protocol: u8, scope: u8, kind: u8) -> [u8; RTMSG_LEN] {
     // family, dst_len, src_len, tos, table, protocol, scope, type; flags.
+    let table = u8::try_from(table).unwrap_or(RT_TABLE_UNSPEC);
     let mut out = [0u8; RTMSG_LEN];
-    out[..8].copy_from_slice(&[AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, protocol, scope, kind]);
+    out[..8].copy_from_slice(&[AF_INET, dst_len, 0, 0, table, protocol, scope, kind]);
     out
+}
+
+/// A policy routing rule "packets whose mark matches `fwmark/fwmask` look
+/// up `table`", at `priority` (`ip rule`), added under `protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub priority: u32,
+    pub fwmark: u32,
+    pub fwmask: u32,
+    pub table: u32,
+    pub protocol: u8,
+}
+
+/// `RTM_NEWRULE` adding `rule` (refused with `EEXIST` if the same rule is there).
+pub fn new_rule(rule: &RuleSpec, seq: u32) -> Vec<u8> {
+    rule_msg(
+        RTM_NEWRULE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        rule,
+        seq,
+    )
+}
+
+/// `RTM_DELRULE` of the rule matching every field of `rule`.
+pub fn del_rule(rule: &RuleSpec, seq: u32) -> Vec<u8> {
+    rule_msg(RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, rule, seq)
+}
+
+fn rule_msg(kind: u16, flags: u16, rule: &RuleSpec, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(kind, flags, seq);
+    // family, dst_len, src_len, tos, table, res1, res2, action; flags.
+    let mut head = [0u8; FIB_RULE_HDR_LEN];
+    head[0] = AF_INET;
+    head[4] = u8::try_from(rule.table).unwrap_or(RT_TABLE_UNSPEC);
+    head[7] = FR_ACT_TO_TBL;
+    b.body(&head);
+    b.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
+    b.attr(FRA_FWMARK, &rule.fwmark.to_ne_bytes());
+    b.attr(FRA_FWMASK, &rule.fwmask.to_ne_bytes());
+    b.attr(FRA_TABLE, &rule.table.to_ne_bytes());
+    b.attr(FRA_PROTOCOL, &[rule.protocol]);
+    b.finish()
+}
+
+/// `RTM_GETRULE` dump of the IPv4 rules.
+pub fn dump_rules(seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, seq);
+    let mut head = [0u8; FIB_RULE_HDR_LEN];
+    head[0] = AF_INET;
+    b.body(&head);
+    b.finish()
+}
+
+/// A "lookup table" rule as the kernel reports it; other actions
+/// (blackhole, goto, ...) are `None`. Absent attributes read as 0.
+pub fn parse_rule(payload: &[u8]) -> Option<RuleSpec> {
+    let head = payload.get(..FIB_RULE_HDR_LEN)?;
+    if head[0] != AF_INET || head[7] != FR_ACT_TO_TBL {
+        return None;
+    }
+    let mut rule = RuleSpec {
+        priority: 0,
+        fwmark: 0,
+        fwmask: 0,
+        table: head[4] as u32,
+        protocol: 0,
+    };
+    for (kind, value) in attrs(&payload[FIB_RULE_HDR_LEN..]) {
+        match kind {
+            FRA_PRIORITY => rule.priority = u32_of(value)?,
+            FRA_FWMARK => rule.fwmark = u32_of(value)?,
+            FRA_FWMASK => rule.fwmask = u32_of(value)?,
+            FRA_TABLE => rule.table = u32_of(value)?,
+            FRA_PROTOCOL => rule.protocol = *value.first()?,
+            _ => {}
+        }
+    }
+    Some(rule)
 }
 
 /// The errno of an `NLMSG_ERROR` payload (0 = ACK) and the kernel's
