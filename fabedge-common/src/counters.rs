@@ -142,6 +142,9 @@ counters! {
     DropCtFull = 49, "drop_ct_full", true;
     /// A route through a connector group none of whose members is alive.
     DropGroupDown = 50, "drop_group_down", true;
+    /// Connector, ESP mode: a probe from a peer not answered because no
+    /// socket holds UDP 4500 (the agent is not running): its ESP would be lost.
+    DropProbeNotReady = 51, "drop_probe_not_ready", true;
 }
 
 /// Size of the counters array: room for growth without a layout change.

@@ -8,16 +8,26 @@
 //!
 //! Only known peers are answered: a reflector that answers anyone turns
 //! the connector into an amplifier toward whatever address a forged
-//! request names. Anything that is not a well-formed request to this node
+//! request names. In ESP mode only while the agent holds the ESP-in-UDP
+//! socket (UDP 4500): without it the kernel decapsulates nothing, and a
+//! connector that answered would draw edges into a black hole (a crashed
+//! agent, or a node whose pinned datapath is back before its agent). Anything that is not a well-formed request to this node
 //! passes untouched; the kernel has no socket on the port and answers with
 //! ICMP port unreachable as it would without us.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, xdp_action::XDP_TX},
-    helpers::bpf_redirect,
+    EbpfContext,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, xdp_action::XDP_TX,
+    },
+    cty::c_void,
+    helpers::{bpf_redirect, bpf_sk_lookup_udp, bpf_sk_release},
     programs::{TcContext, XdpContext},
 };
-use fabedge_common::{Counter, DatapathConfig, probe, probe::ProbeHeader, role};
+use fabedge_common::{
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, probe, probe::ProbeHeader, role, tunnel_mode,
+};
 
 use crate::{
     csum,
@@ -50,6 +60,37 @@ pub enum Verdict {
     Answer,
     /// A request from an address that is no peer: drop it.
     UnknownSource,
+}
+
+/// ESP mode: whether a socket holds UDP 4500 here (the agent's ESP-in-UDP
+/// socket, which the kernel's decapsulation needs), looked up as a datagram
+/// from the prober's address would be. Other modes need no agent to forward.
+#[inline(always)]
+fn carries_tunnel(ctx: *mut c_void, cfg: &DatapathConfig, from: [u8; 4], to: [u8; 4]) -> bool {
+    if cfg.tunnel_mode != tunnel_mode::ESP {
+        return true;
+    }
+    let port = ESP_IN_UDP_PORT.to_be();
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(from),
+                daddr: u32::from_ne_bytes(to),
+                sport: port,
+                dport: port,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: the tuple lives across the call; a socket found is released.
+    unsafe {
+        let sock = bpf_sk_lookup_udp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0);
+        if sock.is_null() {
+            return false;
+        }
+        bpf_sk_release(sock.cast());
+    }
+    true
 }
 
 /// Whether the reflector runs on this node.
@@ -119,6 +160,10 @@ pub fn xdp(ctx: &XdpContext, cfg: &DatapathConfig) -> Option<u32> {
             count(Counter::DropProbeUnknownSource);
             Some(aya_ebpf::bindings::xdp_action::XDP_DROP)
         }
+        Verdict::Answer if !carries_tunnel(ctx.as_ptr(), cfg, f.ip.saddr, f.ip.daddr) => {
+            count(Counter::DropProbeNotReady);
+            Some(aya_ebpf::bindings::xdp_action::XDP_DROP)
+        }
         Verdict::Answer => {
             // RFC 1624: the checksum follows the one word that changes;
             // zero means the sender sent none, and neither do we.
@@ -147,10 +192,20 @@ pub fn xdp(ctx: &XdpContext, cfg: &DatapathConfig) -> Option<u32> {
 pub fn tc(ctx: &TcContext, cfg: &DatapathConfig) -> Option<i32> {
     let f = crate::parse::ptr_at::<ProbeFrame>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    let (verdict, pad) = unsafe { (judge(cfg, &*f, ctx.len() as usize), (*f).probe._pad[0]) };
+    let (verdict, pad, from, to) = unsafe {
+        (
+            judge(cfg, &*f, ctx.len() as usize),
+            (*f).probe._pad[0],
+            (*f).ip.saddr,
+            (*f).ip.daddr,
+        )
+    };
     match verdict {
         Verdict::NotProbe => None,
         Verdict::UnknownSource => Some(crate::verdict::drop(Counter::DropProbeUnknownSource)),
+        Verdict::Answer if !carries_tunnel(ctx.as_ptr(), cfg, from, to) => {
+            Some(crate::verdict::drop(Counter::DropProbeNotReady))
+        }
         Verdict::Answer => {
             // The one checksummed word that changes, as it sits in memory.
             let old = u16::from_ne_bytes([probe::REQUEST, pad]);

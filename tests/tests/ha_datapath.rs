@@ -308,6 +308,10 @@ fn the_connector_answers_probes_from_its_peers_in_xdp_and_tc() -> Result<()> {
     let connector = Ipv4Addr::from(CONNECTOR_LAN);
     for (mode, name) in [(tunnel_mode::VXLAN, "vxlan"), (tunnel_mode::ESP, "esp")] {
         let dp = reflector(&format!("ha-probe-{name}"), mode)?;
+        // ESP mode answers only while the ESP-in-UDP socket is held (see
+        // the test below); the test runs look sockets up in this namespace.
+        let ns = Netns::new(&format!("ha-probe-{name}"))?;
+        let _esp_socket = ns.enter(|| Ok(std::net::UdpSocket::bind("0.0.0.0:4500")?))?;
         for (to, checksum, what) in [
             (connector, true, "to the node's address"),
             (connector, false, "without a UDP checksum"),
@@ -315,7 +319,7 @@ fn the_connector_answers_probes_from_its_peers_in_xdp_and_tc() -> Result<()> {
         ] {
             let frame = probe_frame(EDGE1_WAN, to, DEFAULT_PROBE_PORT, &request, checksum);
             let expected = expected_reply(EDGE1_WAN, to, &reply, checksum);
-            assert_answered(&dp, &frame, &expected, &format!("{name}: {what}"))?;
+            ns.enter(|| assert_answered(&dp, &frame, &expected, &format!("{name}: {what}")))?;
             // What the prober's kernel checks, by the harness's parser.
             let ip = parse_eth(&expected)?.ipv4()?;
             assert!(ip.checksum_valid);
@@ -331,6 +335,55 @@ fn the_connector_answers_probes_from_its_peers_in_xdp_and_tc() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// ESP mode: without a socket on UDP 4500 (the agent is dead, or the
+/// node's pinned datapath is back before its agent) the kernel would drop
+/// every ESP packet an edge sends here, so the connector must not look
+/// alive: probes go unanswered and are counted. Once the socket is held
+/// again, they are answered. VXLAN mode needs no socket.
+#[test]
+fn an_esp_connector_answers_probes_only_while_its_esp_socket_is_held() -> Result<()> {
+    let request = probe_payload(probe::REQUEST, 7, TOKEN);
+    let reply = probe_payload(probe::REPLY, 7, TOKEN);
+    let connector = Ipv4Addr::from(CONNECTOR_LAN);
+    let frame = probe_frame(EDGE1_WAN, connector, DEFAULT_PROBE_PORT, &request, true);
+    let expected = expected_reply(EDGE1_WAN, connector, &reply, true);
+    let ns = Netns::new("ha-probe-ready")?;
+    let dp = reflector("ha-probe-ready", tunnel_mode::ESP)?;
+    ns.enter(|| {
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, 1))?;
+        assert_eq!(
+            (out.action, delta),
+            (XDP_DROP, only(Counter::DropProbeNotReady)),
+            "XDP without the ESP socket"
+        );
+        let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &frame))?;
+        assert_eq!(
+            (out.action, delta),
+            (TC_ACT_SHOT, only(Counter::DropProbeNotReady)),
+            "TC without the ESP socket"
+        );
+        // Another port held is not the ESP socket.
+        let _other = std::net::UdpSocket::bind("0.0.0.0:4501")?;
+        let (out, _) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, 1))?;
+        assert_eq!(out.action, XDP_DROP, "XDP with only UDP 4501 held");
+        let esp = std::net::UdpSocket::bind("0.0.0.0:4500")?;
+        assert_answered(&dp, &frame, &expected, "with the ESP socket")?;
+        // The agent dies: its socket closes, the answers stop.
+        drop(esp);
+        let (out, delta) = counted(&dp, || dp.run(Program::UplinkIngress, &frame))?;
+        assert_eq!(
+            (out.action, delta),
+            (TC_ACT_SHOT, only(Counter::DropProbeNotReady)),
+            "TC after the ESP socket closed"
+        );
+        Ok(())
+    })?;
+    // VXLAN mode in the same namespace, no socket: answered.
+    let vxlan = reflector("ha-probe-ready-vxlan", tunnel_mode::VXLAN)?;
+    ns.enter(|| assert_answered(&vxlan, &frame, &expected, "VXLAN mode, no socket"))?;
     Ok(())
 }
 
