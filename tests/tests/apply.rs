@@ -9,7 +9,7 @@ use std::{
     fs::{self, OpenOptions},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ use fabedge_common::{
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
 };
 use fabedge_tests::{
-    agent::{agent_bin, agent_ok, bpffs_root, empty_path_dir, nsenter_bin},
+    agent::{agent_bin, agent_ok, bpffs_root, standalone_edge_1},
     netns::Netns,
 };
 use ipnet::Ipv4Net;
@@ -353,35 +353,14 @@ impl Agent {
         let log = work.join("agent.log");
         let out = OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
-        let child = Command::new(nsenter_bin()?)
-            .arg(format!("--net={}", ns.path().display()))
-            .arg(agent_bin()?)
-            .arg("--bpffs-root")
-            .arg(root)
-            .args(["run", "--node", "edge-1", "--manifests"])
-            .arg(work.join("cluster.yaml"))
-            .arg("--state-dir")
-            .arg(work.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(work.join("cni"))
+        let child = standalone_edge_1(ns, &agent_bin()?, root, work)?
             .args(
                 ["--poll-interval", "100ms"]
                     .into_iter()
                     .filter(|_| !extra.contains(&"--poll-interval")),
             )
-            .args([
-                "--tunnel",
-                "vxlan",
-                "--xdp",
-                "off",
-                "--no-cgroup",
-                "--hold-drastic-changes",
-                "0",
-            ])
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
-            .env("PATH", empty_path_dir()?)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -18,7 +18,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -36,7 +36,7 @@ use nix::{
 };
 
 use crate::{
-    agent::{bpffs_root, empty_path_dir, nsenter_bin},
+    agent::{bpffs_root, edge_1_netns, standalone_edge_1},
     bench::report::Report,
     netns::Netns,
 };
@@ -230,20 +230,7 @@ struct Node {
 
 impl Node {
     fn new() -> Result<Node> {
-        let ns = Netns::new("scale-edge")?;
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0-peer",
-        ])?;
-        ns.add_addr("eth0", "10.2.0.11/24")?;
-        ns.set_up("eth0-peer")?;
-        ns.set_up("eth0")?;
+        let ns = edge_1_netns("scale-edge")?;
         let root = bpffs_root("scale");
         let work = std::env::temp_dir().join(format!("fabedge-bench-scale-{}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
@@ -272,28 +259,7 @@ impl Node {
     fn start(&self, bin: &Path) -> Result<Agent> {
         let log = self.work.join("agent.log");
         let out = fs::File::create(&log)?;
-        let child = Command::new(nsenter_bin()?)
-            .arg(format!("--net={}", self.ns.path().display()))
-            .arg(bin)
-            .arg("--bpffs-root")
-            .arg(&self.root)
-            .args(["run", "--node", "edge-1", "--manifests"])
-            .arg(self.manifest_path())
-            .arg("--state-dir")
-            .arg(self.work.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(self.work.join("cni"))
-            .args([
-                "--tunnel",
-                "vxlan",
-                "--xdp",
-                "off",
-                "--no-cgroup",
-                "--hold-drastic-changes",
-                "0",
-            ])
-            .env("PATH", empty_path_dir()?)
-            .env("RUST_LOG", "info")
+        let child = standalone_edge_1(&self.ns, bin, &self.root, &self.work)?
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
