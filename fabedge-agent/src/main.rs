@@ -139,7 +139,9 @@ struct RunArgs {
     xdp: XdpMode,
     #[arg(long, default_value = "/var/lib/fabedge")]
     state_dir: PathBuf,
-    /// How often the manifest file is checked for changes.
+    /// The reconcile loop's tick: restoring removed routes, guarding new
+    /// pods' ports, and checking the manifest file's stamp when inotify is
+    /// unavailable (with it, a change to the file is seen at once).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
     /// A change that would remove every tunnel of this node, or more than
@@ -169,22 +171,27 @@ struct RunArgs {
     #[arg(long, default_value_t = 24)]
     edge_pod_cidr_size: u8,
     /// Capacity of the Service conntrack table (LRU; two entries per flow).
-    /// Changing it on a node with a pinned table needs `uninstall` first.
-    #[arg(long, default_value_t = fabedge_common::services::DEFAULT_CT_ENTRIES)]
-    ct_entries: u32,
+    /// Default: the pinned table's size on a node that has one, else 131072.
+    /// Another size than the pinned one needs `uninstall` first.
+    #[arg(long)]
+    ct_entries: Option<u32>,
     /// Capacity of the route map FE_ROUTES (prefixes). A plan with more is
-    /// refused whole. Changing it on a node with a pinned map needs `uninstall` first.
-    #[arg(long, default_value_t = fabedge_common::MAX_ROUTES)]
-    max_routes: u32,
+    /// refused whole. Default: the pinned map's size on a node that has
+    /// one, else 16384. Another size than the pinned one needs `uninstall` first.
+    #[arg(long)]
+    max_routes: Option<u32>,
     /// Capacity of FE_SERVICES (ClusterIP:port frontends). Services beyond it
-    /// are left out and listed by `inspect problems`. Changing it on a node
-    /// with a pinned map needs `uninstall` first.
-    #[arg(long, default_value_t = fabedge_common::services::MAX_SERVICES)]
-    max_services: u32,
-    /// Capacity of FE_BACKENDS (backend slots over all Services). Changing it
-    /// on a node with a pinned map needs `uninstall` first.
-    #[arg(long, default_value_t = fabedge_common::services::MAX_BACKENDS)]
-    max_backends: u32,
+    /// are left out and listed by `inspect problems`. Default: the pinned
+    /// map's size on a node that has one, else 32768. Another size than the
+    /// pinned one needs `uninstall` first.
+    #[arg(long)]
+    max_services: Option<u32>,
+    /// Capacity of FE_BACKENDS (backend slots over all Services). Default:
+    /// the pinned map's size on a node that has one, else 131072 (10 k
+    /// Services of 10 endpoints). Another size than the pinned one needs
+    /// `uninstall` first.
+    #[arg(long)]
+    max_backends: Option<u32>,
     /// Edge: cgroup v2 directory whose sockets reach ClusterIPs through
     /// socket-level translation (hostNetwork pods, the node's processes).
     /// Default: the host's cgroup2 mount, found in /proc/self/mountinfo.
@@ -297,12 +304,15 @@ fn main() -> Result<()> {
                 tunnel_key_egress: args.tunnel_key_egress,
                 esp_public_endpoint: args.esp_public_endpoint,
                 probe_port: args.probe_port,
-                capacity: fabedge_agent::maps::Capacity {
-                    routes: args.max_routes,
-                    services: args.max_services,
-                    backends: args.max_backends,
-                    ct_entries: args.ct_entries,
-                },
+                capacity: fabedge_agent::maps::Capacity::from_flags(
+                    &layout,
+                    fabedge_agent::maps::CapacityFlags {
+                        routes: args.max_routes,
+                        services: args.max_services,
+                        backends: args.max_backends,
+                        ct_entries: args.ct_entries,
+                    },
+                ),
                 ..Settings::default()
             };
             // Before anything is created: sizes the host cannot hold leave no trace.

@@ -34,6 +34,77 @@ pub struct Capacity {
     pub ct_entries: u32,
 }
 
+/// The map size flags as given (`None`: not given).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CapacityFlags {
+    pub routes: Option<u32>,
+    pub services: Option<u32>,
+    pub backends: Option<u32>,
+    pub ct_entries: Option<u32>,
+}
+
+impl Capacity {
+    /// The sizes the flags ask for; a flag not given keeps the size of the
+    /// map pinned under `layout` (logged when that is not the default), and
+    /// takes the default on a node without one. So an upgrade whose
+    /// defaults grew adopts the running node's maps instead of refusing to
+    /// start; larger maps on such a node are a choice (`uninstall`, then
+    /// the flag or the new default).
+    pub fn from_flags(layout: &PinLayout, flags: CapacityFlags) -> Capacity {
+        let defaults = Capacity::default();
+        let size = |map: &str, flag: &str, given: Option<u32>, default: u32| {
+            if let Some(entries) = given {
+                return entries;
+            }
+            match pinned_max_entries(layout, map) {
+                Some(pinned) if pinned != default => {
+                    log::info!(
+                        "{map} is pinned with {pinned} entries: kept ({flag} not given; the \
+                         default for a node without pinned maps is {default})"
+                    );
+                    pinned
+                }
+                _ => default,
+            }
+        };
+        Capacity {
+            routes: size(
+                map_names::ROUTES,
+                "--max-routes",
+                flags.routes,
+                defaults.routes,
+            ),
+            services: size(
+                map_names::SERVICES,
+                "--max-services",
+                flags.services,
+                defaults.services,
+            ),
+            backends: size(
+                map_names::BACKENDS,
+                "--max-backends",
+                flags.backends,
+                defaults.backends,
+            ),
+            ct_entries: size(
+                map_names::CT,
+                "--ct-entries",
+                flags.ct_entries,
+                defaults.ct_entries,
+            ),
+        }
+    }
+}
+
+/// `max_entries` of the map `name` pinned under `layout`, if there is one.
+fn pinned_max_entries(layout: &PinLayout, name: &str) -> Option<u32> {
+    let path = layout.map(name);
+    path.exists()
+        .then(|| aya::maps::MapInfo::from_pin(&path).ok())
+        .flatten()
+        .map(|info| info.max_entries())
+}
+
 impl Default for Capacity {
     fn default() -> Self {
         Capacity {

@@ -23,7 +23,7 @@ use crate::{
     maps::Maps,
     model::parse_mac,
     plan::{PeerIds, Plan, Settings, plan},
-    source::manifest,
+    source::{manifest, watch as manifest_watch},
     sys::write_if_changed,
 };
 
@@ -181,6 +181,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         info!("stopping; the datapath keeps forwarding (pinned maps and links)");
         return result;
     }
+    // Changes to the file are seen at once; without inotify, at the next tick.
+    let mut file_watch = match manifest_watch::DirWatch::new(&options.manifests) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            warn!(
+                "{e:#}: changes to {} are seen at the next poll (--poll-interval {:?})",
+                options.manifests.display(),
+                options.poll_interval
+            );
+            None
+        }
+    };
     let mut tick = tokio::time::interval(options.poll_interval);
     let mut ct_gc = tokio::time::interval(crate::services::ctgc::INTERVAL);
     let mut ha_changes = None;
@@ -204,6 +216,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
             changed = async { ha_changes.as_mut().expect("guarded").changed().await }, if ha_changes.is_some() => {
                 if changed.is_ok() {
                     reconciler.ha.react(&mut maps);
+                }
+            }
+            changed = async { file_watch.as_mut().expect("guarded").changed().await }, if file_watch.is_some() => {
+                match changed {
+                    Ok(()) => reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options),
+                    Err(e) => {
+                        warn!(
+                            "{e:#}: changes to {} are seen at the next poll from now on",
+                            options.manifests.display()
+                        );
+                        file_watch = None;
+                    }
                 }
             }
             _ = ct_gc.tick() => crate::services::ctgc::collect_and_log(&mut maps),
@@ -239,6 +263,9 @@ struct Reconciler {
     peer_ids_path: PathBuf,
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
+    /// The manifest file's stamp when it was last read: while it holds,
+    /// the file is not read again.
+    read_stamp: Option<manifest_watch::Stamp>,
     /// The manifest text whose last pass failed, and when to try it again:
     /// an unchanged file that fails is not re-parsed on every poll.
     failed_text: Option<(String, std::time::Instant)>,
@@ -294,6 +321,7 @@ impl Reconciler {
             peer_ids,
             peer_ids_path,
             applied_text: None,
+            read_stamp: None,
             failed_text: None,
             retry_backoff: RETRY_MIN,
             problems: problems::ProblemLog::new(&options.state_dir),
@@ -328,6 +356,23 @@ impl Reconciler {
         maps: &mut Maps,
         options: &RunOptions,
     ) {
+        let now = std::time::Instant::now();
+        let stamp = match manifest_watch::Stamp::of(&options.manifests) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                return self.report(
+                    Err(e).with_context(|| format!("reading {}", options.manifests.display())),
+                );
+            }
+        };
+        // Nothing to read while the file is as last read, unless a pass is
+        // due anyway: a re-plan was asked for, or a failed one's retry.
+        let replan = self.applied_text.is_none() && self.failed_text.is_none();
+        let retry_due = matches!(&self.failed_text, Some((_, at)) if now >= *at);
+        if self.read_stamp == Some(stamp) && !replan && !retry_due {
+            return;
+        }
+        self.read_stamp = Some(stamp);
         let text = match std::fs::read_to_string(&options.manifests) {
             Ok(text) => text,
             Err(e) => {
@@ -339,7 +384,6 @@ impl Reconciler {
         if self.applied_text.as_deref() == Some(text.as_str()) {
             return;
         }
-        let now = std::time::Instant::now();
         if let Some((failed, retry_at)) = &self.failed_text
             && failed == &text
             && now < *retry_at
@@ -353,7 +397,10 @@ impl Reconciler {
         );
         match &result {
             Ok(written) => {
-                // Our own write-back needs no second pass.
+                // Our own write-back needs no second pass, nor a second read.
+                if written.is_some() {
+                    self.read_stamp = manifest_watch::Stamp::of(&options.manifests).ok();
+                }
                 self.applied_text = Some(written.clone().unwrap_or(text));
                 self.failed_text = None;
                 self.retry_backoff = RETRY_MIN;

@@ -10,10 +10,13 @@
 //! translation *is* the conntrack, and one lookup per packet with no tuple
 //! normalisation is what the programs can afford.
 
-/// Capacity of `FE_SERVICES` (frontends: VIP × port × protocol).
-pub const MAX_SERVICES: u32 = 16_384;
-/// Capacity of `FE_BACKENDS` (sum of backends over all frontends).
-pub const MAX_BACKENDS: u32 = 65_536;
+/// Default capacity of `FE_SERVICES` (frontends: VIP × port × protocol);
+/// the agent's `--max-services` changes it at load time.
+pub const MAX_SERVICES: u32 = 32_768;
+/// Default capacity of `FE_BACKENDS` (sum of backends over all frontends):
+/// 10 k Services of 10 endpoints fit. The agent's `--max-backends` changes
+/// it at load time.
+pub const MAX_BACKENDS: u32 = 131_072;
 /// Default capacity of `FE_CT` (entries; two per flow). The agent's
 /// `--ct-entries` flag changes it at load time.
 pub const DEFAULT_CT_ENTRIES: u32 = 131_072;

@@ -102,3 +102,54 @@ pub fn agent_ok(netns: Option<&Netns>, root: &Path, args: &[&str]) -> Result<Str
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A namespace for an agent playing edge-1 of the mini cluster: edge-1's
+/// InternalIP on `eth0` (kernel routes use it as their source), as on the
+/// real node.
+pub fn edge_1_netns(name: &str) -> Result<Netns> {
+    let netns = Netns::new(name)?;
+    netns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0-peer",
+    ])?;
+    netns.set_up("eth0-peer")?;
+    netns.add_addr("eth0", "10.2.0.11/24")?;
+    netns.set_up("eth0")?;
+    Ok(netns)
+}
+
+/// `fabedge-agent run` (the binary `bin`) as edge-1 in `netns`, in
+/// standalone mode on `work/cluster.yaml` with its state and CNI directory
+/// in `work`: VXLAN tunnels, no XDP, no cgroup programs, no hold on drastic
+/// changes, info logs, the empty PATH. The caller adds flags and output.
+pub fn standalone_edge_1(netns: &Netns, bin: &Path, root: &Path, work: &Path) -> Result<Command> {
+    let mut cmd = Command::new(nsenter_bin()?);
+    cmd.arg(format!("--net={}", netns.path().display()))
+        .arg(bin)
+        .arg("--bpffs-root")
+        .arg(root)
+        .args(["run", "--node", "edge-1", "--manifests"])
+        .arg(work.join("cluster.yaml"))
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .arg("--cni-conf-dir")
+        .arg(work.join("cni"))
+        .args([
+            "--tunnel",
+            "vxlan",
+            "--xdp",
+            "off",
+            "--no-cgroup",
+            "--hold-drastic-changes",
+            "0",
+        ])
+        .env("PATH", empty_path_dir()?)
+        .env("RUST_LOG", "info");
+    Ok(cmd)
+}

@@ -35,21 +35,7 @@ pub struct KubeAgent {
 
 impl KubeAgent {
     pub fn new(name: &str) -> Result<KubeAgent> {
-        let netns = Netns::new(name)?;
-        // edge-1's InternalIP on a NIC, as on the real node (kernel routes use it as source).
-        netns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0-peer",
-        ])?;
-        netns.set_up("eth0-peer")?;
-        netns.add_addr("eth0", "10.2.0.11/24")?;
-        netns.set_up("eth0")?;
+        let netns = crate::agent::edge_1_netns(name)?;
         let root = bpffs_root(name);
         let dir =
             std::env::temp_dir().join(format!("fabedge-kube-agent-{}-{name}", std::process::id()));

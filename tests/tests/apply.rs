@@ -9,7 +9,7 @@ use std::{
     fs::{self, OpenOptions},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ use fabedge_common::{
     services::{Backend, BackendKey, ServiceEntry, ServiceKey},
 };
 use fabedge_tests::{
-    agent::{agent_bin, agent_ok, bpffs_root, empty_path_dir, nsenter_bin},
+    agent::{agent_bin, agent_ok, bpffs_root, standalone_edge_1},
     netns::Netns,
 };
 use ipnet::Ipv4Net;
@@ -353,32 +353,14 @@ impl Agent {
         let log = work.join("agent.log");
         let out = OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
-        let child = Command::new(nsenter_bin()?)
-            .arg(format!("--net={}", ns.path().display()))
-            .arg(agent_bin()?)
-            .arg("--bpffs-root")
-            .arg(root)
-            .args(["run", "--node", "edge-1", "--manifests"])
-            .arg(work.join("cluster.yaml"))
-            .arg("--state-dir")
-            .arg(work.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(work.join("cni"))
-            .args([
-                "--poll-interval",
-                "100ms",
-                "--tunnel",
-                "vxlan",
-                "--xdp",
-                "off",
-                "--no-cgroup",
-                "--hold-drastic-changes",
-                "0",
-            ])
+        let child = standalone_edge_1(ns, &agent_bin()?, root, work)?
+            .args(
+                ["--poll-interval", "100ms"]
+                    .into_iter()
+                    .filter(|_| !extra.contains(&"--poll-interval")),
+            )
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
-            .env("PATH", empty_path_dir()?)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -656,12 +638,44 @@ fn an_agent_whose_apply_fails_midway_keeps_the_previous_plan_and_reports_the_ste
     Ok(())
 }
 
+/// Standalone mode sees a manifest replaced by rename (as `kubectl`, an
+/// editor or a ConfigMap volume replace it) by itself, through inotify on
+/// its directory: with a poll interval of an hour, a new Service is in
+/// FE_SERVICES within seconds.
+#[test]
+fn a_manifest_replaced_by_rename_applies_without_waiting_for_the_poll() -> Result<()> {
+    let host = AgentHost::new("inotify")?;
+    let (ns, root, work) = (&host.ns, &host.root, &host.work);
+    let manifest = work.join("cluster.yaml");
+    fs::write(&manifest, EXAMPLE_CLUSTER)?;
+    let agent = Agent::start_with(ns, root, work, &[], &["--poll-interval", "3600s"])?;
+    let layout = PinLayout::new(root);
+    let has_service = |addr: [u8; 4]| -> Result<bool> {
+        Ok(Maps::open(&layout)
+            .and_then(|maps| maps.service_entries())
+            .is_ok_and(|entries| entries.iter().any(|(key, _)| key.addr == addr)))
+    };
+    wait_for("the first apply", Duration::from_secs(30), || {
+        has_service([10, 96, 0, 10])
+    })
+    .with_context(|| agent.log())?;
+    let next = work.join(".cluster.yaml.next");
+    fs::write(&next, format!("{EXAMPLE_CLUSTER}{EDGE_4}"))?;
+    fs::rename(&next, &manifest)?;
+    wait_for("the new Service", Duration::from_secs(30), || {
+        has_service([10, 96, 4, 4])
+    })
+    .with_context(|| agent.log())?;
+    Ok(())
+}
+
 /// `--max-routes` sizes FE_ROUTES; a restart with another size is refused
-/// naming the flag and both sizes; an absurd size is refused before
-/// anything is created, naming the memory it would take.
+/// naming the flag and both sizes, one without the flag keeps the pinned
+/// size; an absurd size is refused before anything is created, naming the
+/// memory it would take.
 #[test]
 fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> Result<()> {
-    use fabedge_agent::maps::Capacity;
+    use fabedge_agent::maps::{Capacity, CapacityFlags};
     let root = bpffs_root("capacity");
     let _cleanup = Cleanup {
         root: root.clone(),
@@ -705,6 +719,16 @@ fn map_sizes_follow_the_flags_and_a_pinned_map_of_another_size_is_refused() -> R
                 && err.contains("fabedge-agent uninstall"),
             "{err}"
         );
+        // Flags not given keep the pinned sizes (an upgrade whose defaults
+        // grew adopts the node's maps); a flag given is taken as is.
+        ensure!(Capacity::from_flags(&layout, CapacityFlags::default()) == small);
+        let routes_given = CapacityFlags {
+            routes: Some(1024),
+            ..CapacityFlags::default()
+        };
+        ensure!(Capacity::from_flags(&layout, routes_given) == bigger);
+        let fresh = PinLayout::new(&bpffs_root("capacity-fresh"));
+        ensure!(Capacity::from_flags(&fresh, CapacityFlags::default()) == Capacity::default());
         Ok(())
     })();
     result?;

@@ -483,16 +483,26 @@ fn a_node_overlapping_another_pod_cidr_is_left_out_and_everything_else_still_app
         for node in ["edge-1", "edge-3"] {
             wait_for_frontend(cluster, node, vip, 1)?;
         }
-        let problems = cluster.agent_inspect("edge-1", "problems")?;
-        let listed = problems.as_array().map(Vec::len).unwrap_or_default();
-        ensure!(
-            listed == 1
+        // The pass that programs the frontend lists the problem just after
+        // its map writes: wait for the list too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let problems = cluster.agent_inspect("edge-1", "problems")?;
+            let listed = problems.as_array().map(Vec::len).unwrap_or_default();
+            if listed == 1
                 && problems[0]["object"] == "Node edge-9"
                 && problems[0]["problem"]
                     .as_str()
-                    .is_some_and(|p| p.contains("overlaps node edge-1's 10.234.1.0/24")),
-            "inspect problems on edge-1: {problems}"
-        );
+                    .is_some_and(|p| p.contains("overlaps node edge-1's 10.234.1.0/24"))
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "inspect problems on edge-1: {problems}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
         set_manifest_section(cluster, "overlap", "")?;
         set_manifest_section(cluster, "after-overlap", "")?;
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -47,7 +47,7 @@ enum Cmd {
         /// Also write every figure, under stable keys, to this JSON file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector, ha.
+        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector, ha, scale.
         #[arg(long)]
         only: Option<String>,
     },
@@ -137,6 +137,19 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { json, only } => {
             build::build_ebpf(&ws)?;
+            if only
+                .as_deref()
+                .is_none_or(|only| only.split(',').any(|s| s == "scale"))
+            {
+                // The scale section times a release agent.
+                let status = Command::new("cargo")
+                    .current_dir(&ws)
+                    .args(["build", "--quiet", "--release", "-p", "fabedge-agent"])
+                    .status()?;
+                if !status.success() {
+                    bail!("building the release fabedge-agent failed");
+                }
+            }
             let mut args = Vec::new();
             if let Some(json) = json {
                 // The benchmark runs in the workspace; the path is the caller's.

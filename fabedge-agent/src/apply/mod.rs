@@ -105,6 +105,9 @@ pub struct Applier {
     conflicts: Vec<Problem>,
     /// Why the last apply failed (and was rolled back), if it did.
     failure: Option<Problem>,
+    /// What `FE_SERVICES` and `FE_BACKENDS` hold, read from the kernel at
+    /// the first apply and kept since (`None`: read it again).
+    services: Option<crate::services::apply::ServiceShadow>,
     fail_point: failpoint::FailPoint,
 }
 
@@ -168,6 +171,9 @@ impl Applier {
                 return Err(e);
             }
         };
+        if let Some(services) = &mut self.services {
+            services.begin();
+        }
         let mut step = STEPS[0];
         match self.write(datapath, maps, plan, settings, &checked, &mut step) {
             Ok(report) => {
@@ -290,8 +296,13 @@ impl Applier {
             report.peers_removed += 1;
         }
         next(step, &self.fail_point)?;
-        report.service_changes =
-            crate::services::apply::apply_services(maps, &plan.services)?.changes();
+        let services = match &mut self.services {
+            Some(services) => services,
+            None => self
+                .services
+                .insert(crate::services::apply::ServiceShadow::read(maps)?),
+        };
+        report.service_changes = services.apply(maps, &plan.services)?.changes();
         next(step, &self.fail_point)?;
         let mut config = plan.config;
         if plan

@@ -108,7 +108,7 @@ pub fn precheck(plan: &Plan, capacity: &Capacity, host: &HostFacts) -> Result<Ch
             capacity.services
         );
     }
-    let backends = plan.services.backend_map().len();
+    let backends = plan.services.backend_count();
     if backends > capacity.backends as usize {
         bail!(
             "the plan has {backends} Service backends but FE_BACKENDS holds {}: nothing was \

@@ -13,10 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use fabedge_common::{
-    DatapathConfig, GroupEntry, PeerEntry, RouteEntry,
-    services::{Backend, BackendKey, ServiceEntry, ServiceKey},
-};
+use fabedge_common::{DatapathConfig, GroupEntry, PeerEntry, RouteEntry};
 use ipnet::Ipv4Net;
 use log::warn;
 
@@ -33,8 +30,6 @@ pub(super) struct Before {
     groups: BTreeMap<u16, GroupEntry>,
     vtep_addrs: BTreeSet<Ipv4Addr>,
     config: DatapathConfig,
-    services: BTreeMap<ServiceKey, ServiceEntry>,
-    backends: BTreeMap<BackendKey, Backend>,
     kernel_routes: Vec<KernelRoute>,
     tunnel_table: BTreeSet<Ipv4Net>,
     /// What this process had attached, and the attachments pinned.
@@ -69,8 +64,6 @@ impl Before {
             groups: maps.group_entries()?,
             vtep_addrs: maps.vtep_addr_entries()?,
             config: maps.config()?,
-            services: maps.service_entries()?.into_iter().collect(),
-            backends: maps.backend_entries()?.into_iter().collect(),
             kernel_routes: net::our_routes()?,
             tunnel_table: tunnel_table::TunnelTable::read()?.prefixes,
             attached: applier.attached.clone(),
@@ -108,7 +101,7 @@ impl Before {
         keep(self.restore_kernel_routes());
         keep(tunnel_table::sync(&self.tunnel_table).map(drop));
         keep(self.restore_programs(applier, datapath));
-        keep(self.restore_maps(maps));
+        keep(self.restore_maps(applier, maps));
         for (key, value) in &self.sysctls {
             keep(sysctl::set(None, key, value));
         }
@@ -172,35 +165,18 @@ impl Before {
 
     /// The maps as they were, in the order apply writes them, so that no
     /// lookup meets an entry pointing at something absent.
-    fn restore_maps(&self, maps: &mut Maps) -> Result<()> {
+    fn restore_maps(&self, applier: &mut Applier, maps: &mut Maps) -> Result<()> {
         if maps.config()? != self.config {
             maps.set_config(self.config)?;
         }
-        let services: BTreeMap<_, _> = maps.service_entries()?.into_iter().collect();
-        for key in services.keys().filter(|k| !self.services.contains_key(k)) {
-            maps.services
-                .remove(key)
-                .context("removing a frontend from FE_SERVICES")?;
-        }
-        let backends: BTreeMap<_, _> = maps.backend_entries()?.into_iter().collect();
-        for (key, backend) in &self.backends {
-            if backends.get(key) != Some(backend) {
-                maps.backends
-                    .insert(key, backend, 0)
-                    .context("writing FE_BACKENDS")?;
-            }
-        }
-        for (key, entry) in &self.services {
-            if services.get(key) != Some(entry) {
-                maps.services
-                    .insert(key, entry, 0)
-                    .context("writing FE_SERVICES")?;
-            }
-        }
-        for key in backends.keys().filter(|k| !self.backends.contains_key(k)) {
-            maps.backends
-                .remove(key)
-                .context("removing a backend from FE_BACKENDS")?;
+        // The Service maps: the apply's own writes taken back (they were
+        // not dumped before it; see `services::apply::ServiceShadow`).
+        if let Some(services) = &mut applier.services
+            && let Err(e) = services.undo(maps)
+        {
+            // What the maps hold is not known now: read them at the next apply.
+            applier.services = None;
+            return Err(e);
         }
         let peers = read_peers(maps)?;
         for (&id, peer) in &self.peers {

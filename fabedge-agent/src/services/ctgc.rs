@@ -53,15 +53,27 @@ pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// One collection with each frontend's affinity timeout; errors are logged
 /// (the next tick retries), never fatal.
 pub fn collect_and_log(maps: &mut Maps) {
-    let timeouts: std::collections::BTreeMap<u32, u64> = match maps.service_entries() {
-        Ok(entries) => entries
-            .into_iter()
-            .map(|(_, e)| (e.id, e.affinity_timeout as u64))
-            .collect(),
-        Err(e) => return log::warn!("conntrack GC: {e:#}"),
+    // The timeouts matter to affinity entries only: with none (no client of
+    // a ClientIP Service lately) FE_SERVICES is not read, which at 10 k
+    // Services is most of an idle agent's work. One that appears meanwhile
+    // is kept until the next collection.
+    let no_affinity = maps.affinity.keys().next().is_none();
+    let timeouts: Option<std::collections::BTreeMap<u32, u64>> = if no_affinity {
+        None
+    } else {
+        match maps.service_entries() {
+            Ok(entries) => Some(
+                entries
+                    .into_iter()
+                    .map(|(_, e)| (e.id, e.affinity_timeout as u64))
+                    .collect(),
+            ),
+            Err(e) => return log::warn!("conntrack GC: {e:#}"),
+        }
     };
-    match collect(maps, monotonic_ns(), |id| {
-        timeouts.get(&id).copied().unwrap_or(0)
+    match collect(maps, monotonic_ns(), |id| match &timeouts {
+        Some(timeouts) => timeouts.get(&id).copied().unwrap_or(0),
+        None => u64::from(u32::MAX),
     }) {
         Ok(report) if report != GcReport::default() => log::debug!("conntrack GC: {report:?}"),
         Ok(_) => {}

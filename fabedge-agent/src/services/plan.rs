@@ -30,7 +30,7 @@ use crate::model::{
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServicePlan {
     /// Frontends with ids `1..`, in key order; apply keeps the ids of
-    /// frontends already in the map (see [`reuse_ids`]).
+    /// frontends already in the map (see [`frontend_ids`]).
     pub frontends: BTreeMap<ServiceKey, Frontend>,
     /// Services left out (capacity, unsupported protocol), with why.
     pub skipped: Vec<Problem>,
@@ -46,6 +46,11 @@ pub struct Frontend {
 }
 
 impl ServicePlan {
+    /// Backend slots over all frontends (what `FE_BACKENDS` must hold).
+    pub fn backend_count(&self) -> usize {
+        self.frontends.values().map(|f| f.backends.len()).sum()
+    }
+
     /// `FE_BACKENDS` as planned.
     pub fn backend_map(&self) -> BTreeMap<BackendKey, Backend> {
         self.frontends
@@ -228,7 +233,8 @@ fn plan_within(
             plan.skipped.push(Problem::new(format!("Service {name}"), format!(
                 "is not programmed: FE_SERVICES holds {max_frontends} frontends and FE_BACKENDS \
                  {max_backends} backends, and {} + {} frontends / {backend_total} + {backends} backends do not fit; \
-                 its clients' packets go to the connector untranslated. Fix: fewer Services or a build with larger maps",
+                 its clients' packets go to the connector untranslated. Fix: raise --max-services or \
+                 --max-backends (after `fabedge-agent uninstall` on a node whose maps are pinned)",
                 plan.frontends.len(),
                 frontends.len()
             )));
@@ -243,15 +249,21 @@ fn plan_within(
     plan
 }
 
-/// Give planned frontends the ids they already have in the map, and new
-/// ones the lowest ids nobody uses, so a re-apply rewrites nothing that did
-/// not change (and affinity entries keep their meaning).
-pub fn reuse_ids(plan: &mut ServicePlan, current: &BTreeMap<ServiceKey, ServiceEntry>) {
+/// The id of each planned frontend: the one it already has in the map
+/// (`current`), else the lowest id nobody uses, so a re-apply rewrites
+/// nothing that did not change (and affinity entries keep their meaning).
+pub fn frontend_ids(
+    plan: &ServicePlan,
+    current: &BTreeMap<ServiceKey, ServiceEntry>,
+) -> BTreeMap<ServiceKey, u32> {
     let mut used: BTreeSet<u32> = BTreeSet::new();
+    let mut ids = BTreeMap::new();
     let mut pending = Vec::new();
-    for (key, frontend) in plan.frontends.iter_mut() {
+    for key in plan.frontends.keys() {
         match current.get(key) {
-            Some(entry) if entry.id != 0 && used.insert(entry.id) => frontend.entry.id = entry.id,
+            Some(entry) if entry.id != 0 && used.insert(entry.id) => {
+                ids.insert(*key, entry.id);
+            }
             _ => pending.push(*key),
         }
     }
@@ -261,12 +273,9 @@ pub fn reuse_ids(plan: &mut ServicePlan, current: &BTreeMap<ServiceKey, ServiceE
             next += 1;
         }
         used.insert(next);
-        plan.frontends
-            .get_mut(&key)
-            .expect("key from the plan")
-            .entry
-            .id = next;
+        ids.insert(key, next);
     }
+    ids
 }
 
 #[cfg(test)]
@@ -545,12 +554,8 @@ mod tests {
                 },
             ),
         ]);
-        reuse_ids(&mut plan, &current);
-        assert_eq!(plan.frontends[&k(2)].entry.id, 1);
-        assert_eq!(
-            plan.frontends[&k(1)].entry.id,
-            2,
-            "lowest id not kept by a planned frontend"
-        );
+        let ids = frontend_ids(&plan, &current);
+        assert_eq!(ids[&k(2)], 1);
+        assert_eq!(ids[&k(1)], 2, "lowest id not kept by a planned frontend");
     }
 }

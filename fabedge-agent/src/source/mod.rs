@@ -8,6 +8,7 @@ mod checked_tests;
 pub mod kube;
 pub mod last_good;
 pub mod manifest;
+pub mod watch;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{

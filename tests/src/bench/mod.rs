@@ -5,11 +5,12 @@
 pub mod connector;
 pub mod ha;
 pub mod report;
+pub mod scale;
 
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 4] = ["verdicts", "edge-tunnel", "connector", "ha"];
+pub const SECTIONS: [&str; 5] = ["verdicts", "edge-tunnel", "connector", "ha", "scale"];
 
 /// `fabedge-bench [--json FILE] [--only SECTION[,SECTION]]`.
 #[derive(Debug, Default, PartialEq, Eq)]
