@@ -28,9 +28,10 @@ use crate::{
     datapath::Datapath,
     maps::Maps,
     model::{Role, Snapshot},
+    plan::TunnelMode,
     source::{
         Objects,
-        kube::{Connection, KubeSource},
+        kube::{Connection, KubeSource, NodeView},
         last_good,
     },
 };
@@ -59,7 +60,7 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let mut source = KubeSource::start(client.clone());
+    let mut source = KubeSource::start_viewing(client.clone(), node_view(options));
     let mut state = KubeState {
         applied: None,
         last_error: None,
@@ -184,6 +185,27 @@ pub(super) async fn run(
     }
     duty.release().await;
     Ok(())
+}
+
+/// Which Nodes this agent watches: with `--cluster-prefix` an edge needs no
+/// Node outside its community but the connectors. Not in ESP mode: SPIs are
+/// derived from every node's name (`esp::keys::SpiSlots`), so an edge that
+/// saw fewer Nodes than its connector could derive other SPIs.
+fn node_view(options: &RunOptions) -> NodeView {
+    let settings = &options.settings;
+    match (settings.cluster_prefixes.is_empty(), settings.tunnel_mode) {
+        (true, _) => NodeView::All,
+        (false, TunnelMode::Esp) => {
+            info!(
+                "ESP mode: watching every Node (SPIs depend on every node's name); --cluster-prefix only adds routes"
+            );
+            NodeView::All
+        }
+        (false, TunnelMode::Vxlan) => NodeView::OwnCommunity {
+            me: options.node.clone(),
+            role_override: settings.role_override,
+        },
+    }
 }
 
 struct KubeState {

@@ -14,7 +14,10 @@
 //! Options: `--json FILE` writes every figure under a stable key
 //! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
 //! `verdicts`, `edge-tunnel`, `connector`, `ha` (connector failover gaps and
-//! probe cost with two connectors: `fabedge_tests::bench::ha`).
+//! probe cost with two connectors: `fabedge_tests::bench::ha`), `edge-watch`
+//! (the watch traffic an edge receives per Node change outside its
+//! community in a 5 k-node cluster, before and after narrowing its Node
+//! watches: `fabedge_tests::bench::edge_watch`).
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -27,7 +30,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     bench::{
-        Options, connector, ha,
+        Options, connector, edge_watch, ha,
         report::{Report, key_part},
     },
     datapath::{TestDatapath, fixtures::*},
@@ -48,6 +51,9 @@ fn main() -> Result<()> {
     }
     if options.runs("ha") {
         ha::run(&mut report)?;
+    }
+    if options.runs("edge-watch") {
+        edge_watch::run(&mut report)?;
     }
     if let Some(path) = &options.json {
         report.write_json(path)?;
