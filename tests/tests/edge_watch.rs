@@ -37,8 +37,7 @@ fn fences(cluster: &SimulatedCluster) -> Vec<&str> {
 }
 
 #[test]
-fn an_edge_receives_no_event_for_nodes_outside_its_community_and_every_peer_change() -> Result<()>
-{
+fn an_edge_receives_no_event_for_nodes_outside_its_community_and_every_peer_change() -> Result<()> {
     let (server, cluster) = small_cluster()?;
     let client = server.client();
     let outsiders: Vec<&str> = cluster.outsiders().map(String::as_str).collect();
@@ -53,16 +52,37 @@ fn an_edge_receives_no_event_for_nodes_outside_its_community_and_every_peer_chan
     server.block_on(async {
         // Every Node watched (as before): each change is one event.
         let all = [NodeWatch::All].into();
-        let before = watch_traffic(&client, &all, &fences, change_nodes(&client, &outsiders, 10)).await?;
+        let before = watch_traffic(
+            &client,
+            &all,
+            &fences,
+            change_nodes(&client, &outsiders, 10),
+        )
+        .await?;
         assert_eq!(before.events, 10, "{before:?}");
 
-        let outside = watch_traffic(&client, &watches, &fences, change_nodes(&client, &outsiders, 10)).await?;
+        let outside = watch_traffic(
+            &client,
+            &watches,
+            &fences,
+            change_nodes(&client, &outsiders, 10),
+        )
+        .await?;
         assert_eq!((outside.events, outside.bytes), (0, 0), "{outside:?}");
 
         let peer = cluster.community[1].as_str();
         let connector = cluster.connectors[1].as_str();
-        let inside = watch_traffic(&client, &watches, &fences, change_nodes(&client, &[peer, connector], 2)).await?;
-        assert_eq!(inside.events, 2, "{peer} and {connector} changed once each: {inside:?}");
+        let inside = watch_traffic(
+            &client,
+            &watches,
+            &fences,
+            change_nodes(&client, &[peer, connector], 2),
+        )
+        .await?;
+        assert_eq!(
+            inside.events, 2,
+            "{peer} and {connector} changed once each: {inside:?}"
+        );
         anyhow::Ok(())
     })
 }

@@ -1430,7 +1430,12 @@ fn vxlan_fast_path_encapsulates_in_the_program_unless_told_otherwise() {
 
 /// The example cluster's prefixes: cloud and edge pod CIDRs, cloud and edge
 /// node networks (the connector's tunnel endpoint, 198.18.0.1, is outside).
-const CLUSTER_PREFIXES: [&str; 4] = ["10.244.0.0/16", "10.234.0.0/16", "10.1.0.0/16", "10.2.0.0/16"];
+const CLUSTER_PREFIXES: [&str; 4] = [
+    "10.244.0.0/16",
+    "10.234.0.0/16",
+    "10.1.0.0/16",
+    "10.2.0.0/16",
+];
 
 /// What edge `me` plans with when it watches only the Nodes its view calls
 /// for (`source::kube::NodeView`), routing `CLUSTER_PREFIXES` as a whole.
@@ -1455,7 +1460,10 @@ fn narrowed_plan(me: &str) -> Plan {
             .collect(),
         ..objects.clone()
     };
-    assert!(seen.nodes.len() < objects.nodes.len(), "{me} sees every Node");
+    assert!(
+        seen.nodes.len() < objects.nodes.len(),
+        "{me} sees every Node"
+    );
     let settings = Settings {
         cluster_prefixes: CLUSTER_PREFIXES.iter().map(|p| net(p)).collect(),
         ..settings()

@@ -377,7 +377,11 @@ impl KubeSource {
 /// Keeps one watch running per [`NodeWatch`] the caches call for: a Node
 /// joining this edge's community is watched as soon as the Community says
 /// so, one leaving it is dropped with its cache.
-async fn follow_node_watches(client: Client, caches: Arc<Mutex<Caches>>, tx: Arc<watch::Sender<u64>>) {
+async fn follow_node_watches(
+    client: Client,
+    caches: Arc<Mutex<Caches>>,
+    tx: Arc<watch::Sender<u64>>,
+) {
     let mut changed = tx.subscribe();
     let mut running: BTreeMap<NodeWatch, JoinHandle<()>> = BTreeMap::new();
     loop {
@@ -599,7 +603,11 @@ mod tests {
             me: "edge-1".into(),
             role_override: Some(Role::Connector),
         };
-        assert!(overridden.watches(Some(&edge), []).contains(&NodeWatch::All));
+        assert!(
+            overridden
+                .watches(Some(&edge), [])
+                .contains(&NodeWatch::All)
+        );
     }
 
     #[test]
@@ -661,7 +669,10 @@ mod tests {
     }
 
     fn names(nodes: &[core::Node]) -> Vec<&str> {
-        nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect()
+        nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect()
     }
 
     #[test]
@@ -670,7 +681,10 @@ mod tests {
         assert_eq!(caches.nodes(), None, "edge-2's watch has not listed");
         let mut peer = Cache::default();
         peer.handle(watcher::Event::Init);
-        peer.handle(watcher::Event::InitApply(labelled("edge-2", Some(label::EDGE))));
+        peer.handle(watcher::Event::InitApply(labelled(
+            "edge-2",
+            Some(label::EDGE),
+        )));
         peer.handle(watcher::Event::InitDone);
         caches.nodes.insert(named("edge-2"), peer);
         assert_eq!(

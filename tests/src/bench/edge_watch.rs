@@ -76,11 +76,21 @@ impl SimulatedCluster {
     /// capacity, node info, a few images: about the size of a real Node).
     pub fn nodes(&self) -> Vec<Value> {
         let connectors = self.connectors.iter().enumerate().map(|(i, name)| {
-            node(name, label::CONNECTOR, [10, 1, 0, i as u8 + 1], format!("10.244.{i}.0/24"))
+            node(
+                name,
+                label::CONNECTOR,
+                [10, 1, 0, i as u8 + 1],
+                format!("10.244.{i}.0/24"),
+            )
         });
         let edges = self.edges.iter().enumerate().map(|(i, name)| {
             let [hi, lo] = (i as u16).to_be_bytes();
-            node(name, label::EDGE, [10, 2, hi, lo], format!("10.{}.{}.0/24", 128 + hi, lo))
+            node(
+                name,
+                label::EDGE,
+                [10, 2, hi, lo],
+                format!("10.{}.{}.0/24", 128 + hi, lo),
+            )
         });
         connectors.chain(edges).collect()
     }
@@ -314,7 +324,11 @@ where
     F: std::future::Future<Output = Result<()>>,
 {
     static FENCES: AtomicU64 = AtomicU64::new(0);
-    let fence = format!("fence-{}-{}", std::process::id(), FENCES.fetch_add(1, Ordering::Relaxed));
+    let fence = format!(
+        "fence-{}-{}",
+        std::process::id(),
+        FENCES.fetch_add(1, Ordering::Relaxed)
+    );
     let mut counted = Vec::new();
     for watch in watches {
         counted.push(open(client, watch, &fence).await?);
@@ -329,7 +343,9 @@ where
         match tokio::time::timeout(left, counted.fenced.wait_for(|f| *f)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => bail!("watch {watch:?} ended before its fence came through"),
-            Err(_) => bail!("watch {watch:?}: no fence within {FENCE_TIMEOUT:?} (is one of {fence_nodes:?} selected by it?)"),
+            Err(_) => bail!(
+                "watch {watch:?}: no fence within {FENCE_TIMEOUT:?} (is one of {fence_nodes:?} selected by it?)"
+            ),
         }
     }
     Ok(counted.iter().fold(Traffic::default(), |sum, c| Traffic {
@@ -341,7 +357,13 @@ where
 /// Annotates `nodes` one after the other, `rounds` changes in all.
 pub async fn change_nodes(client: &Client, nodes: &[&str], rounds: usize) -> Result<()> {
     for i in 0..rounds {
-        annotate(client, nodes[i % nodes.len()], "fabedge.test/changed", &i.to_string()).await?;
+        annotate(
+            client,
+            nodes[i % nodes.len()],
+            "fabedge.test/changed",
+            &i.to_string(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -355,14 +377,24 @@ pub struct PerChange {
 /// Counts the traffic of `changes` Node changes outside the community of
 /// `cluster`'s measured edge, with every Node watched and with the edge's
 /// view. The cluster must exist on the server.
-pub async fn measure(client: &Client, cluster: &SimulatedCluster, changes: usize) -> Result<PerChange> {
+pub async fn measure(
+    client: &Client,
+    cluster: &SimulatedCluster,
+    changes: usize,
+) -> Result<PerChange> {
     let outsiders: Vec<&str> = cluster.outsiders().map(String::as_str).collect();
     // Together selected by every watch of either set: the edge itself, a
     // connector and each community peer.
     let mut fences: Vec<&str> = cluster.community.iter().map(String::as_str).collect();
     fences.push(&cluster.connectors[0]);
     let all = BTreeSet::from([NodeWatch::All]);
-    let before = watch_traffic(client, &all, &fences, change_nodes(client, &outsiders, changes)).await?;
+    let before = watch_traffic(
+        client,
+        &all,
+        &fences,
+        change_nodes(client, &outsiders, changes),
+    )
+    .await?;
     let after = watch_traffic(
         client,
         &edge_watches(cluster)?,
@@ -425,7 +457,12 @@ pub fn install_crd(server: &ApiServer) -> Result<()> {
     let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
     for args in [
         &["apply", "-f", crd][..],
-        &["wait", "--for=condition=Established", "crd/communities.fabedge.io", "--timeout=60s"],
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/communities.fabedge.io",
+            "--timeout=60s",
+        ],
     ] {
         let out = server.kubectl(args)?;
         if !out.status.success() {
