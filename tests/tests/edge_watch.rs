@@ -29,19 +29,12 @@ fn small_cluster() -> Result<(ApiServer, SimulatedCluster)> {
     Ok((server, cluster))
 }
 
-/// The Nodes every watch selects together: the community and a connector.
-fn fences(cluster: &SimulatedCluster) -> Vec<&str> {
-    let mut fences: Vec<&str> = cluster.community.iter().map(String::as_str).collect();
-    fences.push(&cluster.connectors[0]);
-    fences
-}
-
 #[test]
 fn an_edge_receives_no_event_for_nodes_outside_its_community_and_every_peer_change() -> Result<()> {
     let (server, cluster) = small_cluster()?;
     let client = server.client();
     let outsiders: Vec<&str> = cluster.outsiders().map(String::as_str).collect();
-    let fences = fences(&cluster);
+    let fences = cluster.fence_nodes();
     let watches = edge_watches(&cluster)?;
     assert_eq!(
         watches.len(),

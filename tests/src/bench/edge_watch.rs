@@ -105,6 +105,14 @@ impl SimulatedCluster {
         })
     }
 
+    /// Nodes that, annotated together, reach every watch of the measured
+    /// edge and of every-Node: the community and a connector.
+    pub fn fence_nodes(&self) -> Vec<&str> {
+        let mut fences: Vec<&str> = self.community.iter().map(String::as_str).collect();
+        fences.push(&self.connectors[0]);
+        fences
+    }
+
     /// Edge nodes outside the community.
     pub fn outsiders(&self) -> impl Iterator<Item = &String> {
         self.edges.iter().filter(|e| !self.community.contains(e))
@@ -262,12 +270,7 @@ async fn open(client: &Client, watch: &NodeWatch, fence: &str) -> Result<Counted
         .metadata
         .resource_version
         .context("a list without resourceVersion")?;
-    let mut query = format!("/api/v1/nodes?watch=true&resourceVersion={version}");
-    for (name, value) in [("labelSelector", labels), ("fieldSelector", fields)] {
-        if let Some(value) = value {
-            query.push_str(&format!("&{name}={}", encode(&value)));
-        }
-    }
+    let query = nodes_path(watch, &format!("watch=true&resourceVersion={version}"));
     let request = http::Request::get(query).body(Vec::new())?;
     let stream = client.request_stream(request).await?;
     let traffic = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
@@ -296,6 +299,30 @@ async fn open(client: &Client, watch: &NodeWatch, fence: &str) -> Result<Counted
         fenced,
         task,
     })
+}
+
+/// The path that lists (or, with `query`, watches) `watch`'s Nodes.
+fn nodes_path(watch: &NodeWatch, query: &str) -> String {
+    let (labels, fields) = watch.selectors();
+    let mut path = format!("/api/v1/nodes?{query}");
+    for (name, value) in [("labelSelector", labels), ("fieldSelector", fields)] {
+        if let Some(value) = value {
+            path.push_str(&format!("&{name}={}", encode(&value)));
+        }
+    }
+    path
+}
+
+/// Bytes one list of each of `watches` downloads: what an edge fetches when
+/// it starts and again on every relist (an expired resourceVersion, a
+/// reconnect after the API server was away).
+pub async fn list_bytes(client: &Client, watches: &BTreeSet<NodeWatch>) -> Result<u64> {
+    let mut bytes = 0;
+    for watch in watches {
+        let request = http::Request::get(nodes_path(watch, "")).body(Vec::new())?;
+        bytes += client.request_text(request).await?.len() as u64;
+    }
+    Ok(bytes)
 }
 
 /// Selector values as a query string carries them.
@@ -368,10 +395,19 @@ pub async fn change_nodes(client: &Client, nodes: &[&str], rounds: usize) -> Res
     Ok(())
 }
 
-/// Per change: before (every Node watched) and after (the edge's view).
-pub struct PerChange {
-    pub before: (f64, f64),
-    pub after: (f64, f64),
+/// What one set of watches costs the edge.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchCost {
+    pub events_per_change: f64,
+    pub bytes_per_change: f64,
+    /// One list of every watch of the set.
+    pub list_bytes: u64,
+}
+
+/// Before (every Node watched) and after (the edge's view).
+pub struct Figures {
+    pub before: WatchCost,
+    pub after: WatchCost,
 }
 
 /// Counts the traffic of `changes` Node changes outside the community of
@@ -381,50 +417,43 @@ pub async fn measure(
     client: &Client,
     cluster: &SimulatedCluster,
     changes: usize,
-) -> Result<PerChange> {
+) -> Result<Figures> {
     let outsiders: Vec<&str> = cluster.outsiders().map(String::as_str).collect();
-    // Together selected by every watch of either set: the edge itself, a
-    // connector and each community peer.
-    let mut fences: Vec<&str> = cluster.community.iter().map(String::as_str).collect();
-    fences.push(&cluster.connectors[0]);
-    let all = BTreeSet::from([NodeWatch::All]);
-    let before = watch_traffic(
-        client,
-        &all,
-        &fences,
-        change_nodes(client, &outsiders, changes),
-    )
-    .await?;
-    let after = watch_traffic(
-        client,
-        &edge_watches(cluster)?,
-        &fences,
-        change_nodes(client, &outsiders, changes),
-    )
-    .await?;
-    let per_change = |traffic: Traffic| {
-        (
-            traffic.events as f64 / changes as f64,
-            traffic.bytes as f64 / changes as f64,
+    let fences = cluster.fence_nodes();
+    let cost = async |watches: &BTreeSet<NodeWatch>| -> Result<WatchCost> {
+        let traffic = watch_traffic(
+            client,
+            watches,
+            &fences,
+            change_nodes(client, &outsiders, changes),
         )
+        .await?;
+        Ok(WatchCost {
+            events_per_change: traffic.events as f64 / changes as f64,
+            bytes_per_change: traffic.bytes as f64 / changes as f64,
+            list_bytes: list_bytes(client, watches).await?,
+        })
     };
-    Ok(PerChange {
-        before: per_change(before),
-        after: per_change(after),
+    Ok(Figures {
+        before: cost(&BTreeSet::from([NodeWatch::All])).await?,
+        after: cost(&edge_watches(cluster)?).await?,
     })
 }
 
+/// The section's figures, each `.before` and `.after`.
+const KEYS: [&str; 3] = [
+    "scale.edge_watch_events_per_node_change",
+    "scale.edge_watch_bytes_per_node_change",
+    "scale.edge_watch_list_bytes",
+];
+
 /// The `edge-watch` section of `cargo xtask bench`.
 pub fn run(report: &mut Report) -> Result<()> {
-    let keys = [
-        "scale.edge_watch_events_per_node_change",
-        "scale.edge_watch_bytes_per_node_change",
-    ];
     let server = match ApiServer::start() {
         Ok(server) => server,
         Err(e) => {
             println!("edge watch traffic: skipped ({e:#})");
-            for key in keys {
+            for key in KEYS {
                 report.unavailable(format!("{key}.before"));
                 report.unavailable(format!("{key}.after"));
             }
@@ -444,10 +473,14 @@ pub fn run(report: &mut Report) -> Result<()> {
     install_crd(&server)?;
     server.apply(&cluster.community_object())?;
     let figures = server.block_on(measure(&client, &cluster, BENCH_CHANGES))?;
-    for (when, (events, bytes)) in [("before", figures.before), ("after", figures.after)] {
-        println!("  {when:>6}: {events:.2} events, {bytes:.0} bytes per Node change");
-        report.record(format!("{}.{when}", keys[0]), events);
-        report.record(format!("{}.{when}", keys[1]), bytes);
+    for (when, cost) in [("before", figures.before), ("after", figures.after)] {
+        println!(
+            "  {when:>6}: {:.2} events, {:.0} bytes per Node change; a relist downloads {} bytes",
+            cost.events_per_change, cost.bytes_per_change, cost.list_bytes
+        );
+        report.record(format!("{}.{when}", KEYS[0]), cost.events_per_change);
+        report.record(format!("{}.{when}", KEYS[1]), cost.bytes_per_change);
+        report.record(format!("{}.{when}", KEYS[2]), cost.list_bytes as f64);
     }
     Ok(())
 }
