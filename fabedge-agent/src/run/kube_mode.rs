@@ -60,7 +60,8 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let mut source = KubeSource::start_viewing(client.clone(), node_view(options));
+    let mut source =
+        KubeSource::start_viewing(client.clone(), node_view(&options.node, &options.settings));
     let mut state = KubeState {
         applied: None,
         last_error: None,
@@ -191,8 +192,7 @@ pub(super) async fn run(
 /// Node outside its community but the connectors. Not in ESP mode: SPIs are
 /// derived from every node's name (`esp::keys::SpiSlots`), so an edge that
 /// saw fewer Nodes than its connector could derive other SPIs.
-fn node_view(options: &RunOptions) -> NodeView {
-    let settings = &options.settings;
+fn node_view(node: &str, settings: &crate::plan::Settings) -> NodeView {
     match (settings.cluster_prefixes.is_empty(), settings.tunnel_mode) {
         (true, _) => NodeView::All,
         (false, TunnelMode::Esp) => {
@@ -202,7 +202,7 @@ fn node_view(options: &RunOptions) -> NodeView {
             NodeView::All
         }
         (false, TunnelMode::Vxlan) => NodeView::OwnCommunity {
-            me: options.node.clone(),
+            me: node.to_owned(),
             role_override: settings.role_override,
         },
     }
@@ -282,4 +282,33 @@ pub fn default_namespace() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "fabedge".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Settings;
+
+    #[test]
+    fn only_a_vxlan_agent_with_cluster_prefixes_narrows_its_node_watches() {
+        let prefixes = vec!["10.0.0.0/8".parse().unwrap()];
+        let vxlan = Settings {
+            cluster_prefixes: prefixes.clone(),
+            ..Settings::default()
+        };
+        assert_eq!(
+            node_view("edge-1", &vxlan),
+            NodeView::OwnCommunity {
+                me: "edge-1".into(),
+                role_override: None
+            }
+        );
+        assert_eq!(node_view("edge-1", &Settings::default()), NodeView::All);
+        let esp = Settings {
+            cluster_prefixes: prefixes,
+            tunnel_mode: TunnelMode::Esp,
+            ..Settings::default()
+        };
+        assert_eq!(node_view("edge-1", &esp), NodeView::All);
+    }
 }
