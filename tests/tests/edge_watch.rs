@@ -2,7 +2,8 @@
 //! (`fabedge_tests::apiserver`; `cargo xtask setup` builds it): a Node
 //! change outside its community and its connectors reaches it not at all,
 //! a change of a community peer or a connector does, and a Node joining its
-//! community is watched as soon as the Community says so.
+//! community is watched as soon as the Community says so (one leaving it,
+//! no longer).
 
 use std::time::{Duration, Instant};
 
@@ -102,16 +103,50 @@ async fn wait_for_nodes(source: &mut KubeSource, names: &[&str]) -> Result<()> {
     }
 }
 
+/// Node watches open on the server now (its `apiserver_longrunning_requests`,
+/// which count its own too).
+async fn node_watches_open(client: &kube::Client) -> Result<u64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let metrics = client.request_text(request).await?;
+    let open = metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_longrunning_requests{"))
+        .filter(|l| l.contains(r#"resource="nodes""#) && l.contains(r#"verb="WATCH""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    Ok(open as u64)
+}
+
+/// Waits until the server holds `count` Node watches.
+async fn wait_for_node_watches(client: &kube::Client, count: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open = node_watches_open(client).await?;
+        if open == count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the server holds {open} Node watches, not {count}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
-fn a_node_joining_or_leaving_the_community_is_seen_by_its_peers() -> Result<()> {
+fn a_node_joining_the_community_is_watched_by_its_peers_and_one_leaving_is_dropped() -> Result<()> {
     let (server, cluster) = small_cluster()?;
     let view = NodeView::OwnCommunity {
         me: cluster.me().to_owned(),
         role_override: None,
     };
+    let client = server.client();
+    // The API server's own Node informers.
+    let baseline = server.block_on(node_watches_open(&client))?;
     let mut source = server.block_on(async { KubeSource::start_viewing(server.client(), view) });
     let mut expected = vec!["connector-0", "connector-1", "edge-0", "edge-1", "edge-2"];
     server.block_on(wait_for_nodes(&mut source, &expected))?;
+    // One watch each: its own Node, the connectors, edge-1, edge-2; none of every Node.
+    server.block_on(wait_for_node_watches(&client, baseline + 4))?;
 
     // edge-17 joins site-0, edge-1 leaves it.
     let mut joined = cluster.community_object();
@@ -120,8 +155,11 @@ fn a_node_joining_or_leaving_the_community_is_seen_by_its_peers() -> Result<()> 
     expected = vec!["connector-0", "connector-1", "edge-0", "edge-17", "edge-2"];
     server.block_on(wait_for_nodes(&mut source, &expected))?;
 
+    // One watch each: its own Node, the connectors, edge-2, edge-17
+    // (edge-1's is closed).
+    server.block_on(wait_for_node_watches(&client, baseline + 4))?;
+
     // The newcomer's changes now reach the edge.
-    let client = server.client();
     let watches = server.block_on(async {
         let own = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
             .get(cluster.me())
@@ -141,6 +179,7 @@ fn a_node_joining_or_leaving_the_community_is_seen_by_its_peers() -> Result<()> 
         change_nodes(&client, &["edge-17", "edge-1"], 2),
     ))?;
     assert_eq!(traffic.events, 1, "edge-17's change only: {traffic:?}");
+    // A stopped source leaves no watch behind.
     drop(source);
-    Ok(())
+    server.block_on(wait_for_node_watches(&client, baseline))
 }

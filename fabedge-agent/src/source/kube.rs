@@ -382,8 +382,17 @@ async fn follow_node_watches(
     caches: Arc<Mutex<Caches>>,
     tx: Arc<watch::Sender<u64>>,
 ) {
+    /// A Node watch's task, stopped when dropped: when it is no longer
+    /// wanted, and with this task (dropping the [`KubeSource`] aborts it).
+    struct Running(JoinHandle<()>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
     let mut changed = tx.subscribe();
-    let mut running: BTreeMap<NodeWatch, JoinHandle<()>> = BTreeMap::new();
+    let mut running: BTreeMap<NodeWatch, Running> = BTreeMap::new();
     loop {
         let wanted = {
             let mut caches = caches.lock().unwrap_or_else(PoisonError::into_inner);
@@ -394,13 +403,7 @@ async fn follow_node_watches(
             }
             wanted
         };
-        running.retain(|watch, task| {
-            let keep = wanted.contains(watch);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        running.retain(|watch, _| wanted.contains(watch));
         for watch in wanted {
             if running.contains_key(&watch) {
                 continue;
@@ -413,14 +416,10 @@ async fn follow_node_watches(
                 tx.clone(),
                 move |c| c.nodes.get_mut(&key),
             );
-            running.insert(watch, task);
+            running.insert(watch, Running(task));
         }
-        if changed.changed().await.is_err() {
-            break;
-        }
-    }
-    for task in running.values() {
-        task.abort();
+        // Never fails: this task holds a sender.
+        let _ = changed.changed().await;
     }
 }
 
