@@ -121,6 +121,13 @@ struct RunArgs {
     /// routing (default: drop and count it).
     #[arg(long)]
     pod_egress_via_node: bool,
+    /// Edge: a prefix routed through the connectors as a whole (repeat it:
+    /// the cluster's pod CIDR, the cloud and edge node networks; none may
+    /// hold a connector's tunnel endpoint). In kube mode with `--tunnel
+    /// vxlan` the edge then watches only its own Node, the connectors and
+    /// its community peers, not every Node of the cluster.
+    #[arg(long, value_name = "CIDR")]
+    cluster_prefix: Vec<Ipv4Net>,
     /// VXLAN mode: no redirect fast path; tunnel traffic goes through the
     /// kernel's forwarding into `fe-tunnel` (for debugging; slower).
     #[arg(long)]
@@ -304,6 +311,7 @@ fn main() -> Result<()> {
                 tunnel_key_egress: args.tunnel_key_egress,
                 esp_public_endpoint: args.esp_public_endpoint,
                 probe_port: args.probe_port,
+                cluster_prefixes: args.cluster_prefix,
                 capacity: fabedge_agent::maps::Capacity::from_flags(
                     &layout,
                     fabedge_agent::maps::CapacityFlags {

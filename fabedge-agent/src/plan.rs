@@ -166,6 +166,12 @@ pub struct Settings {
     /// UDP port of the liveness probes (`--probe-port`): the connector's
     /// datapath answers them, edges and connectors send them.
     pub probe_port: u16,
+    /// Edge: prefixes routed through the connector group as a whole
+    /// (`--cluster-prefix`: the cluster's pod CIDRs, the cloud and edge node
+    /// networks). Every node's own route is more specific and still wins,
+    /// so with them an edge needs to see only its community peers and the
+    /// connectors (kube mode then watches only those Nodes).
+    pub cluster_prefixes: Vec<Ipv4Net>,
 }
 
 impl Default for Settings {
@@ -192,6 +198,7 @@ impl Default for Settings {
             esp_public_endpoint: None,
             capacity: crate::maps::Capacity::default(),
             probe_port: fabedge_common::DEFAULT_PROBE_PORT,
+            cluster_prefixes: Vec::new(),
         }
     }
 }
@@ -700,6 +707,19 @@ impl<'a> Planner<'a> {
                     Some(Via::ConnectorGroup),
                     "the Service CIDR".into(),
                 )?;
+                for prefix in &self.settings.cluster_prefixes {
+                    // A node whose pod CIDR is exactly this prefix already
+                    // has its route, the more precise one.
+                    if !self.routes.contains_key(prefix) {
+                        self.route(
+                            *prefix,
+                            route_kind::TUNNEL,
+                            0,
+                            Some(Via::ConnectorGroup),
+                            format!("cluster prefix {prefix} (--cluster-prefix)"),
+                        )?;
+                    }
+                }
             }
             false => self.warn(format!(
                 "no connector node (label {}): {} reaches only its community peers",

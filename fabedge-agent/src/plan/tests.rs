@@ -1427,3 +1427,145 @@ fn vxlan_fast_path_encapsulates_in_the_program_unless_told_otherwise() {
         "ESP goes through xfrm"
     );
 }
+
+/// The example cluster's prefixes: cloud and edge pod CIDRs, cloud and edge
+/// node networks (the connector's tunnel endpoint, 198.18.0.1, is outside).
+const CLUSTER_PREFIXES: [&str; 4] = [
+    "10.244.0.0/16",
+    "10.234.0.0/16",
+    "10.1.0.0/16",
+    "10.2.0.0/16",
+];
+
+/// What edge `me` plans with when it watches only the Nodes its view calls
+/// for (`source::kube::NodeView`), routing `CLUSTER_PREFIXES` as a whole.
+fn narrowed_plan(me: &str) -> Plan {
+    use crate::source::kube::NodeView;
+    let objects = manifest::parse(EXAMPLE_CLUSTER).unwrap();
+    let view = NodeView::OwnCommunity {
+        me: me.into(),
+        role_override: None,
+    };
+    let own = objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(me));
+    let watches = view.watches(own, &objects.communities);
+    let seen = crate::source::Objects {
+        nodes: objects
+            .nodes
+            .iter()
+            .filter(|node| watches.iter().any(|w| w.selects(node)))
+            .cloned()
+            .collect(),
+        ..objects.clone()
+    };
+    assert!(
+        seen.nodes.len() < objects.nodes.len(),
+        "{me} sees every Node"
+    );
+    let settings = Settings {
+        cluster_prefixes: CLUSTER_PREFIXES.iter().map(|p| net(p)).collect(),
+        ..settings()
+    };
+    plan(&seen.snapshot().unwrap(), me, &settings, &PeerIds::new())
+        .unwrap_or_else(|e| panic!("planning {me}: {e}"))
+}
+
+/// Where `plan`'s datapath sends `addr` (longest prefix match): the route
+/// kind and the peer's name, or "connector group".
+fn forwarding(plan: &Plan, addr: Ipv4Addr) -> Option<(u8, String)> {
+    let (_, entry) = plan
+        .routes
+        .iter()
+        .filter(|(prefix, _)| prefix.contains(&addr))
+        .max_by_key(|(prefix, _)| prefix.prefix_len())?;
+    let via = match entry.flags & route_flags::VIA_GROUP {
+        0 => plan.peer_name(entry.peer_id).unwrap_or("").to_owned(),
+        _ => "connector group".to_owned(),
+    };
+    Some((entry.kind, via))
+}
+
+/// Peers by name.
+fn named_peers(plan: &Plan) -> BTreeMap<String, PeerEntry> {
+    plan.peers
+        .iter()
+        .map(|(id, entry)| (plan.peer_name(*id).unwrap().to_owned(), *entry))
+        .collect()
+}
+
+#[test]
+fn an_edge_seeing_only_its_peers_and_connectors_forwards_every_cluster_address_the_same() {
+    let whole = cluster();
+    for me in ["edge-1", "edge-3"] {
+        let full = plan_for(&whole, me);
+        let narrowed = narrowed_plan(me);
+        for node in whole.nodes.values() {
+            let mut addrs = vec![node.internal_ip];
+            addrs.extend(node.pod_cidr.map(|c| c.hosts().next().unwrap()));
+            for addr in addrs {
+                assert_eq!(
+                    forwarding(&narrowed, addr),
+                    forwarding(&full, addr),
+                    "{me} → {addr} ({})",
+                    node.name
+                );
+            }
+        }
+        assert_eq!(
+            forwarding(&narrowed, ip("10.96.0.10")),
+            forwarding(&full, ip("10.96.0.10"))
+        );
+        assert_eq!(named_peers(&narrowed), named_peers(&full), "{me}");
+        assert_eq!(narrowed.groups, full.groups, "{me}");
+        assert_eq!(narrowed.ha, full.ha, "{me}");
+        assert_eq!(narrowed.services, full.services, "{me}");
+        assert_eq!(
+            (&narrowed.config, &narrowed.devices, &narrowed.attachments),
+            (&full.config, &full.devices, &full.attachments)
+        );
+        // cloud-2 is neither a peer nor a connector: no route of its own.
+        assert!(!narrowed.routes.contains_key(&net("10.1.0.2/32")));
+    }
+}
+
+#[test]
+fn cluster_prefixes_route_through_the_connector_group_behind_every_node_s_own_route() {
+    let settings = Settings {
+        cluster_prefixes: CLUSTER_PREFIXES.iter().map(|p| net(p)).collect(),
+        ..settings()
+    };
+    let plan = super::plan(&cluster(), "edge-1", &settings, &PeerIds::new()).unwrap();
+    for prefix in CLUSTER_PREFIXES {
+        assert_eq!(
+            route(&plan, prefix).0,
+            tunnel(route_flags::VIA_GROUP)(CONNECTOR_GROUP),
+            "{prefix}"
+        );
+    }
+    // Inside them, the local pods and the community peer keep their own routes.
+    assert_eq!(route(&plan, "10.234.1.0/24").0.kind, route_kind::LOCAL_POD);
+    assert_eq!(route(&plan, "10.234.2.0/24").1, Some("edge-2"));
+    // Not an edge's business elsewhere.
+    let connector = super::plan(&cluster(), "cloud-1", &settings, &PeerIds::new()).unwrap();
+    assert!(!connector.routes.contains_key(&net("10.2.0.0/16")));
+}
+
+#[test]
+fn a_cluster_prefix_holding_a_connector_s_tunnel_endpoint_is_refused() {
+    let settings = Settings {
+        cluster_prefixes: vec![net("198.18.0.0/16")],
+        ..settings()
+    };
+    let err = plan(&cluster(), "edge-3", &settings, &PeerIds::new()).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::TunnelLoop {
+            prefix: net("198.18.0.0/16"),
+            owner: "cluster prefix 198.18.0.0/16 (--cluster-prefix)".into(),
+            peer: "cloud-1".into(),
+            endpoint: ip("198.18.0.1"),
+        }
+    );
+}

@@ -28,9 +28,10 @@ use crate::{
     datapath::Datapath,
     maps::Maps,
     model::{Role, Snapshot},
+    plan::TunnelMode,
     source::{
         Objects,
-        kube::{Connection, KubeSource},
+        kube::{Connection, KubeSource, NodeView},
         last_good,
     },
 };
@@ -59,7 +60,8 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let mut source = KubeSource::start(client.clone());
+    let mut source =
+        KubeSource::start_viewing(client.clone(), node_view(&options.node, &options.settings));
     let mut state = KubeState {
         applied: None,
         last_error: None,
@@ -186,6 +188,26 @@ pub(super) async fn run(
     Ok(())
 }
 
+/// Which Nodes this agent watches: with `--cluster-prefix` an edge needs no
+/// Node outside its community but the connectors. Not in ESP mode: SPIs are
+/// derived from every node's name (`esp::keys::SpiSlots`), so an edge that
+/// saw fewer Nodes than its connector could derive other SPIs.
+fn node_view(node: &str, settings: &crate::plan::Settings) -> NodeView {
+    match (settings.cluster_prefixes.is_empty(), settings.tunnel_mode) {
+        (true, _) => NodeView::All,
+        (false, TunnelMode::Esp) => {
+            info!(
+                "ESP mode: watching every Node (SPIs depend on every node's name); --cluster-prefix only adds routes"
+            );
+            NodeView::All
+        }
+        (false, TunnelMode::Vxlan) => NodeView::OwnCommunity {
+            me: node.to_owned(),
+            role_override: settings.role_override,
+        },
+    }
+}
+
 struct KubeState {
     /// The snapshot last applied successfully.
     applied: Option<Snapshot>,
@@ -260,4 +282,33 @@ pub fn default_namespace() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "fabedge".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Settings;
+
+    #[test]
+    fn only_a_vxlan_agent_with_cluster_prefixes_narrows_its_node_watches() {
+        let prefixes = vec!["10.0.0.0/8".parse().unwrap()];
+        let vxlan = Settings {
+            cluster_prefixes: prefixes.clone(),
+            ..Settings::default()
+        };
+        assert_eq!(
+            node_view("edge-1", &vxlan),
+            NodeView::OwnCommunity {
+                me: "edge-1".into(),
+                role_override: None
+            }
+        );
+        assert_eq!(node_view("edge-1", &Settings::default()), NodeView::All);
+        let esp = Settings {
+            cluster_prefixes: prefixes,
+            tunnel_mode: TunnelMode::Esp,
+            ..Settings::default()
+        };
+        assert_eq!(node_view("edge-1", &esp), NodeView::All);
+    }
 }

@@ -1,7 +1,16 @@
-//! The Kubernetes source: one kube-rs watcher per kind (Nodes, Services,
-//! EndpointSlices, Communities) keeps a cache of the cluster, and
+//! The Kubernetes source: kube-rs watchers (one per kind, Nodes possibly
+//! several, see [`NodeView`]) keep a cache of the cluster, and
 //! [`KubeSource::objects`] hands out the same [`Objects`] the manifest file
 //! gives, so both sources feed the same model and plan.
+//!
+//! An edge that routes the cluster's prefixes through its connectors as a
+//! whole (`--cluster-prefix`) needs no other Node than its own, the
+//! connectors and its community peers: it watches just those, so a change
+//! to any other Node costs it nothing however large the cluster grows.
+//! Who is a peer comes from the Community objects (an administrator's), who
+//! is a connector from the role label (which no agent may write,
+//! `deploy/node-policy.yaml`): a node cannot make itself seen by setting
+//! anything on its own Node.
 //!
 //! Watch errors, expired resource versions (410 Gone) and reconnects make
 //! the watcher relist. A relist is staged: the cache keeps the old objects
@@ -11,7 +20,7 @@
 //! unreachable the cache simply keeps its last state.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
@@ -30,6 +39,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{CommunityObject, Objects};
+use crate::model::{Role, label};
 
 /// How the agent reaches the API server.
 #[derive(Debug, Clone)]
@@ -130,12 +140,144 @@ fn key_of<K: Resource>(object: &K) -> String {
     )
 }
 
-#[derive(Default)]
+/// Which Nodes an agent watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeView {
+    /// Every Node: connectors and cloud nodes plan with the whole cluster.
+    All,
+    /// Node `me` watches its own Node first. As an edge (its label, or
+    /// `role_override`) it then watches the connectors and its community
+    /// peers only; as anything else, every Node.
+    OwnCommunity {
+        me: String,
+        role_override: Option<Role>,
+    },
+}
+
+/// One watch of Nodes, and the key of its cache.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NodeWatch {
+    All,
+    /// One Node, by name (field selector `metadata.name`).
+    Named(String),
+    /// The Nodes labelled [`label::CONNECTOR`].
+    Connectors,
+}
+
+impl NodeWatch {
+    /// The watch's label and field selectors (`labelSelector`, `fieldSelector`).
+    pub fn selectors(&self) -> (Option<String>, Option<String>) {
+        match self {
+            NodeWatch::All => (None, None),
+            NodeWatch::Named(name) => (None, Some(format!("metadata.name={name}"))),
+            NodeWatch::Connectors => (Some(label::CONNECTOR.to_owned()), None),
+        }
+    }
+
+    /// Whether the API server sends `node` on this watch.
+    pub fn selects(&self, node: &core::Node) -> bool {
+        match self {
+            NodeWatch::All => true,
+            NodeWatch::Named(name) => node.metadata.name.as_ref() == Some(name),
+            NodeWatch::Connectors => node
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|labels| labels.contains_key(label::CONNECTOR)),
+        }
+    }
+
+    fn config(&self) -> watcher::Config {
+        let (labels, fields) = self.selectors();
+        let mut config = watcher::Config::default();
+        if let Some(labels) = labels {
+            config = config.labels(&labels);
+        }
+        if let Some(fields) = fields {
+            config = config.fields(&fields);
+        }
+        config
+    }
+}
+
+impl NodeView {
+    /// The watches that show this agent every Node it plans with, given its
+    /// own Node (`None` until seen) and the Communities.
+    pub fn watches<'c>(
+        &self,
+        own: Option<&core::Node>,
+        communities: impl IntoIterator<Item = &'c CommunityObject>,
+    ) -> BTreeSet<NodeWatch> {
+        let NodeView::OwnCommunity { me, role_override } = self else {
+            return BTreeSet::from([NodeWatch::All]);
+        };
+        let mut watches = BTreeSet::from([NodeWatch::Named(me.clone())]);
+        match (*role_override).or_else(|| own.map(labelled_role)) {
+            // Until its own Node is seen, nothing else: it may be anything.
+            None => {}
+            Some(Role::Edge) => {
+                watches.insert(NodeWatch::Connectors);
+                let peers = communities
+                    .into_iter()
+                    .map(|c| &c.spec.members)
+                    .filter(|members| members.contains(me))
+                    .flatten()
+                    .filter(|member| *member != me);
+                watches.extend(peers.map(|peer| NodeWatch::Named(peer.clone())));
+            }
+            Some(_) => {
+                watches.insert(NodeWatch::All);
+            }
+        }
+        watches
+    }
+}
+
+/// The role a Node's labels give it. One with both labels (the model refuses
+/// it) counts as a connector: it then watches every Node, the safe side.
+fn labelled_role(node: &core::Node) -> Role {
+    let labels = node.metadata.labels.as_ref();
+    let has = |key: &str| labels.is_some_and(|l| l.contains_key(key));
+    match (has(label::EDGE), has(label::CONNECTOR)) {
+        (_, true) => Role::Connector,
+        (true, false) => Role::Edge,
+        (false, false) => Role::Cloud,
+    }
+}
+
 struct Caches {
-    nodes: Cache<core::Node>,
+    view: NodeView,
+    /// One cache per running Node watch.
+    nodes: BTreeMap<NodeWatch, Cache<core::Node>>,
     services: Cache<core::Service>,
     endpoint_slices: Cache<discovery::EndpointSlice>,
     communities: Cache<CommunityObject>,
+}
+
+impl Caches {
+    /// The Node watches the caches call for now.
+    fn node_watches(&self) -> BTreeSet<NodeWatch> {
+        let own = match &self.view {
+            NodeView::All => None,
+            NodeView::OwnCommunity { me, .. } => self
+                .nodes
+                .get(&NodeWatch::Named(me.clone()))
+                .and_then(|cache| cache.objects.get(&format!("/{me}"))),
+        };
+        self.view.watches(own, self.communities.objects.values())
+    }
+
+    /// The Nodes of every watch called for, or `None` while one of them
+    /// has not listed once. A Node seen by two watches (its own and every
+    /// Node) is one Node.
+    fn nodes(&self) -> Option<Vec<core::Node>> {
+        let mut nodes = BTreeMap::new();
+        for watch in self.node_watches() {
+            let cache = self.nodes.get(&watch).filter(|cache| cache.ready)?;
+            nodes.extend(&cache.objects);
+        }
+        Some(nodes.into_values().cloned().collect())
+    }
 }
 
 /// The running watchers and their caches. Dropping it stops the watchers.
@@ -154,35 +296,49 @@ impl Drop for KubeSource {
 }
 
 impl KubeSource {
-    /// Starts the four watchers (cluster-wide). Returns at once; see [`KubeSource::objects`].
+    /// Starts watching every Node, Service, EndpointSlice and Community.
+    /// Returns at once; see [`KubeSource::objects`].
     pub fn start(client: Client) -> KubeSource {
-        let caches = Arc::new(Mutex::new(Caches::default()));
+        KubeSource::start_viewing(client, NodeView::All)
+    }
+
+    /// Like [`KubeSource::start`], with the Nodes of `view`.
+    pub fn start_viewing(client: Client, view: NodeView) -> KubeSource {
+        let caches = Arc::new(Mutex::new(Caches {
+            view,
+            nodes: BTreeMap::new(),
+            services: Cache::default(),
+            endpoint_slices: Cache::default(),
+            communities: Cache::default(),
+        }));
         let (tx, changed) = watch::channel(0u64);
         let tx = Arc::new(tx);
         let tasks = vec![
-            spawn_watch(
-                Api::<core::Node>::all(client.clone()),
+            tokio::spawn(follow_node_watches(
+                client.clone(),
                 caches.clone(),
                 tx.clone(),
-                |c| &mut c.nodes,
-            ),
+            )),
             spawn_watch(
                 Api::<core::Service>::all(client.clone()),
+                watcher::Config::default(),
                 caches.clone(),
                 tx.clone(),
-                |c| &mut c.services,
+                |c| Some(&mut c.services),
             ),
             spawn_watch(
                 Api::<discovery::EndpointSlice>::all(client.clone()),
+                watcher::Config::default(),
                 caches.clone(),
                 tx.clone(),
-                |c| &mut c.endpoint_slices,
+                |c| Some(&mut c.endpoint_slices),
             ),
             spawn_watch(
                 Api::<CommunityObject>::all(client),
+                watcher::Config::default(),
                 caches.clone(),
                 tx.clone(),
-                |c| &mut c.communities,
+                |c| Some(&mut c.communities),
             ),
         ];
         KubeSource {
@@ -192,16 +348,16 @@ impl KubeSource {
         }
     }
 
-    /// The cluster as last seen, or `None` until every kind has been listed
-    /// once (a partial view would plan peers and Services away).
+    /// The cluster as last seen, or `None` until every kind (and every Node
+    /// watch the view calls for) has been listed once: a partial view would
+    /// plan peers and Services away.
     pub fn objects(&self) -> Option<Objects> {
         let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-        let ready = caches.nodes.ready
-            && caches.services.ready
-            && caches.endpoint_slices.ready
-            && caches.communities.ready;
-        ready.then(|| Objects {
-            nodes: caches.nodes.objects.values().cloned().collect(),
+        if !(caches.services.ready && caches.endpoint_slices.ready && caches.communities.ready) {
+            return None;
+        }
+        Some(Objects {
+            nodes: caches.nodes()?,
             communities: caches.communities.objects.values().cloned().collect(),
             services: caches.services.objects.values().cloned().collect(),
             endpoint_slices: caches.endpoint_slices.objects.values().cloned().collect(),
@@ -218,23 +374,72 @@ impl KubeSource {
     }
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
+/// Keeps one watch running per [`NodeWatch`] the caches call for: a Node
+/// joining this edge's community is watched as soon as the Community says
+/// so, one leaving it is dropped with its cache.
+async fn follow_node_watches(
+    client: Client,
     caches: Arc<Mutex<Caches>>,
     tx: Arc<watch::Sender<u64>>,
-    cache: fn(&mut Caches) -> &mut Cache<K>,
+) {
+    /// A Node watch's task, stopped when dropped: when it is no longer
+    /// wanted, and with this task (dropping the [`KubeSource`] aborts it).
+    struct Running(JoinHandle<()>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    let mut changed = tx.subscribe();
+    let mut running: BTreeMap<NodeWatch, Running> = BTreeMap::new();
+    loop {
+        let wanted = {
+            let mut caches = caches.lock().unwrap_or_else(PoisonError::into_inner);
+            let wanted = caches.node_watches();
+            caches.nodes.retain(|watch, _| wanted.contains(watch));
+            for watch in &wanted {
+                caches.nodes.entry(watch.clone()).or_default();
+            }
+            wanted
+        };
+        running.retain(|watch, _| wanted.contains(watch));
+        for watch in wanted {
+            if running.contains_key(&watch) {
+                continue;
+            }
+            let key = watch.clone();
+            let task = spawn_watch(
+                Api::<core::Node>::all(client.clone()),
+                watch.config(),
+                caches.clone(),
+                tx.clone(),
+                move |c| c.nodes.get_mut(&key),
+            );
+            running.insert(watch, Running(task));
+        }
+        // Never fails: this task holds a sender.
+        let _ = changed.changed().await;
+    }
+}
+
+fn spawn_watch<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    caches: Arc<Mutex<Caches>>,
+    tx: Arc<watch::Sender<u64>>,
+    cache: F,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
+    F: for<'c> Fn(&'c mut Caches) -> Option<&'c mut Cache<K>> + Send + 'static,
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     tokio::spawn(async move {
         // The default backoff retries forever with growing pauses (capped),
         // so an unreachable API server costs little and is noticed when it returns.
-        let mut events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        let mut events = watcher(api, config).default_backoff().boxed();
         let mut failing = false;
         while let Some(event) = events.next().await {
             match event {
@@ -245,7 +450,8 @@ where
                     }
                     let changed = {
                         let mut caches = caches.lock().unwrap_or_else(PoisonError::into_inner);
-                        cache(&mut caches).handle(event)
+                        // A Node watch no longer wanted: its cache is gone.
+                        cache(&mut caches).is_some_and(|cache| cache.handle(event))
                     };
                     if changed {
                         tx.send_modify(|n| *n += 1);
@@ -320,6 +526,177 @@ mod tests {
         assert!(cache.handle(watcher::Event::Apply(node("a", "1"))));
         assert!(cache.handle(watcher::Event::Delete(node("a", "1"))));
         assert!(cache.objects.is_empty());
+    }
+
+    fn labelled(name: &str, role_label: Option<&str>) -> core::Node {
+        let mut node = node(name, "1");
+        node.metadata.labels =
+            role_label.map(|l| [(l.to_owned(), String::new())].into_iter().collect());
+        node
+    }
+
+    fn community(name: &str, members: &[&str]) -> CommunityObject {
+        CommunityObject {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: super::super::CommunitySpec {
+                members: members.iter().map(|m| m.to_string()).collect(),
+            },
+        }
+    }
+
+    fn own_community(me: &str) -> NodeView {
+        NodeView::OwnCommunity {
+            me: me.into(),
+            role_override: None,
+        }
+    }
+
+    fn named(name: &str) -> NodeWatch {
+        NodeWatch::Named(name.into())
+    }
+
+    #[test]
+    fn an_edge_watches_itself_the_connectors_and_its_community_peers_only() {
+        let communities = [
+            community("beijing", &["edge-1", "edge-2"]),
+            community("shanghai", &["edge-1", "edge-4"]),
+            community("elsewhere", &["edge-3", "edge-5"]),
+        ];
+        let edge = labelled("edge-1", Some(label::EDGE));
+        let watches = own_community("edge-1").watches(Some(&edge), &communities);
+        assert_eq!(
+            watches,
+            BTreeSet::from([
+                NodeWatch::Connectors,
+                named("edge-1"),
+                named("edge-2"),
+                named("edge-4")
+            ])
+        );
+        let lonely = labelled("edge-9", Some(label::EDGE));
+        assert_eq!(
+            own_community("edge-9").watches(Some(&lonely), &communities),
+            BTreeSet::from([NodeWatch::Connectors, named("edge-9")])
+        );
+    }
+
+    #[test]
+    fn connectors_cloud_nodes_and_the_all_view_watch_every_node() {
+        for role_label in [Some(label::CONNECTOR), None] {
+            let own = labelled("cloud-1", role_label);
+            assert_eq!(
+                own_community("cloud-1").watches(Some(&own), []),
+                BTreeSet::from([NodeWatch::All, named("cloud-1")])
+            );
+        }
+        let edge = labelled("edge-1", Some(label::EDGE));
+        assert_eq!(
+            NodeView::All.watches(Some(&edge), []),
+            BTreeSet::from([NodeWatch::All])
+        );
+        // `--role connector` on a node labelled edge plans as a connector.
+        let overridden = NodeView::OwnCommunity {
+            me: "edge-1".into(),
+            role_override: Some(Role::Connector),
+        };
+        assert!(
+            overridden
+                .watches(Some(&edge), [])
+                .contains(&NodeWatch::All)
+        );
+    }
+
+    #[test]
+    fn until_its_own_node_is_seen_an_agent_watches_only_that() {
+        assert_eq!(
+            own_community("edge-1").watches(None, [&community("c", &["edge-1", "edge-2"])]),
+            BTreeSet::from([named("edge-1")])
+        );
+    }
+
+    #[test]
+    fn watches_select_what_their_selectors_say() {
+        let connector = labelled("cloud-1", Some(label::CONNECTOR));
+        let edge = labelled("edge-1", Some(label::EDGE));
+        assert!(NodeWatch::Connectors.selects(&connector) && !NodeWatch::Connectors.selects(&edge));
+        assert!(named("edge-1").selects(&edge) && !named("edge-1").selects(&connector));
+        assert!(NodeWatch::All.selects(&edge));
+        assert_eq!(
+            NodeWatch::Connectors.selectors(),
+            (Some(label::CONNECTOR.to_owned()), None)
+        );
+        assert_eq!(
+            named("edge-1").selectors(),
+            (None, Some("metadata.name=edge-1".to_owned()))
+        );
+    }
+
+    /// Caches of an edge view whose own Node, connectors and Communities
+    /// have listed.
+    fn edge_caches(communities: &[CommunityObject]) -> Caches {
+        let mut caches = Caches {
+            view: own_community("edge-1"),
+            nodes: BTreeMap::new(),
+            services: Cache::default(),
+            endpoint_slices: Cache::default(),
+            communities: Cache::default(),
+        };
+        for c in communities {
+            caches.communities.handle(watcher::Event::Apply(c.clone()));
+        }
+        let listed = |objects: Vec<core::Node>| {
+            let mut cache = Cache::default();
+            cache.handle(watcher::Event::Init);
+            for object in objects {
+                cache.handle(watcher::Event::InitApply(object));
+            }
+            cache.handle(watcher::Event::InitDone);
+            cache
+        };
+        caches.nodes.insert(
+            named("edge-1"),
+            listed(vec![labelled("edge-1", Some(label::EDGE))]),
+        );
+        caches.nodes.insert(
+            NodeWatch::Connectors,
+            listed(vec![labelled("cloud-1", Some(label::CONNECTOR))]),
+        );
+        caches
+    }
+
+    fn names(nodes: &[core::Node]) -> Vec<&str> {
+        nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect()
+    }
+
+    #[test]
+    fn a_new_peer_holds_the_view_back_until_its_watch_has_listed() {
+        let mut caches = edge_caches(&[community("beijing", &["edge-1", "edge-2"])]);
+        assert_eq!(caches.nodes(), None, "edge-2's watch has not listed");
+        let mut peer = Cache::default();
+        peer.handle(watcher::Event::Init);
+        peer.handle(watcher::Event::InitApply(labelled(
+            "edge-2",
+            Some(label::EDGE),
+        )));
+        peer.handle(watcher::Event::InitDone);
+        caches.nodes.insert(named("edge-2"), peer);
+        assert_eq!(
+            names(&caches.nodes().unwrap()),
+            ["cloud-1", "edge-1", "edge-2"]
+        );
+
+        // edge-2 leaves the community: its Node leaves the view at once,
+        // before its watch is stopped.
+        caches
+            .communities
+            .handle(watcher::Event::Apply(community("beijing", &["edge-1"])));
+        assert_eq!(names(&caches.nodes().unwrap()), ["cloud-1", "edge-1"]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Pieces of `cargo xtask bench` (`src/bin/fabedge-bench.rs`) that are more
 //! than a table of cases: the figures' JSON keys and the connector's packet
-//! rate per datapath variant, connector failover and probe cost.
+//! rate per datapath variant, connector failover and probe cost, and the
+//! watch traffic an edge receives per Node change in a large cluster.
 
 pub mod connector;
+pub mod edge_watch;
 pub mod ha;
 pub mod report;
 pub mod scale;
@@ -10,7 +12,14 @@ pub mod scale;
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 5] = ["verdicts", "edge-tunnel", "connector", "ha", "scale"];
+pub const SECTIONS: [&str; 6] = [
+    "verdicts",
+    "edge-tunnel",
+    "connector",
+    "ha",
+    "scale",
+    "edge-watch",
+];
 
 /// `fabedge-bench [--json FILE] [--only SECTION[,SECTION]]`.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -16,7 +16,10 @@
 //! `verdicts`, `edge-tunnel`, `connector`, `ha` (connector failover gaps and
 //! probe cost with two connectors: `fabedge_tests::bench::ha`), `scale`
 //! (a release agent's endpoint change latency, full sync, memory and idle
-//! CPU at 10 k Services: `fabedge_tests::bench::scale`).
+//! CPU at 10 k Services: `fabedge_tests::bench::scale`), `edge-watch`
+//! (the watch traffic an edge receives per Node change outside its
+//! community in a 5 k-node cluster, before and after narrowing its Node
+//! watches: `fabedge_tests::bench::edge_watch`).
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -29,7 +32,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     bench::{
-        Options, connector, ha,
+        Options, connector, edge_watch, ha,
         report::{Report, key_part},
         scale,
     },
@@ -54,6 +57,9 @@ fn main() -> Result<()> {
     }
     if options.runs("scale") {
         scale::run(&mut report)?;
+    }
+    if options.runs("edge-watch") {
+        edge_watch::run(&mut report)?;
     }
     if let Some(path) = &options.json {
         report.write_json(path)?;
