@@ -1,15 +1,17 @@
 //! Pieces of `cargo xtask bench` (`src/bin/fabedge-bench.rs`) that are more
 //! than a table of cases: the figures' JSON keys and the connector's packet
-//! rate per datapath variant, connector failover and probe cost.
+//! rate per datapath variant, edge receive with XDP, connector failover
+//! and probe cost.
 
 pub mod connector;
+pub mod edge_rx;
 pub mod ha;
 pub mod report;
 
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 4] = ["verdicts", "edge-tunnel", "connector", "ha"];
+pub const SECTIONS: [&str; 5] = ["verdicts", "edge-tunnel", "connector", "edge-rx", "ha"];
 
 /// `fabedge-bench [--json FILE] [--only SECTION[,SECTION]]`.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -13,7 +13,8 @@
 //!
 //! Options: `--json FILE` writes every figure under a stable key
 //! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
-//! `verdicts`, `edge-tunnel`, `connector`, `ha` (connector failover gaps and
+//! `verdicts`, `edge-tunnel`, `connector`, `edge-rx` (edge receive with XDP
+//! delivering to pods: `fabedge_tests::bench::edge_rx`), `ha` (connector failover gaps and
 //! probe cost with two connectors: `fabedge_tests::bench::ha`).
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -27,7 +28,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     bench::{
-        Options, connector, ha,
+        Options, connector, edge_rx, ha,
         report::{Report, key_part},
     },
     datapath::{TestDatapath, fixtures::*},
@@ -45,6 +46,9 @@ fn main() -> Result<()> {
     }
     if options.runs("connector") {
         connector::run(&mut report)?;
+    }
+    if options.runs("edge-rx") {
+        edge_rx::run(&mut report)?;
     }
     if options.runs("ha") {
         ha::run(&mut report)?;
