@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_xdp_adjust_head,
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use fabedge_common::{
@@ -117,7 +117,6 @@ fn deliverable(ctx: &XdpContext, cfg: &DatapathConfig, frame: &VxlanFrame, pod: 
     if frame.eth.dst[0] & 1 != 0
         || is_fragment(outer)
         || outer.tos & 3 == ECN_CE
-        || frame.udp.check != [0, 0]
         || u16::from_be_bytes(frame.udp.len) as u32 + IPV4_HLEN as u32 != outer.total_len() as u32
         || !csum::ipv4_header_valid(outer)
     {
@@ -143,6 +142,9 @@ fn deliverable(ctx: &XdpContext, cfg: &DatapathConfig, frame: &VxlanFrame, pod: 
         || outer.total_len() != inner_total + ENCAP_LEN
         || frame_len(ctx) != ETH_HLEN + outer.total_len() as usize
     {
+        return false;
+    }
+    if frame.udp.check != [0, 0] && !udp_checksum_right(ctx, frame.ip.saddr, frame.ip.daddr) {
         return false;
     }
     // Addressed to this node, not through it: peers send to its address,
@@ -189,4 +191,92 @@ fn translated_by_to_pod(ctx: &XdpContext, frame: &VxlanFrame) -> bool {
         },
         _ => false,
     }
+}
+
+/// Chunk sizes of the checksum sum: `bpf_csum_diff` takes at most 512 bytes.
+const BIG_CHUNK: usize = 512;
+const SMALL_CHUNK: usize = 64;
+/// Longest datagram summed (three big chunks, seven small ones and a tail):
+/// longer ones with a checksum are left to the kernel.
+const MAX_SUMMED: usize = 3 * BIG_CHUNK + 7 * SMALL_CHUNK + SMALL_CHUNK - 1;
+
+/// Whether the outer UDP checksum is right, as the kernel checks it before
+/// handing a datagram to the VXLAN socket: the pseudo-header and the whole
+/// datagram (the frame's end, lengths checked by the caller), checksum
+/// field included, sum to all ones. Senders do checksum VXLAN (a Linux
+/// VXLAN device does by default, Flannel's too), and the connector's XDP
+/// masquerade keeps what Flannel sent. A subprogram of its own: its stack
+/// (the tail's copy) is not the caller's.
+#[inline(never)]
+fn udp_checksum_right(ctx: &XdpContext, saddr: [u8; 4], daddr: [u8; 4]) -> bool {
+    let start = ETH_HLEN + IPV4_HLEN;
+    let end = frame_len(ctx);
+    if end < start + UDP_HLEN || end - start > MAX_SUMMED {
+        return false;
+    }
+    let udp_len = (end - start) as u16;
+    // Source, destination, zero, protocol, UDP length: as 32-bit words.
+    let len = udp_len.to_be_bytes();
+    let mut pseudo = [
+        u32::from_ne_bytes(saddr),
+        u32::from_ne_bytes(daddr),
+        u32::from_ne_bytes([0, IPPROTO_UDP, len[0], len[1]]),
+    ];
+    let Some(mut sum) = sum_into(pseudo.as_mut_ptr(), 12, 0) else {
+        return false;
+    };
+    let mut off = start;
+    for _ in 0..3 {
+        if off + BIG_CHUNK > end {
+            break;
+        }
+        let Some(chunk) = ptr_at::<[u8; BIG_CHUNK]>(ctx, off) else {
+            return false;
+        };
+        match sum_into(chunk as *mut u32, BIG_CHUNK as u32, sum) {
+            Some(s) => sum = s,
+            None => return false,
+        }
+        off += BIG_CHUNK;
+    }
+    for _ in 0..7 {
+        if off + SMALL_CHUNK > end {
+            break;
+        }
+        let Some(chunk) = ptr_at::<[u8; SMALL_CHUNK]>(ctx, off) else {
+            return false;
+        };
+        match sum_into(chunk as *mut u32, SMALL_CHUNK as u32, sum) {
+            Some(s) => sum = s,
+            None => return false,
+        }
+        off += SMALL_CHUNK;
+    }
+    // The tail, copied behind zeros' padding: zeros add nothing, and an odd
+    // last byte stays the high half of its word.
+    let mut tail = [0u32; SMALL_CHUNK / 4];
+    let bytes = tail.as_mut_ptr() as *mut u8;
+    for i in 0..SMALL_CHUNK - 1 {
+        if off + i >= end {
+            break;
+        }
+        let Some(byte) = ptr_at::<u8>(ctx, off + i) else {
+            return false;
+        };
+        // SAFETY: `i` < SMALL_CHUNK, inside `tail`; bounds of `byte` checked by ptr_at.
+        unsafe { *bytes.add(i) = *byte };
+    }
+    match sum_into(tail.as_mut_ptr(), SMALL_CHUNK as u32, sum) {
+        Some(sum) => csum::fold(sum) == 0,
+        None => false,
+    }
+}
+
+/// `sum` plus the one's complement sum of `size` bytes at `words`.
+#[inline(always)]
+fn sum_into(words: *mut u32, size: u32, sum: u32) -> Option<u32> {
+    // SAFETY: `words` points at `size` readable bytes (stack, or packet
+    // bytes bounds checked by the caller); nothing is written.
+    let result = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, words, size, sum) };
+    if result < 0 { None } else { Some(result as u32) }
 }

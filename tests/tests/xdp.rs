@@ -627,6 +627,33 @@ fn tunnel_traffic_for_a_local_pod_is_decapsulated_into_its_veth_at_the_nic() -> 
             (1, inner.len() as u64),
             "per-peer RX as fe_tunnel_ingress counts it"
         );
+        // With the outer UDP checksum a Linux VXLAN device sends by default,
+        // verified over the whole datagram (small and full-size frames).
+        for size in [0, 1400] {
+            let inner = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                .ipv4(CLOUD_POD, LOCAL_POD)
+                .ttl(63)
+                .udp(5353, 53)
+                .payload(&vec![0x5a; size])
+                .build();
+            let frame = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
+                .ipv4(CONNECTOR_WAN, NODE_IP)
+                .udp(50000, DEFAULT_TUNNEL_PORT)
+                .vxlan(DEFAULT_TUNNEL_VNI, &inner)
+                .build();
+            assert_eq!(
+                parse_eth(&frame)?.ipv4()?.udp()?.checksum_status,
+                UdpChecksum::Valid
+            );
+            let (out, delta) =
+                counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+            assert_eq!(
+                (out.action, delta),
+                (XDP_REDIRECT, only(Counter::XdpRedirectToPod)),
+                "{size} B payload with an outer UDP checksum"
+            );
+            assert_eq!(out.data.len(), inner.len());
+        }
         // To another address of the node (its ExternalIP, say): local in the FIB.
         let lab_local = Ipv4Addr::new(198, 18, 0, 1);
         let frame = vxlan_encap(
@@ -695,9 +722,10 @@ fn tunnel_traffic_xdp_cannot_deliver_as_the_kernel_would_passes_unchanged() -> R
             .udp(5353, 53)
             .payload(&vec![7u8; POD_MTU as usize])
             .build();
-        let with_udp_checksum = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
+        let wrong_udp_checksum = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
             .ipv4(CONNECTOR_WAN, NODE_IP)
             .udp(50000, DEFAULT_TUNNEL_PORT)
+            .checksum(0x1234)
             .vxlan(DEFAULT_TUNNEL_VNI, &udp(63))
             .build();
         let congested = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
@@ -724,7 +752,7 @@ fn tunnel_traffic_xdp_cannot_deliver_as_the_kernel_would_passes_unchanged() -> R
             ("an ICMP error", to_edge(&icmp_error)),
             ("TTL about to expire", to_edge(&udp(1))),
             ("longer than the pod's MTU", to_edge(&big)),
-            ("an outer UDP checksum", with_udp_checksum),
+            ("a wrong outer UDP checksum", wrong_udp_checksum),
             ("outer ECN congestion experienced", congested),
             ("bytes after the packet", padded),
             (
