@@ -1149,7 +1149,11 @@ fn datapath_flags(settings: &Settings) -> u8 {
     } else if settings.tunnel_mode != TunnelMode::Vxlan {
         0
     } else {
-        let encap = if settings.tunnel_key_egress { 0 } else { TC_ENCAP };
+        let encap = if settings.tunnel_key_egress {
+            0
+        } else {
+            TC_ENCAP
+        };
         let pod_rx = if settings.xdp_pod_rx { XDP_POD_RX } else { 0 };
         encap | pod_rx
     }

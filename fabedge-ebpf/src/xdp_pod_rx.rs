@@ -66,8 +66,11 @@ pub fn deliver(
     // SAFETY: plain data; the agent rewrites an entry only when the pod's
     // veth changes, and a torn read at worst misdelivers one frame to a
     // veth that is going away.
-    let Some(pod) = (unsafe { FE_LOCAL_PODS.get(&RouteAddr { addr: frame.inner_ip.daddr }) })
-    else {
+    let Some(pod) = (unsafe {
+        FE_LOCAL_PODS.get(&RouteAddr {
+            addr: frame.inner_ip.daddr,
+        })
+    }) else {
         return Some(pass());
     };
     let pod = *pod;
@@ -111,7 +114,12 @@ fn pass() -> u32 {
 /// mark the decapsulation must carry inward; one inner IPv4 packet without
 /// options or fragments, right checksum, TTL to spare, within the pod's MTU.
 #[inline(always)]
-fn deliverable(ctx: &XdpContext, cfg: &DatapathConfig, frame: &VxlanFrame, pod: &LocalPodEntry) -> bool {
+fn deliverable(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    frame: &VxlanFrame,
+    pod: &LocalPodEntry,
+) -> bool {
     let outer = &frame.ip;
     let inner = &frame.inner_ip;
     if frame.eth.dst[0] & 1 != 0
@@ -278,5 +286,9 @@ fn sum_into(words: *mut u32, size: u32, sum: u32) -> Option<u32> {
     // SAFETY: `words` points at `size` readable bytes (stack, or packet
     // bytes bounds checked by the caller); nothing is written.
     let result = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, words, size, sum) };
-    if result < 0 { None } else { Some(result as u32) }
+    if result < 0 {
+        None
+    } else {
+        Some(result as u32)
+    }
 }

@@ -615,7 +615,10 @@ fn tunnel_traffic_for_a_local_pod_is_decapsulated_into_its_veth_at_the_nic() -> 
             inner_udp(BRIDGE_MAC, POD_MAC, CLOUD_POD, LOCAL_POD, 62)
         );
         let ip = parse_eth(&out.data)?.ipv4()?;
-        assert!(ip.checksum_valid, "IPv4 header checksum after the TTL decrement");
+        assert!(
+            ip.checksum_valid,
+            "IPv4 header checksum after the TTL decrement"
+        );
         assert_eq!(
             ip.udp()?.checksum_status,
             UdpChecksum::Valid,
@@ -645,8 +648,7 @@ fn tunnel_traffic_for_a_local_pod_is_decapsulated_into_its_veth_at_the_nic() -> 
                 parse_eth(&frame)?.ipv4()?.udp()?.checksum_status,
                 UdpChecksum::Valid
             );
-            let (out, delta) =
-                counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+            let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
             assert_eq!(
                 (out.action, delta),
                 (XDP_REDIRECT, only(Counter::XdpRedirectToPod)),
@@ -868,7 +870,10 @@ fn with_xdp_pod_rx_the_seed_matrix_passes_and_edge_pods_are_reached_from_the_nic
     for (name, receiver) in [
         ("edge_pod_reaches_community_peer_pod_directly", "edge-2"),
         ("edge_pod_reaches_community_peer_pod_directly", "edge-1"),
-        ("cloud_pod_reaches_edge_pod_through_flannel_and_connector", "edge-1"),
+        (
+            "cloud_pod_reaches_edge_pod_through_flannel_and_connector",
+            "edge-1",
+        ),
     ] {
         let path = xdp_seed_matrix()
             .into_iter()

@@ -161,7 +161,8 @@ impl PodPorts {
             }
         }
         for iface in &offered {
-            self.rx_problems.retain(|i, _| ports.get(i).is_none_or(|l| &l.name != iface));
+            self.rx_problems
+                .retain(|i, _| ports.get(i).is_none_or(|l| &l.name != iface));
         }
         self.rx_problems.retain(|i, _| ports.contains_key(i));
         changes.xdp_delivered = offered;

@@ -156,7 +156,12 @@ fn find_netns(nl: &mut Rtnl, netnsid: i32) -> Result<Option<File>> {
     candidates.extend(
         procs
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
             .map(|e| e.path().join("ns/net")),
     );
     let mut seen = BTreeSet::new();

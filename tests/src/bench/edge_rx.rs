@@ -41,7 +41,12 @@ const IPERF_PORT: u16 = 5201;
 
 /// (key, label, edge-1's extra agent arguments, through the attached XDP program).
 const VARIANTS: [(&str, &str, &[&str], bool); 2] = [
-    ("xdp", "(a) XDP to the pod", &["--xdp", "native", "--xdp-pod-rx"], true),
+    (
+        "xdp",
+        "(a) XDP to the pod",
+        &["--xdp", "native", "--xdp-pod-rx"],
+        true,
+    ),
     ("tc", "(b) TC only", &["--xdp", "off"], false),
 ];
 
