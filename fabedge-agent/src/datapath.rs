@@ -615,7 +615,7 @@ fn check_pinned_shape(
         found.key_size(),
         found.value_size(),
         found.max_entries(),
-        found.map_flags(),
+        found.map_flags() & !kernel_added_flags(found_type),
     );
     if want == got {
         return Ok(());
@@ -647,6 +647,19 @@ fn check_pinned_shape(
         describe(got),
         path.display()
     )
+}
+
+/// Flags the kernel adds to maps of type `t` whatever their creator asked
+/// for: device maps are read-only for programs (`BPF_F_RDONLY_PROG`), and
+/// may not be created so.
+fn kernel_added_flags(t: u32) -> u32 {
+    const BPF_MAP_TYPE_DEVMAP: u32 = 14;
+    const BPF_MAP_TYPE_DEVMAP_HASH: u32 = 25;
+    const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+    match t {
+        BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH => BPF_F_RDONLY_PROG,
+        _ => 0,
+    }
 }
 
 /// A kernel map type as bpftool names it.

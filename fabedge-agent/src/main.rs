@@ -137,6 +137,11 @@ struct RunArgs {
     /// itself and sending them to the uplink (for comparison; slower).
     #[arg(long)]
     tunnel_key_egress: bool,
+    /// VXLAN mode, edges: XDP on the uplink delivers our tunnel's frames for
+    /// local pods straight into their veths (turning GRO on for each pod's
+    /// interface); what it cannot deliver takes the kernel's path as without.
+    #[arg(long)]
+    xdp_pod_rx: bool,
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: AttachMode,
     /// XDP on the uplinks (`fe_xdp_uplink`: tunnel guard everywhere, the
@@ -309,6 +314,7 @@ fn main() -> Result<()> {
                 pod_egress_via_node: args.pod_egress_via_node,
                 no_fast_path: args.no_fast_path,
                 tunnel_key_egress: args.tunnel_key_egress,
+                xdp_pod_rx: args.xdp_pod_rx,
                 esp_public_endpoint: args.esp_public_endpoint,
                 probe_port: args.probe_port,
                 cluster_prefixes: args.cluster_prefix,

@@ -6,13 +6,13 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use fabedge_common::services::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CtEntry, CtKey, ServiceEntry, ServiceKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, GroupEntry, MAX_GROUPS, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry,
-    PeerStats, PodPortEntry, RouteAddr, RouteEntry, map_names,
+    Counter, DatapathConfig, GroupEntry, LocalPodEntry, MAX_GROUPS, MAX_VTEP_ADDRS, PeerAddrEntry,
+    PeerEntry, PeerStats, PodPortEntry, RouteAddr, RouteEntry, map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -229,6 +229,10 @@ pub struct Maps {
     pub groups: Array<MapData, GroupEntry>,
     /// The connector group's shared VTEP addresses (value unused).
     pub vtep_addrs: HashMap<MapData, RouteAddr, u8>,
+    /// A pod's address → its veth and MACs (`--xdp-pod-rx`).
+    pub local_pods: HashMap<MapData, RouteAddr, LocalPodEntry>,
+    /// The pods' host-side veths XDP may redirect into, by ifindex.
+    pub pod_devs: DevMapHash<MapData>,
 }
 
 impl Maps {
@@ -273,6 +277,12 @@ impl Maps {
             vtep_addrs: typed(map_names::VTEP_ADDRS)?
                 .try_into()
                 .context(map_names::VTEP_ADDRS)?,
+            local_pods: typed(map_names::LOCAL_PODS)?
+                .try_into()
+                .context(map_names::LOCAL_PODS)?,
+            pod_devs: typed(map_names::POD_DEVS)?
+                .try_into()
+                .context(map_names::POD_DEVS)?,
         })
     }
 

@@ -149,6 +149,9 @@ pub struct Settings {
     /// the forwarding program (`--tunnel-key-egress`; the older, costlier
     /// way, kept for comparison).
     pub tunnel_key_egress: bool,
+    /// VXLAN mode, edges: XDP delivers tunnel traffic for local pods
+    /// straight into their veths (`--xdp-pod-rx`).
+    pub xdp_pod_rx: bool,
     /// ESP mode: this node's public key (base64), published as
     /// `fabedge.io/public-key`, and the generation of its outbound SAs,
     /// published as `fabedge.io/key-generation`.
@@ -192,6 +195,7 @@ impl Default for Settings {
             pod_egress_via_node: false,
             no_fast_path: false,
             tunnel_key_egress: false,
+            xdp_pod_rx: false,
             esp_public_key: None,
             esp_generation: 0,
             esp_key_nonce: None,
@@ -1159,13 +1163,19 @@ impl<'a> Planner<'a> {
 /// than the InternalIP's), else its InternalIP.
 /// `DatapathConfig::flags` from the settings.
 fn datapath_flags(settings: &Settings) -> u8 {
-    use fabedge_common::config_flags::{NO_FAST_PATH, TC_ENCAP};
+    use fabedge_common::config_flags::{NO_FAST_PATH, TC_ENCAP, XDP_POD_RX};
     if settings.no_fast_path {
         NO_FAST_PATH
-    } else if settings.tunnel_key_egress || settings.tunnel_mode != TunnelMode::Vxlan {
+    } else if settings.tunnel_mode != TunnelMode::Vxlan {
         0
     } else {
-        TC_ENCAP
+        let encap = if settings.tunnel_key_egress {
+            0
+        } else {
+            TC_ENCAP
+        };
+        let pod_rx = if settings.xdp_pod_rx { XDP_POD_RX } else { 0 };
+        encap | pod_rx
     }
 }
 

@@ -74,6 +74,14 @@ counters! {
     ProbeAnswered = 16, "probe_answered", false;
     /// Connector: a probe from an address that is no peer, not answered.
     DropProbeUnknownSource = 17, "drop_probe_unknown_source", true;
+    /// XDP (edge uplink, `--xdp-pod-rx`): our tunnel's frame for a local pod
+    /// decapsulated, TTL decremented and redirected into the pod's veth.
+    XdpRedirectToPod = 18, "xdp_redirect_to_pod", false;
+    /// XDP (edge uplink, `--xdp-pod-rx`): our tunnel's frame for a local pod
+    /// that XDP declined (pod not learned, a Service flow or ICMP error
+    /// `fe_to_pod` translates, options, fragment, TTL, size, UDP checksum,
+    /// ECN CE...): passed unchanged to `fe-tunnel` and the kernel.
+    XdpPassToPod = 19, "xdp_pass_to_pod", false;
     /// A new flow to a ClusterIP was balanced to a backend (conntrack created).
     ServiceNewFlow = 20, "service_new_flow", false;
     /// A packet of a known Service flow was translated (either direction).

@@ -35,6 +35,8 @@ pub mod map_names {
     pub const POD_PORTS: &str = "FE_POD_PORTS";
     pub const GROUPS: &str = "FE_GROUPS";
     pub const VTEP_ADDRS: &str = "FE_VTEP_ADDRS";
+    pub const LOCAL_PODS: &str = "FE_LOCAL_PODS";
+    pub const POD_DEVS: &str = "FE_POD_DEVS";
 }
 
 /// Capacity of the route LPM trie (prefixes).
@@ -117,6 +119,10 @@ pub mod config_flags {
     /// Off by default in the map, so an agent that predates it keeps the old
     /// behaviour; the agent sets it unless `--tunnel-key-egress`.
     pub const TC_ENCAP: u8 = 2;
+    /// VXLAN mode, edges: our tunnel's frames for a pod of `FE_LOCAL_PODS`
+    /// are decapsulated by `fe_xdp_uplink` and redirected straight into the
+    /// pod's veth (`--xdp-pod-rx`). Off by default in the map.
+    pub const XDP_POD_RX: u8 = 4;
 }
 
 /// An IPv4 prefix's address part, the data of an LPM trie key (the trie key
@@ -340,6 +346,25 @@ pub struct PodPortEntry {
 }
 const _: () = assert!(core::mem::size_of::<PodPortEntry>() == 4);
 
+/// Value of `FE_LOCAL_PODS`, keyed by a pod's address ([`RouteAddr`]): what
+/// `fe_xdp_uplink` needs to hand a decapsulated frame straight to the pod,
+/// as the kernel's routing over the pod bridge would have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LocalPodEntry {
+    /// ifindex of the pod's host-side veth: its key in `FE_POD_DEVS`.
+    pub ifindex: u32,
+    /// The pod interface's MAC: the destination of delivered frames.
+    pub pod_mac: [u8; 6],
+    /// The pod bridge's MAC: the source the kernel's routing would give.
+    pub bridge_mac: [u8; 6],
+    /// The pod interface's MTU: the veth refuses longer frames from XDP,
+    /// so those are left to the kernel.
+    pub mtu: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<LocalPodEntry>() == 20);
+
 /// Per-peer traffic statistics (`FE_PEER_STATS`, per-CPU, indexed by peer id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -362,5 +387,6 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for PeerAddrEntry {}
     unsafe impl aya::Pod for PodPortEntry {}
+    unsafe impl aya::Pod for LocalPodEntry {}
     unsafe impl aya::Pod for GroupEntry {}
 }

@@ -1,11 +1,13 @@
 //! The kernel's FIB from the datapath: where an outer packet we build goes
 //! (egress device, MACs, and the source address the kernel would pick).
 //! Shared by the XDP masquerade (`xdp_masq`) and the TC encapsulation
-//! (`encap`); each counts a miss its own way.
+//! (`encap`); each counts a miss its own way. And whether the kernel keeps
+//! a packet to itself rather than forward it (`xdp_pod_rx`).
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
     },
     helpers::bpf_fib_lookup as fib_lookup,
 };
@@ -81,4 +83,29 @@ pub unsafe fn next_hop(
         src_mac: params.smac,
         dst_mac: params.dmac,
     })
+}
+
+/// Whether the kernel delivers a packet to `dst` arriving on `ifindex`
+/// locally (a local, broadcast or multicast route) instead of forwarding it.
+///
+/// # Safety
+/// `ctx` is the program's context pointer (skb or xdp_md).
+#[inline(always)]
+pub unsafe fn is_local(ctx: *mut core::ffi::c_void, ifindex: u32, dst: [u8; 4]) -> bool {
+    // SAFETY: plain-old-data struct, filled below and by the helper.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = IPPROTO_UDP;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: the caller passes the context; the helper reads and writes `params` only.
+    let rc = unsafe {
+        fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
 }

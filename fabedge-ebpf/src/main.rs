@@ -38,6 +38,7 @@ mod verdict;
 mod xdp_guard;
 mod xdp_masq;
 mod xdp_parse;
+mod xdp_pod_rx;
 
 mod from_pod;
 mod pod_port;

@@ -2,7 +2,7 @@
 //! pins them under `/sys/fs/bpf/fabedge/v<LAYOUT_VERSION>/maps/`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use fabedge_common::services::{
@@ -11,9 +11,9 @@ use fabedge_common::services::{
     SockRevEntry, SockRevKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, GroupEntry, MAX_GROUP_MEMBERS, MAX_GROUPS, MAX_PEERS, MAX_POD_PORTS,
-    MAX_ROUTES, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry, RouteAddr,
-    RouteEntry, counters::COUNTER_SLOTS, route_flags, route_kind,
+    Counter, DatapathConfig, GroupEntry, LocalPodEntry, MAX_GROUP_MEMBERS, MAX_GROUPS, MAX_PEERS,
+    MAX_POD_PORTS, MAX_ROUTES, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry,
+    RouteAddr, RouteEntry, counters::COUNTER_SLOTS, route_flags, route_kind,
 };
 
 #[btf_map]
@@ -30,6 +30,16 @@ pub static FE_PEER_ADDRS: HashMap<RouteAddr, PeerAddrEntry, { MAX_PEERS as usize
 /// A pod's host-side veth (ifindex) → the address that pod may send from.
 #[btf_map]
 pub static FE_POD_PORTS: HashMap<u32, PodPortEntry, { MAX_POD_PORTS as usize }> = HashMap::new();
+
+/// A pod's address → its veth and MACs, for XDP's delivery (`xdp_pod_rx`).
+#[btf_map]
+pub static FE_LOCAL_PODS: HashMap<RouteAddr, LocalPodEntry, { MAX_POD_PORTS as usize }> =
+    HashMap::new();
+
+/// The pods' host-side veths by ifindex: where XDP redirects their frames.
+/// The agent enters a veth only once it accepts XDP frames.
+#[btf_map]
+pub static FE_POD_DEVS: DevMapHash<{ MAX_POD_PORTS as usize }> = DevMapHash::new();
 
 /// Connector groups by id: the member routes through the group go to now.
 #[btf_map]

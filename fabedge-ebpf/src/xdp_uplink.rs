@@ -1,6 +1,8 @@
 //! XDP on the uplinks (every node's underlay NICs): the guard everywhere,
-//! on the connector the probe reflector (`probe.rs`), and on the connector
-//! in VXLAN mode the Flannel masquerade finished at the NIC. XDP may only
+//! on the connector the probe reflector (`probe.rs`), on the connector
+//! in VXLAN mode the Flannel masquerade finished at the NIC, and with
+//! `--xdp-pod-rx` our tunnel's frames for local pods delivered straight
+//! into their veths (`xdp_pod_rx.rs`). XDP may only
 //! make a verdict cheaper, never different: whatever it declines is
 //! `XDP_PASS` with the frame unchanged, and the TC programs and the kernel
 //! handle it exactly as without XDP.
@@ -25,6 +27,7 @@ use crate::{
     xdp_guard::{Tunnel, check_inner_source, known_sender},
     xdp_masq::{flannel_to_tunnel, tunnel_to_flannel},
     xdp_parse::{OUTER_UDP_LEN, OuterUdp, VxlanFrame, is_later_fragment, ptr_at},
+    xdp_pod_rx,
 };
 
 #[xdp]
@@ -111,6 +114,11 @@ fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8;
         Ok(src) => src,
         Err(counter) => return drop(counter),
     };
+    if let (Tunnel::Ours, Some(sender)) = (tunnel, src) {
+        if let Some(verdict) = xdp_pod_rx::deliver(ctx, cfg, frame, sender) {
+            return verdict;
+        }
+    }
     if cfg.role != role::CONNECTOR
         || cfg.tunnel_mode != tunnel_mode::VXLAN
         || cfg.flags & config_flags::NO_FAST_PATH != 0

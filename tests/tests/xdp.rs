@@ -554,6 +554,259 @@ fn the_empty_program_passes_everything() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// Edge receive (`--xdp-pod-rx`): our tunnel's frames for local pods
+// ---------------------------------------------------------------------------
+
+/// The pod behind `LOCAL_POD`'s veth in the lab, and its MTU.
+const POD_MTU: u16 = 1450;
+
+/// Edge-1 with XDP delivery on and `LOCAL_POD` learned behind the lab's
+/// `lan1` (any veth of the namespace: test runs redirect nowhere).
+fn edge_delivering(name: &str, lab: &FibLab) -> Result<fabedge_tests::datapath::TestDatapath> {
+    let mut dp = xdp::edge(name, tunnel_mode::VXLAN)?;
+    let mut config = dp.maps.config()?;
+    config.flags |= config_flags::XDP_POD_RX;
+    dp.maps.set_config(config)?;
+    let veth = lab.netns.ifindex("lan1")?;
+    dp.maps.pod_devs.insert(veth, veth, None, 0)?;
+    dp.maps.local_pods.insert(
+        fabedge_common::RouteAddr {
+            addr: LOCAL_POD.octets(),
+        },
+        fabedge_common::LocalPodEntry {
+            ifindex: veth,
+            pod_mac: POD_MAC,
+            bridge_mac: BRIDGE_MAC,
+            mtu: POD_MTU,
+            _pad: [0; 2],
+        },
+        0,
+    )?;
+    Ok(dp)
+}
+
+/// Our VXLAN from the connector to edge-1's node address carrying `inner`.
+fn to_edge(inner: &[u8]) -> Vec<u8> {
+    vxlan_encap(
+        Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC),
+        CONNECTOR_WAN,
+        NODE_IP,
+        50000,
+        DEFAULT_TUNNEL_PORT,
+        DEFAULT_TUNNEL_VNI,
+        inner,
+    )
+}
+
+#[test]
+fn tunnel_traffic_for_a_local_pod_is_decapsulated_into_its_veth_at_the_nic() -> Result<()> {
+    let lab = FibLab::new("xdp-rx")?;
+    lab.netns.enter(|| {
+        let dp = edge_delivering("xdp-rx", &lab)?;
+        let inner = inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD, 63);
+        let frame = to_edge(&inner);
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+        assert_eq!(out.action, XDP_REDIRECT);
+        assert_eq!(delta, only(Counter::XdpRedirectToPod));
+        // What the pod receives over br-fabedge: the bridge's MAC to the
+        // pod's, TTL one less, the packet otherwise as sent.
+        assert_eq!(
+            out.data,
+            inner_udp(BRIDGE_MAC, POD_MAC, CLOUD_POD, LOCAL_POD, 62)
+        );
+        let ip = parse_eth(&out.data)?.ipv4()?;
+        assert!(
+            ip.checksum_valid,
+            "IPv4 header checksum after the TTL decrement"
+        );
+        assert_eq!(
+            ip.udp()?.checksum_status,
+            UdpChecksum::Valid,
+            "the inner UDP checksum is untouched and right"
+        );
+        let stats = dp.maps.peer_stats(CONNECTOR_PEER)?;
+        assert_eq!(
+            (stats.rx_packets, stats.rx_bytes),
+            (1, inner.len() as u64),
+            "per-peer RX as fe_tunnel_ingress counts it"
+        );
+        // With the outer UDP checksum a Linux VXLAN device sends by default,
+        // verified over the whole datagram (small and full-size frames).
+        for size in [0, 1400] {
+            let inner = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                .ipv4(CLOUD_POD, LOCAL_POD)
+                .ttl(63)
+                .udp(5353, 53)
+                .payload(&vec![0x5a; size])
+                .build();
+            let frame = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
+                .ipv4(CONNECTOR_WAN, NODE_IP)
+                .udp(50000, DEFAULT_TUNNEL_PORT)
+                .vxlan(DEFAULT_TUNNEL_VNI, &inner)
+                .build();
+            assert_eq!(
+                parse_eth(&frame)?.ipv4()?.udp()?.checksum_status,
+                UdpChecksum::Valid
+            );
+            let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+            assert_eq!(
+                (out.action, delta),
+                (XDP_REDIRECT, only(Counter::XdpRedirectToPod)),
+                "{size} B payload with an outer UDP checksum"
+            );
+            assert_eq!(out.data.len(), inner.len());
+        }
+        // To another address of the node (its ExternalIP, say): local in the FIB.
+        let lab_local = Ipv4Addr::new(198, 18, 0, 1);
+        let frame = vxlan_encap(
+            Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC),
+            Ipv4Addr::new(198, 18, 0, 12),
+            lab_local,
+            50000,
+            DEFAULT_TUNNEL_PORT,
+            DEFAULT_TUNNEL_VNI,
+            &inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, PEER_POD, LOCAL_POD, 63),
+        );
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+        assert_eq!(
+            (out.action, delta),
+            (XDP_REDIRECT, only(Counter::XdpRedirectToPod)),
+            "from edge-2 to an address the FIB calls local"
+        );
+        assert_eq!(
+            out.data,
+            inner_udp(BRIDGE_MAC, POD_MAC, PEER_POD, LOCAL_POD, 62)
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn tunnel_traffic_xdp_cannot_deliver_as_the_kernel_would_passes_unchanged() -> Result<()> {
+    let lab = FibLab::new("xdp-rx-no")?;
+    lab.netns.enter(|| {
+        let mut dp = edge_delivering("xdp-rx-no", &lab)?;
+        let udp = |ttl| inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD, ttl);
+        // A Service backend's reply: fe_to_pod gives it the ClusterIP back.
+        let reply = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+            .ipv4(CLOUD_POD, LOCAL_POD)
+            .tcp(8080, 40001)
+            .payload(b"from a backend")
+            .build();
+        dp.maps.ct.insert(
+            fabedge_common::services::CtKey {
+                saddr: CLOUD_POD.octets(),
+                daddr: LOCAL_POD.octets(),
+                sport: 8080,
+                dport: 40001,
+                proto: 6,
+                _pad: [0; 3],
+            },
+            fabedge_common::services::CtEntry {
+                flags: fabedge_common::services::ct_flags::REPLY,
+                ..Default::default()
+            },
+            0,
+        )?;
+        let original = Frame::eth(BRIDGE_MAC, POD_MAC)
+            .ipv4(LOCAL_POD, CLOUD_POD)
+            .udp(40002, 53)
+            .build();
+        let icmp_error = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+            .ipv4(CLOUD_POD, LOCAL_POD)
+            .icmp_error(
+                fabedge_tests::packet::IcmpError::PortUnreachable,
+                &original[14..],
+            )
+            .build();
+        let big = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+            .ipv4(CLOUD_POD, LOCAL_POD)
+            .udp(5353, 53)
+            .payload(&vec![7u8; POD_MTU as usize])
+            .build();
+        let wrong_udp_checksum = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
+            .ipv4(CONNECTOR_WAN, NODE_IP)
+            .udp(50000, DEFAULT_TUNNEL_PORT)
+            .checksum(0x1234)
+            .vxlan(DEFAULT_TUNNEL_VNI, &udp(63))
+            .build();
+        let congested = Frame::eth(CONNECTOR_WAN_MAC, EDGE1_NIC_MAC)
+            .ipv4(CONNECTOR_WAN, NODE_IP)
+            .tos(3)
+            .udp(50000, DEFAULT_TUNNEL_PORT)
+            .zero_checksum()
+            .vxlan(DEFAULT_TUNNEL_VNI, &udp(63))
+            .build();
+        let mut padded = to_edge(&udp(63));
+        padded.extend([0; 6]);
+        let cases = [
+            (
+                "a pod the agent has not learned",
+                to_edge(&inner_udp(
+                    TUNNEL_SRC_MAC,
+                    TUNNEL_DEV_MAC,
+                    CLOUD_POD,
+                    LOCAL_POD_2,
+                    63,
+                )),
+            ),
+            ("a packet of a Service flow", to_edge(&reply)),
+            ("an ICMP error", to_edge(&icmp_error)),
+            ("TTL about to expire", to_edge(&udp(1))),
+            ("longer than the pod's MTU", to_edge(&big)),
+            ("a wrong outer UDP checksum", wrong_udp_checksum),
+            ("outer ECN congestion experienced", congested),
+            ("bytes after the packet", padded),
+            (
+                "an inner MAC fe-tunnel would not accept as its own",
+                to_edge(&inner_udp(
+                    TUNNEL_SRC_MAC,
+                    POD_MAC,
+                    CLOUD_POD,
+                    LOCAL_POD,
+                    63,
+                )),
+            ),
+            (
+                "an address that is not the node's (the kernel forwards it)",
+                tunnel_frame(CONNECTOR_WAN, EDGE1_WAN, &udp(63)),
+            ),
+        ];
+        for (what, frame) in cases {
+            let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+            assert_eq!(
+                (out.action, &out.data, delta),
+                (XDP_PASS, &frame, only(Counter::XdpPassToPod)),
+                "{what}"
+            );
+        }
+
+        // A veth that left FE_POD_DEVS: the pod is the kernel's again.
+        let veth = lab.netns.ifindex("lan1")?;
+        dp.maps.pod_devs.remove(veth)?;
+        let frame = to_edge(&udp(63));
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+        assert_eq!(
+            (out.action, &out.data, delta),
+            (XDP_PASS, &frame, only(Counter::XdpPassToPod)),
+            "a veth not in FE_POD_DEVS"
+        );
+
+        // Off (the default): the edge's XDP only guards.
+        let mut config = dp.maps.config()?;
+        config.flags &= !config_flags::XDP_POD_RX;
+        dp.maps.set_config(config)?;
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.wan_ifindex))?;
+        assert_eq!(
+            (out.action, &out.data, delta),
+            (XDP_PASS, &frame, only(Counter::XdpPass)),
+            "--xdp-pod-rx off"
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
 // The mini cluster with XDP on every uplink
 // ---------------------------------------------------------------------------
 
@@ -576,6 +829,76 @@ fn wait_for_counter(cluster: &Cluster, node: &str, counter: Counter, before: u64
     }
 }
 
+/// Every path of the seed matrix (with XDP's counters for the masquerade)
+/// passes on `cluster`.
+fn seed_matrix_passes(cluster: &Cluster, how: &str) -> Result<()> {
+    let mut failures = Vec::new();
+    for path in xdp_seed_matrix() {
+        let outcome = cluster.check_path(&path)?;
+        if !outcome.passed() {
+            failures.push(format!(
+                "{}\n  {}\n  evidence: {}",
+                outcome.title,
+                outcome.failures().join("\n  "),
+                outcome.evidence.join("; ")
+            ));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{how}:\n{}\n\n{}",
+        failures.join("\n"),
+        cluster.diagnostics(&cluster.node_names())
+    );
+    Ok(())
+}
+
+#[test]
+fn with_xdp_pod_rx_the_seed_matrix_passes_and_edge_pods_are_reached_from_the_nic() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions {
+        extra_agent_args: ["--tunnel", "vxlan", "--xdp", "native", "--xdp-pod-rx"]
+            .map(String::from)
+            .to_vec(),
+        ..ClusterOptions::default()
+    })?;
+    make_the_wire_real(&cluster)?;
+    seed_matrix_passes(&cluster, "with XDP delivering to edge pods")?;
+
+    // The pods are learned by now: tunnel traffic for them skips fe-tunnel
+    // and the pod bridge (the receiving edge's XDP counter grows by every
+    // packet), and the per-peer statistics still prove the tunnel.
+    for (name, receiver) in [
+        ("edge_pod_reaches_community_peer_pod_directly", "edge-2"),
+        ("edge_pod_reaches_community_peer_pod_directly", "edge-1"),
+        (
+            "cloud_pod_reaches_edge_pod_through_flannel_and_connector",
+            "edge-1",
+        ),
+    ] {
+        let path = xdp_seed_matrix()
+            .into_iter()
+            .find(|p| p.name == name)
+            .expect("a seed path");
+        let before = cluster.settled_stats()?;
+        let outcome = cluster.check_path(&path)?;
+        ensure!(
+            outcome.passed(),
+            "{name}: {}",
+            outcome.failures().join("; ")
+        );
+        let grown = cluster.settled_stats()?.since(&before);
+        let delivered = grown.counter(receiver, Counter::XdpRedirectToPod);
+        assert!(
+            delivered >= PING_COUNT as u64,
+            "{name}: {receiver} {} +{delivered}, {} +{}",
+            Counter::XdpRedirectToPod.name(),
+            Counter::XdpPassToPod.name(),
+            grown.counter(receiver, Counter::XdpPassToPod)
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn with_xdp_on_every_uplink_the_seed_matrix_passes_forgeries_die_and_restarts_lose_nothing()
 -> Result<()> {
@@ -594,24 +917,7 @@ fn with_xdp_on_every_uplink_the_seed_matrix_passes_forgeries_die_and_restarts_lo
         );
     }
 
-    let mut failures = Vec::new();
-    for path in xdp_seed_matrix() {
-        let outcome = cluster.check_path(&path)?;
-        if !outcome.passed() {
-            failures.push(format!(
-                "{}\n  {}\n  evidence: {}",
-                outcome.title,
-                outcome.failures().join("\n  "),
-                outcome.evidence.join("; ")
-            ));
-        }
-    }
-    ensure!(
-        failures.is_empty(),
-        "with XDP:\n{}\n\n{}",
-        failures.join("\n"),
-        cluster.diagnostics(&cluster.node_names())
-    );
+    seed_matrix_passes(&cluster, "with XDP")?;
 
     // Neighbours are resolved now: the masquerade is XDP's alone, TC's
     // Flannel counters stay put.

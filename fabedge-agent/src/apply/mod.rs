@@ -18,6 +18,7 @@
 pub mod failpoint;
 pub mod net;
 pub mod pod_ports;
+pub mod pod_rx;
 pub mod precheck;
 mod rollback;
 pub mod rtnl;

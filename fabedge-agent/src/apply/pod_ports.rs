@@ -47,6 +47,8 @@ pub struct PodPort {
 pub struct PodPortChanges {
     pub guarded: Vec<PodPort>,
     pub released: Vec<String>,
+    /// Ports whose pods XDP now delivers to (`--xdp-pod-rx`).
+    pub xdp_delivered: Vec<String>,
 }
 
 /// The ports guarded so far, by the veth's ifindex.
@@ -55,6 +57,8 @@ pub struct PodPorts {
     guarded: BTreeMap<u32, PodPort>,
     /// The last problem per port, logged once until it changes.
     problems: BTreeMap<u32, String>,
+    /// The same for XDP delivery to the port's pod.
+    rx_problems: BTreeMap<u32, String>,
 }
 
 impl PodPorts {
@@ -137,6 +141,31 @@ impl PodPorts {
         for iface in &changes.released {
             info!("pod port {iface}: gone, released");
         }
+
+        // XDP delivery (`--xdp-pod-rx`) for the pods guarded now.
+        let pods: BTreeMap<[u8; 4], &LinkInfo> = self
+            .guarded
+            .iter()
+            .filter_map(|(index, pod)| Some((pod.addr.octets(), *ports.get(index)?)))
+            .collect();
+        let bridge_mac = links
+            .iter()
+            .find(|l| l.name == POD_BRIDGE)
+            .and_then(|l| l.mac);
+        let (offered, problems) = super::pod_rx::sync(&mut nl, maps, bridge_mac, &pods)?;
+        for (index, message) in problems {
+            if self.rx_problems.get(&index) != Some(&message) {
+                let iface = ports.get(&index).map_or("?", |l| l.name.as_str());
+                warn!("pod port {iface}: {message} (retrying)");
+                self.rx_problems.insert(index, message);
+            }
+        }
+        for iface in &offered {
+            self.rx_problems
+                .retain(|i, _| ports.get(i).is_none_or(|l| &l.name != iface));
+        }
+        self.rx_problems.retain(|i, _| ports.contains_key(i));
+        changes.xdp_delivered = offered;
         Ok(changes)
     }
 

@@ -1569,3 +1569,36 @@ fn a_cluster_prefix_holding_a_connector_s_tunnel_endpoint_is_refused() {
         }
     );
 }
+
+#[test]
+fn xdp_pod_rx_is_asked_of_the_datapath_in_vxlan_mode_with_the_fast_path_only() {
+    use fabedge_common::config_flags::{NO_FAST_PATH, TC_ENCAP, XDP_POD_RX};
+    let snapshot = cluster();
+    let flags = |settings: Settings| {
+        plan(&snapshot, "edge-1", &settings, &PeerIds::new())
+            .unwrap()
+            .config
+            .flags
+    };
+    let on = || Settings {
+        xdp_pod_rx: true,
+        ..settings()
+    };
+    assert_eq!(flags(on()), TC_ENCAP | XDP_POD_RX);
+    assert_eq!(
+        flags(Settings {
+            no_fast_path: true,
+            ..on()
+        }),
+        NO_FAST_PATH,
+        "--no-fast-path: the kernel delivers everything"
+    );
+    assert_eq!(
+        flags(Settings {
+            tunnel_mode: TunnelMode::Esp,
+            ..on()
+        }),
+        0,
+        "ESP: XDP sees only ciphertext"
+    );
+}

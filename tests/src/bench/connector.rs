@@ -265,7 +265,7 @@ fn parse_mac(text: &str) -> Result<Mac> {
 }
 
 /// Whether the agent binary knows a flag (the XDP work adds `--xdp`).
-fn agent_knows(flag: &str) -> Result<bool> {
+pub(super) fn agent_knows(flag: &str) -> Result<bool> {
     let out = std::process::Command::new(agent_bin()?)
         .args(["run", "--help"])
         .output()
@@ -295,7 +295,7 @@ struct Sample {
     delivered: f64,
 }
 
-fn median(values: &mut [f64]) -> Option<f64> {
+pub(super) fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -642,7 +642,7 @@ pub fn run(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn geometric_mean(values: &[f64]) -> Option<f64> {
+pub(super) fn geometric_mean(values: &[f64]) -> Option<f64> {
     if values.is_empty() || values.iter().any(|v| *v <= 0.0) {
         return None;
     }
@@ -650,7 +650,7 @@ fn geometric_mean(values: &[f64]) -> Option<f64> {
     Some((log_sum / values.len() as f64).exp())
 }
 
-fn wait_listening(netns: &Netns, port: u16) -> Result<()> {
+pub(super) fn wait_listening(netns: &Netns, port: u16) -> Result<()> {
     let deadline = Instant::now() + IPERF_READY_TIMEOUT;
     let filter = format!("sport = :{port}");
     loop {
@@ -668,7 +668,7 @@ fn wait_listening(netns: &Netns, port: u16) -> Result<()> {
     }
 }
 
-fn iperf_gbps(client: &Netns, server: &str) -> Result<f64> {
+pub(super) fn iperf_gbps(client: &Netns, server: &str) -> Result<f64> {
     let out = client.run_ok("iperf3", &["-c", server, "-t", IPERF_SECONDS, "-J"])?;
     let json: serde_json::Value = serde_json::from_str(&out).context("parsing iperf3 -J")?;
     json["end"]["sum_received"]["bits_per_second"]

@@ -1,9 +1,11 @@
 //! Pieces of `cargo xtask bench` (`src/bin/fabedge-bench.rs`) that are more
 //! than a table of cases: the figures' JSON keys and the connector's packet
-//! rate per datapath variant, connector failover and probe cost, and the
-//! watch traffic an edge receives per Node change in a large cluster.
+//! rate per datapath variant, edge receive with XDP, connector failover
+//! and probe cost, and the watch traffic an edge receives per Node change
+//! in a large cluster.
 
 pub mod connector;
+pub mod edge_rx;
 pub mod edge_watch;
 pub mod ha;
 pub mod report;
@@ -12,10 +14,11 @@ pub mod scale;
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "verdicts",
     "edge-tunnel",
     "connector",
+    "edge-rx",
     "ha",
     "scale",
     "edge-watch",

@@ -13,13 +13,14 @@
 //!
 //! Options: `--json FILE` writes every figure under a stable key
 //! (`fabedge_tests::bench::report`); `--only SECTION[,SECTION]` runs some of
-//! `verdicts`, `edge-tunnel`, `connector`, `ha` (connector failover gaps and
-//! probe cost with two connectors: `fabedge_tests::bench::ha`), `scale`
-//! (a release agent's endpoint change latency, full sync, memory and idle
-//! CPU at 10 k Services: `fabedge_tests::bench::scale`), `edge-watch`
-//! (the watch traffic an edge receives per Node change outside its
-//! community in a 5 k-node cluster, before and after narrowing its Node
-//! watches: `fabedge_tests::bench::edge_watch`).
+//! `verdicts`, `edge-tunnel`, `connector`, `edge-rx` (edge receive with XDP
+//! delivering to pods: `fabedge_tests::bench::edge_rx`), `ha` (connector
+//! failover gaps and probe cost with two connectors:
+//! `fabedge_tests::bench::ha`), `scale` (a release agent's endpoint change
+//! latency, full sync, memory and idle CPU at 10 k Services:
+//! `fabedge_tests::bench::scale`), `edge-watch` (the watch traffic an edge
+//! receives per Node change outside its community in a 5 k-node cluster,
+//! before and after narrowing its Node watches: `fabedge_tests::bench::edge_watch`).
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -32,7 +33,7 @@ use fabedge_common::{
 };
 use fabedge_tests::{
     bench::{
-        Options, connector, edge_watch, ha,
+        Options, connector, edge_rx, edge_watch, ha,
         report::{Report, key_part},
         scale,
     },
@@ -51,6 +52,9 @@ fn main() -> Result<()> {
     }
     if options.runs("connector") {
         connector::run(&mut report)?;
+    }
+    if options.runs("edge-rx") {
+        edge_rx::run(&mut report)?;
     }
     if options.runs("ha") {
         ha::run(&mut report)?;

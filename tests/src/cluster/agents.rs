@@ -178,6 +178,8 @@ impl Cluster {
                 .as_mut()
                 .with_context(|| format!("the agent of {name} is not running"))?;
             if let Err(e) = agent.check_running() {
+                // Read again: its last words came after the read above.
+                let log = read_from(&node.files.agent_log, log_offset);
                 bail!("{e:#}; its log:\n{}", tail(&log, LOG_TAIL_LINES));
             }
             if Instant::now() >= deadline {

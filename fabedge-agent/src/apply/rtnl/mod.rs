@@ -291,6 +291,41 @@ impl Rtnl {
         }
     }
 
+    /// Link `index` of the namespace ours calls `netnsid` (a veth peer's).
+    pub fn link_in(&mut self, netnsid: i32, index: u32) -> Result<Option<LinkInfo>, RtnlError> {
+        let mut found = None;
+        let what = format!("reading link {index} in netns id {netnsid}");
+        match self.exchange(
+            |seq| msg::get_link_in(netnsid, index, seq),
+            &what,
+            |kind, _, payload| {
+                if kind == msg::RTM_NEWLINK {
+                    found = msg::parse_link(payload);
+                }
+            },
+        ) {
+            Ok(()) => Ok(found),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The id our namespace gives the network namespace open at `fd`
+    /// (`None`: it has none, so no veth of ours leads there).
+    pub fn nsid_of(&mut self, fd: i32) -> Result<Option<i32>, RtnlError> {
+        let mut found = None;
+        self.exchange(
+            |seq| msg::get_nsid(fd, seq),
+            "reading a network namespace's id",
+            |kind, _, payload| {
+                if kind == msg::RTM_NEWNSID {
+                    found = msg::parse_nsid(payload);
+                }
+            },
+        )?;
+        Ok(found.filter(|id| *id >= 0))
+    }
+
     pub fn links(&mut self) -> Result<Vec<LinkInfo>, RtnlError> {
         self.dump(
             msg::dump_links,

@@ -36,6 +36,8 @@ pub const RTM_GETROUTE: u16 = 26;
 pub const RTM_NEWRULE: u16 = 32;
 pub const RTM_DELRULE: u16 = 33;
 pub const RTM_GETRULE: u16 = 34;
+pub const RTM_NEWNSID: u16 = 88;
+pub const RTM_GETNSID: u16 = 90;
 
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
@@ -46,6 +48,9 @@ const IFLA_MTU: u16 = 4;
 const IFLA_LINK: u16 = 5;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINK_NETNSID: u16 = 37;
+const IFLA_TARGET_NETNSID: u16 = 46;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
@@ -235,6 +240,31 @@ pub fn dump_links(seq: u32) -> Vec<u8> {
     let mut b = Builder::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq);
     b.body(&ifinfomsg(0, 0, 0));
     b.finish()
+}
+
+/// `RTM_GETLINK` of link `index` in the namespace ours calls `netnsid`
+/// (a veth peer's, from [`LinkInfo::link_netnsid`]).
+pub fn get_link_in(netnsid: i32, index: u32, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK, seq);
+    b.body(&ifinfomsg(index, 0, 0));
+    b.attr(IFLA_TARGET_NETNSID, &netnsid.to_ne_bytes());
+    b.finish()
+}
+
+/// `RTM_GETNSID`: the id our namespace gives the namespace open at `fd`.
+pub fn get_nsid(fd: i32, seq: u32) -> Vec<u8> {
+    let mut b = Builder::new(RTM_GETNSID, NLM_F_REQUEST | NLM_F_ACK, seq);
+    // struct rtgenmsg, padded.
+    b.body(&[AF_UNSPEC, 0, 0, 0]);
+    b.attr(NETNSA_FD, &(fd as u32).to_ne_bytes());
+    b.finish()
+}
+
+/// The payload of an `RTM_NEWNSID` answer: the id (-1: none assigned).
+pub fn parse_nsid(payload: &[u8]) -> Option<i32> {
+    attrs(payload.get(4..)?)
+        .find(|(kind, _)| *kind == NETNSA_NSID)
+        .and_then(|(_, value)| Some(i32::from_ne_bytes(value.get(..4)?.try_into().ok()?)))
 }
 
 /// `RTM_NEWLINK` creating `name` (fails if it exists), down.

@@ -472,3 +472,41 @@ fn a_bridge_ports_veth_peer_and_its_address_in_another_netns_are_read() {
     );
     assert_eq!(gone, Err(Some(libc::ENODEV)), "a link that is not there");
 }
+
+#[test]
+fn a_pods_link_and_namespace_id_are_asked_in_the_kernels_layout() {
+    let link = msg::get_link_in(3, 2, 9);
+    assert_eq!(
+        u16::from_ne_bytes(link[4..6].try_into().unwrap()),
+        msg::RTM_GETLINK
+    );
+    assert_eq!(
+        u32::from_ne_bytes(link[16 + 4..16 + 8].try_into().unwrap()),
+        2
+    );
+    let attrs: Vec<(u16, Vec<u8>)> = msg::attrs(&link[16 + 16..])
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect();
+    assert_eq!(
+        attrs,
+        [(46, 3i32.to_ne_bytes().to_vec())],
+        "IFLA_TARGET_NETNSID"
+    );
+
+    let nsid = msg::get_nsid(7, 9);
+    assert_eq!(
+        u16::from_ne_bytes(nsid[4..6].try_into().unwrap()),
+        msg::RTM_GETNSID
+    );
+    let attrs: Vec<(u16, Vec<u8>)> = msg::attrs(&nsid[16 + 4..])
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect();
+    assert_eq!(attrs, [(3, 7u32.to_ne_bytes().to_vec())], "NETNSA_FD");
+    // The answer: rtgenmsg, then NETNSA_NSID; -1 when none is assigned.
+    let mut answer = vec![0u8; 4];
+    answer.extend_from_slice(&8u16.to_ne_bytes());
+    answer.extend_from_slice(&1u16.to_ne_bytes());
+    answer.extend_from_slice(&5i32.to_ne_bytes());
+    assert_eq!(msg::parse_nsid(&answer), Some(5));
+    assert_eq!(msg::parse_nsid(&answer[..4]), None);
+}
