@@ -143,10 +143,8 @@ impl Cluster {
         // per NIC left the second up for the time an `ip` takes to start
         // (most of a second under TCG), and the node half alive.
         let nics = self.uplinks(node)?;
-        let batch = std::env::temp_dir().join(format!(
-            "fabedge-kill-{node}-{}.ip",
-            std::process::id()
-        ));
+        let batch =
+            std::env::temp_dir().join(format!("fabedge-kill-{node}-{}.ip", std::process::id()));
         let commands: String = nics
             .iter()
             .map(|nic| format!("link set {nic} down\n"))
