@@ -539,6 +539,17 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 AffinityEntry::default(),
                 0,
             )?;
+            maps.local_pods.insert(
+                fabedge_common::RouteAddr {
+                    addr: [10, 234, 1, 3],
+                },
+                fabedge_common::LocalPodEntry {
+                    ifindex: 1,
+                    mtu: 1450,
+                    ..Default::default()
+                },
+                0,
+            )?;
             maps.pod_ports.insert(
                 7,
                 fabedge_common::PodPortEntry {
@@ -569,7 +580,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 14] = [
+        let expected: [(&str, &[&str]); 16] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -584,6 +595,9 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_POD_PORTS", &["addr"]),
             ("FE_GROUPS", &["active", "members"]),
             ("FE_VTEP_ADDRS", &["addr"]),
+            ("FE_LOCAL_PODS", &["addr", "ifindex", "pod_mac", "mtu"]),
+            // A device map: ifindexes, no BTF of ours (dumped, empty).
+            ("FE_POD_DEVS", &[]),
             (
                 "FE_CONFIG",
                 &[

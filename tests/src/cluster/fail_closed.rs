@@ -62,7 +62,8 @@ impl Cluster {
     }
 
     /// Deletes one kernel route of ours on edge-1 (to cloud-2's pods) and
-    /// one on the connector (to edge-1's pods), each under a default route
+    /// one on the connector (to edge-1's pods), from the main table and from
+    /// the tunnel table marked packets are routed by, each under a default route
     /// that would carry the traffic out in clear, and sends right away:
     /// edge-1's host and pod to a cloud-2 pod; the connector's host and pod,
     /// and cloud-2's pod (Flannel, decapsulated on the connector), to the
@@ -109,14 +110,14 @@ impl Cluster {
         let edge1_pod = self.pod("edge-1")?.ip();
         let before = self.counter_value("edge-1", Counter::DropOutsideTunnel)?;
         {
-            let _gone = DeletedRoute::delete(edge1, "10.244.1.0/24")?;
+            let _gone = DeletedRoute::delete_both(edge1, "10.244.1.0/24")?;
             send_udp(edge1, cloud2_pod, 3)?;
             send_udp(self.pod("edge-1")?.netns(), cloud2_pod, 3)?;
             self.wait_for_count("edge-1", Counter::DropOutsideTunnel, before, 6)?;
         }
         let before = self.counter_value("cloud-1", Counter::DropOutsideTunnel)?;
         {
-            let _gone = DeletedRoute::delete(connector, "10.234.1.0/24")?;
+            let _gone = DeletedRoute::delete_both(connector, "10.234.1.0/24")?;
             send_udp(connector, edge1_pod, 3)?;
             send_udp(self.pod("cloud-1")?.netns(), edge1_pod, 3)?;
             send_udp(self.pod("cloud-2")?.netns(), edge1_pod, 3)?;
@@ -174,16 +175,30 @@ struct DeletedRoute<'a> {
 }
 
 impl<'a> DeletedRoute<'a> {
-    fn delete(netns: &'a Netns, prefix: &str) -> Result<Self> {
-        let line = netns.ip(&["route", "show", "exact", prefix, "proto", "0xfe"])?;
-        let spec: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    /// Our route to `prefix` in routing `table` (`main`, or `4011`: where
+    /// packets the datapath marked for the tunnel are routed), deleted
+    /// until the guard drops.
+    fn delete(netns: &'a Netns, prefix: &str, table: &str) -> Result<Self> {
+        let line = netns.ip(&[
+            "route", "show", "exact", prefix, "proto", "0xfe", "table", table,
+        ])?;
+        let mut spec: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
         ensure!(
             spec.first().map(String::as_str) == Some(prefix),
-            "{}: no route of ours to {prefix}: {line:?}",
+            "{}: no route of ours to {prefix} in table {table}: {line:?}",
             netns.name()
         );
-        netns.ip(&["route", "del", prefix, "proto", "0xfe"])?;
+        netns.ip(&["route", "del", prefix, "proto", "0xfe", "table", table])?;
+        spec.extend(["table".to_owned(), table.to_owned()]);
         Ok(DeletedRoute { netns, spec })
+    }
+
+    /// Our routes to `prefix` in both tables.
+    fn delete_both(netns: &'a Netns, prefix: &str) -> Result<[Self; 2]> {
+        Ok([
+            Self::delete(netns, prefix, "main")?,
+            Self::delete(netns, prefix, "4011")?,
+        ])
     }
 }
 

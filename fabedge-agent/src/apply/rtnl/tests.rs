@@ -510,3 +510,41 @@ fn a_pods_link_and_namespace_id_are_asked_in_the_kernels_layout() {
     assert_eq!(msg::parse_nsid(&answer), Some(5));
     assert_eq!(msg::parse_nsid(&answer[..4]), None);
 }
+
+/// The tunnel table and its rule read back exactly as written: a second
+/// sync of the same prefixes sends the kernel nothing (the rule is not
+/// taken down and put back on every apply, which would leave marked
+/// packets to the main table for that moment), and teardown leaves nothing.
+#[test]
+fn the_tunnel_table_reads_back_as_written_and_a_second_sync_writes_nothing() {
+    use std::collections::BTreeSet;
+
+    use crate::apply::tunnel_table::{self, TunnelTable};
+    in_fresh_netns(|| {
+        uplink();
+        net::ensure_vxlan_external("fe-tunnel", 8472, "02:fe:0a:00:00:01", 1400).unwrap();
+        let wanted: BTreeSet<Ipv4Net> = [net("10.234.2.0/24"), net("10.2.0.12/32")].into();
+        assert_eq!(tunnel_table::sync(&wanted).unwrap(), 3);
+        assert_eq!(
+            TunnelTable::read().unwrap(),
+            TunnelTable {
+                prefixes: wanted.clone(),
+                rule: true
+            }
+        );
+        let before = WRITES.get();
+        assert_eq!(tunnel_table::sync(&wanted).unwrap(), 0);
+        assert_eq!(WRITES.get(), before, "a synced table was written again");
+        let rules = ip(&["rule", "show"]);
+        assert!(
+            rules.contains("4011:\tfrom all fwmark 0xe00/0xf00 lookup 4011 proto 254"),
+            "{rules}"
+        );
+        let one: BTreeSet<Ipv4Net> = [net("10.234.2.0/24")].into();
+        assert_eq!(tunnel_table::sync(&one).unwrap(), 1);
+        assert_eq!(tunnel_table::teardown().unwrap().len(), 2);
+        assert_eq!(TunnelTable::read().unwrap(), TunnelTable::default());
+        assert!(!ip(&["rule", "show"]).contains("4011"));
+        assert!(ip(&["route", "show", "table", "4011"]).trim().is_empty());
+    });
+}
