@@ -353,6 +353,27 @@ impl HaRuntime {
         if !self.applied_once {
             return;
         }
+        // The prober thread may have taken an address over (its reaction)
+        // before this loop saw the death: whatever of a connector's is on
+        // the NIC under our label is ours to give back.
+        if let Ok(on_nic) = vtep::held(&iface) {
+            for addr in on_nic.difference(&self.held.clone()) {
+                let Some((whose, _)) = self.connectors.iter().find(|(_, v)| *v == Some(*addr))
+                else {
+                    continue;
+                };
+                // Our own address is claimed (and announced) below.
+                if *whose == self.node {
+                    continue;
+                }
+                warn!(
+                    "{}: connector {whose} is dead: took over its VTEP address {addr} on {iface} (gratuitous ARP sent by the prober)",
+                    self.node
+                );
+                self.failovers += 1;
+                self.held.insert(*addr);
+            }
+        }
         let health = self
             .prober
             .as_ref()
