@@ -63,21 +63,27 @@ fn addresses_in(ns: &Netns, dev: &str) -> Result<String> {
     ns.ip(&["-4", "-o", "addr", "show", "dev", dev])
 }
 
-#[test]
-fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
-    let cloud = Netns::new("cloud")?;
-    let old = Netns::new("conn-old")?;
-    let new = Netns::new("conn-new")?;
+/// The topology of the module doc: a cloud node `cloud` with bridge
+/// `fe-br` (10.9.0.1) and two connectors, `conn-<first>` at 10.9.0.11 and
+/// `conn-<second>` at 10.9.0.12, each on its `eth0`.
+fn cloud_lan(cloud: &str, first: &str, second: &str) -> Result<(Netns, Netns, Netns)> {
+    let cloud = Netns::new(cloud)?;
+    let a = Netns::new(&format!("conn-{first}"))?;
+    let b = Netns::new(&format!("conn-{second}"))?;
     cloud.bridge("fe-br")?;
     cloud.add_addr("fe-br", "10.9.0.1/24")?;
-    for (connector, port, address) in [
-        (&old, "fe-old", "10.9.0.11/24"),
-        (&new, "fe-new", "10.9.0.12/24"),
-    ] {
-        veth_pair(connector, "eth0", &cloud, port)?;
-        cloud.attach_to_bridge(port, "fe-br")?;
+    for (connector, name, address) in [(&a, first, "10.9.0.11/24"), (&b, second, "10.9.0.12/24")] {
+        let port = format!("fe-{name}");
+        veth_pair(connector, "eth0", &cloud, &port)?;
+        cloud.attach_to_bridge(&port, "fe-br")?;
         connector.add_addr("eth0", address)?;
     }
+    Ok((cloud, a, b))
+}
+
+#[test]
+fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
+    let (cloud, old, new) = cloud_lan("cloud", "old", "new")?;
     let old_mac = old.mac("eth0")?;
     let new_mac = new.mac("eth0")?;
 
@@ -146,19 +152,7 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
 #[test]
 fn a_successor_hears_the_owner_holding_its_vtep_address_again_before_giving_it_back() -> Result<()>
 {
-    let cloud = Netns::new("cloud-hc")?;
-    let owner = Netns::new("conn-owner")?;
-    let heir = Netns::new("conn-heir")?;
-    cloud.bridge("fe-br")?;
-    cloud.add_addr("fe-br", "10.9.0.1/24")?;
-    for (connector, port, address) in [
-        (&owner, "fe-owner", "10.9.0.11/24"),
-        (&heir, "fe-heir", "10.9.0.12/24"),
-    ] {
-        veth_pair(connector, "eth0", &cloud, port)?;
-        cloud.attach_to_bridge(port, "fe-br")?;
-        connector.add_addr("eth0", address)?;
-    }
+    let (cloud, owner, heir) = cloud_lan("cloud-hc", "owner", "heir")?;
     let owner_mac = owner.mac("eth0")?;
     // The heir holds the owner's address (it took it over).
     heir.enter(|| claim("eth0", VTEP))?;

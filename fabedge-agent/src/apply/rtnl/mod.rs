@@ -274,36 +274,32 @@ impl Rtnl {
 
     /// The link called `name`, if there is one.
     pub fn link(&mut self, name: &str) -> Result<Option<LinkInfo>, RtnlError> {
-        let mut found = None;
-        let what = format!("reading link {name}");
-        match self.exchange(
+        self.one_link(
             |seq| msg::get_link(name, seq),
-            &what,
-            |kind, _, payload| {
-                if kind == msg::RTM_NEWLINK {
-                    found = msg::parse_link(payload);
-                }
-            },
-        ) {
-            Ok(()) => Ok(found),
-            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e),
-        }
+            &format!("reading link {name}"),
+        )
     }
 
     /// Link `index` of the namespace ours calls `netnsid` (a veth peer's).
     pub fn link_in(&mut self, netnsid: i32, index: u32) -> Result<Option<LinkInfo>, RtnlError> {
-        let mut found = None;
-        let what = format!("reading link {index} in netns id {netnsid}");
-        match self.exchange(
+        self.one_link(
             |seq| msg::get_link_in(netnsid, index, seq),
-            &what,
-            |kind, _, payload| {
-                if kind == msg::RTM_NEWLINK {
-                    found = msg::parse_link(payload);
-                }
-            },
-        ) {
+            &format!("reading link {index} in netns id {netnsid}"),
+        )
+    }
+
+    /// The one link a `RTM_GETLINK` request names; `None` if there is none.
+    fn one_link(
+        &mut self,
+        build: impl Fn(u32) -> Vec<u8>,
+        what: &str,
+    ) -> Result<Option<LinkInfo>, RtnlError> {
+        let mut found = None;
+        match self.exchange(build, what, |kind, _, payload| {
+            if kind == msg::RTM_NEWLINK {
+                found = msg::parse_link(payload);
+            }
+        }) {
             Ok(()) => Ok(found),
             Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
