@@ -152,7 +152,7 @@ fn a_claimed_vtep_address_moves_the_neighbours_arp_entry_to_us() -> Result<()> {
 #[test]
 fn a_successor_hears_the_owner_holding_its_vtep_address_again_before_giving_it_back() -> Result<()>
 {
-    let (cloud, owner, heir) = cloud_lan("cloud-hc", "owner", "heir")?;
+    let (_cloud, owner, heir) = cloud_lan("cloud-hc", "owner", "heir")?;
     let owner_mac = owner.mac("eth0")?;
     // The heir holds the owner's address (it took it over).
     heir.enter(|| claim("eth0", VTEP))?;
