@@ -1176,6 +1176,46 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
                 .then_some(()),
         )
     })?;
+
+    // An endpoint moves to another pod: its slot changes without a full
+    // pass (no `applied plan` line; the Service maps' own line instead).
+    let applies = agent.wait("the Service port edit's full pass logged", |a| {
+        // The Service maps' line comes within the pass, `applied plan` at its end.
+        let log = a.log();
+        let done = log.rfind("applied plan for") > log.rfind("services: ServiceReport");
+        Ok(done.then_some(a.applies()))
+    })?;
+    let service_writes = |a: &KubeAgent| a.log().matches("services: ServiceReport").count();
+    let writes = service_writes(&agent);
+    let mut slice = server
+        .get(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            Some("kube-system"),
+            "dns-7x2kq",
+        )?
+        .context("the dns EndpointSlice")?;
+    slice["endpoints"][0]["addresses"] = json!(["10.234.1.11"]);
+    for key in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        slice["metadata"].as_object_mut().unwrap().remove(key);
+    }
+    server.apply(&slice)?;
+    agent.wait("the new endpoint behind 10.96.0.10:5353/UDP", |a| {
+        let f = frontends(a)?;
+        Ok((f.get("10.96.0.10:5353/UDP") == Some(&json!(["10.234.1.11:53"]))).then_some(()))
+    })?;
+    assert_eq!(
+        agent.applies(),
+        applies,
+        "an endpoint change took a full pass:\n{}",
+        agent.log()
+    );
+    assert_eq!(service_writes(&agent), writes + 1, "{}", agent.log());
     assert!(
         !agent.log().contains("ERROR fabedge_agent"),
         "every apply succeeded:\n{}",

@@ -205,6 +205,38 @@ impl Applier {
         }
     }
 
+    /// Write the Service frontends `keys` of `plan` (the rest of the node
+    /// is as the last apply left it: an EndpointSlice change), all or
+    /// nothing: on error the writes are taken back and the next full apply
+    /// starts from what the maps hold.
+    pub fn apply_services(
+        &mut self,
+        maps: &mut Maps,
+        plan: &crate::services::plan::ServicePlan,
+        keys: &BTreeSet<fabedge_common::services::ServiceKey>,
+    ) -> Result<crate::services::apply::ServiceReport> {
+        let Some(services) = &mut self.services else {
+            anyhow::bail!("no full apply yet: the Service maps are not adopted");
+        };
+        services.begin();
+        match services.apply_some(maps, plan, keys) {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                let outcome = match services.undo(maps) {
+                    Ok(()) => "taken back".to_owned(),
+                    Err(undo) => {
+                        // What the maps hold is unknown now: read it again.
+                        self.services = None;
+                        format!("taking them back failed too: {undo:#}")
+                    }
+                };
+                Err(e.context(format!(
+                    "writing the Service maps failed; the writes were {outcome}"
+                )))
+            }
+        }
+    }
+
     /// Every write of an apply; `step` follows along for the caller's
     /// error and rollback.
     fn write(

@@ -9,7 +9,9 @@
 //! everything. A broken watch keeps the cache as it was, so nothing is
 //! flushed; only a complete, different view of the cluster changes maps.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use k8s_openapi::api::discovery::v1 as discovery;
 
 use anyhow::{Context, Result};
 use log::{error, info, warn};
@@ -27,8 +29,9 @@ use crate::{
     },
     datapath::Datapath,
     maps::Maps,
-    model::{Role, Snapshot},
+    model::{EndpointSlice, NamespacedName, Role, Snapshot},
     plan::TunnelMode,
+    services::plan::{ServicePlan, replan_services},
     source::{
         Objects,
         kube::{Connection, KubeSource, NodeView},
@@ -64,6 +67,10 @@ pub(super) async fn run(
         KubeSource::start_viewing(client.clone(), node_view(&options.node, &options.settings));
     let mut state = KubeState {
         applied: None,
+        services: None,
+        full_due: true,
+        save_due: false,
+        saved_at: std::time::Instant::now(),
         last_error: None,
         own_annotations: None,
     };
@@ -102,8 +109,10 @@ pub(super) async fn run(
         if ha_changes.is_none() {
             ha_changes = reconciler.ha.changes();
         }
+        // Only a watch event may take the EndpointSlice shortcut.
+        let mut full = true;
         tokio::select! {
-            _ = source.changed() => {}
+            _ = source.changed() => full = false,
             // A connector went up or down: fail over now.
             changed = async { ha_changes.as_mut().expect("guarded").changed().await }, if ha_changes.is_some() => {
                 if changed.is_ok() {
@@ -117,6 +126,7 @@ pub(super) async fn run(
             }
             // The tick only retries: a failed apply, or the leader's patches.
             _ = tick.tick() => {
+                state.save_if_due(&source, options, false);
                 reconciler.restore_routes();
                 reconciler.guard_pod_ports(datapath, maps);
                 // Hold-downs end without a probe event.
@@ -149,9 +159,23 @@ pub(super) async fn run(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+        let changes = source.take_changes();
+        state.full_due |= changes.others;
+        if !full && !state.full_due {
+            if changes.slices.is_empty() {
+                // Taken by the pass this event woke up late for.
+                continue;
+            }
+            let slices = source.endpoint_slices(&changes.slices);
+            if state.patch_slices(reconciler, &slices, maps) {
+                continue;
+            }
+        }
         let Some(objects) = source.objects() else {
+            state.full_due = true;
             continue;
         };
+        state.full_due = false;
         state.reconcile(reconciler, &objects, datapath, maps, options, true);
         if let Some(patch) = state.own_annotations.clone() {
             let body = crate::connector::annotate::merge_patch(&patch);
@@ -184,9 +208,15 @@ pub(super) async fn run(
         };
         duty.step(&objects, connector, mac).await;
     }
+    state.save_if_due(&source, options, true);
     duty.release().await;
     Ok(())
 }
+
+/// How stale the saved snapshot may get while only EndpointSlices change:
+/// saving writes every object (megabytes in a large cluster), so the
+/// shortcut saves at most this often; a full pass and a stop save at once.
+const SAVE_EVERY: Duration = Duration::from_secs(30);
 
 /// Which Nodes this agent watches: with `--cluster-prefix` an edge needs no
 /// Node outside its community but the connectors. Not in ESP mode: SPIs are
@@ -211,6 +241,14 @@ fn node_view(node: &str, settings: &crate::plan::Settings) -> NodeView {
 struct KubeState {
     /// The snapshot last applied successfully.
     applied: Option<Snapshot>,
+    /// The Service part of the plan last applied (with `applied`'s slices).
+    services: Option<ServicePlan>,
+    /// Only a full pass may run next: something else than EndpointSlices
+    /// changed, or a pass found the caches not ready.
+    full_due: bool,
+    /// EndpointSlice changes applied since the last save.
+    save_due: bool,
+    saved_at: std::time::Instant,
     last_error: Option<String>,
     /// Annotations the last plan wants on this agent's own Node, not yet written.
     own_annotations: Option<crate::plan::AnnotationPatch>,
@@ -239,12 +277,15 @@ impl KubeState {
             let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options);
             reconciler.record_problems(checked.problems, plan.as_ref().ok());
             let plan = plan?;
+            self.services = Some(plan.services);
             self.own_annotations = plan
                 .annotations
                 .into_iter()
                 .find(|patch| patch.node == options.node);
             if save {
                 last_good::save(&options.state_dir, objects)?;
+                self.save_due = false;
+                self.saved_at = std::time::Instant::now();
             }
             Ok(Some(snapshot))
         })();
@@ -266,6 +307,103 @@ impl KubeState {
                     error!("{message} (keeping the last applied state; retrying)");
                     self.last_error = Some(message);
                 }
+            }
+        }
+    }
+}
+
+impl KubeState {
+    /// Apply changes of EndpointSlices alone (`slices`, as cached now)
+    /// without a full pass: re-plan the Services they belong to, write
+    /// those Services' changed frontends and slots. False when only a full
+    /// pass can do it — nothing applied yet, the last pass failed, a slice
+    /// the checks would report (invalid, or of no Service), maps too small
+    /// — and the caller runs one.
+    fn patch_slices(
+        &mut self,
+        reconciler: &mut Reconciler,
+        slices: &[(String, Option<discovery::EndpointSlice>)],
+        maps: &mut Maps,
+    ) -> bool {
+        let started = std::time::Instant::now();
+        let (Some(applied), Some(services), None) =
+            (&mut self.applied, &mut self.services, &self.last_error)
+        else {
+            return false;
+        };
+        // Every changed slice in the model first: nothing is touched
+        // unless all of them pass.
+        let mut updates = Vec::new();
+        let mut owners = BTreeSet::new();
+        for (key, object) in slices {
+            let Some((namespace, name)) = key.split_once('/') else {
+                return false;
+            };
+            let key = NamespacedName::new(namespace, name);
+            let Ok(slice) = object.as_ref().map(EndpointSlice::from_k8s).transpose() else {
+                return false;
+            };
+            let slice = slice.flatten();
+            for owner in [applied.endpoint_slices.get(&key), slice.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(EndpointSlice::service)
+            {
+                if !applied.services.contains_key(&owner) {
+                    return false;
+                }
+                owners.insert(owner);
+            }
+            updates.push((key, slice));
+        }
+        for (key, slice) in updates {
+            match slice {
+                Some(slice) => applied.endpoint_slices.insert(key, slice),
+                None => applied.endpoint_slices.remove(&key),
+            };
+        }
+        let written = match replan_services(services, applied, &owners) {
+            Some(changed) if changed.is_empty() => Ok(true),
+            Some(changed) => reconciler
+                .applier
+                .apply_services(maps, services, &changed)
+                .map(|_| true),
+            // The maps cannot hold every Service: the full pass decides
+            // which, and reports the others.
+            None => Ok(false),
+        };
+        if !matches!(written, Ok(true)) {
+            if let Err(e) = written {
+                warn!("EndpointSlice change: {e:#}; planning the whole node instead");
+            }
+            // `applied` and `services` no longer match the maps: plan whole.
+            self.applied = None;
+            self.services = None;
+            return false;
+        }
+        reconciler.status.applied(started.elapsed(), None);
+        self.save_due = true;
+        true
+    }
+
+    /// Save what the shortcut applied, at most every [`SAVE_EVERY`] (or
+    /// now: `stopping`).
+    fn save_if_due(&mut self, source: &KubeSource, options: &RunOptions, stopping: bool) {
+        if !self.save_due || !(stopping || self.saved_at.elapsed() >= SAVE_EVERY) {
+            return;
+        }
+        let Some(objects) = source.objects() else {
+            return;
+        };
+        match last_good::save(&options.state_dir, &objects) {
+            Ok(()) => {
+                self.save_due = false;
+                self.saved_at = std::time::Instant::now();
+            }
+            Err(e) => {
+                // Retried at the next due time, not on every tick.
+                warn!("{e:#}");
+                self.saved_at = std::time::Instant::now();
             }
         }
     }

@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use fabedge_common::services::{Backend, BackendKey, CtKey, ServiceEntry, ServiceKey, ct_flags};
 use log::info;
 
-use super::plan::{ServicePlan, frontend_ids};
+use super::plan::{Frontend, ServicePlan, frontend_ids};
 use crate::maps::Maps;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -344,56 +344,92 @@ impl ServiceShadow {
         }
 
         for (key, frontend) in &plan.frontends {
-            let id = ids[key];
-            let held: Vec<(BackendKey, Backend)> =
-                self.held.slots(id).map(|(k, b)| (*k, *b)).collect();
-            // The dense run of slots from 0 is what the layout starts from;
-            // anything past a gap (never written by us) goes.
-            let dense: Vec<Backend> = held
-                .iter()
-                .enumerate()
-                .take_while(|(i, (k, _))| k.slot == *i as u32)
-                .map(|(_, (_, b))| *b)
-                .collect();
-            let entry = ServiceEntry {
-                id,
-                ..frontend.entry
+            self.sync_frontend(maps, key, frontend, ids[key], &mut sync)?;
+        }
+        Ok(sync)
+    }
+
+    /// Make frontend `key` (id `id`) and its slots hold `frontend`.
+    fn sync_frontend(
+        &mut self,
+        maps: &mut impl ServiceMaps,
+        key: &ServiceKey,
+        frontend: &Frontend,
+        id: u32,
+        sync: &mut Sync,
+    ) -> Result<()> {
+        let held: Vec<(BackendKey, Backend)> = self.held.slots(id).map(|(k, b)| (*k, *b)).collect();
+        // The dense run of slots from 0 is what the layout starts from;
+        // anything past a gap (never written by us) goes.
+        let dense: Vec<Backend> = held
+            .iter()
+            .enumerate()
+            .take_while(|(i, (k, _))| k.slot == *i as u32)
+            .map(|(_, (_, b))| *b)
+            .collect();
+        let entry = ServiceEntry {
+            id,
+            ..frontend.entry
+        };
+        // Unchanged, as all but a few are on a pass: no layout to
+        // compute (same backends, in whatever slots).
+        if dense.len() == held.len()
+            && dense.len() == frontend.backends.len()
+            && frontend.backends.iter().all(|b| dense.contains(b))
+            && self.held.frontends.get(key) == Some(&entry)
+        {
+            return Ok(());
+        }
+        let layout = stable_slots(&dense, &frontend.backends);
+        for (slot, backend) in layout.iter().enumerate() {
+            if dense.get(slot) != Some(backend) {
+                let key = BackendKey {
+                    service_id: id,
+                    slot: slot as u32,
+                };
+                self.put_backend(maps, &key, Some(*backend))?;
+                sync.report.backends_written += 1;
+            }
+        }
+        if self.held.frontends.get(key) != Some(&entry) {
+            self.put_frontend(maps, key, Some(entry))
+                .with_context(|| format!("Service frontend {}", frontend.name))?;
+            sync.report.frontends_written += 1;
+        }
+        let members: BTreeSet<Member> = layout.iter().map(member).collect();
+        for (key, backend) in &held {
+            if !members.contains(&member(backend)) {
+                sync.left.insert((id, member(backend)));
+            }
+            if key.slot as usize >= layout.len() {
+                self.put_backend(maps, key, None)?;
+                sync.report.backends_removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`ServiceShadow::sync`] of frontends `keys` only, which keep their
+    /// ids: the rest of `plan` is in the maps already (an EndpointSlice
+    /// change, see [`super::plan::replan_services`]).
+    fn sync_some(
+        &mut self,
+        maps: &mut impl ServiceMaps,
+        plan: &ServicePlan,
+        keys: &BTreeSet<ServiceKey>,
+    ) -> Result<Sync> {
+        let mut sync = Sync::default();
+        for key in keys {
+            let (Some(frontend), Some(held)) =
+                (plan.frontends.get(key), self.held.frontends.get(key))
+            else {
+                anyhow::bail!(
+                    "frontend {} is not both planned and in FE_SERVICES: only a full apply can place it",
+                    describe(key)
+                );
             };
-            // Unchanged, as all but a few are on a pass: no layout to
-            // compute (same backends, in whatever slots).
-            if dense.len() == held.len()
-                && dense.len() == frontend.backends.len()
-                && frontend.backends.iter().all(|b| dense.contains(b))
-                && self.held.frontends.get(key) == Some(&entry)
-            {
-                continue;
-            }
-            let layout = stable_slots(&dense, &frontend.backends);
-            for (slot, backend) in layout.iter().enumerate() {
-                if dense.get(slot) != Some(backend) {
-                    let key = BackendKey {
-                        service_id: id,
-                        slot: slot as u32,
-                    };
-                    self.put_backend(maps, &key, Some(*backend))?;
-                    sync.report.backends_written += 1;
-                }
-            }
-            if self.held.frontends.get(key) != Some(&entry) {
-                self.put_frontend(maps, key, Some(entry))
-                    .with_context(|| format!("Service frontend {}", frontend.name))?;
-                sync.report.frontends_written += 1;
-            }
-            let members: BTreeSet<Member> = layout.iter().map(member).collect();
-            for (key, backend) in &held {
-                if !members.contains(&member(backend)) {
-                    sync.left.insert((id, member(backend)));
-                }
-                if key.slot as usize >= layout.len() {
-                    self.put_backend(maps, key, None)?;
-                    sync.report.backends_removed += 1;
-                }
-            }
+            let id = held.id;
+            self.sync_frontend(maps, key, frontend, id, &mut sync)?;
         }
         Ok(sync)
     }
@@ -412,7 +448,31 @@ impl ServiceShadow {
             fabedge_common::Counter::ServicesNotProgrammed,
             plan.skipped.len() as u64,
         )?;
-        let Sync { mut report, left } = self.sync(maps, plan)?;
+        let sync = self.sync(maps, plan)?;
+        self.purge(maps, sync)
+    }
+
+    /// Make the pinned maps hold `plan`'s frontends `keys` (their backends
+    /// changed, nothing else did), and purge the flows of backends that
+    /// left them. Refused until a full [`ServiceShadow::apply`] has run.
+    pub fn apply_some(
+        &mut self,
+        maps: &mut Maps,
+        plan: &ServicePlan,
+        keys: &BTreeSet<ServiceKey>,
+    ) -> Result<ServiceReport> {
+        anyhow::ensure!(
+            !self.adopted,
+            "the Service maps were adopted and not yet synced whole"
+        );
+        let sync = self.sync_some(maps, plan, keys)?;
+        self.purge(maps, sync)
+    }
+
+    /// Delete the conntrack and affinity entries of backends that left
+    /// their Service (every stale one after a start).
+    fn purge(&mut self, maps: &mut Maps, sync: Sync) -> Result<ServiceReport> {
+        let Sync { mut report, left } = sync;
         // After a start every flow is checked (the predecessor may have
         // stopped before its purge); after that only when a backend left.
         let check_all = std::mem::take(&mut self.adopted);
@@ -509,7 +569,7 @@ mod tests {
     use fabedge_common::services::backend_flags;
 
     use super::*;
-    use crate::services::plan::Frontend;
+    use crate::services::{plan::Frontend, random::Random};
 
     /// Maps in memory that check, after every single write, what a packet
     /// would meet at that instant: each frontend's slots `0..count` hold a
@@ -565,18 +625,6 @@ mod tests {
         fn remove_backend(&mut self, key: &BackendKey) -> Result<()> {
             self.tables.remove_backend(key)?;
             self.wrote()
-        }
-    }
-
-    /// xorshift64*: the same sequences on every run, no dependency.
-    struct Random(u64);
-
-    impl Random {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
         }
     }
 
@@ -674,16 +722,30 @@ mod tests {
 
     #[test]
     fn applying_random_changes_one_by_one_gives_the_maps_a_full_apply_gives() {
+        // Changes that keep every frontend (backends only) go through
+        // `sync_some` with the changed keys, as an EndpointSlice change does.
+        let mut partial = 0;
         for seed in 1..=200u64 {
             let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut plan = ServicePlan::default();
             let mut maps = Watched::default();
             let mut shadow = ServiceShadow::adopt(ServiceTables::default());
             for step in 0..60 {
+                let before = plan.clone();
                 change(&mut plan, &mut random);
-                shadow
-                    .sync(&mut maps, &plan)
-                    .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e:#}"));
+                let result = if step > 0 && before.frontends.keys().eq(plan.frontends.keys()) {
+                    partial += 1;
+                    let changed = plan
+                        .frontends
+                        .iter()
+                        .filter(|(key, f)| before.frontends.get(*key) != Some(*f))
+                        .map(|(key, _)| *key)
+                        .collect();
+                    shadow.sync_some(&mut maps, &plan, &changed)
+                } else {
+                    shadow.sync(&mut maps, &plan)
+                };
+                result.unwrap_or_else(|e| panic!("seed {seed} step {step}: {e:#}"));
                 assert_eq!(
                     shadow.held(),
                     &maps.tables,
@@ -702,6 +764,7 @@ mod tests {
                 );
             }
         }
+        assert!(partial > 2000, "{partial} partial syncs");
     }
 
     #[test]

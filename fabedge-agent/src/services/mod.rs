@@ -8,3 +8,5 @@ pub mod apply;
 pub mod ctgc;
 pub mod inspect;
 pub mod plan;
+#[cfg(test)]
+pub(crate) mod random;

@@ -34,6 +34,22 @@ pub struct ServicePlan {
     pub frontends: BTreeMap<ServiceKey, Frontend>,
     /// Services left out (capacity, unsupported protocol), with why.
     pub skipped: Vec<Problem>,
+    /// The node and map sizes it was planned for (`None`: a node that
+    /// translates no Service).
+    pub scope: Option<ServiceScope>,
+    /// Some Service was left out because the maps could not hold it.
+    pub overflowed: bool,
+}
+
+/// What Service planning reads besides the Services and their slices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceScope {
+    /// The node planned for (`internalTrafficPolicy: Local`).
+    pub me: String,
+    /// Its pod CIDR (backends inside it are flagged local).
+    pub pod_cidr: Ipv4Net,
+    pub max_frontends: usize,
+    pub max_backends: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,21 +147,17 @@ pub fn plan_services(
 ) -> ServicePlan {
     plan_within(
         snapshot,
-        me,
-        pod_cidr,
-        capacity.services as usize,
-        capacity.backends as usize,
+        ServiceScope {
+            me: me.to_owned(),
+            pod_cidr,
+            max_frontends: capacity.services as usize,
+            max_backends: capacity.backends as usize,
+        },
     )
 }
 
-/// [`plan_services`] for maps of `max_frontends` and `max_backends` entries.
-fn plan_within(
-    snapshot: &Snapshot,
-    me: &str,
-    pod_cidr: Ipv4Net,
-    max_frontends: usize,
-    max_backends: usize,
-) -> ServicePlan {
+/// [`plan_services`] for `scope`'s node and map sizes.
+fn plan_within(snapshot: &Snapshot, scope: ServiceScope) -> ServicePlan {
     let mut plan = ServicePlan::default();
     let mut slices: BTreeMap<NamespacedName, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in snapshot.endpoint_slices.values() {
@@ -155,78 +167,10 @@ fn plan_within(
     }
     let mut backend_total = 0usize;
     for (name, service) in &snapshot.services {
-        if service.headless || service.cluster_ips.is_empty() {
-            continue;
-        }
         let own_slices = slices.get(name).map(Vec::as_slice).unwrap_or_default();
-        let mut frontends = Vec::new();
-        for port in &service.ports {
-            if port.protocol == Protocol::Sctp {
-                plan.skipped.push(Problem::new(
-                    format!("Service {name}"),
-                    format!(
-                        "port {} is SCTP: the datapath translates TCP and UDP only; it is left to the connector",
-                        port.port
-                    ),
-                ));
-                continue;
-            }
-            let backends: Vec<Backend> = port_backends(
-                service,
-                &port.name,
-                &port.target_port,
-                port.protocol,
-                own_slices,
-                me,
-            )
-            .into_iter()
-            .map(|(addr, p)| Backend {
-                addr: addr.octets(),
-                port: p,
-                flags: if pod_cidr.contains(&addr) {
-                    backend_flags::LOCAL
-                } else {
-                    0
-                },
-                _pad: 0,
-            })
-            .collect();
-            let (flags, affinity_timeout) = match service.session_affinity {
-                SessionAffinity::None => (0, 0),
-                SessionAffinity::ClientIp { timeout_seconds } => {
-                    (service_flags::AFFINITY, timeout_seconds)
-                }
-            };
-            for ip in &service.cluster_ips {
-                let key = ServiceKey {
-                    addr: ip.octets(),
-                    port: port.port,
-                    proto: port.protocol.ip_proto(),
-                    _pad: 0,
-                };
-                let label = if port.name.is_empty() {
-                    format!("{name}:{}", port.port)
-                } else {
-                    format!("{name}:{}", port.name)
-                };
-                let entry = ServiceEntry {
-                    id: 0,
-                    count: backends.len().min(u16::MAX as usize) as u16,
-                    flags,
-                    _pad: 0,
-                    affinity_timeout,
-                };
-                frontends.push((
-                    key,
-                    Frontend {
-                        name: label,
-                        entry,
-                        backends: backends.clone(),
-                    },
-                ));
-            }
-        }
+        let frontends = plan_service(name, service, own_slices, &scope, &mut plan.skipped);
         let backends: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
+        let (max_frontends, max_backends) = (scope.max_frontends, scope.max_backends);
         if plan.frontends.len() + frontends.len() > max_frontends
             || backend_total + backends > max_backends
         {
@@ -238,6 +182,7 @@ fn plan_within(
                 plan.frontends.len(),
                 frontends.len()
             )));
+            plan.overflowed = true;
             continue;
         }
         backend_total += backends;
@@ -246,7 +191,141 @@ fn plan_within(
     for (id, frontend) in plan.frontends.values_mut().enumerate() {
         frontend.entry.id = id as u32 + 1;
     }
+    plan.scope = Some(scope);
     plan
+}
+
+/// The frontends of one Service (ids 0), whatever the maps' room; ports
+/// the datapath cannot translate go to `skipped`.
+fn plan_service(
+    name: &NamespacedName,
+    service: &Service,
+    slices: &[&EndpointSlice],
+    scope: &ServiceScope,
+    skipped: &mut Vec<Problem>,
+) -> Vec<(ServiceKey, Frontend)> {
+    let mut frontends = Vec::new();
+    if service.headless || service.cluster_ips.is_empty() {
+        return frontends;
+    }
+    for port in &service.ports {
+        if port.protocol == Protocol::Sctp {
+            skipped.push(Problem::new(
+                format!("Service {name}"),
+                format!(
+                    "port {} is SCTP: the datapath translates TCP and UDP only; it is left to the connector",
+                    port.port
+                ),
+            ));
+            continue;
+        }
+        let backends: Vec<Backend> = port_backends(
+            service,
+            &port.name,
+            &port.target_port,
+            port.protocol,
+            slices,
+            &scope.me,
+        )
+        .into_iter()
+        .map(|(addr, p)| Backend {
+            addr: addr.octets(),
+            port: p,
+            flags: if scope.pod_cidr.contains(&addr) {
+                backend_flags::LOCAL
+            } else {
+                0
+            },
+            _pad: 0,
+        })
+        .collect();
+        let (flags, affinity_timeout) = match service.session_affinity {
+            SessionAffinity::None => (0, 0),
+            SessionAffinity::ClientIp { timeout_seconds } => {
+                (service_flags::AFFINITY, timeout_seconds)
+            }
+        };
+        for ip in &service.cluster_ips {
+            let key = ServiceKey {
+                addr: ip.octets(),
+                port: port.port,
+                proto: port.protocol.ip_proto(),
+                _pad: 0,
+            };
+            let label = if port.name.is_empty() {
+                format!("{name}:{}", port.port)
+            } else {
+                format!("{name}:{}", port.name)
+            };
+            let entry = ServiceEntry {
+                id: 0,
+                count: backends.len().min(u16::MAX as usize) as u16,
+                flags,
+                _pad: 0,
+                affinity_timeout,
+            };
+            frontends.push((
+                key,
+                Frontend {
+                    name: label,
+                    entry,
+                    backends: backends.clone(),
+                },
+            ));
+        }
+    }
+    frontends
+}
+
+/// Re-plan the Services `services` of `plan` after only EndpointSlices
+/// changed in `snapshot` (no Service, no Node): the result equals a full
+/// plan of `snapshot` for the same scope. Returns the frontends that
+/// changed, or `None` when only a full plan can tell: a Service was left
+/// out for room before, or the new backends would not fit. Frontend keys
+/// and ids stay: they follow from the Services alone.
+pub fn replan_services(
+    plan: &mut ServicePlan,
+    snapshot: &Snapshot,
+    services: &BTreeSet<NamespacedName>,
+) -> Option<BTreeSet<ServiceKey>> {
+    let Some(scope) = plan.scope.clone() else {
+        // This node translates no Service: slices change nothing.
+        return Some(BTreeSet::new());
+    };
+    if plan.overflowed {
+        return None;
+    }
+    let mut backend_total = plan.backend_count();
+    let mut replaced = Vec::new();
+    for name in services {
+        let Some(service) = snapshot.services.get(name) else {
+            // Slices of no Service plan nothing.
+            continue;
+        };
+        let slices: Vec<&EndpointSlice> = snapshot
+            .endpoint_slices
+            .values()
+            .filter(|slice| slice.service().as_ref() == Some(name))
+            .collect();
+        let mut ignored = Vec::new();
+        for (key, mut frontend) in plan_service(name, service, &slices, &scope, &mut ignored) {
+            let held = plan.frontends.get(&key)?;
+            frontend.entry.id = held.entry.id;
+            backend_total = backend_total + frontend.backends.len() - held.backends.len();
+            if *held != frontend {
+                replaced.push((key, frontend));
+            }
+        }
+    }
+    if backend_total > scope.max_backends {
+        return None;
+    }
+    let mut changed = BTreeSet::new();
+    for (key, frontend) in replaced {
+        changed.insert(key);
+        plan.frontends.insert(key, frontend);
+    }
+    Some(changed)
 }
 
 /// The id of each planned frontend: the one it already has in the map
@@ -282,6 +361,7 @@ pub fn frontend_ids(
 mod tests {
     use super::*;
     use crate::model::{Endpoint, EndpointPort, ServicePort};
+    use crate::services::random::Random;
 
     fn service(ports: Vec<ServicePort>) -> Service {
         Service {
@@ -333,6 +413,15 @@ mod tests {
 
     fn cidr() -> Ipv4Net {
         "10.234.1.0/24".parse().unwrap()
+    }
+
+    fn scope(max_frontends: usize, max_backends: usize) -> ServiceScope {
+        ServiceScope {
+            me: "edge-1".into(),
+            pod_cidr: cidr(),
+            max_frontends,
+            max_backends,
+        }
     }
 
     #[test]
@@ -501,7 +590,7 @@ mod tests {
             .insert(NamespacedName::new("default", "big"), big);
         // Services are planned in name order: default/big (2 frontends)
         // takes the room for 2, default/web does not fit and is left out.
-        let plan = plan_within(&snap, "edge-1", cidr(), 2, 100);
+        let plan = plan_within(&snap, scope(2, 100));
         let names: Vec<_> = plan.frontends.values().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["default/big:a", "default/big:b"]);
         assert_eq!(plan.skipped.len(), 1);
@@ -513,7 +602,7 @@ mod tests {
             plan.skipped[0]
         );
         // The backend limit the same way: web's 2 backends do not fit 1.
-        let plan = plan_within(&snap, "edge-1", cidr(), 100, 1);
+        let plan = plan_within(&snap, scope(100, 1));
         assert!(
             plan.frontends
                 .values()
@@ -557,5 +646,157 @@ mod tests {
         let ids = frontend_ids(&plan, &current);
         assert_eq!(ids[&k(2)], 1);
         assert_eq!(ids[&k(1)], 2, "lowest id not kept by a planned frontend");
+    }
+
+    /// Six Services: one with a TCP and a UDP port, one named target port,
+    /// one `internalTrafficPolicy: Local`, one with an SCTP port, one
+    /// headless; no slices yet.
+    fn services() -> Snapshot {
+        let mut snap = Snapshot::default();
+        for n in 0..6u8 {
+            let mut ports = vec![port("http", 80, Protocol::Tcp, TargetPort::Number(8080))];
+            match n {
+                1 => ports.push(port("dns", 53, Protocol::Udp, TargetPort::Number(53))),
+                2 => ports[0].target_port = TargetPort::Name("web".into()),
+                4 => ports.push(port("sig", 9, Protocol::Sctp, TargetPort::Number(9))),
+                _ => {}
+            }
+            let name = format!("svc-{n}");
+            let service = Service {
+                name: name.clone(),
+                cluster_ips: if n == 5 {
+                    vec![]
+                } else {
+                    vec![Ipv4Addr::new(10, 96, 0, 10 + n)]
+                },
+                headless: n == 5,
+                internal_traffic_policy: if n == 3 {
+                    TrafficPolicy::Local
+                } else {
+                    TrafficPolicy::Cluster
+                },
+                ..service(ports)
+            };
+            snap.services
+                .insert(NamespacedName::new("default", name), service);
+        }
+        snap
+    }
+
+    /// One random EndpointSlice change: a slice written (new endpoints,
+    /// maybe another owner, maybe another port) or deleted. Returns the
+    /// Services it concerns, as the agent derives them: old and new owner.
+    fn change_slice(snap: &mut Snapshot, random: &mut Random) -> BTreeSet<NamespacedName> {
+        let slice_name = format!("slice-{}", random.below(10));
+        let key = NamespacedName::new("default", &slice_name);
+        let mut owners: BTreeSet<NamespacedName> = snap
+            .endpoint_slices
+            .get(&key)
+            .and_then(EndpointSlice::service)
+            .into_iter()
+            .collect();
+        if random.below(5) == 0 {
+            snap.endpoint_slices.remove(&key);
+            return owners;
+        }
+        // Mostly a Service that exists; sometimes one that does not.
+        let owner = format!("svc-{}", random.below(7));
+        let (name, port) = match random.below(4) {
+            0 => ("dns", Some(53)),
+            1 => ("web", Some(8081)),
+            2 => ("http", None),
+            _ => ("http", Some(8080)),
+        };
+        let protocol = if name == "dns" {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        let endpoints = (0..random.below(5))
+            .map(|_| {
+                let addr = [10, 234, random.below(3) as u8, random.below(6) as u8];
+                let ready = random.below(3) != 0;
+                let node = if random.below(2) == 0 {
+                    "edge-1"
+                } else {
+                    "edge-2"
+                };
+                endpoint(addr, ready, !ready && random.below(2) == 0, node)
+            })
+            .collect();
+        let ports = vec![EndpointPort {
+            name: name.into(),
+            port,
+            protocol,
+        }];
+        owners.insert(NamespacedName::new("default", &owner));
+        snap.endpoint_slices.insert(
+            key,
+            EndpointSlice {
+                namespace: "default".into(),
+                name: slice_name,
+                service_name: Some(owner),
+                ports,
+                endpoints,
+            },
+        );
+        owners
+    }
+
+    #[test]
+    fn replanning_the_services_of_changed_slices_equals_a_full_plan() {
+        let mut random = Random(0x5eed_f00d);
+        let (mut replanned, mut refused) = (0, 0);
+        for round in 0..100 {
+            // Every other round the maps are small enough that some Service
+            // does not fit now and then.
+            let scope = match round % 2 {
+                0 => scope(100, 1000),
+                _ => scope(100, 5),
+            };
+            let mut snap = services();
+            let mut plan = plan_within(&snap, scope.clone());
+            for step in 0..30 {
+                let owners = change_slice(&mut snap, &mut random);
+                let full = plan_within(&snap, scope.clone());
+                let before = plan.clone();
+                match replan_services(&mut plan, &snap, &owners) {
+                    Some(changed) => {
+                        replanned += 1;
+                        assert_eq!(plan, full, "round {round} step {step}");
+                        let differ: BTreeSet<ServiceKey> = full
+                            .frontends
+                            .iter()
+                            .filter(|(key, f)| before.frontends.get(*key) != Some(*f))
+                            .map(|(key, _)| *key)
+                            .collect();
+                        assert_eq!(changed, differ, "round {round} step {step}");
+                    }
+                    None => {
+                        refused += 1;
+                        assert!(
+                            before.overflowed || full.overflowed,
+                            "round {round} step {step}: refused though everything fits"
+                        );
+                        assert_eq!(plan, before, "a refused replan changes nothing");
+                        plan = full;
+                    }
+                }
+            }
+        }
+        // Both outcomes were exercised.
+        assert!(replanned > 1000 && refused > 50, "{replanned} {refused}");
+    }
+
+    #[test]
+    fn a_node_without_service_translation_replans_nothing() {
+        let mut snap = services();
+        let mut plan = ServicePlan::default();
+        let owners = change_slice(&mut snap, &mut Random(7));
+        assert_eq!(
+            replan_services(&mut plan, &snap, &owners),
+            Some(BTreeSet::new())
+        );
+        assert_eq!(plan, ServicePlan::default());
     }
 }

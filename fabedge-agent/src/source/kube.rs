@@ -76,6 +76,30 @@ struct Cache<K> {
     relisting: Option<BTreeMap<String, K>>,
     /// The first list completed.
     ready: bool,
+    /// What changed since [`KubeSource::take_changes`] last asked.
+    touched: Touched,
+}
+
+/// The objects of one cache that changed: some by key, or any of them (a
+/// relist that found a different set).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Touched {
+    #[default]
+    Nothing,
+    Keys(BTreeSet<String>),
+    Any,
+}
+
+impl Touched {
+    fn key(&mut self, key: &str) {
+        match self {
+            Touched::Nothing => *self = Touched::Keys(BTreeSet::from([key.to_owned()])),
+            Touched::Keys(keys) => {
+                keys.insert(key.to_owned());
+            }
+            Touched::Any => {}
+        }
+    }
 }
 
 impl<K> Default for Cache<K> {
@@ -84,6 +108,7 @@ impl<K> Default for Cache<K> {
             objects: BTreeMap::new(),
             relisting: None,
             ready: false,
+            touched: Touched::Nothing,
         }
     }
 }
@@ -103,10 +128,18 @@ impl<K: Resource + Clone + PartialEq> Cache<K> {
                 if self.objects.get(&key) == Some(&object) {
                     return false;
                 }
+                self.touched.key(&key);
                 self.objects.insert(key, object);
                 true
             }
-            watcher::Event::Delete(object) => self.objects.remove(&key_of(&object)).is_some(),
+            watcher::Event::Delete(object) => {
+                let key = key_of(&object);
+                let removed = self.objects.remove(&key).is_some();
+                if removed {
+                    self.touched.key(&key);
+                }
+                removed
+            }
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
                 false
@@ -126,6 +159,9 @@ impl<K: Resource + Clone + PartialEq> Cache<K> {
                 // unchanged relist reports no change.
                 let changed = first || self.objects != listed;
                 self.objects = listed;
+                if changed {
+                    self.touched = Touched::Any;
+                }
                 changed
             }
         }
@@ -280,6 +316,16 @@ impl Caches {
     }
 }
 
+/// What changed in the caches between two [`KubeSource::take_changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceChanges {
+    /// Nodes, Services or Communities changed, or a relist found other
+    /// EndpointSlices: only a full pass knows what follows.
+    pub others: bool,
+    /// The EndpointSlices added, changed or deleted (`namespace/name`).
+    pub slices: BTreeSet<String>,
+}
+
 /// The running watchers and their caches. Dropping it stops the watchers.
 pub struct KubeSource {
     caches: Arc<Mutex<Caches>>,
@@ -362,6 +408,41 @@ impl KubeSource {
             services: caches.services.objects.values().cloned().collect(),
             endpoint_slices: caches.endpoint_slices.objects.values().cloned().collect(),
         })
+    }
+
+    /// What changed since the last call: only EndpointSlices (by
+    /// `namespace/name`), or more ([`SourceChanges::others`]).
+    pub fn take_changes(&self) -> SourceChanges {
+        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut others = false;
+        for cache in caches.nodes.values_mut() {
+            others |= std::mem::take(&mut cache.touched) != Touched::Nothing;
+        }
+        others |= std::mem::take(&mut caches.services.touched) != Touched::Nothing;
+        others |= std::mem::take(&mut caches.communities.touched) != Touched::Nothing;
+        let slices = match std::mem::take(&mut caches.endpoint_slices.touched) {
+            Touched::Nothing => BTreeSet::new(),
+            Touched::Keys(keys) => keys,
+            Touched::Any => {
+                others = true;
+                BTreeSet::new()
+            }
+        };
+        SourceChanges { others, slices }
+    }
+
+    /// The EndpointSlices of `keys` as cached now (`None`: deleted).
+    pub fn endpoint_slices(
+        &self,
+        keys: &BTreeSet<String>,
+    ) -> Vec<(String, Option<discovery::EndpointSlice>)> {
+        let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.iter()
+            .map(|key| {
+                let slice = caches.endpoint_slices.objects.get(key).cloned();
+                (key.clone(), slice)
+            })
+            .collect()
     }
 
     /// Resolves when the cache changed since the last call.
@@ -513,6 +594,34 @@ mod tests {
             "a relist that finds other objects is a change"
         );
         assert_eq!(cache.objects.keys().collect::<Vec<_>>(), ["/b"]);
+    }
+
+    #[test]
+    fn changed_keys_are_kept_until_taken_and_a_different_relist_touches_everything() {
+        let mut cache = Cache::default();
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("a", "1")));
+        cache.handle(watcher::Event::InitDone);
+        assert_eq!(std::mem::take(&mut cache.touched), Touched::Any);
+
+        cache.handle(watcher::Event::Apply(node("a", "1")));
+        assert_eq!(cache.touched, Touched::Nothing, "no change, nothing touched");
+        cache.handle(watcher::Event::Apply(node("a", "2")));
+        cache.handle(watcher::Event::Apply(node("b", "1")));
+        cache.handle(watcher::Event::Delete(node("ghost", "1")));
+        cache.handle(watcher::Event::Delete(node("b", "1")));
+        let keys = BTreeSet::from(["/a".to_owned(), "/b".to_owned()]);
+        assert_eq!(std::mem::take(&mut cache.touched), Touched::Keys(keys));
+
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("a", "2")));
+        cache.handle(watcher::Event::InitDone);
+        assert_eq!(cache.touched, Touched::Nothing, "an identical relist");
+        cache.handle(watcher::Event::Apply(node("c", "1")));
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("a", "3")));
+        cache.handle(watcher::Event::InitDone);
+        assert_eq!(cache.touched, Touched::Any);
     }
 
     #[test]
