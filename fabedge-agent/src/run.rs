@@ -31,6 +31,7 @@ pub mod ha;
 pub mod handover;
 mod kube_mode;
 pub mod problems;
+mod slices;
 
 pub use kube_mode::{KubeOptions, default_namespace};
 
@@ -263,6 +264,9 @@ struct Reconciler {
     peer_ids_path: PathBuf,
     /// The manifest text last applied successfully.
     applied_text: Option<String>,
+    /// What the last full pass over `applied_text` applied, patched by the
+    /// EndpointSlice shortcut since (file mode).
+    file_applied: Option<slices::Applied>,
     /// The manifest file's stamp when it was last read: while it holds,
     /// the file is not read again.
     read_stamp: Option<manifest_watch::Stamp>,
@@ -321,6 +325,7 @@ impl Reconciler {
             peer_ids,
             peer_ids_path,
             applied_text: None,
+            file_applied: None,
             read_stamp: None,
             failed_text: None,
             retry_backoff: RETRY_MIN,
@@ -388,6 +393,12 @@ impl Reconciler {
             && failed == &text
             && now < *retry_at
         {
+            return;
+        }
+        if self.patch_file_slices(&text, maps) {
+            self.status.applied(now.elapsed(), None);
+            self.applied_text = Some(text);
+            self.report(Ok(()));
             return;
         }
         let result = self.reconcile(&text, datapath, maps, options);
@@ -501,10 +512,51 @@ impl Reconciler {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let checked = manifest::checked(text, options.settings.service_cidr)
             .with_context(|| options.manifests.display().to_string())?;
+        self.file_applied = None;
         let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options);
         self.record_problems(checked.problems, plan.as_ref().ok());
         let plan = plan?;
-        write_annotations(&options.manifests, text, &plan)
+        let written = write_annotations(&options.manifests, text, &plan)?;
+        self.file_applied = Some(slices::Applied {
+            snapshot: checked.snapshot,
+            services: plan.services,
+        });
+        Ok(written)
+    }
+
+    /// The EndpointSlice shortcut in file mode ([`slices`]): true when
+    /// `text` differs from the text applied last in EndpointSlice documents
+    /// alone, each keeping its name, and those were applied.
+    fn patch_file_slices(&mut self, text: &str, maps: &mut Maps) -> bool {
+        if self.last_error.is_some() || self.failed_text.is_some() {
+            return false;
+        }
+        let (Some(applied_text), Some(applied)) = (&self.applied_text, &mut self.file_applied)
+        else {
+            return false;
+        };
+        let Some(edits) = manifest::slice_edits(applied_text, text) else {
+            return false;
+        };
+        // A problem of a later document would name a line that moved.
+        if edits.lines_moved && !self.plan_problems.is_empty() {
+            return false;
+        }
+        let mut changes = Vec::new();
+        for (before, after) in &edits.slices {
+            let model = |slice| crate::model::EndpointSlice::from_k8s(slice).ok().flatten();
+            // Both IPv4 (another address type changes what the checks see).
+            let (Some(_), Some(after)) = (model(before), model(after)) else {
+                return false;
+            };
+            let key = crate::model::NamespacedName::new(&after.namespace, &after.name);
+            changes.push((key, Some(after)));
+        }
+        if !applied.patch(&mut self.applier, maps, changes) {
+            self.file_applied = None;
+            return false;
+        }
+        true
     }
 
     /// Plan `snapshot` for this node and apply it: the same for every source.

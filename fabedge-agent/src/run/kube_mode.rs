@@ -9,7 +9,7 @@
 //! everything. A broken watch keeps the cache as it was, so nothing is
 //! flushed; only a complete, different view of the cluster changes maps.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use k8s_openapi::api::discovery::v1 as discovery;
 
@@ -20,7 +20,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{Reconciler, RunOptions, observe_host};
+use super::{Reconciler, RunOptions, observe_host, slices::Applied};
 use crate::{
     connector::{
         annotate::{ConnectorDuty, is_connector},
@@ -29,9 +29,8 @@ use crate::{
     },
     datapath::Datapath,
     maps::Maps,
-    model::{EndpointSlice, NamespacedName, Role, Snapshot},
+    model::{EndpointSlice, NamespacedName, Role},
     plan::TunnelMode,
-    services::plan::{ServicePlan, replan_services},
     source::{
         Objects,
         kube::{Connection, KubeSource, NodeView},
@@ -67,7 +66,6 @@ pub(super) async fn run(
         KubeSource::start_viewing(client.clone(), node_view(&options.node, &options.settings));
     let mut state = KubeState {
         applied: None,
-        services: None,
         full_due: true,
         save_due: false,
         saved_at: std::time::Instant::now(),
@@ -239,10 +237,8 @@ fn node_view(node: &str, settings: &crate::plan::Settings) -> NodeView {
 }
 
 struct KubeState {
-    /// The snapshot last applied successfully.
-    applied: Option<Snapshot>,
-    /// The Service part of the plan last applied (with `applied`'s slices).
-    services: Option<ServicePlan>,
+    /// The snapshot and Service plan last applied successfully.
+    applied: Option<Applied>,
     /// Only a full pass may run next: something else than EndpointSlices
     /// changed, or a pass found the caches not ready.
     full_due: bool,
@@ -267,17 +263,17 @@ impl KubeState {
         save: bool,
     ) {
         let started = std::time::Instant::now();
-        let result = (|| -> Result<Option<Snapshot>> {
+        let result = (|| -> Result<Option<Applied>> {
             let checked = objects.checked(options.settings.service_cidr);
             let snapshot = checked.snapshot;
-            if self.applied.as_ref() == Some(&snapshot) {
+            if self.applied.as_ref().map(|a| &a.snapshot) == Some(&snapshot) {
                 return Ok(None);
             }
             let settings = observe_host(&options.settings, &options.flannel_iface)?;
             let plan = reconciler.plan_and_apply(&snapshot, &settings, datapath, maps, options);
             reconciler.record_problems(checked.problems, plan.as_ref().ok());
             let plan = plan?;
-            self.services = Some(plan.services);
+            let services = plan.services;
             self.own_annotations = plan
                 .annotations
                 .into_iter()
@@ -287,7 +283,7 @@ impl KubeState {
                 self.save_due = false;
                 self.saved_at = std::time::Instant::now();
             }
-            Ok(Some(snapshot))
+            Ok(Some(Applied { snapshot, services }))
         })();
         if !matches!(result, Ok(None)) {
             reconciler.status.applied(
@@ -296,8 +292,8 @@ impl KubeState {
             );
         }
         match result {
-            Ok(Some(snapshot)) => {
-                self.applied = Some(snapshot);
+            Ok(Some(applied)) => {
+                self.applied = Some(applied);
                 self.last_error = None;
             }
             Ok(None) => {}
@@ -314,11 +310,9 @@ impl KubeState {
 
 impl KubeState {
     /// Apply changes of EndpointSlices alone (`slices`, as cached now)
-    /// without a full pass: re-plan the Services they belong to, write
-    /// those Services' changed frontends and slots. False when only a full
+    /// without a full pass ([`super::slices`]). False when only a full
     /// pass can do it — nothing applied yet, the last pass failed, a slice
-    /// the checks would report (invalid, or of no Service), maps too small
-    /// — and the caller runs one.
+    /// the checks would report, maps too small — and the caller runs one.
     fn patch_slices(
         &mut self,
         reconciler: &mut Reconciler,
@@ -326,59 +320,26 @@ impl KubeState {
         maps: &mut Maps,
     ) -> bool {
         let started = std::time::Instant::now();
-        let (Some(applied), Some(services), None) =
-            (&mut self.applied, &mut self.services, &self.last_error)
-        else {
+        if self.last_error.is_some() {
+            return false;
+        }
+        let Some(applied) = &mut self.applied else {
             return false;
         };
-        // Every changed slice in the model first: nothing is touched
-        // unless all of them pass.
-        let mut updates = Vec::new();
-        let mut owners = BTreeSet::new();
+        let mut changes = Vec::new();
         for (key, object) in slices {
             let Some((namespace, name)) = key.split_once('/') else {
                 return false;
             };
-            let key = NamespacedName::new(namespace, name);
+            // An invalid slice: the full pass reports it.
             let Ok(slice) = object.as_ref().map(EndpointSlice::from_k8s).transpose() else {
                 return false;
             };
-            let slice = slice.flatten();
-            for owner in [applied.endpoint_slices.get(&key), slice.as_ref()]
-                .into_iter()
-                .flatten()
-                .filter_map(EndpointSlice::service)
-            {
-                if !applied.services.contains_key(&owner) {
-                    return false;
-                }
-                owners.insert(owner);
-            }
-            updates.push((key, slice));
+            changes.push((NamespacedName::new(namespace, name), slice.flatten()));
         }
-        for (key, slice) in updates {
-            match slice {
-                Some(slice) => applied.endpoint_slices.insert(key, slice),
-                None => applied.endpoint_slices.remove(&key),
-            };
-        }
-        let written = match replan_services(services, applied, &owners) {
-            Some(changed) if changed.is_empty() => Ok(true),
-            Some(changed) => reconciler
-                .applier
-                .apply_services(maps, services, &changed)
-                .map(|_| true),
-            // The maps cannot hold every Service: the full pass decides
-            // which, and reports the others.
-            None => Ok(false),
-        };
-        if !matches!(written, Ok(true)) {
-            if let Err(e) = written {
-                warn!("EndpointSlice change: {e:#}; planning the whole node instead");
-            }
-            // `applied` and `services` no longer match the maps: plan whole.
+        if !applied.patch(&mut reconciler.applier, maps, changes) {
+            // No longer what the maps hold: plan whole.
             self.applied = None;
-            self.services = None;
             return false;
         }
         reconciler.status.applied(started.elapsed(), None);

@@ -605,7 +605,11 @@ mod tests {
         assert_eq!(std::mem::take(&mut cache.touched), Touched::Any);
 
         cache.handle(watcher::Event::Apply(node("a", "1")));
-        assert_eq!(cache.touched, Touched::Nothing, "no change, nothing touched");
+        assert_eq!(
+            cache.touched,
+            Touched::Nothing,
+            "no change, nothing touched"
+        );
         cache.handle(watcher::Event::Apply(node("a", "2")));
         cache.handle(watcher::Event::Apply(node("b", "1")));
         cache.handle(watcher::Event::Delete(node("ghost", "1")));
