@@ -127,66 +127,44 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
             "xtask: VM tests SKIPPED because --skip-vm was given (they prove the 6.1 and 6.12 kernels)"
         );
     } else {
-        for entry in VM_TESTS {
-            let tests: Vec<&str> = entry
-                .tests
-                .iter()
-                .copied()
-                .filter(|t| options.filter.as_deref().is_none_or(|f| t.contains(f)))
-                .collect();
-            if tests.is_empty() {
-                continue;
+        // One queue of boots per kernel, the queues side by side: a VM is
+        // one host thread (`tcg,thread=single`), so on two cores the two
+        // kernels take the time of the slower one instead of the sum.
+        let mut queues: Vec<(vm::Kernel, Vec<VmJob>)> = Vec::new();
+        for kernel in vm::Kernel::ALL {
+            let mut jobs = Vec::new();
+            for entry in VM_TESTS.iter().filter(|e| e.kernels.contains(&kernel)) {
+                let tests: Vec<&'static str> = entry
+                    .tests
+                    .iter()
+                    .copied()
+                    .filter(|t| options.filter.as_deref().is_none_or(|f| t.contains(f)))
+                    .collect();
+                if !tests.is_empty() {
+                    let path = test_binary(workspace, entry.binary)?;
+                    jobs.push(VmJob { entry, tests, path });
+                }
             }
-            let binary = entry.binary;
-            let path = test_binary(workspace, binary)?;
-            for &kernel in entry.kernels {
-                // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
-                let mut args: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
-                args.extend(
-                    [
-                        "--exact",
-                        "--nocapture",
-                        "--test-threads=1",
-                        "--include-ignored",
-                    ]
-                    .map(String::from),
-                );
-                let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
-                let run = vm::VmRun {
-                    kernel,
-                    program: &path,
-                    args: &args,
-                    env: &env,
-                    timeout: entry.timeout,
-                    without_modules: entry.without_modules,
-                };
-                println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
-                // A test binary exits 0 when a name matched nothing: count what ran.
-                let ok = match vm::run_outcome(&run) {
-                    Ok(outcome) if outcome.code != 0 => false,
-                    Ok(outcome) if outcome.tests_passed != Some(tests.len() as u64) => {
-                        eprintln!(
-                            "xtask: VM {kernel}: {binary} was given {} test name(s) but libtest reported {} passed; \
-                             a renamed or missing test would otherwise pass silently",
-                            tests.len(),
-                            outcome
-                                .tests_passed
-                                .map_or("no summary, so none".to_string(), |n| n.to_string())
-                        );
-                        false
-                    }
-                    Ok(_) => true,
-                    Err(e) => {
-                        eprintln!("xtask: VM {kernel}: {e:#}");
-                        false
-                    }
-                };
-                suites.push((
-                    format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")),
-                    ok,
-                ));
+            if !jobs.is_empty() {
+                // Downloads and unpacks once, one kernel at a time; the
+                // boots below find it ready.
+                vm::prepare(kernel).with_context(|| format!("preparing the {kernel} kernel"))?;
             }
+            queues.push((kernel, jobs));
         }
+        let results: Vec<Vec<(String, bool)>> = std::thread::scope(|scope| {
+            let running: Vec<_> = queues
+                .iter()
+                .map(|(kernel, jobs)| {
+                    scope.spawn(move || jobs.iter().map(|job| job.run(*kernel)).collect())
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|queue| queue.join().expect("a VM queue panicked"))
+                .collect()
+        });
+        suites.extend(results.into_iter().flatten());
     }
 
     let passed = suites.iter().filter(|(_, ok)| *ok).count();
@@ -201,6 +179,66 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
         bail!("{failed} test suite(s) failed");
     }
     Ok(())
+}
+
+/// One boot: an entry's tests (those the filter kept) from its binary.
+struct VmJob {
+    entry: &'static VmTests,
+    tests: Vec<&'static str>,
+    path: PathBuf,
+}
+
+impl VmJob {
+    /// Boots `kernel`, runs the tests; the suite's name and whether every
+    /// test named ran and passed.
+    fn run(&self, kernel: vm::Kernel) -> (String, bool) {
+        let (binary, tests) = (self.entry.binary, &self.tests);
+        // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
+        let mut args: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
+        args.extend(
+            [
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+                "--include-ignored",
+            ]
+            .map(String::from),
+        );
+        let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
+        let run = vm::VmRun {
+            kernel,
+            program: &self.path,
+            args: &args,
+            env: &env,
+            timeout: self.entry.timeout,
+            without_modules: self.entry.without_modules,
+        };
+        println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
+        // A test binary exits 0 when a name matched nothing: count what ran.
+        let ok = match vm::run_outcome(&run) {
+            Ok(outcome) if outcome.code != 0 => false,
+            Ok(outcome) if outcome.tests_passed != Some(tests.len() as u64) => {
+                eprintln!(
+                    "xtask: VM {kernel}: {binary} was given {} test name(s) but libtest reported {} passed; \
+                     a renamed or missing test would otherwise pass silently",
+                    tests.len(),
+                    outcome
+                        .tests_passed
+                        .map_or("no summary, so none".to_string(), |n| n.to_string())
+                );
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("xtask: VM {kernel}: {e:#}");
+                false
+            }
+        };
+        (
+            format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")),
+            ok,
+        )
+    }
 }
 
 fn cargo(workspace: &Path) -> Command {

@@ -691,7 +691,10 @@ pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
         format!("starting {QEMU} (install it: apt-get install qemu-system-x86)")
     })?;
     let stdout = child.stdout.take().context("qemu's stdout is not piped")?;
-    let reader = thread::spawn(move || Console::follow(stdout, marker));
+    // Two kernels may boot side by side (`cargo xtask test`): every console
+    // line says whose it is.
+    let prefix = format!("[{}] ", run.kernel);
+    let reader = thread::spawn(move || Console::follow(stdout, marker, prefix));
 
     let deadline = started + run.timeout;
     let status = loop {
@@ -922,12 +925,18 @@ struct Console {
 }
 
 impl Console {
-    /// Copies qemu's serial output to our stdout while scanning it.
-    fn follow(mut from: impl Read, marker: String) -> Console {
+    /// Copies qemu's serial output to our stdout, a whole line at a time
+    /// behind `prefix`, while scanning it.
+    fn follow(mut from: impl Read, marker: String, prefix: String) -> Console {
         let mut console = Console::default();
         let mut line = Vec::new();
         let mut buf = [0u8; 4096];
         let stdout = std::io::stdout();
+        let emit = |line: &[u8], console: &mut Console| {
+            let text = String::from_utf8_lossy(line);
+            let _ = writeln!(stdout.lock(), "{prefix}{text}");
+            console.scan(&text, &marker);
+        };
         loop {
             let n = match from.read(&mut buf) {
                 Ok(0) => break,
@@ -935,24 +944,19 @@ impl Console {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
-            {
-                // The serial console ends lines with \r\n; pass on plain \n.
-                let mut out = stdout.lock();
-                for chunk in buf[..n].split(|&b| b == b'\r') {
-                    let _ = out.write_all(chunk);
-                }
-                let _ = out.flush();
-            }
+            // The serial console ends lines with \r\n; pass on plain \n.
             for &b in &buf[..n] {
                 if b == b'\n' {
-                    console.scan(&String::from_utf8_lossy(&line), &marker);
+                    emit(&line, &mut console);
                     line.clear();
                 } else if b != b'\r' {
                     line.push(b);
                 }
             }
         }
-        console.scan(&String::from_utf8_lossy(&line), &marker);
+        if !line.is_empty() {
+            emit(&line, &mut console);
+        }
         console
     }
 
