@@ -305,7 +305,10 @@ pub fn replan_services(
         let slices: Vec<&EndpointSlice> = snapshot
             .endpoint_slices
             .values()
-            .filter(|slice| slice.service().as_ref() == Some(name))
+            .filter(|slice| {
+                slice.namespace == name.namespace
+                    && slice.service_name.as_deref() == Some(name.name.as_str())
+            })
             .collect();
         let mut ignored = Vec::new();
         for (key, mut frontend) in plan_service(name, service, &slices, &scope, &mut ignored) {
