@@ -123,3 +123,15 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
+
+/// Hand the heap's free pages back to the kernel after a pass that parsed
+/// and planned a whole cluster: glibc keeps them otherwise, and the agent
+/// would stay at the peak of its largest pass. (musl's allocator, the
+/// image's, returns them by itself.)
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
