@@ -134,7 +134,8 @@ pub(super) fn record_changes(
     mut samples: Vec<Duration>,
 ) {
     samples.sort();
-    let (median, p99) = median_and_p99(&samples);
+    let median = samples[samples.len() / 2];
+    let p99 = samples[(samples.len() * 99).div_ceil(100) - 1];
     println!(
         "  one endpoint changed, {timed} ({} changes): median {:.1} ms, p99 {:.1} ms, min {:.1} ms",
         samples.len(),
@@ -144,14 +145,6 @@ pub(super) fn record_changes(
     );
     report.record(format!("{prefix}.endpoint_change_ms.median"), ms(median));
     report.record(format!("{prefix}.endpoint_change_ms.p99"), ms(p99));
-}
-
-/// The median and the 99th percentile (nearest rank) of `sorted`, which
-/// must not be empty.
-pub fn median_and_p99(sorted: &[Duration]) -> (Duration, Duration) {
-    let median = sorted[sorted.len() / 2];
-    let p99 = sorted[(sorted.len() * 99).div_ceil(100) - 1];
-    (median, p99)
 }
 
 /// The agent built with `cargo build --release -p fabedge-agent` (`cargo
