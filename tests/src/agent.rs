@@ -129,13 +129,50 @@ pub fn edge_1_netns(name: &str) -> Result<Netns> {
 /// in `work`: VXLAN tunnels, no XDP, no cgroup programs, no hold on drastic
 /// changes, info logs, the empty PATH. The caller adds flags and output.
 pub fn standalone_edge_1(netns: &Netns, bin: &Path, root: &Path, work: &Path) -> Result<Command> {
+    let manifest = work.join("cluster.yaml");
+    edge_1(
+        netns,
+        bin,
+        root,
+        work,
+        &["--manifests".as_ref(), manifest.as_os_str()],
+    )
+}
+
+/// [`standalone_edge_1`], but in kube mode on the API server `kubeconfig`
+/// names (reachable from `netns`, see `ApiServer::expose_in`).
+pub fn kube_edge_1(
+    netns: &Netns,
+    bin: &Path,
+    root: &Path,
+    work: &Path,
+    kubeconfig: &Path,
+) -> Result<Command> {
+    edge_1(
+        netns,
+        bin,
+        root,
+        work,
+        &["--kubeconfig".as_ref(), kubeconfig.as_os_str()],
+    )
+}
+
+/// `fabedge-agent run` as edge-1 on `source` (the flags naming where the
+/// cluster's objects come from); see [`standalone_edge_1`].
+fn edge_1(
+    netns: &Netns,
+    bin: &Path,
+    root: &Path,
+    work: &Path,
+    source: &[&std::ffi::OsStr],
+) -> Result<Command> {
     let mut cmd = Command::new(nsenter_bin()?);
     cmd.arg(format!("--net={}", netns.path().display()))
         .arg(bin)
         .arg("--bpffs-root")
         .arg(root)
-        .args(["run", "--node", "edge-1", "--manifests"])
-        .arg(work.join("cluster.yaml"))
+        .args(["run", "--node", "edge-1"])
+        .args(source)
         .arg("--state-dir")
         .arg(work.join("state"))
         .arg("--cni-conf-dir")

@@ -39,7 +39,7 @@ use k8s_openapi::api::{
     core::v1::ServiceAccount,
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
     core::GroupVersionKind,
     discovery::{self, Scope},
@@ -513,6 +513,17 @@ impl ApiServer {
         })
     }
 
+    /// Applies every document of the YAML stream `text` (see [`Self::apply`]).
+    pub fn apply_yaml(&self, text: &str) -> Result<()> {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let object = <Value as serde::Deserialize>::deserialize(doc)?;
+            if !object.is_null() {
+                self.apply(&object)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes an object (as admin).
     pub fn delete(
         &self,
@@ -590,6 +601,33 @@ impl ApiServer {
             })?;
         Ok(Relay { port, stop })
     }
+}
+
+/// Creates `objects` through `api` with up to `in_flight` requests at a
+/// time (a Node's status included: on create the API server keeps it).
+pub async fn create_all<K>(
+    api: &Api<K>,
+    objects: impl IntoIterator<Item = K>,
+    in_flight: usize,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(objects)
+        .map(|object| async move {
+            api.create(&PostParams::default(), &object)
+                .await
+                .with_context(|| format!("creating {} {}", K::kind(&()), object.name_any()))?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(in_flight)
+        .try_collect::<()>()
+        .await
 }
 
 /// Copies both ways until either side closes, then closes both.

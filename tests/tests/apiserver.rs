@@ -35,7 +35,6 @@ use kube::{
     core::{ApiResource, GroupVersionKind},
     discovery,
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "fabedge";
@@ -86,14 +85,7 @@ fn apply_deploy(server: &ApiServer) -> Result<String> {
 
 /// The mini cluster's Nodes, Community, Service and EndpointSlice.
 fn publish_fixture(server: &ApiServer) -> Result<()> {
-    let text = std::fs::read_to_string(FIXTURE)?;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let object = Value::deserialize(doc)?;
-        if !object.is_null() {
-            server.apply(&object)?;
-        }
-    }
-    Ok(())
+    server.apply_yaml(&std::fs::read_to_string(FIXTURE)?)
 }
 
 /// `deploy/` and the mini cluster, once the node policy is enforced.

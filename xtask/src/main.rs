@@ -47,7 +47,8 @@ enum Cmd {
         /// Also write every figure, under stable keys, to this JSON file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector, ha, scale.
+        /// Run only these sections (comma-separated): verdicts, edge-tunnel, connector, edge-rx,
+        /// ha, scale, scale-kube, edge-watch.
         #[arg(long)]
         only: Option<String>,
     },
@@ -139,9 +140,9 @@ fn main() -> Result<()> {
             build::build_ebpf(&ws)?;
             if only
                 .as_deref()
-                .is_none_or(|only| only.split(',').any(|s| s == "scale"))
+                .is_none_or(|only| only.split(',').any(|s| s.starts_with("scale")))
             {
-                // The scale section times a release agent.
+                // The scale sections (scale, scale-kube) time a release agent.
                 let status = Command::new("cargo")
                     .current_dir(&ws)
                     .args(["build", "--quiet", "--release", "-p", "fabedge-agent"])

@@ -26,17 +26,17 @@ use fabedge_agent::{
     model::label,
     source::kube::{NodeView, NodeWatch},
 };
-use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use futures::AsyncBufReadExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::report::Report;
-use crate::apiserver::ApiServer;
+use crate::apiserver::{ApiServer, create_all};
 
 /// The annotation whose value marks a fence (see the module docs).
 pub const FENCE: &str = "fabedge.test/fence";
@@ -44,8 +44,8 @@ pub const FENCE: &str = "fabedge.test/fence";
 pub const BENCH_NODES: usize = 5_000;
 /// Node changes outside the edge's community the benchmark counts.
 pub const BENCH_CHANGES: usize = 200;
-/// Concurrent requests while creating Nodes.
-const CREATE_CONCURRENCY: usize = 48;
+/// Concurrent requests while creating objects.
+pub const CREATE_CONCURRENCY: usize = 48;
 /// How long a fence may take to come through.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -184,25 +184,13 @@ fn node(name: &str, role: &str, ip: [u8; 4], pod_cidr: String) -> Value {
     })
 }
 
-/// Creates `nodes` with many requests in flight (status included: on
-/// create the API server keeps it).
+/// Creates `nodes` with many requests in flight.
 pub async fn create_nodes(client: &Client, nodes: Vec<Value>) -> Result<()> {
-    let api: Api<Node> = Api::all(client.clone());
-    futures::stream::iter(nodes)
-        .map(|value| {
-            let api = api.clone();
-            async move {
-                let node: Node = serde_json::from_value(value)?;
-                let name = node.metadata.name.clone().unwrap_or_default();
-                api.create(&PostParams::default(), &node)
-                    .await
-                    .with_context(|| format!("creating Node {name}"))?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .try_collect::<()>()
-        .await
+    let nodes = nodes
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<Vec<Node>, _>>()?;
+    create_all(&Api::all(client.clone()), nodes, CREATE_CONCURRENCY).await
 }
 
 /// Sets annotation `key` to `value` on Node `name` (as the client's user).

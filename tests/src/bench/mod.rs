@@ -1,7 +1,8 @@
 //! Pieces of `cargo xtask bench` (`src/bin/fabedge-bench.rs`) that are more
 //! than a table of cases: the figures' JSON keys and the connector's packet
 //! rate per datapath variant, edge receive with XDP, connector failover
-//! and probe cost, and the watch traffic an edge receives per Node change
+//! and probe cost, the control plane at 10 k Services in file and kube mode,
+//! and the watch traffic an edge receives per Node change
 //! in a large cluster.
 
 pub mod connector;
@@ -10,17 +11,19 @@ pub mod edge_watch;
 pub mod ha;
 pub mod report;
 pub mod scale;
+pub mod scale_kube;
 
 use anyhow::{Result, anyhow, bail, ensure};
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "verdicts",
     "edge-tunnel",
     "connector",
     "edge-rx",
     "ha",
     "scale",
+    "scale-kube",
     "edge-watch",
 ];
 

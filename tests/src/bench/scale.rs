@@ -18,7 +18,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -45,10 +45,10 @@ pub const SERVICES: usize = 10_000;
 pub const ENDPOINTS: usize = 10;
 pub const CHANGES: usize = 30;
 const IDLE: Duration = Duration::from_secs(10);
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The Service whose endpoint changes: one in the middle of the file.
-const CHANGED: usize = SERVICES / 2;
+pub(super) const CHANGED: usize = SERVICES / 2;
 
 pub fn run(report: &mut Report) -> Result<()> {
     println!();
@@ -56,7 +56,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         "control plane at scale: {SERVICES} Services x {ENDPOINTS} endpoints, file mode, release agent"
     );
     let bin = release_agent_bin()?;
-    let node = Node::new()?;
+    let node = Node::new("scale")?;
     let mut text = manifest();
     println!(
         "  manifest: {:.1} MB",
@@ -64,31 +64,15 @@ pub fn run(report: &mut Report) -> Result<()> {
     );
     node.replace(&text)?;
     let started = Instant::now();
-    let agent = node.start(&bin)?;
+    let agent = node.spawn(standalone_edge_1(&node.ns, &bin, &node.root, &node.work)?)?;
     let maps = node.maps(&agent, started)?;
-    let last = SERVICES - 1;
-    wait_for_backend(&maps, last, endpoint(last, ENDPOINTS - 1), SYNC_TIMEOUT)
-        .with_context(|| agent.log())?;
-    let full_sync = started.elapsed();
-    println!("  full sync: {:.0} ms", ms(full_sync));
-    report.record("scale.full_sync_ms", ms(full_sync));
-
-    let rss = agent.rss_kib()? as f64 / 1024.0;
-    println!("  RSS once synced: {rss:.1} MB");
-    report.record("scale.rss_mb", rss);
-
-    let before = agent.cpu_ticks()?;
-    let idle_start = Instant::now();
-    thread::sleep(IDLE);
-    let ticks = agent.cpu_ticks()? - before;
-    let idle_cpu = ticks as f64 / ticks_per_second() / idle_start.elapsed().as_secs_f64() * 100.0;
-    println!("  idle CPU over {IDLE:?}: {idle_cpu:.2} %");
-    report.record("scale.idle_cpu_pct", idle_cpu);
+    wait_for_full_sync(&maps, &agent)?;
+    record_synced(report, "scale", &agent, started.elapsed())?;
 
     let mut samples = Vec::with_capacity(CHANGES);
     let mut current = endpoint(CHANGED, 0);
     for n in 0..CHANGES {
-        let next = Ipv4Addr::new(10, 250, (n / 250) as u8, (n % 250 + 1) as u8);
+        let next = changed_address(n);
         let old = format!("- addresses: [{current}]");
         ensure!(text.contains(&old), "{old} is not in the manifest");
         text = text.replacen(&old, &format!("- addresses: [{next}]"), 1);
@@ -100,28 +84,72 @@ pub fn run(report: &mut Report) -> Result<()> {
         // Let the pass finish (its conntrack purge) before the next change.
         thread::sleep(Duration::from_millis(200));
     }
-    samples.sort();
-    let median = samples[samples.len() / 2];
-    let p99 = samples[(samples.len() * 99).div_ceil(100) - 1];
-    println!(
-        "  one endpoint changed, rename to map entry ({CHANGES} changes): median {:.1} ms, p99 {:.1} ms, min {:.1} ms",
-        ms(median),
-        ms(p99),
-        ms(samples[0])
-    );
-    report.record("scale.endpoint_change_ms.median", ms(median));
-    report.record("scale.endpoint_change_ms.p99", ms(p99));
+    record_changes(report, "scale", "rename to map entry", samples);
     drop(agent);
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Waits until the last Service's last backend is in the maps.
+pub(super) fn wait_for_full_sync(maps: &Maps, agent: &Agent) -> Result<()> {
+    let last = SERVICES - 1;
+    wait_for_backend(maps, last, endpoint(last, ENDPOINTS - 1), SYNC_TIMEOUT)
+        .with_context(|| agent.log())
+}
+
+/// Records `{prefix}.full_sync_ms` (`full_sync`), then the synced agent's
+/// `{prefix}.rss_mb` and `{prefix}.idle_cpu_pct` (over [`IDLE`]).
+pub(super) fn record_synced(
+    report: &mut Report,
+    prefix: &str,
+    agent: &Agent,
+    full_sync: Duration,
+) -> Result<()> {
+    println!("  full sync: {:.0} ms", ms(full_sync));
+    report.record(format!("{prefix}.full_sync_ms"), ms(full_sync));
+
+    let rss = agent.rss_kib()? as f64 / 1024.0;
+    println!("  RSS once synced: {rss:.1} MB");
+    report.record(format!("{prefix}.rss_mb"), rss);
+
+    let before = agent.cpu_ticks()?;
+    let idle_start = Instant::now();
+    thread::sleep(IDLE);
+    let ticks = agent.cpu_ticks()? - before;
+    let idle_cpu = ticks as f64 / ticks_per_second() / idle_start.elapsed().as_secs_f64() * 100.0;
+    println!("  idle CPU over {IDLE:?}: {idle_cpu:.2} %");
+    report.record(format!("{prefix}.idle_cpu_pct"), idle_cpu);
+    Ok(())
+}
+
+/// Records `{prefix}.endpoint_change_ms.{median,p99}` of `samples`, each
+/// one endpoint change timed as `timed` says.
+pub(super) fn record_changes(
+    report: &mut Report,
+    prefix: &str,
+    timed: &str,
+    mut samples: Vec<Duration>,
+) {
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    let p99 = samples[(samples.len() * 99).div_ceil(100) - 1];
+    println!(
+        "  one endpoint changed, {timed} ({} changes): median {:.1} ms, p99 {:.1} ms, min {:.1} ms",
+        samples.len(),
+        ms(median),
+        ms(p99),
+        ms(samples[0])
+    );
+    report.record(format!("{prefix}.endpoint_change_ms.median"), ms(median));
+    report.record(format!("{prefix}.endpoint_change_ms.p99"), ms(p99));
 }
 
 /// The agent built with `cargo build --release -p fabedge-agent` (`cargo
 /// xtask bench` builds it).
-fn release_agent_bin() -> Result<PathBuf> {
+pub(super) fn release_agent_bin() -> Result<PathBuf> {
     let debug = crate::agent::agent_bin()?;
     let release = debug
         .parent()
@@ -136,12 +164,20 @@ fn release_agent_bin() -> Result<PathBuf> {
     Ok(release)
 }
 
-fn cluster_ip(service: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 100, (service / 200) as u8, (service % 200 + 1) as u8)
+/// Inside the in-test API server's Service CIDR (`apiserver::SERVICE_CIDR`)
+/// and clear of the mini cluster's `10.96.0.x`: both modes serve the same
+/// Services.
+pub(super) fn cluster_ip(service: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (service / 200 + 1) as u8, (service % 200 + 1) as u8)
 }
 
-fn endpoint(service: usize, n: usize) -> Ipv4Addr {
+pub(super) fn endpoint(service: usize, n: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 240, 0, 0)) + (service * ENDPOINTS + n) as u32)
+}
+
+/// The address change `n` gives to an endpoint of [`CHANGED`].
+pub(super) fn changed_address(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 250, (n / 250) as u8, (n % 250 + 1) as u8)
 }
 
 fn service_key(service: usize) -> ServiceKey {
@@ -195,7 +231,12 @@ endpoints:
 }
 
 /// Poll the pinned maps until `addr` is in one of `service`'s slots.
-fn wait_for_backend(maps: &Maps, service: usize, addr: Ipv4Addr, timeout: Duration) -> Result<()> {
+pub(super) fn wait_for_backend(
+    maps: &Maps,
+    service: usize,
+    addr: Ipv4Addr,
+    timeout: Duration,
+) -> Result<()> {
     let key = service_key(service);
     let deadline = Instant::now() + timeout;
     loop {
@@ -222,17 +263,19 @@ fn wait_for_backend(maps: &Maps, service: usize, addr: Ipv4Addr, timeout: Durati
 
 /// The edge node: its namespace (edge-1's address on `eth0`), bpffs root
 /// and work dir; uninstalled and removed on drop.
-struct Node {
-    ns: Netns,
-    root: PathBuf,
-    work: PathBuf,
+pub(super) struct Node {
+    pub(super) ns: Netns,
+    pub(super) root: PathBuf,
+    pub(super) work: PathBuf,
 }
 
 impl Node {
-    fn new() -> Result<Node> {
-        let ns = edge_1_netns("scale-edge")?;
-        let root = bpffs_root("scale");
-        let work = std::env::temp_dir().join(format!("fabedge-bench-scale-{}", std::process::id()));
+    /// `name` tells the section's namespace, bpffs root and work dir apart.
+    pub(super) fn new(name: &str) -> Result<Node> {
+        let ns = edge_1_netns(&format!("{name}-edge"))?;
+        let root = bpffs_root(name);
+        let work =
+            std::env::temp_dir().join(format!("fabedge-bench-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(work.join("cni"))?;
         Ok(Node { ns, root, work })
@@ -256,10 +299,11 @@ impl Node {
         Ok(at)
     }
 
-    fn start(&self, bin: &Path) -> Result<Agent> {
+    /// Starts `agent` (an edge-1 command on this node), its output to a log.
+    pub(super) fn spawn(&self, mut agent: Command) -> Result<Agent> {
         let log = self.work.join("agent.log");
         let out = fs::File::create(&log)?;
-        let child = standalone_edge_1(&self.ns, bin, &self.root, &self.work)?
+        let child = agent
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -269,7 +313,7 @@ impl Node {
     }
 
     /// The pinned maps, once the agent has created them.
-    fn maps(&self, agent: &Agent, started: Instant) -> Result<Maps> {
+    pub(super) fn maps(&self, agent: &Agent, started: Instant) -> Result<Maps> {
         let layout = PinLayout::new(&self.root);
         loop {
             if let Ok(maps) = Maps::open(&layout) {
@@ -292,13 +336,13 @@ impl Drop for Node {
     }
 }
 
-struct Agent {
+pub(super) struct Agent {
     child: Child,
     log: PathBuf,
 }
 
 impl Agent {
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -316,7 +360,7 @@ impl Agent {
     }
 
     /// utime + stime of every thread, in clock ticks.
-    fn cpu_ticks(&self) -> Result<u64> {
+    pub(super) fn cpu_ticks(&self) -> Result<u64> {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
         // Fields after the command name, which is in parentheses.
         let rest = stat.rsplit_once(')').context("/proc stat")?.1;

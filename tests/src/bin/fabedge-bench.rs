@@ -18,7 +18,9 @@
 //! failover gaps and probe cost with two connectors:
 //! `fabedge_tests::bench::ha`), `scale` (a release agent's endpoint change
 //! latency, full sync, memory and idle CPU at 10 k Services:
-//! `fabedge_tests::bench::scale`), `edge-watch` (the watch traffic an edge
+//! `fabedge_tests::bench::scale`), `scale-kube` (the same in kube mode, the
+//! Services created in the in-test API server: `fabedge_tests::bench::scale_kube`),
+//! `edge-watch` (the watch traffic an edge
 //! receives per Node change outside its community in a 5 k-node cluster,
 //! before and after narrowing its Node watches: `fabedge_tests::bench::edge_watch`).
 
@@ -35,7 +37,7 @@ use fabedge_tests::{
     bench::{
         Options, connector, edge_rx, edge_watch, ha,
         report::{Report, key_part},
-        scale,
+        scale, scale_kube,
     },
     datapath::{TestDatapath, fixtures::*},
     packet::{Frame, vxlan_encap},
@@ -61,6 +63,9 @@ fn main() -> Result<()> {
     }
     if options.runs("scale") {
         scale::run(&mut report)?;
+    }
+    if options.runs("scale-kube") {
+        scale_kube::run(&mut report)?;
     }
     if options.runs("edge-watch") {
         edge_watch::run(&mut report)?;
