@@ -174,7 +174,7 @@ impl Rng {
 
     /// Uniform in `0..n` (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
 
     fn chance(&mut self, percent: u64) -> bool {
@@ -1232,7 +1232,7 @@ fn fuzz_loaded_fixture(
             }
             checker.origin = origin;
             let skb = random_skb(rng, &checker.tunnel_peers);
-            let action = if index % SAMPLE_EVERY == 0 {
+            let action = if index.is_multiple_of(SAMPLE_EVERY) {
                 run_counted(&dp, &mut checker, &frame, skb)?
             } else {
                 let out = dp.run_with(case.program, &frame, skb)?;
