@@ -8,6 +8,10 @@
 //! it has (connector, VXLAN edge, ESP edge), against XDP's own promises (see
 //! its section below). Needs root.
 //!
+//! Each node runs with every value of the configuration flags that change
+//! what these programs do (`TC_ENCAP` for TC in VXLAN mode, `XDP_POD_RX`
+//! for XDP), the frames split evenly between them.
+//!
 //! `FABEDGE_FUZZ_FRAMES` sets the frames per TC program and per XDP
 //! configuration (default below);
 //! `FABEDGE_FUZZ_SEED` replays a run (every run prints its seed).
@@ -21,8 +25,8 @@ use std::{
 use anyhow::{Context, Result};
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, PodPortEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
-    mark, peer_kind,
+    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, LocalPodEntry, PodPortEntry, RouteAddr,
+    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags, mark, peer_kind, route_kind,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags},
     tunnel_mode,
 };
@@ -31,6 +35,7 @@ use fabedge_tests::{
         SkbIn, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_RUN_IFINDEX, TestDatapath, counted,
         fixtures::*,
     },
+    encap::EdgeLab,
     packet::{
         ETH_HEADER_LEN, Frame, IcmpError, Mac, TcpFlags, UdpChecksum, hexdump,
         ipv4_header_checksum, l4_checksum, parse_eth, vxlan_encap,
@@ -169,7 +174,7 @@ impl Rng {
 
     /// Uniform in `0..n` (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
 
     fn chance(&mut self, percent: u64) -> bool {
@@ -955,6 +960,8 @@ struct Checker<'a> {
     /// The seed the current frame was made from.
     origin: &'a str,
     fixture: Fixture,
+    /// `DatapathConfig::flags` of the fixture.
+    flags: u8,
     underlays: Vec<[u8; 4]>,
     tunnel_peers: Vec<u16>,
     findings: Vec<String>,
@@ -966,9 +973,10 @@ impl Checker<'_> {
         self.finding_count += 1;
         if self.findings.len() < MAX_FINDINGS {
             self.findings.push(format!(
-                "{} in {:?}, frame from {:?}: {what}\n  skb mark {:#x} gso {}x{}\n{}",
+                "{} in {:?} (config flags {:#x}), frame from {:?}: {what}\n  skb mark {:#x} gso {}x{}\n{}",
                 self.case.program.symbol(),
                 self.fixture,
+                self.flags,
                 self.origin,
                 skb.mark,
                 skb.gso_segs,
@@ -1084,23 +1092,114 @@ struct Totals {
     /// Generated frames the kernel would not run (see `refused_by_test_run`).
     refused: u64,
     verdicts: BTreeMap<i32, u64>,
+    /// How often the paths behind the configuration flags were taken
+    /// (`TC_ENCAP`, `XDP_POD_RX`), by counter name: proof they were fuzzed.
+    flagged_paths: BTreeMap<&'static str, u64>,
 }
 
+/// The counters of the paths behind the configuration flags.
+const FLAGGED_PATHS: [Counter; 4] = [
+    Counter::TunnelEncap,
+    Counter::TunnelEncapNoNeighbour,
+    Counter::XdpRedirectToPod,
+    Counter::XdpPassToPod,
+];
+
+impl Totals {
+    fn new() -> Totals {
+        Totals {
+            frames: 0,
+            refused: 0,
+            verdicts: BTreeMap::new(),
+            flagged_paths: BTreeMap::new(),
+        }
+    }
+
+    /// Adds up what `dp` counted on the flagged paths.
+    fn count_flagged_paths(&mut self, dp: &TestDatapath) {
+        for counter in FLAGGED_PATHS {
+            let n = dp.counter(counter);
+            if n != 0 {
+                *self.flagged_paths.entry(counter.name()).or_default() += n;
+            }
+        }
+    }
+}
+
+impl Fixture {
+    /// The values of `DatapathConfig::flags` fuzzed in this fixture (frames
+    /// split evenly): the VXLAN nodes with and without the forwarding
+    /// program's own encapsulation; ESP mode has no use for it.
+    fn flag_variants(self) -> &'static [u8] {
+        match self {
+            Fixture::EdgeVxlan | Fixture::Connector => &[0, config_flags::TC_ENCAP],
+            Fixture::EdgeEsp => &[0],
+        }
+    }
+}
+
+/// Fuzzes `case` in `fixture` with `flags`. With `TC_ENCAP` the datapath
+/// runs in a namespace whose FIB knows the node's neighbours (edge-2 for an
+/// edge, edge-1 and cloud-2 for the connector; the connector of an edge
+/// stays unresolved), so that both the encapsulation and its fallback to
+/// `fe-tunnel` are reached. Returns the CPU time it took.
+#[allow(clippy::too_many_arguments)]
 fn fuzz_fixture(
     case: &Case,
     fixture: Fixture,
+    flags: u8,
+    frames: u64,
+    rng: &mut Rng,
+    totals: &mut Totals,
+    findings: &mut Vec<String>,
+    finding_count: &mut usize,
+) -> Result<Duration> {
+    let name = format!("fz-{}-{fixture:?}-{flags}", case.program.cli_name());
+    let mut run = || {
+        let cpu_started = thread_cpu_time();
+        fuzz_loaded_fixture(
+            case,
+            fixture,
+            flags,
+            &name,
+            frames,
+            rng,
+            totals,
+            findings,
+            finding_count,
+        )?;
+        Ok(thread_cpu_time() - cpu_started)
+    };
+    if flags & config_flags::TC_ENCAP == 0 {
+        return run();
+    }
+    match fixture {
+        Fixture::Connector => FibLab::new(&name)?.netns.enter(run),
+        Fixture::EdgeVxlan | Fixture::EdgeEsp => EdgeLab::new(&name)?.netns.enter(run),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fuzz_loaded_fixture(
+    case: &Case,
+    fixture: Fixture,
+    flags: u8,
+    name: &str,
     frames: u64,
     rng: &mut Rng,
     totals: &mut Totals,
     findings: &mut Vec<String>,
     finding_count: &mut usize,
 ) -> Result<()> {
-    let name = format!("fuzz-{}-{fixture:?}", case.program.cli_name());
-    let dp = load(fixture, &name)?;
+    let mut dp = load(fixture, name)?;
+    let mut config = dp.maps.config()?;
+    config.flags = flags;
+    dp.maps.set_config(config)?;
     let seeds = seeds();
     let mut checker = Checker {
         case,
         fixture,
+        flags,
         underlays: underlays(&dp),
         tunnel_peers: tunnel_peer_ids(&dp),
         origin: "",
@@ -1133,7 +1232,7 @@ fn fuzz_fixture(
             }
             checker.origin = origin;
             let skb = random_skb(rng, &checker.tunnel_peers);
-            let action = if index % SAMPLE_EVERY == 0 {
+            let action = if index.is_multiple_of(SAMPLE_EVERY) {
                 run_counted(&dp, &mut checker, &frame, skb)?
             } else {
                 let out = dp.run_with(case.program, &frame, skb)?;
@@ -1169,6 +1268,7 @@ fn fuzz_fixture(
         checker.finding(problem, &[], SkbIn::default());
     }
     totals.frames += done;
+    totals.count_flagged_paths(&dp);
     *finding_count += checker.finding_count;
     findings.append(&mut checker.findings);
     Ok(())
@@ -1225,20 +1325,22 @@ fn fuzz(program: Program) -> Result<()> {
     );
     let mut rng = Rng(seed);
     let started = Instant::now();
-    let cpu_started = thread_cpu_time();
-    let mut totals = Totals {
-        frames: 0,
-        refused: 0,
-        verdicts: BTreeMap::new(),
-    };
+    let mut cpu = Duration::ZERO;
+    let mut totals = Totals::new();
     let mut findings = Vec::new();
     let mut finding_count = 0;
-    let per_fixture = frames.div_ceil(case.fixtures.len() as u64);
-    for &fixture in case.fixtures {
-        fuzz_fixture(
+    let runs: Vec<(Fixture, u8)> = case
+        .fixtures
+        .iter()
+        .flat_map(|&f| f.flag_variants().iter().map(move |&flags| (f, flags)))
+        .collect();
+    let per_run = frames.div_ceil(runs.len() as u64);
+    for (fixture, flags) in runs {
+        cpu += fuzz_fixture(
             case,
             fixture,
-            per_fixture,
+            flags,
+            per_run,
             &mut rng,
             &mut totals,
             &mut findings,
@@ -1246,17 +1348,18 @@ fn fuzz(program: Program) -> Result<()> {
         )?;
     }
     let elapsed = started.elapsed();
-    let cpu = thread_cpu_time() - cpu_started;
     println!(
         "{}: {} frames in {:.1?} wall, {:.1?} CPU ({:.0} frames per CPU second; {} more generated \
-         too short for the kernel to run), verdicts {:?}, {finding_count} finding(s)",
+         too short for the kernel to run), verdicts {:?}, flagged paths {:?}, {finding_count} \
+         finding(s)",
         program.symbol(),
         totals.frames,
         elapsed,
         cpu,
         totals.frames as f64 / cpu.max(Duration::from_millis(1)).as_secs_f64(),
         totals.refused,
-        totals.verdicts
+        totals.verdicts,
+        totals.flagged_paths
     );
     assert!(
         finding_count == 0,
@@ -1436,14 +1539,51 @@ impl XdpFixture {
         }
     }
 
-    /// Only the connector rewrites; elsewhere XDP passes or drops.
-    fn verdicts(self) -> &'static [u32] {
+    /// Only the connector rewrites, and with `--xdp-pod-rx` a VXLAN edge
+    /// delivers to its pods; elsewhere XDP passes or drops.
+    fn verdicts(self, pod_rx: bool) -> &'static [u32] {
         match self {
             XdpFixture::Connector => &[XDP_PASS, XDP_DROP, XDP_TX, XDP_REDIRECT],
+            XdpFixture::EdgeVxlan if pod_rx => &[XDP_PASS, XDP_DROP, XDP_REDIRECT],
             XdpFixture::EdgeVxlan | XdpFixture::EdgeEsp => &[XDP_PASS, XDP_DROP],
         }
     }
+
+    /// With `--xdp-pod-rx`: delivery on, and one pod of the node learned
+    /// behind the lab's `lan1` (test runs redirect nowhere); the connector
+    /// gets a pod CIDR of its own for it. Returns the learned pods and
+    /// their MACs; the node's other pods stay unlearned (the kernel's).
+    fn deliver_to_pods(self, dp: &mut TestDatapath, lab: &FibLab) -> Result<Vec<([u8; 4], Mac)>> {
+        let pod = match self {
+            XdpFixture::Connector => {
+                dp.maps
+                    .set_route(net("10.244.0.0/24"), route(route_kind::LOCAL_POD, 0))?;
+                CONNECTOR_POD
+            }
+            XdpFixture::EdgeVxlan | XdpFixture::EdgeEsp => LOCAL_POD,
+        };
+        let mut config = dp.maps.config()?;
+        config.flags |= config_flags::XDP_POD_RX;
+        dp.maps.set_config(config)?;
+        let veth = lab.netns.ifindex("lan1")?;
+        dp.maps.pod_devs.insert(veth, veth, None, 0)?;
+        dp.maps.local_pods.insert(
+            RouteAddr { addr: pod.octets() },
+            LocalPodEntry {
+                ifindex: veth,
+                pod_mac: POD_MAC,
+                bridge_mac: BRIDGE_MAC,
+                mtu: 1450,
+                _pad: [0; 2],
+            },
+            0,
+        )?;
+        Ok(vec![(pod.octets(), POD_MAC)])
+    }
 }
+
+/// A pod of the connector's own pod CIDR (with `--xdp-pod-rx`).
+const CONNECTOR_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 
 #[test]
 fn fuzz_xdp_uplink_connector() -> Result<()> {
@@ -1478,6 +1618,14 @@ fn xdp_seeds() -> Vec<Seed> {
             .tcp(8080, 34000)
             .flags(TcpFlags::ACK)
             .payload(&vec![0x44; payload])
+            .build()
+    };
+    let to_pod = |src: Ipv4Addr, dst: Ipv4Addr, payload: usize| {
+        Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+            .ipv4(src, dst)
+            .tcp(443, 35000)
+            .flags(TcpFlags::ACK)
+            .payload(&vec![0x55; payload])
             .build()
     };
     let flannel = |inner: &[u8]| xdp::flannel_to_connector(CLOUD2_LAN, inner);
@@ -1549,6 +1697,38 @@ fn xdp_seeds() -> Vec<Seed> {
                     .build(),
             ),
         ),
+        // `--xdp-pod-rx`: our tunnel for a learned pod (TCP with a UDP
+        // checksum, an ICMP error), an unlearned one, the connector's own.
+        seed(
+            "xdp: our vxlan with a udp checksum from the connector to an edge pod",
+            Frame::eth(CONNECTOR_WAN_MAC, xdp::EDGE1_NIC_MAC)
+                .ipv4(CONNECTOR_WAN, NODE_IP)
+                .udp(50000, fabedge_common::DEFAULT_TUNNEL_PORT)
+                .vxlan(DEFAULT_TUNNEL_VNI, &to_pod(CLOUD_POD, LOCAL_POD, 300))
+                .build(),
+        ),
+        seed(
+            "xdp: our vxlan from the connector, an icmp error for an edge pod",
+            tunnel(
+                CONNECTOR_WAN,
+                NODE_IP,
+                &Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+                    .ipv4(CLOUD_POD, LOCAL_POD)
+                    .icmp_error(
+                        IcmpError::PortUnreachable,
+                        &to_cloud(64, 8)[ETH_HEADER_LEN..],
+                    )
+                    .build(),
+            ),
+        ),
+        seed(
+            "xdp: our vxlan from the connector for an unlearned edge pod",
+            tunnel(CONNECTOR_WAN, NODE_IP, &to_pod(CLOUD_POD, LOCAL_POD_2, 20)),
+        ),
+        seed(
+            "xdp: our vxlan from edge-1 for a pod of the connector",
+            tunnel(edge1, CONNECTOR_WAN, &to_pod(LOCAL_POD, CONNECTOR_POD, 64)),
+        ),
         seed(
             "xdp: esp in udp from the connector",
             esp_from(CONNECTOR_WAN, &esp),
@@ -1579,20 +1759,16 @@ fn tunnel_destinations(dp: &TestDatapath) -> Result<Vec<([u8; 4], u16)>> {
 /// Where the inner IPv4 header sits in a VXLAN frame XDP rewrites in place.
 const XDP_INNER_IP: usize = ETH_HEADER_LEN + 20 + 8 + 8 + ETH_HEADER_LEN;
 
-/// What is wrong with XDP sending `data` back out (TX or REDIRECT) in place
-/// of `frame`, if anything: the input must be a frame the kernel forwards
-/// (IPv4 checksums right, lengths that agree), the output must go to a
-/// peer's tunnel with its IPv4 checksums right, a UDP checksum absent,
-/// right or wrong exactly as it came in, and the inner packet unchanged but
-/// for its TTL, one less, and its header checksum.
-fn xdp_rewrite_problem(frame: &[u8], data: &[u8], destinations: &[([u8; 4], u16)]) -> Result<()> {
+/// What is wrong with `frame` as a VXLAN frame XDP may finish, if anything:
+/// one the kernel forwards or decapsulates (IPv4 checksums right, outer
+/// and inner; lengths that agree). Returns its UDP checksum's state.
+fn vxlan_input_problem(frame: &[u8]) -> Result<UdpChecksum> {
     use anyhow::ensure;
     use fabedge_tests::packet::ones_complement_sum;
     ensure!(
-        data.len() == frame.len() && frame.len() >= XDP_INNER_IP + 20,
-        "rewrote a {}-byte frame into {} bytes (a rewrite is in place)",
-        frame.len(),
-        data.len()
+        frame.len() >= XDP_INNER_IP + 20,
+        "sent on a {}-byte frame, too short for VXLAN",
+        frame.len()
     );
     let ip = ETH_HEADER_LEN;
     let udp = ip + 20;
@@ -1624,20 +1800,67 @@ fn xdp_rewrite_problem(frame: &[u8], data: &[u8], destinations: &[([u8; 4], u16)
         frame.len() >= ip + total,
         "sent on a frame shorter than its IPv4 total length (the kernel drops it)"
     );
-    // A UDP checksum is carried over, not verified: a wrong one must stay
-    // wrong so that the receiving kernel drops the frame as ours would.
-    let udp_in = if udp_check == 0 {
+    ensure!(
+        ones_complement_sum(&frame[XDP_INNER_IP..XDP_INNER_IP + 20]) == 0xffff,
+        "sent on a frame whose inner IPv4 checksum is wrong (the kernel drops it)"
+    );
+    Ok(if udp_check == 0 {
         UdpChecksum::Absent
     } else if l4_checksum(src, dst, UDP, &frame[udp..ip + total]) == 0 {
         UdpChecksum::Valid
     } else {
         UdpChecksum::Invalid
-    };
-    ensure!(
-        ones_complement_sum(&frame[XDP_INNER_IP..XDP_INNER_IP + 20]) == 0xffff,
-        "sent on a frame whose inner IPv4 checksum is wrong (the kernel drops it)"
-    );
+    })
+}
 
+/// An inner IPv4 packet (from its header on) with its TTL and header
+/// checksum blanked: what XDP forwards unchanged.
+fn beyond_ttl(packet: &[u8]) -> Vec<u8> {
+    let mut copy = packet.to_vec();
+    copy[8] = 0;
+    copy[10..12].fill(0);
+    copy
+}
+
+/// What is wrong with the inner packet `out_ip` (from its IPv4 header on)
+/// that XDP made of `frame`'s: anything beyond its TTL, one less, and its
+/// header checksum, right.
+fn inner_forward_problem(frame: &[u8], out_ip: &[u8]) -> Result<()> {
+    use anyhow::ensure;
+    use fabedge_tests::packet::ones_complement_sum;
+    ensure!(
+        ones_complement_sum(&out_ip[..20]) == 0xffff,
+        "inner IPv4 checksum wrong after the TTL decrement"
+    );
+    let (ttl_in, ttl_out) = (frame[XDP_INNER_IP + 8], out_ip[8]);
+    ensure!(
+        ttl_out.wrapping_add(1) == ttl_in && ttl_in > 1,
+        "inner TTL {ttl_in} left as {ttl_out}"
+    );
+    ensure!(
+        beyond_ttl(&frame[XDP_INNER_IP..]) == beyond_ttl(out_ip),
+        "the inner packet changed beyond its TTL and checksum"
+    );
+    Ok(())
+}
+
+/// What is wrong with XDP sending `data` back out (TX or REDIRECT) in place
+/// of `frame`, if anything: the input must be a frame the kernel forwards
+/// ([`vxlan_input_problem`]), the output must go to a peer's tunnel with
+/// its IPv4 checksums right, a UDP checksum absent, right or wrong exactly
+/// as it came in, and the inner packet unchanged but for its TTL, one less,
+/// and its header checksum.
+fn xdp_rewrite_problem(frame: &[u8], data: &[u8], destinations: &[([u8; 4], u16)]) -> Result<()> {
+    use anyhow::ensure;
+    ensure!(
+        data.len() == frame.len(),
+        "rewrote a {}-byte frame into {} bytes (a rewrite is in place)",
+        frame.len(),
+        data.len()
+    );
+    // A UDP checksum is carried over, not verified: a wrong one must stay
+    // wrong so that the receiving kernel drops the frame as ours would.
+    let udp_in = vxlan_input_problem(frame)?;
     let out = parse_eth(data)?.ipv4()?;
     ensure!(
         out.checksum_valid,
@@ -1655,31 +1878,52 @@ fn xdp_rewrite_problem(frame: &[u8], data: &[u8], destinations: &[([u8; 4], u16)
         out.dst,
         out_udp.dst_port
     );
-    let inner = parse_eth(out_udp.vxlan()?.inner)?.ipv4()?;
+    parse_eth(out_udp.vxlan()?.inner)?.ipv4()?;
+    inner_forward_problem(frame, &data[XDP_INNER_IP..])
+}
+
+/// What is wrong with XDP redirecting `data` into a pod's veth in place of
+/// `frame` (`--xdp-pod-rx`), if anything: the input must be a whole frame
+/// the kernel decapsulates (lengths exact, a UDP checksum absent or right:
+/// the kernel verifies it first), for a pod the agent learned; the output
+/// is its inner frame as the pod bridge delivers it — the bridge's MAC to
+/// the pod's, the packet unchanged but for its TTL, one less, and its
+/// header checksum.
+fn pod_delivery_problem(frame: &[u8], data: &[u8], pods: &[([u8; 4], Mac)]) -> Result<()> {
+    use anyhow::ensure;
     ensure!(
-        inner.checksum_valid,
-        "inner IPv4 checksum wrong after the TTL decrement"
+        data.len() + XDP_INNER_IP == frame.len() + ETH_HEADER_LEN,
+        "delivered {} bytes of a {}-byte frame (a decapsulation strips 50)",
+        data.len(),
+        frame.len()
     );
-    let (ttl_in, ttl_out) = (frame[XDP_INNER_IP + 8], data[XDP_INNER_IP + 8]);
+    let udp_in = vxlan_input_problem(frame)?;
     ensure!(
-        ttl_out.wrapping_add(1) == ttl_in && ttl_in > 1,
-        "inner TTL {ttl_in} left as {ttl_out}"
+        udp_in != UdpChecksum::Invalid,
+        "delivered a frame whose UDP checksum is wrong (the kernel drops it)"
     );
-    let unchanged = |bytes: &[u8]| -> Vec<u8> {
-        let mut copy = bytes[XDP_INNER_IP..].to_vec();
-        copy[8] = 0;
-        copy[10..12].fill(0);
-        copy
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    ensure!(
+        frame.len() == ETH_HEADER_LEN + total,
+        "delivered a frame with {} bytes behind its IPv4 packet",
+        frame.len() - ETH_HEADER_LEN - total
+    );
+    let dst: [u8; 4] = frame[XDP_INNER_IP + 16..XDP_INNER_IP + 20].try_into()?;
+    let Some((_, pod_mac)) = pods.iter().find(|(addr, _)| *addr == dst) else {
+        anyhow::bail!("delivered to {dst:?}, which is no learned pod {pods:?}");
     };
     ensure!(
-        unchanged(frame) == unchanged(data),
-        "the inner packet changed beyond its TTL and checksum"
+        data[..6] == pod_mac[..] && data[6..12] == BRIDGE_MAC[..] && data[12..14] == [0x08, 0],
+        "delivered with Ethernet header {:02x?}, not the bridge's to the pod's",
+        &data[..14]
     );
-    Ok(())
+    inner_forward_problem(frame, &data[ETH_HEADER_LEN..])
 }
 
 struct XdpChecker {
     fixture: XdpFixture,
+    /// `--xdp-pod-rx`: the pods learned (address, MAC), none without it.
+    pods: Vec<([u8; 4], Mac)>,
     destinations: Vec<([u8; 4], u16)>,
     /// The lab's NICs (ifindex, MAC): a rewritten frame leaves with its
     /// NIC's MAC as source, by `XDP_TX` exactly when that is the ingress NIC.
@@ -1695,8 +1939,10 @@ impl XdpChecker {
         self.finding_count += 1;
         if self.findings.len() < MAX_FINDINGS {
             self.findings.push(format!(
-                "{XDP_UPLINK} in {:?}, frame from {:?} on ifindex {ifindex}: {what}\n{}",
+                "{XDP_UPLINK} in {:?} (pod rx {}), frame from {:?} on ifindex {ifindex}: \
+                 {what}\n{}",
                 self.fixture,
+                !self.pods.is_empty(),
                 self.origin,
                 hexdump(frame)
             ));
@@ -1704,7 +1950,7 @@ impl XdpChecker {
     }
 
     fn check(&mut self, frame: &[u8], ifindex: u32, out: &XdpOutcome) {
-        let verdicts = self.fixture.verdicts();
+        let verdicts = self.fixture.verdicts(!self.pods.is_empty());
         if !verdicts.contains(&out.action) {
             let what = format!("verdict {} is not one of {verdicts:?}", out.action);
             return self.finding(what, frame, ifindex);
@@ -1716,6 +1962,13 @@ impl XdpChecker {
                 self.finding(what, frame, ifindex);
             }
             XDP_PASS => {}
+            // Shorter by the outer headers: decapsulated into a pod's veth.
+            XDP_REDIRECT if !self.pods.is_empty() && out.data.len() < frame.len() => {
+                if let Err(e) = pod_delivery_problem(frame, &out.data, &self.pods) {
+                    let what = format!("delivery to a pod: {e:#}\n{}", hexdump(&out.data));
+                    self.finding(what, frame, ifindex);
+                }
+            }
             action => {
                 let egress = self
                     .nics
@@ -1773,19 +2026,26 @@ fn xdp_frame(rng: &mut Rng, seeds: &[Seed]) -> (&'static str, Vec<u8>) {
 
 fn fuzz_xdp_fixture(
     fixture: XdpFixture,
+    pod_rx: bool,
     frames: u64,
     rng: &mut Rng,
     totals: &mut Totals,
 ) -> Result<(XdpChecker, Duration)> {
-    let name = format!("fz-xdp-{fixture:?}");
+    let name = format!("fz-xdp-{fixture:?}-{}", u8::from(pod_rx));
     let lab = FibLab::new(&name)?;
     lab.netns.enter(|| {
         let cpu_started = thread_cpu_time();
-        let dp = fixture.load(&name)?;
+        let mut dp = fixture.load(&name)?;
+        let pods = if pod_rx {
+            fixture.deliver_to_pods(&mut dp, &lab)?
+        } else {
+            Vec::new()
+        };
         let seeds = xdp_seeds();
         let ifindexes = [lab.lan_ifindex, lab.wan_ifindex];
         let mut checker = XdpChecker {
             fixture,
+            pods,
             destinations: tunnel_destinations(&dp)?,
             nics: [
                 (lab.lan_ifindex, UPLINK_MAC),
@@ -1845,12 +2105,13 @@ fn fuzz_xdp_fixture(
             checker.finding(problem, &[], 0);
         }
         totals.frames += done;
+        totals.count_flagged_paths(&dp);
         Ok((checker, thread_cpu_time() - cpu_started))
     })
 }
 
 /// `fe_xdp_uplink` on `FABEDGE_FUZZ_FRAMES` frames (default 1 M) in one
-/// configuration.
+/// configuration, half of them with `--xdp-pod-rx`.
 fn fuzz_xdp(fixture: XdpFixture) -> Result<()> {
     let frames = env_u64("FABEDGE_FUZZ_FRAMES")?.unwrap_or(DEFAULT_FRAMES);
     let seed = run_seed()?;
@@ -1860,28 +2121,33 @@ fn fuzz_xdp(fixture: XdpFixture) -> Result<()> {
     );
     let mut rng = Rng(seed);
     let started = Instant::now();
-    let mut totals = Totals {
-        frames: 0,
-        refused: 0,
-        verdicts: BTreeMap::new(),
-    };
-    let (checker, cpu) = fuzz_xdp_fixture(fixture, frames, &mut rng, &mut totals)?;
+    let mut totals = Totals::new();
+    let mut cpu = Duration::ZERO;
+    let mut findings = Vec::new();
+    let mut finding_count = 0;
+    for pod_rx in [false, true] {
+        let (mut checker, spent) =
+            fuzz_xdp_fixture(fixture, pod_rx, frames.div_ceil(2), &mut rng, &mut totals)?;
+        cpu += spent;
+        finding_count += checker.finding_count;
+        findings.append(&mut checker.findings);
+    }
     println!(
         "{XDP_UPLINK} in {fixture:?}: {} frames in {:.1?} wall, {:.1?} CPU ({} more generated \
-         shorter than an Ethernet header), verdicts {:?}, {} finding(s)",
+         shorter than an Ethernet header), verdicts {:?}, flagged paths {:?}, {finding_count} \
+         finding(s)",
         totals.frames,
         started.elapsed(),
         cpu,
         totals.refused,
         totals.verdicts,
-        checker.finding_count
+        totals.flagged_paths
     );
     assert!(
-        checker.finding_count == 0,
-        "{} finding(s) with seed {seed:#x} (first {} below):\n\n{}",
-        checker.finding_count,
-        checker.findings.len(),
-        checker.findings.join("\n\n")
+        finding_count == 0,
+        "{finding_count} finding(s) with seed {seed:#x} (first {} below):\n\n{}",
+        findings.len(),
+        findings.join("\n\n")
     );
     Ok(())
 }
