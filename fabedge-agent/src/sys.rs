@@ -75,6 +75,18 @@ fn cgroup2_mount_in(mountinfo: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// Hand the heap's free pages back to the kernel after a pass that parsed
+/// and planned a whole cluster: glibc keeps them otherwise, and the agent
+/// would stay at the peak of its largest pass. (musl's allocator, the
+/// image's, returns them by itself.)
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,16 +134,4 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
-}
-
-/// Hand the heap's free pages back to the kernel after a pass that parsed
-/// and planned a whole cluster: glibc keeps them otherwise, and the agent
-/// would stay at the peak of its largest pass. (musl's allocator, the
-/// image's, returns them by itself.)
-pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

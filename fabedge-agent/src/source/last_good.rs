@@ -18,13 +18,24 @@ pub const FILE_NAME: &str = "last-good-objects.json";
 
 /// The file's shape; versioned so a future agent can refuse an old layout
 /// instead of misreading it.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Stored {
     version: u32,
     nodes: Vec<k8s_openapi::api::core::v1::Node>,
     communities: Vec<CommunityObject>,
     services: Vec<k8s_openapi::api::core::v1::Service>,
     endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+}
+
+/// [`Stored`] as written: borrowed, so saving a large cluster does not
+/// hold a second copy of every object.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    version: u32,
+    nodes: &'a [k8s_openapi::api::core::v1::Node],
+    communities: &'a [CommunityObject],
+    services: &'a [k8s_openapi::api::core::v1::Service],
+    endpoint_slices: &'a [k8s_openapi::api::discovery::v1::EndpointSlice],
 }
 
 const VERSION: u32 = 1;
@@ -36,12 +47,12 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// Writes `objects` atomically (temp file + rename, see `write_if_changed`),
 /// mode 0600: nothing in it is secret today, but node keys may join it.
 pub fn save(state_dir: &Path, objects: &Objects) -> Result<()> {
-    let stored = Stored {
+    let stored = StoredRef {
         version: VERSION,
-        nodes: objects.nodes.clone(),
-        communities: objects.communities.clone(),
-        services: objects.services.clone(),
-        endpoint_slices: objects.endpoint_slices.clone(),
+        nodes: &objects.nodes,
+        communities: &objects.communities,
+        services: &objects.services,
+        endpoint_slices: &objects.endpoint_slices,
     };
     let json = serde_json::to_vec(&stored).context("serialising the last good objects")?;
     write_if_changed(&path(state_dir), &json, 0o600)
