@@ -87,6 +87,30 @@ pub fn release_free_memory() {
     }
 }
 
+/// Replace `path` atomically (temp file + rename) when its content differs.
+pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    if fs::read(path).ok().as_deref() == Some(content) {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("fabedge-tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,28 +134,4 @@ mod tests {
             None
         );
     }
-}
-
-/// Replace `path` atomically (temp file + rename) when its content differs.
-pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    if fs::read(path).ok().as_deref() == Some(content) {
-        return Ok(());
-    }
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("fabedge-tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
