@@ -1111,6 +1111,19 @@ fn frontends(agent: &KubeAgent) -> Result<BTreeMap<String, Value>> {
         .collect())
 }
 
+/// What the server set on an object read back, so it can be applied again.
+fn strip_server_fields(object: &mut Value) {
+    for key in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        object["metadata"].as_object_mut().unwrap().remove(key);
+    }
+    object.as_object_mut().unwrap().remove("status");
+}
+
 #[test]
 fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> Result<()> {
     let server = ApiServer::start()?;
@@ -1151,15 +1164,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
         .get("v1", "Service", Some("kube-system"), "dns")?
         .context("the dns Service")?;
     dns["spec"]["ports"][0]["port"] = json!(5353);
-    for key in [
-        "resourceVersion",
-        "uid",
-        "creationTimestamp",
-        "managedFields",
-    ] {
-        dns["metadata"].as_object_mut().unwrap().remove(key);
-    }
-    dns.as_object_mut().unwrap().remove("status");
+    strip_server_fields(&mut dns);
     server.apply(&dns)?;
     agent.wait("10.96.0.10:5353 in the Service map, :53/UDP gone", |a| {
         let f = frontends(a)?;
@@ -1188,14 +1193,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
         )?
         .context("the dns EndpointSlice")?;
     slice["endpoints"][0]["addresses"] = json!(["10.234.1.11"]);
-    for key in [
-        "resourceVersion",
-        "uid",
-        "creationTimestamp",
-        "managedFields",
-    ] {
-        slice["metadata"].as_object_mut().unwrap().remove(key);
-    }
+    strip_server_fields(&mut slice);
     server.apply(&slice)?;
     agent.wait("the new endpoint behind 10.96.0.10:5353/UDP", |a| {
         let f = frontends(a)?;

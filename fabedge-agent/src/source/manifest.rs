@@ -701,6 +701,17 @@ mod tests {
         text
     }
 
+    /// What the edits below start from.
+    fn unedited() -> String {
+        sliced([
+            &["10.0.0.1"],
+            &["10.0.0.2"],
+            &["10.0.0.3"],
+            &[],
+            &["10.0.0.5"],
+        ])
+    }
+
     fn edited(edits: &SliceEdits) -> Vec<(String, usize)> {
         edits
             .slices
@@ -718,13 +729,7 @@ mod tests {
 
     #[test]
     fn slice_edits_find_the_changed_slices_and_nothing_else() {
-        let old = sliced([
-            &["10.0.0.1"],
-            &["10.0.0.2"],
-            &["10.0.0.3"],
-            &[],
-            &["10.0.0.5"],
-        ]);
+        let old = unedited();
         assert_eq!(slice_edits(&old, &old), Some(SliceEdits::default()));
 
         // An address replaced: one slice, no line moved.
@@ -764,13 +769,7 @@ mod tests {
 
     #[test]
     fn slice_edits_refuse_anything_a_whole_parse_must_judge() {
-        let old = sliced([
-            &["10.0.0.1"],
-            &["10.0.0.2"],
-            &["10.0.0.3"],
-            &[],
-            &["10.0.0.5"],
-        ]);
+        let old = unedited();
         let refused = |new: &str, why: &str| assert_eq!(slice_edits(&old, new), None, "{why}");
         refused(
             &old.replace("10.96.0.5", "10.96.0.6"),
