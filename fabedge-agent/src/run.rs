@@ -402,7 +402,6 @@ impl Reconciler {
             return;
         }
         let result = self.reconcile(&text, datapath, maps, options);
-        crate::sys::release_free_memory();
         self.status.applied(
             now.elapsed(),
             result.as_ref().err().map(|e| format!("{e:#}")),

@@ -75,18 +75,6 @@ fn cgroup2_mount_in(mountinfo: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Hand the heap's free pages back to the kernel after a pass that parsed
-/// and planned a whole cluster: glibc keeps them otherwise, and the agent
-/// would stay at the peak of its largest pass. (musl's allocator, the
-/// image's, returns them by itself.)
-pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Replace `path` atomically (temp file + rename) when its content differs.
 pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     if fs::read(path).ok().as_deref() == Some(content) {

@@ -691,8 +691,8 @@ pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
         format!("starting {QEMU} (install it: apt-get install qemu-system-x86)")
     })?;
     let stdout = child.stdout.take().context("qemu's stdout is not piped")?;
-    // Two kernels may boot side by side (`cargo xtask test`): every console
-    // line says whose it is.
+    // Every console line says which kernel printed it (logs of a suite
+    // that boots both read unambiguously).
     let prefix = format!("[{}] ", run.kernel);
     let reader = thread::spawn(move || Console::follow(stdout, marker, prefix));
 

@@ -285,7 +285,6 @@ impl KubeState {
             }
             Ok(Some(Applied { snapshot, services }))
         })();
-        crate::sys::release_free_memory();
         if !matches!(result, Ok(None)) {
             reconciler.status.applied(
                 started.elapsed(),
