@@ -1,6 +1,6 @@
 //! Per-CPU counters (verdicts and drop reasons) and per-peer traffic statistics.
 
-use fabedge_common::{Counter, PeerAddrEntry, peer_kind};
+use fabedge_common::{Counter, peer_kind};
 
 use crate::maps::{FE_COUNTERS, FE_PEER_STATS, peer, peers_at};
 
@@ -40,14 +40,9 @@ pub fn peer_rx(peer_id: u16, bytes: u32) {
 /// tunnel peer with a lower id shares it: the index keeps one id per address).
 #[inline(always)]
 pub fn vtep_rx(outer_src: [u8; 4], bytes: u32) {
-    if let Some(at) = peers_at(outer_src) {
-        vtep_rx_at(at, bytes);
-    }
-}
-
-/// [`vtep_rx`] with the outer source's `FE_PEER_ADDRS` entry already read.
-#[inline(always)]
-pub fn vtep_rx_at(at: &PeerAddrEntry, bytes: u32) {
+    let Some(at) = peers_at(outer_src) else {
+        return;
+    };
     if matches!(peer(at.peer_id), Some(p) if p.kind == peer_kind::FLANNEL_VTEP) {
         peer_rx(at.peer_id, bytes);
     }

@@ -92,9 +92,9 @@ fn flannel_guard(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<
     if Tunnel::at_port(cfg, dest) != Some(Tunnel::Flannel) {
         return Ok(());
     }
-    let Some(at) = known_sender(Tunnel::Flannel, ip.saddr) else {
+    if !known_sender(Tunnel::Flannel, ip.saddr) {
         return Err(Counter::DropSpoofed);
-    };
+    }
     let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {
         return Ok(());
     };
@@ -107,7 +107,7 @@ fn flannel_guard(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<
     {
         return Ok(());
     }
-    match check_inner_source(Tunnel::Flannel, ip.saddr, at, frame.inner_ip.saddr) {
+    match check_inner_source(Tunnel::Flannel, ip.saddr, frame.inner_ip.saddr) {
         Ok(_) => Ok(()),
         Err(_) => Err(Counter::DropSpoofed),
     }

@@ -4,8 +4,7 @@
 //! would drop later at a higher price (our VXLAN).
 
 use fabedge_common::{
-    Counter, DatapathConfig, ESP_IN_UDP_PORT, PeerAddrEntry, peer_flags, peer_kind, role,
-    route_kind, tunnel_mode,
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, peer_flags, peer_kind, role, route_kind, tunnel_mode,
 };
 
 use crate::maps::{peer, peers_at, route, sender_at};
@@ -47,16 +46,16 @@ impl Tunnel {
     }
 }
 
-/// The peers at `outer_src` (`FE_PEER_ADDRS`), when one of them may send
-/// on `tunnel`: what the later checks and counters of the same frame read
-/// instead of looking the address up again.
+/// Whether `outer_src` is a peer allowed to send on `tunnel`.
 #[inline(always)]
-pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> Option<&'static PeerAddrEntry> {
-    peers_at(outer_src).filter(|at| at.kinds & (1 << tunnel.sender_kind()) != 0)
+pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
+    match peers_at(outer_src) {
+        Some(at) => at.kinds & (1 << tunnel.sender_kind()) != 0,
+        None => false,
+    }
 }
 
-/// Check an inner IPv4 source against the sender at `outer_src` (`at`: its
-/// entry, from [`known_sender`]). `Err` is the drop counter;
+/// Check an inner IPv4 source against the sender. `Err` is the drop counter;
 /// `Ok` carries the sending peer's id when the inner source's route names
 /// the sender (for a group's prefixes: the member at the outer source).
 ///
@@ -70,7 +69,6 @@ pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> Option<&'static PeerA
 pub fn check_inner_source(
     tunnel: Tunnel,
     outer_src: [u8; 4],
-    at: &PeerAddrEntry,
     inner_src: [u8; 4],
 ) -> Result<Option<u16>, Counter> {
     match (tunnel, route(inner_src)) {
@@ -81,7 +79,7 @@ pub fn check_inner_source(
         (Tunnel::Ours, _) => Err(Counter::XdpDropSpoofed),
         // Another connector relays its edges' traffic to our pods.
         (Tunnel::Flannel, Some(r)) if r.kind == route_kind::TUNNEL => {
-            if sent_by_connector(at) {
+            if sent_by_connector(outer_src) {
                 Ok(None)
             } else {
                 Err(Counter::XdpDropSpoofed)
@@ -97,11 +95,14 @@ pub fn check_inner_source(
     }
 }
 
-/// Whether the VTEP at the outer source (`at`: its entry) is another connector's.
+/// Whether the VTEP at `outer_src` is another connector's.
 #[inline(always)]
-fn sent_by_connector(at: &PeerAddrEntry) -> bool {
-    matches!(
-        peer(at.peer_id),
-        Some(p) if p.kind == peer_kind::FLANNEL_VTEP && p.flags & peer_flags::CONNECTOR != 0
-    )
+fn sent_by_connector(outer_src: [u8; 4]) -> bool {
+    match peers_at(outer_src) {
+        Some(at) => matches!(
+            peer(at.peer_id),
+            Some(p) if p.kind == peer_kind::FLANNEL_VTEP && p.flags & peer_flags::CONNECTOR != 0
+        ),
+        None => false,
+    }
 }

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{bindings::xdp_action::XDP_TX, helpers::bpf_redirect, programs::XdpContext};
 use fabedge_common::{
-    Counter, DatapathConfig, PeerAddrEntry, PeerEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind,
+    Counter, DatapathConfig, PeerEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind,
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     fib::{Miss, NextHop},
     maps::peer,
     parse::{ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr},
-    stats::{count, peer_rx, peer_tx, vtep_rx_at},
+    stats::{count, peer_rx, peer_tx, vtep_rx},
     xdp_parse::{VXLAN_FRAME_LEN, VxlanFrame, frame_len, is_fragment, ptr_at},
 };
 
@@ -32,25 +32,24 @@ const OUTER_TTL: u8 = 64;
 const SPORT_MIN: u32 = 32768;
 const SPORT_SPAN: u32 = 61000 - 32768;
 
-/// Flannel VXLAN from a cloud VTEP (`vtep`: the peers at its address) for
-/// an edge (`edge_id`, its entry `edge`): into our tunnel.
+/// Flannel VXLAN from a cloud VTEP for an edge (`edge_id`): into our tunnel.
 #[inline(always)]
 pub fn flannel_to_tunnel(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     frame: &mut VxlanFrame,
-    vtep: &PeerAddrEntry,
     edge_id: u16,
-    edge: &PeerEntry,
 ) -> Option<u32> {
-    if edge.kind != peer_kind::TUNNEL {
-        return None;
-    }
+    let edge = match peer(edge_id) {
+        Some(p) if p.kind == peer_kind::TUNNEL => p,
+        _ => return None,
+    };
     fits(ctx, frame, cfg.tunnel_mtu)?;
     // Source chosen by the kernel's routing toward the edge: the address
     // the edge knows us by, as `fe-tunnel` (no fixed local) would send from.
     let hop = next_hop(ctx, frame, edge.underlay_ip, None)?;
     let inner_len = inner_frame_len(frame);
+    let vtep = frame.ip.saddr;
     rewrite(
         frame,
         &hop,
@@ -63,7 +62,7 @@ pub fn flannel_to_tunnel(
         flow_hash(ctx, &frame.inner_ip),
     );
     count(Counter::XdpFlannelToTunnel);
-    vtep_rx_at(vtep, inner_len);
+    vtep_rx(vtep, inner_len);
     peer_tx(edge_id, inner_len);
     Some(send(ctx, &hop))
 }

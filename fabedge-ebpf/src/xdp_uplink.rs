@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, PeerAddrEntry, config_flags, peer_kind, role, route_kind, tunnel_mode,
+    Counter, DatapathConfig, config_flags, peer_kind, role, route_kind, tunnel_mode,
 };
 
 use crate::{
@@ -61,10 +61,10 @@ pub fn fe_xdp_uplink(ctx: XdpContext) -> u32 {
     if tunnel == Tunnel::Esp {
         return esp(&ctx, outer_src);
     }
-    let Some(at) = known_sender(tunnel, outer_src) else {
+    if !known_sender(tunnel, outer_src) {
         return drop(Counter::XdpDropUnknownTunnelSource);
-    };
-    vxlan(&ctx, cfg, tunnel, outer_src, at)
+    }
+    vxlan(&ctx, cfg, tunnel, outer_src)
 }
 
 #[xdp]
@@ -84,23 +84,16 @@ fn esp(ctx: &XdpContext, outer_src: [u8; 4]) -> u32 {
     if u32::from_ne_bytes(unsafe { *spi }) == 0 {
         return XDP_PASS;
     }
-    if known_sender(Tunnel::Esp, outer_src).is_none() {
+    if !known_sender(Tunnel::Esp, outer_src) {
         return drop(Counter::XdpDropUnknownTunnelSource);
     }
     pass(Counter::XdpPass)
 }
 
-/// VXLAN (ours or Flannel's) from a known sender (`at`: the peers at its
-/// address): check the inner source, then masquerade on the connector or
-/// leave it to the stack.
+/// VXLAN (ours or Flannel's) from a known sender: check the inner source,
+/// then masquerade on the connector or leave it to the stack.
 #[inline(always)]
-fn vxlan(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    tunnel: Tunnel,
-    outer_src: [u8; 4],
-    at: &PeerAddrEntry,
-) -> u32 {
+fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8; 4]) -> u32 {
     let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {
         return pass(Counter::XdpPass);
     };
@@ -117,7 +110,7 @@ fn vxlan(
     {
         return pass(Counter::XdpPass);
     }
-    let src = match check_inner_source(tunnel, outer_src, at, frame.inner_ip.saddr) {
+    let src = match check_inner_source(tunnel, outer_src, frame.inner_ip.saddr) {
         Ok(src) => src,
         Err(counter) => return drop(counter),
     };
@@ -141,12 +134,10 @@ fn vxlan(
         // entry): the same frame, another connector's name on it.
         (Tunnel::Flannel, Some(dst))
             if dst.kind == route_kind::TUNNEL
+                && dst.next_hop().is_ok()
                 && (frame.ip.daddr == cfg.underlay_ip || is_vtep_addr(frame.ip.daddr)) =>
         {
-            match dst.next_hop() {
-                Ok(edge) => flannel_to_tunnel(ctx, cfg, frame, at, dst.peer_id, edge),
-                Err(_) => None,
-            }
+            flannel_to_tunnel(ctx, cfg, frame, dst.peer_id)
         }
         (Tunnel::Ours, Some(dst)) if dst.kind == route_kind::CLOUD_VTEP => match src {
             Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender, dst.peer_id),
