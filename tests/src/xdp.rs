@@ -420,3 +420,32 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
         Ok(out)
     })
 }
+
+/// Turn on XDP delivery into pods (`--xdp-pod-rx`) on `dp` and learn `pod`
+/// behind `veth` (any veth of the test's namespace: test runs redirect
+/// nowhere).
+pub fn learn_pod(
+    dp: &mut TestDatapath,
+    veth: u32,
+    pod: Ipv4Addr,
+    macs: ([u8; 6], [u8; 6]),
+    mtu: u16,
+) -> Result<()> {
+    let mut config = dp.maps.config()?;
+    config.flags |= fabedge_common::config_flags::XDP_POD_RX;
+    dp.maps.set_config(config)?;
+    dp.maps.pod_devs.insert(veth, veth, None, 0)?;
+    let (pod_mac, bridge_mac) = macs;
+    dp.maps.local_pods.insert(
+        fabedge_common::RouteAddr { addr: pod.octets() },
+        fabedge_common::LocalPodEntry {
+            ifindex: veth,
+            pod_mac,
+            bridge_mac,
+            mtu,
+            _pad: [0; 2],
+        },
+        0,
+    )?;
+    Ok(())
+}

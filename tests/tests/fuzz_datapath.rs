@@ -25,8 +25,8 @@ use std::{
 use anyhow::{Context, Result};
 use fabedge_agent::datapath::Program;
 use fabedge_common::{
-    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, LocalPodEntry, PodPortEntry, RouteAddr,
-    TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, config_flags, mark, peer_kind, route_kind,
+    Counter, DEFAULT_TUNNEL_VNI, ESP_IN_UDP_PORT, PodPortEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC,
+    config_flags, mark, peer_kind, route_kind,
     services::{Backend, BackendKey, ServiceEntry, ServiceKey, backend_flags, service_flags},
     tunnel_mode,
 };
@@ -1562,22 +1562,8 @@ impl XdpFixture {
             }
             XdpFixture::EdgeVxlan | XdpFixture::EdgeEsp => LOCAL_POD,
         };
-        let mut config = dp.maps.config()?;
-        config.flags |= config_flags::XDP_POD_RX;
-        dp.maps.set_config(config)?;
         let veth = lab.netns.ifindex("lan1")?;
-        dp.maps.pod_devs.insert(veth, veth, None, 0)?;
-        dp.maps.local_pods.insert(
-            RouteAddr { addr: pod.octets() },
-            LocalPodEntry {
-                ifindex: veth,
-                pod_mac: POD_MAC,
-                bridge_mac: BRIDGE_MAC,
-                mtu: 1450,
-                _pad: [0; 2],
-            },
-            0,
-        )?;
+        fabedge_tests::xdp::learn_pod(dp, veth, pod, (POD_MAC, BRIDGE_MAC), 1450)?;
         Ok(vec![(pod.octets(), POD_MAC)])
     }
 }

@@ -564,24 +564,8 @@ const POD_MTU: u16 = 1450;
 /// `lan1` (any veth of the namespace: test runs redirect nowhere).
 fn edge_delivering(name: &str, lab: &FibLab) -> Result<fabedge_tests::datapath::TestDatapath> {
     let mut dp = xdp::edge(name, tunnel_mode::VXLAN)?;
-    let mut config = dp.maps.config()?;
-    config.flags |= config_flags::XDP_POD_RX;
-    dp.maps.set_config(config)?;
     let veth = lab.netns.ifindex("lan1")?;
-    dp.maps.pod_devs.insert(veth, veth, None, 0)?;
-    dp.maps.local_pods.insert(
-        fabedge_common::RouteAddr {
-            addr: LOCAL_POD.octets(),
-        },
-        fabedge_common::LocalPodEntry {
-            ifindex: veth,
-            pod_mac: POD_MAC,
-            bridge_mac: BRIDGE_MAC,
-            mtu: POD_MTU,
-            _pad: [0; 2],
-        },
-        0,
-    )?;
+    xdp::learn_pod(&mut dp, veth, LOCAL_POD, (POD_MAC, BRIDGE_MAC), POD_MTU)?;
     Ok(dp)
 }
 
