@@ -6,6 +6,7 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -19,8 +20,9 @@ const DEFAULT_SECONDS: u64 = 20;
 /// libFuzzer reports an input slower than this as a hang.
 const HANG_SECONDS: u64 = 10;
 
-/// Runs every target (or those `filter` names); one (suite name, passed) per target.
-pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool)>> {
+/// Runs every target (or those `filter` names); one (suite name, passed,
+/// time taken) per target.
+pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool, Duration)>> {
     let seconds = match std::env::var("FABEDGE_FUZZ_SECONDS") {
         Ok(text) => text
             .trim()
@@ -45,11 +47,12 @@ pub fn run(workspace: &Path, filter: Option<&str>) -> Result<Vec<(String, bool)>
                 "xtask: `cargo fuzz` is missing: run `cargo xtask setup` (installs cargo-fuzz and {})",
                 crate::toolchain::NIGHTLY
             );
-            suites.push((name, false));
+            suites.push((name, false, Duration::ZERO));
             continue;
         }
+        let started = Instant::now();
         let ok = run_target(workspace, target, seconds)?;
-        suites.push((name, ok));
+        suites.push((name, ok, started.elapsed()));
     }
     Ok(suites)
 }

@@ -6,6 +6,7 @@ mod crd;
 mod fuzz;
 mod image;
 mod kube;
+mod recap;
 mod setup;
 mod test;
 mod toolchain;

@@ -3,14 +3,15 @@
 //! suite runs the same test binary inside stock Debian kernels.
 
 use std::{
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::vm;
+use crate::{recap::Failures, vm};
 
 /// Tests that must also pass on the stock Debian kernels (6.1: netlink tc,
 /// no TCX; 6.12: TCX). Each entry is one VM boot per kernel running its tests
@@ -101,6 +102,26 @@ pub struct Options {
     pub filter: Option<String>,
 }
 
+/// One suite's result as the summary lists it.
+struct Suite {
+    name: String,
+    ok: bool,
+    took: Duration,
+    /// Failed tests and the first lines of their messages.
+    why: Vec<String>,
+}
+
+impl Suite {
+    fn new(name: impl Into<String>, ok: bool, took: Duration) -> Self {
+        Suite {
+            name: name.into(),
+            ok,
+            took,
+            why: Vec::new(),
+        }
+    }
+}
+
 pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     let started = Instant::now();
     let mut suites = Vec::new();
@@ -110,7 +131,11 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
         .args(["fmt", "--all", "--", "--check"])
         .status()
         .context("running cargo fmt --check")?;
-    suites.push(("cargo fmt --all -- --check".to_string(), fmt.success()));
+    suites.push(Suite::new(
+        "cargo fmt --all -- --check",
+        fmt.success(),
+        started.elapsed(),
+    ));
     if !fmt.success() {
         println!(
             "xtask: `cargo fmt --all -- --check` found unformatted files (listed above): run `cargo fmt --all`"
@@ -132,11 +157,16 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     if let Some(filter) = &options.filter {
         host.args(["--", filter]);
     }
-    let ok = host.status().context("running cargo test")?.success();
-    suites.push(("host (unit, datapath, netns)".to_string(), ok));
+    let host_started = Instant::now();
+    let (ok, failures) = run_libtest(host).context("running cargo test")?;
+    let mut suite = Suite::new("host (unit, datapath, netns)", ok, host_started.elapsed());
+    suite.why = failures.summary();
+    suites.push(suite);
 
     // libFuzzer over the agent's parsers, a bounded time per target.
-    suites.extend(crate::fuzz::run(workspace, options.filter.as_deref())?);
+    for (name, ok, took) in crate::fuzz::run(workspace, options.filter.as_deref())? {
+        suites.push(Suite::new(name, ok, took));
+    }
 
     if options.skip_vm {
         println!(
@@ -169,11 +199,19 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
         }
     }
 
-    let passed = suites.iter().filter(|(_, ok)| *ok).count();
+    let passed = suites.iter().filter(|s| s.ok).count();
     let failed = suites.len() - passed;
     println!();
-    for (name, ok) in &suites {
-        println!("xtask: {} {name}", if *ok { "ok    " } else { "FAILED" });
+    for suite in &suites {
+        println!(
+            "xtask: {} {} ({:.0?})",
+            if suite.ok { "ok    " } else { "FAILED" },
+            suite.name,
+            suite.took
+        );
+        for line in &suite.why {
+            println!("xtask:          {line}");
+        }
     }
     println!("xtask: finished in {:.0?}", started.elapsed());
     println!("suites: {passed} passed, {failed} failed");
@@ -191,9 +229,10 @@ struct VmJob {
 }
 
 impl VmJob {
-    /// Boots `kernel`, runs the tests; the suite's name and whether every
-    /// test named ran and passed.
-    fn run(&self, kernel: vm::Kernel) -> (String, bool) {
+    /// Boots `kernel`, runs the tests; the suite, passed when every test
+    /// named ran and passed.
+    fn run(&self, kernel: vm::Kernel) -> Suite {
+        let started = Instant::now();
         let (binary, tests) = (self.entry.binary, &self.tests);
         // VM-only tests are #[ignore]d on the host (they need ESP): run them here.
         let mut args: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
@@ -217,8 +256,12 @@ impl VmJob {
         };
         println!("xtask: VM {kernel}: {binary}::{{{}}}", tests.join(", "));
         // A test binary exits 0 when a name matched nothing: count what ran.
+        let mut why = Vec::new();
         let ok = match vm::run_outcome(&run) {
-            Ok(outcome) if outcome.code != 0 => false,
+            Ok(outcome) if outcome.code != 0 => {
+                why = outcome.failures.summary();
+                false
+            }
             Ok(outcome) if outcome.tests_passed != Some(tests.len() as u64) => {
                 eprintln!(
                     "xtask: VM {kernel}: {binary} was given {} test name(s) but libtest reported {} passed; \
@@ -233,14 +276,34 @@ impl VmJob {
             Ok(_) => true,
             Err(e) => {
                 eprintln!("xtask: VM {kernel}: {e:#}");
+                why.push(format!("{e:#}"));
                 false
             }
         };
-        (
-            format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")),
+        Suite {
+            name: format!("vm {kernel}: {binary}::{{{}}}", tests.join(", ")),
             ok,
-        )
+            took: started.elapsed(),
+            why,
+        }
     }
+}
+
+/// Runs a libtest command (`cargo test`), copying its stdout through while
+/// noting the failed tests; whether it succeeded, and the failures.
+fn run_libtest(mut cmd: Command) -> Result<(bool, Failures)> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().context("stdout is not piped")?;
+    let mut failures = Failures::default();
+    let mut out = std::io::stdout();
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = line?;
+        let text = String::from_utf8_lossy(&line);
+        let _ = writeln!(out, "{text}");
+        failures.scan(&text);
+    }
+    let ok = child.wait()?.success();
+    Ok((ok, failures))
 }
 
 fn cargo(workspace: &Path) -> Command {

@@ -600,6 +600,8 @@ pub struct Outcome {
     pub code: i32,
     /// How many tests libtest said passed, when the program is a test binary.
     pub tests_passed: Option<u64>,
+    /// The tests libtest said failed, and why.
+    pub failures: crate::recap::Failures,
 }
 
 /// Boots `run.kernel`, runs the program and returns its exit code.
@@ -746,6 +748,7 @@ pub fn run_outcome(run: &VmRun) -> Result<Outcome> {
     Ok(Outcome {
         code,
         tests_passed: console.tests_passed,
+        failures: console.failures,
     })
 }
 
@@ -922,6 +925,7 @@ struct Console {
     setup_failed: Option<String>,
     /// Tests libtest reported as passed, summed over its `test result:` lines.
     tests_passed: Option<u64>,
+    failures: crate::recap::Failures,
 }
 
 impl Console {
@@ -961,6 +965,7 @@ impl Console {
     }
 
     fn scan(&mut self, line: &str, marker: &str) {
+        self.failures.scan(line);
         if let Some(code) = line
             .find(marker)
             .and_then(|i| line[i + marker.len()..].trim().parse().ok())
