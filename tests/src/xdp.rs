@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use fabedge_common::{Counter, DEFAULT_TUNNEL_PORT, tunnel_mode};
 
@@ -224,8 +224,9 @@ pub fn xdp_seed_matrix() -> Vec<PathSpec> {
 
 /// What a physical wire gives XDP and veths do not by themselves:
 /// - native XDP on a veth sends what it transmits or redirects to the peer
-///   veth, which accepts such frames only with NAPI running there (an XDP
-///   program, or GRO on): GRO goes on at the switch's ports;
+///   veth, which takes such frames on its ring only with NAPI running there
+///   (GRO on) and wakes for XDP_TX only when it has an XDP program itself:
+///   the switch's WAN ports get one that passes everything;
 /// - a veth passes checksum work along unfinished (CHECKSUM_PARTIAL rides
 ///   in the skb, not on the wire), which a frame rewritten by XDP loses:
 ///   the nodes' NICs finish checksums before sending (tx offload off), as
@@ -239,10 +240,43 @@ pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
             .map(|name| name.split('@').next().unwrap_or(name).to_owned())
             .collect())
     };
+    // XDP_TX on a veth queues the frame on its peer's ring, and the kernel
+    // (veth_xdp_flush, 6.1 and 6.12) wakes the peer only when the peer has
+    // an XDP program: with GRO alone (NAPI without a program) the frames
+    // waited for the next packet the peer's stack sent and overflowed the
+    // ring (6.1's VM lost hundreds per seed path, rx_queue_0_xdp_tx_errors).
+    // A real NIC sends them at once. Redirects into a veth wake its peer
+    // themselves, so only the WAN ports, where XDP bounces frames (the
+    // connector's edge-to-edge hairpin, probe replies), get the program;
+    // every port keeps GRO for NAPI.
     let switch = cluster.switch()?;
+    let pass = XdpPass::load(&format!("wire-{}", std::process::id()))?;
     for port in links(switch)? {
-        if port.ends_with("-wan") || port.ends_with("-lan") {
-            switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
+        if port.starts_with("br-") || !(port.ends_with("-wan") || port.ends_with("-lan")) {
+            continue;
+        }
+        switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
+        if port.ends_with("-wan") {
+            // nsenter, not `ip -n`: that remounts /sys, hiding the pin in bpffs.
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", switch.path().display()))
+                .args([
+                    "ip",
+                    "link",
+                    "set",
+                    "dev",
+                    &port,
+                    "xdpdrv",
+                    "pinned",
+                    pass.pin()?,
+                ])
+                .output()
+                .context("running nsenter ip link set xdpdrv")?;
+            ensure!(
+                out.status.success(),
+                "attaching XDP_PASS to the switch's {port}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     for node in cluster.node_names() {
@@ -448,4 +482,129 @@ pub fn learn_pod(
         0,
     )?;
     Ok(())
+}
+
+/// Drop counters of every link the mini cluster wired (the switch, each
+/// node, each node's pod), keyed `namespace/link/rx_dropped|tx_dropped`:
+/// a veth counts there what XDP failed to send out of it too
+/// (`rx_queue_0_xdp_tx_errors` in `ethtool -S`, and its peer's rx). One `ip`
+/// per namespace: under TCG every process costs.
+pub fn link_drops(cluster: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut namespaces: Vec<(String, &Netns)> = vec![("switch".into(), cluster.switch()?)];
+    for node in cluster.node_names() {
+        namespaces.push((node.clone(), cluster.node_netns(&node)?));
+        if let Ok(pod) = cluster.pod(&node) {
+            namespaces.push((format!("{node}-pod"), pod.netns()));
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (label, netns) in namespaces {
+        let links: serde_json::Value = serde_json::from_str(&netns.ip(&["-j", "-s", "link"])?)
+            .context("parsing `ip -j -s link`")?;
+        for link in links.as_array().into_iter().flatten() {
+            let Some(name) = link["ifname"].as_str() else {
+                continue;
+            };
+            for dir in ["rx", "tx"] {
+                if let Some(n) = link["stats64"][dir]["dropped"].as_u64() {
+                    out.insert(format!("{label}/{name}/{dir}_dropped"), n);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The counters of [`link_drops`] that grew from `before` to `after`.
+pub fn grown_drops(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let grown: Vec<String> = after
+        .iter()
+        .filter_map(|(key, n)| {
+            let was = before.get(key).copied().unwrap_or(0);
+            (*n > was).then(|| format!("{key} +{}", n - was))
+        })
+        .collect();
+    if grown.is_empty() {
+        "no link counted a drop or an error".to_string()
+    } else {
+        grown.join(", ")
+    }
+}
+
+/// An XDP program that passes every frame (`r0 = XDP_PASS; exit`), loaded
+/// with the bpf syscall and pinned in bpffs for `ip link set ... xdp pinned`;
+/// the pin is removed on drop (attachments keep the program).
+pub struct XdpPass {
+    path: std::path::PathBuf,
+}
+
+impl XdpPass {
+    pub fn load(name: &str) -> Result<Self> {
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_OBJ_PIN: libc::c_long = 6;
+        const BPF_PROG_TYPE_XDP: u32 = 6;
+        // mov64 r0, XDP_PASS; exit
+        let insns: [u8; 16] = [
+            0xb7,
+            0,
+            0,
+            0,
+            XDP_PASS as u8,
+            0,
+            0,
+            0,
+            0x95,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..60].copy_from_slice(b"fe_wire_pass");
+        // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_LOAD whose pointers
+        // (insns, license) outlive the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("loading an XDP_PASS program");
+        }
+        let fd = fd as libc::c_int;
+        let path = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-pass-{name}"));
+        let _ = std::fs::remove_file(&path);
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+        let mut attr = [0u8; 128];
+        attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+        // SAFETY: as above, for BPF_OBJ_PIN; fd is ours and closed right after.
+        let pinned =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), attr.len()) };
+        let error = std::io::Error::last_os_error();
+        // SAFETY: fd was returned by BPF_PROG_LOAD above and is closed once.
+        unsafe { libc::close(fd) };
+        if pinned < 0 {
+            return Err(error)
+                .with_context(|| format!("pinning the XDP_PASS program at {}", path.display()));
+        }
+        Ok(XdpPass { path })
+    }
+
+    pub fn pin(&self) -> Result<&str> {
+        self.path.to_str().context("bpffs path")
+    }
+}
+
+impl Drop for XdpPass {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }

@@ -34,7 +34,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use fabedge_common::{GroupEntry, MAX_PEERS, POD_BRIDGE, PeerEntry, TUNNEL_DEV};
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::{
     datapath::{Attachment, Datapath, XdpMode},
@@ -366,6 +366,9 @@ impl Applier {
         let xdp_ifaces = uplinks;
         if self.xdp_ifaces.as_ref() != Some(&xdp_ifaces) {
             datapath.sync_xdp(&xdp_ifaces, self.xdp)?;
+            if self.xdp == XdpMode::Native {
+                warn_veth_peers_without_xdp(&xdp_ifaces);
+            }
             self.xdp_ifaces = Some(xdp_ifaces);
         }
         next(step, &self.fail_point)?;
@@ -594,5 +597,24 @@ mod tests {
             keep_live_active(&planned, &current),
             BTreeMap::from([(1, group(0, &[3, 9]))])
         );
+    }
+}
+
+/// Once per change of the XDP interfaces: a native XDP uplink that is a veth
+/// whose peer runs no XDP program loses what XDP sends out of it
+/// ([`net::veth_peer_without_xdp`]).
+fn warn_veth_peers_without_xdp(ifaces: &BTreeSet<String>) {
+    for iface in ifaces {
+        match net::veth_peer_without_xdp(iface) {
+            Ok(Some(peer)) => warn!(
+                "{iface} is a veth whose peer {peer} runs no XDP program: what XDP sends out of \
+                 {iface} (the connector's masquerade, probe replies) waits on {peer}'s ring \
+                 without waking it and is lost when the ring fills (ethtool -S {iface}: \
+                 rx_queue_0_xdp_tx_errors). Attach an XDP program to {peer} (one that passes \
+                 every frame will do), or run with --xdp generic or --xdp off"
+            ),
+            Ok(None) => {}
+            Err(e) => debug!("{iface}: could not tell whether its veth peer runs XDP: {e:#}"),
+        }
     }
 }

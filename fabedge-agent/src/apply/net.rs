@@ -54,6 +54,30 @@ pub fn require_link(name: &str) -> Result<Link> {
     link(name)?.with_context(|| format!("interface {name} does not exist"))
 }
 
+/// The name of `iface`'s veth peer when `iface` is a veth and its peer runs
+/// no XDP program; `None` for other links, or a peer with a program.
+///
+/// Native XDP_TX and redirects out of a veth queue the frame on the peer's
+/// ring, and the kernel (`veth_xdp_flush` in 6.1 and 6.12) wakes the peer
+/// only when the peer has an XDP program itself: without one the frames
+/// wait for the next packet the peer's stack sends, and are lost when the
+/// ring fills (`ethtool -S`: `rx_queue_0_xdp_tx_errors`).
+pub fn veth_peer_without_xdp(iface: &str) -> Result<Option<String>> {
+    let mut nl = Rtnl::open_strict()?;
+    let Some(link) = nl.link(iface)? else {
+        return Ok(None);
+    };
+    let (Some("veth"), Some(peer)) = (link.kind.as_deref(), link.link) else {
+        return Ok(None);
+    };
+    let peer = match link.link_netnsid {
+        Some(netnsid) => nl.link_in(netnsid, peer)?,
+        None => nl.links()?.into_iter().find(|l| l.index == peer),
+    }
+    .with_context(|| format!("reading the veth peer (ifindex {peer}) of {iface}"))?;
+    Ok((!peer.xdp_attached).then_some(peer.name))
+}
+
 /// The link `name` after creating it as `kind` (down, kernel defaults).
 fn create_link(nl: &mut Rtnl, name: &str, kind: &LinkKind) -> Result<LinkInfo> {
     nl.add_link(name, kind)?;

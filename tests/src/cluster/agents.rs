@@ -442,6 +442,15 @@ impl Cluster {
     }
 
     /// The last lines of the agents' logs of `nodes`.
+    /// Everything `node`'s agents logged so far (restarts append).
+    pub fn agent_log(&self, node: &str) -> Result<String> {
+        let node = self
+            .nodes
+            .get(node)
+            .with_context(|| format!("no node {node}"))?;
+        Ok(read_from(&node.files.agent_log, 0))
+    }
+
     pub fn agent_logs(&self, nodes: &[String]) -> String {
         let mut out = String::new();
         for name in nodes {

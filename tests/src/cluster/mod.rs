@@ -134,8 +134,10 @@ const UDP_PAYLOAD_LEN: usize = 1200;
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Nothing on the test network loses packets, so a TCP echo needs no
 /// retransmission; one spurious tail-loss probe is tolerated (a descheduled
-/// receiver on a busy 2-core machine can delay an ACK past the probe timer).
-/// A path that drops or mangles segments needs dozens.
+/// receiver on a busy 2-core machine can delay an ACK past the probe timer),
+/// and so is every retransmission the receiver reports as a duplicate
+/// (D-SACK): that segment was not lost. A path that drops or mangles
+/// segments needs dozens, none of them reported twice.
 const MAX_TCP_RETRANSMISSIONS: u64 = 1;
 /// Path-MTU discovery legitimately costs up to an initial congestion window
 /// (10 segments) of retransmissions: a node's NIC is wider than the tunnel,

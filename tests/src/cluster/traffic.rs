@@ -99,6 +99,10 @@ impl Endpoint {
             retransmitted: after
                 .tcp_retransmitted
                 .saturating_sub(before.tcp_retransmitted),
+            duplicates_reported: after
+                .tcp_dsack_received
+                .saturating_sub(before.tcp_dsack_received),
+            loss_probes: after.tcp_loss_probes.saturating_sub(before.tcp_loss_probes),
             path_mtu_discovered: after.icmp_unreachable_received > before.icmp_unreachable_received,
         })
     }
@@ -150,22 +154,35 @@ impl Endpoint {
 struct TransportStats {
     /// `Tcp: RetransSegs`.
     tcp_retransmitted: u64,
+    /// `TcpExt: TCPDSACKRecv` (`/proc/net/netstat`): D-SACKs received, each
+    /// the receiver saying a segment arrived twice.
+    tcp_dsack_received: u64,
+    /// `TcpExt: TCPLossProbes`: tail-loss probes sent.
+    tcp_loss_probes: u64,
     /// `Icmp: InDestUnreachs`, which counts fragmentation-needed.
     icmp_unreachable_received: u64,
 }
 
 impl TransportStats {
     fn read(netns: &Netns) -> Result<Self> {
-        let snmp = netns.enter(|| {
-            fs::read_to_string("/proc/thread-self/net/snmp")
-                .context("reading /proc/thread-self/net/snmp")
+        let (snmp, netstat) = netns.enter(|| {
+            let read = |file: &str| {
+                fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+                    .with_context(|| format!("reading /proc/thread-self/net/{file}"))
+            };
+            Ok((read("snmp")?, read("netstat")?))
         })?;
         let field = |protocol: &str, name: &str| -> Result<u64> {
             let prefix = format!("{protocol}:");
-            let mut lines = snmp.lines().filter(|line| line.starts_with(&prefix));
+            let text = if protocol == "TcpExt" {
+                &netstat
+            } else {
+                &snmp
+            };
+            let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
             let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
                 bail!(
-                    "netns {}: no {protocol} lines in /proc/net/snmp",
+                    "netns {}: no {protocol} lines in /proc/net/snmp or netstat",
                     netns.name()
                 );
             };
@@ -176,13 +193,15 @@ impl TransportStats {
                 .and_then(|(_, value)| value.parse().ok())
                 .with_context(|| {
                     format!(
-                        "netns {}: no {protocol} {name} in /proc/net/snmp",
+                        "netns {}: no {protocol} {name} in /proc/net/snmp or netstat",
                         netns.name()
                     )
                 })
         };
         Ok(TransportStats {
             tcp_retransmitted: field("Tcp", "RetransSegs")?,
+            tcp_dsack_received: field("TcpExt", "TCPDSACKRecv")?,
+            tcp_loss_probes: field("TcpExt", "TCPLossProbes")?,
             icmp_unreachable_received: field("Icmp", "InDestUnreachs")?,
         })
     }
@@ -190,6 +209,8 @@ impl TransportStats {
     fn plus(self, other: Self) -> Self {
         TransportStats {
             tcp_retransmitted: self.tcp_retransmitted + other.tcp_retransmitted,
+            tcp_dsack_received: self.tcp_dsack_received + other.tcp_dsack_received,
+            tcp_loss_probes: self.tcp_loss_probes + other.tcp_loss_probes,
             icmp_unreachable_received: self.icmp_unreachable_received
                 + other.icmp_unreachable_received,
         }
@@ -206,13 +227,19 @@ pub struct TcpEcho {
     pub elapsed: Duration,
     /// Segments either end retransmitted during the echo.
     pub retransmitted: u64,
+    /// Of those, how many the other end reported receiving twice (D-SACK):
+    /// sent again too early (a descheduled receiver's late ACK), not lost.
+    pub duplicates_reported: u64,
+    /// Tail-loss probes either end sent (counted in `retransmitted`).
+    pub loss_probes: u64,
     /// An end received ICMP destination-unreachable meanwhile: path-MTU
     /// discovery toward a narrower tunnel, which costs retransmissions.
     pub path_mtu_discovered: bool,
 }
 
 impl TcpEcho {
-    /// Retransmissions beyond what a lossless path explains.
+    /// Retransmissions beyond what a lossless path explains: those the
+    /// receiver reported as duplicates arrived, so only the others count.
     pub fn excess_retransmissions(&self) -> Option<u64> {
         let allowed = MAX_TCP_RETRANSMISSIONS
             + if self.path_mtu_discovered {
@@ -220,7 +247,8 @@ impl TcpEcho {
             } else {
                 0
             };
-        (self.retransmitted > allowed).then_some(self.retransmitted)
+        let unexplained = self.retransmitted.saturating_sub(self.duplicates_reported);
+        (unexplained > allowed).then_some(unexplained)
     }
 }
 
@@ -255,12 +283,16 @@ impl Exchange {
         match &self.tcp {
             Err(e) => failures.push(format!("TCP failed: {e:#}")),
             Ok(echo) => {
-                if let Some(retransmitted) = echo.excess_retransmissions() {
+                if let Some(unexplained) = echo.excess_retransmissions() {
                     failures.push(format!(
-                        "TCP needed {retransmitted} retransmitted segments for a {} KiB echo on a lossless path{}: \
+                        "TCP needed {unexplained} retransmitted segments for a {} KiB echo on a lossless path{} \
+                         ({} retransmitted, {} reported as duplicates, {} tail-loss probes): \
                          the path loses packets",
                         TCP_PAYLOAD_LEN / 1024,
-                        if echo.path_mtu_discovered { " (path-MTU discovery included)" } else { "" }
+                        if echo.path_mtu_discovered { " (path-MTU discovery included)" } else { "" },
+                        echo.retransmitted,
+                        echo.duplicates_reported,
+                        echo.loss_probes,
                     ));
                 }
             }

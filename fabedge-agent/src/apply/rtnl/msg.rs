@@ -52,6 +52,8 @@ const IFLA_TARGET_NETNSID: u16 = 46;
 const NETNSA_NSID: u16 = 1;
 const NETNSA_FD: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const IFLA_VXLAN_LEARNING: u16 = 7;
@@ -352,6 +354,8 @@ pub struct LinkInfo {
     /// (absent when the peer is in ours).
     pub link: Option<u32>,
     pub link_netnsid: Option<i32>,
+    /// An XDP program is attached (`IFLA_XDP_ATTACHED` not `XDP_ATTACHED_NONE`).
+    pub xdp_attached: bool,
 }
 
 /// The payload of an `RTM_NEWLINK` answer.
@@ -370,6 +374,11 @@ pub fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
             IFLA_MASTER => link.master = u32_of(value),
             IFLA_LINK => link.link = u32_of(value),
             IFLA_LINK_NETNSID => link.link_netnsid = u32_of(value).map(|id| id as i32),
+            IFLA_XDP => {
+                link.xdp_attached = attrs(value).any(|(attr, v)| {
+                    attr == IFLA_XDP_ATTACHED && v.first().is_some_and(|m| *m != 0)
+                })
+            }
             IFLA_LINKINFO => {
                 for (info, value) in attrs(value) {
                     match info {
