@@ -19,6 +19,8 @@ pub struct Failures {
     section: Option<String>,
     /// Lines still to keep from the current section's message.
     keep: usize,
+    /// Reading the names listed under `failures:`.
+    listing: bool,
 }
 
 impl Failures {
@@ -37,11 +39,40 @@ impl Failures {
         {
             self.section = Some(name.to_string());
             self.keep = 0;
+            self.listing = false;
+            return;
+        }
+        if line == "FAILED" || line == "ok" {
+            // The end of a --nocapture test's output.
+            self.keep = 0;
             return;
         }
         if line == "failures:" || line.starts_with("test result: ") {
             self.section = None;
+            self.listing = line == "failures:";
             return;
+        }
+        // The list under `failures:` names every failed test; with
+        // --nocapture it is the only place that does.
+        if self.listing {
+            if let Some(name) = line.strip_prefix("    ")
+                && !name.is_empty()
+                && !name.contains(' ')
+                && !self.failed.iter().any(|f| f == name)
+            {
+                self.failed.push(name.to_string());
+            }
+            return;
+        }
+        // With --nocapture a test's output follows `test NAME ... ` directly.
+        let mut line = line;
+        if let Some((name, rest)) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.split_once(" ... "))
+        {
+            self.section = Some(name.to_string());
+            self.keep = 0;
+            line = rest;
         }
         let Some(section) = &self.section else {
             return;
@@ -124,6 +155,31 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out
                 "failed: erring",
                 "    Error: the agent exited: boom",
             ]
+        );
+    }
+
+    #[test]
+    fn with_nocapture_the_failed_test_is_named_from_the_failures_list() {
+        let log = "\
+running 1 test
+test surge ... ESP ok: a path
+Error: lost 1 of 390 pings
+FAILED
+
+failures:
+
+failures:
+    surge
+
+test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out
+";
+        let mut failures = Failures::default();
+        for line in log.lines() {
+            failures.scan(line);
+        }
+        assert_eq!(
+            failures.summary(),
+            ["failed: surge", "    Error: lost 1 of 390 pings"]
         );
     }
 }
