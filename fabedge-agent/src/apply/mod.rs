@@ -607,8 +607,8 @@ fn warn_veth_peers_without_xdp(ifaces: &BTreeSet<String>) {
     for iface in ifaces {
         match net::veth_peer_without_xdp(iface) {
             Ok(Some(peer)) => warn!(
-                "{iface} is a veth whose peer {peer} runs no XDP program: what XDP sends out of \
-                 {iface} (the connector's masquerade, probe replies) waits on {peer}'s ring \
+                "{iface} is a veth whose peer {peer} runs no XDP program: what XDP bounces out of \
+                 {iface} (XDP_TX: the edge-to-edge hairpin, probe replies) waits on {peer}'s ring \
                  without waking it and is lost when the ring fills (ethtool -S {iface}: \
                  rx_queue_0_xdp_tx_errors). Attach an XDP program to {peer} (one that passes \
                  every frame will do), or run with --xdp generic or --xdp off"

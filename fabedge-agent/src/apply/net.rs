@@ -57,9 +57,9 @@ pub fn require_link(name: &str) -> Result<Link> {
 /// The name of `iface`'s veth peer when `iface` is a veth and its peer runs
 /// no XDP program; `None` for other links, or a peer with a program.
 ///
-/// Native XDP_TX and redirects out of a veth queue the frame on the peer's
-/// ring, and the kernel (`veth_xdp_flush` in 6.1 and 6.12) wakes the peer
-/// only when the peer has an XDP program itself: without one the frames
+/// Native XDP_TX out of a veth queues the frame on the peer's ring, and the
+/// kernel (`veth_xdp_flush` in 6.1 and 6.12) wakes the peer only when the
+/// peer has an XDP program itself (redirects wake it anyway): without one the frames
 /// wait for the next packet the peer's stack sends, and are lost when the
 /// ring fills (`ethtool -S`: `rx_queue_0_xdp_tx_errors`).
 pub fn veth_peer_without_xdp(iface: &str) -> Result<Option<String>> {
