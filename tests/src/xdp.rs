@@ -257,21 +257,15 @@ pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
         }
         switch.run_ok("ethtool", &["-K", &port, "gro", "on"])?;
         if port.ends_with("-wan") {
-            // nsenter, not `ip -n`: that remounts /sys, hiding the pin in bpffs.
-            let out = std::process::Command::new("nsenter")
-                .arg(format!("--net={}", switch.path().display()))
-                .args([
-                    "ip",
-                    "link",
-                    "set",
-                    "dev",
-                    &port,
-                    "xdpdrv",
-                    "pinned",
-                    pass.pin()?,
-                ])
-                .output()
-                .context("running nsenter ip link set xdpdrv")?;
+            // From a thread in the namespace, not `ip -n`: that remounts
+            // /sys, hiding the pin in bpffs.
+            let pin = pass.pin()?;
+            let out = switch.enter(|| {
+                std::process::Command::new("ip")
+                    .args(["link", "set", "dev", &port, "xdpdrv", "pinned", pin])
+                    .output()
+                    .context("running ip link set xdpdrv")
+            })?;
             ensure!(
                 out.status.success(),
                 "attaching XDP_PASS to the switch's {port}: {}",

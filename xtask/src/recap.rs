@@ -117,6 +117,14 @@ impl Failures {
 mod tests {
     use super::*;
 
+    fn summary_of(log: &str) -> Vec<String> {
+        let mut failures = Failures::default();
+        for line in log.lines() {
+            failures.scan(line);
+        }
+        failures.summary()
+    }
+
     #[test]
     fn a_failed_tests_name_and_panic_are_kept_and_passing_tests_are_not() {
         let log = "\
@@ -142,12 +150,8 @@ failures:
 
 test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out
 ";
-        let mut failures = Failures::default();
-        for line in log.lines() {
-            failures.scan(line);
-        }
         assert_eq!(
-            failures.summary(),
+            summary_of(log),
             [
                 "failed: broken",
                 "    thread 'broken' panicked at tests/tests/xdp.rs:10:5:",
@@ -173,12 +177,8 @@ failures:
 
 test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out
 ";
-        let mut failures = Failures::default();
-        for line in log.lines() {
-            failures.scan(line);
-        }
         assert_eq!(
-            failures.summary(),
+            summary_of(log),
             ["failed: surge", "    Error: lost 1 of 390 pings"]
         );
     }
