@@ -12,7 +12,7 @@ use fabedge_common::services::{
 };
 use fabedge_common::{
     Counter, DatapathConfig, GroupEntry, LocalPodEntry, MAX_GROUPS, MAX_VTEP_ADDRS, PeerAddrEntry,
-    PeerEntry, PeerStats, PodPortEntry, RouteAddr, RouteEntry, map_names,
+    PeerEntry, PeerStats, PodPortEntry, RouteAddr, RouteEntry, map_names, peer_kind,
 };
 use ipnet::Ipv4Net;
 
@@ -329,12 +329,14 @@ impl Maps {
     }
 
     /// Make `FE_PEER_ADDRS` the address index of `peers` (what `FE_PEERS`
-    /// holds): entries added or changed first, stale ones removed after.
+    /// holds) and of `esp_senders` (see [`peer_addrs`]): entries added or
+    /// changed first, stale ones removed after.
     pub fn sync_peer_addrs<'a>(
         &mut self,
         peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
+        esp_senders: &BTreeMap<Ipv4Addr, u16>,
     ) -> Result<usize> {
-        let wanted = peer_addrs(peers);
+        let wanted = peer_addrs(peers, esp_senders);
         let mut current = std::collections::BTreeMap::new();
         for item in self.peer_addrs.iter() {
             let (key, value) = item.context("reading FE_PEER_ADDRS")?;
@@ -360,6 +362,19 @@ impl Maps {
             changes += 1;
         }
         Ok(changes)
+    }
+
+    /// The addresses `FE_PEER_ADDRS` lets ESP in UDP in from as
+    /// [`peer_kind::ESP_SENDER`], with the id it holds.
+    pub fn esp_senders(&self) -> Result<BTreeMap<Ipv4Addr, u16>> {
+        let mut out = BTreeMap::new();
+        for item in self.peer_addrs.iter() {
+            let (key, value) = item.context("reading FE_PEER_ADDRS")?;
+            if value.kinds & (1 << peer_kind::ESP_SENDER) != 0 {
+                out.insert(Ipv4Addr::from(key.addr), value.peer_id);
+            }
+        }
+        Ok(out)
     }
 
     /// The groups in use (an entry with members or an active one), by id.
@@ -520,21 +535,31 @@ impl Maps {
 }
 
 /// The underlay addresses of `peers` (in-use slots with an address), each
-/// with the lowest peer id there and every kind sending from it.
+/// with the lowest peer id there and every kind sending from it; and the
+/// other addresses ESP in UDP of a peer comes from (`esp_senders`: address
+/// → peer id), marked [`peer_kind::ESP_SENDER`].
 pub fn peer_addrs<'a>(
     peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
-) -> std::collections::BTreeMap<[u8; 4], PeerAddrEntry> {
-    let mut out = std::collections::BTreeMap::<[u8; 4], PeerAddrEntry>::new();
-    for (&id, peer) in peers {
-        if peer.kind == 0 || peer.kind >= 8 || peer.underlay_ip == [0; 4] {
+    esp_senders: &BTreeMap<Ipv4Addr, u16>,
+) -> BTreeMap<[u8; 4], PeerAddrEntry> {
+    let mut out = BTreeMap::<[u8; 4], PeerAddrEntry>::new();
+    let senders = esp_senders
+        .iter()
+        .map(|(addr, &id)| (addr.octets(), id, peer_kind::ESP_SENDER));
+    let underlays = peers
+        .into_iter()
+        .filter(|(_, peer)| peer.kind != 0 && peer.kind < 8 && peer.underlay_ip != [0; 4])
+        .map(|(&id, peer)| (peer.underlay_ip, id, peer.kind));
+    for (addr, id, kind) in underlays.chain(senders) {
+        if addr == [0; 4] {
             continue;
         }
-        let entry = out.entry(peer.underlay_ip).or_insert(PeerAddrEntry {
+        let entry = out.entry(addr).or_insert(PeerAddrEntry {
             peer_id: id,
             ..PeerAddrEntry::default()
         });
         entry.peer_id = entry.peer_id.min(id);
-        entry.kinds |= 1 << peer.kind;
+        entry.kinds |= 1 << kind;
     }
     out
 }
@@ -678,7 +703,7 @@ mod tests {
             (9, PeerEntry::default()),
         ]);
         assert_eq!(
-            peer_addrs(&peers),
+            peer_addrs(&peers, &BTreeMap::new()),
             BTreeMap::from([
                 (
                     [10, 1, 0, 2],
@@ -698,5 +723,35 @@ mod tests {
                 ),
             ])
         );
+    }
+
+    #[test]
+    fn esp_senders_are_indexed_for_esp_only_beside_underlay_addresses() {
+        let peers = BTreeMap::from([
+            (2, peer(peer_kind::TUNNEL, [192, 168, 18, 11])),
+            (3, peer(peer_kind::TUNNEL, [192, 168, 18, 12])),
+        ]);
+        // Both edges behind one NAT; a connector's published port forward
+        // at its own underlay address merges into that entry.
+        let senders = BTreeMap::from([
+            (std::net::Ipv4Addr::new(198, 18, 0, 250), 3),
+            (std::net::Ipv4Addr::new(192, 168, 18, 12), 3),
+            (std::net::Ipv4Addr::UNSPECIFIED, 2),
+        ]);
+        let index = peer_addrs(&peers, &senders);
+        assert_eq!(index.len(), 3, "{index:?}");
+        assert_eq!(
+            index[&[198, 18, 0, 250]],
+            PeerAddrEntry {
+                peer_id: 3,
+                kinds: 1 << peer_kind::ESP_SENDER,
+                _pad: 0
+            }
+        );
+        assert_eq!(
+            index[&[192, 168, 18, 12]].kinds,
+            (1 << peer_kind::TUNNEL) | (1 << peer_kind::ESP_SENDER)
+        );
+        assert_eq!(index[&[192, 168, 18, 11]].kinds, 1 << peer_kind::TUNNEL);
     }
 }

@@ -163,6 +163,9 @@ pub struct Settings {
     /// ESP mode: where peers reach this node's UDP 4500 when that is not its
     /// tunnel endpoint (a port forward), published as `fabedge.io/esp-endpoint`.
     pub esp_public_endpoint: Option<std::net::SocketAddrV4>,
+    /// ESP mode: where peers' NATs show them, learnt from their hellos
+    /// (their ESP in UDP and probes come from there).
+    pub esp_observed: crate::esp::plan::ObservedEndpoints,
     /// Sizes of the maps the plan must fit (`--max-routes`, `--max-services`,
     /// `--max-backends`, `--ct-entries`).
     pub capacity: crate::maps::Capacity,
@@ -200,6 +203,7 @@ impl Default for Settings {
             esp_generation: 0,
             esp_key_nonce: None,
             esp_public_endpoint: None,
+            esp_observed: Default::default(),
             capacity: crate::maps::Capacity::default(),
             probe_port: fabedge_common::DEFAULT_PROBE_PORT,
             cluster_prefixes: Vec::new(),
@@ -335,6 +339,11 @@ pub struct Plan {
     /// What this node probes and, on a connector, which shared VTEP
     /// addresses it may have to hold.
     pub ha: HaPlan,
+    /// ESP mode: the addresses tunnel peers' ESP in UDP comes from that are
+    /// not their tunnel endpoints (NAT-observed, or a published port
+    /// forward), with the peer's id: `FE_PEER_ADDRS` lets their ESP and
+    /// probes in ([`fabedge_common::peer_kind::ESP_SENDER`]).
+    pub esp_senders: BTreeMap<Ipv4Addr, u16>,
 }
 
 /// The liveness side of connector high availability (see `run/ha.rs`).
@@ -351,6 +360,19 @@ pub struct HaPlan {
 }
 
 impl Plan {
+    /// [`esp_senders`] of this plan's peers, with `observed` endpoints.
+    pub fn esp_senders_with(
+        &self,
+        snapshot: &Snapshot,
+        observed: &crate::esp::plan::ObservedEndpoints,
+    ) -> BTreeMap<Ipv4Addr, u16> {
+        let peers = self
+            .peers
+            .iter()
+            .filter_map(|(&id, entry)| Some((self.peer_name(id)?, id, entry)));
+        esp_senders(snapshot, peers, observed)
+    }
+
     /// The node behind a peer id, for logs and `inspect`.
     pub fn peer_name(&self, id: u16) -> Option<&str> {
         self.peer_ids.node(id)
@@ -984,6 +1006,17 @@ impl<'a> Planner<'a> {
         }
 
         let vxlan = settings.tunnel_mode == TunnelMode::Vxlan;
+        let esp_senders = if vxlan {
+            BTreeMap::new()
+        } else {
+            esp_senders(
+                snapshot,
+                named_peers
+                    .iter()
+                    .map(|(name, entry)| (name.as_str(), id_of(name), entry)),
+                &settings.esp_observed,
+            )
+        };
         // The kernel's slow path sends every tunnel prefix where the fast path would.
         if matches!(role, Role::Edge | Role::Connector) {
             // Both modes: `fe-tunnel` (VXLAN device or xfrm interface).
@@ -1153,9 +1186,43 @@ impl<'a> Planner<'a> {
             groups,
             vtep_addrs,
             ha,
+            esp_senders,
             warnings,
         })
     }
+}
+
+/// ESP mode: where each tunnel peer's ESP in UDP comes from when that is
+/// not its tunnel endpoint: its NAT-observed address, else the address of
+/// the `fabedge.io/esp-endpoint` it publishes (the lowest id where several
+/// share one, as edges behind one NAT do). `peers`: (name, id, entry).
+pub fn esp_senders<'a>(
+    snapshot: &Snapshot,
+    peers: impl IntoIterator<Item = (&'a str, u16, &'a PeerEntry)>,
+    observed: &crate::esp::plan::ObservedEndpoints,
+) -> BTreeMap<Ipv4Addr, u16> {
+    let mut out = BTreeMap::new();
+    for (name, id, peer) in peers {
+        if peer.kind != peer_kind::TUNNEL {
+            continue;
+        }
+        let published = || {
+            let node = snapshot.nodes.get(name)?;
+            crate::esp::plan::published_endpoint(&node.annotations)
+                .ok()
+                .flatten()
+        };
+        let Some((addr, _)) = observed.get(name).copied().or_else(published) else {
+            continue;
+        };
+        if addr.octets() == peer.underlay_ip || addr.is_unspecified() {
+            continue;
+        }
+        out.entry(addr)
+            .and_modify(|lowest: &mut u16| *lowest = (*lowest).min(id))
+            .or_insert(id);
+    }
+    out
 }
 
 /// Where cloud nodes send VXLAN for edge pod CIDRs: the connector's Flannel

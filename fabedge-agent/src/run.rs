@@ -207,7 +207,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                 reconciler.restore_routes();
                 reconciler.guard_pod_ports(&mut datapath, &mut maps);
-                if reconciler.esp_tick() {
+                if reconciler.esp_tick(&mut maps) {
                     reconciler.force_replan();
                 }
                 // Hold-downs end without a probe event.
@@ -236,7 +236,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             // not at the next tick.
             readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
                 if let Ok(mut guard) = readable {
-                    if reconciler.esp_tick() {
+                    if reconciler.esp_tick(&mut maps) {
                         reconciler.force_replan();
                         reconciler.reconcile_if_changed(&mut datapath, &mut maps, &options);
                     }
@@ -341,12 +341,19 @@ impl Reconciler {
     }
 
     /// ESP timers (keepalives, hellos, rotation). True when a new key
-    /// generation began: the caller re-plans so it is published and used.
-    pub(crate) fn esp_tick(&mut self) -> bool {
+    /// generation began (the caller re-plans so it is published and used)
+    /// or a peer's NAT-observed endpoint changed (the plan follows it).
+    pub(crate) fn esp_tick(&mut self, maps: &mut Maps) -> bool {
         let Some(esp) = &mut self.esp else {
             return false;
         };
-        match esp.tick() {
+        let let_in =
+            |plan: &Plan, senders: &std::collections::BTreeMap<std::net::Ipv4Addr, u16>| {
+                maps.sync_peer_addrs(&plan.peers, senders)
+                    .map(drop)
+                    .context("letting ESP in from where a peer's NAT now shows it (FE_PEER_ADDRS)")
+            };
+        match esp.tick(let_in) {
             Ok(new_generation) => new_generation,
             Err(e) => {
                 self.report(Err(e.context("ESP")));

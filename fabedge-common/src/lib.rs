@@ -248,6 +248,13 @@ pub mod peer_kind {
     pub const TUNNEL: u8 = 1;
     /// A cloud node's Flannel VTEP (connector only).
     pub const FLANNEL_VTEP: u8 = 2;
+    /// ESP mode: an address a tunnel peer's ESP in UDP comes from that is not
+    /// its tunnel endpoint: where its NAT shows it (learnt from its hellos),
+    /// or the `fabedge.io/esp-endpoint` it publishes (a port forward). Only a
+    /// bit of [`super::PeerAddrEntry::kinds`], never a [`super::PeerEntry::kind`]:
+    /// ESP in UDP and liveness probes from it are a peer's; our VXLAN from
+    /// it is not.
+    pub const ESP_SENDER: u8 = 3;
 }
 
 /// Bits of [`PeerEntry::flags`].

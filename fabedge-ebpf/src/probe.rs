@@ -8,7 +8,8 @@
 //!
 //! Only known peers are answered: a reflector that answers anyone turns
 //! the connector into an amplifier toward whatever address a forged
-//! request names. In ESP mode only while the agent holds the ESP-in-UDP
+//! request names. In ESP mode an edge behind NAT is known at the address
+//! its NAT shows (`peer_kind::ESP_SENDER`), where its probes come from. In ESP mode only while the agent holds the ESP-in-UDP
 //! socket (UDP 4500): without it the kernel decapsulates nothing, and a
 //! connector that answered would draw edges into a black hole (a crashed
 //! agent, or a node whose pinned datapath is back before its agent). Anything that is not a well-formed request to this node

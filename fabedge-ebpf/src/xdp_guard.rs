@@ -46,11 +46,17 @@ impl Tunnel {
     }
 }
 
-/// Whether `outer_src` is a peer allowed to send on `tunnel`.
+/// Whether `outer_src` is a peer allowed to send on `tunnel`. ESP in UDP
+/// may also come from where a peer's NAT shows it, or from the port
+/// forward it publishes ([`peer_kind::ESP_SENDER`]).
 #[inline(always)]
 pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
+    let allowed = match tunnel {
+        Tunnel::Esp => (1 << peer_kind::TUNNEL) | (1 << peer_kind::ESP_SENDER),
+        _ => 1 << tunnel.sender_kind(),
+    };
     match peers_at(outer_src) {
-        Some(at) => at.kinds & (1 << tunnel.sender_kind()) != 0,
+        Some(at) => at.kinds & allowed != 0,
         None => false,
     }
 }

@@ -352,6 +352,15 @@ pub mod fixtures {
 
     /// Index every in-use peer slot by its underlay address, as apply does.
     pub fn sync_peer_addrs(dp: &mut TestDatapath) -> Result<()> {
+        sync_peer_addrs_and_esp_senders(dp, &std::collections::BTreeMap::new())
+    }
+
+    /// [`sync_peer_addrs`], with the ESP mode's other sender addresses
+    /// (NAT-observed, port forwards) as apply indexes `Plan::esp_senders`.
+    pub fn sync_peer_addrs_and_esp_senders(
+        dp: &mut TestDatapath,
+        esp_senders: &std::collections::BTreeMap<Ipv4Addr, u16>,
+    ) -> Result<()> {
         let mut peers = std::collections::BTreeMap::new();
         for id in 1..64u16 {
             let peer = dp.maps.peer(id)?;
@@ -359,7 +368,7 @@ pub mod fixtures {
                 peers.insert(id, peer);
             }
         }
-        dp.maps.sync_peer_addrs(&peers)?;
+        dp.maps.sync_peer_addrs(&peers, esp_senders)?;
         Ok(())
     }
 }

@@ -180,7 +180,7 @@ pub fn edge(name: &str, mode: u8) -> Result<TestDatapath> {
     Ok(dp)
 }
 
-pub use fixtures::sync_peer_addrs;
+pub use fixtures::{sync_peer_addrs, sync_peer_addrs_and_esp_senders};
 
 pub use fixtures::flannel_to_connector;
 

@@ -387,6 +387,59 @@ fn an_esp_connector_answers_probes_only_while_its_esp_socket_is_held() -> Result
     Ok(())
 }
 
+/// ESP mode, an edge behind NAT: its probes and its ESP in UDP come from
+/// the NAT's public address, not from its tunnel endpoint. Until the agent
+/// indexes that address as the edge's (`Plan::esp_senders`, learnt from its
+/// hellos) both die as a stranger's; then both are let in; when the NAT
+/// moves on and the address is dropped from the index, they die again.
+#[test]
+fn an_esp_connector_answers_probes_and_takes_esp_from_where_an_edges_nat_shows_it() -> Result<()> {
+    const NAT_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+    let request = probe_payload(probe::REQUEST, 9, TOKEN);
+    let reply = probe_payload(probe::REPLY, 9, TOKEN);
+    let connector = Ipv4Addr::from(CONNECTOR_LAN);
+    let probe = probe_frame(NAT_PUBLIC, connector, DEFAULT_PROBE_PORT, &request, true);
+    let expected = expected_reply(NAT_PUBLIC, connector, &reply, true);
+    let esp = Frame::eth(xdp::EDGE1_NIC_MAC, UPLINK_MAC)
+        .ipv4(NAT_PUBLIC, connector)
+        .udp(20016, 4500)
+        .zero_checksum()
+        .payload(&[0, 0, 0x12, 0x34, 0, 0, 0, 1, 0xee, 0xee, 0xee, 0xee])
+        .build();
+    let ns = Netns::new("ha-probe-nat")?;
+    let mut dp = reflector("ha-probe-nat", tunnel_mode::ESP)?;
+    ns.enter(|| {
+        let _esp_socket = UdpSocket::bind("0.0.0.0:4500")?;
+        let stranger = |dp: &TestDatapath, when: &str| -> Result<()> {
+            let (out, delta) = counted(dp, || run_xdp(dp, XDP_UPLINK, &probe, 1))?;
+            assert_eq!(
+                (out.action, delta),
+                (XDP_DROP, only(Counter::DropProbeUnknownSource)),
+                "a probe from the NAT {when}"
+            );
+            let (out, delta) = counted(dp, || run_xdp(dp, XDP_UPLINK, &esp, 1))?;
+            assert_eq!(
+                (out.action, delta),
+                (XDP_DROP, only(Counter::XdpDropUnknownTunnelSource)),
+                "ESP from the NAT {when}"
+            );
+            Ok(())
+        };
+        stranger(&dp, "before its address is the edge's")?;
+        xdp::sync_peer_addrs_and_esp_senders(&mut dp, &BTreeMap::from([(NAT_PUBLIC, EDGE1_PEER)]))?;
+        assert_answered(&dp, &probe, &expected, "a probe from the edge's NAT")?;
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &esp, 1))?;
+        assert_eq!(
+            (out.action, delta),
+            (XDP_PASS, only(Counter::XdpPass)),
+            "ESP from the edge's NAT"
+        );
+        assert_eq!(out.data, esp, "the guard never rewrites");
+        xdp::sync_peer_addrs(&mut dp)?;
+        stranger(&dp, "after the NAT moved on")
+    })
+}
+
 #[test]
 fn probes_from_strangers_die_and_everything_else_passes_untouched() -> Result<()> {
     let request = probe_payload(probe::REQUEST, 1, TOKEN);

@@ -490,7 +490,10 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
                 ..Default::default()
             },
         )?;
-        maps.sync_peer_addrs(&std::collections::BTreeMap::from([(7u16, maps.peer(7)?)]))?;
+        maps.sync_peer_addrs(
+            &std::collections::BTreeMap::from([(7u16, maps.peer(7)?)]),
+            &Default::default(),
+        )?;
         // Hash maps dump only their entries: give each one.
         {
             use fabedge_common::services::*;

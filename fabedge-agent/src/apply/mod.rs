@@ -295,7 +295,7 @@ impl Applier {
                 report.peers_written += 1;
             }
         }
-        maps.sync_peer_addrs(&plan.peers)?;
+        maps.sync_peer_addrs(&plan.peers, &plan.esp_senders)?;
         maps.set_vtep_addrs(&plan.vtep_addrs)?;
         // Groups before the routes that name them (a route naming a group
         // not written yet would drop as `drop_group_down`); groups no
@@ -567,6 +567,25 @@ pub fn teardown(cni_conf_dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Once per change of the XDP interfaces: a native XDP uplink that is a veth
+/// whose peer runs no XDP program loses what XDP sends out of it
+/// ([`net::veth_peer_without_xdp`]).
+fn warn_veth_peers_without_xdp(ifaces: &BTreeSet<String>) {
+    for iface in ifaces {
+        match net::veth_peer_without_xdp(iface) {
+            Ok(Some(peer)) => warn!(
+                "{iface} is a veth whose peer {peer} runs no XDP program: what XDP bounces out of \
+                 {iface} (XDP_TX: the edge-to-edge hairpin, probe replies) waits on {peer}'s ring \
+                 without waking it and is lost when the ring fills (ethtool -S {iface}: \
+                 rx_queue_0_xdp_tx_errors). Attach an XDP program to {peer} (one that passes \
+                 every frame will do), or run with --xdp generic or --xdp off"
+            ),
+            Ok(None) => {}
+            Err(e) => debug!("{iface}: could not tell whether its veth peer runs XDP: {e:#}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -597,24 +616,5 @@ mod tests {
             keep_live_active(&planned, &current),
             BTreeMap::from([(1, group(0, &[3, 9]))])
         );
-    }
-}
-
-/// Once per change of the XDP interfaces: a native XDP uplink that is a veth
-/// whose peer runs no XDP program loses what XDP sends out of it
-/// ([`net::veth_peer_without_xdp`]).
-fn warn_veth_peers_without_xdp(ifaces: &BTreeSet<String>) {
-    for iface in ifaces {
-        match net::veth_peer_without_xdp(iface) {
-            Ok(Some(peer)) => warn!(
-                "{iface} is a veth whose peer {peer} runs no XDP program: what XDP bounces out of \
-                 {iface} (XDP_TX: the edge-to-edge hairpin, probe replies) waits on {peer}'s ring \
-                 without waking it and is lost when the ring fills (ethtool -S {iface}: \
-                 rx_queue_0_xdp_tx_errors). Attach an XDP program to {peer} (one that passes \
-                 every frame will do), or run with --xdp generic or --xdp off"
-            ),
-            Ok(None) => {}
-            Err(e) => debug!("{iface}: could not tell whether its veth peer runs XDP: {e:#}"),
-        }
     }
 }

@@ -26,6 +26,7 @@ use crate::{
 
 pub(super) struct Before {
     peers: BTreeMap<u16, PeerEntry>,
+    esp_senders: BTreeMap<Ipv4Addr, u16>,
     routes: BTreeMap<Ipv4Net, RouteEntry>,
     groups: BTreeMap<u16, GroupEntry>,
     vtep_addrs: BTreeSet<Ipv4Addr>,
@@ -60,6 +61,7 @@ impl Before {
         }
         Ok(Before {
             peers: read_peers(maps)?,
+            esp_senders: maps.esp_senders()?,
             routes: maps.route_entries()?.into_iter().collect(),
             groups: maps.group_entries()?,
             vtep_addrs: maps.vtep_addr_entries()?,
@@ -201,7 +203,7 @@ impl Before {
         for id in peers.keys().filter(|id| !self.peers.contains_key(id)) {
             maps.set_peer(*id, PeerEntry::default())?;
         }
-        maps.sync_peer_addrs(&self.peers)?;
+        maps.sync_peer_addrs(&self.peers, &self.esp_senders)?;
         maps.set_vtep_addrs(&self.vtep_addrs)?;
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Where `fe_xdp_uplink` runs: every NIC tunnel or Flannel traffic arrives
 //! on — the uplink, and whatever device the kernel routes each peer's
-//! underlay address through (a connector's edges are often reached by
-//! another NIC than its Flannel one).
+//! underlay address (or, in ESP mode, the address its NAT shows) through
+//! (a connector's edges are often reached by another NIC than its Flannel
+//! one).
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -18,11 +19,14 @@ pub fn interfaces(plan: &Plan, settings: &Settings) -> Result<BTreeSet<String>> 
         return Ok(out);
     }
     out.extend(settings.uplink.iter().cloned());
+    // ESP mode: edges behind NAT send from their NAT's address, often by
+    // another NIC than their unroutable private ones would be.
     let addrs: BTreeSet<[u8; 4]> = plan
         .peers
         .values()
         .filter(|p| p.kind != 0 && p.underlay_ip != [0; 4])
         .map(|p| p.underlay_ip)
+        .chain(plan.esp_senders.keys().map(|a| a.octets()))
         .collect();
     let devices = net::route_devices(addrs.into_iter().map(Ipv4Addr::from))?;
     out.extend(

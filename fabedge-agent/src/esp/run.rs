@@ -133,6 +133,7 @@ impl EspRuntime {
         settings.esp_public_key = Some(self.key.public().to_base64());
         settings.esp_generation = self.generations.generation;
         settings.esp_key_nonce = self.generations.nonce.map(|n| n.to_base64());
+        settings.esp_observed = self.observed.clone();
     }
 
     /// Bring xfrm in line with `plan`. `Ok(true)`: a new generation began
@@ -339,15 +340,28 @@ impl EspRuntime {
         expired
     }
 
-    /// Timers. `Ok(true)`: a new generation started; re-plan fully.
-    pub fn tick(&mut self) -> Result<bool> {
+    /// Timers. `Ok(true)`: re-plan fully: a new generation started, or a
+    /// peer's ESP now comes from an address not seen before (the guards go
+    /// on the NIC it arrives by, see `apply::xdp::interfaces`).
+    /// `let_in`: when a peer's NAT mapping is new or moved, called with the
+    /// last plan and the addresses ESP in UDP now comes from
+    /// ([`Plan::esp_senders`]), before the SAs follow, so that the datapath
+    /// lets the peer's ESP and probes in from its new address.
+    pub fn tick(
+        &mut self,
+        let_in: impl FnOnce(&Plan, &std::collections::BTreeMap<std::net::Ipv4Addr, u16>) -> Result<()>,
+    ) -> Result<bool> {
         let now = Instant::now();
         if self.learn_from_hellos()
             && let Some((snapshot, plan)) = self.last.take()
         {
-            // A peer's NAT mapping is new or moved: SAs follow it, with new
-            // keys (the generation guard sees a re-created outbound SA).
-            let result = self.apply(&snapshot, &plan);
+            let senders = plan.esp_senders_with(&snapshot, &self.observed);
+            let new_address = senders.keys().any(|a| !plan.esp_senders.contains_key(a));
+            // The SAs follow the new mapping, with new keys where an
+            // outbound SA is re-created (the generation guard).
+            let result = let_in(&plan, &senders)
+                .and_then(|()| self.apply(&snapshot, &plan))
+                .map(|new_generation| new_generation || new_address);
             if self.last.is_none() {
                 self.last = Some((snapshot, plan));
             }

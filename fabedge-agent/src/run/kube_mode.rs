@@ -129,7 +129,7 @@ pub(super) async fn run(
                 reconciler.guard_pod_ports(datapath, maps);
                 // Hold-downs end without a probe event.
                 reconciler.ha.react(maps);
-                if reconciler.esp_tick() {
+                if reconciler.esp_tick(maps) {
                     // A new key generation: re-plan so it is used and published.
                     state.applied = None;
                 } else if state.last_error.is_none() && state.own_annotations.is_none() && !duty.is_leading() {
@@ -140,7 +140,7 @@ pub(super) async fn run(
             // A hello: a peer's NAT mapping may have moved; follow it now.
             readable = async { hellos.as_mut().expect("guarded").readable_mut().await }, if hellos.is_some() => {
                 let Ok(mut guard) = readable else { continue };
-                let new_generation = reconciler.esp_tick();
+                let new_generation = reconciler.esp_tick(maps);
                 guard.clear_ready();
                 if !new_generation {
                     continue;

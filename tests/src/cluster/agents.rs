@@ -6,10 +6,7 @@ use std::{
     net::Ipv4Addr,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::{
-        PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::PoisonError,
     thread,
     time::{Duration, Instant},
 };
@@ -23,12 +20,13 @@ use nix::{
 
 use crate::{
     agent::{agent_bin, agent_ok, agent_output, empty_path_dir, nsenter_bin},
-    netns::{Netns, ping},
+    netns::Netns,
 };
 
 use super::cgroup::node_cgroup;
 use super::container::ContainerAgent;
 use super::fixture::NodeRole;
+use super::gaps::{GapMeter, PingGaps};
 use super::traffic::Endpoint;
 use super::{AGENT_READY_TIMEOUT, AGENT_STOP_TIMEOUT, Cluster, LOG_TAIL_LINES, POLL};
 
@@ -389,14 +387,15 @@ impl Cluster {
     }
 
     /// Restarts the agents of `nodes`, one after the other, while `from`
-    /// pings `to` in short batches (20 ms apart) covering the whole window.
-    /// Returns (sent, answered); a failed restart is an error.
+    /// sends an echo request to `to` every 20 ms, covering the whole window;
+    /// each request's reply is awaited for up to a second (a slow reply is
+    /// not a lost one). A failed restart is an error.
     pub fn restart_agents_under_ping(
         &self,
         nodes: &[&str],
         from: &Endpoint,
         to: Ipv4Addr,
-    ) -> Result<(u32, u32)> {
+    ) -> Result<RestartPings> {
         self.under_ping(nodes, from, to, |node| self.restart_agent(node))
     }
 
@@ -406,7 +405,7 @@ impl Cluster {
         nodes: &[&str],
         from: &Endpoint,
         to: Ipv4Addr,
-    ) -> Result<(u32, u32)> {
+    ) -> Result<RestartPings> {
         self.under_ping(nodes, from, to, |node| self.surge_restart_agent(node))
     }
 
@@ -416,29 +415,17 @@ impl Cluster {
         from: &Endpoint,
         to: Ipv4Addr,
         restart: impl Fn(&str) -> Result<()>,
-    ) -> Result<(u32, u32)> {
-        let restarting = AtomicBool::new(true);
-        let (pinged, restarts) = thread::scope(|scope| {
-            let pinger = scope.spawn(|| -> Result<(u32, u32)> {
-                let (mut sent, mut received) = (0, 0);
-                loop {
-                    let batch = ping(from.netns(), to, 10, Duration::from_millis(20))?;
-                    sent += batch.sent;
-                    received += batch.received;
-                    if !restarting.load(Ordering::Relaxed) {
-                        return Ok((sent, received));
-                    }
-                }
-            });
-            let restarts = nodes.iter().try_for_each(|node| restart(node));
-            restarting.store(false, Ordering::Relaxed);
-            let pinged = pinger
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (pinged, restarts)
-        });
-        restarts?;
-        pinged
+    ) -> Result<RestartPings> {
+        let meter = GapMeter::start_to(from, to, &to.to_string(), RESTART_PING_INTERVAL)?;
+        let mut restarts = Vec::new();
+        for node in nodes {
+            let began = Instant::now();
+            let restarted = restart(node);
+            restarts.push((node.to_string(), began, Instant::now()));
+            restarted?;
+        }
+        let pings = meter.stop()?;
+        Ok(RestartPings { pings, restarts })
     }
 
     /// The last lines of the agents' logs of `nodes`.
@@ -506,6 +493,67 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// How often [`Cluster::restart_agents_under_ping`] sends an echo request.
+const RESTART_PING_INTERVAL: Duration = Duration::from_millis(20);
+
+/// What the pings across agent restarts saw, and when each restart ran.
+pub struct RestartPings {
+    pub pings: PingGaps,
+    /// (node, began, ended).
+    restarts: Vec<(String, Instant, Instant)>,
+}
+
+impl RestartPings {
+    pub fn sent(&self) -> u32 {
+        self.pings.sent() as u32
+    }
+
+    pub fn received(&self) -> u32 {
+        self.pings.received() as u32
+    }
+
+    pub fn lost(&self) -> u32 {
+        self.pings.lost() as u32
+    }
+
+    /// `412 of 412 answered (slowest 31 ms); restarts: edge-1 0.02–6.10 s, …`
+    /// and, if any were lost, when each lost request went out.
+    pub fn summary(&self) -> String {
+        let at = |instant: Instant| {
+            instant
+                .saturating_duration_since(self.pings.started)
+                .as_secs_f64()
+        };
+        let restarts: Vec<String> = self
+            .restarts
+            .iter()
+            .map(|(node, began, ended)| format!("{node} {:.2}–{:.2} s", at(*began), at(*ended)))
+            .collect();
+        let mut out = format!(
+            "{}: {} of {} answered (slowest {} ms); restarts: {}",
+            self.pings.label,
+            self.received(),
+            self.sent(),
+            self.pings.slowest_reply().unwrap_or_default().as_millis(),
+            restarts.join(", ")
+        );
+        let lost = self.pings.lost_sends();
+        if !lost.is_empty() {
+            let times: Vec<String> = lost
+                .iter()
+                .take(20)
+                .map(|t| format!("{:.2}", t.as_secs_f64()))
+                .collect();
+            out.push_str(&format!(
+                "; unanswered requests sent at {} s{}",
+                times.join(", "),
+                if lost.len() > 20 { ", …" } else { "" }
+            ));
+        }
+        out
     }
 }
 

@@ -54,7 +54,17 @@ impl GapMeter {
     /// Starts pinging `to` from `from`; `label` names the direction in
     /// reports (`edge-1 pod → cloud-2 pod`).
     pub fn start(from: &Endpoint, to: &Endpoint, interval: Duration) -> Result<GapMeter> {
-        let label = format!("{} → {}", from.label(), to.label());
+        Self::start_to(from, to.ip(), to.label(), interval)
+    }
+
+    /// [`GapMeter::start`] toward an address that `to_label` names.
+    pub fn start_to(
+        from: &Endpoint,
+        destination: Ipv4Addr,
+        to_label: &str,
+        interval: Duration,
+    ) -> Result<GapMeter> {
+        let label = format!("{} → {to_label}", from.label());
         let socket = from
             .netns()
             .enter(open_icmp_socket)
@@ -63,7 +73,6 @@ impl GapMeter {
         let identifier = (std::process::id() as u16)
             .wrapping_mul(31)
             .wrapping_add(NEXT_IDENTIFIER.fetch_add(1, Ordering::Relaxed));
-        let destination = to.ip();
         let stop = Arc::new(AtomicBool::new(false));
         let sending = Arc::new(AtomicBool::new(true));
         let last_reply = Arc::new(AtomicU64::new(0));
@@ -227,6 +236,25 @@ impl PingGaps {
 
     pub fn lost(&self) -> usize {
         self.sent() - self.received()
+    }
+
+    /// When each unanswered request went out, after the start.
+    pub fn lost_sends(&self) -> Vec<Duration> {
+        self.sends
+            .iter()
+            .zip(&self.replies)
+            .filter(|(_, reply)| reply.is_none())
+            .map(|(sent, _)| sent.saturating_duration_since(self.started))
+            .collect()
+    }
+
+    /// The longest round trip of an answered request.
+    pub fn slowest_reply(&self) -> Option<Duration> {
+        self.sends
+            .iter()
+            .zip(&self.replies)
+            .filter_map(|(sent, reply)| Some(reply.as_ref()?.saturating_duration_since(*sent)))
+            .max()
     }
 
     /// Requests sent in `[from, to)` that got no reply.

@@ -52,6 +52,7 @@ mod topology;
 mod traffic;
 
 use agents::AgentProcess;
+pub use agents::RestartPings;
 use cgroup::node_cgroup;
 pub use container::AgentImage;
 use container::ContainerAgent;

@@ -586,3 +586,54 @@ fn outbound_sas_have_limits_and_inbound_ones_follow_the_sender() {
         }
     }
 }
+
+/// What a connector's datapath lets ESP in UDP and probes in from besides
+/// tunnel endpoints: where edges' NATs show them (learnt from hellos), and
+/// a peer's published port forward; nothing in VXLAN mode.
+#[test]
+fn the_plan_indexes_nat_observed_and_published_esp_senders() {
+    let public: Ipv4Addr = "203.0.113.7".parse().unwrap();
+    let forward: Ipv4Addr = "198.51.100.9".parse().unwrap();
+    let text = set_node_annotations(
+        &cluster_text(&[]),
+        "edge-2",
+        &BTreeMap::from([(
+            ESP_ENDPOINT_ANNOTATION.to_owned(),
+            format!("{forward}:14500"),
+        )]),
+        &[],
+    )
+    .unwrap();
+    let snapshot = manifest::snapshot(&text).unwrap();
+    let mut settings = settings();
+    settings.esp_observed = [
+        ("edge-1".to_owned(), (public, 61001)),
+        ("edge-3".to_owned(), (public, 61002)),
+    ]
+    .into();
+    let plan = plan(&snapshot, "cloud-1", &settings, &PeerIds::new()).unwrap();
+    let id = |name: &str| plan.peer_ids.get(name).unwrap();
+    assert_eq!(
+        plan.esp_senders,
+        BTreeMap::from([
+            (public, id("edge-1").min(id("edge-3"))),
+            (forward, id("edge-2")),
+        ])
+    );
+    assert_eq!(
+        plan.esp_senders_with(&snapshot, &settings.esp_observed),
+        plan.esp_senders
+    );
+    // Every hello seen at its sender's tunnel endpoint (no NAT, and what
+    // is observed wins over what is published): nothing to add.
+    let mut no_nat = settings.clone();
+    no_nat.esp_observed = hellos_from_every_peer(&plan);
+    assert_eq!(plan_fn(&snapshot, &no_nat).esp_senders, BTreeMap::new());
+    let mut vxlan = settings.clone();
+    vxlan.tunnel_mode = crate::plan::TunnelMode::Vxlan;
+    assert!(plan_fn(&snapshot, &vxlan).esp_senders.is_empty());
+}
+
+fn plan_fn(snapshot: &Snapshot, settings: &Settings) -> Plan {
+    plan(snapshot, "cloud-1", settings, &PeerIds::new()).unwrap()
+}
