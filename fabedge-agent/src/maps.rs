@@ -537,29 +537,36 @@ impl Maps {
 /// The underlay addresses of `peers` (in-use slots with an address), each
 /// with the lowest peer id there and every kind sending from it; and the
 /// other addresses ESP in UDP of a peer comes from (`esp_senders`: address
-/// → peer id), marked [`peer_kind::ESP_SENDER`].
+/// → peer id), marked [`peer_kind::ESP_SENDER`]. A sender address that is
+/// also a peer's underlay address only adds its bit: the id stays the
+/// underlay peer's, whatever an edge publishes as its endpoint (the
+/// datapath tells a Flannel VTEP, and another connector, by that id).
 pub fn peer_addrs<'a>(
     peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
     esp_senders: &BTreeMap<Ipv4Addr, u16>,
 ) -> BTreeMap<[u8; 4], PeerAddrEntry> {
     let mut out = BTreeMap::<[u8; 4], PeerAddrEntry>::new();
-    let senders = esp_senders
-        .iter()
-        .map(|(addr, &id)| (addr.octets(), id, peer_kind::ESP_SENDER));
     let underlays = peers
         .into_iter()
-        .filter(|(_, peer)| peer.kind != 0 && peer.kind < 8 && peer.underlay_ip != [0; 4])
-        .map(|(&id, peer)| (peer.underlay_ip, id, peer.kind));
-    for (addr, id, kind) in underlays.chain(senders) {
-        if addr == [0; 4] {
-            continue;
-        }
-        let entry = out.entry(addr).or_insert(PeerAddrEntry {
+        .filter(|(_, peer)| peer.kind != 0 && peer.kind < 8 && peer.underlay_ip != [0; 4]);
+    for (&id, peer) in underlays {
+        let entry = out.entry(peer.underlay_ip).or_insert(PeerAddrEntry {
             peer_id: id,
             ..PeerAddrEntry::default()
         });
         entry.peer_id = entry.peer_id.min(id);
-        entry.kinds |= 1 << kind;
+        entry.kinds |= 1 << peer.kind;
+    }
+    let sender_bit = 1 << peer_kind::ESP_SENDER;
+    for (addr, &id) in esp_senders.iter().filter(|(a, _)| !a.is_unspecified()) {
+        let entry = out.entry(addr.octets()).or_insert(PeerAddrEntry {
+            peer_id: id,
+            ..PeerAddrEntry::default()
+        });
+        if entry.kinds & !sender_bit == 0 {
+            entry.peer_id = entry.peer_id.min(id);
+        }
+        entry.kinds |= sender_bit;
     }
     out
 }
@@ -727,19 +734,28 @@ mod tests {
 
     #[test]
     fn esp_senders_are_indexed_for_esp_only_beside_underlay_addresses() {
+        // Both edges behind one NAT; an edge that publishes a Flannel VTEP's
+        // address as its endpoint adds its bit there, not its id.
         let peers = BTreeMap::from([
             (2, peer(peer_kind::TUNNEL, [192, 168, 18, 11])),
             (3, peer(peer_kind::TUNNEL, [192, 168, 18, 12])),
+            (5, peer(peer_kind::FLANNEL_VTEP, [10, 1, 0, 2])),
         ]);
-        // Both edges behind one NAT; a connector's published port forward
-        // at its own underlay address merges into that entry.
         let senders = BTreeMap::from([
             (std::net::Ipv4Addr::new(198, 18, 0, 250), 3),
-            (std::net::Ipv4Addr::new(192, 168, 18, 12), 3),
+            (std::net::Ipv4Addr::new(10, 1, 0, 2), 2),
             (std::net::Ipv4Addr::UNSPECIFIED, 2),
         ]);
         let index = peer_addrs(&peers, &senders);
-        assert_eq!(index.len(), 3, "{index:?}");
+        assert_eq!(index.len(), 4, "{index:?}");
+        assert_eq!(
+            index[&[10, 1, 0, 2]],
+            PeerAddrEntry {
+                peer_id: 5,
+                kinds: (1 << peer_kind::FLANNEL_VTEP) | (1 << peer_kind::ESP_SENDER),
+                _pad: 0
+            }
+        );
         assert_eq!(
             index[&[198, 18, 0, 250]],
             PeerAddrEntry {
@@ -748,10 +764,7 @@ mod tests {
                 _pad: 0
             }
         );
-        assert_eq!(
-            index[&[192, 168, 18, 12]].kinds,
-            (1 << peer_kind::TUNNEL) | (1 << peer_kind::ESP_SENDER)
-        );
+        assert_eq!(index[&[192, 168, 18, 12]].kinds, 1 << peer_kind::TUNNEL);
         assert_eq!(index[&[192, 168, 18, 11]].kinds, 1 << peer_kind::TUNNEL);
     }
 }
