@@ -100,8 +100,25 @@ fn spawn(mut cmd: Command, log: &Path) -> Result<Child> {
         .with_context(|| format!("starting {:?}", cmd.get_program()))
 }
 
+/// A loopback TCP port nothing listens on, below the kernel's ephemeral
+/// range (32768 and up): a free ephemeral port can become some connection's
+/// source port before the server binds it (seen with parallel tests:
+/// kube-apiserver "bind: address already in use").
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static PICKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    for _ in 0..500 {
+        let pick = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(pick.wrapping_mul(7_919)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback TCP port between 20000 and 32000 after 500 tries")
 }
 
 /// The last `lines` lines of a log file, for error messages.

@@ -250,7 +250,7 @@ pub fn make_the_wire_real(cluster: &Cluster) -> Result<()> {
     // connector's edge-to-edge hairpin, probe replies), get the program;
     // every port keeps GRO for NAPI.
     let switch = cluster.switch()?;
-    let pass = XdpPass::load(&format!("wire-{}", std::process::id()))?;
+    let pass = XdpPass::load("wire")?;
     for port in links(switch)? {
         if port.starts_with("br-") || !(port.ends_with("-wan") || port.ends_with("-lan")) {
             continue;
@@ -573,7 +573,14 @@ impl XdpPass {
             return Err(std::io::Error::last_os_error()).context("loading an XDP_PASS program");
         }
         let fd = fd as libc::c_int;
-        let path = std::path::PathBuf::from(format!("/sys/fs/bpf/fabedge-test-pass-{name}"));
+        // One pin per load: tests of one process wire clusters at once, and
+        // each one's drop removes only its own.
+        static LOADS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/fabedge-test-pass-{name}-{}-{load}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&path);
         let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
         let mut attr = [0u8; 128];
