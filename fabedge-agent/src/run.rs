@@ -347,17 +347,23 @@ impl Reconciler {
         let Some(esp) = &mut self.esp else {
             return false;
         };
+        let mut let_in_failed = false;
         let let_in =
             |plan: &Plan, senders: &std::collections::BTreeMap<std::net::Ipv4Addr, u16>| {
-                maps.sync_peer_addrs(&plan.peers, senders)
+                let written = maps
+                    .sync_peer_addrs(&plan.peers, senders)
                     .map(drop)
-                    .context("letting ESP in from where a peer's NAT now shows it (FE_PEER_ADDRS)")
+                    .context("letting ESP in from where a peer's NAT now shows it (FE_PEER_ADDRS)");
+                let_in_failed = written.is_err();
+                written
             };
         match esp.tick(let_in) {
             Ok(new_generation) => new_generation,
             Err(e) => {
                 self.report(Err(e.context("ESP")));
-                false
+                // The hello is learnt, its SAs not moved: the full pass
+                // (retried as any failed one) writes both.
+                let_in_failed
             }
         }
     }

@@ -36,25 +36,23 @@ impl Tunnel {
         }
     }
 
-    /// The peer kind allowed to send on this tunnel.
+    /// The `PeerAddrEntry::kinds` bits allowed to send on this tunnel. ESP
+    /// in UDP may also come from where a peer's NAT shows it, or from the
+    /// port forward it publishes ([`peer_kind::ESP_SENDER`]).
     #[inline(always)]
-    fn sender_kind(self) -> u8 {
+    fn sender_kinds(self) -> u8 {
         match self {
-            Tunnel::Ours | Tunnel::Esp => peer_kind::TUNNEL,
-            Tunnel::Flannel => peer_kind::FLANNEL_VTEP,
+            Tunnel::Ours => 1 << peer_kind::TUNNEL,
+            Tunnel::Esp => (1 << peer_kind::TUNNEL) | (1 << peer_kind::ESP_SENDER),
+            Tunnel::Flannel => 1 << peer_kind::FLANNEL_VTEP,
         }
     }
 }
 
-/// Whether `outer_src` is a peer allowed to send on `tunnel`. ESP in UDP
-/// may also come from where a peer's NAT shows it, or from the port
-/// forward it publishes ([`peer_kind::ESP_SENDER`]).
+/// Whether `outer_src` is a peer allowed to send on `tunnel`.
 #[inline(always)]
 pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
-    let allowed = match tunnel {
-        Tunnel::Esp => (1 << peer_kind::TUNNEL) | (1 << peer_kind::ESP_SENDER),
-        _ => 1 << tunnel.sender_kind(),
-    };
+    let allowed = tunnel.sender_kinds();
     match peers_at(outer_src) {
         Some(at) => at.kinds & allowed != 0,
         None => false,

@@ -720,21 +720,19 @@ fn timed_pings(
 /// how many were answered first (waits up to 10 s: the file is rewritten
 /// as health changes and at each tick).
 fn probes_through_the_nat_are_answered(cluster: &Cluster) -> Result<()> {
-    let path = cluster.state_dir("edge-1")?.join("ha-status.json");
+    let state_dir = cluster.state_dir("edge-1")?;
+    let path = state_dir.join(fabedge_agent::run::ha::HA_STATUS_FILE);
     let read = || -> Option<(bool, u64)> {
-        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-        let target = status.get("targets")?.get("cloud-1")?;
-        Some((
-            target.get("up")?.as_bool()?,
-            target.get("answered")?.as_u64()?,
-        ))
+        let status = fabedge_agent::run::ha::HaStatus::read(state_dir)?;
+        let target = status.targets.get("cloud-1")?;
+        Some((target.up, target.answered))
     };
     let first = read();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let now = read();
-        if let (Some((true, answered)), Some((_, before))) = (now, first)
-            && answered > before
+        if let Some((true, answered)) = now
+            && answered > first.map_or(0, |(_, before)| before)
         {
             eprintln!("edge-1's probes to cloud-1 through the NAT: up, {answered} answered");
             return Ok(());

@@ -611,7 +611,7 @@ fn the_plan_indexes_nat_observed_and_published_esp_senders() {
         ("edge-3".to_owned(), (public, 61002)),
     ]
     .into();
-    let plan = plan(&snapshot, "cloud-1", &settings, &PeerIds::new()).unwrap();
+    let plan = plan_fn(&snapshot, &settings);
     let id = |name: &str| plan.peer_ids.get(name).unwrap();
     assert_eq!(
         plan.esp_senders,
