@@ -1160,6 +1160,9 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
         Some(&json!(["10.234.1.10:53"])),
         "{before:#?}"
     );
+    let service_writes = |a: &KubeAgent| a.log().matches("services: ServiceReport").count();
+    // Before the edit: its pass is the one that logs the next Service line.
+    let writes = service_writes(&agent);
     let mut dns = server
         .get("v1", "Service", Some("kube-system"), "dns")?
         .context("the dns Service")?;
@@ -1176,13 +1179,14 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
 
     // An endpoint moves to another pod: its slot changes without a full
     // pass (no `applied plan` line; the Service maps' own line instead).
+    // The maps are written before the pass logs them: wait for the edit's
+    // own Service line, then for `applied plan` after it (the pass's end).
     let applies = agent.wait("the Service port edit's full pass logged", |a| {
-        // The Service maps' line comes within the pass, `applied plan` at its end.
         let log = a.log();
-        let done = log.rfind("applied plan for") > log.rfind("services: ServiceReport");
+        let done = service_writes(a) > writes
+            && log.rfind("applied plan for") > log.rfind("services: ServiceReport");
         Ok(done.then_some(a.applies()))
     })?;
-    let service_writes = |a: &KubeAgent| a.log().matches("services: ServiceReport").count();
     let writes = service_writes(&agent);
     let mut slice = server
         .get(
@@ -1199,13 +1203,28 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
         let f = frontends(a)?;
         Ok((f.get("10.96.0.10:5353/UDP") == Some(&json!(["10.234.1.11:53"]))).then_some(()))
     })?;
+    // The log lags the maps. A marker edit that takes a full pass closes it:
+    // once the marker's `applied plan` is logged, the endpoint change's
+    // lines are all there, and the marker's pass is the only new one.
+    let mut dns = server
+        .get("v1", "Service", Some("kube-system"), "dns")?
+        .context("the dns Service")?;
+    dns["spec"]["ports"][0]["port"] = json!(53);
+    strip_server_fields(&mut dns);
+    server.apply(&dns)?;
+    agent.wait("the marker edit's full pass logged", |a| {
+        let log = a.log();
+        let done = service_writes(a) >= writes + 2
+            && log.rfind("applied plan for") > log.rfind("services: ServiceReport");
+        Ok(done.then_some(()))
+    })?;
     assert_eq!(
         agent.applies(),
-        applies,
-        "an endpoint change took a full pass:\n{}",
+        applies + 1,
+        "an endpoint change took a full pass (besides the marker edit's):\n{}",
         agent.log()
     );
-    assert_eq!(service_writes(&agent), writes + 1, "{}", agent.log());
+    assert_eq!(service_writes(&agent), writes + 2, "{}", agent.log());
     assert!(
         !agent.log().contains("ERROR fabedge_agent"),
         "every apply succeeded:\n{}",

@@ -936,9 +936,13 @@ impl Console {
         let mut line = Vec::new();
         let mut buf = [0u8; 4096];
         let stdout = std::io::stdout();
+        // Seconds since the boot started on every line: where a slow suite's
+        // time went, read from CI's log.
+        let started = Instant::now();
         let emit = |line: &[u8], console: &mut Console| {
             let text = String::from_utf8_lossy(line);
-            let _ = writeln!(stdout.lock(), "{prefix}{text}");
+            let seconds = started.elapsed().as_secs();
+            let _ = writeln!(stdout.lock(), "{prefix}{seconds:>4}s {text}");
             console.scan(&text, &marker);
         };
         loop {

@@ -125,6 +125,18 @@ impl Cluster {
             }
         }
         proof_failures.extend(growth.drops());
+        // Retransmissions within the allowance pass, but say so: they are
+        // what a stall or a loss looks like from the ends.
+        for exchange in &exchanges {
+            if let Ok(echo) = &exchange.tcp
+                && echo.retransmitted > 0
+            {
+                evidence.push(format!(
+                    "TCP {} → {}: {} segments retransmitted, {} reported as duplicates",
+                    exchange.from, exchange.to, echo.retransmitted, echo.duplicates_reported
+                ));
+            }
+        }
         Ok(PathOutcome {
             title: path.title.clone(),
             exchanges,

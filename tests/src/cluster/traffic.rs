@@ -14,7 +14,7 @@ use crate::netns::{Netns, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_ec
 
 use super::{
     ECHO_PORT, ECHO_TIMEOUT, MAX_TCP_RETRANSMISSIONS, PING_COUNT, PING_INTERVAL,
-    PMTU_DISCOVERY_RETRANSMISSIONS, TCP_PAYLOAD_LEN, UDP_PAYLOAD_LEN,
+    PMTU_DISCOVERY_RETRANSMISSIONS, POLL, SETTLE_TIMEOUT, TCP_PAYLOAD_LEN, UDP_PAYLOAD_LEN,
 };
 
 // ---------------------------------------------------------------------------
@@ -85,7 +85,6 @@ impl Endpoint {
         let reply = tcp_echo(&self.netns, to.tcp.local_addr(), &payload, ECHO_TIMEOUT)
             .with_context(|| format!("TCP echo {} → {}", self.label, to.label))?;
         let elapsed = started.elapsed();
-        let after = TransportStats::read(&self.netns)?.plus(TransportStats::read(&to.netns)?);
         ensure!(
             reply == payload,
             "TCP echo {} → {}: sent {} bytes, got back {} different ones",
@@ -94,17 +93,32 @@ impl Endpoint {
             payload.len(),
             reply.len()
         );
-        Ok(TcpEcho {
-            elapsed,
-            retransmitted: after
-                .tcp_retransmitted
-                .saturating_sub(before.tcp_retransmitted),
-            duplicates_reported: after
-                .tcp_dsack_received
-                .saturating_sub(before.tcp_dsack_received),
-            loss_probes: after.tcp_loss_probes.saturating_sub(before.tcp_loss_probes),
-            path_mtu_discovered: after.icmp_unreachable_received > before.icmp_unreachable_received,
-        })
+        let stats = || -> Result<TcpEcho> {
+            let after = TransportStats::read(&self.netns)?.plus(TransportStats::read(&to.netns)?);
+            Ok(TcpEcho {
+                elapsed,
+                retransmitted: after
+                    .tcp_retransmitted
+                    .saturating_sub(before.tcp_retransmitted),
+                duplicates_reported: after
+                    .tcp_dsack_received
+                    .saturating_sub(before.tcp_dsack_received),
+                loss_probes: after.tcp_loss_probes.saturating_sub(before.tcp_loss_probes),
+                path_mtu_discovered: after.icmp_unreachable_received
+                    > before.icmp_unreachable_received,
+            })
+        };
+        // The echo is back when the client has the last byte; a D-SACK for
+        // a tail segment the server sent again may still be on its way to
+        // the server. Retransmissions beyond the allowance wait for it.
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let echo = stats()?;
+            if echo.excess_retransmissions().is_none() || Instant::now() >= deadline {
+                return Ok(echo);
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Round trip of one UDP datagram to `to`, reply checked byte for byte.
@@ -154,8 +168,10 @@ impl Endpoint {
 struct TransportStats {
     /// `Tcp: RetransSegs`.
     tcp_retransmitted: u64,
-    /// `TcpExt: TCPDSACKRecv` (`/proc/net/netstat`): D-SACKs received, each
-    /// the receiver saying a segment arrived twice.
+    /// `TcpExt: TCPDSACKRecvSegs` (`/proc/net/netstat`): segments the other
+    /// end reported, by D-SACK, as arrived twice. Not `TCPDSACKRecv`, which
+    /// counts ACKs: one D-SACK block covers every segment a receiver's GRO
+    /// merged, so a stall's burst of early retransmissions is one ACK.
     tcp_dsack_received: u64,
     /// `TcpExt: TCPLossProbes`: tail-loss probes sent.
     tcp_loss_probes: u64,
@@ -200,7 +216,7 @@ impl TransportStats {
         };
         Ok(TransportStats {
             tcp_retransmitted: field("Tcp", "RetransSegs")?,
-            tcp_dsack_received: field("TcpExt", "TCPDSACKRecv")?,
+            tcp_dsack_received: field("TcpExt", "TCPDSACKRecvSegs")?,
             tcp_loss_probes: field("TcpExt", "TCPLossProbes")?,
             icmp_unreachable_received: field("Icmp", "InDestUnreachs")?,
         })
