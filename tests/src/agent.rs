@@ -13,9 +13,26 @@ use anyhow::{Context, Result, bail};
 
 use crate::netns::Netns;
 
-/// The agent binary built next to this test (`cargo build -p fabedge-agent`;
-/// `cargo xtask test` builds it first).
+/// The environment variable that names another agent binary for every test
+/// to run: `cargo xtask test` sets it in its VM boots to the image's static
+/// release build, since under TCG a debug agent spends most of a restart
+/// loading its objects.
+pub const AGENT_BIN_ENV: &str = "FABEDGE_TEST_AGENT";
+
+/// The agent binary the tests run: [`AGENT_BIN_ENV`] when set, else the one
+/// built next to this test (`cargo build -p fabedge-agent`; `cargo xtask
+/// test` builds it first).
 pub fn agent_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!(
+                "{AGENT_BIN_ENV}={} is not a file: build the image's agent with `cargo xtask image`",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
     // The target dir these tests were built into (CARGO_TARGET_DIR, else the workspace's).
     let target = option_env!("CARGO_TARGET_DIR")
         .map(PathBuf::from)

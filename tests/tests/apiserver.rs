@@ -1163,12 +1163,15 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
     let service_writes = |a: &KubeAgent| a.log().matches("services: ServiceReport").count();
     // Before the edit: its pass is the one that logs the next Service line.
     let writes = service_writes(&agent);
-    let mut dns = server
-        .get("v1", "Service", Some("kube-system"), "dns")?
-        .context("the dns Service")?;
-    dns["spec"]["ports"][0]["port"] = json!(5353);
-    strip_server_fields(&mut dns);
-    server.apply(&dns)?;
+    let set_dns_port = |port: u16| -> Result<()> {
+        let mut dns = server
+            .get("v1", "Service", Some("kube-system"), "dns")?
+            .context("the dns Service")?;
+        dns["spec"]["ports"][0]["port"] = json!(port);
+        strip_server_fields(&mut dns);
+        server.apply(&dns)
+    };
+    set_dns_port(5353)?;
     agent.wait("10.96.0.10:5353 in the Service map, :53/UDP gone", |a| {
         let f = frontends(a)?;
         Ok(
@@ -1206,12 +1209,7 @@ fn an_agent_on_a_node_bound_token_follows_node_community_and_service_edits() -> 
     // The log lags the maps. A marker edit that takes a full pass closes it:
     // once the marker's `applied plan` is logged, the endpoint change's
     // lines are all there, and the marker's pass is the only new one.
-    let mut dns = server
-        .get("v1", "Service", Some("kube-system"), "dns")?
-        .context("the dns Service")?;
-    dns["spec"]["ports"][0]["port"] = json!(53);
-    strip_server_fields(&mut dns);
-    server.apply(&dns)?;
+    set_dns_port(53)?;
     agent.wait("the marker edit's full pass logged", |a| {
         let log = a.log();
         let done = service_writes(a) >= writes + 2

@@ -820,7 +820,9 @@ fn seed_matrix_passes(cluster: &Cluster, how: &str) -> Result<()> {
     let before = link_drops(cluster)?;
     for path in xdp_seed_matrix() {
         let outcome = cluster.check_path(&path)?;
-        if !outcome.passed() {
+        if outcome.passed() {
+            eprintln!("{how} ok: {} ({})", path.name, outcome.evidence.join("; "));
+        } else {
             failures.push(format!(
                 "{}\n  {}\n  evidence: {}",
                 outcome.title,

@@ -87,6 +87,15 @@ pub fn build(workspace: &Path, out: &Path) -> Result<String> {
     Ok(reference)
 }
 
+/// Where [`build`] leaves the static release agent it put in the image (a
+/// cache shared by every clone: current only right after `build`).
+pub fn static_agent_path() -> Result<PathBuf> {
+    Ok(crate::kube::cache_root()?
+        .join("image-target")
+        .join(TARGET)
+        .join("release/fabedge-agent"))
+}
+
 /// `cargo build --release --target x86_64-unknown-linux-musl -p fabedge-agent`, stripped.
 fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
     // A release build for another target is slow to start from nothing: it
@@ -118,7 +127,7 @@ fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
              `cargo xtask setup` installs the target and musl-gcc"
         );
     }
-    Ok(cache.join(TARGET).join("release/fabedge-agent"))
+    static_agent_path()
 }
 
 /// An ELF with a program interpreter needs a loader and libc the image lacks.

@@ -73,6 +73,10 @@ enum Cmd {
         /// not preloaded, and refused when the kernel asks for them.
         #[arg(long, value_delimiter = ',')]
         without_modules: Vec<String>,
+        /// KEY=VALUE set for the program (repeatable), e.g.
+        /// FABEDGE_TEST_AGENT=<the static agent> as `cargo xtask test` sets it.
+        #[arg(long = "env")]
+        env: Vec<String>,
         program: PathBuf,
         args: Vec<String>,
     },
@@ -174,15 +178,24 @@ fn main() -> Result<()> {
         Cmd::Vm {
             kernel,
             without_modules,
+            env,
             program,
             args,
         } => {
             let without_modules: Vec<&str> = without_modules.iter().map(String::as_str).collect();
+            let env = env
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--env {pair}: expected KEY=VALUE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let run = vm::VmRun {
                 kernel,
                 program: &program,
                 args: &args,
-                env: &[],
+                env: &env,
                 timeout: std::time::Duration::from_secs(600),
                 without_modules: &without_modules,
             };

@@ -13,6 +13,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::{recap::Failures, vm};
 
+/// `fabedge_tests::agent::AGENT_BIN_ENV`: the agent binary the tests run.
+const AGENT_BIN_ENV: &str = "FABEDGE_TEST_AGENT";
+
 /// Tests that must also pass on the stock Debian kernels (6.1: netlink tc,
 /// no TCX; 6.12: TCX). Each entry is one VM boot per kernel running its tests
 /// in order; the time limit is per boot (TCG emulates AES-GCM in software, so
@@ -152,6 +155,9 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
     }
     // tests/tests/image.rs runs the image; cached when the agent is unchanged.
     crate::image::build(workspace, &crate::image::default_out(workspace))?;
+    // The VM boots run the image's agent: a release build, and static, so
+    // any guest runs it. Under TCG a debug agent took ~30 s per restart.
+    let vm_agent = crate::image::static_agent_path()?;
 
     let mut host = cargo(workspace);
     host.args(["test", "--no-fail-fast"]);
@@ -193,6 +199,7 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
                 entry,
                 tests,
                 path: test_binary(workspace, entry.binary)?,
+                agent: vm_agent.clone(),
             };
             for &kernel in entry.kernels {
                 suites.push(job.run(kernel));
@@ -227,6 +234,8 @@ struct VmJob {
     entry: &'static VmTests,
     tests: Vec<&'static str>,
     path: PathBuf,
+    /// The agent binary the tests run ([`AGENT_BIN_ENV`]).
+    agent: PathBuf,
 }
 
 impl VmJob {
@@ -246,7 +255,10 @@ impl VmJob {
             ]
             .map(String::from),
         );
-        let env = vec![("RUST_BACKTRACE".to_string(), "1".to_string())];
+        let env = vec![
+            ("RUST_BACKTRACE".to_string(), "1".to_string()),
+            (AGENT_BIN_ENV.to_string(), self.agent.display().to_string()),
+        ];
         let run = vm::VmRun {
             kernel,
             program: &self.path,

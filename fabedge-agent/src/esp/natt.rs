@@ -44,24 +44,7 @@ pub struct EncapSocket {
 impl EncapSocket {
     pub fn bind() -> Result<Self, NattError> {
         let port = ESP_IN_UDP_PORT;
-        let socket = bind_shared(port).map_err(|source| NattError::Bind { port, source })?;
-        let value: i32 = UDP_ENCAP_ESPINUDP;
-        // SAFETY: setsockopt with a pointer to a live i32 and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                SOL_UDP,
-                UDP_ENCAP,
-                (&value as *const i32).cast(),
-                std::mem::size_of::<i32>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(NattError::Encap {
-                port,
-                source: io::Error::last_os_error(),
-            });
-        }
+        let socket = bind_shared(port)?;
         socket
             .set_nonblocking(true)
             .map_err(|source| NattError::Encap { port, source })?;
@@ -114,23 +97,50 @@ impl EncapSocket {
     }
 }
 
-/// A UDP socket on `0.0.0.0:port` that a second agent may bind too
-/// (`SO_REUSEPORT`; the kernel lets only sockets of the same user share).
-fn bind_shared(port: u16) -> io::Result<UdpSocket> {
+/// A UDP socket on `0.0.0.0:port` that decapsulates ESP and that a second
+/// agent may bind too (`SO_REUSEPORT`; the kernel lets only sockets of the
+/// same user share). `UDP_ENCAP_ESPINUDP` is set before the bind: once
+/// bound, the socket shares the port with the running agent's (a restart),
+/// and the kernel may hand it ESP at once; a socket without it would read
+/// that packet as a hello and drop it.
+fn bind_shared(port: u16) -> Result<UdpSocket, NattError> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let bind_error = |source: nix::Error| NattError::Bind {
+        port,
+        source: source.into(),
     };
     let fd = socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
-    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    )
+    .map_err(bind_error)?;
+    setsockopt(&fd, sockopt::ReusePort, &true).map_err(bind_error)?;
+    let value: i32 = UDP_ENCAP_ESPINUDP;
+    // SAFETY: setsockopt with a pointer to a live i32 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_UDP,
+            UDP_ENCAP,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(NattError::Encap {
+            port,
+            source: io::Error::last_os_error(),
+        });
+    }
     bind(
         fd.as_raw_fd(),
         &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
-    )?;
+    )
+    .map_err(bind_error)?;
     Ok(UdpSocket::from(fd))
 }
 

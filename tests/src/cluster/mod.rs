@@ -133,11 +133,14 @@ const TCP_PAYLOAD_LEN: usize = 64 * 1024;
 /// Fits the pods' 1450-byte MTU unfragmented.
 const UDP_PAYLOAD_LEN: usize = 1200;
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least retransmission timeout of the endpoints' TCP: longer than a
+/// stall of the test machine, short enough that a lost tail segment is
+/// retransmitted within [`ECHO_TIMEOUT`].
+const TCP_RTO_MIN: Duration = Duration::from_secs(3);
 /// Nothing on the test network loses packets, so a TCP echo needs no
-/// retransmission; one spurious tail-loss probe is tolerated (a descheduled
-/// receiver on a busy 2-core machine can delay an ACK past the probe timer),
-/// and so is every retransmission the receiver reports as a duplicate
-/// (D-SACK): that segment was not lost. A path that drops or mangles
+/// retransmission; one is tolerated (a SYN's 1 s timer is not
+/// [`TCP_RTO_MIN`]'s), and so is every retransmission the receiver reports
+/// as a duplicate (D-SACK): that segment was not lost. A path that drops or mangles
 /// segments needs dozens, none of them reported twice.
 const MAX_TCP_RETRANSMISSIONS: u64 = 1;
 /// Path-MTU discovery legitimately costs up to an initial congestion window

@@ -14,7 +14,8 @@ use crate::netns::{Netns, PingResult, TcpEchoServer, UdpEchoServer, ping, tcp_ec
 
 use super::{
     ECHO_PORT, ECHO_TIMEOUT, MAX_TCP_RETRANSMISSIONS, PING_COUNT, PING_INTERVAL,
-    PMTU_DISCOVERY_RETRANSMISSIONS, POLL, SETTLE_TIMEOUT, TCP_PAYLOAD_LEN, UDP_PAYLOAD_LEN,
+    PMTU_DISCOVERY_RETRANSMISSIONS, POLL, SETTLE_TIMEOUT, TCP_PAYLOAD_LEN, TCP_RTO_MIN,
+    UDP_PAYLOAD_LEN,
 };
 
 // ---------------------------------------------------------------------------
@@ -38,6 +39,7 @@ impl Endpoint {
     /// the client talks to (an unbound UDP reply on a cloud node would take
     /// `flannel.1`'s address as its source, and the client would ignore it).
     pub(super) fn start(label: String, netns: Arc<Netns>, ip: Ipv4Addr) -> Result<Self> {
+        quiet_tcp_timers(&netns).with_context(|| format!("{label}: TCP timers"))?;
         let address = SocketAddrV4::new(ip, ECHO_PORT);
         let tcp = TcpEchoServer::start(&netns, address)
             .with_context(|| format!("{label}: TCP echo server"))?;
@@ -159,6 +161,21 @@ impl Endpoint {
             udp: self.udp_echo(to),
         }
     }
+}
+
+/// A stalled test machine (a descheduled TCG guest stops for up to a
+/// second) must not make a TCP echo look lossy: no tail-loss probes, and no
+/// retransmission timeout under [`TCP_RTO_MIN`] where the kernel lets a
+/// namespace set it (6.11 on; 6.1 keeps 200 ms, and D-SACKs explain its
+/// early retransmissions). A lost segment is still retransmitted, by fast
+/// retransmit or the timeout, and counted.
+fn quiet_tcp_timers(netns: &Netns) -> Result<()> {
+    netns.set_sysctl("net.ipv4.tcp_early_retrans", "0")?;
+    if netns.sysctl("net.ipv4.tcp_rto_min_us").is_ok() {
+        let micros = TCP_RTO_MIN.as_micros().to_string();
+        netns.set_sysctl("net.ipv4.tcp_rto_min_us", &micros)?;
+    }
+    Ok(())
 }
 
 /// The part of a namespace's `/proc/net/snmp` that explains a TCP echo. Only
