@@ -50,8 +50,17 @@ fn target_dir(workspace: &Path) -> PathBuf {
         .unwrap_or_else(|| workspace.join("target"))
 }
 
-/// Builds the static agent and the archive at `out`; returns the image reference.
-pub fn build(workspace: &Path, out: &Path) -> Result<String> {
+/// What [`build`] made.
+pub struct Built {
+    /// The image reference the archive carries.
+    pub reference: String,
+    /// The static release agent put in the image (in a cache outside the
+    /// work tree; the VM boots run it too).
+    pub agent: PathBuf,
+}
+
+/// Builds the static agent and the archive at `out`.
+pub fn build(workspace: &Path, out: &Path) -> Result<Built> {
     build::build_ebpf(workspace)?;
     let binary = build_static_agent(workspace)?;
     let reference = image_reference(workspace)?;
@@ -70,7 +79,10 @@ pub fn build(workspace: &Path, out: &Path) -> Result<String> {
             "image: {reference} is up to date in {} (binary unchanged)",
             out.display()
         );
-        return Ok(reference);
+        return Ok(Built {
+            reference,
+            agent: binary,
+        });
     }
     eprintln!(
         "image: assembling {reference} ({} MiB static agent) into {}",
@@ -84,16 +96,10 @@ pub fn build(workspace: &Path, out: &Path) -> Result<String> {
     fs::write(out, archive).with_context(|| format!("writing {}", out.display()))?;
     fs::write(&stamp, format!("{inputs}\n"))
         .with_context(|| format!("writing {}", stamp.display()))?;
-    Ok(reference)
-}
-
-/// Where [`build`] leaves the static release agent it put in the image (a
-/// cache shared by every clone: current only right after `build`).
-pub fn static_agent_path() -> Result<PathBuf> {
-    Ok(crate::kube::cache_root()?
-        .join("image-target")
-        .join(TARGET)
-        .join("release/fabedge-agent"))
+    Ok(Built {
+        reference,
+        agent: binary,
+    })
 }
 
 /// `cargo build --release --target x86_64-unknown-linux-musl -p fabedge-agent`, stripped.
@@ -127,7 +133,7 @@ fn build_static_agent(workspace: &Path) -> Result<PathBuf> {
              `cargo xtask setup` installs the target and musl-gcc"
         );
     }
-    static_agent_path()
+    Ok(cache.join(TARGET).join("release/fabedge-agent"))
 }
 
 /// An ELF with a program interpreter needs a loader and libc the image lacks.

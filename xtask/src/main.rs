@@ -169,8 +169,8 @@ fn main() -> Result<()> {
         }
         Cmd::Image { out } => {
             let out = out.unwrap_or_else(|| image::default_out(&ws));
-            let reference = image::build(&ws, &out)?;
-            println!("{reference} {}", out.display());
+            let built = image::build(&ws, &out)?;
+            println!("{} {}", built.reference, out.display());
             Ok(())
         }
         Cmd::GenCrd => crd::write(&ws),

@@ -155,10 +155,9 @@ pub fn run(workspace: &Path, options: &Options) -> Result<()> {
         bail!("cargo build failed");
     }
     // tests/tests/image.rs runs the image; cached when the agent is unchanged.
-    crate::image::build(workspace, &crate::image::default_out(workspace))?;
     // The VM boots run the image's agent: a release build, and static, so
     // any guest runs it. Under TCG a debug agent took ~30 s per restart.
-    let vm_agent = crate::image::static_agent_path()?;
+    let vm_agent = crate::image::build(workspace, &crate::image::default_out(workspace))?.agent;
 
     let mut host = cargo(workspace);
     host.args(["test", "--no-fail-fast"]);
