@@ -32,6 +32,7 @@ use fabedge_common::LAYOUT_VERSION;
 use log::{debug, info, warn};
 
 pub mod xdp;
+pub mod xdp_epoch;
 pub use xdp::XdpMode;
 
 /// The kernel object built by `cargo xtask build-ebpf`.

@@ -16,7 +16,7 @@ use fabedge_common::{
 };
 use ipnet::Ipv4Net;
 
-use crate::datapath::{PinLayout, open_pinned};
+use crate::datapath::{PinLayout, open_pinned, xdp_epoch::XdpEpoch};
 
 /// How many entries the sized maps hold: the agent's `--max-routes`,
 /// `--max-services`, `--max-backends` and `--ct-entries`. Applied when the
@@ -233,6 +233,10 @@ pub struct Maps {
     pub local_pods: HashMap<MapData, RouteAddr, LocalPodEntry>,
     /// The pods' host-side veths XDP may redirect into, by ifindex.
     pub pod_devs: DevMapHash<MapData>,
+    /// The XDP verdict cache's epoch, renewed by every setter here that
+    /// writes a map the cached verdicts read (`None`: a datapath older
+    /// than the cache).
+    pub xdp_epoch: Option<XdpEpoch>,
 }
 
 impl Maps {
@@ -283,7 +287,26 @@ impl Maps {
             pod_devs: typed(map_names::POD_DEVS)?
                 .try_into()
                 .context(map_names::POD_DEVS)?,
+            xdp_epoch: XdpEpoch::open(layout)?,
         })
+    }
+
+    /// After a write to a map cached XDP verdicts depend on (whether it
+    /// worked or not): those verdicts are void.
+    fn invalidate_xdp<T>(&mut self, written: Result<T>) -> Result<T> {
+        if let Some(epoch) = &mut self.xdp_epoch {
+            epoch.renew()?;
+        }
+        written
+    }
+
+    /// [`Maps::invalidate_xdp`] for a sync that reports how many entries
+    /// it changed: nothing to void when it changed none.
+    fn invalidate_xdp_if_changed(&mut self, written: Result<usize>) -> Result<usize> {
+        match written {
+            Ok(0) => Ok(0),
+            other => self.invalidate_xdp(other),
+        }
     }
 
     pub fn route_entries(&self) -> Result<Vec<(Ipv4Net, RouteEntry)>> {
@@ -297,15 +320,19 @@ impl Maps {
     }
 
     pub fn set_route(&mut self, net: Ipv4Net, entry: RouteEntry) -> Result<()> {
-        self.routes
+        let written = self
+            .routes
             .insert(&net_to_key(net), entry, 0)
-            .with_context(|| format!("writing route {net} to FE_ROUTES (is the map full?)"))
+            .with_context(|| format!("writing route {net} to FE_ROUTES (is the map full?)"));
+        self.invalidate_xdp(written)
     }
 
     pub fn remove_route(&mut self, net: Ipv4Net) -> Result<()> {
-        self.routes
+        let written = self
+            .routes
             .remove(&net_to_key(net))
-            .with_context(|| format!("removing route {net} from FE_ROUTES"))
+            .with_context(|| format!("removing route {net} from FE_ROUTES"));
+        self.invalidate_xdp(written)
     }
 
     pub fn config(&self) -> Result<DatapathConfig> {
@@ -313,7 +340,8 @@ impl Maps {
     }
 
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
-        self.config.set(0, config, 0).context("writing FE_CONFIG")
+        let written = self.config.set(0, config, 0).context("writing FE_CONFIG");
+        self.invalidate_xdp(written)
     }
 
     pub fn peer(&self, id: u16) -> Result<PeerEntry> {
@@ -323,15 +351,26 @@ impl Maps {
     }
 
     pub fn set_peer(&mut self, id: u16, peer: PeerEntry) -> Result<()> {
-        self.peers
+        let written = self
+            .peers
             .set(id as u32, peer, 0)
-            .with_context(|| format!("writing FE_PEERS[{id}]"))
+            .with_context(|| format!("writing FE_PEERS[{id}]"));
+        self.invalidate_xdp(written)
     }
 
     /// Make `FE_PEER_ADDRS` the address index of `peers` (what `FE_PEERS`
     /// holds) and of `esp_senders` (see [`peer_addrs`]): entries added or
     /// changed first, stale ones removed after.
     pub fn sync_peer_addrs<'a>(
+        &mut self,
+        peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
+        esp_senders: &BTreeMap<Ipv4Addr, u16>,
+    ) -> Result<usize> {
+        let written = self.write_peer_addrs(peers, esp_senders);
+        self.invalidate_xdp_if_changed(written)
+    }
+
+    fn write_peer_addrs<'a>(
         &mut self,
         peers: impl IntoIterator<Item = (&'a u16, &'a PeerEntry)>,
         esp_senders: &BTreeMap<Ipv4Addr, u16>,
@@ -399,6 +438,11 @@ impl Maps {
     /// every other id cleared (its routes then drop as `drop_group_down`).
     /// Returns the entries changed.
     pub fn set_groups(&mut self, groups: &BTreeMap<u16, GroupEntry>) -> Result<usize> {
+        let written = self.write_groups(groups);
+        self.invalidate_xdp_if_changed(written)
+    }
+
+    fn write_groups(&mut self, groups: &BTreeMap<u16, GroupEntry>) -> Result<usize> {
         if let Some(id) = groups
             .keys()
             .find(|&&id| id == 0 || u32::from(id) >= MAX_GROUPS)
@@ -443,9 +487,11 @@ impl Maps {
             return Ok(());
         }
         entry.active = active;
-        self.groups
+        let written = self
+            .groups
             .set(u32::from(group), entry, 0)
-            .with_context(|| format!("writing FE_GROUPS[{group}]"))
+            .with_context(|| format!("writing FE_GROUPS[{group}]"));
+        self.invalidate_xdp(written)
     }
 
     /// A second handle on `FE_GROUPS` (the same kernel map), for the
@@ -477,6 +523,11 @@ impl Maps {
     /// Make `FE_VTEP_ADDRS` hold exactly `addrs`: new ones first, stale
     /// ones removed after. Returns the entries changed.
     pub fn set_vtep_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
+        let written = self.write_vtep_addrs(addrs);
+        self.invalidate_xdp_if_changed(written)
+    }
+
+    fn write_vtep_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
         if addrs.len() > MAX_VTEP_ADDRS as usize {
             anyhow::bail!(
                 "{} shared VTEP addresses but FE_VTEP_ADDRS holds {MAX_VTEP_ADDRS}",

@@ -150,6 +150,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     )?;
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
+    // Before any XDP program is attached: cached XDP verdicts follow the
+    // kernel's routes and neighbours from the first frame on.
+    let _xdp_epoch_watch = match &maps.xdp_epoch {
+        Some(epoch) => Some(crate::datapath::xdp_epoch::watch_kernel(
+            epoch.try_clone()?,
+        )?),
+        None => None,
+    };
     info!(
         "fabedge-agent running for node {} ({:?} attach)",
         options.node,

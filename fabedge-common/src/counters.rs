@@ -102,6 +102,11 @@ counters! {
     /// kernel without `BPF_FIB_LOOKUP_SRC`, a GSO kind the kernel will not
     /// grow): the packet went into `fe-tunnel` unchanged.
     TunnelEncapDeclined = 26, "tunnel_encap_declined", false;
+    /// XDP on the uplinks: a tunnel frame whose verdict (a masquerade, or a
+    /// pass after the guard) came from the verdict cache, its flow's routes,
+    /// guard and next hop not looked up again. Counted on top of the
+    /// verdict's own counter.
+    XdpCached = 27, "xdp_cached", false;
 
     /// No route for the destination.
     DropNoRoute = 32, "drop_no_route", true;

@@ -37,6 +37,10 @@ pub mod map_names {
     pub const VTEP_ADDRS: &str = "FE_VTEP_ADDRS";
     pub const LOCAL_PODS: &str = "FE_LOCAL_PODS";
     pub const POD_DEVS: &str = "FE_POD_DEVS";
+    /// The XDP verdict cache's generation (one `u64`): the agent writes a
+    /// fresh random value whenever what the cached verdicts depend on
+    /// changes.
+    pub const XDP_GEN: &str = "FE_XDP_GEN";
 }
 
 /// Capacity of the route LPM trie (prefixes).

@@ -35,6 +35,7 @@ mod sock;
 mod stats;
 mod trust;
 mod verdict;
+mod xdp_cache;
 mod xdp_guard;
 mod xdp_masq;
 mod xdp_parse;

@@ -92,7 +92,7 @@ fn flannel_guard(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<
     if Tunnel::at_port(cfg, dest) != Some(Tunnel::Flannel) {
         return Ok(());
     }
-    if !known_sender(Tunnel::Flannel, ip.saddr) {
+    if known_sender(Tunnel::Flannel, ip.saddr).is_none() {
         return Err(Counter::DropSpoofed);
     }
     let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {

@@ -4,7 +4,8 @@
 //! would drop later at a higher price (our VXLAN).
 
 use fabedge_common::{
-    Counter, DatapathConfig, ESP_IN_UDP_PORT, peer_flags, peer_kind, role, route_kind, tunnel_mode,
+    Counter, DatapathConfig, ESP_IN_UDP_PORT, PeerAddrEntry, peer_flags, peer_kind, role,
+    route_kind, tunnel_mode,
 };
 
 use crate::maps::{peer, peers_at, route, sender_at};
@@ -49,13 +50,13 @@ impl Tunnel {
     }
 }
 
-/// Whether `outer_src` is a peer allowed to send on `tunnel`.
+/// The peers at `outer_src`, if one of them may send on `tunnel`.
 #[inline(always)]
-pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> bool {
+pub fn known_sender(tunnel: Tunnel, outer_src: [u8; 4]) -> Option<&'static PeerAddrEntry> {
     let allowed = tunnel.sender_kinds();
     match peers_at(outer_src) {
-        Some(at) => at.kinds & allowed != 0,
-        None => false,
+        Some(at) if at.kinds & allowed != 0 => Some(at),
+        _ => None,
     }
 }
 

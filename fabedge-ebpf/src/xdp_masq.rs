@@ -9,9 +9,7 @@
 //! the caller passes the frame unchanged to the TC programs and the kernel.
 
 use aya_ebpf::{bindings::xdp_action::XDP_TX, helpers::bpf_redirect, programs::XdpContext};
-use fabedge_common::{
-    Counter, DatapathConfig, PeerEntry, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind,
-};
+use fabedge_common::{Counter, DatapathConfig, TUNNEL_DEV_MAC, TUNNEL_SRC_MAC, peer_kind};
 
 use crate::{
     csum,
@@ -19,7 +17,9 @@ use crate::{
     fib::{Miss, NextHop},
     maps::peer,
     parse::{ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr},
-    stats::{count, peer_rx, peer_tx, vtep_rx},
+    stats::{count, peer_rx, peer_tx},
+    xdp_cache::{action, remember},
+    xdp_guard::Tunnel,
     xdp_parse::{VXLAN_FRAME_LEN, VxlanFrame, frame_len, is_fragment, ptr_at},
 };
 
@@ -32,13 +32,42 @@ const OUTER_TTL: u8 = 64;
 const SPORT_MIN: u32 = 32768;
 const SPORT_SPAN: u32 = 61000 - 32768;
 
+/// The headers a masquerade writes over a frame's encapsulation, and where
+/// the frame goes: computed once per flow on the full path, then kept in
+/// the verdict cache (`xdp_cache`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub inner_dst_mac: [u8; 6],
+    pub inner_src_mac: [u8; 6],
+    pub vni: u32,
+    /// Egress device: the ingress one means `XDP_TX`.
+    pub ifindex: u32,
+    pub dport: u16,
+    /// The target's MTU for the inner packet.
+    pub mtu: u16,
+    /// Peer statistics: received from (0: none counted), sent to.
+    pub rx_peer: u16,
+    pub tx_peer: u16,
+}
+const _: () = assert!(core::mem::size_of::<Rewrite>() == 48);
+
 /// Flannel VXLAN from a cloud VTEP for an edge (`edge_id`): into our tunnel.
+/// `vtep_id`: the sending VTEP's peer id, 0 when the address is no VTEP's.
+/// `epoch`: the cache generation read before the verdict's first lookup;
+/// `None` when the verdict may not be cached.
 #[inline(always)]
 pub fn flannel_to_tunnel(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     frame: &mut VxlanFrame,
     edge_id: u16,
+    vtep_id: u16,
+    epoch: Option<u64>,
 ) -> Option<u32> {
     let edge = match peer(edge_id) {
         Some(p) if p.kind == peer_kind::TUNNEL => p,
@@ -48,23 +77,28 @@ pub fn flannel_to_tunnel(
     // Source chosen by the kernel's routing toward the edge: the address
     // the edge knows us by, as `fe-tunnel` (no fixed local) would send from.
     let hop = next_hop(ctx, frame, edge.underlay_ip, None)?;
-    let inner_len = inner_frame_len(frame);
-    let vtep = frame.ip.saddr;
-    rewrite(
+    let r = Rewrite {
+        eth_dst: hop.dst_mac,
+        eth_src: hop.src_mac,
+        src_ip: hop.src_ip,
+        dst_ip: edge.underlay_ip,
+        inner_dst_mac: TUNNEL_DEV_MAC,
+        inner_src_mac: TUNNEL_SRC_MAC,
+        vni: cfg.tunnel_vni,
+        ifindex: hop.ifindex,
+        dport: edge.port,
+        mtu: cfg.tunnel_mtu,
+        rx_peer: vtep_id,
+        tx_peer: edge_id,
+    };
+    finish(
+        ctx,
         frame,
-        &hop,
-        hop.src_ip,
-        edge,
-        edge.port,
-        cfg.tunnel_vni,
-        TUNNEL_DEV_MAC,
-        TUNNEL_SRC_MAC,
-        flow_hash(ctx, &frame.inner_ip),
-    );
-    count(Counter::XdpFlannelToTunnel);
-    vtep_rx(vtep, inner_len);
-    peer_tx(edge_id, inner_len);
-    Some(send(ctx, &hop))
+        Tunnel::Flannel,
+        epoch,
+        action::FLANNEL_TO_TUNNEL,
+        &r,
+    )
 }
 
 /// Our VXLAN from edge `sender_id` for a cloud pod behind VTEP `vtep_id`:
@@ -76,6 +110,7 @@ pub fn tunnel_to_flannel(
     frame: &mut VxlanFrame,
     sender_id: u16,
     vtep_id: u16,
+    epoch: Option<u64>,
 ) -> Option<u32> {
     let vtep = match peer(vtep_id) {
         Some(p) if p.kind == peer_kind::FLANNEL_VTEP => p,
@@ -83,22 +118,63 @@ pub fn tunnel_to_flannel(
     };
     fits(ctx, frame, cfg.flannel_mtu)?;
     let hop = next_hop(ctx, frame, vtep.underlay_ip, Some(cfg.underlay_ip))?;
-    let inner_len = inner_frame_len(frame);
-    rewrite(
+    let r = Rewrite {
+        eth_dst: hop.dst_mac,
+        eth_src: hop.src_mac,
+        src_ip: cfg.underlay_ip,
+        dst_ip: vtep.underlay_ip,
+        inner_dst_mac: vtep.vtep_mac,
+        inner_src_mac: cfg.flannel_mac,
+        vni: cfg.flannel_vni,
+        ifindex: hop.ifindex,
+        dport: cfg.flannel_port,
+        mtu: cfg.flannel_mtu,
+        rx_peer: sender_id,
+        tx_peer: vtep_id,
+    };
+    finish(
+        ctx,
         frame,
-        &hop,
-        cfg.underlay_ip,
-        vtep,
-        cfg.flannel_port,
-        cfg.flannel_vni,
-        vtep.vtep_mac,
-        cfg.flannel_mac,
-        flow_hash(ctx, &frame.inner_ip),
-    );
-    count(Counter::XdpTunnelToFlannel);
-    peer_rx(sender_id, inner_len);
-    peer_tx(vtep_id, inner_len);
-    Some(send(ctx, &hop))
+        Tunnel::Ours,
+        epoch,
+        action::TUNNEL_TO_FLANNEL,
+        &r,
+    )
+}
+
+/// Remember the verdict (before the frame's addresses change), rewrite,
+/// count, send.
+#[inline(always)]
+fn finish(
+    ctx: &XdpContext,
+    frame: &mut VxlanFrame,
+    tunnel: Tunnel,
+    epoch: Option<u64>,
+    what: u8,
+    r: &Rewrite,
+) -> Option<u32> {
+    if let Some(epoch) = epoch {
+        remember(ctx, frame, tunnel, epoch, what, r);
+    }
+    Some(apply(ctx, frame, what, r))
+}
+
+/// Rewrite the frame as `r` says, count it (`what`: one of the masquerade
+/// [`action`]s), send it: the full path's end and a cache hit's.
+#[inline(always)]
+pub fn apply(ctx: &XdpContext, frame: &mut VxlanFrame, what: u8, r: &Rewrite) -> u32 {
+    let inner_len = inner_frame_len(frame);
+    rewrite(frame, r, flow_hash(ctx, &frame.inner_ip));
+    count(if what == action::FLANNEL_TO_TUNNEL {
+        Counter::XdpFlannelToTunnel
+    } else {
+        Counter::XdpTunnelToFlannel
+    });
+    if r.rx_peer != 0 {
+        peer_rx(r.rx_peer, inner_len);
+    }
+    peer_tx(r.tx_peer, inner_len);
+    send(ctx, r.ifindex)
 }
 
 /// Whether the frame is one we may finish here: a whole, option-free,
@@ -111,7 +187,7 @@ pub fn tunnel_to_flannel(
 /// rewrite carries it over incrementally, so a wrong one stays wrong and
 /// the receiving kernel drops the frame as ours would have.
 #[inline(always)]
-fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
+pub fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
     let outer = &frame.ip;
     let inner = &frame.inner_ip;
     if is_fragment(outer) || is_fragment(inner) {
@@ -142,7 +218,7 @@ fn fits(ctx: &XdpContext, frame: &VxlanFrame, mtu: u16) -> Option<()> {
 
 /// The inner frame's length as the TC programs count it (Ethernet + IPv4).
 #[inline(always)]
-fn inner_frame_len(frame: &VxlanFrame) -> u32 {
+pub fn inner_frame_len(frame: &VxlanFrame) -> u32 {
     ETH_HLEN as u32 + frame.inner_ip.total_len() as u32
 }
 
@@ -173,19 +249,8 @@ fn next_hop(
 
 /// Write the new encapsulation over the old one; the inner packet keeps its
 /// bytes but for TTL and checksum.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rewrite(
-    frame: &mut VxlanFrame,
-    hop: &NextHop,
-    src_ip: [u8; 4],
-    to: &PeerEntry,
-    dport: u16,
-    vni: u32,
-    inner_dst_mac: [u8; 6],
-    inner_src_mac: [u8; 6],
-    hash: u32,
-) {
+pub fn rewrite(frame: &mut VxlanFrame, r: &Rewrite, hash: u32) {
     // RFC 1624: the UDP checksum follows the words the rewrite changes.
     let udp_check = u16::from_be_bytes(frame.udp.check);
     // Zero: the sender sent none (Linux VXLAN may), and neither do we.
@@ -195,8 +260,8 @@ fn rewrite(
         0
     };
 
-    frame.eth.dst = hop.dst_mac;
-    frame.eth.src = hop.src_mac;
+    frame.eth.dst = r.eth_dst;
+    frame.eth.src = r.eth_src;
 
     // ECN travels outward as RFC 6040 has it (CE as ECT(0)); DSCP is not ours to copy.
     let ecn = match frame.inner_ip.tos & 3 {
@@ -206,7 +271,8 @@ fn rewrite(
     // The new header's checksum, word by word (the BPF stack has no room
     // for a copy of the header): version/IHL/TOS, length, id, TTL/protocol
     // and the addresses; the fragment field is zero.
-    let dst_ip = to.underlay_ip;
+    let src_ip = r.src_ip;
+    let dst_ip = r.dst_ip;
     let check = csum::fold(
         u16::from_be_bytes([0x45, ecn]) as u32
             + frame.ip.total_len() as u32
@@ -225,20 +291,20 @@ fn rewrite(
     frame.ip.protocol = IPPROTO_UDP;
     frame.ip.check = check;
     frame.ip.saddr = src_ip;
-    frame.ip.daddr = to.underlay_ip;
+    frame.ip.daddr = dst_ip;
 
     let sport = SPORT_MIN + ((hash as u64 * SPORT_SPAN as u64) >> 32) as u32;
     frame.udp.source = (sport as u16).to_be_bytes();
-    frame.udp.dest = dport.to_be_bytes();
+    frame.udp.dest = r.dport.to_be_bytes();
 
-    let vni = vni.to_be_bytes();
+    let vni = r.vni.to_be_bytes();
     frame.vxlan.flags = 0x08;
     frame.vxlan._reserved0 = [0; 3];
     frame.vxlan.vni = [vni[1], vni[2], vni[3]];
     frame.vxlan._reserved1 = 0;
 
-    frame.inner_eth.dst = inner_dst_mac;
-    frame.inner_eth.src = inner_src_mac;
+    frame.inner_eth.dst = r.inner_dst_mac;
+    frame.inner_eth.src = r.inner_src_mac;
     decrement_ttl(&mut frame.inner_ip);
 
     if udp_check != 0 {
@@ -290,7 +356,7 @@ fn udp_covered_words(frame: &VxlanFrame, complement: bool) -> u32 {
 /// A hash of the inner flow (addresses, protocol, ports): the outer UDP
 /// source port, so that ECMP and RSS downstream spread flows.
 #[inline(always)]
-fn flow_hash(ctx: &XdpContext, inner: &Ipv4Hdr) -> u32 {
+pub fn flow_hash(ctx: &XdpContext, inner: &Ipv4Hdr) -> u32 {
     let mut h = u32::from_ne_bytes(inner.saddr).wrapping_mul(0x9e37_79b1)
         ^ u32::from_ne_bytes(inner.daddr)
         ^ inner.protocol as u32;
@@ -309,11 +375,11 @@ fn flow_hash(ctx: &XdpContext, inner: &Ipv4Hdr) -> u32 {
 }
 
 #[inline(always)]
-fn send(ctx: &XdpContext, hop: &NextHop) -> u32 {
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+pub fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         return XDP_TX;
     }
     // SAFETY: plain helper call; XDP_REDIRECT (the device is checked when
     // the frame is flushed).
-    unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
 }

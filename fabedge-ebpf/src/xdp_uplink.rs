@@ -20,10 +20,11 @@ use fabedge_common::{
 };
 
 use crate::{
-    maps::{config, is_vtep_addr, route},
+    maps::{config, is_vtep_addr, peer, route},
     parse::{ETH_P_IP, IPPROTO_UDP, IPV4_HLEN},
     probe,
     stats::count,
+    xdp_cache::{self, action},
     xdp_guard::{Tunnel, check_inner_source, known_sender},
     xdp_masq::{flannel_to_tunnel, tunnel_to_flannel},
     xdp_parse::{OUTER_UDP_LEN, OuterUdp, VxlanFrame, is_later_fragment, ptr_at},
@@ -61,10 +62,21 @@ pub fn fe_xdp_uplink(ctx: XdpContext) -> u32 {
     if tunnel == Tunnel::Esp {
         return esp(&ctx, outer_src);
     }
-    if !known_sender(tunnel, outer_src) {
-        return drop(Counter::XdpDropUnknownTunnelSource);
+    // Before any lookup the verdict depends on (see `xdp_cache`).
+    let epoch = xdp_cache::epoch();
+    if let Some(verdict) = xdp_cache::lookup(&ctx, cfg, tunnel, epoch) {
+        return verdict;
     }
-    vxlan(&ctx, cfg, tunnel, outer_src)
+    let Some(at) = known_sender(tunnel, outer_src) else {
+        return drop(Counter::XdpDropUnknownTunnelSource);
+    };
+    // Received from a Flannel VTEP, for its statistics (not when a tunnel
+    // peer with a lower id shares the address: the index keeps one id).
+    let vtep_id = match peer(at.peer_id) {
+        Some(p) if p.kind == peer_kind::FLANNEL_VTEP => at.peer_id,
+        _ => 0,
+    };
+    vxlan(&ctx, cfg, tunnel, outer_src, vtep_id, epoch)
 }
 
 #[xdp]
@@ -84,49 +96,65 @@ fn esp(ctx: &XdpContext, outer_src: [u8; 4]) -> u32 {
     if u32::from_ne_bytes(unsafe { *spi }) == 0 {
         return XDP_PASS;
     }
-    if !known_sender(Tunnel::Esp, outer_src) {
+    if known_sender(Tunnel::Esp, outer_src).is_none() {
         return drop(Counter::XdpDropUnknownTunnelSource);
     }
     pass(Counter::XdpPass)
 }
 
 /// VXLAN (ours or Flannel's) from a known sender: check the inner source,
-/// then masquerade on the connector or leave it to the stack.
+/// then masquerade on the connector or leave it to the stack. What the maps
+/// alone decided is remembered in the verdict cache, as of `epoch`.
 #[inline(always)]
-fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8; 4]) -> u32 {
+fn vxlan(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    tunnel: Tunnel,
+    outer_src: [u8; 4],
+    vtep_id: u16,
+    epoch: u64,
+) -> u32 {
     let Some(frame) = ptr_at::<VxlanFrame>(ctx, 0) else {
         return pass(Counter::XdpPass);
     };
     // SAFETY: bounds checked by ptr_at; XDP owns the frame.
     let frame = unsafe { &mut *frame };
-    let vni = match tunnel {
-        Tunnel::Ours => cfg.tunnel_vni,
-        _ => cfg.flannel_vni,
-    };
-    if frame.vxlan.flags & 0x08 == 0
-        || frame.vxlan.vni() != vni
-        || u16::from_be_bytes(frame.inner_eth.ether_type) != ETH_P_IP
-        || !frame.inner_ip.is_valid()
-    {
+    if !xdp_cache::well_formed(cfg, frame, tunnel) {
         return pass(Counter::XdpPass);
     }
     let src = match check_inner_source(tunnel, outer_src, frame.inner_ip.saddr) {
         Ok(src) => src,
-        Err(counter) => return drop(counter),
+        Err(counter) => {
+            if counter == Counter::XdpDropSpoofed {
+                xdp_cache::remember_verdict(ctx, frame, tunnel, epoch, action::DROP_SPOOFED);
+            }
+            return drop(counter);
+        }
     };
     if let (Tunnel::Ours, Some(sender)) = (tunnel, src) {
         if let Some(verdict) = xdp_pod_rx::deliver(ctx, cfg, frame, sender) {
             return verdict;
         }
     }
+    // From here on a pass is the maps' verdict for the whole flow (the
+    // pod delivery above declined without looking at the frame).
     if cfg.role != role::CONNECTOR
         || cfg.tunnel_mode != tunnel_mode::VXLAN
         || cfg.flags & config_flags::NO_FAST_PATH != 0
-        || frame.inner_ip.header_len() != IPV4_HLEN
     {
+        return remember_pass(ctx, frame, tunnel, epoch);
+    }
+    if frame.inner_ip.header_len() != IPV4_HLEN {
         return pass(Counter::XdpPass);
     }
-    let verdict = match (tunnel, route(frame.inner_ip.daddr)) {
+    let dst = route(frame.inner_ip.daddr);
+    // A route through a group follows its active member, which the
+    // agent's prober switches without the cache knowing: not cached.
+    let cache = match dst {
+        Some(r) if r.via_group() => None,
+        _ => Some(epoch),
+    };
+    let verdict = match (tunnel, dst) {
         // Addressed to our VTEP, as `fe_uplink_ingress` demands: Flannel
         // traffic between other nodes is not ours to masquerade.
         // Or to a shared VTEP address of the connector group, which this
@@ -137,18 +165,26 @@ fn vxlan(ctx: &XdpContext, cfg: &DatapathConfig, tunnel: Tunnel, outer_src: [u8;
                 && dst.next_hop().is_ok()
                 && (frame.ip.daddr == cfg.underlay_ip || is_vtep_addr(frame.ip.daddr)) =>
         {
-            flannel_to_tunnel(ctx, cfg, frame, dst.peer_id)
+            flannel_to_tunnel(ctx, cfg, frame, dst.peer_id, vtep_id, cache)
         }
         (Tunnel::Ours, Some(dst)) if dst.kind == route_kind::CLOUD_VTEP => match src {
-            Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender, dst.peer_id),
+            Some(sender) => tunnel_to_flannel(ctx, cfg, frame, sender, dst.peer_id, cache),
             None => None,
         },
-        _ => None,
+        // Not ours to masquerade: the stack's, for the whole flow.
+        _ => return remember_pass(ctx, frame, tunnel, epoch),
     };
     match verdict {
         Some(verdict) => verdict,
         None => pass(Counter::XdpPass),
     }
+}
+
+/// Pass, and remember that the flow passes.
+#[inline(always)]
+fn remember_pass(ctx: &XdpContext, frame: &VxlanFrame, tunnel: Tunnel, epoch: u64) -> u32 {
+    xdp_cache::remember_verdict(ctx, frame, tunnel, epoch, action::PASS);
+    pass(Counter::XdpPass)
 }
 
 #[inline(always)]

@@ -129,31 +129,34 @@ impl FibLab {
             netns.set_up(nic)?;
             netns.set_up(peer)?;
         }
-        for (addr, mac, dev) in [
-            ("10.1.0.2", fixtures::CLOUD2_NIC_MAC, "lan0"),
-            ("198.18.0.11", EDGE1_NIC_MAC, "wan0"),
-        ] {
-            let lladdr = crate::packet::format_mac(&mac);
-            netns.ip(&[
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &lladdr,
-                "nud",
-                "permanent",
-                "dev",
-                dev,
-            ])?;
-        }
         netns.set_sysctl("net.ipv4.ip_forward", "1")?;
         let lan_ifindex = netns.ifindex("lan0")?;
         let wan_ifindex = netns.ifindex("wan0")?;
-        Ok(FibLab {
+        let lab = FibLab {
             netns,
             lan_ifindex,
             wan_ifindex,
-        })
+        };
+        lab.neighbour("10.1.0.2", fixtures::CLOUD2_NIC_MAC, "lan0")?;
+        lab.neighbour("198.18.0.11", EDGE1_NIC_MAC, "wan0")?;
+        Ok(lab)
+    }
+
+    /// A permanent neighbour entry, replacing whatever `addr` had.
+    pub fn neighbour(&self, addr: &str, mac: [u8; 6], dev: &str) -> Result<()> {
+        let lladdr = crate::packet::format_mac(&mac);
+        self.netns.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &lladdr,
+            "nud",
+            "permanent",
+            "dev",
+            dev,
+        ])?;
+        Ok(())
     }
 }
 
@@ -411,8 +414,40 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
                 XDP_PASS,
             ),
         ];
+        // The verdict cache's misses: the same frames with the cache's
+        // epoch renewed before every run, so each one takes the full path.
+        let uncached: Vec<_> = cases
+            .iter()
+            .filter_map(|(key, _, frame, ifindex, verdict)| {
+                let (key, what) = match *key {
+                    "flannel_to_tunnel" => (
+                        "flannel_to_tunnel_uncached",
+                        "Flannel → our tunnel, cache miss (full path)",
+                    ),
+                    "tunnel_to_flannel" => (
+                        "tunnel_to_flannel_uncached",
+                        "our tunnel → Flannel, cache miss (full path)",
+                    ),
+                    "pass_flannel_cloud_pod" => (
+                        "pass_flannel_cloud_pod_uncached",
+                        "Flannel for a cloud pod, cache miss (full path)",
+                    ),
+                    "drop_spoofed" => (
+                        "drop_spoofed_uncached",
+                        "spoofed inner source, cache miss (full path)",
+                    ),
+                    _ => return None,
+                };
+                Some((key, what, frame.clone(), *ifindex, *verdict, true))
+            })
+            .collect();
+        let cases: Vec<_> = cases
+            .into_iter()
+            .map(|(key, what, frame, ifindex, verdict)| (key, what, frame, ifindex, verdict, false))
+            .chain(uncached)
+            .collect();
         let mut out = Vec::new();
-        for (key, what, frame, ifindex, verdict) in cases {
+        for (key, what, frame, ifindex, verdict, miss) in cases {
             // Measure the path the case names, not another one.
             let before = dp.counters();
             let action = run_xdp(&dp, XDP_UPLINK, &frame, ifindex)?.action;
@@ -431,6 +466,13 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
             let mut case = Vec::with_capacity(samples);
             let mut empty = Vec::with_capacity(samples);
             for _ in 0..samples {
+                if miss {
+                    dp.maps
+                        .xdp_epoch
+                        .as_mut()
+                        .context("the datapath has no FE_XDP_GEN")?
+                        .renew()?;
+                }
                 case.push(time_xdp_once(&dp, XDP_UPLINK, &frame, ifindex)?);
                 empty.push(time_xdp_once(&dp, XDP_EMPTY, &frame, ifindex)?);
             }

@@ -583,7 +583,7 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             )?;
         }
         // Field names each map's dump must show (BTF, not hex bytes).
-        let expected: [(&str, &[&str]); 16] = [
+        let expected: [(&str, &[&str]); 17] = [
             ("FE_SOCK_REVNAT", &["cookie", "backend", "addr"]),
             (
                 "FE_SERVICES",
@@ -601,6 +601,8 @@ fn bpftool_dumps_every_pinned_map_with_field_names() -> Result<()> {
             ("FE_LOCAL_PODS", &["addr", "ifindex", "pod_mac", "mtu"]),
             // A device map: ifindexes, no BTF of ours (dumped, empty).
             ("FE_POD_DEVS", &[]),
+            // One u64, the XDP verdict cache's epoch.
+            ("FE_XDP_GEN", &["value"]),
             (
                 "FE_CONFIG",
                 &[

@@ -151,6 +151,260 @@ fn tunnel_traffic_for_a_cloud_pod_is_rewritten_into_flannel_at_the_nic() -> Resu
     })
 }
 
+/// The XDP verdict cache (the datapath's `xdp_cache`): a flow's second
+/// frame gets the first one's verdict, bytes and counters (plus
+/// `xdp_cached`), frames of the flow that the full path would judge
+/// differently (a wrong checksum, a longer frame) are judged by it, and a
+/// stranger's drops are never cached.
+#[test]
+fn a_flows_next_frames_take_its_cached_verdict_with_the_same_bytes_and_counts() -> Result<()> {
+    let lab = FibLab::new("xdp-cache")?;
+    lab.netns.enter(|| {
+        let dp = xdp::connector("xdp-cache")?;
+        let cloud_to_edge = flannel_to_connector(
+            CLOUD2_LAN,
+            &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
+        );
+        let edge_to_cloud = tunnel(
+            EDGE1_WAN,
+            &inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, EDGE1_POD, CLOUD_POD, 64),
+        );
+        let cloud_pod = flannel_to_connector(
+            CLOUD2_LAN,
+            &inner_udp(
+                CLOUD2_VTEP_MAC,
+                FLANNEL_MAC,
+                CLOUD_POD,
+                Ipv4Addr::new(10, 244, 0, 5),
+                63,
+            ),
+        );
+        let spoofed = tunnel(
+            EDGE1_WAN,
+            &inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, CLOUD_POD, LOCAL_POD_2, 64),
+        );
+        let cases = [
+            (
+                "Flannel → tunnel",
+                &cloud_to_edge,
+                lab.lan_ifindex,
+                XDP_REDIRECT,
+                Counter::XdpFlannelToTunnel,
+            ),
+            (
+                "tunnel → Flannel",
+                &edge_to_cloud,
+                lab.wan_ifindex,
+                XDP_REDIRECT,
+                Counter::XdpTunnelToFlannel,
+            ),
+            (
+                "Flannel for a cloud pod",
+                &cloud_pod,
+                lab.lan_ifindex,
+                XDP_PASS,
+                Counter::XdpPass,
+            ),
+            (
+                "a spoofed inner source",
+                &spoofed,
+                lab.wan_ifindex,
+                XDP_DROP,
+                Counter::XdpDropSpoofed,
+            ),
+        ];
+        for (what, frame, ifindex, verdict, counter) in cases {
+            let (first, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, frame, ifindex))?;
+            assert_eq!(
+                (first.action, &delta),
+                (verdict, &only(counter)),
+                "{what}: first frame"
+            );
+            let (again, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, frame, ifindex))?;
+            assert_eq!(again.action, verdict, "{what}: second frame");
+            assert_eq!(again.data, first.data, "{what}: the cached verdict's bytes");
+            assert_eq!(
+                delta,
+                BTreeMap::from([(counter.name(), 1), (Counter::XdpCached.name(), 1)]),
+                "{what}: second frame's counters"
+            );
+        }
+        assert_eq!(
+            dp.maps.peer_stats(EDGE1_PEER)?.tx_packets,
+            2,
+            "cached rewrites count per peer"
+        );
+        assert_eq!(dp.maps.peer_stats(VTEP_PEER)?.tx_packets, 2);
+        assert_eq!(dp.maps.peer_stats(VTEP_PEER)?.rx_packets, 2);
+
+        // A flow with a cached rewrite: a frame the kernel would drop is
+        // still the kernel's, byte-identical.
+        let mut bad_checksum = cloud_to_edge.clone();
+        bad_checksum[14 + 10] ^= 0xff;
+        let (out, delta) = counted(&dp, || {
+            run_xdp(&dp, XDP_UPLINK, &bad_checksum, lab.lan_ifindex)
+        })?;
+        assert_eq!(
+            (out.action, &out.data),
+            (XDP_PASS, &bad_checksum),
+            "a wrong outer checksum"
+        );
+        assert_eq!(delta, only(Counter::XdpPass));
+        // Longer than any frame the FIB checked on this path: the full path again.
+        let longer = flannel_to_connector(
+            CLOUD2_LAN,
+            &Frame::eth(CLOUD2_VTEP_MAC, FLANNEL_MAC)
+                .ipv4(CLOUD_POD, EDGE1_POD)
+                .ttl(63)
+                .udp(5353, 53)
+                .payload(&[7u8; 900])
+                .build(),
+        );
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &longer, lab.lan_ifindex))?;
+        assert_eq!(out.action, XDP_REDIRECT);
+        assert_eq!(
+            delta,
+            only(Counter::XdpFlannelToTunnel),
+            "a longer frame is looked up again"
+        );
+        checked_source_port(&out.data)?;
+
+        // A stranger's drop is never cached: anyone could fill the cache.
+        let stranger = tunnel(
+            Ipv4Addr::new(198, 18, 0, 77),
+            &inner_udp(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC, EDGE1_POD, CLOUD_POD, 64),
+        );
+        for _ in 0..2 {
+            let (out, delta) =
+                counted(&dp, || run_xdp(&dp, XDP_UPLINK, &stranger, lab.wan_ifindex))?;
+            assert_eq!(out.action, XDP_DROP);
+            assert_eq!(delta, only(Counter::XdpDropUnknownTunnelSource));
+        }
+        Ok(())
+    })
+}
+
+/// No cached verdict outlives what it was computed from: a map the agent
+/// writes, or the kernel's neighbours and routes once the agent's watcher
+/// has seen the change (without it, at most `MAX_AGE_NS`, 1 s).
+#[test]
+fn a_cached_verdict_never_outlives_a_map_write_or_a_kernel_change() -> Result<()> {
+    let lab = FibLab::new("xdp-epoch")?;
+    lab.netns.enter(|| {
+        let mut dp = xdp::connector("xdp-epoch")?;
+        let frame = flannel_to_connector(
+            CLOUD2_LAN,
+            &inner_udp(CLOUD2_VTEP_MAC, FLANNEL_MAC, CLOUD_POD, EDGE1_POD, 63),
+        );
+        let neighbour = |addr: &str, mac: [u8; 6]| lab.neighbour(addr, mac, "wan0");
+        // Where the frame went: (outer destination, its MAC), and whether
+        // the cache answered.
+        let send =
+            |dp: &fabedge_tests::datapath::TestDatapath| -> Result<(Ipv4Addr, [u8; 6], bool)> {
+                let (out, delta) =
+                    counted(dp, || run_xdp(dp, XDP_UPLINK, &frame, lab.lan_ifindex))?;
+                ensure!(
+                    out.action == XDP_REDIRECT,
+                    "verdict {} for {delta:?}",
+                    out.action
+                );
+                let eth = parse_eth(&out.data)?;
+                let ip = eth.ipv4()?;
+                Ok((
+                    ip.dst,
+                    eth.dst,
+                    delta.contains_key(Counter::XdpCached.name()),
+                ))
+            };
+        assert_eq!(send(&dp)?, (EDGE1_WAN, EDGE1_NIC_MAC, false));
+        assert_eq!(send(&dp)?, (EDGE1_WAN, EDGE1_NIC_MAC, true));
+
+        // A map write: the edge moved. The next frame follows it.
+        let moved = Ipv4Addr::new(198, 18, 0, 12);
+        let moved_mac = [0x02, 0, 0, 0, 0x12, 0x01];
+        neighbour("198.18.0.12", moved_mac)?;
+        dp.maps.set_peer(EDGE1_PEER, tunnel_peer(moved.octets()))?;
+        xdp::sync_peer_addrs(&mut dp)?;
+        assert_eq!(
+            send(&dp)?,
+            (moved, moved_mac, false),
+            "after FE_PEERS changed"
+        );
+        assert_eq!(send(&dp)?, (moved, moved_mac, true));
+
+        // A kernel change nobody reports: the cached MAC stands, for at
+        // most its lifetime.
+        let second_mac = [0x02, 0, 0, 0, 0x12, 0x02];
+        neighbour("198.18.0.12", second_mac)?;
+        let changed = Instant::now();
+        assert_eq!(
+            send(&dp)?,
+            (moved, moved_mac, true),
+            "no watcher: the cache is not told"
+        );
+        let expired = loop {
+            let (_, mac, _) = send(&dp)?;
+            if mac == second_mac {
+                break changed.elapsed();
+            }
+            ensure!(
+                changed.elapsed() < Duration::from_secs(3),
+                "the cached MAC outlived 3 s"
+            );
+        };
+        ensure!(
+            expired >= Duration::from_millis(500),
+            "the entry expired after {expired:?}, before its lifetime"
+        );
+
+        // With the agent's watcher, the kernel's change voids the cache.
+        let epoch = dp.maps.xdp_epoch.as_ref().context("no FE_XDP_GEN")?;
+        let _watch = fabedge_agent::datapath::xdp_epoch::watch_kernel(epoch.try_clone()?)?;
+        assert_eq!(
+            send(&dp)?,
+            (moved, second_mac, false),
+            "the watcher renews at start"
+        );
+        assert_eq!(send(&dp)?, (moved, second_mac, true));
+        let third_mac = [0x02, 0, 0, 0, 0x12, 0x03];
+        let before = epoch.current()?;
+        neighbour("198.18.0.12", third_mac)?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while epoch.current()? == before {
+            ensure!(
+                Instant::now() < deadline,
+                "the watcher did not renew the epoch within 2 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            send(&dp)?,
+            (moved, third_mac, false),
+            "after the neighbour changed"
+        );
+        // The route goes: the kernel would not forward, and neither do we.
+        send(&dp)?;
+        let before = epoch.current()?;
+        lab.netns
+            .ip(&["addr", "del", "198.18.0.1/24", "dev", "wan0"])?;
+        while epoch.current()? == before {
+            ensure!(
+                Instant::now() < deadline + Duration::from_secs(2),
+                "no renewal after the route went"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (out, delta) = counted(&dp, || run_xdp(&dp, XDP_UPLINK, &frame, lab.lan_ifindex))?;
+        assert_eq!(
+            (out.action, &out.data),
+            (XDP_PASS, &frame),
+            "no route: passed unchanged"
+        );
+        assert!(!delta.contains_key(Counter::XdpCached.name()));
+        Ok(())
+    })
+}
+
 #[test]
 fn everything_xdp_declines_passes_byte_identical() -> Result<()> {
     let lab = FibLab::new("xdp-decline")?;
