@@ -160,6 +160,26 @@ impl FibLab {
     }
 }
 
+/// Keep the calling thread on one CPU: the XDP verdict cache is per CPU,
+/// and a test run executes on the CPU of its caller, so a test that wants
+/// its second frame to meet the first one's entry must not migrate.
+pub fn stay_on_one_cpu() -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET fills one bit.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+    // SAFETY: `cpu` is below CPU_SETSIZE (a CPU this thread runs on).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    ensure!(
+        rc == 0,
+        "pinning the test thread to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// The connector of [`fixtures::connector`] with what XDP needs on top:
 /// its tunnel port and the peer address index.
 pub fn connector(name: &str) -> Result<TestDatapath> {
@@ -320,6 +340,8 @@ pub fn verdict_costs(samples: usize) -> Result<Vec<VerdictCost>> {
 
     let lab = FibLab::new("xdp-bench")?;
     lab.netns.enter(|| {
+        // Every sample of a case on the CPU whose cache slot it filled.
+        stay_on_one_cpu()?;
         let mut dp = crate::xdp::connector("xdp-bench")?;
         let mut config = dp.maps.config()?;
         config.probe_port = fabedge_common::DEFAULT_PROBE_PORT;

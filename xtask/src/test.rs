@@ -47,6 +47,10 @@ const VM_TESTS: &[VmTests] = &[
         binary: "xdp",
         tests: &[
             "with_xdp_on_every_uplink_the_seed_matrix_passes_forgeries_die_and_restarts_lose_nothing",
+            // The verdict cache on the stock kernels' verifiers, clocks and
+            // netlink events.
+            "a_flows_next_frames_take_its_cached_verdict_with_the_same_bytes_and_counts",
+            "a_cached_verdict_never_outlives_a_map_write_or_a_kernel_change",
         ],
         timeout: Duration::from_secs(900),
         without_modules: &[],
