@@ -1330,7 +1330,7 @@ fn esp_a_dead_connector_s_edges_fail_over_within_two_seconds_each_way() -> Resul
 /// The connector comes back and takes the edge back after the hold-down
 /// without a ping lost (its SAs with the edge are still in its kernel).
 #[test]
-#[ignore = "needs ESP; not in the VM suite yet: under TCG the move back loses ~0.9 s of pings (run by hand, see VM_TESTS)"]
+#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
 fn esp_a_returning_connector_takes_its_edges_back_after_the_hold_down_without_loss() -> Result<()> {
     with_esp_ha_cluster(|cluster, settled| {
         let back_after = returning_connector_takes_its_edges_back(cluster, &HA_CASE, settled)?;

@@ -150,7 +150,7 @@ pub fn dead_connector_fails_over(
 }
 
 /// The edge's connector dies; once the edge has moved to the other one,
-/// pings start and the dead connector comes back. The edge must move back
+/// pings start, and once they flow both ways the dead connector comes back. The edge must move back
 /// to it no sooner than the hold-down after, and no ping sent from the
 /// revival on may be lost. Returns how long after the revival the edge
 /// moved back.
@@ -177,6 +177,18 @@ pub fn returning_connector_takes_its_edges_back(
         }
     };
     let meters = BothWays::start(cluster.pod(edge)?, cluster.pod(cloud)?)?;
+    // The edge's datapath names the standby before the cloud side has
+    // followed (the standby claiming the VTEP address, Flannel's neighbour
+    // entry): the failover's tail, which the failover check judges. The
+    // return is measured from a path that carries both ways.
+    if let Err(e) = carrying_both_ways(&meters, wait) {
+        let _ = meters.stop();
+        cluster.revive_node(&primary)?;
+        return Err(e.context(format!(
+            "{edge}'s traffic through {} before {primary} comes back",
+            standby.name
+        )));
+    }
     let back_at = thread::scope(|scope| -> Result<_> {
         // Watches, from before the links come up, when the edge moves back.
         let watcher = scope
@@ -230,6 +242,36 @@ pub fn returning_connector_takes_its_edges_back(
     );
     Ok(after)
 }
+
+/// Waits until `meters` have seen replies both ways, and again both ways
+/// [`STILL_CARRYING`] later: a path that carries, not one answer that
+/// slipped through while it was moving.
+fn carrying_both_ways(meters: &BothWays, wait: Duration) -> Result<()> {
+    let started = Instant::now();
+    let deadline = started + wait;
+    let mut since = started;
+    let mut first = None;
+    loop {
+        if meters.both_replied_since(since) {
+            match first {
+                Some(_) => return Ok(()),
+                None => {
+                    first = Some(Instant::now());
+                    since = Instant::now() + STILL_CARRYING;
+                }
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no replies both ways within {wait:?} (first both ways: {:?} after the pings started)",
+            first.map(|at| at.duration_since(started))
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// See [`carrying_both_ways`].
+const STILL_CARRYING: Duration = Duration::from_millis(300);
 
 /// Flannel restarts on the cloud node while `killed` is still dead: it
 /// forgets what it learnt (ARP for the VTEP address included) and programs
