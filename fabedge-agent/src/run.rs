@@ -445,6 +445,7 @@ impl Reconciler {
             }
         }
         self.report(result.map(drop));
+        crate::sys::release_free_memory();
     }
 
     /// What this pass left out: objects the checks refused and Services the

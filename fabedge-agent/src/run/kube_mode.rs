@@ -82,6 +82,8 @@ pub(super) async fn run(
                 last_good::path(&options.state_dir).display()
             );
             state.reconcile(reconciler, &saved, datapath, maps, options, false);
+            drop(saved);
+            crate::sys::release_free_memory();
         }
         Ok(None) => info!("no saved cluster state yet; waiting for the API server"),
         Err(e) => warn!("{e:#}"),
@@ -205,6 +207,8 @@ pub(super) async fn run(
             None
         };
         duty.step(&objects, connector, mac).await;
+        drop(objects);
+        crate::sys::release_free_memory();
     }
     state.save_if_due(&source, options, true);
     duty.release().await;

@@ -113,7 +113,58 @@ impl<K> Default for Cache<K> {
     }
 }
 
-impl<K: Resource + Clone + PartialEq> Cache<K> {
+/// What a cache keeps of an object: what the model, the checks, the
+/// connector's duties and the saved snapshot read. The rest can be most of
+/// an object (a Node's image list, a Service's last-applied annotation, an
+/// endpoint's target reference) and is dropped on arrival, so it costs
+/// neither memory nor a comparison.
+pub(crate) trait Slim {
+    fn slim(&mut self);
+}
+
+impl Slim for core::Node {
+    fn slim(&mut self) {
+        // Read: labels, annotations, spec (pod CIDRs) and status.addresses.
+        if let Some(status) = &mut self.status {
+            status.images = None;
+            status.volumes_attached = None;
+            status.volumes_in_use = None;
+            status.node_info = None;
+            status.conditions = None;
+            status.config = None;
+            status.daemon_endpoints = None;
+        }
+    }
+}
+
+impl Slim for core::Service {
+    fn slim(&mut self) {
+        // Read: the name and the spec; no annotation of a Service is.
+        self.metadata.annotations = None;
+        self.status = None;
+    }
+}
+
+impl Slim for discovery::EndpointSlice {
+    fn slim(&mut self) {
+        // Read: labels (the owning Service), ports, and each endpoint's
+        // addresses, conditions and node.
+        self.metadata.annotations = None;
+        for endpoint in self.endpoints.iter_mut().flatten() {
+            endpoint.target_ref = None;
+            endpoint.hostname = None;
+            endpoint.hints = None;
+            endpoint.zone = None;
+            endpoint.deprecated_topology = None;
+        }
+    }
+}
+
+impl Slim for CommunityObject {
+    fn slim(&mut self) {}
+}
+
+impl<K: Resource + Clone + PartialEq + Slim> Cache<K> {
     /// Applies one watcher event; true when the visible objects changed.
     fn handle(&mut self, mut event: watcher::Event<K>) -> bool {
         // managedFields is server-side-apply bookkeeping: often the larger
@@ -121,6 +172,7 @@ impl<K: Resource + Clone + PartialEq> Cache<K> {
         // nor in the persisted snapshot.
         if let watcher::Event::Apply(object) | watcher::Event::InitApply(object) = &mut event {
             object.meta_mut().managed_fields = None;
+            object.slim();
         }
         match event {
             watcher::Event::Apply(object) => {
@@ -512,7 +564,7 @@ fn spawn_watch<K, F>(
     cache: F,
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + PartialEq + Slim + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
     F: for<'c> Fn(&'c mut Caches) -> Option<&'c mut Cache<K>> + Send + 'static,
 {
@@ -563,6 +615,112 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
+        }
+    }
+
+    /// The example cluster's objects, each with what a real cluster adds
+    /// and nothing here reads: kubelet's status on Nodes, kubectl's
+    /// last-applied annotation, endpoints' target references and zones.
+    fn heavy_objects() -> crate::source::Objects {
+        use k8s_openapi::api::core::v1::{ContainerImage, ObjectReference};
+        let mut objects = crate::source::manifest::parse(crate::source::manifest::EXAMPLE_CLUSTER)
+            .expect("the example cluster parses");
+        for node in &mut objects.nodes {
+            let status = node.status.get_or_insert_with(Default::default);
+            status.images = Some(
+                (0..40)
+                    .map(|n| ContainerImage {
+                        names: Some(vec![
+                            format!("registry.example.com/team/app-{n}@sha256:{:064x}", n),
+                            format!("registry.example.com/team/app-{n}:v1.{n}.0"),
+                        ]),
+                        size_bytes: Some(100_000_000 + n),
+                    })
+                    .collect(),
+            );
+            status.node_info = Some(Default::default());
+            status.conditions = Some(vec![Default::default(); 5]);
+        }
+        for service in &mut objects.services {
+            let json = serde_json::to_string(&*service).unwrap();
+            service
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    json,
+                );
+            service.status = Some(Default::default());
+        }
+        for slice in &mut objects.endpoint_slices {
+            for endpoint in slice.endpoints.iter_mut().flatten() {
+                endpoint.target_ref = Some(ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: Some("web-7d9f8c6b5-x2x4k".into()),
+                    namespace: Some("default".into()),
+                    uid: Some("5c1f6a3e-8d0b-4d7e-9a3c-2f1e0b9d8c7a".into()),
+                    ..Default::default()
+                });
+                endpoint.zone = Some("zone-a".into());
+                endpoint.hostname = Some("web-0".into());
+            }
+        }
+        objects
+    }
+
+    /// Every object of `objects` through a fresh cache of its kind, as
+    /// the watches deliver them.
+    fn cached(objects: &crate::source::Objects) -> crate::source::Objects {
+        fn through<K: Resource + Clone + PartialEq + Slim>(objects: &[K]) -> Vec<K> {
+            let mut cache = Cache::default();
+            for object in objects {
+                cache.handle(watcher::Event::Apply(object.clone()));
+            }
+            cache.objects.into_values().collect()
+        }
+        crate::source::Objects {
+            nodes: through(&objects.nodes),
+            communities: through(&objects.communities),
+            services: through(&objects.services),
+            endpoint_slices: through(&objects.endpoint_slices),
+        }
+    }
+
+    #[test]
+    fn caches_keep_what_the_model_reads_and_drop_the_rest() {
+        let heavy = heavy_objects();
+        let kept = cached(&heavy);
+        assert_eq!(
+            kept.snapshot().unwrap(),
+            heavy.snapshot().unwrap(),
+            "the model of what the caches keep is the model of the whole objects"
+        );
+        let size = |o: &crate::source::Objects| {
+            serde_json::to_vec(&o.nodes).unwrap().len()
+                + serde_json::to_vec(&o.services).unwrap().len()
+                + serde_json::to_vec(&o.endpoint_slices).unwrap().len()
+        };
+        assert!(
+            size(&kept) * 4 < size(&heavy),
+            "kept {} of {} bytes",
+            size(&kept),
+            size(&heavy)
+        );
+        for node in &kept.nodes {
+            let status = node.status.as_ref().unwrap();
+            assert!(status.images.is_none() && status.conditions.is_none());
+            assert!(
+                status.addresses.is_some(),
+                "{:?}: addresses kept",
+                node.metadata.name
+            );
+        }
+        for slice in &kept.endpoint_slices {
+            for endpoint in slice.endpoints.iter().flatten() {
+                assert_eq!(endpoint.target_ref, None);
+                assert!(!endpoint.addresses.is_empty());
+            }
         }
     }
 

@@ -4,7 +4,8 @@
 //!
 //! - `scale.full_sync_ms`: from starting the agent to the last Service's
 //!   last backend being in `FE_BACKENDS` (loading the programs included);
-//! - `scale.rss_mb`: the agent's resident memory once synced;
+//! - `scale.rss_mb`: the agent's resident memory once synced and done
+//!   with the pass; `scale.peak_rss_mb`: the most it held (`VmHWM`);
 //! - `scale.idle_cpu_pct`: its CPU time (utime + stime, all threads) over
 //!   [`IDLE`] with nothing changing, as a percentage of one CPU;
 //! - `scale.endpoint_change_ms.{median,p99}`: [`CHANGES`] times, one
@@ -45,6 +46,9 @@ pub const SERVICES: usize = 10_000;
 pub const ENDPOINTS: usize = 10;
 pub const CHANGES: usize = 30;
 const IDLE: Duration = Duration::from_secs(10);
+/// How long the agent must use no CPU to count as done with what it did.
+const QUIET: Duration = Duration::from_millis(150);
+const QUIET_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 pub(super) const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The Service whose endpoint changes: one in the middle of the file.
@@ -67,7 +71,11 @@ pub fn run(report: &mut Report) -> Result<()> {
     let agent = node.spawn(standalone_edge_1(&node.ns, &bin, &node.root, &node.work)?)?;
     let maps = node.maps(&agent, started)?;
     wait_for_full_sync(&maps, &agent)?;
-    record_synced(report, "scale", &agent, started.elapsed())?;
+    let full_sync = started.elapsed();
+    // The pass goes on after the maps (the annotations written back):
+    // memory and idle are measured after it.
+    wait_quiet(&agent)?;
+    record_synced(report, "scale", &agent, full_sync)?;
 
     let mut samples = Vec::with_capacity(CHANGES);
     let mut current = endpoint(CHANGED, 0);
@@ -101,7 +109,8 @@ pub(super) fn wait_for_full_sync(maps: &Maps, agent: &Agent) -> Result<()> {
 }
 
 /// Records `{prefix}.full_sync_ms` (`full_sync`), then the synced agent's
-/// `{prefix}.rss_mb` and `{prefix}.idle_cpu_pct` (over [`IDLE`]).
+/// `{prefix}.rss_mb`, `{prefix}.peak_rss_mb` and `{prefix}.idle_cpu_pct`
+/// (over [`IDLE`]).
 pub(super) fn record_synced(
     report: &mut Report,
     prefix: &str,
@@ -111,9 +120,11 @@ pub(super) fn record_synced(
     println!("  full sync: {:.0} ms", ms(full_sync));
     report.record(format!("{prefix}.full_sync_ms"), ms(full_sync));
 
-    let rss = agent.rss_kib()? as f64 / 1024.0;
-    println!("  RSS once synced: {rss:.1} MB");
+    let rss = agent.status_field("VmRSS:")? as f64 / 1024.0;
+    let peak = agent.status_field("VmHWM:")? as f64 / 1024.0;
+    println!("  RSS once synced: {rss:.1} MB (peak during the sync: {peak:.1} MB)");
     report.record(format!("{prefix}.rss_mb"), rss);
+    report.record(format!("{prefix}.peak_rss_mb"), peak);
 
     let before = agent.cpu_ticks()?;
     let idle_start = Instant::now();
@@ -355,10 +366,6 @@ impl Agent {
             .with_context(|| format!("no {field} in the agent's /proc status"))
     }
 
-    fn rss_kib(&self) -> Result<u64> {
-        self.status_field("VmRSS:")
-    }
-
     /// utime + stime of every thread, in clock ticks.
     pub(super) fn cpu_ticks(&self) -> Result<u64> {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
@@ -374,6 +381,26 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until `agent` used no CPU for [`QUIET`]: done with what it was doing.
+pub(super) fn wait_quiet(agent: &Agent) -> Result<()> {
+    let deadline = Instant::now() + QUIET_TIMEOUT;
+    let mut ticks = agent.cpu_ticks()?;
+    loop {
+        thread::sleep(QUIET);
+        let now = agent.cpu_ticks()?;
+        if now == ticks {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent kept using CPU for {QUIET_TIMEOUT:?}\n{}",
+                agent.log()
+            );
+        }
+        ticks = now;
     }
 }
 

@@ -8,7 +8,7 @@
 //! - `scale.kube.create_objects_s`: creating the Services and slices
 //!   ([`IN_FLIGHT`] requests at a time; informational: the API server's
 //!   cost, not the agent's);
-//! - `scale.kube.full_sync_ms`, `scale.kube.rss_mb`,
+//! - `scale.kube.full_sync_ms`, `scale.kube.rss_mb`, `scale.kube.peak_rss_mb`,
 //!   `scale.kube.idle_cpu_pct`: as in file mode, the sync from starting the
 //!   agent (its first lists included) to the last Service's last backend in
 //!   `FE_BACKENDS`; memory and idle CPU once the agent has finished that
@@ -20,13 +20,9 @@
 //!   waits until the agent has finished with the one before (no CPU used
 //!   for [`QUIET`]), so a sample is one change, not a queue of them.
 
-use std::{
-    net::Ipv4Addr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fabedge_agent::source::manifest::EXAMPLE_CLUSTER;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -39,9 +35,9 @@ use super::{
     edge_watch::{CREATE_CONCURRENCY as IN_FLIGHT, install_crd},
     report::Report,
     scale::{
-        Agent, CHANGE_TIMEOUT, CHANGED, CHANGES, ENDPOINTS, Node, SERVICES, changed_address,
-        cluster_ip, endpoint, record_changes, record_synced, release_agent_bin, wait_for_backend,
-        wait_for_full_sync,
+        CHANGE_TIMEOUT, CHANGED, CHANGES, ENDPOINTS, Node, SERVICES, changed_address, cluster_ip,
+        endpoint, record_changes, record_synced, release_agent_bin, wait_for_backend,
+        wait_for_full_sync, wait_quiet,
     },
 };
 use crate::{
@@ -51,14 +47,11 @@ use crate::{
 
 /// The namespace of the generated Services.
 const NAMESPACE: &str = "bench";
-/// How long the agent must use no CPU to count as done with a change.
-const QUIET: Duration = Duration::from_millis(150);
-const QUIET_TIMEOUT: Duration = Duration::from_secs(30);
-
-const KEYS: [&str; 6] = [
+const KEYS: [&str; 7] = [
     "scale.kube.create_objects_s",
     "scale.kube.full_sync_ms",
     "scale.kube.rss_mb",
+    "scale.kube.peak_rss_mb",
     "scale.kube.idle_cpu_pct",
     "scale.kube.endpoint_change_ms.median",
     "scale.kube.endpoint_change_ms.p99",
@@ -206,26 +199,6 @@ async fn create_services(client: &Client) -> Result<()> {
         IN_FLIGHT,
     )
     .await
-}
-
-/// Waits until `agent` used no CPU for [`QUIET`]: done with what it was doing.
-fn wait_quiet(agent: &Agent) -> Result<()> {
-    let deadline = Instant::now() + QUIET_TIMEOUT;
-    let mut ticks = agent.cpu_ticks()?;
-    loop {
-        thread::sleep(QUIET);
-        let now = agent.cpu_ticks()?;
-        if now == ticks {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent kept using CPU for {QUIET_TIMEOUT:?}\n{}",
-                agent.log()
-            );
-        }
-        ticks = now;
-    }
 }
 
 #[cfg(test)]
