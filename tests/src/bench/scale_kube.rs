@@ -20,7 +20,10 @@
 //!   waits until the agent has finished with the one before (no CPU used
 //!   for [`QUIET`]), so a sample is one change, not a queue of them.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use fabedge_agent::source::manifest::EXAMPLE_CLUSTER;
@@ -124,7 +127,7 @@ pub fn run(report: &mut Report) -> Result<()> {
                 &Patch::Merge(&patch),
             ))
             .with_context(|| format!("patching EndpointSlice {}", slice_name(CHANGED)))?;
-        wait_for_backend(&maps, CHANGED, addresses[0], CHANGE_TIMEOUT)
+        wait_for_backend(&maps, CHANGED, addresses[0], CHANGE_TIMEOUT, Duration::ZERO)
             .with_context(|| format!("change {n}\n{}", agent.log()))?;
         samples.push(sent.elapsed());
     }
