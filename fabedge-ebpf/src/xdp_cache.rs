@@ -15,7 +15,7 @@
 //! verdict was computed, and for at most [`MAX_AGE_NS`]. The agent writes a
 //! fresh random value after every write to a map the verdict reads and on
 //! every route, neighbour, address, rule or link change the kernel reports
-//! (`fabedge_agent::datapath::xdp_gen`); the age bound covers an agent that
+//! (`fabedge_agent::datapath::xdp_epoch`); the age bound covers an agent that
 //! stopped. A random value, not a counter: writers in two processes (an
 //! agent and its successor) never give an old value back.
 
