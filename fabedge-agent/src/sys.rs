@@ -99,6 +99,19 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Hands the allocator's free memory back to the kernel, after a pass that
+/// held the whole cluster several times over (parsed objects, their model,
+/// the plan): glibc keeps freed heap pages, in every thread's arena, until
+/// asked, so the resident size would stay at the pass's peak. musl's
+/// allocator (the image's static agent) unmaps freed groups by itself.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,18 +134,5 @@ mod tests {
             ),
             None
         );
-    }
-}
-
-/// Hands the allocator's free memory back to the kernel, after a pass that
-/// held the whole cluster several times over (parsed objects, their model,
-/// the plan): glibc keeps freed heap pages, in every thread's arena, until
-/// asked, so the resident size would stay at the pass's peak. musl's
-/// allocator (the image's static agent) unmaps freed groups by itself.
-pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
