@@ -532,8 +532,13 @@ impl Reconciler {
         options: &RunOptions,
     ) -> Result<Option<String>> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
-        let checked = manifest::checked(text, options.settings.service_cidr)
+        let cidr = options.settings.service_cidr;
+        let parsed = crate::sys::apart(|| manifest::checked(text, cidr))
             .with_context(|| options.manifests.display().to_string())?;
+        // Kept as a copy on this thread; the original goes with the parsing
+        // thread's arena (`sys::apart`).
+        let checked = parsed.clone();
+        drop(parsed);
         self.file_applied = None;
         let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options);
         self.record_problems(checked.problems, plan.as_ref().ok());

@@ -112,9 +112,53 @@ pub fn release_free_memory() {
     }
 }
 
+/// Runs `work` on a thread of its own and returns what it returned. Meant
+/// for a full pass's parsing: glibc gives that thread an arena of its own,
+/// so the parse's garbage (k8s objects, YAML nodes) is not interleaved with
+/// what the agent keeps. The caller keeps a copy of the result made on its
+/// own thread and drops the original; that arena is then free as a whole
+/// and [`release_free_memory`] returns all of it, where the same garbage
+/// on the caller's heap leaves it fragmented (file mode at 10 k Services:
+/// 91 MB resident after a pass, 58 MB parsed apart). Without a thread to
+/// be had, `work` runs on the caller's.
+pub fn apart<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    let mut work = Some(work);
+    let result = std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("fe-parse".into())
+            .spawn_scoped(scope, || (work.take().expect("taken once"))());
+        match spawned {
+            Ok(thread) => Some(
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            ),
+            Err(_) => None,
+        }
+    });
+    match result {
+        Some(result) => result,
+        None => (work.take().expect("not run"))(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apart_runs_the_work_on_its_own_thread_and_returns_its_result() {
+        let (name, sum) = apart(|| {
+            (
+                std::thread::current().name().map(str::to_owned),
+                (1..=10).sum::<u32>(),
+            )
+        });
+        assert_eq!(name.as_deref(), Some("fe-parse"));
+        assert_eq!(sum, 55);
+        let borrowed = String::from("borrowed from the caller");
+        assert_eq!(apart(|| borrowed.len()), borrowed.len());
+    }
 
     #[test]
     fn cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {

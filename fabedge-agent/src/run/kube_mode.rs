@@ -81,7 +81,15 @@ pub(super) async fn run(
                 "applying the last good cluster state from {} until the API server answers",
                 last_good::path(&options.state_dir).display()
             );
-            state.reconcile(reconciler, &saved, datapath, maps, options, false);
+            let (saved, checked) = checked_apart(|| Some(saved), options).expect("given");
+            state.reconcile(
+                reconciler,
+                (&saved, checked),
+                datapath,
+                maps,
+                options,
+                false,
+            );
             drop(saved);
             crate::sys::release_free_memory();
         }
@@ -171,12 +179,19 @@ pub(super) async fn run(
                 continue;
             }
         }
-        let Some(objects) = source.objects() else {
+        let Some((objects, checked)) = checked_apart(|| source.objects(), options) else {
             state.full_due = true;
             continue;
         };
         state.full_due = false;
-        state.reconcile(reconciler, &objects, datapath, maps, options, true);
+        state.reconcile(
+            reconciler,
+            (&objects, checked),
+            datapath,
+            maps,
+            options,
+            true,
+        );
         if let Some(patch) = state.own_annotations.clone() {
             let body = crate::connector::annotate::merge_patch(&patch);
             match nodes
@@ -213,6 +228,25 @@ pub(super) async fn run(
     state.save_if_due(&source, options, true);
     duty.release().await;
     Ok(())
+}
+
+/// The cluster's objects from `objects` and their checked snapshot, both
+/// made on a thread of their own ([`crate::sys::apart`]); the snapshot,
+/// which the agent keeps, is copied onto this thread. The objects live
+/// until the pass is over, then their arena is free as a whole.
+fn checked_apart(
+    objects: impl FnOnce() -> Option<Objects> + Send,
+    options: &RunOptions,
+) -> Option<(Objects, crate::source::Checked)> {
+    let cidr = options.settings.service_cidr;
+    let (objects, checked) = crate::sys::apart(|| {
+        let objects = objects()?;
+        let checked = objects.checked(cidr);
+        Some((objects, checked))
+    })?;
+    let kept = checked.clone();
+    drop(checked);
+    Some((objects, kept))
 }
 
 /// How stale the saved snapshot may get while only EndpointSlices change:
@@ -255,12 +289,13 @@ struct KubeState {
 }
 
 impl KubeState {
-    /// Plan and apply `objects` unless they model the same cluster as what
-    /// is applied (a relist, a kubelet heartbeat); save them on success.
+    /// Plan and apply `objects` (checked: their snapshot, from
+    /// [`checked_apart`]) unless they model the same cluster as what is
+    /// applied (a relist, a kubelet heartbeat); save them on success.
     fn reconcile(
         &mut self,
         reconciler: &mut Reconciler,
-        objects: &Objects,
+        (objects, checked): (&Objects, crate::source::Checked),
         datapath: &mut Datapath,
         maps: &mut Maps,
         options: &RunOptions,
@@ -268,7 +303,6 @@ impl KubeState {
     ) {
         let started = std::time::Instant::now();
         let result = (|| -> Result<Option<Applied>> {
-            let checked = objects.checked(options.settings.service_cidr);
             let snapshot = checked.snapshot;
             if self.applied.as_ref().map(|a| &a.snapshot) == Some(&snapshot) {
                 return Ok(None);
