@@ -150,10 +150,10 @@ pub fn dead_connector_fails_over(
 }
 
 /// The edge's connector dies; once the edge has moved to the other one,
-/// pings start, and once they flow both ways the dead connector comes back. The edge must move back
-/// to it no sooner than the hold-down after, and no ping sent from the
-/// revival on may be lost. Returns how long after the revival the edge
-/// moved back.
+/// pings start, and once they flow both ways the dead connector comes
+/// back. The edge must move back to it no sooner than the hold-down after,
+/// and no ping sent from the revival on may be lost. Returns how long after
+/// the revival the edge moved back.
 pub fn returning_connector_takes_its_edges_back(
     cluster: &Cluster,
     case: &HaCase<'_>,
@@ -249,25 +249,21 @@ pub fn returning_connector_takes_its_edges_back(
 fn carrying_both_ways(meters: &BothWays, wait: Duration) -> Result<()> {
     let started = Instant::now();
     let deadline = started + wait;
-    let mut since = started;
-    let mut first = None;
-    loop {
-        if meters.both_replied_since(since) {
-            match first {
-                Some(_) => return Ok(()),
-                None => {
-                    first = Some(Instant::now());
-                    since = Instant::now() + STILL_CARRYING;
-                }
-            }
+    // When replies have come both ways since `since`.
+    let both_since = |since: Instant| -> Result<Instant> {
+        while !meters.both_replied_since(since) {
+            ensure!(
+                Instant::now() < deadline,
+                "no replies both ways within {wait:?} of the pings' start"
+            );
+            thread::sleep(Duration::from_millis(10));
         }
-        ensure!(
-            Instant::now() < deadline,
-            "no replies both ways within {wait:?} (first both ways: {:?} after the pings started)",
-            first.map(|at| at.duration_since(started))
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+        Ok(Instant::now())
+    };
+    let first = both_since(started)?;
+    both_since(first + STILL_CARRYING)
+        .with_context(|| format!("replies both ways {:?} in, not again", first - started))
+        .map(drop)
 }
 
 /// See [`carrying_both_ways`].
