@@ -166,6 +166,10 @@ pub struct Settings {
     /// ESP mode: where peers' NATs show them, learnt from their hellos
     /// (their ESP in UDP and probes come from there).
     pub esp_observed: crate::esp::plan::ObservedEndpoints,
+    /// ESP mode, edge: community peers behind another NAT that a connector
+    /// introduced (`esp::punch`): routed to the peer once the direct path
+    /// works both ways, else through the connector group.
+    pub esp_punched: crate::esp::punch::PunchedPeers,
     /// Sizes of the maps the plan must fit (`--max-routes`, `--max-services`,
     /// `--max-backends`, `--ct-entries`).
     pub capacity: crate::maps::Capacity,
@@ -204,6 +208,7 @@ impl Default for Settings {
             esp_key_nonce: None,
             esp_public_endpoint: None,
             esp_observed: Default::default(),
+            esp_punched: Default::default(),
             capacity: crate::maps::Capacity::default(),
             probe_port: fabedge_common::DEFAULT_PROBE_PORT,
             cluster_prefixes: Vec::new(),
@@ -644,7 +649,7 @@ impl<'a> Planner<'a> {
 
     /// `node`'s pod CIDR and address, through the tunnel to `via` (its own
     /// peer, or this edge's connector group).
-    fn through_tunnel(&mut self, node: &Node, via: Via) -> Result<(), PlanError> {
+    fn through_tunnel(&mut self, node: &Node, via: Via, flags: u8) -> Result<(), PlanError> {
         if let Via::Peer(name) = &via {
             let peer = self
                 .snapshot
@@ -657,7 +662,7 @@ impl<'a> Planner<'a> {
             Some(cidr) => self.route(
                 cidr,
                 route_kind::TUNNEL,
-                0,
+                flags,
                 Some(via.clone()),
                 format!("{}'s pod CIDR", node.name),
             )?,
@@ -670,7 +675,7 @@ impl<'a> Planner<'a> {
         self.route(
             host_route(node.internal_ip),
             route_kind::TUNNEL,
-            route_flags::NODE_ADDR,
+            route_flags::NODE_ADDR | flags,
             Some(via),
             format!("{}'s InternalIP", node.name),
         )
@@ -719,9 +724,17 @@ impl<'a> Planner<'a> {
                 continue;
             }
             if peers.contains(&node.name) {
-                self.through_tunnel(node, Via::Peer(node.name.clone()))?;
+                // Behind another NAT (introduced by a connector): the
+                // connector relays until the direct path works.
+                let punched = match self.settings.esp_punched.get(&node.name) {
+                    Some(p) if p.direct || has_connector => {
+                        route_flags::PUNCHED | if p.direct { 0 } else { route_flags::RELAYED }
+                    }
+                    _ => 0,
+                };
+                self.through_tunnel(node, Via::Peer(node.name.clone()), punched)?;
             } else if has_connector {
-                self.through_tunnel(node, Via::ConnectorGroup)?;
+                self.through_tunnel(node, Via::ConnectorGroup, 0)?;
             }
         }
         match has_connector {
@@ -823,7 +836,7 @@ impl<'a> Planner<'a> {
         let underlay = connector_underlay_ip(me);
         for node in self.snapshot.nodes.values().filter(|n| n.name != me.name) {
             if node.role == Role::Edge {
-                self.through_tunnel(node, Via::Peer(node.name.clone()))?;
+                self.through_tunnel(node, Via::Peer(node.name.clone()), 0)?;
                 continue;
             }
             self.route(

@@ -173,6 +173,18 @@ pub mod route_flags {
     /// goes to the group's active member, and any member may send in the
     /// name of the prefix.
     pub const VIA_GROUP: u8 = 1 << 1;
+    /// A `TUNNEL` route to a community peer behind another NAT (ESP mode,
+    /// hole punching): the peer, and any member of [`CONNECTOR_GROUP`]
+    /// (which relays for it), may send in the name of the prefix.
+    ///
+    /// [`CONNECTOR_GROUP`]: crate::CONNECTOR_GROUP
+    pub const PUNCHED: u8 = 1 << 2;
+    /// With [`PUNCHED`]: the direct path is not open (yet); traffic goes to
+    /// the active member of [`CONNECTOR_GROUP`], which relays it. `peer_id`
+    /// stays the peer's.
+    ///
+    /// [`CONNECTOR_GROUP`]: crate::CONNECTOR_GROUP
+    pub const RELAYED: u8 = 1 << 3;
 }
 
 /// Value of the `FE_GROUPS` array, indexed by group id: the connectors an

@@ -11,9 +11,10 @@ use fabedge_common::services::{
     SockRevEntry, SockRevKey,
 };
 use fabedge_common::{
-    Counter, DatapathConfig, GroupEntry, LocalPodEntry, MAX_GROUP_MEMBERS, MAX_GROUPS, MAX_PEERS,
-    MAX_POD_PORTS, MAX_ROUTES, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry, PeerStats, PodPortEntry,
-    RouteAddr, RouteEntry, counters::COUNTER_SLOTS, route_flags, route_kind,
+    CONNECTOR_GROUP, Counter, DatapathConfig, GroupEntry, LocalPodEntry, MAX_GROUP_MEMBERS,
+    MAX_GROUPS, MAX_PEERS, MAX_POD_PORTS, MAX_ROUTES, MAX_VTEP_ADDRS, PeerAddrEntry, PeerEntry,
+    PeerStats, PodPortEntry, RouteAddr, RouteEntry, counters::COUNTER_SLOTS, route_flags,
+    route_kind,
 };
 
 #[btf_map]
@@ -109,17 +110,39 @@ impl Route {
         self.kind == route_kind::TUNNEL && self.flags & route_flags::VIA_GROUP != 0
     }
 
+    /// A punched peer's route while the connector relays it: traffic goes
+    /// to the connector group's active member.
+    #[inline(always)]
+    pub fn relayed(&self) -> bool {
+        self.kind == route_kind::TUNNEL
+            && self.flags & (route_flags::PUNCHED | route_flags::RELAYED)
+                == route_flags::PUNCHED | route_flags::RELAYED
+    }
+
+    /// Whether the next hop is a group's active member (which the agent
+    /// switches with one map write that no route changes with).
+    #[inline(always)]
+    pub fn through_group(&self) -> bool {
+        self.via_group() || self.relayed()
+    }
+
+    /// A punched peer's route: the connectors relay for it.
+    #[inline(always)]
+    fn punched(&self) -> bool {
+        self.kind == route_kind::TUNNEL && self.flags & route_flags::PUNCHED != 0
+    }
+
     /// The tunnel peer this route sends to, or the drop reason when there
     /// is none: a group without a live member is `DropGroupDown`, not a
     /// configuration error.
     #[inline(always)]
     pub fn next_hop(&self) -> Result<&'static PeerEntry, Counter> {
-        let missing = if self.via_group() {
+        let missing = if self.through_group() {
             Counter::DropGroupDown
         } else {
             Counter::DropUnknownPeer
         };
-        if self.peer_id == 0 && self.via_group() {
+        if self.peer_id == 0 && self.through_group() {
             return Err(missing);
         }
         peer(self.peer_id).ok_or(missing)
@@ -143,6 +166,11 @@ pub fn route(addr: [u8; 4]) -> Option<Route> {
             Some(g) => g.active,
             None => 0,
         };
+    } else if r.relayed() {
+        r.peer_id = match group(CONNECTOR_GROUP) {
+            Some(g) => g.active,
+            None => 0,
+        };
     }
     Some(r)
 }
@@ -159,11 +187,16 @@ pub fn group(id: u16) -> Option<&'static GroupEntry> {
 /// Whether tunnel peer `sender` may send in the name of `r`'s prefix: the
 /// route's own peer, or for a group route any member of the group (a
 /// standby connector forwards for the group as well as the active one:
-/// failover must not wait for both ends to agree).
+/// failover must not wait for both ends to agree). A punched peer's prefix
+/// also comes relayed by any connector, whether we send to it directly or
+/// not: its end may switch before or after ours.
 #[inline(always)]
 pub fn sent_by(r: &Route, sender: u16) -> bool {
     if !r.via_group() {
-        return r.owner == sender;
+        return r.owner == sender
+            || (r.punched()
+                && sender != 0
+                && matches!(group(CONNECTOR_GROUP), Some(g) if g.has_member(sender)));
     }
     match group(r.owner) {
         Some(g) => sender != 0 && g.has_member(sender),
@@ -179,10 +212,16 @@ pub fn sender_at(r: &Route, addr: [u8; 4]) -> Option<u16> {
     if !r.via_group() {
         return match peer(r.owner) {
             Some(p) if p.underlay_ip == addr => Some(r.owner),
+            _ if r.punched() => member_at(group(CONNECTOR_GROUP)?, addr),
             _ => None,
         };
     }
-    let g = group(r.owner)?;
+    member_at(group(r.owner)?, addr)
+}
+
+/// The member of `g` at underlay address `addr`.
+#[inline(always)]
+fn member_at(g: &GroupEntry, addr: [u8; 4]) -> Option<u16> {
     let mut i = 0;
     while i < MAX_GROUP_MEMBERS {
         let member = g.members[i];

@@ -151,7 +151,7 @@ fn vxlan(
     // A route through a group follows its active member, which the
     // agent's prober switches without the cache knowing: not cached.
     let cache = match dst {
-        Some(r) if r.via_group() => None,
+        Some(r) if r.through_group() => None,
         _ => Some(epoch),
     };
     let verdict = match (tunnel, dst) {

@@ -227,6 +227,93 @@ fn any_member_may_send_in_a_group_prefixs_name_and_no_one_else() -> Result<()> {
     Ok(())
 }
 
+// -- a punched community peer (hole punching, ESP) ----------------------------
+
+#[test]
+fn a_punched_peers_prefix_goes_through_the_connector_until_direct_and_comes_from_either()
+-> Result<()> {
+    let mut dp = grouped_edge("ha-punched", tunnel_mode::ESP)?;
+    let to_peer = Frame::eth(POD_MAC, BRIDGE_MAC)
+        .ipv4(LOCAL_POD, PEER_POD)
+        .ttl(64)
+        .udp(4000, 53)
+        .payload(b"to edge-2")
+        .build();
+    let from_peer = Frame::eth(TUNNEL_SRC_MAC, TUNNEL_DEV_MAC)
+        .ipv4(PEER_POD, LOCAL_POD)
+        .udp(53, 4000)
+        .build();
+    let peer_route = |flags: u8| RouteEntry {
+        kind: route_kind::TUNNEL,
+        flags,
+        peer_id: EDGE2_PEER,
+    };
+    let relayed = route_flags::PUNCHED | route_flags::RELAYED;
+    let sent_to = |dp: &TestDatapath| -> Result<(i32, Option<u16>)> {
+        let (out, delta) = counted(dp, || dp.run(Program::FromPod, &to_peer))?;
+        let counted_as = if out.action == TC_ACT_OK {
+            only(Counter::PassKernel)
+        } else {
+            only(Counter::DropGroupDown)
+        };
+        assert_eq!(delta, counted_as, "action {}", out.action);
+        Ok((out.action, mark::tunnel_peer(out.mark)))
+    };
+    let received_from = |dp: &TestDatapath, peer: u16| -> Result<(i32, Counter)> {
+        let skb = SkbIn {
+            mark: mark::from_tunnel(0, peer),
+            ..SkbIn::default()
+        };
+        let (out, delta) = counted(dp, || dp.run_with(Program::TunnelIngress, &from_peer, skb))?;
+        let counter = if out.action == TC_ACT_OK {
+            Counter::FromTunnel
+        } else {
+            Counter::DropSpoofed
+        };
+        assert_eq!(delta, only(counter), "from peer {peer}");
+        Ok((out.action, counter))
+    };
+    let accepted = (TC_ACT_OK, Counter::FromTunnel);
+    let spoofed = (TC_ACT_SHOT, Counter::DropSpoofed);
+
+    // Relayed: to the connector group's active member, whichever it is.
+    dp.maps
+        .set_route(net("10.234.2.0/24"), peer_route(relayed))?;
+    assert_eq!(sent_to(&dp)?, (TC_ACT_OK, Some(CONNECTOR_PEER)));
+    dp.maps
+        .set_group_active(CONNECTOR_GROUP, CONNECTOR_B_PEER)?;
+    assert_eq!(sent_to(&dp)?, (TC_ACT_OK, Some(CONNECTOR_B_PEER)));
+    dp.maps.set_group_active(CONNECTOR_GROUP, 0)?;
+    assert_eq!(
+        sent_to(&dp)?.0,
+        TC_ACT_SHOT,
+        "no live connector: dropped and counted, never sent to the peer"
+    );
+    dp.maps.set_group_active(CONNECTOR_GROUP, CONNECTOR_PEER)?;
+
+    // Either end may switch first: the peer's packets come direct or
+    // relayed by any connector, in both states; no one else's.
+    for (flags, state) in [(relayed, "relayed"), (route_flags::PUNCHED, "direct")] {
+        dp.maps.set_route(net("10.234.2.0/24"), peer_route(flags))?;
+        for peer in [EDGE2_PEER, CONNECTOR_PEER, CONNECTOR_B_PEER] {
+            assert_eq!(received_from(&dp, peer)?, accepted, "{state}: from {peer}");
+        }
+        assert_eq!(
+            received_from(&dp, ORPHAN_PEER)?,
+            spoofed,
+            "{state}: from a stranger"
+        );
+    }
+    // Direct: one write, and the next packet goes to the peer.
+    assert_eq!(sent_to(&dp)?, (TC_ACT_OK, Some(EDGE2_PEER)));
+
+    // Without the flag, a connector may not speak for a community peer.
+    dp.maps.set_route(net("10.234.2.0/24"), peer_route(0))?;
+    assert_eq!(received_from(&dp, CONNECTOR_PEER)?, spoofed);
+    assert_eq!(received_from(&dp, EDGE2_PEER)?, accepted);
+    Ok(())
+}
+
 // -- the probe reflector -------------------------------------------------------
 
 /// A probe header (`fabedge_common::probe::ProbeHeader`) spelled out byte by byte.

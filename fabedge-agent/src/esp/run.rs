@@ -19,6 +19,7 @@ use super::{
     keys::{HelloKey, NodeKey, PUBLIC_KEY_ANNOTATION, PublicKey},
     natt::{EncapSocket, hello},
     plan::{Direction, LocalKeys, ObservedEndpoints, PinnedGenerations, plan_esp},
+    punch::{Change, Punch},
     xfrm::{FE_IF_ID, Socket},
 };
 use crate::{
@@ -54,8 +55,13 @@ pub struct EspRuntime {
     /// Edge: sends keepalives and hellos on its own thread, so that a slow
     /// apply never delays them (the connector learns NAT moves from them).
     keepalives: Keepalives,
-    /// Connector: the NAT-observed endpoints of peers, learnt from their hellos.
+    /// The NAT-observed endpoints of peers, learnt from their hellos.
     observed: ObservedEndpoints,
+    /// Edge: community peers behind another NAT, as the connector
+    /// introduced them, and whether their direct path works.
+    punch: Punch,
+    /// A connector introduced a peer anew: its routes must be planned.
+    introduced: bool,
     /// Hello counters and clock skew of the peers whose hellos we read.
     hellos: HelloReceiver,
     /// (destination, SPI) of the outbound SAs last applied.
@@ -81,6 +87,7 @@ impl EspRuntime {
     /// `socket`: UDP 4500, bound before this agent's turn came (see
     /// `run::handover`); nothing here runs before it is this agent's turn.
     pub fn start(state_dir: &Path, options: EspOptions, socket: EncapSocket) -> Result<Self> {
+        let keepalive = options.keepalive;
         let key = NodeKey::load_or_create(state_dir)?;
         let mut generations = Generations::load(state_dir)?;
         // Replay windows live in the kernel's SAs: when it holds none of
@@ -112,6 +119,8 @@ impl EspRuntime {
             last_rotation: Instant::now(),
             keepalives,
             observed: load_observed(state_dir),
+            punch: Punch::new(keepalive),
+            introduced: false,
             hellos: HelloReceiver::load(state_dir, unix_now()),
             outbound_spis: Default::default(),
             expires,
@@ -133,7 +142,21 @@ impl EspRuntime {
         settings.esp_public_key = Some(self.key.public().to_base64());
         settings.esp_generation = self.generations.generation;
         settings.esp_key_nonce = self.generations.nonce.map(|n| n.to_base64());
-        settings.esp_observed = self.observed.clone();
+        settings.esp_observed = self.endpoints();
+        settings.esp_punched = self.punch.view();
+    }
+
+    /// Where each peer's ESP goes: where we heard it from, else where the
+    /// connector says its NAT shows it.
+    fn endpoints(&self) -> ObservedEndpoints {
+        let mut out: ObservedEndpoints = self
+            .punch
+            .view()
+            .into_iter()
+            .map(|(peer, p)| (peer, p.endpoint))
+            .collect();
+        out.extend(self.observed.iter().map(|(k, v)| (k.clone(), *v)));
+        out
     }
 
     /// Bring xfrm in line with `plan`. `Ok(true)`: a new generation began
@@ -151,7 +174,7 @@ impl EspRuntime {
                         nonce: self.generations.nonce.as_ref(),
                     },
                     self.generations.generation,
-                    &self.observed,
+                    &self.endpoints(),
                     &self.pinned,
                 );
                 let (missing, occupied) = XfrmApplier::missing_outbound(&esp)?;
@@ -206,41 +229,84 @@ impl EspRuntime {
         if report != Default::default() {
             info!("ESP: {report:?}");
         }
-        // Keepalives and hellos go where our ESP goes: the outbound SA's
-        // destination and encapsulation port (published or NAT-observed).
-        let targets = if plan.role == Role::Edge {
+        self.last = Some((snapshot.clone(), plan.clone()));
+        self.send_to(
             esp.sas
                 .iter()
                 .filter(|sa| sa.direction == Direction::Out)
-                .filter_map(|sa| {
-                    let public = snapshot
-                        .nodes
-                        .get(&sa.peer)?
-                        .annotations
-                        .get(PUBLIC_KEY_ANNOTATION)?;
-                    let public = PublicKey::parse(&sa.peer, public).ok()?;
-                    let key = self
-                        .key
-                        .shared_with(&public)
-                        .hello_key(&plan.node, &sa.peer);
+                .map(|sa| {
                     let port = sa.spec.encap.map_or(ESP_IN_UDP_PORT, |e| e.dport);
-                    Some((sa.peer.clone(), SocketAddrV4::new(sa.spec.dst, port), key))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        self.keepalives
-            .update(&plan.node, self.generations.generation, targets);
-        self.last = Some((snapshot.clone(), plan.clone()));
+                    (sa.peer.clone(), SocketAddrV4::new(sa.spec.dst, port))
+                }),
+        );
         Ok(new_generation)
     }
 
+    /// Hand the keepalive thread what it sends. Edge: a hello and a
+    /// keepalive where our ESP goes (`outbound`: each outbound SA's peer,
+    /// destination and encapsulation port), saying to punched peers whether
+    /// we hear them. Connector: its introductions, to the edges behind NAT.
+    fn send_to(&self, outbound: impl Iterator<Item = (String, SocketAddrV4)>) {
+        let Some((snapshot, plan)) = &self.last else {
+            return;
+        };
+        let hello_key = |peer: &str| {
+            let public = snapshot
+                .nodes
+                .get(peer)?
+                .annotations
+                .get(PUBLIC_KEY_ANNOTATION)?;
+            let public = PublicKey::parse(peer, public).ok()?;
+            Some(self.key.shared_with(&public).hello_key(&plan.node, peer))
+        };
+        let now = Instant::now();
+        let targets = match plan.role {
+            Role::Edge => outbound
+                .filter_map(|(peer, to)| {
+                    let key = hello_key(&peer)?;
+                    let heard_you = self.punch.heard_you(&peer, now);
+                    Some(Target {
+                        peer,
+                        to,
+                        key,
+                        heard_you,
+                        introductions: None,
+                    })
+                })
+                .collect(),
+            Role::Connector => super::punch::introductions(snapshot, &self.observed)
+                .into_iter()
+                .filter_map(|(edge, (to, list))| {
+                    let key = hello_key(&edge)?;
+                    Some(Target {
+                        peer: edge,
+                        to,
+                        key,
+                        heard_you: false,
+                        introductions: Some(list),
+                    })
+                })
+                .collect(),
+            Role::Cloud => Vec::new(),
+        };
+        self.keepalives
+            .update(&plan.node, self.generations.generation, targets);
+    }
+
+    /// The last outbound targets again (after a punched peer's flag changed).
+    fn resend(&self) {
+        let outbound = self.keepalives.outbound();
+        self.send_to(outbound.into_iter());
+    }
+
     /// Read the hellos waiting on the socket, at most [`HELLO_BUDGET`] per
-    /// call; `true` if a peer's observed endpoint changed.
+    /// call; `true` if a peer's observed endpoint changed, or a connector
+    /// introduced a community peer at a new endpoint.
     fn learn_from_hellos(&mut self) -> bool {
         let mut changed = false;
+        let mut flags_changed = false;
         let now = unix_now();
+        let instant = Instant::now();
         for _ in 0..HELLO_BUDGET {
             let Some((bytes, from)) = self.socket.try_recv() else {
                 break;
@@ -267,12 +333,44 @@ impl EspRuntime {
                 }
             };
             let sender = hello.node;
+            if let Some(list) = &hello.introductions {
+                // Teaches nothing of the connector's endpoint: a connector
+                // behind a port forward sends from another port than the
+                // one it is reached at.
+                let from_connector = plan.role == Role::Edge
+                    && snapshot
+                        .nodes
+                        .get(&sender)
+                        .is_some_and(|n| n.role == Role::Connector);
+                if !from_connector {
+                    log::debug!("ESP: ignored introductions from {sender}, not a connector");
+                    continue;
+                }
+                let ours = |peer: &str| community_peer(snapshot, plan, peer);
+                for peer in self.punch.introduce(list, ours, instant) {
+                    let endpoint = self.punch.view()[&peer].endpoint;
+                    info!(
+                        "ESP: {peer} relayed through the connector (introduced by {sender} at \
+                         {}:{}, behind another NAT; punching a direct path)",
+                        endpoint.0, endpoint.1
+                    );
+                    // What we heard of it before is stale.
+                    self.observed.remove(&peer);
+                    self.introduced = true;
+                    changed = true;
+                }
+                continue;
+            }
+            flags_changed |= self.punch.heard(&sender, hello.heard_you, instant);
             let endpoint = (*from.ip(), from.port());
             if self.observed.get(&sender) != Some(&endpoint) {
                 info!("ESP: {sender} is reached at {from} (NAT-observed)");
                 self.observed.insert(sender, endpoint);
                 changed = true;
             }
+        }
+        if flags_changed && !changed {
+            self.resend();
         }
         if let Err(e) = self.hellos.flush(changed) {
             warn!("ESP: keeping hello counters: {e:#}");
@@ -352,10 +450,19 @@ impl EspRuntime {
         let_in: impl FnOnce(&Plan, &std::collections::BTreeMap<std::net::Ipv4Addr, u16>) -> Result<()>,
     ) -> Result<bool> {
         let now = Instant::now();
-        if self.learn_from_hellos()
-            && let Some((snapshot, plan)) = self.last.take()
-        {
-            let senders = plan.esp_senders_with(&snapshot, &self.observed);
+        let learnt = self.learn_from_hellos();
+        // Punched peers' routes change with the plan: a full pass.
+        let settled = self.settle_punches(now);
+        if std::mem::take(&mut self.introduced) || settled {
+            return Ok(true);
+        }
+        if self.punch.has_peers() {
+            // A flag that went stale (no hello for a window) stops saying
+            // we hear the peer.
+            self.resend();
+        }
+        if learnt && let Some((snapshot, plan)) = self.last.take() {
+            let senders = plan.esp_senders_with(&snapshot, &self.endpoints());
             let new_address = senders.keys().any(|a| !plan.esp_senders.contains_key(a));
             // The SAs follow the new mapping, with new keys where an
             // outbound SA is re-created (the generation guard).
@@ -404,6 +511,48 @@ impl EspRuntime {
     }
 }
 
+impl EspRuntime {
+    /// Punched peers whose path changed, logged; `true` when the plan must
+    /// follow (their routes go direct or through the connector).
+    fn settle_punches(&mut self, now: Instant) -> bool {
+        let Some((snapshot, plan)) = &self.last else {
+            return false;
+        };
+        let ours = |peer: &str| community_peer(snapshot, plan, peer);
+        let changes = self.punch.settle(ours, now);
+        for change in &changes {
+            match change {
+                Change::Direct { peer, endpoint } => info!(
+                    "ESP: direct path to {peer} open at {}:{} (hole punched)",
+                    endpoint.0, endpoint.1
+                ),
+                Change::Relayed { peer, why } => {
+                    info!("ESP: {peer} relayed through the connector ({why})")
+                }
+                Change::Forgotten { peer } => info!(
+                    "ESP: {peer} is no longer introduced by a connector; reached at its own address"
+                ),
+            }
+        }
+        !changes.is_empty()
+    }
+}
+
+/// Whether `peer` is a community peer of this edge (a tunnel peer of its
+/// plan that is an edge node).
+fn community_peer(snapshot: &Snapshot, plan: &Plan, peer: &str) -> bool {
+    plan.role == Role::Edge
+        && peer != plan.node
+        && plan
+            .peer_ids
+            .get(peer)
+            .is_some_and(|id| plan.peers.contains_key(&id))
+        && snapshot
+            .nodes
+            .get(peer)
+            .is_some_and(|n| n.role == Role::Edge)
+}
+
 /// What [`OBSERVED_FILE`] holds; nothing when it is missing or unreadable
 /// (the next hellos teach it again).
 fn load_observed(state_dir: &Path) -> ObservedEndpoints {
@@ -420,13 +569,60 @@ fn load_observed(state_dir: &Path) -> ObservedEndpoints {
     }
 }
 
+/// One peer the keepalive thread sends to.
+#[derive(Clone)]
+struct Target {
+    peer: String,
+    to: SocketAddrV4,
+    key: HelloKey,
+    /// Punched peers: whether we hear them directly.
+    heard_you: bool,
+    /// Connector: introductions for this edge (no keepalive goes with them).
+    introductions: Option<Vec<hello::Introduction>>,
+}
+
+impl Target {
+    /// What decides whether the thread sends at once: all but the key.
+    fn same(&self, other: &Target) -> bool {
+        self.peer == other.peer
+            && self.to == other.to
+            && self.heard_you == other.heard_you
+            && self.introductions == other.introductions
+    }
+
+    /// The hellos for this target, each with its counter from `next`.
+    fn hellos(&self, node: &str, generation: u32, next: &mut u64) -> Vec<Vec<u8>> {
+        let chunks: Vec<Option<Vec<hello::Introduction>>> = match &self.introductions {
+            None => vec![None],
+            Some(list) => list
+                .chunks(hello::MAX_INTRODUCTIONS)
+                .map(|c| Some(c.to_vec()))
+                .collect(),
+        };
+        chunks
+            .into_iter()
+            .map(|introductions| {
+                let hello = hello::Hello {
+                    node: node.to_owned(),
+                    generation,
+                    counter: *next,
+                    heard_you: self.heard_you,
+                    introductions,
+                };
+                *next += 1;
+                hello::encode(&hello, &self.key)
+            })
+            .collect()
+    }
+}
+
 /// Where keepalives and hellos go, with each peer's hello key; this node's
 /// name and generation for the hellos.
 #[derive(Default)]
 struct KeepaliveTargets {
     node: String,
     generation: u32,
-    peers: Vec<(String, SocketAddrV4, HelloKey)>,
+    peers: Vec<Target>,
 }
 
 /// The keepalive thread: every interval, and at once when the targets
@@ -455,20 +651,30 @@ impl Keepalives {
                     let targets = lock
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let count: usize = targets
+                        .peers
+                        .iter()
+                        .map(|t| {
+                            t.introductions
+                                .as_ref()
+                                .map_or(1, |l| l.len().div_ceil(hello::MAX_INTRODUCTIONS).max(1))
+                        })
+                        .sum();
                     // Written before it is used: never reused after a restart.
-                    let first = counter.reserve(targets.peers.len() as u64, unix_now());
-                    for (n, (name, to, key)) in (0u64..).zip(&targets.peers) {
-                        let hello = hello::Hello {
-                            node: targets.node.clone(),
-                            generation: targets.generation,
-                            counter: first + n,
-                        };
-                        if let Err(e) = socket.send(&hello::encode(&hello, key), *to) {
-                            log::debug!("ESP hello to {name} at {to}: {e}");
+                    let mut next = counter.reserve(count as u64, unix_now());
+                    for target in &targets.peers {
+                        for bytes in target.hellos(&targets.node, targets.generation, &mut next) {
+                            if let Err(e) = socket.send(&bytes, target.to) {
+                                log::debug!("ESP hello to {} at {}: {e}", target.peer, target.to);
+                            }
                         }
                     }
-                    let addresses: Vec<SocketAddrV4> =
-                        targets.peers.iter().map(|(_, to, _)| *to).collect();
+                    let addresses: Vec<SocketAddrV4> = targets
+                        .peers
+                        .iter()
+                        .filter(|t| t.introductions.is_none())
+                        .map(|t| t.to)
+                        .collect();
                     for (peer, e) in socket.keepalive(&addresses) {
                         log::debug!("ESP keepalive to {peer}: {e}");
                     }
@@ -479,8 +685,22 @@ impl Keepalives {
         Ok(Keepalives { shared })
     }
 
+    /// The edge's outbound targets last handed over.
+    fn outbound(&self) -> Vec<(String, SocketAddrV4)> {
+        let (lock, _) = &*self.shared;
+        let targets = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        targets
+            .peers
+            .iter()
+            .filter(|t| t.introductions.is_none())
+            .map(|t| (t.peer.clone(), t.to))
+            .collect()
+    }
+
     /// New targets; sent to at once if they changed.
-    fn update(&self, node: &str, generation: u32, peers: Vec<(String, SocketAddrV4, HelloKey)>) {
+    fn update(&self, node: &str, generation: u32, peers: Vec<Target>) {
         let (lock, wake) = &*self.shared;
         let mut targets = lock
             .lock()
@@ -492,11 +712,12 @@ impl Keepalives {
         };
         let changed = targets.node != new.node
             || targets.generation != new.generation
+            || targets.peers.len() != new.peers.len()
             || targets
                 .peers
                 .iter()
-                .map(|(n, a, _)| (n, a))
-                .ne(new.peers.iter().map(|(n, a, _)| (n, a)));
+                .zip(&new.peers)
+                .any(|(a, b)| !a.same(b));
         *targets = new;
         if changed {
             wake.notify_one();

@@ -176,6 +176,11 @@ pub struct RouteRow {
     pub group: Option<u16>,
     pub next_hop: String,
     pub node_address: bool,
+    /// A community peer behind another NAT (hole punching): `direct`, or
+    /// `relayed` through the connector group (then `group` is set and
+    /// `peer_id` is the connector relaying).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub punched: Option<&'static str>,
 }
 
 impl Row for RouteRow {
@@ -189,7 +194,9 @@ impl Row for RouteRow {
                 (Some(group), peer) => format!("{peer} (group {group})"),
                 (None, 0) => "-".into(),
                 (None, peer) => peer.to_string(),
-            },
+            } + &self
+                .punched
+                .map_or(String::new(), |path| format!(" punched, {path}")),
             self.next_hop.clone(),
             if self.node_address {
                 "yes".into()
@@ -214,8 +221,14 @@ pub fn route_kind_name(kind: u8) -> &'static str {
 pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
     let mut rows = Vec::new();
     for (net, entry) in maps.route_entries()? {
-        let group = (entry.kind == route_kind::TUNNEL && entry.flags & route_flags::VIA_GROUP != 0)
-            .then_some(entry.peer_id);
+        let tunnel = entry.kind == route_kind::TUNNEL;
+        let punched = tunnel && entry.flags & route_flags::PUNCHED != 0;
+        let relayed = punched && entry.flags & route_flags::RELAYED != 0;
+        let group = if tunnel && entry.flags & route_flags::VIA_GROUP != 0 {
+            Some(entry.peer_id)
+        } else {
+            relayed.then_some(fabedge_common::CONNECTOR_GROUP)
+        };
         let peer_id = match group {
             Some(group) => maps.group(group)?.active,
             None => entry.peer_id,
@@ -239,6 +252,7 @@ pub fn routes(maps: &Maps) -> Result<Vec<RouteRow>> {
             group,
             next_hop,
             node_address: entry.flags & route_flags::NODE_ADDR != 0,
+            punched: punched.then_some(if relayed { "relayed" } else { "direct" }),
         });
     }
     Ok(rows)

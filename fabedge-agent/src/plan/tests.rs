@@ -172,6 +172,54 @@ fn edge_node_reaches_community_peer_directly_and_the_rest_through_the_connector(
 }
 
 #[test]
+fn a_punched_peer_is_routed_through_the_connector_until_its_direct_path_works() {
+    use crate::esp::punch::Punched;
+    let punched = |direct| Settings {
+        esp_punched: BTreeMap::from([(
+            "edge-2".to_owned(),
+            Punched {
+                endpoint: (ip("198.18.0.251"), 4500),
+                direct,
+            },
+        )]),
+        ..settings()
+    };
+    let relayed = plan(&cluster(), "edge-1", &punched(false), &PeerIds::new()).unwrap();
+    let direct = plan(&cluster(), "edge-1", &punched(true), &PeerIds::new()).unwrap();
+    let plain = plan_for(&cluster(), "edge-1");
+    let edge2 = relayed.peer_ids.get("edge-2").unwrap();
+    let flags = route_flags::PUNCHED | route_flags::RELAYED;
+    assert_eq!(route(&relayed, "10.234.2.0/24").0, tunnel(flags)(edge2));
+    assert_eq!(
+        route(&relayed, "10.2.0.12/32").0,
+        tunnel(flags | route_flags::NODE_ADDR)(edge2)
+    );
+    assert_eq!(
+        route(&direct, "10.234.2.0/24").0,
+        tunnel(route_flags::PUNCHED)(edge2)
+    );
+    assert_eq!(
+        route(&direct, "10.2.0.12/32").0,
+        tunnel(route_flags::PUNCHED | route_flags::NODE_ADDR)(edge2)
+    );
+    // Nothing else moves: the peer stays a tunnel peer (its SAs and hellos
+    // go on), and every other route is the plain plan's.
+    for p in [&relayed, &direct] {
+        assert_eq!(p.peers, plain.peers);
+        for (prefix, entry) in &plain.routes {
+            if !["10.234.2.0/24", "10.2.0.12/32"].contains(&prefix.to_string().as_str()) {
+                assert_eq!(p.routes[prefix], *entry, "{prefix}");
+            }
+        }
+    }
+    // The connector relays by routing every edge's prefixes to the edge,
+    // whatever the edges think of each other.
+    let connector = plan(&cluster(), "cloud-1", &punched(false), &PeerIds::new()).unwrap();
+    let connector_plain = plan_for(&cluster(), "cloud-1");
+    assert_eq!(connector.routes, connector_plain.routes);
+}
+
+#[test]
 fn edge_kernel_routes_mirror_every_tunnel_prefix() {
     let plan = plan_for(&cluster(), "edge-1");
     let tunnel_prefixes: Vec<Ipv4Net> = plan

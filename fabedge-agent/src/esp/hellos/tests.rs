@@ -36,6 +36,7 @@ fn hello(counter: u64) -> Hello {
         node: "edge-1".into(),
         generation: 4,
         counter,
+        ..Hello::default()
     }
 }
 

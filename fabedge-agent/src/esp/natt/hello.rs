@@ -6,6 +6,19 @@
 //! Layout (version 2):
 //! `00000000 "FEH" 02 name_len:u8 name generation:u32 counter:u64 hmac:32`.
 //!
+//! Version 3 adds what hole punching between edges behind two NATs needs
+//! (see `esp::punch`), after the counter:
+//! `flags:u8 [count:u8 (name_len:u8 name addr:4 port:2)*]`.
+//! - [`HEARD_YOU`]: the sender heard the receiver's hellos directly within
+//!   the last few keepalive intervals (the direct path works both ways
+//!   once each end says so).
+//! - [`INTRODUCTION`]: sent by a connector, the list that follows names
+//!   community peers and the endpoints their NATs show; such a hello
+//!   teaches nothing about the connector's own endpoint.
+//!
+//! A hello without either is sent as version 2, so a receiver from before
+//! version 3 keeps learning NAT moves from an upgraded sender.
+//!
 //! `counter` is the sender's hello counter: `unix_secs << 20 | n`, strictly
 //! increasing over every hello the sender ever sends (see `esp::hellos`),
 //! so a receiver accepts each hello once, and the time it carries bounds
@@ -22,17 +35,37 @@ use crate::esp::keys::HelloKey;
 
 const MAGIC: &[u8; 7] = b"\0\0\0\0FEH";
 pub const VERSION: u8 = 2;
+/// The version with flags and introductions.
+pub const VERSION_FLAGS: u8 = 3;
+/// Flag: the sender hears the receiver directly.
+pub const HEARD_YOU: u8 = 1 << 0;
+/// Flag: a connector's introductions follow.
+pub const INTRODUCTION: u8 = 1 << 1;
+/// Introductions one hello carries at most (a longer list is split).
+pub const MAX_INTRODUCTIONS: usize = 16;
 const TAG_LEN: usize = 32;
 /// Bits of the counter below the seconds.
 pub const COUNTER_SHIFT: u32 = 20;
 /// Hellos whose time is further than this from ours are not accepted.
 pub const MAX_SKEW_SECS: u64 = 120;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     pub node: String,
     pub generation: u32,
     pub counter: u64,
+    /// Version 3: the sender hears us directly.
+    pub heard_you: bool,
+    /// Version 3, from a connector: community peers and where their NATs
+    /// show them. `Some` (even empty) makes the hello an introduction.
+    pub introductions: Option<Vec<Introduction>>,
+}
+
+/// A community peer and the endpoint its NAT shows the connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introduction {
+    pub node: String,
+    pub endpoint: std::net::SocketAddrV4,
 }
 
 impl Hello {
@@ -42,15 +75,42 @@ impl Hello {
     }
 }
 
+/// Node names are at most 253 bytes (a DNS subdomain); longer is cut.
+fn name_bytes(name: &str) -> &[u8] {
+    &name.as_bytes()[..name.len().min(255)]
+}
+
+/// The datagram; introductions past [`MAX_INTRODUCTIONS`] are left out
+/// (the sender splits longer lists).
 pub fn encode(hello: &Hello, key: &HelloKey) -> Vec<u8> {
-    let name = &hello.node.as_bytes()[..hello.node.len().min(255)];
+    let name = name_bytes(&hello.node);
+    let flags = if hello.heard_you { HEARD_YOU } else { 0 }
+        | if hello.introductions.is_some() {
+            INTRODUCTION
+        } else {
+            0
+        };
     let mut out = Vec::with_capacity(MAGIC.len() + 2 + name.len() + 12 + TAG_LEN);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    out.push(if flags == 0 { VERSION } else { VERSION_FLAGS });
     out.push(name.len() as u8);
     out.extend_from_slice(name);
     out.extend_from_slice(&hello.generation.to_be_bytes());
     out.extend_from_slice(&hello.counter.to_be_bytes());
+    if flags != 0 {
+        out.push(flags);
+    }
+    if let Some(list) = &hello.introductions {
+        let list = &list[..list.len().min(MAX_INTRODUCTIONS)];
+        out.push(list.len() as u8);
+        for intro in list {
+            let name = name_bytes(&intro.node);
+            out.push(name.len() as u8);
+            out.extend_from_slice(name);
+            out.extend_from_slice(&intro.endpoint.ip().octets());
+            out.extend_from_slice(&intro.endpoint.port().to_be_bytes());
+        }
+    }
     let tag = key.tag(&out);
     out.extend_from_slice(&tag);
     out
@@ -71,6 +131,11 @@ pub struct Unverified<'a> {
     pub node: &'a str,
     pub generation: u32,
     pub counter: u64,
+    /// Version 3's flags (0 for version 2).
+    pub flags: u8,
+    /// Version 3 with [`INTRODUCTION`]: the list's bytes, whose shape
+    /// `parse` checked.
+    introductions: Option<&'a [u8]>,
     body: &'a [u8],
     tag: &'a [u8],
 }
@@ -78,28 +143,92 @@ pub struct Unverified<'a> {
 /// Read the fields of a hello; no allocation, no cryptography.
 pub fn parse(bytes: &[u8]) -> Result<Unverified<'_>, Malformed> {
     let rest = bytes.strip_prefix(MAGIC).ok_or(Malformed::NotAHello)?;
-    match rest.first() {
-        Some(&VERSION) => {}
+    let version = match rest.first() {
+        Some(&v @ (VERSION | VERSION_FLAGS)) => v,
         Some(&other) => return Err(Malformed::Version(other)),
         None => return Err(Malformed::NotAHello),
-    }
+    };
+    let body_len = bytes
+        .len()
+        .checked_sub(TAG_LEN)
+        .ok_or(Malformed::NotAHello)?;
+    let body = &bytes[..body_len];
     let name_len = *rest.get(1).ok_or(Malformed::NotAHello)? as usize;
-    let body_len = MAGIC.len() + 2 + name_len + 4 + 8;
-    if bytes.len() != body_len + TAG_LEN {
+    let at = MAGIC.len() + 2;
+    let fixed_end = at + name_len + 4 + 8;
+    if body.len() < fixed_end {
         return Err(Malformed::NotAHello);
     }
-    let at = MAGIC.len() + 2;
-    let node = std::str::from_utf8(&bytes[at..at + name_len]).map_err(|_| Malformed::NotAHello)?;
+    let node = std::str::from_utf8(&body[at..at + name_len]).map_err(|_| Malformed::NotAHello)?;
     let at = at + name_len;
-    let generation = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    let counter = u64::from_be_bytes(bytes[at + 4..at + 12].try_into().expect("8 bytes"));
+    let generation = u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
+    let counter = u64::from_be_bytes(body[at + 4..at + 12].try_into().expect("8 bytes"));
+    let (flags, introductions) = match version {
+        VERSION if body.len() == fixed_end => (0, None),
+        VERSION_FLAGS => {
+            let flags = *body.get(fixed_end).ok_or(Malformed::NotAHello)?;
+            // One encoding per hello: no flags is version 2, and no bits
+            // we do not know.
+            if flags == 0 || flags & !(HEARD_YOU | INTRODUCTION) != 0 {
+                return Err(Malformed::NotAHello);
+            }
+            let rest = &body[fixed_end + 1..];
+            match flags & INTRODUCTION {
+                0 if rest.is_empty() => (flags, None),
+                0 => return Err(Malformed::NotAHello),
+                _ => {
+                    introductions_shape(rest).ok_or(Malformed::NotAHello)?;
+                    (flags, Some(rest))
+                }
+            }
+        }
+        _ => return Err(Malformed::NotAHello),
+    };
     Ok(Unverified {
         node,
         generation,
         counter,
-        body: &bytes[..body_len],
+        flags,
+        introductions,
+        body,
         tag: &bytes[body_len..],
     })
+}
+
+/// Walks an introduction list: `count`, then each entry; `None` unless
+/// the bytes are exactly that. No allocation.
+fn introductions_shape(list: &[u8]) -> Option<()> {
+    let (&count, mut rest) = list.split_first()?;
+    if count as usize > MAX_INTRODUCTIONS {
+        return None;
+    }
+    for _ in 0..count {
+        let (&len, after) = rest.split_first()?;
+        let entry = after.get(..len as usize + 6)?;
+        std::str::from_utf8(&entry[..len as usize]).ok()?;
+        rest = &after[len as usize + 6..];
+    }
+    rest.is_empty().then_some(())
+}
+
+/// The entries of a list [`introductions_shape`] accepted.
+fn read_introductions(list: &[u8]) -> Vec<Introduction> {
+    let mut out = Vec::with_capacity(list[0] as usize);
+    let mut rest = &list[1..];
+    for _ in 0..list[0] {
+        let len = rest[0] as usize;
+        let name = std::str::from_utf8(&rest[1..1 + len]).unwrap_or_default();
+        let at = &rest[1 + len..1 + len + 6];
+        out.push(Introduction {
+            node: name.to_owned(),
+            endpoint: std::net::SocketAddrV4::new(
+                std::net::Ipv4Addr::new(at[0], at[1], at[2], at[3]),
+                u16::from_be_bytes([at[4], at[5]]),
+            ),
+        });
+        rest = &rest[1 + len + 6..];
+    }
+    out
 }
 
 impl Unverified<'_> {
@@ -109,6 +238,8 @@ impl Unverified<'_> {
             node: self.node.to_owned(),
             generation: self.generation,
             counter: self.counter,
+            heard_you: self.flags & HEARD_YOU != 0,
+            introductions: self.introductions.map(read_introductions),
         })
     }
 }
@@ -142,6 +273,7 @@ mod tests {
             node: "edge-1".into(),
             generation: 3,
             counter: (secs << COUNTER_SHIFT) | 5,
+            ..Hello::default()
         }
     }
 
@@ -182,5 +314,69 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert_eq!(parse(&long).unwrap_err(), Malformed::NotAHello);
+    }
+
+    #[test]
+    fn version_3_carries_the_heard_flag_and_introductions_and_plain_hellos_stay_version_2() {
+        let (edge, connector) = keys();
+        let heard = Hello {
+            heard_you: true,
+            ..hello_at(1_000_000)
+        };
+        let bytes = encode(&heard, &edge);
+        assert_eq!(&bytes[4..8], b"FEH\x03");
+        assert_eq!(decode(&bytes, &connector, 1_000_000), Some(heard.clone()));
+        let intro = Hello {
+            introductions: Some(vec![
+                Introduction {
+                    node: "edge-2".into(),
+                    endpoint: "198.18.0.251:4500".parse().unwrap(),
+                },
+                Introduction {
+                    node: "edge-3".into(),
+                    endpoint: "198.18.0.252:31000".parse().unwrap(),
+                },
+            ]),
+            ..hello_at(1_000_000)
+        };
+        let bytes = encode(&intro, &edge);
+        assert_eq!(decode(&bytes, &connector, 1_000_000), Some(intro.clone()));
+        // Any byte changed in the list, or a list cut short, is refused.
+        for at in [bytes.len() - TAG_LEN - 1, bytes.len() - TAG_LEN - 9] {
+            let mut tampered = bytes.clone();
+            tampered[at] ^= 1;
+            assert_eq!(decode(&tampered, &connector, 1_000_000), None);
+        }
+        let mut short = bytes[..bytes.len() - TAG_LEN - 1].to_vec();
+        short.extend_from_slice(&edge.tag(&short));
+        assert_eq!(parse(&short).unwrap_err(), Malformed::NotAHello);
+        // A count the bytes do not hold, or above the limit, is refused
+        // before any cryptography.
+        let count_at = bytes.len() - TAG_LEN - 2 * (1 + 6 + 6) - 1;
+        assert_eq!(bytes[count_at], 2);
+        for count in [3, MAX_INTRODUCTIONS as u8 + 1] {
+            let mut wrong = bytes.clone();
+            wrong[count_at] = count;
+            assert_eq!(parse(&wrong).unwrap_err(), Malformed::NotAHello);
+        }
+        // An empty list is still an introduction.
+        let none = Hello {
+            introductions: Some(Vec::new()),
+            ..hello_at(1_000_000)
+        };
+        assert_eq!(
+            decode(&encode(&none, &edge), &connector, 1_000_000),
+            Some(none)
+        );
+        assert_eq!(&encode(&hello_at(1), &edge)[4..8], b"FEH\x02");
+        // Version 3 without flags, or with bits we do not know, is no hello.
+        let flag_at = 8 + 1 + 6 + 4 + 8;
+        let v3 = encode(&heard, &edge);
+        for flags in [0, 1 << 7] {
+            let mut other = v3[..flag_at].to_vec();
+            other.push(flags);
+            other.extend_from_slice(&edge.tag(&other));
+            assert_eq!(parse(&other).unwrap_err(), Malformed::NotAHello);
+        }
     }
 }
