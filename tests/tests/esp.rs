@@ -1354,3 +1354,490 @@ fn not_a_probe() -> String {
         8 + std::mem::size_of::<fabedge_common::probe::ProbeHeader>()
     )
 }
+
+// ---------------------------------------------------------------------------
+// In the Debian VMs: community edges behind two NATs (hole punching).
+// edge-1 stays on the first site (198.18.0.250, endpoint-independent), edge-2
+// moves to a second site (198.18.0.251) behind a router of the kind a test
+// asks for. These tests run before the HA tests of their VM boot (libtest
+// runs names in order): the HA cluster is shared and lives until exit.
+// ---------------------------------------------------------------------------
+
+use fabedge_tests::cluster::{
+    Endpoint, GapMeter, NatKind, PingGaps, SECOND_NAT_PUBLIC_IP, SECOND_SITE_EDGE, SecondSite,
+};
+
+/// The keepalive (and hello) interval of these tests: `esp_options`'
+/// `--keepalive-interval`.
+const PUNCH_KEEPALIVE: Duration = Duration::from_secs(1);
+/// The edge on the first site whose direct path to [`SECOND_SITE_EDGE`] is watched.
+const FIRST_SITE_EDGE: &str = "edge-1";
+/// How long the first relayed ping may take after the cluster's start: every
+/// node publishes its key and opens its SAs, slowly under TCG.
+const FIRST_PING_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long both edges may take, after the firewall between the sites goes,
+/// to log their direct path: the next hello each way (one interval), the
+/// proof that each hears the other (another), and TCG's slowness.
+const DIRECT_PATH_BUDGET: Duration = Duration::from_secs(15);
+/// The gap meters' rate across the switch to the direct path.
+const PUNCH_PING_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the gap meters go on after both edges logged the direct path.
+const PINGING_AFTER_DIRECT: Duration = Duration::from_secs(2);
+/// Pings whose every packet edge-1's datapath must count toward one peer.
+const COUNTED_PINGS: u32 = 20;
+/// How often the agents' logs are read while waiting for a line.
+const LOG_POLL: Duration = Duration::from_millis(50);
+
+/// The ESP mode with the edges behind NAT, edge-2 on a site of its own.
+fn two_nat_options(second: SecondSite) -> ClusterOptions {
+    ClusterOptions {
+        edges_behind_nat: true,
+        second_site: Some(second),
+        ..esp_options()
+    }
+}
+
+/// pcap: ESP in UDP (a non-zero SPI right after the UDP header: no hello,
+/// no one-byte NAT keepalive) from `from`'s public address to `to`'s.
+fn esp_from_to(from: std::net::Ipv4Addr, to: std::net::Ipv4Addr) -> String {
+    format!("udp and src host {from} and dst host {to} and udp[4:2] >= 16 and udp[8:4] != 0")
+}
+
+/// pcap: ESP in UDP between the two sites' public addresses, either way.
+fn esp_between_sites() -> String {
+    format!(
+        "({}) or ({})",
+        esp_from_to(NAT_PUBLIC_IP, SECOND_NAT_PUBLIC_IP),
+        esp_from_to(SECOND_NAT_PUBLIC_IP, NAT_PUBLIC_IP)
+    )
+}
+
+/// pcap: hellos (four zero bytes, then `FEH`) from the first site's public
+/// address to the second's.
+fn hellos_first_to_second_site() -> String {
+    format!(
+        "udp and src host {NAT_PUBLIC_IP} and dst host {SECOND_NAT_PUBLIC_IP} and udp[4:2] >= 16 \
+         and udp[8:4] = 0 and udp[12:2] = 0x4645 and udp[14:1] = 0x48"
+    )
+}
+
+/// Packets `node`'s datapath sent toward `peer` (`inspect peers`, the rows
+/// named after it).
+fn tx_toward(cluster: &Cluster, node: &str, peer: &str) -> Result<u64> {
+    let peers = cluster.agent_inspect(node, "peers")?;
+    Ok(peers
+        .as_array()
+        .context("inspect peers --json is a list")?
+        .iter()
+        .filter(|row| row["name"] == peer)
+        .filter_map(|row| row["tx_packets"].as_u64())
+        .sum())
+}
+
+/// Pings `to` from `from` until one is answered, up to `timeout`; how long it took.
+fn wait_for_answers(from: &Endpoint, to: &Endpoint, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if from.ping(to.ip(), 1)?.all_received() {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "{} → {}: no ping answered within {timeout:?}",
+            from.label(),
+            to.label()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Growth of edge-1's datapath counts toward the connector and toward
+/// edge-2 while edge-1's pod pings edge-2's [`COUNTED_PINGS`] times.
+struct CountedPings {
+    toward_connector: u64,
+    toward_peer: u64,
+}
+
+fn counted_pings(cluster: &Cluster) -> Result<CountedPings> {
+    let (from, to) = (
+        cluster.pod(FIRST_SITE_EDGE)?,
+        cluster.pod(SECOND_SITE_EDGE)?,
+    );
+    let tx = || -> Result<(u64, u64)> {
+        Ok((
+            tx_toward(cluster, FIRST_SITE_EDGE, "cloud-1")?,
+            tx_toward(cluster, FIRST_SITE_EDGE, SECOND_SITE_EDGE)?,
+        ))
+    };
+    let before = tx()?;
+    let pings = from.ping(to.ip(), COUNTED_PINGS)?;
+    let after = tx()?;
+    ensure!(
+        pings.all_received(),
+        "{} → {}: {pings:?}\n{}",
+        from.label(),
+        to.label(),
+        cluster.diagnostics(&two_nat_nodes())
+    );
+    Ok(CountedPings {
+        toward_connector: after.0 - before.0,
+        toward_peer: after.1 - before.1,
+    })
+}
+
+/// The nodes whose logs and tables explain a two-NAT failure.
+fn two_nat_nodes() -> Vec<String> {
+    [FIRST_SITE_EDGE, SECOND_SITE_EDGE, "cloud-1"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// The `<ip>:<port>` of `node`'s agent log line saying its direct path to
+/// `peer` is open, if it logged one.
+fn direct_path_logged(cluster: &Cluster, node: &str, peer: &str) -> Result<Option<String>> {
+    let line = format!("ESP: direct path to {peer} open at ");
+    Ok(cluster.agent_log(node)?.lines().find_map(|l| {
+        let (_, rest) = l.split_once(line.as_str())?;
+        Some(
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    }))
+}
+
+/// `node`'s agent log lines saying `peer` is relayed through the connector.
+fn relayed_logged(cluster: &Cluster, node: &str, peer: &str) -> Result<Vec<String>> {
+    let line = format!("ESP: {peer} relayed through the connector (");
+    Ok(cluster
+        .agent_log(node)?
+        .lines()
+        .filter(|l| l.contains(&line))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Waits until both edges have logged their direct path to each other;
+/// (edge, where it reaches the other, when it was seen after `since`).
+fn wait_for_direct_paths(
+    cluster: &Cluster,
+    since: Instant,
+    timeout: Duration,
+) -> Result<Vec<(&'static str, String, Duration)>> {
+    let pairs = [
+        (FIRST_SITE_EDGE, SECOND_SITE_EDGE),
+        (SECOND_SITE_EDGE, FIRST_SITE_EDGE),
+    ];
+    let mut opened: Vec<Option<(String, Duration)>> = vec![None; pairs.len()];
+    loop {
+        for ((edge, peer), seen) in pairs.iter().zip(&mut opened) {
+            if seen.is_none()
+                && let Some(at) = direct_path_logged(cluster, edge, peer)?
+            {
+                *seen = Some((at, since.elapsed()));
+            }
+        }
+        if opened.iter().all(Option::is_some) {
+            return Ok(pairs
+                .iter()
+                .zip(opened)
+                .filter_map(|((edge, _), seen)| seen.map(|(at, after)| (*edge, at, after)))
+                .collect());
+        }
+        if since.elapsed() > timeout {
+            let missing: Vec<String> = pairs
+                .iter()
+                .zip(&opened)
+                .filter(|(_, seen)| seen.is_none())
+                .map(|((edge, peer), _)| {
+                    format!("{edge} logged no \"ESP: direct path to {peer} open at\"")
+                })
+                .collect();
+            bail!(
+                "{} within {timeout:?} of the sites' unblocking\n{}",
+                missing.join("; "),
+                cluster.diagnostics(&two_nat_nodes())
+            );
+        }
+        thread::sleep(LOG_POLL);
+    }
+}
+
+/// `edge-1 pod → edge-2 pod: 312 of 312 answered, longest gap 40 ms`.
+fn ping_summary(gaps: &PingGaps) -> String {
+    format!(
+        "{}: {} of {} answered, longest gap {} ms",
+        gaps.label,
+        gaps.received(),
+        gaps.sent(),
+        gaps.longest_gap().0.as_millis()
+    )
+}
+
+/// Two community edges behind two endpoint-independent NATs, with a
+/// firewall between the sites at first: their pods reach each other through
+/// the connector; once the firewall goes, the edges punch a hole and switch
+/// to the direct path without a ping lost either way.
+#[test]
+#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
+fn edges_behind_two_nats_are_relayed_then_punch_a_hole_and_switch_to_it_without_loss() -> Result<()>
+{
+    let cluster = Cluster::start(two_nat_options(SecondSite {
+        nat: NatKind::EndpointIndependent,
+        blocked_from_first_site: true,
+    }))?;
+    let relay_capture = wan_capture(&cluster)?;
+    let (pod_1, pod_2) = (
+        cluster.pod(FIRST_SITE_EDGE)?,
+        cluster.pod(SECOND_SITE_EDGE)?,
+    );
+
+    // Relayed while the sites cannot reach each other.
+    let first = wait_for_answers(pod_1, pod_2, FIRST_PING_TIMEOUT)?;
+    wait_for_answers(pod_2, pod_1, FIRST_PING_TIMEOUT)?;
+    let relayed = counted_pings(&cluster)?;
+    eprintln!(
+        "relayed (sites blocked): first answer {:.1} s after the start; {COUNTED_PINGS} pings \
+         edge-1 pod → edge-2 pod answered; edge-1's datapath sent {} packets toward cloud-1, {} \
+         toward edge-2",
+        first.as_secs_f64(),
+        relayed.toward_connector,
+        relayed.toward_peer
+    );
+    for (edge, peer) in [
+        (FIRST_SITE_EDGE, SECOND_SITE_EDGE),
+        (SECOND_SITE_EDGE, FIRST_SITE_EDGE),
+    ] {
+        ensure!(
+            direct_path_logged(&cluster, edge, peer)?.is_none(),
+            "{edge} logged a direct path to {peer} while the sites were blocked from each other\n{}",
+            cluster.agent_logs(&two_nat_nodes())
+        );
+        eprintln!("{edge}: {:?}", relayed_logged(&cluster, edge, peer)?);
+    }
+    ensure!(
+        relayed.toward_connector >= u64::from(COUNTED_PINGS) && relayed.toward_peer == 0,
+        "relayed pings: edge-1's datapath sent {} packets toward cloud-1 and {} toward edge-2 \
+         for {COUNTED_PINGS} pings (expected all toward cloud-1)\n{}",
+        relayed.toward_connector,
+        relayed.toward_peer,
+        cluster.diagnostics(&two_nat_nodes())
+    );
+    let direct_while_blocked = relay_capture.packets(&esp_between_sites())?;
+    let punches = relay_capture.packets(&hellos_first_to_second_site())?;
+    drop(relay_capture);
+    eprintln!(
+        "WAN while blocked: {} hellos {NAT_PUBLIC_IP} → {SECOND_NAT_PUBLIC_IP}, {} ESP packets \
+         between the sites",
+        punches.len(),
+        direct_while_blocked.len()
+    );
+    ensure!(
+        direct_while_blocked.is_empty(),
+        "ESP between the sites' public addresses before any direct path was proven:\n{}",
+        direct_while_blocked.join("\n")
+    );
+
+    // The switch, under pings every 20 ms both ways.
+    let forward = GapMeter::start(pod_1, pod_2, PUNCH_PING_INTERVAL)?;
+    let backward = GapMeter::start(pod_2, pod_1, PUNCH_PING_INTERVAL)?;
+    let meters_started = Instant::now();
+    while forward.last_reply().is_none() || backward.last_reply().is_none() {
+        ensure!(
+            meters_started.elapsed() < Duration::from_secs(10),
+            "the gap meters between the edge pods had no reply both ways within 10 s of their start"
+        );
+        thread::sleep(LOG_POLL);
+    }
+    let unblocked = Instant::now();
+    cluster.unblock_between_sites()?;
+    let opened = wait_for_direct_paths(&cluster, unblocked, DIRECT_PATH_BUDGET)?;
+    let direct_capture = wan_capture(&cluster)?;
+    // Pinging goes on for a timed window over the direct path.
+    thread::sleep(PINGING_AFTER_DIRECT);
+    let forward = forward.stop()?;
+    let backward = backward.stop()?;
+    for (edge, at, after) in &opened {
+        eprintln!(
+            "{edge}: direct path open at {at}, {:.2} s after the sites' unblocking (logs read every \
+             {} ms)",
+            after.as_secs_f64(),
+            LOG_POLL.as_millis()
+        );
+    }
+    eprintln!(
+        "across the switch: {}; {}",
+        ping_summary(&forward),
+        ping_summary(&backward)
+    );
+    ensure!(
+        forward.lost() == 0 && backward.lost() == 0,
+        "pings lost across the switch to the direct path: {}; {} (lost at {:?} and {:?} after \
+         their start)\n{}",
+        forward.summary(),
+        backward.summary(),
+        forward.lost_sends(),
+        backward.lost_sends(),
+        cluster.agent_logs(&two_nat_nodes())
+    );
+    for (edge, at, _) in &opened {
+        let expected = if *edge == FIRST_SITE_EDGE {
+            SECOND_NAT_PUBLIC_IP
+        } else {
+            NAT_PUBLIC_IP
+        };
+        ensure!(
+            at.split(':').next() == Some(expected.to_string().as_str()),
+            "{edge} opened its direct path at {at}, not at the other site's public address {expected}"
+        );
+    }
+
+    // The WAN carries ESP between the sites, both ways.
+    let mut directions = Vec::new();
+    for (from, to) in [
+        (NAT_PUBLIC_IP, SECOND_NAT_PUBLIC_IP),
+        (SECOND_NAT_PUBLIC_IP, NAT_PUBLIC_IP),
+    ] {
+        let esp = direct_capture.packets(&esp_from_to(from, to))?;
+        ensure!(
+            !esp.is_empty(),
+            "no ESP {from} → {to} on the WAN after both edges logged the direct path\n{}",
+            cluster.diagnostics(&two_nat_nodes())
+        );
+        directions.push(format!("{} ESP packets {from} → {to}", esp.len()));
+    }
+    drop(direct_capture);
+    eprintln!(
+        "WAN after the switch ({PINGING_AFTER_DIRECT:?} of pings): {}",
+        directions.join(", ")
+    );
+
+    // edge-1's datapath sends edge-2's traffic to edge-2 itself, to where
+    // the second NAT shows it.
+    let direct = counted_pings(&cluster)?;
+    eprintln!(
+        "direct: {COUNTED_PINGS} pings edge-1 pod → edge-2 pod answered; edge-1's datapath sent {} \
+         packets toward edge-2, {} toward cloud-1",
+        direct.toward_peer, direct.toward_connector
+    );
+    ensure!(
+        direct.toward_peer >= u64::from(COUNTED_PINGS),
+        "after the switch, edge-1's datapath sent only {} packets toward edge-2 for {COUNTED_PINGS} \
+         pings\n{}",
+        direct.toward_peer,
+        cluster.diagnostics(&two_nat_nodes())
+    );
+    let tunnels = cluster.agent_inspect(FIRST_SITE_EDGE, "tunnels")?;
+    let remotes: Vec<&str> = tunnels
+        .as_array()
+        .context("inspect tunnels --json is a list")?
+        .iter()
+        .filter(|r| r["peer"] == SECOND_SITE_EDGE && r["direction"] == "out")
+        .filter_map(|r| r["remote"].as_str())
+        .collect();
+    ensure!(
+        remotes
+            .iter()
+            .any(|r| r.split(':').next() == Some(SECOND_NAT_PUBLIC_IP.to_string().as_str())),
+        "edge-1's outbound SAs to edge-2 send to {remotes:?}, not to the second NAT \
+         ({SECOND_NAT_PUBLIC_IP}):\n{tunnels:#}"
+    );
+    eprintln!("edge-1's outbound SA to edge-2 sends to {remotes:?}");
+    Ok(())
+}
+
+/// Two community edges, the second behind a symmetric NAT: no hole can be
+/// punched (the port the connector sees is not the port edge-1's packets
+/// meet), so their pods reach each other through the connector for good,
+/// while edge-1 keeps trying every keepalive interval.
+#[test]
+#[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
+fn edges_behind_a_symmetric_nat_stay_relayed_and_keep_trying_to_punch() -> Result<()> {
+    let cluster = Cluster::start(two_nat_options(SecondSite::behind(NatKind::Symmetric)))?;
+    let capture = wan_capture(&cluster)?;
+    let window = Instant::now();
+    let (pod_1, pod_2) = (
+        cluster.pod(FIRST_SITE_EDGE)?,
+        cluster.pod(SECOND_SITE_EDGE)?,
+    );
+    let first = wait_for_answers(pod_1, pod_2, FIRST_PING_TIMEOUT)?;
+    wait_for_answers(pod_2, pod_1, FIRST_PING_TIMEOUT)?;
+    // Absence cannot be polled for: give the edges five keepalive intervals
+    // to (fail to) punch a hole.
+    let tries = PUNCH_KEEPALIVE * 5;
+    if let Some(left) = tries.checked_sub(window.elapsed()) {
+        thread::sleep(left);
+    }
+
+    let relayed = counted_pings(&cluster)?;
+    let back = pod_2.ping(pod_1.ip(), COUNTED_PINGS)?;
+    eprintln!(
+        "symmetric second NAT: first answer {:.1} s after the start; {COUNTED_PINGS} pings edge-1 \
+         pod → edge-2 pod answered, edge-2 pod → edge-1 pod {}/{}; edge-1's datapath sent {} \
+         packets toward cloud-1, {} toward edge-2",
+        first.as_secs_f64(),
+        back.received,
+        back.sent,
+        relayed.toward_connector,
+        relayed.toward_peer
+    );
+    ensure!(
+        back.all_received(),
+        "edge-2 pod → edge-1 pod behind the symmetric NAT: {back:?}\n{}",
+        cluster.diagnostics(&two_nat_nodes())
+    );
+    ensure!(
+        relayed.toward_connector >= u64::from(COUNTED_PINGS) && relayed.toward_peer == 0,
+        "behind the symmetric NAT, edge-1's datapath sent {} packets toward cloud-1 and {} \
+         toward edge-2 for {COUNTED_PINGS} pings (expected all toward cloud-1)\n{}",
+        relayed.toward_connector,
+        relayed.toward_peer,
+        cluster.diagnostics(&two_nat_nodes())
+    );
+    for (edge, peer) in [
+        (FIRST_SITE_EDGE, SECOND_SITE_EDGE),
+        (SECOND_SITE_EDGE, FIRST_SITE_EDGE),
+    ] {
+        if let Some(at) = direct_path_logged(&cluster, edge, peer)? {
+            bail!(
+                "{edge} logged a direct path to {peer} (at {at}) through a symmetric NAT\n{}",
+                cluster.agent_logs(&two_nat_nodes())
+            );
+        }
+        eprintln!("{edge}: {:?}", relayed_logged(&cluster, edge, peer)?);
+    }
+
+    let esp = capture.packets(&esp_between_sites())?;
+    let hellos = capture.packets(&hellos_first_to_second_site())?;
+    let watched = window.elapsed();
+    drop(capture);
+    eprintln!(
+        "WAN over {:.1} s: {} hellos {NAT_PUBLIC_IP} → {SECOND_NAT_PUBLIC_IP}, at:\n  {}",
+        watched.as_secs_f64(),
+        hellos.len(),
+        hellos
+            .iter()
+            .map(|line| line
+                .split_whitespace()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    ensure!(
+        esp.is_empty(),
+        "ESP between the sites' public addresses through a symmetric NAT:\n{}",
+        esp.join("\n")
+    );
+    ensure!(
+        hellos.len() >= 3,
+        "only {} hellos {NAT_PUBLIC_IP} → {SECOND_NAT_PUBLIC_IP} in {:.1} s (keepalive interval \
+         {PUNCH_KEEPALIVE:?}): edge-1 does not keep trying to punch\n{}",
+        hellos.len(),
+        watched.as_secs_f64(),
+        cluster.agent_logs(&two_nat_nodes())
+    );
+    Ok(())
+}

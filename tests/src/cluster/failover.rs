@@ -20,7 +20,7 @@ use crate::netns::NextHop;
 use super::agents::AgentProcess;
 use super::fixture::NodeRole;
 use super::gaps::{BothWays, PingGaps};
-use super::{Cluster, LAN_NIC, NAT_SITE_IP, POLL, WAN, WAN_NIC};
+use super::{Cluster, LAN_NIC, POLL, WAN, WAN_NIC};
 
 /// The connector an edge sends cloud-bound traffic through, as its datapath says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,9 +188,9 @@ impl Cluster {
                 .with_context(|| format!("reviving node {node}: bringing {nic} up"))?;
         }
         // Taking a NIC down removed the routes through it.
-        if n.spec.role == NodeRole::Edge && self.edges_behind_nat {
+        if let Some(site) = self.nat_site_of(&n.spec) {
             n.netns
-                .add_route(&WAN.to_string(), NextHop::Gateway(NAT_SITE_IP))
+                .add_route(&WAN.to_string(), NextHop::Gateway(site.gateway))
                 .with_context(|| format!("reviving node {node}: its route to the WAN"))?;
         }
         let offset = fs::metadata(&n.files.agent_log)

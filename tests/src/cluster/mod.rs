@@ -27,6 +27,11 @@
 //! [`connector_of`] says which connector an edge uses, and [`BothWays`]
 //! measures the gaps a failover leaves in a 10 ms ping.
 //!
+//! [`ClusterOptions::edges_behind_nat`] puts the edges on a site LAN behind a
+//! NAT router namespace; [`ClusterOptions::second_site`] moves
+//! [`SECOND_SITE_EDGE`] to a second site behind a router of its own, of the
+//! [`NatKind`] asked for (`nat.rs`).
+//!
 //! Everything is torn down on drop, also after a panic: agents are stopped
 //! and uninstalled, namespaces (and every process in them) deleted, bpffs
 //! roots and temporary files removed. What a killed run left behind is
@@ -64,6 +69,7 @@ pub use ha_checks::{
     revive_all_and_settle,
 };
 pub use matrix::{seed_matrix, seed_matrix_through};
+pub use nat::{NatKind, SecondSite};
 pub use proofs::{At, ClusterStats, NodeStats, PathOutcome, PathSpec, Proof};
 pub use shared::SharedCluster;
 pub use traffic::{Endpoint, Exchange, TcpEcho};
@@ -107,6 +113,18 @@ const NAT_SITE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 18, 1);
 /// The NAT router's public address: every edge packet leaves with it.
 pub const NAT_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
 const SITE_BRIDGE: &str = "br-site";
+/// The second site's LAN ([`ClusterOptions::second_site`]): [`SECOND_SITE_EDGE`] alone.
+const SECOND_SITE: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(192, 168, 19, 0), 24) {
+    Ok(net) => net,
+    Err(_) => panic!("a /24 is a valid prefix"),
+};
+const SECOND_NAT_SITE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 19, 1);
+/// The second site's NAT router's public address.
+pub const SECOND_NAT_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 251);
+const SECOND_SITE_BRIDGE: &str = "br-site-2";
+/// The edge that [`ClusterOptions::second_site`] moves to the second site:
+/// a member of community `beijing`, whose other member, edge-1, stays on the first.
+pub const SECOND_SITE_EDGE: &str = "edge-2";
 const WAN_BRIDGE: &str = "br-wan";
 const LAN_BRIDGE: &str = "br-lan";
 const WAN_NIC: &str = "eth-wan";
@@ -194,6 +212,11 @@ pub struct ClusterOptions {
     /// rewritten to it) behind a NAT router namespace that masquerades them
     /// onto the WAN as [`NAT_PUBLIC_IP`] and forwards nothing the WAN opens.
     pub edges_behind_nat: bool,
+    /// With [`ClusterOptions::edges_behind_nat`]: [`SECOND_SITE_EDGE`] sits
+    /// on a site of its own (192.168.19.0/24) behind a second router, public
+    /// as [`SECOND_NAT_PUBLIC_IP`], of the given kind; the first router stays
+    /// endpoint-independent.
+    pub second_site: Option<SecondSite>,
     /// More `fabedge-agent run` arguments for the connector only.
     pub connector_args: Vec<String>,
     /// A port forward in front of the connector: UDP to this port of its WAN
@@ -241,6 +264,7 @@ impl Default for ClusterOptions {
             ],
             timeout_factor: 1,
             edges_behind_nat: false,
+            second_site: None,
             connector_args: Vec::new(),
             connector_port_forward: None,
             agent_image: None,
@@ -282,7 +306,10 @@ pub struct Cluster {
     switch: Option<Netns>,
     /// The edges' NAT router ([`ClusterOptions::edges_behind_nat`]).
     nat: Option<Netns>,
+    /// The second site's router ([`ClusterOptions::second_site`]).
+    second_nat: Option<Netns>,
     edges_behind_nat: bool,
+    second_site: Option<SecondSite>,
     connector_args: Vec<String>,
     work_dir: PathBuf,
     manifests: PathBuf,
@@ -350,6 +377,7 @@ impl Drop for Cluster {
         }
         self.nodes.clear();
         self.nat = None;
+        self.second_nat = None;
         self.switch = None;
         for root in roots.iter().filter(|r| r.exists()) {
             if let Err(e) = fs::remove_dir_all(root) {

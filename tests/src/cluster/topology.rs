@@ -19,13 +19,12 @@ use super::cgroup::{cgroup2_root, node_cgroup};
 use super::container::{ContainerAgent, remove_stale_containers};
 use super::fixture::{Manifest, NodeRole, NodeSpec};
 use super::flannel::create_flannel_device;
-use super::nat::{create_nat_router, forward_port_to_esp, move_edges_to_the_site_lan};
+use super::nat::{create_nat_sites, forward_port_to_esp, move_edges_to_the_site_lans};
 use super::proofs::At;
 use super::traffic::Endpoint;
 use super::{
     AGENT_POLL_INTERVAL, BPFFS, Cluster, ClusterNode, ClusterOptions, LAN, LAN_BRIDGE, LAN_NIC,
-    LEFTOVER_PREFIX, NAT_SITE_IP, NEXT_CLUSTER, NodeFiles, SITE, SITE_BRIDGE, WAN, WAN_BRIDGE,
-    WAN_NIC,
+    LEFTOVER_PREFIX, NEXT_CLUSTER, NodeFiles, WAN, WAN_BRIDGE, WAN_NIC,
 };
 
 impl Cluster {
@@ -46,8 +45,12 @@ impl Cluster {
                 manifests.display()
             )
         })?;
+        ensure!(
+            options.edges_behind_nat || options.second_site.is_none(),
+            "ClusterOptions::second_site needs edges_behind_nat: true (it splits the edges' NAT site in two)"
+        );
         if options.edges_behind_nat {
-            move_edges_to_the_site_lan(&manifests)?;
+            move_edges_to_the_site_lans(&manifests, options.second_site.is_some())?;
         }
         let manifest = Manifest::read(&manifests)?;
 
@@ -56,7 +59,9 @@ impl Cluster {
             nodes: BTreeMap::new(),
             switch: None,
             nat: None,
+            second_nat: None,
             edges_behind_nat: options.edges_behind_nat,
+            second_site: options.second_site,
             connector_args: options.connector_args.clone(),
             work_dir,
             manifests,
@@ -76,8 +81,9 @@ impl Cluster {
         switch.bridge(WAN_BRIDGE)?;
         switch.bridge(LAN_BRIDGE)?;
         if options.edges_behind_nat {
-            switch.bridge(SITE_BRIDGE)?;
-            cluster.nat = Some(create_nat_router(&switch)?);
+            let (first, second) = create_nat_sites(&switch, options.second_site)?;
+            cluster.nat = Some(first);
+            cluster.second_nat = second;
         }
         cluster.switch = Some(switch);
 
@@ -154,10 +160,10 @@ impl Cluster {
                         spec.name
                     )
                 })?;
-                if self.edges_behind_nat {
-                    wire(WAN_NIC, "wan", SITE_BRIDGE, public, SITE).with_context(context)?;
+                if let Some(site) = self.nat_site_of(spec) {
+                    wire(WAN_NIC, "wan", site.bridge, public, site.lan).with_context(context)?;
                     netns
-                        .add_route(&WAN.to_string(), NextHop::Gateway(NAT_SITE_IP))
+                        .add_route(&WAN.to_string(), NextHop::Gateway(site.gateway))
                         .with_context(context)?;
                 } else {
                     wire(WAN_NIC, "wan", WAN_BRIDGE, public, WAN).with_context(context)?;
