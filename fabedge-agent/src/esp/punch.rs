@@ -53,6 +53,10 @@ pub type PunchedPeers = BTreeMap<String, Punched>;
 #[derive(Debug)]
 struct PeerState {
     endpoint: (Ipv4Addr, u16),
+    /// The connector whose introductions we follow: with several, each
+    /// may see another port of a symmetric NAT, and alternating between
+    /// them would move the peer every interval.
+    introducer: String,
     introduced_at: Instant,
     /// The last hello heard from the peer directly.
     heard_at: Option<Instant>,
@@ -108,30 +112,40 @@ impl Punch {
         (self.keepalive * 10).max(Duration::from_secs(30))
     }
 
-    /// A connector's introductions; `ours` says which names are community
-    /// peers of this edge (others are ignored). Returns the peers whose
+    /// Connector `from`'s introductions; `ours` says which names are
+    /// community peers of this edge (others are ignored). A peer follows
+    /// one connector's introductions while they keep coming (another's are
+    /// taken once they stopped for a window). Returns the peers whose
     /// endpoint is new or moved: what we observed of them before is stale.
     pub fn introduce(
         &mut self,
+        from: &str,
         introductions: &[Introduction],
         ours: impl Fn(&str) -> bool,
         now: Instant,
     ) -> Vec<String> {
+        let window = self.window();
         let mut moved = Vec::new();
         for intro in introductions.iter().filter(|i| ours(&i.node)) {
             let endpoint = (*intro.endpoint.ip(), intro.endpoint.port());
             match self.peers.get_mut(&intro.node) {
-                Some(state) if state.endpoint == endpoint => state.introduced_at = now,
+                Some(state)
+                    if state.introducer != from
+                        && now.saturating_duration_since(state.introduced_at) < window => {}
                 Some(state) => {
-                    state.endpoint = endpoint;
+                    state.introducer = from.to_owned();
                     state.introduced_at = now;
-                    moved.push(intro.node.clone());
+                    if state.endpoint != endpoint {
+                        state.endpoint = endpoint;
+                        moved.push(intro.node.clone());
+                    }
                 }
                 None => {
                     self.peers.insert(
                         intro.node.clone(),
                         PeerState {
                             endpoint,
+                            introducer: from.to_owned(),
                             introduced_at: now,
                             heard_at: None,
                             heard_you_at: None,

@@ -347,7 +347,7 @@ impl EspRuntime {
                     continue;
                 }
                 let ours = |peer: &str| community_peer(snapshot, plan, peer);
-                for peer in self.punch.introduce(list, ours, instant) {
+                for peer in self.punch.introduce(&sender, list, ours, instant) {
                     let endpoint = self.punch.view()[&peer].endpoint;
                     info!(
                         "ESP: {peer} relayed through the connector (introduced by {sender} at \

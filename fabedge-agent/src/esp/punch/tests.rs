@@ -18,7 +18,7 @@ fn all(_: &str) -> bool {
 fn a_punched_peer_is_relayed_until_both_ends_hear_each_other_and_again_when_hellos_stop() {
     let mut punch = Punch::new(KEEPALIVE);
     let t0 = Instant::now();
-    let moved = punch.introduce(&[intro("edge-2", "198.18.0.251:4500")], all, t0);
+    let moved = punch.introduce("cloud-1", &[intro("edge-2", "198.18.0.251:4500")], all, t0);
     assert_eq!(moved, ["edge-2"]);
     assert_eq!(
         punch.view()["edge-2"],
@@ -75,6 +75,7 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
     let t0 = Instant::now();
     let ours = |name: &str| name == "edge-2";
     let moved = punch.introduce(
+        "cloud-1",
         &[
             intro("edge-2", "198.18.0.251:4500"),
             intro("edge-3", "198.18.0.252:4500"),
@@ -86,7 +87,7 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
     assert!(!punch.contains("edge-3"));
     assert!(
         punch
-            .introduce(&[intro("edge-2", "198.18.0.251:4500")], ours, t0)
+            .introduce("cloud-1", &[intro("edge-2", "198.18.0.251:4500")], ours, t0)
             .is_empty(),
         "a repeated introduction moves nothing"
     );
@@ -98,7 +99,12 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
     // hellos prove it.
     let t1 = t0 + KEEPALIVE;
     assert_eq!(
-        punch.introduce(&[intro("edge-2", "198.18.0.251:31000")], ours, t1),
+        punch.introduce(
+            "cloud-1",
+            &[intro("edge-2", "198.18.0.251:31000")],
+            ours,
+            t1
+        ),
         ["edge-2"]
     );
     assert_eq!(
@@ -106,8 +112,28 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
         (Ipv4Addr::new(198, 18, 0, 251), 31000)
     );
 
+    // Another connector sees another port (a symmetric NAT shows each its
+    // own): ignored while cloud-1's keep coming, taken once they stopped.
+    let other = [intro("edge-2", "198.18.0.251:40000")];
+    assert!(punch.introduce("cloud-9", &other, ours, t1).is_empty());
+    assert_eq!(punch.view()["edge-2"].endpoint.1, 31000);
+    let quiet = t1 + punch.window();
+    assert_eq!(punch.introduce("cloud-9", &other, ours, quiet), ["edge-2"]);
+    assert_eq!(punch.view()["edge-2"].endpoint.1, 40000);
+    assert!(
+        punch
+            .introduce(
+                "cloud-1",
+                &[intro("edge-2", "198.18.0.251:31000")],
+                ours,
+                quiet
+            )
+            .is_empty(),
+        "cloud-9's are followed now"
+    );
+
     // Not repeated for the ttl: forgotten.
-    let late = t1 + punch.introduction_ttl();
+    let late = quiet + punch.introduction_ttl();
     assert_eq!(
         punch.settle(ours, late),
         [Change::Forgotten {
@@ -117,7 +143,12 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
     assert!(punch.view().is_empty());
 
     // Left the community: forgotten at once.
-    punch.introduce(&[intro("edge-2", "198.18.0.251:4500")], ours, late);
+    punch.introduce(
+        "cloud-1",
+        &[intro("edge-2", "198.18.0.251:4500")],
+        ours,
+        late,
+    );
     assert_eq!(
         punch.settle(|_| false, late),
         [Change::Forgotten {
