@@ -143,11 +143,26 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(kube) => Some(crate::source::kube::client(&kube.connection).await?),
         None => None,
     };
-    let mut datapath = Datapath::load_with_capacity(
+    // The watches list the cluster while the programs load (the verifier
+    // takes a good part of a second): on its own thread, so that this one
+    // runs the watches meanwhile.
+    let source = kube_client
+        .as_ref()
+        .map(|client| kube_mode::start_source(&options, client.clone()));
+    let (layout, attach_mode, capacity) = (
         options.layout.clone(),
         options.attach_mode,
         options.settings.capacity,
-    )?;
+    );
+    let load = move || Datapath::load_with_capacity(layout, attach_mode, capacity);
+    // (Not in file mode, where nothing runs meanwhile: a thread of its own
+    // would leave its arena's pages to the agent.)
+    let mut datapath = match source {
+        Some(_) => tokio::task::spawn_blocking(load)
+            .await
+            .context("loading the datapath")??,
+        None => load()?,
+    };
     let logger = datapath.init_kernel_logs();
     let mut maps = Maps::open(&options.layout)?;
     // Before any XDP program is attached: cached XDP verdicts follow the
@@ -176,10 +191,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             None
         }
     };
-    if let Some(client) = kube_client {
+    if let (Some(client), Some(source)) = (kube_client, source) {
         let result = kube_mode::run(
             &options,
-            client,
+            (client, source),
             &mut reconciler,
             &mut datapath,
             &mut maps,

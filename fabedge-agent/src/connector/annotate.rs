@@ -461,10 +461,11 @@ impl ConnectorDuty {
         }
     }
 
-    /// Called with every new view of the cluster (and periodically).
+    /// Called with every new view of the cluster (and periodically);
+    /// `objects` is asked for only while leading.
     pub async fn step(
         &mut self,
-        objects: &Objects,
+        objects: impl FnOnce() -> Option<Objects>,
         is_connector: bool,
         own_flannel_mac: Option<[u8; 6]>,
     ) {
@@ -479,20 +480,21 @@ impl ConnectorDuty {
             )));
         }
         if self.is_leading()
-            && let Err(e) = self.work.run_once(objects, own_flannel_mac).await
+            && let Some(objects) = objects()
+            && let Err(e) = self.work.run_once(&objects, own_flannel_mac).await
         {
             error!("{e:#} (retrying)");
         }
     }
 }
 
-/// Whether `node` is labelled a connector in `objects`.
-pub fn is_connector(objects: &Objects, node: &str) -> bool {
-    has_label(objects, node, crate::model::label::CONNECTOR)
+/// Whether `node` is labelled a connector in `nodes`.
+pub fn is_connector<'n>(nodes: impl IntoIterator<Item = &'n core::Node>, node: &str) -> bool {
+    has_label(nodes, node, crate::model::label::CONNECTOR)
 }
 
-fn has_label(objects: &Objects, node: &str, label: &str) -> bool {
-    objects.nodes.iter().any(|n| {
+fn has_label<'n>(nodes: impl IntoIterator<Item = &'n core::Node>, node: &str, label: &str) -> bool {
+    nodes.into_iter().any(|n| {
         n.metadata.name.as_deref() == Some(node)
             && n.metadata
                 .labels
@@ -601,7 +603,7 @@ mod tests {
         assert_eq!(was.remove.len(), annotation::FLANNEL_LEASE.len(), "{was:?}");
         for patch in &desired.patches {
             let keys: Vec<&String> = patch.set.keys().chain(&patch.remove).collect();
-            if has_label(&objects, &patch.node, crate::model::label::EDGE) {
+            if has_label(&objects.nodes, &patch.node, crate::model::label::EDGE) {
                 assert!(
                     keys.iter()
                         .all(|key| annotation::FLANNEL_LEASE.contains(&key.as_str())

@@ -32,7 +32,6 @@ use crate::{
     model::{EndpointSlice, NamespacedName, Role},
     plan::TunnelMode,
     source::{
-        Objects,
         kube::{Connection, KubeSource, NodeView},
         last_good,
     },
@@ -52,9 +51,15 @@ pub struct KubeOptions {
 
 type Logs = Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>;
 
+/// The watches this agent's view needs, started at once: they list while
+/// the datapath loads.
+pub(super) fn start_source(options: &RunOptions, client: kube::Client) -> KubeSource {
+    KubeSource::start_viewing(client, node_view(&options.node, &options.settings))
+}
+
 pub(super) async fn run(
     options: &RunOptions,
-    client: kube::Client,
+    (client, mut source): (kube::Client, KubeSource),
     reconciler: &mut Reconciler,
     datapath: &mut Datapath,
     maps: &mut Maps,
@@ -62,8 +67,6 @@ pub(super) async fn run(
     hellos: &mut Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
 ) -> Result<()> {
     let kube = options.kube.as_ref().expect("kube mode");
-    let mut source =
-        KubeSource::start_viewing(client.clone(), node_view(&options.node, &options.settings));
     let mut state = KubeState {
         applied: None,
         full_due: true,
@@ -81,15 +84,9 @@ pub(super) async fn run(
                 "applying the last good cluster state from {} until the API server answers",
                 last_good::path(&options.state_dir).display()
             );
-            let (saved, checked) = checked_apart(|| Some(saved), options).expect("given");
-            state.reconcile(
-                reconciler,
-                (&saved, checked),
-                datapath,
-                maps,
-                options,
-                false,
-            );
+            let cidr = options.settings.service_cidr;
+            let checked = checked_apart(|| Some(saved.checked(cidr))).expect("given");
+            state.reconcile(reconciler, checked, datapath, maps, options, None);
             drop(saved);
             crate::sys::release_free_memory();
         }
@@ -179,19 +176,13 @@ pub(super) async fn run(
                 continue;
             }
         }
-        let Some((objects, checked)) = checked_apart(|| source.objects(), options) else {
+        let cidr = options.settings.service_cidr;
+        let Some(checked) = checked_apart(|| source.with_objects(|refs| refs.checked(cidr))) else {
             state.full_due = true;
             continue;
         };
         state.full_due = false;
-        state.reconcile(
-            reconciler,
-            (&objects, checked),
-            datapath,
-            maps,
-            options,
-            true,
-        );
+        state.reconcile(reconciler, checked, datapath, maps, options, Some(&source));
         if let Some(patch) = state.own_annotations.clone() {
             let body = crate::connector::annotate::merge_patch(&patch);
             match nodes
@@ -212,7 +203,9 @@ pub(super) async fn run(
 
         let connector = match options.settings.role_override {
             Some(role) => role == Role::Connector,
-            None => is_connector(&objects, &options.node),
+            None => source
+                .with_objects(|refs| is_connector(refs.nodes, &options.node))
+                .unwrap_or(false),
         };
         let mac = if duty.is_leading() {
             observe_host(&options.settings, &options.flannel_iface)
@@ -221,8 +214,7 @@ pub(super) async fn run(
         } else {
             None
         };
-        duty.step(&objects, connector, mac).await;
-        drop(objects);
+        duty.step(|| source.objects(), connector, mac).await;
         crate::sys::release_free_memory();
     }
     state.save_if_due(&source, options, true);
@@ -230,23 +222,18 @@ pub(super) async fn run(
     Ok(())
 }
 
-/// The cluster's objects from `objects` and their checked snapshot, both
-/// made on a thread of their own ([`crate::sys::apart`]); the snapshot,
-/// which the agent keeps, is copied onto this thread. The objects live
-/// until the pass is over, then their arena is free as a whole.
+/// The checked snapshot `check` makes (from the saved objects, or from
+/// the caches' objects under their lock, never copied), made on a thread
+/// of its own ([`crate::sys::apart`]) and copied onto this one: the
+/// garbage of making it stays in that thread's arena, free as a whole
+/// once it is done.
 fn checked_apart(
-    objects: impl FnOnce() -> Option<Objects> + Send,
-    options: &RunOptions,
-) -> Option<(Objects, crate::source::Checked)> {
-    let cidr = options.settings.service_cidr;
-    let (objects, checked) = crate::sys::apart(|| {
-        let objects = objects()?;
-        let checked = objects.checked(cidr);
-        Some((objects, checked))
-    })?;
+    check: impl FnOnce() -> Option<crate::source::Checked> + Send,
+) -> Option<crate::source::Checked> {
+    let checked = crate::sys::apart(check)?;
     let kept = checked.clone();
     drop(checked);
-    Some((objects, kept))
+    Some(kept)
 }
 
 /// How stale the saved snapshot may get while only EndpointSlices change:
@@ -295,11 +282,11 @@ impl KubeState {
     fn reconcile(
         &mut self,
         reconciler: &mut Reconciler,
-        (objects, checked): (&Objects, crate::source::Checked),
+        checked: crate::source::Checked,
         datapath: &mut Datapath,
         maps: &mut Maps,
         options: &RunOptions,
-        save: bool,
+        save: Option<&KubeSource>,
     ) {
         let started = std::time::Instant::now();
         let result = (|| -> Result<Option<Applied>> {
@@ -316,8 +303,10 @@ impl KubeState {
                 .annotations
                 .into_iter()
                 .find(|patch| patch.node == options.node);
-            if save {
-                last_good::save(&options.state_dir, objects)?;
+            if let Some(source) = save {
+                source
+                    .with_objects(|refs| last_good::save_refs(&options.state_dir, &refs))
+                    .unwrap_or(Ok(()))?;
                 self.save_due = false;
                 self.saved_at = std::time::Instant::now();
             }
@@ -391,10 +380,12 @@ impl KubeState {
         if !self.save_due || !(stopping || self.saved_at.elapsed() >= SAVE_EVERY) {
             return;
         }
-        let Some(objects) = source.objects() else {
+        let Some(saved) =
+            source.with_objects(|refs| last_good::save_refs(&options.state_dir, &refs))
+        else {
             return;
         };
-        match last_good::save(&options.state_dir, &objects) {
+        match saved {
             Ok(()) => {
                 self.save_due = false;
                 self.saved_at = std::time::Instant::now();

@@ -38,7 +38,7 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{CommunityObject, Objects};
+use super::{CommunityObject, ObjectRefs, Objects};
 use crate::model::{Role, label};
 
 /// How the agent reaches the API server.
@@ -358,13 +358,13 @@ impl Caches {
     /// The Nodes of every watch called for, or `None` while one of them
     /// has not listed once. A Node seen by two watches (its own and every
     /// Node) is one Node.
-    fn nodes(&self) -> Option<Vec<core::Node>> {
+    fn nodes(&self) -> Option<Vec<&core::Node>> {
         let mut nodes = BTreeMap::new();
         for watch in self.node_watches() {
             let cache = self.nodes.get(&watch).filter(|cache| cache.ready)?;
             nodes.extend(&cache.objects);
         }
-        Some(nodes.into_values().cloned().collect())
+        Some(nodes.into_values().collect())
     }
 }
 
@@ -450,16 +450,29 @@ impl KubeSource {
     /// watch the view calls for) has been listed once: a partial view would
     /// plan peers and Services away.
     pub fn objects(&self) -> Option<Objects> {
+        self.with_objects(|refs| Objects {
+            nodes: refs.nodes.into_iter().cloned().collect(),
+            communities: refs.communities.into_iter().cloned().collect(),
+            services: refs.services.into_iter().cloned().collect(),
+            endpoint_slices: refs.endpoint_slices.into_iter().cloned().collect(),
+        })
+    }
+
+    /// `read` of the objects where the caches keep them, under their lock
+    /// (the watches wait meanwhile): what [`KubeSource::objects`] copies.
+    /// `None` until every kind has been listed once.
+    pub fn with_objects<R>(&self, read: impl FnOnce(ObjectRefs<'_>) -> R) -> Option<R> {
         let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
         if !(caches.services.ready && caches.endpoint_slices.ready && caches.communities.ready) {
             return None;
         }
-        Some(Objects {
+        let refs = ObjectRefs {
             nodes: caches.nodes()?,
-            communities: caches.communities.objects.values().cloned().collect(),
-            services: caches.services.objects.values().cloned().collect(),
-            endpoint_slices: caches.endpoint_slices.objects.values().cloned().collect(),
-        })
+            communities: caches.communities.objects.values().collect(),
+            services: caches.services.objects.values().collect(),
+            endpoint_slices: caches.endpoint_slices.objects.values().collect(),
+        };
+        Some(read(refs))
     }
 
     /// What changed since the last call: only EndpointSlices (by
@@ -938,7 +951,7 @@ mod tests {
         caches
     }
 
-    fn names(nodes: &[core::Node]) -> Vec<&str> {
+    fn names<'n>(nodes: &[&'n core::Node]) -> Vec<&'n str> {
         nodes
             .iter()
             .filter_map(|n| n.metadata.name.as_deref())

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    source::{CommunityObject, Objects},
+    source::{CommunityObject, ObjectRefs, Objects},
     sys::write_if_changed,
 };
 
@@ -30,12 +30,12 @@ struct Stored {
 /// [`Stored`] as written: borrowed, so saving a large cluster does not
 /// hold a second copy of every object.
 #[derive(Serialize)]
-struct StoredRef<'a> {
+struct StoredRef<'a, 'o> {
     version: u32,
-    nodes: &'a [k8s_openapi::api::core::v1::Node],
-    communities: &'a [CommunityObject],
-    services: &'a [k8s_openapi::api::core::v1::Service],
-    endpoint_slices: &'a [k8s_openapi::api::discovery::v1::EndpointSlice],
+    nodes: &'a [&'o k8s_openapi::api::core::v1::Node],
+    communities: &'a [&'o CommunityObject],
+    services: &'a [&'o k8s_openapi::api::core::v1::Service],
+    endpoint_slices: &'a [&'o k8s_openapi::api::discovery::v1::EndpointSlice],
 }
 
 const VERSION: u32 = 1;
@@ -47,6 +47,11 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// Writes `objects` atomically (temp file + rename, see `write_if_changed`),
 /// mode 0600: nothing in it is secret today, but node keys may join it.
 pub fn save(state_dir: &Path, objects: &Objects) -> Result<()> {
+    save_refs(state_dir, &objects.refs())
+}
+
+/// [`save`] of borrowed objects (the kube caches, under their lock).
+pub fn save_refs(state_dir: &Path, objects: &ObjectRefs<'_>) -> Result<()> {
     let stored = StoredRef {
         version: VERSION,
         nodes: &objects.nodes,

@@ -32,25 +32,55 @@ pub struct Objects {
     pub endpoint_slices: Vec<discovery::EndpointSlice>,
 }
 
+/// [`Objects`] borrowed where they are kept (the kube caches): a pass
+/// reads them without copying them first.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectRefs<'a> {
+    pub nodes: Vec<&'a core::Node>,
+    pub communities: Vec<&'a CommunityObject>,
+    pub services: Vec<&'a core::Service>,
+    pub endpoint_slices: Vec<&'a discovery::EndpointSlice>,
+}
+
 impl Objects {
     pub fn snapshot(&self) -> Result<Snapshot, ModelError> {
-        Snapshot::from_objects(
-            &self.nodes,
-            &self.communities,
-            &self.services,
-            &self.endpoint_slices,
-        )
+        self.refs().snapshot()
     }
 
     /// The snapshot of everything usable: invalid objects, duplicates and
     /// the newer side of every conflict are left out and come back as
     /// problems. What planning reads in both modes.
     pub fn checked(&self, service_cidr: Ipv4Net) -> Checked {
+        self.refs().checked(service_cidr)
+    }
+
+    pub fn refs(&self) -> ObjectRefs<'_> {
+        ObjectRefs {
+            nodes: self.nodes.iter().collect(),
+            communities: self.communities.iter().collect(),
+            services: self.services.iter().collect(),
+            endpoint_slices: self.endpoint_slices.iter().collect(),
+        }
+    }
+}
+
+impl ObjectRefs<'_> {
+    pub fn snapshot(&self) -> Result<Snapshot, ModelError> {
+        Snapshot::from_objects(
+            self.nodes.iter().copied(),
+            self.communities.iter().copied(),
+            self.services.iter().copied(),
+            self.endpoint_slices.iter().copied(),
+        )
+    }
+
+    /// See [`Objects::checked`].
+    pub fn checked(&self, service_cidr: Ipv4Net) -> Checked {
         let (mut snapshot, errors) = Snapshot::from_objects_skipping(
-            &self.nodes,
-            &self.communities,
-            &self.services,
-            &self.endpoint_slices,
+            self.nodes.iter().copied(),
+            self.communities.iter().copied(),
+            self.services.iter().copied(),
+            self.endpoint_slices.iter().copied(),
         );
         let mut problems: Vec<Problem> = errors
             .iter()
