@@ -1,12 +1,16 @@
 //! Hello counters on both ends, so that a hello is accepted once.
 //!
 //! Sender ([`HelloCounter`]): every hello carries a counter
-//! `unix_secs << 20 | n` that only ever grows. The value after each round
-//! is written to [`SENT_FILE`] *before* the round is sent, and a restart
+//! `unix_secs << 20 | n` that only ever grows. A mark above every counter
+//! of the next [`SENT_LEAD_SECS`] seconds is written to [`SENT_FILE`]
+//! *before* a round that passes the last mark is sent (so at most one
+//! write per that many seconds, whatever the hello rate), and a restart
 //! resumes from `max(that, now << 20)`: a restarted sender never reuses a
 //! counter, even when its clock stepped back; one that lost its state dir
 //! starts from its clock, past anything it sent before (it never runs
-//! ahead of its clock by more than 2^20 hellos a second).
+//! ahead of its clock by more than 2^20 hellos a second). After a restart
+//! its counters may run up to that lead ahead of its clock, well inside
+//! the receivers' skew window.
 //!
 //! Receiver ([`HelloReceiver`]): per peer, the highest counter accepted; a
 //! hello at or below it is a replay, whatever address it comes from, and is
@@ -52,6 +56,8 @@ pub const RECEIVED_FILE: &str = "esp-hellos.json";
 pub const HELLO_BUDGET: usize = 256;
 /// How often counters that changed nothing else are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// How far ahead of the clock the sender's written mark goes.
+pub const SENT_LEAD_SECS: u64 = 10;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SentState {
@@ -61,6 +67,8 @@ struct SentState {
 /// The sender's counter (see the module docs).
 pub struct HelloCounter {
     next: u64,
+    /// What [`SENT_FILE`] holds: no counter at or above it was used.
+    written: u64,
     path: PathBuf,
     warned: bool,
 }
@@ -74,19 +82,28 @@ impl HelloCounter {
             .map_or(0, |s| s.next);
         HelloCounter {
             next,
+            written: next,
             path,
             warned: false,
         }
     }
 
     /// The first of `count` consecutive counters for one round of hellos,
-    /// sent at `now_secs`; the round's end is written first.
+    /// sent at `now_secs`; a mark past the round's end is written first
+    /// when the last one does not cover it.
     pub fn reserve(&mut self, count: u64, now_secs: u64) -> u64 {
         let first = self.next.max(now_secs << COUNTER_SHIFT);
         self.next = first + count;
-        let json = serde_json::to_vec(&SentState { next: self.next }).expect("plain struct");
+        if self.next <= self.written {
+            return first;
+        }
+        let mark = self.next.max((now_secs + SENT_LEAD_SECS) << COUNTER_SHIFT);
+        let json = serde_json::to_vec(&SentState { next: mark }).expect("plain struct");
         match write_if_changed(&self.path, &json, 0o600) {
-            Ok(()) => self.warned = false,
+            Ok(()) => {
+                self.written = mark;
+                self.warned = false;
+            }
             Err(e) if !self.warned => {
                 // The clock still keeps counters increasing unless it steps
                 // back across a restart.

@@ -38,6 +38,11 @@ use std::{
 use super::natt::hello::Introduction;
 use crate::model::{Role, Snapshot};
 
+/// How often hellos go to a punched peer (the keepalive interval when that
+/// is shorter): a broken direct path goes back to the relay, and an open
+/// one is taken, within a few of these.
+pub const HELLO_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the plan needs of a punched peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Punched {
@@ -91,6 +96,8 @@ pub struct Punch {
 }
 
 impl Punch {
+    /// `keepalive`: the keepalive interval (the connector repeats its
+    /// introductions that often).
     pub fn new(keepalive: Duration) -> Self {
         Punch {
             peers: BTreeMap::new(),
@@ -98,11 +105,12 @@ impl Punch {
         }
     }
 
-    /// How long a hello proves a direct path: three and a half keepalive
-    /// intervals (at least two seconds), so one or two lost hellos do not
-    /// send traffic back to the relay.
+    /// How long a hello proves a direct path: three and a half hello
+    /// intervals ([`HELLO_INTERVAL`], or the keepalive interval if shorter;
+    /// at least two seconds), so one or two lost hellos do not send traffic
+    /// back to the relay.
     pub fn window(&self) -> Duration {
-        (self.keepalive * 7 / 2).max(Duration::from_secs(2))
+        (self.keepalive.min(HELLO_INTERVAL) * 7 / 2).max(Duration::from_secs(2))
     }
 
     /// How long an introduction lasts without being repeated: ten

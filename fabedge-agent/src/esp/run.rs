@@ -265,10 +265,12 @@ impl EspRuntime {
                 .filter_map(|(peer, to)| {
                     let key = hello_key(&peer)?;
                     let heard_you = self.punch.heard_you(&peer, now);
+                    let punched = self.punch.contains(&peer);
                     Some(Target {
                         peer,
                         to,
                         key,
+                        punched,
                         heard_you,
                         introductions: None,
                     })
@@ -282,6 +284,7 @@ impl EspRuntime {
                         peer: edge,
                         to,
                         key,
+                        punched: false,
                         heard_you: false,
                         introductions: Some(list),
                     })
@@ -575,6 +578,10 @@ struct Target {
     peer: String,
     to: SocketAddrV4,
     key: HelloKey,
+    /// A punched peer: its hellos go every [`super::punch::HELLO_INTERVAL`]
+    /// (at most the keepalive interval), so a direct path that breaks
+    /// is noticed, and one that opens is taken, within seconds.
+    punched: bool,
     /// Punched peers: whether we hear them directly.
     heard_you: bool,
     /// Connector: introductions for this edge (no keepalive goes with them).
@@ -586,6 +593,7 @@ impl Target {
     fn same(&self, other: &Target) -> bool {
         self.peer == other.peer
             && self.to == other.to
+            && self.punched == other.punched
             && self.heard_you == other.heard_you
             && self.introductions == other.introductions
     }
@@ -623,6 +631,8 @@ struct KeepaliveTargets {
     node: String,
     generation: u32,
     peers: Vec<Target>,
+    /// Changed since the last round: everyone is sent to at once.
+    changed: bool,
 }
 
 /// The keepalive thread: every interval, and at once when the targets
@@ -645,14 +655,28 @@ impl Keepalives {
         std::thread::Builder::new()
             .name("fe-keepalive".into())
             .spawn(move || {
+                let punch_interval = interval.min(super::punch::HELLO_INTERVAL);
+                let mut last_round: Option<Instant> = None;
                 // Ends when the runtime is dropped.
                 while let Some(shared) = weak.upgrade() {
                     let (lock, wake) = &*shared;
-                    let targets = lock
+                    let mut targets = lock
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let count: usize = targets
+                    // Every interval (or at once after a change) everyone;
+                    // punched peers in between.
+                    let everyone = std::mem::take(&mut targets.changed)
+                        || last_round
+                            .is_none_or(|at| at.elapsed() + punch_interval / 2 >= interval);
+                    if everyone {
+                        last_round = Some(Instant::now());
+                    }
+                    let round: Vec<&Target> = targets
                         .peers
+                        .iter()
+                        .filter(|t| everyone || t.punched)
+                        .collect();
+                    let count: usize = round
                         .iter()
                         .map(|t| {
                             t.introductions
@@ -662,15 +686,14 @@ impl Keepalives {
                         .sum();
                     // Written before it is used: never reused after a restart.
                     let mut next = counter.reserve(count as u64, unix_now());
-                    for target in &targets.peers {
+                    for target in &round {
                         for bytes in target.hellos(&targets.node, targets.generation, &mut next) {
                             if let Err(e) = socket.send(&bytes, target.to) {
                                 log::debug!("ESP hello to {} at {}: {e}", target.peer, target.to);
                             }
                         }
                     }
-                    let addresses: Vec<SocketAddrV4> = targets
-                        .peers
+                    let addresses: Vec<SocketAddrV4> = round
                         .iter()
                         .filter(|t| t.introductions.is_none())
                         .map(|t| t.to)
@@ -678,7 +701,13 @@ impl Keepalives {
                     for (peer, e) in socket.keepalive(&addresses) {
                         log::debug!("ESP keepalive to {peer}: {e}");
                     }
-                    let _ = wake.wait_timeout(targets, interval);
+                    let any_punched = targets.peers.iter().any(|t| t.punched);
+                    let wait = if any_punched {
+                        punch_interval
+                    } else {
+                        interval
+                    };
+                    let _ = wake.wait_timeout(targets, wait);
                 }
             })
             .context("starting the keepalive thread")?;
@@ -709,6 +738,7 @@ impl Keepalives {
             node: node.to_owned(),
             generation,
             peers,
+            changed: true,
         };
         let changed = targets.node != new.node
             || targets.generation != new.generation
@@ -718,9 +748,12 @@ impl Keepalives {
                 .iter()
                 .zip(&new.peers)
                 .any(|(a, b)| !a.same(b));
-        *targets = new;
         if changed {
+            *targets = new;
             wake.notify_one();
+        } else {
+            // Same targets: the keys may be new objects, the timing stays.
+            targets.peers = new.peers;
         }
     }
 }

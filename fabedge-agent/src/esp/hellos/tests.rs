@@ -153,13 +153,22 @@ fn a_restarted_sender_never_reuses_a_counter_even_when_its_clock_steps_back() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    // One write covers the next SENT_LEAD_SECS seconds of rounds.
+    let written = || std::fs::read_to_string(dir.join(SENT_FILE)).unwrap();
+    let mark = written();
+    for secs in 0..SENT_LEAD_SECS - 1 {
+        counter.reserve(3, NOW + secs);
+    }
+    assert_eq!(written(), mark, "no write inside the lead");
+    let last = counter.reserve(3, NOW + SENT_LEAD_SECS);
+    assert_ne!(written(), mark, "written again past it");
     // Restart with the clock an hour behind: resumes after what it sent.
     let mut restarted = HelloCounter::load(&dir);
-    assert_eq!(restarted.reserve(1, NOW - 3600), second + 3);
+    assert!(restarted.reserve(1, NOW - 3600) >= last + 3);
     // State dir lost: the clock alone is past everything sent before.
     std::fs::remove_dir_all(&dir).unwrap();
     let mut fresh = HelloCounter::load(&dir);
-    assert!(fresh.reserve(1, NOW + 1) > second + 3);
+    assert!(fresh.reserve(1, NOW + SENT_LEAD_SECS + 1) > last + 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
