@@ -1383,6 +1383,12 @@ const DIRECT_PATH_BUDGET: Duration = Duration::from_secs(15);
 const PUNCH_PING_INTERVAL: Duration = Duration::from_millis(20);
 /// How long the gap meters go on after both edges logged the direct path.
 const PINGING_AFTER_DIRECT: Duration = Duration::from_secs(2);
+/// A broken direct path is left within three and a half hello intervals
+/// (`esp::punch`, 3.5 s here) plus the agent's tick and a full pass under
+/// TCG.
+const FALLBACK_BUDGET: Duration = Duration::from_secs(8);
+/// From the log line to the routes written (the full pass that follows it).
+const RELAY_SETTLE: Duration = Duration::from_millis(1500);
 /// Pings whose every packet edge-1's datapath must count toward one peer.
 const COUNTED_PINGS: u32 = 20;
 /// How often the agents' logs are read while waiting for a line.
@@ -1578,7 +1584,9 @@ fn ping_summary(gaps: &PingGaps) -> String {
 /// Two community edges behind two endpoint-independent NATs, with a
 /// firewall between the sites at first: their pods reach each other through
 /// the connector; once the firewall goes, the edges punch a hole and switch
-/// to the direct path without a ping lost either way.
+/// to the direct path without a ping lost either way. When the firewall
+/// comes back, both go back to the relay within [`FALLBACK_BUDGET`], and
+/// every ping after that is answered.
 #[test]
 #[ignore = "needs ESP: runs in the Debian VMs (cargo xtask test)"]
 fn edges_behind_two_nats_are_relayed_then_punch_a_hole_and_switch_to_it_without_loss() -> Result<()>
@@ -1744,6 +1752,79 @@ fn edges_behind_two_nats_are_relayed_then_punch_a_hole_and_switch_to_it_without_
          ({SECOND_NAT_PUBLIC_IP}):\n{tunnels:#}"
     );
     eprintln!("edge-1's outbound SA to edge-2 sends to {remotes:?}");
+
+    // The direct path breaks (a firewall between the sites again): each
+    // edge goes back to the relay once its peer's hellos stop for a window,
+    // and every ping from then on is answered.
+    let forward = GapMeter::start(pod_1, pod_2, PUNCH_PING_INTERVAL)?;
+    let backward = GapMeter::start(pod_2, pod_1, PUNCH_PING_INTERVAL)?;
+    let meters_started = Instant::now();
+    while forward.last_reply().is_none() || backward.last_reply().is_none() {
+        ensure!(
+            meters_started.elapsed() < Duration::from_secs(10),
+            "the gap meters between the edge pods had no reply both ways within 10 s of their start"
+        );
+        thread::sleep(LOG_POLL);
+    }
+    let before = [
+        relayed_logged(&cluster, FIRST_SITE_EDGE, SECOND_SITE_EDGE)?.len(),
+        relayed_logged(&cluster, SECOND_SITE_EDGE, FIRST_SITE_EDGE)?.len(),
+    ];
+    let blocked = Instant::now();
+    cluster.block_between_sites()?;
+    let mut relayed_after = [None, None];
+    while relayed_after.iter().any(Option::is_none) {
+        for (i, (edge, peer)) in [
+            (FIRST_SITE_EDGE, SECOND_SITE_EDGE),
+            (SECOND_SITE_EDGE, FIRST_SITE_EDGE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if relayed_after[i].is_none() && relayed_logged(&cluster, edge, peer)?.len() > before[i]
+            {
+                relayed_after[i] = Some(blocked.elapsed());
+            }
+        }
+        ensure!(
+            blocked.elapsed() < FALLBACK_BUDGET,
+            "the edges did not both go back to the relay within {FALLBACK_BUDGET:?} of the sites' \
+             blocking (seen after: {relayed_after:?})\n{}",
+            cluster.agent_logs(&two_nat_nodes())
+        );
+        thread::sleep(LOG_POLL);
+    }
+    let both_relayed = Instant::now();
+    thread::sleep(PINGING_AFTER_DIRECT);
+    let forward = forward.stop()?;
+    let backward = backward.stop()?;
+    let settled = both_relayed + RELAY_SETTLE;
+    let stopped = Instant::now();
+    eprintln!(
+        "direct path broken: edge-1 back on the relay {:.2} s after the block, edge-2 {:.2} s; {}; \
+         {}",
+        relayed_after[0].unwrap_or_default().as_secs_f64(),
+        relayed_after[1].unwrap_or_default().as_secs_f64(),
+        ping_summary(&forward),
+        ping_summary(&backward)
+    );
+    for (what, gaps) in [
+        ("edge-1 pod → edge-2 pod", &forward),
+        ("edge-2 pod → edge-1 pod", &backward),
+    ] {
+        let late = gaps.lost_sent_between(settled, stopped);
+        ensure!(
+            gaps.sent_between(settled, stopped) > 0 && late == 0,
+            "{what}: {late} pings lost after both edges were back on the relay ({} sent since)\n{}",
+            gaps.sent_between(settled, stopped),
+            cluster.agent_logs(&two_nat_nodes())
+        );
+        let (gap, _) = gaps.longest_gap();
+        ensure!(
+            gap <= FALLBACK_BUDGET,
+            "{what}: {gap:?} without a reply when the direct path broke (budget {FALLBACK_BUDGET:?})"
+        );
+    }
     Ok(())
 }
 
