@@ -1570,6 +1570,22 @@ fn wait_for_direct_paths(
     }
 }
 
+/// Gap meters from `a` to `b` and back, every [`PUNCH_PING_INTERVAL`],
+/// once both have had a reply.
+fn meters_both_ways(a: &Endpoint, b: &Endpoint) -> Result<(GapMeter, GapMeter)> {
+    let forward = GapMeter::start(a, b, PUNCH_PING_INTERVAL)?;
+    let backward = GapMeter::start(b, a, PUNCH_PING_INTERVAL)?;
+    let started = Instant::now();
+    while forward.last_reply().is_none() || backward.last_reply().is_none() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gap meters between the edge pods had no reply both ways within 10 s of their start"
+        );
+        thread::sleep(LOG_POLL);
+    }
+    Ok((forward, backward))
+}
+
 /// `edge-1 pod → edge-2 pod: 312 of 312 answered, longest gap 40 ms`.
 fn ping_summary(gaps: &PingGaps) -> String {
     format!(
@@ -1648,16 +1664,7 @@ fn edges_behind_two_nats_are_relayed_then_punch_a_hole_and_switch_to_it_without_
     );
 
     // The switch, under pings every 20 ms both ways.
-    let forward = GapMeter::start(pod_1, pod_2, PUNCH_PING_INTERVAL)?;
-    let backward = GapMeter::start(pod_2, pod_1, PUNCH_PING_INTERVAL)?;
-    let meters_started = Instant::now();
-    while forward.last_reply().is_none() || backward.last_reply().is_none() {
-        ensure!(
-            meters_started.elapsed() < Duration::from_secs(10),
-            "the gap meters between the edge pods had no reply both ways within 10 s of their start"
-        );
-        thread::sleep(LOG_POLL);
-    }
+    let (forward, backward) = meters_both_ways(pod_1, pod_2)?;
     let unblocked = Instant::now();
     cluster.unblock_between_sites()?;
     let opened = wait_for_direct_paths(&cluster, unblocked, DIRECT_PATH_BUDGET)?;
@@ -1756,16 +1763,7 @@ fn edges_behind_two_nats_are_relayed_then_punch_a_hole_and_switch_to_it_without_
     // The direct path breaks (a firewall between the sites again): each
     // edge goes back to the relay once its peer's hellos stop for a window,
     // and every ping from then on is answered.
-    let forward = GapMeter::start(pod_1, pod_2, PUNCH_PING_INTERVAL)?;
-    let backward = GapMeter::start(pod_2, pod_1, PUNCH_PING_INTERVAL)?;
-    let meters_started = Instant::now();
-    while forward.last_reply().is_none() || backward.last_reply().is_none() {
-        ensure!(
-            meters_started.elapsed() < Duration::from_secs(10),
-            "the gap meters between the edge pods had no reply both ways within 10 s of their start"
-        );
-        thread::sleep(LOG_POLL);
-    }
+    let (forward, backward) = meters_both_ways(pod_1, pod_2)?;
     let before = [
         relayed_logged(&cluster, FIRST_SITE_EDGE, SECOND_SITE_EDGE)?.len(),
         relayed_logged(&cluster, SECOND_SITE_EDGE, FIRST_SITE_EDGE)?.len(),
