@@ -310,8 +310,8 @@ fn candidate(
                 _ = &mut stop => break,
             }
             if let Some(objects) = source.objects() {
-                let connector = is_connector(&objects, &name);
-                duty.step(&objects, connector, None).await;
+                let connector = is_connector(&objects.nodes, &name);
+                duty.step(|| Some(objects), connector, None).await;
             }
         }
         duty.release().await;
