@@ -124,14 +124,15 @@ impl Punch {
     /// community peers of this edge (others are ignored). A peer follows
     /// one connector's introductions while they keep coming (another's are
     /// taken once they stopped for a window). Returns the peers whose
-    /// endpoint is new or moved: what we observed of them before is stale.
+    /// endpoint is new or moved, with it: what we observed of them before
+    /// is stale.
     pub fn introduce(
         &mut self,
         from: &str,
         introductions: &[Introduction],
         ours: impl Fn(&str) -> bool,
         now: Instant,
-    ) -> Vec<String> {
+    ) -> Vec<(String, (Ipv4Addr, u16))> {
         let window = self.window();
         let mut moved = Vec::new();
         for intro in introductions.iter().filter(|i| ours(&i.node)) {
@@ -145,7 +146,7 @@ impl Punch {
                     state.introduced_at = now;
                     if state.endpoint != endpoint {
                         state.endpoint = endpoint;
-                        moved.push(intro.node.clone());
+                        moved.push((intro.node.clone(), endpoint));
                     }
                 }
                 None => {
@@ -160,7 +161,7 @@ impl Punch {
                             direct: false,
                         },
                     );
-                    moved.push(intro.node.clone());
+                    moved.push((intro.node.clone(), endpoint));
                 }
             }
         }

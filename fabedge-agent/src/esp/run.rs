@@ -296,10 +296,12 @@ impl EspRuntime {
             .update(&plan.node, self.generations.generation, targets);
     }
 
-    /// The last outbound targets again (after a punched peer's flag changed).
-    fn resend(&self) {
-        let outbound = self.keepalives.outbound();
-        self.send_to(outbound.into_iter());
+    /// The punched peers' flags of the targets in place (no key is derived
+    /// again); sent at once if one changed.
+    fn refresh_flags(&self) {
+        let now = Instant::now();
+        self.keepalives
+            .set_flags(|peer| (self.punch.contains(peer), self.punch.heard_you(peer, now)));
     }
 
     /// Read the hellos waiting on the socket, at most [`HELLO_BUDGET`] per
@@ -350,8 +352,7 @@ impl EspRuntime {
                     continue;
                 }
                 let ours = |peer: &str| community_peer(snapshot, plan, peer);
-                for peer in self.punch.introduce(&sender, list, ours, instant) {
-                    let endpoint = self.punch.view()[&peer].endpoint;
+                for (peer, endpoint) in self.punch.introduce(&sender, list, ours, instant) {
                     info!(
                         "ESP: {peer} relayed through the connector (introduced by {sender} at \
                          {}:{}, behind another NAT; punching a direct path)",
@@ -373,7 +374,7 @@ impl EspRuntime {
             }
         }
         if flags_changed && !changed {
-            self.resend();
+            self.refresh_flags();
         }
         if let Err(e) = self.hellos.flush(changed) {
             warn!("ESP: keeping hello counters: {e:#}");
@@ -462,7 +463,7 @@ impl EspRuntime {
         if self.punch.has_peers() {
             // A flag that went stale (no hello for a window) stops saying
             // we hear the peer.
-            self.resend();
+            self.refresh_flags();
         }
         if learnt && let Some((snapshot, plan)) = self.last.take() {
             let senders = plan.esp_senders_with(&snapshot, &self.endpoints());
@@ -714,18 +715,27 @@ impl Keepalives {
         Ok(Keepalives { shared })
     }
 
-    /// The edge's outbound targets last handed over.
-    fn outbound(&self) -> Vec<(String, SocketAddrV4)> {
-        let (lock, _) = &*self.shared;
-        let targets = lock
+    /// Each outbound target's (punched, heard you) from `flags`; the thread
+    /// sends at once if one changed.
+    fn set_flags(&self, flags: impl Fn(&str) -> (bool, bool)) {
+        let (lock, wake) = &*self.shared;
+        let mut targets = lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        targets
+        let mut changed = false;
+        for target in targets
             .peers
-            .iter()
+            .iter_mut()
             .filter(|t| t.introductions.is_none())
-            .map(|t| (t.peer.clone(), t.to))
-            .collect()
+        {
+            let now = flags(&target.peer);
+            changed |= (target.punched, target.heard_you) != now;
+            (target.punched, target.heard_you) = now;
+        }
+        if changed {
+            targets.changed = true;
+            wake.notify_one();
+        }
     }
 
     /// New targets; sent to at once if they changed.

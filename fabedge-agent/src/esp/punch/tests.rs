@@ -10,6 +10,12 @@ fn intro(node: &str, endpoint: &str) -> Introduction {
     }
 }
 
+/// What `Punch::introduce` returns for a peer now at `endpoint`.
+fn moved_to(peer: &str, endpoint: &str) -> (String, (Ipv4Addr, u16)) {
+    let at: SocketAddrV4 = endpoint.parse().unwrap();
+    (peer.to_owned(), (*at.ip(), at.port()))
+}
+
 fn all(_: &str) -> bool {
     true
 }
@@ -19,7 +25,7 @@ fn a_punched_peer_is_relayed_until_both_ends_hear_each_other_and_again_when_hell
     let mut punch = Punch::new(KEEPALIVE);
     let t0 = Instant::now();
     let moved = punch.introduce("cloud-1", &[intro("edge-2", "198.18.0.251:4500")], all, t0);
-    assert_eq!(moved, ["edge-2"]);
+    assert_eq!(moved, [moved_to("edge-2", "198.18.0.251:4500")]);
     assert_eq!(
         punch.view()["edge-2"],
         Punched {
@@ -83,7 +89,11 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
         ours,
         t0,
     );
-    assert_eq!(moved, ["edge-2"], "edge-3 is not our community peer");
+    assert_eq!(
+        moved,
+        [moved_to("edge-2", "198.18.0.251:4500")],
+        "edge-3 is not our community peer"
+    );
     assert!(!punch.contains("edge-3"));
     assert!(
         punch
@@ -105,7 +115,7 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
             ours,
             t1
         ),
-        ["edge-2"]
+        [moved_to("edge-2", "198.18.0.251:31000")]
     );
     assert_eq!(
         punch.view()["edge-2"].endpoint,
@@ -118,7 +128,10 @@ fn introductions_move_expire_and_only_name_our_community_peers() {
     assert!(punch.introduce("cloud-9", &other, ours, t1).is_empty());
     assert_eq!(punch.view()["edge-2"].endpoint.1, 31000);
     let quiet = t1 + punch.window();
-    assert_eq!(punch.introduce("cloud-9", &other, ours, quiet), ["edge-2"]);
+    assert_eq!(
+        punch.introduce("cloud-9", &other, ours, quiet),
+        [moved_to("edge-2", "198.18.0.251:40000")]
+    );
     assert_eq!(punch.view()["edge-2"].endpoint.1, 40000);
     assert!(
         punch
