@@ -592,7 +592,7 @@ impl Reconciler {
                 return false;
             };
             let key = crate::model::NamespacedName::new(&after.namespace, &after.name);
-            changes.push((key, Some(after)));
+            changes.push((key, Some(std::sync::Arc::new(after))));
         }
         if !applied.patch(&mut self.applier, maps, changes) {
             self.file_applied = None;

@@ -178,6 +178,9 @@ impl Applier {
         let mut step = STEPS[0];
         match self.write(datapath, maps, plan, settings, &checked, &mut step) {
             Ok(report) => {
+                if let Some(services) = &mut self.services {
+                    services.commit();
+                }
                 self.installed_routes = Some(checked.kernel_routes);
                 self.installed_tunnel_table = Some(tunnel_table::wanted(&plan.kernel_routes));
                 self.conflicts = checked.conflicts;
@@ -220,7 +223,10 @@ impl Applier {
         };
         services.begin();
         match services.apply_some(maps, plan, keys) {
-            Ok(report) => Ok(report),
+            Ok(report) => {
+                services.commit();
+                Ok(report)
+            }
             Err(e) => {
                 let outcome = match services.undo(maps) {
                     Ok(()) => "taken back".to_owned(),

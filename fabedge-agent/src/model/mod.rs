@@ -9,21 +9,28 @@
 
 pub mod checks;
 pub mod crd;
+mod names;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery},
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, Time},
+        util::intstr::IntOrString,
+    },
 };
 use serde::{Deserialize, Serialize};
 
 use self::crd::CommunityObject;
+pub use self::names::{Addresses, node_name};
 
 /// Node labels that choose a node's role.
 pub mod label {
@@ -272,6 +279,15 @@ impl Protocol {
         }
     }
 
+    /// Kubernetes spelling.
+    pub const fn as_k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
     /// Kubernetes spelling; absent means TCP.
     fn parse(value: Option<&str>) -> Result<Protocol, String> {
         match value {
@@ -352,14 +368,15 @@ pub struct EndpointPort {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Addresses,
     /// Absent conditions read as Kubernetes documents them: ready and
     /// serving default to true, terminating to false.
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// The node the endpoint runs on (for `internalTrafficPolicy: Local`).
-    pub node_name: Option<String>,
+    /// The node the endpoint runs on (for `internalTrafficPolicy: Local`),
+    /// shared by every endpoint on that node ([`node_name`]).
+    pub node_name: Option<Arc<str>>,
 }
 
 /// An IPv4 EndpointSlice. Slices of other address types are not in the
@@ -397,7 +414,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     pub communities: BTreeMap<String, Community>,
     pub services: BTreeMap<NamespacedName, Service>,
-    pub endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
+    /// Shared with the kube caches, which keep slices in this form.
+    pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
 }
 
 impl Snapshot {
@@ -409,8 +427,8 @@ impl Snapshot {
     pub fn from_objects<'o>(
         nodes: impl IntoIterator<Item = &'o core::Node>,
         communities: impl IntoIterator<Item = &'o CommunityObject>,
-        services: impl IntoIterator<Item = &'o core::Service>,
-        endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
+        services: impl IntoIterator<Item = ServiceInput<'o>>,
+        endpoint_slices: impl IntoIterator<Item = SliceInput<'o>>,
     ) -> Result<Snapshot, ModelError> {
         let (snapshot, mut errors) =
             Snapshot::from_objects_skipping(nodes, communities, services, endpoint_slices);
@@ -426,8 +444,8 @@ impl Snapshot {
     pub fn from_objects_skipping<'o>(
         nodes: impl IntoIterator<Item = &'o core::Node>,
         communities: impl IntoIterator<Item = &'o CommunityObject>,
-        services: impl IntoIterator<Item = &'o core::Service>,
-        endpoint_slices: impl IntoIterator<Item = &'o discovery::EndpointSlice>,
+        services: impl IntoIterator<Item = ServiceInput<'o>>,
+        endpoint_slices: impl IntoIterator<Item = SliceInput<'o>>,
     ) -> (Snapshot, Vec<ModelError>) {
         let mut snapshot = Snapshot::default();
         let mut errors = Vec::new();
@@ -458,7 +476,7 @@ impl Snapshot {
             }
         }
         for object in services {
-            match Service::from_k8s(object) {
+            match object.model() {
                 Ok(service) => {
                     let key = NamespacedName::new(&service.namespace, &service.name);
                     if snapshot.services.contains_key(&key) {
@@ -472,7 +490,7 @@ impl Snapshot {
             }
         }
         for object in endpoint_slices {
-            match EndpointSlice::from_k8s(object) {
+            match object.model() {
                 Ok(None) => {}
                 Ok(Some(slice)) => {
                     let key = NamespacedName::new(&slice.namespace, &slice.name);
@@ -960,6 +978,112 @@ impl Service {
             internal_traffic_policy,
         })
     }
+
+    /// The Kubernetes object this Service reads from, created at `created`:
+    /// what [`Service::from_k8s`] turns back into this Service (IPv6
+    /// cluster IPs, which the model leaves out, are not in it).
+    pub fn to_k8s(&self, created: Option<&Time>) -> core::Service {
+        let none = self.headless.then(|| "None".to_owned());
+        let cluster_ips: Vec<String> = none
+            .into_iter()
+            .chain(self.cluster_ips.iter().map(Ipv4Addr::to_string))
+            .collect();
+        let ports = self
+            .ports
+            .iter()
+            .map(|port| core::ServicePort {
+                name: Some(port.name.clone()).filter(|name| !name.is_empty()),
+                port: i32::from(port.port),
+                protocol: Some(port.protocol.as_k8s().to_owned()),
+                target_port: Some(match &port.target_port {
+                    TargetPort::Number(number) => IntOrString::Int(i32::from(*number)),
+                    TargetPort::Name(name) => IntOrString::String(name.clone()),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let (affinity, affinity_config) = match self.session_affinity {
+            SessionAffinity::None => ("None", None),
+            SessionAffinity::ClientIp { timeout_seconds } => (
+                "ClientIP",
+                Some(core::SessionAffinityConfig {
+                    client_ip: Some(core::ClientIPConfig {
+                        timeout_seconds: i32::try_from(timeout_seconds).ok(),
+                    }),
+                }),
+            ),
+        };
+        let policy = match self.internal_traffic_policy {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        };
+        core::Service {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                creation_timestamp: created.cloned(),
+                ..Default::default()
+            },
+            spec: Some(core::ServiceSpec {
+                cluster_ip: cluster_ips.first().cloned(),
+                cluster_ips: Some(cluster_ips).filter(|ips| !ips.is_empty()),
+                ports: Some(ports),
+                session_affinity: Some(affinity.to_owned()),
+                session_affinity_config: affinity_config,
+                internal_traffic_policy: Some(policy.to_owned()),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+/// One Service as a source hands it to [`Snapshot::from_objects`]: the
+/// Kubernetes object, or the model of it a kube cache already made.
+#[derive(Debug, Clone, Copy)]
+pub enum ServiceInput<'o> {
+    Object(&'o core::Service),
+    Model {
+        service: &'o Service,
+        created: Option<&'o Time>,
+    },
+}
+
+impl<'o> ServiceInput<'o> {
+    /// What [`Service::from_k8s`] makes of it.
+    pub fn model(self) -> Result<Service, ModelError> {
+        match self {
+            ServiceInput::Object(object) => Service::from_k8s(object),
+            ServiceInput::Model { service, .. } => Ok(service.clone()),
+        }
+    }
+
+    /// The Kubernetes object it is, or reads as ([`Service::to_k8s`]).
+    pub fn object(self) -> Cow<'o, core::Service> {
+        match self {
+            ServiceInput::Object(object) => Cow::Borrowed(object),
+            ServiceInput::Model { service, created } => Cow::Owned(service.to_k8s(created)),
+        }
+    }
+
+    /// Its namespace, name and creationTimestamp, as the checks age it.
+    pub fn identity(self) -> (String, String, Option<&'o Time>) {
+        match self {
+            ServiceInput::Object(object) => {
+                let meta = &object.metadata;
+                (
+                    meta.namespace
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+                    meta.name.clone().unwrap_or_default(),
+                    meta.creation_timestamp.as_ref(),
+                )
+            }
+            ServiceInput::Model { service, created } => {
+                (service.namespace.clone(), service.name.clone(), created)
+            }
+        }
+    }
 }
 
 impl EndpointSlice {
@@ -1028,13 +1152,16 @@ impl EndpointSlice {
                 })?;
                 addresses.push(parsed);
             }
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let conditions = endpoint.conditions.as_ref();
+            let condition = |read: fn(&discovery::EndpointConditions) -> Option<bool>| {
+                conditions.and_then(read)
+            };
             endpoints.push(Endpoint {
-                addresses,
-                ready: conditions.ready.unwrap_or(true),
-                serving: conditions.serving.unwrap_or(true),
-                terminating: conditions.terminating.unwrap_or(false),
-                node_name: endpoint.node_name.clone(),
+                addresses: Addresses::from(addresses),
+                ready: condition(|c| c.ready).unwrap_or(true),
+                serving: condition(|c| c.serving).unwrap_or(true),
+                terminating: condition(|c| c.terminating).unwrap_or(false),
+                node_name: endpoint.node_name.as_deref().map(node_name),
             });
         }
         Ok(Some(EndpointSlice {
@@ -1045,11 +1172,182 @@ impl EndpointSlice {
             endpoints,
         }))
     }
+
+    /// The Kubernetes object this slice reads from: what [`from_k8s`]
+    /// turns back into this slice. What the model does not read (the
+    /// resource version, endpoints' target references) is not in it.
+    ///
+    /// [`from_k8s`]: EndpointSlice::from_k8s
+    pub fn to_k8s(&self) -> discovery::EndpointSlice {
+        let labels = self
+            .service_name
+            .as_ref()
+            .map(|service| BTreeMap::from([(label::SERVICE_NAME.to_owned(), service.clone())]));
+        let ports = self
+            .ports
+            .iter()
+            .map(|port| discovery::EndpointPort {
+                name: Some(port.name.clone()).filter(|name| !name.is_empty()),
+                port: port.port.map(i32::from),
+                protocol: Some(port.protocol.as_k8s().to_owned()),
+                app_protocol: None,
+            })
+            .collect();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|endpoint| discovery::Endpoint {
+                addresses: endpoint.addresses.iter().map(Ipv4Addr::to_string).collect(),
+                conditions: Some(discovery::EndpointConditions {
+                    ready: Some(endpoint.ready),
+                    serving: Some(endpoint.serving),
+                    terminating: Some(endpoint.terminating),
+                }),
+                node_name: endpoint.node_name.as_deref().map(str::to_owned),
+                ..Default::default()
+            })
+            .collect();
+        discovery::EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels,
+                ..Default::default()
+            },
+            address_type: "IPv4".to_owned(),
+            ports: Some(ports),
+            endpoints: Some(endpoints),
+        }
+    }
+}
+
+/// One EndpointSlice as a source hands it to [`Snapshot::from_objects`]:
+/// the Kubernetes object, or the model of it a kube cache already made.
+#[derive(Debug, Clone, Copy)]
+pub enum SliceInput<'o> {
+    Object(&'o discovery::EndpointSlice),
+    Model(&'o Arc<EndpointSlice>),
+}
+
+impl<'o> SliceInput<'o> {
+    /// What [`EndpointSlice::from_k8s`] makes of it, shared.
+    pub fn model(self) -> Result<Option<Arc<EndpointSlice>>, ModelError> {
+        match self {
+            SliceInput::Object(object) => Ok(EndpointSlice::from_k8s(object)?.map(Arc::new)),
+            SliceInput::Model(slice) => Ok(Some(slice.clone())),
+        }
+    }
+
+    /// The Kubernetes object it is, or reads as ([`EndpointSlice::to_k8s`]).
+    pub fn object(self) -> Cow<'o, discovery::EndpointSlice> {
+        match self {
+            SliceInput::Object(object) => Cow::Borrowed(object),
+            SliceInput::Model(slice) => Cow::Owned(slice.to_k8s()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_turned_back_into_an_object_reads_as_the_same_service() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let service = Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec![ip("10.96.0.20")],
+            headless: false,
+            ports: vec![
+                ServicePort {
+                    name: String::new(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: TargetPort::Number(8080),
+                },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target_port: TargetPort::Name("dns".into()),
+                },
+            ],
+            session_affinity: SessionAffinity::ClientIp {
+                timeout_seconds: 600,
+            },
+            internal_traffic_policy: TrafficPolicy::Local,
+        };
+        let created = Time("2026-12-01T10:00:00Z".parse().unwrap());
+        let object = service.to_k8s(Some(&created));
+        assert_eq!(Service::from_k8s(&object), Ok(service.clone()));
+        assert_eq!(object.metadata.creation_timestamp, Some(created));
+        for other in [
+            Service {
+                cluster_ips: Vec::new(),
+                headless: true,
+                session_affinity: SessionAffinity::None,
+                internal_traffic_policy: TrafficPolicy::Cluster,
+                ..service.clone()
+            },
+            Service {
+                cluster_ips: Vec::new(),
+                ports: Vec::new(),
+                ..service
+            },
+        ] {
+            assert_eq!(Service::from_k8s(&other.to_k8s(None)), Ok(other));
+        }
+    }
+
+    #[test]
+    fn a_slice_turned_back_into_an_object_reads_as_the_same_slice() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let slice = EndpointSlice {
+            namespace: "shop".into(),
+            name: "web-x1".into(),
+            service_name: Some("web".into()),
+            ports: vec![
+                EndpointPort {
+                    name: String::new(),
+                    port: Some(8080),
+                    protocol: Protocol::Tcp,
+                },
+                EndpointPort {
+                    name: "metrics".into(),
+                    port: None,
+                    protocol: Protocol::Sctp,
+                },
+            ],
+            endpoints: vec![
+                Endpoint {
+                    addresses: ip("10.234.1.10").into(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some(node_name("edge-1")),
+                },
+                Endpoint {
+                    addresses: Addresses::from(vec![ip("10.234.1.11"), ip("10.234.1.12")]),
+                    ready: false,
+                    serving: true,
+                    terminating: true,
+                    node_name: None,
+                },
+            ],
+        };
+        assert_eq!(
+            EndpointSlice::from_k8s(&slice.to_k8s()),
+            Ok(Some(slice.clone()))
+        );
+        let orphan = EndpointSlice {
+            service_name: None,
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            ..slice
+        };
+        assert_eq!(EndpointSlice::from_k8s(&orphan.to_k8s()), Ok(Some(orphan)));
+    }
 
     #[test]
     fn mac_round_trips_and_rejects_garbage() {

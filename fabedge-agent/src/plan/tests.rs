@@ -1111,11 +1111,11 @@ fn manifest_reads_services_and_endpoint_slices() {
     assert_eq!(
         slice.endpoints,
         [model::Endpoint {
-            addresses: vec![ip("10.234.1.10")],
+            addresses: ip("10.234.1.10").into(),
             ready: true,
             serving: true,
             terminating: false,
-            node_name: Some("edge-1".into()),
+            node_name: Some(model::node_name("edge-1")),
         }]
     );
 }

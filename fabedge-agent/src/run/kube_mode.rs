@@ -11,8 +11,6 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use k8s_openapi::api::discovery::v1 as discovery;
-
 use anyhow::{Context, Result};
 use log::{error, info, warn};
 use tokio::{
@@ -29,10 +27,10 @@ use crate::{
     },
     datapath::Datapath,
     maps::Maps,
-    model::{EndpointSlice, NamespacedName, Role},
+    model::{NamespacedName, Role, SliceInput},
     plan::TunnelMode,
     source::{
-        kube::{Connection, KubeSource, NodeView},
+        kube::{Connection, KeptSlice, KubeSource, NodeView},
         last_good,
     },
 };
@@ -343,7 +341,7 @@ impl KubeState {
     fn patch_slices(
         &mut self,
         reconciler: &mut Reconciler,
-        slices: &[(String, Option<discovery::EndpointSlice>)],
+        slices: &[(String, Option<KeptSlice>)],
         maps: &mut Maps,
     ) -> bool {
         let started = std::time::Instant::now();
@@ -359,7 +357,12 @@ impl KubeState {
                 return false;
             };
             // An invalid slice: the full pass reports it.
-            let Ok(slice) = object.as_ref().map(EndpointSlice::from_k8s).transpose() else {
+            let Ok(slice) = object
+                .as_ref()
+                .and_then(KeptSlice::input)
+                .map(SliceInput::model)
+                .transpose()
+            else {
                 return false;
             };
             changes.push((NamespacedName::new(namespace, name), slice.flatten()));

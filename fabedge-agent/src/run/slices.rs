@@ -5,7 +5,7 @@
 //! (an invalid slice, a slice of no Service, a name given twice) or maps too
 //! small for every Service take the full pass, which reports them.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use log::warn;
 
@@ -27,7 +27,7 @@ pub(super) struct Applied {
 
 /// One slice change: the slice of that name now (`None`: gone, or not an
 /// IPv4 slice).
-pub(super) type SliceChange = (NamespacedName, Option<EndpointSlice>);
+pub(super) type SliceChange = (NamespacedName, Option<Arc<EndpointSlice>>);
 
 impl Applied {
     /// Apply `changes`, in order. False when only a full pass may apply
@@ -46,7 +46,7 @@ impl Applied {
             for owner in [self.snapshot.endpoint_slices.get(key), slice.as_ref()]
                 .into_iter()
                 .flatten()
-                .filter_map(EndpointSlice::service)
+                .filter_map(|slice| slice.service())
             {
                 if !self.snapshot.services.contains_key(&owner) {
                     return false;

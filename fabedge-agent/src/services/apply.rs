@@ -214,6 +214,13 @@ impl ServiceShadow {
         self.journal.clear();
     }
 
+    /// The writes since [`ServiceShadow::begin`] stay: nothing will take
+    /// them back, and the journal's memory goes (a full sync at 10 k
+    /// Services journals 100 k writes, about 3 MB).
+    pub fn commit(&mut self) {
+        self.journal = Vec::new();
+    }
+
     /// Take back every write since [`ServiceShadow::begin`], newest first:
     /// the maps pass through the same consistent states as on the way in.
     pub fn undo(&mut self, maps: &mut impl ServiceMaps) -> Result<()> {

@@ -309,6 +309,7 @@ pub fn replan_services(
                 slice.namespace == name.namespace
                     && slice.service_name.as_deref() == Some(name.name.as_str())
             })
+            .map(|slice| &**slice)
             .collect();
         let mut ignored = Vec::new();
         for (key, mut frontend) in plan_service(name, service, &slices, &scope, &mut ignored) {
@@ -362,6 +363,8 @@ pub fn frontend_ids(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::model::{Endpoint, EndpointPort, ServicePort};
     use crate::services::random::Random;
@@ -389,7 +392,7 @@ mod tests {
 
     fn endpoint(ip: [u8; 4], ready: bool, terminating: bool, node: &str) -> Endpoint {
         Endpoint {
-            addresses: vec![Ipv4Addr::from(ip)],
+            addresses: Ipv4Addr::from(ip).into(),
             ready,
             serving: true,
             terminating,
@@ -403,13 +406,13 @@ mod tests {
             .insert(NamespacedName::new("default", "web"), service);
         snap.endpoint_slices.insert(
             NamespacedName::new("default", "web-abc"),
-            EndpointSlice {
+            Arc::new(EndpointSlice {
                 namespace: "default".into(),
                 name: "web-abc".into(),
                 service_name: Some("web".into()),
                 ports,
                 endpoints,
-            },
+            }),
         );
         snap
     }
@@ -695,7 +698,7 @@ mod tests {
         let mut owners: BTreeSet<NamespacedName> = snap
             .endpoint_slices
             .get(&key)
-            .and_then(EndpointSlice::service)
+            .and_then(|slice| slice.service())
             .into_iter()
             .collect();
         if random.below(5) == 0 {
@@ -735,13 +738,13 @@ mod tests {
         owners.insert(NamespacedName::new("default", &owner));
         snap.endpoint_slices.insert(
             key,
-            EndpointSlice {
+            Arc::new(EndpointSlice {
                 namespace: "default".into(),
                 name: slice_name,
                 service_name: Some(owner),
                 ports,
                 endpoints,
-            },
+            }),
         );
         owners
     }

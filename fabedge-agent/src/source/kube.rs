@@ -28,7 +28,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
@@ -39,7 +42,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{CommunityObject, ObjectRefs, Objects};
-use crate::model::{Role, label};
+use crate::model::{self, Role, ServiceInput, SliceInput, label};
 
 /// How the agent reaches the API server.
 #[derive(Debug, Clone)]
@@ -69,11 +72,12 @@ pub async fn client(connection: &Connection) -> Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// One kind's cache: objects by `namespace/name`, so every read is sorted.
-struct Cache<K> {
-    objects: BTreeMap<String, K>,
+/// One kind's cache: what it keeps of each object ([`Keep`]), by
+/// `namespace/name`, so every read is sorted.
+struct Cache<K: Keep> {
+    objects: BTreeMap<String, K::Kept>,
     /// A relist in progress: filled by `InitApply`, swapped in at `InitDone`.
-    relisting: Option<BTreeMap<String, K>>,
+    relisting: Option<BTreeMap<String, K::Kept>>,
     /// The first list completed.
     ready: bool,
     /// What changed since [`KubeSource::take_changes`] last asked.
@@ -102,7 +106,7 @@ impl Touched {
     }
 }
 
-impl<K> Default for Cache<K> {
+impl<K: Keep> Default for Cache<K> {
     fn default() -> Self {
         Cache {
             objects: BTreeMap::new(),
@@ -164,24 +168,133 @@ impl Slim for CommunityObject {
     fn slim(&mut self) {}
 }
 
-impl<K: Resource + Clone + PartialEq + Slim> Cache<K> {
-    /// Applies one watcher event; true when the visible objects changed.
-    fn handle(&mut self, mut event: watcher::Event<K>) -> bool {
-        // managedFields is server-side-apply bookkeeping: often the larger
-        // part of an object, never read by the model; not kept in memory
-        // nor in the persisted snapshot.
-        if let watcher::Event::Apply(object) | watcher::Event::InitApply(object) = &mut event {
-            object.meta_mut().managed_fields = None;
-            object.slim();
+/// What a cache keeps of one object of its kind.
+pub(crate) trait Keep: Resource + Sized {
+    type Kept: Clone + PartialEq;
+
+    /// `self` as kept. managedFields (server-side-apply bookkeeping, often
+    /// the larger part of an object, never read) is gone already.
+    fn keep(self) -> Self::Kept;
+}
+
+impl Keep for core::Node {
+    type Kept = Self;
+
+    fn keep(mut self) -> Self {
+        self.slim();
+        self
+    }
+}
+
+/// What the Service cache keeps of a Service: like [`KeptSlice`], its
+/// model when the model reads it (with the creationTimestamp the checks
+/// age it by), else the object as it came.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeptService {
+    Model(Box<(model::Service, Option<Time>)>),
+    Object(Box<core::Service>),
+}
+
+impl Keep for core::Service {
+    type Kept = KeptService;
+
+    fn keep(mut self) -> KeptService {
+        match model::Service::from_k8s(&self) {
+            Ok(service) => {
+                KeptService::Model(Box::new((service, self.metadata.creation_timestamp.take())))
+            }
+            Err(_) => {
+                self.slim();
+                KeptService::Object(Box::new(self))
+            }
         }
+    }
+}
+
+impl KeptService {
+    pub fn input(&self) -> ServiceInput<'_> {
+        match self {
+            KeptService::Model(kept) => ServiceInput::Model {
+                service: &kept.0,
+                created: kept.1.as_ref(),
+            },
+            KeptService::Object(object) => ServiceInput::Object(object),
+        }
+    }
+}
+
+impl Keep for CommunityObject {
+    type Kept = Self;
+
+    fn keep(self) -> Self {
+        self
+    }
+}
+
+/// What the EndpointSlice cache keeps of a slice. A large cluster's
+/// slices are most of what an agent holds (100 k endpoints), so a slice
+/// the model reads is kept as its model, shared with every snapshot
+/// planned from it, instead of as the object it came as (several times
+/// larger).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeptSlice {
+    /// An IPv4 slice, as the model reads it.
+    Model(Arc<model::EndpointSlice>),
+    /// One the model refuses: kept as it came (slimmed), for the pass to
+    /// report and the saved state to hold as it is.
+    Object(Box<discovery::EndpointSlice>),
+    /// Another address type (IPv6, FQDN): nothing here translates it.
+    NotIpv4,
+}
+
+impl Keep for discovery::EndpointSlice {
+    type Kept = KeptSlice;
+
+    fn keep(mut self) -> KeptSlice {
+        match model::EndpointSlice::from_k8s(&self) {
+            Ok(Some(slice)) => KeptSlice::Model(Arc::new(slice)),
+            Ok(None) => KeptSlice::NotIpv4,
+            Err(_) => {
+                self.slim();
+                KeptSlice::Object(Box::new(self))
+            }
+        }
+    }
+}
+
+impl KeptSlice {
+    /// The slice as a source hands it to the model; `None`: not IPv4.
+    pub fn input(&self) -> Option<SliceInput<'_>> {
+        match self {
+            KeptSlice::Model(slice) => Some(SliceInput::Model(slice)),
+            KeptSlice::Object(object) => Some(SliceInput::Object(object)),
+            KeptSlice::NotIpv4 => None,
+        }
+    }
+
+    /// The Kubernetes object as the model reads it (see
+    /// [`model::EndpointSlice::to_k8s`]).
+    fn object(&self) -> Option<discovery::EndpointSlice> {
+        Some(self.input()?.object().into_owned())
+    }
+}
+
+impl<K: Keep> Cache<K> {
+    /// Applies one watcher event; true when the visible objects changed.
+    fn handle(&mut self, event: watcher::Event<K>) -> bool {
+        let keep = |mut object: K| {
+            object.meta_mut().managed_fields = None;
+            object.keep()
+        };
         match event {
             watcher::Event::Apply(object) => {
                 let key = key_of(&object);
-                if self.objects.get(&key) == Some(&object) {
+                let kept = keep(object);
+                if self.objects.get(&key) == Some(&kept) {
                     return false;
                 }
                 self.touched.key(&key);
-                self.objects.insert(key, object);
+                self.objects.insert(key, kept);
                 true
             }
             watcher::Event::Delete(object) => {
@@ -200,15 +313,16 @@ impl<K: Resource + Clone + PartialEq + Slim> Cache<K> {
                 let key = key_of(&object);
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key, object);
+                    .insert(key, keep(object));
                 false
             }
             watcher::Event::InitDone => {
                 let listed = self.relisting.take().unwrap_or_default();
                 let first = !self.ready;
                 self.ready = true;
-                // Objects compare by content (resourceVersion included), so an
-                // unchanged relist reports no change.
+                // Objects compare by what is kept of them (a slice's model,
+                // others with their resourceVersion), so an unchanged relist
+                // reports no change.
                 let changed = first || self.objects != listed;
                 self.objects = listed;
                 if changed {
@@ -355,6 +469,30 @@ impl Caches {
         self.view.watches(own, self.communities.objects.values())
     }
 
+    /// Everything cached, or `None` until every kind (and every Node watch
+    /// called for) has listed once.
+    fn refs(&self) -> Option<ObjectRefs<'_>> {
+        if !(self.services.ready && self.endpoint_slices.ready && self.communities.ready) {
+            return None;
+        }
+        Some(ObjectRefs {
+            nodes: self.nodes()?,
+            communities: self.communities.objects.values().collect(),
+            services: self
+                .services
+                .objects
+                .values()
+                .map(KeptService::input)
+                .collect(),
+            endpoint_slices: self
+                .endpoint_slices
+                .objects
+                .values()
+                .filter_map(KeptSlice::input)
+                .collect(),
+        })
+    }
+
     /// The Nodes of every watch called for, or `None` while one of them
     /// has not listed once. A Node seen by two watches (its own and every
     /// Node) is one Node.
@@ -450,11 +588,22 @@ impl KubeSource {
     /// watch the view calls for) has been listed once: a partial view would
     /// plan peers and Services away.
     pub fn objects(&self) -> Option<Objects> {
-        self.with_objects(|refs| Objects {
+        let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        let refs = caches.refs()?;
+        Some(Objects {
             nodes: refs.nodes.into_iter().cloned().collect(),
             communities: refs.communities.into_iter().cloned().collect(),
-            services: refs.services.into_iter().cloned().collect(),
-            endpoint_slices: refs.endpoint_slices.into_iter().cloned().collect(),
+            services: refs
+                .services
+                .into_iter()
+                .map(|service| service.object().into_owned())
+                .collect(),
+            endpoint_slices: caches
+                .endpoint_slices
+                .objects
+                .values()
+                .filter_map(KeptSlice::object)
+                .collect(),
         })
     }
 
@@ -463,16 +612,7 @@ impl KubeSource {
     /// `None` until every kind has been listed once.
     pub fn with_objects<R>(&self, read: impl FnOnce(ObjectRefs<'_>) -> R) -> Option<R> {
         let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-        if !(caches.services.ready && caches.endpoint_slices.ready && caches.communities.ready) {
-            return None;
-        }
-        let refs = ObjectRefs {
-            nodes: caches.nodes()?,
-            communities: caches.communities.objects.values().collect(),
-            services: caches.services.objects.values().collect(),
-            endpoint_slices: caches.endpoint_slices.objects.values().collect(),
-        };
-        Some(read(refs))
+        Some(read(caches.refs()?))
     }
 
     /// What changed since the last call: only EndpointSlices (by
@@ -497,10 +637,7 @@ impl KubeSource {
     }
 
     /// The EndpointSlices of `keys` as cached now (`None`: deleted).
-    pub fn endpoint_slices(
-        &self,
-        keys: &BTreeSet<String>,
-    ) -> Vec<(String, Option<discovery::EndpointSlice>)> {
+    pub fn endpoint_slices(&self, keys: &BTreeSet<String>) -> Vec<(String, Option<KeptSlice>)> {
         let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
         keys.iter()
             .map(|key| {
@@ -577,7 +714,7 @@ fn spawn_watch<K, F>(
     cache: F,
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + PartialEq + Slim + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Keep + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
     F: for<'c> Fn(&'c mut Caches) -> Option<&'c mut Cache<K>> + Send + 'static,
 {
@@ -685,7 +822,7 @@ mod tests {
     /// Every object of `objects` through a fresh cache of its kind, as
     /// the watches deliver them.
     fn cached(objects: &crate::source::Objects) -> crate::source::Objects {
-        fn through<K: Resource + Clone + PartialEq + Slim>(objects: &[K]) -> Vec<K> {
+        fn through<K: Keep + Clone>(objects: &[K]) -> Vec<K::Kept> {
             let mut cache = Cache::default();
             for object in objects {
                 cache.handle(watcher::Event::Apply(object.clone()));
@@ -695,8 +832,14 @@ mod tests {
         crate::source::Objects {
             nodes: through(&objects.nodes),
             communities: through(&objects.communities),
-            services: through(&objects.services),
-            endpoint_slices: through(&objects.endpoint_slices),
+            services: through(&objects.services)
+                .iter()
+                .map(|kept| kept.input().object().into_owned())
+                .collect(),
+            endpoint_slices: through(&objects.endpoint_slices)
+                .iter()
+                .filter_map(KeptSlice::object)
+                .collect(),
         }
     }
 
@@ -735,6 +878,130 @@ mod tests {
                 assert!(!endpoint.addresses.is_empty());
             }
         }
+    }
+
+    /// The example cluster plus an EndpointSlice the model refuses and an
+    /// IPv6 one.
+    fn objects_with_odd_slices() -> crate::source::Objects {
+        let mut objects = crate::source::manifest::parse(crate::source::manifest::EXAMPLE_CLUSTER)
+            .expect("the example cluster parses");
+        let mut refused = objects.endpoint_slices[0].clone();
+        refused.metadata.name = Some("dns-refused".into());
+        refused.endpoints.as_mut().unwrap()[0].addresses = vec!["10.234.1.999".into()];
+        let mut ipv6 = objects.endpoint_slices[0].clone();
+        ipv6.metadata.name = Some("dns-v6".into());
+        ipv6.address_type = "IPv6".into();
+        ipv6.endpoints.as_mut().unwrap()[0].addresses = vec!["fd00::10".into()];
+        objects.endpoint_slices.extend([refused, ipv6]);
+        objects
+    }
+
+    #[test]
+    fn a_slice_is_kept_as_its_model_and_one_the_model_refuses_as_it_came() {
+        let objects = objects_with_odd_slices();
+        let mut cache = Cache::<discovery::EndpointSlice>::default();
+        cache.handle(watcher::Event::Init);
+        for slice in &objects.endpoint_slices {
+            cache.handle(watcher::Event::InitApply(slice.clone()));
+        }
+        cache.handle(watcher::Event::InitDone);
+        let kinds: Vec<_> = cache
+            .objects
+            .iter()
+            .map(|(key, kept)| {
+                let kind = match kept {
+                    KeptSlice::Model(_) => "model",
+                    KeptSlice::Object(_) => "object",
+                    KeptSlice::NotIpv4 => "not IPv4",
+                };
+                (key.as_str(), kind)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("kube-system/dns-7x2kq", "model"),
+                ("kube-system/dns-refused", "object"),
+                ("kube-system/dns-v6", "not IPv4"),
+            ]
+        );
+
+        // A pass over the caches sees what a pass over the objects sees:
+        // the same snapshot, the same problem for the refused slice.
+        let mut caches = Caches {
+            view: NodeView::All,
+            nodes: BTreeMap::new(),
+            services: Cache::default(),
+            endpoint_slices: cache,
+            communities: Cache::default(),
+        };
+        let listed = |caches: &mut Caches| {
+            let mut nodes = Cache::default();
+            nodes.handle(watcher::Event::Init);
+            for node in &objects.nodes {
+                nodes.handle(watcher::Event::InitApply(node.clone()));
+            }
+            nodes.handle(watcher::Event::InitDone);
+            caches.nodes.insert(NodeWatch::All, nodes);
+            for service in &objects.services {
+                caches
+                    .services
+                    .handle(watcher::Event::Apply(service.clone()));
+            }
+            for community in &objects.communities {
+                caches
+                    .communities
+                    .handle(watcher::Event::Apply(community.clone()));
+            }
+            for ready in [&mut caches.services.ready, &mut caches.communities.ready] {
+                *ready = true;
+            }
+        };
+        listed(&mut caches);
+        let cidr = "10.96.0.0/12".parse().unwrap();
+        let from_caches = caches.refs().expect("listed").checked(cidr);
+        let from_objects = objects.checked(cidr);
+        assert_eq!(from_caches, from_objects);
+        assert!(
+            from_caches
+                .problems
+                .iter()
+                .any(|p| p.to_string().contains("dns-refused")),
+            "{:?}",
+            from_caches.problems
+        );
+        assert!(
+            caches
+                .services
+                .objects
+                .values()
+                .all(|kept| matches!(kept, KeptService::Model(_))),
+            "every Service of the example is kept as its model"
+        );
+        let KeptSlice::Model(kept) = &caches.endpoint_slices.objects["kube-system/dns-7x2kq"]
+        else {
+            unreachable!("checked above")
+        };
+        let planned = &from_caches.snapshot.endpoint_slices
+            [&crate::model::NamespacedName::new("kube-system", "dns-7x2kq")];
+        assert!(
+            Arc::ptr_eq(kept, planned),
+            "the snapshot shares the cached slice"
+        );
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_the_model_reads_is_no_change() {
+        let objects = objects_with_odd_slices();
+        let mut cache = Cache::<discovery::EndpointSlice>::default();
+        let slice = objects.endpoint_slices[0].clone();
+        assert!(cache.handle(watcher::Event::Apply(slice.clone())));
+        let mut touched = slice.clone();
+        touched.metadata.resource_version = Some("99".into());
+        touched.endpoints.as_mut().unwrap()[0].zone = Some("zone-b".into());
+        assert!(!cache.handle(watcher::Event::Apply(touched.clone())));
+        touched.endpoints.as_mut().unwrap()[0].addresses = vec!["10.234.1.11".into()];
+        assert!(cache.handle(watcher::Event::Apply(touched)));
     }
 
     #[test]

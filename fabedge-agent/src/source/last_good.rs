@@ -3,12 +3,16 @@
 //! server is unreachable applies this instead of waiting (or worse, planning
 //! from nothing), so the node comes back with the datapath it had.
 
-use std::path::{Path, PathBuf};
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    model::{ServiceInput, SliceInput},
     source::{CommunityObject, ObjectRefs, Objects},
     sys::write_if_changed,
 };
@@ -34,8 +38,20 @@ struct StoredRef<'a, 'o> {
     version: u32,
     nodes: &'a [&'o k8s_openapi::api::core::v1::Node],
     communities: &'a [&'o CommunityObject],
-    services: &'a [&'o k8s_openapi::api::core::v1::Service],
-    endpoint_slices: &'a [&'o k8s_openapi::api::discovery::v1::EndpointSlice],
+    services: SavedAsObjects<'a, 'o, ServiceInput<'o>, k8s_openapi::api::core::v1::Service>,
+    endpoint_slices:
+        SavedAsObjects<'a, 'o, SliceInput<'o>, k8s_openapi::api::discovery::v1::EndpointSlice>,
+}
+
+/// Services and EndpointSlices saved as Kubernetes objects, whichever way
+/// they are kept: one the kube cache keeps as its model is written as the
+/// object the model reads (`to_k8s`), one at a time.
+struct SavedAsObjects<'a, 'o, T, O: Clone>(&'a [T], fn(T) -> Cow<'o, O>);
+
+impl<T: Copy, O: Clone + Serialize> Serialize for SavedAsObjects<'_, '_, T, O> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|item| (self.1)(*item)))
+    }
 }
 
 const VERSION: u32 = 1;
@@ -56,8 +72,8 @@ pub fn save_refs(state_dir: &Path, objects: &ObjectRefs<'_>) -> Result<()> {
         version: VERSION,
         nodes: &objects.nodes,
         communities: &objects.communities,
-        services: &objects.services,
-        endpoint_slices: &objects.endpoint_slices,
+        services: SavedAsObjects(&objects.services, ServiceInput::object),
+        endpoint_slices: SavedAsObjects(&objects.endpoint_slices, SliceInput::object),
     };
     let json = serde_json::to_vec(&stored).context("serialising the last good objects")?;
     write_if_changed(&path(state_dir), &json, 0o600)
@@ -118,6 +134,24 @@ mod tests {
         assert_eq!(loaded.snapshot().unwrap(), objects.snapshot().unwrap());
         let mode = std::fs::metadata(path(&dir)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // Slices kept as their model are saved as objects that read the same.
+        let models: Vec<_> = objects
+            .endpoint_slices
+            .iter()
+            .map(|slice| {
+                std::sync::Arc::new(
+                    crate::model::EndpointSlice::from_k8s(slice)
+                        .unwrap()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let mut refs = objects.refs();
+        refs.endpoint_slices = models.iter().map(SliceInput::Model).collect();
+        save_refs(&dir, &refs).unwrap();
+        let loaded = load(&dir).unwrap().expect("saved");
+        assert_eq!(loaded.snapshot().unwrap(), objects.snapshot().unwrap());
+        assert_eq!(loaded.endpoint_slices.len(), objects.endpoint_slices.len());
         std::fs::write(path(&dir), b"{not json").unwrap();
         let error = format!("{:#}", load(&dir).unwrap_err());
         assert!(error.contains("delete it"), "{error}");

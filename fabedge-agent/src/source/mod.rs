@@ -19,7 +19,7 @@ use k8s_openapi::{
 
 pub use crate::model::crd::{CommunityObject, CommunitySpec};
 use crate::model::{
-    ModelError, ObjectRef, Snapshot,
+    ModelError, ObjectRef, ServiceInput, SliceInput, Snapshot,
     checks::{Age, Ages, Problem, drop_conflicts},
 };
 
@@ -33,13 +33,14 @@ pub struct Objects {
 }
 
 /// [`Objects`] borrowed where they are kept (the kube caches): a pass
-/// reads them without copying them first.
+/// reads them without copying them first. The kube caches keep most
+/// EndpointSlices as their model already ([`SliceInput::Model`]).
 #[derive(Debug, Clone, Default)]
 pub struct ObjectRefs<'a> {
     pub nodes: Vec<&'a core::Node>,
     pub communities: Vec<&'a CommunityObject>,
-    pub services: Vec<&'a core::Service>,
-    pub endpoint_slices: Vec<&'a discovery::EndpointSlice>,
+    pub services: Vec<ServiceInput<'a>>,
+    pub endpoint_slices: Vec<SliceInput<'a>>,
 }
 
 impl Objects {
@@ -58,8 +59,12 @@ impl Objects {
         ObjectRefs {
             nodes: self.nodes.iter().collect(),
             communities: self.communities.iter().collect(),
-            services: self.services.iter().collect(),
-            endpoint_slices: self.endpoint_slices.iter().collect(),
+            services: self.services.iter().map(ServiceInput::Object).collect(),
+            endpoint_slices: self
+                .endpoint_slices
+                .iter()
+                .map(SliceInput::Object)
+                .collect(),
         }
     }
 }
@@ -100,20 +105,16 @@ impl ObjectRefs<'_> {
             }
         }
         let name = |meta: &ObjectMeta| meta.name.clone().unwrap_or_default();
-        let namespace = |meta: &ObjectMeta| {
-            meta.namespace
-                .clone()
-                .unwrap_or_else(|| crate::model::DEFAULT_NAMESPACE.to_owned())
-        };
         let mut ages = Ages::new();
         for (position, node) in self.nodes.iter().enumerate() {
             let meta = node.metadata();
             ages.insert(ObjectRef::cluster("Node", name(meta)), age(meta, position));
         }
         for (position, service) in self.services.iter().enumerate() {
-            let meta = service.metadata();
-            let object = ObjectRef::namespaced("Service", namespace(meta), name(meta));
-            ages.insert(object, age(meta, position));
+            let (namespace, name, created) = service.identity();
+            let object = ObjectRef::namespaced("Service", namespace, name);
+            let created = created.map(|t| t.0.to_string());
+            ages.insert(object, Age { created, position });
         }
         ages
     }

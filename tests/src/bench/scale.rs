@@ -6,6 +6,10 @@
 //!   last backend being in `FE_BACKENDS` (loading the programs included);
 //! - `scale.rss_mb`: the agent's resident memory once synced and done
 //!   with the pass; `scale.peak_rss_mb`: the most it held (`VmHWM`);
+//!   `scale.rss_anon_mb` and `scale.rss_file_mb`: the first split into
+//!   the agent's own memory (`RssAnon`) and the pages of its binary and
+//!   libraries it has mapped (`RssFile`, page cache the kernel may take
+//!   back; `RssShmem` is zero here);
 //! - `scale.idle_cpu_pct`: its CPU time (utime + stime, all threads) over
 //!   [`IDLE`] with nothing changing, as a percentage of one CPU;
 //! - `scale.endpoint_change_ms.{median,p99}`: [`CHANGES`] times, one
@@ -130,10 +134,15 @@ pub(super) fn record_synced(
     println!("  full sync: {:.0} ms", ms(full_sync));
     report.record(format!("{prefix}.full_sync_ms"), ms(full_sync));
 
-    let rss = agent.status_field("VmRSS:")? as f64 / 1024.0;
-    let peak = agent.status_field("VmHWM:")? as f64 / 1024.0;
-    println!("  RSS once synced: {rss:.1} MB (peak during the sync: {peak:.1} MB)");
+    let mb = |field: &str| -> Result<f64> { Ok(agent.status_field(field)? as f64 / 1024.0) };
+    let (rss, peak) = (mb("VmRSS:")?, mb("VmHWM:")?);
+    let (anon, file) = (mb("RssAnon:")?, mb("RssFile:")?);
+    println!(
+        "  RSS once synced: {rss:.1} MB ({anon:.1} MB its own, {file:.1} MB mapped from files; peak during the sync: {peak:.1} MB)"
+    );
     report.record(format!("{prefix}.rss_mb"), rss);
+    report.record(format!("{prefix}.rss_anon_mb"), anon);
+    report.record(format!("{prefix}.rss_file_mb"), file);
     report.record(format!("{prefix}.peak_rss_mb"), peak);
 
     let before = agent.cpu_ticks()?;

@@ -8,7 +8,8 @@
 //! - `scale.kube.create_objects_s`: creating the Services and slices
 //!   ([`IN_FLIGHT`] requests at a time; informational: the API server's
 //!   cost, not the agent's);
-//! - `scale.kube.full_sync_ms`, `scale.kube.rss_mb`, `scale.kube.peak_rss_mb`,
+//! - `scale.kube.full_sync_ms`, `scale.kube.rss_mb` (`.rss_anon_mb`,
+//!   `.rss_file_mb`), `scale.kube.peak_rss_mb`,
 //!   `scale.kube.idle_cpu_pct`: as in file mode, the sync from starting the
 //!   agent (its first lists included) to the last Service's last backend in
 //!   `FE_BACKENDS`; memory and idle CPU once the agent has finished that
@@ -50,10 +51,12 @@ use crate::{
 
 /// The namespace of the generated Services.
 const NAMESPACE: &str = "bench";
-const KEYS: [&str; 7] = [
+const KEYS: [&str; 9] = [
     "scale.kube.create_objects_s",
     "scale.kube.full_sync_ms",
     "scale.kube.rss_mb",
+    "scale.kube.rss_anon_mb",
+    "scale.kube.rss_file_mb",
     "scale.kube.peak_rss_mb",
     "scale.kube.idle_cpu_pct",
     "scale.kube.endpoint_change_ms.median",
