@@ -271,6 +271,7 @@ fn main() -> Result<()> {
     // Printing into a closed pipe (`inspect | head`) should end quietly.
     // SAFETY: restoring the default disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    fabedge_agent::sys::tune_allocator();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER))
         .init();
     let cli = Cli::parse();

@@ -112,6 +112,24 @@ pub fn release_free_memory() {
     }
 }
 
+/// Fixes glibc's thresholds, which otherwise follow the largest block
+/// freed so far: after a pass that freed a saved snapshot's buffer (tens of
+/// MB at 10 k Services) glibc would serve such blocks from the heap, and
+/// keep up to twice that free at the top of every thread's arena, resident
+/// (`malloc_trim` returns free blocks inside an arena, not a thread
+/// arena's top). Fixed, a block of 256 KiB or more is mapped on its own and
+/// unmapped when freed, and an arena keeps at most 1 MiB free at its top.
+/// Called once, before any thread starts.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets the allocator's parameters; called before
+    // any other thread allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+    }
+}
+
 /// Runs `work` on a thread of its own and returns what it returned. Meant
 /// for a full pass's parsing: glibc gives that thread an arena of its own,
 /// so the parse's garbage (k8s objects, YAML nodes) is not interleaved with
