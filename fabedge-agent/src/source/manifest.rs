@@ -139,9 +139,8 @@ pub fn checked(text: &str, service_cidr: ipnet::Ipv4Net) -> Result<Checked, Mani
 }
 
 /// [`checked`], and per document the EndpointSlice it holds alone, of
-/// which the text's [`Fingerprint`] is made. (Not the fingerprint itself:
-/// built here, on a parsing thread ([`crate::sys::apart`]), and dropped by
-/// the caller, it kept 26 MB of that thread's arena resident.)
+/// which the caller makes the text's [`Fingerprint`] (on its own thread:
+/// this runs on a parsing thread, [`crate::sys::apart`]).
 pub fn checked_noting_slices(
     text: &str,
     service_cidr: ipnet::Ipv4Net,
