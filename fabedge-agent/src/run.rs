@@ -285,17 +285,20 @@ struct Reconciler {
     applier: Applier,
     peer_ids: PeerIds,
     peer_ids_path: PathBuf,
-    /// The manifest text last applied successfully.
-    applied_text: Option<String>,
+    /// The manifest text last applied successfully, as its fingerprint:
+    /// enough to tell an unchanged text and the EndpointSlice shortcut's
+    /// edits, where the text itself (12 MB at 10 k Services) would stay
+    /// resident between passes.
+    applied_text: Option<manifest::Fingerprint>,
     /// What the last full pass over `applied_text` applied, patched by the
     /// EndpointSlice shortcut since (file mode).
     file_applied: Option<slices::Applied>,
     /// The manifest file's stamp when it was last read: while it holds,
     /// the file is not read again.
     read_stamp: Option<manifest_watch::Stamp>,
-    /// The manifest text whose last pass failed, and when to try it again:
-    /// an unchanged file that fails is not re-parsed on every poll.
-    failed_text: Option<(String, std::time::Instant)>,
+    /// The manifest text whose last pass failed (its hash), and when to try
+    /// it again: an unchanged file that fails is not re-parsed on every poll.
+    failed_text: Option<(manifest::TextHash, std::time::Instant)>,
     retry_backoff: Duration,
     problems: problems::ProblemLog,
     guard: Guard,
@@ -422,44 +425,50 @@ impl Reconciler {
                 );
             }
         };
-        if self.applied_text.as_deref() == Some(text.as_str()) {
+        let pages = manifest::PageHashes::of(&text);
+        if self.applied_text.as_ref().map(manifest::Fingerprint::text) == Some(pages.text()) {
             return;
         }
         if let Some((failed, retry_at)) = &self.failed_text
-            && failed == &text
+            && *failed == pages.text()
             && now < *retry_at
         {
             return;
         }
-        if self.patch_file_slices(&text, maps) {
+        if let Some(fingerprint) = self.patch_file_slices(&text, &pages, maps) {
             self.status.applied(now.elapsed(), None);
-            self.applied_text = Some(text);
+            self.applied_text = Some(fingerprint);
             self.report(Ok(()));
             return;
         }
-        let result = self.reconcile(&text, datapath, maps, options);
+        let text_hash = pages.text();
+        let result = self.reconcile(&text, pages, datapath, maps, options);
+        // Not kept: its fingerprint is (below).
+        drop(text);
         self.status.applied(
             now.elapsed(),
             result.as_ref().err().map(|e| format!("{e:#}")),
         );
-        match &result {
-            Ok(written) => {
+        let result = match result {
+            Ok((fingerprint, written)) => {
                 // Our own write-back needs no second pass, nor a second read.
-                if written.is_some() {
+                if written {
                     self.read_stamp = manifest_watch::Stamp::of(&options.manifests).ok();
                 }
-                self.applied_text = Some(written.clone().unwrap_or(text));
+                self.applied_text = Some(fingerprint);
                 self.failed_text = None;
                 self.retry_backoff = RETRY_MIN;
+                Ok(())
             }
-            Err(_) => {
+            Err(e) => {
                 // Transient causes (a device not there yet) clear by
                 // themselves: retry, but ever less often, until the file changes.
-                self.failed_text = Some((text, now + self.retry_backoff));
+                self.failed_text = Some((text_hash, now + self.retry_backoff));
                 self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+                Err(e)
             }
-        }
-        self.report(result.map(drop));
+        };
+        self.report(result);
         crate::sys::release_free_memory();
     }
 
@@ -538,22 +547,27 @@ impl Reconciler {
         }
     }
 
-    /// `Ok(Some(text))`: the annotations were written back; `text` is the file now.
+    /// A full pass over `text` (its page hashes: `pages`). `Ok((fingerprint,
+    /// written))`: the fingerprint of the file's text now; `written`: the
+    /// annotations were written back into it.
     fn reconcile(
         &mut self,
         text: &str,
+        pages: manifest::PageHashes,
         datapath: &mut Datapath,
         maps: &mut Maps,
         options: &RunOptions,
-    ) -> Result<Option<String>> {
+    ) -> Result<(manifest::Fingerprint, bool)> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let cidr = options.settings.service_cidr;
-        let parsed = crate::sys::apart(|| manifest::checked(text, cidr))
+        let parsed = crate::sys::apart(|| manifest::checked_noting_slices(text, cidr))
             .with_context(|| options.manifests.display().to_string())?;
         // Kept as a copy on this thread; the original goes with the parsing
         // thread's arena (`sys::apart`).
-        let checked = parsed.clone();
+        let (checked, lone_slices) = parsed.clone();
         drop(parsed);
+        let fingerprint = manifest::Fingerprint::new(text, pages, &lone_slices);
+        drop(lone_slices);
         self.file_applied = None;
         let plan = self.plan_and_apply(&checked.snapshot, &settings, datapath, maps, options);
         self.record_problems(checked.problems, plan.as_ref().ok());
@@ -563,42 +577,46 @@ impl Reconciler {
             snapshot: checked.snapshot,
             services: plan.services,
         });
-        Ok(written)
+        Ok(match written {
+            Some(written) => (fingerprint.rewritten(&written), true),
+            None => (fingerprint, false),
+        })
     }
 
-    /// The EndpointSlice shortcut in file mode ([`slices`]): true when
-    /// `text` differs from the text applied last in EndpointSlice documents
-    /// alone, each keeping its name, and those were applied.
-    fn patch_file_slices(&mut self, text: &str, maps: &mut Maps) -> bool {
+    /// The EndpointSlice shortcut in file mode ([`slices`]): when `text`
+    /// (its page hashes: `pages`) differs from the text applied last in
+    /// EndpointSlice documents alone, each keeping its name, and those were
+    /// applied, the fingerprint of `text`.
+    fn patch_file_slices(
+        &mut self,
+        text: &str,
+        pages: &manifest::PageHashes,
+        maps: &mut Maps,
+    ) -> Option<manifest::Fingerprint> {
         if self.last_error.is_some() || self.failed_text.is_some() {
-            return false;
+            return None;
         }
         let (Some(applied_text), Some(applied)) = (&self.applied_text, &mut self.file_applied)
         else {
-            return false;
+            return None;
         };
-        let Some(edits) = manifest::slice_edits(applied_text, text) else {
-            return false;
-        };
+        let edits = applied_text.slice_edits(text, pages)?;
         // A problem of a later document would name a line that moved.
         if edits.lines_moved && !self.plan_problems.is_empty() {
-            return false;
+            return None;
         }
-        let mut changes = Vec::new();
-        for (before, after) in &edits.slices {
-            let model = |slice| crate::model::EndpointSlice::from_k8s(slice).ok().flatten();
-            // Both IPv4 (another address type changes what the checks see).
-            let (Some(_), Some(after)) = (model(before), model(after)) else {
-                return false;
-            };
-            let key = crate::model::NamespacedName::new(&after.namespace, &after.name);
-            changes.push((key, Some(std::sync::Arc::new(after))));
-        }
+        // Each slice IPv4 before and after (another address type changes
+        // what the checks see).
+        let changes = edits.changes(&applied.snapshot)?;
+        let changes = changes
+            .into_iter()
+            .map(|(key, slice)| (key, Some(std::sync::Arc::new(slice))))
+            .collect();
         if !applied.patch(&mut self.applier, maps, changes) {
             self.file_applied = None;
-            return false;
+            return None;
         }
-        true
+        Some(edits.fingerprint)
     }
 
     /// Plan `snapshot` for this node and apply it: the same for every source.

@@ -30,6 +30,11 @@ use serde_yaml::{Mapping, Value};
 use super::{Checked, CommunityObject, Objects};
 use crate::model::{self, DEFAULT_NAMESPACE, Snapshot, checks::Problem};
 
+mod fingerprint;
+
+use fingerprint::SliceName;
+pub use fingerprint::{Fingerprint, LoneSlices, PageHashes, SliceEdits, TextHash};
+
 /// The example cluster (two cloud nodes, three edge nodes, one community, a
 /// DNS Service): the demo's and the network-namespace tests' default.
 pub const EXAMPLE_CLUSTER: &str = include_str!("../../../tests/fixtures/mini-cluster.yaml");
@@ -105,30 +110,22 @@ pub fn parse(text: &str) -> Result<Objects, ManifestError> {
 /// Like [`parse`], but a document (or `List` item) that cannot be read is
 /// left out and reported, and everything else is returned.
 pub fn parse_skipping(text: &str) -> (Objects, Vec<ManifestError>) {
+    parse_documents(text, |_, _| {})
+}
+
+/// [`parse_skipping`], telling `noted` of each document (every chunk of
+/// [`split_documents`], in order) the EndpointSlice it holds, if that is
+/// all it holds and it reads cleanly in the whole text (not a second
+/// object of that name).
+fn parse_documents(
+    text: &str,
+    mut noted: impl FnMut(&RawDocument<'_>, Option<SliceName>),
+) -> (Objects, Vec<ManifestError>) {
     let mut parser = Parser::default();
     let mut problems = Vec::new();
     for doc in split_documents(text) {
-        let Some(number) = doc.number else { continue };
-        let location = Location {
-            doc: number,
-            item: None,
-            line: doc.first_line,
-        };
-        let value = match parse_yaml(&doc, location) {
-            Ok(value) => value,
-            Err(e) => {
-                problems.push(e);
-                continue;
-            }
-        };
-        if value.is_null() {
-            continue;
-        }
-        parser.problems = Vec::new();
-        if let Err(e) = parser.object(value, location) {
-            parser.problems.push(e);
-        }
-        problems.append(&mut parser.problems);
+        let lone_slice = parser.document(&doc, &mut problems);
+        noted(&doc, lone_slice);
     }
     (parser.objects, problems)
 }
@@ -138,6 +135,27 @@ pub fn parse_skipping(text: &str) -> (Objects, Vec<ManifestError>) {
 /// at all is an error (an empty or truncated file is not an empty cluster).
 pub fn checked(text: &str, service_cidr: ipnet::Ipv4Net) -> Result<Checked, ManifestError> {
     let (objects, problems) = parse_skipping(text);
+    check(objects, problems, service_cidr)
+}
+
+/// [`checked`], and per document the EndpointSlice it holds alone, of
+/// which the caller makes the text's [`Fingerprint`] (on its own thread:
+/// this runs on a parsing thread, [`crate::sys::apart`]).
+pub fn checked_noting_slices(
+    text: &str,
+    service_cidr: ipnet::Ipv4Net,
+) -> Result<(Checked, LoneSlices), ManifestError> {
+    let mut lone_slices = LoneSlices::default();
+    let (objects, problems) = parse_documents(text, |_, slice| lone_slices.push(slice));
+    Ok((check(objects, problems, service_cidr)?, lone_slices))
+}
+
+/// The checks over a parse, its problems first.
+fn check(
+    objects: Objects,
+    problems: Vec<ManifestError>,
+    service_cidr: ipnet::Ipv4Net,
+) -> Result<Checked, ManifestError> {
     if objects == Objects::default() && problems.is_empty() {
         return Err(ManifestError {
             location: None,
@@ -158,121 +176,10 @@ pub fn checked(text: &str, service_cidr: ipnet::Ipv4Net) -> Result<Checked, Mani
     Ok(checked)
 }
 
-/// The EndpointSlice documents a new text of a manifest changed, each
-/// before and after, when nothing else changed. Only the span between the
-/// first and the last differing byte is split and parsed, so an edit costs
-/// about a comparison of the two texts.
-#[derive(Debug, Default, PartialEq)]
-pub struct SliceEdits {
-    /// Per changed document: its slice before and after, same name.
-    pub slices: Vec<(discovery::EndpointSlice, discovery::EndpointSlice)>,
-    /// A changed document has another number of lines: the locations of
-    /// the documents after it moved.
-    pub lines_moved: bool,
-}
-
-/// [`SliceEdits`] of `new` against `old` (a text parsed whole before).
-/// `None` when anything else may have changed: a document added, removed
-/// or of another kind, a slice renamed, a changed document that does not
-/// read cleanly, an edit in the first document (where YAML's preamble rules
-/// apply): only a whole parse can tell what follows.
-pub fn slice_edits(old: &str, new: &str) -> Option<SliceEdits> {
-    let (a, b) = (old.as_bytes(), new.as_bytes());
-    let prefix = common_prefix(a, b);
-    if prefix == a.len() && prefix == b.len() {
-        return Some(SliceEdits::default());
-    }
-    let suffix = common_suffix(a, b, a.len().min(b.len()) - prefix);
-    // The span: from the last `---` line wholly before the first difference
-    // to the first `---` line wholly after the last one (the same lines in
-    // both texts).
-    let start = last_marker_before(old, prefix)?;
-    let old_end = first_marker_from(old, old.len() - suffix).unwrap_or(old.len());
-    let new_end = new.len() - (old.len() - old_end);
-    let before = split_documents(&old[start..old_end]);
-    let after = split_documents(&new[start..new_end]);
-    if before.len() != after.len() {
-        return None;
-    }
-    let mut edits = SliceEdits::default();
-    for (before, after) in before.iter().zip(&after) {
-        if before.text == after.text {
-            continue;
-        }
-        let (old_slice, new_slice) = (only_slice(before)?, only_slice(after)?);
-        let name =
-            |s: &discovery::EndpointSlice| (s.metadata.namespace.clone(), s.metadata.name.clone());
-        if name(&old_slice) != name(&new_slice) {
-            return None;
-        }
-        edits.lines_moved |= before.text.lines().count() != after.text.lines().count();
-        edits.slices.push((old_slice, new_slice));
-    }
-    Some(edits)
-}
-
-/// How many leading bytes `a` and `b` share (compared a page at a time).
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    const PAGE: usize = 4096;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + PAGE <= n && a[i..i + PAGE] == b[i..i + PAGE] {
-        i += PAGE;
-    }
-    while i < n && a[i] == b[i] {
-        i += 1;
-    }
-    i
-}
-
-/// How many trailing bytes `a` and `b` share, at most `max`.
-fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
-    const PAGE: usize = 4096;
-    let (mut i, end_a, end_b) = (0, a.len(), b.len());
-    while i + PAGE <= max && a[end_a - i - PAGE..end_a - i] == b[end_b - i - PAGE..end_b - i] {
-        i += PAGE;
-    }
-    while i < max && a[end_a - i - 1] == b[end_b - i - 1] {
-        i += 1;
-    }
-    i
-}
-
 /// Whether `line` (without its newline) is a document marker.
 fn is_marker(line: &str) -> bool {
     line.strip_prefix("---")
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
-}
-
-/// The start of the last `---` line of `text` that ends (newline included)
-/// before byte `limit`, not at the very start of the text.
-fn last_marker_before(text: &str, limit: usize) -> Option<usize> {
-    let mut search = &text[..limit];
-    while let Some(at) = search.rfind("\n---") {
-        let line_start = at + 1;
-        if let Some(len) = text[line_start..limit].find('\n')
-            && is_marker(&text[line_start..line_start + len])
-        {
-            return Some(line_start);
-        }
-        search = &text[..at];
-    }
-    None
-}
-
-/// The start of the first `---` line of `text` whose preceding newline is
-/// at byte `from` or later.
-fn first_marker_from(text: &str, from: usize) -> Option<usize> {
-    let mut at = from;
-    while let Some(found) = text[at..].find("\n---") {
-        let line_start = at + found + 1;
-        let line = text[line_start..].lines().next().unwrap_or("");
-        if is_marker(line) {
-            return Some(line_start);
-        }
-        at = line_start;
-    }
-    None
 }
 
 /// The one EndpointSlice a document holds, read as a whole parse reads it;
@@ -330,6 +237,50 @@ struct Parser {
 }
 
 impl Parser {
+    /// Read one document, its problems into `problems`. The EndpointSlice
+    /// it holds when that is all it holds and nothing of it was refused.
+    fn document(
+        &mut self,
+        doc: &RawDocument<'_>,
+        problems: &mut Vec<ManifestError>,
+    ) -> Option<SliceName> {
+        let location = Location {
+            doc: doc.number?,
+            item: None,
+            line: doc.first_line,
+        };
+        let value = match parse_yaml(doc, location) {
+            Ok(value) => value,
+            Err(e) => {
+                problems.push(e);
+                return None;
+            }
+        };
+        if value.is_null() {
+            return None;
+        }
+        let counts = |objects: &Objects| {
+            [
+                objects.nodes.len(),
+                objects.communities.len(),
+                objects.services.len(),
+                objects.endpoint_slices.len(),
+            ]
+        };
+        let [nodes, communities, services, slices] = counts(&self.objects);
+        self.problems = Vec::new();
+        if let Err(e) = self.object(value, location) {
+            self.problems.push(e);
+        }
+        let lone_slice = self.problems.is_empty()
+            && counts(&self.objects) == [nodes, communities, services, slices + 1];
+        problems.append(&mut self.problems);
+        match lone_slice {
+            true => self.objects.endpoint_slices.last().map(SliceName::of),
+            false => None,
+        }
+    }
+
     fn object(&mut self, value: Value, location: Location) -> Result<(), ManifestError> {
         let fail = |object: Option<String>, detail: String| ManifestError {
             location: Some(location),
@@ -678,134 +629,6 @@ fn edit_node(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn slice_doc(name: &str, addresses: &[&str]) -> String {
-        let mut doc = format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
-             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n"
-        );
-        for address in addresses {
-            doc.push_str(&format!("  - addresses: [{address}]\n"));
-        }
-        doc
-    }
-
-    /// A Service and its slices `web-0`..`web-4`, each with `addresses[i]`.
-    fn sliced(addresses: [&[&str]; 5]) -> String {
-        let mut text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-                        spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n"
-            .to_owned();
-        for (i, addresses) in addresses.iter().enumerate() {
-            text.push_str(&slice_doc(&format!("web-{i}"), addresses));
-        }
-        text
-    }
-
-    /// What the edits below start from.
-    fn unedited() -> String {
-        sliced([
-            &["10.0.0.1"],
-            &["10.0.0.2"],
-            &["10.0.0.3"],
-            &[],
-            &["10.0.0.5"],
-        ])
-    }
-
-    fn edited(edits: &SliceEdits) -> Vec<(String, usize)> {
-        edits
-            .slices
-            .iter()
-            .map(|(before, after)| {
-                assert_eq!(before.metadata.name, after.metadata.name);
-                let endpoints = model::EndpointSlice::from_k8s(after)
-                    .unwrap()
-                    .unwrap()
-                    .endpoints;
-                (after.metadata.name.clone().unwrap(), endpoints.len())
-            })
-            .collect()
-    }
-
-    #[test]
-    fn slice_edits_find_the_changed_slices_and_nothing_else() {
-        let old = unedited();
-        assert_eq!(slice_edits(&old, &old), Some(SliceEdits::default()));
-
-        // An address replaced: one slice, no line moved.
-        let new = sliced([
-            &["10.0.0.1"],
-            &["10.0.0.2"],
-            &["10.0.0.9"],
-            &[],
-            &["10.0.0.5"],
-        ]);
-        let edits = slice_edits(&old, &new).unwrap();
-        assert_eq!(edited(&edits), [("web-2".to_owned(), 1)]);
-        assert!(!edits.lines_moved);
-
-        // Two slices apart, one of them growing.
-        let new = sliced([
-            &["10.0.0.1"],
-            &["10.0.0.8"],
-            &["10.0.0.3"],
-            &[],
-            &["10.0.0.5", "10.0.0.6"],
-        ]);
-        let edits = slice_edits(&old, &new).unwrap();
-        assert_eq!(
-            edited(&edits),
-            [("web-1".to_owned(), 1), ("web-4".to_owned(), 2)]
-        );
-        assert!(edits.lines_moved);
-
-        // The last document, up to the end of the text.
-        let new = sliced([&["10.0.0.1"], &["10.0.0.2"], &["10.0.0.3"], &[], &[]]);
-        assert_eq!(
-            edited(&slice_edits(&old, &new).unwrap()),
-            [("web-4".to_owned(), 0)]
-        );
-    }
-
-    #[test]
-    fn slice_edits_refuse_anything_a_whole_parse_must_judge() {
-        let old = unedited();
-        let refused = |new: &str, why: &str| assert_eq!(slice_edits(&old, new), None, "{why}");
-        refused(
-            &old.replace("10.96.0.5", "10.96.0.6"),
-            "the Service (first document)",
-        );
-        refused(
-            &old.replace("name: web-3", "name: web-9"),
-            "a slice renamed",
-        );
-        refused(
-            &old.replace("name: web-3", "name: web-1"),
-            "a duplicate name",
-        );
-        refused(
-            &format!("{old}{}", slice_doc("web-5", &[])),
-            "a document added",
-        );
-        let (head, _) = old.split_at(old.find("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-4").unwrap());
-        refused(head, "a document removed");
-        refused(
-            &old.replace("addresses: [10.0.0.3]", "addresses: [10.0.0.3"),
-            "a document that is not YAML",
-        );
-        refused(
-            &old.replace(
-                "addressType: IPv4\nendpoints:\n  - addresses: [10.0.0.2]",
-                "addressType: IPv5\nendpoints:\n  - addresses: [10.0.0.2]",
-            ),
-            "an invalid slice",
-        );
-        let service_in_slice = old.replace(
-            "kind: EndpointSlice\nmetadata:\n  name: web-2",
-            "kind: Service\nmetadata:\n  name: web-2",
-        );
-        refused(&service_in_slice, "a slice turned into a Service");
-    }
 
     #[test]
     fn split_keeps_every_byte_and_numbers_documents() {
