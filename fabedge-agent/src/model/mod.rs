@@ -413,7 +413,8 @@ pub struct AnnotationPatch {
 pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     pub communities: BTreeMap<String, Community>,
-    pub services: BTreeMap<NamespacedName, Service>,
+    /// Shared with the kube caches, as the EndpointSlices are.
+    pub services: BTreeMap<NamespacedName, Arc<Service>>,
     /// Shared with the kube caches, which keep slices in this form.
     pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
 }
@@ -506,6 +507,24 @@ impl Snapshot {
             }
         }
         (snapshot, errors)
+    }
+
+    /// A copy that shares no Service or EndpointSlice with `self` (a
+    /// clone shares them): made on the calling thread, all of it is in that
+    /// thread's arena, and none of it keeps the arena it was parsed in
+    /// (`sys::apart`) from being freed as a whole.
+    pub fn unshared(&self) -> Snapshot {
+        fn copied<K: Clone + Ord, V: Clone>(map: &BTreeMap<K, Arc<V>>) -> BTreeMap<K, Arc<V>> {
+            map.iter()
+                .map(|(key, value)| (key.clone(), Arc::new(V::clone(value))))
+                .collect()
+        }
+        Snapshot {
+            nodes: self.nodes.clone(),
+            communities: self.communities.clone(),
+            services: copied(&self.services),
+            endpoint_slices: copied(&self.endpoint_slices),
+        }
     }
 
     /// Nodes with role `role`, by name.
@@ -1044,16 +1063,16 @@ impl Service {
 pub enum ServiceInput<'o> {
     Object(&'o core::Service),
     Model {
-        service: &'o Service,
+        service: &'o Arc<Service>,
         created: Option<&'o Time>,
     },
 }
 
 impl<'o> ServiceInput<'o> {
-    /// What [`Service::from_k8s`] makes of it.
-    pub fn model(self) -> Result<Service, ModelError> {
+    /// What [`Service::from_k8s`] makes of it, shared.
+    pub fn model(self) -> Result<Arc<Service>, ModelError> {
         match self {
-            ServiceInput::Object(object) => Service::from_k8s(object),
+            ServiceInput::Object(object) => Service::from_k8s(object).map(Arc::new),
             ServiceInput::Model { service, .. } => Ok(service.clone()),
         }
     }
@@ -1250,6 +1269,21 @@ impl<'o> SliceInput<'o> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unshared_copy_is_equal_and_shares_nothing() {
+        let snapshot = crate::source::manifest::snapshot(crate::source::manifest::EXAMPLE_CLUSTER)
+            .expect("the example cluster parses");
+        let copy = snapshot.unshared();
+        assert_eq!(copy, snapshot);
+        assert!(!snapshot.services.is_empty() && !snapshot.endpoint_slices.is_empty());
+        for (key, service) in &copy.services {
+            assert!(!Arc::ptr_eq(service, &snapshot.services[key]));
+        }
+        for (key, slice) in &copy.endpoint_slices {
+            assert!(!Arc::ptr_eq(slice, &snapshot.endpoint_slices[key]));
+        }
+    }
 
     #[test]
     fn a_service_turned_back_into_an_object_reads_as_the_same_service() {

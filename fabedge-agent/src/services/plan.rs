@@ -403,7 +403,7 @@ mod tests {
     fn snapshot(service: Service, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> Snapshot {
         let mut snap = Snapshot::default();
         snap.services
-            .insert(NamespacedName::new("default", "web"), service);
+            .insert(NamespacedName::new("default", "web"), Arc::new(service));
         snap.endpoint_slices.insert(
             NamespacedName::new("default", "web-abc"),
             Arc::new(EndpointSlice {
@@ -593,7 +593,7 @@ mod tests {
         big.name = "big".into();
         big.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 30)];
         snap.services
-            .insert(NamespacedName::new("default", "big"), big);
+            .insert(NamespacedName::new("default", "big"), Arc::new(big));
         // Services are planned in name order: default/big (2 frontends)
         // takes the room for 2, default/web does not fit and is left out.
         let plan = plan_within(&snap, scope(2, 100));
@@ -684,7 +684,7 @@ mod tests {
                 ..service(ports)
             };
             snap.services
-                .insert(NamespacedName::new("default", name), service);
+                .insert(NamespacedName::new("default", name), Arc::new(service));
         }
         snap
     }

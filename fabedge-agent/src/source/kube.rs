@@ -191,7 +191,7 @@ impl Keep for core::Node {
 /// age it by), else the object as it came.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeptService {
-    Model(Box<(model::Service, Option<Time>)>),
+    Model(Box<(Arc<model::Service>, Option<Time>)>),
     Object(Box<core::Service>),
 }
 
@@ -200,9 +200,10 @@ impl Keep for core::Service {
 
     fn keep(mut self) -> KeptService {
         match model::Service::from_k8s(&self) {
-            Ok(service) => {
-                KeptService::Model(Box::new((service, self.metadata.creation_timestamp.take())))
-            }
+            Ok(service) => KeptService::Model(Box::new((
+                Arc::new(service),
+                self.metadata.creation_timestamp.take(),
+            ))),
             Err(_) => {
                 self.slim();
                 KeptService::Object(Box::new(self))
@@ -987,6 +988,15 @@ mod tests {
         assert!(
             Arc::ptr_eq(kept, planned),
             "the snapshot shares the cached slice"
+        );
+        let KeptService::Model(kept) = &caches.services.objects["kube-system/dns"] else {
+            unreachable!("checked above")
+        };
+        let planned = &from_caches.snapshot.services
+            [&crate::model::NamespacedName::new("kube-system", "dns")];
+        assert!(
+            Arc::ptr_eq(&kept.0, planned),
+            "the snapshot shares the cached Service"
         );
     }
 
