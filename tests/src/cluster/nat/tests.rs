@@ -203,15 +203,27 @@ fn inside_host(switch: &Netns, site: &NatSite) -> Result<Netns> {
     Ok(host)
 }
 
-/// The sender of the next datagram on `socket`, if one comes within `timeout`.
+/// The sender of the next datagram on `socket`, if one comes within
+/// `timeout`. A signal meant for another test of this process (one that
+/// runs child processes) interrupts the wait: it goes on for what is left.
 fn receive(socket: &UdpSocket, timeout: Duration) -> Result<Option<SocketAddrV4>> {
-    socket.set_read_timeout(Some(timeout))?;
+    let deadline = std::time::Instant::now() + timeout;
     let mut buffer = [0u8; 64];
-    match socket.recv_from(&mut buffer) {
-        Ok((_, SocketAddr::V4(from))) => Ok(Some(from)),
-        Ok((_, from)) => bail!("a datagram from {from}"),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
-        Err(e) => Err(e).context("receiving a datagram"),
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv_from(&mut buffer) {
+            Ok((_, SocketAddr::V4(from))) => return Ok(Some(from)),
+            Ok((_, from)) => bail!("a datagram from {from}"),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("receiving a datagram"),
+        }
     }
 }
 
