@@ -495,11 +495,12 @@ impl Reconciler {
             result.as_ref().err().map(|e| format!("{e:#}")),
         );
         let result = match result {
-            Ok((fingerprint, written)) => {
-                // Our own write-back needs no second pass, nor a second read.
-                if written {
-                    self.read_stamp = manifest_watch::Stamp::of(&options.manifests).ok();
-                }
+            Ok(fingerprint) => {
+                // Our own write-back needs no second pass: the next read
+                // finds the text as written, whose fingerprint is the one
+                // applied. That read is not skipped by taking the file's
+                // stamp now: another agent's write-back landing between ours
+                // and that stamp would be taken for ours and never read.
                 self.applied_text = Some(fingerprint);
                 self.failed_text = None;
                 self.retry_backoff = RETRY_MIN;
@@ -592,9 +593,9 @@ impl Reconciler {
         }
     }
 
-    /// A full pass over `text` (its page hashes: `pages`). `Ok((fingerprint,
-    /// written))`: the fingerprint of the file's text now; `written`: the
-    /// annotations were written back into it.
+    /// A full pass over `text` (its page hashes: `pages`). `Ok`: the
+    /// fingerprint of the text as this pass left the file (with the
+    /// annotations it wrote back, if it did).
     fn reconcile(
         &mut self,
         text: &str,
@@ -602,7 +603,7 @@ impl Reconciler {
         datapath: &mut Datapath,
         maps: &mut Maps,
         options: &RunOptions,
-    ) -> Result<(manifest::Fingerprint, bool)> {
+    ) -> Result<manifest::Fingerprint> {
         let settings = observe_host(&options.settings, &options.flannel_iface)?;
         let cidr = options.settings.service_cidr;
         let parsed = crate::sys::apart(|| manifest::checked_noting_slices(text, cidr))
@@ -629,8 +630,8 @@ impl Reconciler {
             services: plan.services,
         });
         Ok(match written {
-            Some(written) => (fingerprint.rewritten(&written), true),
-            None => (fingerprint, false),
+            Some(written) => fingerprint.rewritten(&written),
+            None => fingerprint,
         })
     }
 

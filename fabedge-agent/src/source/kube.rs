@@ -321,9 +321,9 @@ impl<K: Keep> Cache<K> {
                 let listed = self.relisting.take().unwrap_or_default();
                 let first = !self.ready;
                 self.ready = true;
-                // Objects compare by what is kept of them (a slice's model,
-                // others with their resourceVersion), so an unchanged relist
-                // reports no change.
+                // Objects compare by what is kept of them (a Service's or a
+                // slice's model, other kinds with their resourceVersion), so
+                // an unchanged relist reports no change.
                 let changed = first || self.objects != listed;
                 self.objects = listed;
                 if changed {

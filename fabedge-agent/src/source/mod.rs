@@ -1,7 +1,10 @@
 //! Where the cluster's objects come from. Every source delivers the same
 //! Kubernetes objects ([`Objects`]) — k8s-openapi types, plus our Community
 //! custom resource — and [`Objects::snapshot`] turns them into the model, so
-//! a manifest file and the API server give identical snapshots.
+//! a manifest file and the API server give identical snapshots. The kube
+//! caches make the model of each Service and EndpointSlice as it arrives
+//! and keep that instead of the object ([`ObjectRefs`]): the same
+//! conversion, done once per change rather than per pass.
 
 #[cfg(test)]
 mod checked_tests;
