@@ -45,12 +45,6 @@ impl From<Ipv4Addr> for Addresses {
     }
 }
 
-impl<const N: usize> From<[Ipv4Addr; N]> for Addresses {
-    fn from(addresses: [Ipv4Addr; N]) -> Addresses {
-        Addresses::from(addresses.to_vec())
-    }
-}
-
 impl std::fmt::Debug for Addresses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.iter()).finish()
@@ -119,7 +113,7 @@ mod tests {
         assert_eq!(&*Addresses::from(vec![b, a]), &[b, a]);
         assert!(Addresses::from(Vec::new()).is_empty());
         assert_eq!(
-            serde_json::to_string(&Addresses::from([a])).unwrap(),
+            serde_json::to_string(&Addresses::from(a)).unwrap(),
             r#"["10.0.0.1"]"#
         );
         assert!(std::mem::size_of::<Addresses>() <= 24);

@@ -272,12 +272,6 @@ impl KeptSlice {
             KeptSlice::NotIpv4 => None,
         }
     }
-
-    /// The Kubernetes object as the model reads it (see
-    /// [`model::EndpointSlice::to_k8s`]).
-    fn object(&self) -> Option<discovery::EndpointSlice> {
-        Some(self.input()?.object().into_owned())
-    }
 }
 
 impl<K: Keep> Cache<K> {
@@ -589,9 +583,7 @@ impl KubeSource {
     /// watch the view calls for) has been listed once: a partial view would
     /// plan peers and Services away.
     pub fn objects(&self) -> Option<Objects> {
-        let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-        let refs = caches.refs()?;
-        Some(Objects {
+        self.with_objects(|refs| Objects {
             nodes: refs.nodes.into_iter().cloned().collect(),
             communities: refs.communities.into_iter().cloned().collect(),
             services: refs
@@ -599,11 +591,10 @@ impl KubeSource {
                 .into_iter()
                 .map(|service| service.object().into_owned())
                 .collect(),
-            endpoint_slices: caches
+            endpoint_slices: refs
                 .endpoint_slices
-                .objects
-                .values()
-                .filter_map(KeptSlice::object)
+                .into_iter()
+                .map(|slice| slice.object().into_owned())
                 .collect(),
         })
     }
@@ -839,7 +830,8 @@ mod tests {
                 .collect(),
             endpoint_slices: through(&objects.endpoint_slices)
                 .iter()
-                .filter_map(KeptSlice::object)
+                .filter_map(KeptSlice::input)
+                .map(|slice| slice.object().into_owned())
                 .collect(),
         }
     }
